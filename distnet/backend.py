@@ -1,0 +1,93 @@
+"""Array-module choice (numpy or cupy), device placement and dtype policy.
+
+Code everywhere takes ``xp = array_module(x)`` (Chainer's pattern) so that one code path
+serves CPU and GPU. cupy is imported lazily, and only if it is installed and a GPU is found.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+DEFAULT_DTYPE = np.dtype(np.float32)
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+@functools.cache
+def _cupy() -> ModuleType | None:
+    try:
+        import cupy  # noqa: PLC0415  (lazy on purpose: most machines have no GPU)
+    except Exception:  # ImportError, or a CUDA library that fails to load
+        return None
+    return cupy
+
+
+def gpu_available() -> bool:
+    """True when cupy imports and at least one CUDA device answers."""
+    cp = _cupy()
+    if cp is None:
+        return False
+    try:
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def gpu_skip_reason() -> str | None:
+    """Why GPU code cannot run here (for pytest skips), or None when it can."""
+    if _cupy() is None:
+        return "cupy is not installed (pip install 'distnet[gpu]')"
+    if not gpu_available():
+        return "no CUDA GPU found"
+    return None
+
+
+def is_gpu_array(x: Any) -> bool:
+    """True for a cupy ndarray (without importing cupy when it was never imported)."""
+    return type(x).__module__.startswith("cupy")
+
+
+def array_module(*arrays: Any) -> ModuleType:
+    """numpy, or cupy when any of ``arrays`` lives on a GPU."""
+    for a in arrays:
+        if is_gpu_array(a):
+            return _cupy()  # type: ignore[return-value]
+    return np
+
+
+def device_of(x: Any) -> str:
+    """'cpu' or 'cuda:N' for an array."""
+    if is_gpu_array(x):
+        return f"cuda:{x.device.id}"
+    return "cpu"
+
+
+def to_device(x: Any, device: str = "cpu") -> Any:
+    """Move an array to ``device`` ('cpu', 'cuda' or 'cuda:N'); a no-op when it is there."""
+    if device == "cpu":
+        return x.get() if is_gpu_array(x) else np.asarray(x)
+    if not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    cp = _cupy()
+    if cp is None:
+        raise RuntimeError(f"device {device!r} asked for, but {gpu_skip_reason()}")
+    index = int(device.split(":", 1)[1]) if ":" in device else cp.cuda.runtime.getDevice()
+    with cp.cuda.Device(index):
+        return cp.asarray(x)
+
+
+def as_float_array(data: Any, dtype: Any = None) -> Any:
+    """An ndarray of floats: float arrays keep their dtype, anything else becomes float32."""
+    if dtype is not None:
+        xp = array_module(data)
+        return xp.asarray(data, dtype=dtype)
+    if is_gpu_array(data):
+        return data if data.dtype in FLOAT_DTYPES else data.astype(DEFAULT_DTYPE)
+    if isinstance(data, np.ndarray):
+        return data if data.dtype in FLOAT_DTYPES else data.astype(DEFAULT_DTYPE)
+    if isinstance(data, np.generic) and data.dtype in FLOAT_DTYPES:
+        return np.asarray(data)
+    return np.asarray(data, dtype=DEFAULT_DTYPE)

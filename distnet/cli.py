@@ -1,0 +1,48 @@
+"""The ``distnet`` command. Each subcommand lives in its own module, imported only when used.
+
+A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("distnet.train.demo", "pretrain + fine-tune a stacked autoencoder on real digits"),
+    "train": ("distnet.train.job", "run a training job described by a TOML file"),
+    "data": ("distnet.data.commands", "convert data sets into Zarr stores and inspect them"),
+    "launch": ("distnet.dist.launcher", "start N ranks with mpiexec (like horovodrun)"),
+    "bench": ("distnet.bench", "benchmarks: core, loader, allreduce"),
+    "report": ("distnet.train.report", "summarise a run directory"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: distnet <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`distnet <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``distnet`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"distnet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"distnet {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
