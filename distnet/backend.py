@@ -91,3 +91,25 @@ def as_float_array(data: Any, dtype: Any = None) -> Any:
     if isinstance(data, np.generic) and data.dtype in FLOAT_DTYPES:
         return np.asarray(data)
     return np.asarray(data, dtype=DEFAULT_DTYPE)
+
+
+_rng = np.random.default_rng(0)
+
+
+def seed(value: int) -> None:
+    """Seeds distnet's global generator (initialisers, dropout, corruption noise)."""
+    global _rng
+    _rng = np.random.default_rng(value)
+
+
+def default_rng() -> np.random.Generator:
+    """distnet's global numpy Generator (its state goes into checkpoints)."""
+    return _rng
+
+
+def random_like(shape: tuple[int, ...], like: Any, rng: Any = None) -> Any:
+    """Uniform [0, 1) samples of ``shape`` on ``like``'s device, in ``like``'s dtype."""
+    if is_gpu_array(like):
+        return _cupy().random.random(shape, dtype=like.dtype)
+    rng = rng if rng is not None else _rng
+    return rng.random(shape, dtype=like.dtype if like.dtype != np.float16 else np.float32)

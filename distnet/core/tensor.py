@@ -1,0 +1,244 @@
+"""``Tensor`` and the reverse-mode engine.
+
+A non-leaf tensor remembers its parents and one closure, ``_backward(g) -> grads``, that maps
+the gradient of its output to one gradient per parent (``None`` where a parent needs none).
+``backward()`` walks the graph once in reverse topological order (iteratively, so depth is
+bounded by memory, not by Python's recursion limit), frees each intermediate gradient as soon
+as it has been passed on, and drops each closure after use (what it captured is only what
+backward needs, so the forward activations go with it).
+
+Leaves (``requires_grad=True`` and no parents) accumulate into ``.grad`` in place when it
+already exists: a model's parameters keep ``.grad`` as a view into one flat buffer, and the
+distributed layer reduces slices of that buffer. A leaf's grad-ready hooks run the moment its
+gradient for this pass is complete, last layer first, so allreduce can overlap backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from distnet import backend
+
+_state = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    """False inside ``no_grad()``."""
+    return getattr(_state, "grad_enabled", True)
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Context in which operations record no graph (inference, optimiser updates)."""
+    previous = is_grad_enabled()
+    _state.grad_enabled = False
+    try:
+        yield
+    finally:
+        _state.grad_enabled = previous
+
+
+class Tensor:
+    """An ``xp`` array (numpy or cupy) with an optional gradient and graph history.
+
+    Args:
+        data: array-like; float arrays keep their dtype, anything else becomes float32.
+        requires_grad: whether ``backward()`` should compute ``.grad`` for this leaf.
+    """
+
+    __slots__ = (
+        "data",
+        "grad",
+        "requires_grad",
+        "_parents",
+        "_backward",
+        "_op",
+        "_hooks",
+        "name",
+        "__weakref__",
+    )
+    __array_priority__ = 1000  # so that ndarray + Tensor calls Tensor.__radd__
+
+    def __init__(self, data: Any, requires_grad: bool = False, *, name: str | None = None):
+        if isinstance(data, Tensor):
+            data = data.data
+        self.data = backend.as_float_array(data)
+        self.grad: Any = None
+        self.requires_grad = bool(requires_grad)
+        self._parents: tuple[Tensor, ...] = ()
+        self._backward: Callable[[Any], tuple[Any, ...]] | None = None
+        self._op = ""
+        self._hooks: list[Callable[[Tensor], None]] | None = None
+        self.name = name
+
+    # -- basic properties -------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._backward is None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        op = f", op={self._op}" if self._op else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device}{grad}{op})"
+
+    def numpy(self) -> np.ndarray:
+        """The data as a numpy array (copied from the GPU when needed)."""
+        return backend.to_device(self.data, "cpu")
+
+    def item(self) -> float:
+        return float(self.data.reshape(-1)[0]) if self.size == 1 else self._not_scalar("item")
+
+    def _not_scalar(self, what: str) -> float:
+        raise ValueError(f"{what}: tensor of shape {self.shape} is not a scalar")
+
+    def detach(self) -> Tensor:
+        """The same data with no history and no gradient."""
+        return Tensor(self.data)
+
+    def to(self, device: str) -> Tensor:
+        """A copy on ``device`` ('cpu', 'cuda', 'cuda:N') that keeps ``requires_grad``."""
+        return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
+
+    def register_grad_ready_hook(self, fn: Callable[[Tensor], None]) -> None:
+        """Calls ``fn(self)`` during ``backward()`` once this leaf's gradient is complete."""
+        if self._hooks is None:
+            self._hooks = []
+        self._hooks.append(fn)
+
+    # -- the engine --------------------------------------------------------------------
+    def backward(self, grad: Any = None) -> None:
+        """Accumulates d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+
+        Args:
+            grad: gradient of the final objective w.r.t. ``self`` (same shape); may be omitted
+                only when ``self`` holds a single element (a loss).
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                "backward: this tensor does not require grad (no input had requires_grad=True,"
+                " or it was computed under no_grad())"
+            )
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(
+                    f"backward: output of shape {self.shape} is not a scalar; pass grad= of "
+                    "the same shape (the gradient of the objective w.r.t. this tensor)"
+                )
+            xp = backend.array_module(self.data)
+            grad = xp.ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else grad
+            if tuple(grad.shape) != self.shape:
+                raise ValueError(f"backward: grad of shape {grad.shape} for output {self.shape}")
+
+        grads: dict[int, Any] = {id(self): grad}
+        for node in reversed(_topological_order(self)):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._backward is None:  # a leaf that requires grad
+                _accumulate_leaf(node, g)
+                continue
+            parent_grads = node._backward(g)
+            for parent, pg in zip(node._parents, parent_grads, strict=True):
+                if pg is None or not parent.requires_grad:
+                    continue
+                key = id(parent)
+                prev = grads.get(key)
+                # never in place: pg may alias another gradient (add passes g on unchanged)
+                grads[key] = pg if prev is None else prev + pg
+            # retain_graph=False: free what the closure kept alive (forward activations)
+            node._backward = _released
+            node._parents = ()
+
+
+def _released(g: Any) -> tuple[Any, ...]:
+    raise RuntimeError(
+        "backward: this part of the graph was already used by an earlier backward() and its "
+        "intermediate values were freed; run the forward pass again"
+    )
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Nodes that need gradients, each after all of its parents (iterative post-order DFS)."""
+    order: list[Tensor] = []
+    # marked when expanded, not when pushed: a node pushed early may be reached again through
+    # a longer path, and must still be finished only after every parent it has.
+    expanded_ids: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            order.append(node)
+            continue
+        if id(node) in expanded_ids:
+            continue
+        expanded_ids.add(id(node))
+        stack.append((node, True))
+        for parent in node._parents:
+            if parent.requires_grad and id(parent) not in expanded_ids:
+                stack.append((parent, False))
+    return order
+
+
+def _accumulate_leaf(leaf: Tensor, g: Any) -> None:
+    if leaf.grad is None:
+        # copy: g may alias a gradient that is also flowing elsewhere
+        leaf.grad = g.astype(leaf.dtype, copy=True) if g.dtype != leaf.dtype else g.copy()
+    else:
+        leaf.grad += g
+    if leaf._hooks:
+        for hook in leaf._hooks:
+            hook(leaf)
+
+
+def make_result(
+    data: Any,
+    parents: tuple[Tensor, ...],
+    backward: Callable[[Any], tuple[Any, ...]],
+    op: str,
+) -> Tensor:
+    """Wraps an op's output; records history only when some parent needs a gradient."""
+    out = Tensor.__new__(Tensor)
+    out.data = data
+    out.grad = None
+    out._hooks = None
+    out.name = None
+    out._op = op
+    if is_grad_enabled() and any(p.requires_grad for p in parents):
+        out.requires_grad = True
+        out._parents = parents
+        out._backward = backward
+    else:
+        out.requires_grad = False
+        out._parents = ()
+        out._backward = None
+    return out

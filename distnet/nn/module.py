@@ -1,0 +1,229 @@
+"""``Module`` and ``Parameter``, with one flat parameter buffer and one flat gradient buffer.
+
+Every parameter's ``.data`` and ``.grad`` are views into two contiguous 1-D buffers, in
+``parameters()`` order. Optimisers update the flat buffer in one pass; the distributed layer
+allreduces slices (buckets) of the gradient buffer with no copies; parameter-server shards are
+contiguous ranges of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from distnet import backend
+from distnet.core.tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A leaf tensor that a ``Module`` owns and an optimiser updates (requires_grad=True)."""
+
+    __slots__ = ("_flat",)
+
+    def __init__(self, data: Any, *, name: str | None = None):
+        super().__init__(data, requires_grad=True, name=name)
+        self._flat: tuple[Any, Any, int] | None = None  # (data buffer, grad buffer, offset)
+
+    def __repr__(self) -> str:
+        return f"Parameter(name={self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _is_flat_view(p: Parameter, data_buf: Any, grad_buf: Any, offset: int) -> bool:
+    return (
+        p._flat is not None
+        and p._flat[0] is data_buf
+        and p._flat[2] == offset
+        and p.data.base is data_buf
+        and p.grad is not None
+        and p.grad.base is grad_buf
+    )
+
+
+def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
+    """The contiguous (data, grad) buffers behind ``params``, made once and then reused.
+
+    When the parameters are already consecutive views of one pair of buffers that they cover
+    exactly, those buffers are returned. Otherwise new buffers are allocated, the current
+    values (and gradients) copied in, and every parameter re-pointed at its slice.
+
+    Returns:
+        (data, grad): 1-D arrays of length sum(p.size for p in params).
+    """
+    if not params:
+        raise ValueError("flat_buffers: the model has no parameters")
+    first = params[0]
+    if first._flat is not None:
+        data_buf, grad_buf, _ = first._flat
+        offset, ok = 0, True
+        for p in params:
+            if not _is_flat_view(p, data_buf, grad_buf, offset):
+                ok = False
+                break
+            offset += p.size
+        if ok and offset == data_buf.size:
+            return data_buf, grad_buf
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) > 1 or len(devices) > 1:
+        found = ", ".join(f"{p.name or '?'}: {p.dtype} on {p.device}" for p in params)
+        raise TypeError(f"flat_buffers: parameters must share one dtype and device ({found})")
+    xp = backend.array_module(first.data)
+    total = int(np.sum([p.size for p in params]))
+    data_buf = xp.empty(total, dtype=first.dtype)
+    grad_buf = xp.zeros(total, dtype=first.dtype)
+    offset = 0
+    for p in params:
+        n = p.size
+        data_buf[offset : offset + n] = p.data.reshape(-1)
+        if p.grad is not None:
+            grad_buf[offset : offset + n] = p.grad.reshape(-1)
+        p.data = data_buf[offset : offset + n].reshape(p.shape)
+        p.grad = grad_buf[offset : offset + n].reshape(p.shape)
+        p._flat = (data_buf, grad_buf, offset)
+        offset += n
+    return data_buf, grad_buf
+
+
+class Module:
+    """Base class of layers and models (PyTorch's shape: parameters(), state_dict(), ...).
+
+    Subclasses assign ``Parameter`` and ``Module`` attributes in ``__init__`` and implement
+    ``forward``. Registration order is parameter order, and so flat-buffer order.
+    """
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_params", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_params" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}: call super().__init__() first")
+        self._params.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, Parameter):
+            if value.name is None:
+                value.name = name
+            self._params[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    # -- parameters -------------------------------------------------------------------
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """(dotted name, parameter) pairs; a parameter shared by two modules appears once."""
+        seen: set[int] = set()
+        stack: list[tuple[str, Module]] = [(prefix, self)]
+        # iterative pre-order walk: own parameters first, then children in registration order
+        while stack:
+            path, module = stack.pop()
+            for name, p in module._params.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{path}{name}", p)
+            for name, child in reversed(list(module._modules.items())):
+                stack.append((f"{path}{name}.", child))
+
+    def parameters(self) -> list[Parameter]:
+        """All parameters, in flat-buffer order."""
+        return [p for _, p in self.named_parameters()]
+
+    def modules(self) -> Iterator[Module]:
+        """This module and every module below it (pre-order)."""
+        yield self
+        for child in self._modules.values():
+            yield from child.modules()
+
+    def num_parameters(self) -> int:
+        return int(np.sum([p.size for p in self.parameters()]))
+
+    def flat_params(self) -> Any:
+        """The one contiguous 1-D buffer of all parameters (each Parameter.data is a view)."""
+        return flat_buffers(self.parameters())[0]
+
+    def flat_grads(self) -> Any:
+        """The one contiguous 1-D buffer of all gradients (each Parameter.grad is a view)."""
+        return flat_buffers(self.parameters())[1]
+
+    def zero_grad(self) -> None:
+        """Sets every gradient to zero in place (one pass over the flat gradient buffer)."""
+        self.flat_grads()[...] = 0
+
+    # -- modes ------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        """Training mode (dropout active, batch norm uses batch statistics)."""
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self) -> Module:
+        """Evaluation mode (dropout off, batch norm uses running statistics)."""
+        return self.train(False)
+
+    # -- state ------------------------------------------------------------------------
+    def buffers(self) -> dict[str, Any]:
+        """Non-parameter state arrays of this module only (e.g. running means); override."""
+        return {}
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        for name, b in self.buffers().items():
+            yield f"{prefix}{name}", b
+        for cname, child in self._modules.items():
+            yield from child.named_buffers(f"{prefix}{cname}.")
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter and buffer as numpy arrays, by dotted name."""
+        state = {
+            name: backend.to_device(p.data, "cpu").copy() for name, p in self.named_parameters()
+        }
+        for name, b in self.named_buffers():
+            state[name] = backend.to_device(b, "cpu").copy()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Copies values in place (flat-buffer views stay views).
+
+        Raises:
+            KeyError: with ``strict``, on missing or unexpected keys (all of them named).
+            ValueError: on a shape mismatch (key, expected and found shapes named).
+        """
+        targets = dict(self.named_parameters())
+        targets.update({k: b for k, b in self.named_buffers()})
+        missing = sorted(set(targets) - set(state))
+        unexpected = sorted(set(state) - set(targets))
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"load_state_dict({type(self).__name__}): missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        for name, value in state.items():
+            if name not in targets:
+                continue
+            target = targets[name]
+            array = target.data if isinstance(target, Tensor) else target
+            value = np.asarray(value) if not backend.is_gpu_array(value) else value
+            if tuple(value.shape) != tuple(array.shape):
+                raise ValueError(
+                    f"load_state_dict({type(self).__name__}): {name!r} has shape "
+                    f"{tuple(value.shape)}, the model expects {tuple(array.shape)}"
+                )
+            xp = backend.array_module(array)
+            array[...] = xp.asarray(value, dtype=array.dtype)
+
+    def __repr__(self) -> str:
+        children = "".join(
+            f"\n  ({n}): {repr(m).replace(chr(10), chr(10) + '  ')}"
+            for n, m in self._modules.items()
+        )
+        return f"{type(self).__name__}({self.extra_repr()}{children}{chr(10) if children else ''})"
+
+    def extra_repr(self) -> str:
+        return ""
