@@ -95,7 +95,8 @@ def check_labels(op: str, labels: Any, n: int, num_classes: int) -> Any:
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
             raise ValueError(
-                f"{op}: label {bad} out of range for {num_classes} classes (valid 0..{num_classes - 1})"
+                f"{op}: label {bad} out of range for {num_classes} classes "
+                f"(valid 0..{num_classes - 1})"
             )
     return labels
 
