@@ -203,7 +203,9 @@ def _topological_order(root: Tensor) -> list[Tensor]:
             continue
         expanded_ids.add(id(node))
         stack.append((node, True))
-        for parent in node._parents:
+        # first parent explored first: a layer's input subgraph finishes before its weights,
+        # so in reverse order the weights come right after the layer (hooks fire early)
+        for parent in reversed(node._parents):
             if parent.requires_grad and id(parent) not in expanded_ids:
                 stack.append((parent, False))
     return order
