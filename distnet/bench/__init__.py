@@ -17,14 +17,20 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds one sub-parser per benchmark."""
-    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, (module_name, help_) in BENCHMARKS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(p)
+    """``distnet bench NAME [options]``; NAME's own options are parsed by its module."""
+    parser.add_argument(
+        "benchmark",
+        choices=sorted(BENCHMARKS),
+        metavar="BENCHMARK",
+        help=", ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()),
+    )
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs the chosen benchmark."""
-    return int(importlib.import_module(args._module).run(args) or 0)
+    """Imports only the chosen benchmark, parses its options and runs it."""
+    module_name, help_ = BENCHMARKS[args.benchmark]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"distnet bench {args.benchmark}", description=help_)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.options)) or 0)

@@ -14,7 +14,7 @@ import numpy as np
 
 from distnet import backend
 from distnet.core import ops
-from distnet.core.tensor import Tensor, make_result
+from distnet.core.tensor import WRITTEN, Tensor, make_result
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -40,12 +40,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     out += bias.data
 
     def backward(g: Any) -> tuple[Any, Any, Any]:
+        xp = backend.array_module(g)
         gx = g @ wd.T if x.requires_grad else None
-        gw = xd.T @ g if weight.requires_grad else None
-        gb = g.sum(axis=0) if bias.requires_grad else None
+        gw = gb = None
+        if weight.requires_grad:  # straight into the flat buffer when it holds zeros
+            target = weight.grad_target()
+            gw = xd.T @ g if target is None else _written(xp.matmul(xd.T, g, out=target))
+        if bias.requires_grad:
+            target = bias.grad_target()
+            gb = g.sum(axis=0) if target is None else _written(g.sum(axis=0, out=target))
         return gx, gw, gb
 
     return make_result(out, (x, weight, bias), backward, "linear")
+
+
+def _written(_: Any) -> object:
+    return WRITTEN
 
 
 def _shifted_exp(zd: Any, axis: int) -> tuple[Any, Any]:

@@ -53,7 +53,8 @@ class Tensor:
 
     __slots__ = (
         "data",
-        "grad",
+        "_grad",
+        "_grad_zeroed",
         "requires_grad",
         "_parents",
         "_backward",
@@ -68,13 +69,42 @@ class Tensor:
         if isinstance(data, Tensor):
             data = data.data
         self.data = backend.as_float_array(data)
-        self.grad: Any = None
+        self._grad: Any = None
+        self._grad_zeroed = False
         self.requires_grad = bool(requires_grad)
         self._parents: tuple[Tensor, ...] = ()
         self._backward: Callable[[Any], tuple[Any, ...]] | None = None
         self._op = ""
         self._hooks: list[Callable[[Tensor], None]] | None = None
         self.name = name
+
+    # -- gradient buffer ---------------------------------------------------------------
+    @property
+    def grad(self) -> Any:
+        """The accumulated gradient (same shape as data), or None before any backward."""
+        if self._grad_zeroed:  # zero_grad() deferred the memset to the first reader
+            self._grad[...] = 0
+            self._grad_zeroed = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        self._grad = value
+        self._grad_zeroed = False
+
+    def zero_grad_(self) -> None:
+        """Marks the gradient as zero without touching memory: the next backward overwrites
+        it instead of adding to it, and any earlier reader gets real zeros."""
+        if self._grad is not None:
+            self._grad_zeroed = True
+
+    def grad_target(self) -> Any:
+        """The buffer an op may write this leaf's whole gradient into directly (``out=``), or
+        None when it must return the gradient for the engine to add instead."""
+        if self._grad_zeroed and self._backward is None:
+            self._grad_zeroed = False
+            return self._grad
+        return None
 
     # -- basic properties -------------------------------------------------------------
     @property
@@ -173,8 +203,13 @@ class Tensor:
                     continue
                 key = id(parent)
                 prev = grads.get(key)
-                # never in place: pg may alias another gradient (add passes g on unchanged)
-                grads[key] = pg if prev is None else prev + pg
+                if pg is WRITTEN:  # the op wrote into parent's buffer: nothing to carry
+                    if prev is None:
+                        grads[key] = WRITTEN
+                elif prev is None or prev is WRITTEN:
+                    grads[key] = pg
+                else:  # never in place: pg may alias another gradient (add passes g on)
+                    grads[key] = prev + pg
             # retain_graph=False: free what the closure kept alive (forward activations)
             node._backward = _released
             node._parents = ()
@@ -211,12 +246,21 @@ def _topological_order(root: Tensor) -> list[Tensor]:
     return order
 
 
+WRITTEN = object()
+"""Returned by an op's backward for a parent whose ``grad_target()`` it wrote into."""
+
+
 def _accumulate_leaf(leaf: Tensor, g: Any) -> None:
-    if leaf.grad is None:
+    if g is WRITTEN:
+        pass
+    elif leaf._grad is None:
         # copy: g may alias a gradient that is also flowing elsewhere
-        leaf.grad = g.astype(leaf.dtype, copy=True) if g.dtype != leaf.dtype else g.copy()
+        leaf._grad = g.astype(leaf.dtype, copy=True) if g.dtype != leaf.dtype else g.copy()
+    elif leaf._grad_zeroed:
+        backend.array_module(g).copyto(leaf._grad, g)
+        leaf._grad_zeroed = False
     else:
-        leaf.grad += g
+        leaf._grad += g
     if leaf._hooks:
         for hook in leaf._hooks:
             hook(leaf)
@@ -231,7 +275,8 @@ def make_result(
     """Wraps an op's output; records history only when some parent needs a gradient."""
     out = Tensor.__new__(Tensor)
     out.data = data
-    out.grad = None
+    out._grad = None
+    out._grad_zeroed = False
     out._hooks = None
     out.name = None
     out._op = op

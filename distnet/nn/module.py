@@ -154,8 +154,12 @@ class Module:
         return flat_buffers(self.parameters())[1]
 
     def zero_grad(self) -> None:
-        """Sets every gradient to zero in place (one pass over the flat gradient buffer)."""
-        self.flat_grads()[...] = 0
+        """Sets every gradient to zero. The memset is deferred: the next backward writes the
+        first contribution straight into the buffer; a reader before that sees zeros."""
+        params = self.parameters()
+        flat_buffers(params)
+        for p in params:
+            p.zero_grad_()
 
     # -- modes ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:

@@ -1,0 +1,334 @@
+"""``distnet bench core``: training steps of distnet against a hand-written numpy step.
+
+Workloads (float32, SGD):
+- ``mlp``: MLP 784-1000-1000-1000-10, tanh, softmax cross-entropy (forward, backward, update);
+- ``sae``: one denoising tied-weight autoencoder layer 784-1000 (sigmoid, MSE), as in greedy
+  pretraining.
+
+Each contender runs in its own long-lived subprocess (one framework, one thread pool per
+process); the parent alternates rounds A B C A B C ... after a warm-up and reports the median
+and spread of the per-round ratios, never a ratio of separately taken medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+SIZES = {"mlp": [784, 1000, 1000, 1000, 10], "sae": [784, 1000]}
+LR = 0.01
+CORRUPTION = 0.3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``distnet bench core``."""
+    parser.add_argument("--workload", choices=["mlp", "sae", "all"], default="all")
+    parser.add_argument("--batch", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds after warm-up")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per round")
+    parser.add_argument("--threads", type=int, default=2, help="BLAS threads per contender")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if present")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one contender
+
+
+# -- contenders (each runs inside its own worker process) --------------------------------------
+
+
+def _data(batch: int, n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, n_in), dtype=np.float32)
+    y = rng.integers(0, n_out, batch)
+    return x, y
+
+
+def _glorot(rng: np.random.Generator, n_in: int, n_out: int) -> np.ndarray:
+    limit = np.sqrt(6.0 / (n_in + n_out))
+    return rng.uniform(-limit, limit, (n_in, n_out)).astype(np.float32)
+
+
+def numpy_mlp_step(batch: int):
+    """A careful hand-written numpy step: the floor any numpy-based core pays."""
+    sizes = SIZES["mlp"]
+    rng = np.random.default_rng(0)
+    ws = [_glorot(rng, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    bs = [np.zeros(b, np.float32) for b in sizes[1:]]
+    x, y = _data(batch, sizes[0], sizes[-1])
+    rows = np.arange(batch)
+
+    def step() -> None:
+        acts = [x]
+        for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+            z = acts[-1] @ w
+            z += b
+            if i < len(ws) - 1:
+                np.tanh(z, out=z)
+            acts.append(z)
+        z = acts[-1]
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        z[rows, y] -= 1
+        z /= batch
+        g = z
+        for i in range(len(ws) - 1, -1, -1):
+            a = acts[i]
+            gw = a.T @ g
+            gb = g.sum(axis=0)
+            if i > 0:
+                g = g @ ws[i].T
+                g *= 1 - a * a
+            ws[i] -= LR * gw
+            bs[i] -= LR * gb
+
+    return step
+
+
+def distnet_mlp_step(batch: int):
+    """The same step through distnet's Module, fused ops, engine and SGD."""
+    from distnet import backend, functional, nn, optim  # noqa: PLC0415
+
+    backend.seed(0)
+    sizes = SIZES["mlp"]
+    layers = [nn.Dense(a, b, "tanh") for a, b in zip(sizes[:-2], sizes[1:-1], strict=True)]
+    model = nn.Sequential(*layers, nn.Dense(sizes[-2], sizes[-1]))
+    opt = optim.SGD(model, lr=LR)
+    x, y = _data(batch, sizes[0], sizes[-1])
+
+    def step() -> None:
+        opt.zero_grad()
+        functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def torch_mlp_step(batch: int):
+    """PyTorch CPU, same net and threads (only when torch is importable)."""
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    sizes = SIZES["mlp"]
+    mods: list[Any] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
+        mods += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*mods, torch.nn.Linear(sizes[-2], sizes[-1]))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    xn, yn = _data(batch, sizes[0], sizes[-1])
+    x, y = torch.from_numpy(xn), torch.from_numpy(yn)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def numpy_sae_step(batch: int):
+    """Hand-written denoising tied-weight autoencoder step (sigmoid, MSE, SGD)."""
+    n_in, n_hidden = SIZES["sae"]
+    rng = np.random.default_rng(0)
+    w = _glorot(rng, n_in, n_hidden)
+    bh, bv = np.zeros(n_hidden, np.float32), np.zeros(n_in, np.float32)
+    x, _ = _data(batch, n_in, 2)
+    noise = np.random.default_rng(1)
+
+    def sigmoid_(z: np.ndarray) -> np.ndarray:
+        z *= 0.5
+        np.tanh(z, out=z)
+        z += 1
+        z *= 0.5
+        return z
+
+    def step() -> None:
+        xc = x * (noise.random(x.shape, dtype=np.float32) >= CORRUPTION)
+        h = xc @ w
+        h += bh
+        sigmoid_(h)
+        r = h @ w.T
+        r += bv
+        sigmoid_(r)
+        g = r - x
+        g *= 2.0 / g.size
+        g *= r * (1 - r)  # through the output sigmoid
+        gw = g.T @ h  # decoder's contribution (W^T used there)
+        gbv = g.sum(axis=0)
+        gh = g @ w
+        gh *= h * (1 - h)
+        gw += xc.T @ gh  # encoder's contribution
+        gbh = gh.sum(axis=0)
+        w[...] -= LR * gw
+        bh[...] -= LR * gbh
+        bv[...] -= LR * gbv
+
+    return step
+
+
+def distnet_sae_step(batch: int):
+    """The same step through distnet's AutoEncoder (tied weights, masking noise)."""
+    from distnet import backend, nn, optim  # noqa: PLC0415
+
+    backend.seed(0)
+    n_in, n_hidden = SIZES["sae"]
+    ae = nn.AutoEncoder(
+        n_in, n_hidden, activation="sigmoid", tied_weights=True, corruption=CORRUPTION
+    )
+    opt = optim.SGD(ae, lr=LR)
+    x, _ = _data(batch, n_in, 2)
+
+    def step() -> None:
+        opt.zero_grad()
+        ae.loss(x).backward()
+        opt.step()
+
+    return step
+
+
+CONTENDERS = {
+    "mlp": {"distnet": distnet_mlp_step, "numpy": numpy_mlp_step, "torch": torch_mlp_step},
+    "sae": {"distnet": distnet_sae_step, "numpy": numpy_sae_step},
+}
+
+
+def _worker(spec: str) -> int:
+    """Worker loop: build the step once, then answer 'N' with the seconds N steps took."""
+    workload, name, batch = spec.split(":")
+    step = CONTENDERS[workload][name](int(batch))
+    step()  # warm-up: first-touch allocations, BLAS thread start
+    print("ready", flush=True)
+    for line in sys.stdin:
+        n = int(line)
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        print(time.perf_counter() - start, flush=True)
+    return 0
+
+
+# -- the parent: alternating rounds -----------------------------------------------------------
+
+
+class _Contender:
+    def __init__(self, spec: str, threads: int, timeout: float = 600.0):
+        env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+        self.spec, self.timeout = spec, timeout
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "distnet.bench.core", "--worker", spec],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        if self._read() != "ready":
+            raise RuntimeError(f"bench worker {spec} did not start")
+
+    def _read(self) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise RuntimeError(f"bench worker {self.spec} gave no answer within {self.timeout} s")
+        return line.strip()
+
+    def time_steps(self, n: int) -> float:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return float(self._read())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _torch_available() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
+    return probe.returncode == 0
+
+
+def measure(
+    workload: str, batch: int, names: list[str], rounds: int, steps: int, threads: int
+) -> dict[str, Any]:
+    """Alternates the contenders round by round; returns samples/s and per-round ratios."""
+    contenders = {n: _Contender(f"{workload}:{n}:{batch}", threads) for n in names}
+    try:
+        for c in contenders.values():  # one untimed round each
+            c.time_steps(max(1, steps // 2))
+        rates: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(rounds):
+            for n, c in contenders.items():
+                rates[n].append(steps * batch / c.time_steps(steps))
+    finally:
+        for c in contenders.values():
+            c.close()
+    result: dict[str, Any] = {
+        "workload": workload,
+        "batch": batch,
+        "samples_per_s": {n: statistics.median(r) for n, r in rates.items()},
+    }
+    for base in names[1:]:
+        ratios = [a / b for a, b in zip(rates["distnet"], rates[base], strict=True)]
+        result[f"distnet/{base}"] = {
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+        }
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark and prints one line per workload and batch size."""
+    if args.worker:
+        return _worker(args.worker)
+    workloads = ["mlp", "sae"] if args.workload == "all" else [args.workload]
+    with_torch = not args.no_torch and _torch_available()
+    results = []
+    for workload in workloads:
+        names = ["distnet", "numpy"] + (["torch"] if with_torch and workload == "mlp" else [])
+        for batch in args.batch:
+            r = measure(workload, batch, names, args.rounds, args.steps, args.threads)
+            results.append(r)
+            rates = "  ".join(f"{n} {v:,.0f}/s" for n, v in r["samples_per_s"].items())
+            ratios = "  ".join(
+                f"{k} {v['median']:.3f} [{v['min']:.3f}-{v['max']:.3f}]"
+                for k, v in r.items()
+                if k.startswith("distnet/")
+            )
+            print(f"{workload:<4} batch {batch:<4} {rates}   ratio {ratios}", flush=True)
+    if not with_torch and not args.no_torch:
+        print("(PyTorch not importable: torch column skipped)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "threads": args.threads,
+                    "rounds": args.rounds,
+                    "steps": args.steps,
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -1,0 +1,99 @@
+"""Flat parameter/gradient buffers and the deferred zeroing of gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import distnet as dn
+from distnet import functional as F
+from distnet import nn, optim
+
+
+def small_model(dtype=np.float64):
+    dn.backend.seed(0)
+    return nn.Sequential(nn.Dense(3, 4, "tanh", dtype=dtype), nn.Dense(4, 2, dtype=dtype))
+
+
+def test_parameters_are_views_into_one_buffer_in_order():
+    model = small_model()
+    flat, grads = model.flat_params(), model.flat_grads()
+    assert flat.ndim == 1 and flat.size == 3 * 4 + 4 + 4 * 2 + 2 == model.num_parameters()
+    offset = 0
+    for p in model.parameters():
+        assert p.data.base is flat and p.grad.base is grads
+        np.testing.assert_array_equal(flat[offset : offset + p.size], p.data.reshape(-1))
+        offset += p.size
+    flat[0] = 123.0
+    assert model[0].weight.data[0, 0] == 123.0
+    assert model.flat_params() is flat  # made once, then reused
+
+
+def test_optimizer_updates_the_flat_buffer_in_place():
+    model = small_model()
+    flat = model.flat_params()
+    opt = optim.SGD(model, lr=0.1)
+    before = flat.copy()
+    opt.zero_grad()
+    F.cross_entropy(model(np.ones((5, 3))), np.array([0, 1, 0, 1, 1])).backward()
+    expected = before - 0.1 * model.flat_grads()
+    opt.step()
+    assert model.flat_params() is flat
+    np.testing.assert_allclose(flat, expected)
+
+
+def test_zero_grad_reads_as_zero_before_backward():
+    model = small_model()
+    F.cross_entropy(model(np.ones((2, 3))), np.array([0, 1])).backward()
+    assert np.abs(model.flat_grads()).sum() > 0
+    model.zero_grad()
+    assert np.all(model[0].weight.grad == 0)
+    assert np.all(model.flat_grads() == 0)
+
+
+def test_unused_parameter_gets_zero_not_stale_gradient():
+    dn.backend.seed(1)
+    used, unused = nn.Dense(3, 2, dtype=np.float64), nn.Dense(3, 2, dtype=np.float64)
+    model = nn.Sequential(used, unused)  # forward below only runs `used`
+    opt = optim.SGD(model, lr=1.0)
+    F.mse_loss(unused(np.ones((2, 3))), np.zeros((2, 2))).backward()  # stale gradient
+    opt.zero_grad()
+    F.mse_loss(used(np.ones((2, 3))), np.zeros((2, 2))).backward()
+    before = unused.weight.data.copy()
+    opt.step()
+    np.testing.assert_array_equal(unused.weight.data, before)
+
+
+def test_second_backward_adds_to_the_first():
+    model = small_model()
+    x, y = np.ones((2, 3)), np.array([0, 1])
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    once = model.flat_grads().copy()
+    F.cross_entropy(model(x), y).backward()
+    np.testing.assert_allclose(model.flat_grads(), 2 * once)
+
+
+def test_weight_used_by_two_linear_ops_sums_both_contributions():
+    w = nn.Parameter(np.random.default_rng(0).normal(size=(3, 3)))
+    x = dn.Tensor(np.random.default_rng(1).normal(size=(4, 3)))
+    nn.flat_buffers([w])
+
+    b = dn.Tensor(np.full(3, 0.1))
+
+    def loss_of(weight):  # the fused linear writes into w's buffer, the transpose adds to it
+        return F.mse_loss(F.linear(F.linear(x, weight, b), weight.T, b), np.zeros((4, 3)))
+
+    w.zero_grad_()
+    loss_of(w).backward()
+    fused = w.grad.copy()
+    w2 = dn.Tensor(w.data.copy(), requires_grad=True)  # no flat buffer: plain accumulation
+    loss_of(w2).backward()
+    np.testing.assert_allclose(fused, w2.grad, rtol=1e-12)
+
+
+def test_mixed_dtypes_cannot_share_a_buffer():
+    a = nn.Parameter(np.ones(2, np.float32))
+    b = nn.Parameter(np.ones(2, np.float64))
+    with pytest.raises(TypeError, match="one dtype and device"):
+        nn.flat_buffers([a, b])
