@@ -97,3 +97,11 @@ def test_mixed_dtypes_cannot_share_a_buffer():
     b = nn.Parameter(np.ones(2, np.float64))
     with pytest.raises(TypeError, match="one dtype and device"):
         nn.flat_buffers([a, b])
+
+
+def test_raw_float64_input_takes_the_model_dtype():
+    model = nn.Sequential(nn.Dense(3, 2))  # float32
+    out = model(np.ones((4, 3), dtype=np.float64))
+    assert out.dtype == np.float32
+    with pytest.raises(TypeError, match="dtype mismatch"):  # an explicit Tensor is not cast
+        model(dn.Tensor(np.ones((4, 3), dtype=np.float64)))

@@ -4,14 +4,28 @@ from distnet.nn import init
 from distnet.nn.layers import (
     Dense,
     LeakyReLU,
+    PReLU,
     ReLU,
     Sequential,
     Sigmoid,
     Softmax,
     Tanh,
     get_activation,
+    prelu,
+)
+from distnet.nn.losses import (
+    BCELoss,
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    Loss,
+    MSELoss,
+    NLLLoss,
+    get_loss,
+    soft_cross_entropy,
 )
 from distnet.nn.module import Module, Parameter, flat_buffers
+from distnet.nn.normalization import BatchNorm1d, batch_norm_train
+from distnet.nn.regularization import Dropout, l1_penalty, l2_penalty, weights_of
 
 __all__ = [
     "Module",
@@ -23,7 +37,23 @@ __all__ = [
     "Tanh",
     "ReLU",
     "LeakyReLU",
+    "PReLU",
+    "prelu",
     "Softmax",
     "get_activation",
+    "BatchNorm1d",
+    "batch_norm_train",
+    "Dropout",
+    "l1_penalty",
+    "l2_penalty",
+    "weights_of",
+    "Loss",
+    "MSELoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "NLLLoss",
+    "get_loss",
+    "soft_cross_entropy",
     "init",
 ]

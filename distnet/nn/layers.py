@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from distnet import backend
 from distnet.core import ops
 from distnet.core.functional import linear, softmax
-from distnet.core.tensor import Tensor
+from distnet.core.tensor import Tensor, make_result
 from distnet.nn import init as initialisers
 from distnet.nn.module import Module, Parameter
 
@@ -35,12 +36,11 @@ def get_activation(name: str | Callable[[Tensor], Tensor] | None) -> Callable[[T
 
 
 def as_input(x: Any, dtype: Any) -> Tensor:
-    """Wraps raw arrays as Tensors of the model's dtype; Tensors pass through."""
-    return (
-        x
-        if isinstance(x, Tensor)
-        else Tensor(np.asarray(x, dtype=dtype) if isinstance(x, (list, tuple)) else x)
-    )
+    """Wraps raw data (lists, numpy or cupy arrays) as a Tensor of the model's dtype, as Keras
+    does with float64 input; Tensors pass through unchanged (their dtype is checked by ops)."""
+    if isinstance(x, Tensor):
+        return x
+    return Tensor(backend.array_module(x).asarray(x, dtype=dtype))
 
 
 class Dense(Module):
@@ -148,3 +148,53 @@ class LeakyReLU(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.leaky_relu(x, self.slope)
+
+
+def prelu(x: Tensor, slope: Tensor) -> Tensor:
+    """max(0, x) + slope * min(0, x), with the slope learned.
+
+    Shapes: x (N, C, ...), slope (C,) broadcast along axis 1, or (1,) shared by all.
+    """
+    ops.check_same_kind("prelu", x, slope)
+    xp = backend.array_module(x.data)
+    xd = x.data
+    a = slope.data if slope.size == 1 else slope.data.reshape((1, -1) + (1,) * (x.ndim - 2))
+    negative = xd <= 0
+    scale = xp.where(negative, a, xp.asarray(1, dtype=xd.dtype))
+
+    def backward(g: Any) -> tuple[Any, Any]:
+        gx = g * scale if x.requires_grad else None
+        ga = None
+        if slope.requires_grad:
+            ga = g * xd
+            ga *= negative
+            ga = ops.sum_to(ga, a.shape).reshape(slope.shape)
+        return gx, ga
+
+    return make_result(xd * scale, (x, slope), backward, "prelu")
+
+
+class PReLU(Module):
+    """Parametric ReLU (He et al. 2015): x for x > 0, a * x otherwise, with ``a`` learned.
+
+    ``num_parameters`` is 1 (one slope shared by all features) or the number of features C
+    (one slope each; input (N, C, ...)). ``weight`` is 1-D, so weight decay skips it, as the
+    paper recommends.
+    """
+
+    def __init__(self, num_parameters: int = 1, init: float = 0.25, dtype: Any = np.float32):
+        super().__init__()
+        if num_parameters < 1:
+            raise ValueError(f"PReLU: num_parameters must be >= 1, got {num_parameters}")
+        self.num_parameters = num_parameters
+        self.weight = Parameter(np.full(num_parameters, init, dtype=dtype))
+
+    def forward(self, x: Any) -> Tensor:
+        x = as_input(x, self.weight.dtype)
+        n = self.num_parameters
+        if n > 1 and (x.ndim < 2 or x.shape[1] != n):
+            raise ValueError(f"PReLU({n}): input of shape {x.shape}, expected (N, {n}, ...)")
+        return prelu(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_parameters}"

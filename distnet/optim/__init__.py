@@ -1,5 +1,24 @@
 """Optimisers over flat buffers, and learning-rate schedules."""
 
+from distnet.optim.adaptive import AdaGrad, Adam, RMSProp
 from distnet.optim.optimizer import SGD, Optimizer
+from distnet.optim.schedules import (
+    CosineAnnealingLR,
+    ExponentialLR,
+    LRSchedule,
+    ReduceLROnPlateau,
+    StepLR,
+)
 
-__all__ = ["Optimizer", "SGD"]
+__all__ = [
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "RMSProp",
+    "AdaGrad",
+    "LRSchedule",
+    "StepLR",
+    "ExponentialLR",
+    "CosineAnnealingLR",
+    "ReduceLROnPlateau",
+]

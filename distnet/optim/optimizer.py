@@ -45,6 +45,7 @@ class Optimizer:
         self.decay_biases = decay_biases
         self.steps = 0
         self._state: dict[str, Any] = {}
+        self._scratch_bufs: dict[str, Any] = {}
         self.flat_params, self.flat_grads = flat_buffers(self.params)
         self._penalty_mask = self._make_penalty_mask() if (weight_decay or l1) else None
 
@@ -74,24 +75,59 @@ class Optimizer:
         """Creates every state buffer up front; override to name them."""
 
     def zero_grad(self) -> None:
-        self.flat_grads[...] = 0
+        for p in self.params:
+            p.zero_grad_()
+
+    def settle_grads(self) -> Any:
+        """The flat gradient buffer with every deferred zero written out (a parameter that
+        took no part in the last backward has a zero gradient, not a stale one)."""
+        for p in self.params:
+            if p._grad_zeroed:
+                p.grad  # noqa: B018  (the getter writes the zeros)
+        return self.flat_grads
+
+    def _scratch(self, name: str) -> Any:
+        """A flat work array reused across steps (not optimiser state: never saved)."""
+        buf = self._scratch_bufs.get(name)
+        if buf is None:
+            buf = backend.array_module(self.flat_params).empty_like(self.flat_params)
+            self._scratch_bufs[name] = buf
+        return buf
 
     def penalised_grads(self) -> Any:
-        """The gradient with L2 / L1 penalties added (a new array only when there are any)."""
+        """The gradient with L2 / L1 penalties added on the masked entries.
+
+        Returns ``flat_grads`` itself when there is no penalty; otherwise a scratch buffer
+        that is reused by the next step (``flat_grads`` is never modified, so the gradient
+        the distributed layer reduced stays what it was).
+        """
         g = self.flat_grads
-        if self._penalty_mask is None:
+        if not (self.weight_decay or self.l1):
             return g
+        if self._penalty_mask is None:  # decay switched on after construction
+            self._penalty_mask = self._make_penalty_mask()
         xp = backend.array_module(g)
         w = self.flat_params
+        # out= everywhere: this runs every step over the whole model
+        pen = self._scratch("penalty")
         if self.weight_decay:
-            g = g + self.weight_decay * self._penalty_mask * w
-        if self.l1:
-            g = g + self.l1 * self._penalty_mask * xp.sign(w)
-        return g
+            xp.multiply(w, self.weight_decay, out=pen)
+            if self.l1:
+                l1 = self._scratch("l1")
+                xp.sign(w, out=l1)
+                l1 *= self.l1
+                pen += l1
+        else:
+            xp.sign(w, out=pen)
+            pen *= self.l1
+        pen *= self._penalty_mask
+        pen += g
+        return pen
 
     def step(self) -> None:
         """One update of the flat parameter buffer, in place."""
         self.steps += 1
+        self.settle_grads()
         self._update(self.flat_params, self.penalised_grads())
 
     def _update(self, params: Any, grads: Any) -> None:
@@ -106,20 +142,35 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores what ``state_dict`` returned; arrays are copied in place."""
+        """Restores what ``state_dict`` returned; arrays are copied in place.
+
+        Raises:
+            KeyError: on missing or unexpected keys (all of them named); an unexpected array
+                usually means the state came from an optimiser with other settings.
+            ValueError: on a state array whose shape does not fit this model.
+        """
         self._init_state()
+        name = type(self).__name__
+        expected = {"lr", "steps", *self._state}
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise KeyError(
+                f"{name}.load_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        for k, target in self._state.items():
+            value = state[k]
+            value = value if backend.is_gpu_array(value) else np.asarray(value)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"{name}.load_state_dict: {k!r} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+        # checked everything first: a bad state leaves the optimiser untouched
         self.lr = float(state["lr"])
         self.steps = int(state["steps"])
         for k, target in self._state.items():
-            if k not in state:
-                raise KeyError(f"{type(self).__name__}.load_state_dict: missing {k!r}")
-            value = np.asarray(state[k])
-            if value.shape != target.shape:
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: {k!r} has shape {value.shape}, "
-                    f"expected {target.shape}"
-                )
-            target[...] = backend.array_module(target).asarray(value)
+            target[...] = backend.array_module(target).asarray(state[k], dtype=target.dtype)
 
 
 class SGD(Optimizer):
@@ -149,13 +200,19 @@ class SGD(Optimizer):
             self._state_buffer("velocity")
 
     def _update(self, params: Any, grads: Any) -> None:
+        xp = backend.array_module(params)
+        work = self._scratch("work")
         if not self.momentum:
-            params -= self.lr * grads
+            xp.multiply(grads, self.lr, out=work)
+            params -= work
             return
         v = self._state_buffer("velocity")
         v *= self.momentum
         v += grads
         if self.nesterov:
-            params -= self.lr * (grads + self.momentum * v)
+            xp.multiply(v, self.momentum, out=work)
+            work += grads
+            work *= self.lr
         else:
-            params -= self.lr * v
+            xp.multiply(v, self.lr, out=work)
+        params -= work
