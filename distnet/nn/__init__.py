@@ -1,6 +1,7 @@
 """Modules, layers, losses, initialisers, autoencoders."""
 
 from distnet.nn import init
+from distnet.nn.autoencoder import AutoEncoder, StackedAutoEncoder, kl_sparsity
 from distnet.nn.layers import (
     Dense,
     LeakyReLU,
@@ -56,4 +57,7 @@ __all__ = [
     "get_loss",
     "soft_cross_entropy",
     "init",
+    "AutoEncoder",
+    "StackedAutoEncoder",
+    "kl_sparsity",
 ]

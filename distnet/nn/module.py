@@ -231,3 +231,22 @@ class Module:
 
     def extra_repr(self) -> str:
         return ""
+
+    # -- Keras-style training API (the loop lives in distnet.train) ---------------------
+    def fit(self, x: Any, y: Any = None, **kwargs: Any) -> Any:
+        """Trains this model; see ``distnet.train.fit`` (returns a ``History``)."""
+        from distnet.train.fit import fit  # noqa: PLC0415  (lazy: nn must not import train)
+
+        return fit(self, x, y, **kwargs)
+
+    def evaluate(self, x: Any, y: Any = None, **kwargs: Any) -> dict[str, float]:
+        """Mean loss and metrics on (x, y); see ``distnet.train.evaluate``."""
+        from distnet.train.fit import evaluate  # noqa: PLC0415
+
+        return evaluate(self, x, y, **kwargs)
+
+    def predict(self, x: Any, batch_size: int = 256) -> Any:
+        """Outputs (N, ...) for x (N, ...) as a numpy array; see ``distnet.train.predict``."""
+        from distnet.train.fit import predict  # noqa: PLC0415
+
+        return predict(self, x, batch_size)

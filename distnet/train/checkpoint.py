@@ -1,0 +1,193 @@
+"""Checkpoints: a directory with ``.npz`` arrays (never pickle) and a JSON manifest.
+
+Layout of ``path/``:
+    manifest.json        the commit record: format, step, stage, optimiser scalars, loader
+                         state, RNG state, user extras, and the name of the arrays file
+    arrays-<token>.npz   model parameters and buffers (``model/<name>``), optimiser state
+                         arrays (``optimizer/<name>``), array extras (``extra/<name>``)
+
+Both files are written under temporary names, flushed to disk, and renamed; the manifest is
+renamed last, and only then is the previous arrays file deleted. A crash at any point leaves
+the old manifest pointing at the old, complete arrays (or, for a first save, no manifest, so
+the directory does not count as a checkpoint): never a half-written checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distnet import backend
+
+FORMAT = "distnet-checkpoint/1"
+MANIFEST = "manifest.json"
+
+
+def _fsync_write(path: Path, write: Any) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the renames are still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _split_extras(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    scalars, arrays = {}, {}
+    for k, v in extra.items():
+        if isinstance(v, np.ndarray) or backend.is_gpu_array(v):
+            arrays[f"extra/{k}"] = backend.to_device(v, "cpu")
+        else:
+            scalars[k] = v
+    return scalars, arrays
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: Any,
+    optimizer: Any = None,
+    *,
+    loader: Any = None,
+    rng: bool = True,
+    **extra: Any,
+) -> Path:
+    """Writes a checkpoint of ``model`` (and ``optimizer``, ``loader``, RNG state) atomically.
+
+    Args:
+        path: the checkpoint directory (created; an earlier checkpoint there is replaced).
+        optimizer: anything with ``state_dict()``: array values go to the npz, the rest to
+            the manifest.
+        loader: anything with ``state_dict()`` returning JSON values (``StreamLoader``).
+        rng: record ``distnet.backend``'s generator state (corruption noise, dropout).
+        **extra: JSON values (``step``, ``stage``, ``epoch``, ...) or arrays, returned by
+            ``load_checkpoint``.
+    Returns:
+        the directory.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    optim_scalars: dict[str, Any] | None = None
+    if optimizer is not None:
+        optim_scalars = {}
+        for k, v in optimizer.state_dict().items():
+            if isinstance(v, np.ndarray) or backend.is_gpu_array(v):
+                arrays[f"optimizer/{k}"] = backend.to_device(v, "cpu")
+            else:
+                optim_scalars[k] = v
+    scalars, extra_arrays = _split_extras(extra)
+    arrays.update(extra_arrays)
+
+    token = secrets.token_hex(6)
+    arrays_name = f"arrays-{token}.npz"
+    manifest = {
+        "format": FORMAT,
+        "arrays": arrays_name,
+        "model_class": type(model).__name__,
+        "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
+        "optimizer": optim_scalars,
+        "loader": loader.state_dict() if loader is not None else None,
+        "rng": backend.default_rng().bit_generator.state if rng else None,
+        "extra": scalars,
+    }
+    tmp_arrays = path / f".{arrays_name}.tmp"
+    _fsync_write(tmp_arrays, lambda f: np.savez(f, **arrays))
+    os.replace(tmp_arrays, path / arrays_name)
+    tmp_manifest = path / f".{MANIFEST}.{token}.tmp"
+    text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    _fsync_write(tmp_manifest, lambda f: f.write(text))
+    os.replace(tmp_manifest, path / MANIFEST)  # the commit point
+    _fsync_dir(path)
+    # the previous arrays, and any orphans and temporaries of an earlier crashed save
+    # (one writer per checkpoint directory: rank 0)
+    for stale in [*path.glob("arrays-*.npz"), *path.glob(".*.tmp")]:
+        if stale.name != arrays_name:
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    return manifest if manifest.get("format") == FORMAT else None
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a committed checkpoint (manifest and its arrays file)."""
+    manifest = _read_manifest(Path(path))
+    return manifest is not None and (Path(path) / manifest["arrays"]).is_file()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a complete checkpoint (no arrays loaded)."""
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path}: no complete checkpoint (missing or never committed)")
+    return _read_manifest(Path(path))  # type: ignore[return-value]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The most recently committed complete checkpoint directory under ``root`` (or itself)."""
+    root = Path(root)
+    candidates = [root, *(p for p in root.glob("*") if p.is_dir())] if root.is_dir() else []
+    complete = [p for p in candidates if is_complete(p)]
+    return max(complete, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, default=None)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: Any = None,
+    optimizer: Any = None,
+    *,
+    loader: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restores what ``save_checkpoint`` wrote into ``model`` / ``optimizer`` / ``loader``.
+
+    Returns:
+        the extras (``step``, ``stage``, ``epoch``, array extras, ...) plus ``"manifest"``.
+    Raises:
+        FileNotFoundError: no complete checkpoint at ``path``.
+        KeyError / ValueError: the model or optimiser does not match (names the keys).
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    with np.load(path / manifest["arrays"], allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    if model is not None:
+        state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
+        model.load_state_dict(state)
+    if optimizer is not None:
+        if manifest["optimizer"] is None:
+            raise KeyError(f"{path}: the checkpoint holds no optimiser state")
+        if manifest["optimizer_class"] != type(optimizer).__name__:
+            raise TypeError(
+                f"{path}: optimiser state of {manifest['optimizer_class']}, "
+                f"loading into {type(optimizer).__name__}"
+            )
+        state = dict(manifest["optimizer"])
+        state.update({k[10:]: v for k, v in arrays.items() if k.startswith("optimizer/")})
+        optimizer.load_state_dict(state)
+    if loader is not None and manifest["loader"] is not None:
+        loader.load_state_dict(manifest["loader"])
+    if restore_rng and manifest["rng"] is not None:
+        backend.default_rng().bit_generator.state = manifest["rng"]
+    out = dict(manifest["extra"])
+    out.update({k[6:]: v for k, v in arrays.items() if k.startswith("extra/")})
+    out["manifest"] = manifest
+    return out

@@ -1,0 +1,164 @@
+"""Pipelines of stages: named, resumable units of work over one model.
+
+A stage (e.g. ``pretrain-0``, ``pretrain-1``, ``finetune``) runs ``fn(ctx) -> results``.
+When it finishes, the pipeline commits a checkpoint of the whole model plus the stage's
+results to ``run_dir/stages/<index>-<name>/``. Running the pipeline again skips every stage
+whose checkpoint is complete, loads the model from the last one, and resumes an unfinished
+stage from its last epoch checkpoint (``ctx.restore`` / ``ctx.epoch_checkpoint``), so a run
+that was killed ends with the same parameters as one that never stopped.
+
+Only the writer rank (rank 0) writes; every rank reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distnet.train.callbacks import Callback
+from distnet.train.checkpoint import is_complete, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class Stage:
+    """A named unit of work; ``fn(ctx)`` returns JSON-serialisable results."""
+
+    name: str
+    fn: Callable[[StageContext], dict[str, Any]]
+
+
+@dataclass
+class StageContext:
+    """What a running stage gets: its index, name and directory, and resume helpers."""
+
+    index: int
+    name: str
+    dir: Path
+    model: Any
+    writer: bool = True
+    resumed_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def progress_dir(self) -> Path:
+        return self.dir / "progress"
+
+    def restore(self, optimizer: Any = None) -> int:
+        """Loads the stage's last epoch checkpoint (model, optimiser, RNG) if there is one.
+
+        Returns:
+            the epoch to continue from (0 when starting fresh); pass it as ``initial_epoch``.
+        """
+        if not is_complete(self.progress_dir):
+            return 0
+        info = load_checkpoint(self.progress_dir, self.model, optimizer)
+        self.resumed_epoch = int(info["epoch"])
+        self.extra = {k: v for k, v in info.items() if k not in ("epoch", "manifest")}
+        return self.resumed_epoch
+
+    def epoch_checkpoint(self, optimizer: Any = None, every: int = 1) -> Callback:
+        """A callback that commits model + optimiser + RNG after every ``every`` epochs."""
+        return _EpochCheckpoint(self, optimizer, every)
+
+
+class _EpochCheckpoint(Callback):
+    """Commits the stage's progress each epoch; ``history`` spans resumed runs too."""
+
+    def __init__(self, ctx: StageContext, optimizer: Any, every: int):
+        self.ctx, self.opt, self.every = ctx, optimizer, every
+        self.history: dict[str, list[float]] = {
+            k: list(v) for k, v in ctx.extra.get("history", {}).items()
+        }
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(float(v))
+        if self.ctx.writer and (epoch + 1) % self.every == 0:
+            save_checkpoint(
+                self.ctx.progress_dir, self.ctx.model, self.opt or self.optimizer,
+                epoch=epoch + 1, step=self.loop.step, stage=self.ctx.index,
+                history=self.history,
+            )  # fmt: skip
+
+
+class Pipeline:
+    """Runs stages in order over ``model``, skipping those already complete in ``run_dir``.
+
+    Args:
+        run_dir: where stage checkpoints and ``pipeline.json`` (the stage table) go.
+        model: the model every stage trains (its whole state is checkpointed per stage).
+        stages: the stages, in order.
+        writer: whether this process writes (rank 0 in a distributed run).
+        log: called with one line per event (stage start, skip, end).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        model: Any,
+        stages: list[Stage],
+        writer: bool = True,
+        log: Callable[[str], None] | None = print,
+    ):
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Pipeline: stage names must be unique, got {names}")
+        self.run_dir, self.model, self.stages = Path(run_dir), model, stages
+        self.writer, self.log = writer, log or (lambda line: None)
+
+    def stage_dir(self, index: int) -> Path:
+        return self.run_dir / "stages" / f"{index}-{self.stages[index].name}"
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per stage: name, whether it is done, and its results when done."""
+        rows = []
+        for i, stage in enumerate(self.stages):
+            done = is_complete(self.stage_dir(i))
+            row: dict[str, Any] = {"index": i, "name": stage.name, "done": done}
+            if done:
+                row.update(json.loads((self.stage_dir(i) / "results.json").read_text()))
+            rows.append(row)
+        return rows
+
+    def run(self) -> list[dict[str, Any]]:
+        """Runs every stage not yet complete; returns the stage table (see ``status``)."""
+        if self.writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        done = [is_complete(self.stage_dir(i)) for i in range(len(self.stages))]
+        # only a prefix of finished stages counts: a later one was trained on other weights
+        first_todo = done.index(False) if False in done else len(done)
+        if first_todo > 0:
+            load_checkpoint(self.stage_dir(first_todo - 1), self.model)
+        for i, stage in enumerate(self.stages):
+            if i < first_todo:
+                self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: done, skipped")
+                continue
+            ctx = StageContext(i, stage.name, self.stage_dir(i), self.model, self.writer)
+            self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: running")
+            start = time.perf_counter()
+            results = dict(stage.fn(ctx) or {})
+            results["seconds"] = round(time.perf_counter() - start, 3)
+            results["resumed_from_epoch"] = ctx.resumed_epoch
+            if self.writer:
+                self._commit(i, results)
+            self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: done "
+                     f"in {results['seconds']:.1f}s")  # fmt: skip
+        table = self.status() if self.writer else []
+        if self.writer:
+            text = json.dumps({"stages": table}, indent=1)
+            (self.run_dir / "pipeline.json").write_text(text)
+        return table
+
+    def _commit(self, index: int, results: dict[str, Any]) -> None:
+        d = self.stage_dir(index)
+        d.mkdir(parents=True, exist_ok=True)
+        # results first: the checkpoint's manifest is the commit point of the whole stage
+        tmp = d / ".results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, d / "results.json")
+        save_checkpoint(d, self.model, stage=index, name=self.stages[index].name)

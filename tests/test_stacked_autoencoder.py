@@ -1,0 +1,123 @@
+"""StackedAutoEncoder on the real scikit-learn digits: greedy pretraining, then fine-tuning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distnet import backend
+from distnet.nn import StackedAutoEncoder
+from distnet.optim import Adam
+from distnet.train import ReduceLROnPlateau
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    return train_test_split(x, y.astype(np.int64), test_size=0.25, stratify=y, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    xtr, xte, ytr, yte = digits
+    backend.seed(0)
+    sae = StackedAutoEncoder([64, 100, 100], 10, corruption=0.1, loss="cross_entropy")
+    before = [p.data.copy() for p in sae.output.parameters()]
+    histories = sae.pretrain(
+        xtr, epochs_per_layer=20, batch_size=32, optimizer=lambda m: Adam(m, lr=1e-3), seed=0
+    )
+    assert all(
+        np.array_equal(b, p.data) for b, p in zip(before, sae.output.parameters(), strict=True)
+    )
+    pretrained = sae.state_dict()
+    history = sae.finetune(
+        xtr,
+        ytr,
+        epochs=60,
+        batch_size=32,
+        seed=1,
+        optimizer=lambda m: Adam(m, lr=3e-3, weight_decay=1e-4),
+        callbacks=[ReduceLROnPlateau("loss", factor=0.3, patience=3)],
+    )
+    return sae, histories, pretrained, history
+
+
+def test_stacked_autoencoder_reaches_97_percent_on_digits(digits, trained):
+    _, xte, _, yte = digits
+    sae, _, _, history = trained
+    acc = sae.evaluate(xte, yte)["accuracy"]
+    assert acc >= 0.97, f"test accuracy {acc:.4f}"
+    predicted = sae.predict(xte).argmax(axis=1)
+    assert (predicted == yte).mean() == pytest.approx(acc)
+    assert history["accuracy"][-1] > history["accuracy"][0]
+
+
+def test_pretraining_lowers_each_layers_reconstruction_error_every_epoch(trained):
+    _, histories, _, _ = trained
+    assert len(histories) == 2
+    for k, h in enumerate(histories):
+        losses = np.array(h["loss"])
+        assert len(losses) == 20
+        assert np.all(np.diff(losses) < 0), f"layer {k}: per-epoch means {losses.round(3)}"
+        assert losses[-1] < 0.95 * losses[0]  # layer 1: BCE of soft codes has an entropy floor
+
+
+def test_finetuning_moves_the_pretrained_encoders(trained):
+    sae, _, pretrained, _ = trained
+    # the classifier shares the encoders' parameters: fine-tuning changed them in place
+    w0 = sae.autoencoders[0].encoder.weight.data
+    assert sae.classifier()[0].weight is sae.autoencoders[0].encoder.weight
+    assert not np.allclose(w0, pretrained["ae0.encoder.weight"])
+    # ... but the decoder biases, which no classifier path uses, are untouched
+    np.testing.assert_array_equal(sae.ae0.decoder_bias.data, pretrained["ae0.decoder_bias"])
+
+
+def test_greedy_layer_trains_on_the_codes_of_the_layers_below(digits):
+    xtr = digits[0][:64]
+    backend.seed(1)
+    sae = StackedAutoEncoder([64, 12, 6], 10)
+    codes = sae.layer_input(1, xtr)
+    np.testing.assert_allclose(codes, sae.autoencoders[0].encode(xtr).data)
+    w1 = sae.ae1.encoder.weight.data.copy()
+    w0 = sae.ae0.encoder.weight.data.copy()
+    sae.pretrain_layer(1, xtr, epochs=2, batch_size=16, seed=0)
+    assert not np.array_equal(sae.ae1.encoder.weight.data, w1)  # layer 1 trained
+    np.testing.assert_array_equal(sae.ae0.encoder.weight.data, w0)  # layer 0 left alone
+
+
+def test_pretrain_and_finetune_accept_a_batch_loader(digits):
+    xtr, _, ytr, _ = digits
+
+    class ListLoader:
+        def __init__(self):
+            self.epochs = []
+
+        def __iter__(self):
+            return ((xtr[i : i + 50], ytr[i : i + 50]) for i in range(0, 200, 50))
+
+        def __len__(self):
+            return 4
+
+        def set_epoch(self, e):
+            self.epochs.append(e)
+
+    loader = ListLoader()
+    backend.seed(2)
+    sae = StackedAutoEncoder([64, 16, 8], 10)
+    histories = sae.pretrain(loader, epochs_per_layer=2)
+    assert [len(h["loss"]) for h in histories] == [2, 2]
+    history = sae.finetune(loader, epochs=2)
+    assert len(history["accuracy"]) == 2
+    assert loader.epochs == [0, 1, 0, 1, 0, 1]
+
+
+def test_pretrain_refuses_one_optimizer_for_all_layers():
+    sae = StackedAutoEncoder([8, 4, 2], 3)
+    with pytest.raises(TypeError, match="factory"):
+        sae.pretrain(np.zeros((4, 8), np.float32), optimizer=Adam(sae.ae0))
