@@ -1,0 +1,333 @@
+"""Communicators: who am I, how many are we, and the collectives data parallelism needs.
+
+``init(engine)`` returns one ``Communicator``:
+
+- ``LocalCommunicator``: one process, no MPI import; every collective is a no-op (or a copy).
+- ``MPICommunicator``: processes started by ``distnet launch`` / mpiexec / srun. CPU buffers go
+  through mpi4py's buffer interface (no pickling, no copies); GPU (cupy) buffers go through
+  NCCL once ``use_nccl()`` has been called on every rank (see ``distnet.dist.nccl``).
+
+Every collective works in place on a contiguous 1-D (or any contiguous) array, because the
+gradient buffers it reduces are slices of one flat buffer owned by the model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+from distnet.backend import array_module, is_gpu_array
+
+OPS = ("sum", "mean", "max", "min")
+
+# Environment variables that say "this process was started by an MPI launcher".
+_MPI_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown reduction op {op!r}: expected one of {', '.join(OPS)}")
+
+
+def _check_contiguous(buf: Any) -> None:
+    # In-place MPI/NCCL on a strided view would silently reduce the wrong bytes.
+    if not buf.flags.c_contiguous:
+        raise ValueError("collectives need a C-contiguous buffer (a slice of a flat 1-D array)")
+
+
+class PendingAllreduce:
+    """A started non-blocking allreduce; ``wait()`` finishes it (and divides for 'mean')."""
+
+    def __init__(self, request: Any, buf: Any, divide_by: int = 1) -> None:
+        self._request = request
+        self.buf = buf
+        self._divide_by = divide_by
+        self.done = request is None
+
+    def test(self) -> bool:
+        """Drives MPI progress; True once the reduction has arrived (call ``wait`` still)."""
+        if self.done:
+            return True
+        return bool(self._request.Test())
+
+    def wait(self) -> Any:
+        """Blocks until the reduced values are in ``buf``; returns ``buf``."""
+        if not self.done:
+            self._request.Wait()
+            self.done = True
+            if self._divide_by != 1:
+                self.buf /= self._divide_by
+        return self.buf
+
+
+class Communicator:
+    """A group of ``size`` processes; this one is ``rank``.
+
+    ``local_rank`` / ``local_size`` count the ranks on this node (shared memory), which is what
+    picks a GPU. All collectives must be called by every rank in the same order.
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    engine: str = "local"
+
+    # --- collectives (overridden) -------------------------------------------------------
+    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+        """Reduces ``buf`` (any shape, contiguous) over all ranks in place; returns ``buf``."""
+        raise NotImplementedError
+
+    def iallreduce(self, buf: Any, op: str = "sum") -> PendingAllreduce:
+        """Starts ``allreduce(buf, op)`` without waiting; ``.wait()`` on the result finishes it."""
+        return PendingAllreduce(None, self.allreduce(buf, op))
+
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        """Overwrites ``buf`` on every rank with root's ``buf`` (in place); returns ``buf``."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """Returns once every rank has called it."""
+        raise NotImplementedError
+
+    def allgather(self, value: Any) -> list[Any]:
+        """A list of ``size`` values, ``value`` of rank i at index i (small Python objects)."""
+        raise NotImplementedError
+
+    def abort(self, code: int = 1) -> None:
+        """Ends every rank of the job now (used when one rank cannot go on)."""
+        raise SystemExit(code)
+
+    # --- logging: every line carries its rank; progress from rank 0 only ---------------
+    def log(self, msg: str, *, all_ranks: bool = True, file: Any = None) -> None:
+        """Prints ``[rank r] msg`` (one write per line, so lines of ranks do not interleave)."""
+        if not all_ranks and self.rank != 0:
+            return
+        out = file if file is not None else sys.stderr
+        # Under `distnet launch`, mpiexec already puts "[r] " before every line.
+        tag = "" if os.environ.get("DISTNET_TAGGED_OUTPUT") == "1" else f"[rank {self.rank}] "
+        text = "".join(f"{tag}{line}\n" for line in str(msg).splitlines() or [""])
+        out.write(text)
+        out.flush()
+
+    def print0(self, msg: str) -> None:
+        """Progress output: rank 0 alone prints it, to stdout."""
+        self.log(msg, all_ranks=False, file=sys.stdout)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(rank={self.rank}, size={self.size}, "
+            f"local_rank={self.local_rank}, local_size={self.local_size})"
+        )
+
+
+class LocalCommunicator(Communicator):
+    """Size 1, no MPI: a sum over one rank is the buffer itself."""
+
+    engine = "local"
+
+    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+        _check_op(op)
+        return buf
+
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        if root != 0:
+            raise ValueError(f"root {root} out of range for a communicator of size 1")
+        return buf
+
+    def barrier(self) -> None:
+        return None
+
+    def allgather(self, value: Any) -> list[Any]:
+        return [value]
+
+
+class MPICommunicator(Communicator):
+    """mpi4py on ``MPI.COMM_WORLD`` (or a given communicator), duplicated so that user code
+    on COMM_WORLD can never match our messages."""
+
+    engine = "mpi"
+
+    def __init__(self, mpi_comm: Any = None, *, abort_on_error: bool = True) -> None:
+        from mpi4py import MPI  # noqa: PLC0415  (MPI is loaded only for the MPI engine)
+
+        self.MPI = MPI
+        self.comm = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = node.Get_rank()
+        self.local_size = node.Get_size()
+        node.Free()
+        self._nccl: Any = None
+        self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        if abort_on_error and self.size > 1:
+            install_abort_excepthook(self)
+
+    # --- GPU ------------------------------------------------------------------------------
+    def use_nccl(self) -> None:
+        """Collective: creates the NCCL communicator (one GPU per rank, by local_rank)."""
+        if self._nccl is None:
+            from distnet.dist.nccl import NcclCommunicator  # noqa: PLC0415
+
+            self._nccl = NcclCommunicator(self)
+
+    def _gpu(self, buf: Any) -> Any:
+        """The NCCL communicator for a cupy buffer, or None to stage it through host memory."""
+        return self._nccl if is_gpu_array(buf) else None
+
+    # --- collectives ----------------------------------------------------------------------
+    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+        _check_op(op)
+        _check_contiguous(buf)
+        if self.size == 1:
+            return buf
+        if is_gpu_array(buf):
+            return self._allreduce_gpu(buf, op)
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
+        if op == "mean":
+            buf /= self.size
+        return buf
+
+    def iallreduce(self, buf: Any, op: str = "sum") -> PendingAllreduce:
+        _check_op(op)
+        _check_contiguous(buf)
+        if self.size == 1 or is_gpu_array(buf):
+            # NCCL calls are already asynchronous on their stream; the host path is blocking.
+            return PendingAllreduce(None, self.allreduce(buf, op))
+        req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
+        return PendingAllreduce(req, buf, self.size if op == "mean" else 1)
+
+    def _allreduce_gpu(self, buf: Any, op: str) -> Any:
+        nccl = self._gpu(buf)
+        if nccl is not None:
+            return nccl.allreduce(buf, op)
+        # No NCCL (mixed CPU/GPU job): through host memory, correct but slower.
+        host = buf.get()
+        self.allreduce(host, op)
+        buf.set(host)
+        return buf
+
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        _check_contiguous(buf)
+        if not 0 <= root < self.size:
+            raise ValueError(f"root {root} out of range for a communicator of size {self.size}")
+        if self.size == 1:
+            return buf
+        if is_gpu_array(buf):
+            if self._nccl is not None:
+                return self._nccl.broadcast(buf, root)
+            host = buf.get()
+            self.comm.Bcast(host, root=root)
+            buf.set(host)
+            return buf
+        self.comm.Bcast(buf, root=root)
+        return buf
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def allgather(self, value: Any) -> list[Any]:
+        return self.comm.allgather(value)
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def install_abort_excepthook(comm: Communicator) -> None:
+    """An uncaught exception or ``sys.exit(non-zero)`` on one rank prints ``[rank r] ...``
+    and aborts the whole job.
+
+    Without it the failing rank enters MPI_Finalize while the others wait in a collective
+    for it forever (we saw exactly that hang with MPICH); mpiexec only reacts to an exit.
+    """
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            previous(exc_type, exc, tb)
+        else:
+            lines = traceback.format_exception(exc_type, exc, tb)
+            record_failure(comm.rank, f"raised {exc_type.__name__}: {exc}")
+            comm.log(
+                f"uncaught {exc_type.__name__}: {exc}; aborting all {comm.size} ranks\n"
+                + "".join(lines).rstrip()
+            )
+        comm.abort(1)
+
+    sys.excepthook = hook
+
+    # MPICH's MPI_Finalize waits for every rank, so a rank that leaves with sys.exit(3) while
+    # the others wait for it in a collective would hang the job: abort instead. (Skipping
+    # MPI_Finalize is no way out: hydra then kills ranks that are still finishing normally.)
+    plain_exit = sys.exit
+
+    def exit_or_abort(status: Any = None) -> None:
+        if status is None or status == 0:
+            plain_exit(status)
+        code = status if isinstance(status, int) else 1
+        what = f"exited with status {code}" + ("" if isinstance(status, int) else f": {status}")
+        record_failure(comm.rank, what, code)
+        comm.log(f"{what}; aborting all {comm.size} ranks")
+        comm.abort(code)
+
+    sys.exit = exit_or_abort
+
+
+def record_failure(rank: int, what: str, status: int = 1) -> None:
+    """Tells ``distnet launch`` why this rank is about to end the job (its status file).
+
+    The launcher names the rank whose cause came first: once one rank aborts, mpiexec stops
+    the others, and their exits must not be mistaken for the cause.
+    """
+    status_dir = os.environ.get("DISTNET_LAUNCH_STATUS_DIR")
+    if not status_dir:
+        return
+    import json  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    record = {"rank": rank, "status": status, "what": what, "time": time.time(), "cause": True}
+    path = os.path.join(status_dir, f"cause-rank{rank}.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # a report that cannot be written must not hide the failure itself
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher (hydra, Open MPI, PMIx) started this process."""
+    return any(name in os.environ for name in _MPI_ENV)
+
+
+_WORLD: Communicator | None = None
+
+
+def init(engine: str = "auto") -> Communicator:
+    """The process-wide communicator.
+
+    ``engine``: ``"mpi"`` (mpi4py), ``"local"`` (size 1, no MPI import), or ``"auto"``: MPI when
+    an MPI launcher started this process, local otherwise. Calling it again returns the same one.
+    """
+    global _WORLD
+    if engine not in ("auto", "mpi", "local"):
+        raise ValueError(f"unknown engine {engine!r}: expected 'auto', 'mpi' or 'local'")
+    if engine == "auto":
+        engine = "mpi" if launched_by_mpi() else "local"
+    if _WORLD is not None and _WORLD.engine == engine:
+        return _WORLD
+    _WORLD = MPICommunicator() if engine == "mpi" else LocalCommunicator()
+    return _WORLD
+
+
+def scale_(buf: Any, factor: float) -> Any:
+    """``buf *= factor`` in place, with numpy or cupy; returns ``buf``."""
+    if factor != 1.0:
+        xp = array_module(buf)
+        xp.multiply(buf, buf.dtype.type(factor), out=buf)
+    return buf

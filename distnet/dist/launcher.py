@@ -1,0 +1,275 @@
+"""``distnet launch``: start N ranks with mpiexec, like ``horovodrun``.
+
+    distnet launch -np 4 -- distnet train job.toml
+    distnet launch -np 4 -H node1:2,node2:2 -- python train.py
+    distnet launch -np 8 --hostfile hosts.txt --env OMP_NUM_THREADS=4 -- python train.py
+
+It wraps the mpiexec of PyPI's ``mpich`` wheel (next to the Python running distnet), a site's
+own with ``--mpiexec PATH`` (MPICH/hydra or Open MPI), checks everything it can before
+anything starts (hosts, slots, the command), prefixes every output line with its rank,
+forwards SIGINT/SIGTERM, and exits with the status of the rank that failed first, naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class LaunchError(Exception):
+    """A problem found before anything started; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    slots: int
+
+
+def parse_host(spec: str, where: str = "-H") -> Host:
+    """``"node1:4"`` or ``"node1"`` (1 slot) -> Host."""
+    spec = spec.strip()
+    name, _, slots = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+    if not name or not _HOST_RE.match(name):
+        raise LaunchError(f"{where}: bad host {spec!r}: expected HOST or HOST:SLOTS")
+    if not slots.isdigit() or int(slots) < 1:
+        raise LaunchError(f"{where}: bad slot count in {spec!r}: expected a positive integer")
+    return Host(name, int(slots))
+
+
+def parse_host_list(text: str) -> list[Host]:
+    """``"a:2,b:2"`` -> hosts (``-H``)."""
+    hosts = [parse_host(part) for part in text.split(",") if part.strip()]
+    if not hosts:
+        raise LaunchError("-H: no hosts given")
+    return hosts
+
+
+def parse_hostfile(path: str) -> list[Host]:
+    """Hosts from a file: one per line, ``host``, ``host:slots`` or ``host slots=N``;
+    ``#`` starts a comment."""
+    p = Path(path)
+    if not p.is_file():
+        raise LaunchError(f"--hostfile: {path} does not exist or is not a file")
+    hosts = []
+    for number, raw in enumerate(p.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{path}:{number}"
+        fields = line.split()
+        if len(fields) == 2 and fields[1].startswith("slots="):
+            hosts.append(parse_host(f"{fields[0]}:{fields[1][6:]}", where))
+        elif len(fields) == 1:
+            hosts.append(parse_host(fields[0], where))
+        else:
+            raise LaunchError(f"{where}: cannot read {raw.strip()!r}: expected HOST[:SLOTS]")
+    if not hosts:
+        raise LaunchError(f"--hostfile: {path} names no hosts")
+    return hosts
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``["K=V", ...]`` -> dict; K must be a valid variable name."""
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _ENV_RE.match(key):
+            raise LaunchError(f"--env: expected NAME=VALUE, got {item!r}")
+        env[key] = value
+    return env
+
+
+def find_mpiexec(explicit: str | None = None) -> str:
+    """``--mpiexec``, else the mpich wheel's mpiexec next to this Python, else one on PATH."""
+    if explicit:
+        found = shutil.which(explicit)
+        if found is None:
+            raise LaunchError(f"--mpiexec: {explicit} is not an executable")
+        return found
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise LaunchError(
+            "no mpiexec found: install the mpich wheel (pip install mpich) or pass --mpiexec PATH"
+        )
+    return found
+
+
+def resolve_command(command: list[str]) -> list[str]:
+    """The command with its program resolved (beside this Python, then PATH), or LaunchError."""
+    if not command:
+        raise LaunchError("no command given: distnet launch -np N -- COMMAND...")
+    program = command[0]
+    if os.sep in program:
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise LaunchError(f"command not found or not executable: {program}")
+        return [os.path.abspath(program), *command[1:]]
+    # Beside this Python first: `.venv/bin/distnet launch -- python x.py` means the venv's python.
+    found = shutil.which(program, path=str(Path(sys.executable).parent)) or shutil.which(program)
+    if found is None:
+        raise LaunchError(f"command not found: {program!r} (not on PATH)")
+    return [found, *command[1:]]
+
+
+def mpiexec_flavor(mpiexec: str) -> str:
+    """'hydra' (MPICH, Intel MPI) or 'openmpi', from ``mpiexec --version``."""
+    try:
+        out = subprocess.run(
+            [mpiexec, "--version"], capture_output=True, text=True, timeout=20
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise LaunchError(f"cannot run {mpiexec} --version: {err}") from None
+    return "openmpi" if "Open MPI" in out or "OpenRTE" in out else "hydra"
+
+
+def build_command(
+    mpiexec: str,
+    flavor: str,
+    np_: int,
+    hosts: list[Host] | None,
+    env: dict[str, str],
+    command: list[str],
+    tag_output: bool = True,
+) -> list[str]:
+    # tag_output: rankexec (not mpiexec) prefixes lines, see distnet.dist.rankexec._relay
+    """The mpiexec command line that starts ``np_`` ranks of ``command`` under rankexec."""
+    cmd = [mpiexec, "-n", str(np_)]
+    host_list = ",".join(f"{h.name}:{h.slots}" for h in hosts) if hosts else None
+    if flavor == "openmpi":
+        if host_list:
+            cmd += ["-H", host_list]
+        for key, value in env.items():
+            cmd += ["-x", f"{key}={value}"]
+    else:
+        if host_list:
+            cmd += ["-hosts", host_list]
+        for key, value in env.items():
+            cmd += ["-genv", key, value]
+    return cmd + [sys.executable, "-m", "distnet.dist.rankexec", "--", *command]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``distnet launch``."""
+    parser.add_argument("-np", "-n", dest="np", type=int, required=True, help="number of ranks")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-H", "--hosts", help="hosts with slots: node1:2,node2:2")
+    where.add_argument("--hostfile", help="file with one HOST[:SLOTS] per line")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="set in every rank"
+    )
+    parser.add_argument("--mpiexec", help="mpiexec to use (default: the mpich wheel's)")
+    parser.add_argument(
+        "--no-tag-output", action="store_true", help="do not prefix output lines with the rank"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the mpiexec command and exit")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+
+def _threads_per_rank(np_: int, hosts: list[Host] | None) -> int:
+    # Oversubscribed BLAS threads (2 ranks x 2 threads on 2 cores) cost more than they give.
+    per_host = np_ if not hosts else max(1, -(-np_ // len(hosts)))
+    return max(1, (os.cpu_count() or 1) // per_host)
+
+
+def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """Checks every option and returns (mpiexec command, environment for the ranks)."""
+    if args.np < 1:
+        raise LaunchError(f"-np must be at least 1, got {args.np}")
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    command = resolve_command(command)
+    hosts = parse_host_list(args.hosts) if args.hosts else None
+    hosts = parse_hostfile(args.hostfile) if args.hostfile else hosts
+    if hosts is not None and sum(h.slots for h in hosts) < args.np:
+        total = sum(h.slots for h in hosts)
+        raise LaunchError(f"-np {args.np} needs {args.np} slots, but the hosts offer {total}")
+    env = parse_env(args.env)
+    mpiexec = find_mpiexec(args.mpiexec)
+    threads = str(_threads_per_rank(args.np, hosts))
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        if name not in env and name not in os.environ:
+            env[name] = threads
+    env.setdefault("PYTHONUNBUFFERED", "1")  # rank lines arrive as they are printed
+    env["DISTNET_LAUNCHED"] = "1"
+    if not args.no_tag_output:
+        env["DISTNET_TAGGED_OUTPUT"] = "1"  # rankexec prefixes every line with "[r] "
+    flavor = mpiexec_flavor(mpiexec)
+    cmd = build_command(mpiexec, flavor, args.np, hosts, env, command, not args.no_tag_output)
+    return cmd, env
+
+
+def _first_failure(status_dir: str) -> dict | None:
+    records = []
+    for path in Path(status_dir).glob("*rank*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    # A rank's own account of why it stopped the job beats the exits that followed it.
+    causes = [r for r in records if r.get("cause")]
+    pool = causes or records
+    return min(pool, key=lambda r: r["time"]) if pool else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Starts the job; returns the first failing rank's status (0 when all succeeded)."""
+    try:
+        cmd, env = prepare(args)
+    except LaunchError as err:
+        print(f"distnet launch: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="distnet-launch-") as status_dir:
+        child_env = {**os.environ, **env, "DISTNET_LAUNCH_STATUS_DIR": status_dir}
+        proc = subprocess.Popen(cmd, env=child_env)
+
+        def forward(signum: int, _frame: object) -> None:
+            proc.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        failure = _first_failure(status_dir)
+    if failure is not None:
+        print(
+            f"distnet launch: rank {failure['rank']} failed first: {failure['what']}; "
+            f"the job was stopped (exit status {failure['status']})",
+            file=sys.stderr,
+        )
+        return int(failure["status"]) or 1
+    if rc != 0:
+        print(f"distnet launch: mpiexec exited with status {rc}", file=sys.stderr)
+        return rc if rc > 0 else 128 - rc
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distnet.dist.launcher ...`` (same as ``distnet launch ...``)."""
+    parser = argparse.ArgumentParser(prog="distnet launch", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

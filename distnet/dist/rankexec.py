@@ -1,0 +1,129 @@
+"""Runs one rank's command under ``distnet launch`` and says how that rank ended.
+
+With ``DISTNET_TAGGED_OUTPUT=1`` it also prefixes every line the rank writes with ``[r] ``.
+
+mpiexec (hydra) reports a dead process by PID only ("BAD TERMINATION ... PID 3062"); this
+small parent of each rank knows the rank, so a rank killed by a signal or exiting with an
+error is named: ``[rank 1] killed by signal 9 (SIGKILL)``. It also writes a one-line status
+file for the launcher, which then exits with the status of the rank that failed first.
+
+Usage (by the launcher): ``python -m distnet.dist.rankexec -- COMMAND...``
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def rank_from_env() -> int:
+    """This process's rank as the MPI launcher announced it (0 when none did)."""
+    for name in RANK_ENV:
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def _die_with_parent() -> None:
+    # If this wrapper is killed outright, the rank must not live on stuck in a collective.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def describe(returncode: int) -> str:
+    """'exited with status 3' or 'killed by signal 9 (SIGKILL)' for a Popen returncode."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-returncode} ({name})"
+    return f"exited with status {returncode}"
+
+
+def _say(rank: int, msg: str) -> None:
+    # One write per line: with PYTHONUNBUFFERED, print() writes the text and "\n" apart, and
+    # lines of different ranks would interleave mid-line.
+    sys.stderr.write(
+        f"[{rank}] {msg}\n"
+        if os.environ.get("DISTNET_TAGGED_OUTPUT") == "1"
+        else f"[rank {rank}] {msg}\n"
+    )
+    sys.stderr.flush()
+
+
+def _relay(src: Any, dst: Any, prefix: bytes) -> None:
+    """Copies ``src`` to ``dst`` line by line, each line prefixed with the rank.
+
+    Done here rather than by mpiexec's -prepend-rank, which tags every chunk it reads: an
+    unbuffered ``print("a", 1)`` arrives as four chunks and came out as four tagged pieces.
+    """
+    for line in iter(src.readline, b""):
+        dst.write(prefix + (line if line.endswith(b"\n") else line + b"\n"))
+        dst.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command, forwards SIGINT/SIGTERM to it, reports a failure; returns its status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("usage: python -m distnet.dist.rankexec -- COMMAND...", file=sys.stderr)
+        return 2
+    rank = rank_from_env()
+    # hydra hands each rank its PMI connection as an inherited descriptor: keep it open.
+    fds = tuple(int(os.environ[k]) for k in ("PMI_FD",) if k in os.environ)
+    tag = os.environ.get("DISTNET_TAGGED_OUTPUT") == "1"
+    pipe = subprocess.PIPE if tag else None
+    try:
+        child = subprocess.Popen(
+            argv, pass_fds=fds, preexec_fn=_die_with_parent, stdout=pipe, stderr=pipe
+        )
+    except OSError as err:
+        _say(rank, f"cannot start {argv[0]!r}: {err.strerror}")
+        return 127
+    relays = []
+    if tag:
+        prefix = f"[{rank}] ".encode()
+        for src, dst in ((child.stdout, sys.stdout.buffer), (child.stderr, sys.stderr.buffer)):
+            relay = threading.Thread(target=_relay, args=(src, dst, prefix), daemon=True)
+            relay.start()
+            relays.append(relay)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    returncode = child.wait()
+    for relay in relays:
+        relay.join(timeout=5)
+    status = 128 - returncode if returncode < 0 else returncode
+    if returncode != 0:
+        what = describe(returncode)
+        _say(rank, what)
+        status_dir = os.environ.get("DISTNET_LAUNCH_STATUS_DIR")
+        if status_dir:
+            record = {"rank": rank, "status": status, "what": what, "time": time.time()}
+            path = os.path.join(status_dir, f"rank{rank}.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(record, f)
+            os.replace(path + ".tmp", path)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

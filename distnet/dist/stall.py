@@ -1,0 +1,146 @@
+"""Stall check: which ranks have not joined a collective the others are waiting in.
+
+Horovod's model: a coordinator knows which ranks have submitted which tensor, and warns when
+some have and others have not for longer than a limit. Here each rank tells rank 0 "I am
+entering collective number k" with one tiny non-blocking send (nothing waits on it, so the
+check costs no synchronisation); a thread on rank 0 keeps the latest k of every rank and,
+when some rank stays behind the front for ``warn_after_s``, prints the ranks that have not
+joined. With ``abort_after_s`` it also ends the job, rather than letting it hang.
+
+Messages go over a private duplicate of the communicator, so they never match user traffic.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+DEFAULT_WARN_S = 60.0
+_TAG = 77
+_CLOSED = -1  # the "step" a rank sends when it stops checking
+
+
+def stall_limit_from_env(default: float | None = DEFAULT_WARN_S) -> float | None:
+    """``DISTNET_STALL_CHECK_S`` (seconds; 0 turns the check off), else ``default``."""
+    raw = os.environ.get("DISTNET_STALL_CHECK_S")
+    if raw is None:
+        return default
+    value = float(raw)
+    return value if value > 0 else None
+
+
+class StallDetector:
+    """Call ``enter(name)`` on every rank right before each synchronising collective.
+
+    ``comm`` is an ``MPICommunicator``; with size 1 the detector does nothing.
+    """
+
+    def __init__(
+        self,
+        comm: Any,
+        warn_after_s: float = DEFAULT_WARN_S,
+        abort_after_s: float | None = None,
+        poll_s: float = 0.05,
+    ) -> None:
+        self.comm = comm
+        self.warn_after_s = float(warn_after_s)
+        self.abort_after_s = abort_after_s
+        self.poll_s = poll_s
+        self.step = 0
+        self.reports: list[str] = []  # what rank 0 printed (tests read it)
+        # The watcher thread calls MPI beside the main thread: that needs THREAD_MULTIPLE.
+        mpi = getattr(comm, "MPI", None)
+        threaded = mpi is not None and mpi.Query_thread() >= mpi.THREAD_MULTIPLE
+        if comm.size > 1 and not threaded and comm.rank == 0:
+            comm.log("stall check off: this MPI does not provide MPI_THREAD_MULTIPLE")
+        self._active = comm.size > 1 and threaded
+        self._sends: list[tuple[Any, np.ndarray]] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        if not self._active:
+            return
+        self._mpi = comm.MPI
+        self._comm = comm.comm.Dup()
+        atexit.register(self.close)  # before MPI_Finalize (atexit runs last-registered first)
+        if comm.rank == 0:
+            self._latest = np.zeros(comm.size, dtype=np.int64)
+            self._names: dict[int, str] = {}
+            self._thread = threading.Thread(target=self._watch, name="distnet-stall", daemon=True)
+            self._thread.start()
+
+    def enter(self, name: str = "allreduce") -> None:
+        """Records that this rank is about to enter its next collective (``name`` for messages)."""
+        if not self._active:
+            return
+        self.step += 1
+        if self.comm.rank == 0:
+            self._names[self.step] = name
+            self._latest[0] = self.step
+            return
+        # Completed sends are dropped; the message array must live until its send is done.
+        self._sends = [(r, m) for r, m in self._sends if not r.Test()]
+        msg = np.array([self.step], dtype=np.int64)
+        self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
+
+    # --- rank 0 -------------------------------------------------------------------------
+    def _drain(self) -> None:
+        status = self._mpi.Status()
+        buf = np.zeros(1, dtype=np.int64)
+        while self._comm.Iprobe(source=self._mpi.ANY_SOURCE, tag=_TAG, status=status):
+            src = status.Get_source()
+            self._comm.Recv(buf, source=src, tag=_TAG)
+            self._latest[src] = buf[0] if buf[0] != _CLOSED else np.iinfo(np.int64).max
+
+    def _watch(self) -> None:
+        # A stall is the slowest rank not moving while others are ahead of it: in a healthy
+        # job someone is often one collective behind at the moment we look, but never for long.
+        closed = np.iinfo(np.int64).max
+        slowest, since, warned = -1, time.monotonic(), False
+        while not self._stop.wait(self.poll_s):
+            self._drain()
+            live = self._latest[self._latest != closed]
+            if live.size == 0:
+                continue
+            now = time.monotonic()
+            if int(live.min()) != slowest:
+                slowest, since, warned = int(live.min()), now, False
+            front = int(live.max())
+            if front == slowest:
+                since = now
+                continue
+            waited = now - since
+            if waited >= self.warn_after_s and not warned:
+                warned = True
+                self._report(
+                    front, [r for r in range(self.comm.size) if self._latest[r] < front], waited
+                )
+            if self.abort_after_s is not None and waited >= self.abort_after_s:
+                self.comm.log(f"stall: aborting the job after {waited:.0f} s")
+                self.comm.abort(1)
+
+    def _report(self, front: int, laggards: list[int], waited: float) -> None:
+        waiting = [r for r in range(self.comm.size) if r not in laggards]
+        name = self._names.get(front, "collective")
+        msg = (
+            f"stall: ranks {laggards} have not joined {name} for {waited:.0f} s; "
+            f"ranks {waiting} are waiting in it"
+        )
+        self.reports.append(msg)
+        self.comm.log(msg)
+
+    def close(self) -> None:
+        """Stops the check on this rank (rank 0 stops counting it as behind)."""
+        if not self._active:
+            return
+        self._active = False
+        if self.comm.rank != 0:
+            msg = np.array([_CLOSED], dtype=np.int64)
+            self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)

@@ -1,0 +1,34 @@
+"""Run under mpiexec: rank 1 fails in the way argv[1] names, while the others allreduce.
+
+Modes: ok, raise, kill (SIGKILL to itself), exit (sys.exit(3)), stall (sleeps in step 3).
+"""
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from distnet.dist import init
+from distnet.dist.stall import StallDetector
+
+mode = sys.argv[1]
+comm = init("mpi")
+stall = StallDetector(comm, warn_after_s=float(os.environ.get("STALL_S", "1")), poll_s=0.05)
+buf = np.ones(1000, dtype=np.float32)
+for step in range(1, 6):
+    if comm.rank == 1 and step == 3:
+        if mode == "raise":
+            raise RuntimeError("injected failure")
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "exit":
+            sys.exit(3)
+        if mode == "stall":
+            time.sleep(float(os.environ.get("STALL_SLEEP", "3")))
+    stall.enter(f"allreduce {step}")
+    comm.allreduce(buf, "sum")
+    comm.print0(f"step {step} ok")
+stall.close()
+comm.print0(f"done; stall reports: {len(stall.reports) if comm.rank == 0 else 0}")

@@ -1,0 +1,132 @@
+"""The MPI engine under real mpiexec (the mpich wheel's, next to sys.executable): 1, 2, 4 ranks.
+
+Every job runs through ``distnet launch`` with a subprocess timeout, so a hang fails the test
+instead of stalling the suite.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distnet.backend import gpu_skip_reason
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "mpi_scripts"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"),
+]
+
+
+def launch(np_: int, *command: str, timeout: float = 90, env: dict | None = None):
+    """Runs ``distnet launch -np N -- python COMMAND...``; returns (CompletedProcess, seconds)."""
+    cmd = [sys.executable, "-m", "distnet.dist.launcher", "-np", str(np_), "--"]
+    cmd += [sys.executable, *command]
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("np_", [1, 2, 4])
+def test_collectives(np_):
+    proc, _ = launch(np_, str(SCRIPTS / "collectives.py"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[0] collectives ok" in proc.stdout
+
+
+# Documented tolerances: float32 / float64 as the issue asks; fp16 on the wire: at most 2e-3
+# after 50 steps here (measured 2e-4 to 3e-4 at 2 and 4 ranks, parameters of size ~1).
+TOLERANCE = {"f64": 1e-10, "fp16": 2e-3}
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("np_", [1, 2, 4])
+def test_training_equals_one_worker_on_the_global_batch(np_, tmp_path):
+    out = tmp_path / "eq.json"
+    proc, _ = launch(np_, str(SCRIPTS / "equivalence.py"), str(out), timeout=140)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert len(results) >= 10
+    for r in results:
+        name = r["config"]
+        assert r["max_abs_diff"] <= TOLERANCE.get(name, 1e-5), r
+        # the replicas never drift apart, and every rank ran the same number of steps
+        assert r["replica_diff"] == 0.0, r
+        assert r["steps"] == [50] * np_, r
+
+
+def _failure(mode: str, np_: int = 2):
+    proc, seconds = launch(np_, str(SCRIPTS / "failures.py"), mode, timeout=60)
+    return proc, seconds, proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "mode, status, says",
+    [
+        ("raise", 1, "rank 1 failed first: raised RuntimeError: injected failure"),
+        ("kill", 137, "rank 1 failed first: killed by signal 9 (SIGKILL)"),
+        ("exit", 3, "rank 1 failed first: exited with status 3"),
+    ],
+)
+def test_a_failing_rank_stops_the_job_and_is_named(mode, status, says):
+    proc, seconds, output = _failure(mode)
+    assert proc.returncode == status, output
+    assert says in output, output
+    assert seconds < 30
+
+
+@pytest.mark.timeout(90)
+def test_kill_with_four_ranks():
+    proc, seconds, output = _failure("kill", 4)
+    assert proc.returncode == 137 and "rank 1 failed first" in output, output
+    assert seconds < 30
+
+
+@pytest.mark.timeout(90)
+def test_stall_check_names_the_missing_rank():
+    proc, _, output = _failure("stall", 4)
+    assert proc.returncode == 0, output
+    assert "[0] stall: ranks [1] have not joined allreduce 3" in output, output
+    assert "ranks [0, 2, 3] are waiting in it" in output
+    assert "stall reports: 1" in output
+
+
+@pytest.mark.timeout(90)
+def test_bench_allreduce_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "distnet.bench.allreduce", "-np", "2", "--rounds", "1"]
+    cmd += ["--reps", "2", "--no-step", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=80, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["ranks"] == 2 and result["allreduce"]["floats"] == 2_797_010
+    assert "bucketed_mean" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))
+def test_nccl_allreduce_on_gpu():
+    code = (
+        "import cupy as cp; from distnet.dist import init; c = init('mpi'); c.use_nccl();"
+        "x = cp.full(1000, c.rank + 1.0, cp.float32); c.allreduce(x, 'mean');"
+        "assert float(x[0]) == (c.size + 1) / 2; c.broadcast(x, 0); c.print0('nccl ok')"
+    )
+    proc, _ = launch(1, "-c", code)
+    assert proc.returncode == 0 and "nccl ok" in proc.stdout, proc.stdout + proc.stderr
