@@ -168,6 +168,10 @@ def test_softmax_family_and_losses():
 
 def test_linear_fused_matches_composition():
     check(lambda x, w, b: F.linear(x, w, b), randn(5, 3), randn(3, 4), randn(4))
+    check(
+        lambda x, w, b: F.linear(x, w, b, transpose_weight=True), randn(5, 3), randn(4, 3), randn(4)
+    )
+    check(lambda x, w: F.linear(x, w), randn(5, 3), randn(3, 4))
     x, w, b = randn(5, 3), randn(3, 4), randn(4)
     np.testing.assert_allclose(
         F.linear(dn.Tensor(x), dn.Tensor(w), dn.Tensor(b)).data, x @ w + b, rtol=1e-12

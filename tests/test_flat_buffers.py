@@ -74,7 +74,8 @@ def test_second_backward_adds_to_the_first():
     np.testing.assert_allclose(model.flat_grads(), 2 * once)
 
 
-def test_weight_used_by_two_linear_ops_sums_both_contributions():
+@pytest.mark.parametrize("fused_transpose", [False, True])
+def test_weight_used_by_two_linear_ops_sums_both_contributions(fused_transpose):
     w = nn.Parameter(np.random.default_rng(0).normal(size=(3, 3)))
     x = dn.Tensor(np.random.default_rng(1).normal(size=(4, 3)))
     nn.flat_buffers([w])
@@ -82,7 +83,13 @@ def test_weight_used_by_two_linear_ops_sums_both_contributions():
     b = dn.Tensor(np.full(3, 0.1))
 
     def loss_of(weight):  # the fused linear writes into w's buffer, the transpose adds to it
-        return F.mse_loss(F.linear(F.linear(x, weight, b), weight.T, b), np.zeros((4, 3)))
+        h = F.linear(x, weight, b)
+        dec = (
+            F.linear(h, weight, b, transpose_weight=True)
+            if fused_transpose
+            else F.linear(h, weight.T, b)
+        )
+        return F.mse_loss(dec, np.zeros((4, 3)))
 
     w.zero_grad_()
     loss_of(w).backward()

@@ -27,6 +27,7 @@ import numpy as np
 SIZES = {"mlp": [784, 1000, 1000, 1000, 10], "sae": [784, 1000]}
 LR = 0.01
 CORRUPTION = 0.3
+IDLE_GAP_S = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -204,6 +205,9 @@ CONTENDERS = {
 def _worker(spec: str) -> int:
     """Worker loop: build the step once, then answer 'N' with the seconds N steps took."""
     workload, name, batch = spec.split(":")
+    from distnet import backend  # noqa: PLC0415
+
+    backend.tune_malloc()  # every contender gets the same allocator settings
     step = CONTENDERS[workload][name](int(batch))
     step()  # warm-up: first-touch allocations, BLAS thread start
     print("ready", flush=True)
@@ -273,6 +277,9 @@ def measure(
         rates: dict[str, list[float]] = {n: [] for n in names}
         for _ in range(rounds):
             for n, c in contenders.items():
+                # let the previous contender's BLAS/OpenMP threads stop spin-waiting, or
+                # they steal the cores this one is timed on
+                time.sleep(IDLE_GAP_S)
                 rates[n].append(steps * batch / c.time_steps(steps))
     finally:
         for c in contenders.values():

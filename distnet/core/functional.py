@@ -19,39 +19,47 @@ from distnet.core.tensor import WRITTEN, Tensor, make_result
 _REDUCTIONS = ("mean", "sum")
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight + bias`` as one op.
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, transpose_weight: bool = False
+) -> Tensor:
+    """``x @ weight + bias`` as one op (``x @ weight.T + bias`` with ``transpose_weight``).
 
-    Shapes: x (N, in), weight (in, out), bias (out,) -> (N, out).
+    Shapes: x (N, in), weight (in, out) or, transposed, (out, in), bias (out,) -> (N, out).
+    ``transpose_weight`` serves tied-weight decoders: the weight gradient is then computed
+    by one GEMM in the weight's own layout instead of a transposed copy.
     """
-    if bias is None:
-        return ops.matmul(x, weight)
     ops.check_same_kind("linear", x, weight)
-    ops.check_same_kind("linear", weight, bias)
-    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[0]:
+    wd = weight.data.T if transpose_weight else weight.data
+    if x.ndim != 2 or wd.ndim != 2 or x.shape[1] != wd.shape[0]:
         raise ValueError(
-            f"linear: input {x.shape} does not fit weight {weight.shape} "
-            f"(expected input (N, {weight.shape[0] if weight.ndim == 2 else '?'}))"
+            f"linear: input {x.shape} does not fit weight {weight.shape}"
+            f"{' (transposed)' if transpose_weight else ''} "
+            f"(expected input (N, {wd.shape[0] if wd.ndim == 2 else '?'}))"
         )
-    if bias.shape != (weight.shape[1],):
-        raise ValueError(f"linear: bias {bias.shape} does not fit weight {weight.shape}")
-    xd, wd = x.data, weight.data
+    if bias is not None:
+        ops.check_same_kind("linear", weight, bias)
+        if bias.shape != (wd.shape[1],):
+            raise ValueError(f"linear: bias {bias.shape} does not fit weight {weight.shape}")
+    xd = x.data
     out = xd @ wd
-    out += bias.data
+    if bias is not None:
+        out += bias.data
 
     def backward(g: Any) -> tuple[Any, Any, Any]:
         xp = backend.array_module(g)
         gx = g @ wd.T if x.requires_grad else None
         gw = gb = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
+            a, b = (g.T, xd) if transpose_weight else (xd.T, g)
             target = weight.grad_target()
-            gw = xd.T @ g if target is None else _written(xp.matmul(xd.T, g, out=target))
-        if bias.requires_grad:
+            gw = a @ b if target is None else _written(xp.matmul(a, b, out=target))
+        if bias is not None and bias.requires_grad:
             target = bias.grad_target()
             gb = g.sum(axis=0) if target is None else _written(g.sum(axis=0, out=target))
         return gx, gw, gb
 
-    return make_result(out, (x, weight, bias), backward, "linear")
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    return make_result(out, parents, lambda g: backward(g)[: len(parents)], "linear")
 
 
 def _written(_: Any) -> object:

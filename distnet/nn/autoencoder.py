@@ -119,7 +119,7 @@ class AutoEncoder(Module):
     def decode_logits(self, h: Tensor) -> Tensor:
         """Pre-activation of the reconstruction, (N, n_hidden) -> (N, n_in)."""
         if self.tied_weights:
-            return linear(h, self.encoder.weight.T, self.decoder_bias)
+            return linear(h, self.encoder.weight, self.decoder_bias, transpose_weight=True)
         return self.decoder(h)
 
     def decode(self, h: Any) -> Tensor:

@@ -47,6 +47,7 @@ class Optimizer:
         self._state: dict[str, Any] = {}
         self._scratch_bufs: dict[str, Any] = {}
         self.flat_params, self.flat_grads = flat_buffers(self.params)
+        backend.tune_malloc()  # a training run starts here: keep step memory mapped
         self._penalty_mask = self._make_penalty_mask() if (weight_decay or l1) else None
 
     def _make_penalty_mask(self) -> Any:
