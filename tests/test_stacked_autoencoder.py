@@ -117,6 +117,22 @@ def test_pretrain_and_finetune_accept_a_batch_loader(digits):
     assert loader.epochs == [0, 1, 0, 1, 0, 1]
 
 
+def test_pretraining_ignores_the_labels_a_loader_yields(digits):
+    """Greedy pretraining is unsupervised: labelled batches train exactly as unlabelled ones."""
+    xtr, _, ytr, _ = digits
+    batches = [(xtr[i : i + 50], ytr[i : i + 50]) for i in range(0, 200, 50)]
+
+    def pretrained(with_labels: bool) -> np.ndarray:
+        backend.seed(3)
+        sae = StackedAutoEncoder([64, 16, 8], 10, corruption=0.1)
+        data = batches if with_labels else [(x, None) for x, _ in batches]
+        histories = sae.pretrain(data, epochs_per_layer=2)
+        assert all("accuracy" not in h.history for h in histories)
+        return np.concatenate([ae.flat_params() for ae in sae.autoencoders])
+
+    np.testing.assert_array_equal(pretrained(True), pretrained(False))
+
+
 def test_pretrain_refuses_one_optimizer_for_all_layers():
     sae = StackedAutoEncoder([8, 4, 2], 3)
     with pytest.raises(TypeError, match="factory"):

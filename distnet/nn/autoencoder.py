@@ -190,12 +190,17 @@ class EncodedLoader:
     Delegates ``__len__``, ``set_epoch`` and ``state_dict`` to the wrapped loader.
     """
 
-    def __init__(self, loader: Iterable[tuple[Any, Any]], encode: Callable[[Any], Any]):
-        self.loader, self.encode = loader, encode
+    def __init__(
+        self,
+        loader: Iterable[tuple[Any, Any]],
+        encode: Callable[[Any], Any],
+        keep_labels: bool = True,
+    ):
+        self.loader, self.encode, self.keep_labels = loader, encode, keep_labels
 
     def __iter__(self):
         for xb, yb in self.loader:
-            yield self.encode(xb), yb
+            yield self.encode(xb), (yb if self.keep_labels else None)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -310,7 +315,10 @@ class StackedAutoEncoder(Module):
         from distnet.train.fit import fit  # noqa: PLC0415  (nn must not import train eagerly)
 
         ae = self.autoencoders[k]
-        return fit(ae, self.layer_input(k, x), None, epochs=epochs, **fit_kwargs)
+        data = self.layer_input(k, x)
+        if not hasattr(data, "shape"):  # a loader: pretraining is unsupervised, drop labels
+            data = EncodedLoader(data, lambda xb: xb, keep_labels=False)
+        return fit(ae, data, None, epochs=epochs, **fit_kwargs)
 
     def pretrain(self, x: Any, epochs_per_layer: int = 10, **fit_kwargs: Any) -> list[Any]:
         """Greedy layer-wise pretraining of every layer in turn; returns their histories.

@@ -2,7 +2,10 @@
 
 One step is exactly ``optimizer.zero_grad(); loss.backward(); optimizer.step()``, so any
 object with those methods can stand in for the optimiser, e.g. a ``DistributedOptimizer``
-that allreduces the flat gradient buffer inside ``step()``.
+that allreduces the flat gradient buffer inside ``step()``. When the optimiser has its own
+``backward(loss)`` (Horovod-style wrappers do: it folds the rank's batch share into the seed
+gradient, saving a pass over the gradient buffer), that is called instead of
+``loss.backward()``.
 
 Data is either arrays ``x`` (N, ...) and ``y`` (N,) / (N, ...) / None, or an iterable loader
 yielding ``(x, y)`` batches (``distnet.data.StreamLoader``; ``set_epoch(e)`` is called before
@@ -233,6 +236,7 @@ def fit(
     callback_list = CallbackList([history, *cbs], loop)
 
     model.train()
+    backward = getattr(optimizer, "backward", None) or Tensor.backward
     callback_list.on_train_begin({})
     for epoch in range(initial_epoch, epochs):
         if loop.stop_training:
@@ -247,7 +251,7 @@ def fit(
             xb, yb = _like_model(xb, model), _like_model(yb, model)
             optimizer.zero_grad()
             loss_t, out = objective(model, xb, yb)
-            loss_t.backward()
+            backward(loss_t)
             loss_value = float(loss_t.data)
             if check_finite:
                 _check_finite(loss_value, model, grads, loop.step, epoch, b)
@@ -259,7 +263,7 @@ def fit(
             for k, v in batch_logs.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             callback_list.on_batch_end(b, {**batch_logs, "size": n, "step": loop.step})
-        logs = {k: v / max(seen, 1) for k, v in sums.items()}
+        logs = _epoch_means(sums, seen, getattr(optimizer, "comm", None))
         if validation_data is not None:
             xv, yv = _split_validation(validation_data)
             val = _evaluate(model, xv, yv, max(batch_size, 256), objective)
@@ -268,6 +272,21 @@ def fit(
         callback_list.on_epoch_end(epoch, logs)
     callback_list.on_train_end({})
     return history
+
+
+def _epoch_means(sums: dict[str, float], seen: int, comm: Any) -> dict[str, float]:
+    """Per-sample means of the epoch's sums, over all ranks when training is distributed.
+
+    Every rank must see the same numbers: ReduceLROnPlateau or EarlyStopping deciding on a
+    rank's own shard would change one replica's learning rate, or stop one rank while the
+    others wait in an allreduce.
+    """
+    keys = list(sums)  # the same order on every rank: loss first, then the metrics
+    if comm is not None and comm.size > 1:
+        buf = np.array([sums[k] for k in keys] + [seen], dtype=np.float64)
+        comm.allreduce(buf, op="sum")
+        sums, seen = dict(zip(keys, buf[:-1].tolist(), strict=True)), int(buf[-1])
+    return {k: sums[k] / max(seen, 1) for k in keys}
 
 
 def _split_validation(data: Any) -> tuple[Any, Any]:

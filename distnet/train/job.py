@@ -1,0 +1,336 @@
+"""``distnet train JOB.toml``: one job, the same in one process and across N ranks.
+
+A job names its data (distnet Zarr stores), its model (an MLP, or a stacked autoencoder that
+is pretrained greedily layer by layer and then fine-tuned), its optimisers and its engine.
+Under ``distnet launch -np N`` every rank streams its own shard of each global batch through
+``StreamLoader`` and a ``DistributedOptimizer`` averages gradients; rank 0 alone writes the
+run directory and prints. Every stage is a resumable unit of work (``Pipeline``): run the
+same job again and finished stages are skipped, an interrupted one resumes from its last
+epoch. Example (see README for the full key list)::
+
+    [data]
+    train = "runs/digits/data/train"    # written by `distnet data convert digits ...`
+    test = "runs/digits/data/test"
+    batch_size = 32                     # global: each of N ranks takes batch_size / N
+
+    [model]
+    type = "stacked_autoencoder"        # or "mlp"
+    hidden = [100, 100]
+
+    [pretrain]
+    epochs = 20
+
+    [finetune]
+    epochs = 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distnet.train.callbacks import Callback
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"train": None, "test": None, "batch_size": 32, "shuffle_chunks": 4},
+    "model": {"type": "stacked_autoencoder", "hidden": [100, 100], "activation": "sigmoid",
+              "tied_weights": True, "dropout": 0.0},
+    "pretrain": {"epochs": 20, "lr": 1e-3, "corruption": 0.1, "loss": "cross_entropy",
+                 "sparsity_target": None, "sparsity_weight": 0.0},
+    "finetune": {"epochs": 60, "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4,
+                 "momentum": 0.9, "plateau_patience": 3, "plateau_factor": 0.3},
+    "dist": {"engine": "auto", "bucket_mb": 25.0, "compression": "none"},
+    "run": {"out": "runs/job", "seed": 0, "log_every": 5, "pictures": True},
+}  # fmt: skip
+
+
+class JobError(ValueError):
+    """A job file that cannot run as written (names the file and the key)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``distnet train``."""
+    parser.add_argument("job", help="job description (TOML)")
+    parser.add_argument("--out", help="run directory (overrides [run] out)")
+    parser.add_argument("--engine", choices=["auto", "local", "mpi"], help="overrides [dist]")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+
+
+def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
+    """Reads a job file over the defaults; unknown sections or keys are errors."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such job file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(f"{path}: not valid TOML: {e}") from None
+    job = copy.deepcopy(DEFAULTS)
+    for section, values in {**raw, **(overrides or {})}.items():
+        if section not in job or not isinstance(values, dict):
+            raise JobError(f"{path}: unknown section [{section}]; sections: {sorted(job)}")
+        for key, value in values.items():
+            if key not in job[section]:
+                known = sorted(job[section])
+                raise JobError(f"{path}: unknown key {key!r} in [{section}]; known: {known}")
+            job[section][key] = value
+    if not job["data"]["train"]:
+        raise JobError(f"{path}: [data] train must name a distnet store")
+    if job["model"]["type"] not in ("mlp", "stacked_autoencoder"):
+        raise JobError(f"{path}: [model] type must be 'mlp' or 'stacked_autoencoder'")
+    base = path.parent
+    for key in ("train", "test"):  # store paths are relative to the job file
+        value = job["data"][key]
+        if value and "://" not in value and not Path(value).is_absolute():
+            job["data"][key] = str(base / value)
+    return job
+
+
+def read_store(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole (small) store as float32 x (N, ...) and labels y (N,), for evaluation."""
+    from distnet.data import open_dataset  # noqa: PLC0415
+
+    ds = open_dataset(path)
+    xs, ys = zip(*(ds.read_chunk(i) for i in range(ds.num_chunks)), strict=True)
+    return ds.to_float(np.concatenate(xs)), np.concatenate(ys)
+
+
+class EpochPrinter(Callback):
+    """Prints one line every ``every`` epochs (and the last), so logs stay short."""
+
+    def __init__(self, log: Callable[[str], None], every: int = 5):
+        self.log, self.every = log, every
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
+        if (epoch + 1) % self.every and epoch + 1 != self.loop.epochs:
+            return
+        shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k != "lr")
+        self.log(f"    epoch {epoch + 1:3d}/{self.loop.epochs}  {shown}")
+
+
+def image_shape(n_in: int) -> tuple[int, int] | None:
+    """(side, side) when inputs of width ``n_in`` are square images (8x8 digits, 28x28)."""
+    side = int(round(n_in**0.5))
+    return (side, side) if side * side == n_in else None
+
+
+def draw_pictures(
+    model: Any, x: np.ndarray, out: Path, suffix: str = "", reconstructions: bool = True
+) -> dict[str, str]:
+    """filters{suffix}.png of the first layer (each unit's normalised weights) and, for an
+    autoencoder, reconstructions{suffix}.png of the first 16 samples of ``x``."""
+    from distnet.viz import filter_grid, reconstruction_grid  # noqa: PLC0415
+
+    shape = image_shape(x.shape[1])
+    if shape is None:
+        return {}
+    first = model.autoencoders[0] if hasattr(model, "autoencoders") else model[0]
+    weight = first.encoder.weight if hasattr(first, "encoder") else first.weight
+    pictures = {"filters" + suffix: str(out / f"filters{suffix}.png")}
+    filter_grid(weight.data, shape, pictures["filters" + suffix])
+    if reconstructions and hasattr(first, "encoder"):
+        was_training = first.training
+        x_hat = first.eval()(x[:16]).data  # eval: no masking noise
+        first.train(was_training)
+        pictures["reconstructions" + suffix] = str(out / f"reconstructions{suffix}.png")
+        reconstruction_grid(x[:16], x_hat, shape, pictures["reconstructions" + suffix])
+    return pictures
+
+
+def _make_optimizer(spec: dict[str, Any], params: Any) -> Any:
+    from distnet.optim import SGD, Adam, RMSProp  # noqa: PLC0415
+
+    name, lr, wd = spec["optimizer"], spec["lr"], spec["weight_decay"]
+    if name == "adam":
+        return Adam(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return SGD(params, lr=lr, momentum=spec["momentum"], weight_decay=wd)
+    if name == "rmsprop":
+        return RMSProp(params, lr=lr, weight_decay=wd)
+    raise JobError(f"[finetune] optimizer must be 'adam', 'sgd' or 'rmsprop', got {name!r}")
+
+
+def build_model(job: dict, n_in: int, n_classes: int) -> Any:
+    """The job's model: a StackedAutoEncoder or an MLP (Sequential of Dense [+ Dropout])."""
+    from distnet import nn  # noqa: PLC0415
+
+    m, pre = job["model"], job["pretrain"]
+    sizes = [n_in, *m["hidden"]]
+    if m["type"] == "stacked_autoencoder":
+        return nn.StackedAutoEncoder(
+            sizes, n_classes, activation=m["activation"], corruption=pre["corruption"],
+            sparsity_target=pre["sparsity_target"], sparsity_weight=pre["sparsity_weight"],
+            loss=pre["loss"], tied_weights=m["tied_weights"],
+        )  # fmt: skip
+    layers: list[Any] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers.append(nn.Dense(a, b, m["activation"]))
+        if m["dropout"]:
+            layers.append(nn.Dropout(m["dropout"]))
+    return nn.Sequential(*layers, nn.Dense(sizes[-1], n_classes))
+
+
+def build_stages(
+    job: dict,
+    model: Any,
+    loader: Any,
+    wrap: Callable[[Any], Any],
+    log: Callable[[str], None],
+    on_pretrained: Callable[[int], None],
+) -> list:
+    """Pretraining stages (stacked autoencoders) and the supervised stage."""
+    from distnet.optim import Adam  # noqa: PLC0415
+    from distnet.train.callbacks import ReduceLROnPlateau  # noqa: PLC0415
+    from distnet.train.fit import fit  # noqa: PLC0415
+    from distnet.train.pipeline import Stage  # noqa: PLC0415
+
+    pre, ft, every = job["pretrain"], job["finetune"], job["run"]["log_every"]
+    seed = job["run"]["seed"]
+
+    def pretrain(k: int) -> Callable[[Any], dict[str, Any]]:
+        def fn(ctx: Any) -> dict[str, Any]:
+            opt = wrap(Adam(model.autoencoders[k], lr=pre["lr"]))
+            start = ctx.restore(opt)
+            saver = ctx.epoch_checkpoint(opt)
+            model.pretrain_layer(
+                k, loader, epochs=pre["epochs"], optimizer=opt, seed=seed + k,
+                initial_epoch=start, callbacks=[saver, EpochPrinter(log, every)],
+            )  # fmt: skip
+            if ctx.writer:
+                on_pretrained(k)
+            return {"kind": "pretrain", "layer": k, "history": saver.history}
+
+        return fn
+
+    def supervised(ctx: Any) -> dict[str, Any]:
+        net = model.classifier() if hasattr(model, "classifier") else model
+        opt = wrap(_make_optimizer(ft, net))
+        start = ctx.restore(opt)
+        saver = ctx.epoch_checkpoint(opt)
+        plateau = ReduceLROnPlateau(
+            "loss", factor=ft["plateau_factor"], patience=ft["plateau_patience"]
+        )
+        fit(
+            net,
+            loader,
+            epochs=ft["epochs"],
+            optimizer=opt,
+            seed=seed + 100,
+            initial_epoch=start,
+            callbacks=[saver, plateau, EpochPrinter(log, every)],
+        )
+        return {"kind": "finetune", "history": saver.history}
+
+    stages = []
+    if hasattr(model, "autoencoders"):
+        stages = [Stage(f"pretrain-{k}", pretrain(k)) for k in range(len(model.autoencoders))]
+    return stages + [Stage("finetune" if stages else "train", supervised)]
+
+
+def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs a loaded job on this process's rank; returns the report (written by rank 0)."""
+    from distnet import backend  # noqa: PLC0415
+    from distnet import dist as distributed  # noqa: PLC0415
+    from distnet.data import StreamLoader, open_dataset  # noqa: PLC0415
+    from distnet.train.pipeline import Pipeline  # noqa: PLC0415
+
+    started = time.perf_counter()
+    comm = distributed.init(job["dist"]["engine"])
+    rank, size = comm.rank, comm.size
+    out = Path(job["run"]["out"])
+    say = log if rank == 0 else (lambda line: None)
+    train = open_dataset(job["data"]["train"])
+    global_batch = int(job["data"]["batch_size"])
+    if global_batch % size:
+        raise JobError(f"[data] batch_size {global_batch} does not split over {size} ranks")
+    if train.num_classes is None:
+        raise JobError(f"{job['data']['train']}: the store has no num_classes (labels needed)")
+    backend.seed(job["run"]["seed"])
+    n_in = int(np.prod(train.shape[1:]))
+    model = build_model(job, n_in, int(train.num_classes))
+    loader = StreamLoader(
+        train,
+        global_batch // size,
+        rank=rank,
+        world_size=size,
+        seed=job["run"]["seed"],
+        shuffle_chunks=job["data"]["shuffle_chunks"],
+    )
+    compression = None if job["dist"]["compression"] == "none" else job["dist"]["compression"]
+
+    def wrap(opt: Any) -> Any:
+        if size == 1:
+            return opt
+        return distributed.DistributedOptimizer(
+            opt, comm, bucket_mb=job["dist"]["bucket_mb"], compression=compression
+        )
+
+    say(
+        f"{type(model).__name__} {n_in}-{'-'.join(map(str, job['model']['hidden']))}-"
+        f"{train.num_classes} on {len(train)} samples, {size} rank(s) x batch "
+        f"{global_batch // size} (engine {type(comm).__name__})"
+    )
+    x_test, y_test = read_store(job["data"]["test"]) if job["data"]["test"] else (None, None)
+
+    def after_pretraining(k: int) -> None:  # the pretrained filters, before fine-tuning
+        if k == 0 and job["run"]["pictures"] and x_test is not None:
+            draw_pictures(model, x_test, out)
+
+    stages = build_stages(job, model, loader, wrap, say, after_pretraining)
+    try:
+        table = Pipeline(out, model, stages, writer=rank == 0, log=say).run()
+    finally:
+        loader.close()
+    m = job["model"]
+    report: dict[str, Any] = {
+        "config": {"model": f"{m['type']} {n_in}-{'-'.join(map(str, m['hidden']))}-"
+                   f"{train.num_classes}", "batch_size": global_batch, "seed": job["run"]["seed"],
+                   "train": job["data"]["train"]},
+        "job": job, "workers": size, "engine": type(comm).__name__, "stages": table,
+        "input_wait_fraction": loader.stats().get("wait_fraction"),
+    }  # fmt: skip
+    if x_test is not None:
+        net = model.classifier() if hasattr(model, "classifier") else model
+        report.update({f"test_{k}": v for k, v in net.evaluate(x_test, y_test).items()})
+        if rank == 0 and job["run"]["pictures"]:
+            draw_pictures(model, x_test, out, "-final", reconstructions=False)
+    # listed from disk: a resumed run skips the stages that drew them
+    names = ("filters", "reconstructions", "filters-final")
+    report["pictures"] = {n: str(out / f"{n}.png") for n in names if (out / f"{n}.png").exists()}
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    if rank == 0:
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    comm.barrier()
+    report["rank"] = rank
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    """``distnet train``: exit 0, or 2 with a one-line reason for a job that cannot run."""
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.out:
+        overrides["run"] = {"out": args.out}
+    if args.engine:
+        overrides["dist"] = {"engine": args.engine}
+    from distnet.data import DatasetError  # noqa: PLC0415
+
+    try:
+        job = load_job(args.job, overrides)
+        report = run_job(job, log=(lambda line: None) if args.quiet else print)
+    except (JobError, DatasetError) as e:
+        print(f"distnet train: {e}", file=sys.stderr)
+        return 2
+    if report["rank"] == 0:
+        acc = report.get("test_accuracy")
+        summary = f"test accuracy {acc:.4f}" if acc is not None else "done"
+        print(f"{summary} in {report['seconds']:.1f}s; report: {job['run']['out']}/report.json")
+    return 0

@@ -1,0 +1,128 @@
+"""`distnet train JOB.toml`: in one process and across real mpiexec ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from distnet import cli
+from distnet.data import convert_digits
+
+pytest.importorskip("sklearn")
+
+MLP_JOB = """
+[data]
+train = "data/train"
+test = "data/test"
+batch_size = {batch}
+
+[model]
+type = "mlp"
+hidden = [64]
+activation = "relu"
+
+[finetune]
+epochs = 15
+lr = 0.003
+
+[run]
+log_every = 100
+"""
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job")
+    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+    return root
+
+
+def write_job(job_dir, name, text):
+    path = job_dir / name
+    path.write_text(text)
+    return path
+
+
+def test_mlp_job_trains_in_one_process_and_resumes(job_dir, capsys):
+    path = write_job(job_dir, "mlp.toml", MLP_JOB.format(batch=32))
+    out = job_dir / "run-local"
+    assert cli.main(["train", str(path), "--out", str(out)]) == 0
+    assert "[stage 1/1] train: done" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["workers"] == 1 and report["engine"] == "LocalCommunicator"
+    assert report["test_accuracy"] >= 0.93
+    assert len(report["stages"][0]["history"]["loss"]) == 15
+    assert (out / "filters-final.png").exists()
+    assert cli.main(["train", str(path), "--out", str(out)]) == 0
+    assert "train: done, skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[data]\ntrain = 'x'\n[modle]\ntype = 'mlp'\n", "unknown section [modle]"),
+        ("[data]\ntrain = 'x'\nbatchsize = 3\n", "unknown key 'batchsize' in [data]"),
+        ("[model]\ntype = 'mlp'\n", "[data] train must name a distnet store"),
+        ("[data]\ntrain = 'x'\n[model]\ntype = 'cnn'\n", "[model] type must be"),
+        ("[data\ntrain = 'x'\n", "not valid TOML"),
+    ],
+)
+def test_bad_job_files_name_the_file_and_key(job_dir, capsys, text, message):
+    path = write_job(job_dir, "bad.toml", text)
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err
+
+
+def test_missing_job_file_and_store(job_dir, capsys):
+    assert cli.main(["train", str(job_dir / "nope.toml")]) == 2
+    assert "no such job file" in capsys.readouterr().err
+    path = write_job(job_dir, "nostore.toml", "[data]\ntrain = 'missing-store'\n")
+    assert cli.main(["train", str(path)]) == 2
+    assert "missing-store" in capsys.readouterr().err
+
+
+def launch(job_dir, job_path, out, np_=2, timeout=180):
+    cmd = [
+        sys.executable,
+        "-m",
+        "distnet.cli",
+        "launch",
+        "-np",
+        str(np_),
+        "--",
+        sys.executable,
+        "-m",
+        "distnet.cli",
+        "train",
+        str(job_path),
+        "--out",
+        str(out),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=job_dir)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+def test_mlp_job_on_two_mpi_ranks(job_dir):
+    path = write_job(job_dir, "mlp2.toml", MLP_JOB.format(batch=32))
+    out = job_dir / "run-mpi"
+    proc = launch(job_dir, path, out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 rank(s) x batch 16" in proc.stdout
+    assert proc.stdout.count("test accuracy") == 1  # rank 0 alone prints
+    report = json.loads((out / "report.json").read_text())
+    assert report["workers"] == 2 and report["engine"] == "MPICommunicator"
+    assert report["test_accuracy"] >= 0.93
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_batch_that_does_not_split_over_the_ranks_fails_cleanly(job_dir):
+    path = write_job(job_dir, "odd.toml", MLP_JOB.format(batch=33))
+    proc = launch(job_dir, path, job_dir / "run-odd")
+    assert proc.returncode != 0
+    assert "batch_size 33 does not split over 2 ranks" in proc.stderr
