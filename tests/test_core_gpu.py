@@ -11,14 +11,17 @@ from distnet import functional as F
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(backend.gpu_skip_reason() is not None,
-                       reason=str(backend.gpu_skip_reason())),
+    pytest.mark.skipif(
+        backend.gpu_skip_reason() is not None, reason=str(backend.gpu_skip_reason())
+    ),
 ]
 
 
 def _train_steps(device: str) -> np.ndarray:
     dn.backend.seed(0)
-    model = nn.Sequential(nn.Dense(8, 16, "tanh", dtype=np.float64), nn.Dense(16, 3, dtype=np.float64))
+    model = nn.Sequential(
+        nn.Dense(8, 16, "tanh", dtype=np.float64), nn.Dense(16, 3, dtype=np.float64)
+    )
     if device != "cpu":
         for p in model.parameters():
             p.data = backend.to_device(p.data, device)
