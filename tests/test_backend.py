@@ -27,8 +27,9 @@ def test_gpu_request_without_gpu_is_a_clear_error():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt only")
 def test_training_steps_do_not_page_fault_their_memory_back_in():
     backend.seed(0)
-    model = nn.Sequential(nn.Dense(784, 1000, "tanh"), nn.Dense(1000, 1000, "tanh"),
-                          nn.Dense(1000, 10))
+    model = nn.Sequential(
+        nn.Dense(784, 1000, "tanh"), nn.Dense(1000, 1000, "tanh"), nn.Dense(1000, 10)
+    )
     opt = optim.SGD(model, lr=0.01)  # creating an optimiser tunes the allocator
     assert backend.tune_malloc()
     x = np.random.default_rng(0).random((512, 784), dtype=np.float32)
