@@ -126,3 +126,18 @@ def test_batch_that_does_not_split_over_the_ranks_fails_cleanly(job_dir):
     proc = launch(job_dir, path, job_dir / "run-odd")
     assert proc.returncode != 0
     assert "batch_size 33 does not split over 2 ranks" in proc.stderr
+
+
+def test_image_shaped_store_is_flattened_for_dense_models(tmp_path, capsys):
+    from distnet.data import digits_arrays, write_dataset
+
+    x, y = digits_arrays()
+    attrs = {"scale": 1 / 16}
+    write_dataset(tmp_path / "img" / "train", x[:1200].reshape(-1, 8, 8), y[:1200], attrs=attrs)
+    write_dataset(tmp_path / "img" / "test", x[1200:].reshape(-1, 8, 8), y[1200:], attrs=attrs)
+    job = MLP_JOB.format(batch=32).replace("data/", "img/")
+    path = write_job(tmp_path, "img.toml", job)
+    assert cli.main(["train", str(path), "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["config"]["model"] == "mlp 64-64-10"
+    assert report["test_accuracy"] >= 0.85

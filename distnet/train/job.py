@@ -96,12 +96,17 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
 
 
 def read_store(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A whole (small) store as float32 x (N, ...) and labels y (N,), for evaluation."""
+    """A whole (small) store as float32 x (N, features) and labels y (N,), for evaluation."""
     from distnet.data import open_dataset  # noqa: PLC0415
 
     ds = open_dataset(path)
     xs, ys = zip(*(ds.read_chunk(i) for i in range(ds.num_chunks)), strict=True)
-    return ds.to_float(np.concatenate(xs)), np.concatenate(ys)
+    return flatten(ds.to_float(np.concatenate(xs))), np.concatenate(ys)
+
+
+def flatten(x: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) images -> (N, 784): dense models take one feature vector per sample."""
+    return x.reshape(len(x), -1)
 
 
 class EpochPrinter(Callback):
@@ -264,6 +269,7 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         world_size=size,
         seed=job["run"]["seed"],
         shuffle_chunks=job["data"]["shuffle_chunks"],
+        transform=flatten if len(train.shape) > 2 else None,  # runs in the prefetch thread
     )
     compression = None if job["dist"]["compression"] == "none" else job["dist"]["compression"]
 
