@@ -81,6 +81,22 @@ def to_device(x: Any, device: str = "cpu") -> Any:
         return cp.asarray(x)
 
 
+def use_device(device: str) -> str:
+    """Makes ``device`` this process's current device; 'cuda' alone means 'cuda:0'.
+
+    One GPU per rank: a job on N GPUs passes ``f"cuda:{local_rank}"``. Returns the device.
+    """
+    if device == "cpu":
+        return device
+    if device == "cuda":
+        device = "cuda:0"
+    cp = _cupy()
+    if cp is None or not device.startswith("cuda:"):
+        raise RuntimeError(f"device {device!r} asked for, but {gpu_skip_reason() or 'unknown'}")
+    cp.cuda.Device(int(device.split(":", 1)[1])).use()
+    return device
+
+
 def as_float_array(data: Any, dtype: Any = None) -> Any:
     """An ndarray of floats: float arrays keep their dtype, anything else becomes float32."""
     if dtype is not None:

@@ -52,3 +52,11 @@ def test_mixing_cpu_and_gpu_tensors_names_both_devices():
     a = dn.Tensor(np.ones(3)).to("cuda")
     with pytest.raises(TypeError, match=r"different devices: cuda:0 \(3,\) and cpu \(3,\)"):
         a + dn.Tensor(np.ones(3))
+
+
+def test_module_to_gpu_rebuilds_flat_buffers_there():
+    model = nn.Sequential(nn.Dense(4, 3))
+    model.flat_params()
+    model.to("cuda")
+    assert backend.is_gpu_array(model.flat_params()) and backend.is_gpu_array(model.flat_grads())
+    assert model[0].weight.data.base is model.flat_params()

@@ -112,3 +112,11 @@ def test_raw_float64_input_takes_the_model_dtype():
     assert out.dtype == np.float32
     with pytest.raises(TypeError, match="dtype mismatch"):  # an explicit Tensor is not cast
         model(dn.Tensor(np.ones((4, 3), dtype=np.float64)))
+
+
+def test_module_to_cpu_keeps_values_and_rebuilds_buffers():
+    model = small_model()
+    before = model.flat_params().copy()
+    model.to("cpu")
+    np.testing.assert_array_equal(model.flat_params(), before)
+    assert model[0].weight.data.base is model.flat_params()

@@ -141,3 +141,16 @@ def test_image_shaped_store_is_flattened_for_dense_models(tmp_path, capsys):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["config"]["model"] == "mlp 64-64-10"
     assert report["test_accuracy"] >= 0.85
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    __import__("distnet.backend").backend.gpu_skip_reason() is not None,
+    reason="needs a CUDA GPU and cupy",
+)
+def test_mlp_job_on_a_gpu(job_dir):
+    job = MLP_JOB.format(batch=32) + '\ndevice = "cuda"\n'
+    path = write_job(job_dir, "gpu.toml", job)
+    assert cli.main(["train", str(path), "--out", str(job_dir / "run-gpu")]) == 0
+    report = json.loads((job_dir / "run-gpu" / "report.json").read_text())
+    assert report["test_accuracy"] >= 0.93

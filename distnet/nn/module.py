@@ -161,6 +161,17 @@ class Module:
         for p in params:
             p.zero_grad_()
 
+    def to(self, device: str) -> Module:
+        """Moves every parameter to ``device`` ('cpu', 'cuda', 'cuda:N'), in place.
+
+        The flat buffers are rebuilt there on next use, so create optimisers after moving.
+        """
+        for p in self.parameters():
+            p.data = backend.to_device(p.data, device)
+            p.grad = None
+            p._flat = None
+        return self
+
     # -- modes ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
         """Training mode (dropout active, batch norm uses batch statistics)."""

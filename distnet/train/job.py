@@ -49,7 +49,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "finetune": {"epochs": 60, "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4,
                  "momentum": 0.9, "plateau_patience": 3, "plateau_factor": 0.3},
     "dist": {"engine": "auto", "bucket_mb": 25.0, "compression": "none"},
-    "run": {"out": "runs/job", "seed": 0, "log_every": 5, "pictures": True},
+    "run": {"out": "runs/job", "seed": 0, "log_every": 5, "pictures": True, "device": "cpu"},
 }  # fmt: skip
 
 
@@ -262,6 +262,10 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
     backend.seed(job["run"]["seed"])
     n_in = int(np.prod(train.shape[1:]))
     model = build_model(job, n_in, int(train.num_classes))
+    device = job["run"]["device"]
+    if device == "cuda":  # one GPU per rank; gradients then go through NCCL
+        device = backend.use_device(f"cuda:{comm.local_rank}")
+        model.to(device)
     loader = StreamLoader(
         train,
         global_batch // size,
@@ -270,6 +274,7 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         seed=job["run"]["seed"],
         shuffle_chunks=job["data"]["shuffle_chunks"],
         transform=flatten if len(train.shape) > 2 else None,  # runs in the prefetch thread
+        device=device,
     )
     compression = None if job["dist"]["compression"] == "none" else job["dist"]["compression"]
 
