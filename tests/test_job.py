@@ -154,3 +154,27 @@ def test_mlp_job_on_a_gpu(job_dir):
     assert cli.main(["train", str(path), "--out", str(job_dir / "run-gpu")]) == 0
     report = json.loads((job_dir / "run-gpu" / "report.json").read_text())
     assert report["test_accuracy"] >= 0.93
+
+
+@pytest.mark.parametrize("name", ["digits_sae.toml", "fashion_sae.toml"])
+def test_example_jobs_in_launch_jobs_load(name):
+    from pathlib import Path
+
+    from distnet.train.job import load_job
+
+    job = load_job(Path(__file__).parent.parent / "launch" / "jobs" / name)
+    assert job["model"]["type"] == "stacked_autoencoder"
+    assert job["data"]["train"].endswith("/train")
+
+
+def test_paths_in_a_job_file_are_relative_to_it_and_overrides_keep_other_keys(tmp_path):
+    from distnet.train.job import load_job
+
+    sub = tmp_path / "jobs"
+    sub.mkdir()
+    path = write_job(sub, "j.toml", "[data]\ntrain = 'd/train'\n[run]\nout = 'r'\nseed = 7\n")
+    job = load_job(path)
+    assert job["data"]["train"] == str(sub / "d" / "train")
+    assert job["run"]["out"] == str(sub / "r")
+    job = load_job(path, {"run": {"out": "elsewhere"}})
+    assert job["run"] == {**job["run"], "out": "elsewhere", "seed": 7}

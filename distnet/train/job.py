@@ -75,24 +75,30 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
     except tomllib.TOMLDecodeError as e:
         raise JobError(f"{path}: not valid TOML: {e}") from None
     job = copy.deepcopy(DEFAULTS)
-    for section, values in {**raw, **(overrides or {})}.items():
-        if section not in job or not isinstance(values, dict):
-            raise JobError(f"{path}: unknown section [{section}]; sections: {sorted(job)}")
-        for key, value in values.items():
-            if key not in job[section]:
-                known = sorted(job[section])
-                raise JobError(f"{path}: unknown key {key!r} in [{section}]; known: {known}")
-            job[section][key] = value
+    _merge(job, raw, path)
+    base = path.parent  # paths written in the file are relative to the file
+    for section, key in (("data", "train"), ("data", "test"), ("run", "out")):
+        value = raw.get(section, {}).get(key)
+        if value and "://" not in value and not Path(value).is_absolute():
+            job[section][key] = str(base / value)
+    _merge(job, overrides or {}, path)  # command-line values: relative to the shell
     if not job["data"]["train"]:
         raise JobError(f"{path}: [data] train must name a distnet store")
     if job["model"]["type"] not in ("mlp", "stacked_autoencoder"):
         raise JobError(f"{path}: [model] type must be 'mlp' or 'stacked_autoencoder'")
-    base = path.parent
-    for key in ("train", "test"):  # store paths are relative to the job file
-        value = job["data"][key]
-        if value and "://" not in value and not Path(value).is_absolute():
-            job["data"][key] = str(base / value)
     return job
+
+
+def _merge(job: dict, values: dict, path: Path) -> None:
+    """Sets known keys of ``values`` (section -> key -> value) in ``job``, in place."""
+    for section, entries in values.items():
+        if section not in job or not isinstance(entries, dict):
+            raise JobError(f"{path}: unknown section [{section}]; sections: {sorted(job)}")
+        for key, value in entries.items():
+            if key not in job[section]:
+                known = sorted(job[section])
+                raise JobError(f"{path}: unknown key {key!r} in [{section}]; known: {known}")
+            job[section][key] = value
 
 
 def read_store(path: str) -> tuple[np.ndarray, np.ndarray]:
