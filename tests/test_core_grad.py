@@ -172,6 +172,15 @@ def test_linear_fused_matches_composition():
         lambda x, w, b: F.linear(x, w, b, transpose_weight=True), randn(5, 3), randn(4, 3), randn(4)
     )
     check(lambda x, w: F.linear(x, w), randn(5, 3), randn(3, 4))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
+def test_linear_with_fused_activation(activation):
+    x, w, b = randn(6, 3), randn(3, 4), randn(4) + 0.05
+    check(lambda x, w, b: F.linear(x, w, b, activation=activation), x, w, b)
+    fused = F.linear(dn.Tensor(x), dn.Tensor(w), dn.Tensor(b), activation=activation).data
+    separate = getattr(dn, activation)(F.linear(dn.Tensor(x), dn.Tensor(w), dn.Tensor(b))).data
+    np.testing.assert_allclose(fused, separate, rtol=1e-12)
     x, w, b = randn(5, 3), randn(3, 4), randn(4)
     np.testing.assert_allclose(
         F.linear(dn.Tensor(x), dn.Tensor(w), dn.Tensor(b)).data, x @ w + b, rtol=1e-12

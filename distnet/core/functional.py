@@ -20,14 +20,23 @@ _REDUCTIONS = ("mean", "sum")
 
 
 def linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, transpose_weight: bool = False
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    transpose_weight: bool = False,
+    activation: str | None = None,
 ) -> Tensor:
-    """``x @ weight + bias`` as one op (``x @ weight.T + bias`` with ``transpose_weight``).
+    """``act(x @ weight + bias)`` as one op (``x @ weight.T`` with ``transpose_weight``).
 
     Shapes: x (N, in), weight (in, out) or, transposed, (out, in), bias (out,) -> (N, out).
     ``transpose_weight`` serves tied-weight decoders: the weight gradient is then computed
-    by one GEMM in the weight's own layout instead of a transposed copy.
+    by one GEMM in the weight's own layout instead of a transposed copy. ``activation``
+    ('tanh', 'sigmoid' or 'relu') is applied in place on the product, so no pre-activation
+    array is allocated or kept for backward (the output alone gives the derivative).
     """
+    if activation is not None and activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"linear: activation {activation!r} cannot be fused; "
+                         f"one of {sorted(FUSED_ACTIVATIONS)}")  # fmt: skip
     ops.check_same_kind("linear", x, weight)
     wd = weight.data.T if transpose_weight else weight.data
     if x.ndim != 2 or wd.ndim != 2 or x.shape[1] != wd.shape[0]:
@@ -44,9 +53,13 @@ def linear(
     out = xd @ wd
     if bias is not None:
         out += bias.data
+    if activation is not None:
+        FUSED_ACTIVATIONS[activation][0](out)
 
     def backward(g: Any) -> tuple[Any, Any, Any]:
         xp = backend.array_module(g)
+        if activation is not None:  # d act / dz from the output, into a fresh array
+            g = FUSED_ACTIVATIONS[activation][1](out, g)
         gx = g @ wd.T if x.requires_grad else None
         gw = gb = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
@@ -60,6 +73,47 @@ def linear(
 
     parents = (x, weight) if bias is None else (x, weight, bias)
     return make_result(out, parents, lambda g: backward(g)[: len(parents)], "linear")
+
+
+def _tanh_(z: Any) -> None:
+    backend.array_module(z).tanh(z, out=z)
+
+
+def _tanh_grad(y: Any, g: Any) -> Any:
+    d = y * y  # dz = g (1 - y^2)
+    backend.array_module(y).subtract(1, d, out=d)
+    d *= g
+    return d
+
+
+def _sigmoid_(z: Any) -> None:
+    z *= 0.5  # 0.5 (1 + tanh(z / 2)): exact, stable for large |z|
+    backend.array_module(z).tanh(z, out=z)
+    z += 1
+    z *= 0.5
+
+
+def _sigmoid_grad(y: Any, g: Any) -> Any:
+    d = 1 - y  # dz = g y (1 - y)
+    d *= y
+    d *= g
+    return d
+
+
+def _relu_(z: Any) -> None:
+    backend.array_module(z).maximum(z, 0, out=z)
+
+
+def _relu_grad(y: Any, g: Any) -> Any:
+    return g * (y > 0)
+
+
+FUSED_ACTIVATIONS: dict[str, tuple[Any, Any]] = {
+    "tanh": (_tanh_, _tanh_grad),
+    "sigmoid": (_sigmoid_, _sigmoid_grad),
+    "relu": (_relu_, _relu_grad),
+}
+"""name -> (in-place forward on z, gradient w.r.t. z from the output y and dL/dy)."""
 
 
 def _written(_: Any) -> object:

@@ -9,7 +9,7 @@ import numpy as np
 
 from distnet import backend
 from distnet.core import ops
-from distnet.core.functional import linear, softmax
+from distnet.core.functional import FUSED_ACTIVATIONS, linear, softmax
 from distnet.core.tensor import Tensor, make_result
 from distnet.nn import init as initialisers
 from distnet.nn.module import Module, Parameter
@@ -76,6 +76,8 @@ class Dense(Module):
                 f"Dense({self.in_features}, {self.out_features}): input of shape {x.shape}, "
                 f"expected (N, {self.in_features})"
             )
+        if self.activation_name in FUSED_ACTIVATIONS:  # one op, activation in place
+            return linear(x, self.weight, self.bias, activation=self.activation_name)
         return self.activation(linear(x, self.weight, self.bias))
 
     def extra_repr(self) -> str:
