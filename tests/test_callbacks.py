@@ -166,3 +166,20 @@ def test_progress_bar_is_silent_off_a_tty_and_off_rank_0(monkeypatch, capsys):
     x, y = data(40)
     fit(model(), x, y, epochs=2, callbacks=[bar], optimizer="sgd")
     assert "epoch 2/2" in capsys.readouterr().err
+
+
+def test_model_checkpoint_writes_on_rank_zero_only(tmp_path, monkeypatch):
+    import numpy as np
+
+    from distnet import nn
+    from distnet.train import ModelCheckpoint
+
+    x = np.random.default_rng(0).random((40, 3), dtype=np.float32)
+    y = (x.sum(axis=1) > 1.5).astype(np.int64)
+    for rank in ("1", "0"):
+        monkeypatch.setenv("DISTNET_RANK", rank)
+        saver = ModelCheckpoint(str(tmp_path / f"r{rank}" / "{epoch}"), monitor="loss")
+        nn.Sequential(nn.Dense(3, 2)).fit(x, y, epochs=2, callbacks=[saver], optimizer="sgd")
+        assert len(saver.saved) == 2
+    assert not (tmp_path / "r1").exists()
+    assert sorted(p.name for p in (tmp_path / "r0").iterdir()) == ["0", "1"]

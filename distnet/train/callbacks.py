@@ -163,6 +163,9 @@ class ModelCheckpoint(_Monitor):
     Args:
         path: directory; may hold ``{epoch}`` and log keys, e.g. ``"ckpt/{epoch:03d}"``.
         save_best_only: write only when ``monitor`` improved.
+
+    In a distributed run only rank 0 writes (replicas are equal; several writers would race
+    on the same directory); every rank keeps the same ``best`` and ``saved`` bookkeeping.
     """
 
     def __init__(
@@ -186,11 +189,13 @@ class ModelCheckpoint(_Monitor):
                 return
             self.best = value
         path = self.path.format(epoch=epoch, **logs)
+        self.saved.append(path)
+        if process_rank() != 0:
+            return
         save_checkpoint(
             path, self.model, self.optimizer, epoch=epoch + 1, step=self.loop.step,
             seed=self.loop.seed, logs={k: float(v) for k, v in logs.items()}, **self.extra,
         )  # fmt: skip
-        self.saved.append(path)
 
 
 class ReduceLROnPlateau(_Monitor):
