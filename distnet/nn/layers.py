@@ -43,6 +43,14 @@ def as_input(x: Any, dtype: Any) -> Tensor:
     return Tensor(backend.array_module(x).asarray(x, dtype=dtype))
 
 
+def as_batch(x: Any, dtype: Any, width: int, who: str) -> Tensor:
+    """``as_input``, then checks that x is (N, width); the error names the layer."""
+    x = as_input(x, dtype)
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(f"{who}: input of shape {x.shape}, expected (N, {width})")
+    return x
+
+
 class Dense(Module):
     """Fully connected layer: activation(x @ W + b).
 
@@ -70,12 +78,8 @@ class Dense(Module):
         self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x: Any) -> Tensor:
-        x = as_input(x, self.weight.dtype)
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(
-                f"Dense({self.in_features}, {self.out_features}): input of shape {x.shape}, "
-                f"expected (N, {self.in_features})"
-            )
+        x = as_batch(x, self.weight.dtype, self.in_features,
+                     f"Dense({self.in_features}, {self.out_features})")  # fmt: skip
         if self.activation_name in FUSED_ACTIVATIONS:  # one op, activation in place
             return linear(x, self.weight, self.bias, activation=self.activation_name)
         return self.activation(linear(x, self.weight, self.bias))

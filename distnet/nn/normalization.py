@@ -9,7 +9,7 @@ import numpy as np
 from distnet import backend
 from distnet.core import ops
 from distnet.core.tensor import Tensor, make_result
-from distnet.nn.layers import as_input
+from distnet.nn.layers import as_batch
 from distnet.nn.module import Module, Parameter
 
 
@@ -93,12 +93,8 @@ class BatchNorm1d(Module):
         return {"running_mean": self.running_mean, "running_var": self.running_var}
 
     def forward(self, x: Any) -> Tensor:
-        x = as_input(x, self.running_mean.dtype)
-        if x.ndim != 2 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"BatchNorm1d({self.num_features}): input of shape {x.shape}, "
-                f"expected (N, {self.num_features})"
-            )
+        x = as_batch(x, self.running_mean.dtype, self.num_features,
+                     f"BatchNorm1d({self.num_features})")  # fmt: skip
         if self.weight is not None:
             ops.check_same_kind("BatchNorm1d", x, self.weight)
         if backend.device_of(self.running_mean) != x.device:
