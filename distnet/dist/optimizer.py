@@ -220,6 +220,16 @@ class DistributedOptimizer:
         self.optimizer.step()
         self.steps += 1
 
+    @property
+    def lr(self) -> float:
+        """The wrapped optimiser's learning rate; setting it (schedules, ReduceLROnPlateau)
+        sets the wrapped optimiser's, not an attribute of this wrapper."""
+        return self.optimizer.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer.lr = value
+
     def zero_grad(self) -> None:
         """Zeroes the gradients (the wrapped optimiser's ``zero_grad``)."""
         self.optimizer.zero_grad()

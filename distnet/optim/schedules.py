@@ -21,9 +21,10 @@ class LRSchedule:
     """
 
     def __init__(self, optimizer: Optimizer):
-        if not isinstance(optimizer, Optimizer):
+        # duck-typed: a wrapper such as DistributedOptimizer forwards lr to its optimiser
+        if not hasattr(optimizer, "lr"):
             raise TypeError(
-                f"{type(self).__name__}: expected a distnet Optimizer, got {type(optimizer)}"
+                f"{type(self).__name__}: expected an optimiser with an lr, got {type(optimizer)}"
             )
         self.optimizer = optimizer
         self.base_lr = float(optimizer.lr)
