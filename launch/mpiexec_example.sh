@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Plain mpiexec, without `distnet launch`: what the launcher does, spelled out.
 #
-#   launch/mpiexec_example.sh 4 python examples/train.py     # 4 ranks on this machine
+#   launch/mpiexec_example.sh 4 python launch/train_mlp.py data/digits   # 4 ranks here
 #   HOSTS=node1:2,node2:2 launch/mpiexec_example.sh 4 distnet train job.toml
 #
 # Uses the mpiexec of PyPI's mpich wheel in .venv (hydra); set MPIEXEC for a site's own.
@@ -13,6 +13,8 @@ shift
 [ "$#" -gt 0 ] || { echo "usage: $0 NP COMMAND..." >&2; exit 2; }
 MPIEXEC=${MPIEXEC:-.venv/bin/mpiexec}
 PY=${PY:-.venv/bin/python}
+# `python` and `distnet` in COMMAND are the venv's, as with `distnet launch`
+export PATH="$PWD/.venv/bin:$PATH"
 
 args=(-n "$NP")
 [ -n "${HOSTS:-}" ] && args+=(-hosts "$HOSTS")
