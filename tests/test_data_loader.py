@@ -224,6 +224,17 @@ def test_next_epoch_matches_set_epoch(ds):
     lo.close()
 
 
+def test_state_loaded_after_an_epoch_ends_is_not_served_from_the_spare_prefetch(ds):
+    lo = StreamLoader(ds, 32, rank=0, world_size=1, seed=0)
+    ids_of(lo)  # epoch 0 ends: a spare thread already prefetches seed 0's epoch 1
+    lo.load_state_dict({"seed": 5, "epoch": 1, "samples_seen": 0, "world_size": 1})
+    served = np.concatenate(ids_of(lo))
+    fresh = StreamLoader(ds, 32, rank=0, world_size=1, seed=5, prefetch_next_epoch=False)
+    fresh.set_epoch(1)
+    np.testing.assert_array_equal(served, np.concatenate(ids_of(fresh)))
+    lo.close()
+
+
 def _loader_threads() -> int:
     return sum(t.name.startswith("StreamLoader") for t in threading.enumerate())
 

@@ -163,6 +163,20 @@ def test_unsupported_dtype_on_write(tmp_path):
     assert e.array == "y"
 
 
+def test_pieces_that_would_change_value_are_refused(tmp_path):
+    from distnet.data import DatasetWriter
+
+    w = DatasetWriter(tmp_path / "s", (2,), np.uint8, np.int64, chunk_samples=4)
+    w.append(np.array([[1, 2], [3, 4]], np.uint8), np.array([0, 1]))
+    w.append(np.array([[5, 6]], np.uint8), np.array([1], np.int32))  # int labels: fine
+    with pytest.raises(DatasetError, match=r"float64 piece cannot go into a uint8") as e:
+        w.append(np.array([[0.5, 0.9]]), np.array([0]))
+    assert e.value.array == "x"
+    with pytest.raises(DatasetError, match=r"float64 piece cannot go into a int64") as e:
+        w.append(np.array([[1, 2]], np.uint8), np.array([1.5]))
+    assert e.value.array == "y"
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 @pytest.mark.parametrize("array", ["x", "y"])
 def test_corrupt_chunk_file(tmp_path, damage, array):

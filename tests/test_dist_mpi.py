@@ -130,3 +130,10 @@ def test_nccl_allreduce_on_gpu():
     )
     proc, _ = launch(1, "-c", code)
     assert proc.returncode == 0 and "nccl ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_wrapper_broadcasts_scalars_and_a_closed_wrapper_stops_reducing():
+    proc, _ = launch(2, str(SCRIPTS / "wrapper_state.py"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "wrapper state: ok" in proc.stdout

@@ -30,3 +30,26 @@ def test_schedules_and_plateau_callback_reach_the_wrapped_optimiser():
     plateau = ReduceLROnPlateau("loss", factor=0.5, patience=0, min_delta=1e9)  # never improves
     model.fit(x, y, epochs=3, optimizer=opt, callbacks=[plateau])
     assert inner.lr < 0.25
+
+
+def test_any_hyperparameter_written_through_the_wrapper_reaches_the_optimiser():
+    model = nn.Sequential(nn.Dense(3, 2))
+    inner = optim.SGD(model, lr=0.1, momentum=0.9, weight_decay=0.5)
+    opt = dist.DistributedOptimizer(inner, dist.init("local"))
+    opt.weight_decay, opt.momentum = 0.0, 0.0
+    assert (inner.weight_decay, inner.momentum) == (0.0, 0.0)
+    opt.batch_share = 1.0  # the wrapper's own attributes stay its own
+    assert opt.batch_share == 1.0 and not hasattr(inner, "batch_share")
+
+
+def test_a_share_given_to_step_after_a_weighted_backward_is_refused():
+    import pytest
+
+    from distnet import functional as F
+
+    model, _, opt = wrapped()
+    x = np.ones((4, 3), np.float32)
+    opt.zero_grad()
+    opt.backward(F.cross_entropy(model(x), np.array([0, 1, 0, 1])), batch_share=1.0)
+    with pytest.raises(ValueError, match="pass the share to backward"):
+        opt.step(batch_share=0.25)

@@ -157,11 +157,21 @@ class Tensor:
         """A copy on ``device`` ('cpu', 'cuda', 'cuda:N') that keeps ``requires_grad``."""
         return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
 
-    def register_grad_ready_hook(self, fn: Callable[[Tensor], None]) -> None:
-        """Calls ``fn(self)`` during ``backward()`` once this leaf's gradient is complete."""
+    def register_grad_ready_hook(self, fn: Callable[[Tensor], None]) -> Callable[[], None]:
+        """Calls ``fn(self)`` during ``backward()`` once this leaf's gradient is complete.
+
+        Returns a function that removes the hook again (a wrapper that is done with the
+        parameters must remove its hooks, or it keeps acting on every later backward).
+        """
         if self._hooks is None:
             self._hooks = []
         self._hooks.append(fn)
+
+        def remove() -> None:
+            if self._hooks and fn in self._hooks:
+                self._hooks.remove(fn)
+
+        return remove
 
     # -- the engine --------------------------------------------------------------------
     def backward(self, grad: Any = None) -> None:

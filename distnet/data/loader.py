@@ -165,7 +165,11 @@ class StreamLoader:
         self._gen = None
 
     def _key(self, epoch: int, samples_seen: int, history: list[list[int]]) -> tuple[Any, ...]:
-        return (epoch, samples_seen, tuple(map(tuple, history)))
+        # everything the order depends on: a spare prefetch made under other settings (a
+        # load_state_dict with another seed, say) must not be served
+        settings = (self.seed, self.shuffle, self.shuffle_chunks, self.drop_last,
+                    tuple(self.batch_sizes), self.rank, self.world_size)  # fmt: skip
+        return (epoch, samples_seen, tuple(map(tuple, history)), settings)
 
     def _prefetcher(self, epoch: int, ph: order.Phase, steps: int, done: int) -> Prefetcher:
         plan = Plan(

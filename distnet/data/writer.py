@@ -37,6 +37,27 @@ def _x_dtype(dtype: np.dtype, store: str) -> np.dtype:
     raise DatasetError(store, f"unsupported dtype {dtype} (x must be uint8 or float32)", "x")
 
 
+def _conform(a: np.ndarray, want: np.dtype, store: str, array: str) -> np.ndarray:
+    """``a`` as ``want``, refusing casts that would change values (floats into integer
+    arrays, integers outside uint8's range); a silent wrap-around is corrupted data."""
+    if a.dtype == want:
+        return a
+    if want.kind in "iu":
+        if a.dtype.kind not in "iu":
+            raise DatasetError(
+                store, f"a {a.dtype} piece cannot go into a {want} array unchanged", array
+            )
+        info = np.iinfo(want)
+        if a.size and (int(a.min()) < info.min or int(a.max()) > info.max):
+            raise DatasetError(
+                store,
+                f"piece values {int(a.min())}..{int(a.max())} do not fit {want} "
+                f"({info.min}..{info.max})",
+                array,
+            )
+    return a.astype(want)
+
+
 def _y_dtype(dtype: np.dtype, store: str) -> np.dtype:
     if dtype.kind in "iu":
         return np.dtype(np.int64)
@@ -127,8 +148,8 @@ class DatasetWriter:
                 if int(y.min()) < 0:
                     raise DatasetError(self.path, f"negative label {int(y.min())}", "y")
                 self._max_label = max(self._max_label, int(y.max()))
-            self._ybuf.append(y.astype(self.y_dtype, copy=False))
-        self._xbuf.append(x.astype(self.x_dtype, copy=False))
+            self._ybuf.append(_conform(y, self.y_dtype, self.path, "y"))
+        self._xbuf.append(_conform(x, self.x_dtype, self.path, "x"))
         self._buffered += len(x)
         while self._buffered >= self.chunk_samples:
             self._flush(self.chunk_samples)

@@ -98,6 +98,7 @@ class DistributedOptimizer:
         if self.overlap and comm.size > 1:
             self._hooked = self._register_hooks()
         self.broadcast_state()
+        self._constructed = True  # from here on, see __setattr__
 
     # --- setup ----------------------------------------------------------------------------
     @staticmethod
@@ -130,14 +131,20 @@ class DistributedOptimizer:
                 self._buckets_of[i].append(b)
         self._missing = [len(b.params) for b in self.buckets]
         self._next = 0  # buckets start strictly in order, so every rank issues the same sequence
-        for p in self.params:
-            p.register_grad_ready_hook(self._grad_ready)
+        self._unhook = [p.register_grad_ready_hook(self._grad_ready) for p in self.params]
         return True
 
     def broadcast_state(self, root: int = 0) -> None:
         """Collective: copies root's parameters and optimiser state buffers to every rank."""
         if self.comm.size == 1:
             return
+        # scalars too: Adam's bias correction depends on the step count, and a replica with
+        # another lr or step count would drift from the others without any error
+        scalars = self.comm.allgather((getattr(self.optimizer, "lr", None),
+                                       getattr(self.optimizer, "steps", None)))[root]  # fmt: skip
+        for name, value in zip(("lr", "steps"), scalars, strict=True):
+            if value is not None:
+                setattr(self.optimizer, name, value)
         self.comm.broadcast(self.flat_params, root)
         buffers = (
             list(self.optimizer.state_buffers()) if hasattr(self.optimizer, "state_buffers") else []
@@ -164,6 +171,7 @@ class DistributedOptimizer:
         """
         self._prescaled = False
         weight = self._weight(self._check_share(batch_share))
+        self._backward_weight = weight
         xp = array_module(loss.data)
         self._prescaled = True  # before backward: overlap hooks start buckets inside it
         try:
@@ -188,6 +196,11 @@ class DistributedOptimizer:
     def synchronize(self, batch_share: float | None = None) -> Any:
         """Sums the weighted gradients over ranks into ``flat_grads``; returns it."""
         self._check_share(batch_share)
+        if self._prescaled and batch_share is not None and batch_share != self._backward_weight:
+            raise ValueError(
+                f"backward(loss) weighted the gradients by {self._backward_weight}, step() was "
+                f"given batch_share={batch_share}: pass the share to backward()"
+            )
         weight = self._weight(batch_share)
         if hasattr(self.optimizer, "settle_grads"):
             # zero_grad() defers its memset to the next backward: a rank with no samples this
@@ -220,16 +233,6 @@ class DistributedOptimizer:
         self.optimizer.step()
         self.steps += 1
 
-    @property
-    def lr(self) -> float:
-        """The wrapped optimiser's learning rate; setting it (schedules, ReduceLROnPlateau)
-        sets the wrapped optimiser's, not an attribute of this wrapper."""
-        return self.optimizer.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.optimizer.lr = value
-
     def zero_grad(self) -> None:
         """Zeroes the gradients (the wrapped optimiser's ``zero_grad``)."""
         self.optimizer.zero_grad()
@@ -244,9 +247,27 @@ class DistributedOptimizer:
         self.optimizer.load_state_dict(state)
 
     def close(self) -> None:
-        """Stops the stall check thread (also done at exit)."""
+        """Removes the grad-ready hooks and stops the stall check thread (also done at exit).
+
+        Call it when a stage is done with its parameters: a later wrapper over the same
+        parameters must be the only one that reduces their gradients.
+        """
+        for remove in getattr(self, "_unhook", []):
+            remove()
+        self._unhook = []
+        self._hooked = False
         if self.stall is not None:
             self.stall.close()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # After construction, writes to the wrapped optimiser's attributes (lr from schedules
+        # and ReduceLROnPlateau, weight_decay, momentum, ...) go to it, as reads do: set on
+        # the wrapper they would be silently ignored by the update.
+        own = name in self.__dict__ or not self.__dict__.get("_constructed", False)
+        if not own and hasattr(self.optimizer, name):
+            setattr(self.optimizer, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
         # lr, schedules, etc. of the wrapped optimiser stay reachable, as in Horovod.

@@ -212,10 +212,13 @@ def build_stages(
             opt = wrap(Adam(model.autoencoders[k], lr=pre["lr"]))
             start = ctx.restore(opt)
             saver = ctx.epoch_checkpoint(opt)
-            model.pretrain_layer(
-                k, loader, epochs=pre["epochs"], optimizer=opt, seed=seed + k,
-                initial_epoch=start, callbacks=[saver, EpochPrinter(log, every)],
-            )  # fmt: skip
+            try:
+                model.pretrain_layer(
+                    k, loader, epochs=pre["epochs"], optimizer=opt, seed=seed + k,
+                    initial_epoch=start, callbacks=[saver, EpochPrinter(log, every)],
+                )  # fmt: skip
+            finally:  # the next stage's wrapper must be the only one reducing
+                getattr(opt, "close", lambda: None)()
             if ctx.writer:
                 on_pretrained(k)
             return {"kind": "pretrain", "layer": k, "history": saver.history}
@@ -230,15 +233,18 @@ def build_stages(
         plateau = ReduceLROnPlateau(
             "loss", factor=ft["plateau_factor"], patience=ft["plateau_patience"]
         )
-        fit(
-            net,
-            loader,
-            epochs=ft["epochs"],
-            optimizer=opt,
-            seed=seed + 100,
-            initial_epoch=start,
-            callbacks=[saver, plateau, EpochPrinter(log, every)],
-        )
+        try:
+            fit(
+                net,
+                loader,
+                epochs=ft["epochs"],
+                optimizer=opt,
+                seed=seed + 100,
+                initial_epoch=start,
+                callbacks=[saver, plateau, EpochPrinter(log, every)],
+            )
+        finally:
+            getattr(opt, "close", lambda: None)()  # fmt: skip
         return {"kind": "finetune", "history": saver.history}
 
     stages = []
