@@ -120,3 +120,42 @@ def test_module_to_cpu_keeps_values_and_rebuilds_buffers():
     model.to("cpu")
     np.testing.assert_array_equal(model.flat_params(), before)
     assert model[0].weight.data.base is model.flat_params()
+
+
+def _one_step(model, opt, x=None):
+    x = np.ones((4, 3)) if x is None else x
+    y = np.array([0, 1, 0, 1])
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_an_optimiser_over_part_of_a_laid_out_model_uses_views_of_its_buffer():
+    model = small_model()
+    outer = optim.SGD(model, lr=0.1)
+    inner = optim.SGD(model[1], lr=0.1)  # the last layer: consecutive in the model's buffer
+    assert inner.flat_params.base is outer.flat_params
+    before = model[1].weight.data.copy()
+    _one_step(model, inner)
+    assert not np.array_equal(model[1].weight.data, before)
+
+
+def test_an_earlier_optimiser_follows_when_a_larger_layout_moves_its_parameters():
+    model = small_model()
+    first = optim.SGD(model[1], lr=0.1)  # laid out alone
+    optim.SGD(model, lr=0.1)  # lays the whole model out anew
+    before = model[1].weight.data.copy()
+    _one_step(model, first)
+    assert not np.array_equal(model[1].weight.data, before), "stepped a stale buffer"
+    assert first.flat_params.base is model.flat_params()
+
+
+def test_an_optimiser_that_cannot_follow_a_relayout_says_so():
+    from distnet.nn import StackedAutoEncoder
+
+    dn.backend.seed(0)
+    sae = StackedAutoEncoder([6, 4, 3], 2, dtype=np.float64)
+    whole = optim.Adam(sae)  # encoders and decoder biases interleaved
+    sae.classifier().flat_params()  # encoders + softmax laid out together, without them
+    with pytest.raises(RuntimeError, match="laid out again, in another order"):
+        _one_step(sae.classifier(), whole, np.ones((4, 6)))

@@ -84,6 +84,7 @@ class DistributedOptimizer:
             sizes, self.bucket_bytes, self.flat_grads.dtype.itemsize
         )
         self._setup_gpu()
+        self.compression = compression
         self.reducer = BucketReducer(self.flat_grads, comm, compression)
         self.steps = 0
         limit = stall_limit_from_env() if stall_check_s == -1.0 else stall_check_s
@@ -202,6 +203,7 @@ class DistributedOptimizer:
                 f"given batch_share={batch_share}: pass the share to backward()"
             )
         weight = self._weight(batch_share)
+        self._follow_layout()
         if hasattr(self.optimizer, "settle_grads"):
             # zero_grad() defers its memset to the next backward: a rank with no samples this
             # step (or a parameter backward did not reach) would otherwise send stale gradients.
@@ -235,7 +237,16 @@ class DistributedOptimizer:
 
     def zero_grad(self) -> None:
         """Zeroes the gradients (the wrapped optimiser's ``zero_grad``)."""
+        self._follow_layout()  # before backward: overlap hooks reduce during it
         self.optimizer.zero_grad()
+
+    def _follow_layout(self) -> None:
+        """Reduces the buffer the wrapped optimiser now updates, if a re-layout moved it."""
+        follow = getattr(self.optimizer, "follow_layout", None)
+        if follow is not None and follow():
+            self.flat_params = self.optimizer.flat_params
+            self.flat_grads = self.optimizer.flat_grads
+            self.reducer = BucketReducer(self.flat_grads, self.comm, self.compression)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimiser's state (identical on every rank)."""

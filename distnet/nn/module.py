@@ -41,29 +41,47 @@ def _is_flat_view(p: Parameter, data_buf: Any, grad_buf: Any, offset: int) -> bo
     )
 
 
+def consecutive_views(params: list[Parameter]) -> tuple[Any, Any] | None:
+    """(data, grad) views covering ``params`` when they lie consecutively, in order, in one
+    pair of flat buffers (the whole buffers when they cover them exactly); else None."""
+    first = params[0]
+    if first._flat is None:
+        return None
+    data_buf, grad_buf, start = first._flat
+    offset = start
+    for p in params:
+        if not _is_flat_view(p, data_buf, grad_buf, offset):
+            return None
+        offset += p.size
+    if start == 0 and offset == data_buf.size:
+        return data_buf, grad_buf
+    return data_buf[start:offset], grad_buf[start:offset]
+
+
+def layout_of(params: list[Parameter]) -> list[tuple[int, int] | None]:
+    """Where each parameter lives: (id of its flat buffer, offset), to notice a re-layout."""
+    return [(id(p._flat[0]), p._flat[2]) if p._flat is not None else None for p in params]
+
+
 def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
     """The contiguous (data, grad) buffers behind ``params``, made once and then reused.
 
-    When the parameters are already consecutive views of one pair of buffers that they cover
-    exactly, those buffers are returned. Otherwise new buffers are allocated, the current
-    values (and gradients) copied in, and every parameter re-pointed at its slice.
+    When the parameters already lie consecutively in one pair of buffers, those buffers (or
+    the slices of them that the parameters cover) are returned: a stacked autoencoder laid
+    out once serves every layer's optimiser without moving anything. Otherwise new buffers
+    are allocated, the current values (and gradients) copied in, and every parameter
+    re-pointed at its slice; an optimiser made earlier over them follows if it can
+    (``Optimizer.follow_layout``).
 
     Returns:
         (data, grad): 1-D arrays of length sum(p.size for p in params).
     """
     if not params:
         raise ValueError("flat_buffers: the model has no parameters")
+    views = consecutive_views(params)
+    if views is not None:
+        return views
     first = params[0]
-    if first._flat is not None:
-        data_buf, grad_buf, _ = first._flat
-        offset, ok = 0, True
-        for p in params:
-            if not _is_flat_view(p, data_buf, grad_buf, offset):
-                ok = False
-                break
-            offset += p.size
-        if ok and offset == data_buf.size:
-            return data_buf, grad_buf
     dtypes = {p.dtype for p in params}
     devices = {p.device for p in params}
     if len(dtypes) > 1 or len(devices) > 1:

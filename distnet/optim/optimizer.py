@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from distnet import backend
-from distnet.nn.module import Module, Parameter, flat_buffers
+from distnet.nn.module import Module, Parameter, consecutive_views, flat_buffers, layout_of
 
 
 class Optimizer:
@@ -47,6 +47,7 @@ class Optimizer:
         self._state: dict[str, Any] = {}
         self._scratch_bufs: dict[str, Any] = {}
         self.flat_params, self.flat_grads = flat_buffers(self.params)
+        self._layout = layout_of(self.params)
         backend.tune_malloc()  # a training run starts here: keep step memory mapped
         self._penalty_mask = self._make_penalty_mask() if (weight_decay or l1) else None
 
@@ -79,9 +80,32 @@ class Optimizer:
         for p in self.params:
             p.zero_grad_()
 
+    def follow_layout(self) -> bool:
+        """Re-binds to the parameters' flat buffers if a later layout moved them (another
+        optimiser or ``model.flat_params()`` over a larger model); True when it did.
+
+        Without this the optimiser would go on updating the old buffer while the parameters
+        no longer change. It can follow when its parameters still lie consecutively and in
+        the same order (state arrays then still line up); otherwise it raises.
+        """
+        layout = layout_of(self.params)
+        if layout == self._layout:
+            return False
+        views = consecutive_views(self.params)
+        if views is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: its parameters were laid out again, in another "
+                "order, by an optimiser or model created later; create this optimiser after "
+                "that one (or pass fit/pretrain an optimiser factory)"
+            )
+        self.flat_params, self.flat_grads = views
+        self._layout = layout
+        return True
+
     def settle_grads(self) -> Any:
         """The flat gradient buffer with every deferred zero written out (a parameter that
         took no part in the last backward has a zero gradient, not a stale one)."""
+        self.follow_layout()
         for p in self.params:
             if p._grad_zeroed:
                 p.grad  # noqa: B018  (the getter writes the zeros)
