@@ -219,8 +219,54 @@ def test_pipeline_skips_finished_stages_and_resumes_an_interrupted_one(tmp_path)
     table = pipe.run()
     assert ran == ["b"]  # stage a was skipped
     assert any("a: done, skipped" in line for line in lines)
-    assert table[1]["resumed_from_epoch"] == 3 and table[1]["epochs_run"] == 1
+    # the crash came in epoch 3's end-of-epoch work, before its checkpoint: epoch 3 runs again
+    assert table[1]["resumed_from_epoch"] == 2 and table[1]["epochs_run"] == 2
     assert len(table[1]["history"]["loss"]) == 4  # spans the interrupted and resumed runs
     for name, value in clean.items():
         np.testing.assert_array_equal(model.state_dict()[name], value, err_msg=name)
     assert json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"][1]["done"]
+
+
+def _plateau_run(run_dir, crash_at=None):
+    """One stage of 8 epochs whose lr is cut by ReduceLROnPlateau and whose weights are
+    restored by EarlyStopping: both decide from state that spans the crash."""
+    from distnet.train import EarlyStopping, ReduceLROnPlateau
+
+    backend.seed(0)
+    x = digits_like()
+    ae = AutoEncoder(12, 8, corruption=0.2)
+    lrs = []
+
+    class RecordLR(Callback):
+        def on_epoch_end(self, epoch, logs):
+            lrs.append((epoch, self.optimizer.lr))
+
+    def fn(ctx):
+        opt = Adam(ae, lr=5e-2)
+        start = ctx.restore(opt)
+        cbs = [ctx.epoch_checkpoint(opt), ReduceLROnPlateau("loss", factor=0.5, patience=1,
+               min_delta=0.05), EarlyStopping("loss", patience=20, min_delta=0.05,
+               restore_best_weights=True), RecordLR()]  # fmt: skip
+        if crash_at is not None:
+            cbs.append(_Crash(crash_at))
+        fit(ae, x, epochs=8, batch_size=16, optimizer=opt, seed=0, initial_epoch=start,
+            callbacks=cbs)  # fmt: skip
+        return {}
+
+    return Pipeline(run_dir, ae, [Stage("a", fn)], log=None), ae, lrs
+
+
+def test_resume_restores_the_callbacks_that_decide_on_history(tmp_path):
+    pipe, ae, clean_lrs = _plateau_run(tmp_path / "clean")
+    pipe.run()
+    clean = ae.state_dict()
+    assert len({lr for _, lr in clean_lrs}) > 1, "the plateau callback must cut the lr here"
+
+    pipe, _, _ = _plateau_run(tmp_path / "run", crash_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.run()
+    pipe, ae, resumed_lrs = _plateau_run(tmp_path / "run")
+    pipe.run()
+    assert resumed_lrs and resumed_lrs == clean_lrs[-len(resumed_lrs) :]
+    for name, value in clean.items():
+        np.testing.assert_array_equal(ae.state_dict()[name], value, err_msg=name)

@@ -86,7 +86,6 @@ class DistributedOptimizer:
         self._setup_gpu()
         self.compression = compression
         self.reducer = BucketReducer(self.flat_grads, comm, compression)
-        self.steps = 0
         limit = stall_limit_from_env() if stall_check_s == -1.0 else stall_check_s
         self.stall = (
             StallDetector(comm, limit, stall_abort_s)
@@ -232,8 +231,7 @@ class DistributedOptimizer:
             self.synchronize(batch_share)
         finally:
             self._prescaled = False
-        self.optimizer.step()
-        self.steps += 1
+        self.optimizer.step()  # its step count is this wrapper's `steps` (via __getattr__)
 
     def zero_grad(self) -> None:
         """Zeroes the gradients (the wrapped optimiser's ``zero_grad``)."""

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -29,12 +29,14 @@ class Loop:
     step: int = 0
     batches_per_epoch: int = -1
     stop_training: bool = False
+    callbacks: list[Any] = field(default_factory=list)
 
 
 class Callback:
     """Base class: override any of the hooks; all default to doing nothing."""
 
     loop: Loop
+    runs_last = False  # checkpointing callbacks: see each epoch after every other callback
 
     @property
     def model(self) -> Any:
@@ -50,12 +52,25 @@ class Callback:
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None: ...
     def on_batch_end(self, batch: int, logs: dict[str, Any]) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly: JSON values or numpy arrays."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores ``state_dict()``; called at the first epoch of a resumed run."""
+
 
 class CallbackList:
     """Calls each hook on every callback, in order."""
 
     def __init__(self, callbacks: list[Callback], loop: Loop):
+        # a checkpoint must record the epoch as the other callbacks left it (an lr cut by
+        # ReduceLROnPlateau, EarlyStopping's counters), whatever order they were passed in
+        callbacks = [c for c in callbacks if not c.runs_last] + [
+            c for c in callbacks if c.runs_last
+        ]
         self.callbacks = callbacks
+        loop.callbacks = callbacks
         for c in callbacks:
             c.loop = loop
 
@@ -109,6 +124,12 @@ class _Monitor(Callback):
             )
         return float(logs[self.monitor])
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = float(state["best"])
+
     def _improved(self, value: float) -> bool:
         if self.mode == "min":
             return value < self.best - self.min_delta
@@ -152,6 +173,20 @@ class EarlyStopping(_Monitor):
             self.stopped_epoch = epoch
             self.loop.stop_training = True
 
+    def state_dict(self) -> dict[str, Any]:
+        state = {**super().state_dict(), "wait": self.wait, "best_epoch": self.best_epoch,
+                 "stopped_epoch": self.stopped_epoch}  # fmt: skip
+        state.update({f"best_weights/{k}": v for k, v in (self.best_weights or {}).items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.wait, self.best_epoch, self.stopped_epoch = (
+            int(state[k]) for k in ("wait", "best_epoch", "stopped_epoch")
+        )
+        weights = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("best_w")}
+        self.best_weights = weights or None
+
     def on_train_end(self, logs: dict[str, Any]) -> None:
         if self.restore_best_weights and self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
@@ -164,9 +199,12 @@ class ModelCheckpoint(_Monitor):
         path: directory; may hold ``{epoch}`` and log keys, e.g. ``"ckpt/{epoch:03d}"``.
         save_best_only: write only when ``monitor`` improved.
 
-    In a distributed run only rank 0 writes (replicas are equal; several writers would race
+    It sees each epoch after the other callbacks (``runs_last``). In a distributed run only
+    rank 0 writes (replicas are equal; several writers would race
     on the same directory); every rank keeps the same ``best`` and ``saved`` bookkeeping.
     """
+
+    runs_last = True
 
     def __init__(
         self,
@@ -220,6 +258,13 @@ class ReduceLROnPlateau(_Monitor):
             raise ValueError(f"ReduceLROnPlateau: factor must be in (0, 1), got {factor}")
         self.factor, self.patience, self.cooldown, self.min_lr = factor, patience, cooldown, min_lr
         self.wait = self.cooldown_left = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "wait": self.wait, "cooldown_left": self.cooldown_left}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.wait, self.cooldown_left = int(state["wait"]), int(state["cooldown_left"])
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         value = self._current(logs)

@@ -46,6 +46,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _optimizer_class(optimizer: Any) -> str:
+    """The class of the optimiser doing the updates, seen through wrappers such as
+    DistributedOptimizer: a run saved on N ranks resumes on M, or in one process."""
+    inner = optimizer.__dict__.get("optimizer") if hasattr(optimizer, "__dict__") else None
+    return _optimizer_class(inner) if inner is not None else type(optimizer).__name__
+
+
 def _split_extras(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     scalars, arrays = {}, {}
     for k, v in extra.items():
@@ -98,7 +105,7 @@ def save_checkpoint(
         "format": FORMAT,
         "arrays": arrays_name,
         "model_class": type(model).__name__,
-        "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
+        "optimizer_class": _optimizer_class(optimizer) if optimizer is not None else None,
         "optimizer": optim_scalars,
         "loader": loader.state_dict() if loader is not None else None,
         "rng": backend.default_rng().bit_generator.state if rng else None,
@@ -175,10 +182,10 @@ def load_checkpoint(
     if optimizer is not None:
         if manifest["optimizer"] is None:
             raise KeyError(f"{path}: the checkpoint holds no optimiser state")
-        if manifest["optimizer_class"] != type(optimizer).__name__:
+        if manifest["optimizer_class"] != _optimizer_class(optimizer):
             raise TypeError(
                 f"{path}: optimiser state of {manifest['optimizer_class']}, "
-                f"loading into {type(optimizer).__name__}"
+                f"loading into {_optimizer_class(optimizer)}"
             )
         state = dict(manifest["optimizer"])
         state.update({k[10:]: v for k, v in arrays.items() if k.startswith("optimizer/")})

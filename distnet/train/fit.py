@@ -232,7 +232,9 @@ def fit(
     cbs = list(callbacks or [])
     if verbose and not any(isinstance(c, ProgressBar) for c in cbs):
         cbs.append(ProgressBar())
-    loop = Loop(model=model, optimizer=optimizer, epochs=epochs, seed=seed)
+    # a resumed run goes on counting from the restored optimiser's steps
+    loop = Loop(model=model, optimizer=optimizer, epochs=epochs, seed=seed,
+                step=int(getattr(optimizer, "steps", 0)))  # fmt: skip
     callback_list = CallbackList([history, *cbs], loop)
 
     model.train()

@@ -69,20 +69,58 @@ class StageContext:
 class _EpochCheckpoint(Callback):
     """Commits the stage's progress each epoch; ``history`` spans resumed runs too."""
 
+    runs_last = True
+
     def __init__(self, ctx: StageContext, optimizer: Any, every: int):
         self.ctx, self.opt, self.every = ctx, optimizer, every
         self.history: dict[str, list[float]] = {
             k: list(v) for k, v in ctx.extra.get("history", {}).items()
         }
+        # the other callbacks' states saved with the checkpoint being resumed (plateau and
+        # early-stopping counters, best weights): without them a resumed run cuts the
+        # learning rate at other epochs than one that never stopped
+        self._pending: dict[str, dict[str, Any]] | None = None
+        if "callbacks" in ctx.extra:
+            self._pending = {k: dict(v) for k, v in ctx.extra["callbacks"].items()}
+            for name, value in ctx.extra.items():
+                if name.startswith("callback") and "/" in name:
+                    owner, key = name.split("/", 1)
+                    for k, state in self._pending.items():
+                        if k.split(":", 1)[0] == owner[len("callback") :]:
+                            state[key] = value
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any]) -> None:
+        # here, not in on_train_begin: every callback has reset itself by now
+        if self._pending is not None:
+            for i, c in enumerate(self.loop.callbacks):
+                state = self._pending.get(f"{i}:{type(c).__name__}")
+                if state is not None and c is not self:
+                    c.load_state_dict(state)
+            self._pending = None
+
+    def _callback_states(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(JSON states by "index:Class", arrays by "callback<index>/<key>")."""
+        states, arrays = {}, {}
+        for i, c in enumerate(self.loop.callbacks):
+            state = {} if c is self else c.state_dict()
+            if state:
+                states[f"{i}:{type(c).__name__}"] = {
+                    k: v for k, v in state.items() if not hasattr(v, "shape")
+                }
+                arrays.update(
+                    {f"callback{i}/{k}": v for k, v in state.items() if hasattr(v, "shape")}
+                )
+        return states, arrays
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         for k, v in logs.items():
             self.history.setdefault(k, []).append(float(v))
         if self.ctx.writer and (epoch + 1) % self.every == 0:
+            states, arrays = self._callback_states()
             save_checkpoint(
                 self.ctx.progress_dir, self.ctx.model, self.opt or self.optimizer,
                 epoch=epoch + 1, step=self.loop.step, stage=self.ctx.index,
-                history=self.history,
+                history=self.history, callbacks=states, **arrays,
             )  # fmt: skip
 
 
