@@ -270,3 +270,20 @@ def test_resume_restores_the_callbacks_that_decide_on_history(tmp_path):
     assert resumed_lrs and resumed_lrs == clean_lrs[-len(resumed_lrs) :]
     for name, value in clean.items():
         np.testing.assert_array_equal(ae.state_dict()[name], value, err_msg=name)
+
+
+def test_rerunning_an_earlier_stage_discards_the_later_stages_old_progress(tmp_path):
+    import shutil
+
+    pipe, model, _ = _pipeline(tmp_path / "clean")
+    pipe.run()
+    clean = model.state_dict()
+    pipe, model, _ = _pipeline(tmp_path / "run", crash_at=(1, "epoch"))
+    with pytest.raises(KeyboardInterrupt):
+        pipe.run()  # stage b left a progress checkpoint behind
+    shutil.rmtree(tmp_path / "run" / "stages" / "0-a")  # and stage a must run again
+    pipe, model, ran = _pipeline(tmp_path / "run")
+    table = pipe.run()
+    assert ran == ["a", "b"] and table[1]["resumed_from_epoch"] == 0
+    for name, value in clean.items():
+        np.testing.assert_array_equal(model.state_dict()[name], value, err_msg=name)

@@ -121,6 +121,8 @@ def test_shape_ops():
     check(lambda a: a.reshape(4, 6), randn(2, 3, 4))
     check(lambda a: a.transpose(2, 0, 1), randn(2, 3, 4))
     check(lambda a: a.T, randn(3, 5))
+    check(lambda a: a.transpose(-1, 0, 1), randn(2, 3, 4))  # negative and positive axes
+    check(lambda a: a.transpose(-1, 0, 1), randn(3, 3, 3))
 
 
 def test_indexing_by_slices_and_integer_arrays():

@@ -266,3 +266,20 @@ def test_load_state_dict_missing_and_misshaped_keys():
     extra = dict(state, **{"2.weight": np.zeros(3, np.float32)})
     with pytest.raises(KeyError, match="2.weight"):
         model.load_state_dict(extra)
+
+
+def test_evaluate_and_predict_leave_every_module_in_its_own_mode():
+    import numpy as np
+
+    from distnet.nn import BatchNorm1d, Dense, Sequential
+
+    bn = BatchNorm1d(4)
+    model = Sequential(Dense(3, 4), bn, Dense(4, 2))
+    bn.eval()  # frozen statistics, on purpose
+    x = np.random.default_rng(0).random((8, 3), dtype=np.float32)
+    y = np.zeros(8, np.int64)
+    before = bn.running_mean.copy()
+    model.predict(x)
+    model.evaluate(x, y)
+    assert model.training and not bn.training
+    np.testing.assert_array_equal(bn.running_mean, before)

@@ -235,8 +235,8 @@ def reshape(a: Tensor, *shape: Any) -> Tensor:
 
 def transpose(a: Tensor, *axes: Any) -> Tensor:
     axes = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
-    axes = axes or tuple(reversed(range(a.ndim)))
-    inverse = tuple(np.argsort(axes))
+    axes = tuple(ax % a.ndim for ax in axes) if axes else tuple(reversed(range(a.ndim)))
+    inverse = tuple(np.argsort(axes))  # needs non-negative axes: -1 and 2 are one axis
     return make_result(a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),), "transpose")
 
 

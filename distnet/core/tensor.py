@@ -263,6 +263,11 @@ WRITTEN = object()
 def _accumulate_leaf(leaf: Tensor, g: Any) -> None:
     if g is WRITTEN:
         pass
+    elif g.shape != leaf.shape:  # an op's backward is wrong: fail here, not in an optimiser
+        raise RuntimeError(
+            f"backward: gradient of shape {g.shape} for a leaf of shape {leaf.shape} "
+            f"({leaf.name or 'unnamed'})"
+        )
     elif leaf._grad is None:
         # copy: g may alias a gradient that is also flowing elsewhere
         leaf._grad = g.astype(leaf.dtype, copy=True) if g.dtype != leaf.dtype else g.copy()

@@ -8,6 +8,7 @@ contiguous ranges of it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -200,6 +201,18 @@ class Module:
     def eval(self) -> Module:
         """Evaluation mode (dropout off, batch norm uses running statistics)."""
         return self.train(False)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[Module]:
+        """Evaluation mode inside the block; afterwards every module gets its own mode back
+        (a frozen BatchNorm a user put in eval mode stays frozen)."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield self
+        finally:
+            for m, mode in modes:
+                object.__setattr__(m, "training", mode)
 
     # -- state ------------------------------------------------------------------------
     def buffers(self) -> dict[str, Any]:

@@ -322,11 +322,9 @@ def evaluate(
 
 
 def _evaluate(model: Any, x: Any, y: Any, batch_size: int, objective: Objective) -> dict:
-    was_training = model.training
-    model.eval()
     sums: dict[str, float] = {"loss": 0.0}
     seen = 0
-    try:
+    with model.evaluating():
         with no_grad():
             for xb, yb in _eval_batches(x, y, batch_size):
                 xb, yb = _like_model(xb, model), _like_model(yb, model)
@@ -338,20 +336,13 @@ def _evaluate(model: Any, x: Any, y: Any, batch_size: int, objective: Objective)
                 }.items():
                     sums[k] = sums.get(k, 0.0) + v * n
                 seen += n
-    finally:
-        model.train(was_training)
     return {k: v / max(seen, 1) for k, v in sums.items()}
 
 
 def predict(model: Any, x: Any, batch_size: int = 256) -> np.ndarray:
     """Model outputs for x (N, ...) -> (N, ...) as one numpy array (eval mode, no graph)."""
-    was_training = model.training
-    model.eval()
     outs = []
-    try:
-        with no_grad():
-            for xb, _ in _eval_batches(x, None, batch_size):
-                outs.append(backend.to_device(model(_like_model(xb, model)).data, "cpu"))
-    finally:
-        model.train(was_training)
+    with model.evaluating(), no_grad():
+        for xb, _ in _eval_batches(x, None, batch_size):
+            outs.append(backend.to_device(model(_like_model(xb, model)).data, "cpu"))
     return np.concatenate(outs) if outs else np.empty((0,))

@@ -149,9 +149,8 @@ def draw_pictures(
     pictures = {"filters" + suffix: str(out / f"filters{suffix}.png")}
     filter_grid(weight.data, shape, pictures["filters" + suffix])
     if reconstructions and hasattr(first, "encoder"):
-        was_training = first.training
-        x_hat = first.eval()(x[:16]).data  # eval: no masking noise
-        first.train(was_training)
+        with first.evaluating():  # no masking noise
+            x_hat = first(x[:16]).data
         pictures["reconstructions" + suffix] = str(out / f"reconstructions{suffix}.png")
         reconstruction_grid(x[:16], x_hat, shape, pictures["reconstructions" + suffix])
     return pictures

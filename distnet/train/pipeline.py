@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,6 +173,14 @@ class Pipeline:
         first_todo = done.index(False) if False in done else len(done)
         if first_todo > 0:
             load_checkpoint(self.stage_dir(first_todo - 1), self.model)
+        if self.writer:
+            # later stages will train on new weights: their old results and progress
+            # checkpoints would otherwise be resumed over the re-trained earlier stage
+            for i in range(first_todo + 1, len(self.stages)):
+                if self.stage_dir(i).exists():
+                    name = f"[stage {i + 1}/{len(self.stages)}] {self.stages[i].name}"
+                    self.log(f"{name}: discarding its earlier run (an earlier stage runs again)")
+                    shutil.rmtree(self.stage_dir(i))
         for i, stage in enumerate(self.stages):
             if i < first_todo:
                 self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: done, skipped")
