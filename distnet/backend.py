@@ -118,6 +118,8 @@ def seed(value: int) -> None:
     """Seeds distnet's global generator (initialisers, dropout, corruption noise)."""
     global _rng
     _rng = np.random.default_rng(value)
+    if gpu_available():  # GPU dropout and corruption noise draw from cupy's generator
+        _cupy().random.seed(value)
 
 
 def default_rng() -> np.random.Generator:

@@ -283,3 +283,17 @@ def test_evaluate_and_predict_leave_every_module_in_its_own_mode():
     model.evaluate(x, y)
     assert model.training and not bn.training
     np.testing.assert_array_equal(bn.running_mean, before)
+
+
+def test_a_user_activation_named_like_a_builtin_is_not_replaced():
+    import numpy as np
+
+    from distnet.nn import Dense
+
+    def tanh(t):  # not the real tanh
+        return t * 2.0
+
+    layer = Dense(3, 2, activation=tanh)
+    x = np.ones((1, 3), np.float32)
+    expected = (x @ layer.weight.data + layer.bias.data) * 2.0
+    np.testing.assert_allclose(layer(x).data, expected, rtol=1e-6)

@@ -264,3 +264,15 @@ def test_l1_and_l2_together_and_switched_on_later():
     opt.step()
     np.testing.assert_allclose(params[0].data, expected_w, rtol=1e-12)
     np.testing.assert_allclose(params[1].data, B_INIT - 0.1 * gb, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSProp", "AdaGrad"])
+def test_float16_parameters_with_zero_gradients_stay_finite(name):
+    from distnet import optim as optim_module
+
+    p = Parameter(np.ones(4, np.float16))
+    opt = getattr(optim_module, name)([p], lr=0.1)
+    opt.zero_grad()
+    p.grad  # real zeros: a unit that got no gradient (dead ReLU, unused bias)  # noqa: B018
+    opt.step()
+    assert np.all(np.isfinite(p.data)) and np.all(p.data == 1)

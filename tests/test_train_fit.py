@@ -175,3 +175,15 @@ def test_predict_restores_training_mode():
     model.train()
     predict(model, blobs(5)[0])
     assert model.training
+
+
+def test_fit_accepts_an_optimiser_class():
+    import numpy as np
+
+    from distnet import nn, optim
+
+    x = np.random.default_rng(0).random((20, 3), dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int64)
+    model = nn.Sequential(nn.Dense(3, 2))
+    history = model.fit(x, y, epochs=2, optimizer=optim.Adam, lr=1e-2)
+    assert len(history["loss"]) == 2

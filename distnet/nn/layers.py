@@ -74,14 +74,16 @@ class Dense(Module):
             else getattr(activation, "__name__", "custom")
         )
         self.activation = get_activation(activation)
+        # only a named activation is fused: a user's callable is called as it is
+        self._fused = activation if activation in FUSED_ACTIVATIONS else None
         self.weight = Parameter(initialisers.get(init)((in_features, out_features), dtype))
         self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x: Any) -> Tensor:
         x = as_batch(x, self.weight.dtype, self.in_features,
                      f"Dense({self.in_features}, {self.out_features})")  # fmt: skip
-        if self.activation_name in FUSED_ACTIVATIONS:  # one op, activation in place
-            return linear(x, self.weight, self.bias, activation=self.activation_name)
+        if self._fused:  # one op, the activation applied in place
+            return linear(x, self.weight, self.bias, activation=self._fused)
         return self.activation(linear(x, self.weight, self.bias))
 
     def extra_repr(self) -> str:

@@ -12,11 +12,19 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from distnet import backend
 from distnet.nn.module import Module, Parameter
 from distnet.optim.optimizer import Optimizer
 
 Params = Module | Iterable[Parameter]
+
+
+def usable_eps(eps: float, dtype: Any) -> float:
+    """``eps``, raised to the dtype's smallest normal number: 1e-8 is 0 in float16, and a zero
+    gradient would then give 0/0 = NaN parameters after one step."""
+    return max(eps, float(np.finfo(dtype).tiny))
 
 
 def _check_range(opt: str, name: str, value: float, low: float, high: float) -> float:
@@ -75,7 +83,7 @@ class Adam(Optimizer):
         bias1, bias2 = 1.0 - b1**t, 1.0 - b2**t
         xp.sqrt(v, out=s)
         s *= 1.0 / math.sqrt(bias2)
-        s += self.eps
+        s += usable_eps(self.eps, s.dtype)
         xp.divide(m, s, out=s)
         s *= self.lr / bias1
         params -= s
@@ -134,7 +142,7 @@ class RMSProp(Optimizer):
             xp.sqrt(s, out=s)
         else:
             xp.sqrt(sq, out=s)
-        s += self.eps
+        s += usable_eps(self.eps, s.dtype)
         xp.divide(grads, s, out=s)
         if self.momentum:
             buf = self._state["momentum_buffer"]
@@ -182,7 +190,7 @@ class AdaGrad(Optimizer):
         xp.multiply(grads, grads, out=s)
         acc += s
         xp.sqrt(acc, out=s)
-        s += self.eps
+        s += usable_eps(self.eps, s.dtype)
         xp.divide(grads, s, out=s)
         s *= self.lr / (1.0 + (self.steps - 1) * self.lr_decay)
         params -= s

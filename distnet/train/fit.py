@@ -49,29 +49,33 @@ METRICS: dict[str, Callable[[Tensor, Any], float]] = {"accuracy": _accuracy, "ac
 
 # -- setup helpers -------------------------------------------------------------------------
 def make_optimizer(spec: Any, model: Any, lr: float | None = None) -> Any:
-    """An optimiser for ``model`` from an instance (returned as is), a name or a factory.
+    """An optimiser for ``model`` from an instance (returned as is), a name, a class or a
+    factory.
 
-    Names: 'adam' (lr 1e-3; SGD with momentum 0.9, lr 0.1, until Adam exists), 'sgd' (lr 0.01),
-    'rmsprop'. A factory is called as ``factory(model)``.
+    Names: 'adam' (lr 1e-3), 'sgd' (lr 0.01), 'rmsprop' (lr 1e-3), 'adagrad' (lr 1e-2). A
+    class (``optim.Adam``) is called as ``cls(model)`` (with ``lr`` when given), a factory as
+    ``factory(model)``.
     """
     from distnet import optim  # noqa: PLC0415  (train sits above optim; lazy keeps imports light)
 
     if spec is None:
         spec = "adam"
+    if isinstance(spec, type):  # a class has step() too, but is no optimiser yet
+        return spec(model) if lr is None else spec(model, lr=lr)
     if hasattr(spec, "step") and hasattr(spec, "zero_grad"):
         return spec
     if callable(spec):
         return spec(model)
+    defaults = {"adam": (optim.Adam, 1e-3), "sgd": (optim.SGD, 1e-2),
+                "rmsprop": (optim.RMSProp, 1e-3), "adagrad": (optim.AdaGrad, 1e-2)}  # fmt: skip
     name = str(spec).lower()
-    if name == "adam" and hasattr(optim, "Adam"):
-        return optim.Adam(model, lr=lr or 1e-3)
-    if name == "adam":
-        return optim.SGD(model, lr=lr or 0.1, momentum=0.9)
-    if name == "rmsprop" and hasattr(optim, "RMSProp"):
-        return optim.RMSProp(model, lr=lr or 1e-3)
-    if name == "sgd":
-        return optim.SGD(model, lr=lr or 0.01)
-    raise ValueError(f"unknown optimizer {spec!r}: pass an Optimizer, a factory or 'adam'/'sgd'")
+    if name not in defaults:
+        raise ValueError(
+            f"unknown optimizer {spec!r}: pass an optimiser, a class, a factory or one of "
+            f"{sorted(defaults)}"
+        )
+    cls, default_lr = defaults[name]
+    return cls(model, lr=lr or default_lr)
 
 
 class Objective:

@@ -128,6 +128,21 @@ class EpochPrinter(Callback):
         self.log(f"    epoch {epoch + 1:3d}/{self.loop.epochs}  {shown}")
 
 
+class RankNoise(Callback):
+    """Seeds the noise generator (dropout, masking noise) at every epoch from (seed, stage,
+    rank, epoch): ranks draw different masks for their different samples, and a run resumed
+    at an epoch boundary draws exactly what an uninterrupted one would."""
+
+    def __init__(self, seed: int, stage: int, rank: int):
+        self.key = [seed, stage, rank]
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any]) -> None:
+        from distnet import backend  # noqa: PLC0415
+
+        state = np.random.SeedSequence([*self.key, epoch]).generate_state(1)[0]
+        backend.seed(int(state))
+
+
 def image_shape(n_in: int) -> tuple[int, int] | None:
     """(side, side) when inputs of width ``n_in`` are square images (8x8 digits, 28x28)."""
     side = int(round(n_in**0.5))
@@ -196,6 +211,7 @@ def build_stages(
     wrap: Callable[[Any], Any],
     log: Callable[[str], None],
     on_pretrained: Callable[[int], None],
+    rank: int = 0,
 ) -> list:
     """Pretraining stages (stacked autoencoders) and the supervised stage."""
     from distnet.optim import Adam  # noqa: PLC0415
@@ -214,7 +230,8 @@ def build_stages(
             try:
                 model.pretrain_layer(
                     k, loader, epochs=pre["epochs"], optimizer=opt, seed=seed + k,
-                    initial_epoch=start, callbacks=[saver, EpochPrinter(log, every)],
+                    initial_epoch=start,
+                    callbacks=[RankNoise(seed, ctx.index, rank), saver, EpochPrinter(log, every)],
                 )  # fmt: skip
             finally:  # the next stage's wrapper must be the only one reducing
                 getattr(opt, "close", lambda: None)()
@@ -240,7 +257,12 @@ def build_stages(
                 optimizer=opt,
                 seed=seed + 100,
                 initial_epoch=start,
-                callbacks=[saver, plateau, EpochPrinter(log, every)],
+                callbacks=[
+                    RankNoise(seed, ctx.index, rank),
+                    saver,
+                    plateau,
+                    EpochPrinter(log, every),
+                ],
             )
         finally:
             getattr(opt, "close", lambda: None)()  # fmt: skip
@@ -307,7 +329,7 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         if k == 0 and job["run"]["pictures"] and x_test is not None:
             draw_pictures(model, x_test, out)
 
-    stages = build_stages(job, model, loader, wrap, say, after_pretraining)
+    stages = build_stages(job, model, loader, wrap, say, after_pretraining, rank)
     try:
         table = Pipeline(out, model, stages, writer=rank == 0, log=say).run()
     finally:
