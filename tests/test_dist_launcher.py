@@ -61,6 +61,9 @@ def test_hostfile_formats(tmp_path):
     f.write_text("node1 4 extra\n")
     with pytest.raises(launcher.LaunchError, match=r"hosts:1: cannot read"):
         launcher.parse_hostfile(str(f))
+    f.write_text("b:2 slots=3\n")
+    with pytest.raises(launcher.LaunchError, match=r"hosts:1: .* gives slots twice"):
+        launcher.parse_hostfile(str(f))
     f.write_text("# nothing\n")
     with pytest.raises(launcher.LaunchError, match="names no hosts"):
         launcher.parse_hostfile(str(f))

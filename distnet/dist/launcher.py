@@ -71,6 +71,8 @@ def parse_hostfile(path: str) -> list[Host]:
         where = f"{path}:{number}"
         fields = line.split()
         if len(fields) == 2 and fields[1].startswith("slots="):
+            if ":" in fields[0]:
+                raise LaunchError(f"{where}: {raw.strip()!r} gives slots twice (HOST:N and slots=)")
             hosts.append(parse_host(f"{fields[0]}:{fields[1][6:]}", where))
         elif len(fields) == 1:
             hosts.append(parse_host(fields[0], where))

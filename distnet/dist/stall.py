@@ -22,6 +22,7 @@ import numpy as np
 
 DEFAULT_WARN_S = 60.0
 _TAG = 77
+_NAMES_KEPT = 256
 _CLOSED = -1  # the "step" a rank sends when it stops checking
 
 
@@ -80,6 +81,9 @@ class StallDetector:
         self.step += 1
         if self.comm.rank == 0:
             self._names[self.step] = name
+            # only recent steps can be reported (the front of a stall): keep the map bounded,
+            # or a long run grows it by one entry per step
+            self._names.pop(self.step - _NAMES_KEPT, None)
             self._latest[0] = self.step
             return
         # Completed sends are dropped; the message array must live until its send is done.
