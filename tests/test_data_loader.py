@@ -235,6 +235,16 @@ def test_state_loaded_after_an_epoch_ends_is_not_served_from_the_spare_prefetch(
     lo.close()
 
 
+def test_resume_under_other_order_settings_is_refused(ds):
+    lo = StreamLoader(ds, 32, rank=0, world_size=1, shuffle_chunks=4)
+    state = lo.state_dict()
+    other = StreamLoader(ds, 32, rank=0, world_size=1, shuffle_chunks=2)
+    with pytest.raises(ValueError, match="saved with shuffle_chunks=4, this loader has"):
+        other.load_state_dict(state)
+    old = {k: v for k, v in state.items() if k not in ("shuffle", "shuffle_chunks", "drop_last")}
+    StreamLoader(ds, 32, rank=0, world_size=1).load_state_dict(old)  # older states still load
+
+
 def _loader_threads() -> int:
     return sum(t.name.startswith("StreamLoader") for t in threading.enumerate())
 

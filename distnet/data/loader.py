@@ -122,11 +122,22 @@ class StreamLoader:
             "world_size": self.world_size,
             "batch_sizes": list(self.batch_sizes),
             "history": [list(h) for h in self._history],
+            # the order depends on these too; a resume under others would serve other samples
+            "shuffle": self.shuffle,
+            "shuffle_chunks": self.shuffle_chunks,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resumes at the next sample. With other batch sizes or world size, what is left of
         the epoch is re-partitioned among this loader's ranks."""
+        for key in ("shuffle", "shuffle_chunks", "drop_last"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"StreamLoader.load_state_dict: the state was saved with {key}="
+                    f"{state[key]!r}, this loader has {key}={getattr(self, key)!r}; the rest "
+                    "of the epoch would not be the samples the saved run had left"
+                )
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
         self.samples_seen = int(state["samples_seen"])
         history = [list(map(int, h)) for h in state.get("history", [])]
