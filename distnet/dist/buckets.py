@@ -144,11 +144,20 @@ class BucketReducer:
 
     def finish(self) -> Any:
         """Waits for every started bucket; returns the flat buffer (now reduced)."""
-        for bucket, pending in self._pending:
+        pending_now, self._pending = self._pending, []
+        for bucket, pending in pending_now:
             pending.wait()
             if self._scratch is not None:
-                self.flat[bucket.start : bucket.stop] = self._scratch[bucket.start : bucket.stop]
-        self._pending.clear()
+                wire = self._scratch[bucket.start : bucket.stop]
+                # after the sum, so every rank sees the same result and fails the same way,
+                # before inf reaches the parameters
+                if not bool(array_module(wire).isfinite(wire).all()):
+                    raise FloatingPointError(
+                        f"fp16 compression: the reduced gradient of elements "
+                        f"{bucket.start}..{bucket.stop} overflowed float16 (|value| > 65504); "
+                        "train with compression=None or a smaller loss scale"
+                    )
+                self.flat[bucket.start : bucket.stop] = wire
         return self.flat
 
     def reduce(self, buckets: Sequence[Bucket], weight: float) -> Any:

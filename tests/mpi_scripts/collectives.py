@@ -64,4 +64,15 @@ bound = n * 2.0**-11 * np.abs(every / n).sum(axis=0) + n * 6e-8
 err = np.abs(flat - exact)
 assert np.all(err <= bound), float((err / bound).max())
 
+# fp16 overflow: a clear error on every rank, and the buffer is not filled with inf
+if n > 1:
+    huge = np.full(64, 60000.0, dtype=np.float32)  # the sum of n ranks exceeds 65504
+    try:
+        bucketed_allreduce(huge, comm, 0, compression="fp16", op="sum")
+    except FloatingPointError as e:
+        assert "overflowed float16" in str(e), e
+        assert np.all(np.isfinite(huge))
+    else:
+        raise AssertionError("fp16 overflow went unnoticed")
+
 comm.print0("collectives ok")
