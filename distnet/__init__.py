@@ -1,6 +1,7 @@
 """distnet: data-parallel neural-network training you can read and own.
 
-Layers (each imports only those above it): backend, core, nn, optim, data, dist, train, cli.
+Layers (each imports only those above it): backend, core, nn, optim, data, parallel, train, cli.
+The subpackages load on first use (PEP 562): `import distnet as dn; dn.nn.Dense(...)`.
 """
 
 from distnet import functional
@@ -21,6 +22,22 @@ from distnet.core import (
 )
 
 __version__ = "0.1.0"
+
+_SUBPACKAGES = ("backend", "bench", "core", "data", "nn", "optim", "parallel", "train", "viz")
+
+
+def __getattr__(name: str):
+    """Import `distnet.<subpackage>` on first attribute access (PEP 562); `dist` is the old name."""
+    import importlib  # noqa: PLC0415
+
+    if name in _SUBPACKAGES or name == "dist":
+        return importlib.import_module(f"distnet.{name}")
+    raise AttributeError(f"module 'distnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBPACKAGES))
+
 
 __all__ = [
     "Tensor",

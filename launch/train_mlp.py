@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-import distnet.dist as dist
+import distnet.parallel as dist
 from distnet import backend, nn, optim
 from distnet import functional as F
 from distnet.data import StreamLoader

@@ -75,7 +75,7 @@ def _time(fn: Any, reps: int, comm: Any, reset: Any = None) -> float:
 
 
 def _collectives(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
-    from distnet.dist.buckets import BucketReducer, plan_buckets  # noqa: PLC0415
+    from distnet.parallel.buckets import BucketReducer, plan_buckets  # noqa: PLC0415
 
     sizes = mlp_param_sizes()
     n = sum(sizes)
@@ -132,9 +132,9 @@ def _collectives(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
 def _training_step(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
     from distnet import backend  # noqa: PLC0415
     from distnet.core.functional import cross_entropy  # noqa: PLC0415
-    from distnet.dist import DistributedOptimizer  # noqa: PLC0415
     from distnet.nn import Dense, Sequential  # noqa: PLC0415
     from distnet.optim import SGD  # noqa: PLC0415
+    from distnet.parallel import DistributedOptimizer  # noqa: PLC0415
 
     backend.seed(0)
     layers = [Dense(a, b, "relu") for a, b in zip(MLP[:-2], MLP[1:-1], strict=True)]
@@ -181,7 +181,7 @@ def _training_step(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from distnet.dist import init  # noqa: PLC0415
+    from distnet.parallel import init  # noqa: PLC0415
 
     comm = init("mpi")
     result: dict[str, Any] = {"ranks": comm.size, "threads": os.environ.get("OMP_NUM_THREADS")}
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     """Re-launches itself under mpiexec with ``-np`` ranks; rank 0 reports."""
     if args.worker:
         return _worker(args)
-    from distnet.dist.launcher import LaunchError, find_mpiexec  # noqa: PLC0415
+    from distnet.parallel.launcher import LaunchError, find_mpiexec  # noqa: PLC0415
 
     if args.np < 2:
         print("distnet bench allreduce: -np must be at least 2", file=sys.stderr)

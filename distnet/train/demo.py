@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         from distnet.cli import main  # noqa: PLC0415
 
         return main(train[3:])
-    from distnet.dist.launcher import main as launch  # noqa: PLC0415
+    from distnet.parallel.launcher import main as launch  # noqa: PLC0415
 
     if not args.quiet:
         print(f"distnet demo: {args.workers} workers: distnet launch -np {args.workers} -- "

@@ -277,7 +277,7 @@ def build_stages(
 def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs a loaded job on this process's rank; returns the report (written by rank 0)."""
     from distnet import backend  # noqa: PLC0415
-    from distnet import dist as distributed  # noqa: PLC0415
+    from distnet import parallel as distributed  # noqa: PLC0415
     from distnet.data import StreamLoader, open_dataset  # noqa: PLC0415
     from distnet.train.pipeline import Pipeline  # noqa: PLC0415
 

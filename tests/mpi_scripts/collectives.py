@@ -5,7 +5,7 @@ Asserts on every rank; rank 0 prints "collectives ok" at the end.
 
 import numpy as np
 
-from distnet.dist import bucketed_allreduce, init
+from distnet.parallel import bucketed_allreduce, init
 
 comm = init("mpi")
 r, n = comm.rank, comm.size

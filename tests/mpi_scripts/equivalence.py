@@ -21,9 +21,9 @@ import numpy as np
 
 from distnet import backend
 from distnet.core.functional import cross_entropy
-from distnet.dist import DistributedOptimizer, LocalCommunicator, init
 from distnet.nn import Dense, Sequential
 from distnet.optim import SGD, Adam
+from distnet.parallel import DistributedOptimizer, LocalCommunicator, init
 
 STEPS = 50
 IN, HIDDEN, CLASSES = 10, 16, 3

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from distnet.dist import init
-from distnet.dist.stall import StallDetector
+from distnet.parallel import init
+from distnet.parallel.stall import StallDetector
 
 mode = sys.argv[1]
 comm = init("mpi")

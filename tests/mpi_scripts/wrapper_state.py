@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from distnet import dist, nn, optim
 from distnet import functional as F
+from distnet import nn, optim
+from distnet import parallel as dist
 
 
 def model_and_data(rank: int):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distnet.dist import launcher
+from distnet.parallel import launcher
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_dry_run_builds_hydra_and_openmpi_commands(capsys):
     assert launcher.run(args) == 0
     out = capsys.readouterr().out
     assert "-n 4 -hosts a:2,b:2 -genv K V" in out and "DISTNET_TAGGED_OUTPUT 1" in out
-    assert "distnet.dist.rankexec -- " in out and out.rstrip().endswith("echo x")
+    assert "distnet.parallel.rankexec -- " in out and out.rstrip().endswith("echo x")
     cmd = launcher.build_command("mpirun", "openmpi", 2, None, {"K": "V"}, ["echo"], True)
     assert cmd[:5] == ["mpirun", "-n", "2", "-x", "K=V"]
 

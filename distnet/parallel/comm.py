@@ -5,7 +5,7 @@
 - ``LocalCommunicator``: one process, no MPI import; every collective is a no-op (or a copy).
 - ``MPICommunicator``: processes started by ``distnet launch`` / mpiexec / srun. CPU buffers go
   through mpi4py's buffer interface (no pickling, no copies); GPU (cupy) buffers go through
-  NCCL once ``use_nccl()`` has been called on every rank (see ``distnet.dist.nccl``).
+  NCCL once ``use_nccl()`` has been called on every rank (see ``distnet.parallel.nccl``).
 
 Every collective works in place on a contiguous 1-D (or any contiguous) array, because the
 gradient buffers it reduces are slices of one flat buffer owned by the model.
@@ -170,7 +170,7 @@ class MPICommunicator(Communicator):
     def use_nccl(self) -> None:
         """Collective: creates the NCCL communicator (one GPU per rank, by local_rank)."""
         if self._nccl is None:
-            from distnet.dist.nccl import NcclCommunicator  # noqa: PLC0415
+            from distnet.parallel.nccl import NcclCommunicator  # noqa: PLC0415
 
             self._nccl = NcclCommunicator(self)
 

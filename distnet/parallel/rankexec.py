@@ -7,7 +7,7 @@ small parent of each rank knows the rank, so a rank killed by a signal or exitin
 error is named: ``[rank 1] killed by signal 9 (SIGKILL)``. It also writes a one-line status
 file for the launcher, which then exits with the status of the rank that failed first.
 
-Usage (by the launcher): ``python -m distnet.dist.rankexec -- COMMAND...``
+Usage (by the launcher): ``python -m distnet.parallel.rankexec -- COMMAND...``
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        print("usage: python -m distnet.dist.rankexec -- COMMAND...", file=sys.stderr)
+        print("usage: python -m distnet.parallel.rankexec -- COMMAND...", file=sys.stderr)
         return 2
     rank = rank_from_env()
     # hydra hands each rank its PMI connection as an inherited descriptor: keep it open.

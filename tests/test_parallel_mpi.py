@@ -27,7 +27,7 @@ pytestmark = [
 
 def launch(np_: int, *command: str, timeout: float = 90, env: dict | None = None):
     """Runs ``distnet launch -np N -- python COMMAND...``; returns (CompletedProcess, seconds)."""
-    cmd = [sys.executable, "-m", "distnet.dist.launcher", "-np", str(np_), "--"]
+    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", str(np_), "--"]
     cmd += [sys.executable, *command]
     t0 = time.monotonic()
     proc = subprocess.run(
@@ -124,7 +124,7 @@ def test_bench_allreduce_runs(tmp_path):
 @pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))
 def test_nccl_allreduce_on_gpu():
     code = (
-        "import cupy as cp; from distnet.dist import init; c = init('mpi'); c.use_nccl();"
+        "import cupy as cp; from distnet.parallel import init; c = init('mpi'); c.use_nccl();"
         "x = cp.full(1000, c.rank + 1.0, cp.float32); c.allreduce(x, 'mean');"
         "assert float(x[0]) == (c.size + 1) / 2; c.broadcast(x, 0); c.print0('nccl ok')"
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from distnet import dist, nn, optim
+from distnet import nn, optim
+from distnet import parallel as dist
 from distnet.optim import StepLR
 from distnet.train import ReduceLROnPlateau
 

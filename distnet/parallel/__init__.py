@@ -1,14 +1,14 @@
 """Distribution: communicators, bucketed gradient allreduce, the data-parallel optimiser.
 
-    import distnet.dist as dist
+    import distnet.parallel as dist
     comm = dist.init()                       # MPI under `distnet launch`, local otherwise
     opt = dist.DistributedOptimizer(SGD(model, lr=0.1), comm, bucket_mb=25)
 
 Nothing here imports mpi4py or cupy until a communicator that needs them is created.
 """
 
-from distnet.dist.buckets import Bucket, BucketReducer, bucketed_allreduce, plan_buckets
-from distnet.dist.comm import (
+from distnet.parallel.buckets import Bucket, BucketReducer, bucketed_allreduce, plan_buckets
+from distnet.parallel.comm import (
     Communicator,
     LocalCommunicator,
     MPICommunicator,
@@ -16,8 +16,8 @@ from distnet.dist.comm import (
     init,
     launched_by_mpi,
 )
-from distnet.dist.optimizer import DistributedOptimizer
-from distnet.dist.stall import StallDetector
+from distnet.parallel.optimizer import DistributedOptimizer
+from distnet.parallel.stall import StallDetector
 
 __all__ = [
     "Bucket",

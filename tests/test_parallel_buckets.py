@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from distnet.dist import (
+from distnet.parallel import (
     DistributedOptimizer,
     LocalCommunicator,
     bucketed_allreduce,
     init,
     plan_buckets,
 )
-from distnet.dist.buckets import param_offsets
+from distnet.parallel.buckets import param_offsets
 
 pytestmark = pytest.mark.timeout(60)
 

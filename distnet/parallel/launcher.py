@@ -148,7 +148,7 @@ def build_command(
     command: list[str],
     tag_output: bool = True,
 ) -> list[str]:
-    # tag_output: rankexec (not mpiexec) prefixes lines, see distnet.dist.rankexec._relay
+    # tag_output: rankexec (not mpiexec) prefixes lines, see distnet.parallel.rankexec._relay
     """The mpiexec command line that starts ``np_`` ranks of ``command`` under rankexec."""
     cmd = [mpiexec, "-n", str(np_)]
     host_list = ",".join(f"{h.name}:{h.slots}" for h in hosts) if hosts else None
@@ -162,7 +162,7 @@ def build_command(
             cmd += ["-hosts", host_list]
         for key, value in env.items():
             cmd += ["-genv", key, value]
-    return cmd + [sys.executable, "-m", "distnet.dist.rankexec", "--", *command]
+    return cmd + [sys.executable, "-m", "distnet.parallel.rankexec", "--", *command]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distnet.dist.launcher ...`` (same as ``distnet launch ...``)."""
+    """``python -m distnet.parallel.launcher ...`` (same as ``distnet launch ...``)."""
     parser = argparse.ArgumentParser(prog="distnet launch", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

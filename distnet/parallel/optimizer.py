@@ -2,7 +2,7 @@
 
 Wrap any ``distnet.optim`` optimiser; use it exactly as before::
 
-    comm = distnet.dist.init()
+    comm = distnet.parallel.init()
     opt = DistributedOptimizer(SGD(model.parameters(), lr=0.1), comm)
     for x, y in loader:            # this rank's shard of each global batch
         opt.zero_grad(); loss(model(x), y).backward(); opt.step()
@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from distnet.backend import array_module, is_gpu_array
-from distnet.dist.buckets import Bucket, BucketReducer, plan_buckets
-from distnet.dist.comm import Communicator
-from distnet.dist.stall import StallDetector, stall_limit_from_env
+from distnet.parallel.buckets import Bucket, BucketReducer, plan_buckets
+from distnet.parallel.comm import Communicator
+from distnet.parallel.stall import StallDetector, stall_limit_from_env
 
 
 def _overlap_default() -> bool:
@@ -46,7 +46,7 @@ class DistributedOptimizer:
         optimizer: has ``params``, ``flat_params`` and ``flat_grads`` (1-D, shape ``(n,)``),
             ``step()``, ``zero_grad()``, ``state_dict()``, ``load_state_dict()`` and
             ``state_buffers()``.
-        comm: from ``distnet.dist.init()``.
+        comm: from ``distnet.parallel.init()``.
         bucket_mb: bucket size in MiB (0: one bucket per parameter).
         compression: None, or ``"fp16"`` to send gradients as float16.
         batch_share: this rank's fraction of every global batch (all ranks' shares sum to 1);

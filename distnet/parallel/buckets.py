@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distnet.backend import array_module
-from distnet.dist.comm import Communicator, PendingAllreduce, scale_
+from distnet.parallel.comm import Communicator, PendingAllreduce, scale_
 
 COMPRESSIONS = (None, "fp16")
 
