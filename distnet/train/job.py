@@ -296,8 +296,8 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
     n_in = int(np.prod(train.shape[1:]))
     model = build_model(job, n_in, int(train.num_classes))
     device = job["run"]["device"]
-    if device == "cuda":  # one GPU per rank; gradients then go through NCCL
-        device = backend.use_device(f"cuda:{comm.local_rank}")
+    if device != "cpu":  # one GPU per rank; gradients then go through NCCL
+        device = backend.use_device(backend.device_for_rank(comm.local_rank, device))
         model.to(device)
     loader = StreamLoader(
         train,
