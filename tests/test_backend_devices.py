@@ -141,8 +141,9 @@ def test_nccl_setup_picks_its_gpu_through_device_for_rank(monkeypatch):
     from distnet.parallel import nccl  # noqa: PLC0415
 
     used: list[str] = []
-    monkeypatch.setattr(backend, "_cupy", lambda: types.SimpleNamespace(
-        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 2))))  # fmt: skip
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 2)
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setattr(backend, "_cupy", lambda: fake)
     monkeypatch.setattr(backend, "use_device", lambda d: used.append(d) or d)
     assert nccl.select_device(3) == 1
     assert used == ["cuda:1"]
