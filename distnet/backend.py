@@ -6,6 +6,7 @@ serves CPU and GPU. cupy is imported lazily, and only if it is installed and a G
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -113,6 +114,29 @@ def device_for_rank(local_rank: int, device: str = "cuda", visible: int | None =
         raise RuntimeError(f"device {device!r} asked for, but this process sees {visible} "
                            f"GPU(s): cuda:0..cuda:{visible - 1}")  # fmt: skip
     return device
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' or 'cuda:N': 'cuda' alone becomes the calling thread's current GPU.
+
+    Resolve in the thread that chose the device: a new thread's current GPU is GPU 0.
+    """
+    if device == "cuda":
+        cp = _cupy()
+        if cp is None:
+            raise RuntimeError(f"device {device!r} asked for, but {gpu_skip_reason()}")
+        return f"cuda:{cp.cuda.runtime.getDevice()}"
+    if device != "cpu" and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return device
+
+
+def device_context(device: str) -> Any:
+    """A context manager that makes ``device`` ('cpu' or 'cuda:N') current in this thread
+    (cupy's current device is per thread, GPU 0 in a new one); a no-op for 'cpu'."""
+    if device == "cpu":
+        return contextlib.nullcontext()
+    return _cupy().cuda.Device(int(resolve_device(device).split(":", 1)[1]))
 
 
 def use_device(device: str) -> str:

@@ -114,10 +114,13 @@ class Prefetcher:
         return False
 
     def _run(self) -> None:
+        from distnet.backend import device_context  # noqa: PLC0415
+
         try:
-            for xb, yb in self._raw_batches():
-                if not self._put(self._finish(xb, yb)):
-                    return
+            # cupy's current device is per thread and 0 in a new one: without entering the
+            # loader's device, every rank's copies (and their memory pool) land on GPU 0
+            with device_context(self.device):
+                self._produce()
         except DatasetError as exc:
             self._put(_Failure(exc))
         except BaseException as exc:  # noqa: BLE001  (anything must reach the consumer)
@@ -127,6 +130,11 @@ class Prefetcher:
             )
             err.__cause__ = exc
             self._put(_Failure(err))
+
+    def _produce(self) -> None:
+        for xb, yb in self._raw_batches():
+            if not self._put(self._finish(xb, yb)):
+                return
 
     def _ids(self) -> Iterator[np.ndarray]:
         """Sample ids of this rank's remaining window pieces, after the batches done."""

@@ -164,8 +164,10 @@ def draw_pictures(
     pictures = {"filters" + suffix: str(out / f"filters{suffix}.png")}
     filter_grid(weight.data, shape, pictures["filters" + suffix])
     if reconstructions and hasattr(first, "encoder"):
-        with first.evaluating():  # no masking noise
-            x_hat = first(x[:16]).data
+        from distnet.nn.module import on_device_of  # noqa: PLC0415
+
+        with first.evaluating():  # no masking noise; host samples go to the model's device
+            x_hat = first(on_device_of(first, x[:16])).data
         pictures["reconstructions" + suffix] = str(out / f"reconstructions{suffix}.png")
         reconstruction_grid(x[:16], x_hat, shape, pictures["reconstructions" + suffix])
     return pictures
@@ -301,7 +303,7 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         model.to(device)
     loader = StreamLoader(
         train,
-        global_batch // size,
+        global_batch_size=global_batch,  # each rank streams global_batch / size
         rank=rank,
         world_size=size,
         seed=job["run"]["seed"],
