@@ -35,3 +35,71 @@ def test_fp16_overflow_waits_for_every_bucket_before_raising():
     proc = launch(2, str(SCRIPTS / "fp16_overflow.py"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[0] fp16 overflow ok" in proc.stdout
+
+
+RESUME_JOB = """
+[data]
+train = "{data}/train"
+test = "{data}/test"
+batch_size = 32
+
+[model]
+type = "stacked_autoencoder"
+hidden = [24, 12]
+
+[pretrain]
+epochs = 2
+
+[finetune]
+epochs = 3
+
+[run]
+log_every = 100
+pictures = false
+"""
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    pytest.importorskip("sklearn")
+    from distnet.data import convert_digits  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("digits")
+    convert_digits(root, test_fraction=0.25, seed=0, chunk_samples=64)
+    return root
+
+
+@pytest.mark.timeout(280)
+def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(digits, tmp_path):
+    """Rank 1's run directory is new and empty on every run: rank 0 must read the checkpoints
+    and broadcast them, or rank 1 starts at stage 0 while rank 0 resumes fine-tuning."""
+    import numpy as np  # noqa: PLC0415
+
+    from distnet.train.checkpoint import read_manifest  # noqa: PLC0415
+
+    job = tmp_path / "job.toml"
+    job.write_text(RESUME_JOB.format(data=digits))
+    script = str(SCRIPTS / "resume_local_dirs.py")
+    local = tmp_path / "local"
+    local.mkdir()
+
+    def run(out: str, mode: str) -> subprocess.CompletedProcess:
+        proc = launch(2, script, str(job), str(tmp_path / out), str(local), mode, timeout=80)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    assert "full done, resumed from [0, 0, 0]" in run("full", "full").stdout
+    assert "crashed as planned" in run("stopped", "crash").stdout
+    progress = tmp_path / "stopped" / "stages" / "2-finetune" / "progress"
+    assert read_manifest(progress)["extra"]["epoch"] == 2
+    assert "resume done, resumed from [0, 0, 2]" in run("stopped", "resume").stdout
+
+    full = np.load(local / "final-full-rank0.npz")
+    for rank in (0, 1):
+        resumed = np.load(local / f"final-resume-rank{rank}.npz")
+        assert sorted(resumed.files) == sorted(full.files)
+        for name in full.files:
+            np.testing.assert_array_equal(resumed[name], full[name], err_msg=f"{rank} {name}")
+    assert (
+        not any((local / "rank1-resume").iterdir()) if (local / "rank1-resume").exists() else True
+    )
