@@ -156,6 +156,58 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return max(complete, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, default=None)
 
 
+def _read_files(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    manifest = _read_manifest(path)
+    if manifest is None or not (path / manifest["arrays"]).is_file():
+        return None
+    with np.load(path / manifest["arrays"], allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return manifest, arrays
+
+
+def read_checkpoint(
+    path: str | os.PathLike, comm: Any = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """(manifest, arrays by name) of the checkpoint at ``path``, or None when there is none.
+
+    With a communicator of several ranks, rank 0 alone reads the files and broadcasts what
+    it read (Horovod's ``broadcast_parameters`` / ``broadcast_optimizer_state``): the manifest
+    as one object, each array as a buffer broadcast. The other ranks' ``path`` may be
+    node-local and empty; every rank returns rank 0's checkpoint, so all resume at the
+    same stage, epoch and step. Collective then: every rank must call it.
+    """
+    path = Path(path)
+    if comm is None or comm.size == 1:
+        return _read_files(path)
+    found: Any = None
+    header: Any = None
+    if comm.rank == 0:
+        try:
+            found = _read_files(path)
+        except Exception as exc:  # noqa: BLE001  (the other ranks must hear of it, not hang)
+            found = exc
+        if isinstance(found, Exception):
+            header = ("error", f"{type(found).__name__}: {found}")
+        elif found is not None:
+            manifest, arrays = found
+            header = ("ok", manifest, [(k, a.shape, a.dtype.str) for k, a in arrays.items()])
+    header = comm.broadcast_object(header, root=0)
+    if header is None:
+        return None
+    if header[0] == "error":
+        if comm.rank == 0:
+            raise found
+        raise RuntimeError(f"{path}: rank 0 could not read the checkpoint: {header[1]}")
+    _, manifest, specs = header
+    arrays = found[1] if comm.rank == 0 else {}
+    for name, shape, dtype in specs:
+        buf = arrays[name] if comm.rank == 0 else np.empty(shape, dtype=np.dtype(dtype))
+        buf = np.ascontiguousarray(buf)
+        comm.broadcast(buf.reshape(-1).view(np.uint8), root=0)  # bytes: any dtype, 0-d too
+        arrays[name] = buf
+    return manifest, arrays
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: Any = None,
@@ -163,19 +215,36 @@ def load_checkpoint(
     *,
     loader: Any = None,
     restore_rng: bool = True,
+    comm: Any = None,
 ) -> dict[str, Any]:
     """Restores what ``save_checkpoint`` wrote into ``model`` / ``optimizer`` / ``loader``.
+
+    ``comm``: in a distributed run, rank 0 reads and broadcasts (see ``read_checkpoint``);
+    every rank must call it then, and no rank but 0 needs the files.
 
     Returns:
         the extras (``step``, ``stage``, ``epoch``, array extras, ...) plus ``"manifest"``.
     Raises:
-        FileNotFoundError: no complete checkpoint at ``path``.
+        FileNotFoundError: no complete checkpoint at ``path`` (on rank 0).
         KeyError / ValueError: the model or optimiser does not match (names the keys).
     """
-    path = Path(path)
-    manifest = read_manifest(path)
-    with np.load(path / manifest["arrays"], allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    found = read_checkpoint(path, comm)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (missing or never committed)")
+    return apply_checkpoint(path, *found, model, optimizer, loader=loader, restore_rng=restore_rng)
+
+
+def apply_checkpoint(
+    path: str | os.PathLike,
+    manifest: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    model: Any = None,
+    optimizer: Any = None,
+    *,
+    loader: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """``load_checkpoint`` on what ``read_checkpoint`` returned; same returns and errors."""
     if model is not None:
         state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
         model.load_state_dict(state)

@@ -333,7 +333,8 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     stages = build_stages(job, model, loader, wrap, say, after_pretraining, rank)
     try:
-        table = Pipeline(out, model, stages, writer=rank == 0, log=say).run()
+        # rank 0 reads the run directory and broadcasts: others' may be node-local and empty
+        table = Pipeline(out, model, stages, writer=rank == 0, log=say, comm=comm).run()
     finally:
         loader.close()
     m = job["model"]
