@@ -1,6 +1,6 @@
 """Run under mpiexec (2 ranks): a job whose rank > 0 run directories are node-local.
 
-    python resume_local_dirs.py JOB.toml RANK0_OUT LOCAL_ROOT MODE
+    python resume_local_dirs.py JOB.toml RANK0_OUT LOCAL_ROOT MODE [DEVICE]
 
 Rank 0 runs in RANK0_OUT; every other rank in a new, empty LOCAL_ROOT/rank<r>-<MODE>, as on
 nodes without a shared file system. MODE "crash" stops every rank after the second epoch of
@@ -18,10 +18,11 @@ from distnet.train import pipeline as pipeline_mod
 from distnet.train.job import load_job, run_job
 
 job_path, rank0_out, local_root, mode = sys.argv[1:5]
+device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
 comm = init("mpi")
 out = Path(rank0_out) if comm.rank == 0 else Path(local_root) / f"rank{comm.rank}-{mode}"
 assert comm.rank == 0 or not out.exists()
-job = load_job(job_path, {"run": {"out": str(out)}})
+job = load_job(job_path, {"run": {"out": str(out), "device": device}})
 
 models = []
 real_init = pipeline_mod.Pipeline.__init__
