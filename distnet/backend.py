@@ -205,20 +205,23 @@ def _gpu_uniform(shape: tuple[int, ...], rng: Any, dtype: Any) -> Any:
         # a numpy generator asked for on GPU: it seeds a cupy generator, one draw per call,
         # so the masks depend on rng's state (reproducible), but differ from the CPU's
         rng = cp.random.RandomState(int(rng.integers(2**63)))
-    if not hasattr(rng, "random_sample"):
-        raise TypeError(
-            f"random_like: rng= on a GPU must be a numpy Generator or a cupy RandomState, "
-            f"got {type(rng).__name__}"
-        )
-    return rng.random_sample(shape, dtype=dtype)
+    if hasattr(rng, "random_sample"):  # cupy.random.RandomState
+        return rng.random_sample(shape, dtype=dtype)
+    if hasattr(rng, "random"):  # cupy.random.Generator
+        return rng.random(shape, dtype=dtype)
+    raise TypeError(
+        f"random_like: rng= on a GPU must be a numpy Generator, a cupy RandomState or a cupy "
+        f"Generator, got {type(rng).__name__}"
+    )
 
 
 def random_like(shape: tuple[int, ...], like: Any, rng: Any = None) -> Any:
     """Uniform [0, 1) samples of ``shape`` on ``like``'s device.
 
     In ``like``'s dtype, except float32 for float16 (drawn and compared more finely than
-    float16's 1/2048 steps). ``rng``: a numpy Generator (CPU and GPU) or a cupy RandomState
-    (GPU); default distnet's global generator (``seed``).
+    float16's 1/2048 steps). ``rng``: a numpy Generator (CPU and GPU: on a GPU it seeds a cupy
+    generator with one draw), or a cupy RandomState / Generator (GPU); default distnet's
+    global generator (``seed``).
     """
     if is_gpu_array(like):
         dtype = np.float64 if like.dtype == np.float64 else np.float32
