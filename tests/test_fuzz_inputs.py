@@ -245,3 +245,21 @@ def test_an_array_of_the_wrong_shape_is_named(tmp_path):
     small_checkpoint(path)
     with pytest.raises(CheckpointError, match=str(path)):
         load_checkpoint(path, Sequential(Dense(5, 3)))
+
+
+def test_train_refuses_a_tampered_checkpoint_in_its_run_directory(tmp_path):
+    from distnet.data import convert_digits
+
+    convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=256)
+    job = tmp_path / "j.toml"
+    job.write_text(
+        "[data]\ntrain = 'data/train'\n[model]\ntype = 'mlp'\nhidden = [8]\n"
+        "[finetune]\nepochs = 1\n[run]\nout = 'run'\npictures = false\n"
+    )
+    assert run_cli("train", str(job))[0] == 0
+    (arrays,) = (tmp_path / "run" / "stages").glob("*/arrays-*.npz")
+    raw = bytearray(arrays.read_bytes())
+    raw[-40] ^= 0xFF
+    arrays.write_bytes(bytes(raw))
+    code, err = run_cli("train", str(job))
+    assert code == 2 and str(arrays) in err and "sha256" in err, err
