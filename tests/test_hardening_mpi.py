@@ -103,3 +103,10 @@ def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(
     assert (
         not any((local / "rank1-resume").iterdir()) if (local / "rank1-resume").exists() else True
     )
+
+
+@pytest.mark.timeout(100)
+def test_checkpoints_are_read_on_rank_zero_and_broadcast(tmp_path):
+    proc = launch(2, str(SCRIPTS / "checkpoint_broadcast.py"), str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[0] checkpoint broadcast ok" in proc.stdout

@@ -249,7 +249,7 @@ def read_checkpoint(
     arrays = found[1] if comm.rank == 0 else {}
     for name, shape, dtype in specs:
         buf = arrays[name] if comm.rank == 0 else np.empty(shape, dtype=np.dtype(dtype))
-        buf = np.ascontiguousarray(buf)
+        buf = np.asarray(buf, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
         comm.broadcast(buf.reshape(-1).view(np.uint8), root=0)  # bytes: any dtype, 0-d too
         arrays[name] = buf
     return manifest, arrays
