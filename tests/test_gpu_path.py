@@ -123,6 +123,7 @@ def test_cuda_job_under_distnet_launch_with_nccl(np_, job_file, tmp_path):
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("np_", [1, 2])
 def test_cuda_job_resumes_to_the_parameters_of_a_run_that_never_stopped(np_, job_file, tmp_path):

@@ -69,6 +69,7 @@ def digits(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(280)
 def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(digits, tmp_path):
     """Rank 1's run directory is new and empty on every run: rank 0 must read the checkpoints
