@@ -152,7 +152,18 @@ def use_device(device: str) -> str:
     if cp is None or not device.startswith("cuda:"):
         raise RuntimeError(f"device {device!r} asked for, but {gpu_skip_reason() or 'unknown'}")
     cp.cuda.Device(int(device.split(":", 1)[1])).use()
+    global _chosen_device
+    _chosen_device = device
     return device
+
+
+_chosen_device: str | None = None
+
+
+def chosen_device() -> str | None:
+    """The GPU this process chose with ``use_device`` ('cuda:N'), or None if none yet: NCCL
+    setup follows it, so a job's explicit 'cuda:N' and its communicator agree."""
+    return _chosen_device
 
 
 def as_float_array(data: Any, dtype: Any = None) -> Any:

@@ -145,5 +145,9 @@ def test_nccl_setup_picks_its_gpu_through_device_for_rank(monkeypatch):
     fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
     monkeypatch.setattr(backend, "_cupy", lambda: fake)
     monkeypatch.setattr(backend, "use_device", lambda d: used.append(d) or d)
+    monkeypatch.setattr(backend, "_chosen_device", None)
     assert nccl.select_device(3) == 1
     assert used == ["cuda:1"]
+    # a device the process already chose (a job's explicit 'cuda:N') wins over the default
+    monkeypatch.setattr(backend, "_chosen_device", "cuda:0")
+    assert nccl.select_device(3) == 0 and used[-1] == "cuda:0"

@@ -13,10 +13,12 @@ from typing import Any
 
 
 def select_device(local_rank: int) -> int:
-    """Makes this rank's GPU (``backend.device_for_rank``) current; returns its index."""
+    """Makes this rank's GPU current and returns its index: the one the process already
+    chose (``backend.use_device``, as jobs do), else ``backend.device_for_rank``."""
     from distnet import backend  # noqa: PLC0415
 
-    device = backend.use_device(backend.device_for_rank(local_rank, "cuda"))
+    chosen = backend.chosen_device() or backend.device_for_rank(local_rank, "cuda")
+    device = backend.use_device(chosen)
     return int(device.split(":", 1)[1])
 
 
