@@ -214,8 +214,25 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if not args.no_tag_output:
         env["DISTNET_TAGGED_OUTPUT"] = "1"  # rankexec prefixes every line with "[r] "
     flavor = mpiexec_flavor(mpiexec)
+    if hosts is None and not args.mpiexec and flavor == "hydra":
+        mpiexec, env = loopback_only(mpiexec, env)
     cmd = build_command(mpiexec, flavor, args.np, hosts, env, command, not args.no_tag_output)
     return cmd, env
+
+
+def loopback_only(mpiexec: str, env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A job on this machine alone listens on no network address but loopback.
+
+    hydra's mpiexec binds its control port to every interface (0.0.0.0), and UCX ranks listen
+    on every interface too; the mpich wheel's fork-only process manager (mpiexec.gforker)
+    opens no port, and ``UCX_NET_DEVICES=lo`` keeps the ranks on loopback (shared memory still
+    carries the data between them). Multi-host jobs (-H, --hostfile) keep hydra."""
+    gforker = Path(mpiexec).with_name("mpiexec.gforker")
+    if gforker.is_file() and os.access(gforker, os.X_OK):
+        mpiexec = str(gforker)
+    if "UCX_NET_DEVICES" not in env and "UCX_NET_DEVICES" not in os.environ:
+        env = {**env, "UCX_NET_DEVICES": "lo"}
+    return mpiexec, env
 
 
 def _first_failure(status_dir: str) -> dict | None:
