@@ -39,8 +39,29 @@ def test_any_hyperparameter_written_through_the_wrapper_reaches_the_optimiser():
     opt = dist.DistributedOptimizer(inner, dist.init("local"))
     opt.weight_decay, opt.momentum = 0.0, 0.0
     assert (inner.weight_decay, inner.momentum) == (0.0, 0.0)
-    opt.batch_share = 1.0  # the wrapper's own attributes stay its own
-    assert opt.batch_share == 1.0 and not hasattr(inner, "batch_share")
+    opt.batch_share = 1.0
+    assert opt.batch_share == 1.0
+
+
+def test_the_distributed_optimizer_is_an_optimizer_of_the_wrapped_class():
+    """Horovod's design: no attribute forwarding; schedules and checkpoints see an SGD."""
+    model, inner, opt = wrapped()
+    assert isinstance(opt, optim.SGD) and isinstance(opt, optim.Optimizer)
+    assert isinstance(opt, dist.DistributedOptimizer)
+    assert opt.optimizer is inner and opt.algorithm() == "SGD"
+    assert type(opt) is type(
+        dist.DistributedOptimizer(optim.SGD(model, lr=0.1), dist.init("local"))
+    )
+    # one state: a write on either face is seen by the other
+    inner.lr = 0.3
+    assert opt.lr == 0.3
+    assert opt.flat_params is inner.flat_params and opt.flat_params.base is None
+    import pytest
+
+    with pytest.raises(TypeError, match="already distributed"):
+        dist.DistributedOptimizer(inner, dist.init("local"))
+    with pytest.raises(TypeError, match="already distributed"):
+        dist.DistributedOptimizer(opt, dist.init("local"))
 
 
 def test_a_share_given_to_step_after_a_weighted_backward_is_refused():
