@@ -205,6 +205,11 @@ class EncodedLoader:
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
+    @property
+    def batch_share(self) -> float | None:
+        """The wrapped loader's share of the global batch (None when it has none)."""
+        return getattr(self.loader, "batch_share", None)
+
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)

@@ -290,7 +290,13 @@ class DistributedOptimizer:
         # step (or a parameter backward did not reach) would otherwise send stale gradients.
         self.settle_grads()  # also follows a re-layout of the parameters (follow_layout)
         if self._hooked:
-            if batch_share is not None and batch_share != self.batch_share and not self._prescaled:
+            started = self._next > 0  # with the default weight, by the hooks
+            if (
+                started
+                and batch_share is not None
+                and batch_share != self.batch_share
+                and not self._prescaled
+            ):
                 raise ValueError(
                     "with overlap, buckets start during backward: set opt.batch_share before "
                     "backward (or pass it to opt.backward) instead of step(batch_share=...)"

@@ -172,16 +172,18 @@ def draw_pictures(
 
 
 def _make_optimizer(spec: dict[str, Any], params: Any) -> Any:
-    from distnet.optim import SGD, Adam, RMSProp  # noqa: PLC0415
+    """The [finetune] optimiser, through the one factory (``distnet.optim.make_optimizer``)."""
+    from distnet.optim import SGD, make_optimizer, optimizer_class  # noqa: PLC0415
 
-    name, lr, wd = spec["optimizer"], spec["lr"], spec["weight_decay"]
-    if name == "adam":
-        return Adam(params, lr=lr, weight_decay=wd)
-    if name == "sgd":
-        return SGD(params, lr=lr, momentum=spec["momentum"], weight_decay=wd)
-    if name == "rmsprop":
-        return RMSProp(params, lr=lr, weight_decay=wd)
-    raise JobError(f"[finetune] optimizer must be 'adam', 'sgd' or 'rmsprop', got {name!r}")
+    name = spec["optimizer"]
+    try:
+        cls = optimizer_class(name)
+    except ValueError as e:
+        raise JobError(f"[finetune] optimizer: {e}") from None
+    options = {"weight_decay": spec["weight_decay"]}
+    if issubclass(cls, SGD):  # momentum is SGD's alone
+        options["momentum"] = spec["momentum"]
+    return make_optimizer(name, params, lr=spec["lr"], **options)
 
 
 def build_model(job: dict, n_in: int, n_classes: int) -> Any:
