@@ -17,18 +17,87 @@ import numpy as np
 from distnet import backend
 from distnet.core.tensor import Tensor
 
+_DATA = Tensor.data  # the slot behind Tensor.data, for the re-binding below
+_GRAD = Tensor.grad  # Tensor's grad property (deferred zeroing)
+
 
 class Parameter(Tensor):
-    """A leaf tensor that a ``Module`` owns and an optimiser updates (requires_grad=True)."""
+    """A leaf tensor that a ``Module`` owns and an optimiser updates (requires_grad=True).
+
+    Once laid into a model's flat buffers, ``.data`` and ``.grad`` stay views into them, so
+    the PyTorch idioms keep the link instead of silently breaking it:
+
+    - ``p.data = array`` copies ``array`` into the view (same shape; dtype cast within its
+      kind, e.g. float64 -> float32); a shape change or another device is refused.
+    - ``p.grad = None`` means zero (deferred, as ``zero_grad``): the next backward writes the
+      gradient into the flat buffer, and a reader before that sees zeros, not None.
+    - ``p.grad = array`` copies into the gradient view (same shape).
+    """
 
     __slots__ = ("_flat",)
 
     def __init__(self, data: Any, *, name: str | None = None):
-        super().__init__(data, requires_grad=True, name=name)
         self._flat: tuple[Any, Any, int] | None = None  # (data buffer, grad buffer, offset)
+        super().__init__(data, requires_grad=True, name=name)
+
+    @property
+    def data(self) -> Any:  # type: ignore[override]
+        return _DATA.__get__(self, Parameter)
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        if self._flat is None:
+            _DATA.__set__(self, value)
+            return
+        _copy_into(self, "data", _DATA.__get__(self, Parameter), value)
+
+    @property
+    def grad(self) -> Any:  # type: ignore[override]
+        return _GRAD.fget(self)
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        if self._flat is None:
+            _GRAD.fset(self, value)
+        elif value is None:
+            self.zero_grad_()  # the flat gradient view stays; it reads as zeros
+        else:
+            _copy_into(self, "grad", self._grad, value)
+            self._grad_zeroed = False
+
+    def bind_flat(self, data_view: Any, grad_view: Any, flat: tuple[Any, Any, int] | None) -> None:
+        """Points ``.data`` / ``.grad`` at views of flat buffers (``flat``: data buffer, grad
+        buffer, offset), or detaches the parameter from them (``flat=None``)."""
+        _DATA.__set__(self, data_view)
+        _GRAD.fset(self, grad_view)
+        self._flat = flat
 
     def __repr__(self) -> str:
         return f"Parameter(name={self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _copy_into(p: Parameter, what: str, view: Any, value: Any) -> None:
+    """``view[...] = value`` after checking that it keeps the parameter what it is."""
+    if value is view:
+        return
+    value = value.data if isinstance(value, Tensor) else value
+    where = f"Parameter {p.name or '?'}: .{what} is a view into the model's flat buffer"
+    if backend.is_gpu_array(value) != backend.is_gpu_array(view):
+        raise ValueError(
+            f"{where} on {backend.device_of(view)}; the new value is on another device "
+            "(move the model with model.to(device) instead)"
+        )
+    xp = backend.array_module(view)
+    array = xp.asarray(value)
+    if tuple(array.shape) != tuple(view.shape):
+        raise ValueError(
+            f"{where} of shape {tuple(view.shape)}; cannot assign shape {tuple(array.shape)} "
+            "(the optimiser and the allreduce work on that buffer: build a new model to "
+            "change shapes)"
+        )
+    if not np.can_cast(array.dtype, view.dtype, "same_kind"):
+        raise TypeError(f"{where} of dtype {view.dtype}; cannot assign {array.dtype}")
+    view[...] = array
 
 
 def _is_flat_view(p: Parameter, data_buf: Any, grad_buf: Any, offset: int) -> bool:
@@ -98,9 +167,12 @@ def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
         data_buf[offset : offset + n] = p.data.reshape(-1)
         if p.grad is not None:
             grad_buf[offset : offset + n] = p.grad.reshape(-1)
-        p.data = data_buf[offset : offset + n].reshape(p.shape)
-        p.grad = grad_buf[offset : offset + n].reshape(p.shape)
-        p._flat = (data_buf, grad_buf, offset)
+        shape = p.shape
+        p.bind_flat(
+            data_buf[offset : offset + n].reshape(shape),
+            grad_buf[offset : offset + n].reshape(shape),
+            (data_buf, grad_buf, offset),
+        )
         offset += n
     return data_buf, grad_buf
 
@@ -186,9 +258,7 @@ class Module:
         The flat buffers are rebuilt there on next use, so create optimisers after moving.
         """
         for p in self.parameters():
-            p.data = backend.to_device(p.data, device)
-            p.grad = None
-            p._flat = None
+            p.bind_flat(backend.to_device(p.data, device), None, None)
         return self
 
     # -- modes ------------------------------------------------------------------------
