@@ -29,7 +29,7 @@ from distnet.core import ops
 from distnet.core.functional import binary_cross_entropy, linear, mse_loss
 from distnet.core.tensor import Tensor, make_result, no_grad
 from distnet.nn.layers import Dense, Sequential, as_input, get_activation
-from distnet.nn.module import Module, Parameter
+from distnet.nn.module import Module, Parameter, pin_layout
 
 _LOSSES = ("mse", "cross_entropy")
 
@@ -271,6 +271,18 @@ class StackedAutoEncoder(Module):
         self.output = Dense(self.layer_sizes[-1], n_classes, None, dtype=dtype)
         # not registered as a child: it holds the same parameters, which must appear once
         object.__setattr__(self, "_classifier", None)
+        self._lay_out()
+
+    def _lay_out(self) -> None:
+        # One layout for every view: [ae0 | ae1 | ... | output], so each autoencoder
+        # (pretraining) is a slice and the whole stack (fine-tuning) is the whole buffer.
+        pin_layout(self.parameters(), f"StackedAutoEncoder{self.layer_sizes}")
+
+    def to(self, device: str) -> StackedAutoEncoder:
+        """Moves every parameter to ``device`` and lays the stack out there again."""
+        super().to(device)
+        self._lay_out()
+        return self
 
     @property
     def autoencoders(self) -> list[AutoEncoder]:
@@ -278,7 +290,11 @@ class StackedAutoEncoder(Module):
         return [getattr(self, f"ae{k}") for k in range(len(self.layer_sizes) - 1)]
 
     def classifier(self) -> Sequential:
-        """The encoders stacked under the softmax layer (shares their parameters)."""
+        """The encoders stacked under the softmax layer (shares their parameters), for
+        inference. To train it, train the stack itself (``finetune``, or an optimiser over
+        this model): its forward is the classifier's, and its parameters are one buffer;
+        an optimiser over the classifier's parameters alone is refused (they are not
+        consecutive in the stack's layout)."""
         if self._classifier is None:
             layers = [ae.encoder for ae in self.autoencoders] + [self.output]
             object.__setattr__(self, "_classifier", Sequential(*layers))
@@ -341,10 +357,14 @@ class StackedAutoEncoder(Module):
     def finetune(self, x: Any, y: Any = None, epochs: int = 10, **fit_kwargs: Any) -> Any:
         """Supervised training of the whole stack (encoders + softmax) with cross-entropy.
 
+        The optimiser runs over the stack's one flat buffer (the decoders' parameters get
+        zero gradients and stay put, unless weight decay is on), so the pretraining views
+        and this one share memory and ``zero_grad`` on any of them moves nothing.
+
         Args:
             x, y: inputs (N, n_in) and int labels (N,), or a loader of (x, y) batches.
         """
         from distnet.train.fit import fit  # noqa: PLC0415
 
         fit_kwargs.setdefault("loss", "cross_entropy")
-        return fit(self.classifier(), x, y, epochs=epochs, **fit_kwargs)
+        return fit(self, x, y, epochs=epochs, **fit_kwargs)

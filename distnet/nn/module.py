@@ -34,10 +34,11 @@ class Parameter(Tensor):
     - ``p.grad = array`` copies into the gradient view (same shape).
     """
 
-    __slots__ = ("_flat",)
+    __slots__ = ("_flat", "_layout_owner")
 
     def __init__(self, data: Any, *, name: str | None = None):
         self._flat: tuple[Any, Any, int] | None = None  # (data buffer, grad buffer, offset)
+        self._layout_owner: str | None = None  # set by pin_layout: no re-layout allowed
         super().__init__(data, requires_grad=True, name=name)
 
     @property
@@ -71,6 +72,8 @@ class Parameter(Tensor):
         _DATA.__set__(self, data_view)
         _GRAD.fset(self, grad_view)
         self._flat = flat
+        if flat is None:
+            self._layout_owner = None
 
     def __repr__(self) -> str:
         return f"Parameter(name={self.name!r}, shape={self.shape}, dtype={self.dtype})"
@@ -151,6 +154,14 @@ def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
     views = consecutive_views(params)
     if views is not None:
         return views
+    pinned = [p for p in params if p._layout_owner is not None]
+    if pinned:
+        raise RuntimeError(
+            f"flat_buffers: {pinned[0].name or 'a parameter'} belongs to the flat buffers of "
+            f"{pinned[0]._layout_owner}, and these parameters do not lie consecutively in "
+            f"them; laying them out again would detach every optimiser over that model. "
+            f"Train the {pinned[0]._layout_owner} itself, or a part of it that is consecutive"
+        )
     first = params[0]
     dtypes = {p.dtype for p in params}
     devices = {p.device for p in params}
@@ -175,6 +186,20 @@ def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
         )
         offset += n
     return data_buf, grad_buf
+
+
+def pin_layout(params: list[Parameter], owner: str) -> tuple[Any, Any]:
+    """Lays ``params`` out (if not yet) and pins the layout: a later ``flat_buffers`` over a
+    subset that does not lie consecutively in it raises instead of moving the parameters.
+
+    A model with several views of one set of parameters (a stacked autoencoder: each layer's
+    autoencoder for pretraining, the whole stack for fine-tuning) pins its one layout so that
+    every view's optimiser works on slices of the same buffers. Returns (data, grad).
+    """
+    buffers = flat_buffers(params)
+    for p in params:
+        p._layout_owner = owner
+    return buffers
 
 
 class Module:

@@ -244,7 +244,7 @@ def build_stages(
         return fn
 
     def supervised(ctx: Any) -> dict[str, Any]:
-        net = model.classifier() if hasattr(model, "classifier") else model
+        net = model  # a stacked autoencoder's forward is its classifier, over its one layout
         opt = wrap(_make_optimizer(ft, net))
         start = ctx.restore(opt)
         saver = ctx.epoch_checkpoint(opt)
@@ -345,7 +345,7 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         "input_wait_fraction": loader.stats().get("wait_fraction"),
     }  # fmt: skip
     if x_test is not None:
-        net = model.classifier() if hasattr(model, "classifier") else model
+        net = model
         report.update({f"test_{k}": v for k, v in net.evaluate(x_test, y_test).items()})
         if rank == 0 and job["run"]["pictures"]:
             draw_pictures(model, x_test, out, "-final", reconstructions=False)
