@@ -13,8 +13,9 @@ target stays the clean input.
 
 ``StackedAutoEncoder`` trains its autoencoders greedily, layer k on the codes of layers
 1..k-1, then stacks the encoders under a softmax layer and fine-tunes the whole net. The
-training loops live in ``distnet.train`` (imported lazily, so nn keeps its place in the
-layering); each layer's pretraining and the fine-tuning are separate, resumable units.
+training loop lives in ``distnet.train`` and is reached through ``Module.fit`` (see
+``distnet.nn.training``: nn never imports train); each layer's pretraining and the
+fine-tuning are separate, resumable units.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ class StackedAutoEncoder(Module):
                 h = ae.encoder(h)
         return h.data if was_array else h
 
-    # -- training (loops in distnet.train, imported lazily) -----------------------------
+    # -- training (the loop is distnet.train's, reached through nn/training.py) ----------
     def layer_input(self, k: int, data: Any) -> Any:
         """What layer k is pretrained on: codes of layers 0..k-1 of ``data`` (array or loader)."""
         if k == 0:
@@ -333,13 +334,11 @@ class StackedAutoEncoder(Module):
         Returns:
             the ``History``; ``history["loss"]`` is the per-epoch mean objective.
         """
-        from distnet.train.fit import fit  # noqa: PLC0415  (nn must not import train eagerly)
-
         ae = self.autoencoders[k]
         data = self.layer_input(k, x)
         if not hasattr(data, "shape"):  # a loader: pretraining is unsupervised, drop labels
             data = EncodedLoader(data, lambda xb: xb, keep_labels=False)
-        return fit(ae, data, None, epochs=epochs, **fit_kwargs)
+        return ae.fit(data, None, epochs=epochs, **fit_kwargs)
 
     def pretrain(self, x: Any, epochs_per_layer: int = 10, **fit_kwargs: Any) -> list[Any]:
         """Greedy layer-wise pretraining of every layer in turn; returns their histories.
@@ -364,7 +363,5 @@ class StackedAutoEncoder(Module):
         Args:
             x, y: inputs (N, n_in) and int labels (N,), or a loader of (x, y) batches.
         """
-        from distnet.train.fit import fit  # noqa: PLC0415
-
         fit_kwargs.setdefault("loss", "cross_entropy")
-        return fit(self, x, y, epochs=epochs, **fit_kwargs)
+        return self.fit(x, y, epochs=epochs, **fit_kwargs)

@@ -16,6 +16,7 @@ import numpy as np
 
 from distnet import backend
 from distnet.core.tensor import Tensor
+from distnet.nn import training
 
 _DATA = Tensor.data  # the slot behind Tensor.data, for the re-binding below
 _GRAD = Tensor.grad  # Tensor's grad property (deferred zeroing)
@@ -369,21 +370,15 @@ class Module:
     def extra_repr(self) -> str:
         return ""
 
-    # -- Keras-style training API (the loop lives in distnet.train) ---------------------
+    # -- Keras-style training API (the loop lives in distnet.train; see nn/training.py) ----
     def fit(self, x: Any, y: Any = None, **kwargs: Any) -> Any:
         """Trains this model; see ``distnet.train.fit`` (returns a ``History``)."""
-        from distnet.train.fit import fit  # noqa: PLC0415  (lazy: nn must not import train)
-
-        return fit(self, x, y, **kwargs)
+        return training.trainer().fit(self, x, y, **kwargs)
 
     def evaluate(self, x: Any, y: Any = None, **kwargs: Any) -> dict[str, float]:
         """Mean loss and metrics on (x, y); see ``distnet.train.evaluate``."""
-        from distnet.train.fit import evaluate  # noqa: PLC0415
-
-        return evaluate(self, x, y, **kwargs)
+        return training.trainer().evaluate(self, x, y, **kwargs)
 
     def predict(self, x: Any, batch_size: int = 256) -> Any:
         """Outputs (N, ...) for x (N, ...) as a numpy array; see ``distnet.train.predict``."""
-        from distnet.train.fit import predict  # noqa: PLC0415
-
-        return predict(self, x, batch_size)
+        return training.trainer().predict(self, x, batch_size)
