@@ -20,20 +20,17 @@ from distnet.core import (
     sqrt,
     tanh,
 )
-from distnet.nn import training as _training
 
 __version__ = "0.1.0"
 
 
-def _load_trainer():
+def _default_trainer():
+    """The training loop behind ``Module.fit`` (see distnet/nn/training.py): this package is
+    the composition root that wires the layers, so nn asks it instead of importing train."""
     import importlib  # noqa: PLC0415
 
     return importlib.import_module("distnet.train.fit")
 
-
-# The composition root wires the layers: Module.fit (nn) reaches the loop (train) through this
-# provider, which imports it on the first call only (see distnet/nn/training.py).
-_training.provide_trainer(_load_trainer)
 
 _SUBPACKAGES = ("backend", "bench", "core", "data", "nn", "optim", "parallel", "train", "viz")
 
