@@ -75,3 +75,25 @@ def test_a_share_given_to_step_after_a_weighted_backward_is_refused():
     opt.backward(F.cross_entropy(model(x), np.array([0, 1, 0, 1])), batch_share=1.0)
     with pytest.raises(ValueError, match="pass the share to backward"):
         opt.step(batch_share=0.25)
+
+
+def test_backward_passes_per_step_averages_the_accumulated_passes():
+    from distnet import backend
+    from distnet import functional as F
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    y = rng.integers(0, 2, 16)
+    results = []
+    for passes in (1, 2):
+        backend.seed(0)
+        model = nn.Sequential(nn.Dense(3, 2))
+        opt = dist.DistributedOptimizer(
+            optim.SGD(model, lr=0.5), dist.init("local"), backward_passes_per_step=passes
+        )
+        opt.zero_grad()
+        for part in np.array_split(np.arange(16), passes):
+            F.cross_entropy(model(x[part]), y[part]).backward()
+        opt.step()
+        results.append(model.flat_params().copy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-7)
