@@ -12,6 +12,7 @@ from distnet.train.callbacks import (
     ReduceLROnPlateau,
 )
 from distnet.train.checkpoint import (
+    CheckpointError,
     is_complete,
     latest_checkpoint,
     load_checkpoint,
@@ -37,6 +38,7 @@ __all__ = [
     "ProgressBar",
     "save_checkpoint",
     "load_checkpoint",
+    "CheckpointError",
     "read_manifest",
     "is_complete",
     "latest_checkpoint",
