@@ -42,23 +42,13 @@ class Parameter(Tensor):
         self._layout_owner: str | None = None  # set by pin_layout: no re-layout allowed
         super().__init__(data, requires_grad=True, name=name)
 
-    @property
-    def data(self) -> Any:  # type: ignore[override]
-        return _DATA.__get__(self, Parameter)
-
-    @data.setter
-    def data(self, value: Any) -> None:
+    def _set_data(self, value: Any) -> None:
         if self._flat is None:
             _DATA.__set__(self, value)
             return
-        _copy_into(self, "data", _DATA.__get__(self, Parameter), value)
+        _copy_into(self, "data", _DATA.__get__(self), value)
 
-    @property
-    def grad(self) -> Any:  # type: ignore[override]
-        return _GRAD.fget(self)
-
-    @grad.setter
-    def grad(self, value: Any) -> None:
+    def _set_grad(self, value: Any) -> None:
         if self._flat is None:
             _GRAD.fset(self, value)
         elif value is None:
@@ -66,6 +56,11 @@ class Parameter(Tensor):
         else:
             _copy_into(self, "grad", self._grad, value)
             self._grad_zeroed = False
+
+    # Reads are on every op's path: the getters are Tensor's own (the slot's C-level __get__
+    # and Tensor.grad's getter), so a Parameter reads as fast as a Tensor; only writes check.
+    data = property(_DATA.__get__, _set_data)
+    grad = property(_GRAD.fget, _set_grad)
 
     def bind_flat(self, data_view: Any, grad_view: Any, flat: tuple[Any, Any, int] | None) -> None:
         """Points ``.data`` / ``.grad`` at views of flat buffers (``flat``: data buffer, grad
