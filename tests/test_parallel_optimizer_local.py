@@ -97,3 +97,14 @@ def test_backward_passes_per_step_averages_the_accumulated_passes():
         opt.step()
         results.append(model.flat_params().copy())
     np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
+def test_fit_refuses_an_optimiser_that_accumulates_passes():
+    import pytest
+
+    model = nn.Sequential(nn.Dense(3, 2))
+    opt = dist.DistributedOptimizer(
+        optim.SGD(model, lr=0.1), dist.init("local"), backward_passes_per_step=2
+    )
+    with pytest.raises(ValueError, match="one backward pass per step"):
+        model.fit(np.ones((4, 3), np.float32), np.zeros(4, np.int64), optimizer=opt)

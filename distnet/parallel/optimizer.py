@@ -301,6 +301,14 @@ class DistributedOptimizer:
                     "with overlap, buckets start during backward: set opt.batch_share before "
                     "backward (or pass it to opt.backward) instead of step(batch_share=...)"
                 )
+            short = max(self._passes)
+            if 0 < short < self.backward_passes_per_step:
+                self._reset_overlap()  # the next step starts counting afresh
+                raise RuntimeError(
+                    f"step() after {short} backward pass(es), but backward_passes_per_step="
+                    f"{self.backward_passes_per_step}: the accumulated gradient would be "
+                    f"{short}/{self.backward_passes_per_step} of the average"
+                )
             # Buckets the hooks did not start (parameters without gradients) start now.
             if self._next == 0 and self.stall is not None:
                 self.stall.enter(f"the allreduce of step {self.steps + 1}")

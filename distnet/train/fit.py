@@ -170,6 +170,12 @@ def fit(
     grads = grads if hasattr(grads, "shape") else model.flat_grads()
     comm = getattr(optimizer, "comm", None)
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    if getattr(optimizer, "backward_passes_per_step", 1) != 1:
+        raise ValueError(
+            "fit takes one backward pass per step; the optimiser expects "
+            f"backward_passes_per_step={optimizer.backward_passes_per_step} (for a larger "
+            "batch pass a larger batch_size, or write the loop with several backward passes)"
+        )
     if seed is None:
         seed = int(backend.default_rng().integers(2**31))
     if size > 1:  # one shuffling order for all ranks, so that their shards are disjoint

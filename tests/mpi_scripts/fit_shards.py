@@ -132,6 +132,15 @@ def accumulation_with_overlap(comm) -> None:
         one.step()
     np.testing.assert_allclose(acc_model.flat_params(), one_model.flat_params(), rtol=1e-5,
                                atol=1e-6)  # fmt: skip
+    # one pass where two are expected: refused too (it would halve the gradient silently)
+    acc.zero_grad()
+    acc.backward(F.cross_entropy(acc_model(x), y))
+    try:
+        acc.step()
+    except RuntimeError as e:
+        assert "after 1 backward pass(es), but backward_passes_per_step=2" in str(e), e
+    else:
+        raise AssertionError("a step after one of two backward passes was not refused")
     acc.close()
     # two passes while the wrapper expects one: refused, on every rank alike
     one.zero_grad()
