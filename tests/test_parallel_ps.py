@@ -108,6 +108,10 @@ def workers():
     ray.shutdown()
 
 
+def sync_on(pool, ps, cfg: dict, steps: int, seed: int) -> list:
+    return [w.train_sync.remote(ps, k, cfg, steps, seed) for k, w in enumerate(pool)]
+
+
 def single_process(cfg: dict, steps: int, seed: int, flat_init: np.ndarray) -> np.ndarray:
     xtr, _, ytr, _ = digits_split()
     model = make_model(seed)
@@ -167,7 +171,7 @@ def test_sync_with_the_optimizer_on_the_workers_equals_single_process(workers):
         flat, shards=2, mode="sync", num_workers=2, optimizer=cfg, optimizer_on="worker"
     )
     try:
-        ray.get([w.train_sync.remote(ps, k, cfg, 12, 0) for k, w in enumerate(workers[:2])], timeout=100)  # fmt: skip
+        ray.get(sync_on(workers[:2], ps, cfg, 12, 0), timeout=100)
         np.testing.assert_allclose(ps.pull(), single_process(cfg, 12, 0, flat), atol=1e-5, rtol=0)
     finally:
         ps.shutdown()
@@ -307,7 +311,7 @@ def test_state_dict_round_trips_across_shard_counts(workers):
     ps2 = ParameterServer.create(flat, shards=2, mode="sync", num_workers=2, optimizer=cfg)
     ps3 = ParameterServer.create(flat * 0, shards=3, mode="sync", num_workers=2, optimizer=cfg)
     try:
-        ray.get([w.train_sync.remote(ps2, k, cfg, 3, 0) for k, w in enumerate(workers[:2])], timeout=60)  # fmt: skip
+        ray.get(sync_on(workers[:2], ps2, cfg, 3, 0), timeout=60)
         state = ps2.state_dict()
         assert state["opt/exp_avg"].shape == flat.shape and state["opt/steps"] == 3
         ps3.load_state_dict(state)
