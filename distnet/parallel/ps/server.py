@@ -57,9 +57,15 @@ def _ray() -> Any:
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
-    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+    from ray.exceptions import (
+        ActorUnavailableError,
+        GetTimeoutError,
+        ObjectLostError,
+        RayActorError,
+    )
 
-    return (RayActorError, ActorUnavailableError, GetTimeoutError)
+    # ObjectLostError (OwnerDiedError among them): a reply put by a shard that died since
+    return (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
 
 
 class ParameterServer:
@@ -200,6 +206,9 @@ class ParameterServer:
             snapshot_dir=None if snapshot_dir is None else str(snapshot_dir),
             timeout_s=timeout_s, retries=retries, owns_snapshot_dir=owns,
         )  # fmt: skip
+        # A restart re-runs the constructor with the same arguments: the initial parameters
+        # must outlive create() (else Ray fails the restart with ReferenceCountingAssertionError)
+        ps._init_params_ref = params_ref
         ps.call_all("ping")  # constructors ran (and failed loudly here if they failed)
         return ps
 
@@ -214,7 +223,11 @@ class ParameterServer:
             if ref is None:
                 ref = submit(self.shards[index])
             try:
-                return ray.get(ref, timeout=self.timeout_s)
+                result = ray.get(ref, timeout=self.timeout_s)
+                if isinstance(result, tuple) and result and isinstance(result[-1], ray.ObjectRef):
+                    # a sync round's reply: the slice was put once for every worker
+                    result = (*result[:-1], ray.get(result[-1], timeout=self.timeout_s))
+                return result
             except _retryable() as err:
                 last, ref = err, None
                 time.sleep(min(0.2 * 2**attempt, 5.0))  # a restart takes a moment

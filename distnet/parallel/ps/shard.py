@@ -33,6 +33,12 @@ MODES = ("sync", "async", "ssp")
 KEEP_CLOCK_RECORDS = 10_000  # per worker: enough for tests and reports, bounded for long runs
 
 
+def _ray() -> Any:
+    import ray
+
+    return ray
+
+
 def _was_restarted() -> bool:
     try:
         import ray
@@ -120,6 +126,7 @@ class ParameterServerShard:
         self._round_done = asyncio.Event()
         self._clock_changed = asyncio.Condition()
         self._last_sum: np.ndarray | None = None
+        self._scratch_buf: np.ndarray | None = None
         self.opt = None
         mine = np.asarray(params, dtype=np.float32)[lo:hi]
         if optimizer_on == "server":
@@ -191,34 +198,54 @@ class ParameterServerShard:
 
     async def _sync_push(
         self, worker: int, clock: int, seen: int, grad: np.ndarray, share: float
-    ) -> tuple[int, np.ndarray]:
+    ) -> tuple[int, Any]:
         # A round is complete when every worker has one pending gradient (keyed by worker, so
         # a retried push replaces its own entry instead of counting twice).
         self._pending[worker] = (grad, float(share), clock, seen)
         round_done = self._round_done
         if len(self._pending) == self.num_workers:
             pending, self._pending = self._pending, {}
-            total = np.zeros(self.hi - self.lo, dtype=np.float32)
-            for w in sorted(pending):  # fixed order: the same sum on every run
-                g, s, _, _ = pending[w]
-                total += g if s == 1.0 else g * np.float32(s)
-            self._apply(total, 1.0)
+            total = self.opt.flat_grads if self.opt is not None else self._sum_buffer()
+            for n, w in enumerate(sorted(pending)):  # fixed order: the same sum on every run
+                g, weight = pending[w][0], np.float32(pending[w][1])
+                if n == 0:
+                    np.multiply(g, weight, out=total) if weight != 1 else np.copyto(total, g)
+                elif weight == 1:
+                    total += g
+                else:
+                    total += np.multiply(g, weight, out=self._scratch())
+            self._step()
             for w in sorted(pending):
                 self._record(w, pending[w][2], pending[w][3])
             self._maybe_snapshot()
+            # one copy into the object store for all W workers, not one per reply
+            round_done.result = (self.version, _ray().put(self._reply()))
             self._round_done = asyncio.Event()
             round_done.set()
         else:
             await round_done.wait()
-        return self.version, self._reply()
+        return round_done.result
+
+    def _sum_buffer(self) -> np.ndarray:
+        if self._last_sum is None:
+            self._last_sum = np.empty(self.hi - self.lo, dtype=np.float32)
+        return self._last_sum
+
+    def _scratch(self) -> np.ndarray:
+        if self._scratch_buf is None:
+            self._scratch_buf = np.empty(self.hi - self.lo, dtype=np.float32)
+        return self._scratch_buf
 
     # --- updates ----------------------------------------------------------------------------
     def _apply(self, grad: np.ndarray, weight: float) -> None:
-        if self.opt is None:  # summing server: the workers step with the sum
-            self._last_sum = grad if weight == 1.0 else grad * np.float32(weight)
-        else:
-            g = self.opt.flat_grads
-            np.multiply(grad, np.float32(weight), out=g) if weight != 1.0 else np.copyto(g, grad)
+        """One update with ``weight * grad`` (async/ssp: optimiser on the shards)."""
+        g = self.opt.flat_grads
+        np.multiply(grad, np.float32(weight), out=g) if weight != 1.0 else np.copyto(g, grad)
+        self._step()
+
+    def _step(self) -> None:
+        """The optimiser's step on ``flat_grads`` (a summing shard keeps the sum instead)."""
+        if self.opt is not None:
             self.opt.step()
         self.version += 1
 

@@ -56,6 +56,7 @@ class ParameterServerOptimizer:
         self.clock = 0
         self.seen_versions = [0] * len(ps.shards)
         self._prescaled = False
+        self._weighted: np.ndarray | None = None
         self._pull_all()
 
     @property
@@ -117,6 +118,11 @@ class ParameterServerOptimizer:
         opt, ps = self.optimizer, self.ps
         opt.follow_layout()
         grads = backend.to_device(opt.settle_grads(), "cpu")
+        if share != 1.0:  # weighted here, in parallel across workers, not on the busy shard
+            if self._weighted is None or self._weighted.shape != grads.shape:
+                self._weighted = np.empty_like(grads)
+            grads = np.multiply(grads, np.float32(share), out=self._weighted)
+            share = 1.0
         self.clock += 1
         on_server = ps.optimizer_on == "server"
         lr = float(opt.lr) if on_server else None
