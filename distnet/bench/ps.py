@@ -146,7 +146,10 @@ class PSBenchWorker:
         opt = self.opts[key]
         t0 = time.perf_counter()
         for _ in range(steps):
-            opt.step()  # the gradient buffer is never zeroed: the same gradient every step
+            # the gradient buffer is never zeroed: the same gradient every step; share 1: the
+            # gradient counts as weighted already (what backward(loss) does), as the
+            # baseline's server sums without weights
+            opt.step(batch_share=1.0)
         return time.perf_counter() - t0
 
 

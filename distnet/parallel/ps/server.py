@@ -236,6 +236,24 @@ class ParameterServer:
             f"{self.retries} retries of {self.timeout_s:g} s: {last}"
         )
 
+    def gather(self, refs: list[Any], submit: Callable[[int, Any], Any]) -> list[Any]:
+        """Results of one call per shard (``refs``, submitted by ``submit(i, shard)``): one
+        ``ray.get`` for all of them, and one for the sync rounds' put-once replies; on any
+        failure, shard by shard through ``call_with_retry``."""
+        ray = _ray()
+        try:
+            results = ray.get(refs, timeout=self.timeout_s)
+            inner = [r[-1] for r in results if isinstance(r[-1], ray.ObjectRef)]
+            if inner:
+                fetched = iter(ray.get(inner, timeout=self.timeout_s))
+                results = [
+                    (*r[:-1], next(fetched)) if isinstance(r[-1], ray.ObjectRef) else r
+                    for r in results
+                ]
+            return results
+        except _retryable():
+            return [self.call_with_retry(i, lambda s, i=i: submit(i, s)) for i in range(len(refs))]
+
     def call_all(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every shard (concurrently), with retries; results in order."""
         refs = [getattr(s, method).remote(*args) for s in self.shards]

@@ -127,21 +127,19 @@ class ParameterServerOptimizer:
         on_server = ps.optimizer_on == "server"
         lr = float(opt.lr) if on_server else None
 
-        def submit(shard: Any, lo: int, hi: int, i: int) -> Any:
+        def submit(i: int, shard: Any) -> Any:
+            lo, hi = ps.ranges[i]
             return shard.push_pull.remote(
                 ps.token, self.worker_index, self.clock, self.seen_versions[i],
                 np.ascontiguousarray(grads[lo:hi]), float(share), lr,
             )  # fmt: skip
 
         # every shard's call goes out before the first wait: shards work concurrently
-        refs = [submit(s, *ps.ranges[i], i) for i, s in enumerate(ps.shards)]
+        replies = ps.gather([submit(i, s) for i, s in enumerate(ps.shards)], submit)
         xp = backend.array_module(opt.flat_params)
         target = opt.flat_params if on_server else opt.flat_grads
-        for i, ref in enumerate(refs):
+        for i, (version, part) in enumerate(replies):
             lo, hi = ps.ranges[i]
-            version, part = ps.call_with_retry(
-                i, lambda s, lo=lo, hi=hi, i=i: submit(s, lo, hi, i), ref
-            )
             target[lo:hi] = xp.asarray(part)
             self.seen_versions[i] = int(version)
         if on_server:
