@@ -165,6 +165,12 @@ class ParameterServerOptimizer:
         """Loads state into the wrapped optimiser."""
         self.optimizer.load_state_dict(state)
 
+    def __getattr__(self, name: str) -> Any:
+        # momentum, weight_decay, ... of the wrapped optimiser stay readable, as in Horovod
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
     def close(self) -> None:
         """Worker 0 publishes its parameters when the optimiser runs on the workers."""
         if self.ps.optimizer_on == "worker" and self.worker_index == 0:
