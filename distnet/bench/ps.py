@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare-optimizer", action="store_true", help="also: sync Adam on shards vs workers"
     )
+    parser.add_argument(
+        "--train-step", action="store_true",
+        help="also: training step, ps sync vs MPI allreduce at 2 workers (--batch per worker)",
+    )  # fmt: skip
+    parser.add_argument("--batch", type=int, default=256, help="per-worker batch (--train-step)")
     parser.add_argument("--json", help="write the results to this file")
 
 
@@ -134,6 +139,9 @@ class PSBenchWorker:
         self.sgd.flat_grads[...] = rng.standard_normal(self.sgd.flat_grads.size) * 1e-4
         self.opts: dict[str, Any] = {}
 
+    def flat(self) -> np.ndarray:
+        return self.sgd.flat_params.copy()
+
     def attach(self, key: str, ps: Any, index: int, optimizer: str) -> int:
         from distnet.optim import Adam
         from distnet.parallel.ps import ParameterServerOptimizer
@@ -141,6 +149,21 @@ class PSBenchWorker:
         local = Adam(self.model, lr=1e-4) if optimizer == "adam" else self.sgd
         self.opts[key] = ParameterServerOptimizer(local, ps, index)
         return index
+
+    def train(self, key: str, steps: int, batch: int) -> float:
+        """Seconds per real training step (forward, backward, push/pull) of the MLP."""
+        from distnet.core.functional import cross_entropy
+
+        opt = self.opts[key]
+        rng = np.random.default_rng(opt.worker_index)
+        x = rng.standard_normal((batch, MLP[0])).astype(np.float32)
+        y = rng.integers(0, MLP[-1], batch)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.zero_grad()
+            opt.backward(cross_entropy(self.model(x), y))
+            opt.step()
+        return (time.perf_counter() - t0) / steps
 
     def run(self, key: str, steps: int) -> float:
         opt = self.opts[key]
@@ -160,6 +183,63 @@ def _ps_round(workers: list[Any], key: str, steps: int, mode: str) -> float:
     ray.get([w.run.remote(key, steps) for w in workers], timeout=600)
     elapsed = time.perf_counter() - t0
     return (steps if mode == "sync" else steps * len(workers)) / elapsed
+
+
+def _mpi_step_ms(steps: int, batch: int) -> float:
+    """One ``distnet bench allreduce -np 2`` job's median DistributedOptimizer step (ms)."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "allreduce.json")
+        cmd = [sys.executable, "-m", "distnet.bench.allreduce", "-np", "2", "--rounds", "1"]
+        cmd += ["--reps", "1", "--steps", str(steps), "--batch", str(batch), "--json", out]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=600)
+        with open(out) as f:
+            return float(json.load(f)["training_step"]["step_ms"]["sync"])
+
+
+def train_step_comparison(args: argparse.Namespace) -> dict[str, Any]:
+    """Training step of the MLP at 2 workers: distnet ps sync (2 shards, SGD with momentum on
+    the shards) in Ray actors vs ``DistributedOptimizer`` over MPI (``distnet bench
+    allreduce``), alternating rounds; 1 BLAS thread per worker in both, as the MPI bench sets."""
+    import ray
+
+    from distnet.parallel.ps import ParameterServer
+
+    one_thread = {"env_vars": {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
+    workers = [
+        ray.remote(num_cpus=0)(PSBenchWorker).options(runtime_env=one_thread).remote(k)
+        for k in range(2)
+    ]
+    flat = np.concatenate([np.zeros(int(np.prod(s)), np.float32) for s in layer_shapes()])
+    flat[...] = ray.get(workers[0].flat.remote(), timeout=600)
+    cfg = {"name": "sgd", "lr": 1e-3, "momentum": 0.9}
+    ps = ParameterServer.create(flat, shards=2, mode="sync", num_workers=2, optimizer=cfg)
+    try:
+        _attach(workers, "train", ps, "sgd")
+        ratios, ps_ms, mpi_ms = [], [], []
+        for rnd in range(args.rounds + 1):
+            calls = [w.train.remote("train", args.steps, args.batch) for w in workers]
+            per_worker = ray.get(calls, timeout=600)
+            mine = 1e3 * max(per_worker)
+            theirs = _mpi_step_ms(args.steps, args.batch)
+            if rnd:
+                ps_ms.append(mine)
+                mpi_ms.append(theirs)
+                ratios.append(mine / theirs)
+            print(f"train-step round {rnd}: ps sync {mine:.1f} ms, MPI allreduce {theirs:.1f} ms")
+    finally:
+        ps.shutdown()
+        for w in workers:
+            ray.kill(w)
+    return {
+        "batch_per_worker": args.batch,
+        "ps_sync_step_ms": statistics.median(ps_ms),
+        "mpi_allreduce_step_ms": statistics.median(mpi_ms),
+        "ps_over_mpi_step_time": _summary(ratios),
+    }
 
 
 def _attach(workers: list[Any], key: str, ps: Any, optimizer: str) -> None:
@@ -229,9 +309,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"round {rnd}: " + ", ".join(last), flush=True)
         for ps in servers.values():
             ps.shutdown()
+        for w in [base_server, *base_workers, *ps_workers]:
+            ray.kill(w)
+        step = train_step_comparison(args) if args.train_step else None
     finally:
         ray.shutdown()
     result = _report(args, rates, shard_counts, modes)
+    if step is not None:
+        result["train_step_2_workers"] = step
+        r = step["ps_over_mpi_step_time"]
+        print(f"  training step, 2 workers, batch {args.batch}/worker: ps sync (2 shards) "
+              f"{step['ps_sync_step_ms']:.1f} ms vs MPI allreduce "
+              f"{step['mpi_allreduce_step_ms']:.1f} ms: x{r['median']:.2f} step time "
+              f"(min {r['min']:.2f}, max {r['max']:.2f})")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
