@@ -20,6 +20,7 @@ from distnet.optim import SGD, Adam
 from distnet.parallel.ps import ParameterServer, ParameterServerOptimizer, PushRefused, shard_ranges
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 sklearn = pytest.importorskip("sklearn")
 
 # the worker class below is defined in this test module, which Ray's workers cannot import
@@ -177,6 +178,7 @@ def test_sync_with_the_optimizer_on_the_workers_equals_single_process(workers):
         ps.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_async_and_ssp_reach_the_single_process_accuracy(workers):
     cfg = {"name": "adam", "lr": 2e-3}
@@ -250,6 +252,7 @@ def training_loss(flat: np.ndarray) -> float:
         return float(CrossEntropyLoss()(model(Tensor(xtr)), ytr).item())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_a_killed_shard_restarts_from_its_snapshot_and_training_finishes(workers):
     # the undisturbed run is single-process training, which sync equals (tested above)
@@ -286,18 +289,22 @@ def test_pushes_from_outside_the_job_or_of_the_wrong_shape_are_refused(workers):
         lo, hi = ps.ranges[0]
         shard = ps.shards[0]
         good = np.ones(hi - lo, np.float32)
+        t = ps.token
+        # (token, worker, clock, seen version, gradient, batch share, lr) per refusal
         bad = {
-            "token": ("not-the-token", 0, good, 1.0),
-            "worker index": (ps.token, 5, good, 1.0),
-            "float64": (ps.token, 0, good.astype(np.float64), 1.0),
-            r"shape \(3,\)": (ps.token, 0, np.ones(3, np.float32), 1.0),
-            "2-D": (ps.token, 0, good.reshape(1, -1), 1.0),
-            "list": (ps.token, 0, list(good[:4]), 1.0),
-            "batch share": (ps.token, 0, good, float("nan")),
+            "token": ("not-the-token", 0, 1, 0, good, 1.0, 0.1),
+            "worker index": (t, 5, 1, 0, good, 1.0, 0.1),
+            "float64": (t, 0, 1, 0, good.astype(np.float64), 1.0, 0.1),
+            r"shape \(3,\)": (t, 0, 1, 0, np.ones(3, np.float32), 1.0, 0.1),
+            "2-D": (t, 0, 1, 0, good.reshape(1, -1), 1.0, 0.1),
+            "list": (t, 0, 1, 0, list(good[:4]), 1.0, 0.1),
+            "batch share": (t, 0, 1, 0, good, float("nan"), 0.1),
+            "clock": (t, 0, "1", 0, good, 1.0, 0.1),
+            "learning rate": (t, 0, 1, 0, good, 1.0, -1.0),
         }
-        for what, (token, worker, grad, share) in bad.items():
+        for what, args in bad.items():
             with pytest.raises(PushRefused, match="refused") as err:
-                ray.get(shard.push_pull.remote(token, worker, 1, 0, grad, share, 0.1), timeout=30)
+                ray.get(shard.push_pull.remote(*args), timeout=30)
             if what not in ("2-D", "list"):
                 assert any(w in str(err.value) for w in what.split()), (what, str(err.value))
         np.testing.assert_array_equal(ps.pull(), flat)  # the parameters were never touched

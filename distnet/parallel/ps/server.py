@@ -135,7 +135,11 @@ class ParameterServer:
             max_restarts: Ray restarts of a killed shard; ``timeout_s``/``retries``: per call.
         """
         ray = _ray()
-        flat = np.ascontiguousarray(flat_params, dtype=np.float32).reshape(-1)
+        from distnet import backend
+
+        # a GPU model's buffer is copied to host memory: shards keep numpy arrays
+        flat = np.ascontiguousarray(backend.to_device(flat_params, "cpu"), dtype=np.float32)
+        flat = flat.reshape(-1)
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, got {mode!r}")
         if optimizer_on not in OPTIMIZER_ON:
@@ -265,7 +269,7 @@ class ParameterServer:
     # --- driver-side API ------------------------------------------------------------------
     def pull(self) -> np.ndarray:
         """The whole parameter vector, shape ``(n,)`` float32 (a copy)."""
-        return np.concatenate([np.asarray(s["params"]) for s in self.call_all("state_dict")])
+        return np.concatenate([np.asarray(p) for p in self.call_all("get_params")])
 
     def stats(self) -> dict[str, Any]:
         """Per shard: version, per-worker clocks, staleness histograms, ssp (clock, slowest

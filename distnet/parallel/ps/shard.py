@@ -141,7 +141,9 @@ class ParameterServerShard:
             save_snapshot(snapshot_path, self.state_dict())  # a restart before the first one
 
     # --- checks ---------------------------------------------------------------------------
-    def _check(self, token: str, worker: int, grad: Any, share: float) -> None:
+    def _check(
+        self, token: str, worker: int, grad: Any, share: float, clock: Any, seen: Any, lr: Any
+    ) -> None:
         where = f"parameter-server shard {self.index} [{self.lo}:{self.hi})"
         problem = None
         if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
@@ -155,6 +157,10 @@ class ParameterServerShard:
             problem = f"worker {worker} pushed shape {grad.shape}, expected {(self.hi - self.lo,)}"
         elif not (isinstance(share, float | int) and math.isfinite(share) and 0 <= share <= 1):
             problem = f"worker {worker} pushed batch share {share!r}, expected a number in [0, 1]"
+        elif not (isinstance(clock, int) and isinstance(seen, int) and clock > 0 and seen >= 0):
+            problem = f"worker {worker} pushed clock {clock!r} / version {seen!r}: not counts"
+        elif lr is not None and not (isinstance(lr, float | int) and math.isfinite(lr) and lr > 0):
+            problem = f"worker {worker} pushed learning rate {lr!r}, expected a positive number"
         if problem:
             self.refused += 1
             raise PushRefused(f"{where}: refused: {problem}")
@@ -174,7 +180,7 @@ class ParameterServerShard:
         ``(version, slice)``: the parameters, or the summed gradient when the optimiser runs
         on the workers. ``clock`` is this worker's step number (1, 2, ...); a push with a
         clock the shard already applied (a retry) is not applied twice."""
-        self._check(token, worker, grad, share)
+        self._check(token, worker, grad, share, clock, seen_version, lr)
         if lr is not None and self.opt is not None:
             self.opt.lr = float(lr)
         if clock <= self.clocks[worker]:  # a retried push that was applied already
@@ -299,6 +305,10 @@ class ParameterServerShard:
     def _restore(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state)
         self.restored_from_snapshot = True
+
+    def get_params(self) -> np.ndarray:
+        """This shard's slice of the parameters, shape ``(hi - lo,)``."""
+        return self.params
 
     def set_params(self, params: np.ndarray) -> None:
         """Overwrites the slice (the optimiser-on-workers mode publishes worker 0's)."""
