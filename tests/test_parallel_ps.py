@@ -337,3 +337,25 @@ def test_state_dict_round_trips_across_shard_counts(workers):
     finally:
         ps2.shutdown()
         ps3.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_shards_placed_in_a_placement_group(workers):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([{"CPU": 1}] * 2, strategy="PACK")
+    ray.get(pg.ready(), timeout=30)
+    flat = initial_flat()
+    ps = ParameterServer.create(
+        flat, shards=2, mode="async", num_workers=1, optimizer={"lr": 0.5}, placement=pg,
+        num_cpus=1,
+    )  # fmt: skip
+    try:
+        lo, hi = ps.ranges[1]
+        grad = np.ones(hi - lo, np.float32)
+        ray.get(ps.shards[1].push_pull.remote(ps.token, 0, 1, 0, grad, 1.0, 0.5), timeout=30)
+        np.testing.assert_allclose(ps.pull()[lo:hi], flat[lo:hi] - 0.5, atol=1e-6)
+        assert all(s["placement_group"] == pg.id.hex() for s in ps.stats()["shards"])
+    finally:
+        ps.shutdown()
+        remove_placement_group(pg)

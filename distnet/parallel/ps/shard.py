@@ -325,6 +325,7 @@ class ParameterServerShard:
             "ahead": [list(r) for r in self.ahead_records],
             "refused": self.refused,
             "restored_from_snapshot": self.restored_from_snapshot,
+            "placement_group": _ray().get_runtime_context().get_placement_group_id(),
         }
 
     def ping(self) -> int:
