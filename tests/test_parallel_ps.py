@@ -223,7 +223,7 @@ def test_ssp_never_lets_a_worker_run_more_than_s_clocks_ahead(workers):
         optimizer={"name": "sgd", "lr": 0.05},
     )  # fmt: skip
     try:
-        delays = [0.0, 0.0, 0.03]  # worker 2 is slow: the others must wait for it
+        delays = [0.0, 0.0, 0.05]  # worker 2 is slow: the others must wait for it
         ray.get(
             [
                 w.train_own_shard.remote(ps, k, {"name": "sgd", "lr": 0.05}, 1, 0, delays[k])
