@@ -1,0 +1,195 @@
+"""Multi-node behaviour on one machine: ranks on two "hosts".
+
+- ``--launcher fork -H nodeA:2,nodeB:2``: MPICH's hydra starts all ranks here but treats each
+  host as its own node (``Split_type(COMM_TYPE_SHARED)`` gives local size 2, checked below).
+- Network namespaces (closer to real hosts): nodeB's ranks run in their own network namespace,
+  joined by a veth pair, with a private /tmp, started through a stand-in for ssh (hydra's
+  ``-launcher-exec``). Made and removed by the fixture; skipped with the reason where the
+  machine does not allow it (needs root, ``ip`` and ``unshare``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distnet.parallel import rankexec, rankstatus
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "mpi_scripts"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+needs_mpiexec = pytest.mark.skipif(
+    not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"
+)
+
+
+def launch(*args: str, env: dict | None = None, timeout: float = 90):
+    cmd = [sys.executable, "-m", "distnet.parallel.launcher", *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def layouts(stdout: str) -> list[dict]:
+    rows = [
+        json.loads(line.split("layout ", 1)[1])
+        for line in stdout.splitlines()
+        if "layout {" in line
+    ]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+# --- fork: two nodes of two on one machine --------------------------------------------------
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("hierarchical_env", ["auto", "0"])
+def test_fork_hosts_are_nodes_and_hierarchical_allreduce_equals_flat(hierarchical_env):
+    proc = launch(
+        "--launcher", "fork", "-H", "nodeA:2,nodeB:2", "-np", "4",
+        "--env", f"DISTNET_HIERARCHICAL={hierarchical_env}",
+        "--", sys.executable, str(SCRIPTS / "multinode.py"), "2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = layouts(proc.stdout)
+    assert [(r["local_rank"], r["local_size"], r["num_nodes"]) for r in rows] == [
+        (0, 2, 2), (1, 2, 2), (0, 2, 2), (1, 2, 2)
+    ]  # fmt: skip
+    # the device a GPU job would give each rank follows its rank on its own node
+    assert [r["device"] for r in rows] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert all(r["hierarchical"] is (hierarchical_env == "auto") for r in rows)
+    assert proc.stderr.count("multinode ok") == 4  # comm.log writes to stderr
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.timeout(120)
+def test_one_node_keeps_the_flat_allreduce():
+    proc = launch("-np", "3", "--", sys.executable, str(SCRIPTS / "multinode.py"), "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = layouts(proc.stdout)
+    assert [r["local_size"] for r in rows] == [3, 3, 3]
+    assert not any(r["hierarchical"] for r in rows)
+
+
+def test_dry_run_passes_the_launcher_to_hydra(capsys):
+    from distnet.parallel.launcher import main
+
+    argv = ["--launcher", "fork", "-H", "a:2,b:2", "-np", "4", "--dry-run", "--", "python", "x.py"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "-launcher fork" in out and "-hosts a:2,b:2" in out
+
+
+# --- a rank's failure report from another host (issue 8) ----------------------------------
+
+
+def test_rankexec_on_a_host_without_the_status_dir_reports_on_stderr(tmp_path, capfd, monkeypatch):
+    """Regression: the status dir is the launcher's local temp dir; on another host it does not
+    exist and rankexec raised FileNotFoundError instead of reporting the rank's failure."""
+    monkeypatch.setenv("DISTNET_LAUNCH_STATUS_DIR", str(tmp_path / "on-the-launcher-host"))
+    monkeypatch.setenv("PMI_RANK", "3")
+    assert rankexec.main(["--", sys.executable, "-c", "raise SystemExit(5)"]) == 5
+    records = [rankstatus.parse_line(line) for line in capfd.readouterr().err.splitlines()]
+    records = [r for r in records if r]
+    assert records and records[0]["rank"] == 3 and records[0]["status"] == 5
+    assert records[0]["what"] == "exited with status 5"
+
+
+def _netns_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "unshare", "mount"):
+        if shutil.which(tool) is None:
+            return f"{tool!r} not found"
+    return None
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    """nodeA = this host; nodeB = its own network namespace (veth 10.x.y.2) with a private
+    /tmp. Yields (extra launch args, env). Removes the namespace and links afterwards."""
+    reason = _netns_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    tag = f"{os.getpid() % 100000}"
+    ns, host_if, ns_if = f"dn{tag}", f"dn{tag}h", f"dn{tag}n"
+    subnet = f"10.{200 + os.getpid() % 50}.{(os.getpid() // 50) % 250}"
+    setup = [
+        ["ip", "netns", "add", ns],
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+        ["ip", "link", "set", ns_if, "netns", ns],
+        ["ip", "addr", "add", f"{subnet}.1/24", "dev", host_if],
+        ["ip", "link", "set", host_if, "up"],
+        ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{subnet}.2/24", "dev", ns_if],
+        ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
+        ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
+        ["ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", f"{subnet}.1"],
+    ]
+    try:
+        for cmd in setup:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make a network namespace here: {' '.join(cmd)}: {done.stderr}")
+        ssh = tmp_path / "fake-ssh"
+        # hydra calls `ssh -x HOST "proxy command"`; nodeB's proxy (and so its ranks) runs in the
+        # namespace, with an empty /tmp as on a host that never saw the launcher's temp dirs.
+        ssh.write_text(
+            "#!/bin/sh\n"
+            'while [ "${1#-}" != "$1" ]; do shift; done\n'
+            "host=$1; shift\n"
+            "case $host in\n"
+            f"  nodeB) exec ip netns exec {ns} unshare -m "
+            'sh -c "mount -t tmpfs none /tmp && exec $*" ;;\n'
+            '  *) exec sh -c "$*" ;;\n'
+            "esac\n"
+        )
+        ssh.chmod(0o755)
+        args = ["--launcher", "ssh", "--launcher-exec", str(ssh), "-H", "nodeA:2,nodeB:2"]
+        # the proxies call back the launcher on the veth address (HYDRA_IFACE)
+        yield args, {"HYDRA_IFACE": host_if}
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=20)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.timeout(150)
+def test_network_namespaces_as_hosts_hierarchical_allreduce(two_hosts):
+    args, env = two_hosts
+    proc = launch(
+        *args, "-np", "4", "--", sys.executable, str(SCRIPTS / "multinode.py"), "2", env=env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = layouts(proc.stdout)
+    assert [(r["local_rank"], r["local_size"], r["hierarchical"]) for r in rows] == [
+        (0, 2, True), (1, 2, True), (0, 2, True), (1, 2, True)
+    ]  # fmt: skip
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.timeout(150)
+def test_failure_of_a_rank_on_another_host_is_named(two_hosts):
+    """Regression (issue 8): rank 2 runs on nodeB, where the launcher's status dir does not
+    exist; the launcher must still say that rank 2 raised, not FileNotFoundError."""
+    args, env = two_hosts
+    script = str(SCRIPTS / "remote_failure.py")
+    proc = launch(*args, "-np", "4", "--", sys.executable, script, "2", env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FileNotFoundError" not in proc.stderr
+    assert (
+        "distnet launch: rank 2 failed first: raised RuntimeError: injected failure on local "
+        "rank 0" in proc.stderr
+    ), proc.stderr
+    assert rankstatus.MARKER not in proc.stderr  # status lines are kept out of the output
