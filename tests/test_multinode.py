@@ -193,3 +193,71 @@ def test_failure_of_a_rank_on_another_host_is_named(two_hosts):
         "rank 0" in proc.stderr
     ), proc.stderr
     assert rankstatus.MARKER not in proc.stderr  # status lines are kept out of the output
+
+
+# --- a whole job over two "nodes": hierarchical on and off train the same model ----------
+
+JOB = """
+[data]
+train = "data/train"
+test = "data/test"
+batch_size = 64
+
+[model]
+type = "mlp"
+hidden = [32]
+activation = "relu"
+
+[finetune]
+epochs = 3
+lr = 0.003
+
+[run]
+log_every = 100
+pictures = false
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@needs_mpiexec
+@pytest.mark.timeout(240)
+def test_job_over_two_nodes_trains_the_same_with_and_without_hierarchical(tmp_path):
+    pytest.importorskip("sklearn")
+    from distnet.data import convert_digits
+
+    convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+    (tmp_path / "job.toml").write_text(JOB)
+    reports = {}
+    for hierarchical in ("true", "false"):
+        out = tmp_path / f"run-{hierarchical}"
+        proc = launch(
+            "--launcher", "fork", "-H", "nodeA:2,nodeB:2", "-np", "4", "--",
+            sys.executable, "-m", "distnet.cli", "train", str(tmp_path / "job.toml"),
+            "--out", str(out), "--set", f"dist.hierarchical={hierarchical}",
+            timeout=200,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        reports[hierarchical] = json.loads((out / "report.json").read_text())
+    assert reports["true"]["workers"] == 4
+    # Same data, same seeds, same averaged gradients up to float summation order.
+    assert reports["true"]["test_accuracy"] == pytest.approx(
+        reports["false"]["test_accuracy"], abs=0.01
+    )
+    assert reports["true"]["test_accuracy"] > 0.8
+
+
+def test_hierarchical_job_key_and_modes_are_checked():
+    from distnet.parallel.hierarchical import parse_mode, wanted
+    from distnet.train.jobspec import JobError, validate
+
+    assert validate({"dist": {"hierarchical": True}}, "j.toml")["dist"]["hierarchical"] is True
+    assert validate({}, "j.toml")["dist"]["hierarchical"] == "auto"
+    with pytest.raises(JobError, match=r"\[dist\] hierarchical: expected 'auto', true or false"):
+        validate({"dist": {"hierarchical": "maybe"}}, "j.toml")
+    assert [parse_mode(v) for v in ("auto", "1", "off", True)] == ["auto", True, False, True]
+    with pytest.raises(ValueError, match="DISTNET_HIERARCHICAL: expected"):
+        parse_mode("sometimes", "DISTNET_HIERARCHICAL")
+    # auto: several nodes, and some node with several ranks (else there is nothing to gain)
+    assert wanted("auto", 2, 2) and not wanted("auto", 1, 4) and not wanted("auto", 4, 1)
+    assert wanted(True, 1, 1) and not wanted(False, 2, 2)

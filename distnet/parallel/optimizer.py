@@ -54,6 +54,8 @@ class DistributedOptimizer:
         overlap: start buckets from grad-ready hooks during backward (None: ``DISTNET_OVERLAP``).
         stall_check_s: report ranks missing from a step after this long (None: off; default
             60 s or ``DISTNET_STALL_CHECK_S``); ``stall_abort_s`` also ends the job.
+        hierarchical: True/False/"auto" sets the communicator's hierarchical allreduce (inside
+            nodes, then across node leaders); None keeps its choice.
     """
 
     def __init__(
@@ -67,9 +69,12 @@ class DistributedOptimizer:
         overlap: bool | None = None,
         stall_check_s: float | None = -1.0,
         stall_abort_s: float | None = None,
+        hierarchical: bool | str | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.comm = comm
+        if hierarchical is not None:  # None: the communicator's choice (auto / env)
+            comm.set_hierarchical(hierarchical)
         self.params: Sequence[Any] = list(optimizer.params)
         self.flat_params = optimizer.flat_params
         self.flat_grads = optimizer.flat_grads
