@@ -261,3 +261,34 @@ def test_hierarchical_job_key_and_modes_are_checked():
     # auto: several nodes, and some node with several ranks (else there is nothing to gain)
     assert wanted("auto", 2, 2) and not wanted("auto", 1, 4) and not wanted("auto", 4, 1)
     assert wanted(True, 1, 1) and not wanted(False, 2, 2)
+
+
+# --- distnet bench network: the constants of docs/scaling.md ------------------------------
+
+
+def test_ring_fit_recovers_latency_and_bandwidth():
+    from distnet.bench.network import fit_ring, sizes_in_floats
+
+    sizes = [4 * n for n in sizes_in_floats(16)]
+    n, alpha, bandwidth = 4, 30e-6, 2e9
+    seconds = [2 * (n - 1) * alpha + 2 * (n - 1) / n * b / bandwidth for b in sizes]
+    fit = fit_ring(sizes, seconds, n)
+    assert fit["alpha_s"] == pytest.approx(alpha, rel=1e-6)
+    assert fit["bandwidth_Bps"] == pytest.approx(bandwidth, rel=1e-6)
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.timeout(120)
+def test_bench_network_runs_flat_and_hierarchical_on_two_nodes(tmp_path):
+    out = tmp_path / "net.json"
+    cmd = [sys.executable, "-m", "distnet.cli", "bench", "network", "-np", "4", "--hosts",
+           "a:2,b:2", "--launcher", "fork", "--max-mb", "0.01", "--rounds", "1", "--batch", "4",
+           "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=100, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["nodes"] == 2 and result["local_size"] == 2
+    assert all("hierarchical_s" in row for row in result["sweep"]["rows"])
+    assert result["sweep"]["ring_fit"]["bandwidth_Bps"] > 0
+    assert "ring fit: latency alpha" in proc.stdout

@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "core": ("distnet.bench.core", "MLP and autoencoder training steps vs hand-written numpy"),
     "loader": ("distnet.bench.loader", "StreamLoader vs a plain sequential zarr read"),
     "allreduce": ("distnet.bench.allreduce", "bucketed gradient allreduce vs raw MPI_Allreduce"),
+    "network": ("distnet.bench.network", "allreduce latency/bandwidth sweep, flat vs hierarchical"),
 }
 
 
