@@ -292,3 +292,43 @@ def test_bench_network_runs_flat_and_hierarchical_on_two_nodes(tmp_path):
     assert all("hierarchical_s" in row for row in result["sweep"]["rows"])
     assert result["sweep"]["ring_fit"]["bandwidth_Bps"] > 0
     assert "ring fit: latency alpha" in proc.stdout
+
+
+# --- GPUs: NCCL's hierarchical allreduce (runs where 2+ GPUs are present) -----------------
+
+
+def test_nccl_chunking_pads_to_a_multiple_of_the_local_size():
+    from distnet.parallel.nccl_hierarchical import chunking
+
+    assert chunking(10, 2) == (5, 10)
+    assert chunking(10_007, 4) == (2502, 10_008)
+    assert chunking(1, 8) == (1, 8)
+
+
+def _two_gpus_skip_reason() -> str | None:
+    from distnet.backend import gpu_skip_reason
+
+    reason = gpu_skip_reason()
+    if reason:
+        return reason
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        return "two GPUs per node needed (NCCL refuses two ranks on one GPU)"
+    return None
+
+
+@pytest.mark.mpi
+@pytest.mark.gpu
+@needs_mpiexec
+@pytest.mark.timeout(180)
+def test_nccl_hierarchical_allreduce_equals_flat_on_two_nodes():
+    reason = _two_gpus_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    proc = launch(
+        "--launcher", "fork", "-H", "nodeA:2,nodeB:2", "-np", "4", "--",
+        sys.executable, str(SCRIPTS / "multinode_gpu.py"), timeout=160,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.count("multinode gpu ok") == 4

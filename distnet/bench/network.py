@@ -56,11 +56,12 @@ def sizes_in_floats(max_mb: float) -> list[int]:
 
 
 def fit_ring(sizes_bytes: list[int], seconds: list[float], n: int) -> dict[str, float]:
-    """Least squares of ``t = 2(N-1) alpha + 2(N-1)/N bytes/bandwidth`` (non-negative)."""
+    """Least squares of ``t = 2(N-1) alpha + 2(N-1)/N bytes/bandwidth`` in relative error
+    (each size weighs the same, so the microsecond-scale small messages still set alpha)."""
     x = np.array([2 * (n - 1) / n * b for b in sizes_bytes], dtype=float)
     t = np.array(seconds, dtype=float)
     design = np.stack([np.full_like(x, 2 * (n - 1)), x], axis=1)
-    (alpha, inv_bw), *_ = np.linalg.lstsq(design, t, rcond=None)
+    (alpha, inv_bw), *_ = np.linalg.lstsq(design / t[:, None], np.ones_like(t), rcond=None)
     # the smallest message is latency alone; the largest is bandwidth alone: a robust fallback
     alpha = alpha if alpha > 0 else t[0] / (2 * (n - 1))
     inv_bw = inv_bw if inv_bw > 0 else t[-1] / x[-1]

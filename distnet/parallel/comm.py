@@ -179,6 +179,7 @@ class MPICommunicator(Communicator):
         self.num_nodes = self._groups.num_nodes
         self.set_hierarchical(hierarchical_mode_from_env())
         self._nccl: Any = None
+        self._nccl_hierarchical: Any = None
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         if abort_on_error and self.size > 1:
             install_abort_excepthook(self)
@@ -192,11 +193,17 @@ class MPICommunicator(Communicator):
 
     # --- GPU ------------------------------------------------------------------------------
     def use_nccl(self) -> None:
-        """Collective: creates the NCCL communicator (one GPU per rank, by local_rank)."""
+        """Collective: creates the NCCL communicator (one GPU per rank, by local_rank), and on
+        several nodes with the same number of ranks each, the hierarchical one too."""
         if self._nccl is None:
             from distnet.parallel.nccl import NcclCommunicator  # noqa: PLC0415
 
             self._nccl = NcclCommunicator(self)
+            uniform = self._groups.min_local_size == self._groups.max_local_size
+            if self.num_nodes > 1 and self.local_size > 1 and uniform:
+                from distnet.parallel.nccl_hierarchical import NcclHierarchical  # noqa: PLC0415
+
+                self._nccl_hierarchical = NcclHierarchical(self)
 
     def _gpu(self, buf: Any) -> Any:
         """The NCCL communicator for a cupy buffer, or None to stage it through host memory."""
@@ -230,6 +237,8 @@ class MPICommunicator(Communicator):
         return PendingAllreduce(req, buf, self.size if op == "mean" else 1)
 
     def _allreduce_gpu(self, buf: Any, op: str) -> Any:
+        if self.hierarchical and self._nccl_hierarchical is not None:
+            return self._nccl_hierarchical.allreduce(buf, op)
         nccl = self._gpu(buf)
         if nccl is not None:
             return nccl.allreduce(buf, op)

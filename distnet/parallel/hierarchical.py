@@ -11,9 +11,9 @@ hierarchical form does it in three steps:
 3. broadcast the result inside each node.
 
 The sum is the same as the flat allreduce's up to the order of float additions (exactly the
-same for values whose sums are exact, e.g. small integers). GPU buffers take the NCCL path
-of ``MPICommunicator``; NCCL's own ring already uses NVLink inside a node and the network
-across nodes, so it is not split here.
+same for values whose sums are exact, e.g. small integers). GPU buffers take NCCL's form of
+it (reduce-scatter in the node, allreduce across nodes per local rank, all-gather in the
+node: ``distnet.parallel.nccl_hierarchical``) when every node has the same number of ranks.
 
 Which one runs: ``DISTNET_HIERARCHICAL`` = ``auto`` (default), ``1``/``on``, ``0``/``off``; or
 ``dist.hierarchical`` in a job file; or ``comm.set_hierarchical(...)``. ``auto`` picks it when
@@ -74,6 +74,7 @@ class HierarchicalGroups:
         # Every rank learns how many nodes there are (the leaders' count).
         self.num_nodes = comm.allreduce(1 if self.local_rank == 0 else 0)
         self.max_local_size = comm.allreduce(self.local_size, op=MPI.MAX)
+        self.min_local_size = comm.allreduce(self.local_size, op=MPI.MIN)
 
     def allreduce(self, buf: Any, mpi_op: Any) -> Any:
         """Reduces ``buf`` (contiguous host array) over all ranks in place; returns ``buf``."""
