@@ -357,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
     if args.engine:
         overrides["dist"] = {"engine": args.engine}
     from distnet.data import DatasetError  # noqa: PLC0415
+    from distnet.train.checkpoint import CheckpointError  # noqa: PLC0415
 
     try:
         for text in args.set:
@@ -364,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
             overrides = jobspec.merge(overrides, {section: {key: value}})
         job = load_job(args.job, overrides)
         report = run_job(job, log=(lambda line: None) if args.quiet else print)
-    except (JobError, DatasetError) as e:
+    except (JobError, DatasetError, CheckpointError) as e:
         print(f"distnet train: {e}", file=sys.stderr)
         return 2
     if report["rank"] == 0:
