@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (default 7)")
     parser.add_argument("--max-mb", type=float, default=32.0, help="largest message (MiB)")
     parser.add_argument("--batch", type=int, default=128, help="batch of the compute test")
+    parser.add_argument("--max-reps", type=int, default=200, help="allreduces per size and round")
     parser.add_argument("--mpiexec", help="mpiexec to use (default: the mpich wheel's)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -82,7 +83,7 @@ def _sweep(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
     rows = []
     for floats in sizes_in_floats(args.max_mb):
         buf = np.ones(floats, dtype=np.float32)
-        reps = max(3, min(200, int(2e7 // (floats * 4 + 2e4))))
+        reps = max(1, min(args.max_reps, int(2e7 // (floats * 4 + 2e4))))
         times: dict[bool, list[float]] = {m: [] for m in modes}
         comm.set_hierarchical(False)
         _time_allreduce(comm, buf, 2)  # warm-up (connections, buffers)
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         cmd += ["-launcher", args.launcher] if args.launcher else []
         cmd += [sys.executable, "-m", "distnet.bench.network", "--worker", "--json", out]
         cmd += ["--rounds", str(args.rounds), "--max-mb", str(args.max_mb)]
-        cmd += ["--batch", str(args.batch)]
+        cmd += ["--batch", str(args.batch), "--max-reps", str(args.max_reps)]
         threads = str(max(1, (os.cpu_count() or 1) // args.np))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
         proc = subprocess.run(cmd, env=env, timeout=3600)
