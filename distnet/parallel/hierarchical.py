@@ -66,6 +66,10 @@ class HierarchicalGroups:
         self.MPI = MPI
         rank = comm.Get_rank()
         self.node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        # Broadcasts get their own communicator: with several buckets in flight, the reduces
+        # of later buckets and the broadcasts of earlier ones are then never ordered against
+        # each other on one communicator (MPI needs the same order on every rank).
+        self.node_bcast = self.node.Dup()
         self.local_rank = self.node.Get_rank()
         self.local_size = self.node.Get_size()
         color = 0 if self.local_rank == 0 else MPI.UNDEFINED
@@ -75,17 +79,28 @@ class HierarchicalGroups:
         self.num_nodes = comm.allreduce(1 if self.local_rank == 0 else 0)
         self.max_local_size = comm.allreduce(self.local_size, op=MPI.MAX)
         self.min_local_size = comm.allreduce(self.local_size, op=MPI.MIN)
+        # Non-blocking allreduces in flight, oldest first, and per step how many have
+        # started it: step s of the i-th may start only once the i-1 before it have.
+        self.live: list[PendingHierarchical] = []
+        self.created = 0
+        self.started = [0, 0, 0]
+
+    def drain(self) -> None:
+        """Finishes every non-blocking allreduce in flight, oldest first."""
+        while self.live:
+            self.live[0].wait()
 
     def allreduce(self, buf: Any, mpi_op: Any) -> Any:
         """Reduces ``buf`` (contiguous host array) over all ranks in place; returns ``buf``."""
         MPI = self.MPI  # noqa: N806
+        self.drain()
         if self.local_rank == 0:
             self.node.Reduce(MPI.IN_PLACE, buf, op=mpi_op, root=0)
             if self.leaders is not None and self.leaders.Get_size() > 1:
                 self.leaders.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
         else:
             self.node.Reduce(buf, None, op=mpi_op, root=0)
-        self.node.Bcast(buf, root=0)
+        self.node_bcast.Bcast(buf, root=0)
         return buf
 
     def iallreduce(self, buf: Any, mpi_op: Any, divide_by: int = 1) -> PendingHierarchical:
@@ -94,59 +109,93 @@ class HierarchicalGroups:
 
     def free(self) -> None:
         """Frees the sub-communicators (collective)."""
+        self.drain()
         if self.leaders is not None:
             self.leaders.Free()
             self.leaders = None
+        self.node_bcast.Free()
         self.node.Free()
 
 
 class PendingHierarchical:
-    """A started hierarchical allreduce: a chain of non-blocking steps (Ireduce inside the
-    node, Iallreduce among leaders, Ibcast inside the node), each started when the one before
-    it has finished, from ``test()`` or ``wait()``. Same interface as ``PendingAllreduce``."""
+    """A started hierarchical allreduce: three non-blocking steps (Ireduce inside the node,
+    Iallreduce among leaders, Ibcast inside the node), each started once the one before it
+    has finished, from ``test()`` or ``wait()``. Same interface as ``PendingAllreduce``.
+
+    Every rank starts each step of the allreduces in the order they were created, whatever
+    order they complete in (``HierarchicalGroups.started``): a rank that saw bucket 1 finish
+    its reduce early must not start bucket 1's broadcast before another rank does, relative
+    to bucket 2's steps, or the collectives would be matched wrongly.
+    """
 
     def __init__(self, groups: HierarchicalGroups, buf: Any, mpi_op: Any, divide_by: int) -> None:
         self.groups = groups
         self.buf = buf
         self._op = mpi_op
         self._divide_by = divide_by
-        self._steps = self._plan()
-        self._request = next(self._steps)()
+        self.index = groups.created
+        groups.created += 1
+        groups.live.append(self)
         self.done = False
+        self._step = -1
+        self._request: Any = None
+        self._start_next()  # step 0: its turn, as allreduces are created in the same order
 
-    def _plan(self) -> Any:
-        g, MPI, buf = self.groups, self.groups.MPI, self.buf  # noqa: N806
-        if g.local_rank == 0:
-            yield lambda: g.node.Ireduce(MPI.IN_PLACE, buf, op=self._op, root=0)
+    def _start(self, step: int) -> Any:
+        g, MPI, buf, op = self.groups, self.groups.MPI, self.buf, self._op  # noqa: N806
+        if step == 0:
+            if g.local_rank == 0:
+                return g.node.Ireduce(MPI.IN_PLACE, buf, op=op, root=0)
+            return g.node.Ireduce(buf, None, op=op, root=0)
+        if step == 1:
             if g.leaders is not None and g.leaders.Get_size() > 1:
-                yield lambda: g.leaders.Iallreduce(MPI.IN_PLACE, buf, op=self._op)
-        else:
-            yield lambda: g.node.Ireduce(buf, None, op=self._op, root=0)
-        yield lambda: g.node.Ibcast(buf, root=0)
+                return g.leaders.Iallreduce(MPI.IN_PLACE, buf, op=op)
+            return None  # not a leader (or one node): nothing to do in this step
+        return g.node_bcast.Ibcast(buf, root=0)
 
-    def _advance(self) -> bool:
-        """Starts the next step; False when there is none (all finished)."""
-        start = next(self._steps, None)
-        if start is None:
-            self._finish()
-            return False
-        self._request = start()
-        return True
+    def _my_turn(self) -> bool:
+        return self.groups.started[self._step + 1] == self.index
+
+    def _start_next(self) -> None:
+        """Starts the next step (the caller made sure it is this allreduce's turn)."""
+        self._step += 1
+        self.groups.started[self._step] += 1
+        self._request = self._start(self._step)
 
     def _finish(self) -> None:
         self.done = True
+        self.groups.live.remove(self)
         if self._divide_by != 1:
             self.buf /= self._divide_by
 
+    def _current_done(self, block: bool) -> bool:
+        if self._request is None:
+            return True
+        if block:
+            self._request.Wait()
+            return True
+        return bool(self._request.Test())
+
     def test(self) -> bool:
         """Drives MPI progress; True once every step has finished."""
-        while not self.done and self._request.Test():
-            self._advance()
+        while not self.done and self._current_done(block=False):
+            if self._step == 2:
+                self._finish()
+            elif self._my_turn():
+                self._start_next()
+            else:
+                return False  # an older allreduce has yet to start this step
         return self.done
 
     def wait(self) -> Any:
         """Blocks until the reduced values are in ``buf``; returns ``buf``."""
         while not self.done:
-            self._request.Wait()
-            self._advance()
+            self._current_done(block=True)
+            if self._step == 2:
+                self._finish()
+                continue
+            for older in [p for p in self.groups.live if p.index < self.index]:
+                if not self._my_turn():
+                    older.wait()
+            self._start_next()
         return self.buf

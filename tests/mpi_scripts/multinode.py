@@ -61,6 +61,33 @@ np.testing.assert_allclose(hier, flat, rtol=1e-5, atol=1e-5)
 # Every rank holds the very same bytes (the broadcast step), so replicas cannot drift.
 digest = hashlib.sha256(hier.tobytes()).hexdigest()
 assert comm.allgather(digest) == [digest] * comm.size
+# float16 (fp16 compression's wire format) through the hierarchical steps
+halves = ints[:1000].astype(np.float16) / np.float16(8)
+comm.set_hierarchical(True)
+h16 = comm.allreduce(halves.copy(), "sum")
+comm.set_hierarchical(False)
+assert np.array_equal(h16, comm.allreduce(halves.copy(), "sum"))
+
+# DistributedOptimizer(hierarchical=...) sets it; both give the same step, with overlap too
+from distnet import backend, nn, optim  # noqa: E402
+from distnet import functional as F  # noqa: E402
+from distnet.parallel import DistributedOptimizer  # noqa: E402
+
+params = {}
+for hierarchical in (True, False):
+    backend.seed(0)
+    model = nn.Sequential(nn.Dense(20, 16, "relu"), nn.Dense(16, 3))
+    opt = DistributedOptimizer(
+        optim.SGD(model, lr=0.1), comm, bucket_mb=0.001, hierarchical=hierarchical, overlap=True
+    )
+    assert comm.hierarchical is hierarchical
+    x = np.random.default_rng(100 + comm.rank).standard_normal((8, 20)).astype(np.float32)
+    y = np.random.default_rng(comm.rank).integers(0, 3, 8)
+    opt.zero_grad()
+    opt.backward(F.cross_entropy(model(x), y))
+    opt.step()
+    params[hierarchical] = opt.flat_params.copy()
+np.testing.assert_allclose(params[True], params[False], rtol=1e-6, atol=1e-7)
 comm.set_hierarchical("auto")
 comm.barrier()
 comm.log("multinode ok")
