@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-np", "-n", dest="np", type=int, default=2, help="ranks (default 2)")
     parser.add_argument("--hosts", help="hydra hosts, e.g. a:2,b:2 (with --launcher fork)")
     parser.add_argument("--launcher", help="hydra launcher (fork: hosts as nodes, one machine)")
+    parser.add_argument("--launcher-exec", help="hydra's -launcher-exec (a stand-in for ssh)")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds (default 7)")
     parser.add_argument("--max-mb", type=float, default=32.0, help="largest message (MiB)")
     parser.add_argument("--batch", type=int, default=128, help="batch of the compute test")
@@ -180,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         cmd = [mpiexec, "-n", str(args.np)]
         cmd += ["-hosts", args.hosts] if args.hosts else []
         cmd += ["-launcher", args.launcher] if args.launcher else []
+        cmd += ["-launcher-exec", args.launcher_exec] if args.launcher_exec else []
         cmd += [sys.executable, "-m", "distnet.bench.network", "--worker", "--json", out]
         cmd += ["--rounds", str(args.rounds), "--max-mb", str(args.max_mb)]
         cmd += ["--batch", str(args.batch), "--max-reps", str(args.max_reps)]
