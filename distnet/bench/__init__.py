@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "loader": ("distnet.bench.loader", "StreamLoader vs a plain sequential zarr read"),
     "allreduce": ("distnet.bench.allreduce", "bucketed gradient allreduce vs raw MPI_Allreduce"),
     "ps": ("distnet.bench.ps", "sharded Ray parameter server vs Ray's example (one actor)"),
+    "network": ("distnet.bench.network", "allreduce latency/bandwidth sweep, flat vs hierarchical"),
 }
 
 

@@ -82,6 +82,8 @@ class DistributedOptimizer:
             gradients are averaged over them and reduced once, on the last pass.
         stall_check_s: report ranks missing from a step after this long (None: off; default
             60 s or ``DISTNET_STALL_CHECK_S``); ``stall_abort_s`` also ends the job.
+        hierarchical: True/False/"auto" sets the communicator's hierarchical allreduce (inside
+            nodes, then across node leaders); None keeps its choice.
     """
 
     def __new__(cls, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
@@ -107,12 +109,15 @@ class DistributedOptimizer:
         backward_passes_per_step: int = 1,
         stall_check_s: float | None = -1.0,
         stall_abort_s: float | None = None,
+        hierarchical: bool | str | None = None,
     ) -> None:
         # One state, two faces: lr, steps and state arrays written through either are seen by
         # both (a schedule made over the wrapped optimiser keeps working).
         self.__dict__ = optimizer.__dict__
         self._wrapped = optimizer
         self.comm = comm
+        if hierarchical is not None:  # None: the communicator's choice (auto / env)
+            comm.set_hierarchical(hierarchical)
         self.params: Sequence[Any] = list(optimizer.params)
         self.batch_share = self._check_share(batch_share)
         if int(backward_passes_per_step) < 1:

@@ -274,6 +274,8 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     started = time.perf_counter()
     comm = distributed.init(job["dist"]["engine"])
+    if job["dist"]["hierarchical"] != "auto":  # "auto" keeps init's (or DISTNET_HIERARCHICAL's)
+        comm.set_hierarchical(job["dist"]["hierarchical"])
     rank, size = comm.rank, comm.size
     out = Path(job["run"]["out"])
     say = log if rank == 0 else (lambda line: None)
