@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet.parallel.rayengine.jobs import RAY_DIST_KEYS, add_ray_arguments, dist_overrides
 from distnet.train.callbacks import Callback
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -48,7 +49,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "sparsity_target": None, "sparsity_weight": 0.0},
     "finetune": {"epochs": 60, "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4,
                  "momentum": 0.9, "plateau_patience": 3, "plateau_factor": 0.3},
-    "dist": {"engine": "auto", "bucket_mb": 25.0, "compression": "none"},
+    "dist": {"engine": "auto", "bucket_mb": 25.0, "compression": "none", **RAY_DIST_KEYS},
     "run": {"out": "runs/job", "seed": 0, "log_every": 5, "pictures": True, "device": "cpu"},
 }  # fmt: skip
 
@@ -61,8 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``distnet train``."""
     parser.add_argument("job", help="job description (TOML)")
     parser.add_argument("--out", help="run directory (overrides [run] out)")
-    parser.add_argument("--engine", choices=["auto", "local", "mpi"], help="overrides [dist]")
+    parser.add_argument(
+        "--engine", choices=["auto", "local", "mpi", "ray"], help="overrides [dist]"
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    add_ray_arguments(parser)
 
 
 def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -274,15 +278,26 @@ def build_stages(
     return stages + [Stage("finetune" if stages else "train", supervised)]
 
 
-def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs a loaded job on this process's rank; returns the report (written by rank 0)."""
+def run_job(
+    job: dict,
+    log: Callable[[str], None] = print,
+    *,
+    comm: Any = None,
+    rank_setup: Any = None,
+) -> dict[str, Any]:
+    """Runs a loaded job on this process's rank; returns the report (written by rank 0).
+
+    Engines that start the ranks themselves (Ray actors) pass their ``comm`` and a
+    ``rank_setup`` with ``device`` (None: the job's), ``rank_weights`` (None: equal shares of
+    the global batch) and ``wrap(optimizer, default_wrap, loader)`` (each stage's optimiser).
+    """
     from distnet import backend  # noqa: PLC0415
     from distnet import parallel as distributed  # noqa: PLC0415
     from distnet.data import StreamLoader, open_dataset  # noqa: PLC0415
     from distnet.train.pipeline import Pipeline  # noqa: PLC0415
 
     started = time.perf_counter()
-    comm = distributed.init(job["dist"]["engine"])
+    comm = comm if comm is not None else distributed.init(job["dist"]["engine"])
     rank, size = comm.rank, comm.size
     out = Path(job["run"]["out"])
     say = log if rank == 0 else (lambda line: None)
@@ -295,7 +310,7 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
     backend.seed(job["run"]["seed"])
     n_in = int(np.prod(train.shape[1:]))
     model = build_model(job, n_in, int(train.num_classes))
-    device = job["run"]["device"]
+    device = getattr(rank_setup, "device", None) or job["run"]["device"]
     if device == "cuda":  # one GPU per rank; gradients then go through NCCL
         device = backend.use_device(f"cuda:{comm.local_rank}")
         model.to(device)
@@ -308,6 +323,7 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         shuffle_chunks=job["data"]["shuffle_chunks"],
         transform=flatten if len(train.shape) > 2 else None,  # runs in the prefetch thread
         device=device,
+        rank_weights=getattr(rank_setup, "rank_weights", None),
     )
     compression = None if job["dist"]["compression"] == "none" else job["dist"]["compression"]
 
@@ -317,6 +333,12 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         return distributed.DistributedOptimizer(
             opt, comm, bucket_mb=job["dist"]["bucket_mb"], compression=compression
         )
+
+    if rank_setup is not None:
+        plain_wrap = wrap
+
+        def wrap(opt: Any) -> Any:
+            return rank_setup.wrap(opt, plain_wrap, loader)
 
     say(
         f"{type(model).__name__} {n_in}-{'-'.join(map(str, job['model']['hidden']))}-"
@@ -365,14 +387,24 @@ def run(args: argparse.Namespace) -> int:
         overrides["run"] = {"out": args.out}
     if args.engine:
         overrides["dist"] = {"engine": args.engine}
+    if dist_overrides(args):
+        overrides.setdefault("dist", {}).update(dist_overrides(args))
     from distnet.data import DatasetError  # noqa: PLC0415
+    from distnet.parallel.rayengine import RayEngineError, options_from_job, run_ray_job  # noqa: PLC0415
 
+    log = (lambda line: None) if args.quiet else print
     try:
         job = load_job(args.job, overrides)
-        report = run_job(job, log=(lambda line: None) if args.quiet else print)
-    except (JobError, DatasetError) as e:
+        if job["dist"]["engine"] == "ray":  # this process drives Ray worker actors
+            report = run_ray_job(job, options_from_job(job), log=log)
+        else:
+            report = run_job(job, log=log)
+    except (JobError, DatasetError, RayEngineError) as e:
         print(f"distnet train: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"distnet train: interrupted; checkpoints in {job['run']['out']}", file=sys.stderr)
+        return 130
     if report["rank"] == 0:
         acc = report.get("test_accuracy")
         summary = f"test accuracy {acc:.4f}" if acc is not None else "done"
