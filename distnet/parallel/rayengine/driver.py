@@ -131,6 +131,7 @@ class RayJob:
         self.generation = 0
         self.failures: list[str] = []
         self.pg: Any = None
+        self.worker_info: list[dict[str, Any]] = []  # every actor this job started (pid, node)
         self._started_ray = False
 
     # --- actors ---------------------------------------------------------------------------
@@ -157,7 +158,8 @@ class RayJob:
             ) from None
         self.actors = [self._new_actor(i) for i in range(len(self.specs))]
         self.bundles = list(range(len(self.specs)))
-        self._wait([a.info.remote() for a in self.actors], self.opt.start_timeout_s, "start")
+        infos = self._wait([a.info.remote() for a in self.actors], self.opt.start_timeout_s, "start")
+        self.worker_info = list(infos)
 
     def _new_actor(self, bundle: int) -> Any:
         from ray.util.scheduling_strategies import (  # noqa: PLC0415
@@ -223,6 +225,7 @@ class RayJob:
                 if isinstance(outcome, dict):
                     outcome["failures"] = self.failures
                     outcome["generation"] = self.generation
+                    outcome["worker_info"] = self.worker_info
                     return outcome
                 self._recover(outcome)
         finally:
@@ -296,7 +299,9 @@ class RayJob:
             ray.kill(actor, no_restart=True)
             fresh = self._new_actor(self.bundles[rank])
             try:
-                ray.get(fresh.info.remote(), timeout=self.opt.replace_timeout_s)
+                self.worker_info.append(
+                    ray.get(fresh.info.remote(), timeout=self.opt.replace_timeout_s)
+                )
                 keep.append((fresh, self.bundles[rank]))
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
                 ray.kill(fresh, no_restart=True)

@@ -182,6 +182,10 @@ class WorkerActor:
         report["steps"] = setup.steps
         return report
 
+    def apply(self, fn: Any, *args: Any) -> Any:
+        """``fn(comm, *args)`` on this worker (collectives in tests and benchmarks)."""
+        return fn(self.comm, *args)
+
     def logs(self) -> list[str]:
         """Progress lines of rank 0 not yet fetched (the driver prints them)."""
         lines = []
