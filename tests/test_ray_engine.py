@@ -282,3 +282,16 @@ def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits
     resumed = run_ray_job(job, RayOptions(workers=worker_specs(2)), log=lambda line: None)
     assert len(resumed["stages"][0]["history"]["loss"]) == done + 1
     assert resumed["test_accuracy"] > 0.5
+
+
+def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, digits):
+    pytest.importorskip("distnet.parallel.ps", reason="the parameter server (ray-ps) is not here")
+    path = write_job(digits, "ps.toml", MLP_JOB.format(data="data", epochs=1))
+    out = digits / "run-ps"
+    job = load_job(path, {"run": {"out": str(out)}})
+    options = RayOptions(workers=worker_specs(2), strategy="ps", ps={"mode": "sync", "shards": 2})
+    report = run_ray_job(job, options, log=lambda line: None)
+    got = final_params(job, out)
+    want = reference_params(job, 1, [[16, 16]])
+    assert np.max(np.abs(got - want)) < 1e-5
+    assert report["test_accuracy"] >= 0.8

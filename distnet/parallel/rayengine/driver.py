@@ -158,7 +158,9 @@ class RayJob:
             ) from None
         self.actors = [self._new_actor(i) for i in range(len(self.specs))]
         self.bundles = list(range(len(self.specs)))
-        infos = self._wait([a.info.remote() for a in self.actors], self.opt.start_timeout_s, "start")
+        infos = self._wait(
+            [a.info.remote() for a in self.actors], self.opt.start_timeout_s, "start"
+        )
         self.worker_info = list(infos)
 
     def _new_actor(self, bundle: int) -> Any:

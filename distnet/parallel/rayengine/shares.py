@@ -69,14 +69,14 @@ class ThroughputShares:
         history: list[dict[str, Any]] | None = None,
         on_step: Any = None,
     ) -> None:
-        from distnet.parallel.optimizer import DistributedOptimizer  # noqa: PLC0415
-
         self.inner, self.loader, self.comm = inner, loader, comm
         self.rebalance_every = rebalance_every
         self.delay_per_sample_s = delay_per_sample_s
         self.history = history if history is not None else []
         self.on_step = on_step
-        self._share_in_backward = isinstance(inner, DistributedOptimizer)
+        # DistributedOptimizer and ParameterServerOptimizer fold the share into backward's
+        # seed gradient (no extra pass over the gradient buffer)
+        self._share_in_backward = hasattr(inner, "backward")
         self._t0: float | None = None
         self._backward_done = False
         self._compute_s = 0.0
@@ -106,8 +106,11 @@ class ThroughputShares:
 
     def step(self) -> None:
         if self._t0 is not None:
-            if is_gpu_array(self.inner.flat_grads):  # kernels run ahead of the host clock
-                array_module(self.inner.flat_grads).cuda.get_current_stream().synchronize()
+            grads = getattr(self.inner, "flat_grads", None)
+            if grads is None:  # a ParameterServerOptimizer keeps them in its optimiser
+                grads = getattr(getattr(self.inner, "optimizer", None), "flat_grads", None)
+            if grads is not None and is_gpu_array(grads):  # kernels run ahead of the host
+                array_module(grads).cuda.get_current_stream().synchronize()
             self._compute_s += time.perf_counter() - self._t0
             self._samples += self.loader.batch_size
             self._t0 = None

@@ -104,27 +104,60 @@ class RankSetup:
 
     def _ps_optimizer(self, opt: Any) -> Any:
         """A ``ParameterServerOptimizer`` over a parameter server made for this stage's
-        parameters by rank 0 (its handle is broadcast)."""
+        parameters by rank 0 (its picklable handle is broadcast; its shard actors are owned
+        by rank 0's actor, so they end with the job). ``close()`` shuts it down."""
         from distnet.parallel.ps import ParameterServer, ParameterServerOptimizer  # noqa: PLC0415
 
         ps_opts = dict(self.spec.get("ps") or {})
         server = None
         if self.comm.rank == 0:
-            settings = {"lr": float(opt.lr)}
-            for key in ("weight_decay", "momentum", "betas", "eps"):
-                if hasattr(opt, key):
-                    settings[key] = getattr(opt, key)
+            settings = optimizer_settings(opt)
             server = ParameterServer.create(
                 opt.flat_params,
                 shards=int(ps_opts.get("shards", 1)),
                 mode=ps_opts.get("mode", "sync"),
                 staleness=int(ps_opts.get("staleness", 0)),
                 num_workers=self.comm.size,
-                optimizer={"name": type(opt).__name__.lower(), **settings},
-                snapshot_every=int(ps_opts.get("snapshot_every", 100)),
+                optimizer=settings,
+                snapshot_every=int(ps_opts.get("snapshot_every", 0)),
+                param_shapes=[tuple(p.data.shape) for p in opt.params],
             )
         server = self.comm.bcast(server, root=0)
-        return ParameterServerOptimizer(opt, server, self.comm.rank)
+        return _ClosingServer(ParameterServerOptimizer(opt, server, self.comm.rank), self.comm)
+
+
+# keyword arguments of distnet.optim's classes, as the parameter server's shards take them
+_OPTIMIZER_KEYS = ("lr", "momentum", "nesterov", "eps", "alpha", "centered", "weight_decay",
+                   "l1", "decay_biases", "lr_decay")  # fmt: skip
+
+
+def optimizer_settings(opt: Any) -> dict[str, Any]:
+    """``{"name": "adam", "lr": ..., ...}`` of a ``distnet.optim`` optimiser."""
+    settings: dict[str, Any] = {"name": type(opt).__name__.lower()}
+    settings.update({k: getattr(opt, k) for k in _OPTIMIZER_KEYS if hasattr(opt, k)})
+    if hasattr(opt, "beta1"):
+        settings["betas"] = (opt.beta1, opt.beta2)
+    return settings
+
+
+class _ClosingServer:
+    """A ``ParameterServerOptimizer`` whose ``close()`` also ends the stage's server (after
+    every worker is done with it)."""
+
+    def __init__(self, inner: Any, comm: Any) -> None:
+        self.__dict__.update(inner=inner, comm=comm)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.comm.barrier()
+        if self.comm.rank == 0:
+            self.inner.ps.shutdown()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.inner, name, value)
 
 
 class WorkerActor:
