@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from distnet import backend  # noqa: E402
+from distnet import backend, cli  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
 from distnet.data import StreamLoader, convert_digits, digits_arrays, write_dataset  # noqa: E402
 from distnet.parallel.rayengine import (  # noqa: E402
@@ -193,7 +193,7 @@ def test_shares_follow_throughput_and_the_update_stays_the_global_batch_one(ray_
     assert np.max(np.abs(got - reference_params(job, 3, [[16, 16]] * 3))) > 1e-3
 
 
-def test_stacked_autoencoder_job_on_ray_matches_one_process(ray_cluster, digits):
+def test_stacked_autoencoder_job_on_ray_matches_one_process(ray_cluster, digits, capsys):
     text = MLP_JOB.format(data="data", epochs=20).replace(
         'type = "mlp"', 'type = "stacked_autoencoder"'
     )
@@ -204,13 +204,20 @@ def test_stacked_autoencoder_job_on_ray_matches_one_process(ray_cluster, digits)
     local_job = load_job(path, {"run": {"out": str(digits / "sae-local")}})
     local_job["dist"]["engine"] = "local"
     local = run_job(local_job, log=lambda line: None)
-    job = load_job(path, {"run": {"out": str(digits / "sae-ray")}})
-    lines: list[str] = []
-    report = run_ray_job(job, RayOptions(workers=worker_specs(2)), log=lines.append)
+    out = digits / "sae-ray"
+    argv = ["train", str(path), "--engine", "ray", "--workers", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 rank(s) x batch 16 (engine RayCommunicator)" in printed  # rank 0's progress
+    assert "[stage 3/3] finetune: done" in printed and printed.count("test accuracy") == 1
+    report = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["pretrain-0", "pretrain-1", "finetune"]
+    assert report["workers"] == 2 and report["job"]["dist"]["engine"] == "ray"
     assert report["test_accuracy"] >= 0.95
     assert abs(report["test_accuracy"] - local["test_accuracy"]) <= 0.01
-    assert any("[stage 3/3] finetune: done" in line for line in lines)  # rank 0's progress
+    # run again: every stage is skipped (the checkpoints are the same as on MPI)
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 3
 
 
 def _id_store(root):
