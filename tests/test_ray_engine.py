@@ -226,21 +226,27 @@ def _id_store(root):
     n = 1344
     ids = (np.arange(n, dtype=np.float32) + 1) / 10000
     xs = np.concatenate([x[:n].astype(np.float32) / 16, ids[:, None]], axis=1)
-    write_dataset(str(root / "ids" / "train"), xs, y[:n], chunk_samples=64)
+    if not (root / "ids" / "train").exists():
+        write_dataset(str(root / "ids" / "train"), xs, y[:n], chunk_samples=64)
     return np.sort(ids.astype(np.float32))
 
 
-def test_killed_worker_is_replaced_and_every_sample_counts_once(ray_cluster, digits):
+@pytest.mark.parametrize("replace", [True, False])
+def test_killed_worker_is_replaced_and_every_sample_counts_once(ray_cluster, digits, replace):
+    """replace=False: no new actor, the survivor carries on alone (--min-workers 1)."""
     ids = _id_store(digits)
     text = MLP_JOB.format(data="ids", epochs=3).replace('test = "ids/test"\n', "")
     path = write_job(digits, "elastic.toml", text)
-    log_dir = digits / "samples"
-    job = load_job(path, {"run": {"out": str(digits / "run-elastic")}})
+    log_dir = digits / f"samples-{replace}"
+    job = load_job(path, {"run": {"out": str(digits / f"run-elastic-{replace}")}})
     # rank 1 exits hard after its 50th step: in epoch 1 (42 steps an epoch)
-    options = RayOptions(workers=worker_specs(2), fail_at_step={1: 50}, sample_log=str(log_dir))
+    options = RayOptions(workers=worker_specs(2), fail_at_step={1: 50}, sample_log=str(log_dir),
+                         min_workers=1, replace_lost=replace)  # fmt: skip
     rj = RayJob(options, log=lambda line: None)
     report = rj.run(job)
     assert report["generation"] == 2 and len(report["failures"]) == 1
+    assert report["workers"] == (2 if replace else 1)
+    assert len(list(log_dir.glob("rank*-gen2.jsonl"))) == report["workers"]
     records: dict[int, dict[int, list[float]]] = {}  # generation -> epoch -> ids
     for f in sorted(log_dir.glob("rank*-gen*.jsonl")):
         gen = int(f.stem.split("gen")[1])

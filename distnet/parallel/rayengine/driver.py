@@ -56,6 +56,7 @@ class RayOptions:
     ps: dict[str, Any] = field(default_factory=dict)
     rebalance_every: int = 200
     max_failures: int = 3
+    replace_lost: bool = True  # False: carry on with the survivors (>= min_workers)
     collective_timeout_s: float = 300.0
     start_timeout_s: float = 120.0
     replace_timeout_s: float = 60.0
@@ -299,6 +300,8 @@ class RayJob:
                 keep.append((actor, self.bundles[rank]))
                 continue
             ray.kill(actor, no_restart=True)
+            if not self.opt.replace_lost:
+                continue
             fresh = self._new_actor(self.bundles[rank])
             try:
                 self.worker_info.append(

@@ -54,7 +54,7 @@ class ThroughputShares:
     """
 
     _OWN = frozenset(
-        "inner loader comm rebalance_every delay_per_sample_s history on_step "
+        "optimizer loader comm rebalance_every delay_per_sample_s history on_step "
         "_share_in_backward _t0 _backward_done _compute_s _samples _since step_count".split()
     )
 
@@ -69,7 +69,7 @@ class ThroughputShares:
         history: list[dict[str, Any]] | None = None,
         on_step: Any = None,
     ) -> None:
-        self.inner, self.loader, self.comm = inner, loader, comm
+        self.optimizer, self.loader, self.comm = inner, loader, comm
         self.rebalance_every = rebalance_every
         self.delay_per_sample_s = delay_per_sample_s
         self.history = history if history is not None else []
@@ -93,31 +93,31 @@ class ThroughputShares:
     def zero_grad(self) -> None:
         self._t0 = time.perf_counter()
         self._backward_done = False
-        self.inner.zero_grad()
+        self.optimizer.zero_grad()
 
     def backward(self, loss: Any) -> None:
         if self.delay_per_sample_s:
             time.sleep(self.delay_per_sample_s * self.loader.batch_size)
         if self._share_in_backward:
-            self.inner.backward(loss, batch_share=self.batch_share)
+            self.optimizer.backward(loss, batch_share=self.batch_share)
         else:
             loss.backward()
         self._backward_done = True
 
     def step(self) -> None:
         if self._t0 is not None:
-            grads = getattr(self.inner, "flat_grads", None)
+            grads = getattr(self.optimizer, "flat_grads", None)
             if grads is None:  # a ParameterServerOptimizer keeps them in its optimiser
-                grads = getattr(getattr(self.inner, "optimizer", None), "flat_grads", None)
+                grads = getattr(getattr(self.optimizer, "optimizer", None), "flat_grads", None)
             if grads is not None and is_gpu_array(grads):  # kernels run ahead of the host
                 array_module(grads).cuda.get_current_stream().synchronize()
             self._compute_s += time.perf_counter() - self._t0
             self._samples += self.loader.batch_size
             self._t0 = None
-        if self._share_in_backward and self._backward_done:
-            self.inner.step()
+        if self._backward_done or not self._share_in_backward:
+            self.optimizer.step()  # a plain optimiser (one worker left) takes the whole batch
         else:
-            self.inner.step(batch_share=self.batch_share)
+            self.optimizer.step(batch_share=self.batch_share)
         self.step_count += 1
         self._since += 1
         if self.on_step is not None:
@@ -143,16 +143,16 @@ class ThroughputShares:
 
     # --- everything else is the wrapped optimiser's --------------------------------------
     def close(self) -> None:
-        getattr(self.inner, "close", lambda: None)()
+        getattr(self.optimizer, "close", lambda: None)()
 
     def __getattr__(self, name: str) -> Any:
-        if name == "inner":
+        if name == "optimizer":
             raise AttributeError(name)
-        return getattr(self.inner, name)
+        return getattr(self.optimizer, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # lr from schedules and ReduceLROnPlateau must reach the optimiser that updates
-        if name not in self._OWN and hasattr(self.inner, name):
-            setattr(self.inner, name, value)
+        if name not in self._OWN and hasattr(self.optimizer, name):
+            setattr(self.optimizer, name, value)
         else:
             object.__setattr__(self, name, value)

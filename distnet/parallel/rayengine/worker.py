@@ -83,8 +83,6 @@ class RankSetup:
             inner = self._ps_optimizer(opt)
         else:
             inner = default_wrap(opt)
-        if self.comm.size == 1 and inner is opt:
-            return opt
         return ThroughputShares(
             inner,
             loader,
@@ -145,19 +143,20 @@ class _ClosingServer:
     every worker is done with it)."""
 
     def __init__(self, inner: Any, comm: Any) -> None:
-        self.__dict__.update(inner=inner, comm=comm)
+        # named `optimizer`: checkpoints look through wrappers by that attribute
+        self.__dict__.update(optimizer=inner, comm=comm)
 
     def close(self) -> None:
-        self.inner.close()
+        self.optimizer.close()
         self.comm.barrier()
         if self.comm.rank == 0:
-            self.inner.ps.shutdown()
+            self.optimizer.ps.shutdown()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["inner"], name)
+        return getattr(self.__dict__["optimizer"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.inner, name, value)
+        setattr(self.optimizer, name, value)
 
 
 class WorkerActor:
