@@ -18,7 +18,7 @@ from distnet.parallel.rayengine.driver import RayEngineError, RayOptions, Worker
 RAY_DIST_KEYS: dict[str, Any] = {
     "strategy": "allreduce", "mode": "sync", "staleness": 0, "shards": 1, "workers": 2,
     "cpu_workers": 0, "gpus_per_worker": 0, "min_workers": 0, "placement": "PACK",
-    "address": "", "rebalance_every": 200, "devices": [],
+    "address": None, "rebalance_every": 200, "devices": [],
 }  # fmt: skip
 
 
