@@ -116,6 +116,14 @@ def reference_params(job, epochs, sizes_per_epoch):
     return np.concatenate([p.data.ravel() for p in net.parameters()])
 
 
+def test_a_local_ray_without_token_authentication_is_refused(monkeypatch):
+    from distnet.parallel.rayengine import RayEngineError  # noqa: PLC0415
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(RayEngineError, match="only with token authentication"):
+        start_ray(None)
+
+
 # --- the communicator ----------------------------------------------------------------------
 def _collectives(comm, n):
     rng = np.random.default_rng(comm.rank)
@@ -308,3 +316,20 @@ def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, di
     want = reference_params(job, 1, [[16, 16]])
     assert np.max(np.abs(got - want)) < 1e-5
     assert report["test_accuracy"] >= 0.8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend.gpu_skip_reason() is not None, reason="needs a CUDA GPU and cupy")
+def test_a_gpu_worker_and_a_cpu_worker_train_together(ray_cluster, digits):
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the local Ray sees no GPU")
+    path = write_job(digits, "mixed.toml", MLP_JOB.format(data="data", epochs=2))
+    out = digits / "run-mixed"
+    job = load_job(path, {"run": {"out": str(out)}})
+    workers = [WorkerSpec("cuda", 1.0, 1.0), WorkerSpec("cpu")]
+    report = run_ray_job(job, RayOptions(workers=workers, rebalance_every=1), log=print)
+    assert report["workers"] == 2 and len(report["shares"]) == 2
+    # GPU gradients go through host memory in a mixed group: still the global-batch update
+    got = final_params(job, out)
+    want = reference_params(job, 2, [[16, 16], report["shares"][0]["batch_sizes"]])
+    assert np.max(np.abs(got - want)) < 1e-4

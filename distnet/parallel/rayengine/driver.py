@@ -4,9 +4,9 @@ workers that die, and stops every actor when the job ends or is interrupted.
     distnet train JOB.toml --engine ray --workers 2 [--address ADDR] [--gpus-per-worker 1]
                            [--cpu-workers 2] [--min-workers 1]
 
-- Without ``--address`` a local Ray starts on demand, advertised on 127.0.0.1 with token
-  authentication on (Ray 2.60's default for local clusters; distnet refuses to start one with
-  ``RAY_AUTH_MODE`` set to anything but ``token``). With it, distnet joins that cluster.
+- Without ``--address`` a local Ray starts on demand with token authentication on (Ray
+  2.60's default for local clusters; distnet refuses to run one with ``RAY_AUTH_MODE`` set to
+  anything but ``token``) and no dashboard. With it, distnet joins that cluster.
 - Workers are actors of a placement group (one bundle each, PACK or SPREAD), alive for the
   whole job: every stage runs inside them.
 - Elastic: when a worker dies, the others are stopped at their next collective, the lost
@@ -81,20 +81,23 @@ def worker_specs(
 def start_ray(address: str | None, **init_args: Any) -> bool:
     """Connects to Ray; returns True when this call started a local instance (to shut down).
 
-    A local instance is advertised on loopback and keeps token authentication on.
+    A local instance keeps token authentication on: distnet refuses to run one with
+    ``RAY_AUTH_MODE`` set to anything but ``token`` (Ray 2.60 turns it on by default for
+    ``ray.init()`` and writes the token to ``~/.ray/auth_token``). Its dashboard is off.
+    Ray 2.60 itself listens on every interface (it replaces 127.0.0.1 by the node's address
+    on purpose, ``services.resolve_ip_for_localhost``): the token is what guards it.
     """
     import ray  # noqa: PLC0415
 
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if address is None and mode is not None and mode.lower() != "token":
+        raise RayEngineError(
+            f"RAY_AUTH_MODE={mode}: distnet runs local Ray clusters only with token "
+            "authentication (unset RAY_AUTH_MODE or set it to 'token')"
+        )
     if ray.is_initialized():
         return False
     if address is None:
-        mode = os.environ.get("RAY_AUTH_MODE")
-        if mode is not None and mode.lower() != "token":
-            raise RayEngineError(
-                f"RAY_AUTH_MODE={mode}: distnet starts local Ray clusters only with token "
-                "authentication (unset RAY_AUTH_MODE or set it to 'token')"
-            )
-        init_args.setdefault("_node_ip_address", "127.0.0.1")
         init_args.setdefault("include_dashboard", False)
         ray.init(address="local", logging_level="warning", **init_args)
         return True
