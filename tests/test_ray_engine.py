@@ -192,7 +192,7 @@ def test_shares_follow_throughput_and_the_update_stays_the_global_batch_one(ray_
     shares = report["shares"]
     assert len(shares) == 3  # measured at every epoch end (rebalance_every=1)
     fast, slow_size = shares[0]["batch_sizes"]
-    assert fast + slow_size == 32 and fast >= 24, shares  # the fast worker takes most
+    assert fast + slow_size == 32 and fast >= 22, shares  # the fast worker takes most
     sizes = [[16, 16], shares[0]["batch_sizes"], shares[1]["batch_sizes"]]
     got = final_params(job, out)
     want = reference_params(job, 3, sizes)

@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         from distnet.parallel.rayengine.driver import start_ray  # noqa: PLC0415
 
-        job._started_ray = start_ray(args.address)
+        cpus = None if args.address else max(os.cpu_count() or 1, args.np)
+        job._started_ray = start_ray(args.address, **({"num_cpus": cpus} if cpus else {}))
         job._place()
         job._setup_group()
         with tempfile.TemporaryDirectory() as tmp:

@@ -223,7 +223,11 @@ class RayJob:
     def run(self, job: dict[str, Any]) -> dict[str, Any]:
         """Runs ``job`` (a loaded job dict) to the end; returns rank 0's report."""
         try:
-            self._started_ray = start_ray(self.opt.address, **self.opt.ray_init)
+            init = dict(self.opt.ray_init)
+            if self.opt.address is None:  # a local Ray may oversubscribe the cores (logical)
+                wanted = sum(s.num_cpus for s in self.specs)
+                init.setdefault("num_cpus", max(os.cpu_count() or 1, int(wanted + 0.999)))
+            self._started_ray = start_ray(self.opt.address, **init)
             self._place()
             while True:
                 self._setup_group()
