@@ -191,6 +191,7 @@ def test_shares_follow_throughput_and_the_update_stays_the_global_batch_one(ray_
     report = run_ray_job(job, options, log=lambda line: None)
     shares = report["shares"]
     assert len(shares) == 3  # measured at every epoch end (rebalance_every=1)
+    assert json.loads((out / "report.json").read_text())["shares"] == shares
     fast, slow_size = shares[0]["batch_sizes"]
     assert fast + slow_size == 32 and fast >= 22, shares  # the fast worker takes most
     sizes = [[16, 16], shares[0]["batch_sizes"], shares[1]["batch_sizes"]]

@@ -212,6 +212,12 @@ class WorkerActor:
         report = run_job(job, log, comm=self.comm, rank_setup=setup)
         report["shares"] = setup.shares
         report["steps"] = setup.steps
+        path = Path(job["run"]["out"]) / "report.json"
+        if self.comm.rank == 0 and path.exists():  # the run's report shows the shares too
+            saved = json.loads(path.read_text())
+            saved.update(shares=setup.shares, strategy=spec.get("strategy", "allreduce"))
+            path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
+            path.with_suffix(".tmp").replace(path)
         return report
 
     def apply(self, fn: Any, *args: Any) -> Any:
