@@ -142,8 +142,7 @@ def _collectives(comm, n):
     return out
 
 
-@pytest.mark.parametrize("n", [7, 100_003])  # inline chunks, then chunks through the store
-def test_collectives_of_three_actors(ray_cluster, n):
+def test_collectives_of_three_actors(ray_cluster):
     import sys  # noqa: PLC0415
 
     # the workers cannot import this test module: send _collectives by value
@@ -152,9 +151,14 @@ def test_collectives_of_three_actors(ray_cluster, n):
     try:
         job._place()
         job._setup_group()
-        res = ray.get([a.apply.remote(_collectives, n) for a in job.actors], timeout=120)
+        for n in (7, 100_003):  # chunks inline in the messages, then through the object store
+            res = ray.get([a.apply.remote(_collectives, n) for a in job.actors], timeout=120)
+            _check_collectives(res)
     finally:
         job.stop()
+
+
+def _check_collectives(res):
     for dtype in ("float32", "float64"):
         xs = np.stack([r[f"in_{dtype}"] for r in res]).astype(np.float64)
         tol = 1e-5 if dtype == "float32" else 1e-12
@@ -202,6 +206,7 @@ def test_shares_follow_throughput_and_the_update_stays_the_global_batch_one(ray_
     assert np.max(np.abs(got - reference_params(job, 3, [[16, 16]] * 3))) > 1e-3
 
 
+@pytest.mark.slow
 def test_stacked_autoencoder_job_on_ray_matches_one_process(ray_cluster, digits, capsys):
     text = MLP_JOB.format(data="data", epochs=20).replace(
         'type = "mlp"', 'type = "stacked_autoencoder"'
@@ -334,3 +339,15 @@ def test_a_gpu_worker_and_a_cpu_worker_train_together(ray_cluster, digits):
     got = final_params(job, out)
     want = reference_params(job, 2, [[16, 16], report["shares"][0]["batch_sizes"]])
     assert np.max(np.abs(got - want)) < 1e-4
+
+
+def test_ray_options_that_cannot_run_fail_cleanly_before_ray_starts(digits, capsys):
+    path = write_job(digits, "bad.toml", MLP_JOB.format(data="data", epochs=1))
+    base = ["train", str(path), "--engine", "ray", "--out", str(digits / "run-bad")]
+    assert cli.main([*base, "--workers", "2", "--min-workers", "5"]) == 2
+    assert "--min-workers 5 must be in 1..2" in capsys.readouterr().err
+    assert cli.main([*base, "--workers", "0"]) == 2
+    assert "need at least one worker" in capsys.readouterr().err
+    assert cli.main([*base, "--set", "dist.strategy=gossip"]) == 2
+    assert "[dist] strategy: expected 'allreduce' or 'ps'" in capsys.readouterr().err
+    assert not (digits / "run-bad").exists()  # nothing half-written
