@@ -95,14 +95,35 @@ def start_ray(address: str | None, **init_args: Any) -> bool:
             f"RAY_AUTH_MODE={mode}: distnet runs local Ray clusters only with token "
             "authentication (unset RAY_AUTH_MODE or set it to 'token')"
         )
+    if address is not None:
+        _check_reachable(address)
     if ray.is_initialized():
         return False
+    where = "a local Ray" if address is None else f"the Ray cluster at {address}"
     if address is None:
         init_args.setdefault("include_dashboard", False)
-        ray.init(address="local", logging_level="warning", **init_args)
-        return True
-    ray.init(address=address, logging_level="warning", **init_args)
-    return False
+    try:
+        ray.init(address=address or "local", logging_level="warning", **init_args)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        raise RayEngineError(f"could not start or join {where}: {e}") from None
+    except Exception as e:  # Ray raises a bare Exception when its node times out at start-up
+        if type(e) is not Exception:
+            raise
+        raise RayEngineError(f"could not start or join {where}: {e}") from None
+    return address is None
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A ``host:port`` address must accept a TCP connection (Ray would retry for minutes)."""
+    import socket  # noqa: PLC0415
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", ray://...: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayEngineError(f"--address {address}: nothing answers there ({e})") from None
 
 
 _REMOTE_WORKER: Any = None
