@@ -321,6 +321,10 @@ def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, di
     got = final_params(job, out)
     want = reference_params(job, 1, [[16, 16]])
     assert np.max(np.abs(got - want)) < 1e-5
+    assert len(report["ps_stats"]) == 1  # the stage's server: clocks and staleness reported
+    assert json.loads((out / "report.json").read_text())["ps_stats"] == json.loads(
+        json.dumps(report["ps_stats"], default=str)
+    )
     assert report["test_accuracy"] >= 0.8
 
 

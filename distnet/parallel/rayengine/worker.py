@@ -66,6 +66,7 @@ class RankSetup:
         self.device = spec.get("device")
         self.rank_weights = spec.get("rank_weights")
         self.shares: list[dict[str, Any]] = []
+        self.ps_stats: list[Any] = []  # one per stage (strategy "ps", rank 0)
         self.steps = 0
         self.sample_log = (
             SampleLog(spec["sample_log"], comm.rank, generation) if spec.get("sample_log") else None
@@ -121,7 +122,8 @@ class RankSetup:
                 param_shapes=[tuple(p.data.shape) for p in opt.params],
             )
         server = self.comm.bcast(server, root=0)
-        return _ClosingServer(ParameterServerOptimizer(opt, server, self.comm.rank), self.comm)
+        wrapped = ParameterServerOptimizer(opt, server, self.comm.rank)
+        return _ClosingServer(wrapped, self.comm, self.ps_stats)
 
 
 # keyword arguments of distnet.optim's classes, as the parameter server's shards take them
@@ -142,15 +144,18 @@ class _ClosingServer:
     """A ``ParameterServerOptimizer`` whose ``close()`` also ends the stage's server (after
     every worker is done with it)."""
 
-    def __init__(self, inner: Any, comm: Any) -> None:
+    def __init__(self, inner: Any, comm: Any, stats: list[Any]) -> None:
         # named `optimizer`: checkpoints look through wrappers by that attribute
-        self.__dict__.update(optimizer=inner, comm=comm)
+        self.__dict__.update(optimizer=inner, comm=comm, stats=stats)
 
     def close(self) -> None:
         self.optimizer.close()
         self.comm.barrier()
-        if self.comm.rank == 0:
-            self.optimizer.ps.shutdown()
+        if self.comm.rank == 0:  # per-worker clocks and staleness, for the run's report
+            try:
+                self.__dict__["stats"].append(self.optimizer.ps.stats())
+            finally:
+                self.optimizer.ps.shutdown()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["optimizer"], name)
@@ -212,10 +217,14 @@ class WorkerActor:
         report = run_job(job, log, comm=self.comm, rank_setup=setup)
         report["shares"] = setup.shares
         report["steps"] = setup.steps
+        if setup.ps_stats:
+            report["ps_stats"] = setup.ps_stats
         path = Path(job["run"]["out"]) / "report.json"
         if self.comm.rank == 0 and path.exists():  # the run's report shows the shares too
             saved = json.loads(path.read_text())
             saved.update(shares=setup.shares, strategy=spec.get("strategy", "allreduce"))
+            if setup.ps_stats:
+                saved["ps_stats"] = setup.ps_stats
             path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
             path.with_suffix(".tmp").replace(path)
         return report
