@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpiexec", help="mpiexec to use (default: the mpich wheel's)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--engine", choices=["mpi", "ray"], default="mpi", help="ray: Ray allreduce vs MPI's"
+    )
+    parser.add_argument("--address", help="Ray cluster to join (--engine ray; default: local)")
 
 
 def _summary(ratios: list[float]) -> dict[str, float]:
@@ -223,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
     """Re-launches itself under mpiexec with ``-np`` ranks; rank 0 reports."""
     if args.worker:
         return _worker(args)
+    if args.engine == "ray":
+        from distnet.bench import ray_allreduce  # noqa: PLC0415
+
+        return ray_allreduce.run(args)
     from distnet.parallel.launcher import LaunchError, find_mpiexec  # noqa: PLC0415
 
     if args.np < 2:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet.parallel.rayengine.jobs import add_ray_arguments, dist_overrides
 from distnet.train import jobspec
 from distnet.train.callbacks import Callback
 from distnet.train.jobspec import JobError
@@ -50,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``distnet train``."""
     parser.add_argument("job", help="job description (TOML)")
     parser.add_argument("--out", help="run directory (overrides [run] out)")
-    parser.add_argument("--engine", choices=["auto", "local", "mpi"], help="overrides [dist]")
+    parser.add_argument(
+        "--engine", choices=["auto", "local", "mpi", "ray"], help="overrides [dist]"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -59,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one key, value in TOML syntax (repeatable): --set pretrain.epochs=5",
     )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    add_ray_arguments(parser)
 
 
 def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -265,17 +269,29 @@ def build_stages(
     return stages + [Stage("finetune" if stages else "train", supervised)]
 
 
-def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs a loaded job on this process's rank; returns the report (written by rank 0)."""
+def run_job(
+    job: dict,
+    log: Callable[[str], None] = print,
+    *,
+    comm: Any = None,
+    rank_setup: Any = None,
+) -> dict[str, Any]:
+    """Runs a loaded job on this process's rank; returns the report (written by rank 0).
+
+    Engines that start the ranks themselves (Ray actors) pass their ``comm`` and a
+    ``rank_setup`` with ``device`` (None: the job's), ``rank_weights`` (None: equal shares of
+    the global batch) and ``wrap(optimizer, default_wrap, loader)`` (each stage's optimiser).
+    """
     from distnet import backend  # noqa: PLC0415
     from distnet import parallel as distributed  # noqa: PLC0415
     from distnet.data import StreamLoader, open_dataset  # noqa: PLC0415
     from distnet.train.pipeline import Pipeline  # noqa: PLC0415
 
     started = time.perf_counter()
-    comm = distributed.init(job["dist"]["engine"])
-    if job["dist"]["hierarchical"] != "auto":  # "auto" keeps init's (or DISTNET_HIERARCHICAL's)
-        comm.set_hierarchical(job["dist"]["hierarchical"])
+    comm = comm if comm is not None else distributed.init(job["dist"]["engine"])
+    hierarchical = job["dist"]["hierarchical"]
+    if hierarchical != "auto" and hasattr(comm, "set_hierarchical"):  # "auto": init decides
+        comm.set_hierarchical(hierarchical)
     rank, size = comm.rank, comm.size
     out = Path(job["run"]["out"])
     say = log if rank == 0 else (lambda line: None)
@@ -288,7 +304,7 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
     backend.seed(job["run"]["seed"])
     n_in = int(np.prod(train.shape[1:]))
     model = build_model(job, n_in, int(train.num_classes))
-    device = job["run"]["device"]
+    device = getattr(rank_setup, "device", None) or job["run"]["device"]
     if device != "cpu":  # one GPU per rank; gradients then go through NCCL
         device = backend.use_device(backend.device_for_rank(comm.local_rank, device))
         model.to(device)
@@ -301,6 +317,7 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         shuffle_chunks=job["data"]["shuffle_chunks"],
         transform=flatten if len(train.shape) > 2 else None,  # runs in the prefetch thread
         device=device,
+        rank_weights=getattr(rank_setup, "rank_weights", None),
     )
     compression = None if job["dist"]["compression"] == "none" else job["dist"]["compression"]
 
@@ -310,6 +327,12 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         return distributed.DistributedOptimizer(
             opt, comm, bucket_mb=job["dist"]["bucket_mb"], compression=compression
         )
+
+    if rank_setup is not None:
+        plain_wrap = wrap
+
+        def wrap(opt: Any) -> Any:
+            return rank_setup.wrap(opt, plain_wrap, loader)
 
     say(
         f"{type(model).__name__} {n_in}-{'-'.join(map(str, job['model']['hidden']))}-"
@@ -359,18 +382,28 @@ def run(args: argparse.Namespace) -> int:
         overrides["run"] = {"out": args.out}
     if args.engine:
         overrides["dist"] = {"engine": args.engine}
+    if dist_overrides(args):
+        overrides.setdefault("dist", {}).update(dist_overrides(args))
     from distnet.data import DatasetError  # noqa: PLC0415
+    from distnet.parallel.rayengine import RayEngineError, options_from_job, run_ray_job  # noqa: PLC0415
     from distnet.train.checkpoint import CheckpointError  # noqa: PLC0415
 
+    log = (lambda line: None) if args.quiet else print
     try:
         for text in args.set:
             section, key, value = jobspec.parse_override(text)
             overrides = jobspec.merge(overrides, {section: {key: value}})
         job = load_job(args.job, overrides)
-        report = run_job(job, log=(lambda line: None) if args.quiet else print)
-    except (JobError, DatasetError, CheckpointError) as e:
+        if job["dist"]["engine"] == "ray":  # this process drives Ray worker actors
+            report = run_ray_job(job, options_from_job(job), log=log)
+        else:
+            report = run_job(job, log=log)
+    except (JobError, DatasetError, CheckpointError, RayEngineError) as e:
         print(f"distnet train: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"distnet train: interrupted; checkpoints in {job['run']['out']}", file=sys.stderr)
+        return 130
     if report["rank"] == 0:
         acc = report.get("test_accuracy")
         summary = f"test accuracy {acc:.4f}" if acc is not None else "done"

@@ -81,12 +81,31 @@ class FinetuneSpec(Section):
 
 
 class DistSpec(Section):
-    engine: Literal["auto", "local", "mpi"] = _field("auto", "one of 'auto', 'local', 'mpi'")
+    engine: Literal["auto", "local", "mpi", "ray"] = _field(
+        "auto", "one of 'auto', 'local', 'mpi', 'ray'"
+    )
     bucket_mb: float = _field(25.0, "a positive number of megabytes", gt=0.0)
     compression: Literal["none", "fp16"] = _field("none", "'none' or 'fp16'")
     # allreduce inside each node, then among node leaders (distnet.parallel.hierarchical);
     # "auto": on with several nodes of several ranks, or as DISTNET_HIERARCHICAL says
     hierarchical: Literal["auto", True, False] = _field("auto", "'auto', true or false")
+    # the Ray engine (distnet/parallel/rayengine/jobs.py)
+    strategy: Literal["allreduce", "ps"] = _field("allreduce", "'allreduce' or 'ps'")
+    mode: Literal["sync", "async", "ssp"] = _field("sync", "'sync', 'async' or 'ssp'")
+    staleness: int = _field(0, "an integer >= 0 (the ssp bound, in steps)", ge=0)
+    shards: int = _field(1, "a positive integer (parameter-server shards)", gt=0)
+    workers: int = _field(2, "an integer >= 0 (Ray workers; GPU ones with gpus_per_worker)", ge=0)
+    cpu_workers: int = _field(0, "an integer >= 0 (CPU workers beside the GPU ones)", ge=0)
+    gpus_per_worker: float = _field(0.0, "a number >= 0", ge=0.0)
+    min_workers: int = _field(0, "an integer >= 0 (fewest workers to carry on; 0: all)", ge=0)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _field(
+        "PACK", "one of 'PACK', 'SPREAD', 'STRICT_PACK', 'STRICT_SPREAD'"
+    )
+    address: str | None = _field(None, "a Ray cluster address (absent: a local Ray)")
+    rebalance_every: int = _field(200, "an integer >= 0 (steps between share updates)", ge=0)
+    devices: list[Literal["cpu", "cuda"]] = _field(
+        [], "a list of 'cpu'/'cuda', one per Ray worker (instead of workers/cpu_workers)"
+    )
 
 
 class RunSpec(Section):

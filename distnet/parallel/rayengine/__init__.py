@@ -1,0 +1,35 @@
+"""The Ray engine: workers as Ray actors, a torch-free Ray allreduce, heterogeneous shares,
+elastic workers. Nothing here imports ray until a job or a benchmark uses it.
+
+    from distnet.parallel.rayengine import RayOptions, run_ray_job, worker_specs
+    report = run_ray_job(job, RayOptions(workers=worker_specs(2)))
+"""
+
+from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator, WorkerLostError
+from distnet.parallel.rayengine.driver import (
+    RayEngineError,
+    RayJob,
+    RayOptions,
+    WorkerSpec,
+    run_ray_job,
+    start_ray,
+    worker_specs,
+)
+from distnet.parallel.rayengine.jobs import options_from_job
+from distnet.parallel.rayengine.shares import ThroughputShares, set_batch_sizes
+
+__all__ = [
+    "Mailbox",
+    "RayCommunicator",
+    "RayEngineError",
+    "RayJob",
+    "RayOptions",
+    "ThroughputShares",
+    "WorkerLostError",
+    "WorkerSpec",
+    "options_from_job",
+    "run_ray_job",
+    "set_batch_sizes",
+    "start_ray",
+    "worker_specs",
+]

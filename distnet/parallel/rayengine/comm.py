@@ -1,0 +1,272 @@
+"""``RayCommunicator``: the ``Communicator`` of Ray worker actors, with no torch.
+
+Ray's built-in CPU collective group (gloo) needs torch, which distnet does not depend on, so
+CPU buffers go peer to peer through Ray's object store:
+
+- allreduce = reduce-scatter then all-gather. The buffer is cut into ``size`` contiguous
+  chunks; chunk j of every rank is ``ray.put`` once and its reference sent to rank j, which
+  sums the chunks (in rank order, so every run gives the same bits) and ``ray.put`` s the
+  sum once; every rank reads the summed chunks back. A large array crosses the object store
+  once per hop and never passes through the driver.
+- broadcast: the root puts the buffer once; every other rank reads that one object.
+
+Messages are small actor calls ``deliver(generation, seq, src, payload)`` into the receiving
+actor's ``Mailbox`` (the worker actor is threaded, so deliveries arrive while its training
+thread waits). ``seq`` numbers the collectives, which every rank calls in the same order, so
+messages of different collectives never mix. Every wait has a timeout, and the driver can
+``abort`` a mailbox (a peer died): the waiting collective then raises ``WorkerLostError``.
+
+GPU (cupy) buffers use NCCL once ``use_nccl()`` has been called on every rank, with the NCCL
+unique id carried by this communicator; a mixed CPU/GPU group stages GPU buffers through host
+memory.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from distnet.backend import is_gpu_array
+from distnet.parallel.comm import Communicator, _check_contiguous, _check_op
+
+# Below this many bytes a chunk rides inside the actor call itself: an object-store round
+# trip costs more than pickling a few kB.
+INLINE_BYTES = 64 * 1024
+
+
+class WorkerLostError(RuntimeError):
+    """A peer of this collective died or the driver stopped the group (the job may go on
+    with a replacement: see ``distnet.parallel.rayengine.driver``)."""
+
+
+class Mailbox:
+    """Messages for one worker, keyed by (generation, seq, src); thread-safe."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._messages: dict[tuple[int, int, int], Any] = {}
+        self._aborted: str | None = None
+
+    def put(self, generation: int, seq: int, src: int, payload: Any) -> None:
+        with self._cond:
+            self._messages[(generation, seq, src)] = payload
+            self._cond.notify_all()
+
+    def take(self, generation: int, seq: int, src: int, timeout_s: float, what: str) -> Any:
+        """Removes and returns the message; raises ``WorkerLostError`` on abort or timeout."""
+        key = (generation, seq, src)
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while key not in self._messages:
+                if self._aborted is not None:
+                    raise WorkerLostError(f"{what}: {self._aborted}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WorkerLostError(
+                        f"{what}: no message from rank {src} within {timeout_s:.0f} s"
+                    )
+                self._cond.wait(min(left, 1.0))
+            return self._messages.pop(key)
+
+    def abort(self, reason: str) -> None:
+        """Every current and later ``take`` raises ``WorkerLostError(reason)``."""
+        with self._cond:
+            self._aborted = reason
+            self._cond.notify_all()
+
+    def reset(self) -> None:
+        """Forgets messages and the abort (a new generation of the group starts)."""
+        with self._cond:
+            self._messages.clear()
+            self._aborted = None
+
+
+def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous, balanced ``[start, stop)`` ranges covering ``range(n)``."""
+    cuts = [(n * i) // parts for i in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+class RayCommunicator(Communicator):
+    """Rank ``rank`` of ``size`` Ray worker actors.
+
+    Args:
+        rank, size: this worker's place in the group.
+        peers: the actor handles of all ranks (index = rank); each has ``deliver``.
+        mailbox: this worker's ``Mailbox`` (its ``deliver`` method fills it).
+        generation: the group's generation; a group rebuilt after a worker was lost gets a
+            new one, so late messages of the old group are never taken for new ones.
+        timeout_s: the longest wait for a peer's message.
+    """
+
+    engine = "ray"
+
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        peers: list[Any],
+        mailbox: Mailbox,
+        *,
+        generation: int = 0,
+        timeout_s: float = 300.0,
+    ) -> None:
+        if len(peers) != size or not 0 <= rank < size:
+            raise ValueError(f"rank {rank} with {len(peers)} peers for a group of size {size}")
+        self.rank, self.size = rank, size
+        # Ray gives every GPU actor exactly its own GPU (CUDA_VISIBLE_DEVICES): device 0.
+        self.local_rank, self.local_size = 0, 1
+        self.peers, self.mailbox = peers, mailbox
+        self.generation, self.timeout_s = generation, timeout_s
+        self._seq = 0
+        self._nccl: Any = None
+
+    # --- messages -------------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send(self, dst: int, seq: int, payload: Any) -> None:
+        # Fire and forget: a lost delivery shows up as the receiver's timeout or abort.
+        self.peers[dst].deliver.remote(self.generation, seq, self.rank, payload)
+
+    def _recv(self, src: int, seq: int, what: str) -> Any:
+        return self.mailbox.take(self.generation, seq, src, self.timeout_s, what)
+
+    def _pack(self, arr: np.ndarray) -> Any:
+        """An inline copy of a small array, or a one-element list holding the reference of a
+        large one (inside a list Ray passes the reference instead of fetching it first)."""
+        import ray  # noqa: PLC0415
+
+        if arr.nbytes <= INLINE_BYTES:
+            return np.array(arr, copy=True)
+        return [ray.put(arr)]
+
+    def _unpack(self, payload: Any, what: str) -> np.ndarray:
+        import ray  # noqa: PLC0415
+
+        if isinstance(payload, list):
+            try:
+                return ray.get(payload[0], timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise WorkerLostError(
+                    f"{what}: object not readable in {self.timeout_s} s"
+                ) from None
+            except ray.exceptions.RayError as e:  # its owner died: it cannot be read
+                raise WorkerLostError(f"{what}: {type(e).__name__}: {e}") from None
+        return payload
+
+    # --- collectives ----------------------------------------------------------------------
+    def allreduce(self, buf: Any, op: str = "sum") -> Any:
+        """Reduce-scatter + all-gather of ``buf`` (any contiguous shape) in place."""
+        _check_op(op)
+        _check_contiguous(buf)
+        if self.size == 1:
+            return buf
+        if is_gpu_array(buf):
+            if self._nccl is not None:
+                return self._nccl.allreduce(buf, op)
+            host = buf.get()  # mixed CPU/GPU group: through host memory
+            self.allreduce(host, op)
+            buf.set(host)
+            return buf
+        flat = buf.reshape(-1)
+        seq = self._next_seq()
+        bounds = chunk_bounds(flat.size, self.size)
+        what = f"allreduce #{seq} on rank {self.rank}"
+        for dst, (a, b) in enumerate(bounds):
+            if dst != self.rank:
+                self._send(dst, seq, self._pack(flat[a:b]))
+        a, b = bounds[self.rank]
+        parts = {self.rank: flat[a:b]}
+        for src in range(self.size):
+            if src != self.rank:
+                parts[src] = self._unpack(self._recv(src, seq, what), what)
+        mine = self._reduce([parts[r] for r in range(self.size)], op)
+        # all-gather: the reduced chunk goes into the store once, every peer reads it
+        packed = self._pack(mine)
+        for dst in range(self.size):
+            if dst != self.rank:
+                self._send(dst, -seq, packed)
+        flat[a:b] = mine
+        for src in range(self.size):
+            if src != self.rank:
+                lo, hi = bounds[src]
+                flat[lo:hi] = self._unpack(self._recv(src, -seq, what), what)
+        return buf
+
+    def _reduce(self, parts: list[np.ndarray], op: str) -> np.ndarray:
+        out = np.array(parts[0], copy=True)
+        for part in parts[1:]:  # in rank order: the same sum on every run
+            if op in ("sum", "mean"):
+                out += part
+            elif op == "max":
+                np.maximum(out, part, out=out)
+            else:
+                np.minimum(out, part, out=out)
+        if op == "mean":
+            out /= self.size
+        return out
+
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        """Overwrites ``buf`` with root's values; the root puts it in the store once."""
+        _check_contiguous(buf)
+        if not 0 <= root < self.size:
+            raise ValueError(f"root {root} out of range for a communicator of size {self.size}")
+        if self.size == 1:
+            return buf
+        if is_gpu_array(buf):
+            if self._nccl is not None:
+                return self._nccl.broadcast(buf, root)
+            host = buf.get()
+            self.broadcast(host, root)
+            buf.set(host)
+            return buf
+        seq = self._next_seq()
+        what = f"broadcast #{seq} from rank {root} on rank {self.rank}"
+        if self.rank == root:
+            packed = self._pack(buf.reshape(-1))
+            for dst in range(self.size):
+                if dst != root:
+                    self._send(dst, seq, packed)
+        else:
+            buf.reshape(-1)[:] = self._unpack(self._recv(root, seq, what), what)
+        return buf
+
+    def allgather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (small, picklable), in rank order."""
+        if self.size == 1:
+            return [value]
+        seq = self._next_seq()
+        for dst in range(self.size):
+            if dst != self.rank:
+                self._send(dst, seq, value)
+        what = f"allgather #{seq} on rank {self.rank}"
+        return [
+            value if src == self.rank else self._recv(src, seq, what) for src in range(self.size)
+        ]
+
+    def barrier(self) -> None:
+        self.allgather(None)
+
+    def bcast(self, value: Any, root: int = 0) -> Any:
+        """Root's small picklable ``value`` on every rank (mpi4py's lowercase ``bcast``)."""
+        return self.allgather(value if self.rank == root else None)[root]
+
+    def abort(self, code: int = 1) -> None:
+        """Ends this worker's part; the driver sees the failure and stops the others."""
+        raise WorkerLostError(f"rank {self.rank} aborted the job (status {code})")
+
+    # --- GPU ------------------------------------------------------------------------------
+    def use_nccl(self) -> None:
+        """Collective: an NCCL communicator over the group's GPUs (untested here: no GPU)."""
+        if self._nccl is None:
+            from distnet.parallel.nccl import NcclCommunicator  # noqa: PLC0415
+
+            # NcclCommunicator reads rank/size/local_rank and carries the unique id with
+            # ``comm.bcast``: this communicator offers both.
+            self.comm = self
+            self._nccl = NcclCommunicator(self)

@@ -1,0 +1,384 @@
+"""The Ray engine's driver: starts (or joins) Ray, places the workers, runs the job, replaces
+workers that die, and stops every actor when the job ends or is interrupted.
+
+    distnet train JOB.toml --engine ray --workers 2 [--address ADDR] [--gpus-per-worker 1]
+                           [--cpu-workers 2] [--min-workers 1]
+
+- Without ``--address`` a local Ray starts on demand with token authentication on (Ray
+  2.60's default for local clusters; distnet refuses to run one with ``RAY_AUTH_MODE`` set to
+  anything but ``token``) and no dashboard. With it, distnet joins that cluster.
+- Workers are actors of a placement group (one bundle each, PACK or SPREAD), alive for the
+  whole job: every stage runs inside them.
+- Elastic: when a worker dies, the others are stopped at their next collective, the lost
+  rank gets a new actor in its bundle (or, if none can be placed in ``replace_timeout_s``,
+  the job carries on with fewer workers, never fewer than ``min_workers``), and the job runs
+  again from its last checkpoint: finished stages are skipped and the interrupted stage
+  resumes at its last finished epoch, so the interrupted epoch is redone from its start and
+  every sample of it is counted exactly once in the parameters.
+- Ctrl-C (or any error) kills every actor and the placement group; checkpoints are written
+  by renaming, so the last one stays usable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from distnet.parallel.rayengine.worker import WorkerActor
+
+
+class RayEngineError(RuntimeError):
+    """The Ray engine cannot run the job as asked (names what and why)."""
+
+
+@dataclass
+class WorkerSpec:
+    """One worker: its resources and what ``RankSetup`` gets."""
+
+    device: str = "cpu"
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    delay_per_sample_s: float = 0.0
+
+
+@dataclass
+class RayOptions:
+    """How to run a job on Ray (the command line and ``[dist]`` fill it)."""
+
+    workers: list[WorkerSpec] = field(default_factory=lambda: [WorkerSpec(), WorkerSpec()])
+    address: str | None = None
+    min_workers: int | None = None  # None: all of them
+    placement: str = "PACK"
+    strategy: str = "allreduce"
+    ps: dict[str, Any] = field(default_factory=dict)
+    rebalance_every: int = 200
+    max_failures: int = 3
+    replace_lost: bool = True  # False: carry on with the survivors (>= min_workers)
+    collective_timeout_s: float = 300.0
+    start_timeout_s: float = 120.0
+    replace_timeout_s: float = 60.0
+    fail_at_step: dict[int, int] = field(default_factory=dict)  # rank -> step (tests)
+    sample_log: str | None = None  # directory (tests)
+    ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
+
+
+def worker_specs(
+    workers: int, gpus_per_worker: float = 0, cpu_workers: int = 0, cpus_per_worker: float = 1
+) -> list[WorkerSpec]:
+    """``workers`` GPU workers (``gpus_per_worker`` > 0) plus ``cpu_workers`` CPU ones, or
+    ``workers`` CPU workers."""
+    if workers < 0 or cpu_workers < 0 or workers + cpu_workers < 1:
+        raise RayEngineError(f"need at least one worker, got {workers} + {cpu_workers} CPU")
+    if gpus_per_worker > 0:
+        gpu = [WorkerSpec("cuda", cpus_per_worker, gpus_per_worker) for _ in range(workers)]
+        return gpu + [WorkerSpec("cpu", cpus_per_worker) for _ in range(cpu_workers)]
+    return [WorkerSpec("cpu", cpus_per_worker) for _ in range(workers + cpu_workers)]
+
+
+def start_ray(address: str | None, **init_args: Any) -> bool:
+    """Connects to Ray; returns True when this call started a local instance (to shut down).
+
+    A local instance keeps token authentication on: distnet refuses to run one with
+    ``RAY_AUTH_MODE`` set to anything but ``token`` (Ray 2.60 turns it on by default for
+    ``ray.init()`` and writes the token to ``~/.ray/auth_token``). Its dashboard is off.
+    Ray 2.60 itself listens on every interface (it replaces 127.0.0.1 by the node's address
+    on purpose, ``services.resolve_ip_for_localhost``): the token is what guards it.
+    """
+    import ray  # noqa: PLC0415
+
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if address is None and mode is not None and mode.lower() != "token":
+        raise RayEngineError(
+            f"RAY_AUTH_MODE={mode}: distnet runs local Ray clusters only with token "
+            "authentication (unset RAY_AUTH_MODE or set it to 'token')"
+        )
+    if address is not None:
+        _check_reachable(address)
+    if ray.is_initialized():
+        return False
+    where = "a local Ray" if address is None else f"the Ray cluster at {address}"
+    if address is None:
+        init_args.setdefault("include_dashboard", False)
+    try:
+        ray.init(address=address or "local", logging_level="warning", **init_args)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        raise RayEngineError(f"could not start or join {where}: {e}") from None
+    except Exception as e:  # Ray raises a bare Exception when its node times out at start-up
+        if type(e) is not Exception:
+            raise
+        raise RayEngineError(f"could not start or join {where}: {e}") from None
+    return address is None
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A ``host:port`` address must accept a TCP connection (Ray would retry for minutes)."""
+    import socket  # noqa: PLC0415
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", ray://...: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayEngineError(f"--address {address}: nothing answers there ({e})") from None
+
+
+_REMOTE_WORKER: Any = None
+
+
+def _remote_worker_class() -> Any:
+    global _REMOTE_WORKER
+    if _REMOTE_WORKER is None:
+        import ray  # noqa: PLC0415
+
+        _REMOTE_WORKER = ray.remote(WorkerActor)
+    return _REMOTE_WORKER
+
+
+class RayJob:
+    """One job's workers on Ray; ``run(job)`` returns rank 0's report."""
+
+    def __init__(self, options: RayOptions, log: Callable[[str], None] = print) -> None:
+        self.opt, self.log = options, log
+        self.specs = list(options.workers)
+        self.min_workers = options.min_workers or len(self.specs)
+        if not 1 <= self.min_workers <= len(self.specs):
+            raise RayEngineError(
+                f"--min-workers {self.min_workers} must be in 1..{len(self.specs)} (the workers)"
+            )
+        if options.placement.upper() not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise RayEngineError(f"placement {options.placement!r}: expected PACK or SPREAD")
+        self.actors: list[Any] = []
+        self.bundles: list[int] = []  # actor i lives in bundle bundles[i]
+        self.generation = 0
+        self.failures: list[str] = []
+        self.pg: Any = None
+        self.worker_info: list[dict[str, Any]] = []  # every actor this job started (pid, node)
+        self._started_ray = False
+
+    # --- actors ---------------------------------------------------------------------------
+    def _bundle(self, spec: WorkerSpec) -> dict[str, float]:
+        bundle = {"CPU": spec.num_cpus}
+        if spec.num_gpus:
+            bundle["GPU"] = spec.num_gpus
+        return bundle
+
+    def _place(self) -> None:
+        import ray  # noqa: PLC0415
+        from ray.util.placement_group import placement_group  # noqa: PLC0415
+
+        self.pg = placement_group(
+            [self._bundle(s) for s in self.specs], strategy=self.opt.placement.upper()
+        )
+        try:
+            ray.get(self.pg.ready(), timeout=self.opt.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            wanted = [self._bundle(s) for s in self.specs]
+            raise RayEngineError(
+                f"Ray could not place {len(self.specs)} workers {wanted} in "
+                f"{self.opt.start_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+            ) from None
+        self.actors = [self._new_actor(i) for i in range(len(self.specs))]
+        self.bundles = list(range(len(self.specs)))
+        infos = self._wait(
+            [a.info.remote() for a in self.actors], self.opt.start_timeout_s, "start"
+        )
+        self.worker_info = list(infos)
+
+    def _new_actor(self, bundle: int) -> Any:
+        from ray.util.scheduling_strategies import (  # noqa: PLC0415
+            PlacementGroupSchedulingStrategy,
+        )
+
+        spec = self.specs[bundle]
+        env = {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "DISTNET_ENGINE": "ray"}
+        return (
+            _remote_worker_class()
+            .options(
+                num_cpus=spec.num_cpus,
+                num_gpus=spec.num_gpus,
+                max_concurrency=4,  # run + deliver + abort + logs
+                max_restarts=0,  # the driver replaces it (a restarted actor would lose its rank)
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=bundle
+                ),
+            )
+            .remote(env)
+        )
+
+    def _wait(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
+        import ray  # noqa: PLC0415
+
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RayEngineError(f"Ray workers did not {what} within {timeout_s:.0f} s") from None
+
+    def _setup_group(self) -> None:
+        self.generation += 1
+        refs = [
+            a.setup.remote(
+                self.generation, r, len(self.actors), self.actors, self.opt.collective_timeout_s
+            )
+            for r, a in enumerate(self.actors)
+        ]
+        self._wait(refs, self.opt.start_timeout_s, "join the group")
+
+    def _rank_spec(self, rank: int) -> dict[str, Any]:
+        spec = self.specs[self.bundles[rank]]
+        fail = self.opt.fail_at_step.get(rank) if self.generation == 1 else None
+        return {
+            "device": spec.device,
+            "strategy": self.opt.strategy,
+            "ps": self.opt.ps,
+            "rebalance_every": self.opt.rebalance_every,
+            "delay_per_sample_s": spec.delay_per_sample_s,
+            "fail_at_step": fail,
+            "sample_log": self.opt.sample_log,
+        }
+
+    # --- running --------------------------------------------------------------------------
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Runs ``job`` (a loaded job dict) to the end; returns rank 0's report."""
+        try:
+            init = dict(self.opt.ray_init)
+            if self.opt.address is None:  # a local Ray may oversubscribe the cores (logical)
+                wanted = sum(s.num_cpus for s in self.specs)
+                init.setdefault("num_cpus", max(os.cpu_count() or 1, int(wanted + 0.999)))
+            self._started_ray = start_ray(self.opt.address, **init)
+            self._place()
+            while True:
+                self._setup_group()
+                outcome = self._attempt(job)
+                if isinstance(outcome, dict):
+                    outcome["failures"] = self.failures
+                    outcome["generation"] = self.generation
+                    outcome["worker_info"] = self.worker_info
+                    return outcome
+                self._recover(outcome)
+        finally:
+            self.stop()
+
+    def _attempt(self, job: dict[str, Any]) -> dict[str, Any] | list[int]:
+        """One run of the job on the current group: rank 0's report, or the lost ranks."""
+        import ray  # noqa: PLC0415
+
+        futures = [a.run.remote(job, self._rank_spec(r)) for r, a in enumerate(self.actors)]
+        pending = list(futures)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            self._print_logs()
+            lost, errors = [], []
+            for ref in done:
+                rank = futures.index(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    lost.append(rank)
+                    self.failures.append(f"rank {rank}: {type(e).__name__}")
+                except ray.exceptions.RayTaskError as e:
+                    errors.append((rank, e))
+            if lost:  # survivors stopped by a lost peer are no failure of their own
+                self._abort_all(f"rank(s) {lost} died")
+                self._drain(pending)
+                return lost
+            if errors:
+                self._abort_all("another rank failed")
+                rank, e = errors[0]
+                raise RayEngineError(f"rank {rank} failed: {e}") from None
+        self._print_logs()
+        return ray.get(futures[0])
+
+    def _print_logs(self) -> None:
+        import ray  # noqa: PLC0415
+
+        try:
+            for line in ray.get(self.actors[0].logs.remote(), timeout=10):
+                self.log(line)
+        except ray.exceptions.RayError:
+            pass  # rank 0 is gone; its lines with it
+
+    def _abort_all(self, reason: str) -> None:
+        for a in self.actors:
+            a.abort.remote(self.generation, reason)
+
+    def _drain(self, pending: list[Any]) -> None:
+        """Waits for the survivors to leave ``run`` (their collectives raise at once)."""
+        import ray  # noqa: PLC0415
+
+        ray.wait(pending, num_returns=len(pending), timeout=self.opt.collective_timeout_s)
+
+    def _recover(self, lost: list[int]) -> None:
+        """New actors for the lost ranks, or fewer workers (>= min_workers)."""
+        import ray  # noqa: PLC0415
+
+        if len(self.failures) > self.opt.max_failures:
+            raise RayEngineError(
+                f"more than {self.opt.max_failures} worker failures: {self.failures}"
+            )
+        self.log(
+            f"ray: lost worker(s) {lost}; replacing them and resuming from the last checkpoint"
+        )
+        keep = []
+        for rank, actor in enumerate(self.actors):
+            if rank not in lost:
+                keep.append((actor, self.bundles[rank]))
+                continue
+            ray.kill(actor, no_restart=True)
+            if not self.opt.replace_lost:
+                continue
+            fresh = self._new_actor(self.bundles[rank])
+            try:
+                self.worker_info.append(
+                    ray.get(fresh.info.remote(), timeout=self.opt.replace_timeout_s)
+                )
+                keep.append((fresh, self.bundles[rank]))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+                ray.kill(fresh, no_restart=True)
+        if len(keep) < self.min_workers:
+            raise RayEngineError(
+                f"only {len(keep)} worker(s) left after losing {lost}, fewer than "
+                f"--min-workers {self.min_workers}"
+            )
+        if len(keep) < len(self.actors):
+            self.log(f"ray: carrying on with {len(keep)} worker(s)")
+        self.actors = [a for a, _ in keep]
+        self.bundles = [b for _, b in keep]
+
+    def stop(self) -> None:
+        """Kills every actor and the placement group; shuts Ray down if this job started it."""
+        try:
+            import ray  # noqa: PLC0415
+            from ray.util.placement_group import remove_placement_group  # noqa: PLC0415
+        except ImportError:
+            return
+        if not ray.is_initialized():
+            return
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001  (already dead: nothing to stop)
+                pass
+        self.actors = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+            self.pg = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+
+def run_ray_job(
+    job: dict[str, Any], options: RayOptions, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Runs a loaded job on Ray workers; returns rank 0's report (``rank`` 0)."""
+    started = time.perf_counter()
+    report = RayJob(options, log).run(job)
+    report["driver_seconds"] = round(time.perf_counter() - started, 3)
+    return report

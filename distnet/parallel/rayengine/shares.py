@@ -1,0 +1,158 @@
+"""Batch shares that follow each worker's measured throughput (heterogeneous workers).
+
+``ThroughputShares`` wraps a stage's data-parallel optimiser (a ``DistributedOptimizer`` or a
+parameter-server optimiser). It times each step's compute (from ``zero_grad`` to ``step``:
+forward and backward, not the communication), and at the first epoch end after every
+``rebalance_every`` steps the ranks exchange samples/s and split the global batch again in
+proportion (``distnet.data.order.rank_batch_sizes``): the loader's per-rank batch sizes from
+the next epoch on, and the same fraction as each rank's ``batch_share`` of the gradient. The
+global batch stays the same and the shares sum to 1, so the update is still the one a
+single worker would make on the whole global batch.
+
+Shares change only at epoch ends: every rank's loader yields the same number of batches per
+epoch, so every rank reaches the exchange at the same step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from distnet.backend import array_module, is_gpu_array
+from distnet.data import order
+
+
+def set_batch_sizes(loader: Any, sizes: list[int]) -> None:
+    """Splits ``loader``'s global batch as ``sizes`` (one per rank, same sum) from its next
+    iteration on (a prefetch started under the old sizes is dropped by the loader)."""
+    if len(sizes) != loader.world_size or sum(sizes) != loader.global_batch or min(sizes) < 1:
+        raise ValueError(
+            f"batch sizes {sizes} do not split the global batch {loader.global_batch} over "
+            f"{loader.world_size} ranks"
+        )
+    loader.batch_sizes = [int(s) for s in sizes]
+    loader.batch_size = loader.batch_sizes[loader.rank]
+
+
+class ThroughputShares:
+    """A step-for-step stand-in for the optimiser it wraps, plus throughput-following shares.
+
+    Args:
+        inner: the data-parallel optimiser (``step(batch_share=...)``; a
+            ``DistributedOptimizer`` also takes the share in ``backward``).
+        loader: this rank's ``StreamLoader`` (its ``batch_sizes`` are changed in place).
+        comm: the group's communicator (an ``allgather`` per rebalance).
+        rebalance_every: least number of steps between two measurements (0: never).
+        delay_per_sample_s: sleep this long per sample in each backward (a deliberately slow
+            worker, to test and demonstrate the balancing).
+        history: a list the rebalances are appended to (``{"step", "throughput",
+            "batch_sizes"}``), shared across stages.
+        on_step: called with the step number after every finished step (fault injection and
+            sample accounting hang on it).
+    """
+
+    _OWN = frozenset(
+        "optimizer loader comm rebalance_every delay_per_sample_s history on_step "
+        "_share_in_backward _t0 _backward_done _compute_s _samples _since step_count".split()
+    )
+
+    def __init__(
+        self,
+        inner: Any,
+        loader: Any,
+        comm: Any,
+        *,
+        rebalance_every: int = 200,
+        delay_per_sample_s: float = 0.0,
+        history: list[dict[str, Any]] | None = None,
+        on_step: Any = None,
+    ) -> None:
+        self.optimizer, self.loader, self.comm = inner, loader, comm
+        self.rebalance_every = rebalance_every
+        self.delay_per_sample_s = delay_per_sample_s
+        self.history = history if history is not None else []
+        self.on_step = on_step
+        # DistributedOptimizer and ParameterServerOptimizer fold the share into backward's
+        # seed gradient (no extra pass over the gradient buffer)
+        self._share_in_backward = hasattr(inner, "backward")
+        self._t0: float | None = None
+        self._backward_done = False
+        self._compute_s = 0.0
+        self._samples = 0
+        self._since = 0  # steps since the last rebalance
+        self.step_count = 0
+
+    @property
+    def batch_share(self) -> float:
+        """This rank's fraction of the global batch now."""
+        return self.loader.batch_size / self.loader.global_batch
+
+    # --- the optimiser interface -------------------------------------------------------
+    def zero_grad(self) -> None:
+        self._t0 = time.perf_counter()
+        self._backward_done = False
+        self.optimizer.zero_grad()
+
+    def backward(self, loss: Any) -> None:
+        if self.delay_per_sample_s:
+            time.sleep(self.delay_per_sample_s * self.loader.batch_size)
+        if self._share_in_backward:
+            self.optimizer.backward(loss, batch_share=self.batch_share)
+        else:
+            loss.backward()
+        self._backward_done = True
+
+    def step(self) -> None:
+        if self._t0 is not None:
+            grads = getattr(self.optimizer, "flat_grads", None)
+            if grads is None:  # a ParameterServerOptimizer keeps them in its optimiser
+                grads = getattr(getattr(self.optimizer, "optimizer", None), "flat_grads", None)
+            if grads is not None and is_gpu_array(grads):  # kernels run ahead of the host
+                array_module(grads).cuda.get_current_stream().synchronize()
+            self._compute_s += time.perf_counter() - self._t0
+            self._samples += self.loader.batch_size
+            self._t0 = None
+        if self._backward_done or not self._share_in_backward:
+            self.optimizer.step()  # a plain optimiser (one worker left) takes the whole batch
+        else:
+            self.optimizer.step(batch_share=self.batch_share)
+        self.step_count += 1
+        self._since += 1
+        if self.on_step is not None:
+            self.on_step(self.step_count)
+        if self.rebalance_every and self._since >= self.rebalance_every:
+            if self.loader.steps_remaining() == 0:  # the epoch's last step, on every rank
+                self.rebalance()
+
+    def rebalance(self) -> list[int]:
+        """Collective: new batch sizes in proportion to the measured samples/s; returns them."""
+        rate = self._samples / self._compute_s if self._compute_s > 0 else 0.0
+        rates = np.array(self.comm.allgather(rate), dtype=np.float64)
+        self._compute_s, self._samples, self._since = 0.0, 0, 0
+        if not np.all(rates > 0):  # a rank measured nothing: keep the split
+            return list(self.loader.batch_sizes)
+        per_rank = self.loader.global_batch // self.loader.world_size
+        sizes = order.rank_batch_sizes(per_rank, self.loader.world_size, rates.tolist())
+        set_batch_sizes(self.loader, sizes)
+        self.history.append(
+            {"step": self.step_count, "throughput": rates.round(1).tolist(), "batch_sizes": sizes}
+        )
+        return sizes
+
+    # --- everything else is the wrapped optimiser's --------------------------------------
+    def close(self) -> None:
+        getattr(self.optimizer, "close", lambda: None)()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # lr from schedules and ReduceLROnPlateau must reach the optimiser that updates
+        if name not in self._OWN and hasattr(self.optimizer, name):
+            setattr(self.optimizer, name, value)
+        else:
+            object.__setattr__(self, name, value)

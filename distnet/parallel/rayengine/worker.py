@@ -1,0 +1,261 @@
+"""The Ray worker actor: one model replica, its loader shard, the job's stage code.
+
+A ``WorkerActor`` lives for the whole job (Ray's start-up and the actor's imports are paid
+once, not per stage). ``run(job, spec)`` runs ``distnet.train.job.run_job`` — the very stage
+code of the MPI engine — with a ``RayCommunicator`` and a ``RankSetup`` that gives this rank
+its device, its share of the global batch and its optimiser wrapper. The actor is threaded:
+``deliver`` (messages of the collectives), ``abort`` and ``logs`` run while ``run`` trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+from pathlib import Path
+from typing import Any
+
+from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator
+from distnet.parallel.rayengine.shares import ThroughputShares
+
+
+class SampleLog:
+    """Appends the samples of every finished step to ``dir/rank{r}-gen{g}.jsonl`` (for the
+    exact sample accounting of the elastic tests: the last feature column carries an id)."""
+
+    def __init__(self, directory: str, rank: int, generation: int) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.path = Path(directory) / f"rank{rank}-gen{generation}.jsonl"
+        self.stage = ""
+        self._pending: list[float] = []
+
+    def wrap_loader(self, loader: Any) -> Any:
+        """Makes ``loader`` note the ids of each batch it yields (once per loader)."""
+        if getattr(loader, "_sample_log", None) is self:
+            return loader
+        log = self
+
+        class Recording(type(loader)):  # type: ignore[misc]
+            def __iter__(self):  # noqa: ANN204
+                for xb, yb in super().__iter__():
+                    log._pending = [float(v) for v in xb[:, -1]]
+                    yield xb, yb
+
+        loader.__class__ = Recording
+        loader._sample_log = self
+        return loader
+
+    def step_done(self, epoch: int, step: int) -> None:
+        with open(self.path, "a") as f:
+            record = {"stage": self.stage, "epoch": epoch, "step": step, "ids": self._pending}
+            f.write(json.dumps(record) + "\n")
+        self._pending = []
+
+
+class RankSetup:
+    """What ``run_job`` asks a Ray rank for (see its ``rank_setup`` argument).
+
+    ``spec`` keys: ``device`` ("cpu"/"cuda"), ``rank_weights`` (list or None), ``strategy``
+    ("allreduce"/"ps"), ``ps`` (options for the parameter server), ``rebalance_every``,
+    ``delay_per_sample_s``, ``fail_at_step`` (fault injection: this process exits at that
+    step), ``sample_log`` (a directory, or None).
+    """
+
+    def __init__(self, spec: dict[str, Any], comm: RayCommunicator, generation: int) -> None:
+        self.spec, self.comm = spec, comm
+        self.device = spec.get("device")
+        self.rank_weights = spec.get("rank_weights")
+        self.shares: list[dict[str, Any]] = []
+        self.ps_stats: list[Any] = []  # one per stage (strategy "ps", rank 0)
+        self.steps = 0
+        self.sample_log = (
+            SampleLog(spec["sample_log"], comm.rank, generation) if spec.get("sample_log") else None
+        )
+        self._stage = 0
+
+    def wrap(self, opt: Any, default_wrap: Any, loader: Any) -> Any:
+        """Each stage's optimiser: data-parallel (allreduce or parameter server), with
+        throughput-following batch shares."""
+        self._stage += 1
+        if self.sample_log is not None:
+            self.sample_log.stage = str(self._stage)
+            self.sample_log.wrap_loader(loader)
+        if self.spec.get("strategy", "allreduce") == "ps":
+            inner = self._ps_optimizer(opt)
+        else:
+            inner = default_wrap(opt)
+        return ThroughputShares(
+            inner,
+            loader,
+            self.comm,
+            rebalance_every=int(self.spec.get("rebalance_every", 200)),
+            delay_per_sample_s=float(self.spec.get("delay_per_sample_s", 0.0)),
+            history=self.shares,
+            on_step=lambda step: self._on_step(loader),
+        )
+
+    def _on_step(self, loader: Any) -> None:
+        self.steps += 1
+        if self.sample_log is not None:
+            self.sample_log.step_done(loader.epoch, self.steps)
+        if self.spec.get("fail_at_step") == self.steps:
+            os._exit(17)  # a worker dying hard, as a lost node does (fault-injection tests)
+
+    def _ps_optimizer(self, opt: Any) -> Any:
+        """A ``ParameterServerOptimizer`` over a parameter server made for this stage's
+        parameters by rank 0 (its picklable handle is broadcast; its shard actors are owned
+        by rank 0's actor, so they end with the job). ``close()`` shuts it down."""
+        from distnet.parallel.ps import ParameterServer, ParameterServerOptimizer  # noqa: PLC0415
+
+        ps_opts = dict(self.spec.get("ps") or {})
+        server = None
+        if self.comm.rank == 0:
+            settings = optimizer_settings(opt)
+            server = ParameterServer.create(
+                opt.flat_params,
+                shards=int(ps_opts.get("shards", 1)),
+                mode=ps_opts.get("mode", "sync"),
+                staleness=int(ps_opts.get("staleness", 0)),
+                num_workers=self.comm.size,
+                optimizer=settings,
+                snapshot_every=int(ps_opts.get("snapshot_every", 0)),
+                param_shapes=[tuple(p.data.shape) for p in opt.params],
+            )
+        server = self.comm.bcast(server, root=0)
+        wrapped = ParameterServerOptimizer(opt, server, self.comm.rank)
+        return _ClosingServer(wrapped, self.comm, self.ps_stats)
+
+
+# keyword arguments of distnet.optim's classes, as the parameter server's shards take them
+_OPTIMIZER_KEYS = ("lr", "momentum", "nesterov", "eps", "alpha", "centered", "weight_decay",
+                   "l1", "decay_biases", "lr_decay")  # fmt: skip
+
+
+def optimizer_settings(opt: Any) -> dict[str, Any]:
+    """``{"name": "adam", "lr": ..., ...}`` of a ``distnet.optim`` optimiser."""
+    settings: dict[str, Any] = {"name": type(opt).__name__.lower()}
+    settings.update({k: getattr(opt, k) for k in _OPTIMIZER_KEYS if hasattr(opt, k)})
+    if hasattr(opt, "beta1"):
+        settings["betas"] = (opt.beta1, opt.beta2)
+    return settings
+
+
+class _ClosingServer:
+    """A ``ParameterServerOptimizer`` whose ``close()`` also ends the stage's server (after
+    every worker is done with it)."""
+
+    def __init__(self, inner: Any, comm: Any, stats: list[Any]) -> None:
+        # named `optimizer`: checkpoints look through wrappers by that attribute
+        self.__dict__.update(optimizer=inner, comm=comm, stats=stats)
+
+    def close(self) -> None:
+        self.optimizer.close()
+        self.comm.barrier()
+        if self.comm.rank == 0:  # per-worker clocks and staleness, for the run's report
+            try:
+                self.__dict__["stats"].append(self.optimizer.ps.stats())
+            finally:
+                self.optimizer.ps.shutdown()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["optimizer"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.optimizer, name, value)
+
+
+class WorkerActor:
+    """One rank of a Ray job (wrap with ``ray.remote`` and ``max_concurrency`` >= 3)."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        os.environ.update(env or {})
+        self.mailbox = Mailbox()
+        self.comm: RayCommunicator | None = None
+        self.generation = 0
+        self._log: queue.Queue[str] = queue.Queue()
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs (pid, node address, GPUs Ray gave it)."""
+        import ray  # noqa: PLC0415
+
+        return {
+            "pid": os.getpid(),
+            "node": ray.util.get_node_ip_address(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+        }
+
+    def deliver(self, generation: int, seq: int, src: int, payload: Any) -> None:
+        """A message of a collective from rank ``src`` (called by peers)."""
+        if generation == self.generation:
+            self.mailbox.put(generation, seq, src, payload)
+
+    def abort(self, generation: int, reason: str) -> None:
+        """The driver lost a peer: the collective waiting now raises ``WorkerLostError``
+        (an abort meant for an older group is ignored)."""
+        if generation == self.generation:
+            self.mailbox.abort(reason)
+
+    def setup(
+        self, generation: int, rank: int, size: int, peers: list[Any], timeout_s: float
+    ) -> None:
+        """Joins group ``generation`` as ``rank`` of ``size`` (the handles of all ranks)."""
+        self.generation = generation
+        self.mailbox.reset()
+        os.environ["DISTNET_RANK"] = str(rank)  # rank-0-only writers (ModelCheckpoint)
+        self.comm = RayCommunicator(
+            rank, size, peers, self.mailbox, generation=generation, timeout_s=timeout_s
+        )
+
+    def run(self, job: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+        """Runs the whole job (every stage) on this rank; returns the report."""
+        from distnet.train.job import run_job  # noqa: PLC0415
+
+        if self.comm is None:
+            raise RuntimeError("WorkerActor.run before setup")
+        setup = RankSetup(spec, self.comm, self.generation)
+        log = self._log.put if self.comm.rank == 0 else (lambda line: None)
+        report = run_job(job, log, comm=self.comm, rank_setup=setup)
+        report["shares"] = setup.shares
+        report["steps"] = setup.steps
+        if setup.ps_stats:
+            report["ps_stats"] = setup.ps_stats
+        path = Path(job["run"]["out"]) / "report.json"
+        if self.comm.rank == 0 and path.exists():  # the run's report shows the shares too
+            saved = json.loads(path.read_text())
+            saved.update(shares=setup.shares, strategy=spec.get("strategy", "allreduce"))
+            if setup.ps_stats:
+                saved["ps_stats"] = setup.ps_stats
+            path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
+            path.with_suffix(".tmp").replace(path)
+        return report
+
+    def apply(self, fn: Any, *args: Any) -> Any:
+        """``fn(comm, *args)`` on this worker (collectives in tests and benchmarks)."""
+        return fn(self.comm, *args)
+
+    def logs(self) -> list[str]:
+        """Progress lines of rank 0 not yet fetched (the driver prints them)."""
+        lines = []
+        while True:
+            try:
+                lines.append(self._log.get_nowait())
+            except queue.Empty:
+                return lines
+
+    def bench_allreduce(self, n: int, rounds: int, warmup: int = 3) -> list[float]:
+        """Seconds per allreduce of ``n`` float32 (collective over the group)."""
+        import time  # noqa: PLC0415
+
+        import numpy as np  # noqa: PLC0415
+
+        assert self.comm is not None
+        buf = np.ones(n, dtype=np.float32)
+        times = []
+        for i in range(warmup + rounds):
+            self.comm.barrier()
+            t0 = time.perf_counter()
+            self.comm.allreduce(buf, "sum")
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            buf[:] = 1.0
+        return times
