@@ -95,7 +95,10 @@ class ThroughputShares:
         self._backward_done = False
         self.optimizer.zero_grad()
 
-    def backward(self, loss: Any) -> None:
+    def backward(self, loss: Any, batch_share: float | None = None) -> None:
+        """``batch_share`` (what ``fit`` reads from the loader) must be this worker's share."""
+        if batch_share is not None and abs(batch_share - self.batch_share) > 1e-12:
+            raise ValueError(f"batch_share {batch_share} is not this worker's {self.batch_share}")
         if self.delay_per_sample_s:
             time.sleep(self.delay_per_sample_s * self.loader.batch_size)
         if self._share_in_backward:
@@ -104,16 +107,34 @@ class ThroughputShares:
             loss.backward()
         self._backward_done = True
 
-    def step(self) -> None:
-        if self._t0 is not None:
-            grads = getattr(self.optimizer, "flat_grads", None)
-            if grads is None:  # a ParameterServerOptimizer keeps them in its optimiser
-                grads = getattr(getattr(self.optimizer, "optimizer", None), "flat_grads", None)
-            if grads is not None and is_gpu_array(grads):  # kernels run ahead of the host
-                array_module(grads).cuda.get_current_stream().synchronize()
-            self._compute_s += time.perf_counter() - self._t0
-            self._samples += self.loader.batch_size
-            self._t0 = None
+    def synchronize(self) -> None:
+        """Waits for the wrapped optimiser's reductions (fit's finite check reads them); the
+        wait for the other workers is not this worker's compute time."""
+        self._stop_clock()
+        synchronize = getattr(self.optimizer, "synchronize", None)
+        if synchronize is not None:
+            synchronize()
+
+    def _stop_clock(self) -> None:
+        """Ends this step's compute time (zero_grad to the first wait for other workers)."""
+        if self._t0 is None:
+            return
+        grads = getattr(self.optimizer, "flat_grads", None)
+        if grads is None:  # a ParameterServerOptimizer keeps them in its optimiser
+            grads = getattr(getattr(self.optimizer, "optimizer", None), "flat_grads", None)
+        if grads is not None and is_gpu_array(grads):  # kernels run ahead of the host
+            array_module(grads).cuda.get_current_stream().synchronize()
+        self._compute_s += time.perf_counter() - self._t0
+        self._samples += self.loader.batch_size
+        self._t0 = None
+
+    def step(self, batch_share: float | None = None) -> None:
+        if batch_share is not None and abs(batch_share - self.batch_share) > 1e-12:
+            if batch_share == 0.0:  # fit: no samples here in a short last batch
+                self.optimizer.step(batch_share=0.0)
+                return
+            raise ValueError(f"batch_share {batch_share} is not this worker's {self.batch_share}")
+        self._stop_clock()
         if self._backward_done or not self._share_in_backward:
             self.optimizer.step()  # a plain optimiser (one worker left) takes the whole batch
         else:
