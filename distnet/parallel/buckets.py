@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from distnet import trace
 from distnet.backend import array_module
 from distnet.parallel.comm import Communicator, PendingAllreduce, scale_
 
@@ -121,7 +122,7 @@ class BucketReducer:
         self.compression = compression
         xp = array_module(flat)
         self._scratch = xp.empty(flat.shape, dtype=xp.float16) if compression == "fp16" else None
-        self._pending: list[tuple[Bucket, PendingAllreduce]] = []
+        self._pending: list[tuple[Bucket, PendingAllreduce, Any]] = []
 
     def start(self, bucket: Bucket, weight: float) -> None:
         """Scales ``flat[bucket]`` by ``weight`` and starts summing it over ranks."""
@@ -129,24 +130,30 @@ class BucketReducer:
         scale_(view, weight)
         if self.comm.size == 1:
             return
+        token = trace.begin("allreduce", bucket=self._bucket_index(bucket), elements=bucket.size)
         if self._scratch is not None:
             wire = self._scratch[bucket.start : bucket.stop]
             wire[...] = view  # float32 -> float16 cast, into a view of the scratch buffer
-            self._pending.append((bucket, self.comm.iallreduce(wire, "sum")))
+            self._pending.append((bucket, self.comm.iallreduce(wire, "sum"), token))
         else:
-            self._pending.append((bucket, self.comm.iallreduce(view, "sum")))
+            self._pending.append((bucket, self.comm.iallreduce(view, "sum"), token))
+
+    def _bucket_index(self, bucket: Bucket) -> int:
+        """The bucket's number in this step's launch order (0 = the first started)."""
+        return len(self._pending)
 
     def progress(self) -> None:
         """Lets MPI move started buckets along (MPICH progresses only inside MPI calls)."""
-        for _, pending in self._pending:
+        for _, pending, _ in self._pending:
             if not pending.test():
                 break
 
     def finish(self) -> Any:
         """Waits for every started bucket; returns the flat buffer (now reduced)."""
         pending_now, self._pending = self._pending, []
-        for bucket, pending in pending_now:
+        for bucket, pending, token in pending_now:
             pending.wait()
+            trace.end(token)  # from start to here: overlap with backward shows in the trace
             if self._scratch is not None:
                 wire = self._scratch[bucket.start : bucket.stop]
                 # after the sum, so every rank sees the same result and fails the same way,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend
+from distnet import backend, trace
 from distnet.core import functional as F
 from distnet.core.tensor import Tensor, no_grad
 from distnet.train.callbacks import Callback, CallbackList, History, Loop
@@ -253,15 +253,18 @@ def fit(
         model.train()
         sums: dict[str, float] = {"loss": 0.0}
         seen = 0
-        for b, (xb, yb) in enumerate(batches):
+        for b, (xb, yb) in enumerate(trace.timed(batches, "input_wait")):
             xb, yb = _like_model(xb, model), _like_model(yb, model)
             optimizer.zero_grad()
-            loss_t, out = objective(model, xb, yb)
-            backward(loss_t)
+            with trace.span("forward"):
+                loss_t, out = objective(model, xb, yb)
+            with trace.span("backward"):
+                backward(loss_t)
             loss_value = float(loss_t.data)
             if check_finite:
                 _check_finite(loss_value, model, grads, loop.step, epoch, b)
-            optimizer.step()
+            with trace.span("optimizer_step"):  # holds the allreduce of a distributed step
+                optimizer.step()
             loop.step += 1
             n = len(xb)
             seen += n
