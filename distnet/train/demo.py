@@ -82,10 +82,14 @@ def run(args: argparse.Namespace) -> int:
     if args.workers == 1:
         from distnet.cli import main  # noqa: PLC0415
 
-        return main(train[3:])
-    from distnet.parallel.launcher import main as launch  # noqa: PLC0415
+        code = main(train[3:])
+    else:
+        from distnet.parallel.launcher import main as launch  # noqa: PLC0415
 
-    if not args.quiet:
-        print(f"distnet demo: {args.workers} workers: distnet launch -np {args.workers} -- "
-              f"distnet train {job_path}", flush=True)  # fmt: skip
-    return launch(["-np", str(args.workers), "--", *train])
+        if not args.quiet:
+            print(f"distnet demo: {args.workers} workers: distnet launch -np {args.workers} -- "
+                  f"distnet train {job_path}", flush=True)  # fmt: skip
+        code = launch(["-np", str(args.workers), "--", *train])
+    if (out / "report.html").is_file():
+        print(f"open {out / 'report.html'} in a browser to see the run")
+    return code
