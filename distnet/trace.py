@@ -96,9 +96,9 @@ class Tracer:
         return self.path
 
 
-def _meta(name: str, pid: int, tid: int, **args: Any) -> dict[str, Any]:
+def _meta(kind: str, pid: int, tid: int, **args: Any) -> dict[str, Any]:
     """A metadata event naming a row (process = rank, thread)."""
-    return {"ph": "M", "name": name, "pid": pid, "tid": tid, "args": args}
+    return {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": args}
 
 
 CATEGORIES = {

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--restart", action="store_true", help="discard earlier stages in --out")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--trace", action="store_true", help="write a timeline (trace.json)")
 
 
 def demo_job(args: argparse.Namespace, data_dir: Path) -> dict[str, dict[str, Any]]:
@@ -77,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
         convert_digits(out / "data", test_fraction=0.25, seed=args.seed, chunk_samples=64)
     job_path.write_text(to_toml(job))
     train = [sys.executable, "-m", "distnet.cli", "train", str(job_path), "--out", str(out)]
-    if args.quiet:
-        train.append("--quiet")
+    train += ["--quiet"] * args.quiet + ["--trace"] * args.trace
     if args.workers == 1:
         from distnet.cli import main  # noqa: PLC0415
 

@@ -117,8 +117,8 @@ class MetricsLogger(Callback):
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any]) -> None:
         if self._first_epoch and epoch > 0:
             self._write({"event": "resume", "epoch": epoch, "step": self.loop.step})
-        self._first_epoch = False
-        self._start_interval()  # leaves out the time between epochs (validation, saving)
+        self._first_epoch = False  # the time between epochs (checkpoint writes, validation)
+        # counts in the next interval, so that checkpoint_s sees the epoch checkpoints
 
     def on_batch_end(self, batch: int, logs: dict[str, Any]) -> None:
         n = int(logs.get("size", 1))

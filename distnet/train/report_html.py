@@ -223,8 +223,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
         return f"<td>{html.escape(str(v))}</td>"
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    head = f"<tr>{head}</tr>" if any(header) else ""
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _job_section(data: dict[str, Any]) -> str:

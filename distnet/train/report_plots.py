@@ -74,6 +74,8 @@ def plot_curves(curves: list[dict[str, Any]]) -> bytes:
     ``{"stage", "kind", "epoch": [1-based], "loss": [...], "lr": [...], "accuracy"?,
     "val_loss"?, "val_accuracy"?, "resumed_at": [epochs]}``."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
     pre = [c for c in curves if c["kind"] == "pretrain"]
     rest = [c for c in curves if c["kind"] != "pretrain"]
     panels = ([pre] if pre else []) + [[c] for c in rest]
@@ -102,6 +104,7 @@ def plot_curves(curves: list[dict[str, Any]]) -> bytes:
                 ax2.set_ylabel("accuracy")
                 ax2.legend(loc="center right", fontsize=8)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss")
         ax.legend(loc="upper right", fontsize=8)
         ax.grid(alpha=0.3)
