@@ -50,16 +50,17 @@ class Tracer:
         self.path, self.rank = Path(path), int(rank)
         self.events: list[tuple[str, float, float, int, dict[str, Any] | None]] = []
         self._wall0 = time.time() * 1e6 - _clock() * 1e6  # wall-clock microseconds at clock 0
-        self._tids: dict[int, int] = {threading.main_thread().ident or 0: 0}
-        self._thread_names = {0: "main"}
+        main = threading.main_thread().name
+        self._tids: dict[str, int] = {main: 0}  # by thread name: one row per named thread,
+        self._thread_names = {0: "main"}  # however often a loader restarts its thread
 
     def tid(self) -> int:
         """A small thread number (0 for the main thread), stable for this process."""
-        ident = threading.get_ident()
-        tid = self._tids.get(ident)
+        name = threading.current_thread().name
+        tid = self._tids.get(name)
         if tid is None:
-            tid = self._tids[ident] = len(self._tids)
-            self._thread_names[tid] = threading.current_thread().name
+            tid = self._tids[name] = len(self._tids)
+            self._thread_names[tid] = name
         return tid
 
     def add(self, name: str, t0: float, t1: float, args: dict[str, Any] | None) -> None:

@@ -18,7 +18,9 @@ from distnet.train.checkpoint import (
     save_checkpoint,
 )
 from distnet.train.fit import NonFiniteError, evaluate, fit, make_optimizer, predict
+from distnet.train.metrics import MetricsLogger
 from distnet.train.pipeline import Pipeline, Stage, StageContext
+from distnet.train.progress import StageProgress
 
 __all__ = [
     "fit",
@@ -34,6 +36,8 @@ __all__ = [
     "CSVLogger",
     "JSONLLogger",
     "ProgressBar",
+    "MetricsLogger",
+    "StageProgress",
     "save_checkpoint",
     "load_checkpoint",
     "read_manifest",

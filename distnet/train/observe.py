@@ -67,7 +67,9 @@ class RunObserver:
         callbacks: list[Callback] = [MetricsLogger(self.out, self.rank, ctx.name)]
         if self.rank == 0:
             every = int(self.job["run"].get("log_every", 5))
-            callbacks.append(StageProgress(ctx.name, self.say, every, mode=self.progress))
+            callbacks.append(
+                StageProgress(ctx.name, self.say, every, mode=self.progress, workers=self.size)
+            )
         return callbacks
 
     def layer_pictures(self, model: Any, k: int, x: np.ndarray) -> str | None:

@@ -38,6 +38,8 @@ class StageProgress(Callback):
         every_epochs: an epoch summary every this many epochs (and the last).
         interval_s: in 'lines' mode, a step line at most this often inside an epoch.
         mode: 'bar', 'lines' or 'off' (None: ``progress_mode()``).
+        workers: ranks sharing each global batch equally: samples/s shown are rank 0's
+            times this, the job's rate.
     """
 
     def __init__(
@@ -48,7 +50,9 @@ class StageProgress(Callback):
         interval_s: float = 30.0,
         mode: str | None = None,
         stream: Any = None,
+        workers: int = 1,
     ) -> None:
+        self.workers = max(1, int(workers))
         self.stage, self.log, self.every = stage, log, max(1, int(every_epochs))
         self.interval_s = interval_s
         self.stream = sys.stdout if stream is None else stream
@@ -75,9 +79,9 @@ class StageProgress(Callback):
         return trace.totals().get("input_wait", 0.0)
 
     def _rates(self) -> tuple[float, float]:
-        """(samples/s, input-wait share) of this epoch so far."""
+        """(the job's samples/s, rank 0's input-wait share) of this epoch so far."""
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        return self._samples / elapsed, (self._wait() - self._wait0) / elapsed
+        return self.workers * self._samples / elapsed, (self._wait() - self._wait0) / elapsed
 
     def on_batch_end(self, batch: int, logs: dict[str, Any]) -> None:
         n = int(logs.get("size", 1))

@@ -60,11 +60,11 @@ def _mark_epochs(ax: Any, curve: dict[str, Any]) -> None:
     epochs, lrs = curve["epoch"], curve.get("lr", [])
     for i in _changes(lrs):
         ax.axvline(epochs[i] - 0.5, color="0.5", linestyle=":", linewidth=1)
-        ax.annotate(f"lr {lrs[i]:.2g}", (epochs[i] - 0.5, 1.0), xycoords=("data", "axes fraction"),
-                    fontsize=7, rotation=90, va="top", ha="right", color="0.35")  # fmt: skip
+        ax.annotate(f"lr {lrs[i]:.2g}", (epochs[i] - 0.5, 0.3), xycoords=("data", "axes fraction"),
+                    fontsize=7, rotation=90, va="bottom", ha="right", color="0.35")  # fmt: skip
     for epoch in curve.get("resumed_at", []):
         ax.axvline(epoch + 0.5, color="#c44e52", linestyle="--", linewidth=1)
-        ax.annotate("resumed", (epoch + 0.5, 0.02), xycoords=("data", "axes fraction"),
+        ax.annotate("resumed", (epoch + 0.5, 0.3), xycoords=("data", "axes fraction"),
                     fontsize=7, rotation=90, va="bottom", ha="left", color="#c44e52")  # fmt: skip
 
 
@@ -106,7 +106,7 @@ def plot_curves(curves: list[dict[str, Any]]) -> bytes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="best" if group[0]["kind"] == "pretrain" else "upper center", fontsize=8)
         ax.grid(alpha=0.3)
     if not panels:
         axes[0].text(0.5, 0.5, "no epochs recorded yet", ha="center", va="center")
@@ -156,7 +156,7 @@ def plot_workers(rows: list[dict[str, Any]]) -> bytes:
     ax2.set_xlim(0, 1)
     ax2.set_xlabel("share of step time")
     ax2.set_title("where the time went")
-    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
     fig.tight_layout()
     return png_bytes(fig)
 
@@ -190,11 +190,13 @@ def plot_timeline(events: list[dict[str, Any]], seconds: float = 0.25) -> bytes:
     # from the middle forward pass of the run: past start-up, where the steady state shows
     t0 = starts[len(starts) // 2] if starts else min((e["ts"] for e in spans), default=0)
     t1 = t0 + seconds * 1e6
-    rows = sorted({(e["pid"], e["tid"]) for e in spans})
+    shown = [e for e in spans if e["ts"] <= t1 and e["ts"] + e["dur"] >= t0]
+    shown.sort(key=lambda e: -e["dur"])  # enclosing spans first, nested ones drawn on top
+    rows = sorted({(e["pid"], e["tid"]) for e in shown})
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.4))
     for i, row in enumerate(rows):
-        for e in spans:
-            if (e["pid"], e["tid"]) != row or e["ts"] > t1 or e["ts"] + e["dur"] < t0:
+        for e in shown:
+            if (e["pid"], e["tid"]) != row:
                 continue
             depth = 0.25 if e["name"] in ("allreduce", "push", "pull") else 0.0
             ax.broken_barh([((e["ts"] - t0) / 1e3, max(e["dur"] / 1e3, 0.01))],
@@ -204,8 +206,9 @@ def plot_timeline(events: list[dict[str, Any]], seconds: float = 0.25) -> bytes:
     ax.invert_yaxis()
     ax.set_xlim(0, seconds * 1e3)
     ax.set_xlabel("ms")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in TIMELINE_COLORS.values()]
-    ax.legend(handles, list(TIMELINE_COLORS), fontsize=7, ncol=5, loc="upper center",
+    present = [n for n in TIMELINE_COLORS if any(e["name"] == n for e in shown)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=TIMELINE_COLORS[n]) for n in present]
+    ax.legend(handles, present, fontsize=7, ncol=5, loc="upper center",
               bbox_to_anchor=(0.5, -0.3))  # fmt: skip
     fig.tight_layout()
     return png_bytes(fig)
