@@ -6,6 +6,7 @@ serves CPU and GPU. cupy is imported lazily, and only if it is installed and a G
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -81,10 +82,67 @@ def to_device(x: Any, device: str = "cpu") -> Any:
         return cp.asarray(x)
 
 
+def device_for_rank(local_rank: int, device: str = "cuda", visible: int | None = None) -> str:
+    """The device a rank uses: 'cpu', or 'cuda:K' with K = ``local_rank`` modulo the GPUs
+    this process sees.
+
+    Under SLURM ``--gpus-per-task=1`` or a per-rank ``CUDA_VISIBLE_DEVICES`` every rank sees
+    one GPU, its own, as device 0; with all of a node's GPUs visible, local rank r takes GPU
+    r (ranks beyond the GPU count share them round-robin).
+
+    Args:
+        local_rank: the rank's index on its node (``comm.local_rank``).
+        device: 'cpu', 'cuda' (pick by local rank) or 'cuda:K' (K itself, checked).
+        visible: how many GPUs this process sees; asked of CUDA when None (tests inject it).
+    """
+    if device == "cpu":
+        return device
+    if device != "cuda" and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    if visible is None:
+        cp = _cupy()
+        if cp is None:
+            raise RuntimeError(f"device {device!r} asked for, but {gpu_skip_reason()}")
+        visible = cp.cuda.runtime.getDeviceCount()
+    if visible <= 0:
+        raise RuntimeError(f"device {device!r} asked for by local rank {local_rank}, but this "
+                           "process sees no CUDA device (CUDA_VISIBLE_DEVICES empty?)")  # fmt: skip
+    if device == "cuda":
+        return f"cuda:{local_rank % visible}"
+    index = int(device.split(":", 1)[1])
+    if not 0 <= index < visible:
+        raise RuntimeError(f"device {device!r} asked for, but this process sees {visible} "
+                           f"GPU(s): cuda:0..cuda:{visible - 1}")  # fmt: skip
+    return device
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' or 'cuda:N': 'cuda' alone becomes the calling thread's current GPU.
+
+    Resolve in the thread that chose the device: a new thread's current GPU is GPU 0.
+    """
+    if device == "cuda":
+        cp = _cupy()
+        if cp is None:
+            raise RuntimeError(f"device {device!r} asked for, but {gpu_skip_reason()}")
+        return f"cuda:{cp.cuda.runtime.getDevice()}"
+    if device != "cpu" and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return device
+
+
+def device_context(device: str) -> Any:
+    """A context manager that makes ``device`` ('cpu' or 'cuda:N') current in this thread
+    (cupy's current device is per thread, GPU 0 in a new one); a no-op for 'cpu'."""
+    if device == "cpu":
+        return contextlib.nullcontext()
+    return _cupy().cuda.Device(int(resolve_device(device).split(":", 1)[1]))
+
+
 def use_device(device: str) -> str:
     """Makes ``device`` this process's current device; 'cuda' alone means 'cuda:0'.
 
-    One GPU per rank: a job on N GPUs passes ``f"cuda:{local_rank}"``. Returns the device.
+    One GPU per rank: pass ``device_for_rank(comm.local_rank)``. Returns the device.
     """
     if device == "cpu":
         return device
@@ -94,7 +152,18 @@ def use_device(device: str) -> str:
     if cp is None or not device.startswith("cuda:"):
         raise RuntimeError(f"device {device!r} asked for, but {gpu_skip_reason() or 'unknown'}")
     cp.cuda.Device(int(device.split(":", 1)[1])).use()
+    global _chosen_device
+    _chosen_device = device
     return device
+
+
+_chosen_device: str | None = None
+
+
+def chosen_device() -> str | None:
+    """The GPU this process chose with ``use_device`` ('cuda:N'), or None if none yet: NCCL
+    setup follows it, so a job's explicit 'cuda:N' and its communicator agree."""
+    return _chosen_device
 
 
 def as_float_array(data: Any, dtype: Any = None) -> Any:
@@ -112,14 +181,21 @@ def as_float_array(data: Any, dtype: Any = None) -> Any:
 
 
 _rng = np.random.default_rng(0)
+# A seed for cupy's generator, applied by the first GPU draw after ``seed``: seeding cupy
+# eagerly would create a CUDA context on GPU 0 in every rank of a CPU job (RankNoise seeds
+# every epoch), so a process that never draws on a GPU never touches one.
+_gpu_seed_pending: int | None = 0
 
 
 def seed(value: int) -> None:
-    """Seeds distnet's global generator (initialisers, dropout, corruption noise)."""
-    global _rng
+    """Seeds distnet's global generator (initialisers, dropout, corruption noise).
+
+    cupy's generator (GPU dropout and corruption noise) is seeded with the same value by the
+    next draw on a GPU, never here: a CPU process must not create a CUDA context.
+    """
+    global _rng, _gpu_seed_pending
     _rng = np.random.default_rng(value)
-    if gpu_available():  # GPU dropout and corruption noise draw from cupy's generator
-        _cupy().random.seed(value)
+    _gpu_seed_pending = int(value)
 
 
 def default_rng() -> np.random.Generator:
@@ -127,10 +203,41 @@ def default_rng() -> np.random.Generator:
     return _rng
 
 
+def _gpu_uniform(shape: tuple[int, ...], rng: Any, dtype: Any) -> Any:
+    """Uniform [0, 1) samples (float32 or float64) on the current GPU (cupy refuses float16)."""
+    global _gpu_seed_pending
+    cp = _cupy()
+    if rng is None:
+        if _gpu_seed_pending is not None:
+            cp.random.seed(_gpu_seed_pending)
+            _gpu_seed_pending = None
+        return cp.random.random(shape, dtype=dtype)
+    if isinstance(rng, np.random.Generator):
+        # a numpy generator asked for on GPU: it seeds a cupy generator, one draw per call,
+        # so the masks depend on rng's state (reproducible), but differ from the CPU's
+        rng = cp.random.RandomState(int(rng.integers(2**63)))
+    if hasattr(rng, "random_sample"):  # cupy.random.RandomState
+        return rng.random_sample(shape, dtype=dtype)
+    if hasattr(rng, "random"):  # cupy.random.Generator
+        return rng.random(shape, dtype=dtype)
+    raise TypeError(
+        f"random_like: rng= on a GPU must be a numpy Generator, a cupy RandomState or a cupy "
+        f"Generator, got {type(rng).__name__}"
+    )
+
+
 def random_like(shape: tuple[int, ...], like: Any, rng: Any = None) -> Any:
-    """Uniform [0, 1) samples of ``shape`` on ``like``'s device, in ``like``'s dtype."""
+    """Uniform [0, 1) samples of ``shape`` on ``like``'s device.
+
+    In ``like``'s dtype, except float32 for float16 (drawn and compared more finely than
+    float16's 1/2048 steps). ``rng``: a numpy Generator (CPU and GPU: on a GPU it seeds a cupy
+    generator with one draw), or a cupy RandomState / Generator (GPU); default distnet's
+    global generator (``seed``).
+    """
     if is_gpu_array(like):
-        return _cupy().random.random(shape, dtype=like.dtype)
+        dtype = np.float64 if like.dtype == np.float64 else np.float32
+        with _cupy().cuda.Device(like.device.id):
+            return _gpu_uniform(shape, rng, dtype)
     rng = rng if rng is not None else _rng
     return rng.random(shape, dtype=like.dtype if like.dtype != np.float16 else np.float32)
 

@@ -23,15 +23,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", help="directory with the train and test stores")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="global batch size (summed over ranks)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: one GPU per rank")
     args = parser.parse_args()
 
     comm = dist.init()  # MPI when started by an MPI launcher, else one local process
+    # GPU local_rank modulo the GPUs this rank sees (SLURM --gpus-per-task works too)
+    device = backend.use_device(backend.device_for_rank(comm.local_rank, args.device))
     backend.seed(0)
-    model = nn.Sequential(nn.Dense(64, 128, "relu"), nn.Dense(128, 10))
+    model = nn.Sequential(nn.Dense(64, 128, "relu"), nn.Dense(128, 10)).to(device)
     opt = dist.DistributedOptimizer(optim.Adam(model, lr=3e-3), comm)
-    loader = StreamLoader(f"{args.data}/train", args.batch_size // comm.size,
-                          rank=comm.rank, world_size=comm.size, seed=0)  # fmt: skip
+    loader = StreamLoader(f"{args.data}/train", global_batch_size=args.batch_size,
+                          rank=comm.rank, world_size=comm.size, seed=0, device=device)  # fmt: skip
     for epoch in range(args.epochs):
         loader.set_epoch(epoch)
         for x, y in loader:
@@ -40,7 +45,7 @@ def main() -> None:
             opt.step()
     loader.close()
     x_test, y_test = read_store(f"{args.data}/test")
-    accuracy = float((model(x_test).data.argmax(axis=1) == y_test).mean())
+    accuracy = float((model.predict(x_test).argmax(axis=1) == y_test).mean())  # host arrays
     comm.print0(f"{comm.size} ranks, test accuracy {accuracy:.4f}")
 
 

@@ -182,4 +182,7 @@ def test_model_checkpoint_writes_on_rank_zero_only(tmp_path, monkeypatch):
         nn.Sequential(nn.Dense(3, 2)).fit(x, y, epochs=2, callbacks=[saver], optimizer="sgd")
         assert len(saver.saved) == 2
     assert not (tmp_path / "r1").exists()
-    assert sorted(p.name for p in (tmp_path / "r0").iterdir()) == ["0", "1"]
+    assert sorted(p.name for p in (tmp_path / "r0").iterdir()) == [
+        "1",
+        "2",
+    ]  # {epoch} counts from 1

@@ -13,6 +13,7 @@ from distnet.nn import AutoEncoder, Dense, Sequential
 from distnet.optim import Adam
 from distnet.train import (
     Callback,
+    CheckpointError,
     ModelCheckpoint,
     Pipeline,
     Stage,
@@ -152,11 +153,11 @@ def test_mismatched_model_or_optimizer_is_a_clear_error(tmp_path):
     ae, opt = make()
     save_checkpoint(tmp_path / "ck", ae, opt)
     other = Sequential(Dense(12, 6))
-    with pytest.raises(KeyError, match="missing keys"):
+    with pytest.raises(CheckpointError, match="missing keys"):
         load_checkpoint(tmp_path / "ck", other)
     from distnet.optim import SGD
 
-    with pytest.raises(TypeError, match="Adam"):
+    with pytest.raises(CheckpointError, match="Adam"):
         load_checkpoint(tmp_path / "ck", ae, SGD(ae, lr=0.1))
 
 
@@ -287,3 +288,15 @@ def test_rerunning_an_earlier_stage_discards_the_later_stages_old_progress(tmp_p
     assert ran == ["a", "b"] and table[1]["resumed_from_epoch"] == 0
     for name, value in clean.items():
         np.testing.assert_array_equal(model.state_dict()[name], value, err_msg=name)
+
+
+def test_model_checkpoint_epoch_in_path_counts_from_one(tmp_path) -> None:
+    """``{epoch}`` in a ModelCheckpoint path is 1-based, like Keras and the manifest."""
+
+    x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int64)
+    model = Sequential(Dense(4, 2))
+    cb = ModelCheckpoint(str(tmp_path / "ep{epoch:02d}"), monitor="loss")
+    fit(model, x, y, epochs=2, batch_size=16, seed=0, callbacks=[cb])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ep01", "ep02"]
+    assert read_manifest(tmp_path / "ep02")["extra"]["epoch"] == 2

@@ -319,7 +319,8 @@ def tanh(a: Tensor) -> Tensor:
     out = xp.tanh(a.data)
 
     def backward(g: Any) -> tuple[Any]:
-        d = out * out
+        # an explicit out= array: for a 0-d input ``out * out`` is a numpy scalar, not writable
+        d = xp.multiply(out, out, out=xp.empty_like(out))
         xp.subtract(1, d, out=d)
         d *= g
         return (d,)

@@ -204,6 +204,7 @@ class Tensor:
             g = grads.pop(id(node), None)
             if g is None:
                 continue
+            g = _as_ndarray(g)  # a sum of two 0-d gradients is a numpy scalar again
             if node._backward is None:  # a leaf that requires grad
                 _accumulate_leaf(node, g)
                 continue
@@ -223,6 +224,11 @@ class Tensor:
             # retain_graph=False: free what the closure kept alive (forward activations)
             node._backward = _released
             node._parents = ()
+
+
+def _as_ndarray(x: Any) -> Any:
+    """``x`` itself, or a 0-d ndarray for a numpy scalar."""
+    return np.asarray(x) if isinstance(x, np.generic) else x
 
 
 def _released(g: Any) -> tuple[Any, ...]:
@@ -287,9 +293,14 @@ def make_result(
     backward: Callable[[Any], tuple[Any, ...]],
     op: str,
 ) -> Tensor:
-    """Wraps an op's output; records history only when some parent needs a gradient."""
+    """Wraps an op's output; records history only when some parent needs a gradient.
+
+    numpy reductions to a scalar (``a.sum()``, ``a.max()``) return numpy scalars, which ufuncs
+    refuse as ``out=`` and which lack ``.base``; every op's output is made an ndarray here,
+    once, so no op has to remember it (cupy always returns 0-d arrays).
+    """
     out = Tensor.__new__(Tensor)
-    out.data = data
+    out.data = _as_ndarray(data)
     out._grad = None
     out._grad_zeroed = False
     out._hooks = None

@@ -3,7 +3,7 @@
 >>> from distnet.data import convert_digits, open_dataset, StreamLoader
 >>> convert_digits("data/digits")                       # writes data/digits/{train,test}
 >>> ds = open_dataset("data/digits/train")
->>> for x, y in StreamLoader(ds, batch_size=64, rank=0, world_size=2): ...
+>>> for x, y in StreamLoader(ds, global_batch_size=128, rank=0, world_size=2): ...
 """
 
 from distnet.data.convert import (

@@ -16,18 +16,45 @@ from typing import Any
 
 import numpy as np
 
+from distnet import backend
 from distnet.data import order
 from distnet.data.prefetch import Plan, Prefetcher
 from distnet.data.store import Dataset, open_dataset
+
+
+def _batch_sizes(
+    local: int | None,
+    global_: int | None,
+    legacy: Any,
+    world_size: int,
+    rank_weights: Sequence[float] | None,
+) -> list[int]:
+    """Every rank's batch size from exactly one of local_batch_size / global_batch_size."""
+    if legacy is not None:
+        # refused, not mapped: a DeprecationWarning is hidden by default, and a user who
+        # wrote batch_size=256 meaning the global batch would train silently on N x 256
+        raise TypeError(
+            "StreamLoader: batch_size= is gone (it was per rank, while job files and scripts "
+            "mean the global batch); pass local_batch_size= (per rank) or "
+            "global_batch_size= (summed over ranks)"
+        )
+    if (local is None) == (global_ is None):
+        raise TypeError("StreamLoader: give exactly one of local_batch_size, global_batch_size")
+    if global_ is not None:
+        return order.split_global_batch(int(global_), world_size, rank_weights)
+    return order.rank_batch_sizes(int(local), world_size, rank_weights)  # type: ignore[arg-type]
 
 
 class StreamLoader:
     """Yields ``(x, y)`` batches of this rank's shard: x float32 (b, *sample_shape) on
     ``device``, y int64 (b,) labels, float32 targets, or None for a store without ``y``.
 
-    ``batch_size`` is per rank; with ``rank_weights`` the global batch
-    ``batch_size * world_size`` is split in proportion to the weights instead, and
-    ``self.batch_size`` is this rank's share. All ranks yield ``len(loader)`` batches.
+    Batch sizes (give one of the two; Horovod users know why the names matter):
+    ``local_batch_size`` is per rank (the global batch is ``local_batch_size * world_size``);
+    ``global_batch_size`` is the sum over all ranks, split equally (it must divide) or in
+    proportion to ``rank_weights``. ``self.local_batch_size`` is this rank's share and
+    ``self.global_batch_size`` the total. ``batch_size=`` is refused: it meant per rank here
+    and global in job files. All ranks yield ``len(loader)`` batches.
     ``transform(x) -> x`` runs in the prefetch thread on the float32 numpy batch.
     ``timeout`` bounds every wait for a batch, in seconds. With ``prefetch_next_epoch``
     the thread for epoch e + 1 starts as the last batch of epoch e is handed out, so a
@@ -37,7 +64,7 @@ class StreamLoader:
     def __init__(
         self,
         dataset: Dataset | str,
-        batch_size: int,
+        local_batch_size: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
@@ -52,6 +79,9 @@ class StreamLoader:
         timeout: float = 300.0,
         prefetch_next_epoch: bool = True,
         storage_options: dict[str, Any] | None = None,
+        *,
+        global_batch_size: int | None = None,
+        batch_size: Any = None,
     ):
         self.dataset = (
             open_dataset(dataset, storage_options) if isinstance(dataset, str) else dataset
@@ -61,12 +91,13 @@ class StreamLoader:
         if seed < 0 or shuffle_chunks < 1 or prefetch < 1 or timeout <= 0:
             raise ValueError("need seed >= 0, shuffle_chunks >= 1, prefetch >= 1, timeout > 0")
         self.rank, self.world_size = rank, world_size
-        self.batch_sizes = order.rank_batch_sizes(batch_size, world_size, rank_weights)
-        self.batch_size = self.batch_sizes[rank]
-        self.global_batch = sum(self.batch_sizes)
+        self.batch_sizes = _batch_sizes(
+            local_batch_size, global_batch_size, batch_size, world_size, rank_weights
+        )
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.shuffle_chunks, self.prefetch = shuffle_chunks, prefetch
-        self.device, self.transform = device, transform
+        # 'cuda' is resolved here, in the caller's thread: the prefetch thread enters it
+        self.device, self.transform = backend.resolve_device(device), transform
         self.check_finite, self.timeout = check_finite, timeout
         self.epoch = 0
         self.samples_seen = 0  # global samples consumed this epoch (all ranks, pad included)
@@ -96,6 +127,32 @@ class StreamLoader:
             self.drop_last,
             self._history,
         )
+
+    # every size derives from ``batch_sizes`` (one list, rank i's share at i): one source
+    @property
+    def local_batch_size(self) -> int:
+        """This rank's samples per batch."""
+        return self.batch_sizes[self.rank]
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per step summed over all ranks."""
+        return sum(self.batch_sizes)
+
+    global_batch = global_batch_size  # the older name
+
+    @property
+    def batch_size(self) -> int:
+        """Old name of ``local_batch_size`` (read only: set ``batch_sizes`` to re-split)."""
+        return self.local_batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if int(value) != self.local_batch_size:
+            raise AttributeError(
+                f"StreamLoader.batch_size is this rank's share of batch_sizes "
+                f"{self.batch_sizes}; assign batch_sizes to change the split"
+            )
 
     def __len__(self) -> int:
         """Batches this rank yields in a whole epoch (the same on every rank)."""
@@ -141,7 +198,9 @@ class StreamLoader:
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
         self.samples_seen = int(state["samples_seen"])
         history = [list(map(int, h)) for h in state.get("history", [])]
-        old = [int(b) for b in state.get("batch_sizes", [self.batch_size] * state["world_size"])]
+        old = [
+            int(b) for b in state.get("batch_sizes", [self.local_batch_size] * state["world_size"])
+        ]
         if len(old) != int(state["world_size"]):
             raise ValueError(f"state has world_size {state['world_size']} but batch_sizes {old}")
         seen_before = history[-1][0] if history else 0

@@ -24,20 +24,43 @@ import numpy as np
 
 
 def rank_batch_sizes(
-    batch_size: int, world_size: int, rank_weights: Sequence[float] | None = None
+    local_batch_size: int, world_size: int, rank_weights: Sequence[float] | None = None
 ) -> list[int]:
-    """Per-rank batch sizes summing to ``batch_size * world_size``, in proportion to weights.
-
-    Each rank gets at least one sample; the rest is split by largest remainder.
-    """
-    if batch_size < 1 or world_size < 1:
-        raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
+    """Per-rank batch sizes summing to ``local_batch_size * world_size``, in proportion to
+    weights (equal without them). See ``split_global_batch``."""
+    if local_batch_size < 1 or world_size < 1:
+        raise ValueError(
+            f"local_batch_size and world_size must be >= 1, got {local_batch_size}, {world_size}"
+        )
     if rank_weights is None:
-        return [batch_size] * world_size
+        return [local_batch_size] * world_size
+    return split_global_batch(local_batch_size * world_size, world_size, rank_weights)
+
+
+def split_global_batch(
+    global_batch_size: int, world_size: int, rank_weights: Sequence[float] | None = None
+) -> list[int]:
+    """Per-rank batch sizes summing to ``global_batch_size``, in proportion to weights.
+
+    Without weights the split is equal and must be exact. With weights each rank gets at
+    least one sample; the rest is split by largest remainder.
+    """
+    if world_size < 1 or global_batch_size < world_size:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} cannot give each of {world_size} ranks "
+            "at least one sample"
+        )
+    if rank_weights is None:
+        if global_batch_size % world_size:
+            raise ValueError(
+                f"global_batch_size {global_batch_size} does not split evenly over "
+                f"{world_size} ranks (give rank_weights, or a multiple of {world_size})"
+            )
+        return [global_batch_size // world_size] * world_size
     w = np.asarray(rank_weights, dtype=np.float64)
     if w.shape != (world_size,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
         raise ValueError(f"rank_weights must be {world_size} positive numbers, got {rank_weights}")
-    spare = batch_size * world_size - world_size
+    spare = global_batch_size - world_size
     raw = w / w.sum() * spare
     sizes = np.floor(raw).astype(np.int64)
     left = spare - int(sizes.sum())

@@ -115,12 +115,13 @@ class Prefetcher:
         return False
 
     def _run(self) -> None:
+        from distnet.backend import device_context  # noqa: PLC0415
+
         try:
-            for xb, yb in self._raw_batches():
-                with trace.span("prepare_batch"):  # a row of its own in the trace
-                    item = self._finish(xb, yb)
-                if not self._put(item):
-                    return
+            # cupy's current device is per thread and 0 in a new one: without entering the
+            # loader's device, every rank's copies (and their memory pool) land on GPU 0
+            with device_context(self.device):
+                self._produce()
         except DatasetError as exc:
             self._put(_Failure(exc))
         except BaseException as exc:  # noqa: BLE001  (anything must reach the consumer)
@@ -130,6 +131,13 @@ class Prefetcher:
             )
             err.__cause__ = exc
             self._put(_Failure(err))
+
+    def _produce(self) -> None:
+        for xb, yb in self._raw_batches():
+            with trace.span("prepare_batch"):  # a row of its own in the trace
+                item = self._finish(xb, yb)
+            if not self._put(item):
+                return
 
     def _ids(self) -> Iterator[np.ndarray]:
         """Sample ids of this rank's remaining window pieces, after the batches done."""

@@ -105,6 +105,23 @@ def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
     return data_buf, grad_buf
 
 
+def on_device_of(module: Module, x: Any) -> Any:
+    """``x`` (an array, or None) on ``module``'s device: host data for a model on a GPU is
+    copied there, everything else is returned as it is (Tensors too: moving one would cut
+    it from its graph).
+
+    The one place where inputs follow the model: ``fit``, ``evaluate``, ``predict`` and the
+    job's pictures and reports call it, so a model moved with ``.to("cuda")`` takes the host
+    arrays a user or a store hands it.
+    """
+    if x is None or isinstance(x, Tensor) or isinstance(x, (int, float)):
+        return x
+    device = module.device
+    if device == "cpu" or backend.device_of(x) == device:
+        return x
+    return backend.to_device(x, device)
+
+
 class Module:
     """Base class of layers and models (PyTorch's shape: parameters(), state_dict(), ...).
 
@@ -179,6 +196,13 @@ class Module:
         flat_buffers(params)
         for p in params:
             p.zero_grad_()
+
+    @property
+    def device(self) -> str:
+        """'cpu' or 'cuda:N': where the parameters live ('cpu' for a module without any)."""
+        for _, p in self.named_parameters():
+            return p.device
+        return "cpu"
 
     def to(self, device: str) -> Module:
         """Moves every parameter to ``device`` ('cpu', 'cuda', 'cuda:N'), in place.

@@ -149,22 +149,38 @@ class BucketReducer:
                 break
 
     def finish(self) -> Any:
-        """Waits for every started bucket; returns the flat buffer (now reduced)."""
+        """Waits for every started bucket; returns the flat buffer (now reduced).
+
+        Raises:
+            FloatingPointError: a float16 sum overflowed (on every rank alike), after every
+                started bucket has been waited for: a request left in flight would be matched
+                against the next step's collectives, or hang MPI_Finalize.
+        """
         pending_now, self._pending = self._pending, []
-        for bucket, pending, token in pending_now:
-            pending.wait()
+        overflowed: list[Bucket] = []
+        for i, (bucket, pending, token) in enumerate(pending_now):
+            try:
+                pending.wait()
+            except BaseException:
+                _wait_quietly(pending_now[i + 1 :])
+                raise
             trace.end(token)  # from start to here: overlap with backward shows in the trace
             if self._scratch is not None:
                 wire = self._scratch[bucket.start : bucket.stop]
                 # after the sum, so every rank sees the same result and fails the same way,
                 # before inf reaches the parameters
                 if not bool(array_module(wire).isfinite(wire).all()):
-                    raise FloatingPointError(
-                        f"fp16 compression: the reduced gradient of elements "
-                        f"{bucket.start}..{bucket.stop} overflowed float16 (|value| > 65504); "
-                        "train with compression=None or a smaller loss scale"
-                    )
+                    overflowed.append(bucket)
+                    continue
                 self.flat[bucket.start : bucket.stop] = wire
+        if overflowed:
+            first = overflowed[0]
+            raise FloatingPointError(
+                f"fp16 compression: the reduced gradient of elements {first.start}..{first.stop}"
+                f" overflowed float16 (|value| > 65504; {len(overflowed)} of "
+                f"{len(pending_now)} buckets); train with compression=None or a smaller "
+                "loss scale"
+            )
         return self.flat
 
     def reduce(self, buckets: Sequence[Bucket], weight: float) -> Any:
@@ -172,6 +188,15 @@ class BucketReducer:
         for bucket in buckets:
             self.start(bucket, weight)
         return self.finish()
+
+
+def _wait_quietly(pending: Sequence[tuple[Bucket, PendingAllreduce, Any]]) -> None:
+    """Finishes requests after an error in an earlier one, keeping that first error."""
+    for _, request, _ in pending:
+        try:
+            request.wait()
+        except Exception:  # noqa: BLE001, S110  (the first error is the one to report)
+            pass
 
 
 def bucketed_allreduce(

@@ -96,6 +96,11 @@ class Communicator:
         """A list of ``size`` values, ``value`` of rank i at index i (small Python objects)."""
         raise NotImplementedError
 
+    def broadcast_object(self, value: Any, root: int = 0) -> Any:
+        """Root's ``value`` (a small picklable object) on every rank; ``value`` is ignored
+        elsewhere. Collective. This default rides on ``allgather``; engines override it."""
+        return self.allgather(value if self.rank == root else None)[root]
+
     def abort(self, code: int = 1) -> None:
         """Ends every rank of the job now (used when one rank cannot go on)."""
         raise SystemExit(code)
@@ -231,6 +236,9 @@ class MPICommunicator(Communicator):
 
     def allgather(self, value: Any) -> list[Any]:
         return self.comm.allgather(value)
+
+    def broadcast_object(self, value: Any, root: int = 0) -> Any:
+        return self.comm.bcast(value, root=root)
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()

@@ -21,8 +21,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -212,8 +214,25 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if not args.no_tag_output:
         env["DISTNET_TAGGED_OUTPUT"] = "1"  # rankexec prefixes every line with "[r] "
     flavor = mpiexec_flavor(mpiexec)
+    if hosts is None and not args.mpiexec and flavor == "hydra":
+        mpiexec, env = loopback_only(mpiexec, env)
     cmd = build_command(mpiexec, flavor, args.np, hosts, env, command, not args.no_tag_output)
     return cmd, env
+
+
+def loopback_only(mpiexec: str, env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """A job on this machine alone listens on no network address but loopback.
+
+    hydra's mpiexec binds its control port to every interface (0.0.0.0), and UCX ranks listen
+    on every interface too; the mpich wheel's fork-only process manager (mpiexec.gforker)
+    opens no port, and ``UCX_NET_DEVICES=lo`` keeps the ranks on loopback (shared memory still
+    carries the data between them). Multi-host jobs (-H, --hostfile) keep hydra."""
+    gforker = Path(mpiexec).with_name("mpiexec.gforker")
+    if gforker.is_file() and os.access(gforker, os.X_OK):
+        mpiexec = str(gforker)
+    if "UCX_NET_DEVICES" not in env and "UCX_NET_DEVICES" not in os.environ:
+        env = {**env, "UCX_NET_DEVICES": "lo"}
+    return mpiexec, env
 
 
 def _first_failure(status_dir: str) -> dict | None:
@@ -229,6 +248,41 @@ def _first_failure(status_dir: str) -> dict | None:
     return min(pool, key=lambda r: r["time"]) if pool else None
 
 
+def failure_grace_s() -> float:
+    """Seconds the other ranks get to end by themselves after one failed
+    (``DISTNET_FAILURE_GRACE_S``, default 10)."""
+    return float(os.environ.get("DISTNET_FAILURE_GRACE_S", "10"))
+
+
+def wait_or_end_after_failure(
+    proc: subprocess.Popen, first_failure: Any, poll_s: float = 0.2
+) -> int:
+    """Waits for mpiexec; once a rank has reported a failure, gives the rest
+    ``failure_grace_s()`` to end, then terminates the whole process group (SIGTERM, then
+    SIGKILL 5 s later). mpiexec does not always do it: a rank killed before MPI_Init left its
+    peers waiting in MPI_Init forever (seen with MPICH 4 hydra). Returns mpiexec's status."""
+    failed_at: float | None = None
+    while True:
+        try:
+            return proc.wait(timeout=poll_s)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if failed_at is None:
+            failed_at = now if first_failure() is not None else None
+        elif now - failed_at > failure_grace_s():
+            for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    return proc.wait(timeout=wait_s)
+                except subprocess.TimeoutExpired:
+                    continue
+            return proc.wait(timeout=10)
+
+
 def run(args: argparse.Namespace) -> int:
     """Starts the job; returns the first failing rank's status (0 when all succeeded)."""
     try:
@@ -241,14 +295,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="distnet-launch-") as status_dir:
         child_env = {**os.environ, **env, "DISTNET_LAUNCH_STATUS_DIR": status_dir}
-        proc = subprocess.Popen(cmd, env=child_env)
+        # its own process group, so that the watchdog can end every process it started
+        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
 
         def forward(signum: int, _frame: object) -> None:
             proc.send_signal(signum)
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            rc = proc.wait()
+            rc = wait_or_end_after_failure(proc, lambda: _first_failure(status_dir))
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

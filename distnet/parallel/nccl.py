@@ -13,15 +13,13 @@ from typing import Any
 
 
 def select_device(local_rank: int) -> int:
-    """Makes GPU ``local_rank % device_count`` current for this process; returns its index."""
-    import cupy  # noqa: PLC0415  (never at module level: most machines have no GPU)
+    """Makes this rank's GPU current and returns its index: the one the process already
+    chose (``backend.use_device``, as jobs do), else ``backend.device_for_rank``."""
+    from distnet import backend  # noqa: PLC0415
 
-    count = cupy.cuda.runtime.getDeviceCount()
-    if count == 0:
-        raise RuntimeError("NCCL asked for, but this process sees no CUDA device")
-    index = local_rank % count
-    cupy.cuda.Device(index).use()
-    return index
+    chosen = backend.chosen_device() or backend.device_for_rank(local_rank, "cuda")
+    device = backend.use_device(chosen)
+    return int(device.split(":", 1)[1])
 
 
 class NcclCommunicator:

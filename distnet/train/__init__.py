@@ -11,6 +11,7 @@ from distnet.train.callbacks import (
     ReduceLROnPlateau,
 )
 from distnet.train.checkpoint import (
+    CheckpointError,
     is_complete,
     latest_checkpoint,
     load_checkpoint,
@@ -40,6 +41,7 @@ __all__ = [
     "StageProgress",
     "save_checkpoint",
     "load_checkpoint",
+    "CheckpointError",
     "read_manifest",
     "is_complete",
     "latest_checkpoint",

@@ -197,6 +197,8 @@ class ModelCheckpoint(_Monitor):
 
     Args:
         path: directory; may hold ``{epoch}`` and log keys, e.g. ``"ckpt/{epoch:03d}"``.
+            ``{epoch}`` counts from 1, as Keras and the manifest's ``epoch`` do: ``ep3`` holds
+            the state after three epochs, and resumes with ``initial_epoch=3``.
         save_best_only: write only when ``monitor`` improved.
 
     It sees each epoch after the other callbacks (``runs_last``). In a distributed run only
@@ -226,7 +228,7 @@ class ModelCheckpoint(_Monitor):
             if not self._improved(value):
                 return
             self.best = value
-        path = self.path.format(epoch=epoch, **logs)
+        path = self.path.format(epoch=epoch + 1, **logs)  # epochs done, as in the manifest
         self.saved.append(path)
         if process_rank() != 0:
             return

@@ -14,6 +14,7 @@ the directory does not count as a checkpoint): never a half-written checkpoint a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -26,6 +27,28 @@ from distnet import backend, trace
 
 FORMAT = "distnet-checkpoint/1"
 MANIFEST = "manifest.json"
+# manifest key -> the JSON types it may hold (a manifest edited into anything else is refused)
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "arrays": (str,),
+    "arrays_sha256": (str,),
+    "model_class": (str,),
+    "optimizer_class": (str, type(None)),
+    "optimizer": (dict, type(None)),
+    "loader": (dict, type(None)),
+    "rng": (dict, type(None)),
+    "extra": (dict,),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, tampered with, or does not fit what loads it (names the
+    checkpoint and the key)."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fsync_write(path: Path, write: Any) -> None:
@@ -119,6 +142,7 @@ def _save_checkpoint(
     }
     tmp_arrays = path / f".{arrays_name}.tmp"
     _fsync_write(tmp_arrays, lambda f: np.savez(f, **arrays))
+    manifest["arrays_sha256"] = _sha256(tmp_arrays)  # load refuses arrays that differ
     os.replace(tmp_arrays, path / arrays_name)
     tmp_manifest = path / f".{MANIFEST}.{token}.tmp"
     text = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -138,20 +162,34 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
         manifest = json.loads((path / MANIFEST).read_text())
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
-    return manifest if manifest.get("format") == FORMAT else None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
 
 
 def is_complete(path: str | os.PathLike) -> bool:
     """True when ``path`` holds a committed checkpoint (manifest and its arrays file)."""
     manifest = _read_manifest(Path(path))
-    return manifest is not None and (Path(path) / manifest["arrays"]).is_file()
+    if manifest is None or not isinstance(manifest.get("arrays"), str):
+        return False
+    return (Path(path) / Path(manifest["arrays"]).name).is_file()
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a complete checkpoint (no arrays loaded)."""
+    """The manifest of a complete checkpoint (no arrays loaded), its keys' types checked."""
     if not is_complete(path):
         raise FileNotFoundError(f"{path}: no complete checkpoint (missing or never committed)")
-    return _read_manifest(Path(path))  # type: ignore[return-value]
+    manifest = _read_manifest(Path(path))
+    assert manifest is not None
+    for key, types in _MANIFEST_TYPES.items():
+        if key == "arrays_sha256" and key not in manifest:
+            continue  # written before checksums were recorded
+        if key not in manifest:
+            raise CheckpointError(f"{path}/{MANIFEST}: key {key!r} is missing")
+        if not isinstance(manifest[key], types):
+            got = type(manifest[key]).__name__
+            raise CheckpointError(f"{path}/{MANIFEST}: key {key!r} has a {got} value")
+    if Path(manifest["arrays"]).name != manifest["arrays"]:
+        raise CheckpointError(f"{path}/{MANIFEST}: 'arrays' must name a file in the checkpoint")
+    return manifest
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -162,6 +200,67 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return max(complete, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, default=None)
 
 
+def _read_files(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """(manifest, arrays) from disk, checksum and types checked; None when not complete."""
+    if not is_complete(path):
+        return None
+    manifest = read_manifest(path)
+    arrays_path = path / manifest["arrays"]
+    if "arrays_sha256" in manifest and _sha256(arrays_path) != manifest["arrays_sha256"]:
+        raise CheckpointError(
+            f"{arrays_path}: contents differ from the manifest's sha256 (corrupt or tampered)"
+        )
+    try:
+        with np.load(arrays_path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError) as e:  # never unpickles: object arrays refused
+        raise CheckpointError(f"{arrays_path}: cannot read: {e}") from None
+    return manifest, arrays
+
+
+def read_checkpoint(
+    path: str | os.PathLike, comm: Any = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """(manifest, arrays by name) of the checkpoint at ``path``, or None when there is none.
+
+    With a communicator of several ranks, rank 0 alone reads the files and broadcasts what
+    it read (Horovod's ``broadcast_parameters`` / ``broadcast_optimizer_state``): the manifest
+    as one object, each array as a buffer broadcast. The other ranks' ``path`` may be
+    node-local and empty; every rank returns rank 0's checkpoint, so all resume at the
+    same stage, epoch and step. Collective then: every rank must call it.
+    """
+    path = Path(path)
+    if comm is None or comm.size == 1:
+        return _read_files(path)
+    found: Any = None
+    header: Any = None
+    if comm.rank == 0:
+        try:
+            found = _read_files(path)
+        except Exception as exc:  # noqa: BLE001  (the other ranks must hear of it, not hang)
+            found = exc
+        if isinstance(found, Exception):
+            header = ("error", f"{type(found).__name__}: {found}")
+        elif found is not None:
+            manifest, arrays = found
+            header = ("ok", manifest, [(k, a.shape, a.dtype.str) for k, a in arrays.items()])
+    header = comm.broadcast_object(header, root=0)
+    if header is None:
+        return None
+    if header[0] == "error":
+        if comm.rank == 0:
+            raise found
+        raise CheckpointError(f"{path}: rank 0 could not read the checkpoint: {header[1]}")
+    _, manifest, specs = header
+    arrays = found[1] if comm.rank == 0 else {}
+    for name, shape, dtype in specs:
+        buf = arrays[name] if comm.rank == 0 else np.empty(shape, dtype=np.dtype(dtype))
+        buf = np.asarray(buf, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
+        comm.broadcast(buf.reshape(-1).view(np.uint8), root=0)  # bytes: any dtype, 0-d too
+        arrays[name] = buf
+    return manifest, arrays
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: Any = None,
@@ -169,37 +268,60 @@ def load_checkpoint(
     *,
     loader: Any = None,
     restore_rng: bool = True,
+    comm: Any = None,
 ) -> dict[str, Any]:
     """Restores what ``save_checkpoint`` wrote into ``model`` / ``optimizer`` / ``loader``.
+
+    ``comm``: in a distributed run, rank 0 reads and broadcasts (see ``read_checkpoint``);
+    every rank must call it then, and no rank but 0 needs the files.
 
     Returns:
         the extras (``step``, ``stage``, ``epoch``, array extras, ...) plus ``"manifest"``.
     Raises:
-        FileNotFoundError: no complete checkpoint at ``path``.
-        KeyError / ValueError: the model or optimiser does not match (names the keys).
+        FileNotFoundError: no complete checkpoint at ``path`` (on rank 0).
+        CheckpointError: a damaged or tampered checkpoint (checksum, manifest types), or one
+            that does not fit the model / optimiser / loader (names the keys).
     """
-    path = Path(path)
-    manifest = read_manifest(path)
-    with np.load(path / manifest["arrays"], allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    if model is not None:
-        state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
-        model.load_state_dict(state)
-    if optimizer is not None:
-        if manifest["optimizer"] is None:
-            raise KeyError(f"{path}: the checkpoint holds no optimiser state")
-        if manifest["optimizer_class"] != _optimizer_class(optimizer):
-            raise TypeError(
-                f"{path}: optimiser state of {manifest['optimizer_class']}, "
-                f"loading into {_optimizer_class(optimizer)}"
-            )
-        state = dict(manifest["optimizer"])
-        state.update({k[10:]: v for k, v in arrays.items() if k.startswith("optimizer/")})
-        optimizer.load_state_dict(state)
-    if loader is not None and manifest["loader"] is not None:
-        loader.load_state_dict(manifest["loader"])
-    if restore_rng and manifest["rng"] is not None:
-        backend.default_rng().bit_generator.state = manifest["rng"]
+    found = read_checkpoint(path, comm)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (missing or never committed)")
+    return apply_checkpoint(path, *found, model, optimizer, loader=loader, restore_rng=restore_rng)
+
+
+def apply_checkpoint(
+    path: str | os.PathLike,
+    manifest: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    model: Any = None,
+    optimizer: Any = None,
+    *,
+    loader: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """``load_checkpoint`` on what ``read_checkpoint`` returned; same returns and errors."""
+    try:
+        if model is not None:
+            state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
+            model.load_state_dict(state)
+        if optimizer is not None:
+            if manifest["optimizer"] is None:
+                raise CheckpointError(f"{path}: the checkpoint holds no optimiser state")
+            if manifest["optimizer_class"] != _optimizer_class(optimizer):
+                raise CheckpointError(
+                    f"{path}: optimiser state of {manifest['optimizer_class']}, "
+                    f"loading into {_optimizer_class(optimizer)}"
+                )
+            state = dict(manifest["optimizer"])
+            state.update({k[10:]: v for k, v in arrays.items() if k.startswith("optimizer/")})
+            optimizer.load_state_dict(state)
+        if loader is not None and manifest["loader"] is not None:
+            loader.load_state_dict(manifest["loader"])
+        if restore_rng and manifest["rng"] is not None:
+            backend.default_rng().bit_generator.state = manifest["rng"]
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError) as e:  # shapes, names, classes that do not fit
+        raise CheckpointError(f"{path}: does not fit what loads it: {e}") from None
     out = dict(manifest["extra"])
     out.update({k[6:]: v for k, v in arrays.items() if k.startswith("extra/")})
     out["manifest"] = manifest

@@ -23,6 +23,7 @@ import numpy as np
 from distnet import backend, trace
 from distnet.core import functional as F
 from distnet.core.tensor import Tensor, no_grad
+from distnet.nn.module import on_device_of
 from distnet.train.callbacks import Callback, CallbackList, History, Loop
 
 LOSSES: dict[str, Callable[[Tensor, Any], Tensor]] = {
@@ -123,12 +124,9 @@ class Objective:
 
 def _like_model(batch: Any, model: Any) -> Any:
     """A batch on the model's device (loaders yield numpy; the model may live on a GPU)."""
-    if batch is None or isinstance(batch, Tensor):
+    if not hasattr(model, "device"):  # a bare callable with parameters(): no device known
         return batch
-    params = model.parameters()
-    if params and backend.is_gpu_array(params[0].data) and not backend.is_gpu_array(batch):
-        return backend.to_device(batch, params[0].device)
-    return batch
+    return on_device_of(model, batch)
 
 
 def _batches(

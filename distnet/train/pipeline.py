@@ -7,7 +7,9 @@ whose checkpoint is complete, loads the model from the last one, and resumes an 
 stage from its last epoch checkpoint (``ctx.restore`` / ``ctx.epoch_checkpoint``), so a run
 that was killed ends with the same parameters as one that never stopped.
 
-Only the writer rank (rank 0) writes; every rank reads.
+Only the writer rank (rank 0) writes, and with a communicator only rank 0 reads: it decides
+which stages are done and broadcasts the checkpoints it resumes from (model, optimiser, RNG,
+callback states), so the other ranks' run directories may be node-local and empty.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from distnet.train.callbacks import Callback
-from distnet.train.checkpoint import is_complete, load_checkpoint, save_checkpoint
+from distnet.train.checkpoint import (
+    apply_checkpoint,
+    is_complete,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -44,6 +52,7 @@ class StageContext:
     writer: bool = True
     resumed_epoch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    comm: Any = None  # a Communicator: rank 0 reads checkpoints and broadcasts them
 
     @property
     def progress_dir(self) -> Path:
@@ -55,9 +64,10 @@ class StageContext:
         Returns:
             the epoch to continue from (0 when starting fresh); pass it as ``initial_epoch``.
         """
-        if not is_complete(self.progress_dir):
+        found = read_checkpoint(self.progress_dir, self.comm)  # collective with a comm
+        if found is None:
             return 0
-        info = load_checkpoint(self.progress_dir, self.model, optimizer)
+        info = apply_checkpoint(self.progress_dir, *found, self.model, optimizer)
         self.resumed_epoch = int(info["epoch"])
         self.extra = {k: v for k, v in info.items() if k not in ("epoch", "manifest")}
         return self.resumed_epoch
@@ -134,6 +144,8 @@ class Pipeline:
         stages: the stages, in order.
         writer: whether this process writes (rank 0 in a distributed run).
         log: called with one line per event (stage start, skip, end).
+        comm: the run's communicator, when distributed: rank 0 alone then reads the run
+            directory and broadcasts what it finds (the others' may be empty).
     """
 
     def __init__(
@@ -143,12 +155,14 @@ class Pipeline:
         stages: list[Stage],
         writer: bool = True,
         log: Callable[[str], None] | None = print,
+        comm: Any = None,
     ):
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"Pipeline: stage names must be unique, got {names}")
         self.run_dir, self.model, self.stages = Path(run_dir), model, stages
         self.writer, self.log = writer, log or (lambda line: None)
+        self.comm = comm
 
     def stage_dir(self, index: int) -> Path:
         return self.run_dir / "stages" / f"{index}-{self.stages[index].name}"
@@ -169,10 +183,12 @@ class Pipeline:
         if self.writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         done = [is_complete(self.stage_dir(i)) for i in range(len(self.stages))]
+        if self.comm is not None and self.comm.size > 1:
+            done = self.comm.broadcast_object(done, root=0)  # rank 0's run directory decides
         # only a prefix of finished stages counts: a later one was trained on other weights
         first_todo = done.index(False) if False in done else len(done)
         if first_todo > 0:
-            load_checkpoint(self.stage_dir(first_todo - 1), self.model)
+            load_checkpoint(self.stage_dir(first_todo - 1), self.model, comm=self.comm)
         if self.writer:
             # later stages will train on new weights: their old results and progress
             # checkpoints would otherwise be resumed over the re-trained earlier stage
@@ -185,7 +201,9 @@ class Pipeline:
             if i < first_todo:
                 self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: done, skipped")
                 continue
-            ctx = StageContext(i, stage.name, self.stage_dir(i), self.model, self.writer)
+            ctx = StageContext(
+                i, stage.name, self.stage_dir(i), self.model, self.writer, comm=self.comm
+            )
             self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: running")
             start = time.perf_counter()
             results = dict(stage.fn(ctx) or {})

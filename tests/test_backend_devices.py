@@ -1,0 +1,153 @@
+"""backend's device choices: which GPU a rank takes, and that a CPU process never touches
+cupy's generator (issue 8). A fake ``cupy`` records every call: these are unit tests of
+backend's own decisions, not claims about a GPU (tests/test_gpu_path.py runs the real thing).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import numpy as np
+import pytest
+
+from distnet import backend
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "visible", "expected"),
+    [
+        (0, 1, "cuda:0"),
+        (1, 1, "cuda:0"),  # SLURM --gpus-per-task=1 / per-rank CUDA_VISIBLE_DEVICES
+        (3, 1, "cuda:0"),
+        (1, 4, "cuda:1"),  # all of a node's GPUs visible: local rank r takes GPU r
+        (5, 4, "cuda:1"),  # more ranks than GPUs: round-robin
+        (7, 8, "cuda:7"),
+    ],
+)
+def test_device_for_rank_is_local_rank_modulo_visible_gpus(local_rank, visible, expected):
+    assert backend.device_for_rank(local_rank, "cuda", visible=visible) == expected
+
+
+def test_device_for_rank_cpu_and_explicit_devices():
+    assert backend.device_for_rank(3, "cpu", visible=0) == "cpu"
+    assert backend.device_for_rank(3, "cuda:1", visible=2) == "cuda:1"
+    with pytest.raises(RuntimeError, match=r"sees 2 GPU\(s\): cuda:0..cuda:1"):
+        backend.device_for_rank(0, "cuda:2", visible=2)
+    with pytest.raises(RuntimeError, match="local rank 1.*sees no CUDA device"):
+        backend.device_for_rank(1, "cuda", visible=0)
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        backend.device_for_rank(0, "gpu", visible=1)
+
+
+class _Recorder:
+    """Any attribute is another recorder; any call is recorded (with its path) and returns
+    ``result(path, args, kwargs)``."""
+
+    def __init__(self, calls: list, path: str = "cupy", result: Any = None):
+        self._calls, self._path, self._result = calls, path, result
+
+    def __getattr__(self, name: str) -> _Recorder:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Recorder(self._calls, f"{self._path}.{name}", self._result)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._calls.append((self._path, args, kwargs))
+        return (
+            self._result(self._path, args, kwargs)
+            if self._result
+            else _Recorder(self._calls, self._path + "()", self._result)
+        )
+
+    def __enter__(self) -> _Recorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class _FakeGpuArray:
+    """Looks like a cupy ndarray to ``backend.is_gpu_array`` (its class's module is cupy)."""
+
+    def __init__(self, dtype: Any):
+        self.dtype = np.dtype(dtype)
+        self.device = types.SimpleNamespace(id=0)
+
+
+_FakeGpuArray.__module__ = "cupy._core.core"
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """A recording stand-in for cupy, installed where backend looks for it."""
+    calls: list = []
+
+    def result(path: str, args: tuple, kwargs: dict) -> Any:
+        if path.endswith("random") or path.endswith("random_sample"):
+            if kwargs.get("dtype") == np.float16:  # what real cupy does
+                raise TypeError("cupy: dtype float16 is not supported for uniform samples")
+            return ("samples", kwargs.get("dtype"))
+        if path.endswith("getDeviceCount"):
+            return 1
+        return _Recorder(calls, path + "()", result)
+
+    fake = _Recorder(calls, "cupy", result)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(backend, "_cupy", lambda: fake)
+    yield calls
+    backend.seed(0)
+
+
+def test_cpu_seed_never_calls_cupy(fake_cupy):
+    """A CPU job (RankNoise seeds every epoch) must not create a CUDA context on GPU 0."""
+    for epoch in range(3):
+        backend.seed(epoch)
+    backend.random_like((4,), np.zeros(1, np.float32))
+    assert fake_cupy == []
+
+
+def test_gpu_draw_applies_the_seed_once_and_never_asks_for_float16(fake_cupy):
+    backend.seed(42)
+    samples = backend.random_like((3, 4), _FakeGpuArray(np.float16))
+    assert samples == ("samples", np.float32)
+    seeds = [c for c in fake_cupy if c[0] == "cupy.random.seed"]
+    assert [c[1] for c in seeds] == [(42,)]
+    backend.random_like((3, 4), _FakeGpuArray(np.float16))  # the seed is not re-applied
+    assert len([c for c in fake_cupy if c[0] == "cupy.random.seed"]) == 1
+    assert all(c[2].get("dtype") != np.float16 for c in fake_cupy)
+
+
+def test_gpu_draw_honours_a_numpy_rng(fake_cupy):
+    rng = np.random.default_rng(7)
+    expected_seed = int(np.random.default_rng(7).integers(2**63))
+    backend.random_like((2,), _FakeGpuArray(np.float32), rng=rng)
+    made = [c for c in fake_cupy if c[0] == "cupy.random.RandomState"]
+    assert [c[1] for c in made] == [(expected_seed,)]
+    assert not any(c[0] == "cupy.random.random" for c in fake_cupy)  # not the global one
+    with pytest.raises(TypeError, match="rng= on a GPU"):
+        backend.random_like((2,), _FakeGpuArray(np.float32), rng=object())
+
+
+def test_cpu_float16_draws_are_float32_and_honour_rng():
+    a = backend.random_like((5,), np.zeros(1, np.float16), rng=np.random.default_rng(3))
+    b = backend.random_like((5,), np.zeros(1, np.float16), rng=np.random.default_rng(3))
+    assert a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nccl_setup_picks_its_gpu_through_device_for_rank(monkeypatch):
+    from distnet.parallel import nccl  # noqa: PLC0415
+
+    used: list[str] = []
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 2)
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setattr(backend, "_cupy", lambda: fake)
+    monkeypatch.setattr(backend, "use_device", lambda d: used.append(d) or d)
+    monkeypatch.setattr(backend, "_chosen_device", None)
+    assert nccl.select_device(3) == 1
+    assert used == ["cuda:1"]
+    # a device the process already chose (a job's explicit 'cuda:N') wins over the default
+    monkeypatch.setattr(backend, "_chosen_device", "cuda:0")
+    assert nccl.select_device(3) == 0 and used[-1] == "cuda:0"

@@ -1,0 +1,113 @@
+"""Issue 8 under real mpiexec (``distnet launch``), 2 ranks: fp16 overflow leaves no MPI
+request in flight; a job resumes from rank 0's checkpoint when the other ranks' run
+directories are node-local (empty)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "mpi_scripts"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"),
+]
+
+
+def launch(np_: int, *command: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """``distnet launch -np N -- python COMMAND...`` with a timeout (a hang fails the test)."""
+    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", str(np_), "--"]
+    return subprocess.run(
+        [*cmd, sys.executable, *command],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=dict(os.environ),
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(100)
+def test_fp16_overflow_waits_for_every_bucket_before_raising():
+    proc = launch(2, str(SCRIPTS / "fp16_overflow.py"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[0] fp16 overflow ok" in proc.stdout
+
+
+RESUME_JOB = """
+[data]
+train = "{data}/train"
+test = "{data}/test"
+batch_size = 32
+
+[model]
+type = "stacked_autoencoder"
+hidden = [24, 12]
+
+[pretrain]
+epochs = 2
+
+[finetune]
+epochs = 3
+
+[run]
+log_every = 100
+pictures = false
+"""
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    pytest.importorskip("sklearn")
+    from distnet.data import convert_digits  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("digits")
+    convert_digits(root, test_fraction=0.25, seed=0, chunk_samples=64)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(280)
+def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(digits, tmp_path):
+    """Rank 1's run directory is new and empty on every run: rank 0 must read the checkpoints
+    and broadcast them, or rank 1 starts at stage 0 while rank 0 resumes fine-tuning."""
+    import numpy as np  # noqa: PLC0415
+
+    from distnet.train.checkpoint import read_manifest  # noqa: PLC0415
+
+    job = tmp_path / "job.toml"
+    job.write_text(RESUME_JOB.format(data=digits))
+    script = str(SCRIPTS / "resume_local_dirs.py")
+    local = tmp_path / "local"
+    local.mkdir()
+
+    def run(out: str, mode: str) -> subprocess.CompletedProcess:
+        proc = launch(2, script, str(job), str(tmp_path / out), str(local), mode, timeout=80)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    assert "full done, resumed from [0, 0, 0]" in run("full", "full").stdout
+    assert "crashed as planned" in run("stopped", "crash").stdout
+    progress = tmp_path / "stopped" / "stages" / "2-finetune" / "progress"
+    assert read_manifest(progress)["extra"]["epoch"] == 2
+    assert "resume done, resumed from [0, 0, 2]" in run("stopped", "resume").stdout
+
+    full = np.load(local / "final-full-rank0.npz")
+    for rank in (0, 1):
+        resumed = np.load(local / f"final-resume-rank{rank}.npz")
+        assert sorted(resumed.files) == sorted(full.files)
+        for name in full.files:
+            np.testing.assert_array_equal(resumed[name], full[name], err_msg=f"{rank} {name}")
+    assert (
+        not any((local / "rank1-resume").iterdir()) if (local / "rank1-resume").exists() else True
+    )
+
+
+@pytest.mark.timeout(100)
+def test_checkpoints_are_read_on_rank_zero_and_broadcast(tmp_path):
+    proc = launch(2, str(SCRIPTS / "checkpoint_broadcast.py"), str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[0] checkpoint broadcast ok" in proc.stdout
