@@ -172,3 +172,31 @@ def test_progress_on_a_terminal_is_a_bar(monkeypatch):
     assert "samples/s" in text and "wait" in text
     assert text.count("epoch   2/2") == 1  # epoch summaries written above the bar
     assert lines == []  # nothing went to the log
+
+
+def test_a_job_that_fails_leaves_a_report_of_what_it_had(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    from distnet.data import convert_digits
+    from distnet.train import job as job_module
+    from distnet.train.report_html import gather
+
+    convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=256)
+    spec = tmp_path / "job.toml"
+    spec.write_text(
+        f'[data]\ntrain = "{tmp_path / "data" / "train"}"\ntest = "{tmp_path / "data" / "test"}"\n'
+        "[model]\nhidden = [16, 9]\n[pretrain]\nepochs = 2\n[finetune]\nepochs = 2\n"
+        f'[run]\nout = "{tmp_path / "run"}"\n[dist]\nengine = "local"\n'
+    )
+
+    def broken(*args):
+        raise RuntimeError("the fine-tuning optimiser broke")
+
+    monkeypatch.setattr(job_module, "_make_optimizer", broken)
+    with pytest.raises(RuntimeError, match="optimiser broke"):
+        job_module.run_job(job_module.load_job(spec), log=lambda line: None, trace=True)
+    data, events = gather(tmp_path / "run")
+    assert (tmp_path / "run" / "report.html").is_file()
+    assert data["status"].startswith(("running", "unfinished"))
+    assert [c["stage"] for c in data["curves"]] == ["pretrain-0", "pretrain-1"]
+    assert all(len(c["loss"]) == 2 for c in data["curves"])
+    assert {e["name"] for e in events} >= {"forward", "backward", "checkpoint"}

@@ -88,12 +88,17 @@ class RunObserver:
     def close(self) -> None:
         """Ends the trace: each rank writes its file; after a clean run rank 0 merges them.
 
-        On an exception no collective is entered (other ranks may be gone): the rank files
-        written so far are merged by ``distnet report``."""
-        if not self.tracing:
+        On an exception (called from a ``finally``) no collective is entered (other ranks
+        may be gone): rank 0 writes ``report.html`` of what the run had, merging the rank
+        files written so far."""
+        failed = sys.exc_info()[0] is not None
+        if self.tracing:
+            trace.stop()
+        if failed:
+            if self.rank == 0:
+                self.html()
             return
-        trace.stop()
-        if sys.exc_info()[0] is not None:
+        if not self.tracing:
             return
         self.comm.barrier()
         if self.rank == 0:
