@@ -266,5 +266,12 @@ def _start_from_env() -> None:
     start("distnet-trace" if value == "1" else value, _rank_from_env())
 
 
-atexit.register(lambda: _tracer is not None and _tracer.write())
+def _write_at_exit() -> None:
+    # only a process that recorded something: a launcher or a rank's wrapper process, which
+    # imports distnet under the same DISTNET_TRACE and rank, must not overwrite the rank's file
+    if _tracer is not None and _tracer.events:
+        _tracer.write()
+
+
+atexit.register(_write_at_exit)
 _start_from_env()

@@ -200,3 +200,25 @@ def test_a_job_that_fails_leaves_a_report_of_what_it_had(tmp_path, monkeypatch):
     assert [c["stage"] for c in data["curves"]] == ["pretrain-0", "pretrain-1"]
     assert all(len(c["loss"]) == 2 for c in data["curves"])
     assert {e["name"] for e in events} >= {"forward", "backward", "checkpoint"}
+
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
+def test_overlapped_buckets_start_inside_backward_on_every_rank(tmp_path):
+    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", "2", "--", sys.executable,
+           str(ROOT / "tests" / "mpi_scripts" / "trace_overlap.py")]  # fmt: skip
+    env = {**os.environ, "DISTNET_TRACE": str(tmp_path / "trace"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = json.loads(trace.merge(tmp_path / "trace").read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    for rank in (0, 1):
+        mine = [e for e in spans if e["pid"] == rank]
+        backwards = [e for e in mine if e["name"] == "backward"]
+        reduces = [e for e in mine if e["name"] == "allreduce"]
+        assert len(backwards) == 4 and len({e["args"]["bucket"] for e in reduces}) > 1
+        inside = [r for r in reduces for b in backwards if b["ts"] < r["ts"] < b["ts"] + b["dur"]]
+        assert inside, f"rank {rank}: no bucket started during backward"
