@@ -43,8 +43,15 @@ _NULL = contextlib.nullcontext()
 _clock = time.perf_counter
 
 
+SPILL_EVENTS = 100_000  # events kept in memory before they go to the spill file
+
+
 class Tracer:
-    """Collects events of one process (rank); thread-safe appends (list.append holds the GIL)."""
+    """Collects events of one process (rank); thread-safe appends (list.append holds the GIL).
+
+    A long run's events do not pile up in memory: every ``SPILL_EVENTS`` they are appended as
+    JSON lines to ``.<name>.spill`` beside ``path``, and ``write`` joins them back.
+    """
 
     def __init__(self, path: str | os.PathLike, rank: int = 0) -> None:
         self.path, self.rank = Path(path), int(rank)
@@ -53,6 +60,9 @@ class Tracer:
         main = threading.main_thread().name
         self._tids: dict[str, int] = {main: 0}  # by thread name: one row per named thread,
         self._thread_names = {0: "main"}  # however often a loader restarts its thread
+        self.spill = self.path.with_name(f".{self.path.name}.spill")
+        self.spilled = 0
+        self._lock = threading.Lock()
 
     def tid(self) -> int:
         """A small thread number (0 for the main thread), stable for this process."""
@@ -66,6 +76,18 @@ class Tracer:
     def add(self, name: str, t0: float, t1: float, args: dict[str, Any] | None) -> None:
         """One complete event from clock times ``t0`` to ``t1`` (seconds)."""
         self.events.append((name, t0, t1, self.tid(), args or None))
+        if len(self.events) >= SPILL_EVENTS:
+            self._spill()
+
+    def _spill(self) -> None:
+        with self._lock:
+            events, self.events = self.events, []
+            if not events:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.spill, "a" if self.spilled else "w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in self._convert(events))
+            self.spilled += len(events)
 
     def to_events(self) -> list[dict[str, Any]]:
         """The Chrome trace events (ph 'X', ts/dur in microseconds) plus row names."""
@@ -78,7 +100,14 @@ class Tracer:
             _meta("thread_name", pid, tid, name=name)
             for tid, name in sorted(self._thread_names.items())
         ]
-        for name, t0, t1, tid, args in list(self.events):
+        if self.spilled:
+            with open(self.spill) as f:
+                out += [json.loads(line) for line in f]
+        return out + self._convert(list(self.events))
+
+    def _convert(self, events: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        out, pid = [], self.rank
+        for name, t0, t1, tid, args in events:
             event = {
                 "ph": "X", "name": name, "cat": _category(name), "pid": pid, "tid": tid,
                 "ts": round(self._wall0 + t0 * 1e6, 3), "dur": round((t1 - t0) * 1e6, 3),
@@ -94,6 +123,9 @@ class Tracer:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps({"traceEvents": self.to_events(), "displayTimeUnit": "ms"}))
         os.replace(tmp, self.path)
+        if self.spilled:
+            self.spill.unlink(missing_ok=True)
+            self.spilled = 0
         return self.path
 
 
@@ -214,7 +246,7 @@ def start(directory: str | os.PathLike, rank: int = 0) -> Tracer:
     """Starts recording this process's events; ``stop()`` writes them to
     ``directory/trace-rank-<rank>.json`` (also done at exit)."""
     global _tracer
-    if _tracer is not None:
+    if _tracer is not None and (_tracer.events or _tracer.spilled):
         _tracer.write()
     _tracer = Tracer(rank_file(directory, rank), rank)
     return _tracer
@@ -269,7 +301,7 @@ def _start_from_env() -> None:
 def _write_at_exit() -> None:
     # only a process that recorded something: a launcher or a rank's wrapper process, which
     # imports distnet under the same DISTNET_TRACE and rank, must not overwrite the rank's file
-    if _tracer is not None and _tracer.events:
+    if _tracer is not None and (_tracer.events or _tracer.spilled):
         _tracer.write()
 
 

@@ -222,3 +222,17 @@ def test_overlapped_buckets_start_inside_backward_on_every_rank(tmp_path):
         assert len(backwards) == 4 and len({e["args"]["bucket"] for e in reduces}) > 1
         inside = [r for r in reduces for b in backwards if b["ts"] < r["ts"] < b["ts"] + b["dur"]]
         assert inside, f"rank {rank}: no bucket started during backward"
+
+
+def test_a_long_trace_spills_to_disk_and_comes_back_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(trace, "SPILL_EVENTS", 7)
+    tracer = trace.start(tmp_path, 3)
+    for i in range(30):
+        with trace.span("forward", i=i):
+            pass
+        if i == 10:
+            assert tracer.spilled == 7 and tracer.spill.is_file() and len(tracer.events) == 4
+    path = trace.stop()
+    spans = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert [e["args"]["i"] for e in spans] == list(range(30))
+    assert {e["pid"] for e in spans} == {3} and not tracer.spill.exists()
