@@ -174,9 +174,10 @@ def test_progress_on_a_terminal_is_a_bar(monkeypatch):
     assert lines == []  # nothing went to the log
 
 
-def test_a_job_that_fails_leaves_a_report_of_what_it_had(tmp_path, monkeypatch):
+def test_a_failed_job_leaves_a_report_and_its_resume_is_marked(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
     from distnet.data import convert_digits
+    from distnet.train import callbacks
     from distnet.train import job as job_module
     from distnet.train.report_html import gather
 
@@ -184,22 +185,37 @@ def test_a_job_that_fails_leaves_a_report_of_what_it_had(tmp_path, monkeypatch):
     spec = tmp_path / "job.toml"
     spec.write_text(
         f'[data]\ntrain = "{tmp_path / "data" / "train"}"\ntest = "{tmp_path / "data" / "test"}"\n'
-        "[model]\nhidden = [16, 9]\n[pretrain]\nepochs = 2\n[finetune]\nepochs = 2\n"
+        "[model]\nhidden = [16, 9]\n[pretrain]\nepochs = 2\n[finetune]\nepochs = 3\n"
         f'[run]\nout = "{tmp_path / "run"}"\n[dist]\nengine = "local"\n'
     )
+    plateau_end = callbacks.ReduceLROnPlateau.on_epoch_end
 
-    def broken(*args):
-        raise RuntimeError("the fine-tuning optimiser broke")
+    def broken(self, epoch, logs):
+        if epoch == 1:  # fine-tuning's second epoch: its first is checkpointed
+            raise RuntimeError("the node went away")
+        plateau_end(self, epoch, logs)
 
-    monkeypatch.setattr(job_module, "_make_optimizer", broken)
-    with pytest.raises(RuntimeError, match="optimiser broke"):
+    monkeypatch.setattr(callbacks.ReduceLROnPlateau, "on_epoch_end", broken)
+    with pytest.raises(RuntimeError, match="node went away"):
         job_module.run_job(job_module.load_job(spec), log=lambda line: None, trace=True)
     data, events = gather(tmp_path / "run")
-    assert (tmp_path / "run" / "report.html").is_file()
+    assert (tmp_path / "run" / "report.html").is_file()  # written by the failing run itself
     assert data["status"].startswith(("running", "unfinished"))
-    assert [c["stage"] for c in data["curves"]] == ["pretrain-0", "pretrain-1"]
-    assert all(len(c["loss"]) == 2 for c in data["curves"])
+    assert [c["stage"] for c in data["curves"]] == ["pretrain-0", "pretrain-1", "finetune"]
+    assert [len(c["loss"]) for c in data["curves"]] == [2, 2, 1]
     assert {e["name"] for e in events} >= {"forward", "backward", "checkpoint"}
+
+    monkeypatch.setattr(callbacks.ReduceLROnPlateau, "on_epoch_end", plateau_end)
+    job_module.run_job(job_module.load_job(spec), log=lambda line: None)
+    data, _ = gather(tmp_path / "run")
+    finetune = data["curves"][2]
+    assert data["status"] == "finished" and finetune["epoch"] == [1, 2, 3]
+    assert finetune["resumed_at"] == [1]  # marked on the curve
+    assert data["resumes"] == [{"stage": "finetune", "epoch": 1}]
+    assert (
+        "finetune resumed from its checkpoint after epoch 1"
+        in (tmp_path / "run" / "report.html").read_text()
+    )
 
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
