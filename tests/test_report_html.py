@@ -28,6 +28,7 @@ MPIEXEC = Path(sys.executable).parent / "mpiexec"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.mpi,
+    pytest.mark.slow,  # one 2-rank demo for the module (about 10 s on an idle 2-core machine)
     pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"),
 ]
 

@@ -174,6 +174,7 @@ def test_progress_on_a_terminal_is_a_bar(monkeypatch):
     assert lines == []  # nothing went to the log
 
 
+@pytest.mark.slow
 def test_a_failed_job_leaves_a_report_and_its_resume_is_marked(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
     from distnet.data import convert_digits
