@@ -253,3 +253,29 @@ def test_a_long_trace_spills_to_disk_and_comes_back_whole(tmp_path, monkeypatch)
     spans = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
     assert [e["args"]["i"] for e in spans] == list(range(30))
     assert {e["pid"] for e in spans} == {3} and not tracer.spill.exists()
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
+def test_node_local_run_dirs_still_give_rank_0_every_ranks_records(tmp_path):
+    pytest.importorskip("sklearn")
+    from distnet.data import convert_digits
+    from distnet.train.report_html import gather
+
+    convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=128)
+    (tmp_path / "job.toml").write_text(
+        "[data]\ntrain = 'data/train'\ntest = 'data/test'\n[model]\nhidden = [16]\n"
+        "[pretrain]\nepochs = 1\n[finetune]\nepochs = 1\n[dist]\nengine = 'mpi'\n"
+    )
+    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", "2", "--", sys.executable,
+           str(ROOT / "tests" / "mpi_scripts" / "node_local_run.py"), str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    node0, node1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
+    for rel in ("metrics/rank-1.jsonl", "trace/trace-rank-1.json"):
+        assert (node0 / rel).read_bytes() == (node1 / rel).read_bytes()
+    data, events = gather(node0)
+    assert [w["rank"] for w in data["workers"]] == [0, 1]
+    assert {e["pid"] for e in events if e["ph"] == "X"} == {0, 1}

@@ -86,7 +86,8 @@ class RunObserver:
         return confusion_matrix(y, scores.argmax(axis=1), int(n_classes)).tolist()
 
     def close(self) -> None:
-        """Ends the trace: each rank writes its file; after a clean run rank 0 merges them.
+        """Ends the run's records: each rank writes its trace file, rank 0 gets the files it
+        cannot see (node-local run directories) and merges the trace.
 
         On an exception (called from a ``finally``) no collective is entered (other ranks
         may be gone): rank 0 writes ``report.html`` of what the run had, merging the rank
@@ -98,11 +99,40 @@ class RunObserver:
             if self.rank == 0:
                 self.html()
             return
-        if not self.tracing:
-            return
-        self.comm.barrier()
-        if self.rank == 0:
+        if self.size > 1:
+            self._collect()
+        if self.tracing and self.rank == 0:
             trace.merge(self.out / "trace")
+
+    def _rank_files(self) -> list[Path]:
+        from distnet.train.metrics import metrics_file  # noqa: PLC0415
+
+        files = [metrics_file(self.out, self.rank)]
+        return files + [trace.rank_file(self.out / "trace", self.rank)] * self.tracing
+
+    def _collect(self) -> None:
+        """Collective: copies other ranks' metrics and trace files into rank 0's run directory
+        where rank 0 does not see them as they are (a run directory on each node's disk)."""
+
+        def size(path: Path) -> int:
+            return path.stat().st_size if path.is_file() else -1
+
+        offered = self.comm.allgather(
+            [(str(p.relative_to(self.out)), size(p)) for p in self._rank_files()]
+        )
+        wanted = None
+        if self.rank == 0:
+            wanted = [(r, rel) for r, files in enumerate(offered) if r
+                      for rel, n in files if n >= 0 and size(self.out / rel) != n]  # fmt: skip
+        wanted = self.comm.broadcast_object(wanted)
+        if not wanted:
+            return
+        mine = {rel: (self.out / rel).read_bytes() for r, rel in wanted if r == self.rank}
+        for files in self.comm.allgather(mine if self.rank else {}):
+            for rel, data in files.items():
+                if self.rank == 0:
+                    (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (self.out / rel).write_bytes(data)
 
     def html(self) -> str | None:
         """Writes ``report.html`` (rank 0); its path, or None when it could not be drawn."""
