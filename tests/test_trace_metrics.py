@@ -149,7 +149,8 @@ def test_progress_in_a_log_is_plain_lines(monkeypatch):
 def test_progress_on_a_terminal_is_a_bar(monkeypatch):
     monkeypatch.delenv("DISTNET_PROGRESS", raising=False)
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns
+    # 120 columns, rows unknown (0) as under `script` or some SLURM ptys: tqdm hid its bar there
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 120, 0, 0))
     stream = os.fdopen(slave, "w", buffering=1)
     try:
         assert progress_mode(stream) == "bar"

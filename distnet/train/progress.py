@@ -71,8 +71,9 @@ class StageProgress(Callback):
 
             per_epoch = self.loop.batches_per_epoch
             total = (self.loop.epochs - epoch) * per_epoch if per_epoch >= 0 else None
+            # nrows given: on a terminal of unknown height (stty rows 0) tqdm hides every bar
             self._bar = tqdm(total=total, desc=self.stage, file=self.stream, leave=True,
-                             dynamic_ncols=True, mininterval=0.5, unit="step")  # fmt: skip
+                             mininterval=0.5, unit="step", nrows=100)  # fmt: skip
 
     @staticmethod
     def _wait() -> float:
