@@ -243,7 +243,7 @@ def draw_layer_reconstructions(model: Any, k: int, x: np.ndarray, out: str | Pat
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("unit")
             ax.set_ylabel("sample")
-    fig.suptitle(f"layer {k}: inputs (top/left) and reconstructions", fontsize=9)
+    fig.suptitle(f"layer {k}: inputs (top/left) and reconstructions", fontsize=9, y=1.06)
     path = Path(out) / f"reconstructions-layer{k}.png"
     path.write_bytes(png_bytes(fig))
     return str(path)
