@@ -280,3 +280,13 @@ def test_node_local_run_dirs_still_give_rank_0_every_ranks_records(tmp_path):
     data, events = gather(node0)
     assert [w["rank"] for w in data["workers"]] == [0, 1]
     assert {e["pid"] for e in events if e["ph"] == "X"} == {0, 1}
+
+
+def test_metrics_never_import_torch_to_look_for_tensorboard(tmp_path):
+    # torch is installed here for benchmarks only; tensorboard is not: importing torch to
+    # find that out cost seconds at every stage's start
+    script = ("import sys\nfrom distnet.train.metrics import _tensorboard_writer\n"
+              f"_tensorboard_writer({str(tmp_path)!r})\n"
+              "assert 'torch' not in sys.modules\n")  # fmt: skip
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip

@@ -65,14 +65,17 @@ def read_metrics(run_dir: str | Path) -> dict[int, list[dict[str, Any]]]:
 
 
 def _tensorboard_writer(directory: Path) -> Any:
-    """A SummaryWriter from tensorboardX or torch.utils.tensorboard, or None."""
-    try:
+    """A SummaryWriter from tensorboardX, or torch.utils.tensorboard when both torch and
+    tensorboard are installed; None otherwise. Looked up first: importing torch only to find
+    tensorboard missing cost seconds at every stage's start."""
+    from importlib.util import find_spec  # noqa: PLC0415
+
+    if find_spec("tensorboardX") is not None:
         from tensorboardX import SummaryWriter  # noqa: PLC0415
-    except ImportError:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
-        except ImportError:
-            return None
+    elif find_spec("tensorboard") is not None and find_spec("torch") is not None:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+    else:
+        return None
     return SummaryWriter(str(directory))
 
 
