@@ -23,6 +23,15 @@ from distnet.core import (
 
 __version__ = "0.1.0"
 
+
+def _default_trainer():
+    """The training loop behind ``Module.fit`` (see distnet/nn/training.py): this package is
+    the composition root that wires the layers, so nn asks it instead of importing train."""
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module("distnet.train.fit")
+
+
 _SUBPACKAGES = ("backend", "bench", "core", "data", "nn", "optim", "parallel", "train", "viz")
 
 

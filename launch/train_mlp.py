@@ -41,7 +41,7 @@ def main() -> None:
         loader.set_epoch(epoch)
         for x, y in loader:
             opt.zero_grad()
-            opt.backward(F.cross_entropy(model(x), y))
+            opt.backward(F.cross_entropy(model(x), y), batch_share=loader.batch_share)
             opt.step()
     loader.close()
     x_test, y_test = read_store(f"{args.data}/test")

@@ -39,8 +39,29 @@ def test_any_hyperparameter_written_through_the_wrapper_reaches_the_optimiser():
     opt = dist.DistributedOptimizer(inner, dist.init("local"))
     opt.weight_decay, opt.momentum = 0.0, 0.0
     assert (inner.weight_decay, inner.momentum) == (0.0, 0.0)
-    opt.batch_share = 1.0  # the wrapper's own attributes stay its own
-    assert opt.batch_share == 1.0 and not hasattr(inner, "batch_share")
+    opt.batch_share = 1.0
+    assert opt.batch_share == 1.0
+
+
+def test_the_distributed_optimizer_is_an_optimizer_of_the_wrapped_class():
+    """Horovod's design: no attribute forwarding; schedules and checkpoints see an SGD."""
+    model, inner, opt = wrapped()
+    assert isinstance(opt, optim.SGD) and isinstance(opt, optim.Optimizer)
+    assert isinstance(opt, dist.DistributedOptimizer)
+    assert opt.optimizer is inner and opt.algorithm() == "SGD"
+    assert type(opt) is type(
+        dist.DistributedOptimizer(optim.SGD(model, lr=0.1), dist.init("local"))
+    )
+    # one state: a write on either face is seen by the other
+    inner.lr = 0.3
+    assert opt.lr == 0.3
+    assert opt.flat_params is inner.flat_params and opt.flat_params.base is None
+    import pytest
+
+    with pytest.raises(TypeError, match="already distributed"):
+        dist.DistributedOptimizer(inner, dist.init("local"))
+    with pytest.raises(TypeError, match="already distributed"):
+        dist.DistributedOptimizer(opt, dist.init("local"))
 
 
 def test_a_share_given_to_step_after_a_weighted_backward_is_refused():
@@ -54,3 +75,36 @@ def test_a_share_given_to_step_after_a_weighted_backward_is_refused():
     opt.backward(F.cross_entropy(model(x), np.array([0, 1, 0, 1])), batch_share=1.0)
     with pytest.raises(ValueError, match="pass the share to backward"):
         opt.step(batch_share=0.25)
+
+
+def test_backward_passes_per_step_averages_the_accumulated_passes():
+    from distnet import backend
+    from distnet import functional as F
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    y = rng.integers(0, 2, 16)
+    results = []
+    for passes in (1, 2):
+        backend.seed(0)
+        model = nn.Sequential(nn.Dense(3, 2))
+        opt = dist.DistributedOptimizer(
+            optim.SGD(model, lr=0.5), dist.init("local"), backward_passes_per_step=passes
+        )
+        opt.zero_grad()
+        for part in np.array_split(np.arange(16), passes):
+            F.cross_entropy(model(x[part]), y[part]).backward()
+        opt.step()
+        results.append(model.flat_params().copy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
+def test_fit_refuses_an_optimiser_that_accumulates_passes():
+    import pytest
+
+    model = nn.Sequential(nn.Dense(3, 2))
+    opt = dist.DistributedOptimizer(
+        optim.SGD(model, lr=0.1), dist.init("local"), backward_passes_per_step=2
+    )
+    with pytest.raises(ValueError, match="one backward pass per step"):
+        model.fit(np.ones((4, 3), np.float32), np.zeros(4, np.int64), optimizer=opt)

@@ -137,3 +137,46 @@ def test_pretrain_refuses_one_optimizer_for_all_layers():
     sae = StackedAutoEncoder([8, 4, 2], 3)
     with pytest.raises(TypeError, match="factory"):
         sae.pretrain(np.zeros((4, 8), np.float32), optimizer=Adam(sae.ae0))
+
+
+def test_one_layout_serves_pretraining_and_fine_tuning_with_zero_grad_calls():
+    """Issue 8: sae.zero_grad() during fine-tuning used to lay the whole model out again,
+    and the fine-tuning optimiser then raised."""
+    from distnet import functional as F
+    from distnet.train import Callback
+
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 12), dtype=np.float32)
+    y = rng.integers(0, 3, 64)
+    backend.seed(1)
+    sae = StackedAutoEncoder([12, 8, 6], 3)
+    whole = sae.flat_params()
+    pre_opts = [Adam(ae, lr=1e-2) for ae in sae.autoencoders]
+    for k, opt in enumerate(pre_opts):
+        assert np.shares_memory(opt.flat_params, whole), f"layer {k}'s optimiser has a copy"
+        sae.pretrain_layer(k, x, epochs=1, batch_size=16, optimizer=opt, seed=0)
+        sae.zero_grad()
+
+    class ZeroGradEverywhere(Callback):
+        def on_batch_end(self, batch, logs):
+            sae.zero_grad()
+            sae.autoencoders[0].zero_grad()
+
+    before = sae.classifier()[0].weight.data.copy()
+    made = []  # the optimiser finetune makes (over the model it trains)
+    factory = lambda m: made.append(Adam(m, lr=1e-2)) or made[-1]  # noqa: E731
+    sae.finetune(x, y, epochs=2, batch_size=16, optimizer=factory, callbacks=[ZeroGradEverywhere()])
+    ft = made[0]
+    for _ in range(2):  # a hand-written loop, zero_grad on the model, as PyTorch users write it
+        sae.zero_grad()
+        F.cross_entropy(sae(x), y).backward()
+        ft.step()
+    assert not np.allclose(sae.classifier()[0].weight.data, before), "fine-tuning moved nothing"
+    assert sae.flat_params() is whole and ft.flat_params is whole
+    for ae, opt in zip(sae.autoencoders, pre_opts, strict=True):
+        assert np.shares_memory(opt.flat_params, whole)
+        assert np.shares_memory(ae.encoder.weight.data, whole)
+        assert sae.classifier()[sae.autoencoders.index(ae)].weight is ae.encoder.weight
+    # pretraining again after fine-tuning still works on the same memory
+    sae.pretrain_layer(0, x, epochs=1, batch_size=16, optimizer=pre_opts[0], seed=0)
+    assert sae.flat_params() is whole

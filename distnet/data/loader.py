@@ -154,6 +154,13 @@ class StreamLoader:
                 f"{self.batch_sizes}; assign batch_sizes to change the split"
             )
 
+    @property
+    def batch_share(self) -> float:
+        """This rank's fraction of every global batch (from ``rank_weights``; the last batch
+        is padded to full size, so it holds for every step): what ``fit`` passes on to a
+        distributed optimiser as the weight of this rank's gradient."""
+        return self.local_batch_size / self.global_batch_size
+
     def __len__(self) -> int:
         """Batches this rank yields in a whole epoch (the same on every rank)."""
         return order.steps_per_epoch(len(self.dataset), self.global_batch, self.drop_last)

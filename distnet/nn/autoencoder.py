@@ -13,8 +13,9 @@ target stays the clean input.
 
 ``StackedAutoEncoder`` trains its autoencoders greedily, layer k on the codes of layers
 1..k-1, then stacks the encoders under a softmax layer and fine-tunes the whole net. The
-training loops live in ``distnet.train`` (imported lazily, so nn keeps its place in the
-layering); each layer's pretraining and the fine-tuning are separate, resumable units.
+training loop lives in ``distnet.train`` and is reached through ``Module.fit`` (see
+``distnet.nn.training``: nn never imports train); each layer's pretraining and the
+fine-tuning are separate, resumable units.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from distnet.core import ops
 from distnet.core.functional import binary_cross_entropy, linear, mse_loss
 from distnet.core.tensor import Tensor, make_result, no_grad
 from distnet.nn.layers import Dense, Sequential, as_input, get_activation
-from distnet.nn.module import Module, Parameter
+from distnet.nn.module import Module, Parameter, pin_layout
 
 _LOSSES = ("mse", "cross_entropy")
 
@@ -205,6 +206,11 @@ class EncodedLoader:
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
+    @property
+    def batch_share(self) -> float | None:
+        """The wrapped loader's share of the global batch (None when it has none)."""
+        return getattr(self.loader, "batch_share", None)
+
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(epoch)
@@ -266,6 +272,18 @@ class StackedAutoEncoder(Module):
         self.output = Dense(self.layer_sizes[-1], n_classes, None, dtype=dtype)
         # not registered as a child: it holds the same parameters, which must appear once
         object.__setattr__(self, "_classifier", None)
+        self._lay_out()
+
+    def _lay_out(self) -> None:
+        # One layout for every view: [ae0 | ae1 | ... | output], so each autoencoder
+        # (pretraining) is a slice and the whole stack (fine-tuning) is the whole buffer.
+        pin_layout(self.parameters(), f"StackedAutoEncoder{self.layer_sizes}")
+
+    def to(self, device: str) -> StackedAutoEncoder:
+        """Moves every parameter to ``device`` and lays the stack out there again."""
+        super().to(device)
+        self._lay_out()
+        return self
 
     @property
     def autoencoders(self) -> list[AutoEncoder]:
@@ -273,7 +291,11 @@ class StackedAutoEncoder(Module):
         return [getattr(self, f"ae{k}") for k in range(len(self.layer_sizes) - 1)]
 
     def classifier(self) -> Sequential:
-        """The encoders stacked under the softmax layer (shares their parameters)."""
+        """The encoders stacked under the softmax layer (shares their parameters), for
+        inference. To train it, train the stack itself (``finetune``, or an optimiser over
+        this model): its forward is the classifier's, and its parameters are one buffer;
+        an optimiser over the classifier's parameters alone is refused (they are not
+        consecutive in the stack's layout)."""
         if self._classifier is None:
             layers = [ae.encoder for ae in self.autoencoders] + [self.output]
             object.__setattr__(self, "_classifier", Sequential(*layers))
@@ -293,7 +315,7 @@ class StackedAutoEncoder(Module):
                 h = ae.encoder(h)
         return h.data if was_array else h
 
-    # -- training (loops in distnet.train, imported lazily) -----------------------------
+    # -- training (the loop is distnet.train's, reached through nn/training.py) ----------
     def layer_input(self, k: int, data: Any) -> Any:
         """What layer k is pretrained on: codes of layers 0..k-1 of ``data`` (array or loader)."""
         if k == 0:
@@ -312,13 +334,11 @@ class StackedAutoEncoder(Module):
         Returns:
             the ``History``; ``history["loss"]`` is the per-epoch mean objective.
         """
-        from distnet.train.fit import fit  # noqa: PLC0415  (nn must not import train eagerly)
-
         ae = self.autoencoders[k]
         data = self.layer_input(k, x)
         if not hasattr(data, "shape"):  # a loader: pretraining is unsupervised, drop labels
             data = EncodedLoader(data, lambda xb: xb, keep_labels=False)
-        return fit(ae, data, None, epochs=epochs, **fit_kwargs)
+        return ae.fit(data, None, epochs=epochs, **fit_kwargs)
 
     def pretrain(self, x: Any, epochs_per_layer: int = 10, **fit_kwargs: Any) -> list[Any]:
         """Greedy layer-wise pretraining of every layer in turn; returns their histories.
@@ -336,10 +356,12 @@ class StackedAutoEncoder(Module):
     def finetune(self, x: Any, y: Any = None, epochs: int = 10, **fit_kwargs: Any) -> Any:
         """Supervised training of the whole stack (encoders + softmax) with cross-entropy.
 
+        The optimiser runs over the stack's one flat buffer (the decoders' parameters get
+        zero gradients and stay put, unless weight decay is on), so the pretraining views
+        and this one share memory and ``zero_grad`` on any of them moves nothing.
+
         Args:
             x, y: inputs (N, n_in) and int labels (N,), or a loader of (x, y) batches.
         """
-        from distnet.train.fit import fit  # noqa: PLC0415
-
         fit_kwargs.setdefault("loss", "cross_entropy")
-        return fit(self.classifier(), x, y, epochs=epochs, **fit_kwargs)
+        return self.fit(x, y, epochs=epochs, **fit_kwargs)

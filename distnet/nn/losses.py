@@ -118,6 +118,7 @@ LOSSES: dict[str, type[Loss]] = {
     "mse": MSELoss,
     "mean_squared_error": MSELoss,
     "binary_crossentropy": BCELoss,
+    "binary_cross_entropy": BCELoss,
     "bce": BCELoss,
     "binary_crossentropy_logits": BCEWithLogitsLoss,
     "bce_with_logits": BCEWithLogitsLoss,
@@ -131,12 +132,16 @@ LOSSES: dict[str, type[Loss]] = {
 def get_loss(name: str | Loss | Callable[[Tensor, Any], Tensor]) -> Callable[[Tensor, Any], Tensor]:
     """A loss by name, or the loss module / callable itself.
 
-    Names: "mse", "binary_crossentropy" (probabilities), "binary_crossentropy_logits",
-    "categorical_crossentropy" / "cross_entropy" (logits; labels or one-hot), "nll".
+    Names (Keras's and PyTorch's): "mse" / "mean_squared_error", "binary_crossentropy"
+    (probabilities), "binary_crossentropy_logits" / "bce_with_logits", "categorical_crossentropy"
+    / "sparse_categorical_crossentropy" / "cross_entropy" (logits; labels or one-hot), "nll".
+    ``fit`` and job files use this one registry.
     """
     if callable(name):
         return name
     key = str(name).lower()
     if key not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
+        raise ValueError(
+            f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))} (or pass a callable)"
+        )
     return LOSSES[key]()

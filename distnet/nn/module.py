@@ -16,19 +16,87 @@ import numpy as np
 
 from distnet import backend
 from distnet.core.tensor import Tensor
+from distnet.nn import training
+
+_DATA = Tensor.data  # the slot behind Tensor.data, for the re-binding below
+_GRAD = Tensor.grad  # Tensor's grad property (deferred zeroing)
 
 
 class Parameter(Tensor):
-    """A leaf tensor that a ``Module`` owns and an optimiser updates (requires_grad=True)."""
+    """A leaf tensor that a ``Module`` owns and an optimiser updates (requires_grad=True).
 
-    __slots__ = ("_flat",)
+    Once laid into a model's flat buffers, ``.data`` and ``.grad`` stay views into them, so
+    the PyTorch idioms keep the link instead of silently breaking it:
+
+    - ``p.data = array`` copies ``array`` into the view (same shape; dtype cast within its
+      kind, e.g. float64 -> float32); a shape change or another device is refused.
+    - ``p.grad = None`` means zero (deferred, as ``zero_grad``): the next backward writes the
+      gradient into the flat buffer, and a reader before that sees zeros, not None.
+    - ``p.grad = array`` copies into the gradient view (same shape).
+    """
+
+    __slots__ = ("_flat", "_layout_owner")
 
     def __init__(self, data: Any, *, name: str | None = None):
-        super().__init__(data, requires_grad=True, name=name)
         self._flat: tuple[Any, Any, int] | None = None  # (data buffer, grad buffer, offset)
+        self._layout_owner: str | None = None  # set by pin_layout: no re-layout allowed
+        super().__init__(data, requires_grad=True, name=name)
+
+    def _set_data(self, value: Any) -> None:
+        if self._flat is None:
+            _DATA.__set__(self, value)
+            return
+        _copy_into(self, "data", _DATA.__get__(self), value)
+
+    def _set_grad(self, value: Any) -> None:
+        if self._flat is None:
+            _GRAD.fset(self, value)
+        elif value is None:
+            self.zero_grad_()  # the flat gradient view stays; it reads as zeros
+        else:
+            _copy_into(self, "grad", self._grad, value)
+            self._grad_zeroed = False
+
+    # Reads are on every op's path: the getters are Tensor's own (the slot's C-level __get__
+    # and Tensor.grad's getter), so a Parameter reads as fast as a Tensor; only writes check.
+    data = property(_DATA.__get__, _set_data)
+    grad = property(_GRAD.fget, _set_grad)
+
+    def bind_flat(self, data_view: Any, grad_view: Any, flat: tuple[Any, Any, int] | None) -> None:
+        """Points ``.data`` / ``.grad`` at views of flat buffers (``flat``: data buffer, grad
+        buffer, offset), or detaches the parameter from them (``flat=None``)."""
+        _DATA.__set__(self, data_view)
+        _GRAD.fset(self, grad_view)
+        self._flat = flat
+        if flat is None:
+            self._layout_owner = None
 
     def __repr__(self) -> str:
         return f"Parameter(name={self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _copy_into(p: Parameter, what: str, view: Any, value: Any) -> None:
+    """``view[...] = value`` after checking that it keeps the parameter what it is."""
+    if value is view:
+        return
+    value = value.data if isinstance(value, Tensor) else value
+    where = f"Parameter {p.name or '?'}: .{what} is a view into the model's flat buffer"
+    if backend.is_gpu_array(value) != backend.is_gpu_array(view):
+        raise ValueError(
+            f"{where} on {backend.device_of(view)}; the new value is on another device "
+            "(move the model with model.to(device) instead)"
+        )
+    xp = backend.array_module(view)
+    array = xp.asarray(value)
+    if tuple(array.shape) != tuple(view.shape):
+        raise ValueError(
+            f"{where} of shape {tuple(view.shape)}; cannot assign shape {tuple(array.shape)} "
+            "(the optimiser and the allreduce work on that buffer: build a new model to "
+            "change shapes)"
+        )
+    if not np.can_cast(array.dtype, view.dtype, "same_kind"):
+        raise TypeError(f"{where} of dtype {view.dtype}; cannot assign {array.dtype}")
+    view[...] = array
 
 
 def _is_flat_view(p: Parameter, data_buf: Any, grad_buf: Any, offset: int) -> bool:
@@ -82,6 +150,14 @@ def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
     views = consecutive_views(params)
     if views is not None:
         return views
+    pinned = [p for p in params if p._layout_owner is not None]
+    if pinned:
+        raise RuntimeError(
+            f"flat_buffers: {pinned[0].name or 'a parameter'} belongs to the flat buffers of "
+            f"{pinned[0]._layout_owner}, and these parameters do not lie consecutively in "
+            f"them; laying them out again would detach every optimiser over that model. "
+            f"Train the {pinned[0]._layout_owner} itself, or a part of it that is consecutive"
+        )
     first = params[0]
     dtypes = {p.dtype for p in params}
     devices = {p.device for p in params}
@@ -98,9 +174,12 @@ def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
         data_buf[offset : offset + n] = p.data.reshape(-1)
         if p.grad is not None:
             grad_buf[offset : offset + n] = p.grad.reshape(-1)
-        p.data = data_buf[offset : offset + n].reshape(p.shape)
-        p.grad = grad_buf[offset : offset + n].reshape(p.shape)
-        p._flat = (data_buf, grad_buf, offset)
+        shape = p.shape
+        p.bind_flat(
+            data_buf[offset : offset + n].reshape(shape),
+            grad_buf[offset : offset + n].reshape(shape),
+            (data_buf, grad_buf, offset),
+        )
         offset += n
     return data_buf, grad_buf
 
@@ -120,6 +199,20 @@ def on_device_of(module: Module, x: Any) -> Any:
     if device == "cpu" or backend.device_of(x) == device:
         return x
     return backend.to_device(x, device)
+
+
+def pin_layout(params: list[Parameter], owner: str) -> tuple[Any, Any]:
+    """Lays ``params`` out (if not yet) and pins the layout: a later ``flat_buffers`` over a
+    subset that does not lie consecutively in it raises instead of moving the parameters.
+
+    A model with several views of one set of parameters (a stacked autoencoder: each layer's
+    autoencoder for pretraining, the whole stack for fine-tuning) pins its one layout so that
+    every view's optimiser works on slices of the same buffers. Returns (data, grad).
+    """
+    buffers = flat_buffers(params)
+    for p in params:
+        p._layout_owner = owner
+    return buffers
 
 
 class Module:
@@ -210,9 +303,7 @@ class Module:
         The flat buffers are rebuilt there on next use, so create optimisers after moving.
         """
         for p in self.parameters():
-            p.data = backend.to_device(p.data, device)
-            p.grad = None
-            p._flat = None
+            p.bind_flat(backend.to_device(p.data, device), None, None)
         return self
 
     # -- modes ------------------------------------------------------------------------
@@ -298,21 +389,15 @@ class Module:
     def extra_repr(self) -> str:
         return ""
 
-    # -- Keras-style training API (the loop lives in distnet.train) ---------------------
+    # -- Keras-style training API (the loop lives in distnet.train; see nn/training.py) ----
     def fit(self, x: Any, y: Any = None, **kwargs: Any) -> Any:
         """Trains this model; see ``distnet.train.fit`` (returns a ``History``)."""
-        from distnet.train.fit import fit  # noqa: PLC0415  (lazy: nn must not import train)
-
-        return fit(self, x, y, **kwargs)
+        return training.trainer().fit(self, x, y, **kwargs)
 
     def evaluate(self, x: Any, y: Any = None, **kwargs: Any) -> dict[str, float]:
         """Mean loss and metrics on (x, y); see ``distnet.train.evaluate``."""
-        from distnet.train.fit import evaluate  # noqa: PLC0415
-
-        return evaluate(self, x, y, **kwargs)
+        return training.trainer().evaluate(self, x, y, **kwargs)
 
     def predict(self, x: Any, batch_size: int = 256) -> Any:
         """Outputs (N, ...) for x (N, ...) as a numpy array; see ``distnet.train.predict``."""
-        from distnet.train.fit import predict  # noqa: PLC0415
-
-        return predict(self, x, batch_size)
+        return training.trainer().predict(self, x, batch_size)

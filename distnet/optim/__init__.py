@@ -1,6 +1,7 @@
 """Optimisers over flat buffers, and learning-rate schedules."""
 
 from distnet.optim.adaptive import AdaGrad, Adam, RMSProp
+from distnet.optim.factory import OPTIMIZERS, make_optimizer, optimizer_class
 from distnet.optim.optimizer import SGD, Optimizer
 from distnet.optim.schedules import (
     CosineAnnealingLR,
@@ -21,4 +22,7 @@ __all__ = [
     "ExponentialLR",
     "CosineAnnealingLR",
     "ReduceLROnPlateau",
+    "OPTIMIZERS",
+    "make_optimizer",
+    "optimizer_class",
 ]

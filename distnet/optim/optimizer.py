@@ -51,6 +51,10 @@ class Optimizer:
         backend.tune_malloc()  # a training run starts here: keep step memory mapped
         self._penalty_mask = self._make_penalty_mask() if (weight_decay or l1) else None
 
+    def algorithm(self) -> str:
+        """The update rule's name (the class name; a distributed wrapper gives its base's)."""
+        return type(self).__name__
+
     def _make_penalty_mask(self) -> Any:
         xp = backend.array_module(self.flat_params)
         mask = xp.zeros_like(self.flat_params)

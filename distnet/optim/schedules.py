@@ -14,6 +14,15 @@ from typing import Any
 from distnet.optim.optimizer import Optimizer
 
 
+def _check_optimizer(schedule: Any, optimizer: Any) -> None:
+    # A DistributedOptimizer is an Optimizer of the wrapped class, so no duck typing is needed.
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"{type(schedule).__name__}: expected a distnet.optim.Optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
+
+
 class LRSchedule:
     """Base class: remembers the optimiser's initial lr and counts ``step()`` calls.
 
@@ -21,11 +30,7 @@ class LRSchedule:
     """
 
     def __init__(self, optimizer: Optimizer):
-        # duck-typed: a wrapper such as DistributedOptimizer forwards lr to its optimiser
-        if not hasattr(optimizer, "lr"):
-            raise TypeError(
-                f"{type(self).__name__}: expected an optimiser with an lr, got {type(optimizer)}"
-            )
+        _check_optimizer(self, optimizer)
         self.optimizer = optimizer
         self.base_lr = float(optimizer.lr)
         self.last_epoch = 0
@@ -126,6 +131,7 @@ class ReduceLROnPlateau:
             raise ValueError(f"ReduceLROnPlateau: factor must be in (0, 1), got {factor}")
         if patience < 0 or cooldown < 0 or min_delta < 0 or min_lr < 0:
             raise ValueError("ReduceLROnPlateau: patience, cooldown, min_delta, min_lr >= 0")
+        _check_optimizer(self, optimizer)
         self.optimizer = optimizer
         self.mode, self.factor = mode, float(factor)
         self.patience, self.cooldown = int(patience), int(cooldown)

@@ -6,6 +6,10 @@
 - ``MPICommunicator``: processes started by ``distnet launch`` / mpiexec / srun. CPU buffers go
   through mpi4py's buffer interface (no pickling, no copies); GPU (cupy) buffers go through
   NCCL once ``use_nccl()`` has been called on every rank (see ``distnet.parallel.nccl``).
+  On several nodes with several ranks each, CPU allreduces are hierarchical (reduce inside
+  each node, allreduce among node leaders, broadcast inside the node; see
+  ``distnet.parallel.hierarchical``), switchable with ``set_hierarchical`` /
+  ``DISTNET_HIERARCHICAL``.
 
 Every collective works in place on a contiguous 1-D (or any contiguous) array, because the
 gradient buffers it reduces are slices of one flat buffer owned by the model.
@@ -19,6 +23,10 @@ import traceback
 from typing import Any
 
 from distnet.backend import array_module, is_gpu_array
+from distnet.parallel.hierarchical import HierarchicalGroups
+from distnet.parallel.hierarchical import mode_from_env as hierarchical_mode_from_env
+from distnet.parallel.hierarchical import parse_mode as parse_hierarchical_mode
+from distnet.parallel.hierarchical import wanted as hierarchical_wanted
 
 OPS = ("sum", "mean", "max", "min")
 
@@ -74,6 +82,14 @@ class Communicator:
     local_rank: int = 0
     local_size: int = 1
     engine: str = "local"
+    num_nodes: int = 1
+    hierarchical: bool = False  # allreduce inside nodes, then across node leaders
+
+    def set_hierarchical(self, mode: bool | str = "auto") -> bool:
+        """Chooses the hierarchical allreduce (True/False, or "auto": on when there are several
+        nodes with several ranks); the same on every rank. Returns whether it is now on."""
+        parse_hierarchical_mode(mode)  # a bad value is refused on one node as on many
+        return self.hierarchical
 
     # --- collectives (overridden) -------------------------------------------------------
     def allreduce(self, buf: Any, op: str = "sum") -> Any:
@@ -162,22 +178,37 @@ class MPICommunicator(Communicator):
         self.comm = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = node.Get_rank()
-        self.local_size = node.Get_size()
-        node.Free()
+        self._groups = HierarchicalGroups(self.comm, MPI)
+        self.local_rank = self._groups.local_rank
+        self.local_size = self._groups.local_size
+        self.num_nodes = self._groups.num_nodes
+        self.set_hierarchical(hierarchical_mode_from_env())
         self._nccl: Any = None
+        self._nccl_hierarchical: Any = None
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         if abort_on_error and self.size > 1:
             install_abort_excepthook(self)
 
+    def set_hierarchical(self, mode: bool | str = "auto") -> bool:
+        mode = parse_hierarchical_mode(mode)
+        self.hierarchical = hierarchical_wanted(
+            mode, self._groups.num_nodes, self._groups.max_local_size
+        )
+        return self.hierarchical
+
     # --- GPU ------------------------------------------------------------------------------
     def use_nccl(self) -> None:
-        """Collective: creates the NCCL communicator (one GPU per rank, by local_rank)."""
+        """Collective: creates the NCCL communicator (one GPU per rank, by local_rank), and on
+        several nodes with the same number of ranks each, the hierarchical one too."""
         if self._nccl is None:
             from distnet.parallel.nccl import NcclCommunicator  # noqa: PLC0415
 
             self._nccl = NcclCommunicator(self)
+            uniform = self._groups.min_local_size == self._groups.max_local_size
+            if self.num_nodes > 1 and self.local_size > 1 and uniform:
+                from distnet.parallel.nccl_hierarchical import NcclHierarchical  # noqa: PLC0415
+
+                self._nccl_hierarchical = NcclHierarchical(self)
 
     def _gpu(self, buf: Any) -> Any:
         """The NCCL communicator for a cupy buffer, or None to stage it through host memory."""
@@ -191,7 +222,10 @@ class MPICommunicator(Communicator):
             return buf
         if is_gpu_array(buf):
             return self._allreduce_gpu(buf, op)
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
+        if self.hierarchical:
+            self._groups.allreduce(buf, self._ops[op])
+        else:
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
         if op == "mean":
             buf /= self.size
         return buf
@@ -202,10 +236,14 @@ class MPICommunicator(Communicator):
         if self.size == 1 or is_gpu_array(buf):
             # NCCL calls are already asynchronous on their stream; the host path is blocking.
             return PendingAllreduce(None, self.allreduce(buf, op))
+        if self.hierarchical:
+            return self._groups.iallreduce(buf, self._ops[op], self.size if op == "mean" else 1)
         req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
         return PendingAllreduce(req, buf, self.size if op == "mean" else 1)
 
     def _allreduce_gpu(self, buf: Any, op: str) -> Any:
+        if self.hierarchical and self._nccl_hierarchical is not None:
+            return self._nccl_hierarchical.allreduce(buf, op)
         nccl = self._gpu(buf)
         if nccl is not None:
             return nccl.allreduce(buf, op)
@@ -292,20 +330,12 @@ def record_failure(rank: int, what: str, status: int = 1) -> None:
     The launcher names the rank whose cause came first: once one rank aborts, mpiexec stops
     the others, and their exits must not be mistaken for the cause.
     """
-    status_dir = os.environ.get("DISTNET_LAUNCH_STATUS_DIR")
-    if not status_dir:
-        return
-    import json  # noqa: PLC0415
     import time  # noqa: PLC0415
 
+    from distnet.parallel.rankstatus import report  # noqa: PLC0415
+
     record = {"rank": rank, "status": status, "what": what, "time": time.time(), "cause": True}
-    path = os.path.join(status_dir, f"cause-rank{rank}.json")
-    try:
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f)
-        os.replace(path + ".tmp", path)
-    except OSError:
-        pass  # a report that cannot be written must not hide the failure itself
+    report(record, f"cause-rank{rank}")
 
 
 def launched_by_mpi() -> bool:

@@ -21,10 +21,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from distnet.parallel.rankstatus import parse_line as parse_status_line
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -149,6 +152,8 @@ def build_command(
     env: dict[str, str],
     command: list[str],
     tag_output: bool = True,
+    launcher: str | None = None,
+    launcher_exec: str | None = None,
 ) -> list[str]:
     # tag_output: rankexec (not mpiexec) prefixes lines, see distnet.parallel.rankexec._relay
     """The mpiexec command line that starts ``np_`` ranks of ``command`` under rankexec."""
@@ -162,6 +167,10 @@ def build_command(
     else:
         if host_list:
             cmd += ["-hosts", host_list]
+        if launcher:  # hydra's process starter: ssh (default), rsh, slurm, ..., fork (tests)
+            cmd += ["-launcher", launcher]
+        if launcher_exec:
+            cmd += ["-launcher-exec", launcher_exec]
         for key, value in env.items():
             cmd += ["-genv", key, value]
     return cmd + [sys.executable, "-m", "distnet.parallel.rankexec", "--", *command]
@@ -177,6 +186,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--env", action="append", default=[], metavar="K=V", help="set in every rank"
     )
     parser.add_argument("--mpiexec", help="mpiexec to use (default: the mpich wheel's)")
+    parser.add_argument(
+        "--launcher",
+        help="hydra's launcher: ssh (default), slurm, ...; 'fork' starts every host's ranks "
+        "here, as separate nodes (tests of multi-node code on one machine)",
+    )
+    parser.add_argument("--launcher-exec", help="hydra's -launcher-exec (e.g. a site's ssh)")
     parser.add_argument(
         "--no-tag-output", action="store_true", help="do not prefix output lines with the rank"
     )
@@ -214,9 +229,15 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if not args.no_tag_output:
         env["DISTNET_TAGGED_OUTPUT"] = "1"  # rankexec prefixes every line with "[r] "
     flavor = mpiexec_flavor(mpiexec)
-    if hosts is None and not args.mpiexec and flavor == "hydra":
+    launcher, launcher_exec = getattr(args, "launcher", None), getattr(args, "launcher_exec", None)
+    if (launcher or launcher_exec) and flavor != "hydra":
+        raise LaunchError("--launcher/--launcher-exec are options of MPICH's mpiexec (hydra)")
+    if hosts is None and not args.mpiexec and flavor == "hydra" and not launcher:
         mpiexec, env = loopback_only(mpiexec, env)
-    cmd = build_command(mpiexec, flavor, args.np, hosts, env, command, not args.no_tag_output)
+    cmd = build_command(
+        mpiexec, flavor, args.np, hosts, env, command, not args.no_tag_output,
+        launcher, launcher_exec,
+    )  # fmt: skip
     return cmd, env
 
 
@@ -235,8 +256,8 @@ def loopback_only(mpiexec: str, env: dict[str, str]) -> tuple[str, dict[str, str
     return mpiexec, env
 
 
-def _first_failure(status_dir: str) -> dict | None:
-    records = []
+def _first_failure(status_dir: str, records: list[dict] | None = None) -> dict | None:
+    records = list(records or [])
     for path in Path(status_dir).glob("*rank*.json"):
         try:
             records.append(json.loads(path.read_text()))
@@ -246,6 +267,18 @@ def _first_failure(status_dir: str) -> dict | None:
     causes = [r for r in records if r.get("cause")]
     pool = causes or records
     return min(pool, key=lambda r: r["time"]) if pool else None
+
+
+def _relay_stderr(src: Any, records: list[dict]) -> None:
+    """Copies mpiexec's stderr to ours, keeping back (into ``records``) the status lines."""
+    out = sys.stderr.buffer
+    for raw in iter(src.readline, b""):
+        record = parse_status_line(raw.decode("utf-8", "replace"))
+        if record is not None:
+            records.append(record)
+            continue
+        out.write(raw)
+        out.flush()
 
 
 def failure_grace_s() -> float:
@@ -295,19 +328,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="distnet-launch-") as status_dir:
         child_env = {**os.environ, **env, "DISTNET_LAUNCH_STATUS_DIR": status_dir}
-        # its own process group, so that the watchdog can end every process it started
-        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True)
+        # its own process group, so that the watchdog can end every process it started;
+        # ranks on other hosts cannot reach status_dir: they report on stderr (rankstatus)
+        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True, stderr=subprocess.PIPE)
+        remote_records: list[dict] = []
+        relay = threading.Thread(
+            target=_relay_stderr, args=(proc.stderr, remote_records), daemon=True
+        )
+        relay.start()
 
         def forward(signum: int, _frame: object) -> None:
             proc.send_signal(signum)
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            rc = wait_or_end_after_failure(proc, lambda: _first_failure(status_dir))
+            rc = wait_or_end_after_failure(proc, lambda: _first_failure(status_dir, remote_records))
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        failure = _first_failure(status_dir)
+        relay.join(timeout=10)
+        failure = _first_failure(status_dir, remote_records)
     if failure is not None:
         print(
             f"distnet launch: rank {failure['rank']} failed first: {failure['what']}; "

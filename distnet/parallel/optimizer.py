@@ -18,7 +18,17 @@ What it adds:
   wrapped optimiser's ``step()``. The update equals one taken on the whole global batch.
 - ``overlap=True``: buckets are started (non-blocking ``Iallreduce``) from the parameters'
   grad-ready hooks while backward goes on, in a fixed bucket order on every rank.
+- ``backward_passes_per_step=k`` (Horovod's name): gradients of k backward passes are
+  accumulated locally and reduced once, on the last one; the update is the one of a single
+  pass over the k micro-batches together.
 - A stall check names ranks that have not reached a step the others are waiting in.
+
+What it is: like Horovod's ``DistributedOptimizer``, the object returned is an instance of a
+subclass of the wrapped optimiser's class (``DistributedOptimizer(SGD(...), comm)`` is an
+``SGD`` and an ``optim.Optimizer``), so schedules, callbacks and checkpoints treat it as the
+optimiser it is. It shares the wrapped optimiser's state (the same attribute dictionary:
+lr, step count, state arrays), so writing ``lr`` on either is seen by both; the wrapped
+object's own ``step()`` stays the local update without communication (``opt.optimizer``).
 """
 
 from __future__ import annotations
@@ -39,22 +49,53 @@ def _overlap_default() -> bool:
     return os.environ.get("DISTNET_OVERLAP", "0") == "1"
 
 
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _distributed_class(cls: type, base: type) -> type:
+    """The class ``cls`` + ``base`` (e.g. DistributedOptimizer over SGD), made once per pair."""
+    made = _CLASSES.get((cls, base))
+    if made is None:
+        made = type(f"{cls.__name__}[{base.__name__}]", (cls, base), {"__module__": __name__})
+        _CLASSES[(cls, base)] = made
+    return made
+
+
 class DistributedOptimizer:
-    """Data-parallel wrapper around an optimiser with ``flat_params`` / ``flat_grads``.
+    """Data-parallel optimiser: the wrapped optimiser's class plus gradient averaging.
+
+    ``DistributedOptimizer(opt, comm, ...)`` returns an instance of a class derived from both
+    this class and ``type(opt)`` (Horovod's design), sharing ``opt``'s state.
 
     Args:
         optimizer: has ``params``, ``flat_params`` and ``flat_grads`` (1-D, shape ``(n,)``),
             ``step()``, ``zero_grad()``, ``state_dict()``, ``load_state_dict()`` and
-            ``state_buffers()``.
+            ``state_buffers()`` (every ``distnet.optim`` optimiser does).
         comm: from ``distnet.parallel.init()``.
         bucket_mb: bucket size in MiB (0: one bucket per parameter).
         compression: None, or ``"fp16"`` to send gradients as float16.
         batch_share: this rank's fraction of every global batch (all ranks' shares sum to 1);
-            None means ``1/size``. ``step(batch_share=...)`` overrides it for one step.
+            None means ``1/size``. ``backward(loss, batch_share=...)`` or
+            ``step(batch_share=...)`` overrides it for one step.
         overlap: start buckets from grad-ready hooks during backward (None: ``DISTNET_OVERLAP``).
+        backward_passes_per_step: backward passes accumulated before each ``step()``; the
+            gradients are averaged over them and reduced once, on the last pass.
         stall_check_s: report ranks missing from a step after this long (None: off; default
             60 s or ``DISTNET_STALL_CHECK_S``); ``stall_abort_s`` also ends the job.
+        hierarchical: True/False/"auto" sets the communicator's hierarchical allreduce (inside
+            nodes, then across node leaders); None keeps its choice.
     """
+
+    def __new__(cls, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(optimizer, DistributedOptimizer) or "_wrapped" in getattr(
+            optimizer, "__dict__", {}
+        ):
+            raise TypeError(
+                f"{type(optimizer).__name__} is already distributed: wrap a new optimiser"
+            )
+        if issubclass(cls, type(optimizer)):  # cls is already the combined class
+            return object.__new__(cls)
+        return object.__new__(_distributed_class(cls, type(optimizer)))
 
     def __init__(
         self,
@@ -65,15 +106,25 @@ class DistributedOptimizer:
         batch_share: float | None = None,
         *,
         overlap: bool | None = None,
+        backward_passes_per_step: int = 1,
         stall_check_s: float | None = -1.0,
         stall_abort_s: float | None = None,
+        hierarchical: bool | str | None = None,
     ) -> None:
-        self.optimizer = optimizer
+        # One state, two faces: lr, steps and state arrays written through either are seen by
+        # both (a schedule made over the wrapped optimiser keeps working).
+        self.__dict__ = optimizer.__dict__
+        self._wrapped = optimizer
         self.comm = comm
+        if hierarchical is not None:  # None: the communicator's choice (auto / env)
+            comm.set_hierarchical(hierarchical)
         self.params: Sequence[Any] = list(optimizer.params)
-        self.flat_params = optimizer.flat_params
-        self.flat_grads = optimizer.flat_grads
         self.batch_share = self._check_share(batch_share)
+        if int(backward_passes_per_step) < 1:
+            raise ValueError(
+                f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}"
+            )
+        self.backward_passes_per_step = int(backward_passes_per_step)
         self.bucket_bytes = int(bucket_mb * 2**20)
         sizes = [int(p.data.size) for p in self.params]
         if sum(sizes) != self.flat_grads.size:
@@ -95,10 +146,20 @@ class DistributedOptimizer:
         self.overlap = _overlap_default() if overlap is None else overlap
         self._hooked = False
         self._prescaled = False  # set by backward(), cleared by step()
+        self._backward_share: float | None = None
+        self._synchronized = False  # set by synchronize(), cleared by backward/zero_grad/step
         if self.overlap and comm.size > 1:
             self._hooked = self._register_hooks()
         self.broadcast_state()
-        self._constructed = True  # from here on, see __setattr__
+
+    @property
+    def optimizer(self) -> Any:
+        """The wrapped optimiser (same state; its ``step()`` updates without communication)."""
+        return self._wrapped
+
+    def algorithm(self) -> str:
+        """The update rule's class name (``SGD``, ``Adam``): what checkpoints record."""
+        return type(self._wrapped).__name__
 
     # --- setup ----------------------------------------------------------------------------
     @staticmethod
@@ -129,10 +190,14 @@ class DistributedOptimizer:
         for b, bucket in enumerate(self.buckets):
             for i in bucket.params:
                 self._buckets_of[i].append(b)
-        self._missing = [len(b.params) for b in self.buckets]
-        self._next = 0  # buckets start strictly in order, so every rank issues the same sequence
+        self._reset_overlap()
         self._unhook = [p.register_grad_ready_hook(self._grad_ready) for p in self.params]
         return True
+
+    def _reset_overlap(self) -> None:
+        self._missing = [len(b.params) for b in self.buckets]
+        self._passes = [0] * len(self.params)  # backward passes seen per parameter this step
+        self._next = 0  # buckets start strictly in order, so every rank issues the same sequence
 
     def broadcast_state(self, root: int = 0) -> None:
         """Collective: copies root's parameters and optimiser state buffers to every rank."""
@@ -140,38 +205,46 @@ class DistributedOptimizer:
             return
         # scalars too: Adam's bias correction depends on the step count, and a replica with
         # another lr or step count would drift from the others without any error
-        scalars = self.comm.allgather((getattr(self.optimizer, "lr", None),
-                                       getattr(self.optimizer, "steps", None)))[root]  # fmt: skip
+        scalars = self.comm.allgather((getattr(self, "lr", None),
+                                       getattr(self, "steps", None)))[root]  # fmt: skip
         for name, value in zip(("lr", "steps"), scalars, strict=True):
             if value is not None:
-                setattr(self.optimizer, name, value)
+                setattr(self, name, value)
         self.comm.broadcast(self.flat_params, root)
-        buffers = (
-            list(self.optimizer.state_buffers()) if hasattr(self.optimizer, "state_buffers") else []
-        )
+        buffers = list(self.state_buffers()) if hasattr(self, "state_buffers") else []
         counts = self.comm.allgather(len(buffers))
         if len(set(counts)) != 1:
             raise RuntimeError(f"ranks hold different numbers of optimiser state buffers: {counts}")
         for buf in buffers:
             self.comm.broadcast(buf, root)
 
-    # --- overlap --------------------------------------------------------------------------
+    # --- weighting and overlap ------------------------------------------------------------
     def _weight(self, share: float | None) -> float:
+        """What this rank's gradient buffer is multiplied by before the sum over ranks."""
         if self._prescaled:
             return 1.0  # backward() already weighted the gradients
         share = self.batch_share if share is None else share
-        return 1.0 / self.comm.size if share is None else share
+        share = 1.0 / self.comm.size if share is None else share
+        return share / self.backward_passes_per_step
 
     def backward(self, loss: Any, batch_share: float | None = None) -> None:
-        """``loss.backward()`` with this rank's weight (its batch share, or ``1/size``) as the
-        seed gradient, so the gradients come out weighted and ``step()`` skips its pass
-        over the gradient buffer (measured: that pass is ~25% of a 2-rank allreduce here).
+        """``loss.backward()`` with this rank's weight (its batch share, or ``1/size``, over
+        ``backward_passes_per_step``) as the seed gradient, so the gradients come out
+        weighted and ``step()`` skips its pass over the gradient buffer (measured: that pass
+        is ~25% of a 2-rank allreduce here).
 
         ``loss``: a scalar Tensor, the mean loss over this rank's samples.
         """
+        self._check_share(batch_share)
+        if self._prescaled and batch_share != self._backward_share:
+            raise ValueError(
+                f"backward passes of one step were given different shares "
+                f"({self._backward_share} and {batch_share})"
+            )
         self._prescaled = False
-        weight = self._weight(self._check_share(batch_share))
-        self._backward_weight = weight
+        weight = self._weight(batch_share)
+        self._backward_share = batch_share
+        self._synchronized = False
         xp = array_module(loss.data)
         self._prescaled = True  # before backward: overlap hooks start buckets inside it
         try:
@@ -183,7 +256,19 @@ class DistributedOptimizer:
     def _grad_ready(self, param: Any) -> None:
         if not self._hooked:  # overlap switched off after the hooks were registered
             return
-        for b in self._buckets_of[self._index[id(param)]]:
+        i = self._index[id(param)]
+        self._passes[i] += 1
+        self._synchronized = False
+        if self._passes[i] > self.backward_passes_per_step:
+            raise RuntimeError(
+                f"parameter {param.name!r} got {self._passes[i]} backward passes before "
+                f"step(), but with overlap=True its bucket is reduced during pass "
+                f"{self.backward_passes_per_step}: to accumulate gradients pass "
+                f"backward_passes_per_step={self._passes[i]} (or more) to DistributedOptimizer"
+            )
+        if self._passes[i] < self.backward_passes_per_step:
+            return  # still accumulating: the buffer must not be on the wire yet
+        for b in self._buckets_of[i]:
             self._missing[b] -= 1
         while self._next < len(self.buckets) and self._missing[self._next] == 0:
             if self._next == 0 and self.stall is not None:
@@ -194,66 +279,79 @@ class DistributedOptimizer:
 
     # --- the optimiser interface ----------------------------------------------------------
     def synchronize(self, batch_share: float | None = None) -> Any:
-        """Sums the weighted gradients over ranks into ``flat_grads``; returns it."""
+        """Sums the weighted gradients over ranks into ``flat_grads`` and waits for every
+        reduction; returns it. ``step()`` then does not reduce again (Horovod's
+        ``synchronize()`` before ``step()``, e.g. to read or clip the averaged gradients)."""
         self._check_share(batch_share)
-        if self._prescaled and batch_share is not None and batch_share != self._backward_weight:
+        if self._synchronized:
+            return self.flat_grads
+        if self._prescaled and batch_share is not None and batch_share != self._backward_share:
             raise ValueError(
-                f"backward(loss) weighted the gradients by {self._backward_weight}, step() was "
-                f"given batch_share={batch_share}: pass the share to backward()"
+                f"backward(loss) weighted the gradients by share {self._backward_share}, "
+                f"step() was given batch_share={batch_share}: pass the share to backward()"
             )
         weight = self._weight(batch_share)
-        self._follow_layout()
-        if hasattr(self.optimizer, "settle_grads"):
-            # zero_grad() defers its memset to the next backward: a rank with no samples this
-            # step (or a parameter backward did not reach) would otherwise send stale gradients.
-            self.optimizer.settle_grads()
+        # zero_grad() defers its memset to the next backward: a rank with no samples this
+        # step (or a parameter backward did not reach) would otherwise send stale gradients.
+        self.settle_grads()  # also follows a re-layout of the parameters (follow_layout)
         if self._hooked:
-            if batch_share is not None and batch_share != self.batch_share and not self._prescaled:
+            started = self._next > 0  # with the default weight, by the hooks
+            if (
+                started
+                and batch_share is not None
+                and batch_share != self.batch_share
+                and not self._prescaled
+            ):
                 raise ValueError(
                     "with overlap, buckets start during backward: set opt.batch_share before "
-                    "backward instead of passing step(batch_share=...)"
+                    "backward (or pass it to opt.backward) instead of step(batch_share=...)"
+                )
+            short = max(self._passes)
+            if 0 < short < self.backward_passes_per_step:
+                self._reset_overlap()  # the next step starts counting afresh
+                raise RuntimeError(
+                    f"step() after {short} backward pass(es), but backward_passes_per_step="
+                    f"{self.backward_passes_per_step}: the accumulated gradient would be "
+                    f"{short}/{self.backward_passes_per_step} of the average"
                 )
             # Buckets the hooks did not start (parameters without gradients) start now.
             if self._next == 0 and self.stall is not None:
                 self.stall.enter(f"the allreduce of step {self.steps + 1}")
             for bucket in self.buckets[self._next :]:
                 self.reducer.start(bucket, weight)
-            self._missing = [len(b.params) for b in self.buckets]
-            self._next = 0
-            return self.reducer.finish()
-        if self.stall is not None:
-            self.stall.enter(f"the allreduce of step {self.steps + 1}")
-        return self.reducer.reduce(self.buckets, weight)
+            self._reset_overlap()
+            reduced = self.reducer.finish()
+        else:
+            if self.stall is not None:
+                self.stall.enter(f"the allreduce of step {self.steps + 1}")
+            reduced = self.reducer.reduce(self.buckets, weight)
+        self._synchronized = True
+        return reduced
 
     def step(self, batch_share: float | None = None) -> None:
-        """Averages gradients over ranks (weighted by batch share), then one optimiser step."""
+        """Averages gradients over ranks (weighted by batch share), then one optimiser step
+        (the wrapped class's ``step``)."""
         try:
             self.synchronize(batch_share)
         finally:
             self._prescaled = False
-        self.optimizer.step()  # its step count is this wrapper's `steps` (via __getattr__)
+            self._backward_share = None
+        self._synchronized = False
+        super().step()  # type: ignore[misc]
 
     def zero_grad(self) -> None:
-        """Zeroes the gradients (the wrapped optimiser's ``zero_grad``)."""
-        self._follow_layout()  # before backward: overlap hooks reduce during it
-        self.optimizer.zero_grad()
+        """Zeroes the gradients (the wrapped class's ``zero_grad``)."""
+        self.follow_layout()  # before backward: overlap hooks reduce during it
+        self._synchronized = False
+        super().zero_grad()  # type: ignore[misc]
 
-    def _follow_layout(self) -> None:
-        """Reduces the buffer the wrapped optimiser now updates, if a re-layout moved it."""
-        follow = getattr(self.optimizer, "follow_layout", None)
-        if follow is not None and follow():
-            self.flat_params = self.optimizer.flat_params
-            self.flat_grads = self.optimizer.flat_grads
-            self.reducer = BucketReducer(self.flat_grads, self.comm, self.compression)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimiser's state (identical on every rank)."""
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Loads state into the wrapped optimiser (call on every rank, or load on rank 0 and
-        then ``broadcast_state()``)."""
-        self.optimizer.load_state_dict(state)
+    def follow_layout(self) -> bool:
+        """The wrapped class's ``follow_layout``; a moved gradient buffer gets a new reducer."""
+        follow = getattr(super(), "follow_layout", None)
+        if follow is None or not follow():
+            return False
+        self.reducer = BucketReducer(self.flat_grads, self.comm, self.compression)
+        return True
 
     def close(self) -> None:
         """Removes the grad-ready hooks and stops the stall check thread (also done at exit).
@@ -267,19 +365,3 @@ class DistributedOptimizer:
         self._hooked = False
         if self.stall is not None:
             self.stall.close()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # After construction, writes to the wrapped optimiser's attributes (lr from schedules
-        # and ReduceLROnPlateau, weight_decay, momentum, ...) go to it, as reads do: set on
-        # the wrapper they would be silently ignored by the update.
-        own = name in self.__dict__ or not self.__dict__.get("_constructed", False)
-        if not own and hasattr(self.optimizer, name):
-            setattr(self.optimizer, name, value)
-        else:
-            object.__setattr__(self, name, value)
-
-    def __getattr__(self, name: str) -> Any:
-        # lr, schedules, etc. of the wrapped optimiser stay reachable, as in Horovod.
-        if name == "optimizer":
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)

@@ -13,7 +13,6 @@ Usage (by the launcher): ``python -m distnet.parallel.rankexec -- COMMAND...``
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import threading
 import time
 from typing import Any
+
+from distnet.parallel.rankstatus import report
 
 RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 
@@ -115,13 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if returncode != 0:
         what = describe(returncode)
         _say(rank, what)
-        status_dir = os.environ.get("DISTNET_LAUNCH_STATUS_DIR")
-        if status_dir:
-            record = {"rank": rank, "status": status, "what": what, "time": time.time()}
-            path = os.path.join(status_dir, f"rank{rank}.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(record, f)
-            os.replace(path + ".tmp", path)
+        # A file in the launcher's status dir, or a marked stderr line on another host.
+        record = {"rank": rank, "status": status, "what": what, "time": time.time()}
+        report(record, f"rank{rank}")
     return status
 
 

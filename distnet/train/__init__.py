@@ -1,5 +1,6 @@
 """Training: the ``fit`` loop, callbacks, checkpoints, stage pipelines, demo and reports."""
 
+from distnet.optim.factory import make_optimizer
 from distnet.train.callbacks import (
     Callback,
     CSVLogger,
@@ -18,7 +19,7 @@ from distnet.train.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
-from distnet.train.fit import NonFiniteError, evaluate, fit, make_optimizer, predict
+from distnet.train.fit import NonFiniteError, evaluate, fit, predict
 from distnet.train.metrics import MetricsLogger
 from distnet.train.pipeline import Pipeline, Stage, StageContext
 from distnet.train.progress import StageProgress

@@ -70,10 +70,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _optimizer_class(optimizer: Any) -> str:
-    """The class of the optimiser doing the updates, seen through wrappers such as
-    DistributedOptimizer: a run saved on N ranks resumes on M, or in one process."""
-    inner = optimizer.__dict__.get("optimizer") if hasattr(optimizer, "__dict__") else None
-    return _optimizer_class(inner) if inner is not None else type(optimizer).__name__
+    """The update rule doing the updates (``Optimizer.algorithm()``: a DistributedOptimizer
+    over SGD says SGD), so that a run saved on N ranks resumes on M, or in one process."""
+    from distnet.optim import Optimizer  # noqa: PLC0415  (optim is light, but train imports lazily)
+
+    return optimizer.algorithm() if isinstance(optimizer, Optimizer) else type(optimizer).__name__
 
 
 def _split_extras(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -79,10 +79,12 @@ def run(args: argparse.Namespace) -> int:
     job_path.write_text(to_toml(job))
     train = [sys.executable, "-m", "distnet.cli", "train", str(job_path), "--out", str(out)]
     train += ["--quiet"] * args.quiet + ["--trace"] * args.trace
-    if args.workers == 1:
-        from distnet.cli import main  # noqa: PLC0415
+    if args.workers == 1:  # `distnet train` in this process (train must not import the CLI)
+        from distnet.train import job as train_command  # noqa: PLC0415
 
-        code = main(train[3:])
+        parser = argparse.ArgumentParser(prog="distnet train")
+        train_command.add_arguments(parser)
+        code = train_command.run(parser.parse_args(train[4:]))
     else:
         from distnet.parallel.launcher import main as launch  # noqa: PLC0415
 

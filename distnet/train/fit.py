@@ -15,25 +15,20 @@ each epoch when the loader has it). With ``y=None`` the objective is ``model.los
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from distnet import backend, trace
-from distnet.core import functional as F
 from distnet.core.tensor import Tensor, no_grad
+from distnet.nn import losses
 from distnet.nn.module import on_device_of
+from distnet.optim.factory import make_optimizer
+from distnet.train.batches import epoch_batches
 from distnet.train.callbacks import Callback, CallbackList, History, Loop
 
-LOSSES: dict[str, Callable[[Tensor, Any], Tensor]] = {
-    "cross_entropy": F.cross_entropy,
-    "sparse_categorical_crossentropy": F.cross_entropy,
-    "nll": F.nll_loss,
-    "mse": F.mse_loss,
-    "binary_cross_entropy": F.binary_cross_entropy,
-    "bce_with_logits": lambda z, t: F.binary_cross_entropy(z, t, from_logits=True),
-}
+LOSSES = losses.LOSSES  # the one registry (distnet.nn.losses), Keras names included
 
 
 class NonFiniteError(FloatingPointError):
@@ -49,36 +44,6 @@ METRICS: dict[str, Callable[[Tensor, Any], float]] = {"accuracy": _accuracy, "ac
 
 
 # -- setup helpers -------------------------------------------------------------------------
-def make_optimizer(spec: Any, model: Any, lr: float | None = None) -> Any:
-    """An optimiser for ``model`` from an instance (returned as is), a name, a class or a
-    factory.
-
-    Names: 'adam' (lr 1e-3), 'sgd' (lr 0.01), 'rmsprop' (lr 1e-3), 'adagrad' (lr 1e-2). A
-    class (``optim.Adam``) is called as ``cls(model)`` (with ``lr`` when given), a factory as
-    ``factory(model)``.
-    """
-    from distnet import optim  # noqa: PLC0415  (train sits above optim; lazy keeps imports light)
-
-    if spec is None:
-        spec = "adam"
-    if isinstance(spec, type):  # a class has step() too, but is no optimiser yet
-        return spec(model) if lr is None else spec(model, lr=lr)
-    if hasattr(spec, "step") and hasattr(spec, "zero_grad"):
-        return spec
-    if callable(spec):
-        return spec(model)
-    defaults = {"adam": (optim.Adam, 1e-3), "sgd": (optim.SGD, 1e-2),
-                "rmsprop": (optim.RMSProp, 1e-3), "adagrad": (optim.AdaGrad, 1e-2)}  # fmt: skip
-    name = str(spec).lower()
-    if name not in defaults:
-        raise ValueError(
-            f"unknown optimizer {spec!r}: pass an optimiser, a class, a factory or one of "
-            f"{sorted(defaults)}"
-        )
-    cls, default_lr = defaults[name]
-    return cls(model, lr=lr or default_lr)
-
-
 class Objective:
     """(model, x, y) -> (loss Tensor, output or None), resolved on the first batch.
 
@@ -86,8 +51,8 @@ class Objective:
     """
 
     def __init__(self, loss: Any, metrics: Sequence[str] | None):
-        if isinstance(loss, str) and loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose from {sorted(LOSSES)} or a callable")
+        if isinstance(loss, str):
+            losses.get_loss(loss)  # an unknown name fails now, listing the known ones
         unknown = [m for m in (metrics or []) if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; choose from {sorted(METRICS)}")
@@ -103,9 +68,9 @@ class Objective:
             self.unsupervised = True
         else:
             name = self.loss if self.loss is not None else ("cross_entropy" if is_labels else "mse")
-            self.fn = LOSSES[name] if isinstance(name, str) else name
+            self.fn = losses.get_loss(name)
         if self.metrics is None:
-            classify = self.loss in (None, "cross_entropy", "sparse_categorical_crossentropy")
+            classify = self.loss is None or isinstance(self.fn, losses.CrossEntropyLoss)
             self.metrics = ["accuracy"] if is_labels and classify else []
 
     def __call__(self, model: Any, xb: Any, yb: Any) -> tuple[Tensor, Tensor | None]:
@@ -127,37 +92,6 @@ def _like_model(batch: Any, model: Any) -> Any:
     if not hasattr(model, "device"):  # a bare callable with parameters(): no device known
         return batch
     return on_device_of(model, batch)
-
-
-def _batches(
-    x: Any, y: Any, batch_size: int, shuffle: bool, seed: int, epoch: int
-) -> tuple[Iterator[tuple[Any, Any]], int]:
-    """(x, y) batches of one epoch and how many there are; the order depends on (seed, epoch)
-    only, so a run resumed at an epoch boundary sees the same batches."""
-    if not hasattr(x, "shape"):  # a loader
-        if y is not None:
-            raise TypeError("fit: with a loader for x, y must be None (the loader yields it)")
-        if hasattr(x, "set_epoch"):
-            x.set_epoch(epoch)
-        n_batches = len(x) if hasattr(x, "__len__") else -1
-        return iter(x), n_batches
-    n = len(x)
-    if y is not None and len(y) != n:
-        raise ValueError(f"fit: x has {n} samples but y has {len(y)}")
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-    else:
-        order = np.arange(n)
-    starts = range(0, n, batch_size)
-
-    def gen() -> Iterator[tuple[Any, Any]]:
-        for s in starts:
-            idx = order[s : s + batch_size]
-            if backend.is_gpu_array(x):
-                idx = backend.to_device(idx, backend.device_of(x))
-            yield x[idx], (None if y is None else y[idx])
-
-    return gen(), len(starts)
 
 
 def _check_finite(loss_value: float, model: Any, grads: Any, step: int, epoch: int, batch: int):
@@ -205,13 +139,18 @@ def fit(
     Args:
         x: inputs (N, ...) or a loader of (x, y) batches. y: targets (N,) int labels or
             (N, ...) floats, or None (see the module docstring).
+        batch_size: samples per step for arrays, over all ranks: under a distributed
+            optimiser each rank takes its own part of every global batch
+            (``distnet.train.batches``); a loader brings its own batches and shares.
         validation_data: (x_val, y_val), x_val alone, or a loader; evaluated after every
             epoch into ``val_loss`` and ``val_<metric>``.
         callbacks: ``Callback`` objects (EarlyStopping, ModelCheckpoint, ...).
         optimizer: an optimiser (or wrapper with zero_grad/step), a factory
-            ``module -> optimiser``, or a name; default 'adam' with ``lr``.
-        loss: a name in ``LOSSES``, a callable (output, target) -> Tensor, or None (cross
-            entropy for int labels, MSE for float targets, ``model.loss(x)`` when y is None).
+            ``module -> optimiser``, or a name (``distnet.optim.make_optimizer``); default
+            'adam' with ``lr``.
+        loss: a name in ``distnet.nn.losses.LOSSES`` (Keras names too), a callable
+            (output, target) -> Tensor, or None (cross entropy for int labels, MSE for float
+            targets, ``model.loss(x)`` when y is None).
         metrics: names in ``METRICS``; default ['accuracy'] for int labels.
         initial_epoch: epoch to start at (resuming); ``seed`` fixes the shuffling order,
             a function of (seed, epoch); by default drawn from ``distnet.backend``'s generator.
@@ -227,8 +166,18 @@ def fit(
     optimizer = make_optimizer(optimizer, model, lr)
     grads = getattr(optimizer, "flat_grads", None)
     grads = grads if hasattr(grads, "shape") else model.flat_grads()
+    comm = getattr(optimizer, "comm", None)
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    if getattr(optimizer, "backward_passes_per_step", 1) != 1:
+        raise ValueError(
+            "fit takes one backward pass per step; the optimiser expects "
+            f"backward_passes_per_step={optimizer.backward_passes_per_step} (for a larger "
+            "batch pass a larger batch_size, or write the loop with several backward passes)"
+        )
     if seed is None:
         seed = int(backend.default_rng().integers(2**31))
+    if size > 1:  # one shuffling order for all ranks, so that their shards are disjoint
+        seed = int(comm.allgather(seed)[0])
 
     history = History()
     cbs = list(callbacks or [])
@@ -241,44 +190,68 @@ def fit(
 
     model.train()
     backward = getattr(optimizer, "backward", None) or Tensor.backward
+    # A distributed optimiser reduces (and, with overlap, is still reducing) the gradients:
+    # the finite check reads them once synchronize() has waited for every reduction, so all
+    # ranks check the same averaged numbers and stop together.
+    synchronize = getattr(optimizer, "synchronize", None)
     callback_list.on_train_begin({})
     for epoch in range(initial_epoch, epochs):
         if loop.stop_training:
             break
         loop.epoch = epoch
-        batches, loop.batches_per_epoch = _batches(x, y, batch_size, shuffle, seed, epoch)
+        batches, loop.batches_per_epoch = epoch_batches(
+            x, y, batch_size, shuffle, seed, epoch, rank, size
+        )
         callback_list.on_epoch_begin(epoch, {})
         model.train()
-        sums: dict[str, float] = {"loss": 0.0}
+        sums = _zero_sums(objective)
         seen = 0
-        for b, (xb, yb) in enumerate(trace.timed(batches, "input_wait")):
+        for b, (xb, yb, share) in enumerate(trace.timed(batches, "input_wait")):
             xb, yb = _like_model(xb, model), _like_model(yb, model)
+            n = len(xb)
             optimizer.zero_grad()
+            if n == 0:  # no samples here in a short last global batch: reduce zeros, share 0
+                optimizer.step(batch_share=0.0)
+                loop.step += 1
+                continue
             with trace.span("forward"):
                 loss_t, out = objective(model, xb, yb)
             with trace.span("backward"):
-                backward(loss_t)
+                if share is None:
+                    backward(loss_t)
+                else:
+                    backward(loss_t, batch_share=share)
             loss_value = float(loss_t.data)
             if check_finite:
+                if synchronize is not None:
+                    synchronize()
                 _check_finite(loss_value, model, grads, loop.step, epoch, b)
             with trace.span("optimizer_step"):  # holds the allreduce of a distributed step
                 optimizer.step()
             loop.step += 1
-            n = len(xb)
             seen += n
             batch_logs = {"loss": loss_value, **objective.metric_values(out, yb)}
             for k, v in batch_logs.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             callback_list.on_batch_end(b, {**batch_logs, "size": n, "step": loop.step})
-        logs = _epoch_means(sums, seen, getattr(optimizer, "comm", None))
+        logs = _epoch_means(sums, seen, comm)
         if validation_data is not None:
             xv, yv = _split_validation(validation_data)
-            val = _evaluate(model, xv, yv, max(batch_size, 256), objective)
+            val_sums, val_seen = _evaluate_sums(model, xv, yv, max(batch_size, 256), objective)
+            # each rank may hold its own validation shard: average over all of them, so that
+            # EarlyStopping / ReduceLROnPlateau on val_* decide the same on every rank
+            val = _epoch_means(val_sums, val_seen, comm)
             logs.update({f"val_{k}": v for k, v in val.items()})
         logs["lr"] = float(getattr(optimizer, "lr", float("nan")))
         callback_list.on_epoch_end(epoch, logs)
     callback_list.on_train_end({})
     return history
+
+
+def _zero_sums(objective: Objective) -> dict[str, float]:
+    """Per-key sums, every key present from the start: a rank without samples must send the
+    same keys as the others to the allreduce of the means."""
+    return {"loss": 0.0, **{m: 0.0 for m in objective.metrics or []}}
 
 
 def _epoch_means(sums: dict[str, float], seen: int, comm: Any) -> dict[str, float]:
@@ -327,7 +300,15 @@ def evaluate(
 
 
 def _evaluate(model: Any, x: Any, y: Any, batch_size: int, objective: Objective) -> dict:
-    sums: dict[str, float] = {"loss": 0.0}
+    sums, seen = _evaluate_sums(model, x, y, batch_size, objective)
+    return {k: v / max(seen, 1) for k, v in sums.items()}
+
+
+def _evaluate_sums(
+    model: Any, x: Any, y: Any, batch_size: int, objective: Objective
+) -> tuple[dict[str, float], int]:
+    """Sample-weighted sums of loss and metrics over (x, y), and the number of samples."""
+    sums = _zero_sums(objective)
     seen = 0
     with model.evaluating():
         with no_grad():
@@ -341,7 +322,7 @@ def _evaluate(model: Any, x: Any, y: Any, batch_size: int, objective: Objective)
                 }.items():
                     sums[k] = sums.get(k, 0.0) + v * n
                 seen += n
-    return {k: v / max(seen, 1) for k, v in sums.items()}
+    return sums, seen
 
 
 def predict(model: Any, x: Any, batch_size: int = 256) -> np.ndarray:

@@ -164,18 +164,18 @@ def draw_pictures(
 
 
 def _make_optimizer(spec: dict[str, Any], params: Any) -> Any:
-    from distnet.optim import SGD, AdaGrad, Adam, RMSProp  # noqa: PLC0415
+    """The [finetune] optimiser, through the one factory (``distnet.optim.make_optimizer``)."""
+    from distnet.optim import SGD, make_optimizer, optimizer_class  # noqa: PLC0415
 
-    name, lr, wd = spec["optimizer"], spec["lr"], spec["weight_decay"]
-    if name == "adam":
-        return Adam(params, lr=lr, weight_decay=wd)
-    if name == "sgd":
-        return SGD(params, lr=lr, momentum=spec["momentum"], weight_decay=wd)
-    if name == "rmsprop":
-        return RMSProp(params, lr=lr, weight_decay=wd)
-    if name == "adagrad":
-        return AdaGrad(params, lr=lr, weight_decay=wd)
-    raise JobError(f"[finetune] optimizer must be 'adam', 'sgd' or 'rmsprop', got {name!r}")
+    name = spec["optimizer"]
+    try:
+        cls = optimizer_class(name)
+    except ValueError as e:
+        raise JobError(f"[finetune] optimizer: {e}") from None
+    options = {"weight_decay": spec["weight_decay"]}
+    if issubclass(cls, SGD):  # momentum is SGD's alone
+        options["momentum"] = spec["momentum"]
+    return make_optimizer(name, params, lr=spec["lr"], **options)
 
 
 def build_model(job: dict, n_in: int, n_classes: int) -> Any:
@@ -239,7 +239,7 @@ def build_stages(
         return fn
 
     def supervised(ctx: Any) -> dict[str, Any]:
-        net = model.classifier() if hasattr(model, "classifier") else model
+        net = model  # a stacked autoencoder's forward is its classifier, over its one layout
         opt = wrap(_make_optimizer(ft, net))
         start = ctx.restore(opt)
         saver = ctx.epoch_checkpoint(opt)
@@ -286,6 +286,8 @@ def run_job(
 
     started = time.perf_counter()
     comm = distributed.init(job["dist"]["engine"])
+    if job["dist"]["hierarchical"] != "auto":  # "auto" keeps init's (or DISTNET_HIERARCHICAL's)
+        comm.set_hierarchical(job["dist"]["hierarchical"])
     rank, size = comm.rank, comm.size
     out = Path(job["run"]["out"])
     say = log if rank == 0 else (lambda line: None)
@@ -351,7 +353,7 @@ def run_job(
         "input_wait_fraction": loader.stats().get("wait_fraction"),
     }  # fmt: skip
     if x_test is not None:
-        net = model.classifier() if hasattr(model, "classifier") else model
+        net = model
         report.update({f"test_{k}": v for k, v in net.evaluate(x_test, y_test).items()})
         report["confusion_matrix"] = observe.confusion(net, x_test, y_test, train.num_classes)
         if rank == 0 and job["run"]["pictures"]:

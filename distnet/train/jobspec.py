@@ -84,6 +84,9 @@ class DistSpec(Section):
     engine: Literal["auto", "local", "mpi"] = _field("auto", "one of 'auto', 'local', 'mpi'")
     bucket_mb: float = _field(25.0, "a positive number of megabytes", gt=0.0)
     compression: Literal["none", "fp16"] = _field("none", "'none' or 'fp16'")
+    # allreduce inside each node, then among node leaders (distnet.parallel.hierarchical);
+    # "auto": on with several nodes of several ranks, or as DISTNET_HIERARCHICAL says
+    hierarchical: Literal["auto", True, False] = _field("auto", "'auto', true or false")
 
 
 class RunSpec(Section):

@@ -1,0 +1,358 @@
+"""``ParameterServer``: the picklable handle to S ``ParameterServerShard`` actors.
+
+    ps = ParameterServer.create(model_flat_params, shards=2, mode="sync", num_workers=4,
+                                optimizer={"name": "adam", "lr": 1e-3}, snapshot_every=50)
+    # pass `ps` to worker actors; in each: ParameterServerOptimizer(opt, ps, worker_index)
+    ps.stats(); ps.state_dict(); ps.pull(); ps.shutdown()
+
+The flat buffer of n floats is split into S contiguous ranges whose sizes differ by at most one.
+Every call to a shard goes through ``call_with_retry``: a bounded number of retries with a
+timeout each, on a dead, restarting or silent actor; a refused push is never retried.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distnet.parallel.ps.shard import MODES, ParameterServerShard
+
+OPTIMIZER_ON = ("server", "worker")
+# Measured with `distnet bench ps --compare-optimizer` (README): Adam on the shards beat
+# summing shards with Adam on every worker at 4 workers on 2 cores.
+DEFAULT_OPTIMIZER_ON = "server"
+
+
+def shard_ranges(size: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous ``[lo, hi)`` ranges covering ``range(size)``, sizes within one."""
+    if not 1 <= shards <= size:
+        raise ValueError(f"parameter server: shards must be in [1, {size}], got {shards}")
+    base, extra = divmod(size, shards)
+    bounds = [0]
+    for i in range(shards):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def penalty_mask_of(param_shapes: Sequence[Sequence[int]], decay_biases: bool) -> np.ndarray:
+    """The optimiser's weight-decay mask for parameters of these shapes (flat order)."""
+    parts = [
+        np.full(int(np.prod(s)), 1.0 if (len(s) > 1 or decay_biases) else 0.0, np.float32)
+        for s in param_shapes
+    ]
+    return np.concatenate(parts)
+
+
+def _ray() -> Any:
+    import ray
+
+    return ray
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import (
+        ActorUnavailableError,
+        GetTimeoutError,
+        ObjectLostError,
+        RayActorError,
+    )
+
+    # ObjectLostError (OwnerDiedError among them): a reply put by a shard that died since
+    return (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
+
+
+class ParameterServer:
+    """Handle to the shards (picklable: actor handles, ranges, settings, the job's token)."""
+
+    def __init__(
+        self,
+        shards: list[Any],
+        ranges: list[tuple[int, int]],
+        *,
+        size: int,
+        mode: str,
+        staleness: int,
+        num_workers: int,
+        optimizer_on: str,
+        token: str,
+        snapshot_every: int,
+        snapshot_dir: str | None,
+        timeout_s: float,
+        retries: int,
+        owns_snapshot_dir: bool = False,
+    ) -> None:
+        self.shards, self.ranges, self.size = shards, ranges, size
+        self.mode, self.staleness, self.num_workers = mode, staleness, num_workers
+        self.optimizer_on, self.token = optimizer_on, token
+        self.snapshot_every, self.snapshot_dir = snapshot_every, snapshot_dir
+        self.timeout_s, self.retries = timeout_s, retries
+        self._owns_snapshot_dir = owns_snapshot_dir
+
+    @classmethod
+    def create(
+        cls,
+        flat_params: np.ndarray,
+        *,
+        shards: int = 2,
+        mode: str = "sync",
+        staleness: int = 0,
+        num_workers: int,
+        optimizer: dict[str, Any] | None = None,
+        snapshot_every: int = 0,
+        snapshot_dir: str | Path | None = None,
+        placement: Any = None,
+        optimizer_on: str = DEFAULT_OPTIMIZER_ON,
+        param_shapes: Sequence[Sequence[int]] | None = None,
+        num_cpus: float = 0,
+        max_restarts: int = 3,
+        timeout_s: float = 120.0,
+        retries: int = 5,
+    ) -> ParameterServer:
+        """Starts ``shards`` shard actors over ``flat_params`` (1-D float32, shape ``(n,)``).
+
+        Args:
+            mode: ``sync``, ``async`` (Downpour) or ``ssp``; ``staleness``: the ssp bound s.
+            num_workers: how many workers push (indices ``0..num_workers-1``).
+            optimizer: ``{"name": "sgd"|"adam"|"rmsprop"|"adagrad", "lr": ..., ...}`` (the
+                keyword arguments of ``distnet.optim``'s class); used on the shards when
+                ``optimizer_on="server"``; with ``"worker"`` (sync only) the shards only sum and
+                each worker steps its own optimiser (BytePS).
+            snapshot_every: updates between shard snapshots (0: none; a killed shard then
+                restarts from the initial parameters). ``snapshot_dir``: where (default: a
+                temporary directory removed by ``shutdown``; pass the run directory).
+            placement: None, a placement group (shard i in bundle ``i % bundles``), or a list
+                of per-shard ``.options()`` dicts.
+            param_shapes: the model's parameter shapes, needed when the optimiser has
+                ``weight_decay`` or ``l1`` (they apply to weights, not biases).
+            num_cpus: CPUs each shard reserves (0: shards mostly wait, workers compute).
+            max_restarts: Ray restarts of a killed shard; ``timeout_s``/``retries``: per call.
+        """
+        ray = _ray()
+        from distnet import backend
+
+        # a GPU model's buffer is copied to host memory: shards keep numpy arrays
+        flat = np.ascontiguousarray(backend.to_device(flat_params, "cpu"), dtype=np.float32)
+        flat = flat.reshape(-1)
+        if mode not in MODES:
+            raise ValueError(f"parameter server: mode must be one of {MODES}, got {mode!r}")
+        if optimizer_on not in OPTIMIZER_ON:
+            raise ValueError(
+                f"parameter server: optimizer_on must be one of {OPTIMIZER_ON}, "
+                f"got {optimizer_on!r}"
+            )
+        if optimizer_on == "worker" and mode != "sync":
+            raise ValueError(
+                f"parameter server: optimizer_on='worker' (summing shards) needs mode='sync'; "
+                f"in {mode!r} mode every worker would step its own replica apart"
+            )
+        if num_workers < 1 or staleness < 0:
+            raise ValueError(f"parameter server: num_workers={num_workers}, staleness={staleness}")
+        optimizer = dict(optimizer or {"name": "sgd", "lr": 0.01})
+        mask = None
+        if optimizer.get("weight_decay") or optimizer.get("l1"):
+            if param_shapes is None:
+                raise ValueError(
+                    "parameter server: an optimizer with weight_decay/l1 needs param_shapes "
+                    "(the penalty applies to weights only)"
+                )
+            mask = penalty_mask_of(param_shapes, bool(optimizer.get("decay_biases", False)))
+            if mask.size != flat.size:
+                raise ValueError(
+                    f"parameter server: param_shapes hold {mask.size} values, "
+                    f"flat_params {flat.size}"
+                )
+        ranges = shard_ranges(flat.size, shards)
+        owns = False
+        if snapshot_every and snapshot_dir is None:
+            snapshot_dir, owns = tempfile.mkdtemp(prefix="distnet-ps-"), True
+        if snapshot_dir is not None:
+            Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(16)
+        params_ref = ray.put(flat)  # once; each shard slices its own range out of it
+        actor = ray.remote(ParameterServerShard)
+        handles = []
+        for i, (lo, hi) in enumerate(ranges):
+            options: dict[str, Any] = {
+                "max_restarts": max_restarts,
+                "max_task_retries": 0,  # retries are ours: bounded, and never of a refusal
+                "num_cpus": num_cpus,
+            }
+            options.update(_placement_options(placement, i))
+            snap = None if snapshot_dir is None else str(Path(snapshot_dir) / f"shard-{i}.npz")
+            handles.append(
+                actor.options(**options).remote(
+                    i,
+                    lo,
+                    hi,
+                    params_ref,
+                    mode=mode,
+                    staleness=staleness,
+                    num_workers=num_workers,
+                    token=token,
+                    optimizer=optimizer,
+                    optimizer_on=optimizer_on,
+                    snapshot_path=snap,
+                    snapshot_every=snapshot_every,
+                    penalty_mask=None if mask is None else mask[lo:hi],
+                )
+            )
+        ps = cls(
+            handles, ranges, size=flat.size, mode=mode, staleness=staleness,
+            num_workers=num_workers, optimizer_on=optimizer_on, token=token,
+            snapshot_every=snapshot_every,
+            snapshot_dir=None if snapshot_dir is None else str(snapshot_dir),
+            timeout_s=timeout_s, retries=retries, owns_snapshot_dir=owns,
+        )  # fmt: skip
+        # A restart re-runs the constructor with the same arguments: the initial parameters
+        # must outlive create() (else Ray fails the restart with ReferenceCountingAssertionError)
+        ps._init_params_ref = params_ref
+        ps.call_all("ping")  # constructors ran (and failed loudly here if they failed)
+        return ps
+
+    # --- calls with bounded retries -------------------------------------------------------
+    def call_with_retry(self, index: int, submit: Callable[[Any], Any], ref: Any = None) -> Any:
+        """``ray.get`` of ``submit(shard)`` (or of ``ref`` already submitted), retried on a
+        dead, restarting or silent shard up to ``retries`` times, each waiting ``timeout_s``.
+        A shard's own error (a refused push) is raised at once."""
+        ray = _ray()
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if ref is None:
+                ref = submit(self.shards[index])
+            try:
+                result = ray.get(ref, timeout=self.timeout_s)
+                if isinstance(result, tuple) and result and isinstance(result[-1], ray.ObjectRef):
+                    # a sync round's reply: the slice was put once for every worker
+                    result = (*result[:-1], ray.get(result[-1], timeout=self.timeout_s))
+                return result
+            except _retryable() as err:
+                last, ref = err, None
+                time.sleep(min(0.2 * 2**attempt, 5.0))  # a restart takes a moment
+        raise RuntimeError(
+            f"parameter-server shard {index} {self.ranges[index]} did not answer after "
+            f"{self.retries} retries of {self.timeout_s:g} s: {last}"
+        )
+
+    def gather(self, refs: list[Any], submit: Callable[[int, Any], Any]) -> list[Any]:
+        """Results of one call per shard (``refs``, submitted by ``submit(i, shard)``): one
+        ``ray.get`` for all of them, and one for the sync rounds' put-once replies; on any
+        failure, shard by shard through ``call_with_retry``."""
+        ray = _ray()
+        try:
+            results = ray.get(refs, timeout=self.timeout_s)
+            inner = [r[-1] for r in results if isinstance(r[-1], ray.ObjectRef)]
+            if inner:
+                fetched = iter(ray.get(inner, timeout=self.timeout_s))
+                results = [
+                    (*r[:-1], next(fetched)) if isinstance(r[-1], ray.ObjectRef) else r
+                    for r in results
+                ]
+            return results
+        except _retryable():
+            return [self.call_with_retry(i, lambda s, i=i: submit(i, s)) for i in range(len(refs))]
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every shard (concurrently), with retries; results in order."""
+        refs = [getattr(s, method).remote(*args) for s in self.shards]
+        return [
+            self.call_with_retry(i, lambda s: getattr(s, method).remote(*args), ref)
+            for i, ref in enumerate(refs)
+        ]
+
+    # --- driver-side API ------------------------------------------------------------------
+    def pull(self) -> np.ndarray:
+        """The whole parameter vector, shape ``(n,)`` float32 (a copy)."""
+        return np.concatenate([np.asarray(p) for p in self.call_all("get_params")])
+
+    def stats(self) -> dict[str, Any]:
+        """Per shard: version, per-worker clocks, staleness histograms, ssp (clock, slowest
+        clock) records; per worker: clock, updates, mean and max staleness over all shards."""
+        shards = self.call_all("stats")
+        workers = []
+        for w in range(self.num_workers):
+            hist: dict[int, int] = {}
+            for s in shards:
+                for k, c in s["staleness"][w].items():
+                    hist[int(k)] = hist.get(int(k), 0) + c
+            n = sum(hist.values())
+            ahead = [c - slowest for s in shards for c, slowest in s["ahead"][w]]
+            workers.append({
+                "clock": min(s["clocks"][w] for s in shards),
+                "updates": n // len(shards),
+                "staleness_mean": sum(k * c for k, c in hist.items()) / n if n else 0.0,
+                "staleness_max": max(hist, default=0),
+                "max_ahead": max(ahead, default=0),
+            })  # fmt: skip
+        return {"mode": self.mode, "staleness_bound": self.staleness, "shards": shards,
+                "workers": workers}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """Shard-count-independent state: ``params`` and ``opt/<name>`` as whole flat arrays
+        (shape ``(n,)``), the optimiser's scalars, and ``shard_meta`` (JSON per shard)."""
+        parts = self.call_all("state_dict")
+        state: dict[str, Any] = {}
+        for key in parts[0]:
+            if key == "meta":
+                state["shard_meta"] = [p["meta"] for p in parts]
+            elif np.ndim(parts[0][key]) == 1:
+                state[key] = np.concatenate([np.asarray(p[key]) for p in parts])
+            else:
+                state[key] = parts[0][key]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads what ``state_dict`` gave (any shard count) into every shard."""
+        import json
+
+        if np.asarray(state["params"]).shape != (self.size,):
+            raise ValueError(
+                f"parameter server: params shape {np.shape(state['params'])}, "
+                f"expected {(self.size,)}"
+            )
+        metas = [json.loads(m) for m in state.get("shard_meta", [])]
+        version = max((m["version"] for m in metas), default=0)
+        clocks = [min((m["clocks"][w] for m in metas), default=0) for w in range(self.num_workers)]
+        refs = []
+        for i, (lo, hi) in enumerate(self.ranges):
+            part = {
+                k: (np.asarray(v)[lo:hi] if np.ndim(v) == 1 else v)
+                for k, v in state.items()
+                if k != "shard_meta"
+            }
+            part["meta"] = json.dumps({"version": version, "clocks": clocks, "lo": lo, "hi": hi})
+            refs.append((part, self.shards[i].load_state_dict.remote(part)))
+        for i, (part, ref) in enumerate(refs):
+            self.call_with_retry(i, lambda s, p=part: s.load_state_dict.remote(p), ref)
+
+    def shutdown(self) -> None:
+        """Kills the shards (no restart) and removes a snapshot directory this handle made."""
+        ray = _ray()
+        for s in self.shards:
+            try:
+                ray.kill(s, no_restart=True)
+            except Exception:  # noqa: BLE001 (already gone)
+                pass
+        if self._owns_snapshot_dir and self.snapshot_dir:
+            shutil.rmtree(self.snapshot_dir, ignore_errors=True)
+
+
+def _placement_options(placement: Any, index: int) -> dict[str, Any]:
+    if placement is None:
+        return {}
+    if isinstance(placement, list | tuple):
+        return dict(placement[index])
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundles = len(placement.bundle_specs)
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=placement, placement_group_bundle_index=index % bundles
+        )
+    }

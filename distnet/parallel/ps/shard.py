@@ -1,0 +1,332 @@
+"""``ParameterServerShard``: one contiguous range ``[lo, hi)`` of the flat parameter buffer.
+
+A Ray actor (asyncio: one event loop, so updates to the slice never interleave). Workers call
+``push_pull`` once per step: their gradient slice goes in, the shard's parameter slice (or, with
+the optimiser on the workers, the summed gradient slice) comes back, after
+
+- ``sync``: every worker's gradient of the round arrived; they are summed in worker order
+  (deterministic), each already weighted by its batch share, and applied once;
+- ``async`` (Downpour): the gradient is applied on arrival;
+- ``ssp`` (bound s): applied on arrival; the reply waits until the slowest worker's clock is
+  at least this worker's clock minus s, so no worker starts a step more than s clocks ahead.
+
+Every push carries the job's token; anything not from this job, or not a float32 array of the
+slice's shape, is refused before the parameters are touched. The slice and optimiser state are
+snapshotted to a file every ``snapshot_every`` updates; a restarted actor (``max_restarts``)
+reloads it in its constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from distnet.parallel.ps.snapshot import load_snapshot, save_snapshot
+
+MODES = ("sync", "async", "ssp")
+KEEP_CLOCK_RECORDS = 10_000  # per worker: enough for tests and reports, bounded for long runs
+
+
+def _ray() -> Any:
+    import ray
+
+    return ray
+
+
+def _was_restarted() -> bool:
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 (not inside a Ray actor)
+        return False
+
+
+class PushRefused(ValueError):
+    """A push that was not from this job or did not fit the shard (never retried)."""
+
+
+def build_optimizer(config: dict[str, Any], params: np.ndarray, mask: np.ndarray | None) -> Any:
+    """A ``distnet.optim`` optimiser over a copy of ``params`` (1-D float32), from
+    ``config = {"name": "adam", "lr": ..., ...}``; ``mask`` is the slice of the penalty mask
+    (1 where weight decay / L1 apply) when the config has any."""
+    from distnet import optim
+    from distnet.nn.module import Parameter
+
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    names = {
+        "sgd": optim.SGD,
+        "adam": optim.Adam,
+        "rmsprop": optim.RMSProp,
+        "adagrad": optim.AdaGrad,
+    }
+    name = str(config.get("name", "sgd")).lower()
+    if name not in names:
+        raise ValueError(f"parameter server: unknown optimizer {name!r} (one of {sorted(names)})")
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    opt = names[name]([Parameter(np.array(params, dtype=np.float32, copy=True))], **kwargs)
+    if mask is not None:
+        opt._penalty_mask = np.asarray(mask, dtype=np.float32)
+    return opt
+
+
+class ParameterServerShard:
+    """One shard's state and update rules (wrapped by ``ray.remote`` in ``server.py``).
+
+    Args:
+        index: this shard's number; ``lo``, ``hi``: its range of the flat buffer.
+        params: the whole initial flat buffer, shape ``(n,)`` float32 (the shard copies its
+            range; ignored when a snapshot exists).
+        mode: ``sync``, ``async`` or ``ssp``; ``staleness``: the ssp bound s.
+        num_workers: workers that push; ``token``: the job's secret.
+        optimizer: config dict; ``optimizer_on``: ``"server"`` (the shard steps) or ``"worker"``
+            (the shard only sums; sync only, BytePS).
+        snapshot_path: file for snapshots (None: off); ``snapshot_every``: updates between them.
+        penalty_mask: the slice of the weight-decay mask, or None.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        lo: int,
+        hi: int,
+        params: np.ndarray,
+        *,
+        mode: str,
+        staleness: int,
+        num_workers: int,
+        token: str,
+        optimizer: dict[str, Any],
+        optimizer_on: str,
+        snapshot_path: str | None,
+        snapshot_every: int,
+        penalty_mask: np.ndarray | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"parameter server: mode must be one of {MODES}, got {mode!r}")
+        self.index, self.lo, self.hi = index, lo, hi
+        self.mode, self.staleness, self.num_workers = mode, int(staleness), int(num_workers)
+        self._token = token
+        self.optimizer_on = optimizer_on
+        self.snapshot_path, self.snapshot_every = snapshot_path, int(snapshot_every)
+        self.version = 0  # updates applied to this slice
+        self.clocks = [0] * num_workers  # pushes applied per worker
+        self.staleness_counts: list[dict[int, int]] = [{} for _ in range(num_workers)]
+        self.ahead_records: list[list[tuple[int, int]]] = [[] for _ in range(num_workers)]
+        self.refused = 0
+        self.restored_from_snapshot = False
+        self._pending: dict[int, tuple[np.ndarray, float, int, int]] = {}
+        self._round_done = asyncio.Event()
+        self._clock_changed = asyncio.Condition()
+        self._last_sum: np.ndarray | None = None
+        self._scratch_buf: np.ndarray | None = None
+        self.opt = None
+        mine = np.asarray(params, dtype=np.float32)[lo:hi]
+        if optimizer_on == "server":
+            self.opt = build_optimizer(optimizer, mine, penalty_mask)
+            self.params = self.opt.flat_params
+        else:
+            self.params = np.array(mine, dtype=np.float32, copy=True)
+        # Only a restart reads the snapshot: a new job in the same run directory starts fresh.
+        if snapshot_path and _was_restarted() and os.path.exists(snapshot_path):
+            self._restore(load_snapshot(snapshot_path))
+        elif snapshot_path:
+            save_snapshot(snapshot_path, self.state_dict())  # a restart before the first one
+
+    # --- checks ---------------------------------------------------------------------------
+    def _check(
+        self, token: str, worker: int, grad: Any, share: float, clock: Any, seen: Any, lr: Any
+    ) -> None:
+        where = f"parameter-server shard {self.index} [{self.lo}:{self.hi})"
+        problem = None
+        if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
+            problem = "the push does not carry this job's token"
+        elif not isinstance(worker, int) or not 0 <= worker < self.num_workers:
+            problem = f"worker index {worker!r} is not in [0, {self.num_workers})"
+        elif not isinstance(grad, np.ndarray) or grad.dtype != np.float32:
+            kind = getattr(grad, "dtype", type(grad).__name__)
+            problem = f"worker {worker} pushed {kind}, expected a float32 numpy array"
+        elif grad.shape != (self.hi - self.lo,):
+            problem = f"worker {worker} pushed shape {grad.shape}, expected {(self.hi - self.lo,)}"
+        elif not (isinstance(share, float | int) and math.isfinite(share) and 0 <= share <= 1):
+            problem = f"worker {worker} pushed batch share {share!r}, expected a number in [0, 1]"
+        elif not (isinstance(clock, int) and isinstance(seen, int) and clock > 0 and seen >= 0):
+            problem = f"worker {worker} pushed clock {clock!r} / version {seen!r}: not counts"
+        elif lr is not None and not (isinstance(lr, float | int) and math.isfinite(lr) and lr > 0):
+            problem = f"worker {worker} pushed learning rate {lr!r}, expected a positive number"
+        if problem:
+            self.refused += 1
+            raise PushRefused(f"{where}: refused: {problem}")
+
+    # --- the one call per step ------------------------------------------------------------
+    async def push_pull(
+        self,
+        token: str,
+        worker: int,
+        clock: int,
+        seen_version: int,
+        grad: np.ndarray,
+        share: float,
+        lr: float | None,
+    ) -> tuple[int, np.ndarray]:
+        """Applies (or, in sync, contributes) ``grad`` (shape ``(hi - lo,)``), then returns
+        ``(version, slice)``: the parameters, or the summed gradient when the optimiser runs
+        on the workers. ``clock`` is this worker's step number (1, 2, ...); a push with a
+        clock the shard already applied (a retry) is not applied twice."""
+        self._check(token, worker, grad, share, clock, seen_version, lr)
+        if lr is not None and self.opt is not None:
+            self.opt.lr = float(lr)
+        if clock <= self.clocks[worker]:  # a retried push that was applied already
+            return self.version, self._reply()
+        if self.mode == "sync":
+            return await self._sync_push(worker, clock, seen_version, grad, share)
+        self._apply(grad, float(share))
+        self._record(worker, clock, seen_version)
+        self._maybe_snapshot()
+        async with self._clock_changed:
+            self._clock_changed.notify_all()
+            if self.mode == "ssp":
+                # Ho et al. 2013: the worker may start step clock+1 only if it is then at most
+                # s clocks ahead of the slowest worker
+                await self._clock_changed.wait_for(
+                    lambda: clock - min(self.clocks) <= self.staleness
+                )
+            self.ahead_records[worker].append((clock, min(self.clocks)))
+            del self.ahead_records[worker][:-KEEP_CLOCK_RECORDS]
+        return self.version, self._reply()
+
+    async def _sync_push(
+        self, worker: int, clock: int, seen: int, grad: np.ndarray, share: float
+    ) -> tuple[int, Any]:
+        # A round is complete when every worker has one pending gradient (keyed by worker, so
+        # a retried push replaces its own entry instead of counting twice).
+        self._pending[worker] = (grad, float(share), clock, seen)
+        round_done = self._round_done
+        if len(self._pending) == self.num_workers:
+            pending, self._pending = self._pending, {}
+            total = self.opt.flat_grads if self.opt is not None else self._sum_buffer()
+            for n, w in enumerate(sorted(pending)):  # fixed order: the same sum on every run
+                g, weight = pending[w][0], np.float32(pending[w][1])
+                if n == 0:
+                    np.multiply(g, weight, out=total) if weight != 1 else np.copyto(total, g)
+                elif weight == 1:
+                    total += g
+                else:
+                    total += np.multiply(g, weight, out=self._scratch())
+            self._step()
+            for w in sorted(pending):
+                self._record(w, pending[w][2], pending[w][3])
+            self._maybe_snapshot()
+            # one copy into the object store for all W workers, not one per reply
+            round_done.result = (self.version, _ray().put(self._reply()))
+            self._round_done = asyncio.Event()
+            round_done.set()
+        else:
+            await round_done.wait()
+        return round_done.result
+
+    def _sum_buffer(self) -> np.ndarray:
+        if self._last_sum is None:
+            self._last_sum = np.empty(self.hi - self.lo, dtype=np.float32)
+        return self._last_sum
+
+    def _scratch(self) -> np.ndarray:
+        if self._scratch_buf is None:
+            self._scratch_buf = np.empty(self.hi - self.lo, dtype=np.float32)
+        return self._scratch_buf
+
+    # --- updates ----------------------------------------------------------------------------
+    def _apply(self, grad: np.ndarray, weight: float) -> None:
+        """One update with ``weight * grad`` (async/ssp: optimiser on the shards)."""
+        g = self.opt.flat_grads
+        np.multiply(grad, np.float32(weight), out=g) if weight != 1.0 else np.copyto(g, grad)
+        self._step()
+
+    def _step(self) -> None:
+        """The optimiser's step on ``flat_grads`` (a summing shard keeps the sum instead)."""
+        if self.opt is not None:
+            self.opt.step()
+        self.version += 1
+
+    def _maybe_snapshot(self) -> None:
+        if self.snapshot_path and self.snapshot_every and self.version % self.snapshot_every == 0:
+            save_snapshot(self.snapshot_path, self.state_dict())
+
+    def _record(self, worker: int, clock: int, seen_version: int) -> None:
+        self.clocks[worker] = max(self.clocks[worker], clock)
+        # the version this gradient was computed on vs the one it was applied to
+        stale = max(0, self.version - 1 - int(seen_version))
+        counts = self.staleness_counts[worker]
+        counts[stale] = counts.get(stale, 0) + 1
+
+    def _reply(self) -> np.ndarray:
+        if self.opt is None:
+            return self._last_sum if self._last_sum is not None else np.zeros_like(self.params)
+        return self.params
+
+    # --- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Arrays (params and optimiser state, numpy) and the counters; shapes ``(hi - lo,)``."""
+        state: dict[str, Any] = {"params": self.params.copy()}
+        if self.opt is not None:
+            for k, v in self.opt.state_dict().items():
+                state[f"opt/{k}"] = v
+        state["meta"] = json.dumps(
+            {"version": self.version, "clocks": self.clocks, "lo": self.lo, "hi": self.hi}
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what ``state_dict`` gave (the same range); checked before anything moves."""
+        meta = json.loads(str(state["meta"]))
+        if (meta["lo"], meta["hi"]) != (self.lo, self.hi):
+            raise ValueError(
+                f"shard {self.index}: state is for range [{meta['lo']}:{meta['hi']}), "
+                f"this shard holds [{self.lo}:{self.hi})"
+            )
+        params = np.asarray(state["params"], dtype=np.float32)
+        if params.shape != self.params.shape:
+            raise ValueError(
+                f"shard {self.index}: params shape {params.shape}, expected {self.params.shape}"
+            )
+        if self.opt is not None:
+            self.opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")})
+        self.params[...] = params
+        self.version = int(meta["version"])
+        self.clocks = [int(c) for c in meta["clocks"]]
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
+        self.restored_from_snapshot = True
+
+    def get_params(self) -> np.ndarray:
+        """This shard's slice of the parameters, shape ``(hi - lo,)``."""
+        return self.params
+
+    def set_params(self, params: np.ndarray) -> None:
+        """Overwrites the slice (the optimiser-on-workers mode publishes worker 0's)."""
+        self.params[...] = params
+
+    def stats(self) -> dict[str, Any]:
+        """Per-worker clocks, staleness histograms and ssp (clock, slowest clock) records."""
+        return {
+            "shard": self.index,
+            "range": [self.lo, self.hi],
+            "version": self.version,
+            "clocks": list(self.clocks),
+            "staleness": [dict(c) for c in self.staleness_counts],
+            "ahead": [list(r) for r in self.ahead_records],
+            "refused": self.refused,
+            "restored_from_snapshot": self.restored_from_snapshot,
+            "placement_group": _ray().get_runtime_context().get_placement_group_id(),
+        }
+
+    def ping(self) -> int:
+        return os.getpid()

@@ -1,0 +1,177 @@
+"""``ParameterServerOptimizer``: ``DistributedOptimizer``'s interface over a ``ParameterServer``.
+
+    opt = ParameterServerOptimizer(SGD(model, lr=0.1), ps, worker_index)
+    for x, y in loader:
+        opt.zero_grad(); opt.backward(loss(model(x), y)); opt.step()
+
+On construction the model's flat parameter buffer is filled from the shards, so every worker
+starts from the server's parameters. ``step()`` sends each shard its slice of the flat gradient
+buffer (all shards at once, one call each: the slice crosses the object store once) and writes
+the slices that come back into the flat parameter buffer; with the optimiser on the workers
+(``optimizer_on="worker"``) the summed gradient comes back and the wrapped optimiser steps.
+
+Gradient weights: in ``sync`` each worker's mean gradient is weighted by its batch share (1/W
+by default), so the summed update equals one on the whole global batch. In ``async``/``ssp``
+each push is a step of its own (Downpour), so it carries the worker's unweighted gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from distnet import backend
+from distnet.parallel.ps.server import ParameterServer
+
+
+class ParameterServerOptimizer:
+    """Data-parallel optimiser that synchronises through parameter-server shards.
+
+    Args:
+        optimizer: a ``distnet.optim`` optimiser over the model (``flat_params``,
+            ``flat_grads``, ``zero_grad``, ``step``); with the optimiser on the shards only its
+            buffers and ``lr`` are used (``lr`` is sent with every push, so schedules work).
+        ps: the handle from ``ParameterServer.create`` (sent to this worker by the driver).
+        worker_index: this worker's index in ``[0, ps.num_workers)``.
+        batch_share: this worker's fraction of every global batch (sync; None: 1/W).
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        ps: ParameterServer,
+        worker_index: int,
+        batch_share: float | None = None,
+    ) -> None:
+        if not 0 <= worker_index < ps.num_workers:
+            raise ValueError(f"worker_index {worker_index} is not in [0, {ps.num_workers})")
+        if optimizer.flat_params.size != ps.size:
+            raise ValueError(
+                f"the model has {optimizer.flat_params.size} parameters, the parameter server "
+                f"{ps.size}"
+            )
+        self.optimizer, self.ps, self.worker_index = optimizer, ps, worker_index
+        self.batch_share = self._check_share(batch_share)
+        self.clock = 0
+        self.seen_versions = [0] * len(ps.shards)
+        self._prescaled = False
+        self._weighted: np.ndarray | None = None
+        self._pull_all()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer.lr = value
+
+    @property
+    def steps(self) -> int:
+        return self.clock
+
+    @staticmethod
+    def _check_share(share: float | None) -> float | None:
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise ValueError(f"batch_share must be in [0, 1], got {share}")
+        return share
+
+    def _weight(self, share: float | None) -> float:
+        if self.ps.mode != "sync":
+            return 1.0
+        share = self.batch_share if share is None else share
+        return 1.0 / self.ps.num_workers if share is None else share
+
+    def _pull_all(self) -> None:
+        parts = self.ps.call_all("state_dict")
+        self.optimizer.follow_layout()
+        xp = backend.array_module(self.optimizer.flat_params)
+        for i, ((lo, hi), part) in enumerate(zip(self.ps.ranges, parts, strict=True)):
+            self.optimizer.flat_params[lo:hi] = xp.asarray(part["params"])
+            import json
+
+            self.seen_versions[i] = int(json.loads(str(part["meta"]))["version"])
+
+    # --- the DistributedOptimizer interface -----------------------------------------------
+    def zero_grad(self) -> None:
+        """Zeroes the gradients (the wrapped optimiser's ``zero_grad``)."""
+        self.optimizer.zero_grad()
+
+    def backward(self, loss: Any, batch_share: float | None = None) -> None:
+        """``loss.backward()`` seeded with this worker's weight, so ``step()`` sends the
+        gradients as they are. ``loss``: a scalar Tensor, the mean over this worker's samples."""
+        weight = self._weight(self._check_share(batch_share))
+        xp = backend.array_module(loss.data)
+        self._prescaled = True
+        try:
+            loss.backward(xp.full(loss.shape, weight, dtype=loss.dtype))
+        except BaseException:
+            self._prescaled = False
+            raise
+
+    def step(self, batch_share: float | None = None) -> None:
+        """Pushes this worker's gradient slices, pulls the new parameter slices (waiting as
+        the mode says: every worker in ``sync``, the slowest within s clocks in ``ssp``)."""
+        share = 1.0 if self._prescaled else self._weight(self._check_share(batch_share))
+        self._prescaled = False
+        opt, ps = self.optimizer, self.ps
+        opt.follow_layout()
+        grads = backend.to_device(opt.settle_grads(), "cpu")
+        if share != 1.0:  # weighted here, in parallel across workers, not on the busy shard
+            if self._weighted is None or self._weighted.shape != grads.shape:
+                self._weighted = np.empty_like(grads)
+            grads = np.multiply(grads, np.float32(share), out=self._weighted)
+            share = 1.0
+        self.clock += 1
+        on_server = ps.optimizer_on == "server"
+        lr = float(opt.lr) if on_server else None
+
+        def submit(i: int, shard: Any) -> Any:
+            lo, hi = ps.ranges[i]
+            return shard.push_pull.remote(
+                ps.token, self.worker_index, self.clock, self.seen_versions[i],
+                np.ascontiguousarray(grads[lo:hi]), float(share), lr,
+            )  # fmt: skip
+
+        # every shard's call goes out before the first wait: shards work concurrently
+        replies = ps.gather([submit(i, s) for i, s in enumerate(ps.shards)], submit)
+        xp = backend.array_module(opt.flat_params)
+        target = opt.flat_params if on_server else opt.flat_grads
+        for i, (version, part) in enumerate(replies):
+            lo, hi = ps.ranges[i]
+            target[lo:hi] = xp.asarray(part)
+            self.seen_versions[i] = int(version)
+        if on_server:
+            opt.steps += 1  # schedules that read the step count see the same count as locally
+        else:
+            opt.step()
+            if self.worker_index == 0 and ps.snapshot_every and self.clock % ps.snapshot_every == 0:
+                self.publish()
+
+    def publish(self) -> None:
+        """Optimiser on the workers: writes this worker's parameters into the shards (so that
+        ``ps.pull()``/``state_dict()`` and snapshots see them)."""
+        params = backend.to_device(self.optimizer.flat_params, "cpu")
+        for i, (lo, hi) in enumerate(self.ps.ranges):
+            part = np.ascontiguousarray(params[lo:hi])
+            self.ps.call_with_retry(i, lambda s, p=part: s.set_params.remote(p))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimiser's state (the shards' state is ``ps.state_dict()``)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads state into the wrapped optimiser."""
+        self.optimizer.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:
+        # momentum, weight_decay, ... of the wrapped optimiser stay readable, as in Horovod
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def close(self) -> None:
+        """Worker 0 publishes its parameters when the optimiser runs on the workers."""
+        if self.ps.optimizer_on == "worker" and self.worker_index == 0:
+            self.publish()

@@ -1,0 +1,24 @@
+"""fit and DistributedOptimizer across 2 real MPI ranks (mpiexec): sharded arrays, loader
+shares, averaged validation metrics, accumulation with overlap, a NaN on one rank.
+The checks themselves live in tests/mpi_scripts/fit_shards.py (one launch: ~10 s)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from data_helpers import labelled_store
+from test_parallel_mpi import MPIEXEC, SCRIPTS, launch
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"),
+]
+
+
+@pytest.mark.timeout(150)
+def test_fit_across_two_ranks(tmp_path: Path):
+    store = tmp_path / "store"
+    labelled_store(store, n=16, chunk=4)
+    proc, _ = launch(2, str(SCRIPTS / "fit_shards.py"), str(store), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[0] fit shards ok" in proc.stdout, proc.stdout + proc.stderr
