@@ -171,11 +171,13 @@ def test_trace_of_two_rank_mpi_job_is_well_formed_and_covers_every_phase(run_dir
     assert any(e["name"] == "checkpoint" and e["pid"] == 0 for e in spans)
     reduces = [e for e in spans if e["name"] == "allreduce"]
     assert all("bucket" in e["args"] for e in reduces)
-    # blocking mode: each allreduce lies inside an optimizer step of its rank and thread
-    steps = [e for e in spans if e["name"] == "optimizer_step" and e["pid"] == 0]
-    first = next(e for e in reduces if e["pid"] == 0)
-    assert any(s["ts"] <= first["ts"] and first["ts"] + first["dur"] <= s["ts"] + s["dur"] + 1
-               for s in steps)  # fmt: skip
+    # blocking mode: a step's allreduce runs after its backward, before its update ends
+    mine = sorted((e for e in spans if e["pid"] == 0 and e["tid"] == 0), key=lambda e: e["ts"])
+    first = next(e for e in mine if e["name"] == "allreduce")
+    before = [e["name"] for e in mine if e["ts"] + e["dur"] <= first["ts"]]
+    after = [e["name"] for e in mine if e["ts"] + e["dur"] > first["ts"] + first["dur"]]
+    assert before[-1] == "backward" or before[-2:] == ["backward", "allreduce"]
+    assert next(n for n in after if n in ("forward", "optimizer_step")) == "optimizer_step"
     # the loader's thread has a row of its own
     assert {e["tid"] for e in spans if e["name"] == "prepare_batch"} != {0}
     assert not list((run_dir / "trace").glob(".*.tmp"))

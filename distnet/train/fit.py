@@ -226,7 +226,7 @@ def fit(
                 if synchronize is not None:
                     synchronize()
                 _check_finite(loss_value, model, grads, loop.step, epoch, b)
-            with trace.span("optimizer_step"):  # holds the allreduce of a distributed step
+            with trace.span("optimizer_step"):  # and the allreduce, unless synchronize() ran it
                 optimizer.step()
             loop.step += 1
             seen += n
