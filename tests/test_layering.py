@@ -2,7 +2,8 @@
 or inside a function) points only to a layer above the importing module's, or within its own
 package. Layers, top first: backend < core < nn < optim < data < parallel < train < cli.
 
-Besides the packages of the table: ``viz`` (pictures from arrays) uses only backend;
+Besides the packages of the table: ``trace`` (the timeline, beside backend: every layer
+marks its phases with it); ``viz`` (pictures from arrays) uses only backend;
 ``functional`` is core's public face; ``dist`` is the old name of parallel; ``bench`` is a
 command of the CLI. The package ``distnet/__init__.py`` is the composition root: it wires the
 layers (it gives nn the training loop lazily, see distnet/nn/training.py) and is not checked.
@@ -18,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distnet"
 
 LAYER = {
     "backend": 0,
+    "trace": 0,  # the timeline and step timers: imports nothing of distnet, every layer may use it
     "viz": 0.5,
     "core": 1,
     "functional": 1.5,  # re-exports core's ops: a face of core, just above it

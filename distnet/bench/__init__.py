@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "core": ("distnet.bench.core", "MLP and autoencoder training steps vs hand-written numpy"),
     "loader": ("distnet.bench.loader", "StreamLoader vs a plain sequential zarr read"),
     "allreduce": ("distnet.bench.allreduce", "bucketed gradient allreduce vs raw MPI_Allreduce"),
+    "trace": ("distnet.bench.trace", "cost of metrics and the timeline per training step"),
     "ps": ("distnet.bench.ps", "sharded Ray parameter server vs Ray's example (one actor)"),
     "network": ("distnet.bench.network", "allreduce latency/bandwidth sweep, flat vs hierarchical"),
 }

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet import trace
 from distnet.data import order
 from distnet.data.store import Dataset, DatasetError
 
@@ -133,7 +134,9 @@ class Prefetcher:
 
     def _produce(self) -> None:
         for xb, yb in self._raw_batches():
-            if not self._put(self._finish(xb, yb)):
+            with trace.span("prepare_batch"):  # a row of its own in the trace
+                item = self._finish(xb, yb)
+            if not self._put(item):
                 return
 
     def _ids(self) -> Iterator[np.ndarray]:

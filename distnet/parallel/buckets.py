@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from distnet import trace
 from distnet.backend import array_module
 from distnet.parallel.comm import Communicator, PendingAllreduce, scale_
 
@@ -121,7 +122,7 @@ class BucketReducer:
         self.compression = compression
         xp = array_module(flat)
         self._scratch = xp.empty(flat.shape, dtype=xp.float16) if compression == "fp16" else None
-        self._pending: list[tuple[Bucket, PendingAllreduce]] = []
+        self._pending: list[tuple[Bucket, PendingAllreduce, Any]] = []
 
     def start(self, bucket: Bucket, weight: float) -> None:
         """Scales ``flat[bucket]`` by ``weight`` and starts summing it over ranks."""
@@ -129,16 +130,21 @@ class BucketReducer:
         scale_(view, weight)
         if self.comm.size == 1:
             return
+        token = trace.begin("allreduce", bucket=self._bucket_index(bucket), elements=bucket.size)
         if self._scratch is not None:
             wire = self._scratch[bucket.start : bucket.stop]
             wire[...] = view  # float32 -> float16 cast, into a view of the scratch buffer
-            self._pending.append((bucket, self.comm.iallreduce(wire, "sum")))
+            self._pending.append((bucket, self.comm.iallreduce(wire, "sum"), token))
         else:
-            self._pending.append((bucket, self.comm.iallreduce(view, "sum")))
+            self._pending.append((bucket, self.comm.iallreduce(view, "sum"), token))
+
+    def _bucket_index(self, bucket: Bucket) -> int:
+        """The bucket's number in this step's launch order (0 = the first started)."""
+        return len(self._pending)
 
     def progress(self) -> None:
         """Lets MPI move started buckets along (MPICH progresses only inside MPI calls)."""
-        for _, pending in self._pending:
+        for _, pending, _ in self._pending:
             if not pending.test():
                 break
 
@@ -152,12 +158,13 @@ class BucketReducer:
         """
         pending_now, self._pending = self._pending, []
         overflowed: list[Bucket] = []
-        for i, (bucket, pending) in enumerate(pending_now):
+        for i, (bucket, pending, token) in enumerate(pending_now):
             try:
                 pending.wait()
             except BaseException:
                 _wait_quietly(pending_now[i + 1 :])
                 raise
+            trace.end(token)  # from start to here: overlap with backward shows in the trace
             if self._scratch is not None:
                 wire = self._scratch[bucket.start : bucket.stop]
                 # after the sum, so every rank sees the same result and fails the same way,
@@ -183,9 +190,9 @@ class BucketReducer:
         return self.finish()
 
 
-def _wait_quietly(pending: Sequence[tuple[Bucket, PendingAllreduce]]) -> None:
+def _wait_quietly(pending: Sequence[tuple[Bucket, PendingAllreduce, Any]]) -> None:
     """Finishes requests after an error in an earlier one, keeping that first error."""
-    for _, request in pending:
+    for _, request, _ in pending:
         try:
             request.wait()
         except Exception:  # noqa: BLE001, S110  (the first error is the one to report)

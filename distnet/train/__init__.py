@@ -20,7 +20,9 @@ from distnet.train.checkpoint import (
     save_checkpoint,
 )
 from distnet.train.fit import NonFiniteError, evaluate, fit, predict
+from distnet.train.metrics import MetricsLogger
 from distnet.train.pipeline import Pipeline, Stage, StageContext
+from distnet.train.progress import StageProgress
 
 __all__ = [
     "fit",
@@ -36,6 +38,8 @@ __all__ = [
     "CSVLogger",
     "JSONLLogger",
     "ProgressBar",
+    "MetricsLogger",
+    "StageProgress",
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",

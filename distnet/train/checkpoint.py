@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend
+from distnet import backend, trace
 
 FORMAT = "distnet-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -109,7 +109,13 @@ def save_checkpoint(
     Returns:
         the directory.
     """
-    path = Path(path)
+    with trace.span("checkpoint", path=str(path)):
+        return _save_checkpoint(Path(path), model, optimizer, loader, rng, extra)
+
+
+def _save_checkpoint(
+    path: Path, model: Any, optimizer: Any, loader: Any, rng: bool, extra: dict[str, Any]
+) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     optim_scalars: dict[str, Any] | None = None

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--restart", action="store_true", help="discard earlier stages in --out")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--trace", action="store_true", help="write a timeline (trace.json)")
 
 
 def demo_job(args: argparse.Namespace, data_dir: Path) -> dict[str, dict[str, Any]]:
@@ -77,17 +78,20 @@ def run(args: argparse.Namespace) -> int:
         convert_digits(out / "data", test_fraction=0.25, seed=args.seed, chunk_samples=64)
     job_path.write_text(to_toml(job))
     train = [sys.executable, "-m", "distnet.cli", "train", str(job_path), "--out", str(out)]
-    if args.quiet:
-        train.append("--quiet")
+    train += ["--quiet"] * args.quiet + ["--trace"] * args.trace
     if args.workers == 1:  # `distnet train` in this process (train must not import the CLI)
         from distnet.train import job as train_command  # noqa: PLC0415
 
         parser = argparse.ArgumentParser(prog="distnet train")
         train_command.add_arguments(parser)
-        return train_command.run(parser.parse_args(train[4:]))
-    from distnet.parallel.launcher import main as launch  # noqa: PLC0415
+        code = train_command.run(parser.parse_args(train[4:]))
+    else:
+        from distnet.parallel.launcher import main as launch  # noqa: PLC0415
 
-    if not args.quiet:
-        print(f"distnet demo: {args.workers} workers: distnet launch -np {args.workers} -- "
-              f"distnet train {job_path}", flush=True)  # fmt: skip
-    return launch(["-np", str(args.workers), "--", *train])
+        if not args.quiet:
+            print(f"distnet demo: {args.workers} workers: distnet launch -np {args.workers} -- "
+                  f"distnet train {job_path}", flush=True)  # fmt: skip
+        code = launch(["-np", str(args.workers), "--", *train])
+    if (out / "report.html").is_file():
+        print(f"open {out / 'report.html'} in a browser to see the run")
+    return code

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend
+from distnet import backend, trace
 from distnet.core.tensor import Tensor, no_grad
 from distnet.nn import losses
 from distnet.nn.module import on_device_of
@@ -206,7 +206,7 @@ def fit(
         model.train()
         sums = _zero_sums(objective)
         seen = 0
-        for b, (xb, yb, share) in enumerate(batches):
+        for b, (xb, yb, share) in enumerate(trace.timed(batches, "input_wait")):
             xb, yb = _like_model(xb, model), _like_model(yb, model)
             n = len(xb)
             optimizer.zero_grad()
@@ -214,17 +214,20 @@ def fit(
                 optimizer.step(batch_share=0.0)
                 loop.step += 1
                 continue
-            loss_t, out = objective(model, xb, yb)
-            if share is None:
-                backward(loss_t)
-            else:
-                backward(loss_t, batch_share=share)
+            with trace.span("forward"):
+                loss_t, out = objective(model, xb, yb)
+            with trace.span("backward"):
+                if share is None:
+                    backward(loss_t)
+                else:
+                    backward(loss_t, batch_share=share)
             loss_value = float(loss_t.data)
             if check_finite:
                 if synchronize is not None:
                     synchronize()
                 _check_finite(loss_value, model, grads, loop.step, epoch, b)
-            optimizer.step()
+            with trace.span("optimizer_step"):  # and the allreduce, unless synchronize() ran it
+                optimizer.step()
             loop.step += 1
             seen += n
             batch_logs = {"loss": loss_value, **objective.metric_values(out, yb)}

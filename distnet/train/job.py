@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     add_ray_arguments(parser)
+    parser.add_argument(
+        "--trace", action="store_true", help="write RUN_DIR/trace.json, a per-rank timeline"
+    )
 
 
 def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -207,8 +210,10 @@ def build_stages(
     log: Callable[[str], None],
     on_pretrained: Callable[[int], None],
     rank: int = 0,
+    watch: Callable[[Any], list[Callback]] | None = None,
 ) -> list:
-    """Pretraining stages (stacked autoencoders) and the supervised stage."""
+    """Pretraining stages (stacked autoencoders) and the supervised stage. ``watch(ctx)``
+    gives the callbacks that report a stage's progress (default: an ``EpochPrinter``)."""
     from distnet.optim import Adam  # noqa: PLC0415
     from distnet.train.callbacks import ReduceLROnPlateau  # noqa: PLC0415
     from distnet.train.fit import fit  # noqa: PLC0415
@@ -216,6 +221,7 @@ def build_stages(
 
     pre, ft, every = job["pretrain"], job["finetune"], job["run"]["log_every"]
     seed = job["run"]["seed"]
+    watch = watch or (lambda ctx: [EpochPrinter(log, every)])
 
     def pretrain(k: int) -> Callable[[Any], dict[str, Any]]:
         def fn(ctx: Any) -> dict[str, Any]:
@@ -226,7 +232,7 @@ def build_stages(
                 model.pretrain_layer(
                     k, loader, epochs=pre["epochs"], optimizer=opt, seed=seed + k,
                     initial_epoch=start,
-                    callbacks=[RankNoise(seed, ctx.index, rank), saver, EpochPrinter(log, every)],
+                    callbacks=[RankNoise(seed, ctx.index, rank), saver, *watch(ctx)],
                 )  # fmt: skip
             finally:  # the next stage's wrapper must be the only one reducing
                 getattr(opt, "close", lambda: None)()
@@ -256,7 +262,7 @@ def build_stages(
                     RankNoise(seed, ctx.index, rank),
                     saver,
                     plateau,
-                    EpochPrinter(log, every),
+                    *watch(ctx),
                 ],
             )
         finally:
@@ -275,16 +281,21 @@ def run_job(
     *,
     comm: Any = None,
     rank_setup: Any = None,
+    trace: bool = False,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Runs a loaded job on this process's rank; returns the report (written by rank 0).
 
     Engines that start the ranks themselves (Ray actors) pass their ``comm`` and a
     ``rank_setup`` with ``device`` (None: the job's), ``rank_weights`` (None: equal shares of
     the global batch) and ``wrap(optimizer, default_wrap, loader)`` (each stage's optimiser).
+    ``trace``: write ``trace.json`` (see ``distnet.trace``); ``progress``: 'bar', 'lines' or
+    'off' for rank 0's progress display (None: a bar on a terminal, lines otherwise).
     """
     from distnet import backend  # noqa: PLC0415
     from distnet import parallel as distributed  # noqa: PLC0415
     from distnet.data import StreamLoader, open_dataset  # noqa: PLC0415
+    from distnet.train.observe import RunObserver  # noqa: PLC0415
     from distnet.train.pipeline import Pipeline  # noqa: PLC0415
 
     started = time.perf_counter()
@@ -340,17 +351,21 @@ def run_job(
         f"{global_batch // size} (engine {type(comm).__name__})"
     )
     x_test, y_test = read_store(job["data"]["test"]) if job["data"]["test"] else (None, None)
+    observe = RunObserver(job, out, comm, device, say, trace, progress)
 
     def after_pretraining(k: int) -> None:  # the pretrained filters, before fine-tuning
         if k == 0 and job["run"]["pictures"] and x_test is not None:
             draw_pictures(model, x_test, out)
+        if job["run"]["pictures"] and x_test is not None:
+            observe.layer_pictures(model, k, x_test)
 
-    stages = build_stages(job, model, loader, wrap, say, after_pretraining, rank)
+    stages = build_stages(job, model, loader, wrap, say, after_pretraining, rank, observe.watch)
     try:
         # rank 0 reads the run directory and broadcasts: others' may be node-local and empty
         table = Pipeline(out, model, stages, writer=rank == 0, log=say, comm=comm).run()
     finally:
         loader.close()
+        observe.close()
     m = job["model"]
     report: dict[str, Any] = {
         "config": {"model": f"{m['type']} {n_in}-{'-'.join(map(str, m['hidden']))}-"
@@ -362,6 +377,7 @@ def run_job(
     if x_test is not None:
         net = model
         report.update({f"test_{k}": v for k, v in net.evaluate(x_test, y_test).items()})
+        report["confusion_matrix"] = observe.confusion(net, x_test, y_test, train.num_classes)
         if rank == 0 and job["run"]["pictures"]:
             draw_pictures(model, x_test, out, "-final", reconstructions=False)
     # listed from disk: a resumed run skips the stages that drew them
@@ -370,6 +386,7 @@ def run_job(
     report["seconds"] = round(time.perf_counter() - started, 3)
     if rank == 0:
         (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        report["html"] = observe.html()
     comm.barrier()
     report["rank"] = rank
     return report
@@ -395,9 +412,11 @@ def run(args: argparse.Namespace) -> int:
             overrides = jobspec.merge(overrides, {section: {key: value}})
         job = load_job(args.job, overrides)
         if job["dist"]["engine"] == "ray":  # this process drives Ray worker actors
-            report = run_ray_job(job, options_from_job(job), log=log)
+            options = options_from_job(job)
+            options.trace = args.trace
+            report = run_ray_job(job, options, log=log)
         else:
-            report = run_job(job, log=log)
+            report = run_job(job, log=log, trace=args.trace, progress="off" if args.quiet else None)
     except (JobError, DatasetError, CheckpointError, RayEngineError) as e:
         print(f"distnet train: {e}", file=sys.stderr)
         return 2
@@ -407,5 +426,6 @@ def run(args: argparse.Namespace) -> int:
     if report["rank"] == 0:
         acc = report.get("test_accuracy")
         summary = f"test accuracy {acc:.4f}" if acc is not None else "done"
-        print(f"{summary} in {report['seconds']:.1f}s; report: {job['run']['out']}/report.json")
+        where = report.get("html") or f"{job['run']['out']}/report.json"
+        print(f"{summary} in {report['seconds']:.1f}s; report: {where}")
     return 0

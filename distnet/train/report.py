@@ -1,4 +1,5 @@
-"""``distnet report RUN_DIR``: a summary of a run directory.
+"""``distnet report RUN_DIR``: a summary of a run directory, and ``RUN_DIR/report.html``
+(``distnet.train.report_html``; also for a run still going or one that failed).
 
 Reads ``report.json`` (written at the end of a run) or, for a run still going or cut off,
 ``pipeline.json`` and the stage directories, and prints the stages with their first and
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The report's options."""
     parser.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
+    parser.add_argument("--no-html", action="store_true", help="do not write report.html")
 
 
 def _stage_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -97,4 +99,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"distnet report: {e}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=1) if args.json else format_report(report, args.run_dir))
+    if not args.no_html:
+        from distnet.train.report_html import write_html_report  # noqa: PLC0415
+
+        try:
+            path = write_html_report(args.run_dir)
+        except (OSError, ValueError) as e:
+            print(f"distnet report: report.html not written: {e}", file=sys.stderr)
+            return 1
+        if not args.json:
+            print(f"report: {path}")
     return 0

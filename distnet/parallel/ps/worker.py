@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend
+from distnet import backend, trace
 from distnet.parallel.ps.server import ParameterServer
 
 
@@ -135,13 +135,16 @@ class ParameterServerOptimizer:
             )  # fmt: skip
 
         # every shard's call goes out before the first wait: shards work concurrently
-        replies = ps.gather([submit(i, s) for i, s in enumerate(ps.shards)], submit)
-        xp = backend.array_module(opt.flat_params)
-        target = opt.flat_params if on_server else opt.flat_grads
-        for i, (version, part) in enumerate(replies):
-            lo, hi = ps.ranges[i]
-            target[lo:hi] = xp.asarray(part)
-            self.seen_versions[i] = int(version)
+        with trace.span("push", shards=len(ps.shards)):
+            calls = [submit(i, s) for i, s in enumerate(ps.shards)]
+        with trace.span("pull", shards=len(ps.shards)):  # waits as the mode says, then copies
+            replies = ps.gather(calls, submit)
+            xp = backend.array_module(opt.flat_params)
+            target = opt.flat_params if on_server else opt.flat_grads
+            for i, (version, part) in enumerate(replies):
+                lo, hi = ps.ranges[i]
+                target[lo:hi] = xp.asarray(part)
+                self.seen_versions[i] = int(version)
         if on_server:
             opt.steps += 1  # schedules that read the step count see the same count as locally
         else:

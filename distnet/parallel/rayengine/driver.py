@@ -63,6 +63,7 @@ class RayOptions:
     fail_at_step: dict[int, int] = field(default_factory=dict)  # rank -> step (tests)
     sample_log: str | None = None  # directory (tests)
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
+    trace: bool = False  # every worker writes its timeline (RUN_DIR/trace.json)
 
 
 def worker_specs(
@@ -238,6 +239,7 @@ class RayJob:
             "delay_per_sample_s": spec.delay_per_sample_s,
             "fail_at_step": fail,
             "sample_log": self.opt.sample_log,
+            "trace": self.opt.trace,
         }
 
     # --- running --------------------------------------------------------------------------

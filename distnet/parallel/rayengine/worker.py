@@ -214,7 +214,14 @@ class WorkerActor:
             raise RuntimeError("WorkerActor.run before setup")
         setup = RankSetup(spec, self.comm, self.generation)
         log = self._log.put if self.comm.rank == 0 else (lambda line: None)
-        report = run_job(job, log, comm=self.comm, rank_setup=setup)
+        report = run_job(
+            job,
+            log,
+            comm=self.comm,
+            rank_setup=setup,
+            trace=bool(spec.get("trace")),
+            progress="lines",
+        )
         report["shares"] = setup.shares
         report["steps"] = setup.steps
         if setup.ps_stats:

@@ -1,0 +1,249 @@
+"""The report's pictures, drawn with matplotlib's Agg backend into PNG bytes.
+
+Each ``plot_*`` takes plain data (lists and dicts, as gathered by ``report_html``) and
+returns PNG bytes; nothing here reads files, so each picture can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLORS = {"compute": "#4c72b0", "communication": "#dd8452", "input wait": "#55a868",
+          "waiting for others": "#c44e52", "checkpoint": "#8172b3"}  # fmt: skip
+
+
+def _pyplot() -> Any:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def png_bytes(fig: Any) -> bytes:
+    """The figure as PNG bytes (then closed)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) int64 counts: row = true class, column = predicted class."""
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"confusion_matrix: {y_true.shape} labels, {y_pred.shape} predictions")
+    out = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(out, (y_true, y_pred), 1)
+    return out
+
+
+def _changes(values: list[Any]) -> list[int]:
+    """Indices i > 0 where values[i] differs from values[i - 1] (None and NaN ignored)."""
+    out = []
+    for i in range(1, len(values)):
+        a, b = values[i - 1], values[i]
+        if a is None or b is None or a != a or b != b:
+            continue
+        if not np.isclose(a, b, rtol=1e-9, atol=0.0):
+            out.append(i)
+    return out
+
+
+def _mark_epochs(ax: Any, curve: dict[str, Any]) -> None:
+    epochs, lrs = curve["epoch"], curve.get("lr", [])
+    for i in _changes(lrs):
+        ax.axvline(epochs[i] - 0.5, color="0.5", linestyle=":", linewidth=1)
+        ax.annotate(f"lr {lrs[i]:.2g}", (epochs[i] - 0.5, 0.3), xycoords=("data", "axes fraction"),
+                    fontsize=7, rotation=90, va="bottom", ha="right", color="0.35")  # fmt: skip
+    for epoch in curve.get("resumed_at", []):
+        ax.axvline(epoch + 0.5, color="#c44e52", linestyle="--", linewidth=1)
+        ax.annotate("resumed", (epoch + 0.5, 0.3), xycoords=("data", "axes fraction"),
+                    fontsize=7, rotation=90, va="bottom", ha="left", color="#c44e52")  # fmt: skip
+
+
+def plot_curves(curves: list[dict[str, Any]]) -> bytes:
+    """Loss curves: one panel for all pretraining stages (reconstruction loss per layer),
+    one per other stage (loss, validation loss, accuracy on a second axis). ``curves``:
+    ``{"stage", "kind", "epoch": [1-based], "loss": [...], "lr": [...], "accuracy"?,
+    "val_loss"?, "val_accuracy"?, "resumed_at": [epochs]}``."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    pre = [c for c in curves if c["kind"] == "pretrain"]
+    rest = [c for c in curves if c["kind"] != "pretrain"]
+    panels = ([pre] if pre else []) + [[c] for c in rest]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 3.6))
+    axes = np.atleast_1d(axes)
+    for ax, group in zip(axes, panels, strict=False):
+        if group[0]["kind"] == "pretrain":
+            for c in group:
+                ax.plot(
+                    c["epoch"], c["loss"], marker=".", label=f"{c['stage']} (layer {c['layer']})"
+                )
+                _mark_epochs(ax, c)
+            ax.set_title("pretraining: reconstruction loss per layer")
+        else:
+            c = group[0]
+            ax.plot(c["epoch"], c["loss"], marker=".", label="loss", color="#4c72b0")
+            if c.get("val_loss"):
+                ax.plot(c["epoch"], c["val_loss"], marker=".", label="val loss", color="#55a868")
+            _mark_epochs(ax, c)
+            ax.set_title(f"{c['stage']}: loss and accuracy")
+            accs = [(k, c[k]) for k in ("accuracy", "val_accuracy") if c.get(k)]
+            if accs:
+                ax2 = ax.twinx()
+                for (k, v), color in zip(accs, ("#dd8452", "#c44e52"), strict=False):
+                    ax2.plot(c["epoch"], v, linestyle="--", label=k.replace("_", " "), color=color)
+                ax2.set_ylabel("accuracy")
+                ax2.legend(loc="center right", fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("loss")
+        ax.legend(loc="best" if group[0]["kind"] == "pretrain" else "upper center", fontsize=8)
+        ax.grid(alpha=0.3)
+    if not panels:
+        axes[0].text(0.5, 0.5, "no epochs recorded yet", ha="center", va="center")
+        axes[0].set_axis_off()
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def plot_confusion(matrix: list[list[int]]) -> bytes:
+    """The confusion matrix as a heat map with the counts written in."""
+    plt = _pyplot()
+    m = np.asarray(matrix)
+    n = len(m)
+    fig, ax = plt.subplots(figsize=(0.45 * n + 2.2, 0.45 * n + 1.8))
+    ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > m.max() / 2 else "black")  # fmt: skip
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"test set: {int(m.sum())} samples")
+    return png_bytes(fig)
+
+
+def plot_workers(rows: list[dict[str, Any]]) -> bytes:
+    """Per rank: samples/s, and each rank's step time split into compute, communication,
+    input wait, waiting for others and checkpoint writes (shares, stacked)."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 1.8))
+    ranks = [f"rank {r['rank']}" for r in rows]
+    y = np.arange(len(rows))
+    ax1.barh(y, [r["samples_per_s"] for r in rows], color="#4c72b0")
+    ax1.set_yticks(y, ranks)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("samples/s")
+    ax1.set_title("throughput")
+    left = np.zeros(len(rows))
+    for part, color in COLORS.items():
+        share = np.array([r["shares"].get(part, 0.0) for r in rows])
+        ax2.barh(y, share, left=left, color=color, label=part)
+        left += share
+    ax2.set_yticks(y, ranks)
+    ax2.invert_yaxis()
+    ax2.set_xlim(0, 1)
+    ax2.set_xlabel("share of step time")
+    ax2.set_title("where the time went")
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def plot_staleness(hists: dict[str, dict[int, int]]) -> bytes:
+    """One histogram of gradient staleness (updates behind) per worker."""
+    plt = _pyplot()
+    n = len(hists)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.6), squeeze=False)
+    for ax, (worker, hist) in zip(axes[0], sorted(hists.items()), strict=True):
+        keys = sorted(hist)
+        ax.bar(keys, [hist[k] for k in keys], color="#8172b3")
+        ax.set_title(f"worker {worker}")
+        ax.set_xlabel("staleness (updates)")
+    axes[0][0].set_ylabel("pushes")
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+TIMELINE_COLORS = {"forward": "#4c72b0", "backward": "#64b5cd", "optimizer_step": "#8172b3",
+                   "allreduce": "#dd8452", "push": "#dd8452", "pull": "#ccb974",
+                   "input_wait": "#55a868", "checkpoint": "#c44e52",
+                   "prepare_batch": "#937860"}  # fmt: skip
+
+
+def plot_timeline(events: list[dict[str, Any]], seconds: float = 0.25) -> bytes:
+    """``seconds`` of the trace from its middle forward pass, one row per (rank, thread)."""
+    plt = _pyplot()
+    spans = [e for e in events if e.get("ph") == "X"]
+    starts = sorted(e["ts"] for e in spans if e["name"] == "forward")
+    # from the middle forward pass of the run: past start-up, where the steady state shows
+    t0 = starts[len(starts) // 2] if starts else min((e["ts"] for e in spans), default=0)
+    t1 = t0 + seconds * 1e6
+    shown = [e for e in spans if e["ts"] <= t1 and e["ts"] + e["dur"] >= t0]
+    shown.sort(key=lambda e: -e["dur"])  # enclosing spans first, nested ones drawn on top
+    rows = sorted({(e["pid"], e["tid"]) for e in shown})
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.4))
+    for i, row in enumerate(rows):
+        for e in shown:
+            if (e["pid"], e["tid"]) != row:
+                continue
+            depth = 0.25 if e["name"] in ("allreduce", "push", "pull") else 0.0
+            ax.broken_barh([((e["ts"] - t0) / 1e3, max(e["dur"] / 1e3, 0.01))],
+                           (i - 0.4 + depth, 0.8 - depth),
+                           color=TIMELINE_COLORS.get(e["name"], "0.6"))  # fmt: skip
+    ax.set_yticks(range(len(rows)), [f"rank {p}" + (f" thread {t}" if t else "") for p, t in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, seconds * 1e3)
+    ax.set_xlabel("ms")
+    present = [n for n in TIMELINE_COLORS if any(e["name"] == n for e in shown)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=TIMELINE_COLORS[n]) for n in present]
+    ax.legend(handles, present, fontsize=7, ncol=5, loc="upper center",
+              bbox_to_anchor=(0.5, -0.3))  # fmt: skip
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def draw_layer_reconstructions(model: Any, k: int, x: np.ndarray, out: str | Path) -> str | None:
+    """``out/reconstructions-layer<k>.png``: 16 of layer k's inputs (codes of layers < k
+    of ``x`` (N, n_in)) above their reconstructions by autoencoder k; square inputs as
+    images, others as one row of pixels per sample. None for a model with no autoencoders."""
+    if not hasattr(model, "autoencoders"):
+        return None
+    from distnet import backend  # noqa: PLC0415
+
+    ae = model.autoencoders[k]
+    codes = model.encode(x[:16], k) if k else x[:16]
+    with ae.evaluating():  # no masking noise
+        recon = ae(codes).data
+    codes = np.asarray(backend.to_device(codes, "cpu"), np.float64)
+    recon = np.asarray(backend.to_device(recon, "cpu"), np.float64)
+    side = int(round(codes.shape[1] ** 0.5))
+    plt = _pyplot()
+    if side * side == codes.shape[1]:
+        fig, axes = plt.subplots(2, len(codes), figsize=(0.6 * len(codes), 1.4))
+        for j in range(len(codes)):
+            for row, data in enumerate((codes, recon)):
+                axes[row, j].imshow(data[j].reshape(side, side), cmap="gray", vmin=0, vmax=1)
+                axes[row, j].set_axis_off()
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 2.4))
+        for ax, data, title in zip(axes, (codes, recon), ("input", "reconstruction"), strict=True):
+            ax.imshow(data, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("unit")
+            ax.set_ylabel("sample")
+    fig.suptitle(f"layer {k}: inputs (top/left) and reconstructions", fontsize=9, y=1.06)
+    path = Path(out) / f"reconstructions-layer{k}.png"
+    path.write_bytes(png_bytes(fig))
+    return str(path)
