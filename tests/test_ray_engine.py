@@ -316,8 +316,19 @@ def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, di
     path = write_job(digits, "ps.toml", MLP_JOB.format(data="data", epochs=1))
     out = digits / "run-ps"
     job = load_job(path, {"run": {"out": str(out)}})
-    options = RayOptions(workers=worker_specs(2), strategy="ps", ps={"mode": "sync", "shards": 2})
+    options = RayOptions(
+        workers=worker_specs(2), strategy="ps", ps={"mode": "sync", "shards": 2}, trace=True
+    )
     report = run_ray_job(job, options, log=lambda line: None)
+    # the timeline has every worker's push and pull; the page shows each worker's staleness
+    events = json.loads((out / "trace.json").read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    for phase in ("push", "pull", "forward", "backward"):
+        assert {e["pid"] for e in events if e.get("name") == phase} == {0, 1}, phase
+    page = (out / "report.html").read_text()
+    data = json.loads(page.split('id="distnet-report-data">', 1)[1].split("</script>", 1)[0])
+    assert sorted(data["staleness"]) == ["0", "1"]  # sync: every update applied fresh
+    assert all(set(h) == {"0"} and h["0"] > 0 for h in data["staleness"].values())
     got = final_params(job, out)
     want = reference_params(job, 1, [[16, 16]])
     assert np.max(np.abs(got - want)) < 1e-5

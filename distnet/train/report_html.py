@@ -124,9 +124,19 @@ def workers(metrics: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
-def staleness(metrics: dict[int, list[dict[str, Any]]]) -> dict[str, dict[int, int]]:
-    """Histograms {worker: {staleness: count}} from records with a ``staleness`` field."""
+def staleness(
+    metrics: dict[int, list[dict[str, Any]]], ps_stats: list[dict[str, Any]] | None = None
+) -> dict[str, dict[int, int]]:
+    """Histograms {worker: {staleness: count}} from records with a ``staleness`` field and
+    from the parameter server's own counts (``report.json``'s ``ps_stats``, one entry per
+    stage, each with per-shard histograms per worker)."""
     hists: dict[str, dict[int, int]] = {}
+    for stage in ps_stats or []:
+        for shard in stage.get("shards", []):
+            for w, counts in enumerate(shard.get("staleness", [])):
+                hist = hists.setdefault(str(w), {})
+                for k, c in counts.items():
+                    hist[int(k)] = hist.get(int(k), 0) + int(c)
     for rank, rs in metrics.items():
         for r in rs:
             if "staleness" not in r:
@@ -173,7 +183,8 @@ def gather(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "run_dir": str(run_dir), "status": _status(run_dir, report), "info": info,
         "report": {k: v for k, v in report.items() if k not in ("job",)},
         "curves": curves(report, metrics), "workers": workers(metrics),
-        "staleness": staleness(metrics), "confusion_matrix": report.get("confusion_matrix"),
+        "staleness": staleness(metrics, report.get("ps_stats")),
+        "confusion_matrix": report.get("confusion_matrix"),
         "pictures": pictures, "layer_pictures": [str(p) for p in layers],
         "trace": {"events": len(events),
                   "ranks": sorted({e["pid"] for e in events if e.get("ph") == "X"})},

@@ -234,6 +234,10 @@ class WorkerActor:
                 saved["ps_stats"] = setup.ps_stats
             path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
             path.with_suffix(".tmp").replace(path)
+            if setup.ps_stats:  # the page shows the servers' staleness histograms too
+                from distnet.train.report_html import write_html_report  # noqa: PLC0415
+
+                write_html_report(path.parent)
         return report
 
     def apply(self, fn: Any, *args: Any) -> Any:
