@@ -25,13 +25,13 @@ from distnet.parallel.rayengine import (  # noqa: E402
     RayJob,
     RayOptions,
     WorkerSpec,
-    run_ray_job,
     set_batch_sizes,
     start_ray,
     worker_specs,
 )
 from distnet.train.checkpoint import load_checkpoint  # noqa: E402
 from distnet.train.job import _make_optimizer, build_model, load_job, run_job  # noqa: E402
+from distnet.train.rayjob import run_rank, run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -256,7 +256,7 @@ def test_killed_worker_is_replaced_and_every_sample_counts_once(ray_cluster, dig
     # rank 1 exits hard after its 50th step: in epoch 1 (42 steps an epoch)
     options = RayOptions(workers=worker_specs(2), fail_at_step={1: 50}, sample_log=str(log_dir),
                          min_workers=1, replace_lost=replace)  # fmt: skip
-    rj = RayJob(options, log=lambda line: None)
+    rj = RayJob(options, log=lambda line: None, task=run_rank)
     report = rj.run(job)
     assert report["generation"] == 2 and len(report["failures"]) == 1
     assert report["workers"] == (2 if replace else 1)
@@ -281,10 +281,10 @@ def test_killed_worker_is_replaced_and_every_sample_counts_once(ray_cluster, dig
 
 
 def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits):
-    path = write_job(digits, "sigint.toml", MLP_JOB.format(data="data", epochs=40))
+    path = write_job(digits, "sigint.toml", MLP_JOB.format(data="data", epochs=400))
     out = digits / "run-sigint"
     job = load_job(path, {"run": {"out": str(out)}})
-    rj = RayJob(RayOptions(workers=worker_specs(2)), log=lambda line: None)
+    rj = RayJob(RayOptions(workers=worker_specs(2)), log=lambda line: None, task=run_rank)
 
     def interrupt_after_two_epochs():
         deadline = time.monotonic() + 90

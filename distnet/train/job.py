@@ -402,8 +402,9 @@ def run(args: argparse.Namespace) -> int:
     if dist_overrides(args):
         overrides.setdefault("dist", {}).update(dist_overrides(args))
     from distnet.data import DatasetError  # noqa: PLC0415
-    from distnet.parallel.rayengine import RayEngineError, options_from_job, run_ray_job  # noqa: PLC0415
+    from distnet.parallel.rayengine import RayEngineError, options_from_job  # noqa: PLC0415
     from distnet.train.checkpoint import CheckpointError  # noqa: PLC0415
+    from distnet.train.rayjob import run_ray_job  # noqa: PLC0415
 
     log = (lambda line: None) if args.quiet else print
     try:

@@ -1,7 +1,8 @@
 """The Ray engine: workers as Ray actors, a torch-free Ray allreduce, heterogeneous shares,
 elastic workers. Nothing here imports ray until a job or a benchmark uses it.
 
-    from distnet.parallel.rayengine import RayOptions, run_ray_job, worker_specs
+    from distnet.parallel.rayengine import RayOptions, worker_specs
+    from distnet.train.rayjob import run_ray_job      # jobs are the train layer's
     report = run_ray_job(job, RayOptions(workers=worker_specs(2)))
 """
 
@@ -11,15 +12,17 @@ from distnet.parallel.rayengine.driver import (
     RayJob,
     RayOptions,
     WorkerSpec,
-    run_ray_job,
+    run_on_ray,
     start_ray,
     worker_specs,
 )
 from distnet.parallel.rayengine.jobs import options_from_job
 from distnet.parallel.rayengine.shares import ThroughputShares, set_batch_sizes
+from distnet.parallel.rayengine.worker import RankSetup
 
 __all__ = [
     "Mailbox",
+    "RankSetup",
     "RayCommunicator",
     "RayEngineError",
     "RayJob",
@@ -28,7 +31,7 @@ __all__ = [
     "WorkerLostError",
     "WorkerSpec",
     "options_from_job",
-    "run_ray_job",
+    "run_on_ray",
     "set_batch_sizes",
     "start_ray",
     "worker_specs",

@@ -142,8 +142,14 @@ def _remote_worker_class() -> Any:
 class RayJob:
     """One job's workers on Ray; ``run(job)`` returns rank 0's report."""
 
-    def __init__(self, options: RayOptions, log: Callable[[str], None] = print) -> None:
-        self.opt, self.log = options, log
+    def __init__(
+        self,
+        options: RayOptions,
+        log: Callable[[str], None] = print,
+        task: Callable[..., dict[str, Any]] | None = None,
+    ) -> None:
+        # task(comm, generation, job, spec, log) -> report: what every worker runs (``run``)
+        self.opt, self.log, self.task = options, log, task
         self.specs = list(options.workers)
         self.min_workers = options.min_workers or len(self.specs)
         if not 1 <= self.min_workers <= len(self.specs):
@@ -268,7 +274,11 @@ class RayJob:
         """One run of the job on the current group: rank 0's report, or the lost ranks."""
         import ray  # noqa: PLC0415
 
-        futures = [a.run.remote(job, self._rank_spec(r)) for r, a in enumerate(self.actors)]
+        if self.task is None:
+            raise RayEngineError("RayJob.run needs a task (see distnet.train.rayjob.run_rank)")
+        futures = [
+            a.run.remote(self.task, job, self._rank_spec(r)) for r, a in enumerate(self.actors)
+        ]
         pending = list(futures)
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
@@ -376,11 +386,16 @@ class RayJob:
             self._started_ray = False
 
 
-def run_ray_job(
-    job: dict[str, Any], options: RayOptions, log: Callable[[str], None] = print
+def run_on_ray(
+    job: dict[str, Any],
+    options: RayOptions,
+    task: Callable[..., dict[str, Any]],
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Runs a loaded job on Ray workers; returns rank 0's report (``rank`` 0)."""
+    """Runs ``task(comm, generation, job, spec, log)`` on every Ray worker (placement, group
+    set-up, failures, replacement); returns rank 0's result. ``distnet.train.rayjob`` runs
+    jobs with it."""
     started = time.perf_counter()
-    report = RayJob(options, log).run(job)
+    report = RayJob(options, log, task).run(job)
     report["driver_seconds"] = round(time.perf_counter() - started, 3)
     return report

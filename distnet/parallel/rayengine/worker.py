@@ -206,39 +206,14 @@ class WorkerActor:
             rank, size, peers, self.mailbox, generation=generation, timeout_s=timeout_s
         )
 
-    def run(self, job: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-        """Runs the whole job (every stage) on this rank; returns the report."""
-        from distnet.train.job import run_job  # noqa: PLC0415
-
+    def run(self, task: Any, job: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+        """``task(comm, generation, job, spec, log)`` on this rank: the whole job (every
+        stage); returns its report. The task comes from the layer that runs jobs
+        (``distnet.train.rayjob.run_rank``): this engine only hosts it."""
         if self.comm is None:
             raise RuntimeError("WorkerActor.run before setup")
-        setup = RankSetup(spec, self.comm, self.generation)
         log = self._log.put if self.comm.rank == 0 else (lambda line: None)
-        report = run_job(
-            job,
-            log,
-            comm=self.comm,
-            rank_setup=setup,
-            trace=bool(spec.get("trace")),
-            progress="lines",
-        )
-        report["shares"] = setup.shares
-        report["steps"] = setup.steps
-        if setup.ps_stats:
-            report["ps_stats"] = setup.ps_stats
-        path = Path(job["run"]["out"]) / "report.json"
-        if self.comm.rank == 0 and path.exists():  # the run's report shows the shares too
-            saved = json.loads(path.read_text())
-            saved.update(shares=setup.shares, strategy=spec.get("strategy", "allreduce"))
-            if setup.ps_stats:
-                saved["ps_stats"] = setup.ps_stats
-            path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
-            path.with_suffix(".tmp").replace(path)
-            if setup.ps_stats:  # the page shows the servers' staleness histograms too
-                from distnet.train.report_html import write_html_report  # noqa: PLC0415
-
-                write_html_report(path.parent)
-        return report
+        return task(self.comm, self.generation, job, spec, log)
 
     def apply(self, fn: Any, *args: Any) -> Any:
         """``fn(comm, *args)`` on this worker (collectives in tests and benchmarks)."""

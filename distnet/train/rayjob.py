@@ -1,0 +1,52 @@
+"""Jobs on the Ray engine: what each Ray worker runs (``run_rank``), and ``run_ray_job``.
+
+The engine (``distnet.parallel.rayengine``) places the workers, joins them into a group with a
+``RayCommunicator``, replaces lost ones and hosts a task; running a *job* belongs to this
+layer, so the task is defined here and handed down (the engine never imports ``train``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distnet.parallel.rayengine import RankSetup, RayOptions, run_on_ray
+
+
+def run_rank(
+    comm: Any, generation: int, job: dict[str, Any], spec: dict[str, Any], log: Any
+) -> dict[str, Any]:
+    """One Ray worker's part of ``job``: every stage, the same code as an MPI rank runs, with
+    this worker's device, batch share and optimiser wrapping (``spec``); returns its report."""
+    from distnet.train.job import run_job  # noqa: PLC0415
+
+    setup = RankSetup(spec, comm, generation)
+    report = run_job(
+        job, log, comm=comm, rank_setup=setup, trace=bool(spec.get("trace")), progress="lines"
+    )
+    report["shares"] = setup.shares
+    report["steps"] = setup.steps
+    if setup.ps_stats:
+        report["ps_stats"] = setup.ps_stats
+    path = Path(job["run"]["out"]) / "report.json"
+    if comm.rank == 0 and path.exists():  # the run's report shows the shares too
+        saved = json.loads(path.read_text())
+        saved.update(shares=setup.shares, strategy=spec.get("strategy", "allreduce"))
+        if setup.ps_stats:
+            saved["ps_stats"] = setup.ps_stats
+        path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
+        path.with_suffix(".tmp").replace(path)
+        if setup.ps_stats:  # the page shows the servers' staleness histograms too
+            from distnet.train.report_html import write_html_report  # noqa: PLC0415
+
+            write_html_report(path.parent)
+    return report
+
+
+def run_ray_job(
+    job: dict[str, Any], options: RayOptions, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Runs a loaded job on Ray workers; returns rank 0's report (``rank`` 0)."""
+    return run_on_ray(job, options, run_rank, log)
