@@ -15,6 +15,7 @@ each epoch when the loader has it). With ``y=None`` the objective is ``model.los
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -94,14 +95,32 @@ def _like_model(batch: Any, model: Any) -> Any:
     return on_device_of(model, batch)
 
 
-def _check_finite(loss_value: float, model: Any, grads: Any, step: int, epoch: int, batch: int):
+def _check_finite(
+    loss_value: float,
+    model: Any,
+    grads: Any,
+    step: int,
+    epoch: int,
+    batch: int,
+    comm: Any = None,
+) -> None:
+    """Raises NonFiniteError naming the step, the rank(s) whose loss went non-finite and the
+    first non-finite parameter. Under a distributed optimiser ``grads`` are already reduced,
+    so every rank sees the same and raises together; the ranks' own losses (gathered only on
+    this rare path) say whose batch it came from."""
     xp = backend.array_module(grads)
-    grads_ok = bool(xp.isfinite(grads).all())
-    if grads_ok and np.isfinite(loss_value):
+    if bool(xp.isfinite(grads).all()) and np.isfinite(loss_value):
         return
+    where = f"step {step} (epoch {epoch}, batch {batch})"
+    if comm is not None and comm.size > 1:
+        losses = comm.allgather(float(loss_value))
+        culprits = [r for r, v in enumerate(losses) if not np.isfinite(v)]
+        if culprits:
+            where += f" from rank(s) {culprits} (their loss: {[losses[r] for r in culprits]})"
+        else:
+            where += " (every rank's loss is finite: a gradient overflowed after the loss)"
     named = list(model.named_parameters())
     bad = [name for name, p in named if p.grad is not None and not xp.isfinite(p.grad).all()]
-    where = f"step {step} (epoch {epoch}, batch {batch})"
     if bad:
         # backward runs output layer first, so the last bad parameter went non-finite first
         first = bad[-1]
@@ -133,6 +152,7 @@ def fit(
     lr: float | None = None,
     verbose: int = 0,
     check_finite: bool = True,
+    on_nonfinite: str = "stop",
 ) -> History:
     """Trains ``model`` for ``epochs - initial_epoch`` epochs (Keras's ``fit``).
 
@@ -155,13 +175,18 @@ def fit(
         initial_epoch: epoch to start at (resuming); ``seed`` fixes the shuffling order,
             a function of (seed, epoch); by default drawn from ``distnet.backend``'s generator.
         verbose: 1 adds a ``ProgressBar``.
-        check_finite: stop with ``NonFiniteError`` naming the step and parameter when the
-            loss or a gradient is NaN/inf (checked before ``optimizer.step()``).
+        check_finite: check the loss and the (reduced) gradients before every
+            ``optimizer.step()``; the parameters never take a NaN/inf step.
+        on_nonfinite: 'stop' raises ``NonFiniteError`` naming the step, the rank(s) and the
+            parameter; 'skip' drops that step on every rank (a warning names the same; the
+            count per epoch is ``history["skipped_steps"]``) and training goes on.
     Returns:
         ``History``: ``history["loss"]``, ``["val_loss"]``, ... one value per epoch.
     """
     from distnet.train.callbacks import ProgressBar  # noqa: PLC0415
 
+    if on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     objective = Objective(loss, metrics)
     optimizer = make_optimizer(optimizer, model, lr)
     grads = getattr(optimizer, "flat_grads", None)
@@ -205,7 +230,7 @@ def fit(
         callback_list.on_epoch_begin(epoch, {})
         model.train()
         sums = _zero_sums(objective)
-        seen = 0
+        seen = skipped = 0
         for b, (xb, yb, share) in enumerate(trace.timed(batches, "input_wait")):
             xb, yb = _like_model(xb, model), _like_model(yb, model)
             n = len(xb)
@@ -225,7 +250,16 @@ def fit(
             if check_finite:
                 if synchronize is not None:
                     synchronize()
-                _check_finite(loss_value, model, grads, loop.step, epoch, b)
+                try:
+                    _check_finite(loss_value, model, grads, loop.step, epoch, b, comm)
+                except NonFiniteError as e:
+                    if on_nonfinite == "stop":
+                        raise
+                    warnings.warn(f"skipped: {e}", RuntimeWarning, stacklevel=2)
+                    skipped += 1
+                    optimizer.zero_grad()  # the same reduced gradients on every rank: all skip
+                    loop.step += 1
+                    continue
             with trace.span("optimizer_step"):  # and the allreduce, unless synchronize() ran it
                 optimizer.step()
             loop.step += 1
@@ -235,6 +269,8 @@ def fit(
                 sums[k] = sums.get(k, 0.0) + v * n
             callback_list.on_batch_end(b, {**batch_logs, "size": n, "step": loop.step})
         logs = _epoch_means(sums, seen, comm)
+        if on_nonfinite == "skip":  # the same count on every rank: they skip together
+            logs["skipped_steps"] = skipped
         if validation_data is not None:
             xv, yv = _split_validation(validation_data)
             val_sums, val_seen = _evaluate_sums(model, xv, yv, max(batch_size, 256), objective)

@@ -231,7 +231,7 @@ def build_stages(
             try:
                 model.pretrain_layer(
                     k, loader, epochs=pre["epochs"], optimizer=opt, seed=seed + k,
-                    initial_epoch=start,
+                    initial_epoch=start, on_nonfinite=job["run"]["on_nonfinite"],
                     callbacks=[RankNoise(seed, ctx.index, rank), saver, *watch(ctx)],
                 )  # fmt: skip
             finally:  # the next stage's wrapper must be the only one reducing
@@ -258,6 +258,7 @@ def build_stages(
                 optimizer=opt,
                 seed=seed + 100,
                 initial_epoch=start,
+                on_nonfinite=job["run"]["on_nonfinite"],
                 callbacks=[
                     RankNoise(seed, ctx.index, rank),
                     saver,

@@ -166,9 +166,38 @@ def nan_on_one_rank_stops_all(comm) -> None:
     try:
         fit(model, x, y, batch_size=16, epochs=1, optimizer=opt, shuffle=False)
     except NonFiniteError as e:
-        assert "step 1" in str(e), e
+        assert "step 1" in str(e) and "from rank(s) [1]" in str(e), e  # whose batch it was
+        assert "'0.weight'" in str(e) or "weight" in str(e), e
     else:
         raise AssertionError(f"rank {comm.rank}: no NonFiniteError")
+    opt.close()
+
+
+def nan_on_one_rank_is_skipped_by_all(comm) -> None:
+    """on_nonfinite='skip': every rank drops the same step, parameters stay finite, and the
+    ranks stay in step (identical parameters after training)."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    if comm.rank == 1:
+        x[24:28, 0] = np.nan  # in rank 1's part (rows 24..31) of the second global batch
+    model = small_model(3, 3)
+    opt = dist.DistributedOptimizer(optim.SGD(model, lr=0.1), comm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(model, x, y, batch_size=16, epochs=2, optimizer=opt, shuffle=False,
+                      on_nonfinite="skip")  # fmt: skip
+    assert history["skipped_steps"] == [1.0, 1.0], history.history  # the same batch each epoch
+    assert any("from rank(s) [1]" in str(w.message) for w in caught), [
+        str(w.message) for w in caught
+    ]
+    params = model.flat_params()
+    assert np.isfinite(params).all()
+    everyone = comm.allgather(params.copy())
+    assert all(np.array_equal(p, everyone[0]) for p in everyone)
+    assert np.isfinite(history["loss"]).all()
     opt.close()
 
 
@@ -181,6 +210,7 @@ def main() -> None:
         "validation": lambda: validation_is_averaged(comm),
         "accumulation": lambda: accumulation_with_overlap(comm),
         "nan": lambda: nan_on_one_rank_stops_all(comm),
+        "nan-skip": lambda: nan_on_one_rank_is_skipped_by_all(comm),
     }
     for name in sys.argv[2].split(",") if len(sys.argv) > 2 else checks:
         checks[name]()
