@@ -41,13 +41,40 @@ def _read_exact(f: IO[bytes], n: int, path: Any, what: str) -> bytes:
     return data
 
 
+def _data_bytes(path: Any) -> int:
+    """Bytes after decompression: the file size, or a gzip's ISIZE trailer (mod 2**32)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return size
+        if size < 18:
+            raise DatasetError(str(path), "truncated gzip file")
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
+
+
 def _idx_header(f: IO[bytes], path: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header; refuses a header that the file's size contradicts
+    (a truncated, padded or corrupt file) before any data is read."""
     magic = _read_exact(f, 4, path, "header")
     if magic[:2] != b"\0\0" or magic[2] not in IDX_DTYPES or magic[3] == 0:
         raise DatasetError(str(path), f"not an IDX file (magic bytes {magic.hex()})")
     ndim = magic[3]
     shape = tuple(int(d) for d in np.frombuffer(_read_exact(f, 4 * ndim, path, "shape"), ">u4"))
-    return shape, np.dtype(IDX_DTYPES[magic[2]])
+    dtype = np.dtype(IDX_DTYPES[magic[2]])
+    if 0 in shape[1:]:
+        raise DatasetError(str(path), f"IDX header gives an empty sample shape {shape}")
+    expected = 4 + 4 * ndim + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    actual = _data_bytes(path)
+    gz = isinstance(f, gzip.GzipFile)
+    if (expected % 2**32 if gz else expected) != actual:
+        raise DatasetError(
+            str(path),
+            f"IDX header says shape {shape} of {dtype} ({expected} bytes with the header) "
+            f"but the file holds {'(mod 2**32) ' if gz else ''}{actual} bytes: "
+            "truncated or corrupt",
+        )
+    return shape, dtype
 
 
 def iter_idx(

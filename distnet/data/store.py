@@ -38,6 +38,20 @@ class DatasetError(ValueError):
         self.store, self.array, self.chunk = store, array, chunk
 
 
+def _all_fill(block: np.ndarray, arr: Any) -> bool:
+    """Whether every value of ``block`` is ``arr``'s fill value (first element tested first)."""
+    fill = arr.fill_value
+    return bool(block.flat[0] == fill) and bool((block == fill).all())
+
+
+def _chunk_exists(arr: Any, i: int) -> bool:
+    """Whether chunk ``i`` (along axis 0) of zarr array ``arr`` has a stored file/object."""
+    from zarr.core.sync import sync  # noqa: PLC0415
+
+    key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+    return bool(sync((arr.store_path / key).exists()))
+
+
 def _open_group(path: str, mode: str, storage_options: dict[str, Any] | None) -> Any:
     import zarr  # noqa: PLC0415  (keeps `import distnet.data` light)
 
@@ -120,6 +134,14 @@ class Dataset:
                 raise DatasetError(
                     self.path, f"decoded {block.shape[0]} samples, expected {stop - start}", name, i
                 )
+            if block.size and _all_fill(block, arr) and not _chunk_exists(arr, i):
+                # zarr reads a missing chunk file as fill values: silently wrong training data
+                raise DatasetError(self.path, "chunk file is missing", name, i)
+            if name == "y" and block.dtype.kind in "iu" and self.num_classes is not None:
+                if block.size and (int(block.min()) < 0 or int(block.max()) >= self.num_classes):
+                    raise DatasetError(
+                        self.path, f"label outside 0..{self.num_classes - 1}", name, i
+                    )
             if check_finite and block.dtype.kind == "f" and not np.isfinite(block).all():
                 bad = start + int(
                     np.flatnonzero(~np.isfinite(block).reshape(len(block), -1).all(axis=1))[0]
@@ -139,11 +161,13 @@ class Dataset:
         """Reads every chunk: missing chunk files, decode errors, NaN/inf, labels out of range."""
         for name, arr in (("x", self.x), ("y", self.y)):
             if arr is not None and arr.nchunks_initialized < arr.nchunks:
+                missing = [i for i in range(self.num_chunks) if not _chunk_exists(arr, i)]
+                shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
                 raise DatasetError(
                     self.path,
-                    f"{arr.nchunks - arr.nchunks_initialized} of "
-                    f"{arr.nchunks} chunk files are missing",
+                    f"chunk file is missing ({len(missing)} of {arr.nchunks} missing: {shown})",
                     name,
+                    missing[0] if missing else None,
                 )
         for i in range(self.num_chunks):
             _, y = self.read_chunk(i, check_finite=True)

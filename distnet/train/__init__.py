@@ -11,6 +11,7 @@ from distnet.train.callbacks import (
     ReduceLROnPlateau,
 )
 from distnet.train.checkpoint import (
+    CheckpointError,
     is_complete,
     latest_checkpoint,
     load_checkpoint,
@@ -36,6 +37,7 @@ __all__ = [
     "ProgressBar",
     "save_checkpoint",
     "load_checkpoint",
+    "CheckpointError",
     "read_manifest",
     "is_complete",
     "latest_checkpoint",

@@ -14,6 +14,7 @@ the directory does not count as a checkpoint): never a half-written checkpoint a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -26,6 +27,28 @@ from distnet import backend
 
 FORMAT = "distnet-checkpoint/1"
 MANIFEST = "manifest.json"
+# manifest key -> the JSON types it may hold (a manifest edited into anything else is refused)
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "arrays": (str,),
+    "arrays_sha256": (str,),
+    "model_class": (str,),
+    "optimizer_class": (str, type(None)),
+    "optimizer": (dict, type(None)),
+    "loader": (dict, type(None)),
+    "rng": (dict, type(None)),
+    "extra": (dict,),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, tampered with, or does not fit what loads it (names the
+    checkpoint and the key)."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fsync_write(path: Path, write: Any) -> None:
@@ -113,6 +136,7 @@ def save_checkpoint(
     }
     tmp_arrays = path / f".{arrays_name}.tmp"
     _fsync_write(tmp_arrays, lambda f: np.savez(f, **arrays))
+    manifest["arrays_sha256"] = _sha256(tmp_arrays)  # load refuses arrays that differ
     os.replace(tmp_arrays, path / arrays_name)
     tmp_manifest = path / f".{MANIFEST}.{token}.tmp"
     text = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -132,20 +156,34 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
         manifest = json.loads((path / MANIFEST).read_text())
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
-    return manifest if manifest.get("format") == FORMAT else None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
 
 
 def is_complete(path: str | os.PathLike) -> bool:
     """True when ``path`` holds a committed checkpoint (manifest and its arrays file)."""
     manifest = _read_manifest(Path(path))
-    return manifest is not None and (Path(path) / manifest["arrays"]).is_file()
+    if manifest is None or not isinstance(manifest.get("arrays"), str):
+        return False
+    return (Path(path) / Path(manifest["arrays"]).name).is_file()
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a complete checkpoint (no arrays loaded)."""
+    """The manifest of a complete checkpoint (no arrays loaded), its keys' types checked."""
     if not is_complete(path):
         raise FileNotFoundError(f"{path}: no complete checkpoint (missing or never committed)")
-    return _read_manifest(Path(path))  # type: ignore[return-value]
+    manifest = _read_manifest(Path(path))
+    assert manifest is not None
+    for key, types in _MANIFEST_TYPES.items():
+        if key == "arrays_sha256" and key not in manifest:
+            continue  # written before checksums were recorded
+        if key not in manifest:
+            raise CheckpointError(f"{path}/{MANIFEST}: key {key!r} is missing")
+        if not isinstance(manifest[key], types):
+            got = type(manifest[key]).__name__
+            raise CheckpointError(f"{path}/{MANIFEST}: key {key!r} has a {got} value")
+    if Path(manifest["arrays"]).name != manifest["arrays"]:
+        raise CheckpointError(f"{path}/{MANIFEST}: 'arrays' must name a file in the checkpoint")
+    return manifest
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -170,30 +208,44 @@ def load_checkpoint(
         the extras (``step``, ``stage``, ``epoch``, array extras, ...) plus ``"manifest"``.
     Raises:
         FileNotFoundError: no complete checkpoint at ``path``.
-        KeyError / ValueError: the model or optimiser does not match (names the keys).
+        CheckpointError: a damaged or tampered checkpoint (checksum, manifest types), or one
+            that does not fit the model / optimiser / loader (names the keys).
     """
     path = Path(path)
     manifest = read_manifest(path)
-    with np.load(path / manifest["arrays"], allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    if model is not None:
-        state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
-        model.load_state_dict(state)
-    if optimizer is not None:
-        if manifest["optimizer"] is None:
-            raise KeyError(f"{path}: the checkpoint holds no optimiser state")
-        if manifest["optimizer_class"] != _optimizer_class(optimizer):
-            raise TypeError(
-                f"{path}: optimiser state of {manifest['optimizer_class']}, "
-                f"loading into {_optimizer_class(optimizer)}"
-            )
-        state = dict(manifest["optimizer"])
-        state.update({k[10:]: v for k, v in arrays.items() if k.startswith("optimizer/")})
-        optimizer.load_state_dict(state)
-    if loader is not None and manifest["loader"] is not None:
-        loader.load_state_dict(manifest["loader"])
-    if restore_rng and manifest["rng"] is not None:
-        backend.default_rng().bit_generator.state = manifest["rng"]
+    arrays_path = path / manifest["arrays"]
+    if "arrays_sha256" in manifest and _sha256(arrays_path) != manifest["arrays_sha256"]:
+        raise CheckpointError(
+            f"{arrays_path}: contents differ from the manifest's sha256 (corrupt or tampered)"
+        )
+    try:
+        with np.load(arrays_path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError) as e:  # never unpickles: object arrays refused
+        raise CheckpointError(f"{arrays_path}: cannot read: {e}") from None
+    try:
+        if model is not None:
+            state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
+            model.load_state_dict(state)
+        if optimizer is not None:
+            if manifest["optimizer"] is None:
+                raise CheckpointError(f"{path}: the checkpoint holds no optimiser state")
+            if manifest["optimizer_class"] != _optimizer_class(optimizer):
+                raise CheckpointError(
+                    f"{path}: optimiser state of {manifest['optimizer_class']}, "
+                    f"loading into {_optimizer_class(optimizer)}"
+                )
+            state = dict(manifest["optimizer"])
+            state.update({k[10:]: v for k, v in arrays.items() if k.startswith("optimizer/")})
+            optimizer.load_state_dict(state)
+        if loader is not None and manifest["loader"] is not None:
+            loader.load_state_dict(manifest["loader"])
+        if restore_rng and manifest["rng"] is not None:
+            backend.default_rng().bit_generator.state = manifest["rng"]
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError) as e:  # shapes, names, classes that do not fit
+        raise CheckpointError(f"{path}: does not fit what loads it: {e}") from None
     out = dict(manifest["extra"])
     out.update({k[6:]: v for k, v in arrays.items() if k.startswith("extra/")})
     out["manifest"] = manifest
