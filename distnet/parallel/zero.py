@@ -76,8 +76,8 @@ class ShardedOptimizer:
         self.comm = comm
         self.params = list(optimizer.params)
         self.batch_share = batch_share
-        self.full_params = optimizer.flat_params
-        self.full_grads = optimizer.flat_grads
+        self.full_params = self.flat_params = optimizer.flat_params
+        self.full_grads = self.flat_grads = optimizer.flat_grads  # callers see whole buffers
         n = self.full_params.size
         self.bounds = shard_bounds(n, comm.size)
         self.lo, self.hi = self.bounds[comm.rank]

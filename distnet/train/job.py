@@ -85,7 +85,18 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
     job = jobspec.validate(jobspec.merge(raw, overrides or {}), str(path))
     if not job["data"]["train"]:
         raise JobError(f"{path}: [data] train: expected the path or URL of a distnet store")
+    layers = len(job["model"]["hidden"])
+    for key in ("epochs", "lr", "corruption"):
+        value = job["pretrain"][key]
+        if isinstance(value, list) and len(value) != layers:
+            raise JobError(f"{path}: [pretrain] {key}: expected one value or {layers} (one per "
+                           f"hidden layer of {job['model']['hidden']}), got {value!r}")  # fmt: skip
     return job
+
+
+def per_layer(value: Any, k: int) -> Any:
+    """Layer k's value of a [pretrain] key given once for all layers or as a list."""
+    return value[k] if isinstance(value, list) else value
 
 
 def read_store(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -201,8 +212,12 @@ def build_stages(
     log: Callable[[str], None],
     on_pretrained: Callable[[int], None],
     rank: int = 0,
+    layer_loader: Callable[[int], Any] | None = None,
 ) -> list:
-    """Pretraining stages (stacked autoencoders) and the supervised stage."""
+    """Pretraining stages (stacked autoencoders) and the supervised stage.
+
+    ``layer_loader(k)`` (collective) may return a loader of layer k's input codes (then
+    closed after the stage), or None to compute them from ``loader`` batch by batch."""
     from distnet.optim import Adam  # noqa: PLC0415
     from distnet.train.callbacks import ReduceLROnPlateau  # noqa: PLC0415
     from distnet.train.fit import fit  # noqa: PLC0415
@@ -213,17 +228,20 @@ def build_stages(
 
     def pretrain(k: int) -> Callable[[Any], dict[str, Any]]:
         def fn(ctx: Any) -> dict[str, Any]:
-            opt = wrap(Adam(model.autoencoders[k], lr=pre["lr"]))
-            start = ctx.restore(opt)
+            opt = wrap(Adam(model.autoencoders[k], lr=per_layer(pre["lr"], k)))
+            start = ctx.restore(opt)  # before the codes: they come from the restored encoders
             saver = ctx.epoch_checkpoint(opt)
+            codes = layer_loader(k) if layer_loader is not None and k > 0 else None
             try:
                 model.pretrain_layer(
-                    k, loader, epochs=pre["epochs"], optimizer=opt, seed=seed + k,
-                    initial_epoch=start,
+                    k, codes or loader, epochs=per_layer(pre["epochs"], k), optimizer=opt,
+                    seed=seed + k, initial_epoch=start, encoded=codes is not None,
                     callbacks=[RankNoise(seed, ctx.index, rank), saver, EpochPrinter(log, every)],
                 )  # fmt: skip
             finally:  # the next stage's wrapper must be the only one reducing
                 getattr(opt, "close", lambda: None)()
+                if codes is not None:
+                    codes.close()
             if ctx.writer:
                 on_pretrained(k)
             return {"kind": "pretrain", "layer": k, "history": saver.history}
@@ -303,6 +321,10 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
     def wrap(opt: Any) -> Any:
         if size == 1:
             return opt
+        if job["dist"]["shard_optimizer"]:
+            from distnet.parallel.zero import ShardedOptimizer  # noqa: PLC0415
+
+            return ShardedOptimizer(opt, comm)
         return distributed.DistributedOptimizer(
             opt, comm, bucket_mb=job["dist"]["bucket_mb"], compression=compression
         )
@@ -318,7 +340,10 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
         if k == 0 and job["run"]["pictures"] and x_test is not None:
             draw_pictures(model, x_test, out)
 
-    stages = build_stages(job, model, loader, wrap, say, after_pretraining, rank)
+    layer_loader = _codes_loaders(job, model, train, loader, comm, out) if hasattr(
+        model, "autoencoders"
+    ) else None  # fmt: skip
+    stages = build_stages(job, model, loader, wrap, say, after_pretraining, rank, layer_loader)
     try:
         table = Pipeline(out, model, stages, writer=rank == 0, log=say).run()
     finally:
@@ -345,6 +370,32 @@ def run_job(job: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
     comm.barrier()
     report["rank"] = rank
     return report
+
+
+def _codes_loaders(job: dict, model: Any, train: Any, loader: Any, comm: Any, out: Path) -> Any:
+    """``layer_loader(k)`` for build_stages: a StreamLoader over the codes store of layer k
+    (written once, see ``distnet.train.codes``) when [pretrain] cache_codes says so, with
+    the input loader's batch split and order; None to recompute the codes every batch."""
+    from distnet.data import StreamLoader  # noqa: PLC0415
+    from distnet.train.codes import CodesCache, should_cache  # noqa: PLC0415
+
+    cache = CodesCache(model, train, out / "codes", comm, loader.transform)
+
+    def layer_loader(k: int) -> Any:
+        choice = job["pretrain"]["cache_codes"]
+        if choice == "auto":  # rank 0 decides: free disk may differ between nodes
+            epochs = per_layer(job["pretrain"]["epochs"], k)
+            width = int(model.layer_sizes[k])
+            mine = should_cache(epochs, len(train), width, out, loader.device)
+            choice = comm.allgather(mine)[0]
+        if not choice:
+            return None
+        return StreamLoader(
+            cache.store(k), loader.batch_size, rank=comm.rank, world_size=comm.size,
+            seed=loader.seed, shuffle_chunks=loader.shuffle_chunks, device=loader.device,
+        )  # fmt: skip
+
+    return layer_loader
 
 
 def run(args: argparse.Namespace) -> int:
