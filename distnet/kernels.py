@@ -70,9 +70,16 @@ def implementation() -> str:
     return "numba" if _numba() is not None else "numpy"
 
 
+MIN_ELEMENTS = 1 << 16
+"""Below this many elements numpy runs: a thread team's start-up outweighs one pass over a
+small array, and a small model (``distnet demo``) then never imports or compiles numba."""
+
+
 def _compiled(*arrays: Any) -> ModuleType | None:
     """The numba kernels when every array suits them (CPU, float32/64, C-contiguous, one
-    dtype), else None (then the numpy formulas run)."""
+    dtype, at least ``MIN_ELEMENTS``), else None (then the numpy formulas run)."""
+    if arrays[0].size < MIN_ELEMENTS:
+        return None
     nb = _numba()
     if nb is None:
         return None

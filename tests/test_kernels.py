@@ -13,6 +13,8 @@ import pytest
 
 from distnet import kernels
 
+SMALL = kernels.MIN_ELEMENTS  # arrays of at least this size take the compiled path
+
 needs_numba = pytest.mark.skipif(
     kernels.implementation() != "numba", reason="numba not importable or DISTNET_KERNELS=numpy"
 )
@@ -55,7 +57,7 @@ OPTIMISERS = {
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(OPTIMISERS))
 def test_optimiser_kernels_match_numpy(name, dtype, monkeypatch):
-    p, g, v = _buffers(10_007, dtype, 3)
+    p, g, v = _buffers(SMALL + 7, dtype, 3)
     w = np.empty_like(p)
     (pf, _, vf, _), (pr, _, vr, _) = _both(OPTIMISERS[name], p, g, v, w, monkeypatch=monkeypatch)
     tol = 1e-5 if dtype == np.float32 else 1e-12
@@ -68,7 +70,7 @@ def test_optimiser_kernels_match_numpy(name, dtype, monkeypatch):
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_rmsprop_variants_match_numpy(centered, momentum, monkeypatch):
-    p, g, sq, ga, buf = _buffers(4099, np.float32, 5, seed=1)
+    p, g, sq, ga, buf = _buffers(SMALL + 99, np.float32, 5, seed=1)
     sq, ga = np.abs(sq) + 1.0, ga * 0.1  # centered: sq - ga^2 stays positive
 
     def update(p, g, sq, ga, buf, w):
@@ -84,9 +86,9 @@ def test_rmsprop_variants_match_numpy(centered, momentum, monkeypatch):
 @pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
 def test_activation_kernels_match_numpy(activation, monkeypatch):
     rng = np.random.default_rng(2)
-    z = rng.standard_normal((33, 70)).astype(np.float32) * 3
+    z = rng.standard_normal((1033, 70)).astype(np.float32) * 3
     bias = rng.standard_normal(70).astype(np.float32)
-    g = rng.standard_normal((33, 70)).astype(np.float32)
+    g = rng.standard_normal((1033, 70)).astype(np.float32)
     (zf, _), (zr, _) = _both(
         lambda z, b: kernels.bias_activation_(z, b, activation), z, bias, monkeypatch=monkeypatch
     )
@@ -107,7 +109,7 @@ def test_numpy_path_serves_float16_and_strided(numpy_only):
 
 def test_nan_gradient_reaches_parameters():
     """fastmath must not assume finite values: a NaN gradient shows up, not a silent 0."""
-    p, g, m, v = _buffers(1000, np.float32, 4)
+    p, g, m, v = _buffers(SMALL, np.float32, 4)
     v = np.abs(v)
     g[17] = np.nan
     kernels.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 1, np.empty_like(p))
@@ -149,10 +151,10 @@ def test_two_ranks_compile_into_one_empty_cache_together(tmp_path):
         "import numpy as np\n"
         "from distnet import kernels, nn, optim, functional\n"
         "assert kernels.implementation() == 'numba'\n"
-        "model = nn.Sequential(nn.Dense(8, 16, 'relu'), nn.Dense(16, 3))\n"
+        "model = nn.Sequential(nn.Dense(8, 300, 'relu'), nn.Dense(300, 300), nn.Dense(300, 3))\n"
         "opt = optim.Adam(model, lr=1e-2)\n"
-        "x = np.random.default_rng(0).random((32, 8), dtype=np.float32)\n"
-        "y = np.arange(32) % 3\n"
+        "x = np.random.default_rng(0).random((256, 8), dtype=np.float32)\n"
+        "y = np.arange(256) % 3\n"
         "for _ in range(3):\n"
         "    opt.zero_grad(); functional.cross_entropy(model(x), y).backward(); opt.step()\n"
         "print('ok', float(opt.flat_params.sum()))\n"
@@ -171,3 +173,12 @@ def test_two_ranks_compile_into_one_empty_cache_together(tmp_path):
     third = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                            text=True, timeout=120)  # fmt: skip
     assert third.returncode == 0 and third.stdout.split() == lines[0].split()
+
+
+def test_small_arrays_take_the_numpy_path_without_importing_numba():
+    code = ("import sys; from distnet import nn, optim, functional; import numpy as np\n"
+            "m = nn.Sequential(nn.Dense(8, 16, 'tanh'), nn.Dense(16, 3)); o = optim.Adam(m)\n"
+            "o.zero_grad(); functional.cross_entropy(m(np.ones((4, 8), np.float32)),"
+            " np.zeros(4, int)).backward(); o.step(); print('numba' in sys.modules)")  # fmt: skip
+    out = _run(code, {"DISTNET_KERNELS": "auto"})
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
