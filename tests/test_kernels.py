@@ -189,7 +189,8 @@ def test_kernels_run_on_the_workqueue_layer_by_default():
     """OpenMP's spinning team fought OpenBLAS's threads (the step took twice numpy's time)."""
     code = ("import numpy as np, numba; from distnet import kernels\n"
             "p = np.ones(kernels.MIN_ELEMENTS, np.float32)\n"
-            "kernels.sgd_update(p, p, None, 0.1, 0.0, False, p); print(numba.threading_layer())")  # fmt: skip
+            "kernels.sgd_update(p, p, None, 0.1, 0.0, False, p)\n"
+            "print(numba.threading_layer())")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
