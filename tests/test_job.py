@@ -70,7 +70,8 @@ def test_mlp_job_trains_in_one_process_and_resumes(job_dir, capsys):
         ("[data]\ntrain = 'x'\n[model]\nhidden = 100\n", "[model] hidden: expected a non-"),
         (
             "[data]\ntrain = 'x'\n[pretrain]\nepochs = -1\n",
-            "[pretrain] epochs: expected an integer >= 0 (epochs per layer), got -1",
+            "[pretrain] epochs: expected an integer >= 0 (epochs per layer), or a list of "
+            "them, one per hidden layer, got -1",
         ),
         ("[data\ntrain = 'x'\n", "not valid TOML"),
     ],

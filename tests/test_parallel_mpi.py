@@ -137,3 +137,13 @@ def test_wrapper_broadcasts_scalars_and_a_closed_wrapper_stops_reducing():
     proc, _ = launch(2, str(SCRIPTS / "wrapper_state.py"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "wrapper state: ok" in proc.stdout
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("np_", [2, 3])
+def test_sharded_optimizer_equals_unsharded_and_checkpoints(np_):
+    """ZeRO stage 1: same parameters as the unsharded optimiser (Adam, Nesterov SGD, centered
+    RMSProp with momentum), state gathered into a checkpoint and restored slice by slice."""
+    proc, _ = launch(np_, str(SCRIPTS / "zero_sharded.py"), timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"zero sharded: ok on {np_} ranks" in proc.stdout

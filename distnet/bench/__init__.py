@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "trace": ("distnet.bench.trace", "cost of metrics and the timeline per training step"),
     "ps": ("distnet.bench.ps", "sharded Ray parameter server vs Ray's example (one actor)"),
     "network": ("distnet.bench.network", "allreduce latency/bandwidth sweep, flat vs hierarchical"),
+    "e2e": ("distnet.bench.e2e", "a whole stacked-autoencoder job vs the same recipe in PyTorch"),
 }
 
 

@@ -1,7 +1,10 @@
 """``distnet bench core``: training steps of distnet against a hand-written numpy step.
 
-Workloads (float32, SGD):
+Workloads (float32, SGD unless named):
 - ``mlp``: MLP 784-1000-1000-1000-10, tanh, softmax cross-entropy (forward, backward, update);
+- ``mlp-adam``: the same step with Adam (distnet against PyTorch);
+- ``update-sgdm``, ``update-adam``, ``update-rmsprop``: the optimiser update alone over the
+  MLP's 2.8M parameters (PyTorch with its default, non-fused implementation);
 - ``sae``: one denoising tied-weight autoencoder layer 784-1000 (sigmoid, MSE), as in greedy
   pretraining.
 
@@ -32,7 +35,12 @@ IDLE_GAP_S = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``distnet bench core``."""
-    parser.add_argument("--workload", choices=["mlp", "sae", "all"], default="all")
+    parser.add_argument(
+        "--workload",
+        choices=["all", "mlp", "mlp-adam", "sae", "update-sgdm", "update-adam", "update-rmsprop"],
+        default="all",
+        help="update-*: the optimiser update alone over the MLP's 2.8M-parameter buffer",
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after warm-up")
     parser.add_argument("--steps", type=int, default=10, help="training steps per round")
@@ -94,16 +102,53 @@ def numpy_mlp_step(batch: int):
     return step
 
 
-def distnet_mlp_step(batch: int):
-    """The same step through distnet's Module, fused ops, engine and SGD."""
-    from distnet import backend, functional, nn, optim  # noqa: PLC0415
+def _distnet_mlp():
+    from distnet import backend, nn  # noqa: PLC0415
 
     backend.seed(0)
     sizes = SIZES["mlp"]
     layers = [nn.Dense(a, b, "tanh") for a, b in zip(sizes[:-2], sizes[1:-1], strict=True)]
-    model = nn.Sequential(*layers, nn.Dense(sizes[-2], sizes[-1]))
-    opt = optim.SGD(model, lr=LR)
-    x, y = _data(batch, sizes[0], sizes[-1])
+    return nn.Sequential(*layers, nn.Dense(sizes[-2], sizes[-1]))
+
+
+def _torch_mlp():
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    sizes = SIZES["mlp"]
+    mods: list[Any] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
+        mods += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    return torch.nn.Sequential(*mods, torch.nn.Linear(sizes[-2], sizes[-1]))
+
+
+def _distnet_optimizer(model, name: str):
+    from distnet import optim  # noqa: PLC0415
+
+    if name == "adam":
+        return optim.Adam(model, lr=1e-3)
+    if name == "rmsprop":
+        return optim.RMSProp(model, lr=1e-3)
+    return optim.SGD(model, lr=LR, momentum=0.9 if name == "sgdm" else 0.0)
+
+
+def _torch_optimizer(model, name: str):
+    import torch  # noqa: PLC0415  (defaults: what a PyTorch user gets)
+
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9 if name == "sgdm" else 0.0)
+
+
+def distnet_mlp_step(batch: int, opt_name: str = "sgd"):
+    """The same step through distnet's Module, fused ops, engine and SGD (or Adam)."""
+    from distnet import functional  # noqa: PLC0415
+
+    model = _distnet_mlp()
+    opt = _distnet_optimizer(model, opt_name)
+    x, y = _data(batch, SIZES["mlp"][0], SIZES["mlp"][-1])
 
     def step() -> None:
         opt.zero_grad()
@@ -113,17 +158,13 @@ def distnet_mlp_step(batch: int):
     return step
 
 
-def torch_mlp_step(batch: int):
+def torch_mlp_step(batch: int, opt_name: str = "sgd"):
     """PyTorch CPU, same net and threads (only when torch is importable)."""
     import torch  # noqa: PLC0415
 
-    torch.manual_seed(0)
     sizes = SIZES["mlp"]
-    mods: list[Any] = []
-    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
-        mods += [torch.nn.Linear(a, b), torch.nn.Tanh()]
-    model = torch.nn.Sequential(*mods, torch.nn.Linear(sizes[-2], sizes[-1]))
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    model = _torch_mlp()
+    opt = _torch_optimizer(model, opt_name)
     xn, yn = _data(batch, sizes[0], sizes[-1])
     x, y = torch.from_numpy(xn), torch.from_numpy(yn)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -196,10 +237,47 @@ def distnet_sae_step(batch: int):
     return step
 
 
+def distnet_update(opt_name: str):
+    """The optimiser update alone over the MLP's 2.8M-parameter flat buffer."""
+    model = _distnet_mlp()
+    opt = _distnet_optimizer(model, opt_name)
+    rng = np.random.default_rng(0)
+    opt.flat_grads[...] = rng.standard_normal(opt.flat_grads.size, dtype=np.float32) * 1e-3
+    for p in opt.params:
+        p._grad_zeroed = False  # the gradient above is the one to apply
+    return opt.step
+
+
+def torch_update(opt_name: str):
+    import torch  # noqa: PLC0415
+
+    model = _torch_mlp()
+    opt = _torch_optimizer(model, opt_name)
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return opt.step
+
+
+def _update_contenders(opt_name: str) -> dict[str, Any]:
+    return {
+        "distnet": lambda batch: distnet_update(opt_name),
+        "torch": lambda batch: torch_update(opt_name),
+    }
+
+
 CONTENDERS = {
     "mlp": {"distnet": distnet_mlp_step, "numpy": numpy_mlp_step, "torch": torch_mlp_step},
+    "mlp-adam": {
+        "distnet": lambda batch: distnet_mlp_step(batch, "adam"),
+        "torch": lambda batch: torch_mlp_step(batch, "adam"),
+    },
     "sae": {"distnet": distnet_sae_step, "numpy": numpy_sae_step},
+    "update-sgdm": _update_contenders("sgdm"),
+    "update-adam": _update_contenders("adam"),
+    "update-rmsprop": _update_contenders("rmsprop"),
 }
+WORKLOADS = list(CONTENDERS)
 
 
 def _worker(spec: str) -> int:
@@ -226,7 +304,8 @@ def _worker(spec: str) -> int:
 class _Contender:
     def __init__(self, spec: str, threads: int, timeout: float = 600.0):
         env = dict(os.environ)
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMBA_NUM_THREADS"):  # fmt: skip
             env[var] = str(threads)
         self.spec, self.timeout = spec, timeout
         self.proc = subprocess.Popen(
@@ -303,12 +382,15 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints one line per workload and batch size."""
     if args.worker:
         return _worker(args.worker)
-    workloads = ["mlp", "sae"] if args.workload == "all" else [args.workload]
+    workloads = WORKLOADS if args.workload == "all" else [args.workload]
     with_torch = not args.no_torch and _torch_available()
     results = []
     for workload in workloads:
-        names = ["distnet", "numpy"] + (["torch"] if with_torch and workload == "mlp" else [])
-        for batch in args.batch:
+        names = [n for n in CONTENDERS[workload] if n != "torch" or with_torch]
+        if len(names) < 2:
+            continue
+        # an update alone has no batch: one row, rates in updates/s
+        for batch in [1] if workload.startswith("update") else args.batch:
             r = measure(workload, batch, names, args.rounds, args.steps, args.threads)
             results.append(r)
             rates = "  ".join(f"{n} {v:,.0f}/s" for n, v in r["samples_per_s"].items())

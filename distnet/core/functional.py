@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend
+from distnet import backend, kernels
 from distnet.core import ops
 from distnet.core.tensor import WRITTEN, Tensor, make_result
 
@@ -51,15 +51,12 @@ def linear(
             raise ValueError(f"linear: bias {bias.shape} does not fit weight {weight.shape}")
     xd = x.data
     out = xd @ wd
-    if bias is not None:
-        out += bias.data
-    if activation is not None:
-        FUSED_ACTIVATIONS[activation][0](out)
+    kernels.bias_activation_(out, None if bias is None else bias.data, activation)
 
     def backward(g: Any) -> tuple[Any, Any, Any]:
         xp = backend.array_module(g)
         if activation is not None:  # d act / dz from the output, into a fresh array
-            g = FUSED_ACTIVATIONS[activation][1](out, g)
+            g = kernels.activation_grad(activation, out, g)
         gx = g @ wd.T if x.requires_grad else None
         gw = gb = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
@@ -75,45 +72,8 @@ def linear(
     return make_result(out, parents, lambda g: backward(g)[: len(parents)], "linear")
 
 
-def _tanh_(z: Any) -> None:
-    backend.array_module(z).tanh(z, out=z)
-
-
-def _tanh_grad(y: Any, g: Any) -> Any:
-    d = y * y  # dz = g (1 - y^2)
-    backend.array_module(y).subtract(1, d, out=d)
-    d *= g
-    return d
-
-
-def _sigmoid_(z: Any) -> None:
-    z *= 0.5  # 0.5 (1 + tanh(z / 2)): exact, stable for large |z|
-    backend.array_module(z).tanh(z, out=z)
-    z += 1
-    z *= 0.5
-
-
-def _sigmoid_grad(y: Any, g: Any) -> Any:
-    d = 1 - y  # dz = g y (1 - y)
-    d *= y
-    d *= g
-    return d
-
-
-def _relu_(z: Any) -> None:
-    backend.array_module(z).maximum(z, 0, out=z)
-
-
-def _relu_grad(y: Any, g: Any) -> Any:
-    return g * (y > 0)
-
-
-FUSED_ACTIVATIONS: dict[str, tuple[Any, Any]] = {
-    "tanh": (_tanh_, _tanh_grad),
-    "sigmoid": (_sigmoid_, _sigmoid_grad),
-    "relu": (_relu_, _relu_grad),
-}
-"""name -> (in-place forward on z, gradient w.r.t. z from the output y and dL/dy)."""
+FUSED_ACTIVATIONS: tuple[str, ...] = kernels.ACTIVATIONS
+"""Activations ``linear`` applies in place (forward and derivative in ``distnet.kernels``)."""
 
 
 def _written(_: Any) -> object:

@@ -324,18 +324,22 @@ class StackedAutoEncoder(Module):
             return self.encode(data, k)
         return EncodedLoader(data, lambda xb: self.encode(xb, k))
 
-    def pretrain_layer(self, k: int, x: Any, epochs: int = 10, **fit_kwargs: Any) -> Any:
+    def pretrain_layer(
+        self, k: int, x: Any, epochs: int = 10, encoded: bool = False, **fit_kwargs: Any
+    ) -> Any:
         """Trains autoencoder k on the codes of layers 0..k-1 (one resumable unit of work).
 
         Args:
             x: inputs (N, n_in) or a loader yielding (x, y) batches (y is ignored).
+            encoded: ``x`` already holds the codes of layers 0..k-1 (N, h_k), e.g. from
+                ``distnet.train.codes.CodesCache``: they are not computed again.
             epochs, **fit_kwargs: as for ``distnet.train.fit`` (batch_size, optimizer,
                 callbacks, initial_epoch, seed, ...).
         Returns:
             the ``History``; ``history["loss"]`` is the per-epoch mean objective.
         """
         ae = self.autoencoders[k]
-        data = self.layer_input(k, x)
+        data = x if encoded else self.layer_input(k, x)
         if not hasattr(data, "shape"):  # a loader: pretraining is unsupervised, drop labels
             data = EncodedLoader(data, lambda xb: xb, keep_labels=False)
         return ae.fit(data, None, epochs=epochs, **fit_kwargs)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend
+from distnet import kernels
 from distnet.nn.module import Module, Parameter
 from distnet.optim.optimizer import Optimizer
 
@@ -67,26 +67,10 @@ class Adam(Optimizer):
         self._state_buffer("exp_avg_sq")
 
     def _update(self, params: Any, grads: Any) -> None:
-        xp = backend.array_module(params)
         m, v = self._state_buffer("exp_avg"), self._state_buffer("exp_avg_sq")
-        s = self._scratch("work")
-        t = self.steps
-        b1, b2 = self.beta1, self.beta2
-        m *= b1
-        xp.multiply(grads, 1.0 - b1, out=s)
-        m += s
-        v *= b2
-        xp.multiply(grads, grads, out=s)
-        s *= 1.0 - b2
-        v += s
-        # lr * m_hat / (sqrt(v_hat) + eps) with the corrections folded into two scalars
-        bias1, bias2 = 1.0 - b1**t, 1.0 - b2**t
-        xp.sqrt(v, out=s)
-        s *= 1.0 / math.sqrt(bias2)
-        s += usable_eps(self.eps, s.dtype)
-        xp.divide(m, s, out=s)
-        s *= self.lr / bias1
-        params -= s
+        eps = usable_eps(self.eps, params.dtype)
+        kernels.adam_update(params, grads, m, v, self.lr, self.beta1, self.beta2, eps,
+                            self.steps, self._scratch("work"))  # fmt: skip
 
 
 class RMSProp(Optimizer):
@@ -123,35 +107,12 @@ class RMSProp(Optimizer):
             self._state_buffer("grad_avg")
 
     def _update(self, params: Any, grads: Any) -> None:
-        xp = backend.array_module(params)
         self._init_state()
-        sq = self._state["square_avg"]
-        s = self._scratch("work")
-        a = self.alpha
-        sq *= a
-        xp.multiply(grads, grads, out=s)
-        s *= 1.0 - a
-        sq += s
-        if self.centered:
-            ga = self._state["grad_avg"]
-            xp.subtract(grads, ga, out=s)  # lerp towards g, as torch does
-            s *= 1.0 - a
-            ga += s
-            xp.multiply(ga, ga, out=s)
-            xp.subtract(sq, s, out=s)
-            xp.sqrt(s, out=s)
-        else:
-            xp.sqrt(sq, out=s)
-        s += usable_eps(self.eps, s.dtype)
-        xp.divide(grads, s, out=s)
-        if self.momentum:
-            buf = self._state["momentum_buffer"]
-            buf *= self.momentum
-            buf += s
-            xp.multiply(buf, self.lr, out=s)
-        else:
-            s *= self.lr
-        params -= s
+        kernels.rmsprop_update(
+            params, grads, self._state["square_avg"], self._state.get("grad_avg"),
+            self._state.get("momentum_buffer"), self.lr, self.alpha,
+            usable_eps(self.eps, params.dtype), self.momentum, self._scratch("work"),
+        )  # fmt: skip
 
 
 class AdaGrad(Optimizer):
@@ -183,14 +144,7 @@ class AdaGrad(Optimizer):
             self._state_buffer("sum")[...] = self.initial_accumulator_value
 
     def _update(self, params: Any, grads: Any) -> None:
-        xp = backend.array_module(params)
         self._init_state()
-        acc = self._state["sum"]
-        s = self._scratch("work")
-        xp.multiply(grads, grads, out=s)
-        acc += s
-        xp.sqrt(acc, out=s)
-        s += usable_eps(self.eps, s.dtype)
-        xp.divide(grads, s, out=s)
-        s *= self.lr / (1.0 + (self.steps - 1) * self.lr_decay)
-        params -= s
+        lr = self.lr / (1.0 + (self.steps - 1) * self.lr_decay)
+        eps = usable_eps(self.eps, params.dtype)
+        kernels.adagrad_update(params, grads, self._state["sum"], lr, eps, self._scratch("work"))

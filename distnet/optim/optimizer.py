@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend
+from distnet import backend, kernels
 from distnet.nn.module import Module, Parameter, consecutive_views, flat_buffers, layout_of
 
 
@@ -229,19 +229,6 @@ class SGD(Optimizer):
             self._state_buffer("velocity")
 
     def _update(self, params: Any, grads: Any) -> None:
-        xp = backend.array_module(params)
-        work = self._scratch("work")
-        if not self.momentum:
-            xp.multiply(grads, self.lr, out=work)
-            params -= work
-            return
-        v = self._state_buffer("velocity")
-        v *= self.momentum
-        v += grads
-        if self.nesterov:
-            xp.multiply(v, self.momentum, out=work)
-            work += grads
-            work *= self.lr
-        else:
-            xp.multiply(v, self.lr, out=work)
-        params -= work
+        v = self._state_buffer("velocity") if self.momentum else None
+        kernels.sgd_update(params, grads, v, self.lr, self.momentum, self.nesterov,
+                           self._scratch("work"))  # fmt: skip

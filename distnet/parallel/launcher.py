@@ -196,13 +196,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-tag-output", action="store_true", help="do not prefix output lines with the rank"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the mpiexec command and exit")
+    parser.add_argument(
+        "--no-bind", action="store_true", help="do not bind ranks to cores (MPICH, one node)"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (a cgroup/affinity mask counts, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
 def _threads_per_rank(np_: int, hosts: list[Host] | None) -> int:
     # Oversubscribed BLAS threads (2 ranks x 2 threads on 2 cores) cost more than they give.
     per_host = np_ if not hosts else max(1, -(-np_ // len(hosts)))
-    return max(1, (os.cpu_count() or 1) // per_host)
+    return max(1, _usable_cores() // per_host)
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMBA_NUM_THREADS")  # fmt: skip
+"""Set per rank to cores per node / ranks per node, unless the user set them."""
+
+
+def binding_options(flavor: str, np_: int, hosts: list[Host] | None, threads: int) -> list[str]:
+    """``-bind-to core:T`` for MPICH/hydra when all ranks share this machine and fit on its
+    cores: each rank keeps its T cores (its BLAS and numba threads) and caches, and the OS
+    does not move two ranks onto one core. Nothing elsewhere (hosts may differ; Open MPI
+    binds by default)."""
+    if flavor != "hydra" or hosts or np_ * threads > _usable_cores():
+        return []
+    return ["-bind-to", f"core:{threads}"]
 
 
 def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -220,10 +246,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         raise LaunchError(f"-np {args.np} needs {args.np} slots, but the hosts offer {total}")
     env = parse_env(args.env)
     mpiexec = find_mpiexec(args.mpiexec)
-    threads = str(_threads_per_rank(args.np, hosts))
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    threads = _threads_per_rank(args.np, hosts)
+    for name in THREAD_VARIABLES:
         if name not in env and name not in os.environ:
-            env[name] = threads
+            env[name] = str(threads)
     env.setdefault("PYTHONUNBUFFERED", "1")  # rank lines arrive as they are printed
     env["DISTNET_LAUNCHED"] = "1"
     if not args.no_tag_output:
@@ -232,12 +258,17 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     launcher, launcher_exec = getattr(args, "launcher", None), getattr(args, "launcher_exec", None)
     if (launcher or launcher_exec) and flavor != "hydra":
         raise LaunchError("--launcher/--launcher-exec are options of MPICH's mpiexec (hydra)")
-    if hosts is None and not args.mpiexec and flavor == "hydra" and not launcher:
+    local = hosts is None and not args.mpiexec and flavor == "hydra" and not launcher
+    if local:
         mpiexec, env = loopback_only(mpiexec, env)
+        if not args.no_bind and args.np * threads <= _usable_cores():
+            env["DISTNET_BIND_CORES"] = str(threads)  # rankexec binds (mpiexec.gforker cannot)
     cmd = build_command(
         mpiexec, flavor, args.np, hosts, env, command, not args.no_tag_output,
         launcher, launcher_exec,
     )  # fmt: skip
+    if not args.no_bind and not local:
+        cmd[3:3] = binding_options(flavor, args.np, hosts, threads)  # after "mpiexec -n N"
     return cmd, env
 
 

@@ -43,6 +43,21 @@ def _die_with_parent() -> None:
         pass
 
 
+def bind_to_cores(local_rank: int, per_rank: str | None) -> list[int] | None:
+    """Binds this process (and so the rank it starts) to cores ``[r*T, (r+1)*T)`` of the ones
+    it may use, T = ``per_rank`` (``DISTNET_BIND_CORES``, set by ``distnet launch`` when every
+    rank is on this machine and they fit): each rank keeps its own cores and caches, and the OS
+    does not put two ranks on one core. Returns the cores, or None when not bound."""
+    if not per_rank or not hasattr(os, "sched_setaffinity"):
+        return None
+    t = int(per_rank)
+    cores = sorted(os.sched_getaffinity(0))[local_rank * t : (local_rank + 1) * t]
+    if len(cores) != t:  # more ranks than cores after all: leave it to the OS
+        return None
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
 def describe(returncode: int) -> str:
     """'exited with status 3' or 'killed by signal 9 (SIGKILL)' for a Popen returncode."""
     if returncode < 0:
@@ -85,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m distnet.parallel.rankexec -- COMMAND...", file=sys.stderr)
         return 2
     rank = rank_from_env()
+    bind_to_cores(rank, os.environ.get("DISTNET_BIND_CORES"))
     # hydra hands each rank its PMI connection as an inherited descriptor: keep it open.
     fds = tuple(int(os.environ[k]) for k in ("PMI_FD",) if k in os.environ)
     tag = os.environ.get("DISTNET_TAGGED_OUTPUT") == "1"

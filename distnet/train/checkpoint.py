@@ -74,7 +74,10 @@ def _optimizer_class(optimizer: Any) -> str:
     over SGD says SGD), so that a run saved on N ranks resumes on M, or in one process."""
     from distnet.optim import Optimizer  # noqa: PLC0415  (optim is light, but train imports lazily)
 
-    return optimizer.algorithm() if isinstance(optimizer, Optimizer) else type(optimizer).__name__
+    if isinstance(optimizer, Optimizer):
+        return optimizer.algorithm()
+    inner = getattr(optimizer, "optimizer", None)  # a wrapper (ZeRO, Ray shares, gathered state)
+    return _optimizer_class(inner) if inner is not None else type(optimizer).__name__
 
 
 def _split_extras(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

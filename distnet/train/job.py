@@ -92,7 +92,18 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
     job = jobspec.validate(jobspec.merge(raw, overrides or {}), str(path))
     if not job["data"]["train"]:
         raise JobError(f"{path}: [data] train: expected the path or URL of a distnet store")
+    layers = len(job["model"]["hidden"])
+    for key in ("epochs", "lr", "corruption"):
+        value = job["pretrain"][key]
+        if isinstance(value, list) and len(value) != layers:
+            raise JobError(f"{path}: [pretrain] {key}: expected one value or {layers} (one per "
+                           f"hidden layer of {job['model']['hidden']}), got {value!r}")  # fmt: skip
     return job
+
+
+def per_layer(value: Any, k: int) -> Any:
+    """Layer k's value of a [pretrain] key given once for all layers or as a list."""
+    return value[k] if isinstance(value, list) else value
 
 
 def read_store(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -211,9 +222,13 @@ def build_stages(
     on_pretrained: Callable[[int], None],
     rank: int = 0,
     watch: Callable[[Any], list[Callback]] | None = None,
+    layer_loader: Callable[[int], Any] | None = None,
 ) -> list:
     """Pretraining stages (stacked autoencoders) and the supervised stage. ``watch(ctx)``
-    gives the callbacks that report a stage's progress (default: an ``EpochPrinter``)."""
+    gives the callbacks that report a stage's progress (default: an ``EpochPrinter``).
+
+    ``layer_loader(k)`` (collective) may return a loader of layer k's input codes (then
+    closed after the stage), or None to compute them from ``loader`` batch by batch."""
     from distnet.optim import Adam  # noqa: PLC0415
     from distnet.train.callbacks import ReduceLROnPlateau  # noqa: PLC0415
     from distnet.train.fit import fit  # noqa: PLC0415
@@ -225,17 +240,21 @@ def build_stages(
 
     def pretrain(k: int) -> Callable[[Any], dict[str, Any]]:
         def fn(ctx: Any) -> dict[str, Any]:
-            opt = wrap(Adam(model.autoencoders[k], lr=pre["lr"]))
-            start = ctx.restore(opt)
+            opt = wrap(Adam(model.autoencoders[k], lr=per_layer(pre["lr"], k)))
+            start = ctx.restore(opt)  # before the codes: they come from the restored encoders
             saver = ctx.epoch_checkpoint(opt)
+            codes = layer_loader(k) if layer_loader is not None and k > 0 else None
             try:
                 model.pretrain_layer(
-                    k, loader, epochs=pre["epochs"], optimizer=opt, seed=seed + k,
-                    initial_epoch=start, on_nonfinite=job["run"]["on_nonfinite"],
+                    k, codes or loader, epochs=per_layer(pre["epochs"], k), optimizer=opt,
+                    seed=seed + k, initial_epoch=start, encoded=codes is not None,
+                    on_nonfinite=job["run"]["on_nonfinite"],
                     callbacks=[RankNoise(seed, ctx.index, rank), saver, *watch(ctx)],
                 )  # fmt: skip
             finally:  # the next stage's wrapper must be the only one reducing
                 getattr(opt, "close", lambda: None)()
+                if codes is not None:
+                    codes.close()
             if ctx.writer:
                 on_pretrained(k)
             return {"kind": "pretrain", "layer": k, "history": saver.history}
@@ -336,6 +355,10 @@ def run_job(
     def wrap(opt: Any) -> Any:
         if size == 1:
             return opt
+        if job["dist"]["shard_optimizer"]:
+            from distnet.parallel.zero import ShardedOptimizer  # noqa: PLC0415
+
+            return ShardedOptimizer(opt, comm)
         return distributed.DistributedOptimizer(
             opt, comm, bucket_mb=job["dist"]["bucket_mb"], compression=compression
         )
@@ -360,7 +383,13 @@ def run_job(
         if job["run"]["pictures"] and x_test is not None:
             observe.layer_pictures(model, k, x_test)
 
-    stages = build_stages(job, model, loader, wrap, say, after_pretraining, rank, observe.watch)
+    layer_loader = _codes_loaders(job, model, train, loader, comm, out) if hasattr(
+        model, "autoencoders"
+    ) else None  # fmt: skip
+    stages = build_stages(
+        job, model, loader, wrap, say, after_pretraining, rank,
+        watch=observe.watch, layer_loader=layer_loader,
+    )  # fmt: skip
     try:
         # rank 0 reads the run directory and broadcasts: others' may be node-local and empty
         table = Pipeline(out, model, stages, writer=rank == 0, log=say, comm=comm).run()
@@ -391,6 +420,32 @@ def run_job(
     comm.barrier()
     report["rank"] = rank
     return report
+
+
+def _codes_loaders(job: dict, model: Any, train: Any, loader: Any, comm: Any, out: Path) -> Any:
+    """``layer_loader(k)`` for build_stages: a StreamLoader over the codes store of layer k
+    (written once, see ``distnet.train.codes``) when [pretrain] cache_codes says so, with
+    the input loader's batch split and order; None to recompute the codes every batch."""
+    from distnet.data import StreamLoader  # noqa: PLC0415
+    from distnet.train.codes import CodesCache, should_cache  # noqa: PLC0415
+
+    cache = CodesCache(model, train, out / "codes", comm, loader.transform)
+
+    def layer_loader(k: int) -> Any:
+        choice = job["pretrain"]["cache_codes"]
+        if choice == "auto":  # rank 0 decides: free disk may differ between nodes
+            epochs = per_layer(job["pretrain"]["epochs"], k)
+            width = int(model.layer_sizes[k])
+            mine = should_cache(epochs, len(train), width, out, loader.device)
+            choice = comm.allgather(mine)[0]
+        if not choice:
+            return None
+        return StreamLoader(
+            cache.store(k), loader.batch_size, rank=comm.rank, world_size=comm.size,
+            seed=loader.seed, shuffle_chunks=loader.shuffle_chunks, device=loader.device,
+        )  # fmt: skip
+
+    return layer_loader
 
 
 def run(args: argparse.Namespace) -> int:

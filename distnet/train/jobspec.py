@@ -57,10 +57,25 @@ class ModelSpec(Section):
     dropout: float = _field(0.0, "a probability in [0, 1)", ge=0.0, lt=1.0)
 
 
+EpochCount = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+
 class PretrainSpec(Section):
-    epochs: int = _field(20, "an integer >= 0 (epochs per layer)", ge=0)
-    lr: float = _field(1e-3, "a positive number", gt=0.0)
-    corruption: float = _field(0.1, "a probability in [0, 1) (masking noise)", ge=0.0, lt=1.0)
+    # epochs, lr and corruption: one value for every layer, or a list with one per layer
+    # (as the seeds' stacked denoising autoencoders use: corruption = [0.1, 0.2, 0.3])
+    epochs: EpochCount | list[EpochCount] = _field(
+        20, "an integer >= 0 (epochs per layer), or a list of them, one per hidden layer"
+    )
+    lr: PositiveFloat | list[PositiveFloat] = _field(
+        1e-3, "a positive number, or a list of them, one per hidden layer"
+    )
+    corruption: Probability | list[Probability] = _field(
+        0.1, "a probability in [0, 1) (masking noise), or a list of them, one per hidden layer"
+    )
+    cache_codes: bool | Literal["auto"] = _field(
+        "auto", "true, false or 'auto' (write frozen encoders' codes once, when it pays)"
+    )
     loss: Literal["cross_entropy", "mse"] = _field("cross_entropy", "'cross_entropy' or 'mse'")
     sparsity_target: float | None = _field(
         None, "a number in (0, 1), or absent for no sparsity penalty", gt=0.0, lt=1.0
@@ -105,6 +120,9 @@ class DistSpec(Section):
     rebalance_every: int = _field(200, "an integer >= 0 (steps between share updates)", ge=0)
     devices: list[Literal["cpu", "cuda"]] = _field(
         [], "a list of 'cpu'/'cuda', one per Ray worker (instead of workers/cpu_workers)"
+    )
+    shard_optimizer: bool = _field(
+        False, "true or false (ZeRO stage 1: optimiser state sharded over MPI ranks)"
     )
 
 
@@ -161,13 +179,30 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: expected {expect}, got {error['input']!r}"
 
 
+def _one_per_union(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One error per key whose type is a union (``epochs = 3`` or ``[3, 5]``): pydantic
+    reports every member's failure, tagged by name at loc[2]; the key's own phrase says it."""
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for err in errors:
+        loc = tuple(err["loc"])
+        if len(loc) >= 3 and isinstance(loc[2], str):
+            if loc[:2] in seen:
+                continue
+            seen.add(loc[:2])
+            # the value as written: the first member's error carries it whole
+            err = {**err, "loc": loc[:2]}
+        out.append(err)
+    return out
+
+
 def validate(raw: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     """Checks ``raw`` (section -> key -> value) against the schema; the job with defaults
     filled in, or JobError listing every problem, each with its key path."""
     try:
         return JobSpec.model_validate(raw).model_dump()
     except ValidationError as e:
-        problems = [_describe(err) for err in e.errors(include_url=False)]
+        problems = [_describe(err) for err in _one_per_union(e.errors(include_url=False))]
         raise JobError(f"{source}: " + f"\n{source}: ".join(problems)) from None
 
 

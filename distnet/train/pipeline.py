@@ -126,10 +126,15 @@ class _EpochCheckpoint(Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
         for k, v in logs.items():
             self.history.setdefault(k, []).append(float(v))
-        if self.ctx.writer and (epoch + 1) % self.every == 0:
+        if (epoch + 1) % self.every != 0:
+            return
+        opt = self.opt or self.optimizer
+        if hasattr(opt, "gathered_state"):  # sharded state: every rank takes part in gathering
+            opt = opt.gathered_state()
+        if self.ctx.writer:
             states, arrays = self._callback_states()
             save_checkpoint(
-                self.ctx.progress_dir, self.ctx.model, self.opt or self.optimizer,
+                self.ctx.progress_dir, self.ctx.model, opt,
                 epoch=epoch + 1, step=self.loop.step, stage=self.ctx.index,
                 history=self.history, callbacks=states, **arrays,
             )  # fmt: skip

@@ -1,0 +1,197 @@
+"""The fused-kernel table: numba and numpy paths agree; the choice and the cache behave."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distnet import kernels
+
+SMALL = kernels.MIN_ELEMENTS  # arrays of at least this size take the compiled path
+
+needs_numba = pytest.mark.skipif(
+    kernels.implementation() != "numba", reason="numba not importable or DISTNET_KERNELS=numpy"
+)
+
+
+@pytest.fixture
+def numpy_only(monkeypatch):
+    monkeypatch.setattr(kernels, "_compiled", lambda *a: None)
+
+
+def _both(fn, *arrays, monkeypatch):
+    """Runs fn on copies of arrays through numba, then through numpy; returns both copies."""
+    fast = [a.copy() for a in arrays]
+    fn(*fast)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_compiled", lambda *a: None)
+        ref = [a.copy() for a in arrays]
+        fn(*ref)
+    return fast, ref
+
+
+def _buffers(n, dtype, count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(dtype) for _ in range(count)]
+
+
+OPTIMISERS = {
+    "sgd": lambda p, g, v, w: kernels.sgd_update(p, g, None, 0.1, 0.0, False, w),
+    "momentum": lambda p, g, v, w: kernels.sgd_update(p, g, v, 0.1, 0.9, False, w),
+    "nesterov": lambda p, g, v, w: kernels.sgd_update(p, g, v, 0.1, 0.9, True, w),
+    "adam": lambda p, g, v, w: kernels.adam_update(p, g, v, np.abs(v), 1e-2, 0.9, 0.99, 1e-8, 3, w),
+    "rmsprop": lambda p, g, v, w: kernels.rmsprop_update(
+        p, g, np.abs(v), None, None, 1e-2, 0.99, 1e-8, 0.0, w
+    ),
+    "adagrad": lambda p, g, v, w: kernels.adagrad_update(p, g, np.abs(v), 1e-2, 1e-10, w),
+}
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(OPTIMISERS))
+def test_optimiser_kernels_match_numpy(name, dtype, monkeypatch):
+    p, g, v = _buffers(SMALL + 7, dtype, 3)
+    w = np.empty_like(p)
+    (pf, _, vf, _), (pr, _, vr, _) = _both(OPTIMISERS[name], p, g, v, w, monkeypatch=monkeypatch)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(pf, pr, rtol=tol, atol=tol)
+    np.testing.assert_allclose(vf, vr, rtol=tol, atol=tol)
+    assert not np.allclose(pf, p)  # the update did something
+
+
+@needs_numba
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_rmsprop_variants_match_numpy(centered, momentum, monkeypatch):
+    p, g, sq, ga, buf = _buffers(SMALL + 99, np.float32, 5, seed=1)
+    sq, ga = np.abs(sq) + 1.0, ga * 0.1  # centered: sq - ga^2 stays positive
+
+    def update(p, g, sq, ga, buf, w):
+        kernels.rmsprop_update(p, g, sq, ga if centered else None, buf if momentum else None,
+                               1e-2, 0.9, 1e-8, momentum, w)  # fmt: skip
+
+    fast, ref = _both(update, p, g, sq, ga, buf, np.empty_like(p), monkeypatch=monkeypatch)
+    for a, b in zip(fast[:5], ref[:5], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+def test_activation_kernels_match_numpy(activation, monkeypatch):
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((1033, 70)).astype(np.float32) * 3
+    bias = rng.standard_normal(70).astype(np.float32)
+    g = rng.standard_normal((1033, 70)).astype(np.float32)
+    (zf, _), (zr, _) = _both(
+        lambda z, b: kernels.bias_activation_(z, b, activation), z, bias, monkeypatch=monkeypatch
+    )
+    np.testing.assert_allclose(zf, zr, rtol=1e-6, atol=1e-6)
+    fast, ref = _both(
+        lambda y, g, out: out.__setitem__(..., kernels.activation_grad(activation, y, g)),
+        zr, g, np.empty_like(g), monkeypatch=monkeypatch,
+    )  # fmt: skip
+    np.testing.assert_allclose(fast[2], ref[2], rtol=1e-6, atol=1e-6)
+
+
+def test_numpy_path_serves_float16_and_strided(numpy_only):
+    p, g = (a.astype(np.float16) for a in _buffers(100, np.float32, 2))
+    before = p.copy()
+    kernels.sgd_update(p, g, None, 0.5, 0.0, False, np.empty_like(p))
+    np.testing.assert_allclose(p, before - np.float16(0.5) * g, rtol=1e-3)
+
+
+def test_nan_gradient_reaches_parameters():
+    """fastmath must not assume finite values: a NaN gradient shows up, not a silent 0."""
+    p, g, m, v = _buffers(SMALL, np.float32, 4)
+    v = np.abs(v)
+    g[17] = np.nan
+    kernels.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 1, np.empty_like(p))
+    assert np.isnan(p[17]) and np.isfinite(np.delete(p, 17)).all()
+
+
+def _run(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_environment_variable_chooses_numpy():
+    out = _run("from distnet import kernels; print(kernels.implementation())",
+               {"DISTNET_KERNELS": "numpy"})  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "numpy"
+
+
+def test_environment_variable_refuses_unknown_value():
+    out = _run("from distnet import kernels; kernels.implementation()",
+               {"DISTNET_KERNELS": "fortran"})  # fmt: skip
+    assert out.returncode != 0 and "DISTNET_KERNELS='fortran'" in out.stderr
+
+
+def test_cache_dir_is_per_user_and_environment():
+    d = kernels.cache_dir()
+    assert "distnet" in d.parts and d.name.startswith(f"numba-py{sys.version_info[0]}")
+
+
+@needs_numba
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(280)
+def test_two_ranks_compile_into_one_empty_cache_together(tmp_path):
+    """Ranks started together on an empty kernel cache both compile, neither crashes on the
+    other's half-written files, and the cache then serves a third process."""
+    cache = tmp_path / "cache"
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from distnet import kernels, nn, optim, functional\n"
+        "assert kernels.implementation() == 'numba'\n"
+        "model = nn.Sequential(nn.Dense(8, 300, 'relu'), nn.Dense(300, 300), nn.Dense(300, 3))\n"
+        "opt = optim.Adam(model, lr=1e-2)\n"
+        "x = np.random.default_rng(0).random((256, 8), dtype=np.float32)\n"
+        "y = np.arange(256) % 3\n"
+        "for _ in range(3):\n"
+        "    opt.zero_grad(); functional.cross_entropy(model(x), y).backward(); opt.step()\n"
+        "print('ok', float(opt.flat_params.sum()))\n"
+    )
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not on PATH")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script)], env=env,
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("ok")]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    cached = list(Path(cache).rglob("*.nbi"))
+    assert cached, "no kernel index written to the cache"
+    third = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert third.returncode == 0 and third.stdout.split() == lines[0].split()
+
+
+def test_small_arrays_take_the_numpy_path_without_importing_numba():
+    code = ("import sys; from distnet import nn, optim, functional; import numpy as np\n"
+            "m = nn.Sequential(nn.Dense(8, 16, 'tanh'), nn.Dense(16, 3)); o = optim.Adam(m)\n"
+            "o.zero_grad(); functional.cross_entropy(m(np.ones((4, 8), np.float32)),"
+            " np.zeros(4, int)).backward(); o.step(); print('numba' in sys.modules)")  # fmt: skip
+    out = _run(code, {"DISTNET_KERNELS": "auto"})
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+@needs_numba
+def test_kernels_run_on_the_workqueue_layer_by_default():
+    """OpenMP's spinning team fought OpenBLAS's threads (the step took twice numpy's time)."""
+    code = ("import numpy as np, numba; from distnet import kernels\n"
+            "p = np.ones(kernels.MIN_ELEMENTS, np.float32)\n"
+            "kernels.sgd_update(p, p, None, 0.1, 0.0, False, p)\n"
+            "print(numba.threading_layer())")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "workqueue", out.stderr
