@@ -294,9 +294,16 @@ def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits
 
         os.kill(os.getpid(), signal.SIGINT)
 
+    import signal  # noqa: PLC0415
+
+    # Ctrl-C as a terminal gives it: Python's own handler, whatever an earlier test installed
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt_after_two_epochs, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        rj.run(job)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rj.run(job)
+    finally:
+        signal.signal(signal.SIGINT, before)
     time.sleep(1.0)
     assert rj.worker_info
     for info in rj.worker_info:

@@ -17,6 +17,7 @@ it). ``should_cache`` is the rule that picks this path (see its docstring).
 from __future__ import annotations
 
 import hashlib
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,27 @@ def should_cache(epochs: int, n_samples: int, width: int, where: Path, device: s
     if probe is None:
         return False
     return shutil.disk_usage(probe).free > 2 * codes_bytes(n_samples, width)
+
+
+def shared_by_all_ranks(directory: Path, comm: Any) -> bool:
+    """Collective: whether every rank sees ``directory`` as the same place (a shared file
+    system), by a marker file rank 0 writes there. Node-local run directories are not: the
+    codes store written by every rank (each its own chunks) would be torn across nodes."""
+    if comm.size == 1:
+        return True
+    marker = None
+    if comm.rank == 0:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        marker = Path(directory) / f".distnet-shared-{secrets.token_hex(8)}"
+        marker.write_text("")
+    name = comm.allgather(None if marker is None else marker.name)[0]
+    seen = comm.allgather((Path(directory) / name).exists())
+    if marker is not None:
+        comm.barrier()
+        marker.unlink(missing_ok=True)
+    else:
+        comm.barrier()
+    return all(seen)
 
 
 def _matches(path: Path, layer: int, digest: str, n: int) -> bool:

@@ -427,17 +427,25 @@ def _codes_loaders(job: dict, model: Any, train: Any, loader: Any, comm: Any, ou
     (written once, see ``distnet.train.codes``) when [pretrain] cache_codes says so, with
     the input loader's batch split and order; None to recompute the codes every batch."""
     from distnet.data import StreamLoader  # noqa: PLC0415
-    from distnet.train.codes import CodesCache, should_cache  # noqa: PLC0415
+    from distnet.train.codes import CodesCache, shared_by_all_ranks, should_cache  # noqa: PLC0415
 
     cache = CodesCache(model, train, out / "codes", comm, loader.transform)
+    shared: list[bool] = []  # whether every rank sees the run directory (probed once)
 
     def layer_loader(k: int) -> Any:
         choice = job["pretrain"]["cache_codes"]
+        if choice is not False and not shared:
+            shared.append(shared_by_all_ranks(out, comm))
+        if choice is True and not shared[0]:
+            raise JobError(
+                f"[pretrain] cache_codes = true needs a run directory every rank sees ({out} is "
+                "node-local here); set it to 'auto' or false"
+            )
         if choice == "auto":  # rank 0 decides: free disk may differ between nodes
             epochs = per_layer(job["pretrain"]["epochs"], k)
             width = int(model.layer_sizes[k])
             mine = should_cache(epochs, len(train), width, out, loader.device)
-            choice = comm.allgather(mine)[0]
+            choice = comm.allgather(mine)[0] and shared[0]
         if not choice:
             return None
         return StreamLoader(
