@@ -1,0 +1,250 @@
+"""2-D convolution and pooling (NCHW) with gradients, by im2col and one GEMM per layer.
+
+``im2col`` is a strided view of the padded input (no copy until the GEMM needs the columns
+contiguous); ``col2im`` adds the column gradients back by looping over the kernel offsets, each
+offset one strided slice add (no ``np.add.at``). The same code runs on numpy and cupy (both
+have ``as_strided``); it is how Caffe computed convolutions: a convolution is one matrix
+product once the windows are laid out as rows.
+
+Shapes: input (N, C, H, W); weight (O, C, KH, KW); output (N, O, OH, OW) with
+``OH = (H + 2 ph - dh (KH - 1) - 1) // sh + 1`` (likewise OW).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distnet import backend
+from distnet.core import ops
+from distnet.core.tensor import WRITTEN, Tensor, make_result
+
+Pair = int | tuple[int, int]
+
+
+def pair(value: Pair, what: str, op: str, minimum: int) -> tuple[int, int]:
+    """``value`` as (height, width); a clear error when it is not one or two ints >= minimum."""
+    pair_ = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair_) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair_):
+        raise ValueError(f"{op}: {what} must be an int or two ints >= {minimum}, got {value!r}")
+    return pair_  # type: ignore[return-value]
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Number of window positions along one axis."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pad(x: Any, ph: int, pw: int, value: float = 0.0) -> Any:
+    if ph == 0 and pw == 0:
+        return x
+    xp = backend.array_module(x)
+    n, c, h, w = x.shape
+    out = xp.full((n, c, h + 2 * ph, w + 2 * pw), value, dtype=x.dtype)
+    out[:, :, ph : ph + h, pw : pw + w] = x
+    return out
+
+
+def windows(x: Any, kernel: tuple[int, int], stride: tuple[int, int],
+            dilation: tuple[int, int]) -> Any:  # fmt: skip
+    """A read-only strided view (N, C, OH, OW, KH, KW) of the windows of padded ``x``."""
+    xp = backend.array_module(x)
+    as_strided = _as_strided(xp)
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh, ow = output_size(h, kh, sh, 0, dh), output_size(w, kw, sw, 0, dw)
+    s0, s1, s2, s3 = x.strides
+    return as_strided(x, shape=(n, c, oh, ow, kh, kw),
+                      strides=(s0, s1, s2 * sh, s3 * sw, s2 * dh, s3 * dw))  # fmt: skip
+
+
+def _as_strided(xp: Any) -> Any:
+    if xp.__name__ == "numpy":
+        from numpy.lib.stride_tricks import as_strided  # noqa: PLC0415
+
+        return as_strided
+    from cupy.lib.stride_tricks import as_strided  # noqa: PLC0415
+
+    return as_strided
+
+
+def im2col(x: Any, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+           dilation: tuple[int, int]) -> Any:  # fmt: skip
+    """Columns (N * OH * OW, C * KH * KW) of ``x`` (N, C, H, W): row (n, oh, ow) is the
+    window under output pixel (oh, ow) of sample n, in the weight's (C, KH, KW) order."""
+    xp = backend.array_module(x)
+    view = windows(_pad(x, *padding), kernel, stride, dilation)  # (N, C, OH, OW, KH, KW)
+    n, c, oh, ow, kh, kw = view.shape
+    cols = xp.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
+    cols[...] = view.transpose(0, 2, 3, 1, 4, 5)
+    return cols.reshape(n * oh * ow, c * kh * kw)
+
+
+def col2im_add(target: Any, values: Any, stride: tuple[int, int],
+               dilation: tuple[int, int]) -> None:  # fmt: skip
+    """Adds window values (N, C, OH, OW, KH, KW) (any strides) into ``target`` (N, C, Hp, Wp)
+    at the windows' places: one strided slice add per kernel offset."""
+    n, c, oh, ow, kh, kw = values.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    for i in range(kh):
+        rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+        for j in range(kw):
+            target[:, :, rows, j * dw : j * dw + sw * (ow - 1) + 1 : sw] += values[..., i, j]
+
+
+def _unpad(x: Any, ph: int, pw: int) -> Any:
+    h, w = x.shape[2] - 2 * ph, x.shape[3] - 2 * pw
+    return x[:, :, ph : ph + h, pw : pw + w] if ph or pw else x
+
+
+def _check_input(op: str, x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:  # fmt: skip
+    if x.ndim != 4:
+        raise ValueError(f"{op}: input must be (N, C, H, W), got shape {x.shape}")
+    oh = output_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
+    ow = output_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"{op}: input {x.shape[2]}x{x.shape[3]} is smaller than the kernel "
+            f"{kernel[0]}x{kernel[1]} (padding {padding}, dilation {dilation})"
+        )
+    return oh, ow
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Pair = 1,
+           padding: Pair = 0, dilation: Pair = 1) -> Tensor:  # fmt: skip
+    """2-D cross-correlation (what deep-learning libraries call convolution), groups = 1.
+
+    Shapes: x (N, C, H, W), weight (O, C, KH, KW), bias (O,) -> (N, O, OH, OW).
+    """
+    ops.check_same_kind("conv2d", x, weight)
+    if weight.ndim != 4:
+        raise ValueError(f"conv2d: weight must be (O, C, KH, KW), got shape {weight.shape}")
+    o, c, kh, kw = weight.shape
+    stride_ = pair(stride, "stride", "conv2d", 1)
+    padding_ = pair(padding, "padding", "conv2d", 0)
+    dilation_ = pair(dilation, "dilation", "conv2d", 1)
+    oh, ow = _check_input("conv2d", x, (kh, kw), stride_, padding_, dilation_)
+    if x.shape[1] != c:
+        raise ValueError(f"conv2d: input has {x.shape[1]} channels {x.shape}, the weight "
+                         f"{weight.shape} expects {c}")  # fmt: skip
+    if bias is not None:
+        ops.check_same_kind("conv2d", weight, bias)
+        if bias.shape != (o,):
+            raise ValueError(f"conv2d: bias {bias.shape} does not fit weight {weight.shape}")
+    n = x.shape[0]
+    xp = backend.array_module(x.data)
+    cols = im2col(x.data, (kh, kw), stride_, padding_, dilation_)  # (N*OH*OW, C*KH*KW)
+    w2 = weight.data.reshape(o, c * kh * kw)
+    out2 = cols @ w2.T  # (N*OH*OW, O)
+    if bias is not None:
+        out2 += bias.data
+    out = xp.ascontiguousarray(out2.reshape(n, oh, ow, o).transpose(0, 3, 1, 2))
+
+    def backward(g: Any) -> tuple[Any, ...]:
+        g2 = xp.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(n * oh * ow, o)
+        gx = gw = gb = None
+        if weight.requires_grad:  # straight into the flat buffer when it holds zeros
+            target = weight.grad_target()
+            if target is None:
+                gw = (g2.T @ cols).reshape(weight.shape)
+            else:
+                xp.matmul(g2.T, cols, out=target.reshape(o, c * kh * kw))
+                gw = WRITTEN
+        if bias is not None and bias.requires_grad:
+            target = bias.grad_target()
+            if target is None:
+                gb = g2.sum(axis=0)
+            else:
+                g2.sum(axis=0, out=target)
+                gb = WRITTEN
+        if x.requires_grad:
+            gcols = (g2 @ w2).reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 1, 2, 4, 5)
+            ph, pw = padding_
+            gpad = xp.zeros((n, c, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw), dtype=g.dtype)
+            col2im_add(gpad, gcols, stride_, dilation_)
+            gx = _unpad(gpad, ph, pw)
+        return (gx, gw, gb) if bias is not None else (gx, gw)
+
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    return make_result(out, parents, backward, "conv2d")
+
+
+def max_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pair = 0) -> Tensor:
+    """Maximum over each window (padding counts as -inf). Ties share the gradient equally
+    (like ``Tensor.max``: a valid subgradient, and what central differences measure).
+
+    Shapes: x (N, C, H, W) -> (N, C, OH, OW); stride defaults to the kernel.
+    """
+    kernel_ = pair(kernel, "kernel", "max_pool2d", 1)
+    stride_ = kernel_ if stride is None else pair(stride, "stride", "max_pool2d", 1)
+    padding_ = pair(padding, "padding", "max_pool2d", 0)
+    _check_pool_padding("max_pool2d", kernel_, padding_)
+    _check_input("max_pool2d", x, kernel_, stride_, padding_, (1, 1))
+    xp = backend.array_module(x.data)
+    xpad = _pad(x.data, *padding_, value=-xp.inf)
+    view = windows(xpad, kernel_, stride_, (1, 1))  # (N, C, OH, OW, KH, KW)
+    out = view.max(axis=(4, 5))
+
+    def backward(g: Any) -> tuple[Any]:
+        mask = view == out[..., None, None]
+        share = g / mask.sum(axis=(4, 5), dtype=g.dtype)
+        gwin = mask * share[..., None, None]  # (N, C, OH, OW, KH, KW)
+        if _disjoint(kernel_, stride_, padding_, x.shape):  # windows tile x: one reshape
+            return (_tile_back(gwin, x.shape),)
+        gpad = xp.zeros(xpad.shape, dtype=g.dtype)
+        col2im_add(gpad, gwin, stride_, (1, 1))
+        return (_unpad(gpad, *padding_),)
+
+    return make_result(out, (x,), backward, "max_pool2d")
+
+
+def avg_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pair = 0) -> Tensor:
+    """Mean over each window; zero padding counts in the mean (PyTorch's default,
+    ``count_include_pad=True``), so every window divides by KH * KW.
+
+    Shapes: x (N, C, H, W) -> (N, C, OH, OW); stride defaults to the kernel.
+    """
+    kernel_ = pair(kernel, "kernel", "avg_pool2d", 1)
+    stride_ = kernel_ if stride is None else pair(stride, "stride", "avg_pool2d", 1)
+    padding_ = pair(padding, "padding", "avg_pool2d", 0)
+    _check_pool_padding("avg_pool2d", kernel_, padding_)
+    _check_input("avg_pool2d", x, kernel_, stride_, padding_, (1, 1))
+    xp = backend.array_module(x.data)
+    xpad = _pad(x.data, *padding_)
+    view = windows(xpad, kernel_, stride_, (1, 1))
+    count = kernel_[0] * kernel_[1]
+    out = view.sum(axis=(4, 5))
+    out /= count
+
+    def backward(g: Any) -> tuple[Any]:
+        share = g / count
+        gwin = xp.broadcast_to(share[..., None, None], view.shape)
+        if _disjoint(kernel_, stride_, padding_, x.shape):
+            return (_tile_back(gwin, x.shape),)
+        gpad = xp.zeros(xpad.shape, dtype=g.dtype)
+        col2im_add(gpad, gwin, stride_, (1, 1))
+        return (_unpad(gpad, *padding_),)
+
+    return make_result(out, (x,), backward, "avg_pool2d")
+
+
+def _check_pool_padding(op: str, kernel: tuple[int, int], padding: tuple[int, int]) -> None:
+    # a window made only of padding would have no input to take the max or mean of
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ValueError(f"{op}: padding {padding} must be at most half the kernel {kernel}")
+
+
+def _disjoint(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+              shape: tuple[int, ...]) -> bool:  # fmt: skip
+    """Windows tile the input exactly (stride = kernel, no padding, sizes divisible)."""
+    return (
+        kernel == stride
+        and padding == (0, 0)
+        and shape[2] % kernel[0] == 0
+        and shape[3] % kernel[1] == 0
+    )
+
+
+def _tile_back(gwin: Any, shape: tuple[int, ...]) -> Any:
+    """Window gradients (N, C, OH, OW, KH, KW) of tiling windows as one (N, C, H, W) array."""
+    return gwin.transpose(0, 1, 2, 4, 3, 5).reshape(shape)
