@@ -44,8 +44,9 @@ def _pad(x: Any, ph: int, pw: int, value: float = 0.0) -> Any:
     return out
 
 
-def windows(x: Any, kernel: tuple[int, int], stride: tuple[int, int],
-            dilation: tuple[int, int]) -> Any:  # fmt: skip
+def windows(
+    x: Any, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> Any:
     """A read-only strided view (N, C, OH, OW, KH, KW) of the windows of padded ``x``."""
     xp = backend.array_module(x)
     as_strided = _as_strided(xp)
@@ -53,8 +54,9 @@ def windows(x: Any, kernel: tuple[int, int], stride: tuple[int, int],
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     oh, ow = output_size(h, kh, sh, 0, dh), output_size(w, kw, sw, 0, dw)
     s0, s1, s2, s3 = x.strides
-    return as_strided(x, shape=(n, c, oh, ow, kh, kw),
-                      strides=(s0, s1, s2 * sh, s3 * sw, s2 * dh, s3 * dw))  # fmt: skip
+    return as_strided(
+        x, shape=(n, c, oh, ow, kh, kw), strides=(s0, s1, s2 * sh, s3 * sw, s2 * dh, s3 * dw)
+    )
 
 
 def _as_strided(xp: Any) -> Any:
@@ -67,8 +69,13 @@ def _as_strided(xp: Any) -> Any:
     return as_strided
 
 
-def im2col(x: Any, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-           dilation: tuple[int, int]) -> Any:  # fmt: skip
+def im2col(
+    x: Any,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Any:
     """Columns (N * OH * OW, C * KH * KW) of ``x`` (N, C, H, W): row (n, oh, ow) is the
     window under output pixel (oh, ow) of sample n, in the weight's (C, KH, KW) order."""
     xp = backend.array_module(x)
@@ -79,8 +86,9 @@ def im2col(x: Any, kernel: tuple[int, int], stride: tuple[int, int], padding: tu
     return cols.reshape(n * oh * ow, c * kh * kw)
 
 
-def col2im_add(target: Any, values: Any, stride: tuple[int, int],
-               dilation: tuple[int, int]) -> None:  # fmt: skip
+def col2im_add(
+    target: Any, values: Any, stride: tuple[int, int], dilation: tuple[int, int]
+) -> None:
     """Adds window values (N, C, OH, OW, KH, KW) (any strides) into ``target`` (N, C, Hp, Wp)
     at the windows' places: one strided slice add per kernel offset."""
     n, c, oh, ow, kh, kw = values.shape
@@ -96,8 +104,14 @@ def _unpad(x: Any, ph: int, pw: int) -> Any:
     return x[:, :, ph : ph + h, pw : pw + w] if ph or pw else x
 
 
-def _check_input(op: str, x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:  # fmt: skip
+def _check_input(
+    op: str,
+    x: Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
     if x.ndim != 4:
         raise ValueError(f"{op}: input must be (N, C, H, W), got shape {x.shape}")
     oh = output_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
@@ -110,8 +124,14 @@ def _check_input(op: str, x: Tensor, kernel: tuple[int, int], stride: tuple[int,
     return oh, ow
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Pair = 1,
-           padding: Pair = 0, dilation: Pair = 1) -> Tensor:  # fmt: skip
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Pair = 1,
+    padding: Pair = 0,
+    dilation: Pair = 1,
+) -> Tensor:
     """2-D cross-correlation (what deep-learning libraries call convolution), groups = 1.
 
     Shapes: x (N, C, H, W), weight (O, C, KH, KW), bias (O,) -> (N, O, OH, OW).
@@ -125,8 +145,10 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Pair =
     dilation_ = pair(dilation, "dilation", "conv2d", 1)
     oh, ow = _check_input("conv2d", x, (kh, kw), stride_, padding_, dilation_)
     if x.shape[1] != c:
-        raise ValueError(f"conv2d: input has {x.shape[1]} channels {x.shape}, the weight "
-                         f"{weight.shape} expects {c}")  # fmt: skip
+        raise ValueError(
+            f"conv2d: input has {x.shape[1]} channels {x.shape}, the weight "
+            f"{weight.shape} expects {c}"
+        )
     if bias is not None:
         ops.check_same_kind("conv2d", weight, bias)
         if bias.shape != (o,):
@@ -234,8 +256,12 @@ def _check_pool_padding(op: str, kernel: tuple[int, int], padding: tuple[int, in
         raise ValueError(f"{op}: padding {padding} must be at most half the kernel {kernel}")
 
 
-def _disjoint(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-              shape: tuple[int, ...]) -> bool:  # fmt: skip
+def _disjoint(
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    shape: tuple[int, ...],
+) -> bool:
     """Windows tile the input exactly (stride = kernel, no padding, sizes divisible)."""
     return (
         kernel == stride
