@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from distnet.bench.conv import CONTENDERS as CONV_CONTENDERS
+
 SIZES = {"mlp": [784, 1000, 1000, 1000, 10], "sae": [784, 1000]}
 LR = 0.01
 CORRUPTION = 0.3
@@ -32,7 +34,7 @@ IDLE_GAP_S = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``distnet bench core``."""
-    parser.add_argument("--workload", choices=["mlp", "sae", "all"], default="all")
+    parser.add_argument("--workload", choices=["mlp", "sae", "conv", "all"], default="all")
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after warm-up")
     parser.add_argument("--steps", type=int, default=10, help="training steps per round")
@@ -199,6 +201,7 @@ def distnet_sae_step(batch: int):
 CONTENDERS = {
     "mlp": {"distnet": distnet_mlp_step, "numpy": numpy_mlp_step, "torch": torch_mlp_step},
     "sae": {"distnet": distnet_sae_step, "numpy": numpy_sae_step},
+    "conv": CONV_CONTENDERS,  # LeNet-style step: distnet.bench.conv
 }
 
 
@@ -308,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for workload in workloads:
         names = ["distnet", "numpy"] + (["torch"] if with_torch and workload == "mlp" else [])
+        if workload == "conv":  # no hand-written numpy contender for convolutions
+            names = ["distnet"] + (["torch"] if with_torch else [])
         for batch in args.batch:
             r = measure(workload, batch, names, args.rounds, args.steps, args.threads)
             results.append(r)

@@ -16,6 +16,7 @@ from typing import Any
 
 from distnet import backend
 from distnet.core import ops
+from distnet.core.functional import FUSED_ACTIVATIONS
 from distnet.core.tensor import WRITTEN, Tensor, make_result
 
 Pair = int | tuple[int, int]
@@ -76,27 +77,31 @@ def im2col(
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> Any:
-    """Columns (N * OH * OW, C * KH * KW) of ``x`` (N, C, H, W): row (n, oh, ow) is the
-    window under output pixel (oh, ow) of sample n, in the weight's (C, KH, KW) order."""
+    """Columns (C * KH * KW, N * OH * OW) of ``x`` (N, C, H, W), kernel-major: column
+    (n, oh, ow) is the window under output pixel (oh, ow) of sample n, in the weight's
+    (C, KH, KW) order. One copy out of a strided view of the padded input."""
     xp = backend.array_module(x)
     view = windows(_pad(x, *padding), kernel, stride, dilation)  # (N, C, OH, OW, KH, KW)
     n, c, oh, ow, kh, kw = view.shape
-    cols = xp.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
-    cols[...] = view.transpose(0, 2, 3, 1, 4, 5)
-    return cols.reshape(n * oh * ow, c * kh * kw)
+    cols = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
+    cols[...] = view.transpose(1, 4, 5, 0, 2, 3)
+    return cols.reshape(c * kh * kw, n * oh * ow)
 
 
 def col2im_add(
     target: Any, values: Any, stride: tuple[int, int], dilation: tuple[int, int]
 ) -> None:
-    """Adds window values (N, C, OH, OW, KH, KW) (any strides) into ``target`` (N, C, Hp, Wp)
-    at the windows' places: one strided slice add per kernel offset."""
-    n, c, oh, ow, kh, kw = values.shape
+    """Adds column gradients ``values`` (C, KH, KW, N, OH, OW) into ``target`` (N, C, Hp, Wp)
+    at the windows' places: one strided slice add per kernel offset (no ``add.at``). The
+    kernel-major layout makes each offset's source (C, N, OH, OW) one contiguous block."""
+    c, kh, kw, n, oh, ow = values.shape
     (sh, sw), (dh, dw) = stride, dilation
+    channels_first = target.transpose(1, 0, 2, 3)  # a view: (C, N, Hp, Wp)
     for i in range(kh):
         rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
         for j in range(kw):
-            target[:, :, rows, j * dw : j * dw + sw * (ow - 1) + 1 : sw] += values[..., i, j]
+            cols = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+            channels_first[:, :, rows, cols] += values[:, i, j]
 
 
 def _unpad(x: Any, ph: int, pw: int) -> Any:
@@ -131,11 +136,17 @@ def conv2d(
     stride: Pair = 1,
     padding: Pair = 0,
     dilation: Pair = 1,
+    activation: str | None = None,
 ) -> Tensor:
     """2-D cross-correlation (what deep-learning libraries call convolution), groups = 1.
 
     Shapes: x (N, C, H, W), weight (O, C, KH, KW), bias (O,) -> (N, O, OH, OW).
+    ``activation`` ('relu', 'tanh', 'sigmoid') is applied in place on the GEMM's output, as
+    in ``linear``: no pre-activation array is kept, the output gives the derivative.
     """
+    if activation is not None and activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"conv2d: activation {activation!r} cannot be fused; "
+                         f"one of {sorted(FUSED_ACTIVATIONS)}")  # fmt: skip
     ops.check_same_kind("conv2d", x, weight)
     if weight.ndim != 4:
         raise ValueError(f"conv2d: weight must be (O, C, KH, KW), got shape {weight.shape}")
@@ -155,32 +166,36 @@ def conv2d(
             raise ValueError(f"conv2d: bias {bias.shape} does not fit weight {weight.shape}")
     n = x.shape[0]
     xp = backend.array_module(x.data)
-    cols = im2col(x.data, (kh, kw), stride_, padding_, dilation_)  # (N*OH*OW, C*KH*KW)
+    cols = im2col(x.data, (kh, kw), stride_, padding_, dilation_)  # (C*KH*KW, N*OH*OW)
     w2 = weight.data.reshape(o, c * kh * kw)
-    out2 = cols @ w2.T  # (N*OH*OW, O)
+    out2 = w2 @ cols  # (O, N*OH*OW): one GEMM
     if bias is not None:
-        out2 += bias.data
-    out = xp.ascontiguousarray(out2.reshape(n, oh, ow, o).transpose(0, 3, 1, 2))
+        out2 += bias.data[:, None]
+    if activation is not None:
+        FUSED_ACTIVATIONS[activation][0](out2)
+    out = xp.ascontiguousarray(out2.reshape(o, n, oh, ow).transpose(1, 0, 2, 3))
 
     def backward(g: Any) -> tuple[Any, ...]:
-        g2 = xp.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(n * oh * ow, o)
+        if activation is not None:  # d act / dz from the output, into a fresh array
+            g = FUSED_ACTIVATIONS[activation][1](out, g)
+        g2 = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, n * oh * ow)
         gx = gw = gb = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
             target = weight.grad_target()
             if target is None:
-                gw = (g2.T @ cols).reshape(weight.shape)
+                gw = (g2 @ cols.T).reshape(weight.shape)
             else:
-                xp.matmul(g2.T, cols, out=target.reshape(o, c * kh * kw))
+                xp.matmul(g2, cols.T, out=target.reshape(o, c * kh * kw))
                 gw = WRITTEN
         if bias is not None and bias.requires_grad:
             target = bias.grad_target()
             if target is None:
-                gb = g2.sum(axis=0)
+                gb = g2.sum(axis=1)
             else:
-                g2.sum(axis=0, out=target)
+                g2.sum(axis=1, out=target)
                 gb = WRITTEN
         if x.requires_grad:
-            gcols = (g2 @ w2).reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 1, 2, 4, 5)
+            gcols = (w2.T @ g2).reshape(c, kh, kw, n, oh, ow)  # kernel-major columns
             ph, pw = padding_
             gpad = xp.zeros((n, c, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw), dtype=g.dtype)
             col2im_add(gpad, gcols, stride_, dilation_)
@@ -193,28 +208,28 @@ def conv2d(
 
 def max_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pair = 0) -> Tensor:
     """Maximum over each window (padding counts as -inf). Ties share the gradient equally
-    (like ``Tensor.max``: a valid subgradient, and what central differences measure).
+    (like ``Tensor.max``: a valid subgradient; central differences measure it for a pair).
 
     Shapes: x (N, C, H, W) -> (N, C, OH, OW); stride defaults to the kernel.
     """
-    kernel_ = pair(kernel, "kernel", "max_pool2d", 1)
-    stride_ = kernel_ if stride is None else pair(stride, "stride", "max_pool2d", 1)
-    padding_ = pair(padding, "padding", "max_pool2d", 0)
-    _check_pool_padding("max_pool2d", kernel_, padding_)
-    _check_input("max_pool2d", x, kernel_, stride_, padding_, (1, 1))
+    kernel_, stride_, padding_ = _pool_arguments("max_pool2d", x, kernel, stride, padding)
     xp = backend.array_module(x.data)
     xpad = _pad(x.data, *padding_, value=-xp.inf)
-    view = windows(xpad, kernel_, stride_, (1, 1))  # (N, C, OH, OW, KH, KW)
-    out = view.max(axis=(4, 5))
+    # one elementwise maximum per kernel offset: far faster than a reduction over a 6-D view
+    offsets = _offset_slices(kernel_, stride_, xpad.shape)
+    out = xpad[offsets[0]].copy()
+    for where in offsets[1:]:
+        xp.maximum(out, xpad[where], out=out)
 
     def backward(g: Any) -> tuple[Any]:
-        mask = view == out[..., None, None]
-        share = g / mask.sum(axis=(4, 5), dtype=g.dtype)
-        gwin = mask * share[..., None, None]  # (N, C, OH, OW, KH, KW)
-        if _disjoint(kernel_, stride_, padding_, x.shape):  # windows tile x: one reshape
-            return (_tile_back(gwin, x.shape),)
+        masks = [xpad[where] == out for where in offsets]
+        count = masks[0].astype(g.dtype)
+        for mask in masks[1:]:
+            count += mask
+        share = g / count
         gpad = xp.zeros(xpad.shape, dtype=g.dtype)
-        col2im_add(gpad, gwin, stride_, (1, 1))
+        for where, mask in zip(offsets, masks, strict=True):
+            gpad[where] += share * mask
         return (_unpad(gpad, *padding_),)
 
     return make_result(out, (x,), backward, "max_pool2d")
@@ -226,51 +241,50 @@ def avg_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pai
 
     Shapes: x (N, C, H, W) -> (N, C, OH, OW); stride defaults to the kernel.
     """
-    kernel_ = pair(kernel, "kernel", "avg_pool2d", 1)
-    stride_ = kernel_ if stride is None else pair(stride, "stride", "avg_pool2d", 1)
-    padding_ = pair(padding, "padding", "avg_pool2d", 0)
-    _check_pool_padding("avg_pool2d", kernel_, padding_)
-    _check_input("avg_pool2d", x, kernel_, stride_, padding_, (1, 1))
+    kernel_, stride_, padding_ = _pool_arguments("avg_pool2d", x, kernel, stride, padding)
     xp = backend.array_module(x.data)
     xpad = _pad(x.data, *padding_)
-    view = windows(xpad, kernel_, stride_, (1, 1))
-    count = kernel_[0] * kernel_[1]
-    out = view.sum(axis=(4, 5))
-    out /= count
+    offsets = _offset_slices(kernel_, stride_, xpad.shape)
+    out = xpad[offsets[0]].copy()
+    for where in offsets[1:]:
+        out += xpad[where]
+    out *= 1.0 / len(offsets)
+    shape = xpad.shape
 
     def backward(g: Any) -> tuple[Any]:
-        share = g / count
-        gwin = xp.broadcast_to(share[..., None, None], view.shape)
-        if _disjoint(kernel_, stride_, padding_, x.shape):
-            return (_tile_back(gwin, x.shape),)
-        gpad = xp.zeros(xpad.shape, dtype=g.dtype)
-        col2im_add(gpad, gwin, stride_, (1, 1))
+        share = g * (1.0 / len(offsets))
+        gpad = xp.zeros(shape, dtype=g.dtype)
+        for where in offsets:
+            gpad[where] += share
         return (_unpad(gpad, *padding_),)
 
     return make_result(out, (x,), backward, "avg_pool2d")
 
 
-def _check_pool_padding(op: str, kernel: tuple[int, int], padding: tuple[int, int]) -> None:
+def _pool_arguments(
+    op: str, x: Tensor, kernel: Pair, stride: Pair | None, padding: Pair
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    kernel_ = pair(kernel, "kernel", op, 1)
+    stride_ = kernel_ if stride is None else pair(stride, "stride", op, 1)
+    padding_ = pair(padding, "padding", op, 0)
     # a window made only of padding would have no input to take the max or mean of
-    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
-        raise ValueError(f"{op}: padding {padding} must be at most half the kernel {kernel}")
+    if padding_[0] > kernel_[0] // 2 or padding_[1] > kernel_[1] // 2:
+        raise ValueError(f"{op}: padding {padding_} must be at most half the kernel {kernel_}")
+    _check_input(op, x, kernel_, stride_, padding_, (1, 1))
+    return kernel_, stride_, padding_
 
 
-def _disjoint(
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    shape: tuple[int, ...],
-) -> bool:
-    """Windows tile the input exactly (stride = kernel, no padding, sizes divisible)."""
-    return (
-        kernel == stride
-        and padding == (0, 0)
-        and shape[2] % kernel[0] == 0
-        and shape[3] % kernel[1] == 0
-    )
-
-
-def _tile_back(gwin: Any, shape: tuple[int, ...]) -> Any:
-    """Window gradients (N, C, OH, OW, KH, KW) of tiling windows as one (N, C, H, W) array."""
-    return gwin.transpose(0, 1, 2, 4, 3, 5).reshape(shape)
+def _offset_slices(
+    kernel: tuple[int, int], stride: tuple[int, int], padded_shape: tuple[int, ...]
+) -> list[tuple[slice, ...]]:
+    """For each kernel offset (i, j), the strided slice of the padded input (N, C, Hp, Wp)
+    holding that offset's pixel of every window: an (N, C, OH, OW) view."""
+    (kh, kw), (sh, sw) = kernel, stride
+    oh = output_size(padded_shape[2], kh, sh, 0, 1)
+    ow = output_size(padded_shape[3], kw, sw, 0, 1)
+    every = slice(None)
+    return [
+        (every, every, slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw))
+        for i in range(kh)
+        for j in range(kw)
+    ]
