@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     lines = ["usage: distnet <command> [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`distnet <command> --help` for a command's options."]
+    lines += ["", "`distnet <command> --help` for a command's options; `distnet --version`."]
     return "\n".join(lines)
 
 
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from distnet import __version__  # noqa: PLC0415
+
+        print(f"distnet {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"distnet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

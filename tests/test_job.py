@@ -65,8 +65,13 @@ def test_mlp_job_trains_in_one_process_and_resumes(job_dir, capsys):
     [
         ("[data]\ntrain = 'x'\n[modle]\ntype = 'mlp'\n", "unknown section [modle]"),
         ("[data]\ntrain = 'x'\nbatchsize = 3\n", "unknown key 'batchsize' in [data]"),
-        ("[model]\ntype = 'mlp'\n", "[data] train must name a distnet store"),
-        ("[data]\ntrain = 'x'\n[model]\ntype = 'cnn'\n", "[model] type must be"),
+        ("[model]\ntype = 'mlp'\n", "[data] train: expected the path or URL of a distnet"),
+        ("[data]\ntrain = 'x'\n[model]\ntype = 'rnn'\n", "[model] type: expected 'stacked_"),
+        ("[data]\ntrain = 'x'\n[model]\nhidden = 100\n", "[model] hidden: expected a non-"),
+        (
+            "[data]\ntrain = 'x'\n[pretrain]\nepochs = -1\n",
+            "[pretrain] epochs: expected an integer >= 0 (epochs per layer), got -1",
+        ),
         ("[data\ntrain = 'x'\n", "not valid TOML"),
     ],
 )

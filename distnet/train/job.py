@@ -27,7 +27,6 @@ epoch. Example (see README for the full key list)::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -38,23 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from distnet.train import jobspec
 from distnet.train.callbacks import Callback
+from distnet.train.jobspec import JobError
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {"train": None, "test": None, "batch_size": 32, "shuffle_chunks": 4},
-    "model": {"type": "stacked_autoencoder", "hidden": [100, 100], "activation": "sigmoid",
-              "tied_weights": True, "dropout": 0.0},
-    "pretrain": {"epochs": 20, "lr": 1e-3, "corruption": 0.1, "loss": "cross_entropy",
-                 "sparsity_target": None, "sparsity_weight": 0.0},
-    "finetune": {"epochs": 60, "optimizer": "adam", "lr": 3e-3, "weight_decay": 1e-4,
-                 "momentum": 0.9, "plateau_patience": 3, "plateau_factor": 0.3},
-    "dist": {"engine": "auto", "bucket_mb": 25.0, "compression": "none"},
-    "run": {"out": "runs/job", "seed": 0, "log_every": 5, "pictures": True, "device": "cpu"},
-}  # fmt: skip
+__all__ = ["DEFAULTS", "JobError", "add_arguments", "load_job", "run", "run_job"]
 
-
-class JobError(ValueError):
-    """A job file that cannot run as written (names the file and the key)."""
+DEFAULTS: dict[str, dict[str, Any]] = jobspec.defaults()  # the schema lives in jobspec.py
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,43 +51,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="job description (TOML)")
     parser.add_argument("--out", help="run directory (overrides [run] out)")
     parser.add_argument("--engine", choices=["auto", "local", "mpi"], help="overrides [dist]")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key, value in TOML syntax (repeatable): --set pretrain.epochs=5",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
 
 
 def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
-    """Reads a job file over the defaults; unknown sections or keys are errors."""
+    """Reads a job file, validates every key against the schema (``jobspec``) and fills in the
+    defaults; paths written in the file are relative to the file, overrides (command line)
+    relative to the shell. JobError names the file and the key path of each problem."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise JobError(f"{path}: no such job file") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise JobError(f"{path}: not valid TOML: {e}") from None
-    job = copy.deepcopy(DEFAULTS)
-    _merge(job, raw, path)
-    base = path.parent  # paths written in the file are relative to the file
+    base = path.parent
     for section, key in (("data", "train"), ("data", "test"), ("run", "out")):
-        value = raw.get(section, {}).get(key)
-        if value and "://" not in value and not Path(value).is_absolute():
-            job[section][key] = str(base / value)
-    _merge(job, overrides or {}, path)  # command-line values: relative to the shell
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if (
+            isinstance(value, str)
+            and value
+            and "://" not in value
+            and not Path(value).is_absolute()
+        ):
+            raw[section][key] = str(base / value)
+    job = jobspec.validate(jobspec.merge(raw, overrides or {}), str(path))
     if not job["data"]["train"]:
-        raise JobError(f"{path}: [data] train must name a distnet store")
-    if job["model"]["type"] not in ("mlp", "stacked_autoencoder"):
-        raise JobError(f"{path}: [model] type must be 'mlp' or 'stacked_autoencoder'")
+        raise JobError(f"{path}: [data] train: expected the path or URL of a distnet store")
     return job
-
-
-def _merge(job: dict, values: dict, path: Path) -> None:
-    """Sets known keys of ``values`` (section -> key -> value) in ``job``, in place."""
-    for section, entries in values.items():
-        if section not in job or not isinstance(entries, dict):
-            raise JobError(f"{path}: unknown section [{section}]; sections: {sorted(job)}")
-        for key, value in entries.items():
-            if key not in job[section]:
-                known = sorted(job[section])
-                raise JobError(f"{path}: unknown key {key!r} in [{section}]; known: {known}")
-            job[section][key] = value
 
 
 def read_store(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +159,7 @@ def draw_pictures(
 
 
 def _make_optimizer(spec: dict[str, Any], params: Any) -> Any:
-    from distnet.optim import SGD, Adam, RMSProp  # noqa: PLC0415
+    from distnet.optim import SGD, AdaGrad, Adam, RMSProp  # noqa: PLC0415
 
     name, lr, wd = spec["optimizer"], spec["lr"], spec["weight_decay"]
     if name == "adam":
@@ -181,6 +168,8 @@ def _make_optimizer(spec: dict[str, Any], params: Any) -> Any:
         return SGD(params, lr=lr, momentum=spec["momentum"], weight_decay=wd)
     if name == "rmsprop":
         return RMSProp(params, lr=lr, weight_decay=wd)
+    if name == "adagrad":
+        return AdaGrad(params, lr=lr, weight_decay=wd)
     raise JobError(f"[finetune] optimizer must be 'adam', 'sgd' or 'rmsprop', got {name!r}")
 
 
@@ -368,6 +357,9 @@ def run(args: argparse.Namespace) -> int:
     from distnet.data import DatasetError  # noqa: PLC0415
 
     try:
+        for text in args.set:
+            section, key, value = jobspec.parse_override(text)
+            overrides = jobspec.merge(overrides, {section: {key: value}})
         job = load_job(args.job, overrides)
         report = run_job(job, log=(lambda line: None) if args.quiet else print)
     except (JobError, DatasetError) as e:

@@ -1,0 +1,173 @@
+"""The job file's schema: every key's type, range and default, checked before anything runs.
+
+A job file is TOML with the sections below. ``load_job`` validates it with pydantic (strict
+types: TOML already says what is an integer, a float, a string or a list, so nothing is
+coerced) and turns every problem into one line naming the key path::
+
+    jobs/x.toml: [pretrain] epochs: expected an integer >= 0, got -1
+
+Adding a key is adding a field with a default and an ``expect`` phrase (what a user reads in
+the error). ``distnet train JOB --set pretrain.epochs=5`` overrides any key (values in TOML
+syntax; a bare word is a string).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class JobError(ValueError):
+    """A job file that cannot run as written (names the file and the key)."""
+
+
+def _field(default: Any, expect: str, **constraints: Any) -> Any:
+    """A field whose error message says ``expected <expect>``."""
+    return Field(default, description=expect, **constraints)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class DataSpec(Section):
+    train: str | None = _field(None, "the path or URL of a distnet store")
+    test: str | None = _field(None, "the path or URL of a distnet store")
+    batch_size: int = _field(32, "a positive integer (the global batch over all ranks)", gt=0)
+    shuffle_chunks: int = _field(4, "a positive integer (chunks in the shuffle window)", gt=0)
+
+
+class ModelSpec(Section):
+    type: Literal["stacked_autoencoder", "mlp"] = _field(
+        "stacked_autoencoder", "'stacked_autoencoder' or 'mlp'"
+    )
+    hidden: list[PositiveInt] = _field(
+        [100, 100], "a non-empty list of positive integers (hidden widths)", min_length=1
+    )
+    activation: Literal["sigmoid", "tanh", "relu", "leaky_relu", "linear"] = _field(
+        "sigmoid", "one of 'sigmoid', 'tanh', 'relu', 'leaky_relu', 'linear'"
+    )
+    tied_weights: bool = _field(True, "true or false")
+    dropout: float = _field(0.0, "a probability in [0, 1)", ge=0.0, lt=1.0)
+
+
+class PretrainSpec(Section):
+    epochs: int = _field(20, "an integer >= 0 (epochs per layer)", ge=0)
+    lr: float = _field(1e-3, "a positive number", gt=0.0)
+    corruption: float = _field(0.1, "a probability in [0, 1) (masking noise)", ge=0.0, lt=1.0)
+    loss: Literal["cross_entropy", "mse"] = _field("cross_entropy", "'cross_entropy' or 'mse'")
+    sparsity_target: float | None = _field(
+        None, "a number in (0, 1), or absent for no sparsity penalty", gt=0.0, lt=1.0
+    )
+    sparsity_weight: float = _field(0.0, "a number >= 0", ge=0.0)
+
+
+class FinetuneSpec(Section):
+    epochs: int = _field(60, "a positive integer", gt=0)
+    optimizer: Literal["adam", "sgd", "rmsprop", "adagrad"] = _field(
+        "adam", "one of 'adam', 'sgd', 'rmsprop', 'adagrad'"
+    )
+    lr: float = _field(3e-3, "a positive number", gt=0.0)
+    weight_decay: float = _field(1e-4, "a number >= 0", ge=0.0)
+    momentum: float = _field(0.9, "a number in [0, 1)", ge=0.0, lt=1.0)
+    plateau_patience: int = _field(3, "an integer >= 0 (epochs)", ge=0)
+    plateau_factor: float = _field(0.3, "a number in (0, 1)", gt=0.0, lt=1.0)
+
+
+class DistSpec(Section):
+    engine: Literal["auto", "local", "mpi"] = _field("auto", "one of 'auto', 'local', 'mpi'")
+    bucket_mb: float = _field(25.0, "a positive number of megabytes", gt=0.0)
+    compression: Literal["none", "fp16"] = _field("none", "'none' or 'fp16'")
+
+
+class RunSpec(Section):
+    out: str = _field("runs/job", "a directory path")
+    seed: int = _field(0, "an integer >= 0", ge=0)
+    log_every: int = _field(5, "a positive integer (epochs)", gt=0)
+    pictures: bool = _field(True, "true or false")
+    device: str = _field("cpu", "'cpu', 'cuda' or 'cuda:N'", pattern=r"^(cpu|cuda(:[0-9]+)?)$")
+
+
+class JobSpec(Section):
+    """The whole job: one field per section."""
+
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    pretrain: PretrainSpec = PretrainSpec()
+    finetune: FinetuneSpec = FinetuneSpec()
+    dist: DistSpec = DistSpec()
+    run: RunSpec = RunSpec()
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """Every section's keys with their default values."""
+    return JobSpec().model_dump()
+
+
+def _expectation(loc: tuple[Any, ...]) -> str | None:
+    """The ``expect`` phrase of the field at ``loc`` (section, key[, index...])."""
+    if len(loc) < 2 or loc[0] not in JobSpec.model_fields:
+        return None
+    section = JobSpec.model_fields[loc[0]].annotation
+    field = getattr(section, "model_fields", {}).get(loc[1])
+    return field.description if field is not None else None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as ``[section] key: expected ..., got ...``."""
+    loc = tuple(error["loc"])
+    if not loc:  # the whole document
+        return f"expected a table of sections {sorted(JobSpec.model_fields)}"
+    where = f"[{loc[0]}]" + (f" {'.'.join(map(str, loc[1:]))}" if len(loc) > 1 else "")
+    if error["type"] == "extra_forbidden":
+        if len(loc) == 1:
+            return f"unknown section [{loc[0]}]; sections: {sorted(JobSpec.model_fields)}"
+        section = JobSpec.model_fields[loc[0]].annotation
+        known = sorted(getattr(section, "model_fields", {}))
+        return f"unknown key {loc[-1]!r} in [{loc[0]}]; known: {known}"
+    if len(loc) == 1:
+        return f"{where}: expected a table of keys, got {error['input']!r}"
+    expect = _expectation(loc) or error["msg"]
+    return f"{where}: expected {expect}, got {error['input']!r}"
+
+
+def validate(raw: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Checks ``raw`` (section -> key -> value) against the schema; the job with defaults
+    filled in, or JobError listing every problem, each with its key path."""
+    try:
+        return JobSpec.model_validate(raw).model_dump()
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors(include_url=False)]
+        raise JobError(f"{source}: " + f"\n{source}: ".join(problems)) from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` (value in TOML syntax; a bare word is a string) ->
+    (section, key, value). ``pretrain.epochs=5``, ``model.hidden=[200,100]``, ``run.out=r``."""
+    path, sep, value = text.partition("=")
+    parts = path.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise JobError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. pretrain.epochs=5")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()  # a bare word: a path, a name
+    return parts[0], parts[1], parsed
+
+
+def merge(base: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``base`` with ``overrides`` (section -> key -> value) laid over it (no validation)."""
+    out = {s: dict(v) if isinstance(v, dict) else v for s, v in base.items()}
+    for section, entries in overrides.items():
+        target = out.setdefault(section, {})
+        if isinstance(target, dict) and isinstance(entries, dict):
+            target.update(entries)
+        else:
+            out[section] = entries
+    return out

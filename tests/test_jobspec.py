@@ -1,0 +1,141 @@
+"""The job file's schema: types, ranges, unknown keys and `--set` overrides, by example and by
+property (hypothesis): every bad value gives one line naming the key path, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distnet import cli
+from distnet.train import jobspec
+from distnet.train.job import DEFAULTS, JobError, load_job
+
+
+def job_file(tmp_path, text: str):
+    path = tmp_path / "job.toml"
+    path.write_text(text + "\n[data]\ntrain = 'store'\n")
+    return path
+
+
+def test_defaults_are_the_schema_and_a_minimal_job_loads(tmp_path):
+    job = load_job(job_file(tmp_path, ""))
+    assert job["pretrain"] == DEFAULTS["pretrain"]
+    assert job["data"]["batch_size"] == 32 and job["data"]["train"] == str(tmp_path / "store")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[pretrain]\nepochs = -1\n", "[pretrain] epochs: expected an integer >= 0"),
+        ("[pretrain]\nepochs = 2.5\n", "[pretrain] epochs: expected an integer >= 0"),
+        ("[finetune]\nepochs = true\n", "[finetune] epochs: expected a positive integer, got True"),
+        ("[model]\nhidden = [100, 0]\n", "[model] hidden.1: expected a non-empty list of positive"),
+        ("[model]\nhidden = []\n", "[model] hidden: expected a non-empty list"),
+        ("[model]\nhidden = '100'\n", "[model] hidden: expected a non-empty list"),
+        ("[model]\ndropout = 1.0\n", "[model] dropout: expected a probability in [0, 1), got 1.0"),
+        ("[run]\ndevice = 'gpu'\n", "[run] device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        ("[dist]\nengine = 'slurm'\n", "[dist] engine: expected one of 'auto', 'local', 'mpi'"),
+        ("[finetune]\noptimizer = 'lbfgs'\n", "[finetune] optimizer: expected one of 'adam'"),
+        ("[pretrain]\nsparsity_target = 0\n", "[pretrain] sparsity_target: expected a number"),
+        ("run = 3\n", "[run]: expected a table of keys, got 3"),
+    ],
+)
+def test_bad_values_name_the_key_path_and_what_was_expected(tmp_path, text, message):
+    path = job_file(tmp_path, text)
+    with pytest.raises(JobError) as e:
+        load_job(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+
+
+def test_every_problem_is_listed_one_per_line(tmp_path):
+    path = job_file(tmp_path, "[pretrain]\nepochs = -1\nlr = 0\n[run]\nseed = 'x'\n")
+    with pytest.raises(JobError) as e:
+        load_job(path)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"{path}: [") for line in lines)
+
+
+def test_integers_are_accepted_where_numbers_are_expected(tmp_path):
+    job = load_job(job_file(tmp_path, "[finetune]\nlr = 1\nweight_decay = 0\n"))
+    assert job["finetune"]["lr"] == 1 and job["finetune"]["weight_decay"] == 0
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("pretrain.epochs=5", ("pretrain", "epochs", 5)),
+        ("model.hidden=[200, 100]", ("model", "hidden", [200, 100])),
+        ("run.out=runs/x", ("run", "out", "runs/x")),
+        ("run.device='cuda:1'", ("run", "device", "cuda:1")),
+        ("finetune.lr=3e-4", ("finetune", "lr", 3e-4)),
+        ("run.pictures=false", ("run", "pictures", False)),
+    ],
+)
+def test_set_values_are_toml_and_bare_words_are_strings(text, expected):
+    assert jobspec.parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text", ["epochs=5", "pretrain.epochs", "a.b.c=1", ".x=1"])
+def test_malformed_set_is_refused(text):
+    with pytest.raises(JobError, match="expected SECTION.KEY=VALUE"):
+        jobspec.parse_override(text)
+
+
+def test_set_overrides_on_the_command_line_are_validated_too(tmp_path, capsys):
+    path = job_file(tmp_path, "[pretrain]\nepochs = 3\n")
+    code = cli.main(["train", str(path), "--set", "pretrain.epochs=-2", "--set", "data.x=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "[pretrain] epochs: expected an integer >= 0" in err
+    assert "unknown key 'x' in [data]" in err
+
+
+def test_version(capsys):
+    from distnet import __version__
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"distnet {__version__}"
+
+
+toml_values = st.one_of(
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=8),
+    st.lists(st.integers(-5, 5), max_size=3),
+    st.dictionaries(st.text(min_size=1, max_size=4), st.integers(), max_size=2),
+)
+sections = st.sampled_from(sorted(DEFAULTS))
+
+
+@settings(max_examples=300, deadline=None)
+@given(section=sections, data=st.data(), value=toml_values)
+def test_any_value_for_any_key_is_accepted_or_refused_with_its_key_path(section, data, value):
+    """Property: validation never raises anything but JobError, and a refusal names the key."""
+    key = data.draw(st.sampled_from(sorted(DEFAULTS[section])))
+    raw = (
+        {"data": {"train": "s"}, section: {key: value}}
+        if section != "data"
+        else {"data": {"train": "s", key: value}}
+    )
+    try:
+        job = jobspec.validate(raw, "job.toml")
+    except JobError as e:
+        assert f"[{section}] {key}" in str(e), str(e)
+    else:
+        assert job[section][key] == value or (value != value)  # NaN compares unequal
+
+
+@settings(max_examples=100, deadline=None)
+@given(section=st.text(min_size=1, max_size=6), key=st.text(min_size=1, max_size=6))
+def test_unknown_sections_and_keys_are_named(section, key):
+    raw = {section: {key: 1}}
+    if section in DEFAULTS:
+        if key in DEFAULTS[section]:
+            return
+        with pytest.raises(JobError, match=f"unknown key {key!r}"):
+            jobspec.validate(raw, "job.toml")
+    else:
+        with pytest.raises(JobError, match="unknown section"):
+            jobspec.validate(raw, "job.toml")
