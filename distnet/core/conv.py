@@ -169,11 +169,16 @@ def conv2d(
     cols = im2col(x.data, (kh, kw), stride_, padding_, dilation_)  # (C*KH*KW, N*OH*OW)
     w2 = weight.data.reshape(o, c * kh * kw)
     out2 = w2 @ cols  # (O, N*OH*OW): one GEMM
+    # back to NCHW in one pass that also adds the bias; the activation then runs in place
+    out = xp.empty((n, o, oh, ow), dtype=out2.dtype)
+    by_sample = out2.reshape(o, n, oh, ow).transpose(1, 0, 2, 3)
     if bias is not None:
-        out2 += bias.data[:, None]
+        xp.add(by_sample, bias.data[:, None, None], out=out)
+    else:
+        out[...] = by_sample
+    del out2, by_sample
     if activation is not None:
-        FUSED_ACTIVATIONS[activation][0](out2)
-    out = xp.ascontiguousarray(out2.reshape(o, n, oh, ow).transpose(1, 0, 2, 3))
+        FUSED_ACTIVATIONS[activation][0](out)
 
     def backward(g: Any) -> tuple[Any, ...]:
         if activation is not None:  # d act / dz from the output, into a fresh array
