@@ -3,7 +3,8 @@
 Workloads (float32, SGD):
 - ``mlp``: MLP 784-1000-1000-1000-10, tanh, softmax cross-entropy (forward, backward, update);
 - ``sae``: one denoising tied-weight autoencoder layer 784-1000 (sigmoid, MSE), as in greedy
-  pretraining.
+  pretraining;
+- ``conv``: a LeNet-style step against PyTorch only (``distnet.bench.conv``; not in ``all``).
 
 Each contender runs in its own long-lived subprocess (one framework, one thread pool per
 process); the parent alternates rounds A B C A B C ... after a warm-up and reports the median
