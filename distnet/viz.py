@@ -102,3 +102,33 @@ def reconstruction_grid(
     n = min(n, len(x))
     pairs = np.concatenate([x[:n], x_hat[:n]]).reshape(2 * n, *image_shape)
     return _save(_tile(np.clip(pairs, 0.0, 1.0), n, pad, scale), path, cmap)
+
+
+def conv_filter_grid(
+    weight: Any, path: str | os.PathLike, ncols: int | None = None, scale: int = 8
+) -> tuple[int, int]:
+    """Writes a PNG grid of a convolution's kernels, one tile per output channel.
+
+    Shapes: weight (O, C, KH, KW); with C > 1 input channels each tile shows channel 0 (the
+    first layer of an image network has C = 1 or 3). Tiles are normalised as in
+    ``filter_grid`` (the unit-norm input that excites the channel most).
+    """
+    w = np.asarray(backend.to_device(getattr(weight, "data", weight), "cpu"), np.float64)
+    if w.ndim != 4:
+        raise ValueError(f"conv_filter_grid: weight must be (O, C, KH, KW), got {w.shape}")
+    o, _, kh, kw = w.shape
+    return filter_grid(w[:, 0].reshape(o, kh * kw).T, (kh, kw), path, ncols, scale=scale)
+
+
+def feature_map_grid(
+    maps: Any, path: str | os.PathLike, ncols: int | None = None, scale: int = 4
+) -> tuple[int, int]:
+    """Writes a PNG grid of feature maps (n, H, W), each contrast-stretched to [0, 1]."""
+    m = np.asarray(backend.to_device(getattr(maps, "data", maps), "cpu"), np.float64)
+    if m.ndim != 3:
+        raise ValueError(f"feature_map_grid: maps must be (n, H, W), got {m.shape}")
+    lo = m.min(axis=(1, 2), keepdims=True)
+    span = m.max(axis=(1, 2), keepdims=True) - lo
+    tiles = (m - lo) / np.where(span > 0, span, 1.0)
+    ncols = ncols or math.ceil(math.sqrt(len(tiles)))
+    return _save(_tile(tiles, ncols, 1, scale), path, "gray")

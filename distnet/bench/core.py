@@ -6,7 +6,8 @@ Workloads (float32, SGD unless named):
 - ``update-sgdm``, ``update-adam``, ``update-rmsprop``: the optimiser update alone over the
   MLP's 2.8M parameters (PyTorch with its default, non-fused implementation);
 - ``sae``: one denoising tied-weight autoencoder layer 784-1000 (sigmoid, MSE), as in greedy
-  pretraining.
+  pretraining;
+- ``conv``: a LeNet-style step against PyTorch only (``distnet.bench.conv``; not in ``all``).
 
 Each contender runs in its own long-lived subprocess (one framework, one thread pool per
 process); the parent alternates rounds A B C A B C ... after a warm-up and reports the median
@@ -27,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from distnet.bench.conv import CONTENDERS as CONV_CONTENDERS
+
 SIZES = {"mlp": [784, 1000, 1000, 1000, 10], "sae": [784, 1000]}
 LR = 0.01
 CORRUPTION = 0.3
@@ -37,7 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``distnet bench core``."""
     parser.add_argument(
         "--workload",
-        choices=["all", "mlp", "mlp-adam", "sae", "update-sgdm", "update-adam", "update-rmsprop"],
+        choices=[
+            "all",
+            "mlp",
+            "mlp-adam",
+            "sae",
+            "conv",
+            "update-sgdm",
+            "update-adam",
+            "update-rmsprop",
+        ],
         default="all",
         help="update-*: the optimiser update alone over the MLP's 2.8M-parameter buffer",
     )
@@ -276,6 +288,7 @@ CONTENDERS = {
     "update-sgdm": _update_contenders("sgdm"),
     "update-adam": _update_contenders("adam"),
     "update-rmsprop": _update_contenders("rmsprop"),
+    "conv": CONV_CONTENDERS,  # LeNet-style step: distnet.bench.conv
 }
 WORKLOADS = list(CONTENDERS)
 

@@ -1,6 +1,7 @@
 """The autodiff core: ``Tensor``, the reverse-mode engine, primitive and fused ops."""
 
-from distnet.core import functional, ops
+from distnet.core import conv, functional, ops
+from distnet.core.conv import avg_pool2d, conv2d, max_pool2d
 from distnet.core.ops import (
     abs,
     clip,
@@ -23,6 +24,10 @@ __all__ = [
     "is_grad_enabled",
     "functional",
     "ops",
+    "conv",
+    "conv2d",
+    "max_pool2d",
+    "avg_pool2d",
     "sum_to",
     "concatenate",
     "matmul",

@@ -2,6 +2,7 @@
 
 from distnet.nn import init
 from distnet.nn.autoencoder import AutoEncoder, StackedAutoEncoder, kl_sparsity
+from distnet.nn.conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from distnet.nn.layers import (
     Dense,
     LeakyReLU,
@@ -33,6 +34,10 @@ __all__ = [
     "Parameter",
     "flat_buffers",
     "Dense",
+    "Conv2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "Flatten",
     "Sequential",
     "Sigmoid",
     "Tanh",

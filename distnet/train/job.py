@@ -120,6 +120,18 @@ def flatten(x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
+def sample_image_shape(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(C, H, W) of a store's samples: (H, W) images get one channel; None when not images."""
+    if len(shape) == 2:
+        return (1, *shape)
+    return tuple(shape) if len(shape) == 3 else None  # type: ignore[return-value]
+
+
+def as_images(x: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, 1, H, W); (N, C, H, W) unchanged: what convolutions take."""
+    return x[:, None] if x.ndim == 3 else x
+
+
 class EpochPrinter(Callback):
     """Prints one line every ``every`` epochs (and the last), so logs stay short."""
 
@@ -159,8 +171,12 @@ def draw_pictures(
 ) -> dict[str, str]:
     """filters{suffix}.png of the first layer (each unit's normalised weights) and, for an
     autoencoder, reconstructions{suffix}.png of the first 16 samples of ``x``."""
-    from distnet.viz import filter_grid, reconstruction_grid  # noqa: PLC0415
+    from distnet.viz import conv_filter_grid, filter_grid, reconstruction_grid  # noqa: PLC0415
 
+    if x.ndim == 4:  # a cnn: its first convolution's kernels
+        path = str(out / f"filters{suffix}.png")
+        conv_filter_grid(model[0].weight.data, path)
+        return {"filters" + suffix: path}
     shape = image_shape(x.shape[1])
     if shape is None:
         return {}
@@ -193,11 +209,23 @@ def _make_optimizer(spec: dict[str, Any], params: Any) -> Any:
     return make_optimizer(name, params, lr=spec["lr"], **options)
 
 
-def build_model(job: dict, n_in: int, n_classes: int) -> Any:
-    """The job's model: a StackedAutoEncoder or an MLP (Sequential of Dense [+ Dropout])."""
+def build_model(
+    job: dict, n_in: int, n_classes: int, input_shape: tuple[int, ...] | None = None
+) -> Any:
+    """The job's model: a StackedAutoEncoder, an MLP (Sequential of Dense [+ Dropout]) or a
+    cnn (``[model] layers``, for images (N, C, H, W) with ``input_shape`` (C, H, W))."""
     from distnet import nn  # noqa: PLC0415
 
     m, pre = job["model"], job["pretrain"]
+    if m["type"] == "cnn":
+        from distnet.train.cnnspec import LayerSpecError, build_cnn  # noqa: PLC0415
+
+        if input_shape is None or len(input_shape) != 3:
+            raise JobError(f"[model] type = 'cnn' needs image samples, the store has {input_shape}")
+        try:
+            return build_cnn(m["layers"], input_shape, n_classes)
+        except LayerSpecError as e:
+            raise JobError(f"[model] layers: {e}") from None
     sizes = [n_in, *m["hidden"]]
     if m["type"] == "stacked_autoencoder":
         return nn.StackedAutoEncoder(
@@ -334,7 +362,9 @@ def run_job(
         raise JobError(f"{job['data']['train']}: the store has no num_classes (labels needed)")
     backend.seed(job["run"]["seed"])
     n_in = int(np.prod(train.shape[1:]))
-    model = build_model(job, n_in, int(train.num_classes))
+    images = job["model"]["type"] == "cnn"  # (N, C, H, W) samples instead of flat vectors
+    input_shape = sample_image_shape(train.shape[1:])
+    model = build_model(job, n_in, int(train.num_classes), input_shape)
     device = getattr(rank_setup, "device", None) or job["run"]["device"]
     if device != "cpu":  # one GPU per rank; gradients then go through NCCL
         device = backend.use_device(backend.device_for_rank(comm.local_rank, device))
@@ -346,7 +376,7 @@ def run_job(
         world_size=size,
         seed=job["run"]["seed"],
         shuffle_chunks=job["data"]["shuffle_chunks"],
-        transform=flatten if len(train.shape) > 2 else None,  # runs in the prefetch thread
+        transform=as_images if images else flatten if len(train.shape) > 2 else None,
         device=device,
         rank_weights=getattr(rank_setup, "rank_weights", None),
     )
@@ -369,13 +399,20 @@ def run_job(
         def wrap(opt: Any) -> Any:
             return rank_setup.wrap(opt, plain_wrap, loader)
 
+    m = job["model"]
+    layout = (
+        f"{'x'.join(map(str, input_shape or ()))} [{', '.join(m['layers'])}] {train.num_classes}"
+        if images
+        else f"{n_in}-{'-'.join(map(str, m['hidden']))}-{train.num_classes}"
+    )
     say(
-        f"{type(model).__name__} {n_in}-{'-'.join(map(str, job['model']['hidden']))}-"
-        f"{train.num_classes} on {len(train)} samples, {size} rank(s) x batch "
+        f"{type(model).__name__} {layout} on {len(train)} samples, {size} rank(s) x batch "
         f"{global_batch // size} (engine {type(comm).__name__})"
     )
     x_test, y_test = read_store(job["data"]["test"]) if job["data"]["test"] else (None, None)
     observe = RunObserver(job, out, comm, device, say, trace, progress)
+    if images and x_test is not None:
+        x_test = x_test.reshape(len(x_test), *input_shape)
 
     def after_pretraining(k: int) -> None:  # the pretrained filters, before fine-tuning
         if k == 0 and job["run"]["pictures"] and x_test is not None:
@@ -396,10 +433,9 @@ def run_job(
     finally:
         loader.close()
         observe.close()
-    m = job["model"]
     report: dict[str, Any] = {
-        "config": {"model": f"{m['type']} {n_in}-{'-'.join(map(str, m['hidden']))}-"
-                   f"{train.num_classes}", "batch_size": global_batch, "seed": job["run"]["seed"],
+        "config": {"model": f"{m['type']} {layout}", "batch_size": global_batch,
+                   "seed": job["run"]["seed"],
                    "train": job["data"]["train"]},
         "job": job, "workers": size, "engine": type(comm).__name__, "stages": table,
         "input_wait_fraction": loader.stats().get("wait_fraction"),
@@ -483,7 +519,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             report = run_job(job, log=log, trace=args.trace, progress="off" if args.quiet else None)
     except (JobError, DatasetError, CheckpointError, RayEngineError) as e:
-        print(f"distnet train: {e}", file=sys.stderr)
+        # problems found while building (a layer list that does not fit the store's images)
+        # are named by key only: say which file
+        where = "" if str(args.job) in str(e) or not isinstance(e, JobError) else f"{args.job}: "
+        print(f"distnet train: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distnet train: interrupted; checkpoints in {job['run']['out']}", file=sys.stderr)

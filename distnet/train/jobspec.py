@@ -16,7 +16,7 @@ from __future__ import annotations
 import tomllib
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class JobError(ValueError):
@@ -44,8 +44,8 @@ class DataSpec(Section):
 
 
 class ModelSpec(Section):
-    type: Literal["stacked_autoencoder", "mlp"] = _field(
-        "stacked_autoencoder", "'stacked_autoencoder' or 'mlp'"
+    type: Literal["stacked_autoencoder", "mlp", "cnn"] = _field(
+        "stacked_autoencoder", "'stacked_autoencoder', 'mlp' or 'cnn'"
     )
     hidden: list[PositiveInt] = _field(
         [100, 100], "a non-empty list of positive integers (hidden widths)", min_length=1
@@ -55,6 +55,21 @@ class ModelSpec(Section):
     )
     tied_weights: bool = _field(True, "true or false")
     dropout: float = _field(0.0, "a probability in [0, 1)", ge=0.0, lt=1.0)
+    layers: list[str] = _field(
+        ["conv 16 5 pad=2", "relu", "maxpool 2", "conv 32 5", "relu", "maxpool 2",
+         "dense 128", "relu"],
+        "a list of layer entries such as 'conv 32 5 pad=2', 'relu', 'maxpool 2', 'dense 128' "
+        "(type = 'cnn'; see distnet/train/cnnspec.py)",
+    )  # fmt: skip
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_parse(cls, layers: list[str]) -> list[str]:
+        from distnet.train.cnnspec import parse_layer  # noqa: PLC0415
+
+        for text in layers:
+            parse_layer(text)  # LayerSpecError is a ValueError: pydantic reports its text
+        return layers
 
 
 EpochCount = Annotated[int, Field(ge=0)]
@@ -175,6 +190,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"unknown key {loc[-1]!r} in [{loc[0]}]; known: {known}"
     if len(loc) == 1:
         return f"{where}: expected a table of keys, got {error['input']!r}"
+    if error["type"] == "value_error":  # a validator's own message says what is wrong
+        return f"{where}: {error['msg'].removeprefix('Value error, ')}"
     expect = _expectation(loc) or error["msg"]
     return f"{where}: expected {expect}, got {error['input']!r}"
 

@@ -1,0 +1,303 @@
+"""2-D convolution and pooling (NCHW) with gradients, by im2col and one GEMM per layer.
+
+``im2col`` is a strided view of the padded input (no copy until the GEMM needs the columns
+contiguous); ``col2im`` adds the column gradients back by looping over the kernel offsets, each
+offset one strided slice add (no ``np.add.at``). The same code runs on numpy and cupy (both
+have ``as_strided``); it is how Caffe computed convolutions: a convolution is one matrix
+product once the windows are laid out as rows.
+
+Shapes: input (N, C, H, W); weight (O, C, KH, KW); output (N, O, OH, OW) with
+``OH = (H + 2 ph - dh (KH - 1) - 1) // sh + 1`` (likewise OW).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distnet import backend, kernels
+from distnet.core import ops
+from distnet.core.functional import FUSED_ACTIVATIONS
+from distnet.core.tensor import WRITTEN, Tensor, make_result
+
+Pair = int | tuple[int, int]
+
+
+def pair(value: Pair, what: str, op: str, minimum: int) -> tuple[int, int]:
+    """``value`` as (height, width); a clear error when it is not one or two ints >= minimum."""
+    pair_ = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair_) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair_):
+        raise ValueError(f"{op}: {what} must be an int or two ints >= {minimum}, got {value!r}")
+    return pair_  # type: ignore[return-value]
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Number of window positions along one axis."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pad(x: Any, ph: int, pw: int, value: float = 0.0) -> Any:
+    if ph == 0 and pw == 0:
+        return x
+    xp = backend.array_module(x)
+    n, c, h, w = x.shape
+    out = xp.full((n, c, h + 2 * ph, w + 2 * pw), value, dtype=x.dtype)
+    out[:, :, ph : ph + h, pw : pw + w] = x
+    return out
+
+
+def windows(
+    x: Any, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> Any:
+    """A read-only strided view (N, C, OH, OW, KH, KW) of the windows of padded ``x``."""
+    xp = backend.array_module(x)
+    as_strided = _as_strided(xp)
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh, ow = output_size(h, kh, sh, 0, dh), output_size(w, kw, sw, 0, dw)
+    s0, s1, s2, s3 = x.strides
+    return as_strided(
+        x, shape=(n, c, oh, ow, kh, kw), strides=(s0, s1, s2 * sh, s3 * sw, s2 * dh, s3 * dw)
+    )
+
+
+def _as_strided(xp: Any) -> Any:
+    if xp.__name__ == "numpy":
+        from numpy.lib.stride_tricks import as_strided  # noqa: PLC0415
+
+        return as_strided
+    from cupy.lib.stride_tricks import as_strided  # noqa: PLC0415
+
+    return as_strided
+
+
+def im2col(
+    x: Any,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Any:
+    """Columns (C * KH * KW, N * OH * OW) of ``x`` (N, C, H, W), kernel-major: column
+    (n, oh, ow) is the window under output pixel (oh, ow) of sample n, in the weight's
+    (C, KH, KW) order. One copy out of a strided view of the padded input."""
+    xp = backend.array_module(x)
+    view = windows(_pad(x, *padding), kernel, stride, dilation)  # (N, C, OH, OW, KH, KW)
+    n, c, oh, ow, kh, kw = view.shape
+    cols = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
+    cols[...] = view.transpose(1, 4, 5, 0, 2, 3)
+    return cols.reshape(c * kh * kw, n * oh * ow)
+
+
+def col2im_add(
+    target: Any, values: Any, stride: tuple[int, int], dilation: tuple[int, int]
+) -> None:
+    """Adds column gradients ``values`` (C, KH, KW, N, OH, OW) into ``target`` (N, C, Hp, Wp)
+    at the windows' places: one strided slice add per kernel offset (no ``add.at``). The
+    kernel-major layout makes each offset's source (C, N, OH, OW) one contiguous block."""
+    c, kh, kw, n, oh, ow = values.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    channels_first = target.transpose(1, 0, 2, 3)  # a view: (C, N, Hp, Wp)
+    for i in range(kh):
+        rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+        for j in range(kw):
+            cols = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+            channels_first[:, :, rows, cols] += values[:, i, j]
+
+
+def _unpad(x: Any, ph: int, pw: int) -> Any:
+    h, w = x.shape[2] - 2 * ph, x.shape[3] - 2 * pw
+    return x[:, :, ph : ph + h, pw : pw + w] if ph or pw else x
+
+
+def _check_input(
+    op: str,
+    x: Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    if x.ndim != 4:
+        raise ValueError(f"{op}: input must be (N, C, H, W), got shape {x.shape}")
+    oh = output_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
+    ow = output_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"{op}: input {x.shape[2]}x{x.shape[3]} is smaller than the kernel "
+            f"{kernel[0]}x{kernel[1]} (padding {padding}, dilation {dilation})"
+        )
+    return oh, ow
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Pair = 1,
+    padding: Pair = 0,
+    dilation: Pair = 1,
+    activation: str | None = None,
+) -> Tensor:
+    """2-D cross-correlation (what deep-learning libraries call convolution), groups = 1.
+
+    Shapes: x (N, C, H, W), weight (O, C, KH, KW), bias (O,) -> (N, O, OH, OW).
+    ``activation`` ('relu', 'tanh', 'sigmoid') is applied in place on the GEMM's output, as
+    in ``linear``: no pre-activation array is kept, the output gives the derivative.
+    """
+    if activation is not None and activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"conv2d: activation {activation!r} cannot be fused; "
+                         f"one of {sorted(FUSED_ACTIVATIONS)}")  # fmt: skip
+    ops.check_same_kind("conv2d", x, weight)
+    if weight.ndim != 4:
+        raise ValueError(f"conv2d: weight must be (O, C, KH, KW), got shape {weight.shape}")
+    o, c, kh, kw = weight.shape
+    stride_ = pair(stride, "stride", "conv2d", 1)
+    padding_ = pair(padding, "padding", "conv2d", 0)
+    dilation_ = pair(dilation, "dilation", "conv2d", 1)
+    oh, ow = _check_input("conv2d", x, (kh, kw), stride_, padding_, dilation_)
+    if x.shape[1] != c:
+        raise ValueError(
+            f"conv2d: input has {x.shape[1]} channels {x.shape}, the weight "
+            f"{weight.shape} expects {c}"
+        )
+    if bias is not None:
+        ops.check_same_kind("conv2d", weight, bias)
+        if bias.shape != (o,):
+            raise ValueError(f"conv2d: bias {bias.shape} does not fit weight {weight.shape}")
+    n = x.shape[0]
+    xp = backend.array_module(x.data)
+    cols = im2col(x.data, (kh, kw), stride_, padding_, dilation_)  # (C*KH*KW, N*OH*OW)
+    w2 = weight.data.reshape(o, c * kh * kw)
+    out2 = w2 @ cols  # (O, N*OH*OW): one GEMM
+    # back to NCHW in one pass that also adds the bias; the activation then runs in place
+    out = xp.empty((n, o, oh, ow), dtype=out2.dtype)
+    by_sample = out2.reshape(o, n, oh, ow).transpose(1, 0, 2, 3)
+    if bias is not None:
+        xp.add(by_sample, bias.data[:, None, None], out=out)
+    else:
+        out[...] = by_sample
+    del out2, by_sample
+    if activation is not None:
+        kernels.bias_activation_(out, None, activation)
+
+    def backward(g: Any) -> tuple[Any, ...]:
+        if activation is not None:  # d act / dz from the output, into a fresh array
+            g = kernels.activation_grad(activation, out, g)
+        g2 = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, n * oh * ow)
+        gx = gw = gb = None
+        if weight.requires_grad:  # straight into the flat buffer when it holds zeros
+            target = weight.grad_target()
+            if target is None:
+                gw = (g2 @ cols.T).reshape(weight.shape)
+            else:
+                xp.matmul(g2, cols.T, out=target.reshape(o, c * kh * kw))
+                gw = WRITTEN
+        if bias is not None and bias.requires_grad:
+            target = bias.grad_target()
+            if target is None:
+                gb = g2.sum(axis=1)
+            else:
+                g2.sum(axis=1, out=target)
+                gb = WRITTEN
+        if x.requires_grad:
+            gcols = (w2.T @ g2).reshape(c, kh, kw, n, oh, ow)  # kernel-major columns
+            ph, pw = padding_
+            gpad = xp.zeros((n, c, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw), dtype=g.dtype)
+            col2im_add(gpad, gcols, stride_, dilation_)
+            gx = _unpad(gpad, ph, pw)
+        return (gx, gw, gb) if bias is not None else (gx, gw)
+
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    return make_result(out, parents, backward, "conv2d")
+
+
+def max_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pair = 0) -> Tensor:
+    """Maximum over each window (padding counts as -inf). Ties share the gradient equally
+    (like ``Tensor.max``: a valid subgradient; central differences measure it for a pair).
+
+    Shapes: x (N, C, H, W) -> (N, C, OH, OW); stride defaults to the kernel.
+    """
+    kernel_, stride_, padding_ = _pool_arguments("max_pool2d", x, kernel, stride, padding)
+    xp = backend.array_module(x.data)
+    xpad = _pad(x.data, *padding_, value=-xp.inf)
+    # one elementwise maximum per kernel offset: far faster than a reduction over a 6-D view
+    offsets = _offset_slices(kernel_, stride_, xpad.shape)
+    out = xpad[offsets[0]].copy()
+    for where in offsets[1:]:
+        xp.maximum(out, xpad[where], out=out)
+    # windows that tile x exactly (stride = kernel, no padding, sides divisible)
+    tiles = kernel_ == stride_ and padding_ == (0, 0)
+    tiles = tiles and x.shape[2] % kernel_[0] == 0 and x.shape[3] % kernel_[1] == 0
+
+    def backward(g: Any) -> tuple[Any]:
+        masks = [xpad[where] == out for where in offsets]
+        count = masks[0].astype(g.dtype)
+        for mask in masks[1:]:
+            count += mask
+        share = g / count
+        if tiles:  # every element in exactly one window: write, do not zero-fill and add
+            gx = xp.empty(xpad.shape, dtype=g.dtype)
+            for where, mask in zip(offsets, masks, strict=True):
+                xp.multiply(share, mask, out=gx[where])
+            return (gx,)
+        gpad = xp.zeros(xpad.shape, dtype=g.dtype)
+        for where, mask in zip(offsets, masks, strict=True):
+            gpad[where] += share * mask
+        return (_unpad(gpad, *padding_),)
+
+    return make_result(out, (x,), backward, "max_pool2d")
+
+
+def avg_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pair = 0) -> Tensor:
+    """Mean over each window; zero padding counts in the mean (PyTorch's default,
+    ``count_include_pad=True``), so every window divides by KH * KW.
+
+    Shapes: x (N, C, H, W) -> (N, C, OH, OW); stride defaults to the kernel.
+    """
+    kernel_, stride_, padding_ = _pool_arguments("avg_pool2d", x, kernel, stride, padding)
+    xp = backend.array_module(x.data)
+    xpad = _pad(x.data, *padding_)
+    offsets = _offset_slices(kernel_, stride_, xpad.shape)
+    out = xpad[offsets[0]].copy()
+    for where in offsets[1:]:
+        out += xpad[where]
+    out *= 1.0 / len(offsets)
+    shape = xpad.shape
+
+    def backward(g: Any) -> tuple[Any]:
+        share = g * (1.0 / len(offsets))
+        gpad = xp.zeros(shape, dtype=g.dtype)
+        for where in offsets:
+            gpad[where] += share
+        return (_unpad(gpad, *padding_),)
+
+    return make_result(out, (x,), backward, "avg_pool2d")
+
+
+def _pool_arguments(
+    op: str, x: Tensor, kernel: Pair, stride: Pair | None, padding: Pair
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    kernel_ = pair(kernel, "kernel", op, 1)
+    stride_ = kernel_ if stride is None else pair(stride, "stride", op, 1)
+    padding_ = pair(padding, "padding", op, 0)
+    # a window made only of padding would have no input to take the max or mean of
+    if padding_[0] > kernel_[0] // 2 or padding_[1] > kernel_[1] // 2:
+        raise ValueError(f"{op}: padding {padding_} must be at most half the kernel {kernel_}")
+    _check_input(op, x, kernel_, stride_, padding_, (1, 1))
+    return kernel_, stride_, padding_
+
+
+def _offset_slices(
+    kernel: tuple[int, int], stride: tuple[int, int], padded_shape: tuple[int, ...]
+) -> list[tuple[slice, ...]]:
+    """For each kernel offset (i, j), the strided slice of the padded input (N, C, Hp, Wp)
+    holding that offset's pixel of every window: an (N, C, OH, OW) view."""
+    (kh, kw), (sh, sw) = kernel, stride
+    oh = output_size(padded_shape[2], kh, sh, 0, 1)
+    ow = output_size(padded_shape[3], kw, sw, 0, 1)
+    every = slice(None)
+    return [
+        (every, every, slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw))
+        for i in range(kh)
+        for j in range(kw)
+    ]
