@@ -114,6 +114,16 @@ def _netns_skip_reason() -> str | None:
     return None
 
 
+def _kept_under_tmp() -> list[Path]:
+    """The top folders under /tmp holding this checkout or its Python (a clone in /tmp)."""
+    keep = set()
+    for path in (Path(sys.prefix), Path(sys.executable), Path(__file__).parents[1]):
+        path = path.resolve()
+        if path.parts[:2] == ("/", "tmp") and len(path.parts) > 2:
+            keep.add(Path("/tmp", path.parts[2]))
+    return sorted(keep)
+
+
 @pytest.fixture
 def two_hosts(tmp_path):
     """nodeA = this host; nodeB = its own network namespace (veth 10.x.y.2) with a private
@@ -142,14 +152,20 @@ def two_hosts(tmp_path):
                 pytest.skip(f"cannot make a network namespace here: {' '.join(cmd)}: {done.stderr}")
         ssh = tmp_path / "fake-ssh"
         # hydra calls `ssh -x HOST "proxy command"`; nodeB's proxy (and so its ranks) runs in the
-        # namespace, with an empty /tmp as on a host that never saw the launcher's temp dirs.
+        # namespace, with an empty /tmp as on a host that never saw the launcher's temp dirs;
+        # only the checkout and the Python it runs stay visible there (CI may clone into /tmp)
+        side = Path(f"/run/dn{tag}-tmp")
+        side.mkdir(parents=True, exist_ok=True)
+        inner = f"mount --bind /tmp {side} && mount -t tmpfs none /tmp"
+        for keep in _kept_under_tmp():
+            inner += f" && mkdir -p {keep} && mount --bind {side}{str(keep)[4:]} {keep}"
         ssh.write_text(
             "#!/bin/sh\n"
             'while [ "${1#-}" != "$1" ]; do shift; done\n'
             "host=$1; shift\n"
             "case $host in\n"
             f"  nodeB) exec ip netns exec {ns} unshare -m "
-            'sh -c "mount -t tmpfs none /tmp && exec $*" ;;\n'
+            f'sh -c "{inner} && exec $*" ;;\n'
             '  *) exec sh -c "$*" ;;\n'
             "esac\n"
         )
@@ -160,6 +176,7 @@ def two_hosts(tmp_path):
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=20)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+        Path(f"/run/dn{tag}-tmp").rmdir() if Path(f"/run/dn{tag}-tmp").exists() else None
 
 
 @pytest.mark.mpi
