@@ -21,13 +21,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
+
+from distnet.bench.mpijob import run_mpi_benchmark
 
 MLP = (784, 1000, 1000, 1000, 10)
 
@@ -148,7 +148,10 @@ def _training_step(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
     y = rng.integers(0, MLP[-1], args.batch)
     bare = SGD(model, lr=1e-3, momentum=0.9)
     synced = DistributedOptimizer(bare, comm, bucket_mb=args.bucket_mb, overlap=False)
-    overlapped = DistributedOptimizer(bare, comm, bucket_mb=4, overlap=True)
+    # a wrapper shares its optimiser's state, so each contender wraps its own (same buffers)
+    overlapped = DistributedOptimizer(
+        SGD(model, lr=1e-3, momentum=0.9), comm, bucket_mb=4, overlap=True
+    )
     overlapped._hooked = False  # its hooks act only while it is the contender being timed
 
     def steps(opt: Any, hooked: bool = False) -> None:
@@ -241,22 +244,17 @@ def run(args: argparse.Namespace) -> int:
     except LaunchError as err:
         print(f"distnet bench allreduce: {err}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
+
+    def build(out: str) -> list[str]:
         cmd = [mpiexec, "-n", str(args.np), sys.executable, "-m", "distnet.bench.allreduce"]
         cmd += ["--worker", "--json", out, "--rounds", str(args.rounds), "--reps", str(args.reps)]
         cmd += ["--bucket-mb", str(args.bucket_mb), "--batch", str(args.batch)]
         cmd += ["--steps", str(args.steps)] + (["--no-step"] if args.no_step else [])
-        threads = str(max(1, (os.cpu_count() or 1) // args.np))
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode != 0:
-            print(
-                f"distnet bench allreduce: the MPI job failed ({proc.returncode})", file=sys.stderr
-            )
-            return proc.returncode or 1
-        with open(out) as f:
-            result = json.load(f)
+        return cmd
+
+    result = run_mpi_benchmark("allreduce", args.np, build)
+    if isinstance(result, int):
+        return result
     _print_report(result)
     if args.json:
         with open(args.json, "w") as f:

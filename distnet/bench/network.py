@@ -22,13 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
+
+from distnet.bench.mpijob import run_mpi_benchmark
 
 MLP_PARAMS = 784 * 1000 + 1000 + 2 * (1000 * 1000 + 1000) + 1000 * 10 + 10
 
@@ -176,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
     except LaunchError as err:
         print(f"distnet bench network: {err}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
+
+    def build(out: str) -> list[str]:
         cmd = [mpiexec, "-n", str(args.np)]
         cmd += ["-hosts", args.hosts] if args.hosts else []
         cmd += ["-launcher", args.launcher] if args.launcher else []
@@ -185,14 +185,11 @@ def run(args: argparse.Namespace) -> int:
         cmd += [sys.executable, "-m", "distnet.bench.network", "--worker", "--json", out]
         cmd += ["--rounds", str(args.rounds), "--max-mb", str(args.max_mb)]
         cmd += ["--batch", str(args.batch), "--max-reps", str(args.max_reps)]
-        threads = str(max(1, (os.cpu_count() or 1) // args.np))
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-        proc = subprocess.run(cmd, env=env, timeout=3600)
-        if proc.returncode != 0:
-            print(f"distnet bench network: the MPI job failed ({proc.returncode})", file=sys.stderr)
-            return proc.returncode or 1
-        with open(out) as f:
-            result = json.load(f)
+        return cmd
+
+    result = run_mpi_benchmark("network", args.np, build)
+    if isinstance(result, int):
+        return result
     _print_report(result)
     if args.json:
         with open(args.json, "w") as f:
