@@ -354,7 +354,7 @@ class _Contender:
 
 
 def _torch_available() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, timeout=300)
     return probe.returncode == 0
 
 

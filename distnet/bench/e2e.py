@@ -211,7 +211,7 @@ def torch_worker(spec_path: str, threads: int) -> int:
 
 
 def _torch_available() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, timeout=300)
     return probe.returncode == 0
 
 
