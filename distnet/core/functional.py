@@ -50,19 +50,18 @@ def linear(
         if bias.shape != (wd.shape[1],):
             raise ValueError(f"linear: bias {bias.shape} does not fit weight {weight.shape}")
     xd = x.data
-    out = xd @ wd
+    out = kernels.matmul(xd, wd)
     kernels.bias_activation_(out, None if bias is None else bias.data, activation)
 
     def backward(g: Any) -> tuple[Any, Any, Any]:
-        xp = backend.array_module(g)
         if activation is not None:  # d act / dz from the output, into a fresh array
             g = kernels.activation_grad(activation, out, g)
-        gx = g @ wd.T if x.requires_grad else None
+        gx = kernels.matmul(g, wd.T) if x.requires_grad else None
         gw = gb = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
             a, b = (g.T, xd) if transpose_weight else (xd.T, g)
             target = weight.grad_target()
-            gw = a @ b if target is None else _written(xp.matmul(a, b, out=target))
+            gw = kernels.matmul(a, b) if target is None else _written(kernels.matmul(a, b, target))
         if bias is not None and bias.requires_grad:
             target = bias.grad_target()
             gb = g.sum(axis=0) if target is None else _written(g.sum(axis=0, out=target))
