@@ -212,8 +212,28 @@ def uninterrupted(three_nodes, ids):
     return report, final_params(job)
 
 
+@pytest.mark.slow
+def test_a_client_with_another_token_is_refused_by_the_cluster(three_nodes, tmp_path):
+    from test_security_ray import connect  # noqa: PLC0415
+
+    wrong = connect(three_nodes.cluster.address, tmp_path, "0" * 32)  # ~25 s of retries
+    assert wrong.returncode != 0 and "CONNECTED" not in wrong.stdout, wrong.stdout
+
+
 def test_cluster_keeps_token_authentication_on(three_nodes):
     from ray._raylet import AuthenticationMode, get_authentication_mode  # noqa: PLC0415
+
+    # every server process of every node (GCS, raylets, ...) runs in token mode
+    servers = [
+        info.process.pid
+        for node in three_nodes.cluster.list_all_nodes()
+        for infos in node.all_processes.values()
+        for info in infos
+    ]
+    assert len(servers) >= 3
+    for pid in servers:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        assert b"RAY_AUTH_MODE=token" in environ, pid
 
     assert os.environ["RAY_AUTH_MODE"] == "token"
     assert get_authentication_mode() == AuthenticationMode.TOKEN
