@@ -102,7 +102,8 @@ def three_nodes():
         ensure_token_if_auth_enabled(None, create_token_if_missing=True)  # ~/.ray/auth_token
         assert get_authentication_mode() == AuthenticationMode.TOKEN
         # a lost node is noticed within ~1.5 s (the defaults take ~15 s)
-        checks = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+        checks = {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                  "health_check_failure_threshold": 3}  # fmt: skip
         head = {"num_cpus": 0, "include_dashboard": False, "_system_config": checks}
         cluster = Cluster(initialize_head=True, head_node_args=head)
         nodes = ThreeNodes(cluster)
