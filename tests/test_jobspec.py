@@ -3,6 +3,8 @@ property (hypothesis): every bad value gives one line naming the key path, never
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -139,3 +141,23 @@ def test_unknown_sections_and_keys_are_named(section, key):
     else:
         with pytest.raises(JobError, match="unknown section"):
             jobspec.validate(raw, "job.toml")
+
+
+def test_ray_worker_resources_are_custom_resources_one_table_per_worker():
+    from distnet.parallel.rayengine import RayEngineError, options_from_job
+
+    pins = [{"node_a": 1}, {"node_b": 0.5}]
+    dist = jobspec.validate({"dist": {"worker_resources": pins}}, "j.toml")["dist"]
+    assert dist["worker_resources"] == [{"node_a": 1.0}, {"node_b": 0.5}]
+    assert [w.resources for w in options_from_job({"dist": dist}).workers] == pins
+    bad = {
+        "[dist] worker_resources.0.node_a: expected a list of tables": [{"node_a": 0}],
+        "[dist] worker_resources: worker 1: ['CPU'] is not a custom resource": [{}, {"CPU": 1}],
+        "[dist] worker_resources: expected a list of tables": {"node_a": 1},
+    }
+    for message, value in bad.items():
+        with pytest.raises(JobError, match=re.escape(f"j.toml: {message}")):
+            jobspec.validate({"dist": {"worker_resources": value}}, "j.toml")
+    three = jobspec.validate({"dist": {"workers": 3, "worker_resources": pins}}, "j.toml")
+    with pytest.raises(RayEngineError, match=r"2 table\(s\), one per worker .* \(3 workers\)"):
+        options_from_job(three)

@@ -136,9 +136,28 @@ class DistSpec(Section):
     devices: list[Literal["cpu", "cuda"]] = _field(
         [], "a list of 'cpu'/'cuda', one per Ray worker (instead of workers/cpu_workers)"
     )
+    # custom Ray resources per worker: [{node_a = 1}, {node_b = 1}] pins worker i to the nodes
+    # that have them (distnet/parallel/rayengine/jobs.py)
+    worker_resources: list[dict[str, PositiveFloat]] = _field(
+        [],
+        "a list of tables of custom Ray resources, one per Ray worker, e.g. "
+        "[{node_a = 1}, {node_b = 1}] (amounts > 0)",
+    )
     shard_optimizer: bool = _field(
         False, "true or false (ZeRO stage 1: optimiser state sharded over MPI ranks)"
     )
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom_resources_only(cls, tables: list[dict[str, float]]) -> list[dict[str, float]]:
+        for i, table in enumerate(tables):
+            reserved = sorted(set(table) & {"CPU", "GPU", "memory", "object_store_memory"})
+            if reserved or "" in table:
+                raise ValueError(
+                    f"worker {i}: {reserved or ['']} is not a custom resource name "
+                    "(CPUs and GPUs come from workers, cpu_workers and gpus_per_worker)"
+                )
+        return tables
 
 
 class RunSpec(Section):

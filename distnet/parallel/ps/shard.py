@@ -326,6 +326,7 @@ class ParameterServerShard:
             "refused": self.refused,
             "restored_from_snapshot": self.restored_from_snapshot,
             "placement_group": _ray().get_runtime_context().get_placement_group_id(),
+            "node_id": _ray().get_runtime_context().get_node_id(),
         }
 
     def ping(self) -> int:

@@ -49,6 +49,18 @@ class Mailbox:
         self._cond = threading.Condition()
         self._messages: dict[tuple[int, int, int], Any] = {}
         self._aborted: str | None = None
+        self._on_abort: list[Any] = []
+
+    def on_abort(self, stop: Any) -> None:
+        """Calls ``stop()`` when this generation is aborted (at once if it already is): what
+        blocks outside the mailbox, such as a parameter server's sync round waiting for a
+        lost worker's push, is ended by it."""
+        with self._cond:
+            aborted = self._aborted is not None
+            if not aborted:
+                self._on_abort.append(stop)
+        if aborted:
+            stop()
 
     def put(self, generation: int, seq: int, src: int, payload: Any) -> None:
         with self._cond:
@@ -76,12 +88,16 @@ class Mailbox:
         with self._cond:
             self._aborted = reason
             self._cond.notify_all()
+            stops, self._on_abort = self._on_abort, []
+        for stop in stops:
+            stop()
 
     def reset(self) -> None:
         """Forgets messages and the abort (a new generation of the group starts)."""
         with self._cond:
             self._messages.clear()
             self._aborted = None
+            self._on_abort = []
 
 
 def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:

@@ -8,7 +8,10 @@ workers that die, and stops every actor when the job ends or is interrupted.
   2.60's default for local clusters; distnet refuses to run one with ``RAY_AUTH_MODE`` set to
   anything but ``token``) and no dashboard. With it, distnet joins that cluster.
 - Workers are actors of a placement group (one bundle each, PACK or SPREAD), alive for the
-  whole job: every stage runs inside them.
+  whole job: every stage runs inside them. A worker's bundle may also ask for custom Ray
+  resources (``WorkerSpec.resources``, ``[dist] worker_resources``): give each node its own
+  resource (``ray start --resources='{"node_a": 4}'``) and ``{"node_a": 1}`` pins a worker
+  there.
 - Elastic: when a worker dies, the others are stopped at their next collective, the lost
   rank gets a new actor in its bundle (or, if none can be placed in ``replace_timeout_s``,
   the job carries on with fewer workers, never fewer than ``min_workers``), and the job runs
@@ -24,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from distnet.parallel.rayengine.worker import WorkerActor
@@ -42,6 +45,26 @@ class WorkerSpec:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     delay_per_sample_s: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
+
+
+# resources that WorkerSpec's own fields (or Ray itself) set: never custom ones
+RESERVED_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+def check_custom_resources(resources: dict[str, float], where: str) -> dict[str, float]:
+    """``resources`` as floats, or RayEngineError naming ``where`` and the bad entry."""
+    out = {}
+    for name, amount in resources.items():
+        if not isinstance(name, str) or not name or name in RESERVED_RESOURCES:
+            raise RayEngineError(
+                f"{where}: resource name {name!r} is not a custom resource "
+                f"(CPU/GPU come from cpus/gpus_per_worker)"
+            )
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or not amount > 0:
+            raise RayEngineError(f"{where}: resource {name!r} needs an amount > 0, got {amount!r}")
+        out[name] = float(amount)
+    return out
 
 
 @dataclass
@@ -150,7 +173,10 @@ class RayJob:
     ) -> None:
         # task(comm, generation, job, spec, log) -> report: what every worker runs (``run``)
         self.opt, self.log, self.task = options, log, task
-        self.specs = list(options.workers)
+        self.specs = [
+            replace(s, resources=check_custom_resources(s.resources, f"worker {i}"))
+            for i, s in enumerate(options.workers)
+        ]
         self.min_workers = options.min_workers or len(self.specs)
         if not 1 <= self.min_workers <= len(self.specs):
             raise RayEngineError(
@@ -171,6 +197,7 @@ class RayJob:
         bundle = {"CPU": spec.num_cpus}
         if spec.num_gpus:
             bundle["GPU"] = spec.num_gpus
+        bundle.update(spec.resources)  # pins the worker to nodes that have them
         return bundle
 
     def _place(self) -> None:
@@ -184,9 +211,12 @@ class RayJob:
             ray.get(self.pg.ready(), timeout=self.opt.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             wanted = [self._bundle(s) for s in self.specs]
+            have = ray.cluster_resources()
+            missing = sorted({k for b in wanted for k in b if k not in have})
+            nowhere = f" (no node has {missing})" if missing else ""
             raise RayEngineError(
                 f"Ray could not place {len(self.specs)} workers {wanted} in "
-                f"{self.opt.start_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+                f"{self.opt.start_timeout_s:.0f} s{nowhere}; cluster resources: {have}"
             ) from None
         self.actors = [self._new_actor(i) for i in range(len(self.specs))]
         self.bundles = list(range(len(self.specs)))

@@ -5,7 +5,10 @@ Job keys (``[dist]``): ``engine = "ray"``, ``strategy`` ("allreduce" or "ps"), `
 ("sync", "async", "ssp"), ``staleness``, ``shards``, ``workers``, ``cpu_workers``,
 ``gpus_per_worker``, ``min_workers``, ``placement`` ("PACK"/"SPREAD"), ``address``,
 ``rebalance_every`` (steps between throughput measurements), ``devices`` (a list such as
-``["cuda", "cpu", "cpu"]``, instead of workers/cpu_workers). Command-line options win.
+``["cuda", "cpu", "cpu"]``, instead of workers/cpu_workers), ``worker_resources`` (custom
+Ray resources, one table per worker, e.g. ``[{node_a = 1}, {node_b = 1}]`` to pin worker 0
+to the node started with ``--resources='{"node_a": 4}'`` and worker 1 to node_b). Command-line
+options win.
 """
 
 from __future__ import annotations
@@ -13,12 +16,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from distnet.parallel.rayengine.driver import RayEngineError, RayOptions, WorkerSpec, worker_specs
+from distnet.parallel.rayengine.driver import (
+    RayEngineError,
+    RayOptions,
+    WorkerSpec,
+    check_custom_resources,
+    worker_specs,
+)
 
 RAY_DIST_KEYS: dict[str, Any] = {
     "strategy": "allreduce", "mode": "sync", "staleness": 0, "shards": 1, "workers": 2,
     "cpu_workers": 0, "gpus_per_worker": 0, "min_workers": 0, "placement": "PACK",
-    "address": None, "rebalance_every": 200, "devices": [],
+    "address": None, "rebalance_every": 200, "devices": [], "worker_resources": [],
 }  # fmt: skip
 
 
@@ -54,6 +63,14 @@ def options_from_job(job: dict[str, Any]) -> RayOptions:
         specs = [WorkerSpec(x, 1.0, gpus if x == "cuda" else 0.0) for x in d["devices"]]
     else:
         specs = worker_specs(int(d["workers"]), float(d["gpus_per_worker"]), int(d["cpu_workers"]))
+    pins = list(d["worker_resources"])
+    if pins and len(pins) != len(specs):
+        raise RayEngineError(
+            f"[dist] worker_resources has {len(pins)} table(s), one per worker is needed "
+            f"({len(specs)} workers)"
+        )
+    for i, (spec, pin) in enumerate(zip(specs, pins, strict=False)):
+        spec.resources = check_custom_resources(dict(pin), f"[dist] worker_resources[{i}]")
     return RayOptions(
         workers=specs,
         address=d["address"] or None,

@@ -15,6 +15,8 @@ import queue
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator
 from distnet.parallel.rayengine.shares import ThroughputShares
 
@@ -111,19 +113,39 @@ class RankSetup:
         server = None
         if self.comm.rank == 0:
             settings = optimizer_settings(opt)
+            shards = int(ps_opts.get("shards", 1))
             server = ParameterServer.create(
                 opt.flat_params,
-                shards=int(ps_opts.get("shards", 1)),
+                shards=shards,
                 mode=ps_opts.get("mode", "sync"),
                 staleness=int(ps_opts.get("staleness", 0)),
                 num_workers=self.comm.size,
                 optimizer=settings,
                 snapshot_every=int(ps_opts.get("snapshot_every", 0)),
                 param_shapes=[tuple(p.data.shape) for p in opt.params],
+                placement=[_on_this_node()] * shards,
             )
+            # a lost worker never pushes again: a sync round would wait for it (retries x
+            # timeout_s); the driver's abort ends the shards, so every rank's call fails now
+            self.comm.mailbox.on_abort(server.shutdown)
         server = self.comm.bcast(server, root=0)
         wrapped = ParameterServerOptimizer(opt, server, self.comm.rank)
         return _ClosingServer(wrapped, self.comm, self.ps_stats)
+
+
+def _on_this_node() -> dict[str, Any]:
+    """Actor options that start an actor on this worker's node.
+
+    The shards are owned by rank 0's actor and die with it whatever node they run on (Ray's
+    owner fate-sharing): anywhere else they would only add a node whose loss ends the job.
+    Left to Ray they spread over the cluster (a 3-node test cluster put them on the head and
+    on the other worker's node). Hard affinity: Ray 2.60's ``soft=True`` still placed one of
+    two 0-CPU shards on the head node."""
+    import ray  # noqa: PLC0415
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
 # keyword arguments of distnet.optim's classes, as the parameter server's shards take them
@@ -157,6 +179,35 @@ class _ClosingServer:
             finally:
                 self.optimizer.ps.shutdown()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser's state as one process holds it: with the optimiser on the shards,
+        their state arrays (whole flat buffers, the wrapped optimiser's layout) replace the
+        worker's unused ones, so a checkpoint resumes the shards too (and in one process).
+        Called by the writer (rank 0) only: no collective."""
+        state = self.optimizer.state_dict()
+        ps = self.optimizer.ps
+        if ps.optimizer_on == "server":
+            served = ps.state_dict()
+            for key, value in state.items():
+                if np.ndim(value) == 1 and f"opt/{key}" in served:
+                    state[key] = served[f"opt/{key}"]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Collective (every rank restores): the worker's own optimiser, then rank 0 puts the
+        restored parameters (and optimiser state) into the shards, which were made from the
+        parameters the stage started with, before any worker pushes again."""
+        self.optimizer.load_state_dict(state)
+        if self.comm.rank == 0:
+            from distnet import backend  # noqa: PLC0415
+
+            ps = self.optimizer.ps
+            restored = {"params": backend.to_device(self.optimizer.flat_params, "cpu")}
+            if ps.optimizer_on == "server":
+                restored.update({f"opt/{k}": v for k, v in state.items()})
+            ps.load_state_dict(restored)
+        self.comm.barrier()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["optimizer"], name)
 
@@ -175,12 +226,13 @@ class WorkerActor:
         self._log: queue.Queue[str] = queue.Queue()
 
     def info(self) -> dict[str, Any]:
-        """Where this worker runs (pid, node address, GPUs Ray gave it)."""
+        """Where this worker runs (pid, node address and Ray node id, GPUs Ray gave it)."""
         import ray  # noqa: PLC0415
 
         return {
             "pid": os.getpid(),
             "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "gpus": [str(g) for g in ray.get_gpu_ids()],
         }
 
