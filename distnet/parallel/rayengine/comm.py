@@ -49,6 +49,8 @@ class Mailbox:
         self._cond = threading.Condition()
         self._messages: dict[tuple[int, int, int], Any] = {}
         self._aborted: str | None = None
+        # what else this worker waits on (a parameter server's rounds) must end on abort too
+        self._on_abort: list[Any] = []
 
     def put(self, generation: int, seq: int, src: int, payload: Any) -> None:
         with self._cond:
@@ -72,16 +74,30 @@ class Mailbox:
             return self._messages.pop(key)
 
     def abort(self, reason: str) -> None:
-        """Every current and later ``take`` raises ``WorkerLostError(reason)``."""
+        """Every current and later ``take`` raises ``WorkerLostError(reason)``; the callbacks
+        of ``on_abort`` run (once)."""
         with self._cond:
             self._aborted = reason
             self._cond.notify_all()
+            callbacks, self._on_abort = self._on_abort, []
+        for callback in callbacks:
+            callback(reason)
+
+    def on_abort(self, callback: Any) -> None:
+        """``callback(reason)`` on the next abort (at once if this group is aborted already)."""
+        with self._cond:
+            reason = self._aborted
+            if reason is None:
+                self._on_abort.append(callback)
+        if reason is not None:
+            callback(reason)
 
     def reset(self) -> None:
         """Forgets messages and the abort (a new generation of the group starts)."""
         with self._cond:
             self._messages.clear()
             self._aborted = None
+            self._on_abort = []
 
 
 def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:

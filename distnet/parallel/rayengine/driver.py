@@ -61,6 +61,10 @@ class RayOptions:
     start_timeout_s: float = 120.0
     replace_timeout_s: float = 60.0
     fail_at_step: dict[int, int] = field(default_factory=dict)  # rank -> step (tests)
+    # fault injection (tests): {"generation", "rank", "step", "action": "exit" | "kill_shard",
+    # "shard", "delay_s"}: at that step of that generation the rank exits, or SIGKILLs the
+    # stage's parameter-server shard after delay_s (a timer: mid-way through the next step)
+    faults: list[dict[str, Any]] = field(default_factory=list)
     sample_log: str | None = None  # directory (tests)
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
     trace: bool = False  # every worker writes its timeline (RUN_DIR/trace.json)
@@ -244,6 +248,11 @@ class RayJob:
             "rebalance_every": self.opt.rebalance_every,
             "delay_per_sample_s": spec.delay_per_sample_s,
             "fail_at_step": fail,
+            "faults": [
+                f
+                for f in self.opt.faults
+                if f["generation"] == self.generation and f["rank"] == rank
+            ],
             "sample_log": self.opt.sample_log,
             "trace": self.opt.trace,
         }

@@ -58,7 +58,8 @@ class RankSetup:
     ``spec`` keys: ``device`` ("cpu"/"cuda"), ``rank_weights`` (list or None), ``strategy``
     ("allreduce"/"ps"), ``ps`` (options for the parameter server), ``rebalance_every``,
     ``delay_per_sample_s``, ``fail_at_step`` (fault injection: this process exits at that
-    step), ``sample_log`` (a directory, or None).
+    step), ``faults`` (this rank's faults of this generation, see ``RayOptions.faults``),
+    ``sample_log`` (a directory, or None).
     """
 
     def __init__(self, spec: dict[str, Any], comm: RayCommunicator, generation: int) -> None:
@@ -68,6 +69,7 @@ class RankSetup:
         self.shares: list[dict[str, Any]] = []
         self.ps_stats: list[Any] = []  # one per stage (strategy "ps", rank 0)
         self.steps = 0
+        self.servers: list[Any] = []  # parameter servers of this run's stages
         self.sample_log = (
             SampleLog(spec["sample_log"], comm.rank, generation) if spec.get("sample_log") else None
         )
@@ -100,6 +102,22 @@ class RankSetup:
             self.sample_log.step_done(loader.epoch, self.steps)
         if self.spec.get("fail_at_step") == self.steps:
             os._exit(17)  # a worker dying hard, as a lost node does (fault-injection tests)
+        for fault in self.spec.get("faults") or []:
+            if fault["step"] == self.steps:
+                self._inject(fault)
+
+    def _inject(self, fault: dict[str, Any]) -> None:
+        """A fault of ``spec["faults"]`` (tests): this worker exits, or kills a shard."""
+        if fault["action"] == "exit":
+            os._exit(17)
+        import signal  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        server = self.servers[-1]
+        pid = server.call_with_retry(fault["shard"], lambda s: s.ping.remote())
+        timer = threading.Timer(fault.get("delay_s", 0.0), os.kill, (pid, signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
 
     def _ps_optimizer(self, opt: Any) -> Any:
         """A ``ParameterServerOptimizer`` over a parameter server made for this stage's
@@ -119,11 +137,31 @@ class RankSetup:
                 num_workers=self.comm.size,
                 optimizer=settings,
                 snapshot_every=int(ps_opts.get("snapshot_every", 0)),
+                retries=int(ps_opts.get("retries", 5)),
                 param_shapes=[tuple(p.data.shape) for p in opt.params],
             )
         server = self.comm.bcast(server, root=0)
+        # a lost peer never pushes again: the rounds it is missing fail at once (instead of
+        # holding this worker until the shards' round timeout), and rank 0, whose actor owns
+        # the shards, stops them (the next group gets a new server)
+        self.comm.mailbox.on_abort(lambda reason: _end_server(server, reason, self.comm.rank))
+        self.servers.append(server)
         wrapped = ParameterServerOptimizer(opt, server, self.comm.rank)
         return _ClosingServer(wrapped, self.comm, self.ps_stats)
+
+    def close(self) -> None:
+        """Rank 0 stops the shards of every server it started that a stage did not close (a
+        failed run): they would live on, waiting, as long as this actor."""
+        if self.comm.rank == 0:
+            for server in self.servers:
+                server.shutdown()
+        self.servers = []
+
+
+def _end_server(server: Any, reason: str, rank: int) -> None:
+    server.abort(reason)
+    if rank == 0:
+        server.shutdown()
 
 
 # keyword arguments of distnet.optim's classes, as the parameter server's shards take them
