@@ -427,3 +427,4 @@ class ParameterServerShard:
 
     def ping(self) -> int:
         return os.getpid()
+
