@@ -7,12 +7,18 @@ sample exactly once in the epochs the final parameters are made of; the final se
 have applied every push exactly once (counted on the shards); the final loss must be within
 tolerance of an undisturbed run. Workers die by ``os._exit`` at a step; shards by SIGKILL from
 a timer started at a step (so it lands part way through the next one). One Ray per module.
+
+The jobs run with the engine's default ``collective_timeout_s`` (300 s), longer than these
+tests' timeout: a survivor left waiting for a dead peer's push until the driver gives up on it
+(as before the parameter server's rounds were aborted with the group) fails them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -22,6 +28,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
 from distnet.data import digits_arrays, write_dataset  # noqa: E402
+from distnet.parallel.ps import ParameterServer  # noqa: E402
 from distnet.parallel.rayengine import RayJob, RayOptions, start_ray, worker_specs  # noqa: E402
 from distnet.train.job import load_job  # noqa: E402
 from distnet.train.rayjob import run_rank  # noqa: E402
@@ -76,7 +83,7 @@ def id_job(tmp_path_factory):
 
 def run(path, out, **options):
     job = load_job(path, {"run": {"out": str(out)}})
-    opts = RayOptions(workers=worker_specs(2), collective_timeout_s=60, **options)
+    opts = RayOptions(workers=worker_specs(2), **options)
     t0 = time.monotonic()
     report = RayJob(opts, log=lambda line: None, task=run_rank).run(job)
     return report, time.monotonic() - t0
@@ -178,3 +185,22 @@ def test_allreduce_job_survives_a_worker_killed_at_a_random_moment(ray_cluster, 
     print(f"allreduce: {took:.1f} s, {fault}")
     assert report["generation"] == 2 and len(report["failures"]) == 1
     check_every_sample_once(counted_samples(tmp_path / "s"), ids, 2)
+
+
+def test_a_killed_shard_without_snapshots_is_an_error_not_a_silent_reset(ray_cluster):
+    """Regression: with ``snapshot_every=0`` Ray restarted a killed shard, which came back with
+    the initial parameters and clocks 0 and went on applying pushes as if nothing was lost."""
+    flat = np.zeros(10, np.float32)
+    ps = ParameterServer.create(
+        flat, shards=2, mode="async", num_workers=1, optimizer={"name": "sgd", "lr": 0.5},
+        timeout_s=5, retries=2,
+    )  # fmt: skip
+    try:
+        lo, hi = ps.ranges[1]
+        grad = np.ones(hi - lo, np.float32)
+        ps.call_with_retry(1, lambda s: s.push_pull.remote(ps.token, 0, 1, 0, grad, 1.0, 0.5))
+        os.kill(ps.call_all("ping")[1], signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"shard 1 .*no snapshots: a killed shard is not"):
+            ps.call_with_retry(1, lambda s: s.push_pull.remote(ps.token, 0, 2, 1, grad, 1.0, 0.5))
+    finally:
+        ps.shutdown()

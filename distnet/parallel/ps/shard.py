@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet.parallel.ps.optimizers import build_optimizer
 from distnet.parallel.ps.snapshot import load_snapshot, save_snapshot
 
 MODES = ("sync", "async", "ssp")
@@ -72,31 +73,6 @@ class _Round:
         self.deadline: float | None = None  # set by the round's first push
         self.result: Any = None
         self.error: str | None = None
-
-
-def build_optimizer(config: dict[str, Any], params: np.ndarray, mask: np.ndarray | None) -> Any:
-    """A ``distnet.optim`` optimiser over a copy of ``params`` (1-D float32), from
-    ``config = {"name": "adam", "lr": ..., ...}``; ``mask`` is the slice of the penalty mask
-    (1 where weight decay / L1 apply) when the config has any."""
-    from distnet import optim
-    from distnet.nn.module import Parameter
-
-    kwargs = {k: v for k, v in config.items() if k != "name"}
-    names = {
-        "sgd": optim.SGD,
-        "adam": optim.Adam,
-        "rmsprop": optim.RMSProp,
-        "adagrad": optim.AdaGrad,
-    }
-    name = str(config.get("name", "sgd")).lower()
-    if name not in names:
-        raise ValueError(f"parameter server: unknown optimizer {name!r} (one of {sorted(names)})")
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    opt = names[name]([Parameter(np.array(params, dtype=np.float32, copy=True))], **kwargs)
-    if mask is not None:
-        opt._penalty_mask = np.asarray(mask, dtype=np.float32)
-    return opt
 
 
 class ParameterServerShard:
@@ -427,4 +403,3 @@ class ParameterServerShard:
 
     def ping(self) -> int:
         return os.getpid()
-
