@@ -115,23 +115,24 @@ def check_every_sample_once(records, ids, generations: int) -> None:
 
 
 def fault_plan(seed: int) -> list[dict]:
-    """A worker exit (generation 1), a shard kill, then a worker exit and a shard kill at the
-    same step (generation 2), a last shard kill (generation 3, which finishes)."""
+    """A worker exit (generation 1, anywhere in the 84 steps: in epoch 1 the next generation
+    resumes from the epoch-0 checkpoint), a shard kill, then a worker exit and a shard kill at
+    the same step (generation 2), a last shard kill (generation 3, which finishes). Every step
+    drawn lies within its generation (each has at least the 42 steps of the last epoch)."""
     rng = random.Random(seed)
-    b = rng.randint(3, 25)
-    c = b + rng.randint(8, 30)
+    exit_step, b = rng.randint(5, 80), rng.randint(3, 15)
+    c = b + rng.randint(5, 20)
 
     def kill_shard(gen, step):
         return {"generation": gen, "rank": 0, "step": step, "action": "kill_shard",
                 "shard": rng.randrange(2), "delay_s": rng.uniform(0.0, 0.03)}  # fmt: skip
 
-    exit_step = rng.randint(5, 40)
     return [  # rank 0's actor owns the shards: its death takes them along (seeds 0 and 2)
         {"generation": 1, "rank": seed % 2, "step": exit_step, "action": "exit"},
         kill_shard(2, b),
         kill_shard(2, c),
         {"generation": 2, "rank": 1, "step": c, "action": "exit"},
-        kill_shard(3, rng.randint(3, 30)),
+        kill_shard(3, rng.randint(3, 35)),
     ]
 
 
@@ -171,9 +172,10 @@ def test_ps_job_survives_a_worker_a_shard_and_both_killed_at_random_moments(
             assert min(shard["pushes_received"]) >= steps
     loss = report["stages"][0]["history"]["loss"][-1]
     print(f"seed {seed}: final loss {loss:.4f}, undisturbed {calm_loss:.4f}")
-    # a resumed job restarts the server's momentum from zero (the job checkpoint holds the
-    # parameters, not the shards' optimiser state): close, not equal
-    assert loss == pytest.approx(calm_loss, abs=0.05), (loss, calm_loss)
+    # the checkpoint holds the shards' optimiser state and a resumed stage puts it back into
+    # the new server; snapshots and retries lose and double nothing: measured equal to 4
+    # decimals (regression: the resumed server started from the initial parameters, 0.92)
+    assert loss == pytest.approx(calm_loss, abs=1e-3), (loss, calm_loss)
 
 
 def test_allreduce_job_survives_a_worker_killed_at_a_random_moment(ray_cluster, id_job, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from distnet.parallel.ps.shard import ParameterServerShard, RoundFailed
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(30)]
 TOKEN = "t" * 32
 
 

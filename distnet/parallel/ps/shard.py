@@ -371,6 +371,8 @@ class ParameterServerShard:
         self.version = int(meta["version"])
         self.clocks = [int(c) for c in meta["clocks"]]
         self.pushes_applied = [int(c) for c in meta.get("applied", self.clocks)]
+        if self.snapshot_path:  # a restart now must come back to this state, not the old one
+            save_snapshot(self.snapshot_path, self.state_dict())
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state)

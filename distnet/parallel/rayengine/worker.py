@@ -186,6 +186,17 @@ class _ClosingServer:
         # named `optimizer`: checkpoints look through wrappers by that attribute
         self.__dict__.update(optimizer=inner, comm=comm, stats=stats)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed stage: the checkpoint's parameters and optimiser state go into the
+        shards too (rank 0 writes them; nobody pushes before), else the first pull would
+        bring back the parameters the server was started with."""
+        inner = self.optimizer
+        inner.load_state_dict(state)
+        if self.comm.rank == 0:
+            inner.load_server(state)
+        self.comm.barrier()
+        inner.pull()
+
     def close(self) -> None:
         self.optimizer.close()
         self.comm.barrier()
