@@ -206,3 +206,24 @@ def test_a_killed_shard_without_snapshots_is_an_error_not_a_silent_reset(ray_clu
             ps.call_with_retry(1, lambda s: s.push_pull.remote(ps.token, 0, 2, 1, grad, 1.0, 0.5))
     finally:
         ps.shutdown()
+
+
+def test_ps_job_without_snapshots_runs_again_from_its_checkpoint_when_a_shard_dies(
+    ray_cluster, id_job, calm_loss, tmp_path
+):
+    """No snapshots (the default): a killed shard is not restarted, its slice is gone. The
+    job runs again from the last checkpoint with a new server, as after a lost worker."""
+    path, ids = id_job
+    rng = random.Random(11)
+    fault = {"generation": 1, "rank": 0, "step": rng.randint(45, 80), "action": "kill_shard",
+             "shard": rng.randrange(2), "delay_s": rng.uniform(0.0, 0.03)}  # fmt: skip
+    report, took = run(
+        path, tmp_path / "run", strategy="ps", ps={"mode": "sync", "shards": 2},
+        faults=[fault], sample_log=str(tmp_path / "s"),
+    )  # fmt: skip
+    print(f"no snapshots: {took:.1f} s, {fault}, failures {report['failures']}")
+    assert report["generation"] == 2 and report["workers"] == 2
+    assert any(f"shard {fault['shard']}" in f for f in report["failures"]), report["failures"]
+    check_every_sample_once(counted_samples(tmp_path / "s"), ids, 2)
+    loss = report["stages"][0]["history"]["loss"][-1]
+    assert loss == pytest.approx(calm_loss, abs=1e-3), (loss, calm_loss)

@@ -68,6 +68,15 @@ def _retryable() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
 
 
+class ShardLostError(RuntimeError):
+    """A shard stopped answering (dead and not restarted, or silent past every retry).
+
+    ``group_may_restart``: an engine that resumes jobs from checkpoints may run the job again
+    with a new server (the Ray engine does, as for a lost worker)."""
+
+    group_may_restart = True
+
+
 class ParameterServer:
     """Handle to the shards (picklable: actor handles, ranges, settings, the job's token)."""
 
@@ -252,9 +261,9 @@ class ParameterServer:
                 last, ref = err, None
                 time.sleep(min(0.2 * 2**attempt, 5.0))  # a restart takes a moment
         lost = "" if self.snapshot_every else " (no snapshots: a killed shard is not restarted)"
-        raise RuntimeError(
-            f"parameter-server shard {index} {self.ranges[index]} did not answer after "
-            f"{self.retries} retries of {self.timeout_s:g} s{lost}: {last}"
+        raise ShardLostError(
+            f"parameter-server shard {index} {self.ranges[index]} did not answer "
+            f"({self.retries} retries, each waiting up to {self.timeout_s:g} s){lost}: {last}"
         )
 
     def gather(self, refs: list[Any], submit: Callable[[int, Any], Any]) -> list[Any]:
