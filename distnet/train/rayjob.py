@@ -23,9 +23,12 @@ def run_rank(
     from distnet.train.job import run_job  # noqa: PLC0415
 
     setup = RankSetup(spec, comm, generation)
-    report = run_job(
-        job, log, comm=comm, rank_setup=setup, trace=bool(spec.get("trace")), progress="lines"
-    )
+    try:
+        report = run_job(
+            job, log, comm=comm, rank_setup=setup, trace=bool(spec.get("trace")), progress="lines"
+        )
+    finally:
+        setup.close()
     report["shares"] = setup.shares
     report["steps"] = setup.steps
     if setup.ps_stats:

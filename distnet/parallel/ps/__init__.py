@@ -11,6 +11,7 @@ Importing this package does not import Ray; creating a server does.
 from distnet.parallel.ps.server import (
     DEFAULT_OPTIMIZER_ON,
     ParameterServer,
+    ShardLostError,
     penalty_mask_of,
     shard_ranges,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "ParameterServerOptimizer",
     "ParameterServerShard",
     "PushRefused",
+    "ShardLostError",
     "penalty_mask_of",
     "shard_ranges",
 ]

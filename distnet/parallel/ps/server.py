@@ -68,6 +68,15 @@ def _retryable() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
 
 
+class ShardLostError(RuntimeError):
+    """A shard stopped answering (dead and not restarted, or silent past every retry).
+
+    ``group_may_restart``: an engine that resumes jobs from checkpoints may run the job again
+    with a new server (the Ray engine does, as for a lost worker)."""
+
+    group_may_restart = True
+
+
 class ParameterServer:
     """Handle to the shards (picklable: actor handles, ranges, settings, the job's token)."""
 
@@ -94,6 +103,7 @@ class ParameterServer:
         self.snapshot_every, self.snapshot_dir = snapshot_every, snapshot_dir
         self.timeout_s, self.retries = timeout_s, retries
         self._owns_snapshot_dir = owns_snapshot_dir
+        self.aborted: str | None = None  # set by abort(): calls stop retrying
 
     @classmethod
     def create(
@@ -114,6 +124,7 @@ class ParameterServer:
         max_restarts: int = 3,
         timeout_s: float = 120.0,
         retries: int = 5,
+        round_timeout_s: float | None = None,
     ) -> ParameterServer:
         """Starts ``shards`` shard actors over ``flat_params`` (1-D float32, shape ``(n,)``).
 
@@ -132,7 +143,12 @@ class ParameterServer:
             param_shapes: the model's parameter shapes, needed when the optimiser has
                 ``weight_decay`` or ``l1`` (they apply to weights, not biases).
             num_cpus: CPUs each shard reserves (0: shards mostly wait, workers compute).
-            max_restarts: Ray restarts of a killed shard; ``timeout_s``/``retries``: per call.
+            max_restarts: Ray restarts of a killed shard (only with snapshots: without one a
+                restarted shard would serve its initial parameters as if nothing was lost, so
+                ``snapshot_every=0`` means no restart and a clear error instead).
+                ``timeout_s``/``retries``: per call.
+            round_timeout_s: the longest a shard's sync round or ssp wait waits for the other
+                workers (None: ``timeout_s * (retries + 1)``, the patience of a worker's call).
         """
         ray = _ray()
         from distnet import backend
@@ -174,6 +190,10 @@ class ParameterServer:
             snapshot_dir, owns = tempfile.mkdtemp(prefix="distnet-ps-"), True
         if snapshot_dir is not None:
             Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
+        if not snapshot_every:
+            max_restarts = 0
+        if round_timeout_s is None:
+            round_timeout_s = timeout_s * (retries + 1)
         token = secrets.token_hex(16)
         params_ref = ray.put(flat)  # once; each shard slices its own range out of it
         actor = ray.remote(ParameterServerShard)
@@ -201,6 +221,7 @@ class ParameterServer:
                     snapshot_path=snap,
                     snapshot_every=snapshot_every,
                     penalty_mask=None if mask is None else mask[lo:hi],
+                    round_timeout_s=round_timeout_s,
                 )
             )
         ps = cls(
@@ -224,6 +245,10 @@ class ParameterServer:
         ray = _ray()
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
+            if self.aborted is not None:
+                raise RuntimeError(
+                    f"parameter-server shard {index} {self.ranges[index]}: {self.aborted}"
+                )
             if ref is None:
                 ref = submit(self.shards[index])
             try:
@@ -235,9 +260,10 @@ class ParameterServer:
             except _retryable() as err:
                 last, ref = err, None
                 time.sleep(min(0.2 * 2**attempt, 5.0))  # a restart takes a moment
-        raise RuntimeError(
-            f"parameter-server shard {index} {self.ranges[index]} did not answer after "
-            f"{self.retries} retries of {self.timeout_s:g} s: {last}"
+        lost = "" if self.snapshot_every else " (no snapshots: a killed shard is not restarted)"
+        raise ShardLostError(
+            f"parameter-server shard {index} {self.ranges[index]} did not answer "
+            f"({self.retries} retries, each waiting up to {self.timeout_s:g} s){lost}: {last}"
         )
 
     def gather(self, refs: list[Any], submit: Callable[[int, Any], Any]) -> list[Any]:
@@ -330,6 +356,17 @@ class ParameterServer:
             refs.append((part, self.shards[i].load_state_dict.remote(part)))
         for i, (part, ref) in enumerate(refs):
             self.call_with_retry(i, lambda s, p=part: s.load_state_dict.remote(p), ref)
+
+    def abort(self, reason: str) -> None:
+        """The group pushing here is gone: every waiting sync round and ssp wait on the shards
+        fails with ``reason`` (``RoundFailed``), and this handle's calls stop retrying. Does not
+        wait for the shards (a dead one cannot answer)."""
+        self.aborted = f"aborted: {reason}"
+        for s in self.shards:
+            try:
+                s.abort.remote(reason)
+            except Exception:  # noqa: BLE001 (a shard already gone has nothing to abort)
+                pass
 
     def shutdown(self) -> None:
         """Kills the shards (no restart) and removes a snapshot directory this handle made."""

@@ -14,6 +14,13 @@ Every push carries the job's token; anything not from this job, or not a float32
 slice's shape, is refused before the parameters are touched. The slice and optimiser state are
 snapshotted to a file every ``snapshot_every`` updates; a restarted actor (``max_restarts``)
 reloads it in its constructor.
+
+No wait is unbounded: a sync round that has not heard from every worker within
+``round_timeout_s`` of its first push, or an ssp wait for the slowest worker that long, fails
+with ``RoundFailed`` naming the shard and the missing worker(s); ``abort(reason)`` fails them at
+once (the Ray engine calls it when it tears a group down to replace a lost worker: the new
+group gets a new server, so the old one's rounds can never complete). Per-worker counters of
+pushes received and applied (``stats``) show that every update is applied exactly once.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet.parallel.ps.optimizers import build_optimizer
 from distnet.parallel.ps.snapshot import load_snapshot, save_snapshot
 
 MODES = ("sync", "async", "ssp")
@@ -52,29 +60,19 @@ class PushRefused(ValueError):
     """A push that was not from this job or did not fit the shard (never retried)."""
 
 
-def build_optimizer(config: dict[str, Any], params: np.ndarray, mask: np.ndarray | None) -> Any:
-    """A ``distnet.optim`` optimiser over a copy of ``params`` (1-D float32), from
-    ``config = {"name": "adam", "lr": ..., ...}``; ``mask`` is the slice of the penalty mask
-    (1 where weight decay / L1 apply) when the config has any."""
-    from distnet import optim
-    from distnet.nn.module import Parameter
+class RoundFailed(RuntimeError):
+    """A sync round or an ssp wait that timed out or was aborted (names shard and workers)."""
 
-    kwargs = {k: v for k, v in config.items() if k != "name"}
-    names = {
-        "sgd": optim.SGD,
-        "adam": optim.Adam,
-        "rmsprop": optim.RMSProp,
-        "adagrad": optim.AdaGrad,
-    }
-    name = str(config.get("name", "sgd")).lower()
-    if name not in names:
-        raise ValueError(f"parameter server: unknown optimizer {name!r} (one of {sorted(names)})")
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    opt = names[name]([Parameter(np.array(params, dtype=np.float32, copy=True))], **kwargs)
-    if mask is not None:
-        opt._penalty_mask = np.asarray(mask, dtype=np.float32)
-    return opt
+
+class _Round:
+    """One sync round: the gradients pending by worker, and how it ended."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[np.ndarray, float, int, int]] = {}
+        self.done = asyncio.Event()
+        self.deadline: float | None = None  # set by the round's first push
+        self.result: Any = None
+        self.error: str | None = None
 
 
 class ParameterServerShard:
@@ -90,6 +88,8 @@ class ParameterServerShard:
             (the shard only sums; sync only, BytePS).
         snapshot_path: file for snapshots (None: off); ``snapshot_every``: updates between them.
         penalty_mask: the slice of the weight-decay mask, or None.
+        round_timeout_s: the longest a sync round (from its first push) or an ssp wait may
+            wait for the other workers before it fails with ``RoundFailed``.
     """
 
     def __init__(
@@ -108,6 +108,7 @@ class ParameterServerShard:
         snapshot_path: str | None,
         snapshot_every: int,
         penalty_mask: np.ndarray | None = None,
+        round_timeout_s: float = 600.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, got {mode!r}")
@@ -122,8 +123,12 @@ class ParameterServerShard:
         self.ahead_records: list[list[tuple[int, int]]] = [[] for _ in range(num_workers)]
         self.refused = 0
         self.restored_from_snapshot = False
-        self._pending: dict[int, tuple[np.ndarray, float, int, int]] = {}
-        self._round_done = asyncio.Event()
+        self.round_timeout_s = float(round_timeout_s)
+        self.pushes_received = [0] * num_workers  # every push that passed the checks
+        self.pushes_applied = [0] * num_workers  # ... whose gradient went into an update
+        self.rounds_failed = 0
+        self._aborted: str | None = None  # fails ssp waits (sync rounds end one by one)
+        self._round = _Round()
         self._clock_changed = asyncio.Condition()
         self._last_sum: np.ndarray | None = None
         self._scratch_buf: np.ndarray | None = None
@@ -181,6 +186,7 @@ class ParameterServerShard:
         on the workers. ``clock`` is this worker's step number (1, 2, ...); a push with a
         clock the shard already applied (a retry) is not applied twice."""
         self._check(token, worker, grad, share, clock, seen_version, lr)
+        self.pushes_received[worker] += 1
         if lr is not None and self.opt is not None:
             self.opt.lr = float(lr)
         if clock <= self.clocks[worker]:  # a retried push that was applied already
@@ -188,6 +194,7 @@ class ParameterServerShard:
         if self.mode == "sync":
             return await self._sync_push(worker, clock, seen_version, grad, share)
         self._apply(grad, float(share))
+        self.pushes_applied[worker] += 1
         self._record(worker, clock, seen_version)
         self._maybe_snapshot()
         async with self._clock_changed:
@@ -195,22 +202,73 @@ class ParameterServerShard:
             if self.mode == "ssp":
                 # Ho et al. 2013: the worker may start step clock+1 only if it is then at most
                 # s clocks ahead of the slowest worker
-                await self._clock_changed.wait_for(
-                    lambda: clock - min(self.clocks) <= self.staleness
-                )
+                await self._ssp_wait(worker, clock)
             self.ahead_records[worker].append((clock, min(self.clocks)))
             del self.ahead_records[worker][:-KEEP_CLOCK_RECORDS]
         return self.version, self._reply()
+
+    def _where(self) -> str:
+        return f"parameter-server shard {self.index} [{self.lo}:{self.hi})"
+
+    async def _ssp_wait(self, worker: int, clock: int) -> None:
+        """Waits (holding ``_clock_changed``) until ``clock`` is within s of the slowest."""
+
+        def ready() -> bool:
+            return self._aborted is not None or clock - min(self.clocks) <= self.staleness
+
+        reason = self._aborted
+        try:
+            await asyncio.wait_for(self._clock_changed.wait_for(ready), self.round_timeout_s)
+            reason = self._aborted
+        except TimeoutError:
+            reason = f"no push within {self.round_timeout_s:g} s"
+        if clock - min(self.clocks) > self.staleness:
+            behind = [w for w, c in enumerate(self.clocks) if clock - c > self.staleness]
+            self.rounds_failed += 1
+            raise RoundFailed(
+                f"{self._where()}: ssp wait of worker {worker} at clock {clock} failed: "
+                f"{reason}; missing worker(s) {behind} (clocks {self.clocks})"
+            )
+
+    def _fail_round(self, round_: _Round, reason: str) -> None:
+        """Ends ``round_`` with an error for every worker waiting in it (once)."""
+        if round_.error is not None or round_.done.is_set():
+            return
+        missing = sorted(set(range(self.num_workers)) - set(round_.pending))
+        clocks = sorted({entry[2] for entry in round_.pending.values()})
+        round_.error = (
+            f"{self._where()}: sync round of clock {clocks} failed: {reason}; "
+            f"missing worker(s) {missing}"
+        )
+        self.rounds_failed += 1
+        if round_ is self._round:
+            self._round = _Round()  # later pushes start a new round
+        round_.done.set()
+
+    async def abort(self, reason: str) -> int:
+        """Fails the waiting sync round and every ssp wait with ``reason`` (the group that
+        pushes here is gone; later ssp waits fail too); returns how many workers were waiting
+        in the sync round."""
+        waiting = len(self._round.pending)
+        if waiting:
+            self._fail_round(self._round, f"aborted: {reason}")
+        self._aborted = f"aborted: {reason}"
+        async with self._clock_changed:
+            self._clock_changed.notify_all()
+        return waiting
 
     async def _sync_push(
         self, worker: int, clock: int, seen: int, grad: np.ndarray, share: float
     ) -> tuple[int, Any]:
         # A round is complete when every worker has one pending gradient (keyed by worker, so
         # a retried push replaces its own entry instead of counting twice).
-        self._pending[worker] = (grad, float(share), clock, seen)
-        round_done = self._round_done
-        if len(self._pending) == self.num_workers:
-            pending, self._pending = self._pending, {}
+        round_done = self._round
+        round_done.pending[worker] = (grad, float(share), clock, seen)
+        loop = asyncio.get_running_loop()
+        if round_done.deadline is None:
+            round_done.deadline = loop.time() + self.round_timeout_s
+        if len(round_done.pending) == self.num_workers:
+            pending = round_done.pending
             total = self.opt.flat_grads if self.opt is not None else self._sum_buffer()
             for n, w in enumerate(sorted(pending)):  # fixed order: the same sum on every run
                 g, weight = pending[w][0], np.float32(pending[w][1])
@@ -222,14 +280,24 @@ class ParameterServerShard:
                     total += np.multiply(g, weight, out=self._scratch())
             self._step()
             for w in sorted(pending):
+                self.pushes_applied[w] += 1
                 self._record(w, pending[w][2], pending[w][3])
             self._maybe_snapshot()
             # one copy into the object store for all W workers, not one per reply
             round_done.result = (self.version, _ray().put(self._reply()))
-            self._round_done = asyncio.Event()
-            round_done.set()
+            self._round = _Round()
+            round_done.done.set()
         else:
-            await round_done.wait()
+            # bounded: a worker that died never pushes, and nobody may wait for it forever
+            left = max(0.0, round_done.deadline - loop.time())
+            try:
+                await asyncio.wait_for(round_done.done.wait(), left)
+            except TimeoutError:
+                self._fail_round(
+                    round_done, f"no push within {self.round_timeout_s:g} s of the round's first"
+                )
+        if round_done.error is not None:
+            raise RoundFailed(round_done.error)
         return round_done.result
 
     def _sum_buffer(self) -> np.ndarray:
@@ -279,8 +347,9 @@ class ParameterServerShard:
             for k, v in self.opt.state_dict().items():
                 state[f"opt/{k}"] = v
         state["meta"] = json.dumps(
-            {"version": self.version, "clocks": self.clocks, "lo": self.lo, "hi": self.hi}
-        )
+            {"version": self.version, "clocks": self.clocks, "lo": self.lo, "hi": self.hi,
+             "applied": self.pushes_applied}
+        )  # fmt: skip
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -301,6 +370,9 @@ class ParameterServerShard:
         self.params[...] = params
         self.version = int(meta["version"])
         self.clocks = [int(c) for c in meta["clocks"]]
+        self.pushes_applied = [int(c) for c in meta.get("applied", self.clocks)]
+        if self.snapshot_path:  # a restart now must come back to this state, not the old one
+            save_snapshot(self.snapshot_path, self.state_dict())
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state)
@@ -324,6 +396,9 @@ class ParameterServerShard:
             "staleness": [dict(c) for c in self.staleness_counts],
             "ahead": [list(r) for r in self.ahead_records],
             "refused": self.refused,
+            "pushes_received": list(self.pushes_received),
+            "pushes_applied": list(self.pushes_applied),
+            "rounds_failed": self.rounds_failed,
             "restored_from_snapshot": self.restored_from_snapshot,
             "placement_group": _ray().get_runtime_context().get_placement_group_id(),
             "node_id": _ray().get_runtime_context().get_node_id(),

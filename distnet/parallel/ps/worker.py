@@ -161,12 +161,31 @@ class ParameterServerOptimizer:
             self.ps.call_with_retry(i, lambda s, p=part: s.set_params.remote(p))
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimiser's state (the shards' state is ``ps.state_dict()``)."""
-        return self.optimizer.state_dict()
+        """The state of the optimiser that makes the updates, in the wrapped optimiser's format
+        (flat arrays of shape ``(n,)``, lr, steps): the shards' when they step (momentum,
+        Adam's moments and step count live there; the wrapped optimiser's are never used),
+        else the wrapped optimiser's. A checkpoint of it resumes the run where it was."""
+        if self.ps.optimizer_on != "server":
+            return self.optimizer.state_dict()
+        return {k[4:]: v for k, v in self.ps.state_dict().items() if k.startswith("opt/")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Loads state into the wrapped optimiser."""
+        """Loads state into the wrapped optimiser (``load_server`` puts it into the shards)."""
         self.optimizer.load_state_dict(state)
+
+    def load_server(self, state: dict[str, Any]) -> None:
+        """Writes this worker's parameters (a restored checkpoint's) and the optimiser
+        ``state`` (what ``state_dict`` gave) into the shards. Call it on one worker, before
+        any worker pushes again, then ``pull()`` on every worker."""
+        params = np.array(backend.to_device(self.optimizer.flat_params, "cpu"), np.float32)
+        server = {"params": params, **{f"opt/{k}": v for k, v in state.items()}}
+        if self.ps.optimizer_on != "server":  # summing shards keep no optimiser state
+            server = {"params": params}
+        self.ps.load_state_dict(server)
+
+    def pull(self) -> None:
+        """Overwrites this worker's parameters with the shards' (and their versions)."""
+        self._pull_all()
 
     def __getattr__(self, name: str) -> Any:
         # momentum, weight_decay, ... of the wrapped optimiser stay readable, as in Horovod

@@ -49,18 +49,8 @@ class Mailbox:
         self._cond = threading.Condition()
         self._messages: dict[tuple[int, int, int], Any] = {}
         self._aborted: str | None = None
+        # what else this worker waits on (a parameter server's rounds) must end on abort too
         self._on_abort: list[Any] = []
-
-    def on_abort(self, stop: Any) -> None:
-        """Calls ``stop()`` when this generation is aborted (at once if it already is): what
-        blocks outside the mailbox, such as a parameter server's sync round waiting for a
-        lost worker's push, is ended by it."""
-        with self._cond:
-            aborted = self._aborted is not None
-            if not aborted:
-                self._on_abort.append(stop)
-        if aborted:
-            stop()
 
     def put(self, generation: int, seq: int, src: int, payload: Any) -> None:
         with self._cond:
@@ -84,13 +74,23 @@ class Mailbox:
             return self._messages.pop(key)
 
     def abort(self, reason: str) -> None:
-        """Every current and later ``take`` raises ``WorkerLostError(reason)``."""
+        """Every current and later ``take`` raises ``WorkerLostError(reason)``; the callbacks
+        of ``on_abort`` run (once)."""
         with self._cond:
             self._aborted = reason
             self._cond.notify_all()
-            stops, self._on_abort = self._on_abort, []
-        for stop in stops:
-            stop()
+            callbacks, self._on_abort = self._on_abort, []
+        for callback in callbacks:
+            callback(reason)
+
+    def on_abort(self, callback: Any) -> None:
+        """``callback(reason)`` on the next abort (at once if this group is aborted already)."""
+        with self._cond:
+            reason = self._aborted
+            if reason is None:
+                self._on_abort.append(callback)
+        if reason is not None:
+            callback(reason)
 
     def reset(self) -> None:
         """Forgets messages and the abort (a new generation of the group starts)."""

@@ -17,7 +17,9 @@ workers that die, and stops every actor when the job ends or is interrupted.
   the job carries on with fewer workers, never fewer than ``min_workers``), and the job runs
   again from its last checkpoint: finished stages are skipped and the interrupted stage
   resumes at its last finished epoch, so the interrupted epoch is redone from its start and
-  every sample of it is counted exactly once in the parameters.
+  every sample of it is counted exactly once in the parameters. A parameter-server shard
+  lost for good (strategy "ps" without snapshots) makes the job run again the same way, with
+  a new server (its error says ``group_may_restart``).
 - Ctrl-C (or any error) kills every actor and the placement group; checkpoints are written
   by renaming, so the last one stays usable.
 """
@@ -84,6 +86,10 @@ class RayOptions:
     start_timeout_s: float = 120.0
     replace_timeout_s: float = 60.0
     fail_at_step: dict[int, int] = field(default_factory=dict)  # rank -> step (tests)
+    # fault injection (tests): {"generation", "rank", "step", "action": "exit" | "kill_shard",
+    # "shard", "delay_s"}: at that step of that generation the rank exits, or SIGKILLs the
+    # stage's parameter-server shard after delay_s (a timer: mid-way through the next step)
+    faults: list[dict[str, Any]] = field(default_factory=list)
     sample_log: str | None = None  # directory (tests)
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
     trace: bool = False  # every worker writes its timeline (RUN_DIR/trace.json)
@@ -274,6 +280,11 @@ class RayJob:
             "rebalance_every": self.opt.rebalance_every,
             "delay_per_sample_s": spec.delay_per_sample_s,
             "fail_at_step": fail,
+            "faults": [
+                f
+                for f in self.opt.faults
+                if f["generation"] == self.generation and f["rank"] == rank
+            ],
             "sample_log": self.opt.sample_log,
             "trace": self.opt.trace,
         }
@@ -313,7 +324,7 @@ class RayJob:
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             self._print_logs()
-            lost, errors = [], []
+            lost, errors, restart = [], [], False
             for ref in done:
                 rank = futures.index(ref)
                 try:
@@ -322,8 +333,12 @@ class RayJob:
                     lost.append(rank)
                     self.failures.append(f"rank {rank}: {type(e).__name__}")
                 except ray.exceptions.RayTaskError as e:
-                    errors.append((rank, e))
-            if lost:  # survivors stopped by a lost peer are no failure of their own
+                    if _group_may_restart(e):  # a lost parameter-server shard
+                        restart = True
+                        self.failures.append(f"rank {rank}: {str(e.cause).splitlines()[0]}")
+                    else:
+                        errors.append((rank, e))
+            if lost or restart:  # survivors stopped by a lost peer are no failure of their own
                 self._abort_all(f"rank(s) {lost} died")
                 self._drain(pending)
                 return lost
@@ -363,6 +378,8 @@ class RayJob:
             )
         self.log(
             f"ray: lost worker(s) {lost}; replacing them and resuming from the last checkpoint"
+            if lost
+            else "ray: lost a parameter-server shard; resuming from the last checkpoint"
         )
         keep = []
         for rank, actor in enumerate(self.actors):
@@ -414,6 +431,17 @@ class RayJob:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+def _group_may_restart(error: Any) -> bool:
+    """Whether a rank's error (or one it was raised from) says that running the job again
+    can go on (``group_may_restart``, as a lost parameter-server shard's error does)."""
+    cause, seen = getattr(error, "cause", None), 0
+    while cause is not None and seen < 8:
+        if getattr(cause, "group_may_restart", False):
+            return True
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return False
 
 
 def run_on_ray(

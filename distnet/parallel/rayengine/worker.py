@@ -60,7 +60,8 @@ class RankSetup:
     ``spec`` keys: ``device`` ("cpu"/"cuda"), ``rank_weights`` (list or None), ``strategy``
     ("allreduce"/"ps"), ``ps`` (options for the parameter server), ``rebalance_every``,
     ``delay_per_sample_s``, ``fail_at_step`` (fault injection: this process exits at that
-    step), ``sample_log`` (a directory, or None).
+    step), ``faults`` (this rank's faults of this generation, see ``RayOptions.faults``),
+    ``sample_log`` (a directory, or None).
     """
 
     def __init__(self, spec: dict[str, Any], comm: RayCommunicator, generation: int) -> None:
@@ -70,6 +71,7 @@ class RankSetup:
         self.shares: list[dict[str, Any]] = []
         self.ps_stats: list[Any] = []  # one per stage (strategy "ps", rank 0)
         self.steps = 0
+        self.servers: list[Any] = []  # parameter servers of this run's stages
         self.sample_log = (
             SampleLog(spec["sample_log"], comm.rank, generation) if spec.get("sample_log") else None
         )
@@ -102,6 +104,22 @@ class RankSetup:
             self.sample_log.step_done(loader.epoch, self.steps)
         if self.spec.get("fail_at_step") == self.steps:
             os._exit(17)  # a worker dying hard, as a lost node does (fault-injection tests)
+        for fault in self.spec.get("faults") or []:
+            if fault["step"] == self.steps:
+                self._inject(fault)
+
+    def _inject(self, fault: dict[str, Any]) -> None:
+        """A fault of ``spec["faults"]`` (tests): this worker exits, or kills a shard."""
+        if fault["action"] == "exit":
+            os._exit(17)
+        import signal  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        server = self.servers[-1]
+        pid = server.call_with_retry(fault["shard"], lambda s: s.ping.remote())
+        timer = threading.Timer(fault.get("delay_s", 0.0), os.kill, (pid, signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
 
     def _ps_optimizer(self, opt: Any) -> Any:
         """A ``ParameterServerOptimizer`` over a parameter server made for this stage's
@@ -122,15 +140,32 @@ class RankSetup:
                 num_workers=self.comm.size,
                 optimizer=settings,
                 snapshot_every=int(ps_opts.get("snapshot_every", 0)),
+                retries=int(ps_opts.get("retries", 5)),
                 param_shapes=[tuple(p.data.shape) for p in opt.params],
                 placement=[_on_this_node()] * shards,
             )
-            # a lost worker never pushes again: a sync round would wait for it (retries x
-            # timeout_s); the driver's abort ends the shards, so every rank's call fails now
-            self.comm.mailbox.on_abort(server.shutdown)
         server = self.comm.bcast(server, root=0)
+        # a lost peer never pushes again: the rounds it is missing fail at once (instead of
+        # holding this worker until the shards' round timeout), and rank 0, whose actor owns
+        # the shards, stops them (the next group gets a new server)
+        self.comm.mailbox.on_abort(lambda reason: _end_server(server, reason, self.comm.rank))
+        self.servers.append(server)
         wrapped = ParameterServerOptimizer(opt, server, self.comm.rank)
         return _ClosingServer(wrapped, self.comm, self.ps_stats)
+
+    def close(self) -> None:
+        """Rank 0 stops the shards of every server it started that a stage did not close (a
+        failed run): they would live on, waiting, as long as this actor."""
+        if self.comm.rank == 0:
+            for server in self.servers:
+                server.shutdown()
+        self.servers = []
+
+
+def _end_server(server: Any, reason: str, rank: int) -> None:
+    server.abort(reason)
+    if rank == 0:
+        server.shutdown()
 
 
 def _on_this_node() -> dict[str, Any]:
@@ -170,6 +205,17 @@ class _ClosingServer:
         # named `optimizer`: checkpoints look through wrappers by that attribute
         self.__dict__.update(optimizer=inner, comm=comm, stats=stats)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed stage: the checkpoint's parameters and optimiser state go into the
+        shards too (rank 0 writes them; nobody pushes before), else the first pull would
+        bring back the parameters the server was started with."""
+        inner = self.optimizer
+        inner.load_state_dict(state)
+        if self.comm.rank == 0:
+            inner.load_server(state)
+        self.comm.barrier()
+        inner.pull()
+
     def close(self) -> None:
         self.optimizer.close()
         self.comm.barrier()
@@ -178,35 +224,6 @@ class _ClosingServer:
                 self.__dict__["stats"].append(self.optimizer.ps.stats())
             finally:
                 self.optimizer.ps.shutdown()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The optimiser's state as one process holds it: with the optimiser on the shards,
-        their state arrays (whole flat buffers, the wrapped optimiser's layout) replace the
-        worker's unused ones, so a checkpoint resumes the shards too (and in one process).
-        Called by the writer (rank 0) only: no collective."""
-        state = self.optimizer.state_dict()
-        ps = self.optimizer.ps
-        if ps.optimizer_on == "server":
-            served = ps.state_dict()
-            for key, value in state.items():
-                if np.ndim(value) == 1 and f"opt/{key}" in served:
-                    state[key] = served[f"opt/{key}"]
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Collective (every rank restores): the worker's own optimiser, then rank 0 puts the
-        restored parameters (and optimiser state) into the shards, which were made from the
-        parameters the stage started with, before any worker pushes again."""
-        self.optimizer.load_state_dict(state)
-        if self.comm.rank == 0:
-            from distnet import backend  # noqa: PLC0415
-
-            ps = self.optimizer.ps
-            restored = {"params": backend.to_device(self.optimizer.flat_params, "cpu")}
-            if ps.optimizer_on == "server":
-                restored.update({f"opt/{k}": v for k, v in state.items()})
-            ps.load_state_dict(restored)
-        self.comm.barrier()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["optimizer"], name)

@@ -1,0 +1,32 @@
+"""The shards' optimiser: a ``distnet.optim`` optimiser over one slice of the flat buffer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def build_optimizer(config: dict[str, Any], params: np.ndarray, mask: np.ndarray | None) -> Any:
+    """A ``distnet.optim`` optimiser over a copy of ``params`` (1-D float32), from
+    ``config = {"name": "adam", "lr": ..., ...}``; ``mask`` is the slice of the penalty mask
+    (1 where weight decay / L1 apply) when the config has any."""
+    from distnet import optim
+    from distnet.nn.module import Parameter
+
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    names = {
+        "sgd": optim.SGD,
+        "adam": optim.Adam,
+        "rmsprop": optim.RMSProp,
+        "adagrad": optim.AdaGrad,
+    }
+    name = str(config.get("name", "sgd")).lower()
+    if name not in names:
+        raise ValueError(f"parameter server: unknown optimizer {name!r} (one of {sorted(names)})")
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    opt = names[name]([Parameter(np.array(params, dtype=np.float32, copy=True))], **kwargs)
+    if mask is not None:
+        opt._penalty_mask = np.asarray(mask, dtype=np.float32)
+    return opt

@@ -1,0 +1,229 @@
+"""Faults on the Ray engine (marker `fault`): a worker killed, then a parameter-server shard,
+then both at once, at moments drawn from a seeded RNG, in one job per seed.
+
+The job (digits with a sample-id column, a small MLP, strategy "ps", sync, 2 workers, 2
+shards snapshotted every update) must finish; the per-epoch sample logs must hold every
+sample exactly once in the epochs the final parameters are made of; the final server must
+have applied every push exactly once (counted on the shards); the final loss must be within
+tolerance of an undisturbed run. Workers die by ``os._exit`` at a step; shards by SIGKILL from
+a timer started at a step (so it lands part way through the next one). One Ray per module.
+
+The jobs run with the engine's default ``collective_timeout_s`` (300 s), longer than these
+tests' timeout: a survivor left waiting for a dead peer's push until the driver gives up on it
+(as before the parameter server's rounds were aborted with the group) fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("sklearn")
+
+from distnet.data import digits_arrays, write_dataset  # noqa: E402
+from distnet.parallel.ps import ParameterServer  # noqa: E402
+from distnet.parallel.rayengine import RayJob, RayOptions, start_ray, worker_specs  # noqa: E402
+from distnet.train.job import load_job  # noqa: E402
+from distnet.train.rayjob import run_rank  # noqa: E402
+
+pytestmark = [pytest.mark.fault, pytest.mark.ray, pytest.mark.timeout(150)]
+EPOCHS, SAMPLES = 2, 1344  # 1344 samples = 42 global batches of 32
+PS = {"mode": "sync", "shards": 2, "snapshot_every": 1, "retries": 8}
+
+JOB = """
+[data]
+train = "{root}/ids/train"
+batch_size = 32
+
+[model]
+type = "mlp"
+hidden = [32]
+activation = "tanh"
+
+[finetune]
+epochs = {epochs}
+optimizer = "sgd"
+lr = 0.1
+momentum = 0.9
+weight_decay = 0.0
+
+[run]
+log_every = 1000
+pictures = false
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    started = start_ray(None, num_cpus=4)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def id_job(tmp_path_factory):
+    """Digits whose last feature column is each sample's id; returns (job path, sorted ids)."""
+    root = tmp_path_factory.mktemp("rayfaults")
+    x, y = digits_arrays()
+    ids = (np.arange(SAMPLES, dtype=np.float32) + 1) / 10000
+    xs = np.concatenate([x[:SAMPLES].astype(np.float32) / 16, ids[:, None]], axis=1)
+    write_dataset(str(root / "ids" / "train"), xs, y[:SAMPLES], chunk_samples=64)
+    path = root / "job.toml"
+    path.write_text(JOB.format(root=root, epochs=EPOCHS))
+    return path, np.sort(ids)
+
+
+def run(path, out, **options):
+    job = load_job(path, {"run": {"out": str(out)}})
+    opts = RayOptions(workers=worker_specs(2), **options)
+    t0 = time.monotonic()
+    report = RayJob(opts, log=lambda line: None, task=run_rank).run(job)
+    return report, time.monotonic() - t0
+
+
+def counted_samples(log_dir) -> dict[int, dict[int, list[float]]]:
+    """generation -> epoch -> ids of every finished step (all ranks)."""
+    records: dict[int, dict[int, list[float]]] = {}
+    for f in sorted(log_dir.glob("rank*-gen*.jsonl")):
+        gen = int(f.stem.split("gen")[1])
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            records.setdefault(gen, {}).setdefault(rec["epoch"], []).extend(rec["ids"])
+    return records
+
+
+def check_every_sample_once(records, ids, generations: int) -> None:
+    """Each epoch is counted from the last generation that ran it; in every earlier one it
+    must be the epoch that generation was interrupted in (redone from the checkpoint)."""
+    assert sorted(records) == list(range(1, generations + 1))
+    for epoch in range(EPOCHS):
+        gens = [g for g in records if epoch in records[g]]
+        assert gens, f"epoch {epoch} never ran"
+        for g in gens[:-1]:
+            assert epoch == max(records[g]), f"epoch {epoch} of generation {g} counted twice"
+            assert len(records[g][epoch]) < len(ids), f"generation {g} finished epoch {epoch}"
+        seen = np.sort(np.array(records[gens[-1]][epoch], np.float32))
+        np.testing.assert_array_equal(seen, ids, f"epoch {epoch} (generation {gens[-1]})")
+
+
+def fault_plan(seed: int) -> list[dict]:
+    """A worker exit (generation 1, anywhere in the 84 steps: in epoch 1 the next generation
+    resumes from the epoch-0 checkpoint), a shard kill, then a worker exit and a shard kill at
+    the same step (generation 2), a last shard kill (generation 3, which finishes). Every step
+    drawn lies within its generation (each has at least the 42 steps of the last epoch)."""
+    rng = random.Random(seed)
+    exit_step, b = rng.randint(5, 80), rng.randint(3, 15)
+    c = b + rng.randint(5, 20)
+
+    def kill_shard(gen, step):
+        return {"generation": gen, "rank": 0, "step": step, "action": "kill_shard",
+                "shard": rng.randrange(2), "delay_s": rng.uniform(0.0, 0.03)}  # fmt: skip
+
+    return [  # rank 0's actor owns the shards: its death takes them along (seeds 0 and 2)
+        {"generation": 1, "rank": seed % 2, "step": exit_step, "action": "exit"},
+        kill_shard(2, b),
+        kill_shard(2, c),
+        {"generation": 2, "rank": 1, "step": c, "action": "exit"},
+        kill_shard(3, rng.randint(3, 35)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def calm_loss(ray_cluster, id_job, tmp_path_factory):
+    root = tmp_path_factory.mktemp("calm")
+    report, took = run(id_job[0], root / "run", strategy="ps", ps=PS)
+    assert report["generation"] == 1 and not report["failures"]
+    print(f"undisturbed ps job: {took:.1f} s")
+    return report["stages"][0]["history"]["loss"][-1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ps_job_survives_a_worker_a_shard_and_both_killed_at_random_moments(
+    ray_cluster, id_job, calm_loss, tmp_path, seed
+):
+    path, ids = id_job
+    plan = fault_plan(seed)
+    report, took = run(
+        path, tmp_path / "run", strategy="ps", ps=PS, faults=plan, sample_log=str(tmp_path / "s")
+    )
+    print(f"seed {seed}: {took:.1f} s, plan {plan}, failures {report['failures']}")
+    assert report["generation"] == 3, report["failures"]
+    assert len(report["failures"]) == 2 and report["workers"] == 2
+    check_every_sample_once(counted_samples(tmp_path / "s"), ids, 3)
+    # the final generation's server: the killed shard came back from its snapshot, and every
+    # push of every worker was applied exactly once (retries across the kill not twice)
+    (server,) = report["ps_stats"]
+    killed = plan[-1]["shard"]
+    steps = report["steps"]
+    for shard in server["shards"]:
+        assert shard["restored_from_snapshot"] == (shard["shard"] == killed), shard
+        assert shard["pushes_applied"] == [steps, steps], shard
+        assert shard["clocks"] == [steps, steps] and shard["version"] == steps
+        assert shard["rounds_failed"] == 0
+        if shard["shard"] != killed:  # a retry of a whole step re-sends to it: not re-applied
+            assert min(shard["pushes_received"]) >= steps
+    loss = report["stages"][0]["history"]["loss"][-1]
+    print(f"seed {seed}: final loss {loss:.4f}, undisturbed {calm_loss:.4f}")
+    # the checkpoint holds the shards' optimiser state and a resumed stage puts it back into
+    # the new server; snapshots and retries lose and double nothing: measured equal to 4
+    # decimals (regression: the resumed server started from the initial parameters, 0.92)
+    assert loss == pytest.approx(calm_loss, abs=1e-3), (loss, calm_loss)
+
+
+def test_allreduce_job_survives_a_worker_killed_at_a_random_moment(ray_cluster, id_job, tmp_path):
+    path, ids = id_job
+    rng = random.Random(7)
+    fault = {"generation": 1, "rank": rng.randrange(2), "step": rng.randint(5, 80),
+             "action": "exit"}  # fmt: skip
+    report, took = run(path, tmp_path / "run", faults=[fault], sample_log=str(tmp_path / "s"))
+    print(f"allreduce: {took:.1f} s, {fault}")
+    assert report["generation"] == 2 and len(report["failures"]) == 1
+    check_every_sample_once(counted_samples(tmp_path / "s"), ids, 2)
+
+
+def test_a_killed_shard_without_snapshots_is_an_error_not_a_silent_reset(ray_cluster):
+    """Regression: with ``snapshot_every=0`` Ray restarted a killed shard, which came back with
+    the initial parameters and clocks 0 and went on applying pushes as if nothing was lost."""
+    flat = np.zeros(10, np.float32)
+    ps = ParameterServer.create(
+        flat, shards=2, mode="async", num_workers=1, optimizer={"name": "sgd", "lr": 0.5},
+        timeout_s=5, retries=2,
+    )  # fmt: skip
+    try:
+        lo, hi = ps.ranges[1]
+        grad = np.ones(hi - lo, np.float32)
+        ps.call_with_retry(1, lambda s: s.push_pull.remote(ps.token, 0, 1, 0, grad, 1.0, 0.5))
+        os.kill(ps.call_all("ping")[1], signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"shard 1 .*no snapshots: a killed shard is not"):
+            ps.call_with_retry(1, lambda s: s.push_pull.remote(ps.token, 0, 2, 1, grad, 1.0, 0.5))
+    finally:
+        ps.shutdown()
+
+
+def test_ps_job_without_snapshots_runs_again_from_its_checkpoint_when_a_shard_dies(
+    ray_cluster, id_job, calm_loss, tmp_path
+):
+    """No snapshots (the default): a killed shard is not restarted, its slice is gone. The
+    job runs again from the last checkpoint with a new server, as after a lost worker."""
+    path, ids = id_job
+    rng = random.Random(11)
+    fault = {"generation": 1, "rank": 0, "step": rng.randint(45, 80), "action": "kill_shard",
+             "shard": rng.randrange(2), "delay_s": rng.uniform(0.0, 0.03)}  # fmt: skip
+    report, took = run(
+        path, tmp_path / "run", strategy="ps", ps={"mode": "sync", "shards": 2},
+        faults=[fault], sample_log=str(tmp_path / "s"),
+    )  # fmt: skip
+    print(f"no snapshots: {took:.1f} s, {fault}, failures {report['failures']}")
+    assert report["generation"] == 2 and report["workers"] == 2
+    assert any(f"shard {fault['shard']}" in f for f in report["failures"]), report["failures"]
+    check_every_sample_once(counted_samples(tmp_path / "s"), ids, 2)
+    loss = report["stages"][0]["history"]["loss"][-1]
+    assert loss == pytest.approx(calm_loss, abs=1e-3), (loss, calm_loss)

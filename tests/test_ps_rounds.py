@@ -1,0 +1,78 @@
+"""A parameter-server shard's waits are bounded (regression: a sync round used to
+``await round_done.wait()`` with no timeout, so a shard whose worker died waited forever).
+
+The shard class runs here on a plain asyncio loop, no Ray: the rounds never complete, so
+nothing is put into Ray's object store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from distnet.parallel.ps.shard import ParameterServerShard, RoundFailed
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(30)]
+TOKEN = "t" * 32
+
+
+def shard(mode: str = "sync", workers: int = 3, timeout_s: float = 0.3) -> ParameterServerShard:
+    return ParameterServerShard(
+        1, 4, 10, np.zeros(12, np.float32), mode=mode, staleness=0, num_workers=workers,
+        token=TOKEN, optimizer={"name": "sgd", "lr": 0.1}, optimizer_on="server",
+        snapshot_path=None, snapshot_every=0, round_timeout_s=timeout_s,
+    )  # fmt: skip
+
+
+def push(s: ParameterServerShard, worker: int, clock: int = 1):
+    return s.push_pull(TOKEN, worker, clock, 0, np.ones(6, np.float32), 0.5, 0.1)
+
+
+def test_a_sync_round_missing_a_worker_fails_in_time_naming_shard_and_worker():
+    async def main():
+        s = shard()
+        t0 = time.monotonic()
+        # workers 0 and 2 push; worker 1 is dead. Without the bound this waits forever: the
+        # outer wait_for turns that into a failure here instead of a hang
+        results = await asyncio.wait_for(
+            asyncio.gather(push(s, 0), push(s, 2), return_exceptions=True), 10
+        )
+        return s, results, time.monotonic() - t0
+
+    s, results, took = asyncio.run(main())
+    assert took < 3
+    for err in results:
+        assert isinstance(err, RoundFailed), err
+        assert "shard 1 [4:10)" in str(err) and "missing worker(s) [1]" in str(err)
+    assert s.version == 0 and s.rounds_failed == 1 and s.pushes_applied == [0, 0, 0]
+    np.testing.assert_array_equal(s.params, 0)  # a failed round applies nothing
+    assert s.pushes_received == [1, 0, 1]
+
+
+def test_abort_ends_a_waiting_round_at_once_and_a_new_round_works():
+    async def main():
+        s = shard(timeout_s=60)
+        waiting = [asyncio.ensure_future(push(s, w)) for w in (0, 1)]
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        assert await s.abort("rank(s) [2] died") == 2
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+        return s, results, time.monotonic() - t0
+
+    s, results, took = asyncio.run(main())
+    assert took < 1
+    assert all(isinstance(e, RoundFailed) for e in results), results
+    assert "aborted: rank(s) [2] died" in str(results[0])
+    assert "missing worker(s) [2]" in str(results[0])
+
+
+def test_an_ssp_wait_for_a_dead_worker_is_bounded_too():
+    async def main():
+        s = shard("ssp", workers=2)  # bound s=0: worker 0 at clock 1 waits for worker 1
+        return await push(s, 0, 1)
+
+    with pytest.raises(RoundFailed, match=r"ssp wait of worker 0 .*missing worker\(s\) \[1\]"):
+        asyncio.run(asyncio.wait_for(main(), 10))
