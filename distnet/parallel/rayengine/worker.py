@@ -15,7 +15,6 @@ import queue
 from pathlib import Path
 from typing import Any
 
-
 from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator
 from distnet.parallel.rayengine.shares import ThroughputShares
 
