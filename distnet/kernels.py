@@ -103,6 +103,17 @@ def _compiled(*arrays: Any) -> ModuleType | None:
     return nb
 
 
+def conv_kernels(*arrays: Any) -> ModuleType | None:
+    """``distnet._numba_conv`` (im2col, col2im, max pooling) when the arrays suit compiled
+    kernels by the rules of ``_compiled``, else None (then ``distnet.core.conv`` runs its
+    numpy/cupy formulas)."""
+    if _compiled(*arrays) is None:
+        return None
+    from distnet import _numba_conv  # noqa: PLC0415  (after _numba() set the threading layer)
+
+    return _numba_conv
+
+
 # -- activations -------------------------------------------------------------------------------
 
 
