@@ -153,3 +153,37 @@ def max_pool_grad(kh: int, kw: int, sh: int, sw: int) -> Callable:
                                 gx[s, ci, oy * sh + i, ox * sw + j] += share
 
     return fn
+
+
+RELU = 2  # distnet.kernels.ACTIVATIONS.index("relu") (checked in tests); else no activation
+
+
+@njit(**_opts)
+def gemm_to_nchw(z, bias, out, kind):  # pragma: no cover
+    """out (N, O, P) <- act(z (O, N * P) + bias (O,)): the forward GEMM's output back to
+    NCHW, the bias and a ReLU (``kind`` == RELU) in the same pass."""
+    n, o, p = out.shape
+    zero = out.dtype.type(0)
+    for plane in prange(n * o):
+        s = plane // o
+        q = plane % o
+        b = bias[q]
+        for t in range(p):
+            v = z[q, s * p + t] + b
+            out[s, q, t] = max(v, zero) if kind == RELU else v
+
+
+@njit(**_opts)
+def nchw_to_gemm_grad(y, g, g2, kind):  # pragma: no cover
+    """g2 (O, N * P) <- dL/dz from g = dL/dy (N, O, P), through a ReLU (``kind`` == RELU,
+    y its output) or none: the backward GEMMs' operand in one pass."""
+    n, o, p = g.shape
+    zero = g.dtype.type(0)
+    for plane in prange(n * o):
+        s = plane // o
+        q = plane % o
+        for t in range(p):
+            d = g[s, q, t]
+            if kind == RELU and not y[s, q, t] > zero:
+                d = zero
+            g2[q, s * p + t] = d

@@ -101,3 +101,9 @@ def test_compiled_float32_pass_equals_numpy_pass(numpy_only, monkeypatch):
     for got, want in zip(result, reference, strict=True):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_compiled_relu_code_is_the_kernel_tables():
+    from distnet import _numba_conv
+
+    assert _numba_conv.RELU == kernels.ACTIVATIONS.index("relu")

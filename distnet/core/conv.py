@@ -176,19 +176,30 @@ def conv2d(
     out2 = w2 @ cols  # (O, N*OH*OW): one GEMM
     # back to NCHW in one pass that also adds the bias; the activation then runs in place
     out = xp.empty((n, o, oh, ow), dtype=out2.dtype)
-    by_sample = out2.reshape(o, n, oh, ow).transpose(1, 0, 2, 3)
-    if bias is not None:
-        xp.add(by_sample, bias.data[:, None, None], out=out)
+    # ReLU (or none) fuses into the compiled pass; tanh/sigmoid keep numpy's SIMD tanh
+    relu_kind = kernels.ACTIVATIONS.index("relu") if activation == "relu" else -1
+    fusable = activation in (None, "relu")
+    b = bias.data if bias is not None else xp.zeros(o, dtype=out2.dtype)
+    compiled = kernels.conv_kernels(out2, b) if fusable else None
+    if compiled is not None:
+        compiled.gemm_to_nchw(out2, b, out.reshape(n, o, oh * ow), relu_kind)
     else:
-        out[...] = by_sample
-    del out2, by_sample
-    if activation is not None:
-        kernels.bias_activation_(out, None, activation)
+        by_sample = out2.reshape(o, n, oh, ow).transpose(1, 0, 2, 3)
+        xp.add(by_sample, b[:, None, None], out=out)
+        del by_sample
+        if activation is not None:
+            kernels.bias_activation_(out, None, activation)
+    del out2
 
     def backward(g: Any) -> tuple[Any, ...]:
-        if activation is not None:  # d act / dz from the output, into a fresh array
-            g = kernels.activation_grad(activation, out, g)
-        g2 = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, n * oh * ow)
+        compiled = kernels.conv_kernels(out, g) if fusable else None
+        if compiled is not None:  # d act / dz and the (O, N*OH*OW) layout in one pass
+            g2 = xp.empty((o, n * oh * ow), dtype=g.dtype)
+            compiled.nchw_to_gemm_grad(out.reshape(n, o, -1), g.reshape(n, o, -1), g2, relu_kind)
+        else:
+            if activation is not None:  # d act / dz from the output, into a fresh array
+                g = kernels.activation_grad(activation, out, g)
+            g2 = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, n * oh * ow)
         gx = gw = gb = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
             # cols @ g2^T, transposed after: OpenBLAS runs the long inner dimension (N OH OW)
