@@ -4,7 +4,10 @@
 contiguous); ``col2im`` adds the column gradients back by looping over the kernel offsets, each
 offset one strided slice add (no ``np.add.at``). The same code runs on numpy and cupy (both
 have ``as_strided``); it is how Caffe computed convolutions: a convolution is one matrix
-product once the windows are laid out as rows.
+product once the windows are laid out as rows. On CPU, when ``distnet.kernels`` has numba
+and the arrays are large enough, im2col, col2im, max pooling and the elementwise passes
+around the GEMMs run as parallel compiled kernels instead (``distnet._numba_conv``): the
+same numbers, without numpy's per-row loop overhead on rows of OW elements.
 
 Shapes: input (N, C, H, W); weight (O, C, KH, KW); output (N, O, OH, OW) with
 ``OH = (H + 2 ph - dh (KH - 1) - 1) // sh + 1`` (likewise OW).
