@@ -171,6 +171,17 @@ def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
     return backend.array_module(a).matmul(a, b, out=out)
 
 
+def conv_kernels(*arrays: Any) -> ModuleType | None:
+    """``distnet._numba_conv`` (im2col, col2im, max pooling) when the arrays suit compiled
+    kernels by the rules of ``_compiled``, else None (then ``distnet.core.conv`` runs its
+    numpy/cupy formulas)."""
+    if _compiled(*arrays) is None:
+        return None
+    from distnet import _numba_conv  # noqa: PLC0415  (after _numba() set the threading layer)
+
+    return _numba_conv
+
+
 # -- activations -------------------------------------------------------------------------------
 
 

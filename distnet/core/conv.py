@@ -4,7 +4,10 @@
 contiguous); ``col2im`` adds the column gradients back by looping over the kernel offsets, each
 offset one strided slice add (no ``np.add.at``). The same code runs on numpy and cupy (both
 have ``as_strided``); it is how Caffe computed convolutions: a convolution is one matrix
-product once the windows are laid out as rows.
+product once the windows are laid out as rows. On CPU, when ``distnet.kernels`` has numba
+and the arrays are large enough, im2col, col2im, max pooling and the elementwise passes
+around the GEMMs run as parallel compiled kernels instead (``distnet._numba_conv``): the
+same numbers, without numpy's per-row loop overhead on rows of OW elements.
 
 Shapes: input (N, C, H, W); weight (O, C, KH, KW); output (N, O, OH, OW) with
 ``OH = (H + 2 ph - dh (KH - 1) - 1) // sh + 1`` (likewise OW).
@@ -81,10 +84,15 @@ def im2col(
     (n, oh, ow) is the window under output pixel (oh, ow) of sample n, in the weight's
     (C, KH, KW) order. One copy out of a strided view of the padded input."""
     xp = backend.array_module(x)
-    view = windows(_pad(x, *padding), kernel, stride, dilation)  # (N, C, OH, OW, KH, KW)
+    xpad = _pad(x, *padding)
+    view = windows(xpad, kernel, stride, dilation)  # (N, C, OH, OW, KH, KW)
     n, c, oh, ow, kh, kw = view.shape
     cols = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
-    cols[...] = view.transpose(1, 4, 5, 0, 2, 3)
+    compiled = kernels.conv_kernels(xpad)
+    if compiled is not None:  # one parallel pass, the geometry compiled in
+        compiled.im2col(kh, kw, *stride, *dilation)(xpad, cols)
+    else:
+        cols[...] = view.transpose(1, 4, 5, 0, 2, 3)
     return cols.reshape(c * kh * kw, n * oh * ow)
 
 
@@ -168,29 +176,43 @@ def conv2d(
     xp = backend.array_module(x.data)
     cols = im2col(x.data, (kh, kw), stride_, padding_, dilation_)  # (C*KH*KW, N*OH*OW)
     w2 = weight.data.reshape(o, c * kh * kw)
-    out2 = w2 @ cols  # (O, N*OH*OW): one GEMM
+    out2 = kernels.matmul(w2, cols)  # (O, N*OH*OW): one GEMM
     # back to NCHW in one pass that also adds the bias; the activation then runs in place
     out = xp.empty((n, o, oh, ow), dtype=out2.dtype)
-    by_sample = out2.reshape(o, n, oh, ow).transpose(1, 0, 2, 3)
-    if bias is not None:
-        xp.add(by_sample, bias.data[:, None, None], out=out)
+    # ReLU (or none) fuses into the compiled pass; tanh/sigmoid keep numpy's SIMD tanh
+    relu_kind = kernels.ACTIVATIONS.index("relu") if activation == "relu" else -1
+    fusable = activation in (None, "relu")
+    b = bias.data if bias is not None else xp.zeros(o, dtype=out2.dtype)
+    compiled = kernels.conv_kernels(out2, b) if fusable else None
+    if compiled is not None:
+        compiled.gemm_to_nchw(out2, b, out.reshape(n, o, oh * ow), relu_kind)
     else:
-        out[...] = by_sample
-    del out2, by_sample
-    if activation is not None:
-        kernels.bias_activation_(out, None, activation)
+        by_sample = out2.reshape(o, n, oh, ow).transpose(1, 0, 2, 3)
+        xp.add(by_sample, b[:, None, None], out=out)
+        del by_sample
+        if activation is not None:
+            kernels.bias_activation_(out, None, activation)
+    del out2
 
     def backward(g: Any) -> tuple[Any, ...]:
-        if activation is not None:  # d act / dz from the output, into a fresh array
-            g = kernels.activation_grad(activation, out, g)
-        g2 = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, n * oh * ow)
+        compiled = kernels.conv_kernels(out, g) if fusable else None
+        if compiled is not None:  # d act / dz and the (O, N*OH*OW) layout in one pass
+            g2 = xp.empty((o, n * oh * ow), dtype=g.dtype)
+            compiled.nchw_to_gemm_grad(out.reshape(n, o, -1), g.reshape(n, o, -1), g2, relu_kind)
+        else:
+            if activation is not None:  # d act / dz from the output, into a fresh array
+                g = kernels.activation_grad(activation, out, g)
+            g2 = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, n * oh * ow)
         gx = gw = gb = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
+            # cols @ g2^T, transposed after: OpenBLAS runs the long inner dimension (N OH OW)
+            # faster this way round (measured 3.1 vs 4.5 ms for conv 16->32 5x5, batch 128)
+            gw_t = kernels.matmul(cols, g2.T)  # (C*KH*KW, O)
             target = weight.grad_target()
             if target is None:
-                gw = (g2 @ cols.T).reshape(weight.shape)
+                gw = xp.ascontiguousarray(gw_t.T).reshape(weight.shape)
             else:
-                xp.matmul(g2, cols.T, out=target.reshape(o, c * kh * kw))
+                target.reshape(o, c * kh * kw)[...] = gw_t.T
                 gw = WRITTEN
         if bias is not None and bias.requires_grad:
             target = bias.grad_target()
@@ -200,10 +222,16 @@ def conv2d(
                 g2.sum(axis=1, out=target)
                 gb = WRITTEN
         if x.requires_grad:
-            gcols = (w2.T @ g2).reshape(c, kh, kw, n, oh, ow)  # kernel-major columns
+            gcols = kernels.matmul(w2.T, g2).reshape(c, kh, kw, n, oh, ow)  # kernel-major columns
             ph, pw = padding_
-            gpad = xp.zeros((n, c, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw), dtype=g.dtype)
-            col2im_add(gpad, gcols, stride_, dilation_)
+            padded = (n, c, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+            compiled = kernels.conv_kernels(gcols)
+            if compiled is not None:  # one pass per sample-channel plane, no zero-fill
+                gpad = xp.empty(padded, dtype=gcols.dtype)
+                compiled.col2im(kh, kw, *stride_, *dilation_)(gcols, gpad)
+            else:
+                gpad = xp.zeros(padded, dtype=g.dtype)
+                col2im_add(gpad, gcols, stride_, dilation_)
             gx = _unpad(gpad, ph, pw)
         return (gx, gw, gb) if bias is not None else (gx, gw)
 
@@ -219,6 +247,9 @@ def max_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pai
     """
     kernel_, stride_, padding_ = _pool_arguments("max_pool2d", x, kernel, stride, padding)
     xp = backend.array_module(x.data)
+    compiled = kernels.conv_kernels(x.data) if padding_ == (0, 0) else None
+    if compiled is not None:
+        return _max_pool2d_compiled(compiled, x, kernel_, stride_)
     xpad = _pad(x.data, *padding_, value=-xp.inf)
     # one elementwise maximum per kernel offset: far faster than a reduction over a 6-D view
     offsets = _offset_slices(kernel_, stride_, xpad.shape)
@@ -244,6 +275,27 @@ def max_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pai
         for where, mask in zip(offsets, masks, strict=True):
             gpad[where] += share * mask
         return (_unpad(gpad, *padding_),)
+
+    return make_result(out, (x,), backward, "max_pool2d")
+
+
+def _max_pool2d_compiled(
+    compiled: Any, x: Tensor, kernel: tuple[int, int], stride: tuple[int, int]
+) -> Tensor:
+    """``max_pool2d`` without padding by the numba kernels: the same results (ties share the
+    gradient equally), one parallel pass each way (measured 0.47 + 1.1 ms against 1.4 + 5 ms
+    for the offset loops, 2x2 over 128 x 16 x 28 x 28, one thread)."""
+    xp = backend.array_module(x.data)
+    oh = output_size(x.shape[2], kernel[0], stride[0], 0, 1)
+    ow = output_size(x.shape[3], kernel[1], stride[1], 0, 1)
+    out = xp.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
+    compiled.max_pool(*kernel, *stride)(x.data, out)
+
+    def backward(g: Any) -> tuple[Any]:
+        g = xp.ascontiguousarray(g, dtype=out.dtype)
+        gx = xp.empty(x.shape, dtype=out.dtype)
+        compiled.max_pool_grad(*kernel, *stride)(x.data, out, g, gx)
+        return (gx,)
 
     return make_result(out, (x,), backward, "max_pool2d")
 

@@ -258,8 +258,8 @@ def build_stages(
     ``layer_loader(k)`` (collective) may return a loader of layer k's input codes (then
     closed after the stage), or None to compute them from ``loader`` batch by batch."""
     from distnet.optim import Adam  # noqa: PLC0415
-    from distnet.train.callbacks import ReduceLROnPlateau  # noqa: PLC0415
     from distnet.train.fit import fit  # noqa: PLC0415
+    from distnet.train.lrcallbacks import finetune_schedule  # noqa: PLC0415
     from distnet.train.pipeline import Stage  # noqa: PLC0415
 
     pre, ft, every = job["pretrain"], job["finetune"], job["run"]["log_every"]
@@ -294,9 +294,7 @@ def build_stages(
         opt = wrap(_make_optimizer(ft, net))
         start = ctx.restore(opt)
         saver = ctx.epoch_checkpoint(opt)
-        plateau = ReduceLROnPlateau(
-            "loss", factor=ft["plateau_factor"], patience=ft["plateau_patience"]
-        )
+        schedule = finetune_schedule(ft)  # [finetune] schedule: plateau, cosine or step
         try:
             fit(
                 net,
@@ -309,7 +307,7 @@ def build_stages(
                 callbacks=[
                     RankNoise(seed, ctx.index, rank),
                     saver,
-                    plateau,
+                    schedule,
                     *watch(ctx),
                 ],
             )

@@ -108,6 +108,14 @@ class FinetuneSpec(Section):
     momentum: float = _field(0.9, "a number in [0, 1)", ge=0.0, lt=1.0)
     plateau_patience: int = _field(3, "an integer >= 0 (epochs)", ge=0)
     plateau_factor: float = _field(0.3, "a number in (0, 1)", gt=0.0, lt=1.0)
+    # the learning rate over the epochs (distnet/train/lrcallbacks.py): cut on a plateau of
+    # the training loss, cosine decay to lr_min, or times step_factor every step_epochs
+    schedule: Literal["plateau", "cosine", "step"] = _field(
+        "plateau", "one of 'plateau', 'cosine', 'step'"
+    )
+    lr_min: float = _field(0.0, "a number >= 0 (the cosine schedule's floor)", ge=0.0)
+    step_epochs: int = _field(5, "a positive integer (epochs between step cuts)", gt=0)
+    step_factor: float = _field(0.1, "a number in (0, 1)", gt=0.0, lt=1.0)
 
 
 class DistSpec(Section):
