@@ -77,6 +77,13 @@ class Mailbox:
             self._aborted = reason
             self._cond.notify_all()
 
+    def check(self) -> None:
+        """Raises ``WorkerLostError`` when the group was aborted (for waits outside the
+        mailbox: a parameter-server round that a dead worker will never complete)."""
+        reason = self._aborted
+        if reason is not None:
+            raise WorkerLostError(reason)
+
     def reset(self) -> None:
         """Forgets messages and the abort (a new generation of the group starts)."""
         with self._cond:

@@ -9,12 +9,15 @@ workers that die, and stops every actor when the job ends or is interrupted.
   anything but ``token``) and no dashboard. With it, distnet joins that cluster.
 - Workers are actors of a placement group (one bundle each, PACK or SPREAD), alive for the
   whole job: every stage runs inside them.
-- Elastic: when a worker dies, the others are stopped at their next collective, the lost
-  rank gets a new actor in its bundle (or, if none can be placed in ``replace_timeout_s``,
-  the job carries on with fewer workers, never fewer than ``min_workers``), and the job runs
-  again from its last checkpoint: finished stages are skipped and the interrupted stage
-  resumes at its last finished epoch, so the interrupted epoch is redone from its start and
-  every sample of it is counted exactly once in the parameters.
+- Elastic: when a worker dies, the others are stopped at their next collective (or
+  parameter-server round), the lost rank gets a new actor in its bundle (or, if none can be
+  placed in ``replace_timeout_s``, the job carries on with fewer workers, never fewer than
+  ``min_workers``), and the job runs again: finished stages are skipped, and the interrupted
+  stage resumes at the last global step every worker finished, with the parameters and
+  optimiser state after it, taken from a survivor (``resume.py``): only the interrupted
+  global batch is computed again, and every sample of the epoch counts exactly once. When no
+  survivor holds such a state (or ``mid_epoch_resume`` is off), the stage resumes at its last
+  epoch checkpoint: the interrupted epoch is redone from its start, still counted once.
 - Ctrl-C (or any error) kills every actor and the placement group; checkpoints are written
   by renaming, so the last one stays usable.
 """
@@ -64,6 +67,7 @@ class RayOptions:
     sample_log: str | None = None  # directory (tests)
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
     trace: bool = False  # every worker writes its timeline (RUN_DIR/trace.json)
+    mid_epoch_resume: bool = True  # False: after a lost worker, redo the epoch (checkpoint)
 
 
 def worker_specs(
@@ -164,6 +168,8 @@ class RayJob:
         self.failures: list[str] = []
         self.pg: Any = None
         self.worker_info: list[dict[str, Any]] = []  # every actor this job started (pid, node)
+        self.resume_from_carry = False  # the next run starts from rank 0's carry (resume.py)
+        self.recoveries: list[dict[str, Any]] = []  # per lost worker: seconds, where resumed
         self._started_ray = False
 
     # --- actors ---------------------------------------------------------------------------
@@ -246,6 +252,7 @@ class RayJob:
             "fail_at_step": fail,
             "sample_log": self.opt.sample_log,
             "trace": self.opt.trace,
+            "resume": self.resume_from_carry,
         }
 
     # --- running --------------------------------------------------------------------------
@@ -263,6 +270,7 @@ class RayJob:
                 outcome = self._attempt(job)
                 if isinstance(outcome, dict):
                     outcome["failures"] = self.failures
+                    outcome["recoveries"] = self.recoveries
                     outcome["generation"] = self.generation
                     outcome["worker_info"] = self.worker_info
                     return outcome
@@ -331,9 +339,14 @@ class RayJob:
             raise RayEngineError(
                 f"more than {self.opt.max_failures} worker failures: {self.failures}"
             )
-        self.log(
-            f"ray: lost worker(s) {lost}; replacing them and resuming from the last checkpoint"
+        started = time.perf_counter()
+        holder = self._choose_carry(lost)
+        where = (
+            f"epoch {holder[1]['epoch']} after global step {holder[1]['steps']} of the stage"
+            if holder is not None
+            else "the last epoch checkpoint"
         )
+        self.log(f"ray: lost worker(s) {lost}; replacing them and resuming at {where}")
         keep = []
         for rank, actor in enumerate(self.actors):
             if rank not in lost:
@@ -357,8 +370,40 @@ class RayJob:
             )
         if len(keep) < len(self.actors):
             self.log(f"ray: carrying on with {len(keep)} worker(s)")
+        if holder is not None:  # its state goes out by broadcast from rank 0
+            first = [i for i, (a, _) in enumerate(keep) if a is self.actors[holder[0]]]
+            keep.insert(0, keep.pop(first[0]))
         self.actors = [a for a, _ in keep]
         self.bundles = [b for _, b in keep]
+        self.resume_from_carry = holder is not None
+        self.recoveries.append({
+            "lost": lost, "workers": len(keep), "mid_epoch": holder is not None,
+            "resumed_at": None if holder is None else holder[1],
+            "replace_s": round(time.perf_counter() - started, 3),
+        })  # fmt: skip
+
+    def _choose_carry(self, lost: list[int]) -> tuple[int, dict[str, Any]] | None:
+        """(rank, summary) of the survivor whose carry the next run resumes from: rank 0's
+        when it has one (it stays the writer), else the furthest; the others drop theirs."""
+        import ray  # noqa: PLC0415
+
+        survivors = [r for r in range(len(self.actors)) if r not in lost]
+        infos: dict[int, Any] = {}
+        for r in survivors:
+            try:
+                infos[r] = ray.get(self.actors[r].carry_info.remote(), timeout=30)
+            except ray.exceptions.RayError:
+                infos[r] = None
+        held = [r for r in survivors if infos[r] is not None]
+        chosen = None
+        if self.opt.mid_epoch_resume and held:
+            far = lambda r: (infos[r]["stage"], infos[r]["epoch"], infos[r]["samples_seen"])  # noqa: E731
+            rank = 0 if 0 in held else max(held, key=far)
+            chosen = (rank, infos[rank])
+        for r in survivors:
+            if chosen is None or r != chosen[0]:
+                self.actors[r].drop_carry.remote()
+        return chosen
 
     def stop(self) -> None:
         """Kills every actor and the placement group; shuts Ray down if this job started it."""
