@@ -169,6 +169,7 @@ class RayJob:
         self.pg: Any = None
         self.worker_info: list[dict[str, Any]] = []  # every actor this job started (pid, node)
         self.resume_from_carry = False  # the next run starts from rank 0's carry (resume.py)
+        self._t0 = time.perf_counter()
         self.recoveries: list[dict[str, Any]] = []  # per lost worker: seconds, where resumed
         self._started_ray = False
 
@@ -258,6 +259,7 @@ class RayJob:
     # --- running --------------------------------------------------------------------------
     def run(self, job: dict[str, Any]) -> dict[str, Any]:
         """Runs ``job`` (a loaded job dict) to the end; returns rank 0's report."""
+        self._t0 = time.perf_counter()
         try:
             init = dict(self.opt.ray_init)
             if self.opt.address is None:  # a local Ray may oversubscribe the cores (logical)
@@ -378,6 +380,7 @@ class RayJob:
         self.resume_from_carry = holder is not None
         self.recoveries.append({
             "lost": lost, "workers": len(keep), "mid_epoch": holder is not None,
+            "at_s": round(started - self._t0, 3),  # since run() began
             "resumed_at": None if holder is None else holder[1],
             "replace_s": round(time.perf_counter() - started, 3),
         })  # fmt: skip

@@ -148,7 +148,9 @@ class RankSetup:
     def after_failure(self) -> None:
         """A peer died (``WorkerLostError``): keeps this worker's carry in its actor for the
         next run of the job, and ends the stage's parameter server (rank 0)."""
-        if self._current is None:
+        if self._current is None:  # lost before the first stage began: keep the old carry
+            if self._box is not None and self.carry is not None:
+                self._box["carry"] = self.carry
             return
         opt, loader = self._current
         carry = None
@@ -160,8 +162,8 @@ class RankSetup:
             carry = None
         finally:
             getattr(opt, "release", lambda: None)()
-        if self._box is not None:
-            self._box["carry"] = carry
+        if self._box is not None:  # a fresh one, else the one this run had not used yet
+            self._box["carry"] = carry if carry is not None else self.carry
 
     def _on_step(self, loader: Any) -> None:
         self.steps += 1
