@@ -24,7 +24,7 @@ from distnet.train.checkpoint import load_checkpoint  # noqa: E402
 from distnet.train.job import _make_optimizer, build_model, load_job  # noqa: E402
 from distnet.train.rayjob import run_rank  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.ray, pytest.mark.fault, pytest.mark.timeout(180)]
 
 N, GLOBAL_BATCH, EPOCHS = 1344, 32, 3  # 42 global steps an epoch
 KILL_AT = 50  # rank 1 exits after its 50th step: 8 steps into epoch 1
@@ -175,6 +175,7 @@ def test_replaced_worker_redoes_only_the_interrupted_global_batch(
     np.testing.assert_allclose(got, flat(reference), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_survivor_alone_takes_over_the_rest_of_the_epoch(ray_cluster, ids_root, reference):
     """No replacement (--min-workers 1): the samples the epoch has left go to the one
     survivor, each once; the loss ends close to an undisturbed run's."""
@@ -187,6 +188,7 @@ def test_survivor_alone_takes_over_the_rest_of_the_epoch(ray_cluster, ids_root, 
     assert abs(got - want) <= 0.5 * want, (got, want)
 
 
+@pytest.mark.slow
 def test_ps_epoch_rollback_restores_the_shards(ray_cluster, ids_root, reference):
     """The fallback (the epoch redone from its checkpoint) on the parameter server: the
     shards get the checkpoint's parameters and momentum back. Before, they kept the ones
@@ -198,4 +200,45 @@ def test_ps_epoch_rollback_restores_the_shards(ray_cluster, ids_root, reference)
     assert not report["recoveries"][0]["mid_epoch"]
     done, _ = sample_counts(log_dir)
     assert sum(len(v) for v in done.values()) > EPOCHS * N  # the epoch was redone
+    np.testing.assert_allclose(flat(final_params(job)), flat(reference), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["allreduce", "ps"])
+def test_worker_killed_by_sigkill_mid_step(ray_cluster, ids_root, reference, strategy):
+    """SIGKILL from outside at whatever point of a step rank 1 is in (not at a step's end,
+    as fail_at_step does): the job still ends with the parameters of an undisturbed run."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    log_dir = ids_root / f"samples-sigkill-{strategy}"
+    job = load_job(
+        ids_root / "job.toml", {"run": {"out": str(ids_root / f"run-sigkill-{strategy}")}}
+    )
+    ps = {"mode": "sync", "shards": 2} if strategy == "ps" else {}
+    rj = RayJob(
+        RayOptions(workers=worker_specs(2), sample_log=str(log_dir), strategy=strategy, ps=ps),
+        log=lambda line: None, task=run_rank,
+    )  # fmt: skip
+    killed: list[int] = []
+
+    def kill_rank_1_in_epoch_1():
+        deadline = time.monotonic() + 120
+        path = log_dir / "rank1-gen1.jsonl"
+        while time.monotonic() < deadline:
+            lines = path.read_text().count("\n") if path.exists() else 0
+            if lines >= 50 and len(rj.worker_info) >= 2:
+                time.sleep(0.013)  # somewhere inside a step
+                os.kill(rj.worker_info[1]["pid"], signal.SIGKILL)
+                killed.append(lines)
+                return
+            time.sleep(0.002)
+
+    threading.Thread(target=kill_rank_1_in_epoch_1, daemon=True).start()
+    report = rj.run(job)
+    assert killed and report["generation"] == 2 and len(report["failures"]) == 1
+    if strategy == "allreduce":  # ps: the dead worker may have pushed to one shard only
+        assert report["recoveries"][0]["mid_epoch"]
     np.testing.assert_allclose(flat(final_params(job)), flat(reference), atol=1e-5)

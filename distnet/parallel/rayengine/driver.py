@@ -403,9 +403,12 @@ class RayJob:
             far = lambda r: (infos[r]["stage"], infos[r]["epoch"], infos[r]["samples_seen"])  # noqa: E731
             rank = 0 if 0 in held else max(held, key=far)
             chosen = (rank, infos[rank])
-        for r in survivors:
-            if chosen is None or r != chosen[0]:
-                self.actors[r].drop_carry.remote()
+        drops = [self.actors[r].drop_carry.remote() for r in survivors
+                 if chosen is None or r != chosen[0]]  # fmt: skip
+        try:  # before the next run starts there (actor calls may run concurrently)
+            ray.get(drops, timeout=30)
+        except ray.exceptions.RayError:
+            pass  # a survivor that cannot answer will not be in the next group's rank 0
         return chosen
 
     def stop(self) -> None:
