@@ -26,8 +26,8 @@ from distnet.train.rayjob import run_rank  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.fault, pytest.mark.timeout(180)]
 
-N, GLOBAL_BATCH, EPOCHS = 1344, 32, 3  # 42 global steps an epoch
-KILL_AT = 50  # rank 1 exits after its 50th step: 8 steps into epoch 1
+N, GLOBAL_BATCH, EPOCHS = 1344, 32, 2  # 42 global steps an epoch
+KILL_AT = 50  # rank 1 exits after its 50th step: 8 steps into epoch 1 (the last)
 
 JOB = f"""
 [data]
@@ -184,7 +184,7 @@ def test_survivor_alone_takes_over_the_rest_of_the_epoch(ray_cluster, ids_root, 
     assert_each_sample_once_and_one_batch_redone(log_dir)
     got, want = train_loss(final_params(job), job), train_loss(reference, job)
     # the rest of the run sees the samples in another order: undisturbed runs with seeds
-    # 0..4 end between 0.083 and 0.116 (seed 0: 0.083)
+    # 0..5 end between 0.114 and 0.137 (seed 0: 0.129)
     assert abs(got - want) <= 0.5 * want, (got, want)
 
 
@@ -240,5 +240,5 @@ def test_worker_killed_by_sigkill_mid_step(ray_cluster, ids_root, reference, str
     report = rj.run(job)
     assert killed and report["generation"] == 2 and len(report["failures"]) == 1
     if strategy == "allreduce":  # ps: the dead worker may have pushed to one shard only
-        assert report["recoveries"][0]["mid_epoch"]
+        assert report["recoveries"][0]["mid_epoch"], report["recoveries"]
     np.testing.assert_allclose(flat(final_params(job)), flat(reference), atol=1e-5)
