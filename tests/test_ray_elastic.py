@@ -242,3 +242,26 @@ def test_worker_killed_by_sigkill_mid_step(ray_cluster, ids_root, reference, str
     if strategy == "allreduce":  # ps: the dead worker may have pushed to one shard only
         assert report["recoveries"][0]["mid_epoch"], report["recoveries"]
     np.testing.assert_allclose(flat(final_params(job)), flat(reference), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rank_0_lost_a_survivor_becomes_rank_0_and_resumes(ray_cluster, ids_root, reference):
+    """Rank 0 (the writer) dies: rank 1 holds the state after the last step, becomes rank 0
+    of the new group and broadcasts it; the replacement takes the other place."""
+    log_dir = ids_root / "samples-rank0"
+    job = load_job(ids_root / "job.toml", {"run": {"out": str(ids_root / "run-rank0")}})
+    opts = RayOptions(workers=worker_specs(2), fail_at_step={0: KILL_AT}, sample_log=str(log_dir))
+    rj = RayJob(opts, log=lambda line: None, task=run_rank)
+    became_rank_0: list[bool] = []
+
+    def recover_and_look(lost):  # is the actor that was rank 1 rank 0 of the new group?
+        old_rank_1 = rj.actors[1]
+        recover(lost)
+        became_rank_0.append(rj.actors[0] is old_rank_1)
+
+    recover, rj._recover = rj._recover, recover_and_look
+    report = rj.run(job)
+    assert report["recoveries"][0]["mid_epoch"] and report["recoveries"][0]["lost"] == [0]
+    assert became_rank_0 == [True]
+    assert_each_sample_once_and_one_batch_redone(log_dir)
+    np.testing.assert_allclose(flat(final_params(job)), flat(reference), atol=1e-5)
