@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from distnet.parallel.rayengine.resume import choose_carry
 from distnet.parallel.rayengine.worker import WorkerActor
 
 
@@ -342,7 +343,7 @@ class RayJob:
                 f"more than {self.opt.max_failures} worker failures: {self.failures}"
             )
         started = time.perf_counter()
-        holder = self._choose_carry(lost)
+        holder = choose_carry(self.actors, lost, self.opt.mid_epoch_resume)
         where = (
             f"epoch {holder[1]['epoch']} after global step {holder[1]['steps']} of the stage"
             if holder is not None
@@ -384,32 +385,6 @@ class RayJob:
             "resumed_at": None if holder is None else holder[1],
             "replace_s": round(time.perf_counter() - started, 3),
         })  # fmt: skip
-
-    def _choose_carry(self, lost: list[int]) -> tuple[int, dict[str, Any]] | None:
-        """(rank, summary) of the survivor whose carry the next run resumes from: rank 0's
-        when it has one (it stays the writer), else the furthest; the others drop theirs."""
-        import ray  # noqa: PLC0415
-
-        survivors = [r for r in range(len(self.actors)) if r not in lost]
-        infos: dict[int, Any] = {}
-        for r in survivors:
-            try:
-                infos[r] = ray.get(self.actors[r].carry_info.remote(), timeout=30)
-            except ray.exceptions.RayError:
-                infos[r] = None
-        held = [r for r in survivors if infos[r] is not None]
-        chosen = None
-        if self.opt.mid_epoch_resume and held:
-            far = lambda r: (infos[r]["stage"], infos[r]["epoch"], infos[r]["samples_seen"])  # noqa: E731
-            rank = 0 if 0 in held else max(held, key=far)
-            chosen = (rank, infos[rank])
-        drops = [self.actors[r].drop_carry.remote() for r in survivors
-                 if chosen is None or r != chosen[0]]  # fmt: skip
-        try:  # before the next run starts there (actor calls may run concurrently)
-            ray.get(drops, timeout=30)
-        except ray.exceptions.RayError:
-            pass  # a survivor that cannot answer will not be in the next group's rank 0
-        return chosen
 
     def stop(self) -> None:
         """Kills every actor and the placement group; shuts Ray down if this job started it."""

@@ -143,3 +143,32 @@ def apply_carry(
 
 def _is_array(value: Any) -> bool:
     return isinstance(value, np.ndarray) or backend.is_gpu_array(value)
+
+
+def choose_carry(
+    actors: list[Any], lost: list[int], enabled: bool = True
+) -> tuple[int, dict[str, Any]] | None:
+    """Driver side: (rank, ``summary``) of the survivor whose carry the next run resumes from,
+    rank 0's when it has one (it stays the writer of the run directory), else the furthest;
+    None when none has one or ``enabled`` is False. The other survivors drop theirs."""
+    import ray  # noqa: PLC0415
+
+    survivors = [r for r in range(len(actors)) if r not in lost]
+    infos: dict[int, Any] = {}
+    for r in survivors:
+        try:
+            infos[r] = ray.get(actors[r].carry_info.remote(), timeout=30)
+        except ray.exceptions.RayError:
+            infos[r] = None
+    held = [r for r in survivors if infos[r] is not None]
+    chosen = None
+    if enabled and held:
+        far = lambda r: (infos[r]["stage"], infos[r]["epoch"], infos[r]["samples_seen"])  # noqa: E731
+        rank = 0 if 0 in held else max(held, key=far)
+        chosen = (rank, infos[rank])
+    drops = [actors[r].drop_carry.remote() for r in survivors if chosen is None or r != chosen[0]]
+    try:  # before the next run starts there (actor calls may run concurrently)
+        ray.get(drops, timeout=30)
+    except ray.exceptions.RayError:
+        pass  # a survivor that cannot answer will not be rank 0 of the next group
+    return chosen
