@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ps": ("distnet.bench.ps", "sharded Ray parameter server vs Ray's example (one actor)"),
     "network": ("distnet.bench.network", "allreduce latency/bandwidth sweep, flat vs hierarchical"),
     "e2e": ("distnet.bench.e2e", "a whole stacked-autoencoder job vs the same recipe in PyTorch"),
+    "elastic": ("distnet.bench.elastic", "a Ray worker's death: mid-epoch resume vs epoch redone"),
 }
 
 

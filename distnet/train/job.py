@@ -427,7 +427,9 @@ def run_job(
     )  # fmt: skip
     try:
         # rank 0 reads the run directory and broadcasts: others' may be node-local and empty
-        table = Pipeline(out, model, stages, writer=rank == 0, log=say, comm=comm).run()
+        resume = getattr(rank_setup, "resume_stage", None)  # Ray: mid-epoch after a lost worker
+        table = Pipeline(out, model, stages, writer=rank == 0, log=say, comm=comm,
+                         resume=resume).run()  # fmt: skip
     finally:
         loader.close()
         observe.close()

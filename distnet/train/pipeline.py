@@ -53,6 +53,9 @@ class StageContext:
     resumed_epoch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     comm: Any = None  # a Communicator: rank 0 reads checkpoints and broadcasts them
+    # resume(ctx, optimizer, epoch) -> epoch, collective: called by restore() after the
+    # epoch checkpoint; may load a later state of the same epoch (RankSetup.resume_stage)
+    resume: Callable[[StageContext, Any, int], int] | None = None
 
     @property
     def progress_dir(self) -> Path:
@@ -65,11 +68,12 @@ class StageContext:
             the epoch to continue from (0 when starting fresh); pass it as ``initial_epoch``.
         """
         found = read_checkpoint(self.progress_dir, self.comm)  # collective with a comm
-        if found is None:
-            return 0
-        info = apply_checkpoint(self.progress_dir, *found, self.model, optimizer)
-        self.resumed_epoch = int(info["epoch"])
-        self.extra = {k: v for k, v in info.items() if k not in ("epoch", "manifest")}
+        if found is not None:
+            info = apply_checkpoint(self.progress_dir, *found, self.model, optimizer)
+            self.resumed_epoch = int(info["epoch"])
+            self.extra = {k: v for k, v in info.items() if k not in ("epoch", "manifest")}
+        if self.resume is not None:  # an engine's mid-epoch state (Ray: after a lost worker)
+            self.resumed_epoch = int(self.resume(self, optimizer, self.resumed_epoch))
         return self.resumed_epoch
 
     def epoch_checkpoint(self, optimizer: Any = None, every: int = 1) -> Callback:
@@ -151,6 +155,7 @@ class Pipeline:
         log: called with one line per event (stage start, skip, end).
         comm: the run's communicator, when distributed: rank 0 alone then reads the run
             directory and broadcasts what it finds (the others' may be empty).
+        resume: passed to every ``StageContext`` (see its ``resume`` field).
     """
 
     def __init__(
@@ -161,13 +166,14 @@ class Pipeline:
         writer: bool = True,
         log: Callable[[str], None] | None = print,
         comm: Any = None,
+        resume: Callable[[StageContext, Any, int], int] | None = None,
     ):
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"Pipeline: stage names must be unique, got {names}")
         self.run_dir, self.model, self.stages = Path(run_dir), model, stages
         self.writer, self.log = writer, log or (lambda line: None)
-        self.comm = comm
+        self.comm, self.resume = comm, resume
 
     def stage_dir(self, index: int) -> Path:
         return self.run_dir / "stages" / f"{index}-{self.stages[index].name}"
@@ -207,8 +213,9 @@ class Pipeline:
                 self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: done, skipped")
                 continue
             ctx = StageContext(
-                i, stage.name, self.stage_dir(i), self.model, self.writer, comm=self.comm
-            )
+                i, stage.name, self.stage_dir(i), self.model, self.writer, comm=self.comm,
+                resume=self.resume,
+            )  # fmt: skip
             self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: running")
             start = time.perf_counter()
             results = dict(stage.fn(ctx) or {})

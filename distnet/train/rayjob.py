@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distnet.parallel.rayengine import RankSetup, RayOptions, run_on_ray
+from distnet.parallel.rayengine import RankSetup, RayOptions, WorkerLostError, run_on_ray
 
 
 def run_rank(
@@ -27,10 +27,14 @@ def run_rank(
         report = run_job(
             job, log, comm=comm, rank_setup=setup, trace=bool(spec.get("trace")), progress="lines"
         )
-    finally:
+    except WorkerLostError:  # a peer died: keep what the next run resumes from
+        setup.after_failure()
+        raise
+    finally:  # rank 0 stops the shards of a failed run's servers (after the carry was taken)
         setup.close()
     report["shares"] = setup.shares
     report["steps"] = setup.steps
+    report["resumed_mid_epoch"] = setup.resumed
     if setup.ps_stats:
         report["ps_stats"] = setup.ps_stats
     path = Path(job["run"]["out"]) / "report.json"

@@ -252,10 +252,10 @@ class ParameterServer:
             if ref is None:
                 ref = submit(self.shards[index])
             try:
-                result = ray.get(ref, timeout=self.timeout_s)
+                result = self._get(ref)
                 if isinstance(result, tuple) and result and isinstance(result[-1], ray.ObjectRef):
                     # a sync round's reply: the slice was put once for every worker
-                    result = (*result[:-1], ray.get(result[-1], timeout=self.timeout_s))
+                    result = (*result[:-1], self._get(result[-1]))
                 return result
             except _retryable() as err:
                 last, ref = err, None
@@ -266,16 +266,38 @@ class ParameterServer:
             f"({self.retries} retries, each waiting up to {self.timeout_s:g} s){lost}: {last}"
         )
 
+    def _get(self, refs: Any) -> Any:
+        """``ray.get(refs)`` within ``timeout_s``. A worker may set ``interrupt`` (a callable
+        that raises when its group was stopped: a dead worker never completes a sync round),
+        which is then checked twice a second while the shards have not answered."""
+        ray = _ray()
+        interrupt = self.__dict__.get("interrupt")
+        if interrupt is None:
+            return ray.get(refs, timeout=self.timeout_s)
+        waiting = refs if isinstance(refs, list) else [refs]
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=max(0.0, min(0.5, left)))
+            if len(ready) == len(waiting) or left <= 0:
+                return ray.get(refs, timeout=0 if left <= 0 else self.timeout_s)
+            interrupt()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("interrupt", None)  # a worker's own hook (a closure over its mailbox)
+        return state
+
     def gather(self, refs: list[Any], submit: Callable[[int, Any], Any]) -> list[Any]:
         """Results of one call per shard (``refs``, submitted by ``submit(i, shard)``): one
         ``ray.get`` for all of them, and one for the sync rounds' put-once replies; on any
         failure, shard by shard through ``call_with_retry``."""
         ray = _ray()
         try:
-            results = ray.get(refs, timeout=self.timeout_s)
+            results = self._get(refs)
             inner = [r[-1] for r in results if isinstance(r[-1], ray.ObjectRef)]
             if inner:
-                fetched = iter(ray.get(inner, timeout=self.timeout_s))
+                fetched = iter(self._get(inner))
                 results = [
                     (*r[:-1], next(fetched)) if isinstance(r[-1], ray.ObjectRef) else r
                     for r in results

@@ -92,6 +92,13 @@ class Mailbox:
         if reason is not None:
             callback(reason)
 
+    def check(self) -> None:
+        """Raises ``WorkerLostError`` when the group was aborted (for waits outside the
+        mailbox: a parameter-server round that a dead worker will never complete)."""
+        reason = self._aborted
+        if reason is not None:
+            raise WorkerLostError(reason)
+
     def reset(self) -> None:
         """Forgets messages and the abort (a new generation of the group starts)."""
         with self._cond:

@@ -12,14 +12,17 @@ workers that die, and stops every actor when the job ends or is interrupted.
   resources (``WorkerSpec.resources``, ``[dist] worker_resources``): give each node its own
   resource (``ray start --resources='{"node_a": 4}'``) and ``{"node_a": 1}`` pins a worker
   there.
-- Elastic: when a worker dies, the others are stopped at their next collective, the lost
-  rank gets a new actor in its bundle (or, if none can be placed in ``replace_timeout_s``,
-  the job carries on with fewer workers, never fewer than ``min_workers``), and the job runs
-  again from its last checkpoint: finished stages are skipped and the interrupted stage
-  resumes at its last finished epoch, so the interrupted epoch is redone from its start and
-  every sample of it is counted exactly once in the parameters. A parameter-server shard
-  lost for good (strategy "ps" without snapshots) makes the job run again the same way, with
-  a new server (its error says ``group_may_restart``).
+- Elastic: when a worker dies, the others are stopped at their next collective (or
+  parameter-server round), the lost rank gets a new actor in its bundle (or, if none can be
+  placed in ``replace_timeout_s``, the job carries on with fewer workers, never fewer than
+  ``min_workers``), and the job runs again: finished stages are skipped, and the interrupted
+  stage resumes at the last global step every worker finished, with the parameters and
+  optimiser state after it, taken from a survivor (``resume.py``): only the interrupted
+  global batch is computed again, and every sample of the epoch counts exactly once. When no
+  survivor holds such a state (or ``mid_epoch_resume`` is off), the stage resumes at its last
+  epoch checkpoint: the interrupted epoch is redone from its start, still counted once. A
+  parameter-server shard lost for good (strategy "ps" without snapshots) makes the job run
+  again the same way, with a new server (its error says ``group_may_restart``).
 - Ctrl-C (or any error) kills every actor and the placement group; checkpoints are written
   by renaming, so the last one stays usable.
 """
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from distnet.parallel.rayengine.resume import choose_carry
 from distnet.parallel.rayengine.worker import WorkerActor
 
 
@@ -93,6 +97,7 @@ class RayOptions:
     sample_log: str | None = None  # directory (tests)
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
     trace: bool = False  # every worker writes its timeline (RUN_DIR/trace.json)
+    mid_epoch_resume: bool = True  # False: after a lost worker, redo the epoch (checkpoint)
 
 
 def worker_specs(
@@ -196,6 +201,9 @@ class RayJob:
         self.failures: list[str] = []
         self.pg: Any = None
         self.worker_info: list[dict[str, Any]] = []  # every actor this job started (pid, node)
+        self.resume_from_carry = False  # the next run starts from rank 0's carry (resume.py)
+        self._t0 = time.perf_counter()
+        self.recoveries: list[dict[str, Any]] = []  # per lost worker: seconds, where resumed
         self._started_ray = False
 
     # --- actors ---------------------------------------------------------------------------
@@ -287,11 +295,13 @@ class RayJob:
             ],
             "sample_log": self.opt.sample_log,
             "trace": self.opt.trace,
+            "resume": self.resume_from_carry,
         }
 
     # --- running --------------------------------------------------------------------------
     def run(self, job: dict[str, Any]) -> dict[str, Any]:
         """Runs ``job`` (a loaded job dict) to the end; returns rank 0's report."""
+        self._t0 = time.perf_counter()
         try:
             init = dict(self.opt.ray_init)
             if self.opt.address is None:  # a local Ray may oversubscribe the cores (logical)
@@ -304,6 +314,7 @@ class RayJob:
                 outcome = self._attempt(job)
                 if isinstance(outcome, dict):
                     outcome["failures"] = self.failures
+                    outcome["recoveries"] = self.recoveries
                     outcome["generation"] = self.generation
                     outcome["worker_info"] = self.worker_info
                     return outcome
@@ -376,10 +387,17 @@ class RayJob:
             raise RayEngineError(
                 f"more than {self.opt.max_failures} worker failures: {self.failures}"
             )
+        started = time.perf_counter()
+        holder = choose_carry(self.actors, lost, self.opt.mid_epoch_resume)
+        where = (
+            f"epoch {holder[1]['epoch']} after global step {holder[1]['steps']} of the stage"
+            if holder is not None
+            else "the last epoch checkpoint"
+        )
         self.log(
-            f"ray: lost worker(s) {lost}; replacing them and resuming from the last checkpoint"
+            f"ray: lost worker(s) {lost}; replacing them and resuming at {where}"
             if lost
-            else "ray: lost a parameter-server shard; resuming from the last checkpoint"
+            else f"ray: lost a parameter-server shard; resuming at {where}"
         )
         keep = []
         for rank, actor in enumerate(self.actors):
@@ -404,8 +422,18 @@ class RayJob:
             )
         if len(keep) < len(self.actors):
             self.log(f"ray: carrying on with {len(keep)} worker(s)")
+        if holder is not None:  # its state goes out by broadcast from rank 0
+            first = [i for i, (a, _) in enumerate(keep) if a is self.actors[holder[0]]]
+            keep.insert(0, keep.pop(first[0]))
         self.actors = [a for a, _ in keep]
         self.bundles = [b for _, b in keep]
+        self.resume_from_carry = holder is not None
+        self.recoveries.append({
+            "lost": lost, "workers": len(keep), "mid_epoch": holder is not None,
+            "at_s": round(started - self._t0, 3),  # since run() began
+            "resumed_at": None if holder is None else holder[1],
+            "replace_s": round(time.perf_counter() - started, 3),
+        })  # fmt: skip
 
     def stop(self) -> None:
         """Kills every actor and the placement group; shuts Ray down if this job started it."""

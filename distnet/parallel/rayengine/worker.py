@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator
+from distnet.parallel.rayengine.resume import (
+    StepMark,
+    apply_carry,
+    capture,
+    note_step,
+    summary,
+)
 from distnet.parallel.rayengine.shares import ThroughputShares
 
 
@@ -45,6 +52,15 @@ class SampleLog:
         loader._sample_log = self
         return loader
 
+    def note_incomplete(self, epoch: int) -> None:
+        """The samples of a step this worker computed but that never finished (a peer died
+        in it): recorded apart, so a test can count the work done twice."""
+        if self._pending:
+            with open(self.path, "a") as f:
+                record = {"stage": self.stage, "epoch": epoch, "incomplete": self._pending}
+                f.write(json.dumps(record) + "\n")
+        self._pending = []
+
     def step_done(self, epoch: int, step: int) -> None:
         with open(self.path, "a") as f:
             record = {"stage": self.stage, "epoch": epoch, "step": step, "ids": self._pending}
@@ -59,7 +75,9 @@ class RankSetup:
     ("allreduce"/"ps"), ``ps`` (options for the parameter server), ``rebalance_every``,
     ``delay_per_sample_s``, ``fail_at_step`` (fault injection: this process exits at that
     step), ``faults`` (this rank's faults of this generation, see ``RayOptions.faults``),
-    ``sample_log`` (a directory, or None).
+    ``sample_log`` (a directory, or None), ``carry_box`` (the actor's dict that keeps a carry
+    from one run of the job to the next, see ``resume``), ``resume`` (whether the driver chose
+    this group's rank 0 carry to resume from).
     """
 
     def __init__(self, spec: dict[str, Any], comm: RayCommunicator, generation: int) -> None:
@@ -74,11 +92,25 @@ class RankSetup:
             SampleLog(spec["sample_log"], comm.rank, generation) if spec.get("sample_log") else None
         )
         self._stage = 0
+        # mid-epoch resume (see distnet.parallel.rayengine.resume)
+        box = spec.get("carry_box")
+        carry = box.pop("carry", None) if box is not None else None
+        self.carry = carry if spec.get("resume") and comm.rank == 0 else None
+        self._box = box
+        self._current: tuple[Any, Any] | None = None  # the stage's optimiser wrapper, loader
+        self._stage_index: int | None = None
+        self._mark: StepMark | None = None
+        self._mark_ok = True
+        self._stage_steps = 0
+        self._stage_start = (0, 0)
+        self.resumed: list[dict[str, Any]] = []  # stages resumed mid-epoch (for the report)
 
     def wrap(self, opt: Any, default_wrap: Any, loader: Any) -> Any:
         """Each stage's optimiser: data-parallel (allreduce or parameter server), with
         throughput-following batch shares."""
         self._stage += 1
+        self._stage_steps, self._mark, self._mark_ok, self._stage_index = 0, None, True, None
+        self._stage_start = (int(loader.epoch), int(loader.samples_seen))
         if self.sample_log is not None:
             self.sample_log.stage = str(self._stage)
             self.sample_log.wrap_loader(loader)
@@ -86,7 +118,7 @@ class RankSetup:
             inner = self._ps_optimizer(opt)
         else:
             inner = default_wrap(opt)
-        return ThroughputShares(
+        wrapped = ThroughputShares(
             inner,
             loader,
             self.comm,
@@ -95,9 +127,52 @@ class RankSetup:
             history=self.shares,
             on_step=lambda step: self._on_step(loader),
         )
+        self._current = (wrapped, loader)
+        return wrapped
+
+    def resume_stage(self, ctx: Any, optimizer: Any, start: int) -> int:
+        """Collective, called by ``StageContext.restore`` after it loaded the stage's epoch
+        checkpoint (``start``: its epoch): resumes mid-epoch from rank 0's carry when the
+        driver chose one for this stage; returns the epoch to start at."""
+        self._stage_index = ctx.index
+        if self._current is None or self._current[0] is not optimizer:
+            return start
+        loader = self._current[1]
+        epoch = apply_carry(self.comm, self.carry, ctx.index, start, optimizer, loader)
+        if epoch is None:
+            return start
+        self.carry = None
+        self.resumed.append(
+            {"stage": ctx.index, "epoch": epoch, "samples_seen": int(loader.samples_seen)}
+        )
+        return epoch
+
+    def after_failure(self) -> None:
+        """A peer died (``WorkerLostError``): keeps this worker's carry in its actor for the
+        next run of the job, and ends the stage's parameter server (rank 0)."""
+        if self._current is None:  # lost before the first stage began: keep the old carry
+            if self._box is not None and self.carry is not None:
+                self._box["carry"] = self.carry
+            return
+        opt, loader = self._current
+        carry = None
+        try:
+            if self.sample_log is not None:
+                self.sample_log.note_incomplete(int(loader.epoch))
+            carry = capture(self._stage_index, self._mark, opt, loader)
+        except Exception:  # noqa: BLE001  (no carry: the job resumes from its checkpoint)
+            carry = None
+        finally:
+            getattr(opt, "release", lambda: None)()
+        if self._box is not None:  # a fresh one, else the one this run had not used yet
+            self._box["carry"] = carry if carry is not None else self.carry
 
     def _on_step(self, loader: Any) -> None:
         self.steps += 1
+        self._stage_steps += 1
+        if self._mark_ok:  # once the noted loader stood still, it is not the stage's
+            self._mark = note_step(self._mark, loader, self._stage_steps, self._stage_start)
+            self._mark_ok = self._mark is not None
         if self.sample_log is not None:
             self.sample_log.step_done(loader.epoch, self.steps)
         if self.spec.get("fail_at_step") == self.steps:
@@ -143,10 +218,10 @@ class RankSetup:
                 placement=[_on_this_node()] * shards,
             )
         server = self.comm.bcast(server, root=0)
-        # a lost peer never pushes again: the rounds it is missing fail at once (instead of
-        # holding this worker until the shards' round timeout), and rank 0, whose actor owns
-        # the shards, stops them (the next group gets a new server)
-        self.comm.mailbox.on_abort(lambda reason: _end_server(server, reason, self.comm.rank))
+        # a sync round whose worker died never completes: leave it when the driver aborts
+        # (the shards stay up until rank 0's after_failure took its carry from them, then
+        # release() or close() stops them)
+        server.interrupt = self.comm.mailbox.check
         self.servers.append(server)
         wrapped = ParameterServerOptimizer(opt, server, self.comm.rank)
         return _ClosingServer(wrapped, self.comm, self.ps_stats)
@@ -158,12 +233,6 @@ class RankSetup:
             for server in self.servers:
                 server.shutdown()
         self.servers = []
-
-
-def _end_server(server: Any, reason: str, rank: int) -> None:
-    server.abort(reason)
-    if rank == 0:
-        server.shutdown()
 
 
 def _on_this_node() -> dict[str, Any]:
@@ -214,6 +283,19 @@ class _ClosingServer:
         self.comm.barrier()
         inner.pull()
 
+    def resume_check(self, steps: int) -> bool:
+        """Whether every shard applied exactly ``steps`` rounds (this worker's finished steps):
+        then the shards hold the state after the last finished step (sync mode only)."""
+        ps = self.optimizer.ps
+        if ps.mode != "sync":
+            return False
+        return {int(s["version"]) for s in ps.call_all("stats")} == {int(steps)}
+
+    def release(self) -> None:
+        """After a peer died: rank 0 ends the stage's server (its round will never finish)."""
+        if self.comm.rank == 0:
+            self.optimizer.ps.shutdown()
+
     def close(self) -> None:
         self.optimizer.close()
         self.comm.barrier()
@@ -239,6 +321,7 @@ class WorkerActor:
         self.comm: RayCommunicator | None = None
         self.generation = 0
         self._log: queue.Queue[str] = queue.Queue()
+        self._carry: dict[str, Any] = {}  # what a failed run left for the next (resume.py)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (pid, node address and Ray node id, GPUs Ray gave it)."""
@@ -280,7 +363,16 @@ class WorkerActor:
         if self.comm is None:
             raise RuntimeError("WorkerActor.run before setup")
         log = self._log.put if self.comm.rank == 0 else (lambda line: None)
-        return task(self.comm, self.generation, job, spec, log)
+        return task(self.comm, self.generation, job, {**spec, "carry_box": self._carry}, log)
+
+    def carry_info(self) -> dict[str, Any] | None:
+        """Where the carry a failed run left stands (stage, epoch, samples_seen, steps), or
+        None (the driver chooses whose carry the next run resumes from)."""
+        return summary(self._carry.get("carry"))
+
+    def drop_carry(self) -> None:
+        """Forgets the carry (the driver chose another, or none)."""
+        self._carry.clear()
 
     def apply(self, fn: Any, *args: Any) -> Any:
         """``fn(comm, *args)`` on this worker (collectives in tests and benchmarks)."""
