@@ -55,17 +55,22 @@ def linear(
 
     def backward(g: Any) -> tuple[Any, Any, Any]:
         xp = backend.array_module(g)
-        if activation is not None:  # d act / dz from the output, into a fresh array
-            g = kernels.activation_grad(activation, out, g)
+        gb = gb_target = None
+        if bias is not None and bias.requires_grad:  # into the flat buffer when it holds zeros
+            gb_target = bias.grad_target()
+            gb = xp.empty_like(bias.data) if gb_target is None else gb_target
+        if activation is not None:  # d act / dz from the output, and the bias sum, one pass
+            g = kernels.activation_backward(activation, out, g, gb)
+        elif gb is not None:
+            g.sum(axis=0, out=gb)
+        if gb_target is not None:
+            gb = WRITTEN
         gx = g @ wd.T if x.requires_grad else None
-        gw = gb = None
+        gw = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
             a, b = (g.T, xd) if transpose_weight else (xd.T, g)
             target = weight.grad_target()
             gw = a @ b if target is None else _written(xp.matmul(a, b, out=target))
-        if bias is not None and bias.requires_grad:
-            target = bias.grad_target()
-            gb = g.sum(axis=0) if target is None else _written(g.sum(axis=0, out=target))
         return gx, gw, gb
 
     parents = (x, weight) if bias is None else (x, weight, bias)
