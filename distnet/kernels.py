@@ -5,11 +5,11 @@ each read and write their arrays once here, instead of the several whole-array p
 temporaries) that composing numpy ufuncs costs. Three implementations share one table:
 
 - ``numpy``: plain ufuncs with ``out=``; it defines the results and serves every array the
-  others cannot (GPU arrays go through it via the ``xp`` pattern, float16, non-contiguous);
+  others cannot (float16, non-contiguous, small);
 - ``numba``: ``njit(parallel=True, cache=True)`` loops over ``prange`` on CPU, multi-threaded,
   compiled once per machine and cached on disk (see ``cache_dir``);
-- GPU arrays use the numpy formulas through cupy (the ``xp`` pattern); a cupy
-  ``ElementwiseKernel`` table is the natural next step there.
+- ``cupy``: GPU arrays go through ``cupy.ElementwiseKernel``s (``distnet._cupy_kernels``), one
+  launch per fused kernel, written once as formulas that tests also evaluate with numpy.
 
 The GEMMs themselves (``matmul``) go through oneMKL when the ``[mkl]`` extra is installed
 (``DISTNET_BLAS``: ``auto``, ``mkl`` or ``numpy``), else through numpy's OpenBLAS.
@@ -186,14 +186,19 @@ def conv_kernels(*arrays: Any) -> ModuleType | None:
 
 
 def bias_activation_(z: Any, bias: Any | None, activation: str | None) -> None:
-    """z <- act(z + bias) in place. Shapes: z (N, H), bias (H,) or None."""
+    """z <- act(z + bias) in place. Shapes: z (..., H), bias (H,) or None."""
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"bias_activation_: unknown activation {activation!r}")
-    # tanh and sigmoid stay with numpy: its SIMD tanh (measured 58 us for bias + tanh over
-    # 128 x 1000 floats) beats numba's scalar libm call (750 us) on machines without SVML
-    nb = _compiled(z, bias) if activation == "relu" and bias is not None else None
-    if nb is not None and z.ndim == 2:
-        nb.bias_relu(z, bias)
+    nb = _activation_kernels(z, bias, activation)
+    if nb is not None:  # one parallel pass over rows: bias, then the activation
+        z2 = z.reshape(-1, z.shape[-1])  # a view: z is C-contiguous
+        nb.bias_activation(z2, z2[0, :0] if bias is None else bias, bias is not None,
+                           ACTIVATIONS.index(activation))  # fmt: skip
+        return
+    if backend.is_gpu_array(z) and activation is not None:
+        from distnet import _cupy_kernels  # noqa: PLC0415  (GPU only)
+
+        _cupy_kernels.bias_activation_(z, bias, activation)
         return
     if bias is not None:
         z += bias
@@ -201,15 +206,54 @@ def bias_activation_(z: Any, bias: Any | None, activation: str | None) -> None:
         _NUMPY_ACTIVATIONS[activation][0](z)
 
 
+def _activation_kernels(z: Any, bias: Any | None, activation: str | None) -> ModuleType | None:
+    """The numba kernels when they can fuse bias + activation over ``z``, else None.
+
+    tanh and sigmoid only in float32: the compiled tanh is a float32 rational function (numpy's
+    SIMD tanh beats numba's scalar libm call in float64 on machines without Intel's SVML).
+    """
+    if activation is None or z.ndim < 2 or (bias is not None and bias.shape != z.shape[-1:]):
+        return None
+    if activation != "relu" and z.dtype != np.float32:
+        return None
+    return _compiled(z) if bias is None else _compiled(z, bias)
+
+
 def activation_grad(activation: str, y: Any, g: Any) -> Any:
     """dL/dz from the output y = act(z) and dL/dy, as a fresh array. Shapes: y, g (N, H)."""
-    nb = _compiled(y, g)
-    if nb is not None and y.shape == g.shape:
+    return activation_backward(activation, y, g, None)
+
+
+def activation_backward(activation: str, y: Any, g: Any, bias_grad: Any | None) -> Any:
+    """dL/dz from y = act(z) and dL/dy as a fresh array; with ``bias_grad`` (shape (H,)) also
+    writes dL/dz summed over all leading axes into it, in the same pass over memory.
+
+    Shapes: y, g (..., H) -> (..., H).
+    """
+    nb = _compiled(y, g) if y.shape == g.shape and y.ndim >= 2 else None
+    if nb is not None and bias_grad is not None:
+        nb = _compiled(y, bias_grad)
+    kind = ACTIVATIONS.index(activation)
+    if nb is not None:
         out = np.empty_like(y)
-        nb.activation_grad(y.reshape(-1), g.reshape(-1), out.reshape(-1),
-                           ACTIVATIONS.index(activation))  # fmt: skip
-        return out
-    return _NUMPY_ACTIVATIONS[activation][1](y, g)
+        h = y.shape[-1]
+        threads = nb.get_num_threads()
+        if bias_grad is not None and h >= 32 * threads:
+            block = -(-h // threads)  # one block of columns per thread, whole cache lines
+            block = -(-block // 16) * 16
+            y2, g2, out2 = (a.reshape(-1, h) for a in (y, g, out))
+            nb.activation_backward(y2, g2, out2, bias_grad, kind, block)
+            return out
+        nb.activation_grad(y.reshape(-1), g.reshape(-1), out.reshape(-1), kind)
+    elif backend.is_gpu_array(y):
+        from distnet import _cupy_kernels  # noqa: PLC0415  (GPU only)
+
+        out = _cupy_kernels.activation_grad(activation, y, g)
+    else:
+        out = _NUMPY_ACTIVATIONS[activation][1](y, g)
+    if bias_grad is not None:
+        out.sum(axis=tuple(range(out.ndim - 1)), out=bias_grad)
+    return out
 
 
 def _tanh_(z: Any) -> None:
@@ -255,6 +299,15 @@ _NUMPY_ACTIVATIONS = {
 # -- optimiser updates (all in place on flat 1-D buffers) --------------------------------------
 
 
+def _gpu(p: Any) -> ModuleType | None:
+    """The cupy kernels for a GPU array (one launch per update), else None."""
+    if not backend.is_gpu_array(p):
+        return None
+    from distnet import _cupy_kernels  # noqa: PLC0415  (GPU only)
+
+    return _cupy_kernels
+
+
 def _scalars(like: Any, *values: float) -> list[Any]:
     """Python floats as the buffers' dtype, so a float32 kernel stays in float32."""
     return [like.dtype.type(v) for v in values]
@@ -269,6 +322,10 @@ def sgd_update(p: Any, g: Any, v: Any | None, lr: float, momentum: float, nester
             nb.sgd(p, g, *_scalars(p, lr))
         else:
             nb.sgd_momentum(p, g, v, *_scalars(p, lr, momentum), nesterov)
+        return
+    if (gpu := _gpu(p)) is not None:
+        name = "sgd" if v is None else "sgd_nesterov" if nesterov else "sgd_momentum"
+        gpu.run(name, {"p": p, "g": g, "v": v}, {"lr": lr, "momentum": momentum})
         return
     xp = backend.array_module(p)
     if v is None:
@@ -294,6 +351,11 @@ def adam_update(p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: 
     nb = _compiled(p, g, m, v)
     if nb is not None:
         nb.adam(p, g, m, v, *_scalars(p, beta1, beta2, step_size, inv_root_bias2, eps))
+        return
+    if (gpu := _gpu(p)) is not None:
+        gpu.run("adam", {"p": p, "g": g, "m": m, "v": v},
+                {"beta1": beta1, "beta2": beta2, "step_size": step_size,
+                 "inv_root_bias2": inv_root_bias2, "eps": eps})  # fmt: skip
         return
     xp = backend.array_module(p)
     s = work
@@ -322,6 +384,12 @@ def rmsprop_update(p: Any, g: Any, sq: Any, grad_avg: Any | None, buf: Any | Non
         mb = buf if buf is not None else p[:0]
         nb.rmsprop(p, g, sq, ga, mb, *_scalars(p, lr, alpha, eps, momentum),
                    grad_avg is not None, buf is not None)  # fmt: skip
+        return
+    if (gpu := _gpu(p)) is not None:
+        name = ("rmsprop" + ("_centered" if grad_avg is not None else "")
+                + ("_momentum" if buf is not None else ""))  # fmt: skip
+        gpu.run(name, {"p": p, "g": g, "sq": sq, "ga": grad_avg, "buf": buf},
+                {"lr": lr, "alpha": alpha, "eps": eps, "momentum": momentum})  # fmt: skip
         return
     xp = backend.array_module(p)
     s = work
@@ -354,6 +422,9 @@ def adagrad_update(p: Any, g: Any, acc: Any, lr: float, eps: float, work: Any) -
     nb = _compiled(p, g, acc)
     if nb is not None:
         nb.adagrad(p, g, acc, *_scalars(p, lr, eps))
+        return
+    if (gpu := _gpu(p)) is not None:
+        gpu.run("adagrad", {"p": p, "g": g, "acc": acc}, {"lr": lr, "eps": eps})
         return
     xp = backend.array_module(p)
     s = work

@@ -100,6 +100,73 @@ def test_activation_kernels_match_numpy(activation, monkeypatch):
     np.testing.assert_allclose(fast[2], ref[2], rtol=1e-6, atol=1e-6)
 
 
+@needs_numba
+@pytest.mark.parametrize(
+    "activation, dtype",
+    [("tanh", np.float32), ("sigmoid", np.float32), ("relu", np.float32), ("relu", np.float64)],
+)
+def test_fused_backward_with_bias_sum_matches_numpy(activation, dtype, monkeypatch):
+    """One pass gives dL/dz and the bias gradient (column sums) as numpy's two passes do."""
+    rng = np.random.default_rng(3)
+    y = rng.random((300, 301)).astype(dtype)  # 301 columns: a ragged last block
+    y = y * 2 - 1 if activation == "tanh" else y
+    g = rng.standard_normal((300, 301)).astype(dtype)
+    gb = np.full(301, np.nan, dtype)  # every entry must be written, none accumulated into
+
+    def backward(y, g, gb, out):
+        out[...] = kernels.activation_backward(activation, y, g, gb)
+
+    fast, ref = _both(backward, y, g, gb, np.empty_like(y), monkeypatch=monkeypatch)
+    np.testing.assert_allclose(fast[3], ref[3], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(fast[2], ref[2], rtol=1e-4, atol=1e-4)
+    assert np.isfinite(fast[2]).all()
+
+
+@needs_numba
+def test_float32_tanh_and_sigmoid_stay_within_a_few_ulp():
+    """The compiled float32 tanh is a rational function: bound its error over the whole line
+    (tails clamp near +-1), and NaN still comes out as NaN."""
+    x = np.linspace(-30, 30, 600_000, dtype=np.float32).reshape(600, 1000)
+    x[0, :5] = [np.nan, np.inf, -np.inf, 1e-30, -1e-5]
+    exact = np.tanh(x.astype(np.float64))
+    z = x.copy()
+    kernels.bias_activation_(z, None, "tanh")
+    assert np.isnan(z[0, 0]) and z[0, 3] == np.float32(1e-30)
+    finite = ~np.isnan(x)
+    assert np.abs(z - exact)[finite].max() < 4e-7  # numpy's own float32 tanh: 6e-8
+    s = x.copy()
+    kernels.bias_activation_(s, None, "sigmoid")
+    exact_sigmoid = 0.5 * (1 + np.tanh(x.astype(np.float64) / 2))
+    assert np.abs(s - exact_sigmoid)[finite].max() < 4e-7
+
+
+@needs_numba
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+def test_dense_layer_gradients_agree_between_numba_and_numpy(activation, monkeypatch):
+    """Through the autodiff core: weight and bias gradients written into the flat buffer
+    (zeroed) and accumulated on a second backward (not zeroed) agree with the numpy path."""
+    from distnet import backend, functional, nn  # noqa: PLC0415
+
+    def grads() -> list[np.ndarray]:
+        backend.seed(0)
+        model = nn.Sequential(nn.Dense(40, 600, activation), nn.Dense(600, 5))
+        x = np.random.default_rng(4).standard_normal((200, 40)).astype(np.float32)
+        labels = np.arange(200) % 5
+        model.zero_grad()
+        functional.cross_entropy(model(x), labels).backward()
+        first = [p.grad.copy() for p in model.parameters()]
+        functional.cross_entropy(model(x), labels).backward()  # accumulates
+        return first + [p.grad.copy() for p in model.parameters()]
+
+    fast = grads()
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_compiled", lambda *a: None)
+        ref = grads()
+    for a, b in zip(fast, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fast[5], 2 * fast[1], rtol=1e-5, atol=1e-7)  # bias accumulated
+
+
 def test_numpy_path_serves_float16_and_strided(numpy_only):
     p, g = (a.astype(np.float16) for a in _buffers(100, np.float32, 2))
     before = p.copy()

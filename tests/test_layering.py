@@ -23,6 +23,7 @@ LAYER = {
     "viz": 0.5,
     "_numba_kernels": 0.6,  # the numba loops themselves: import nothing of distnet
     "_mkl_blas": 0.6,  # oneMKL's GEMM through ctypes: imports nothing of distnet
+    "_cupy_kernels": 0.6,  # the GPU formulas (cupy ElementwiseKernels): import nothing of distnet
     "kernels": 0.7,  # the one table of fused kernels, used by core's ops and optim's updates
     "core": 1,
     "functional": 1.5,  # re-exports core's ops: a face of core, just above it

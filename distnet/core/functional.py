@@ -54,17 +54,23 @@ def linear(
     kernels.bias_activation_(out, None if bias is None else bias.data, activation)
 
     def backward(g: Any) -> tuple[Any, Any, Any]:
-        if activation is not None:  # d act / dz from the output, into a fresh array
-            g = kernels.activation_grad(activation, out, g)
+        xp = backend.array_module(g)
+        gb = gb_target = None
+        if bias is not None and bias.requires_grad:  # into the flat buffer when it holds zeros
+            gb_target = bias.grad_target()
+            gb = xp.empty_like(bias.data) if gb_target is None else gb_target
+        if activation is not None:  # d act / dz from the output, and the bias sum, one pass
+            g = kernels.activation_backward(activation, out, g, gb)
+        elif gb is not None:
+            g.sum(axis=0, out=gb)
+        if gb_target is not None:
+            gb = WRITTEN
         gx = kernels.matmul(g, wd.T) if x.requires_grad else None
-        gw = gb = None
+        gw = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
             a, b = (g.T, xd) if transpose_weight else (xd.T, g)
             target = weight.grad_target()
             gw = kernels.matmul(a, b) if target is None else _written(kernels.matmul(a, b, target))
-        if bias is not None and bias.requires_grad:
-            target = bias.grad_target()
-            gb = g.sum(axis=0) if target is None else _written(g.sum(axis=0, out=target))
         return gx, gw, gb
 
     parents = (x, weight) if bias is None else (x, weight, bias)
