@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import sys
 
 import numpy as np
@@ -17,10 +18,16 @@ pytest.importorskip("sklearn")
 from distnet import backend, cli  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
 from distnet.data import StreamLoader, convert_digits  # noqa: E402
-from distnet.parallel.rayengine import RayJob, RayOptions, start_ray, worker_specs  # noqa: E402
+from distnet.parallel.rayengine import (  # noqa: E402
+    RayJob,
+    RayOptions,
+    options_from_job,
+    start_ray,
+    worker_specs,
+)
 from distnet.parallel.rayengine.groups import group_ranks, node_groups  # noqa: E402
 from distnet.train.checkpoint import load_checkpoint  # noqa: E402
-from distnet.train.job import _make_optimizer, build_model, load_job  # noqa: E402
+from distnet.train.job import JobError, _make_optimizer, build_model, load_job  # noqa: E402
 from distnet.train.rayjob import run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
@@ -122,16 +129,22 @@ def _node_collectives(comm, workers_per_node, n):
     return out
 
 
-@pytest.mark.parametrize("n", [5, 40_000])  # inline messages, then through the object store
-def test_node_subgroups_reduce_and_broadcast_among_their_own_workers(ray_cluster, n):
+def test_node_subgroups_reduce_and_broadcast_among_their_own_workers(ray_cluster):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     job = RayJob(RayOptions(workers=worker_specs(4)))
     try:
         job._place()
         job._setup_group()
-        res = ray.get([a.apply.remote(_node_collectives, 2, n) for a in job.actors], timeout=120)
+        for n in (5, 40_000):  # inline messages, then through the object store
+            res = ray.get(
+                [a.apply.remote(_node_collectives, 2, n) for a in job.actors], timeout=120
+            )
+            _check_node_collectives(res, n)
     finally:
         job.stop()
+
+
+def _check_node_collectives(res, n):
     for rank, r in enumerate(res):
         node = rank // 2
         assert r["nodes"] == [[0, 1], [2, 3]] and r["node_index"] == node
@@ -146,7 +159,7 @@ def test_node_subgroups_reduce_and_broadcast_among_their_own_workers(ray_cluster
 
 
 # --- training --------------------------------------------------------------------------------
-@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("shards", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_hybrid_sync_equals_one_process_on_the_global_batch(ray_cluster, digits, shards):
     """2 "nodes" x 2 workers: the shards take one push per node (the node's share-weighted
     sum), and the final parameters are those of one process on the whole global batch."""
@@ -202,3 +215,21 @@ def test_hybrid_needs_sync_and_says_so_before_ray_starts(digits, capsys):
     err = capsys.readouterr().err
     assert "strategy 'hybrid' runs only with mode = 'sync'" in err and "'async'" in err
     assert not (digits / "run-bad").exists()
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("strategy = 'bytes'", "[dist] strategy: expected 'allreduce', 'ps' or 'hybrid'"),
+        ("workers_per_node = -1", "[dist] workers_per_node: expected an integer >= 0"),
+        ("workers_per_node = 1.5", "[dist] workers_per_node: expected an integer >= 0"),
+    ],
+)
+def test_hybrid_keys_of_the_job_file_are_checked(tmp_path, text, message):
+    path = tmp_path / "job.toml"
+    path.write_text(f"[data]\ntrain = 'store'\n[dist]\n{text}\n")
+    with pytest.raises(JobError, match=re.escape(message)):
+        load_job(path)
+    path.write_text("[data]\ntrain = 'store'\n[dist]\nstrategy = 'hybrid'\nworkers_per_node = 2\n")
+    options = options_from_job(load_job(path))
+    assert options.strategy == "hybrid" and options.ps["workers_per_node"] == 2
