@@ -77,15 +77,12 @@ class RaySubgroup(RayCommunicator):
             self._send(root, seq, self._pack(flat))
             return buf
         what = f"reduce #{seq} to rank {root} of node group {self.members}"
-        parts = {
-            src: self._unpack(self._recv(src, seq, what), what)
-            for src in range(self.size)
-            if src != root
-        }
-        parts[root] = np.array(flat, copy=True)
-        flat[:] = parts[0]
+        parts = {src: self._recv(src, seq, what) for src in range(self.size) if src != root}
+        if root != 0:  # the sum starts from rank 0's buffer: keep the same order everywhere
+            parts[root] = np.array(flat, copy=True)
+            flat[:] = self._unpack(parts.pop(0), what)
         for src in range(1, self.size):
-            flat += parts[src]
+            flat += parts[src] if src == root else self._unpack(parts[src], what)
         return buf
 
 
