@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from typing import Any
 
@@ -102,13 +103,15 @@ def run_hybrid(args: argparse.Namespace) -> int:
     nodes = args.workers // per_node
     floats = sum(int(np.prod(s)) for s in layer_shapes())
     flat = np.zeros(floats, np.float32)
-    job = RayJob(RayOptions(workers=worker_specs(args.workers, cpus_per_worker=0.5)))
+    job = RayJob(RayOptions(workers=worker_specs(args.workers)))
     servers: list[Any] = []
     started = False
     try:
         from distnet.parallel.rayengine import start_ray
 
-        started = start_ray(None, include_dashboard=False, log_to_driver=False)
+        # one logical CPU per worker, as the Ray engine asks (more workers than cores here)
+        cpus = max(os.cpu_count() or 1, args.workers)
+        started = start_ray(None, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         job._place()
         job._setup_group()
         contenders = [("allreduce", "allreduce", None)]

@@ -202,6 +202,7 @@ class WorkerActor:
         return {
             "pid": os.getpid(),
             "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),  # unlike the address: per node
             "gpus": [str(g) for g in ray.get_gpu_ids()],
         }
 
