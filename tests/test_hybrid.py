@@ -21,7 +21,9 @@ from distnet.data import StreamLoader, convert_digits  # noqa: E402
 from distnet.parallel.rayengine import (  # noqa: E402
     RayJob,
     RayOptions,
+    WorkerSpec,
     options_from_job,
+    set_batch_sizes,
     start_ray,
     worker_specs,
 )
@@ -82,8 +84,9 @@ def final_params(job, out):
     return np.concatenate([p.data.ravel() for p in model.parameters()])
 
 
-def reference_params(job, epochs, workers):
-    """One process, one optimiser, on the union of every rank's batch (the global batch)."""
+def reference_params(job, epochs, workers, sizes_per_epoch=None):
+    """One process, one optimiser, on the union of every rank's batch (the global batch);
+    ``sizes_per_epoch[e]``: the ranks' batch sizes in epoch e (None: equal)."""
     backend.seed(job["run"]["seed"])
     net = build_model(job, 64, 10)
     opt = _make_optimizer(job["finetune"], net)
@@ -95,6 +98,8 @@ def reference_params(job, epochs, workers):
     ]  # fmt: skip
     for epoch in range(epochs):
         for ld in loaders:
+            if sizes_per_epoch is not None:
+                set_batch_sizes(ld, sizes_per_epoch[epoch])
             ld.set_epoch(epoch)
         for batches in zip(*loaders, strict=True):
             opt.zero_grad()
@@ -159,9 +164,46 @@ def _check_node_collectives(res, n):
 
 
 # --- training --------------------------------------------------------------------------------
-@pytest.mark.parametrize("shards", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_hybrid_weights_each_node_by_its_workers_shares_of_the_global_batch(ray_cluster, digits):
+    """A slow worker on node 0 gets a smaller batch from the second epoch on: the leaders'
+    pushes must carry their nodes' unequal shares for the update to stay the global-batch
+    one."""
+    path = digits / "hybrid-hetero.toml"
+    path.write_text(JOB.format(data="data", epochs=2, dist=""))
+    out = digits / "run-hybrid-hetero"
+    job = load_job(path, {"run": {"out": str(out)}})
+    workers = [WorkerSpec(), WorkerSpec(delay_per_sample_s=0.002), WorkerSpec(), WorkerSpec()]
+    options = RayOptions(
+        workers=workers,
+        strategy="hybrid",
+        ps={"mode": "sync", "workers_per_node": 2},
+        rebalance_every=1,
+        trace=True,
+    )
+    report = run_ray_job(job, options, log=lambda line: None)
+    assert report["workers"] == 4 and report["nodes"] == [[0, 1], [2, 3]]
+    # the shards counted 2 pushers (the node leaders), each with one push per step
+    stats = report["ps_stats"][0]
+    assert len(stats["workers"]) == 2
+    assert [w["updates"] for w in stats["workers"]] == [report["steps"]] * 2
+    # every worker reduced and received a broadcast in its node; only leaders pushed
+    events = json.loads((out / "trace.json").read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    for phase in ("node_reduce", "node_broadcast"):
+        assert {e["pid"] for e in events if e.get("name") == phase} == {0, 1, 2, 3}, phase
+    assert {e["pid"] for e in events if e.get("name") == "push"} == {0, 2}
+    sizes = [[8, 8, 8, 8], report["shares"][0]["batch_sizes"]]
+    assert sum(sizes[1]) == 32 and sizes[1][1] < 8 and sum(sizes[1][:2]) < 16, sizes
+    got = final_params(job, out)
+    assert np.max(np.abs(got - reference_params(job, 2, 4, sizes))) < 1e-5
+    # the check can fail: equal weights on the same unequal batches give another model
+    assert np.max(np.abs(got - reference_params(job, 2, 4))) > 1e-3
+
+
+@pytest.mark.slow  # the test above covers 1 shard with unequal shares
+@pytest.mark.parametrize("shards", [1, 2])
 def test_hybrid_sync_equals_one_process_on_the_global_batch(ray_cluster, digits, shards):
-    """2 "nodes" x 2 workers: the shards take one push per node (the node's share-weighted
+    """2 "nodes" x 2 workers, equal shares: the shards take one push per node (the node's
     sum), and the final parameters are those of one process on the whole global batch."""
     path = digits / f"hybrid-{shards}.toml"
     path.write_text(JOB.format(data="data", epochs=1, dist=""))
@@ -171,25 +213,13 @@ def test_hybrid_sync_equals_one_process_on_the_global_batch(ray_cluster, digits,
         workers=worker_specs(4),
         strategy="hybrid",
         ps={"mode": "sync", "shards": shards, "workers_per_node": 2},
-        trace=True,
     )
     report = run_ray_job(job, options, log=lambda line: None)
-    assert report["workers"] == 4 and report["nodes"] == [[0, 1], [2, 3]]
-    # the shards counted 2 pushers (the node leaders), each with one push per step
+    assert report["nodes"] == [[0, 1], [2, 3]]
     stats = report["ps_stats"][0]
-    assert len(stats["workers"]) == 2
-    assert [w["updates"] for w in stats["workers"]] == [report["steps"]] * 2
-    assert len(stats["shards"]) == shards
-    # every worker reduced and received a broadcast in its node; only leaders pushed
-    events = json.loads((out / "trace.json").read_text())
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    for phase in ("node_reduce", "node_broadcast"):
-        assert {e["pid"] for e in events if e.get("name") == phase} == {0, 1, 2, 3}, phase
-    assert {e["pid"] for e in events if e.get("name") == "push"} == {0, 2}
+    assert len(stats["workers"]) == 2 and len(stats["shards"]) == shards
     got = final_params(job, out)
-    want = reference_params(job, 1, 4)
-    assert np.max(np.abs(got - want)) < 1e-5
-    # the check can fail: one node's gradient counted twice gives another model
+    assert np.max(np.abs(got - reference_params(job, 1, 4))) < 1e-5
     assert report["test_accuracy"] >= 0.8
 
 
@@ -205,6 +235,21 @@ def test_a_hybrid_digits_job_from_its_file_reaches_the_accuracy_bar(ray_cluster,
     saved = json.loads((out / "report.json").read_text())
     assert saved["strategy"] == "hybrid" and saved["nodes"] == [[0, 1, 2, 3]]
     assert saved["test_accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_the_hybrid_benchmark_runs_and_reports_every_contender(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "hybrid.json"
+    args = ["bench", "ps", "--strategy", "hybrid", "--rounds", "1", "--steps", "1"]
+    assert cli.main([*args, "--shards", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert sorted(result["step_ms"]) == ["allreduce", "hybrid-1", "ps-1"]
+    assert all(v["median"] > 0 for v in result["step_ms"].values())
+    into = result["mb_into_shards_per_step"]
+    assert into["ps"] == pytest.approx(2 * into["hybrid"])  # 4 workers, 2 per node
+    assert "hybrid/ps x" in capsys.readouterr().out
+    assert cli.main([*args, "--workers", "3", "--workers-per-node", "2"]) == 2
+    assert "multiple of --workers-per-node" in capsys.readouterr().err
 
 
 def test_hybrid_needs_sync_and_says_so_before_ray_starts(digits, capsys):

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,7 @@ def run_hybrid(args: argparse.Namespace) -> int:
         print(
             "distnet bench ps --strategy hybrid: --workers (>= 2) must be a multiple of "
             "--workers-per-node (>= 1), --shards positive",
-            flush=True,
+            file=sys.stderr,
         )
         return 2
     nodes = args.workers // per_node
