@@ -252,14 +252,29 @@ def test_the_hybrid_benchmark_runs_and_reports_every_contender(ray_cluster, tmp_
     assert "multiple of --workers-per-node" in capsys.readouterr().err
 
 
-def test_hybrid_needs_sync_and_says_so_before_ray_starts(digits, capsys):
-    dist = 'engine = "ray"\nstrategy = "hybrid"\nmode = "async"\nworkers = 4'
-    path = digits / "hybrid-async.toml"
-    path.write_text(JOB.format(data="data", epochs=1, dist=dist))
-    assert cli.main(["train", str(path), "--out", str(digits / "run-bad")]) == 2
-    err = capsys.readouterr().err
-    assert "strategy 'hybrid' runs only with mode = 'sync'" in err and "'async'" in err
-    assert not (digits / "run-bad").exists()
+def test_hybrid_ssp_pushes_each_nodes_mean_gradient(ray_cluster, digits):
+    """ssp with staleness 0, plain SGD: each node's leader pushes its node's mean gradient,
+    applied on arrival, and both nodes then go on from the parameters after both pushes; so a
+    round is one step of 2 x lr on the global batch's mean gradient (equal nodes). A leader that
+    pushed its node's share-weighted sum instead would give one step of lr."""
+    text = JOB.format(data="data", epochs=1, dist="").replace("momentum = 0.9", "momentum = 0.0")
+    path = digits / "hybrid-ssp.toml"
+    path.write_text(text)
+    out = digits / "run-hybrid-ssp"
+    job = load_job(path, {"run": {"out": str(out)}})
+    options = RayOptions(
+        workers=worker_specs(4),
+        strategy="hybrid",
+        ps={"mode": "ssp", "staleness": 0, "workers_per_node": 2},
+    )
+    report = run_ray_job(job, options, log=lambda line: None)
+    stats = report["ps_stats"][0]
+    assert stats["mode"] == "ssp" and len(stats["workers"]) == 2
+    assert all(w["max_ahead"] == 0 for w in stats["workers"])
+    twice = {**job, "finetune": {**job["finetune"], "lr": 2 * job["finetune"]["lr"]}}
+    got = final_params(job, out)
+    assert np.max(np.abs(got - reference_params(twice, 1, 4))) < 1e-5
+    assert np.max(np.abs(got - reference_params(job, 1, 4))) > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -275,6 +290,8 @@ def test_hybrid_keys_of_the_job_file_are_checked(tmp_path, text, message):
     path.write_text(f"[data]\ntrain = 'store'\n[dist]\n{text}\n")
     with pytest.raises(JobError, match=re.escape(message)):
         load_job(path)
-    path.write_text("[data]\ntrain = 'store'\n[dist]\nstrategy = 'hybrid'\nworkers_per_node = 2\n")
+    text = "strategy = 'hybrid'\nmode = 'async'\nworkers_per_node = 2"
+    path.write_text(f"[data]\ntrain = 'store'\n[dist]\n{text}\n")
     options = options_from_job(load_job(path))
     assert options.strategy == "hybrid" and options.ps["workers_per_node"] == 2
+    assert options.ps["mode"] == "async"

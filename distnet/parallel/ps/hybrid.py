@@ -17,13 +17,19 @@ K = W / L nodes, the hybrid form sends it K: each step
 4. the leader broadcasts the parameters inside its node.
 
 Bytes into (and out of) the shards per step drop from W M to K M (M: the gradient's bytes).
-Only ``sync`` with the optimiser on the shards: the leader's pushes are the only updates, and
-every replica leaves each step with the shards' parameters.
+
+``async`` and ``ssp`` treat each node as one Downpour worker: the leader divides the node's sum
+by the node's total share before pushing, so each push is the node's mean gradient (as a
+``ParameterServerOptimizer`` worker pushes its own mean), applied on arrival; ``ssp`` bounds
+how many clocks one node may run ahead of the slowest. The optimiser always runs on the
+shards: every replica of a node leaves each step with the parameters its leader pulled.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from distnet import backend, trace
 from distnet.parallel.ps.server import ParameterServer
@@ -39,8 +45,8 @@ class HybridOptimizer:
         node_comm: a communicator over this node's workers with ``reduce(buf, root)`` and
             ``broadcast(buf, root)`` (``distnet.parallel.rayengine.groups.RaySubgroup``);
             its rank 0 is the node's leader.
-        ps: a ``sync`` ``ParameterServer`` with ``num_workers`` = the number of nodes and the
-            optimiser on the shards.
+        ps: a ``ParameterServer`` (any mode) with ``num_workers`` = the number of nodes and
+            the optimiser on the shards.
         node_index: this node's index in ``[0, ps.num_workers)``.
         num_workers: workers in the whole job (each one's default share is 1/num_workers).
         batch_share: this worker's fraction of every global batch (None: 1/num_workers).
@@ -56,10 +62,6 @@ class HybridOptimizer:
         num_workers: int,
         batch_share: float | None = None,
     ) -> None:
-        if ps.mode != "sync":
-            raise ValueError(
-                f"hybrid strategy: the parameter server must be in 'sync' mode, not {ps.mode!r}"
-            )
         if ps.optimizer_on != "server":
             raise ValueError("hybrid strategy: the optimiser must run on the shards")
         if optimizer.flat_params.size != ps.size:
@@ -75,6 +77,7 @@ class HybridOptimizer:
         self.is_leader = node_comm.rank == 0
         self.clock = 0
         self._prescaled = False
+        self._seed_weight = 0.0  # the weight backward seeded this step's gradient with
         # the leader pushes and pulls for its node (and pulls the initial parameters)
         self.pusher = (
             ParameterServerOptimizer(optimizer, ps, node_index) if self.is_leader else None
@@ -108,7 +111,7 @@ class HybridOptimizer:
         ``loss``: a scalar Tensor, the mean over this worker's samples."""
         weight = self._weight(ParameterServerOptimizer._check_share(batch_share))
         xp = backend.array_module(loss.data)
-        self._prescaled = True
+        self._prescaled, self._seed_weight = True, weight
         try:
             loss.backward(xp.full(loss.shape, weight, dtype=loss.dtype))
         except BaseException:
@@ -118,18 +121,22 @@ class HybridOptimizer:
     def step(self, batch_share: float | None = None) -> None:
         """Reduces the node's weighted gradients to its leader, which pushes them to the
         shards and pulls the new parameters; then every worker of the node gets them."""
-        weight = (
-            1.0
-            if self._prescaled
-            else self._weight(ParameterServerOptimizer._check_share(batch_share))
-        )
+        if self._prescaled:
+            weight, scale = self._seed_weight, 1.0
+        else:  # a gradient not seeded by backward (a rank without samples: share 0)
+            weight = self._weight(ParameterServerOptimizer._check_share(batch_share))
+            scale = weight
         self._prescaled = False
         opt = self.optimizer
         grads = opt.settle_grads()
-        if weight != 1.0:  # a gradient not seeded by backward (a rank without samples: 0)
-            grads *= weight
+        if scale != 1.0:
+            grads *= scale
         with trace.span("node_reduce", workers=self.node_comm.size):
             self.node_comm.reduce(grads, root=0)
+            if self.ps.mode != "sync":  # the node's total share, to push its mean gradient
+                node_share = self.node_comm.reduce(np.array([weight], np.float64), root=0)[0]
+                if self.pusher is not None and node_share > 0:
+                    grads /= grads.dtype.type(node_share)
         if self.pusher is not None:
             self.pusher._prescaled = True  # the node's sum is weighted already
             self.pusher.step()

@@ -52,11 +52,6 @@ def options_from_job(job: dict[str, Any]) -> RayOptions:
         )
     if d["mode"] not in ("sync", "async", "ssp"):
         raise RayEngineError(f"[dist] mode must be 'sync', 'async' or 'ssp', got {d['mode']!r}")
-    if d["strategy"] == "hybrid" and d["mode"] != "sync":
-        raise RayEngineError(
-            f"[dist] strategy 'hybrid' runs only with mode = 'sync', got mode = {d['mode']!r} "
-            "(use strategy = 'ps' for async or ssp)"
-        )
     if int(d["workers_per_node"]) < 0:
         raise RayEngineError(f"[dist] workers_per_node must be >= 0, got {d['workers_per_node']}")
     if d["devices"]:
