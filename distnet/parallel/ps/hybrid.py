@@ -71,6 +71,8 @@ class HybridOptimizer:
             )
         if num_workers < ps.num_workers:
             raise ValueError(f"{num_workers} workers cannot fill {ps.num_workers} nodes")
+        if not 0 <= node_index < ps.num_workers:
+            raise ValueError(f"node_index {node_index} is not in [0, {ps.num_workers})")
         self.optimizer, self.node_comm, self.ps = optimizer, node_comm, ps
         self.node_index, self.num_workers = node_index, num_workers
         self.batch_share = ParameterServerOptimizer._check_share(batch_share)
