@@ -223,6 +223,28 @@ def test_hybrid_sync_equals_one_process_on_the_global_batch(ray_cluster, digits,
     assert report["test_accuracy"] >= 0.8
 
 
+def test_a_resumed_hybrid_stage_starts_its_shards_from_the_checkpoint(ray_cluster, digits):
+    """A stage resumed from its epoch checkpoint gets new shards, made from the stage's fresh
+    parameters: they must take the checkpoint's, or the run goes on from the fresh ones (plain
+    SGD: the shards' optimiser state, not in the checkpoint, is empty, so resuming is exact)."""
+    text = JOB.format(data="data", epochs=1, dist="").replace("momentum = 0.9", "momentum = 0.0")
+    path = digits / "hybrid-resume.toml"
+    path.write_text(text)
+    out = digits / "run-hybrid-resume"
+    job = load_job(path, {"run": {"out": str(out)}})
+    options = RayOptions(
+        workers=worker_specs(4), strategy="hybrid", ps={"mode": "sync", "workers_per_node": 2}
+    )
+    run_ray_job(job, options, log=lambda line: None)
+    # as if interrupted after epoch 0: the stage is unfinished, its epoch checkpoint kept
+    (out / "stages" / "0-train" / "manifest.json").unlink()
+    job["finetune"]["epochs"] = 2
+    report = run_ray_job(job, options, log=lambda line: None)
+    assert len(report["stages"][0]["history"]["loss"]) == 2
+    got = final_params(job, out)
+    assert np.max(np.abs(got - reference_params(job, 2, 4))) < 1e-5
+
+
 @pytest.mark.slow
 def test_a_hybrid_digits_job_from_its_file_reaches_the_accuracy_bar(ray_cluster, digits, capsys):
     """``[dist] strategy = "hybrid"`` through ``distnet train``; nodes from Ray itself (one

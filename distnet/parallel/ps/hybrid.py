@@ -153,8 +153,12 @@ class HybridOptimizer:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Loads state into the wrapped optimiser."""
+        """Loads state into the wrapped optimiser; a resumed stage (the checkpoint's
+        parameters are in every replica already) also writes them into the shards, which
+        were made from the stage's fresh parameters (their optimiser state starts anew)."""
         self.optimizer.load_state_dict(state)
+        if self.pusher is not None:
+            self.pusher.load_state_dict_and_publish(state, publish=self.node_index == 0)
 
     def close(self) -> None:
         """Nothing to hand back: the shards hold the parameters every replica has."""

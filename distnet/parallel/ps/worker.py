@@ -165,8 +165,17 @@ class ParameterServerOptimizer:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Loads state into the wrapped optimiser."""
+        """Loads state into the wrapped optimiser; worker 0 then writes its parameters (a
+        resumed stage's, loaded from the checkpoint into every replica) into the shards."""
+        self.load_state_dict_and_publish(state, publish=self.worker_index == 0)
+
+    def load_state_dict_and_publish(self, state: dict[str, Any], publish: bool) -> None:
+        """``load_state_dict``; with ``publish`` this worker's parameters go to the shards,
+        which were made from the stage's fresh parameters: without it a run resumed from a
+        checkpoint would go on from those (the shards' optimiser state starts anew)."""
         self.optimizer.load_state_dict(state)
+        if publish:
+            self.publish()
 
     def __getattr__(self, name: str) -> Any:
         # momentum, weight_decay, ... of the wrapped optimiser stay readable, as in Horovod
