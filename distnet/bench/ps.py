@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also: training step, ps sync vs MPI allreduce at 2 workers (--batch per worker)",
     )  # fmt: skip
     parser.add_argument("--batch", type=int, default=256, help="per-worker batch (--train-step)")
+    parser.add_argument(
+        "--strategy", choices=["ps", "hybrid"], default="ps",
+        help="hybrid: step time of ps vs hybrid vs allreduce instead (distnet/bench/ps_hybrid.py)",
+    )  # fmt: skip
+    parser.add_argument("--workers-per-node", type=int, default=2, help="hybrid's 'nodes'")
     parser.add_argument("--json", help="write the results to this file")
 
 
@@ -258,6 +263,10 @@ def run(args: argparse.Namespace) -> int:
 
     from distnet.parallel.ps import ParameterServer
 
+    if args.strategy == "hybrid":
+        from distnet.bench.ps_hybrid import run_hybrid
+
+        return run_hybrid(args)
     shard_counts = [int(s) for s in str(args.shards).split(",") if s]
     modes = [m for m in str(args.modes).split(",") if m]
     if args.workers < 1 or not shard_counts or any(s < 1 for s in shard_counts):

@@ -128,7 +128,9 @@ class DistSpec(Section):
     # "auto": on with several nodes of several ranks, or as DISTNET_HIERARCHICAL says
     hierarchical: Literal["auto", True, False] = _field("auto", "'auto', true or false")
     # the Ray engine (distnet/parallel/rayengine/jobs.py)
-    strategy: Literal["allreduce", "ps"] = _field("allreduce", "'allreduce' or 'ps'")
+    strategy: Literal["allreduce", "ps", "hybrid"] = _field(
+        "allreduce", "'allreduce', 'ps' or 'hybrid'"
+    )
     mode: Literal["sync", "async", "ssp"] = _field("sync", "'sync', 'async' or 'ssp'")
     staleness: int = _field(0, "an integer >= 0 (the ssp bound, in steps)", ge=0)
     shards: int = _field(1, "a positive integer (parameter-server shards)", gt=0)
@@ -141,6 +143,8 @@ class DistSpec(Section):
     )
     address: str | None = _field(None, "a Ray cluster address (absent: a local Ray)")
     rebalance_every: int = _field(200, "an integer >= 0 (steps between share updates)", ge=0)
+    # strategy "hybrid": consecutive ranks per "node" (0: the Ray nodes the workers landed on)
+    workers_per_node: int = _field(0, "an integer >= 0 (0: the Ray nodes)", ge=0)
     devices: list[Literal["cpu", "cuda"]] = _field(
         [], "a list of 'cpu'/'cuda', one per Ray worker (instead of workers/cpu_workers)"
     )

@@ -37,12 +37,16 @@ def run_rank(
     report["resumed_mid_epoch"] = setup.resumed
     if setup.ps_stats:
         report["ps_stats"] = setup.ps_stats
+    if setup.nodes is not None:  # strategy "hybrid": the ranks of each node
+        report["nodes"] = setup.nodes
     path = Path(job["run"]["out"]) / "report.json"
     if comm.rank == 0 and path.exists():  # the run's report shows the shares too
         saved = json.loads(path.read_text())
         saved.update(shares=setup.shares, strategy=spec.get("strategy", "allreduce"))
         if setup.ps_stats:
             saved["ps_stats"] = setup.ps_stats
+        if setup.nodes is not None:
+            saved["nodes"] = setup.nodes
         path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
         path.with_suffix(".tmp").replace(path)
         if setup.ps_stats:  # the page shows the servers' staleness histograms too

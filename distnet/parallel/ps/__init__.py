@@ -8,6 +8,7 @@
 Importing this package does not import Ray; creating a server does.
 """
 
+from distnet.parallel.ps.hybrid import HybridOptimizer
 from distnet.parallel.ps.server import (
     DEFAULT_OPTIMIZER_ON,
     ParameterServer,
@@ -20,6 +21,7 @@ from distnet.parallel.ps.worker import ParameterServerOptimizer
 
 __all__ = [
     "DEFAULT_OPTIMIZER_ON",
+    "HybridOptimizer",
     "ParameterServer",
     "ParameterServerOptimizer",
     "ParameterServerShard",

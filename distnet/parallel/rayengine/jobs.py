@@ -1,7 +1,9 @@
 """``distnet train JOB.toml --engine ray``: command-line options and ``[dist]`` keys of the
 Ray engine, turned into ``RayOptions``.
 
-Job keys (``[dist]``): ``engine = "ray"``, ``strategy`` ("allreduce" or "ps"), ``mode``
+Job keys (``[dist]``): ``engine = "ray"``, ``strategy`` ("allreduce", "ps" or "hybrid":
+allreduce inside a node, parameter server across nodes; ``workers_per_node`` > 0 makes
+consecutive ranks "nodes" instead of the Ray nodes the workers landed on), ``mode``
 ("sync", "async", "ssp"), ``staleness``, ``shards``, ``workers``, ``cpu_workers``,
 ``gpus_per_worker``, ``min_workers``, ``placement`` ("PACK"/"SPREAD"), ``address``,
 ``rebalance_every`` (steps between throughput measurements), ``devices`` (a list such as
@@ -28,6 +30,7 @@ RAY_DIST_KEYS: dict[str, Any] = {
     "strategy": "allreduce", "mode": "sync", "staleness": 0, "shards": 1, "workers": 2,
     "cpu_workers": 0, "gpus_per_worker": 0, "min_workers": 0, "placement": "PACK",
     "address": None, "rebalance_every": 200, "devices": [], "worker_resources": [],
+    "workers_per_node": 0,
 }  # fmt: skip
 
 
@@ -39,7 +42,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--gpus-per-worker", type=float, help="GPUs per GPU worker")
     ray.add_argument("--cpu-workers", type=int, help="CPU workers beside the GPU ones")
     ray.add_argument("--min-workers", type=int, help="fewest workers the job may carry on with")
-    ray.add_argument("--strategy", choices=["allreduce", "ps"], help="overrides [dist] strategy")
+    ray.add_argument(
+        "--strategy", choices=["allreduce", "ps", "hybrid"], help="overrides [dist] strategy"
+    )
 
 
 def dist_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,10 +56,14 @@ def dist_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def options_from_job(job: dict[str, Any]) -> RayOptions:
     """``RayOptions`` from a loaded job's ``[dist]`` section (names the bad key)."""
     d = {**RAY_DIST_KEYS, **{k: v for k, v in job["dist"].items() if v is not None}}
-    if d["strategy"] not in ("allreduce", "ps"):
-        raise RayEngineError(f"[dist] strategy must be 'allreduce' or 'ps', got {d['strategy']!r}")
+    if d["strategy"] not in ("allreduce", "ps", "hybrid"):
+        raise RayEngineError(
+            f"[dist] strategy must be 'allreduce', 'ps' or 'hybrid', got {d['strategy']!r}"
+        )
     if d["mode"] not in ("sync", "async", "ssp"):
         raise RayEngineError(f"[dist] mode must be 'sync', 'async' or 'ssp', got {d['mode']!r}")
+    if int(d["workers_per_node"]) < 0:
+        raise RayEngineError(f"[dist] workers_per_node must be >= 0, got {d['workers_per_node']}")
     if d["devices"]:
         bad = [x for x in d["devices"] if x not in ("cpu", "cuda")]
         if bad:
@@ -77,6 +86,11 @@ def options_from_job(job: dict[str, Any]) -> RayOptions:
         min_workers=int(d["min_workers"]) or None,
         placement=str(d["placement"]),
         strategy=d["strategy"],
-        ps={"mode": d["mode"], "staleness": int(d["staleness"]), "shards": int(d["shards"])},
+        ps={
+            "mode": d["mode"],
+            "staleness": int(d["staleness"]),
+            "shards": int(d["shards"]),
+            "workers_per_node": int(d["workers_per_node"]),
+        },  # fmt: skip
         rebalance_every=int(d["rebalance_every"]),
     )

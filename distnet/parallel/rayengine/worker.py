@@ -72,7 +72,8 @@ class RankSetup:
     """What ``run_job`` asks a Ray rank for (see its ``rank_setup`` argument).
 
     ``spec`` keys: ``device`` ("cpu"/"cuda"), ``rank_weights`` (list or None), ``strategy``
-    ("allreduce"/"ps"), ``ps`` (options for the parameter server), ``rebalance_every``,
+    ("allreduce"/"ps"/"hybrid"), ``ps`` (options for the parameter server; ``hybrid`` also
+    reads ``workers_per_node``), ``rebalance_every``,
     ``delay_per_sample_s``, ``fail_at_step`` (fault injection: this process exits at that
     step), ``faults`` (this rank's faults of this generation, see ``RayOptions.faults``),
     ``sample_log`` (a directory, or None), ``carry_box`` (the actor's dict that keeps a carry
@@ -86,6 +87,8 @@ class RankSetup:
         self.rank_weights = spec.get("rank_weights")
         self.shares: list[dict[str, Any]] = []
         self.ps_stats: list[Any] = []  # one per stage (strategy "ps", rank 0)
+        self.nodes: list[list[int]] | None = None  # strategy "hybrid": ranks per node
+        self._groups: Any = None
         self.steps = 0
         self.servers: list[Any] = []  # parameter servers of this run's stages
         self.sample_log = (
@@ -114,8 +117,9 @@ class RankSetup:
         if self.sample_log is not None:
             self.sample_log.stage = str(self._stage)
             self.sample_log.wrap_loader(loader)
-        if self.spec.get("strategy", "allreduce") == "ps":
-            inner = self._ps_optimizer(opt)
+        strategy = self.spec.get("strategy", "allreduce")
+        if strategy in ("ps", "hybrid"):
+            inner = self._ps_optimizer(opt, hybrid=strategy == "hybrid")
         else:
             inner = default_wrap(opt)
         wrapped = ThroughputShares(
@@ -194,13 +198,26 @@ class RankSetup:
         timer.daemon = True
         timer.start()
 
-    def _ps_optimizer(self, opt: Any) -> Any:
+    def _ps_optimizer(self, opt: Any, hybrid: bool = False) -> Any:
         """A ``ParameterServerOptimizer`` over a parameter server made for this stage's
         parameters by rank 0 (its picklable handle is broadcast; its shard actors are owned
-        by rank 0's actor, so they end with the job). ``close()`` shuts it down."""
-        from distnet.parallel.ps import ParameterServer, ParameterServerOptimizer  # noqa: PLC0415
+        by rank 0's actor, so they end with the job). ``close()`` shuts it down. ``hybrid``:
+        a ``HybridOptimizer`` instead, the server taking one push per node."""
+        from distnet.parallel.ps import (  # noqa: PLC0415
+            HybridOptimizer,
+            ParameterServer,
+            ParameterServerOptimizer,
+        )
 
         ps_opts = dict(self.spec.get("ps") or {})
+        pushers = self.comm.size
+        if hybrid:
+            if self._groups is None:  # once per job: its sequence numbers run on across stages
+                from distnet.parallel.rayengine.groups import node_groups  # noqa: PLC0415
+
+                self._groups = node_groups(self.comm, int(ps_opts.get("workers_per_node", 0)))
+                self.nodes = self._groups.nodes
+            pushers = self._groups.num_nodes
         server = None
         if self.comm.rank == 0:
             settings = optimizer_settings(opt)
@@ -210,7 +227,7 @@ class RankSetup:
                 shards=shards,
                 mode=ps_opts.get("mode", "sync"),
                 staleness=int(ps_opts.get("staleness", 0)),
-                num_workers=self.comm.size,
+                num_workers=pushers,
                 optimizer=settings,
                 snapshot_every=int(ps_opts.get("snapshot_every", 0)),
                 retries=int(ps_opts.get("retries", 5)),
@@ -223,7 +240,11 @@ class RankSetup:
         # release() or close() stops them)
         server.interrupt = self.comm.mailbox.check
         self.servers.append(server)
-        wrapped = ParameterServerOptimizer(opt, server, self.comm.rank)
+        if hybrid:
+            g = self._groups
+            wrapped = HybridOptimizer(opt, g.node, server, g.node_index, num_workers=self.comm.size)
+        else:
+            wrapped = ParameterServerOptimizer(opt, server, self.comm.rank)
         return _ClosingServer(wrapped, self.comm, self.ps_stats)
 
     def close(self) -> None:
@@ -330,7 +351,7 @@ class WorkerActor:
         return {
             "pid": os.getpid(),
             "node": ray.util.get_node_ip_address(),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": ray.get_runtime_context().get_node_id(),  # unlike the address: per node
             "gpus": [str(g) for g in ray.get_gpu_ids()],
         }
 
