@@ -15,7 +15,6 @@ tests' timeout: a survivor left waiting for a dead peer's push until the driver 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -26,6 +25,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
+
+from sample_counts import assert_every_sample_once, finished_by_generation  # noqa: E402
 
 from distnet.data import digits_arrays, write_dataset  # noqa: E402
 from distnet.parallel.ps import ParameterServer  # noqa: E402
@@ -89,40 +90,6 @@ def run(path, out, **options):
     return report, time.monotonic() - t0
 
 
-def counted_samples(log_dir) -> dict[int, dict[int, list[float]]]:
-    """generation -> epoch -> ids of every finished step (all ranks); the samples of a step a
-    peer's death interrupted (``incomplete`` records) are not in the parameters: left out."""
-    records: dict[int, dict[int, list[float]]] = {}
-    for f in sorted(log_dir.glob("rank*-gen*.jsonl")):
-        gen = int(f.stem.split("gen")[1])
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            if "ids" in rec:
-                records.setdefault(gen, {}).setdefault(rec["epoch"], []).extend(rec["ids"])
-    return records
-
-
-def check_every_sample_once(records, ids, generations: int, recoveries: list[dict]) -> None:
-    """Generations in order, each epoch's finished steps added up. After a recovery that
-    resumed mid-epoch the next generation goes on with the same epoch (its records add to
-    the interrupted generation's); after one that resumed from the epoch checkpoint the
-    interrupted epoch is redone from its start (what was counted of it is dropped). Then
-    every epoch must hold every sample exactly once."""
-    assert sorted(records) == list(range(1, generations + 1))
-    assert len(recoveries) == generations - 1
-    counted: dict[int, list[float]] = {}
-    for g in range(1, generations + 1):
-        for epoch, got in records[g].items():
-            counted.setdefault(epoch, []).extend(got)
-        if g < generations and not recoveries[g - 1]["mid_epoch"]:
-            last = max(records[g])
-            if len(counted[last]) < len(ids):  # interrupted inside it: redone from its start
-                counted[last] = []
-    assert sorted(counted) == list(range(EPOCHS))
-    for epoch, got in counted.items():
-        np.testing.assert_array_equal(np.sort(np.array(got, np.float32)), ids, f"epoch {epoch}")
-
-
 def fault_plan(seed: int) -> list[dict]:
     """A worker exit (generation 1, in epoch 0 of the 84 steps), a shard kill, then a worker
     exit and a shard kill at the same step (generation 2), a last shard kill (generation 3,
@@ -167,7 +134,9 @@ def test_ps_job_survives_a_worker_a_shard_and_both_killed_at_random_moments(
     print(f"seed {seed}: {took:.1f} s, plan {plan}, failures {report['failures']}")
     assert report["generation"] == 3, report["failures"]
     assert len(report["failures"]) == 2 and report["workers"] == 2
-    check_every_sample_once(counted_samples(tmp_path / "s"), ids, 3, report["recoveries"])
+    assert_every_sample_once(
+        finished_by_generation(tmp_path / "s"), ids, EPOCHS, report["recoveries"]
+    )
     # the final generation's server: the killed shard came back from its snapshot, and every
     # push of every worker was applied exactly once (retries across the kill not twice)
     (server,) = report["ps_stats"]
@@ -196,7 +165,9 @@ def test_allreduce_job_survives_a_worker_killed_at_a_random_moment(ray_cluster, 
     report, took = run(path, tmp_path / "run", faults=[fault], sample_log=str(tmp_path / "s"))
     print(f"allreduce: {took:.1f} s, {fault}")
     assert report["generation"] == 2 and len(report["failures"]) == 1
-    check_every_sample_once(counted_samples(tmp_path / "s"), ids, 2, report["recoveries"])
+    assert_every_sample_once(
+        finished_by_generation(tmp_path / "s"), ids, EPOCHS, report["recoveries"]
+    )
 
 
 def test_a_killed_shard_without_snapshots_is_an_error_not_a_silent_reset(ray_cluster):
@@ -234,6 +205,8 @@ def test_ps_job_without_snapshots_runs_again_from_its_checkpoint_when_a_shard_di
     print(f"no snapshots: {took:.1f} s, {fault}, failures {report['failures']}")
     assert report["generation"] == 2 and report["workers"] == 2
     assert any(f"shard {fault['shard']}" in f for f in report["failures"]), report["failures"]
-    check_every_sample_once(counted_samples(tmp_path / "s"), ids, 2, report["recoveries"])
+    assert_every_sample_once(
+        finished_by_generation(tmp_path / "s"), ids, EPOCHS, report["recoveries"]
+    )
     loss = report["stages"][0]["history"]["loss"][-1]
     assert loss == pytest.approx(calm_loss, abs=1e-3), (loss, calm_loss)

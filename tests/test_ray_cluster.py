@@ -22,6 +22,8 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
+from sample_counts import assert_every_sample_once, finished_by_generation  # noqa: E402
+
 from distnet import backend  # noqa: E402
 from distnet.data import digits_arrays, write_dataset  # noqa: E402
 from distnet.parallel.rayengine import RayJob, options_from_job  # noqa: E402
@@ -157,17 +159,6 @@ def final_params(job) -> np.ndarray:
     return np.concatenate([p.data.ravel() for p in model.parameters()])
 
 
-def samples_by_generation(log_dir) -> dict[int, dict[int, list[float]]]:
-    """generation -> epoch -> the ids of every sample a finished step used."""
-    records: dict[int, dict[int, list[float]]] = {}
-    for f in sorted(log_dir.glob("rank*-gen*.jsonl")):
-        gen = int(f.stem.split("gen")[1])
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            records.setdefault(gen, {}).setdefault(rec["epoch"], []).extend(rec["ids"])
-    return records
-
-
 def remove_node_mid_epoch(nodes, name, log_dir, then=None, timeout_s=90.0):
     """Waits until a worker logs steps of epoch 1, then removes node ``name``; ``then()``
     afterwards (a replacement node joining)."""
@@ -272,8 +263,9 @@ def test_sync_job_redoes_the_epoch_a_lost_node_interrupted(
     three_nodes, ids, uninterrupted, strategy
 ):
     """node_b dies in epoch 1 and a new node_b host joins: its worker is replaced there, the
-    job resumes from the epoch-0 checkpoint, every sample counts once per epoch, and the final
-    parameters are those of the run that lost nothing.
+    job resumes at the last global step both workers finished (the survivor's state), every
+    sample counts once per epoch, and the final parameters are those of the run that lost
+    nothing.
 
     Regression (ps): the resumed stage made its shards from the parameters the stage started
     with and the workers pulled those, so the checkpoint was thrown away (and the shards'
@@ -292,12 +284,13 @@ def test_sync_job_redoes_the_epoch_a_lost_node_interrupted(
     assert report["generation"] == 2 and len(report["failures"]) == 1, report["failures"]
     assert report["workers"] == 2
     assert report["worker_info"][-1]["node_id"] == three_nodes.node_id("node_b")  # the new host
-    records = samples_by_generation(log_dir)
-    assert sorted(records) == [1, 2]
-    assert sorted(records[1]) == [0, 1] and len(records[1][1]) < len(all_ids)
-    assert sorted(records[2]) == [1, 2]  # epoch 1 redone from its start
-    for epoch, seen in {0: records[1][0], 1: records[2][1], 2: records[2][2]}.items():
-        np.testing.assert_array_equal(np.sort(np.float32(seen)), all_ids, f"epoch {epoch}")
+    assert report["recoveries"][0]["mid_epoch"], report["recoveries"]  # not the epoch again
+    records = finished_by_generation(log_dir)
+    assert sorted(records[1]) == [0, 1] and sorted(records[2]) == [1, 2]
+    # the removed node's worker may die after a step finished but before it logged it: up to
+    # its share of one global batch may be missing from the log, never doubled; the final
+    # parameters below (equal to the run that lost nothing) show that nothing was lost
+    assert_every_sample_once(records, all_ids, 3, report["recoveries"], unlogged=16)  # 32 / 2
     # ps: the shards sum in another order than the allreduce
     np.testing.assert_allclose(
         final_params(job), want, rtol=0, atol=1e-6 if strategy == "allreduce" else 2e-5
@@ -327,7 +320,7 @@ def test_async_parameter_server_job_survives_losing_a_node(three_nodes, ids):
     assert report["worker_info"][0]["node_id"] == node_a
     # the stage's shards ran beside their owner, rank 0, on node_a
     assert [s["node_id"] for s in report["ps_stats"][-1]["shards"]] == [node_a, node_a]
-    records = samples_by_generation(log_dir)
+    records = finished_by_generation(log_dir)
     assert sorted(records[2]) == [1, 2]  # the survivor redid epoch 1 and did epoch 2
     for epoch in (1, 2):
         np.testing.assert_array_equal(np.sort(np.float32(records[2][epoch])), all_ids)

@@ -1,0 +1,59 @@
+"""Counting the samples of a Ray job from its per-rank sample logs (``RayOptions.sample_log``).
+
+Each finished step logs ``{"stage", "epoch", "step", "ids"}``; a step a peer's death cut short
+logs ``{"incomplete": ids}`` (its samples never reached the parameters). Shared by the tests
+that kill workers, shards and nodes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def finished_by_generation(log_dir: Path) -> dict[int, dict[int, list[float]]]:
+    """generation -> epoch -> ids of every finished step (all ranks); incomplete steps left out."""
+    records: dict[int, dict[int, list[float]]] = {}
+    for f in sorted(Path(log_dir).glob("rank*-gen*.jsonl")):
+        gen = int(f.stem.split("gen")[1])
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            if "ids" in rec:
+                records.setdefault(gen, {}).setdefault(rec["epoch"], []).extend(rec["ids"])
+    return records
+
+
+def assert_every_sample_once(
+    records, ids, epochs: int, recoveries: list[dict], unlogged: int = 0
+) -> None:
+    """Generations in order, each epoch's finished steps added up. After a recovery that
+    resumed mid-epoch the next generation goes on with the same epoch (its records add to the
+    interrupted generation's); after one that resumed from the epoch checkpoint the interrupted
+    epoch is redone from its start (what was counted of it is dropped). Then every epoch must
+    hold every sample of ``ids`` (sorted) exactly once.
+
+    ``unlogged``: a worker killed from outside (a node removed) may die between finishing a
+    step and logging it; then up to that many ids (its share of one step) may be missing from
+    the interrupted epoch's log, never doubled. The test must then prove the count by the final
+    parameters (equal to an undisturbed run's).
+    """
+    generations = len(recoveries) + 1
+    assert sorted(records) == list(range(1, generations + 1))
+    counted: dict[int, list[float]] = {}
+    for g in range(1, generations + 1):
+        for epoch, got in records[g].items():
+            counted.setdefault(epoch, []).extend(got)
+        if g < generations and not recoveries[g - 1]["mid_epoch"]:
+            last = max(records[g])
+            if len(counted[last]) < len(ids):  # interrupted inside it: redone from its start
+                counted[last] = []
+    assert sorted(counted) == list(range(epochs))
+    for epoch, got in counted.items():
+        seen = np.sort(np.array(got, np.float32))
+        if unlogged and len(seen) < len(ids):
+            assert len(np.unique(seen)) == len(seen), f"epoch {epoch}: samples counted twice"
+            assert np.isin(seen, ids).all() and len(ids) - len(seen) <= unlogged, f"epoch {epoch}"
+            continue
+        np.testing.assert_array_equal(seen, ids, f"epoch {epoch}")
