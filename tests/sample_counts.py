@@ -13,15 +13,18 @@ from pathlib import Path
 import numpy as np
 
 
-def finished_by_generation(log_dir: Path) -> dict[int, dict[int, list[float]]]:
-    """generation -> epoch -> ids of every finished step (all ranks); incomplete steps left out."""
-    records: dict[int, dict[int, list[float]]] = {}
+def finished_by_generation(log_dir: Path) -> dict[int, dict[int, list[tuple[int, list]]]]:
+    """generation -> epoch -> (step, ids) of every finished step (all ranks); incomplete steps
+    left out. Jobs of one stage: ``step`` is then the stage's step count in its generation."""
+    records: dict[int, dict[int, list[tuple[int, list]]]] = {}
     for f in sorted(Path(log_dir).glob("rank*-gen*.jsonl")):
         gen = int(f.stem.split("gen")[1])
         for line in f.read_text().splitlines():
             rec = json.loads(line)
             if "ids" in rec:
-                records.setdefault(gen, {}).setdefault(rec["epoch"], []).extend(rec["ids"])
+                assert rec["stage"] == "1", "these counts are for jobs of one stage"
+                steps = records.setdefault(gen, {}).setdefault(rec["epoch"], [])
+                steps.append((rec["step"], rec["ids"]))
     return records
 
 
@@ -43,9 +46,16 @@ def assert_every_sample_once(
     assert sorted(records) == list(range(1, generations + 1))
     counted: dict[int, list[float]] = {}
     for g in range(1, generations + 1):
-        for epoch, got in records[g].items():
-            counted.setdefault(epoch, []).extend(got)
-        if g < generations and not recoveries[g - 1]["mid_epoch"]:
+        resumed = recoveries[g - 1] if g < generations else None
+        for epoch, steps in records[g].items():
+            for step, got in steps:
+                # a worker that died may have logged a step its peers never finished (its
+                # part of the step's collective lost with it): the next generation resumed
+                # after the survivors' last finished step and did that step again
+                if resumed and resumed["mid_epoch"] and step > resumed["resumed_at"]["steps"]:
+                    continue
+                counted.setdefault(epoch, []).extend(got)
+        if resumed is not None and not resumed["mid_epoch"]:
             last = max(records[g])
             if len(counted[last]) < len(ids):  # interrupted inside it: redone from its start
                 counted[last] = []

@@ -224,7 +224,8 @@ def test_two_ranks_compile_into_one_empty_cache_together(tmp_path):
         "y = np.arange(256) % 3\n"
         "for _ in range(3):\n"
         "    opt.zero_grad(); functional.cross_entropy(model(x), y).backward(); opt.step()\n"
-        "print('ok', float(opt.flat_params.sum()))\n"
+        "import sys\n"  # one write per rank: two ranks' prints interleaved through mpiexec
+        "sys.stdout.write(f'ok {float(opt.flat_params.sum())}\\n'); sys.stdout.flush()\n"
     )
     mpiexec = shutil.which("mpiexec")
     if mpiexec is None:
