@@ -56,16 +56,16 @@ class MklBlas:
 
     Shapes: a (M, K), b (K, N), out (M, N); a and b C-contiguous or transposes of
     C-contiguous arrays (what ``x.T`` gives), out C-contiguous; all float32 or all float64.
+    Threads: oneMKL's own ``MKL_NUM_THREADS`` / ``OMP_NUM_THREADS``, which ``distnet launch``
+    sets per rank.
     """
 
-    def __init__(self, path: str, threads: int | None = None) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self.layer = _threading_layer()
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         lib.MKL_Set_Threading_Layer.restype = ctypes.c_int
         lib.MKL_Set_Threading_Layer(ctypes.c_int(_LAYERS[self.layer]))
-        if threads is not None:
-            lib.MKL_Set_Num_Threads(ctypes.c_int(threads))
         self._fns = {np.dtype(np.float32): lib.cblas_sgemm, np.dtype(np.float64): lib.cblas_dgemm}
         scalar = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
         vp, i = ctypes.c_void_p, ctypes.c_int

@@ -2,7 +2,7 @@
 
 Each finished step logs ``{"stage", "epoch", "step", "ids"}``; a step a peer's death cut short
 logs ``{"incomplete": ids}`` (its samples never reached the parameters). Shared by the tests
-that kill workers, shards and nodes.
+that kill workers, shards and nodes, with the store whose samples carry their ids.
 """
 
 from __future__ import annotations
@@ -11,6 +11,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from distnet.data import digits_arrays, write_dataset
+
+
+def write_id_digits(store: Path, samples: int) -> np.ndarray:
+    """The first ``samples`` digits (scaled to [0, 1]) with a 65th feature column holding each
+    sample's id, ``(index + 1) / 10000``, as a training store at ``store``; returns the ids,
+    sorted. A logged batch's last column then says which samples a step used."""
+    x, y = digits_arrays()
+    ids = (np.arange(samples, dtype=np.float32) + 1) / 10000
+    xs = np.concatenate([x[:samples].astype(np.float32) / 16, ids[:, None]], axis=1)
+    write_dataset(str(store), xs, y[:samples], chunk_samples=64)
+    return np.sort(ids)
 
 
 def finished_by_generation(log_dir: Path) -> dict[int, dict[int, list[tuple[int, list]]]]:

@@ -26,9 +26,12 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from sample_counts import assert_every_sample_once, finished_by_generation  # noqa: E402
+from sample_counts import (  # noqa: E402
+    assert_every_sample_once,
+    finished_by_generation,
+    write_id_digits,
+)
 
-from distnet.data import digits_arrays, write_dataset  # noqa: E402
 from distnet.parallel.ps import ParameterServer  # noqa: E402
 from distnet.parallel.rayengine import RayJob, RayOptions, start_ray, worker_specs  # noqa: E402
 from distnet.train.job import load_job  # noqa: E402
@@ -73,13 +76,10 @@ def ray_cluster():
 def id_job(tmp_path_factory):
     """Digits whose last feature column is each sample's id; returns (job path, sorted ids)."""
     root = tmp_path_factory.mktemp("rayfaults")
-    x, y = digits_arrays()
-    ids = (np.arange(SAMPLES, dtype=np.float32) + 1) / 10000
-    xs = np.concatenate([x[:SAMPLES].astype(np.float32) / 16, ids[:, None]], axis=1)
-    write_dataset(str(root / "ids" / "train"), xs, y[:SAMPLES], chunk_samples=64)
+    ids = write_id_digits(root / "ids" / "train", SAMPLES)
     path = root / "job.toml"
     path.write_text(JOB.format(root=root, epochs=EPOCHS))
-    return path, np.sort(ids)
+    return path, ids
 
 
 def run(path, out, **options):

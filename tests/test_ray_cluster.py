@@ -22,10 +22,13 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from sample_counts import assert_every_sample_once, finished_by_generation  # noqa: E402
+from sample_counts import (  # noqa: E402
+    assert_every_sample_once,
+    finished_by_generation,
+    write_id_digits,
+)
 
 from distnet import backend  # noqa: E402
-from distnet.data import digits_arrays, write_dataset  # noqa: E402
 from distnet.parallel.rayengine import RayJob, options_from_job  # noqa: E402
 from distnet.train.checkpoint import load_checkpoint  # noqa: E402
 from distnet.train.job import build_model, load_job  # noqa: E402
@@ -124,12 +127,7 @@ def three_nodes():
 def ids(tmp_path_factory):
     """Digits whose last feature column is each sample's id; the sorted ids."""
     root = tmp_path_factory.mktemp("raycluster")
-    x, y = digits_arrays()
-    n = 1344
-    ident = (np.arange(n, dtype=np.float32) + 1) / 10000
-    xs = np.concatenate([x[:n].astype(np.float32) / 16, ident[:, None]], axis=1)
-    write_dataset(str(root / "ids" / "train"), xs, y[:n], chunk_samples=64)
-    return root, np.sort(ident)
+    return root, write_id_digits(root / "ids" / "train", 1344)
 
 
 def make_job(root, name, *, pins, strategy="allreduce", mode="sync", optimizer="sgd", lr=0.1):

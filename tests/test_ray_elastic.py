@@ -16,9 +16,11 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
+from sample_counts import write_id_digits  # noqa: E402
+
 from distnet import backend  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
-from distnet.data import StreamLoader, digits_arrays, write_dataset  # noqa: E402
+from distnet.data import StreamLoader  # noqa: E402
 from distnet.parallel.rayengine import RayJob, RayOptions, start_ray, worker_specs  # noqa: E402
 from distnet.train.checkpoint import load_checkpoint  # noqa: E402
 from distnet.train.job import _make_optimizer, build_model, load_job  # noqa: E402
@@ -64,10 +66,7 @@ def ray_cluster():
 def ids_root(tmp_path_factory):
     """Digits with a 65th feature column holding each sample's id (id / 10000)."""
     root = tmp_path_factory.mktemp("elastic")
-    x, y = digits_arrays()
-    ids = (np.arange(N, dtype=np.float32) + 1) / 10000
-    xs = np.concatenate([x[:N].astype(np.float32) / 16, ids[:, None]], axis=1)
-    write_dataset(str(root / "ids" / "train"), xs, y[:N], chunk_samples=64)
+    write_id_digits(root / "ids" / "train", N)
     (root / "job.toml").write_text(JOB.replace('"ids/', f'"{root}/ids/'))
     return root
 
