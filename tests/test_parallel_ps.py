@@ -291,6 +291,41 @@ def test_a_killed_shard_restarts_from_its_snapshot_and_training_finishes(workers
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("retry_first", [True, False])
+def test_a_restored_sync_shard_pairs_the_workers_steps_again(workers, retry_first):
+    """A shard restarted from a snapshot older than its last round: worker 0 got that round's
+    reply from the dead incarnation and goes on, worker 1 did not and retries it. Both must
+    pair up on the next step again. Before, the shard paired worker 1's retry with worker 0's
+    next step from then on, and the job's last round waited for a push that never came (seen
+    as a CI timeout of the killed-shard test above)."""
+    ps = ParameterServer.create(
+        initial_flat(), shards=1, mode="sync", num_workers=2, optimizer={"lr": 0.1},
+        timeout_s=10, round_timeout_s=5,
+    )  # fmt: skip
+    try:
+        shard, (lo, hi) = ps.shards[0], ps.ranges[0]
+        grad = np.ones(hi - lo, np.float32)
+
+        def push(worker, clock):
+            return shard.push_pull.remote(ps.token, worker, clock, 0, grad, 0.5, None)
+
+        ray.get([push(0, 1), push(1, 1)], timeout=30)
+        snapshot = ray.get(shard.state_dict.remote(), timeout=30)  # clocks [1, 1], version 1
+        ray.get([push(0, 2), push(1, 2)], timeout=30)
+        ray.get(shard.load_state_dict.remote(snapshot), timeout=30)  # the restart: round 2 lost
+        # one caller's calls start in the order they were made
+        calls = [push(1, 2), push(0, 3)] if retry_first else [push(0, 3), push(1, 2)]
+        retry, ahead = calls if retry_first else calls[::-1]
+        assert ray.get(retry, timeout=30)[0] == 1  # answered with the restored state
+        ray.get([ahead, push(1, 3)], timeout=30)  # step 3 of both, in one round
+        stats = ray.get(shard.stats.remote(), timeout=30)
+    finally:
+        ps.shutdown()
+    assert stats["version"] == 2 and stats["clocks"] == [3, 3]
+    assert stats["rounds_lost"] == 1 and stats["rounds_failed"] == 0
+
+
+@pytest.mark.timeout(60)
 def test_pushes_from_outside_the_job_or_of_the_wrong_shape_are_refused(workers):
     flat = initial_flat()
     ps = ParameterServer.create(flat, shards=2, mode="async", num_workers=2, optimizer={"lr": 0.1})

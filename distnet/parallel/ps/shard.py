@@ -13,7 +13,10 @@ the optimiser on the workers, the summed gradient slice) comes back, after
 Every push carries the job's token; anything not from this job, or not a float32 array of the
 slice's shape, is refused before the parameters are touched. The slice and optimiser state are
 snapshotted to a file every ``snapshot_every`` updates; a restarted actor (``max_restarts``)
-reloads it in its constructor.
+reloads it in its constructor. The rounds since that snapshot are lost; in ``sync`` the
+workers may then stand one step apart on this shard (one got the dead incarnation's reply,
+the other retries), and the shard answers the retry with what it holds instead of pairing
+different steps (``rounds_lost`` counts these).
 
 No wait is unbounded: a sync round that has not heard from every worker within
 ``round_timeout_s`` of its first push, or an ssp wait for the slowest worker that long, fails
@@ -127,6 +130,7 @@ class ParameterServerShard:
         self.pushes_received = [0] * num_workers  # every push that passed the checks
         self.pushes_applied = [0] * num_workers  # ... whose gradient went into an update
         self.rounds_failed = 0
+        self.rounds_lost = 0  # sync rounds a restart from a snapshot lost (see _sync_push)
         self._aborted: str | None = None  # fails ssp waits (sync rounds end one by one)
         self._round = _Round()
         self._clock_changed = asyncio.Condition()
@@ -263,6 +267,19 @@ class ParameterServerShard:
         # A round is complete when every worker has one pending gradient (keyed by worker, so
         # a retried push replaces its own entry instead of counting twice).
         round_done = self._round
+        clocks = {entry[2] for w, entry in round_done.pending.items() if w != worker}
+        if clocks and min(clocks) > clock:
+            # the others are past this clock: they finished this round in an incarnation that
+            # died before this worker got its reply, and the snapshot this one restored
+            # predates it. This is the retry; joining their round would pair different steps
+            # from now on, and at the end one round would wait for a push that never comes.
+            self.clocks[worker] = max(self.clocks[worker], clock)
+            self.rounds_lost += 1
+            return self.version, self._reply()
+        if clocks and max(clocks) < clock and worker not in round_done.pending:
+            # the mirror case: this worker got that round's reply before the restart
+            self._settle_lost_round(round_done)
+            round_done = self._round
         round_done.pending[worker] = (grad, float(share), clock, seen)
         loop = asyncio.get_running_loop()
         if round_done.deadline is None:
@@ -299,6 +316,17 @@ class ParameterServerShard:
         if round_done.error is not None:
             raise RoundFailed(round_done.error)
         return round_done.result
+
+    def _settle_lost_round(self, round_: _Round) -> None:
+        """Ends ``round_``, whose waiting workers' step a lost incarnation of this shard had
+        completed, with what the shard holds now (nothing applied: that step's update was
+        lost with the incarnation, like every update since the snapshot)."""
+        for w, entry in round_.pending.items():
+            self.clocks[w] = max(self.clocks[w], entry[2])
+        self.rounds_lost += 1
+        round_.result = (self.version, _ray().put(self._reply()))
+        self._round = _Round()
+        round_.done.set()
 
     def _sum_buffer(self) -> np.ndarray:
         if self._last_sum is None:
@@ -399,6 +427,7 @@ class ParameterServerShard:
             "pushes_received": list(self.pushes_received),
             "pushes_applied": list(self.pushes_applied),
             "rounds_failed": self.rounds_failed,
+            "rounds_lost": self.rounds_lost,
             "restored_from_snapshot": self.restored_from_snapshot,
             "placement_group": _ray().get_runtime_context().get_placement_group_id(),
             "node_id": _ray().get_runtime_context().get_node_id(),
