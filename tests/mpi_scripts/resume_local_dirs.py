@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from crash_resume import run_or_crash
 
 from distnet.parallel import init
-from distnet.train import pipeline as pipeline_mod
-from distnet.train.job import load_job, run_job
+from distnet.train.job import load_job
 
 job_path, rank0_out, local_root, mode = sys.argv[1:5]
 device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
@@ -24,39 +24,6 @@ out = Path(rank0_out) if comm.rank == 0 else Path(local_root) / f"rank{comm.rank
 assert comm.rank == 0 or not out.exists()
 job = load_job(job_path, {"run": {"out": str(out), "device": device}})
 
-models = []
-real_init = pipeline_mod.Pipeline.__init__
-
-
-def recording_init(self, run_dir, model, *args, **kwargs):
-    models.append(model)
-    real_init(self, run_dir, model, *args, **kwargs)
-
-
-pipeline_mod.Pipeline.__init__ = recording_init
-
-
-class Crash(Exception):
-    pass
-
-
-if mode == "crash":
-    real_end = pipeline_mod._EpochCheckpoint.on_epoch_end
-
-    def crashing_end(self, epoch, logs):
-        real_end(self, epoch, logs)
-        if self.ctx.name == "finetune" and epoch + 1 == 2:
-            raise Crash  # every rank, at the same point
-
-    pipeline_mod._EpochCheckpoint.on_epoch_end = crashing_end
-    try:
-        run_job(job, log=lambda line: None)
-    except Crash:
-        comm.barrier()
-        comm.print0("crashed as planned")
-        sys.exit(0)
-    raise AssertionError("the planned crash did not happen")
-
-report = run_job(job, log=print if comm.rank == 0 else (lambda line: None))
-np.savez(Path(local_root) / f"final-{mode}-rank{comm.rank}.npz", **models[0].state_dict())
+report, model = run_or_crash(job, comm, mode, log=print if comm.rank == 0 else (lambda line: None))
+np.savez(Path(local_root) / f"final-{mode}-rank{comm.rank}.npz", **model.state_dict())
 comm.print0(f"{mode} done, resumed from {[s['resumed_from_epoch'] for s in report['stages']]}")

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from crash_resume import run_or_crash
 
 from distnet.parallel import init
-from distnet.train import pipeline as pipeline_mod
-from distnet.train.job import load_job, run_job
+from distnet.train.job import load_job
 
 job_path, rank0_out, local_root, mode = sys.argv[1:5]
 comm = init("mpi")
@@ -34,43 +34,10 @@ layout = {
 }  # fmt: skip
 job = load_job(job_path, {"run": {"out": str(out)}})
 
-models = []
-real_init = pipeline_mod.Pipeline.__init__
-
-
-def recording_init(self, run_dir, model, *args, **kwargs):
-    models.append(model)
-    real_init(self, run_dir, model, *args, **kwargs)
-
-
-pipeline_mod.Pipeline.__init__ = recording_init
-
-
-class Crash(Exception):
-    pass
-
-
-if mode == "crash":
-    real_end = pipeline_mod._EpochCheckpoint.on_epoch_end
-
-    def crashing_end(self, epoch, logs):
-        real_end(self, epoch, logs)
-        if self.ctx.name == "finetune" and epoch + 1 == 2:
-            raise Crash  # every rank, at the same point, after the checkpoint
-
-    pipeline_mod._EpochCheckpoint.on_epoch_end = crashing_end
-    try:
-        run_job(job, log=lambda line: None)
-    except Crash:
-        comm.barrier()
-        comm.print0("crashed as planned")
-        sys.exit(0)
-    raise AssertionError("the planned crash did not happen")
-
-report = run_job(job, log=lambda line: None)
+report, model = run_or_crash(job, comm, mode, log=lambda line: None)
 # what rank > 0 wrote in its own directory (it must not need, nor write, checkpoints)
 layout["wrote"] = sorted({p.relative_to(out).parts[0] for p in out.rglob("*")})
-params = {k: np.asarray(v) for k, v in models[0].state_dict().items()}
+params = {k: np.asarray(v) for k, v in model.state_dict().items()}
 everyone = comm.allgather((layout, params))
 if comm.rank == 0:
     np.savez(
