@@ -176,15 +176,18 @@ def test_a_killed_shard_without_snapshots_is_an_error_not_a_silent_reset(ray_clu
     flat = np.zeros(10, np.float32)
     ps = ParameterServer.create(
         flat, shards=2, mode="async", num_workers=1, optimizer={"name": "sgd", "lr": 0.5},
-        timeout_s=5, retries=2,
+        timeout_s=5, retries=6,
     )  # fmt: skip
     try:
         lo, hi = ps.ranges[1]
         grad = np.ones(hi - lo, np.float32)
         ps.call_with_retry(1, lambda s: s.push_pull.remote(ps.token, 0, 1, 0, grad, 1.0, 0.5))
         os.kill(ps.call_all("ping")[1], signal.SIGKILL)
+        began = time.monotonic()
         with pytest.raises(RuntimeError, match=r"shard 1 .*no snapshots: a killed shard is not"):
             ps.call_with_retry(1, lambda s: s.push_pull.remote(ps.token, 0, 2, 1, grad, 1.0, 0.5))
+        # at once: a shard that cannot restart is not retried (before: the retries' back-off)
+        assert time.monotonic() - began < 2.0
     finally:
         ps.shutdown()
 

@@ -68,6 +68,12 @@ def _retryable() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
 
 
+def _died(err: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError
+
+    return isinstance(err, ActorDiedError)
+
+
 class ShardLostError(RuntimeError):
     """A shard stopped answering (dead and not restarted, or silent past every retry).
 
@@ -259,6 +265,8 @@ class ParameterServer:
                 return result
             except _retryable() as err:
                 last, ref = err, None
+                if not self.snapshot_every and _died(err):
+                    break  # not restartable (max_restarts 0): no retry can reach it
                 time.sleep(min(0.2 * 2**attempt, 5.0))  # a restart takes a moment
         lost = "" if self.snapshot_every else " (no snapshots: a killed shard is not restarted)"
         raise ShardLostError(
