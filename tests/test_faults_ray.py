@@ -26,6 +26,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
+from ray_jobs import mlp_job  # noqa: E402
 from sample_counts import (  # noqa: E402
     assert_every_sample_once,
     finished_by_generation,
@@ -33,43 +34,13 @@ from sample_counts import (  # noqa: E402
 )
 
 from distnet.parallel.ps import ParameterServer  # noqa: E402
-from distnet.parallel.rayengine import RayJob, RayOptions, start_ray, worker_specs  # noqa: E402
+from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs  # noqa: E402
 from distnet.train.job import load_job  # noqa: E402
 from distnet.train.rayjob import run_rank  # noqa: E402
 
 pytestmark = [pytest.mark.fault, pytest.mark.ray, pytest.mark.timeout(150)]
 EPOCHS, SAMPLES = 2, 1344  # 1344 samples = 42 global batches of 32
 PS = {"mode": "sync", "shards": 2, "snapshot_every": 1, "retries": 8}
-
-JOB = """
-[data]
-train = "{root}/ids/train"
-batch_size = 32
-
-[model]
-type = "mlp"
-hidden = [32]
-activation = "tanh"
-
-[finetune]
-epochs = {epochs}
-optimizer = "sgd"
-lr = 0.1
-momentum = 0.9
-weight_decay = 0.0
-
-[run]
-log_every = 1000
-pictures = false
-"""
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = start_ray(None, num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +49,7 @@ def id_job(tmp_path_factory):
     root = tmp_path_factory.mktemp("rayfaults")
     ids = write_id_digits(root / "ids" / "train", SAMPLES)
     path = root / "job.toml"
-    path.write_text(JOB.format(root=root, epochs=EPOCHS))
+    path.write_text(mlp_job(f"{root}/ids/train", epochs=EPOCHS, log_every=1000))
     return path, ids
 
 
@@ -188,6 +159,31 @@ def test_a_killed_shard_without_snapshots_is_an_error_not_a_silent_reset(ray_clu
             ps.call_with_retry(1, lambda s: s.push_pull.remote(ps.token, 0, 2, 1, grad, 1.0, 0.5))
         # at once: a shard that cannot restart is not retried (before: the retries' back-off)
         assert time.monotonic() - began < 2.0
+    finally:
+        ps.shutdown()
+
+
+def test_retries_of_a_dead_shard_stop_when_the_workers_group_was_stopped(ray_cluster):
+    """Regression: a survivor whose rank 0 died (taking the shards it owns along) retried
+    every call to the dead shards with back-off before it noticed that its group was stopped,
+    which cost the fault tests 25 s a recovery. The worker's ``interrupt`` hook is now checked
+    between retries too."""
+
+    class GroupStopped(Exception):
+        pass
+
+    def stopped():
+        raise GroupStopped
+
+    ps = ParameterServer.create(
+        np.zeros(10, np.float32), shards=2, mode="async", num_workers=1,
+        optimizer={"name": "sgd", "lr": 0.5}, snapshot_every=1, timeout_s=5, retries=6,
+    )  # fmt: skip
+    try:
+        ray.kill(ps.shards[1], no_restart=True)
+        ps.interrupt = stopped
+        with pytest.raises(GroupStopped):
+            ps.call_with_retry(1, lambda s: s.ping.remote())
     finally:
         ps.shutdown()
 

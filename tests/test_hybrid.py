@@ -15,6 +15,8 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
+from ray_jobs import mlp_job  # noqa: E402
+
 from distnet import backend, cli  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
 from distnet.data import StreamLoader, convert_digits  # noqa: E402
@@ -24,7 +26,6 @@ from distnet.parallel.rayengine import (  # noqa: E402
     WorkerSpec,
     options_from_job,
     set_batch_sizes,
-    start_ray,
     worker_specs,
 )
 from distnet.parallel.rayengine.groups import group_ranks, node_groups  # noqa: E402
@@ -33,40 +34,6 @@ from distnet.train.job import JobError, _make_optimizer, build_model, load_job  
 from distnet.train.rayjob import run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
-
-JOB = """
-[data]
-train = "{data}/train"
-test = "{data}/test"
-batch_size = 32
-
-[model]
-type = "mlp"
-hidden = [32]
-activation = "tanh"
-
-[finetune]
-epochs = {epochs}
-optimizer = "sgd"
-lr = 0.1
-momentum = 0.9
-weight_decay = 0.0
-
-[dist]
-{dist}
-
-[run]
-log_every = 100
-pictures = false
-"""
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = start_ray(None, num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +136,7 @@ def test_hybrid_weights_each_node_by_its_workers_shares_of_the_global_batch(ray_
     pushes must carry their nodes' unequal shares for the update to stay the global-batch
     one."""
     path = digits / "hybrid-hetero.toml"
-    path.write_text(JOB.format(data="data", epochs=2, dist=""))
+    path.write_text(mlp_job("data/train", test="data/test", epochs=2))
     out = digits / "run-hybrid-hetero"
     job = load_job(path, {"run": {"out": str(out)}})
     workers = [WorkerSpec(), WorkerSpec(delay_per_sample_s=0.002), WorkerSpec(), WorkerSpec()]
@@ -206,7 +173,7 @@ def test_hybrid_sync_equals_one_process_on_the_global_batch(ray_cluster, digits,
     """2 "nodes" x 2 workers, equal shares: the shards take one push per node (the node's
     sum), and the final parameters are those of one process on the whole global batch."""
     path = digits / f"hybrid-{shards}.toml"
-    path.write_text(JOB.format(data="data", epochs=1, dist=""))
+    path.write_text(mlp_job("data/train", test="data/test", epochs=1))
     out = digits / f"run-hybrid-{shards}"
     job = load_job(path, {"run": {"out": str(out)}})
     options = RayOptions(
@@ -227,7 +194,8 @@ def test_a_resumed_hybrid_stage_starts_its_shards_from_the_checkpoint(ray_cluste
     """A stage resumed from its epoch checkpoint gets new shards, made from the stage's fresh
     parameters: they must take the checkpoint's, or the run goes on from the fresh ones (plain
     SGD: the shards' optimiser state, not in the checkpoint, is empty, so resuming is exact)."""
-    text = JOB.format(data="data", epochs=1, dist="").replace("momentum = 0.9", "momentum = 0.0")
+    text = mlp_job("data/train", test="data/test", epochs=1)
+    text = text.replace("momentum = 0.9", "momentum = 0.0")
     path = digits / "hybrid-resume.toml"
     path.write_text(text)
     out = digits / "run-hybrid-resume"
@@ -251,7 +219,7 @@ def test_a_hybrid_digits_job_from_its_file_reaches_the_accuracy_bar(ray_cluster,
     local node here, so one leader pushes for all four workers)."""
     dist = 'engine = "ray"\nstrategy = "hybrid"\nworkers = 4\nshards = 2'
     path = digits / "hybrid-job.toml"
-    path.write_text(JOB.format(data="data", epochs=4, dist=dist))
+    path.write_text(mlp_job("data/train", test="data/test", epochs=4, dist=dist))
     out = digits / "run-hybrid-job"
     assert cli.main(["train", str(path), "--out", str(out)]) == 0
     saved = json.loads((out / "report.json").read_text())
@@ -279,7 +247,8 @@ def test_hybrid_ssp_pushes_each_nodes_mean_gradient(ray_cluster, digits):
     applied on arrival, and both nodes then go on from the parameters after both pushes; so a
     round is one step of 2 x lr on the global batch's mean gradient (equal nodes). A leader that
     pushed its node's share-weighted sum instead would give one step of lr."""
-    text = JOB.format(data="data", epochs=1, dist="").replace("momentum = 0.9", "momentum = 0.0")
+    text = mlp_job("data/train", test="data/test", epochs=1)
+    text = text.replace("momentum = 0.9", "momentum = 0.0")
     path = digits / "hybrid-ssp.toml"
     path.write_text(text)
     out = digits / "run-hybrid-ssp"

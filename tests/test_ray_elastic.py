@@ -16,6 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
+from ray_jobs import mlp_job  # noqa: E402
 from sample_counts import (  # noqa: E402
     assert_every_sample_once,
     finished_by_generation,
@@ -25,7 +26,7 @@ from sample_counts import (  # noqa: E402
 from distnet import backend  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
 from distnet.data import StreamLoader  # noqa: E402
-from distnet.parallel.rayengine import RayJob, RayOptions, start_ray, worker_specs  # noqa: E402
+from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs  # noqa: E402
 from distnet.train.checkpoint import load_checkpoint  # noqa: E402
 from distnet.train.job import _make_optimizer, build_model, load_job  # noqa: E402
 from distnet.train.rayjob import run_rank  # noqa: E402
@@ -35,43 +36,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.fault, pytest.mark.timeout(180)]
 N, GLOBAL_BATCH, EPOCHS = 1344, 32, 2  # 42 global steps an epoch
 KILL_AT = 50  # rank 1 exits after its 50th step: 8 steps into epoch 1 (the last)
 
-JOB = f"""
-[data]
-train = "ids/train"
-batch_size = {GLOBAL_BATCH}
-
-[model]
-type = "mlp"
-hidden = [32]
-activation = "tanh"
-
-[finetune]
-epochs = {EPOCHS}
-optimizer = "sgd"
-lr = 0.1
-momentum = 0.9
-weight_decay = 0.0
-
-[run]
-log_every = 100
-pictures = false
-"""
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = start_ray(None, num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def ids_root(tmp_path_factory):
     """Digits with a 65th feature column holding each sample's id (id / 10000)."""
     root = tmp_path_factory.mktemp("elastic")
     write_id_digits(root / "ids" / "train", N)
-    (root / "job.toml").write_text(JOB.replace('"ids/', f'"{root}/ids/'))
+    (root / "job.toml").write_text(mlp_job(f"{root}/ids/train", epochs=EPOCHS))
     return root
 
 

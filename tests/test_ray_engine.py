@@ -18,6 +18,8 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
+from ray_jobs import mlp_job  # noqa: E402
+
 from distnet import backend, cli  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
 from distnet.data import StreamLoader, convert_digits, digits_arrays, write_dataset  # noqa: E402
@@ -34,41 +36,6 @@ from distnet.train.job import _make_optimizer, build_model, load_job, run_job  #
 from distnet.train.rayjob import run_rank, run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
-
-MLP_JOB = """
-[data]
-train = "{data}/train"
-test = "{data}/test"
-batch_size = 32
-
-[model]
-type = "mlp"
-hidden = [32]
-activation = "tanh"
-
-[finetune]
-epochs = {epochs}
-optimizer = "sgd"
-lr = 0.1
-momentum = 0.9
-weight_decay = 0.0
-
-[run]
-log_every = 100
-pictures = false
-"""
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = start_ray(None, num_cpus=4)
-    from ray._raylet import get_authentication_mode  # noqa: PLC0415
-
-    assert os.environ.get("RAY_AUTH_MODE") == "token"  # token authentication stays on
-    assert int(get_authentication_mode()) == 1  # AuthenticationMode.TOKEN
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +142,7 @@ def _check_collectives(res):
 
 # --- training ------------------------------------------------------------------------------
 def test_ray_allreduce_training_equals_one_process_on_the_global_batch(ray_cluster, digits):
-    path = write_job(digits, "mlp.toml", MLP_JOB.format(data="data", epochs=2))
+    path = write_job(digits, "mlp.toml", mlp_job("data/train", test="data/test", epochs=2))
     out = digits / "run-ray"
     job = load_job(path, {"run": {"out": str(out)}, "dist": {"engine": "ray"}})
     report = run_ray_job(job, RayOptions(workers=worker_specs(2)), log=lambda line: None)
@@ -187,7 +154,7 @@ def test_ray_allreduce_training_equals_one_process_on_the_global_batch(ray_clust
 
 
 def test_shares_follow_throughput_and_the_update_stays_the_global_batch_one(ray_cluster, digits):
-    path = write_job(digits, "hetero.toml", MLP_JOB.format(data="data", epochs=3))
+    path = write_job(digits, "hetero.toml", mlp_job("data/train", test="data/test", epochs=3))
     out = digits / "run-hetero"
     job = load_job(path, {"run": {"out": str(out)}})
     slow = WorkerSpec(delay_per_sample_s=0.002)  # rank 1: ~30x slower per sample
@@ -208,7 +175,7 @@ def test_shares_follow_throughput_and_the_update_stays_the_global_batch_one(ray_
 
 @pytest.mark.slow
 def test_stacked_autoencoder_job_on_ray_matches_one_process(ray_cluster, digits, capsys):
-    text = MLP_JOB.format(data="data", epochs=20).replace(
+    text = mlp_job("data/train", test="data/test", epochs=20).replace(
         'type = "mlp"', 'type = "stacked_autoencoder"'
     )
     text = text.replace("hidden = [32]", "hidden = [100, 100]").replace('"tanh"', '"sigmoid"')
@@ -249,7 +216,7 @@ def _id_store(root):
 def test_killed_worker_is_replaced_and_every_sample_counts_once(ray_cluster, digits, replace):
     """replace=False: no new actor, the survivor carries on alone (--min-workers 1)."""
     ids = _id_store(digits)
-    text = MLP_JOB.format(data="ids", epochs=3).replace('test = "ids/test"\n', "")
+    text = mlp_job("ids/train", epochs=3)
     path = write_job(digits, "elastic.toml", text)
     log_dir = digits / f"samples-{replace}"
     job = load_job(path, {"run": {"out": str(digits / f"run-elastic-{replace}")}})
@@ -284,7 +251,7 @@ def test_killed_worker_is_replaced_and_every_sample_counts_once(ray_cluster, dig
 
 
 def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits):
-    path = write_job(digits, "sigint.toml", MLP_JOB.format(data="data", epochs=400))
+    path = write_job(digits, "sigint.toml", mlp_job("data/train", test="data/test", epochs=400))
     out = digits / "run-sigint"
     job = load_job(path, {"run": {"out": str(out)}})
     rj = RayJob(RayOptions(workers=worker_specs(2)), log=lambda line: None, task=run_rank)
@@ -323,7 +290,7 @@ def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits
 
 def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, digits):
     pytest.importorskip("distnet.parallel.ps", reason="the parameter server (ray-ps) is not here")
-    path = write_job(digits, "ps.toml", MLP_JOB.format(data="data", epochs=1))
+    path = write_job(digits, "ps.toml", mlp_job("data/train", test="data/test", epochs=1))
     out = digits / "run-ps"
     job = load_job(path, {"run": {"out": str(out)}})
     options = RayOptions(
@@ -354,7 +321,7 @@ def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, di
 def test_a_gpu_worker_and_a_cpu_worker_train_together(ray_cluster, digits):
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the local Ray sees no GPU")
-    path = write_job(digits, "mixed.toml", MLP_JOB.format(data="data", epochs=2))
+    path = write_job(digits, "mixed.toml", mlp_job("data/train", test="data/test", epochs=2))
     out = digits / "run-mixed"
     job = load_job(path, {"run": {"out": str(out)}})
     workers = [WorkerSpec("cuda", 1.0, 1.0), WorkerSpec("cpu")]
@@ -367,7 +334,7 @@ def test_a_gpu_worker_and_a_cpu_worker_train_together(ray_cluster, digits):
 
 
 def test_ray_options_that_cannot_run_fail_cleanly_before_ray_starts(digits, capsys):
-    path = write_job(digits, "bad.toml", MLP_JOB.format(data="data", epochs=1))
+    path = write_job(digits, "bad.toml", mlp_job("data/train", test="data/test", epochs=1))
     base = ["train", str(path), "--engine", "ray", "--out", str(digits / "run-bad")]
     assert cli.main([*base, "--workers", "2", "--min-workers", "5"]) == 2
     assert "--min-workers 5 must be in 1..2" in capsys.readouterr().err

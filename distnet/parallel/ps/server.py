@@ -267,12 +267,26 @@ class ParameterServer:
                 last, ref = err, None
                 if not self.snapshot_every and _died(err):
                     break  # not restartable (max_restarts 0): no retry can reach it
-                time.sleep(min(0.2 * 2**attempt, 5.0))  # a restart takes a moment
+                self._pause(min(0.2 * 2**attempt, 5.0))  # a restart takes a moment
         lost = "" if self.snapshot_every else " (no snapshots: a killed shard is not restarted)"
         raise ShardLostError(
             f"parameter-server shard {index} {self.ranges[index]} did not answer "
             f"({self.retries} retries, each waiting up to {self.timeout_s:g} s){lost}: {last}"
         )
+
+    def _pause(self, seconds: float) -> None:
+        """Sleeps ``seconds`` between retries, checking ``interrupt`` (see ``_get``) four times
+        a second: shards that died with the group's rank 0 fail every call at once, and the
+        worker must not spend its retries on them after the group was stopped."""
+        interrupt = self.__dict__.get("interrupt")
+        end = time.monotonic() + seconds
+        while True:
+            if interrupt is not None:
+                interrupt()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.25, left))
 
     def _get(self, refs: Any) -> Any:
         """``ray.get(refs)`` within ``timeout_s``. A worker may set ``interrupt`` (a callable
@@ -321,6 +335,12 @@ class ParameterServer:
             self.call_with_retry(i, lambda s: getattr(s, method).remote(*args), ref)
             for i, ref in enumerate(refs)
         ]
+
+    def call_all_once(self, method: str, timeout_s: float) -> list[Any]:
+        """``method()`` on every shard, one attempt each, all within ``timeout_s``; raises Ray's
+        error on any failure. For questions a retry cannot answer better (after a peer died:
+        does the server still hold the last step's state?)."""
+        return _ray().get([getattr(s, method).remote() for s in self.shards], timeout=timeout_s)
 
     # --- driver-side API ------------------------------------------------------------------
     def pull(self) -> np.ndarray:

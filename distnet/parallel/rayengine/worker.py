@@ -310,7 +310,13 @@ class _ClosingServer:
         ps = self.optimizer.ps
         if ps.mode != "sync":
             return False
-        return {int(s["version"]) for s in ps.call_all("stats")} == {int(steps)}
+        # No retries: a shard that died (with rank 0, its owner) or is restarting from a
+        # snapshot holds no sure state, and the epoch's checkpoint does.
+        try:
+            stats = ps.call_all_once("stats", timeout_s=min(ps.timeout_s, 10.0))
+        except Exception:  # noqa: BLE001
+            return False
+        return {int(s["version"]) for s in stats} == {int(steps)}
 
     def release(self) -> None:
         """After a peer died: rank 0 ends the stage's server (its round will never finish)."""

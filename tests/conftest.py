@@ -1,0 +1,24 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray (4 CPUs), started once per module that asks for it and shut down after;
+    token authentication stays on (Ray 2.60's default, never turned off)."""
+    ray = pytest.importorskip("ray")
+    from ray._raylet import get_authentication_mode  # noqa: PLC0415
+
+    from distnet.parallel.rayengine import start_ray  # noqa: PLC0415
+
+    started = start_ray(None, num_cpus=4)
+    assert os.environ.get("RAY_AUTH_MODE") == "token"
+    assert int(get_authentication_mode()) == 1  # AuthenticationMode.TOKEN
+    yield
+    if started:
+        ray.shutdown()
