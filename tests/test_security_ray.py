@@ -30,6 +30,7 @@ def connect(gcs: str, tmp_path: Path, token: str | None) -> subprocess.Completed
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token there
     if token is not None:
         env["RAY_AUTH_TOKEN"] = token
+    env["RAY_gcs_server_port_wait_time_s"] = "3"  # 3 tries to reach the GCS, not Ray's 20
     code = f"import ray; ray.init(address={gcs!r}); print('CONNECTED', ray.is_initialized())"
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
