@@ -190,6 +190,34 @@ def test_hybrid_sync_equals_one_process_on_the_global_batch(ray_cluster, digits,
     assert report["test_accuracy"] >= 0.8
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", [0, 2])
+def test_a_hybrid_job_that_loses_a_worker_ends_with_the_undisturbed_parameters(
+    ray_cluster, digits, lost
+):
+    """A worker dies after its 30th step (of 42 an epoch). Rank 2, the second node's leader,
+    leaves the other leader waiting in the shards' sync round: the driver's abort must reach
+    it, and the job resumes at the last finished global step from the shards' state. Rank 0
+    takes the shards it owns along: the epoch is redone from its checkpoint (parameters and
+    the shards' momentum). Either way the job ends with one process's parameters on the
+    global batch."""
+    path = digits / f"hybrid-lost-{lost}.toml"
+    path.write_text(mlp_job("data/train", test="data/test", epochs=2))
+    out = digits / f"run-hybrid-lost-{lost}"
+    job = load_job(path, {"run": {"out": str(out)}})
+    options = RayOptions(
+        workers=worker_specs(4),
+        strategy="hybrid",
+        ps={"mode": "sync", "workers_per_node": 2},
+        fail_at_step={lost: 30},
+    )
+    report = run_ray_job(job, options, log=lambda line: None)
+    (recovery,) = report["recoveries"]
+    assert recovery["lost"] == [lost] and report["generation"] == 2 and report["workers"] == 4
+    assert recovery["mid_epoch"] == (lost != 0), recovery
+    assert np.max(np.abs(final_params(job, out) - reference_params(job, 2, 4))) < 1e-5
+
+
 def test_a_resumed_hybrid_stage_starts_its_shards_from_the_checkpoint(ray_cluster, digits):
     """A stage resumed from its epoch checkpoint gets new shards, made from the stage's fresh
     parameters: they must take the checkpoint's, or the run goes on from the fresh ones (plain
