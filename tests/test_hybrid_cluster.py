@@ -51,11 +51,12 @@ def two_nodes():
 
 
 def test_hybrid_groups_the_workers_by_the_ray_node_they_landed_on(two_nodes, tmp_path):
-    from test_hybrid import JOB, final_params, reference_params  # noqa: PLC0415
+    from ray_jobs import mlp_job  # noqa: PLC0415
+    from test_hybrid import final_params, reference_params  # noqa: PLC0415
 
     convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=64)
     path = tmp_path / "job.toml"
-    path.write_text(JOB.format(data="data", epochs=1, dist=""))
+    path.write_text(mlp_job("data/train", test="data/test", epochs=1))
     out = tmp_path / "run"
     job = load_job(path, {"run": {"out": str(out)}})
     options = RayOptions(workers=worker_specs(4), strategy="hybrid", ps={"mode": "sync"})
