@@ -325,6 +325,45 @@ def test_a_restored_sync_shard_pairs_the_workers_steps_again(workers, retry_firs
     assert stats["rounds_lost"] == 1 and stats["rounds_failed"] == 0
 
 
+@ray.remote
+def _timed_out_call():
+    from ray.exceptions import GetTimeoutError  # noqa: PLC0415
+
+    raise GetTimeoutError("a shard that did not answer in time (simulated)")
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_call_is_sent_again_while_the_other_shards_calls_stay_in_flight(workers):
+    """Regression (a CI deadlock after a shard restart): worker 0's call to shard 1 failed,
+    its call to shard 0 waits in a sync round for worker 1, and worker 1 pushes to shard 0
+    only after shard 1's round, which needs worker 0's push there. Retried one shard after
+    the other, worker 0 sent that push only once shard 0 had answered: never."""
+    import threading  # noqa: PLC0415
+
+    ps = ParameterServer.create(
+        initial_flat(), shards=2, mode="sync", num_workers=2, optimizer={"lr": 0.1},
+        timeout_s=5, retries=2,
+    )  # fmt: skip
+    try:
+
+        def push(worker, i):
+            lo, hi = ps.ranges[i]
+            grad = np.ones(hi - lo, np.float32)
+            return ps.shards[i].push_pull.remote(ps.token, worker, 1, 0, grad, 0.5, None)
+
+        def worker_1():
+            ray.get(push(1, 1), timeout=30)  # shard 1's round: waits for worker 0's push
+            ray.get(push(1, 0), timeout=30)
+
+        peer = threading.Thread(target=worker_1, daemon=True)
+        peer.start()
+        replies = ps.gather([push(0, 0), _timed_out_call.remote()], lambda i, s: push(0, i))
+        peer.join(30)
+    finally:
+        ps.shutdown()
+    assert [version for version, _ in replies] == [1, 1]
+
+
 @pytest.mark.timeout(60)
 def test_pushes_from_outside_the_job_or_of_the_wrong_shape_are_refused(workers):
     flat = initial_flat()

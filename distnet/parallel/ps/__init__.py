@@ -8,11 +8,11 @@
 Importing this package does not import Ray; creating a server does.
 """
 
+from distnet.parallel.ps.calls import ShardLostError
 from distnet.parallel.ps.hybrid import HybridOptimizer
 from distnet.parallel.ps.server import (
     DEFAULT_OPTIMIZER_ON,
     ParameterServer,
-    ShardLostError,
     penalty_mask_of,
     shard_ranges,
 )

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet.parallel.ps.calls import call_shards, retryable
 from distnet.parallel.ps.shard import MODES, ParameterServerShard
 
 OPTIMIZER_ON = ("server", "worker")
@@ -54,33 +55,6 @@ def _ray() -> Any:
     import ray
 
     return ray
-
-
-def _retryable() -> tuple[type[BaseException], ...]:
-    from ray.exceptions import (
-        ActorUnavailableError,
-        GetTimeoutError,
-        ObjectLostError,
-        RayActorError,
-    )
-
-    # ObjectLostError (OwnerDiedError among them): a reply put by a shard that died since
-    return (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
-
-
-def _died(err: BaseException) -> bool:
-    from ray.exceptions import ActorDiedError
-
-    return isinstance(err, ActorDiedError)
-
-
-class ShardLostError(RuntimeError):
-    """A shard stopped answering (dead and not restarted, or silent past every retry).
-
-    ``group_may_restart``: an engine that resumes jobs from checkpoints may run the job again
-    with a new server (the Ray engine does, as for a lost worker)."""
-
-    group_may_restart = True
 
 
 class ParameterServer:
@@ -245,48 +219,10 @@ class ParameterServer:
 
     # --- calls with bounded retries -------------------------------------------------------
     def call_with_retry(self, index: int, submit: Callable[[Any], Any], ref: Any = None) -> Any:
-        """``ray.get`` of ``submit(shard)`` (or of ``ref`` already submitted), retried on a
-        dead, restarting or silent shard up to ``retries`` times, each waiting ``timeout_s``.
-        A shard's own error (a refused push) is raised at once."""
-        ray = _ray()
-        last: BaseException | None = None
-        for attempt in range(self.retries + 1):
-            if self.aborted is not None:
-                raise RuntimeError(
-                    f"parameter-server shard {index} {self.ranges[index]}: {self.aborted}"
-                )
-            if ref is None:
-                ref = submit(self.shards[index])
-            try:
-                result = self._get(ref)
-                if isinstance(result, tuple) and result and isinstance(result[-1], ray.ObjectRef):
-                    # a sync round's reply: the slice was put once for every worker
-                    result = (*result[:-1], self._get(result[-1]))
-                return result
-            except _retryable() as err:
-                last, ref = err, None
-                if not self.snapshot_every and _died(err):
-                    break  # not restartable (max_restarts 0): no retry can reach it
-                self._pause(min(0.2 * 2**attempt, 5.0))  # a restart takes a moment
-        lost = "" if self.snapshot_every else " (no snapshots: a killed shard is not restarted)"
-        raise ShardLostError(
-            f"parameter-server shard {index} {self.ranges[index]} did not answer "
-            f"({self.retries} retries, each waiting up to {self.timeout_s:g} s){lost}: {last}"
-        )
-
-    def _pause(self, seconds: float) -> None:
-        """Sleeps ``seconds`` between retries, checking ``interrupt`` (see ``_get``) four times
-        a second: shards that died with the group's rank 0 fail every call at once, and the
-        worker must not spend its retries on them after the group was stopped."""
-        interrupt = self.__dict__.get("interrupt")
-        end = time.monotonic() + seconds
-        while True:
-            if interrupt is not None:
-                interrupt()
-            left = end - time.monotonic()
-            if left <= 0:
-                return
-            time.sleep(min(0.25, left))
+        """The result of ``submit(shard)`` (or of ``ref`` already submitted), sent again on a
+        dead, restarting or silent shard up to ``retries`` times, each waiting ``timeout_s``
+        (see ``calls.call_shards``). A shard's own error (a refused push) is raised at once."""
+        return call_shards(self, lambda i, shard: submit(shard), {index: ref})[index]
 
     def _get(self, refs: Any) -> Any:
         """``ray.get(refs)`` within ``timeout_s``. A worker may set ``interrupt`` (a callable
@@ -313,7 +249,7 @@ class ParameterServer:
     def gather(self, refs: list[Any], submit: Callable[[int, Any], Any]) -> list[Any]:
         """Results of one call per shard (``refs``, submitted by ``submit(i, shard)``): one
         ``ray.get`` for all of them, and one for the sync rounds' put-once replies; on any
-        failure, shard by shard through ``call_with_retry``."""
+        failure, through ``calls.call_shards``."""
         ray = _ray()
         try:
             results = self._get(refs)
@@ -325,16 +261,19 @@ class ParameterServer:
                     for r in results
                 ]
             return results
-        except _retryable():
-            return [self.call_with_retry(i, lambda s, i=i: submit(i, s)) for i in range(len(refs))]
+        except retryable():
+            # the calls still in flight are kept; only the failed ones are sent again, all
+            # shards at once (see calls.py for the deadlock one shard at a time would risk)
+            results = call_shards(self, submit, dict(enumerate(refs)))
+            return [results[i] for i in range(len(refs))]
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every shard (concurrently), with retries; results in order."""
-        refs = [getattr(s, method).remote(*args) for s in self.shards]
-        return [
-            self.call_with_retry(i, lambda s: getattr(s, method).remote(*args), ref)
-            for i, ref in enumerate(refs)
-        ]
+        results = call_shards(
+            self, lambda i, shard: getattr(shard, method).remote(*args),
+            dict.fromkeys(range(len(self.shards))),
+        )  # fmt: skip
+        return [results[i] for i in range(len(self.shards))]
 
     def call_all_once(self, method: str, timeout_s: float) -> list[Any]:
         """``method()`` on every shard, one attempt each, all within ``timeout_s``; raises Ray's

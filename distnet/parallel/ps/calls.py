@@ -1,0 +1,116 @@
+"""Calls to the shards of a ``ParameterServer``: bounded, retried, and all shards at once.
+
+A call fails over when its shard died, is restarting, or did not answer within the server's
+``timeout_s``; it is then sent again (up to ``retries`` times, with back-off) while the calls
+to the other shards stay in flight. Retrying shard by shard deadlocks a sync job after a
+shard restarts: one worker waits in shard 0's round for the other worker, who waits in the
+restarted shard 1's round for the first one's push, which it sends only after shard 0
+answered (seen in CI).
+
+Ray's errors are imported lazily: importing this module does not import Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class ShardLostError(RuntimeError):
+    """A shard stopped answering (dead and not restarted, or silent past every retry).
+
+    ``group_may_restart``: an engine that resumes jobs from checkpoints may run the job again
+    with a new server (the Ray engine does, as for a lost worker)."""
+
+    group_may_restart = True
+
+
+def retryable() -> tuple[type[BaseException], ...]:
+    """The errors after which a call to a shard is sent again."""
+    from ray.exceptions import (  # noqa: PLC0415
+        ActorUnavailableError,
+        GetTimeoutError,
+        ObjectLostError,
+        RayActorError,
+    )
+
+    # ObjectLostError (OwnerDiedError among them): a reply put by a shard that died since
+    return (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
+
+
+def _died(err: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError  # noqa: PLC0415
+
+    return isinstance(err, ActorDiedError)
+
+
+def _fetch(ray: Any, ref: Any, timeout_s: float) -> Any:
+    """The result of a ready call; a sync round's reply carries the slice as a reference
+    (put once for every worker), fetched here."""
+    result = ray.get(ref, timeout=timeout_s)
+    if isinstance(result, tuple) and result and isinstance(result[-1], ray.ObjectRef):
+        result = (*result[:-1], ray.get(result[-1], timeout=timeout_s))
+    return result
+
+
+def call_shards(ps: Any, submit: Callable[[int, Any], Any], refs: dict[int, Any]) -> dict[int, Any]:
+    """Results, by shard index, of one call to each shard in ``refs`` (index -> the call's
+    reference already in flight, or None to send it with ``submit(index, shard)``).
+
+    ``ps``: the ``ParameterServer`` (its ``shards``, ``ranges``, ``timeout_s``, ``retries``,
+    ``snapshot_every``, ``aborted``, and a worker's ``interrupt`` hook, checked four times a
+    second while an answer is missing). A shard's own error (a refused push) is raised at
+    once; a shard that cannot answer raises ``ShardLostError`` naming it.
+    """
+    import ray  # noqa: PLC0415
+    from ray.exceptions import GetTimeoutError  # noqa: PLC0415
+
+    interrupt = ps.__dict__.get("interrupt")
+    now = time.monotonic()
+    flying: dict[int, tuple[Any, float]] = {}  # index -> (reference, answer deadline)
+    for i, ref in refs.items():
+        flying[i] = (submit(i, ps.shards[i]) if ref is None else ref, now + ps.timeout_s)
+    resend: dict[int, float] = {}  # index -> when to send again
+    attempts = dict.fromkeys(refs, 0)
+    results: dict[int, Any] = {}
+    while flying or resend:
+        if ps.aborted is not None:
+            i = min([*flying, *resend])
+            raise RuntimeError(f"parameter-server shard {i} {ps.ranges[i]}: {ps.aborted}")
+        if flying:
+            pending = [ref for ref, _ in flying.values()]
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0.25)
+        else:
+            time.sleep(min(0.25, max(0.0, min(resend.values()) - time.monotonic())))
+            ready = []
+        ready_now, now = set(ready), time.monotonic()
+        for i, (ref, deadline) in list(flying.items()):
+            if ref not in ready_now and now < deadline:
+                continue
+            del flying[i]
+            try:
+                if ref not in ready_now:
+                    raise GetTimeoutError(f"no answer within {ps.timeout_s:g} s")
+                results[i] = _fetch(ray, ref, ps.timeout_s)
+            except retryable() as err:
+                attempts[i] += 1
+                if attempts[i] > ps.retries or (not ps.snapshot_every and _died(err)):
+                    lost = (
+                        ""
+                        if ps.snapshot_every
+                        else " (no snapshots: a killed shard is not restarted)"
+                    )
+                    raise ShardLostError(
+                        f"parameter-server shard {i} {ps.ranges[i]} did not answer "
+                        f"({ps.retries} retries, each waiting up to {ps.timeout_s:g} s){lost}: "
+                        f"{err}"
+                    ) from err
+                resend[i] = now + min(0.2 * 2 ** (attempts[i] - 1), 5.0)  # a restart takes time
+        for i, when in list(resend.items()):
+            if now >= when:
+                del resend[i]
+                flying[i] = (submit(i, ps.shards[i]), now + ps.timeout_s)
+        if (flying or resend) and interrupt is not None:
+            interrupt()  # the group was stopped: a dead peer never completes a sync round
+    return results
