@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from distnet.parallel.rayengine.resume import choose_carry
+from distnet.parallel.rayengine.standin import outage_steps, replace_in_place
 from distnet.parallel.rayengine.worker import WorkerActor
 
 
@@ -98,6 +99,8 @@ class RayOptions:
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
     trace: bool = False  # every worker writes its timeline (RUN_DIR/trace.json)
     mid_epoch_resume: bool = True  # False: after a lost worker, redo the epoch (checkpoint)
+    # async/ssp ps: a lost worker is replaced while the others go on (standin.py)
+    survivors_go_on: bool = True
 
 
 def worker_specs(
@@ -251,7 +254,7 @@ class RayJob:
             .options(
                 num_cpus=spec.num_cpus,
                 num_gpus=spec.num_gpus,
-                max_concurrency=4,  # run + deliver + abort + logs
+                max_concurrency=6,  # run + deliver + abort + logs + join_info + replace_peer
                 max_restarts=0,  # the driver replaces it (a restarted actor would lose its rank)
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=bundle
@@ -296,6 +299,7 @@ class RayJob:
             "sample_log": self.opt.sample_log,
             "trace": self.opt.trace,
             "resume": self.resume_from_carry,
+            "survivors_go_on": self.opt.survivors_go_on,
         }
 
     # --- running --------------------------------------------------------------------------
@@ -315,6 +319,7 @@ class RayJob:
                 if isinstance(outcome, dict):
                     outcome["failures"] = self.failures
                     outcome["recoveries"] = self.recoveries
+                    outage_steps(self.recoveries, outcome)
                     outcome["generation"] = self.generation
                     outcome["worker_info"] = self.worker_info
                     return outcome
@@ -349,6 +354,12 @@ class RayJob:
                         self.failures.append(f"rank {rank}: {str(e.cause).splitlines()[0]}")
                     else:
                         errors.append((rank, e))
+            if len(lost) == 1 and not (restart or errors):  # async/ssp ps: the others go on
+                future = replace_in_place(self, lost[0], job)
+                if future is not None:
+                    futures[lost[0]] = future
+                    pending.append(future)
+                    continue
             if lost or restart:  # survivors stopped by a lost peer are no failure of their own
                 self._abort_all(f"rank(s) {lost} died")
                 self._drain(pending)
