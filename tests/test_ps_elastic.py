@@ -166,7 +166,7 @@ def ids_root(tmp_path_factory):
     return root
 
 
-def run_job(root, name, mode, kill=True, staleness=0):
+def run_job(root, name, mode, kill=True, staleness=0, lost=1):
     log_dir = root / f"samples-{name}"
     job = load_job(root / "job.toml", {"run": {"out": str(root / f"run-{name}")}})
     workers = worker_specs(2)
@@ -176,7 +176,7 @@ def run_job(root, name, mode, kill=True, staleness=0):
     opts = RayOptions(
         workers=workers, strategy="ps", sample_log=str(log_dir),
         ps={"mode": mode, "shards": 2, "staleness": staleness},
-        fail_at_step={1: KILL_AT} if kill else {},
+        fail_at_step={lost: KILL_AT} if kill else {},
     )  # fmt: skip
     rj = RayJob(opts, log=lambda line: None, task=run_rank)
     report = rj.run(job)
@@ -219,6 +219,11 @@ def check_survivors_went_on(report, rj, log_dir, lost=1):
         # the dead worker's 50 steps and the replacement's 34, each applied once
         assert shard["pushes_applied"] == [STEPS, STEPS], shard
         assert shard["rounds_failed"] == 0 and shard["left"] == []
+    # no second generation: the replacement logs rank 1's steps on in generation 1's file
+    assert sorted(p.name for p in log_dir.glob("*.jsonl")) == [
+        "rank0-gen1.jsonl",
+        "rank1-gen1.jsonl",
+    ]
     done = logged_ids(log_dir)
     want = np.sort((np.arange(N, dtype=np.float32) + 1) / 10000)
     assert sorted(done) == list(range(EPOCHS))
@@ -260,3 +265,13 @@ def test_ssp_survivor_is_not_held_by_the_dead_worker(ray_cluster, ids_root):
             gaps = [clock - slowest for clock, slowest in shard["ahead"][worker]]
             assert gaps and max(gaps) <= 2, (worker, max(gaps))
     print(f"ssp: recovery {rec}")
+
+
+@pytest.mark.slow
+def test_async_loss_of_rank_0_restarts_the_group(ray_cluster, ids_root):
+    """Rank 0's actor owns the shards (they die with it): no survivor can go on with them, so
+    the group is restarted from the epoch checkpoint, as before."""
+    report, job, log_dir, rj = run_job(ids_root, "rank0", "async", lost=0)
+    assert report["generation"] == 2 and len(report["failures"]) == 1
+    (rec,) = report["recoveries"]
+    assert rec["kind"] == "group restarted" and rec["lost"] == [0] and not rec["mid_epoch"]

@@ -21,6 +21,8 @@ with ``RoundFailed`` naming the shard and the missing worker(s); ``abort(reason)
 once (the Ray engine calls it when it tears a group down to replace a lost worker: the new
 group gets a new server, so the old one's rounds can never complete). Per-worker counters of
 pushes received and applied (``stats``) show that every update is applied exactly once.
+In async/ssp, workers may ``leave`` and ``join`` (``membership.py``): ssp then waits only
+for the slowest live worker.
 """
 
 from __future__ import annotations

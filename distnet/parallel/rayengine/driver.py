@@ -12,6 +12,10 @@ workers that die, and stops every actor when the job ends or is interrupted.
   resources (``WorkerSpec.resources``, ``[dist] worker_resources``): give each node its own
   resource (``ray start --resources='{"node_a": 4}'``) and ``{"node_a": 1}`` pins a worker
   there.
+- Survivors go on (strategy "ps" in async/ssp mode, ``survivors_go_on``): a worker other
+  than rank 0 that dies during a stage's epoch is replaced while the others keep training;
+  the new actor joins the same group and server at the dead worker's step (``standin.py``).
+  Where that is not possible, the group is restarted as below.
 - Elastic: when a worker dies, the others are stopped at their next collective (or
   parameter-server round), the lost rank gets a new actor in its bundle (or, if none can be
   placed in ``replace_timeout_s``, the job carries on with fewer workers, never fewer than
@@ -440,7 +444,8 @@ class RayJob:
         self.bundles = [b for _, b in keep]
         self.resume_from_carry = holder is not None
         self.recoveries.append({
-            "lost": lost, "workers": len(keep), "mid_epoch": holder is not None,
+            "kind": "group restarted", "lost": lost, "workers": len(keep),
+            "mid_epoch": holder is not None,
             "at_s": round(started - self._t0, 3),  # since run() began
             "resumed_at": None if holder is None else holder[1],
             "replace_s": round(time.perf_counter() - started, 3),

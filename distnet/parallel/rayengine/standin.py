@@ -68,7 +68,7 @@ class JoinRecord:
         self.stages = 0
         if self.enabled:
             comm.keep_sent = True  # a replacement is sent again what its predecessor missed
-            if not spec.get("join"):
+            if comm.rank == 0 and not spec.get("join"):  # the driver asks rank 0 only
                 comm.start_recording()
 
     def stage_started(self, server: Any) -> None:
