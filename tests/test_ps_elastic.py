@@ -275,3 +275,53 @@ def test_async_loss_of_rank_0_restarts_the_group(ray_cluster, ids_root):
     assert report["generation"] == 2 and len(report["failures"]) == 1
     (rec,) = report["recoveries"]
     assert rec["kind"] == "group restarted" and rec["lost"] == [0] and not rec["mid_epoch"]
+
+
+@pytest.mark.slow
+def test_async_worker_sigkilled_mid_step_each_step_applied_once_per_shard(ray_cluster, ids_root):
+    """SIGKILL from outside at whatever point of a step rank 1 is in (part way through its
+    pushes to the 2 shards, say): each shard still applies each of rank 1's steps once (the
+    dead worker's where it arrived, the replacement's elsewhere); the sample log holds every id
+    at most once, short of at most the one batch pushed but not logged."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    log_dir = ids_root / "samples-sigkill"
+    job = load_job(ids_root / "job.toml", {"run": {"out": str(ids_root / "run-sigkill")}})
+    workers = worker_specs(2)
+    workers[0].delay_per_sample_s = 0.002
+    rj = RayJob(
+        RayOptions(workers=workers, strategy="ps", sample_log=str(log_dir),
+                   ps={"mode": "async", "shards": 2}),
+        log=lambda line: None, task=run_rank,
+    )  # fmt: skip
+    killed: list[int] = []
+
+    def kill_rank_1_in_epoch_1():
+        deadline = time.monotonic() + 60
+        path = log_dir / "rank1-gen1.jsonl"
+        while time.monotonic() < deadline:
+            lines = path.read_text().count("\n") if path.exists() else 0
+            if lines >= KILL_AT and len(rj.worker_info) >= 2:
+                time.sleep(0.003)  # somewhere inside a step
+                os.kill(rj.worker_info[1]["pid"], signal.SIGKILL)
+                killed.append(lines)
+                return
+            time.sleep(0.001)
+
+    threading.Thread(target=kill_rank_1_in_epoch_1, daemon=True).start()
+    report = rj.run(job)
+    assert killed and report["generation"] == 1, report["recoveries"]
+    (rec,) = report["recoveries"]
+    assert rec["kind"] == "survivors went on"
+    (server,) = report["ps_stats"]
+    for shard in server["shards"]:
+        assert shard["pushes_applied"] == [STEPS, STEPS], shard
+    want = (np.arange(N, dtype=np.float32) + 1) / 10000
+    for epoch, seen in logged_ids(log_dir).items():
+        seen = np.array(seen, np.float32)
+        assert len(np.unique(seen)) == len(seen), f"epoch {epoch}: an id logged twice"
+        assert np.isin(seen, want).all() and N - len(seen) <= GLOBAL_BATCH // 2, epoch
+    print(f"sigkill: {rec}")
