@@ -201,7 +201,8 @@ def replace_in_place(rj: Any, rank: int, job: dict[str, Any]) -> Any:
 def outage_steps(recoveries: list[dict[str, Any]], report: dict[str, Any]) -> None:
     """Adds to each "survivors went on" recovery, from the shards' membership notes in
     ``report["ps_stats"]``: ``survivor_steps`` (each survivor's steps between the leave and
-    the replacement's join, on shard 0) and ``outage_s`` (seconds between them)."""
+    the replacement's join, on shard 0), ``outage_s`` (seconds between them) and
+    ``clocks_at_join`` (every worker's clock on shard 0 then)."""
     notes = [
         m
         for stats in report.get("ps_stats") or []
@@ -222,3 +223,4 @@ def outage_steps(recoveries: list[dict[str, Any]], report: dict[str, Any]) -> No
             if w != lost
         }
         rec["outage_s"] = round(join["time"] - leave["time"], 3)
+        rec["clocks_at_join"] = join["clocks"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ class SampleLog:
 
     def step_done(self, epoch: int, step: int) -> None:
         with open(self.path, "a") as f:
-            record = {"stage": self.stage, "epoch": epoch, "step": step, "ids": self._pending}
+            record = {"stage": self.stage, "epoch": epoch, "step": step, "ids": self._pending,
+                      "time": time.time()}  # fmt: skip
             f.write(json.dumps(record) + "\n")
         self._pending = []
 
@@ -442,8 +444,6 @@ class WorkerActor:
 
     def bench_allreduce(self, n: int, rounds: int, warmup: int = 3) -> list[float]:
         """Seconds per allreduce of ``n`` float32 (collective over the group)."""
-        import time  # noqa: PLC0415
-
         import numpy as np  # noqa: PLC0415
 
         assert self.comm is not None
