@@ -111,14 +111,27 @@ class JoinRecord:
         return {k: box[k] for k in ("log", "server", "position")}
 
 
-def enter_stage(join: dict[str, Any], ctx_index: int, optimizer: Any, loader: Any) -> int:
+def enter_stage(join: dict[str, Any], ctx: Any, optimizer: Any, loader: Any) -> int:
     """Replacement side, from ``RankSetup.resume_stage``: the dead rank's place in the stage
     (loader position, steps since the last rebalance), then the shards' current parameters;
-    returns the epoch to start at."""
-    from distnet.parallel.rayengine.comm import JoinFailed  # noqa: PLC0415
+    returns the epoch to start at.
 
-    if ctx_index != join["stage"]:
-        raise JoinFailed(f"the replacement reached stage {ctx_index}, expected {join['stage']}")
+    The replayed collectives gave it the state the group started with; the epochs finished
+    since are in rank 0's epoch checkpoint (the run directory every worker sees): its
+    callbacks' states (the plateau schedule's counters) and learning rate are taken from
+    there when it is the one of the epoch before the joined one."""
+    from distnet.parallel.rayengine.comm import JoinFailed  # noqa: PLC0415
+    from distnet.train.checkpoint import apply_checkpoint, read_checkpoint  # noqa: PLC0415
+
+    if ctx.index != join["stage"]:
+        raise JoinFailed(f"the replacement reached stage {ctx.index}, expected {join['stage']}")
+    found = read_checkpoint(ctx.progress_dir)  # no comm: this rank reads the files itself
+    if found is not None and int(found[0]["extra"].get("epoch", -1)) == int(join["epoch"]):
+        info = apply_checkpoint(ctx.progress_dir, *found, restore_rng=False)
+        ctx.extra = {k: v for k, v in info.items() if k not in ("epoch", "manifest")}
+        lr = (found[0].get("optimizer") or {}).get("lr")
+        if lr is not None:
+            optimizer.lr = float(lr)
     loader.load_state_dict(join["loader"])
     optimizer._since = int(join["since"])
     optimizer.pull()

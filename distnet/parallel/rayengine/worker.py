@@ -155,7 +155,7 @@ class RankSetup:
         loader = self._current[1]
         epoch = apply_carry(self.comm, self.carry, ctx.index, start, optimizer, loader)
         if self.join:  # a replacement: the lost rank's place in its epoch (standin.py)
-            epoch, self.join = enter_stage(self.join, ctx.index, optimizer, loader), None
+            epoch, self.join = enter_stage(self.join, ctx, optimizer, loader), None
             return epoch
         if epoch is None:
             return start
