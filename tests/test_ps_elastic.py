@@ -125,6 +125,39 @@ def test_sync_rounds_refuse_leave_and_join():
         asyncio.run(shard.leave(TOKEN, 1))
 
 
+class Inbox:
+    """A peer's ``deliver.remote`` that keeps what arrives (to test a communicator's own
+    bookkeeping, not a distributed run)."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple] = []
+        self.deliver = self
+        self.remote = lambda *message: self.got.append(message)
+
+
+def test_replay_answers_recorded_collectives_then_goes_on_at_the_groups_count():
+    from distnet.parallel.rayengine import Mailbox, RayCommunicator  # noqa: PLC0415
+    from distnet.parallel.rayengine.comm import JoinFailed  # noqa: PLC0415
+
+    peer = Inbox()
+    comm = RayCommunicator(1, 2, [peer, Inbox()], Mailbox(), generation=3, timeout_s=1)
+    comm.keep_sent = True
+    comm.replay({1: [7, 8], 2: np.array([1.0, 2.0])}, live_seq=9)
+    assert comm.allgather(0) == [7, 8] and not peer.got  # no message: answered from the record
+    buf = np.zeros(2)
+    comm.allreduce(buf)
+    np.testing.assert_array_equal(buf, [1.0, 2.0])
+    comm.mailbox.put(3, 10, 0, "from rank 0")
+    assert comm.allgather("mine") == ["from rank 0", "mine"]  # live, at the group's seq 10
+    assert peer.got == [(3, 10, 1, "mine")]
+    fresh = Inbox()  # rank 0 replaced: what was sent to it after seq 9 goes again
+    assert comm.replace_peer(0, fresh, after_seq=9) == 1 and fresh.got == peer.got
+    stray = RayCommunicator(1, 2, [peer, peer], Mailbox(), timeout_s=1)
+    stray.replay({2: [0, 0]}, live_seq=5)
+    with pytest.raises(JoinFailed, match="not in the record"):
+        stray.barrier()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     started = start_ray(None, num_cpus=4)

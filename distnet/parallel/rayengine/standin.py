@@ -17,7 +17,9 @@ stage in async or ssp mode:
    training began are answered from rank 0's record (``RayCommunicator.replay``), then it
    joins the shards (``ParameterServerOptimizer.join``: a new incarnation, going on with the
    dead worker's clock ``c``, with the current parameters) and trains the dead worker's rest
-   of the epoch, and every epoch after that, as that rank. In ssp it is then the slowest
+   of the epoch, and every epoch after that, as that rank (the learning rate and callback
+   states of the epochs finished since the group started come from rank 0's epoch
+   checkpoint in the shared run directory). In ssp it is then the slowest
    worker, and the survivors wait for it to come within s clocks (the bound, now among live
    workers); it never waits for them;
 4. the survivors are pointed at the new actor (``replace_peer``) and meet it at the epoch's
