@@ -125,6 +125,18 @@ def test_sync_rounds_refuse_leave_and_join():
         asyncio.run(shard.leave(TOKEN, 1))
 
 
+def test_survivors_go_on_is_a_dist_key():
+    from distnet.parallel.rayengine import options_from_job  # noqa: PLC0415
+    from distnet.train import jobspec  # noqa: PLC0415
+    from distnet.train.job import JobError  # noqa: PLC0415
+
+    dist = jobspec.validate({"dist": {"survivors_go_on": False}}, "j.toml")["dist"]
+    assert options_from_job({"dist": dist}).survivors_go_on is False
+    assert options_from_job(jobspec.validate({}, "j.toml")).survivors_go_on is True
+    with pytest.raises(JobError, match=r"j.toml: \[dist\] survivors_go_on: expected true or"):
+        jobspec.validate({"dist": {"survivors_go_on": "sometimes"}}, "j.toml")
+
+
 class Inbox:
     """A peer's ``deliver.remote`` that keeps what arrives (to test a communicator's own
     bookkeeping, not a distributed run)."""
