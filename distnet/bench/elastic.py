@@ -2,7 +2,8 @@
 epoch redone from its checkpoint (the fallback, and what the engine did before).
 
     distnet bench elastic [--data STORE] [--samples 16000] [--workers 2] [--epochs 2]
-                          [--strategy allreduce|ps] [--rounds 3] [--json FILE]
+                          [--strategy allreduce|ps] [--mode sync|async|ssp] [--rounds 3]
+                          [--json FILE]
 
 Each round runs the same MLP job three times on one local Ray, in an order that alternates
 between rounds: undisturbed, rank 1 killed half way through epoch 1 with mid-epoch resume,
@@ -11,6 +12,9 @@ wall time minus the undisturbed one's of the same round (noisy: Ray's start-up v
 seconds on a busy machine), and, less noisy, ``after_death_s``: from the driver seeing the
 death to the job's end (replacement, set-up, the steps redone and those left). The JSON has
 both (median, min, max over rounds) and ``ratio_rollback_vs_mid_epoch`` of ``after_death_s``.
+With ``--strategy ps --mode async`` (or ssp) "mid_epoch" is the survivors going on while a
+replacement joins the running server (``rayengine/standin.py``), and "rollback" the group
+restarted from the epoch checkpoint (``survivors_go_on=False``: what async did before).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global batch")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--strategy", choices=["allreduce", "ps"], default="allreduce")
+    parser.add_argument("--mode", choices=["sync", "async", "ssp"], default="sync",
+                        help="parameter-server mode (--strategy ps)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
 
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     kill_at = steps + steps // 2  # half way through epoch 1
     text = JOB.format(train=train, batch=args.batch_size, hidden=args.hidden,
                       epochs=args.epochs, out="{out}")  # fmt: skip
-    ps = {"mode": "sync", "shards": 2} if args.strategy == "ps" else {}
+    ps = {"mode": args.mode, "shards": 2, "staleness": 2} if args.strategy == "ps" else {}
     started = start_ray(None, num_cpus=max(4, args.workers))
     modes = ["undisturbed", "mid_epoch", "rollback"]
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -117,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                 options = RayOptions(
                     workers=worker_specs(args.workers), strategy=args.strategy, ps=ps,
                     fail_at_step={} if mode == "undisturbed" else {1: kill_at},
-                    mid_epoch_resume=mode != "rollback",
+                    mid_epoch_resume=mode != "rollback", survivors_go_on=mode != "rollback",
                 )  # fmt: skip
                 seconds, report = _seconds(text, root, f"{mode}-{r}", options)
                 times[mode].append(seconds)
@@ -136,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "setup": {"store": train, "steps_per_epoch": steps, "kill_at_step": kill_at,
                   "workers": args.workers, "strategy": args.strategy, "epochs": args.epochs,
+                  "mode": args.mode if args.strategy == "ps" else None,
                   "rounds": args.rounds},
         "seconds": {m: _stats(v) for m, v in times.items()},
         "death_cost_s": {m: _stats(v) for m, v in cost.items()},

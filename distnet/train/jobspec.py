@@ -158,6 +158,9 @@ class DistSpec(Section):
     shard_optimizer: bool = _field(
         False, "true or false (ZeRO stage 1: optimiser state sharded over MPI ranks)"
     )
+    # strategy "ps", async/ssp: a lost worker is replaced while the others go on (false: the
+    # group is restarted from the epoch checkpoint; distnet/parallel/rayengine/standin.py)
+    survivors_go_on: bool = _field(True, "true or false")
 
     @field_validator("worker_resources")
     @classmethod

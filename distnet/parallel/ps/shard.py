@@ -24,6 +24,8 @@ with ``RoundFailed`` naming the shard and the missing worker(s); ``abort(reason)
 once (the Ray engine calls it when it tears a group down to replace a lost worker: the new
 group gets a new server, so the old one's rounds can never complete). Per-worker counters of
 pushes received and applied (``stats``) show that every update is applied exactly once.
+In async/ssp, workers may ``leave`` and ``join`` (``membership.py``): ssp then waits only
+for the slowest live worker.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
 from distnet.parallel.ps.snapshot import load_snapshot, save_snapshot
 
@@ -78,7 +81,7 @@ class _Round:
         self.error: str | None = None
 
 
-class ParameterServerShard:
+class ParameterServerShard(Membership):
     """One shard's state and update rules (wrapped by ``ray.remote`` in ``server.py``).
 
     Args:
@@ -137,6 +140,7 @@ class ParameterServerShard:
         self._last_sum: np.ndarray | None = None
         self._scratch_buf: np.ndarray | None = None
         self.opt = None
+        self._init_membership()  # async/ssp: workers that leave and join (membership.py)
         mine = np.asarray(params, dtype=np.float32)[lo:hi]
         if optimizer_on == "server":
             self.opt = build_optimizer(optimizer, mine, penalty_mask)
@@ -184,13 +188,17 @@ class ParameterServerShard:
         grad: np.ndarray,
         share: float,
         lr: float | None,
+        incarnation: int = 0,
     ) -> tuple[int, np.ndarray]:
         """Applies (or, in sync, contributes) ``grad`` (shape ``(hi - lo,)``), then returns
         ``(version, slice)``: the parameters, or the summed gradient when the optimiser runs
         on the workers. ``clock`` is this worker's step number (1, 2, ...); a push with a
-        clock the shard already applied (a retry) is not applied twice."""
+        clock the shard already applied (a retry) is not applied twice, nor one of a worker
+        that left or of an older ``incarnation`` of its index (``membership.py``)."""
         self._check(token, worker, grad, share, clock, seen_version, lr)
         self.pushes_received[worker] += 1
+        if not self._admits(worker, incarnation):
+            return self.version, self._reply()
         if lr is not None and self.opt is not None:
             self.opt.lr = float(lr)
         if clock <= self.clocks[worker]:  # a retried push that was applied already
@@ -207,7 +215,7 @@ class ParameterServerShard:
                 # Ho et al. 2013: the worker may start step clock+1 only if it is then at most
                 # s clocks ahead of the slowest worker
                 await self._ssp_wait(worker, clock)
-            self.ahead_records[worker].append((clock, min(self.clocks)))
+            self.ahead_records[worker].append((clock, self.live_slowest()))
             del self.ahead_records[worker][:-KEEP_CLOCK_RECORDS]
         return self.version, self._reply()
 
@@ -217,8 +225,8 @@ class ParameterServerShard:
     async def _ssp_wait(self, worker: int, clock: int) -> None:
         """Waits (holding ``_clock_changed``) until ``clock`` is within s of the slowest."""
 
-        def ready() -> bool:
-            return self._aborted is not None or clock - min(self.clocks) <= self.staleness
+        def ready() -> bool:  # the slowest *live* worker: one that left is not waited for
+            return self._aborted is not None or clock - self.live_slowest() <= self.staleness
 
         reason = self._aborted
         try:
@@ -226,8 +234,12 @@ class ParameterServerShard:
             reason = self._aborted
         except TimeoutError:
             reason = f"no push within {self.round_timeout_s:g} s"
-        if clock - min(self.clocks) > self.staleness:
-            behind = [w for w, c in enumerate(self.clocks) if clock - c > self.staleness]
+        if clock - self.live_slowest() > self.staleness:
+            behind = [
+                w
+                for w, c in enumerate(self.clocks)
+                if clock - c > self.staleness and w not in self.left
+            ]
             self.rounds_failed += 1
             raise RoundFailed(
                 f"{self._where()}: ssp wait of worker {worker} at clock {clock} failed: "
@@ -376,7 +388,7 @@ class ParameterServerShard:
                 state[f"opt/{k}"] = v
         state["meta"] = json.dumps(
             {"version": self.version, "clocks": self.clocks, "lo": self.lo, "hi": self.hi,
-             "applied": self.pushes_applied}
+             "applied": self.pushes_applied, **self.membership_state()}
         )  # fmt: skip
         return state
 
@@ -399,6 +411,7 @@ class ParameterServerShard:
         self.version = int(meta["version"])
         self.clocks = [int(c) for c in meta["clocks"]]
         self.pushes_applied = [int(c) for c in meta.get("applied", self.clocks)]
+        self.load_membership(meta)
         if self.snapshot_path:  # a restart now must come back to this state, not the old one
             save_snapshot(self.snapshot_path, self.state_dict())
 
@@ -428,6 +441,9 @@ class ParameterServerShard:
             "pushes_applied": list(self.pushes_applied),
             "rounds_failed": self.rounds_failed,
             "rounds_lost": self.rounds_lost,
+            "left": sorted(self.left),
+            "ignored_pushes": list(self.ignored_pushes),
+            "membership": [dict(m) for m in self.membership],
             "restored_from_snapshot": self.restored_from_snapshot,
             "placement_group": _ray().get_runtime_context().get_placement_group_id(),
             "node_id": _ray().get_runtime_context().get_node_id(),

@@ -54,6 +54,7 @@ class ParameterServerOptimizer:
         self.optimizer, self.ps, self.worker_index = optimizer, ps, worker_index
         self.batch_share = self._check_share(batch_share)
         self.clock = 0
+        self.incarnation = 0  # > 0: a replacement that joined the running server (join())
         self.seen_versions = [0] * len(ps.shards)
         self._prescaled = False
         self._weighted: np.ndarray | None = None
@@ -131,7 +132,7 @@ class ParameterServerOptimizer:
             lo, hi = ps.ranges[i]
             return shard.push_pull.remote(
                 ps.token, self.worker_index, self.clock, self.seen_versions[i],
-                np.ascontiguousarray(grads[lo:hi]), float(share), lr,
+                np.ascontiguousarray(grads[lo:hi]), float(share), lr, self.incarnation,
             )  # fmt: skip
 
         # every shard's call goes out before the first wait: shards work concurrently
@@ -186,6 +187,18 @@ class ParameterServerOptimizer:
     def pull(self) -> None:
         """Overwrites this worker's parameters with the shards' (and their versions)."""
         self._pull_all()
+
+    def join(self, clock: int | None = None) -> int:
+        """This worker replaces one that left the running server (async/ssp, see
+        ``membership.py``): it takes the index under a new incarnation, numbers its steps on
+        from ``clock`` (None: the slowest live worker's), and pulls the current parameters.
+        Returns the clock it goes on from."""
+        joined = self.ps.call_all("join", self.ps.token, self.worker_index, clock)
+        # None: the highest start, so that on every shard the next push is past its clock
+        self.clock = int(clock) if clock is not None else max(c for c, _ in joined)
+        self.incarnation = max(inc for _, inc in joined)
+        self._pull_all()
+        return self.clock
 
     def __getattr__(self, name: str) -> Any:
         # momentum, weight_decay, ... of the wrapped optimiser stay readable, as in Horovod

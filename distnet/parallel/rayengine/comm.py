@@ -16,6 +16,13 @@ thread waits). ``seq`` numbers the collectives, which every rank calls in the sa
 messages of different collectives never mix. Every wait has a timeout, and the driver can
 ``abort`` a mailbox (a peer died): the waiting collective then raises ``WorkerLostError``.
 
+A replacement can join a running group (the parameter server's async/ssp modes, see
+``standin.py``): the ranks keep the results of the collectives they ran before training began
+(``start_recording``) and the last messages they sent to each peer (``keep_sent``); the
+replacement runs the same job code, its collectives up to then answered from a survivor's
+record (``replay``), and goes on live at the survivors' collective count; ``replace_peer``
+points the survivors at it and sends it again what they had sent to the dead rank.
+
 GPU (cupy) buffers use NCCL once ``use_nccl()`` has been called on every rank, with the NCCL
 unique id carried by this communicator; a mixed CPU/GPU group stages GPU buffers through host
 memory.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -40,6 +48,13 @@ INLINE_BYTES = 64 * 1024
 class WorkerLostError(RuntimeError):
     """A peer of this collective died or the driver stopped the group (the job may go on
     with a replacement: see ``distnet.parallel.rayengine.driver``)."""
+
+
+class JoinFailed(WorkerLostError):
+    """A replacement could not take its place in the running group (its collectives did not
+    match the log it was given): the engine runs the job again instead."""
+
+    group_may_restart = True
 
 
 class Mailbox:
@@ -146,6 +161,13 @@ class RayCommunicator(Communicator):
         self.generation, self.timeout_s = generation, timeout_s
         self._seq = 0
         self._nccl: Any = None
+        # joining a running group (see the module docstring)
+        self.recorded: dict[int, Any] | None = None  # seq -> result, while recording
+        self._replay: dict[int, Any] | None = None
+        self._live_seq = 0
+        self.keep_sent = False
+        self._sent: dict[int, deque] = {}
+        self._send_lock = threading.Lock()
 
     # --- messages -------------------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -154,7 +176,48 @@ class RayCommunicator(Communicator):
 
     def _send(self, dst: int, seq: int, payload: Any) -> None:
         # Fire and forget: a lost delivery shows up as the receiver's timeout or abort.
-        self.peers[dst].deliver.remote(self.generation, seq, self.rank, payload)
+        with self._send_lock:  # replace_peer may swap peers[dst] meanwhile
+            self.peers[dst].deliver.remote(self.generation, seq, self.rank, payload)
+            if self.keep_sent:
+                self._sent.setdefault(dst, deque(maxlen=16)).append((seq, payload))
+
+    # --- joining a running group ----------------------------------------------------------
+    def start_recording(self) -> None:
+        """Keeps the result of every collective from now on (``recorded``)."""
+        self.recorded = {}
+
+    def _keep(self, seq: int, result: Any) -> None:
+        if self.recorded is not None:
+            self.recorded[seq] = np.array(result, copy=True) if hasattr(result, "shape") else result
+
+    def replay(self, results: dict[int, Any], live_seq: int) -> None:
+        """Collectives ``1..max(results)`` return ``results[seq]`` without a message (what
+        a survivor recorded); after the last one this rank is at ``live_seq``, the group's
+        collective count, and goes on live. A collective not in ``results`` raises
+        ``JoinFailed``."""
+        self._replay, self._live_seq = dict(results), int(live_seq)
+        if not self._replay:
+            self._replay, self._seq = None, self._live_seq
+
+    def _replayed(self, seq: int, what: str) -> tuple[bool, Any]:
+        if self._replay is None:
+            return False, None
+        if seq not in self._replay:
+            raise JoinFailed(f"{what}: not in the record this replacement joined with")
+        result = self._replay.pop(seq)
+        if not self._replay:  # caught up: on with the group's next collective
+            self._replay, self._seq = None, self._live_seq
+        return True, result
+
+    def replace_peer(self, rank: int, handle: Any, after_seq: int) -> int:
+        """Rank ``rank`` is now the actor ``handle``; the messages of collectives after
+        ``after_seq`` sent to its predecessor go to it again. Returns how many."""
+        with self._send_lock:
+            self.peers[rank] = handle
+            again = [(q, p) for q, p in self._sent.get(rank, ()) if abs(q) > after_seq]
+            for seq, payload in again:
+                handle.deliver.remote(self.generation, seq, self.rank, payload)
+        return len(again)
 
     def _recv(self, src: int, seq: int, what: str) -> Any:
         return self.mailbox.take(self.generation, seq, src, self.timeout_s, what)
@@ -198,8 +261,12 @@ class RayCommunicator(Communicator):
             return buf
         flat = buf.reshape(-1)
         seq = self._next_seq()
-        bounds = chunk_bounds(flat.size, self.size)
         what = f"allreduce #{seq} on rank {self.rank}"
+        replayed, result = self._replayed(seq, what)
+        if replayed:
+            flat[:] = result
+            return buf
+        bounds = chunk_bounds(flat.size, self.size)
         for dst, (a, b) in enumerate(bounds):
             if dst != self.rank:
                 self._send(dst, seq, self._pack(flat[a:b]))
@@ -219,6 +286,7 @@ class RayCommunicator(Communicator):
             if src != self.rank:
                 lo, hi = bounds[src]
                 flat[lo:hi] = self._unpack(self._recv(src, -seq, what), what)
+        self._keep(seq, flat)
         return buf
 
     def _reduce(self, parts: list[np.ndarray], op: str) -> np.ndarray:
@@ -250,6 +318,10 @@ class RayCommunicator(Communicator):
             return buf
         seq = self._next_seq()
         what = f"broadcast #{seq} from rank {root} on rank {self.rank}"
+        replayed, result = self._replayed(seq, what)
+        if replayed:
+            buf.reshape(-1)[:] = result
+            return buf
         if self.rank == root:
             packed = self._pack(buf.reshape(-1))
             for dst in range(self.size):
@@ -257,6 +329,7 @@ class RayCommunicator(Communicator):
                     self._send(dst, seq, packed)
         else:
             buf.reshape(-1)[:] = self._unpack(self._recv(root, seq, what), what)
+        self._keep(seq, buf.reshape(-1))
         return buf
 
     def allgather(self, value: Any) -> list[Any]:
@@ -264,13 +337,18 @@ class RayCommunicator(Communicator):
         if self.size == 1:
             return [value]
         seq = self._next_seq()
+        what = f"allgather #{seq} on rank {self.rank}"
+        replayed, result = self._replayed(seq, what)
+        if replayed:
+            return list(result)
         for dst in range(self.size):
             if dst != self.rank:
                 self._send(dst, seq, value)
-        what = f"allgather #{seq} on rank {self.rank}"
-        return [
+        result = [
             value if src == self.rank else self._recv(src, seq, what) for src in range(self.size)
         ]
+        self._keep(seq, list(result))
+        return result
 
     def barrier(self) -> None:
         self.allgather(None)

@@ -12,6 +12,10 @@ workers that die, and stops every actor when the job ends or is interrupted.
   resources (``WorkerSpec.resources``, ``[dist] worker_resources``): give each node its own
   resource (``ray start --resources='{"node_a": 4}'``) and ``{"node_a": 1}`` pins a worker
   there.
+- Survivors go on (strategy "ps" in async/ssp mode, ``survivors_go_on``): a worker other
+  than rank 0 that dies during a stage's epoch is replaced while the others keep training;
+  the new actor joins the same group and server at the dead worker's step (``standin.py``).
+  Where that is not possible, the group is restarted as below.
 - Elastic: when a worker dies, the others are stopped at their next collective (or
   parameter-server round), the lost rank gets a new actor in its bundle (or, if none can be
   placed in ``replace_timeout_s``, the job carries on with fewer workers, never fewer than
@@ -36,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from distnet.parallel.rayengine.resume import choose_carry
+from distnet.parallel.rayengine.standin import outage_steps, replace_in_place
 from distnet.parallel.rayengine.worker import WorkerActor
 
 
@@ -98,6 +103,8 @@ class RayOptions:
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
     trace: bool = False  # every worker writes its timeline (RUN_DIR/trace.json)
     mid_epoch_resume: bool = True  # False: after a lost worker, redo the epoch (checkpoint)
+    # async/ssp ps: a lost worker is replaced while the others go on (standin.py)
+    survivors_go_on: bool = True
 
 
 def worker_specs(
@@ -251,7 +258,7 @@ class RayJob:
             .options(
                 num_cpus=spec.num_cpus,
                 num_gpus=spec.num_gpus,
-                max_concurrency=4,  # run + deliver + abort + logs
+                max_concurrency=6,  # run + deliver + abort + logs + join_info + replace_peer
                 max_restarts=0,  # the driver replaces it (a restarted actor would lose its rank)
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=bundle
@@ -296,6 +303,7 @@ class RayJob:
             "sample_log": self.opt.sample_log,
             "trace": self.opt.trace,
             "resume": self.resume_from_carry,
+            "survivors_go_on": self.opt.survivors_go_on,
         }
 
     # --- running --------------------------------------------------------------------------
@@ -315,6 +323,7 @@ class RayJob:
                 if isinstance(outcome, dict):
                     outcome["failures"] = self.failures
                     outcome["recoveries"] = self.recoveries
+                    outage_steps(self.recoveries, outcome)
                     outcome["generation"] = self.generation
                     outcome["worker_info"] = self.worker_info
                     return outcome
@@ -349,6 +358,12 @@ class RayJob:
                         self.failures.append(f"rank {rank}: {str(e.cause).splitlines()[0]}")
                     else:
                         errors.append((rank, e))
+            if len(lost) == 1 and not (restart or errors):  # async/ssp ps: the others go on
+                future = replace_in_place(self, lost[0], job)
+                if future is not None:
+                    futures[lost[0]] = future
+                    pending.append(future)
+                    continue
             if lost or restart:  # survivors stopped by a lost peer are no failure of their own
                 self._abort_all(f"rank(s) {lost} died")
                 self._drain(pending)
@@ -429,7 +444,8 @@ class RayJob:
         self.bundles = [b for _, b in keep]
         self.resume_from_carry = holder is not None
         self.recoveries.append({
-            "lost": lost, "workers": len(keep), "mid_epoch": holder is not None,
+            "kind": "group restarted", "lost": lost, "workers": len(keep),
+            "mid_epoch": holder is not None,
             "at_s": round(started - self._t0, 3),  # since run() began
             "resumed_at": None if holder is None else holder[1],
             "replace_s": round(time.perf_counter() - started, 3),

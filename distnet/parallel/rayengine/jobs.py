@@ -9,8 +9,9 @@ consecutive ranks "nodes" instead of the Ray nodes the workers landed on), ``mod
 ``rebalance_every`` (steps between throughput measurements), ``devices`` (a list such as
 ``["cuda", "cpu", "cpu"]``, instead of workers/cpu_workers), ``worker_resources`` (custom
 Ray resources, one table per worker, e.g. ``[{node_a = 1}, {node_b = 1}]`` to pin worker 0
-to the node started with ``--resources='{"node_a": 4}'`` and worker 1 to node_b). Command-line
-options win.
+to the node started with ``--resources='{"node_a": 4}'`` and worker 1 to node_b),
+``survivors_go_on`` (async/ssp ps: a lost worker is replaced while the others go on; false:
+the group restarts). Command-line options win.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ RAY_DIST_KEYS: dict[str, Any] = {
     "strategy": "allreduce", "mode": "sync", "staleness": 0, "shards": 1, "workers": 2,
     "cpu_workers": 0, "gpus_per_worker": 0, "min_workers": 0, "placement": "PACK",
     "address": None, "rebalance_every": 200, "devices": [], "worker_resources": [],
-    "workers_per_node": 0,
+    "workers_per_node": 0, "survivors_go_on": True,
 }  # fmt: skip
 
 
@@ -93,4 +94,5 @@ def options_from_job(job: dict[str, Any]) -> RayOptions:
             "workers_per_node": int(d["workers_per_node"]),
         },  # fmt: skip
         rebalance_every=int(d["rebalance_every"]),
+        survivors_go_on=bool(d["survivors_go_on"]),
     )

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import time
 from pathlib import Path
 from typing import Any
 
-from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator
+from distnet.parallel.rayengine.comm import JoinFailed, Mailbox, RayCommunicator
 from distnet.parallel.rayengine.resume import (
     StepMark,
     apply_carry,
@@ -24,6 +25,7 @@ from distnet.parallel.rayengine.resume import (
     summary,
 )
 from distnet.parallel.rayengine.shares import ThroughputShares
+from distnet.parallel.rayengine.standin import JoinRecord, enter_stage
 
 
 class SampleLog:
@@ -63,7 +65,8 @@ class SampleLog:
 
     def step_done(self, epoch: int, step: int) -> None:
         with open(self.path, "a") as f:
-            record = {"stage": self.stage, "epoch": epoch, "step": step, "ids": self._pending}
+            record = {"stage": self.stage, "epoch": epoch, "step": step, "ids": self._pending,
+                      "time": time.time()}  # fmt: skip
             f.write(json.dumps(record) + "\n")
         self._pending = []
 
@@ -107,6 +110,12 @@ class RankSetup:
         self._stage_steps = 0
         self._stage_start = (0, 0)
         self.resumed: list[dict[str, Any]] = []  # stages resumed mid-epoch (for the report)
+        # async/ssp ps: a replacement may join this group (standin.py); ``join``: this rank
+        # is such a replacement
+        self.join = spec.get("join")
+        self.joins = JoinRecord(spec.get("join_box"), comm, spec)
+        if self.join:
+            comm.replay(self.join["log"], self.join["seq"])
 
     def wrap(self, opt: Any, default_wrap: Any, loader: Any) -> Any:
         """Each stage's optimiser: data-parallel (allreduce or parameter server), with
@@ -140,9 +149,14 @@ class RankSetup:
         driver chose one for this stage; returns the epoch to start at."""
         self._stage_index = ctx.index
         if self._current is None or self._current[0] is not optimizer:
+            if self.join:
+                raise JoinFailed(f"stage {ctx.index} does not train with the noted loader")
             return start
         loader = self._current[1]
         epoch = apply_carry(self.comm, self.carry, ctx.index, start, optimizer, loader)
+        if self.join:  # a replacement: the lost rank's place in its epoch (standin.py)
+            epoch, self.join = enter_stage(self.join, ctx, optimizer, loader), None
+            return epoch
         if epoch is None:
             return start
         self.carry = None
@@ -177,6 +191,8 @@ class RankSetup:
         if self._mark_ok:  # once the noted loader stood still, it is not the stage's
             self._mark = note_step(self._mark, loader, self._stage_steps, self._stage_start)
             self._mark_ok = self._mark is not None
+        if self.joins.enabled and self._current is not None:
+            self.joins.step_done(self._stage_index, self._current[0], loader, self._mark_ok)
         if self.sample_log is not None:
             self.sample_log.step_done(loader.epoch, self.steps)
         if self.spec.get("fail_at_step") == self.steps:
@@ -240,12 +256,15 @@ class RankSetup:
         # release() or close() stops them)
         server.interrupt = self.comm.mailbox.check
         self.servers.append(server)
+        self.joins.stage_started(server)
         if hybrid:
             g = self._groups
             wrapped = HybridOptimizer(opt, g.node, server, g.node_index, num_workers=self.comm.size)
         else:
             wrapped = ParameterServerOptimizer(opt, server, self.comm.rank)
-        return _ClosingServer(wrapped, self.comm, self.ps_stats)
+            if self.join:  # a replacement takes the lost rank's index (a new incarnation)
+                wrapped.join(self.join["clock"])
+        return _ClosingServer(wrapped, self.comm, self.ps_stats, self.joins)
 
     def close(self) -> None:
         """Rank 0 stops the shards of every server it started that a stage did not close (a
@@ -289,9 +308,9 @@ class _ClosingServer:
     """A ``ParameterServerOptimizer`` whose ``close()`` also ends the stage's server (after
     every worker is done with it)."""
 
-    def __init__(self, inner: Any, comm: Any, stats: list[Any]) -> None:
+    def __init__(self, inner: Any, comm: Any, stats: list[Any], joins: Any = None) -> None:
         # named `optimizer`: checkpoints look through wrappers by that attribute
-        self.__dict__.update(optimizer=inner, comm=comm, stats=stats)
+        self.__dict__.update(optimizer=inner, comm=comm, stats=stats, joins=joins)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A resumed stage: the checkpoint's parameters and optimiser state go into the
@@ -324,6 +343,8 @@ class _ClosingServer:
             self.optimizer.ps.shutdown()
 
     def close(self) -> None:
+        if self.__dict__["joins"] is not None:  # no replacement joins a stage that ended
+            self.__dict__["joins"].stage_ended()
         self.optimizer.close()
         self.comm.barrier()
         if self.comm.rank == 0:  # per-worker clocks and staleness, for the run's report
@@ -349,6 +370,7 @@ class WorkerActor:
         self.generation = 0
         self._log: queue.Queue[str] = queue.Queue()
         self._carry: dict[str, Any] = {}  # what a failed run left for the next (resume.py)
+        self._join: dict[str, Any] = {}  # what a replacement needs to join (standin.py)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (pid, node address and Ray node id, GPUs Ray gave it)."""
@@ -390,12 +412,24 @@ class WorkerActor:
         if self.comm is None:
             raise RuntimeError("WorkerActor.run before setup")
         log = self._log.put if self.comm.rank == 0 else (lambda line: None)
-        return task(self.comm, self.generation, job, {**spec, "carry_box": self._carry}, log)
+        spec = {**spec, "carry_box": self._carry, "join_box": self._join}
+        return task(self.comm, self.generation, job, spec, log)
 
     def carry_info(self) -> dict[str, Any] | None:
         """Where the carry a failed run left stands (stage, epoch, samples_seen, steps), or
         None (the driver chooses whose carry the next run resumes from)."""
         return summary(self._carry.get("carry"))
+
+    def join_info(self) -> dict[str, Any] | None:
+        """What a replacement of a lost rank needs to join this running group (rank 0's
+        record, see ``standin.py``), or None when the group cannot be joined now."""
+        return JoinRecord.info(self._join)
+
+    def replace_peer(self, generation: int, rank: int, handle: Any, after_seq: int) -> int:
+        """Rank ``rank`` of this group is the actor ``handle`` from now on."""
+        if generation != self.generation or self.comm is None:
+            return 0
+        return self.comm.replace_peer(rank, handle, after_seq)
 
     def drop_carry(self) -> None:
         """Forgets the carry (the driver chose another, or none)."""
@@ -416,8 +450,6 @@ class WorkerActor:
 
     def bench_allreduce(self, n: int, rounds: int, warmup: int = 3) -> list[float]:
         """Seconds per allreduce of ``n`` float32 (collective over the group)."""
-        import time  # noqa: PLC0415
-
         import numpy as np  # noqa: PLC0415
 
         assert self.comm is not None
