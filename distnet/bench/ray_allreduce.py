@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     job = RayJob(RayOptions(workers=worker_specs(args.np), address=args.address))
     ray_ms, mpi_ms, ratios = [], [], []
     try:
-        from distnet.parallel.rayengine.driver import start_ray  # noqa: PLC0415
+        from distnet.parallel.rayengine.options import start_ray  # noqa: PLC0415
 
         cpus = None if args.address else max(os.cpu_count() or 1, args.np)
         job._started_ray = start_ray(args.address, **({"num_cpus": cpus} if cpus else {}))

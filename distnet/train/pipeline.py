@@ -76,6 +76,18 @@ class StageContext:
             self.resumed_epoch = int(self.resume(self, optimizer, self.resumed_epoch))
         return self.resumed_epoch
 
+    def own_epoch_state(self, epoch: int) -> tuple[dict[str, Any], float | None] | None:
+        """This rank's own read of the stage's epoch checkpoint, no collective: its callbacks'
+        states (``extra``) and learning rate when it is the one of ``epoch``, else None. (A Ray
+        worker that joins a running group mid-epoch takes them from there.)"""
+        found = read_checkpoint(self.progress_dir)
+        if found is None or int(found[0]["extra"].get("epoch", -1)) != int(epoch):
+            return None
+        info = apply_checkpoint(self.progress_dir, *found, restore_rng=False)
+        extra = {k: v for k, v in info.items() if k not in ("epoch", "manifest")}
+        lr = (found[0].get("optimizer") or {}).get("lr")
+        return extra, None if lr is None else float(lr)
+
     def epoch_checkpoint(self, optimizer: Any = None, every: int = 1) -> Callback:
         """A callback that commits model + optimiser + RNG after every ``every`` epochs."""
         return _EpochCheckpoint(self, optimizer, every)

@@ -7,16 +7,15 @@ elastic workers. Nothing here imports ray until a job or a benchmark uses it.
 """
 
 from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator, WorkerLostError
-from distnet.parallel.rayengine.driver import (
+from distnet.parallel.rayengine.driver import RayJob, run_on_ray
+from distnet.parallel.rayengine.jobs import options_from_job
+from distnet.parallel.rayengine.options import (
     RayEngineError,
-    RayJob,
     RayOptions,
     WorkerSpec,
-    run_on_ray,
     start_ray,
     worker_specs,
 )
-from distnet.parallel.rayengine.jobs import options_from_job
 from distnet.parallel.rayengine.shares import ThroughputShares, set_batch_sizes
 from distnet.parallel.rayengine.worker import RankSetup
 

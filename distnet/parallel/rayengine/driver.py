@@ -36,137 +36,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
+from distnet.parallel.rayengine.options import (
+    RayEngineError,
+    RayOptions,
+    WorkerSpec,
+    check_custom_resources,
+    start_ray,
+)
 from distnet.parallel.rayengine.resume import choose_carry
 from distnet.parallel.rayengine.standin import outage_steps, replace_in_place
 from distnet.parallel.rayengine.worker import WorkerActor
-
-
-class RayEngineError(RuntimeError):
-    """The Ray engine cannot run the job as asked (names what and why)."""
-
-
-@dataclass
-class WorkerSpec:
-    """One worker: its resources and what ``RankSetup`` gets."""
-
-    device: str = "cpu"
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    delay_per_sample_s: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
-
-
-# resources that WorkerSpec's own fields (or Ray itself) set: never custom ones
-RESERVED_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
-
-
-def check_custom_resources(resources: dict[str, float], where: str) -> dict[str, float]:
-    """``resources`` as floats, or RayEngineError naming ``where`` and the bad entry."""
-    out = {}
-    for name, amount in resources.items():
-        if not isinstance(name, str) or not name or name in RESERVED_RESOURCES:
-            raise RayEngineError(
-                f"{where}: resource name {name!r} is not a custom resource "
-                f"(CPU/GPU come from cpus/gpus_per_worker)"
-            )
-        if isinstance(amount, bool) or not isinstance(amount, int | float) or not amount > 0:
-            raise RayEngineError(f"{where}: resource {name!r} needs an amount > 0, got {amount!r}")
-        out[name] = float(amount)
-    return out
-
-
-@dataclass
-class RayOptions:
-    """How to run a job on Ray (the command line and ``[dist]`` fill it)."""
-
-    workers: list[WorkerSpec] = field(default_factory=lambda: [WorkerSpec(), WorkerSpec()])
-    address: str | None = None
-    min_workers: int | None = None  # None: all of them
-    placement: str = "PACK"
-    strategy: str = "allreduce"
-    ps: dict[str, Any] = field(default_factory=dict)
-    rebalance_every: int = 200
-    max_failures: int = 3
-    replace_lost: bool = True  # False: carry on with the survivors (>= min_workers)
-    collective_timeout_s: float = 300.0
-    start_timeout_s: float = 120.0
-    replace_timeout_s: float = 60.0
-    fail_at_step: dict[int, int] = field(default_factory=dict)  # rank -> step (tests)
-    # fault injection (tests): {"generation", "rank", "step", "action": "exit" | "kill_shard",
-    # "shard", "delay_s"}: at that step of that generation the rank exits, or SIGKILLs the
-    # stage's parameter-server shard after delay_s (a timer: mid-way through the next step)
-    faults: list[dict[str, Any]] = field(default_factory=list)
-    sample_log: str | None = None  # directory (tests)
-    ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
-    trace: bool = False  # every worker writes its timeline (RUN_DIR/trace.json)
-    mid_epoch_resume: bool = True  # False: after a lost worker, redo the epoch (checkpoint)
-    # async/ssp ps: a lost worker is replaced while the others go on (standin.py)
-    survivors_go_on: bool = True
-
-
-def worker_specs(
-    workers: int, gpus_per_worker: float = 0, cpu_workers: int = 0, cpus_per_worker: float = 1
-) -> list[WorkerSpec]:
-    """``workers`` GPU workers (``gpus_per_worker`` > 0) plus ``cpu_workers`` CPU ones, or
-    ``workers`` CPU workers."""
-    if workers < 0 or cpu_workers < 0 or workers + cpu_workers < 1:
-        raise RayEngineError(f"need at least one worker, got {workers} + {cpu_workers} CPU")
-    if gpus_per_worker > 0:
-        gpu = [WorkerSpec("cuda", cpus_per_worker, gpus_per_worker) for _ in range(workers)]
-        return gpu + [WorkerSpec("cpu", cpus_per_worker) for _ in range(cpu_workers)]
-    return [WorkerSpec("cpu", cpus_per_worker) for _ in range(workers + cpu_workers)]
-
-
-def start_ray(address: str | None, **init_args: Any) -> bool:
-    """Connects to Ray; returns True when this call started a local instance (to shut down).
-
-    A local instance keeps token authentication on: distnet refuses to run one with
-    ``RAY_AUTH_MODE`` set to anything but ``token`` (Ray 2.60 turns it on by default for
-    ``ray.init()`` and writes the token to ``~/.ray/auth_token``). Its dashboard is off.
-    Ray 2.60 itself listens on every interface (it replaces 127.0.0.1 by the node's address
-    on purpose, ``services.resolve_ip_for_localhost``): the token is what guards it.
-    """
-    import ray  # noqa: PLC0415
-
-    mode = os.environ.get("RAY_AUTH_MODE")
-    if address is None and mode is not None and mode.lower() != "token":
-        raise RayEngineError(
-            f"RAY_AUTH_MODE={mode}: distnet runs local Ray clusters only with token "
-            "authentication (unset RAY_AUTH_MODE or set it to 'token')"
-        )
-    if address is not None:
-        _check_reachable(address)
-    if ray.is_initialized():
-        return False
-    where = "a local Ray" if address is None else f"the Ray cluster at {address}"
-    if address is None:
-        init_args.setdefault("include_dashboard", False)
-    try:
-        ray.init(address=address or "local", logging_level="warning", **init_args)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        raise RayEngineError(f"could not start or join {where}: {e}") from None
-    except Exception as e:  # Ray raises a bare Exception when its node times out at start-up
-        if type(e) is not Exception:
-            raise
-        raise RayEngineError(f"could not start or join {where}: {e}") from None
-    return address is None
-
-
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """A ``host:port`` address must accept a TCP connection (Ray would retry for minutes)."""
-    import socket  # noqa: PLC0415
-
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return  # "auto", ray://...: Ray resolves those itself
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise RayEngineError(f"--address {address}: nothing answers there ({e})") from None
-
 
 _REMOTE_WORKER: Any = None
 

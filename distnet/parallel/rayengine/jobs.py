@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from distnet.parallel.rayengine.driver import (
+from distnet.parallel.rayengine.options import (
     RayEngineError,
     RayOptions,
     WorkerSpec,

@@ -123,17 +123,14 @@ def enter_stage(join: dict[str, Any], ctx: Any, optimizer: Any, loader: Any) -> 
     callbacks' states (the plateau schedule's counters) and learning rate are taken from
     there when it is the one of the epoch before the joined one."""
     from distnet.parallel.rayengine.comm import JoinFailed  # noqa: PLC0415
-    from distnet.train.checkpoint import apply_checkpoint, read_checkpoint  # noqa: PLC0415
 
     if ctx.index != join["stage"]:
         raise JoinFailed(f"the replacement reached stage {ctx.index}, expected {join['stage']}")
-    found = read_checkpoint(ctx.progress_dir)  # no comm: this rank reads the files itself
-    if found is not None and int(found[0]["extra"].get("epoch", -1)) == int(join["epoch"]):
-        info = apply_checkpoint(ctx.progress_dir, *found, restore_rng=False)
-        ctx.extra = {k: v for k, v in info.items() if k not in ("epoch", "manifest")}
-        lr = (found[0].get("optimizer") or {}).get("lr")
+    state = ctx.own_epoch_state(join["epoch"])  # no comm: this rank reads the files itself
+    if state is not None:
+        ctx.extra, lr = state
         if lr is not None:
-            optimizer.lr = float(lr)
+            optimizer.lr = lr
     loader.load_state_dict(join["loader"])
     optimizer._since = int(join["since"])
     optimizer.pull()
