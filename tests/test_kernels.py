@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distnet import kernels
+from distnet import _mkl_blas, kernels
 
 SMALL = kernels.MIN_ELEMENTS  # arrays of at least this size take the compiled path
 
@@ -253,13 +253,25 @@ def test_small_arrays_take_the_numpy_path_without_importing_numba():
 
 
 @needs_numba
-def test_kernels_run_on_the_workqueue_layer_by_default():
-    """OpenMP's spinning team fought OpenBLAS's threads (the step took twice numpy's time)."""
+@pytest.mark.parametrize("blas", ["numpy", "mkl"])
+def test_kernels_share_the_gemms_thread_team(blas):
+    """With oneMKL on GNU OpenMP the kernels run on numba's omp layer (one libgomp team for
+    GEMMs and kernels: the SGD update took twice as long when a second pool woke up); with
+    OpenBLAS on workqueue (OpenMP's spinning team fought OpenBLAS's threads: the step took
+    twice numpy's time)."""
+    if blas == "mkl" and not _mkl_blas.library_candidates():
+        pytest.skip("oneMKL is not installed (pip install 'distnet[mkl]')")
     code = ("import numpy as np, numba; from distnet import kernels\n"
             "p = np.ones(kernels.MIN_ELEMENTS, np.float32)\n"
             "kernels.sgd_update(p, p, None, 0.1, 0.0, False, p)\n"
-            "print(numba.threading_layer())")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+            "lib = kernels._mkl()\n"
+            "print(numba.threading_layer(), lib.layer if lib else 'OpenBLAS')")  # fmt: skip
+    drop = ("NUMBA_THREADING_LAYER", "MKL_THREADING_LAYER")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["DISTNET_BLAS"] = blas
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
-    assert out.returncode == 0 and out.stdout.strip() == "workqueue", out.stderr
+    assert out.returncode == 0, out.stderr
+    layer, gemm_threads = out.stdout.split()
+    assert layer == ("omp" if gemm_threads == "GNU" else "workqueue"), out.stdout
+    assert gemm_threads == ("OpenBLAS" if blas == "numpy" else "GNU")  # libgomp is here
