@@ -250,12 +250,10 @@ def activation_backward(activation: str, y: Any, g: Any, bias_grad: Any | None) 
     if nb is not None:
         out = np.empty_like(y)
         h = y.shape[-1]
-        threads = nb.get_num_threads()
-        if bias_grad is not None and h >= 32 * threads:
-            block = -(-h // threads)  # one block of columns per thread, whole cache lines
-            block = -(-block // 16) * 16
+        if bias_grad is not None:
             y2, g2, out2 = (a.reshape(-1, h) for a in (y, g, out))
-            nb.activation_backward(y2, g2, out2, bias_grad, kind, block)
+            chunks = max(1, min(nb.get_num_threads(), y2.shape[0]))  # one block of rows each
+            nb.activation_backward(y2, g2, out2, bias_grad, kind, chunks)
             return out
         nb.activation_grad(y.reshape(-1), g.reshape(-1), out.reshape(-1), kind)
     elif backend.is_gpu_array(y):

@@ -105,13 +105,15 @@ def test_activation_kernels_match_numpy(activation, monkeypatch):
     "activation, dtype",
     [("tanh", np.float32), ("sigmoid", np.float32), ("relu", np.float32), ("relu", np.float64)],
 )
-def test_fused_backward_with_bias_sum_matches_numpy(activation, dtype, monkeypatch):
-    """One pass gives dL/dz and the bias gradient (column sums) as numpy's two passes do."""
+@pytest.mark.parametrize("shape", [(300, 301), (1, 65_601), (3, 37, 601)])
+def test_fused_backward_with_bias_sum_matches_numpy(activation, dtype, shape, monkeypatch):
+    """One pass gives dL/dz and the bias gradient (column sums) as numpy's two passes do:
+    row blocks of unequal length, a single row (fewer rows than threads), leading axes."""
     rng = np.random.default_rng(3)
-    y = rng.random((300, 301)).astype(dtype)  # 301 columns: a ragged last block
+    y = rng.random(shape).astype(dtype)
     y = y * 2 - 1 if activation == "tanh" else y
-    g = rng.standard_normal((300, 301)).astype(dtype)
-    gb = np.full(301, np.nan, dtype)  # every entry must be written, none accumulated into
+    g = rng.standard_normal(shape).astype(dtype)
+    gb = np.full(shape[-1], np.nan, dtype)  # every entry must be written, none accumulated into
 
     def backward(y, g, gb, out):
         out[...] = kernels.activation_backward(activation, y, g, gb)
