@@ -59,11 +59,13 @@ def _numba() -> ModuleType | None:
     if choice == "numpy":
         return None
     os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir()))
-    layer = os.environ.get("NUMBA_THREADING_LAYER") or numba_threading_layer()
+    # Through the environment: numba re-reads its configuration from it (``reload_config``,
+    # before a compiled kernel first runs), which undid a plain ``numba.config`` assignment.
+    os.environ.setdefault("NUMBA_THREADING_LAYER", numba_threading_layer())
     try:
         import numba  # noqa: PLC0415  (lazy on purpose)
 
-        numba.config.THREADING_LAYER = layer
+        numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
         from distnet import _numba_kernels  # noqa: PLC0415
     except Exception as e:  # ImportError, or a numba that refuses this numpy
         if choice == "numba":

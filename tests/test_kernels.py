@@ -263,12 +263,18 @@ def test_kernels_share_the_gemms_thread_team(blas):
     twice numpy's time)."""
     if blas == "mkl" and not _mkl_blas.library_candidates():
         pytest.skip("oneMKL is not installed (pip install 'distnet[mkl]')")
-    code = ("import numpy as np, numba; from distnet import kernels\n"
-            "p = np.ones(kernels.MIN_ELEMENTS, np.float32)\n"
-            "kernels.sgd_update(p, p, None, 0.1, 0.0, False, p)\n"
+    # numba's compiler reloads its configuration from the environment: a compile between
+    # choosing the layer and the first kernel (a kernel not yet cached) must not undo it
+    code = ("import numba, numpy as np  # numba imported before distnet chose its layer\n"
+            "from distnet import functional, kernels, nn, optim\n"
+            "assert kernels.implementation() == 'numba'\n"
+            "numba.njit(lambda v: v + 1)(1)\n"
+            "m = nn.Sequential(nn.Dense(300, 300, 'tanh'), nn.Dense(300, 3)); o = optim.SGD(m)\n"
+            "x = np.ones((256, 300), np.float32)\n"
+            "functional.cross_entropy(m(x), np.zeros(256, int)).backward(); o.step()\n"
             "lib = kernels._mkl()\n"
             "print(numba.threading_layer(), lib.layer if lib else 'OpenBLAS')")  # fmt: skip
-    drop = ("NUMBA_THREADING_LAYER", "MKL_THREADING_LAYER")
+    drop = ("NUMBA_THREADING_LAYER", "MKL_THREADING_LAYER", "NUMBA_CACHE_DIR")  # as a user has it
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["DISTNET_BLAS"] = blas
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
