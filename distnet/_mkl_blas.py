@@ -23,6 +23,9 @@ import numpy as np
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _LAYERS = {"INTEL": 0, "SEQUENTIAL": 1, "GNU": 3, "TBB": 4}
+SKINNY_COLUMNS = 16
+"""Products with at most this many output columns from a transposed left operand are
+computed as their transpose (see ``MklBlas.gemm``)."""
 
 
 def library_candidates() -> list[str]:
@@ -92,13 +95,26 @@ class MklBlas:
         oa, ob = self.operand(a), self.operand(b)
         if oa is None or ob is None or not out.flags.c_contiguous:
             return False
+        m, n = out.shape
+        if oa[0] == _TRANS and n <= SKINNY_COLUMNS and m >= 8 * n:
+            # A weight gradient x.T @ g with few output columns (a classifier's): oneMKL ran
+            # it 1.6-2.6x slower than its transpose g.T @ x (1000x10 from a batch of 512:
+            # 149 vs 57 us, 2 threads); compute that and copy the small result across.
+            flipped = np.empty((n, m), out.dtype)
+            self._call(b.T, a.T, flipped, self.operand(b.T), self.operand(a.T))
+            out[...] = flipped.T
+            return True
+        self._call(a, b, out, oa, ob)
+        return True
+
+    def _call(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, oa: tuple[int, int],
+              ob: tuple[int, int]) -> None:  # fmt: skip
         m, k = a.shape
         n = b.shape[1]
         dtype = out.dtype
         self._fns[dtype](_ROW_MAJOR, oa[0], ob[0], m, n, k, self._one[dtype], a.ctypes.data,
                          oa[1], b.ctypes.data, ob[1], self._zero[dtype], out.ctypes.data,
                          max(1, n))  # fmt: skip
-        return True
 
 
 def load() -> MklBlas | None:

@@ -49,7 +49,8 @@ def _layouts(rng, m, k, n, dtype):
 @needs_mkl
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
-    "shape", [(128, 784, 1000), (1000, 128, 1000), (128, 1000, 10), (7, 300, 200)]
+    "shape",
+    [(128, 784, 1000), (1000, 128, 1000), (128, 1000, 10), (7, 300, 200), (1000, 512, 10)],
 )
 def test_mkl_gemm_equals_numpy_on_every_layout(blas, dtype, shape):
     assert blas("mkl") == "mkl"

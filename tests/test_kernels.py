@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distnet import kernels
+from distnet import _mkl_blas, kernels
 
 SMALL = kernels.MIN_ELEMENTS  # arrays of at least this size take the compiled path
 
@@ -105,13 +105,15 @@ def test_activation_kernels_match_numpy(activation, monkeypatch):
     "activation, dtype",
     [("tanh", np.float32), ("sigmoid", np.float32), ("relu", np.float32), ("relu", np.float64)],
 )
-def test_fused_backward_with_bias_sum_matches_numpy(activation, dtype, monkeypatch):
-    """One pass gives dL/dz and the bias gradient (column sums) as numpy's two passes do."""
+@pytest.mark.parametrize("shape", [(300, 301), (1, 65_601), (3, 37, 601)])
+def test_fused_backward_with_bias_sum_matches_numpy(activation, dtype, shape, monkeypatch):
+    """One pass gives dL/dz and the bias gradient (column sums) as numpy's two passes do:
+    row blocks of unequal length, a single row (fewer rows than threads), leading axes."""
     rng = np.random.default_rng(3)
-    y = rng.random((300, 301)).astype(dtype)  # 301 columns: a ragged last block
+    y = rng.random(shape).astype(dtype)
     y = y * 2 - 1 if activation == "tanh" else y
-    g = rng.standard_normal((300, 301)).astype(dtype)
-    gb = np.full(301, np.nan, dtype)  # every entry must be written, none accumulated into
+    g = rng.standard_normal(shape).astype(dtype)
+    gb = np.full(shape[-1], np.nan, dtype)  # every entry must be written, none accumulated into
 
     def backward(y, g, gb, out):
         out[...] = kernels.activation_backward(activation, y, g, gb)
@@ -253,13 +255,31 @@ def test_small_arrays_take_the_numpy_path_without_importing_numba():
 
 
 @needs_numba
-def test_kernels_run_on_the_workqueue_layer_by_default():
-    """OpenMP's spinning team fought OpenBLAS's threads (the step took twice numpy's time)."""
-    code = ("import numpy as np, numba; from distnet import kernels\n"
-            "p = np.ones(kernels.MIN_ELEMENTS, np.float32)\n"
-            "kernels.sgd_update(p, p, None, 0.1, 0.0, False, p)\n"
-            "print(numba.threading_layer())")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+@pytest.mark.parametrize("blas", ["numpy", "mkl"])
+def test_kernels_share_the_gemms_thread_team(blas):
+    """With oneMKL on GNU OpenMP the kernels run on numba's omp layer (one libgomp team for
+    GEMMs and kernels: the SGD update took twice as long when a second pool woke up); with
+    OpenBLAS on workqueue (OpenMP's spinning team fought OpenBLAS's threads: the step took
+    twice numpy's time)."""
+    if blas == "mkl" and not _mkl_blas.library_candidates():
+        pytest.skip("oneMKL is not installed (pip install 'distnet[mkl]')")
+    # numba's compiler reloads its configuration from the environment: a compile between
+    # choosing the layer and the first kernel (a kernel not yet cached) must not undo it
+    code = ("import numba, numpy as np  # numba imported before distnet chose its layer\n"
+            "from distnet import functional, kernels, nn, optim\n"
+            "assert kernels.implementation() == 'numba'\n"
+            "numba.njit(lambda v: v + 1)(1)\n"
+            "m = nn.Sequential(nn.Dense(300, 300, 'tanh'), nn.Dense(300, 3)); o = optim.SGD(m)\n"
+            "x = np.ones((256, 300), np.float32)\n"
+            "functional.cross_entropy(m(x), np.zeros(256, int)).backward(); o.step()\n"
+            "lib = kernels._mkl()\n"
+            "print(numba.threading_layer(), lib.layer if lib else 'OpenBLAS')")  # fmt: skip
+    drop = ("NUMBA_THREADING_LAYER", "MKL_THREADING_LAYER", "NUMBA_CACHE_DIR")  # as a user has it
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["DISTNET_BLAS"] = blas
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
-    assert out.returncode == 0 and out.stdout.strip() == "workqueue", out.stderr
+    assert out.returncode == 0, out.stderr
+    layer, gemm_threads = out.stdout.split()
+    assert layer == ("omp" if gemm_threads == "GNU" else "workqueue"), out.stdout
+    assert gemm_threads == ("OpenBLAS" if blas == "numpy" else "GNU")  # libgomp is here

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet import trace
 from distnet.backend import array_module, is_gpu_array
 from distnet.parallel.comm import Communicator
 
@@ -163,7 +164,9 @@ class ShardedOptimizer:
             self.grad_shard[...] = self.full_grads
             return self.grad_shard
         mpi = self.comm.MPI
-        self.comm.comm.Reduce_scatter(self.full_grads, self.grad_shard, self.counts, op=mpi.SUM)
+        with trace.span("allreduce", part="reduce_scatter"):  # counted in metrics' comm_s
+            self.comm.comm.Reduce_scatter(self.full_grads, self.grad_shard, self.counts,
+                                          op=mpi.SUM)  # fmt: skip
         return self.grad_shard
 
     def step(self, batch_share: float | None = None) -> None:
@@ -174,11 +177,12 @@ class ShardedOptimizer:
         opt._update(opt.flat_params, opt.penalised_grads())
         if self.comm.size > 1:
             mpi = self.comm.MPI
-            self.comm.comm.Allgatherv(
-                mpi.IN_PLACE, [self.full_params, self.counts, self.displs, mpi.FLOAT]
-                if self.full_params.dtype == np.float32
-                else [self.full_params, self.counts, self.displs, mpi.DOUBLE]
-            )  # fmt: skip
+            with trace.span("allreduce", part="allgather"):
+                self.comm.comm.Allgatherv(
+                    mpi.IN_PLACE, [self.full_params, self.counts, self.displs, mpi.FLOAT]
+                    if self.full_params.dtype == np.float32
+                    else [self.full_params, self.counts, self.displs, mpi.DOUBLE]
+                )  # fmt: skip
 
     def _gather(self, shard: Any) -> Any:
         full = np.empty(self.full_params.size, dtype=shard.dtype)

@@ -8,7 +8,7 @@ import tempfile
 
 import numpy as np
 
-from distnet import backend, nn, optim
+from distnet import backend, nn, optim, trace
 from distnet import functional as F
 from distnet import parallel as dist
 from distnet.parallel.zero import ShardedOptimizer
@@ -53,7 +53,11 @@ def main() -> None:
             v.size == sharded.hi - sharded.lo for v in sharded.optimizer._state.values()
         ), "state is not sharded"
         assert sum(sharded.counts) == full
+        trace.enable_timers()  # its collectives count as communication in the metrics
         train(sharded, model, data)
+        comm_seconds = trace.totals().get("allreduce", 0.0)
+        trace.disable_timers()
+        assert comm.size == 1 or comm_seconds > 0, "reduce-scatter/all-gather not timed"
         np.testing.assert_allclose(model.flat_params(), ref_model.flat_params(),
                                    rtol=1e-5, atol=1e-6, err_msg=name)  # fmt: skip
         replicas = comm.allgather(model.flat_params().copy())
