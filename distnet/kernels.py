@@ -137,6 +137,13 @@ def blas() -> str:
     return "mkl" if _mkl() is not None else "numpy"
 
 
+def blas_threads_local(threads: int) -> int | None:
+    """Sets the calling thread's oneMKL GEMM threads (0: the global setting again); returns
+    the previous local setting, or None when GEMMs do not go through oneMKL."""
+    lib = _mkl()
+    return None if lib is None else lib.set_threads_local(threads)
+
+
 def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
     """a @ b, into ``out`` when given. Shapes: a (M, K), b (K, N), out (M, N).
 
@@ -180,6 +187,20 @@ def conv_kernels(*arrays: Any) -> ModuleType | None:
     from distnet import _numba_conv  # noqa: PLC0415  (after _numba() set the threading layer)
 
     return _numba_conv
+
+
+def channels_last_kernels(x: Any) -> ModuleType | None:
+    """``distnet._numba_conv_nhwc`` (the channels-last conv and pooling kernels) when x
+    (N, C, H, W), NCHW or channels-last in memory, suits compiled kernels by the rules of
+    ``_compiled`` (through ``conv_kernels``: one switch for both layouts), else None."""
+    if type(x) is not np.ndarray or x.ndim != 4:
+        return None
+    nhwc = x.transpose(0, 2, 3, 1)
+    if conv_kernels(nhwc if nhwc.flags.c_contiguous else x) is None:
+        return None
+    from distnet import _numba_conv_nhwc  # noqa: PLC0415  (after _numba() set the layer)
+
+    return _numba_conv_nhwc
 
 
 # -- activations -------------------------------------------------------------------------------
