@@ -137,6 +137,13 @@ def blas() -> str:
     return "mkl" if _mkl() is not None else "numpy"
 
 
+MIN_THREADED_GEMM_FLOPS = 1 << 25
+"""oneMKL products smaller than this (M K N) run on the calling thread alone: splitting a
+0.2 ms product gains 0.1 ms, and GNU OpenMP's threads then spin for a while afterwards on
+the cores that numba's and ``distnet.core.block_threads``' threads need next (the LeNet
+step's dense layers: 128 x 800 x 128)."""
+
+
 def blas_threads_local(threads: int) -> int | None:
     """Sets the calling thread's oneMKL GEMM threads (0: the global setting again); returns
     the previous local setting, or None when GEMMs do not go through oneMKL."""
@@ -165,14 +172,20 @@ def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
         lib = _mkl()
         if lib is not None:
             target = np.empty((a.shape[0], b.shape[1]), a.dtype) if out is None else out
-            if (
-                target.dtype == a.dtype
-                and target.shape == (a.shape[0], b.shape[1])
-                and not np.may_share_memory(target, a)
-                and not np.may_share_memory(target, b)
-                and lib.gemm(a, b, target)
-            ):
-                return target
+            small = a.shape[0] * a.shape[1] * b.shape[1] < MIN_THREADED_GEMM_FLOPS
+            previous = lib.set_threads_local(1) if small else None
+            try:
+                if (
+                    target.dtype == a.dtype
+                    and target.shape == (a.shape[0], b.shape[1])
+                    and not np.may_share_memory(target, a)
+                    and not np.may_share_memory(target, b)
+                    and lib.gemm(a, b, target)
+                ):
+                    return target
+            finally:
+                if previous is not None:
+                    lib.set_threads_local(previous)
     if out is None:
         return a @ b
     return backend.array_module(a).matmul(a, b, out=out)

@@ -182,7 +182,12 @@ def test_relu_code_and_sample_blocks():
 def test_block_threads_groups_and_errors():
     assert block_threads.groups(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
     assert block_threads.groups([7], 4) == [[7]]
-    assert block_threads.run(lambda part: sum(part), list(range(10)), 3) == [3, 12, 30]
+    # two groups per thread, results in group order whichever thread ran them
+    expected = [sum(g) for g in block_threads.groups(list(range(10)), 6)]
+    assert len(expected) == 6 and sum(expected) == 45
+    for _ in range(20):
+        assert block_threads.run(lambda part: sum(part), list(range(10)), 3) == expected
+    assert block_threads.run(lambda part: list(part), [1, 2], 1) == [[1, 2]]
 
     def fails_on_the_pool(part):
         if 9 in part:

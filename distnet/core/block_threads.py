@@ -68,14 +68,24 @@ def groups(blocks: Sequence[T], count: int) -> list[Sequence[T]]:
 
 
 def run(fn: Callable[[Sequence[T]], Any], blocks: Sequence[T], threads: int) -> list[Any]:
-    """``[fn(group) for group in groups(blocks, threads)]``, the first group on the calling
-    thread and each other on a pool thread, all with single-threaded oneMKL GEMMs."""
-    parts = groups(blocks, threads)
+    """``[fn(group) for group in groups(blocks, 2 * threads)]``: the first group on the calling
+    thread, the others queued for the pool's threads; when done with its own, the calling
+    thread takes back queued groups that no pool thread has started yet (last first), so a
+    pool thread kept off its core (by other processes, or OpenMP threads spinning after a
+    GEMM) delays nothing. Every group runs with single-threaded oneMKL GEMMs."""
+    parts = groups(blocks, 2 * threads if threads > 1 else 1)
     futures = [_pool(threads - 1).submit(fn, part) for part in parts[1:]] if threads > 1 else []
     previous = kernels.blas_threads_local(1)
+    results: list[Any] = [None] * len(parts)
     try:
-        first = fn(parts[0])
+        results[0] = fn(parts[0])
+        for i in range(len(futures), 0, -1):
+            if futures[i - 1].cancel():  # not started: run it here
+                results[i] = fn(parts[i])
     finally:
         if previous is not None:
             kernels.blas_threads_local(previous)
-    return [first] + [f.result(timeout=WAIT_S) for f in futures]
+    for i, future in enumerate(futures, start=1):
+        if not future.cancelled():
+            results[i] = future.result(timeout=WAIT_S)
+    return results
