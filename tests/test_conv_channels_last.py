@@ -203,5 +203,11 @@ def test_blas_threads_are_set_per_thread():
     previous = kernels.blas_threads_local(1)
     try:
         assert kernels.blas_threads_local(1) == 1  # what this thread had just set
+        kernels.blas_threads_local(0)
+        a, b = np.ones((64, 64), np.float32), np.ones((64, 128), np.float32)
+        # a oneMKL product too small for threads runs on one, then the setting is back
+        assert kernels.MIN_GEMM_FLOPS <= 64 * 64 * 128 < kernels.MIN_THREADED_GEMM_FLOPS
+        np.testing.assert_array_equal(kernels.matmul(a, b), np.full((64, 128), 64.0))
+        assert kernels.blas_threads_local(0) == 0
     finally:
         kernels.blas_threads_local(previous)
