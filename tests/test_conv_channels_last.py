@@ -179,23 +179,33 @@ def test_relu_code_and_sample_blocks():
                                                                               (2, 3)]  # fmt: skip
 
 
-def test_block_threads_groups_and_errors():
-    assert block_threads.groups(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
-    assert block_threads.groups([7], 4) == [[7]]
-    # two groups per thread, results in group order whichever thread ran them
-    expected = [sum(g) for g in block_threads.groups(list(range(10)), 6)]
-    assert len(expected) == 6 and sum(expected) == 45
-    for _ in range(20):
-        assert block_threads.run(lambda part: sum(part), list(range(10)), 3) == expected
-    assert block_threads.run(lambda part: list(part), [1, 2], 1) == [[1, 2]]
+def test_block_threads_results_in_block_order_and_errors():
+    import threading
 
-    def fails_on_the_pool(part):
-        if 9 in part:
-            raise ValueError("block 9")
-        return len(part)
+    made = []
 
-    with pytest.raises(ValueError, match="block 9"):
-        block_threads.run(fails_on_the_pool, list(range(10)), 2)
+    def make_worker():  # per-thread state, made once by each thread that takes blocks
+        made.append(threading.get_ident())
+        return lambda block: (block * block, threading.get_ident())
+
+    for threads in (1, 2, 3):
+        for _ in range(10):
+            made.clear()
+            results = block_threads.run(make_worker, list(range(17)), threads)
+            assert [r[0] for r in results] == [i * i for i in range(17)]
+            assert sorted(made) == sorted({r[1] for r in results}) and len(made) <= threads
+
+    def failing_worker():
+        def worker(block):
+            if block == 9:
+                raise ValueError("block 9")
+            return block
+
+        return worker
+
+    for threads in (1, 2):
+        with pytest.raises(ValueError, match="block 9"):
+            block_threads.run(failing_worker, list(range(12)), threads)
 
 
 @pytest.mark.skipif(kernels.blas() != "mkl", reason="oneMKL is not installed")

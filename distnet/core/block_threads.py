@@ -1,13 +1,13 @@
-"""Runs one function over groups of sample blocks on a few threads, one group each.
+"""Runs one function over blocks of samples on a few threads, which take the blocks in turn.
 
 Why not numba's ``prange`` inside each kernel: a convolution step done block by block (so
 that each block's columns stay in cache) makes ~50 short kernel calls per step, and each
 parallel call hands work to numba's threads and waits. On the workqueue layer that handoff
 cost 100+ us per call on a busy machine (the threads sleep between calls); on the OpenMP
 layer the threads spin instead, which is fast on an idle machine and ruinous on a shared one
-(a 15 ms step took 130-630 ms at load 5). Here each thread takes a contiguous group of blocks
-and runs serial kernels and single-threaded oneMKL GEMMs on it start to end: one handoff
-and one join per op, no spinning, no shared writes.
+(a 15 ms step took 130-630 ms at load 5). Here the threads take blocks one after another and
+run serial kernels and single-threaded oneMKL GEMMs on each: one handoff and one join per
+op, no spinning, no shared writes.
 
 Threads: numba's thread count (``NUMBA_NUM_THREADS``, which ``distnet launch`` and the
 benchmarks set like ``OMP_NUM_THREADS``). Used only when GEMMs go through oneMKL, whose
@@ -60,32 +60,37 @@ def _forget_pool_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
-def groups(blocks: Sequence[T], count: int) -> list[Sequence[T]]:
-    """``blocks`` cut into at most ``count`` contiguous groups of near-equal length."""
-    count = max(1, min(count, len(blocks)))
-    return [blocks[i * len(blocks) // count : (i + 1) * len(blocks) // count]
-            for i in range(count)]  # fmt: skip
+def run(make_worker: Callable[[], Callable[[T], Any]], blocks: Sequence[T],
+        threads: int) -> list[Any]:  # fmt: skip
+    """``[worker(block) for block in blocks]`` on up to ``threads`` threads: the calling
+    thread and the pool's take the next block until none is left (each with its own
+    ``worker = make_worker()``, which holds that thread's scratch). A pool thread kept off
+    its core (by other processes, or OpenMP threads spinning after a GEMM) delays nothing:
+    the others take its share. Results come in block order, whichever thread made them,
+    so sums over them are the same from run to run. GEMMs run single-threaded in here."""
+    results: list[Any] = [None] * len(blocks)
+    lock = threading.Lock()
+    taken = iter(range(len(blocks)))
 
+    def drain() -> None:
+        worker = None
+        while True:
+            with lock:
+                i = next(taken, None)
+            if i is None:
+                return
+            worker = worker or make_worker()
+            results[i] = worker(blocks[i])
 
-def run(fn: Callable[[Sequence[T]], Any], blocks: Sequence[T], threads: int) -> list[Any]:
-    """``[fn(group) for group in groups(blocks, 2 * threads)]``: the first group on the calling
-    thread, the others queued for the pool's threads; when done with its own, the calling
-    thread takes back queued groups that no pool thread has started yet (last first), so a
-    pool thread kept off its core (by other processes, or OpenMP threads spinning after a
-    GEMM) delays nothing. Every group runs with single-threaded oneMKL GEMMs."""
-    parts = groups(blocks, 2 * threads if threads > 1 else 1)
-    futures = [_pool(threads - 1).submit(fn, part) for part in parts[1:]] if threads > 1 else []
+    helpers = min(threads, len(blocks)) - 1
+    futures = [_pool(threads - 1).submit(drain) for _ in range(helpers)]
     previous = kernels.blas_threads_local(1)
-    results: list[Any] = [None] * len(parts)
     try:
-        results[0] = fn(parts[0])
-        for i in range(len(futures), 0, -1):
-            if futures[i - 1].cancel():  # not started: run it here
-                results[i] = fn(parts[i])
+        drain()
     finally:
         if previous is not None:
             kernels.blas_threads_local(previous)
-    for i, future in enumerate(futures, start=1):
-        if not future.cancelled():
-            results[i] = future.result(timeout=WAIT_S)
+    for future in futures:
+        if not future.cancel():  # started: wait for the block it is on
+            future.result(timeout=WAIT_S)
     return results

@@ -99,23 +99,26 @@ def conv2d(
     kind = kernels.ACTIVATIONS.index("relu") if activation == "relu" else -1
     b = bias.data if bias is not None else np.zeros(o, dtype=dtype)
 
-    def scratch(part: list[tuple[int, int]], width: int) -> np.ndarray:
-        return np.empty((max(s1 - s0 for s0, s1 in part) * p, width), dtype=dtype)
+    largest = max(s1 - s0 for s0, s1 in blocks) * p  # rows of the largest block
 
     def columns(cols: np.ndarray, s0: int, s1: int) -> np.ndarray:
         cols = cols[: (s1 - s0) * p]
         im2col(xpad[s0:s1], cols.reshape(s1 - s0, oh, ow, kh, kw, c))
         return cols
 
-    def forward_part(part: list[tuple[int, int]]) -> None:
-        cols, bias_relu = scratch(part, k), compiled.bias_relu(parallel)
-        for s0, s1 in part:
+    def forward_worker() -> Any:
+        cols, bias_relu = np.empty((largest, k), dtype=dtype), compiled.bias_relu(parallel)
+
+        def forward_block(block: tuple[int, int]) -> None:
+            s0, s1 = block
             zb = z[s0 * p : s1 * p]
             kernels.matmul(columns(cols, s0, s1), wmat.T, out=zb)
             if fused and (bias is not None or activation is not None):
                 bias_relu(zb, b, kind)
 
-    block_threads.run(forward_part, blocks, threads)
+        return forward_block
+
+    block_threads.run(forward_worker, blocks, threads)
     if not fused:
         kernels.bias_activation_(z, None if bias is None else b, activation)
 
@@ -128,34 +131,38 @@ def conv2d(
         col2im = compiled.col2im(*geometry)
         slots = compiled.parallel_slots() if parallel else 1
 
-        def backward_part(part: list[tuple[int, int]]) -> tuple[Any, Any]:
-            cols = scratch(part, k)
-            gcols = scratch(part, k) if gpad is not None else None
-            d = scratch(part, o) if fused else None
+        def backward_worker() -> Any:
+            cols = np.empty((largest, k), dtype=dtype)
+            gcols = np.empty((largest, k), dtype=dtype) if gpad is not None else None
+            d = np.empty((largest, o), dtype=dtype) if fused else None
             partial = np.empty((slots, o), dtype=dtype)
-            gw_part = np.zeros((o, k), dtype=dtype) if weight.requires_grad else None
-            gb_part = np.zeros(o, dtype=dtype)
             relu_grad = compiled.relu_grad_bias_sum(parallel)
-            for s0, s1 in part:
+
+            def backward_block(block: tuple[int, int]) -> tuple[Any, Any]:
+                s0, s1 = block
                 rows = slice(s0 * p, s1 * p)
+                gb_block = None
                 if fused:  # d act / dz and the bias sum in one pass, in cache
                     db = d[: (s1 - s0) * p]
                     relu_grad(z[rows], gz[rows], db, partial, kind)
-                    gb_part += partial.sum(axis=0)
+                    gb_block = partial.sum(axis=0)
                 else:
                     db = dz[rows]
-                if gw_part is not None:
-                    gw_part += kernels.matmul(db.T, columns(cols, s0, s1))
+                gw_block = None
+                if weight.requires_grad:
+                    gw_block = kernels.matmul(db.T, columns(cols, s0, s1))
                 if gcols is not None:
                     gcb = gcols[: (s1 - s0) * p]
                     kernels.matmul(db, wmat, out=gcb)
                     col2im(gcb.reshape(s1 - s0, oh, ow, kh, kw, c), gpad[s0:s1])
-            return gw_part, gb_part
+                return gw_block, gb_block
 
-        parts = block_threads.run(backward_part, blocks, threads)
+            return backward_block
+
+        parts = block_threads.run(backward_worker, blocks, threads)
         gw = None
         if weight.requires_grad:
-            gw_sum = sum(part[0] for part in parts[1:]) + parts[0][0]
+            gw_sum = sum(part[0] for part in parts[1:]) + parts[0][0]  # in block order
             gw_oihw = gw_sum.reshape(o, kh, kw, c).transpose(0, 3, 1, 2)
             target = weight.grad_target()
             if target is None:
@@ -192,14 +199,14 @@ def max_pool2d(
     oh, ow = out_size
     out = np.empty((n, oh, ow, c), dtype=xd.dtype)
     parallel, threads = _plan(compiled)
-    samples = [(i, i + 1) for i in range(n)] if not parallel else [(0, n)]
+    chunk = max(1, -(-n // (4 * threads))) if not parallel else n  # 4 chunks per thread
+    samples = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
     pool = compiled.max_pool(*kernel, *stride, parallel)
 
-    def forward_part(part: list[tuple[int, int]]) -> None:
-        s0, s1 = part[0][0], part[-1][1]
-        pool(xd[s0:s1], out[s0:s1])
+    def forward_worker() -> Any:
+        return lambda block: pool(xd[block[0] : block[1]], out[block[0] : block[1]])
 
-    block_threads.run(forward_part, samples, threads)
+    block_threads.run(forward_worker, samples, threads)
 
     def backward(g: Any) -> tuple[Any]:
         gd = as_nhwc(np.asarray(g, dtype=out.dtype))
@@ -207,12 +214,16 @@ def max_pool2d(
         pool_grad = compiled.max_pool_grad(*kernel, *stride, parallel)
         slots = compiled.parallel_slots() if parallel else 1
 
-        def backward_part(part: list[tuple[int, int]]) -> None:
-            s0, s1 = part[0][0], part[-1][1]
+        def backward_worker() -> Any:
             count = compiled.scratch_counts(slots, ow, c, out.dtype)
-            pool_grad(xd[s0:s1], out[s0:s1], gd[s0:s1], gx[s0:s1], count)
 
-        block_threads.run(backward_part, samples, threads)
+            def backward_block(block: tuple[int, int]) -> None:
+                s0, s1 = block
+                pool_grad(xd[s0:s1], out[s0:s1], gd[s0:s1], gx[s0:s1], count)
+
+            return backward_block
+
+        block_threads.run(backward_worker, samples, threads)
         return (gx.transpose(0, 3, 1, 2),)
 
     return make_result(out.transpose(0, 3, 1, 2), (x,), backward, "max_pool2d")
