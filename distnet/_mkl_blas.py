@@ -76,8 +76,16 @@ class MklBlas:
             s = scalar[dtype]
             fn.restype = None
             fn.argtypes = [i, i, i, i, i, i, s, vp, i, vp, i, s, vp, i]
+        self._set_threads_local = lib.MKL_Set_Num_Threads_Local
+        self._set_threads_local.restype = ctypes.c_int
+        self._set_threads_local.argtypes = [ctypes.c_int]
         self._one = {d: scalar[d](1.0) for d in scalar}
         self._zero = {d: scalar[d](0.0) for d in scalar}
+
+    def set_threads_local(self, threads: int) -> int:
+        """oneMKL's thread count for GEMMs called from this thread (0: back to the global
+        one); returns the previous local setting."""
+        return int(self._set_threads_local(threads))
 
     @staticmethod
     def operand(a: np.ndarray) -> tuple[int, int] | None:

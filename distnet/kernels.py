@@ -152,6 +152,20 @@ def blas() -> str:
     return "mkl" if _mkl() is not None else "numpy"
 
 
+MIN_THREADED_GEMM_FLOPS = 1 << 25
+"""oneMKL products smaller than this (M K N) run on the calling thread alone: splitting a
+0.2 ms product gains 0.1 ms, and GNU OpenMP's threads then spin for a while afterwards on
+the cores that numba's and ``distnet.core.block_threads``' threads need next (the LeNet
+step's dense layers: 128 x 800 x 128)."""
+
+
+def blas_threads_local(threads: int) -> int | None:
+    """Sets the calling thread's oneMKL GEMM threads (0: the global setting again); returns
+    the previous local setting, or None when GEMMs do not go through oneMKL."""
+    lib = _mkl()
+    return None if lib is None else lib.set_threads_local(threads)
+
+
 def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
     """a @ b, into ``out`` when given. Shapes: a (M, K), b (K, N), out (M, N).
 
@@ -173,14 +187,20 @@ def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
         lib = _mkl()
         if lib is not None:
             target = np.empty((a.shape[0], b.shape[1]), a.dtype) if out is None else out
-            if (
-                target.dtype == a.dtype
-                and target.shape == (a.shape[0], b.shape[1])
-                and not np.may_share_memory(target, a)
-                and not np.may_share_memory(target, b)
-                and lib.gemm(a, b, target)
-            ):
-                return target
+            small = a.shape[0] * a.shape[1] * b.shape[1] < MIN_THREADED_GEMM_FLOPS
+            previous = lib.set_threads_local(1) if small else None
+            try:
+                if (
+                    target.dtype == a.dtype
+                    and target.shape == (a.shape[0], b.shape[1])
+                    and not np.may_share_memory(target, a)
+                    and not np.may_share_memory(target, b)
+                    and lib.gemm(a, b, target)
+                ):
+                    return target
+            finally:
+                if previous is not None:
+                    lib.set_threads_local(previous)
     if out is None:
         return a @ b
     return backend.array_module(a).matmul(a, b, out=out)
@@ -195,6 +215,20 @@ def conv_kernels(*arrays: Any) -> ModuleType | None:
     from distnet import _numba_conv  # noqa: PLC0415  (after _numba() set the threading layer)
 
     return _numba_conv
+
+
+def channels_last_kernels(x: Any) -> ModuleType | None:
+    """``distnet._numba_conv_nhwc`` (the channels-last conv and pooling kernels) when x
+    (N, C, H, W), NCHW or channels-last in memory, suits compiled kernels by the rules of
+    ``_compiled`` (through ``conv_kernels``: one switch for both layouts), else None."""
+    if type(x) is not np.ndarray or x.ndim != 4:
+        return None
+    nhwc = x.transpose(0, 2, 3, 1)
+    if conv_kernels(nhwc if nhwc.flags.c_contiguous else x) is None:
+        return None
+    from distnet import _numba_conv_nhwc  # noqa: PLC0415  (after _numba() set the layer)
+
+    return _numba_conv_nhwc
 
 
 # -- activations -------------------------------------------------------------------------------

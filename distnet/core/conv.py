@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from distnet import backend, kernels
-from distnet.core import ops
+from distnet.core import channels_last, ops
 from distnet.core.functional import FUSED_ACTIVATIONS
 from distnet.core.tensor import WRITTEN, Tensor, make_result
 
@@ -172,6 +172,10 @@ def conv2d(
         ops.check_same_kind("conv2d", weight, bias)
         if bias.shape != (o,):
             raise ValueError(f"conv2d: bias {bias.shape} does not fit weight {weight.shape}")
+    nhwc_kernels = kernels.channels_last_kernels(x.data)
+    if nhwc_kernels is not None:  # CPU with numba: NHWC memory inside (see channels_last)
+        return channels_last.conv2d(nhwc_kernels, x, weight, bias, stride_, padding_,
+                                    dilation_, activation, (oh, ow))  # fmt: skip
     n = x.shape[0]
     xp = backend.array_module(x.data)
     cols = im2col(x.data, (kh, kw), stride_, padding_, dilation_)  # (C*KH*KW, N*OH*OW)
@@ -247,6 +251,12 @@ def max_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pai
     """
     kernel_, stride_, padding_ = _pool_arguments("max_pool2d", x, kernel, stride, padding)
     xp = backend.array_module(x.data)
+    if padding_ == (0, 0) and not x.data.flags.c_contiguous:  # channels last: keep it so
+        nhwc_kernels = kernels.channels_last_kernels(x.data)
+        if nhwc_kernels is not None and channels_last.is_channels_last(x.data):
+            oh = output_size(x.shape[2], kernel_[0], stride_[0], 0, 1)
+            ow = output_size(x.shape[3], kernel_[1], stride_[1], 0, 1)
+            return channels_last.max_pool2d(nhwc_kernels, x, kernel_, stride_, (oh, ow))
     compiled = kernels.conv_kernels(x.data) if padding_ == (0, 0) else None
     if compiled is not None:
         return _max_pool2d_compiled(compiled, x, kernel_, stride_)
