@@ -206,6 +206,47 @@ def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
     return backend.array_module(a).matmul(a, b, out=out)
 
 
+CONV_ENV_VAR = "DISTNET_CONV"
+_CONV_CHOICES = ("auto", "onednn", "im2col")
+
+
+@functools.cache
+def _onednn() -> Any | None:
+    """oneDNN's convolutions (``distnet._onednn``) when installed and allowed, else None."""
+    choice = os.environ.get(CONV_ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _CONV_CHOICES:
+        raise ValueError(f"{CONV_ENV_VAR}={choice!r}: expected one of {', '.join(_CONV_CHOICES)}")
+    if choice == "im2col":
+        return None
+    from distnet import _onednn  # noqa: PLC0415  (lazy: loads a large library)
+
+    lib = _onednn.load()
+    if lib is None and choice == "onednn":
+        raise RuntimeError(f"{CONV_ENV_VAR}=onednn but no oneDNN 3 library (libdnnl.so.3) "
+                           f"was found (pip install 'distnet[onednn]'); looked in "
+                           f"{sys.prefix}/lib")  # fmt: skip
+    return lib
+
+
+def conv_library() -> str:
+    """'onednn' or 'im2col': what float32 CPU convolutions go through in this process."""
+    return "onednn" if _onednn() is not None else "im2col"
+
+
+def onednn_conv(x: Any, weight: Any) -> Any | None:
+    """The loaded oneDNN (``distnet._onednn.OneDnn``) when this convolution suits it: CPU
+    numpy arrays, float32, (N, C, H, W) and (O, C, KH, KW); else None."""
+    if (
+        type(x) is not np.ndarray
+        or type(weight) is not np.ndarray
+        or x.dtype != np.float32
+        or weight.dtype != np.float32
+        or x.ndim != 4
+    ):
+        return None
+    return _onednn()
+
+
 def conv_kernels(*arrays: Any) -> ModuleType | None:
     """``distnet._numba_conv`` (im2col, col2im, max pooling) when the arrays suit compiled
     kernels by the rules of ``_compiled``, else None (then ``distnet.core.conv`` runs its

@@ -29,6 +29,17 @@ MODES = {
 }
 
 
+def off_onednn(monkeypatch):
+    """These tests are of the im2col path: float32 convolutions stay off oneDNN here (its own
+    tests are in test_conv_onednn.py)."""
+    monkeypatch.setattr(kernels, "onednn_conv", lambda x, weight: None)
+
+
+@pytest.fixture(autouse=True)
+def im2col_route(monkeypatch):
+    off_onednn(monkeypatch)
+
+
 @pytest.fixture(params=list(MODES))
 def mode(request, monkeypatch):
     """Every array goes through the channels-last kernels, however small, in one mode."""
@@ -148,6 +159,7 @@ def lenet_pass(dtype, seed: int = 0):
 def test_a_lenet_pass_equals_the_numpy_path(numpy_only, monkeypatch, request, dtype, tol):
     reference = lenet_pass(dtype)
     monkeypatch.undo()
+    off_onednn(monkeypatch)
     for name in MODES:
         parallel, threads, block_bytes = MODES[name]
         monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
@@ -159,14 +171,18 @@ def test_a_lenet_pass_equals_the_numpy_path(numpy_only, monkeypatch, request, dt
 
 
 def test_the_plan_follows_the_blas(monkeypatch):
-    """Threads over blocks only with oneMKL (per-thread GEMM threads); else numba's
-    parallel kernels over the whole batch."""
+    """Threads over blocks only with oneMKL (per-thread GEMM threads) and im2col
+    convolutions; else numba's parallel kernels over the whole batch."""
     from distnet import _numba_conv_nhwc
 
+    monkeypatch.setattr(kernels, "conv_library", lambda: "im2col")
     monkeypatch.setattr(kernels, "blas", lambda: "numpy")
     assert channels_last._plan(_numba_conv_nhwc) == (True, 1)
     monkeypatch.setattr(kernels, "blas", lambda: "mkl")
     assert channels_last._plan(_numba_conv_nhwc) == (False, _numba_conv_nhwc.parallel_slots())
+    # oneDNN's OpenMP team runs the convolutions: pooling joins that team
+    monkeypatch.setattr(kernels, "conv_library", lambda: "onednn")
+    assert channels_last._plan(_numba_conv_nhwc) == (True, 1)
 
 
 def test_relu_code_and_sample_blocks():

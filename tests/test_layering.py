@@ -25,6 +25,7 @@ LAYER = {
     "_numba_conv": 0.6,  # im2col, col2im and max pooling in numba: import nothing of distnet
     "_numba_conv_nhwc": 0.6,  # the channels-last conv and pooling loops: nothing of distnet
     "_mkl_blas": 0.6,  # oneMKL's GEMM through ctypes: imports nothing of distnet
+    "_onednn": 0.6,  # oneDNN's convolutions through ctypes: imports nothing of distnet
     "_cupy_kernels": 0.6,  # the GPU formulas (cupy ElementwiseKernels): import nothing of distnet
     "kernels": 0.7,  # the one table of fused kernels, used by core's ops and optim's updates
     "core": 1,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from distnet import backend, kernels
-from distnet.core import channels_last, ops
+from distnet.core import channels_last, conv_onednn, ops
 from distnet.core.functional import FUSED_ACTIVATIONS
 from distnet.core.tensor import WRITTEN, Tensor, make_result
 
@@ -172,6 +172,12 @@ def conv2d(
         ops.check_same_kind("conv2d", weight, bias)
         if bias.shape != (o,):
             raise ValueError(f"conv2d: bias {bias.shape} does not fit weight {weight.shape}")
+    dnnl = kernels.onednn_conv(x.data, weight.data)
+    if dnnl is not None:  # CPU float32 with the [onednn] extra (see conv_onednn)
+        out = conv_onednn.conv2d(dnnl, x, weight, bias, stride_, padding_, dilation_,
+                                 activation, (oh, ow))  # fmt: skip
+        if out is not None:
+            return out
     nhwc_kernels = kernels.channels_last_kernels(x.data)
     if nhwc_kernels is not None:  # CPU with numba: NHWC memory inside (see channels_last)
         return channels_last.conv2d(nhwc_kernels, x, weight, bias, stride_, padding_,
