@@ -143,6 +143,28 @@ def activation_grad(y, g, out, kind):  # pragma: no cover
 
 
 @njit(**_opts)
+def exponent_max(bits, mask, chunks):  # pragma: no cover
+    """max over i of ``bits[i] & mask`` (the float's exponent field): equal to ``mask`` when
+    some element is inf or NaN. Integer max vectorises; a float reduction would not."""
+    n = bits.size
+    step = (n + chunks - 1) // chunks
+    part = np.zeros(chunks, bits.dtype)
+    for c in prange(chunks):
+        part[c] = _exponent_max_serial(bits[c * step : min(n, (c + 1) * step)], mask)
+    return part.max()
+
+
+@njit(inline="never", cache=True, nogil=True)
+def _exponent_max_serial(bits, mask):  # pragma: no cover
+    top = mask ^ mask  # zero of the mask's integer type (a literal 0 would widen to int64)
+    for i in range(bits.size):
+        e = bits[i] & mask
+        if e > top:
+            top = e
+    return top
+
+
+@njit(**_opts)
 def sgd(p, g, lr):  # pragma: no cover
     for i in prange(p.size):
         p[i] -= lr * g[i]

@@ -431,6 +431,24 @@ def sgd_update(p: Any, g: Any, v: Any | None, lr: float, momentum: float, nester
     p -= work
 
 
+_EXPONENT = {4: (np.uint32, np.uint32(0x7F800000)), 8: (np.uint64, np.uint64(0x7FF << 52))}
+
+
+def all_finite(a: Any) -> bool:
+    """Whether every element of ``a`` is finite (no inf, no NaN). Shape: any.
+
+    The training loop asks this of the whole flat gradient before every step: numpy's
+    ``isfinite(a).all()`` takes 0.62 ms for the 2.8M-float MLP gradient (a bool array written
+    and read back), the compiled integer pass over the exponent bits 0.23 ms on 2 threads,
+    0.48 ms on one (a rank of a 2-rank job)."""
+    nb = _compiled(a)
+    if nb is not None:
+        flat = a.reshape(-1)
+        kind, mask = _EXPONENT[a.itemsize]
+        return bool(nb.exponent_max(flat.view(kind), mask, nb.get_num_threads()) != mask)
+    return bool(backend.array_module(a).isfinite(a).all())
+
+
 def adam_update(p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: float,
                 eps: float, step: int, work: Any) -> None:  # fmt: skip
     """Adam with bias correction (PyTorch's formula): one pass over p, g, m, v."""

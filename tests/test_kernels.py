@@ -185,6 +185,27 @@ def test_nan_gradient_reaches_parameters():
     assert np.isnan(p[17]) and np.isfinite(np.delete(p, 17)).all()
 
 
+@pytest.mark.parametrize("route", ["compiled", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_finds_every_inf_and_nan(route, dtype, monkeypatch):
+    """Every position (the chunks' first and last elements, an odd-sized tail), both infs and
+    NaN are found; the largest finite value and subnormals are finite."""
+    if route == "numpy":
+        monkeypatch.setattr(kernels, "_compiled", lambda *a: None)
+    elif kernels.implementation() != "numba":
+        pytest.skip("numba not importable or DISTNET_KERNELS=numpy")
+    n = 3 * SMALL + 7
+    g = _buffers(n, dtype, 1)[0]
+    g[:5] = [np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).tiny / 4, 0.0, -0.0]
+    assert kernels.all_finite(g)
+    for bad in (np.inf, -np.inf, np.nan):
+        for pos in (0, n // 2 - 1, n // 2, n - 1, 12345):
+            h = g.copy()
+            h[pos] = bad
+            assert not kernels.all_finite(h), (bad, pos)
+    assert kernels.all_finite(g.reshape(-1, 1))  # any shape: read as one flat run
+
+
 def _run(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend, trace
+from distnet import backend, kernels, trace
 from distnet.core.tensor import Tensor, no_grad
 from distnet.nn import losses
 from distnet.nn.module import on_device_of
@@ -108,9 +108,9 @@ def _check_finite(
     first non-finite parameter. Under a distributed optimiser ``grads`` are already reduced,
     so every rank sees the same and raises together; the ranks' own losses (gathered only on
     this rare path) say whose batch it came from."""
-    xp = backend.array_module(grads)
-    if bool(xp.isfinite(grads).all()) and np.isfinite(loss_value):
+    if np.isfinite(loss_value) and kernels.all_finite(grads):
         return
+    xp = backend.array_module(grads)
     where = f"step {step} (epoch {epoch}, batch {batch})"
     if comm is not None and comm.size > 1:
         losses = comm.allgather(float(loss_value))
