@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import math
 import os
 import sys
@@ -130,21 +131,27 @@ MIN_GEMM_FLOPS = 1 << 18
 """Smaller products stay with numpy: a ctypes call costs a few microseconds."""
 
 
+def _optional_library(env_var: str, choices: tuple[str, str, str], module: str,
+                      library: str) -> Any | None:  # fmt: skip
+    """The optional library behind ``distnet.<module>`` as ``env_var`` chooses: choices are
+    (auto, insist, off); auto loads it when installed, insist fails naming what is missing."""
+    auto, insist, off = choices
+    choice = os.environ.get(env_var, auto).strip().lower() or auto
+    if choice not in choices:
+        raise ValueError(f"{env_var}={choice!r}: expected one of {', '.join(choices)}")
+    if choice == off:
+        return None
+    lib = importlib.import_module(f"distnet.{module}").load()  # lazy: loads a large library
+    if lib is None and choice == insist:
+        raise RuntimeError(f"{env_var}={insist} but no {library} was found (pip install "
+                           f"'distnet[{insist}]'); looked in {sys.prefix}/lib")  # fmt: skip
+    return lib
+
+
 @functools.cache
 def _mkl() -> Any | None:
     """oneMKL's GEMM (``distnet._mkl_blas``) when installed and allowed, else None."""
-    choice = os.environ.get(BLAS_ENV_VAR, "auto").strip().lower() or "auto"
-    if choice not in _BLAS_CHOICES:
-        raise ValueError(f"{BLAS_ENV_VAR}={choice!r}: expected one of {', '.join(_BLAS_CHOICES)}")
-    if choice == "numpy":
-        return None
-    from distnet import _mkl_blas  # noqa: PLC0415  (lazy: loads a large library)
-
-    lib = _mkl_blas.load()
-    if lib is None and choice == "mkl":
-        raise RuntimeError(f"{BLAS_ENV_VAR}=mkl but no libmkl_rt was found "
-                           f"(pip install 'distnet[mkl]'); looked in {sys.prefix}/lib")  # fmt: skip
-    return lib
+    return _optional_library(BLAS_ENV_VAR, _BLAS_CHOICES, "_mkl_blas", "libmkl_rt")
 
 
 def blas() -> str:
@@ -213,19 +220,8 @@ _CONV_CHOICES = ("auto", "onednn", "im2col")
 @functools.cache
 def _onednn() -> Any | None:
     """oneDNN's convolutions (``distnet._onednn``) when installed and allowed, else None."""
-    choice = os.environ.get(CONV_ENV_VAR, "auto").strip().lower() or "auto"
-    if choice not in _CONV_CHOICES:
-        raise ValueError(f"{CONV_ENV_VAR}={choice!r}: expected one of {', '.join(_CONV_CHOICES)}")
-    if choice == "im2col":
-        return None
-    from distnet import _onednn  # noqa: PLC0415  (lazy: loads a large library)
-
-    lib = _onednn.load()
-    if lib is None and choice == "onednn":
-        raise RuntimeError(f"{CONV_ENV_VAR}=onednn but no oneDNN 3 library (libdnnl.so.3) "
-                           f"was found (pip install 'distnet[onednn]'); looked in "
-                           f"{sys.prefix}/lib")  # fmt: skip
-    return lib
+    return _optional_library(CONV_ENV_VAR, _CONV_CHOICES, "_onednn",
+                             "oneDNN 3 library (libdnnl.so.3)")  # fmt: skip
 
 
 def conv_library() -> str:
