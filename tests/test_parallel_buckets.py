@@ -115,3 +115,22 @@ def test_distributed_optimizer_on_one_rank_matches_the_bare_optimizer():
     assert set(dist.state_dict()) == set(bare.state_dict())
     with pytest.raises(ValueError):
         dist.step(batch_share=1.5)
+
+
+def test_fp16_compression_of_cpu_gradients_warns_that_it_is_slower():
+    """MPI sums float16 in software: a CPU job asking for fp16 hears that it will be slower
+    (one rank reduces nothing, and says nothing)."""
+    import warnings
+
+    from distnet.parallel.buckets import BucketReducer
+
+    class TwoRanks(LocalCommunicator):
+        size = 2
+
+    flat = np.zeros(16, np.float32)
+    with pytest.warns(RuntimeWarning, match="MPI libraries sum float16 in software"):
+        BucketReducer(flat, TwoRanks(), "fp16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BucketReducer(flat, LocalCommunicator(), "fp16")
+        BucketReducer(flat, TwoRanks(), None)
