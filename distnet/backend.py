@@ -183,7 +183,7 @@ def as_float_array(data: Any, dtype: Any = None) -> Any:
 _rng = np.random.default_rng(0)
 # A seed for cupy's generator, applied by the first GPU draw after ``seed``: seeding cupy
 # eagerly would create a CUDA context on GPU 0 in every rank of a CPU job (RankNoise seeds
-# every epoch), so a process that never draws on a GPU never touches one.
+# every step), so a process that never draws on a GPU never touches one.
 _gpu_seed_pending: int | None = 0
 
 

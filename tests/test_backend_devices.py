@@ -101,7 +101,7 @@ def fake_cupy(monkeypatch):
 
 
 def test_cpu_seed_never_calls_cupy(fake_cupy):
-    """A CPU job (RankNoise seeds every epoch) must not create a CUDA context on GPU 0."""
+    """A CPU job (RankNoise seeds every step) must not create a CUDA context on GPU 0."""
     for epoch in range(3):
         backend.seed(epoch)
     backend.random_like((4,), np.zeros(1, np.float32))

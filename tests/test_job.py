@@ -186,16 +186,16 @@ def test_paths_in_a_job_file_are_relative_to_it_and_overrides_keep_other_keys(tm
     assert job["run"] == {**job["run"], "out": "elsewhere", "seed": 7}
 
 
-def test_rank_noise_differs_across_ranks_and_repeats_for_the_same_epoch():
+def test_rank_noise_differs_across_ranks_and_repeats_for_the_same_step():
     import numpy as np
 
     from distnet import backend
     from distnet.train.job import RankNoise
 
-    def draws(rank, epoch):
-        RankNoise(seed=0, stage=1, rank=rank).on_epoch_begin(epoch, {})
+    def draws(rank, step):
+        RankNoise(seed=0, stage=1, rank=rank).on_batch_begin(0, {"step": step})
         return backend.random_like((5,), np.zeros(1, np.float32))
 
-    np.testing.assert_array_equal(draws(0, 3), draws(0, 3))  # a resumed epoch: same noise
+    np.testing.assert_array_equal(draws(0, 3), draws(0, 3))  # a redone step: same noise
     assert not np.array_equal(draws(0, 3), draws(1, 3))  # other rank: other masks
     assert not np.array_equal(draws(0, 3), draws(0, 4))

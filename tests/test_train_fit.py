@@ -187,3 +187,38 @@ def test_fit_accepts_an_optimiser_class():
     model = nn.Sequential(nn.Dense(3, 2))
     history = model.fit(x, y, epochs=2, optimizer=optim.Adam, lr=1e-2)
     assert len(history["loss"]) == 2
+
+
+def test_dropout_masks_are_a_function_of_the_step_not_of_the_history():
+    """RankNoise keys the noise by (seed, stage, rank, step): a run that starts at step 4
+    (a resumed one: the optimiser's restored ``steps``) draws the masks the uninterrupted run
+    drew at step 4, whatever was drawn before."""
+    from distnet.nn import Dropout
+    from distnet.train.callbacks import Callback
+    from distnet.train.job import RankNoise
+
+    x = np.random.default_rng(0).standard_normal((24, 5)).astype(np.float32)
+    y = np.arange(24) % 3
+
+    class Masks(Callback):
+        def __init__(self):
+            self.by_step = {}
+
+        def on_batch_begin(self, batch, logs):
+            self.by_step[logs["step"]] = (backend.default_rng().random(8) < 0.5).tolist()
+
+    def run(start_step):
+        backend.seed(7)
+        model = Sequential(Dense(5, 3), Dropout(0.5))
+        opt = SGD(model, lr=0.1)
+        opt.steps = start_step
+        masks = Masks()
+        backend.default_rng().random(start_step + 3)  # a different history before it
+        fit(model, x, y, batch_size=8, epochs=2, optimizer=opt, seed=1, shuffle=False,
+            callbacks=[RankNoise(3, 0, 1), masks])  # fmt: skip
+        return masks.by_step
+
+    whole, resumed = run(0), run(4)
+    assert sorted(whole) == list(range(6)) and sorted(resumed) == list(range(4, 10))
+    assert resumed[4] == whole[4] and resumed[5] == whole[5]
+    assert whole[4] != whole[5]

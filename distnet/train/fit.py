@@ -232,6 +232,7 @@ def fit(
         sums = _zero_sums(objective)
         seen = skipped = 0
         for b, (xb, yb, share) in enumerate(trace.timed(batches, "input_wait")):
+            callback_list.on_batch_begin(b, {"step": loop.step})
             xb, yb = _like_model(xb, model), _like_model(yb, model)
             n = len(xb)
             optimizer.zero_grad()
