@@ -52,8 +52,9 @@ ARG_FROM, ARG_TO = 1, 17
 _Dims = ctypes.c_int64 * 12
 _vp = ctypes.c_void_p
 
-PLANS_PER_THREAD = 32
-"""Geometries remembered per thread (a network has a few; a sweep of shapes evicts)."""
+PLANS_PER_THREAD = 64
+"""Geometries remembered per thread (a network has a few dozen at most; a sweep of shapes
+evicts). An evicted plan lives on while a pending backward holds it."""
 
 
 _STATUS = {1: "out_of_memory", 2: "invalid_arguments", 3: "unimplemented",
@@ -145,8 +146,8 @@ class OneDnn:
                 shown = ", ".join(f"{k}={v}" for k, v in zip(names, key, strict=True))
                 raise OneDnnError(f"{e} for the convolution {shown}", e.status) from e
             plans[key] = plan
-            if len(plans) > PLANS_PER_THREAD:
-                plans.popitem(last=False)[1].release()
+            if len(plans) > PLANS_PER_THREAD:  # forgotten here; a pending backward that
+                plans.popitem(last=False)  # holds it keeps it alive (freed by __del__)
         plans.move_to_end(key)
         return plan
 
@@ -319,6 +320,12 @@ class ConvPlan:
             reorder, weights = self.bwd_weights
             reorder.run({ARG_FROM: weight, ARG_TO: weights})
         self.backward_data.run({ARG_DIFF_DST: dz, ARG_WEIGHTS: weights, ARG_DIFF_SRC: gx})
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001  (interpreter shutdown: the library may be gone)
+            pass
 
     def release(self) -> None:
         """Frees the primitives, memory objects and descriptors (the plan is unusable after)."""

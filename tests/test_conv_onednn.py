@@ -104,8 +104,14 @@ def test_plans_are_made_once_per_geometry_and_thread():
     for i in range(_onednn.PLANS_PER_THREAD):  # other geometries push the first one out
         dnnl.conv_plan((2, 8, 6, 6, 4 + i + 1, 3, 3, (1, 1), (1, 1), (0, 0, 0, 0), (4, 4),
                         True, True, False))  # fmt: skip
-    assert first.steps == []  # released
     assert dnnl.conv_plan(key) is not first
+    # a backward still holding the evicted plan (a deep net's first layer) can run it
+    x, dy = np.ones((2, 6, 6, 8), np.float32), np.ones((2, 4, 4, 4), np.float32)
+    grad = np.empty((4, 8, 3, 3), np.float32)
+    first.run_backward_weights(x, dy, grad)
+    np.testing.assert_allclose(grad, 2 * 4 * 4, rtol=1e-6)  # each weight sees 2*4*4 ones
+    first.release()
+    assert first.steps == []
 
 
 @needs_onednn
