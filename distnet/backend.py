@@ -181,10 +181,15 @@ def as_float_array(data: Any, dtype: Any = None) -> Any:
 
 
 _rng = np.random.default_rng(0)
-# A seed for cupy's generator, applied by the first GPU draw after ``seed``: seeding cupy
-# eagerly would create a CUDA context on GPU 0 in every rank of a CPU job (RankNoise seeds
-# every step), so a process that never draws on a GPU never touches one.
-_gpu_seed_pending: int | None = 0
+# A key for _rng (``seed_key``), applied by the first draw after it: RankNoise keys every
+# step, and a step that draws no noise then pays nothing for it.
+_rng_key: tuple[int, ...] | None = None
+# A seed (or key) for the GPU's noise generator, applied by the first GPU draw after ``seed``
+# or ``seed_key``: seeding cupy eagerly would create a CUDA context on GPU 0 in every rank of
+# a CPU job (RankNoise keys every step), so a process that never draws on a GPU never
+# touches one.
+_gpu_seed_pending: int | tuple[int, ...] | None = 0
+_gpu_generators: dict[int, Any] = {}  # device id -> its cuRAND Philox generator
 
 
 def seed(value: int) -> None:
@@ -193,29 +198,61 @@ def seed(value: int) -> None:
     cupy's generator (GPU dropout and corruption noise) is seeded with the same value by the
     next draw on a GPU, never here: a CPU process must not create a CUDA context.
     """
-    global _rng, _gpu_seed_pending
+    global _rng, _rng_key, _gpu_seed_pending
     _rng = np.random.default_rng(value)
+    _rng_key = None
     _gpu_seed_pending = int(value)
+
+
+def seed_key(*words: int) -> None:
+    """Keys distnet's generators by ``words`` (non-negative ints; ``RankNoise`` passes seed,
+    stage, rank, step): what they draw next is a function of the key alone, not of what was
+    drawn before (noise from a key, as JAX's keys), so a step drawn again anywhere draws the
+    same masks. Lazy: the first draw after it builds the generator (numpy's ``SeedSequence``
+    of the words, about 10 us); a step that draws nothing costs about 1 us."""
+    global _rng_key, _gpu_seed_pending
+    _rng_key = _gpu_seed_pending = tuple(int(w) for w in words)
 
 
 def default_rng() -> np.random.Generator:
     """distnet's global numpy Generator (its state goes into checkpoints)."""
+    global _rng, _rng_key
+    if _rng_key is not None:
+        _rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_rng_key)))
+        _rng_key = None
     return _rng
+
+
+def _gpu_noise_generator(cp: Any) -> Any:
+    """The current GPU's generator for distnet's noise, (re)seeded if a seed is pending.
+
+    cuRAND's Philox (counter-based: a seed is its key) rather than cupy's default XORWOW,
+    whose every reseed makes the next draw rebuild the generator's state on the GPU (reported
+    at ~6 ms, CUDA.jl issue 685): RankNoise reseeds at every step."""
+    global _gpu_seed_pending
+    device = cp.cuda.Device().id
+    gen = _gpu_generators.get(device)
+    if gen is None:
+        gen = cp.random.RandomState(0, method=cp.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10)
+        _gpu_generators[device] = gen
+    if _gpu_seed_pending is not None:
+        pending, _gpu_seed_pending = _gpu_seed_pending, None
+        if isinstance(pending, tuple):  # a key: one 64-bit seed from it
+            pending = int(np.random.SeedSequence(pending).generate_state(1, np.uint64)[0])
+        gen.seed(pending)
+    return gen
 
 
 def _gpu_uniform(shape: tuple[int, ...], rng: Any, dtype: Any) -> Any:
     """Uniform [0, 1) samples (float32 or float64) on the current GPU (cupy refuses float16)."""
-    global _gpu_seed_pending
     cp = _cupy()
     if rng is None:
-        if _gpu_seed_pending is not None:
-            cp.random.seed(_gpu_seed_pending)
-            _gpu_seed_pending = None
-        return cp.random.random(shape, dtype=dtype)
+        return _gpu_noise_generator(cp).random_sample(shape, dtype=dtype)
     if isinstance(rng, np.random.Generator):
         # a numpy generator asked for on GPU: it seeds a cupy generator, one draw per call,
         # so the masks depend on rng's state (reproducible), but differ from the CPU's
-        rng = cp.random.RandomState(int(rng.integers(2**63)))
+        philox = cp.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10  # cheap to seed (see above)
+        rng = cp.random.RandomState(int(rng.integers(2**63)), method=philox)
     if hasattr(rng, "random_sample"):  # cupy.random.RandomState
         return rng.random_sample(shape, dtype=dtype)
     if hasattr(rng, "random"):  # cupy.random.Generator
@@ -238,7 +275,7 @@ def random_like(shape: tuple[int, ...], like: Any, rng: Any = None) -> Any:
         dtype = np.float64 if like.dtype == np.float64 else np.float32
         with _cupy().cuda.Device(like.device.id):
             return _gpu_uniform(shape, rng, dtype)
-    rng = rng if rng is not None else _rng
+    rng = rng if rng is not None else default_rng()
     return rng.random(shape, dtype=like.dtype if like.dtype != np.float16 else np.float32)
 
 

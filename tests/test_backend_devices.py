@@ -91,32 +91,70 @@ def fake_cupy(monkeypatch):
             return ("samples", kwargs.get("dtype"))
         if path.endswith("getDeviceCount"):
             return 1
+        if path == "cupy.cuda.Device":  # the current device (no argument) is GPU 0
+            return _FakeDevice(args[0] if args else 0)
         return _Recorder(calls, path + "()", result)
 
     fake = _Recorder(calls, "cupy", result)
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(backend, "_cupy", lambda: fake)
+    monkeypatch.setattr(backend, "_gpu_generators", {})
     yield calls
     backend.seed(0)
 
 
+class _FakeDevice:
+    def __init__(self, id: int):
+        self.id = id
+
+    def __enter__(self) -> _FakeDevice:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def test_cpu_seed_never_calls_cupy(fake_cupy):
-    """A CPU job (RankNoise seeds every step) must not create a CUDA context on GPU 0."""
-    for epoch in range(3):
-        backend.seed(epoch)
-    backend.random_like((4,), np.zeros(1, np.float32))
+    """A CPU job (RankNoise keys every step) must not create a CUDA context on GPU 0."""
+    for step in range(3):
+        backend.seed(step)
+        backend.seed_key(0, 1, 2, step)
+        backend.random_like((4,), np.zeros(1, np.float32))
     assert fake_cupy == []
 
 
+def seeds_and_generators(calls):
+    made = [c for c in calls if c[0] == "cupy.random.RandomState"]
+    seeds = [c[1] for c in calls if c[0] == "cupy.random.RandomState().seed"]
+    return made, seeds
+
+
 def test_gpu_draw_applies_the_seed_once_and_never_asks_for_float16(fake_cupy):
+    """One cuRAND Philox generator per GPU (a reseed is its key; cupy's default XORWOW
+    rebuilds its state on the GPU after every reseed), seeded once per ``seed``."""
     backend.seed(42)
     samples = backend.random_like((3, 4), _FakeGpuArray(np.float16))
     assert samples == ("samples", np.float32)
-    seeds = [c for c in fake_cupy if c[0] == "cupy.random.seed"]
-    assert [c[1] for c in seeds] == [(42,)]
+    made, seeds = seeds_and_generators(fake_cupy)
+    assert len(made) == 1 and made[0][2]["method"]._path.endswith("PHILOX4_32_10")
+    assert seeds == [(42,)]
     backend.random_like((3, 4), _FakeGpuArray(np.float16))  # the seed is not re-applied
-    assert len([c for c in fake_cupy if c[0] == "cupy.random.seed"]) == 1
+    assert seeds_and_generators(fake_cupy)[1] == [(42,)]
+    assert not any(c[0] == "cupy.random.seed" for c in fake_cupy)  # not cupy's global one
     assert all(c[2].get("dtype") != np.float16 for c in fake_cupy)
+
+
+def test_a_key_seeds_the_gpu_generator_by_its_first_draw(fake_cupy):
+    """RankNoise keys every step: the key reaches the same Philox generator as one 64-bit
+    seed (a function of the key alone), at the step's first draw only."""
+    for step in (5, 6, 5):
+        backend.seed_key(0, 1, 2, step)
+        backend.random_like((2,), _FakeGpuArray(np.float32))
+        backend.random_like((2,), _FakeGpuArray(np.float32))
+    made, seeds = seeds_and_generators(fake_cupy)
+    want = [int(np.random.SeedSequence((0, 1, 2, s)).generate_state(1, np.uint64)[0])
+            for s in (5, 6, 5)]  # fmt: skip
+    assert len(made) == 1 and seeds == [(w,) for w in want] and want[0] != want[1]
 
 
 def test_gpu_draw_honours_a_numpy_rng(fake_cupy):
@@ -125,6 +163,7 @@ def test_gpu_draw_honours_a_numpy_rng(fake_cupy):
     backend.random_like((2,), _FakeGpuArray(np.float32), rng=rng)
     made = [c for c in fake_cupy if c[0] == "cupy.random.RandomState"]
     assert [c[1] for c in made] == [(expected_seed,)]
+    assert made[0][2]["method"]._path.endswith("PHILOX4_32_10")
     assert not any(c[0] == "cupy.random.random" for c in fake_cupy)  # not the global one
     with pytest.raises(TypeError, match="rng= on a GPU"):
         backend.random_like((2,), _FakeGpuArray(np.float32), rng=object())
@@ -151,3 +190,20 @@ def test_nccl_setup_picks_its_gpu_through_device_for_rank(monkeypatch):
     # a device the process already chose (a job's explicit 'cuda:N') wins over the default
     monkeypatch.setattr(backend, "_chosen_device", "cuda:0")
     assert nccl.select_device(3) == 0 and used[-1] == "cuda:0"
+
+
+def test_a_key_is_applied_by_the_first_cpu_draw_and_the_draws_are_its_function():
+    backend.seed_key(3, 0, 1, 7)
+    assert backend._rng_key == (3, 0, 1, 7)  # nothing built until a draw
+    first = backend.random_like((6,), np.zeros(1, np.float32))
+    assert backend._rng_key is None
+    want = np.random.Generator(np.random.PCG64(np.random.SeedSequence((3, 0, 1, 7))))
+    np.testing.assert_array_equal(first, want.random(6, dtype=np.float32))
+    backend.default_rng().random(100)  # another history
+    backend.seed_key(3, 0, 1, 7)
+    np.testing.assert_array_equal(backend.random_like((6,), np.zeros(1, np.float32)), first)
+    backend.seed_key(3, 0, 1, 8)
+    backend.seed(0)  # a plain seed after a key wins
+    np.testing.assert_array_equal(
+        backend.default_rng().random(3), np.random.default_rng(0).random(3)
+    )

@@ -182,6 +182,18 @@ def test_dropout_follows_global_seed():
     np.testing.assert_array_equal(layer(x).data, a)
 
 
+def test_dropout_on_a_models_raw_inputs():
+    """Dropout as the first layer gets the samples as arrays (fit's batches); it failed on
+    them ('memoryview' object has no attribute 'dtype'). Floats keep their dtype."""
+    model = Sequential(Dropout(0.5, rng=np.random.default_rng(0)), Dense(6, 2))
+    x = np.ones((40, 6), np.float32)
+    out = model[0](x).data
+    assert out.dtype == np.float32 and set(np.unique(out)) == {0.0, 2.0}
+    assert model[0](x.astype(np.float64)).dtype == np.float64
+    history = model.fit(x, np.arange(40) % 2, batch_size=8, epochs=1)
+    assert np.isfinite(history["loss"][0])
+
+
 def test_batchnorm_train_normalises_and_updates_running_stats():
     rng = np.random.default_rng(8)
     bn = BatchNorm1d(3, momentum=0.2, dtype=F64)

@@ -240,21 +240,25 @@ def test_rank_0_lost_a_survivor_becomes_rank_0_and_resumes(ray_cluster, ids_root
     np.testing.assert_allclose(flat(final_params(job)), flat(reference), atol=1e-5)
 
 
-def test_a_replaced_worker_redraws_the_same_dropout_masks(ray_cluster, ids_root):
+@pytest.mark.parametrize("strategy", ["allreduce", "ps"])
+def test_a_replaced_worker_redraws_the_same_dropout_masks(ray_cluster, ids_root, strategy):
     """With dropout, the redone global batch draws the masks the undisturbed run drew (noise
     keyed by seed, stage, rank and step): the killed run ends with the undisturbed run's
     parameters. With the old per-epoch key a resumed rank went on from its epoch's generator
-    state and the parameters differed by up to 0.19."""
+    state and the parameters differed by up to 0.19; on the parameter server the step came
+    from the shards' clock, which a resumed run starts again at 0."""
     text = mlp_job(f"{ids_root}/ids/train", epochs=EPOCHS)
     with_dropout = text.replace('activation = "tanh"\n', 'activation = "tanh"\ndropout = 0.3\n')
     (ids_root / "dropout.toml").write_text(with_dropout)
-    undisturbed = load_job(ids_root / "dropout.toml", {"run": {"out": str(ids_root / "drop-0")}})
-    RayJob(RayOptions(workers=worker_specs(2)), log=lambda line: None, task=run_rank).run(
-        undisturbed
-    )
-    killed = load_job(ids_root / "dropout.toml", {"run": {"out": str(ids_root / "drop-1")}})
-    opts = RayOptions(workers=worker_specs(2), fail_at_step={1: KILL_AT}, min_workers=1)
-    report = RayJob(opts, log=lambda line: None, task=run_rank).run(killed)
+    ps = {"mode": "sync", "shards": 2} if strategy == "ps" else {}
+
+    def run(name, **options):
+        job = load_job(ids_root / "dropout.toml", {"run": {"out": str(ids_root / name)}})
+        opts = RayOptions(workers=worker_specs(2), strategy=strategy, ps=ps, **options)
+        return job, RayJob(opts, log=lambda line: None, task=run_rank).run(job)
+
+    undisturbed, _ = run(f"drop-{strategy}-0")
+    killed, report = run(f"drop-{strategy}-1", fail_at_step={1: KILL_AT}, min_workers=1)
     assert report["generation"] == 2 and report["recoveries"][0]["mid_epoch"]
     want = flat(final_params(undisturbed))
     np.testing.assert_allclose(flat(final_params(killed)), want, atol=1e-5)

@@ -190,35 +190,45 @@ def test_fit_accepts_an_optimiser_class():
 
 
 def test_dropout_masks_are_a_function_of_the_step_not_of_the_history():
-    """RankNoise keys the noise by (seed, stage, rank, step): a run that starts at step 4
-    (a resumed one: the optimiser's restored ``steps``) draws the masks the uninterrupted run
-    drew at step 4, whatever was drawn before."""
+    """RankNoise keys the noise by (seed, stage, rank, step): a run that starts at step 4 in
+    epoch 1 (a resumed one: the optimiser's restored ``steps``) draws the dropout masks the
+    uninterrupted run drew at steps 4 and 5, whatever was drawn before. (Keyed by epoch, it
+    drew epoch 1's first masks, those of step 3, again.)"""
     from distnet.nn import Dropout
     from distnet.train.callbacks import Callback
     from distnet.train.job import RankNoise
 
-    x = np.random.default_rng(0).standard_normal((24, 5)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(1.0, 2.0, (24, 5)).astype(np.float32)  # no zeros
     y = np.arange(24) % 3
 
-    class Masks(Callback):
+    class KeepMasks(Dropout):
+        last = None
+
+        def forward(self, x):
+            out = super().forward(x)
+            KeepMasks.last = (out.data != 0).tolist()
+            return out
+
+    class MasksByStep(Callback):
         def __init__(self):
-            self.by_step = {}
+            self.masks = {}
 
-        def on_batch_begin(self, batch, logs):
-            self.by_step[logs["step"]] = (backend.default_rng().random(8) < 0.5).tolist()
+        def on_batch_end(self, batch, logs):  # logs["step"]: steps done, this one included
+            self.masks[logs["step"] - 1] = KeepMasks.last
 
-    def run(start_step):
+    def run(start_step, initial_epoch, rank=1):
         backend.seed(7)
-        model = Sequential(Dense(5, 3), Dropout(0.5))
+        model = Sequential(KeepMasks(0.5), Dense(5, 3))
         opt = SGD(model, lr=0.1)
         opt.steps = start_step
-        masks = Masks()
-        backend.default_rng().random(start_step + 3)  # a different history before it
+        backend.default_rng().random(start_step + 3)  # another history before it
+        masks = MasksByStep()
         fit(model, x, y, batch_size=8, epochs=2, optimizer=opt, seed=1, shuffle=False,
-            callbacks=[RankNoise(3, 0, 1), masks])  # fmt: skip
-        return masks.by_step
+            initial_epoch=initial_epoch, callbacks=[RankNoise(3, 0, rank), masks])  # fmt: skip
+        return masks.masks
 
-    whole, resumed = run(0), run(4)
-    assert sorted(whole) == list(range(6)) and sorted(resumed) == list(range(4, 10))
+    whole, resumed = run(0, 0), run(4, 1)
+    assert sorted(whole) == list(range(6)) and sorted(resumed) == [4, 5, 6]
     assert resumed[4] == whole[4] and resumed[5] == whole[5]
-    assert whole[4] != whole[5]
+    assert whole[3] != whole[4] != whole[5]
+    assert run(0, 0, rank=0)[4] != whole[4]  # another rank: other masks

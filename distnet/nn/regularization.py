@@ -33,6 +33,8 @@ class Dropout(Module):
         self.rng = rng
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):  # raw samples: dropout on a model's inputs (first layer)
+            x = Tensor(backend.as_float_array(x))
         return dropout(x, self.p, training=self.training, rng=self.rng)
 
     def extra_repr(self) -> str:

@@ -1,5 +1,6 @@
 """Shared by the resume scripts: run a job under MPI, either stopped on every rank after the
-second fine-tuning epoch was checkpointed (MODE "crash") or to the end ("full", "resume")."""
+second epoch of its supervised stage ("finetune", or an MLP's "train") was checkpointed
+(MODE "crash") or to the end ("full", "resume")."""
 
 import sys
 from collections.abc import Callable
@@ -30,7 +31,7 @@ def run_or_crash(job: dict, comm: Any, mode: str, log: Callable[[str], None]) ->
 
     def crashing_end(self, epoch, logs):
         real_end(self, epoch, logs)
-        if self.ctx.name == "finetune" and epoch + 1 == 2:
+        if self.ctx.name in ("finetune", "train") and epoch + 1 == 2:
             raise Crash  # every rank, at the same point, after the checkpoint
 
     pipeline_mod._EpochCheckpoint.on_epoch_end = crashing_end

@@ -97,7 +97,8 @@ class HybridOptimizer:
 
     @property
     def steps(self) -> int:
-        return self.clock
+        # the wrapped optimiser's count, restored by checkpoints (see ParameterServerOptimizer)
+        return self.optimizer.steps
 
     def _weight(self, share: float | None) -> float:
         share = self.batch_share if share is None else share

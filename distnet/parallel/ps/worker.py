@@ -70,7 +70,14 @@ class ParameterServerOptimizer:
 
     @property
     def steps(self) -> int:
-        return self.clock
+        # the wrapped optimiser's count, which checkpoints and carries restore (``clock``,
+        # the shards' round, starts at 0 in every run): fit numbers a resumed run's steps on
+        # from it, and its steps key the dropout noise (``RankNoise``)
+        return self.optimizer.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.optimizer.steps = int(value)
 
     @staticmethod
     def _check_share(share: float | None) -> float | None:
@@ -196,6 +203,7 @@ class ParameterServerOptimizer:
         joined = self.ps.call_all("join", self.ps.token, self.worker_index, clock)
         # None: the highest start, so that on every shard the next push is past its clock
         self.clock = int(clock) if clock is not None else max(c for c, _ in joined)
+        self.steps = self.clock  # the lost worker's count (its noise keys go on from it)
         self.incarnation = max(inc for _, inc in joined)
         self._pull_all()
         return self.clock
