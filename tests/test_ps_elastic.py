@@ -262,6 +262,11 @@ def test_async_survivor_goes_on_while_the_dead_worker_is_replaced(
     report, job, log_dir, rj = run_job(ids_root, "async", "async")
     rec, server = check_survivors_went_on(report, rj, log_dir)
     assert rec["clocks_at_loss"][1] == KILL_AT
+    # the replacement numbers its steps on from the dead worker's count (fit's step, which
+    # keys rank 1's dropout noise), not from the epoch checkpoint's optimiser state
+    with open(f"{job['run']['out']}/metrics/rank-1.jsonl") as f:
+        resumes = [r for r in map(json.loads, f) if r["event"] == "resume"]
+    assert [(r["epoch"], r["step"]) for r in resumes] == [(1, KILL_AT)], resumes
     # rank 0 kept training while rank 1 was dead: steps it logged after rank 1's last one
     # and before the replacement's first (rank 1's log: the dead worker's 50 lines, then the
     # replacement's); the shards' count between leave and join is in the recovery

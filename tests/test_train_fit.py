@@ -198,7 +198,7 @@ def test_dropout_masks_are_a_function_of_the_step_not_of_the_history():
     from distnet.train.callbacks import Callback
     from distnet.train.job import RankNoise
 
-    x = np.random.default_rng(0).uniform(1.0, 2.0, (24, 5)).astype(np.float32)  # no zeros
+    x = np.random.default_rng(0).uniform(1.0, 2.0, (24, 5)).astype(np.float32)
     y = np.arange(24) % 3
 
     class KeepMasks(Dropout):
@@ -206,7 +206,7 @@ def test_dropout_masks_are_a_function_of_the_step_not_of_the_history():
 
         def forward(self, x):
             out = super().forward(x)
-            KeepMasks.last = (out.data != 0).tolist()
+            KeepMasks.last = (out.data != 0).tolist()  # a Dense output is never exactly 0
             return out
 
     class MasksByStep(Callback):
@@ -218,7 +218,7 @@ def test_dropout_masks_are_a_function_of_the_step_not_of_the_history():
 
     def run(start_step, initial_epoch, rank=1):
         backend.seed(7)
-        model = Sequential(KeepMasks(0.5), Dense(5, 3))
+        model = Sequential(Dense(5, 8), KeepMasks(0.5), Dense(8, 3))
         opt = SGD(model, lr=0.1)
         opt.steps = start_step
         backend.default_rng().random(start_step + 3)  # another history before it

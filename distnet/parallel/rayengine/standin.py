@@ -132,8 +132,9 @@ def enter_stage(join: dict[str, Any], ctx: Any, optimizer: Any, loader: Any) -> 
         if lr is not None:
             optimizer.lr = lr
     loader.load_state_dict(join["loader"])
-    # the lost rank's step count, which the epoch checkpoint just overwrote: fit numbers the
-    # steps on from it, and they key this rank's dropout noise (RankNoise)
+    # the lost rank's step count (join() set it, but a checkpoint the group's stage resumed
+    # from, loaded since by the replayed restore, holds another): fit numbers the steps on
+    # from it, and they key this rank's dropout noise (RankNoise)
     optimizer.steps = int(join["clock"])
     optimizer._since = int(join["since"])
     optimizer.pull()
