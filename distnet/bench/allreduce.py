@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet import backend
 from distnet.bench.mpijob import run_mpi_benchmark
 
 MLP = (784, 1000, 1000, 1000, 10)
@@ -84,7 +85,9 @@ def _collectives(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
     sizes = mlp_param_sizes()
     n = sum(sizes)
     start = np.random.default_rng(comm.rank).standard_normal(n).astype(np.float32)
-    raw_buf, grad = start.copy(), start.copy()
+    raw_buf = start.copy()
+    grad = backend.grad_zeros(np, n, np.float32)  # where a model's gradients live (shared
+    grad[...] = start  # memory when every rank is on this node: distnet.parallel.shm)
 
     def reset() -> None:
         # Same values before every timing: repeated sums grow, and float16 would overflow.

@@ -167,7 +167,7 @@ def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
     xp = backend.array_module(first.data)
     total = int(np.sum([p.size for p in params]))
     data_buf = xp.empty(total, dtype=first.dtype)
-    grad_buf = xp.zeros(total, dtype=first.dtype)
+    grad_buf = backend.grad_zeros(xp, total, first.dtype)
     offset = 0
     for p in params:
         n = p.size

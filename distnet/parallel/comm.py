@@ -22,11 +22,14 @@ import sys
 import traceback
 from typing import Any
 
+from distnet import backend
 from distnet.backend import array_module, is_gpu_array
 from distnet.parallel.hierarchical import HierarchicalGroups
 from distnet.parallel.hierarchical import mode_from_env as hierarchical_mode_from_env
 from distnet.parallel.hierarchical import parse_mode as parse_hierarchical_mode
 from distnet.parallel.hierarchical import wanted as hierarchical_wanted
+from distnet.parallel.shm import ARENA, ShmAllreduce
+from distnet.parallel.shm import enabled_by_env as shm_enabled_by_env
 
 OPS = ("sum", "mean", "max", "min")
 
@@ -186,6 +189,9 @@ class MPICommunicator(Communicator):
         self._nccl: Any = None
         self._nccl_hierarchical: Any = None
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        one_node = self.num_nodes == 1 and self.size > 1
+        shared = one_node and shm_enabled_by_env() and hasattr(os, "memfd_create")
+        self.shm = ShmAllreduce(self.comm, MPI) if shared else None
         if abort_on_error and self.size > 1:
             install_abort_excepthook(self)
 
@@ -222,6 +228,8 @@ class MPICommunicator(Communicator):
             return buf
         if is_gpu_array(buf):
             return self._allreduce_gpu(buf, op)
+        if self.shm is not None and self.shm.allreduce(buf, op):
+            return buf
         if self.hierarchical:
             self._groups.allreduce(buf, self._ops[op])
         else:
@@ -236,6 +244,8 @@ class MPICommunicator(Communicator):
         if self.size == 1 or is_gpu_array(buf):
             # NCCL calls are already asynchronous on their stream; the host path is blocking.
             return PendingAllreduce(None, self.allreduce(buf, op))
+        if self.shm is not None and self.shm.allreduce(buf, op):
+            return PendingAllreduce(None, buf)  # done: loads and stores need no progress
         if self.hierarchical:
             return self._groups.iallreduce(buf, self._ops[op], self.size if op == "mean" else 1)
         req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
@@ -360,6 +370,8 @@ def init(engine: str = "auto") -> Communicator:
     if _WORLD is not None and _WORLD.engine == engine:
         return _WORLD
     _WORLD = MPICommunicator() if engine == "mpi" else LocalCommunicator()
+    if getattr(_WORLD, "shm", None) is not None:
+        backend.set_grad_allocator(ARENA.zeros)  # gradient buffers made from now on are shared
     return _WORLD
 
 

@@ -300,14 +300,25 @@ def _first_failure(status_dir: str, records: list[dict] | None = None) -> dict |
     return min(pool, key=lambda r: r["time"]) if pool else None
 
 
-def _relay_stderr(src: Any, records: list[dict]) -> None:
-    """Copies mpiexec's stderr to ours, keeping back (into ``records``) the status lines."""
+INIT_FAILURE = re.compile(
+    r"Fatal error in \w*Init(?:_thread)?\b"  # MPICH: "Fatal error in internal_Init_thread"
+    r"|MPI_INIT has failed|An error occurred in MPI_Init"  # Open MPI
+)
+"""A line a rank prints when MPI_Init itself failed: the job never began."""
+
+
+def _relay_stderr(src: Any, records: list[dict], seen: set[str]) -> None:
+    """Copies mpiexec's stderr to ours, keeping back (into ``records``) the status lines and
+    noting in ``seen`` ("init") a rank's report that MPI_Init failed."""
     out = sys.stderr.buffer
     for raw in iter(src.readline, b""):
-        record = parse_status_line(raw.decode("utf-8", "replace"))
+        line = raw.decode("utf-8", "replace")
+        record = parse_status_line(line)
         if record is not None:
             records.append(record)
             continue
+        if INIT_FAILURE.search(line):
+            seen.add("init")
         out.write(raw)
         out.flush()
 
@@ -347,24 +358,24 @@ def wait_or_end_after_failure(
             return proc.wait(timeout=10)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Starts the job; returns the first failing rank's status (0 when all succeeded)."""
-    try:
-        cmd, env = prepare(args)
-    except LaunchError as err:
-        print(f"distnet launch: error: {err}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        print(" ".join(cmd))
-        return 0
+def init_retries() -> int:
+    """How many times a job whose MPI_Init failed is started again (``DISTNET_INIT_RETRIES``,
+    default 2)."""
+    return max(0, int(os.environ.get("DISTNET_INIT_RETRIES", "2")))
+
+
+def run_once(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """Runs the job once. Returns (the first failing rank's status or 0, whether a rank
+    reported that MPI_Init failed)."""
     with tempfile.TemporaryDirectory(prefix="distnet-launch-") as status_dir:
         child_env = {**os.environ, **env, "DISTNET_LAUNCH_STATUS_DIR": status_dir}
         # its own process group, so that the watchdog can end every process it started;
         # ranks on other hosts cannot reach status_dir: they report on stderr (rankstatus)
         proc = subprocess.Popen(cmd, env=child_env, start_new_session=True, stderr=subprocess.PIPE)
         remote_records: list[dict] = []
+        seen: set[str] = set()
         relay = threading.Thread(
-            target=_relay_stderr, args=(proc.stderr, remote_records), daemon=True
+            target=_relay_stderr, args=(proc.stderr, remote_records, seen), daemon=True
         )
         relay.start()
 
@@ -379,17 +390,47 @@ def run(args: argparse.Namespace) -> int:
                 signal.signal(s, handler)
         relay.join(timeout=10)
         failure = _first_failure(status_dir, remote_records)
+    init_failed = "init" in seen
     if failure is not None:
         print(
             f"distnet launch: rank {failure['rank']} failed first: {failure['what']}; "
             f"the job was stopped (exit status {failure['status']})",
             file=sys.stderr,
         )
-        return int(failure["status"]) or 1
+        return int(failure["status"]) or 1, init_failed
     if rc != 0:
         print(f"distnet launch: mpiexec exited with status {rc}", file=sys.stderr)
-        return rc if rc > 0 else 128 - rc
-    return 0
+        return (rc if rc > 0 else 128 - rc), init_failed
+    return 0, False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Starts the job; returns the first failing rank's status (0 when all succeeded).
+
+    A job in which a rank's MPI_Init failed never began (no collective can have completed), so
+    it is started again, ``init_retries()`` times at most: MPICH 5's UCX start-up fails now
+    and then under load ("failed to unpack address, invalid bandwidth 0.00" in the address
+    exchange, pmodels/mpich#7417), and a start-up fault must not cost a whole job."""
+    try:
+        cmd, env = prepare(args)
+    except LaunchError as err:
+        print(f"distnet launch: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    attempts = init_retries() + 1
+    for attempt in range(1, attempts + 1):
+        status, init_failed = run_once(cmd, env)
+        if status == 0 or not init_failed or attempt == attempts:
+            return status
+        print(
+            f"distnet launch: MPI_Init failed, so the job never began; starting it again "
+            f"(attempt {attempt + 1} of {attempts}, DISTNET_INIT_RETRIES={attempts - 1})",
+            file=sys.stderr,
+        )
+        time.sleep(0.5 * attempt)
+    return status  # not reached: the last attempt returns
 
 
 def main(argv: list[str] | None = None) -> int:
