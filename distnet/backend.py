@@ -279,23 +279,24 @@ def random_like(shape: tuple[int, ...], like: Any, rng: Any = None) -> Any:
     return rng.random(shape, dtype=like.dtype if like.dtype != np.float16 else np.float32)
 
 
-_grad_allocator: Any = None
+_flat_allocator: Any = None
 
 
-def set_grad_allocator(allocate: Any) -> None:
-    """Makes ``allocate(n, dtype)`` the maker of host gradient buffers (None: numpy's zeros).
+def set_flat_allocator(allocate: Any) -> None:
+    """Makes ``allocate(n, dtype)`` the maker of host flat buffers (None: numpy's zeros).
 
     ``distnet.parallel.init`` sets it when every rank of an MPI job is on this node, so that
-    the flat gradient buffers live in memory the other ranks can map (an allreduce through
-    shared memory, ``distnet.parallel.shm``)."""
-    global _grad_allocator
-    _grad_allocator = allocate
+    the flat parameter and gradient buffers live in memory the other ranks can map (their
+    allreduce, reduce-scatter and all-gather go through shared memory:
+    ``distnet.parallel.shm``)."""
+    global _flat_allocator
+    _flat_allocator = allocate
 
 
-def grad_zeros(xp: ModuleType, n: int, dtype: Any) -> Any:
-    """A zeroed 1-D gradient buffer of ``n`` elements: the allocator's on the host, xp's else."""
-    if xp is np and _grad_allocator is not None:
-        return _grad_allocator(n, dtype)
+def flat_zeros(xp: ModuleType, n: int, dtype: Any) -> Any:
+    """A zeroed 1-D flat buffer of ``n`` elements: the allocator's on the host, xp's else."""
+    if xp is np and _flat_allocator is not None:
+        return _flat_allocator(n, dtype)
     return xp.zeros(n, dtype=dtype)
 
 

@@ -131,12 +131,14 @@ def test_two_ranks_write_codes_and_shard_the_optimizer(job_dir):
     """2 ranks: the codes store is written in parallel and complete; the sharded optimiser
     trains to the parameters of the unsharded one, and its checkpoints hold the full state."""
     outs = {}
-    for shard in ("false", "true"):
-        out = job_dir / f"run-2-shard-{shard}"
-        path = _job(job_dir, f"s{shard}.toml", cache="true", shard=shard)
+    for shard in ("false", '"auto"'):  # auto: 2 ranks on this node shard, in shared memory
+        out = job_dir / f"run-2-shard-{shard.strip(chr(34))}"
+        path = _job(job_dir, f"s{shard.strip(chr(34))}.toml", cache="true", shard=shard)
         proc = _launch(2, "train", str(path), "--out", str(out))
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        outs[shard] = out
+        sharded = "sharded over 2 ranks (ZeRO 1, collectives via shared memory)" in proc.stdout
+        assert sharded == (shard != "false"), proc.stdout
+        outs["true" if shard != "false" else "false"] = out
     store = open_dataset(str(outs["true"] / "codes" / "layer1"))
     assert store.attrs["distnet_codes"]["layer"] == 1
     assert np.isfinite(

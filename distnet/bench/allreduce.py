@@ -86,7 +86,7 @@ def _collectives(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
     n = sum(sizes)
     start = np.random.default_rng(comm.rank).standard_normal(n).astype(np.float32)
     raw_buf = start.copy()
-    grad = backend.grad_zeros(np, n, np.float32)  # where a model's gradients live (shared
+    grad = backend.flat_zeros(np, n, np.float32)  # where a model's gradients live (shared
     grad[...] = start  # memory when every rank is on this node: distnet.parallel.shm)
 
     def reset() -> None:

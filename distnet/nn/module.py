@@ -166,8 +166,8 @@ def flat_buffers(params: list[Parameter]) -> tuple[Any, Any]:
         raise TypeError(f"flat_buffers: parameters must share one dtype and device ({found})")
     xp = backend.array_module(first.data)
     total = int(np.sum([p.size for p in params]))
-    data_buf = xp.empty(total, dtype=first.dtype)
-    grad_buf = backend.grad_zeros(xp, total, first.dtype)
+    data_buf = backend.flat_zeros(xp, total, first.dtype)
+    grad_buf = backend.flat_zeros(xp, total, first.dtype)
     offset = 0
     for p in params:
         n = p.size

@@ -371,7 +371,7 @@ def init(engine: str = "auto") -> Communicator:
         return _WORLD
     _WORLD = MPICommunicator() if engine == "mpi" else LocalCommunicator()
     if getattr(_WORLD, "shm", None) is not None:
-        backend.set_grad_allocator(ARENA.zeros)  # gradient buffers made from now on are shared
+        backend.set_flat_allocator(ARENA.zeros)  # flat buffers made from now on are shared
     return _WORLD
 
 

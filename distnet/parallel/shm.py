@@ -1,19 +1,20 @@
 """Allreduce through shared memory for the ranks of one node (CPU buffers).
 
 MPICH moves a 2-rank allreduce of the 2.8M-float gradient through UCX's shared-memory FIFOs:
-each half is copied into a FIFO, out of it, added, and copied back (measured here: 4.3-6.0
-ms for 11 MB). When every rank's gradient buffer itself lives in memory the other ranks can
-map, no copy is needed: rank r adds slice r of all N buffers into its own buffer, and then
-copies every other slice from the rank that added it (0.9 ms for the same 11 MB). It is the
+each half is copied into a FIFO, out of it, added, and copied back (``distnet bench
+allreduce``: 1.8-1.9 ms for the 11 MB). When every rank's gradient buffer itself lives in
+memory the other ranks can map, no FIFO is needed: rank r adds slice r of all N buffers into
+its own buffer, and then copies every other slice from the rank that added it (0.96 ms). It is the
 reduce-scatter + all-gather of a ring allreduce, done by loads and stores instead of messages.
 
 How buffers become shared: ``SharedArena.zeros`` allocates host arrays in ``memfd`` files
 (anonymous, freed when the last process unmaps them, so a killed rank leaves nothing in
-/dev/shm). ``distnet.parallel.init`` makes it the allocator of gradient buffers
-(``backend.set_grad_allocator``) when every rank is on this node. A peer maps a rank's file
-through ``/proc/<pid>/fd/<fd>`` (Linux, same user).
+/dev/shm). ``distnet.parallel.init`` makes it the allocator of flat parameter and gradient
+buffers (``backend.set_flat_allocator``) when every rank is on this node. A peer maps a
+rank's file through ``/proc/<pid>/fd/<fd>`` (Linux, same user). ``ShardedOptimizer`` (ZeRO-1)
+takes the same road for its reduce-scatter of the gradients and all-gather of the parameters.
 
-Every call is collective and keeps the ranks in step with MPI barriers: a small allreduce
+Every call is collective and keeps the ranks in step with MPI barriers: a small allgather
 first (every rank has written its gradients; do all ranks already know each other's
 segments?), a barrier after the adds, one after the copies (no rank writes its buffer again
 while a peer still reads it). A buffer that is not shared on some rank, a small one, or a
@@ -34,7 +35,8 @@ from typing import Any
 import numpy as np
 
 MIN_BYTES = 1 << 16
-"""Smaller buffers (metrics, scalars) go through MPI: one message is cheaper than 3 barriers."""
+"""Smaller buffers (metrics, scalars) go through MPI: one message is cheaper than 3 barriers
+(``DISTNET_SHM_MIN_BYTES`` overrides it)."""
 
 _NOT_SHARED, _KNOWN, _NEW = 0, 1, 2  # what a rank says of its buffer in the first step
 
@@ -114,6 +116,7 @@ class ShmAllreduce:
         self.comm, self.MPI, self.arena = comm, MPI, arena
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.enabled = self.size > 1
+        self.min_bytes = int(os.environ.get("DISTNET_SHM_MIN_BYTES", MIN_BYTES))
         self._known: set[tuple[int, int, int]] = set()  # (segment, offset, nbytes) agreed on
         self._peer_views: dict[tuple[int, int, int], list[np.ndarray]] = {}
         self._peer_maps: dict[tuple[int, int], np.ndarray] = {}  # (rank, segment) -> bytes
@@ -123,20 +126,61 @@ class ShmAllreduce:
     def allreduce(self, buf: np.ndarray, op: str) -> bool:
         """Reduces ``buf`` (``op``: sum, mean, max, min) over the ranks in place; False when
         the caller must use MPI for it (decided alike on every rank)."""
-        if not self.enabled or buf.nbytes < MIN_BYTES:
+        views = self._views(buf)
+        if views is None:
             return False
+        bounds = even_bounds(buf.size, self.size)
+        lo, hi = bounds[self.rank]
+        mine = buf[lo:hi]
+        self._reduce_slice(views, lo, hi, mine, op)
+        self.comm.Barrier()  # every slice is reduced
+        self._copy_others(buf, views, bounds)
+        self.comm.Barrier()  # no rank writes its buffer while a peer still copies from it
+        self.calls += 1
+        return True
+
+    def reduce_scatter(
+        self, buf: np.ndarray, bounds: list[tuple[int, int]], out: np.ndarray
+    ) -> bool:
+        """``out`` = the sum over ranks of ``buf[lo:hi]``, this rank's ``bounds`` entry
+        (MPI_Reduce_scatter); ``buf`` is left as it was. False: use MPI (alike everywhere)."""
+        views = self._views(buf)
+        if views is None:
+            return False
+        lo, hi = bounds[self.rank]
+        np.copyto(out, views[0][lo:hi])
+        for view in views[1:]:
+            np.add(out, view[lo:hi], out=out)
+        self.comm.Barrier()  # no rank writes its buffer while a peer still reads from it
+        self.calls += 1
+        return True
+
+    def allgather(self, buf: np.ndarray, bounds: list[tuple[int, int]]) -> bool:
+        """Every rank's ``buf[lo_r:hi_r]`` into every rank's ``buf`` (MPI_Allgatherv in
+        place). False: use MPI (alike everywhere)."""
+        views = self._views(buf)  # its first step waits until every rank wrote its slice
+        if views is None:
+            return False
+        self._copy_others(buf, views, bounds)
+        self.comm.Barrier()
+        self.calls += 1
+        return True
+
+    def _views(self, buf: np.ndarray) -> list[np.ndarray] | None:
+        """Collective: every rank's copy of ``buf`` (this rank's is ``buf`` itself), or None
+        when some rank's is not shared or small. Waits until every rank has called it."""
+        if not self.enabled or buf.nbytes < self.min_bytes:
+            return None
         found = self.arena.locate(buf)
         key = (found[0].ident, found[1], buf.nbytes) if found else None
         self._flag[0] = _NOT_SHARED if key is None else (_KNOWN if key in self._known else _NEW)
         states = np.empty(self.size, dtype=np.int64)
-        self.comm.Allgather(self._flag, states)  # also: every rank's gradients are written
+        self.comm.Allgather(self._flag, states)  # also: every rank's buffer is written
         if (states == _NOT_SHARED).any():
-            return False
+            return None
         if (states == _NEW).any() and not self._agree(key, found, buf):
-            return False
-        self._reduce(buf, self._peer_views[key], op)
-        self.calls += 1
-        return True
+            return None
+        return self._peer_views[key]
 
     def _agree(self, key: tuple[int, int, int], found: Any, buf: np.ndarray) -> bool:
         """Every rank maps every other rank's slice of this buffer; False (and the shared path
@@ -178,11 +222,9 @@ class ShmAllreduce:
             self._peer_maps[(rank, ident)] = whole
         return whole
 
-    def _reduce(self, buf: np.ndarray, views: list[np.ndarray], op: str) -> None:
-        n, size = buf.size, self.size
-        bounds = [n * r // size for r in range(size + 1)]
-        lo, hi = bounds[self.rank], bounds[self.rank + 1]
-        mine = buf[lo:hi]
+    def _reduce_slice(
+        self, views: list[np.ndarray], lo: int, hi: int, mine: np.ndarray, op: str
+    ) -> None:
         ufunc = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}[op]
         # Into this rank's own slice, which is one of the terms: it comes first. One rank
         # reduces each slice, so every replica gets the same bits.
@@ -190,9 +232,16 @@ class ShmAllreduce:
             if rank != self.rank:
                 ufunc(mine, view[lo:hi], out=mine)
         if op == "mean":
-            mine /= size
-        self.comm.Barrier()  # every slice is reduced
-        for rank in range(size):
+            mine /= self.size
+
+    def _copy_others(
+        self, buf: np.ndarray, views: list[np.ndarray], bounds: list[tuple[int, int]]
+    ) -> None:
+        for rank, (lo, hi) in enumerate(bounds):
             if rank != self.rank:
-                buf[bounds[rank] : bounds[rank + 1]] = views[rank][bounds[rank] : bounds[rank + 1]]
-        self.comm.Barrier()  # no rank writes its buffer while a peer still copies from it
+                buf[lo:hi] = views[rank][lo:hi]
+
+
+def even_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` of rank r's slice of an n-element buffer: ``n*r//size`` to ``n*(r+1)//size``."""
+    return [(n * r // size, n * (r + 1) // size) for r in range(size)]

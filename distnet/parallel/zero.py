@@ -56,6 +56,22 @@ def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def sharding_pays(comm: Communicator, optimizer: Any, compression: str | None = None) -> bool:
+    """Whether ``shard_optimizer = "auto"`` shards: when the reduce-scatter and all-gather go
+    through shared memory (``comm.shm``: every MPI rank on this node) on CPU buffers without
+    compression. Measured on the headline job, 2 ranks: 115.6 s sharded against 123.5 s
+    unsharded, both through shared memory; through MPI's messages sharding did not pay
+    (30.2 s against 30.0 s on the smaller job of README's table). The same on every rank."""
+    shm = getattr(comm, "shm", None)
+    return (
+        comm.size > 1
+        and shm is not None
+        and shm.enabled
+        and compression is None
+        and not is_gpu_array(optimizer.flat_params)
+    )
+
+
 class ShardedOptimizer:
     """Data-parallel wrapper that shards the wrapped optimiser's state over ranks.
 
@@ -165,8 +181,10 @@ class ShardedOptimizer:
             return self.grad_shard
         mpi = self.comm.MPI
         with trace.span("allreduce", part="reduce_scatter"):  # counted in metrics' comm_s
-            self.comm.comm.Reduce_scatter(self.full_grads, self.grad_shard, self.counts,
-                                          op=mpi.SUM)  # fmt: skip
+            shm = getattr(self.comm, "shm", None)
+            if shm is None or not shm.reduce_scatter(self.full_grads, self.bounds, self.grad_shard):
+                self.comm.comm.Reduce_scatter(self.full_grads, self.grad_shard, self.counts,
+                                              op=mpi.SUM)  # fmt: skip
         return self.grad_shard
 
     def step(self, batch_share: float | None = None) -> None:
@@ -178,6 +196,9 @@ class ShardedOptimizer:
         if self.comm.size > 1:
             mpi = self.comm.MPI
             with trace.span("allreduce", part="allgather"):
+                shm = getattr(self.comm, "shm", None)
+                if shm is not None and shm.allgather(self.full_params, self.bounds):
+                    return
                 self.comm.comm.Allgatherv(
                     mpi.IN_PLACE, [self.full_params, self.counts, self.displs, mpi.FLOAT]
                     if self.full_params.dtype == np.float32

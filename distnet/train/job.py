@@ -383,12 +383,19 @@ def run_job(
     )
     compression = None if job["dist"]["compression"] == "none" else job["dist"]["compression"]
 
+    said_sharded: list[bool] = []
+
     def wrap(opt: Any) -> Any:
         if size == 1:
             return opt
-        if job["dist"]["shard_optimizer"]:
-            from distnet.parallel.zero import ShardedOptimizer  # noqa: PLC0415
+        from distnet.parallel.zero import ShardedOptimizer, sharding_pays  # noqa: PLC0415
 
+        shard = job["dist"]["shard_optimizer"]
+        if shard is True or (shard == "auto" and sharding_pays(comm, opt, compression)):
+            if not said_sharded:
+                said_sharded.append(True)
+                via = "shared memory" if getattr(comm, "shm", None) is not None else "MPI"
+                say(f"optimiser state sharded over {size} ranks (ZeRO 1, collectives via {via})")
             return ShardedOptimizer(opt, comm)
         return distributed.DistributedOptimizer(
             opt, comm, bucket_mb=job["dist"]["bucket_mb"], compression=compression

@@ -155,8 +155,10 @@ class DistSpec(Section):
         "a list of tables of custom Ray resources, one per Ray worker, e.g. "
         "[{node_a = 1}, {node_b = 1}] (amounts > 0)",
     )
-    shard_optimizer: bool = _field(
-        False, "true or false (ZeRO stage 1: optimiser state sharded over MPI ranks)"
+    # ZeRO stage 1; "auto": on where its collectives go through shared memory (every MPI rank
+    # on this node, CPU buffers, no compression: distnet.parallel.zero.sharding_pays)
+    shard_optimizer: Literal["auto", True, False] = _field(
+        "auto", "'auto', true or false (ZeRO stage 1: optimiser state sharded over MPI ranks)"
     )
     # strategy "ps", async/ssp: a lost worker is replaced while the others go on (false: the
     # group is restarted from the epoch checkpoint; distnet/parallel/rayengine/standin.py)

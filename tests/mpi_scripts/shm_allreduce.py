@@ -47,7 +47,7 @@ model = nn.Sequential(nn.Dense(300, 200), nn.ReLU(), nn.Dense(200, 10))
 grads = model.flat_grads()
 assert ARENA.locate(grads) is not None, "gradient buffers must come from the shared arena"
 for dtype in (np.float32, np.float64):
-    buf = backend.grad_zeros(np, 70_001, dtype)  # not divisible by the ranks
+    buf = backend.flat_zeros(np, 70_001, dtype)  # not divisible by the ranks
     for op in ("sum", "mean", "max", "min"):
         buf[:] = rng.standard_normal(buf.size)
         expect = mpi_reference(buf, op)
@@ -80,10 +80,10 @@ assert np.all(half == n * (n + 1) / 2)
 # 3. What goes through MPI, alike on every rank: small buffers, and a buffer that is shared
 #    on some ranks only (no rank may wait in a barrier the others never reach).
 before = comm.shm.calls
-small = backend.grad_zeros(np, 100, np.float32) + r
+small = backend.flat_zeros(np, 100, np.float32) + r
 comm.allreduce(small, "sum")
 assert np.all(small == sum(range(n)))
-mixed = backend.grad_zeros(np, 50_000, np.float32) if r % 2 == 0 else np.zeros(50_000, np.float32)
+mixed = backend.flat_zeros(np, 50_000, np.float32) if r % 2 == 0 else np.zeros(50_000, np.float32)
 mixed += r
 comm.allreduce(mixed, "sum")
 assert np.all(mixed == sum(range(n)))
@@ -91,7 +91,7 @@ assert comm.shm.calls == before, "these must have gone through MPI"
 
 # 4. A new buffer after the old one is freed (a re-layout): agreed on again, still right.
 for round_ in range(3):
-    fresh = backend.grad_zeros(np, 40_000 + round_, np.float32)
+    fresh = backend.flat_zeros(np, 40_000 + round_, np.float32)
     fresh += r * (round_ + 1)
     comm.allreduce(fresh, "sum")
     assert np.all(fresh == sum(range(n)) * (round_ + 1)), round_

@@ -84,7 +84,8 @@ def main() -> None:
         np.testing.assert_allclose(model2.flat_params(), ref_model.flat_params(),
                                    rtol=1e-5, atol=1e-6, err_msg=f"{name} resumed")  # fmt: skip
         ref.close()
-    comm.print0(f"zero sharded: ok on {comm.size} ranks")
+    shm = comm.shm.calls if comm.shm is not None else 0
+    comm.print0(f"zero sharded: ok on {comm.size} ranks, {shm} collectives in shared memory")
 
 
 if __name__ == "__main__":
