@@ -188,6 +188,9 @@ class ShmAllreduce:
         segment, offset = found
         info = (os.getpid(), segment.fd, segment.ident, segment.nbytes, offset, buf.nbytes)
         infos = self.comm.allgather(info)
+        sizes = [entry[5] for entry in infos]
+        if len(set(sizes)) > 1:  # every rank sees the same list, so every rank raises
+            raise ValueError(f"a collective over buffers of different sizes: {sizes} bytes by rank")
         views: list[np.ndarray] = []
         error = ""
         for rank, (pid, fd, ident, nbytes, off, size) in enumerate(infos):

@@ -59,9 +59,10 @@ def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:
 def sharding_pays(comm: Communicator, optimizer: Any, compression: str | None = None) -> bool:
     """Whether ``shard_optimizer = "auto"`` shards: when the reduce-scatter and all-gather go
     through shared memory (``comm.shm``: every MPI rank on this node) on CPU buffers without
-    compression. Measured on the headline job, 2 ranks: 115.6 s sharded against 123.5 s
-    unsharded, both through shared memory; through MPI's messages sharding did not pay
-    (30.2 s against 30.0 s on the smaller job of README's table). The same on every rank."""
+    compression, large enough to take that road (``shm.min_bytes``). Measured on the
+    headline job, 2 ranks: 115.6 s sharded against 123.5 s unsharded, both through shared
+    memory; through MPI's messages sharding did not pay (30.2 s against 30.0 s on the
+    smaller job of README's table). The same on every rank."""
     shm = getattr(comm, "shm", None)
     return (
         comm.size > 1
@@ -69,6 +70,7 @@ def sharding_pays(comm: Communicator, optimizer: Any, compression: str | None = 
         and shm.enabled
         and compression is None
         and not is_gpu_array(optimizer.flat_params)
+        and optimizer.flat_params.nbytes >= shm.min_bytes
     )
 
 

@@ -97,6 +97,14 @@ for round_ in range(3):
     assert np.all(fresh == sum(range(n)) * (round_ + 1)), round_
     del fresh
 
+# 5. Buffers of different sizes on different ranks: an error on every rank, not a hang.
+odd = backend.flat_zeros(np, 20_000 + 1000 * r, np.float32)
+try:
+    comm.allreduce(odd, "sum")
+    raise AssertionError("buffers of different sizes were reduced")
+except ValueError as err:
+    assert "different sizes" in str(err), err
+
 if r == 0:
     print("shm ok")
     print("calls:", json.dumps({"shm": comm.shm.calls}))
