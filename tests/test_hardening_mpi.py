@@ -4,30 +4,12 @@ directories are node-local (empty)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from mpi_helpers import MPI_MARKS, SCRIPTS, launch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "mpi_scripts"
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-
-pytestmark = [
-    pytest.mark.mpi,
-    pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"),
-]
-
-
-def launch(np_: int, *command: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    """``distnet launch -np N -- python COMMAND...`` with a timeout (a hang fails the test)."""
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", str(np_), "--"]
-    return subprocess.run(
-        [*cmd, sys.executable, *command],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=dict(os.environ),
-    )  # fmt: skip
+pytestmark = MPI_MARKS
 
 
 @pytest.mark.timeout(100)

@@ -5,22 +5,11 @@ and ends with its parameters, bit for bit."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from mpi_helpers import MPI_MARKS, SCRIPTS, launch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "mpi_scripts"
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-
-pytestmark = [
-    pytest.mark.mpi,
-    pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"),
-]
+pytestmark = MPI_MARKS
 
 DROPOUT_JOB = """
 [data]
@@ -59,11 +48,8 @@ def test_a_job_with_dropout_resumes_to_the_parameters_of_a_run_that_never_stoppe
     local.mkdir()
 
     def run(out: str, mode: str) -> str:
-        cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", "2", "--",
-               sys.executable, str(SCRIPTS / "resume_local_dirs.py"), str(job),
-               str(tmp_path / out), str(local), mode]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
-                              env=dict(os.environ))  # fmt: skip
+        proc = launch(2, str(SCRIPTS / "resume_local_dirs.py"), str(job), str(tmp_path / out),
+                      str(local), mode, timeout=60)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 

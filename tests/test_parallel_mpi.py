@@ -5,39 +5,23 @@ instead of stalling the suite.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from mpi_helpers import MPI_MARKS, ROOT, SCRIPTS
+from mpi_helpers import launch as mpi_launch
 
 from distnet.backend import gpu_skip_reason
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "mpi_scripts"
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-
-pytestmark = [
-    pytest.mark.mpi,
-    pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"),
-]
+pytestmark = MPI_MARKS
 
 
 def launch(np_: int, *command: str, timeout: float = 90, env: dict | None = None):
     """Runs ``distnet launch -np N -- python COMMAND...``; returns (CompletedProcess, seconds)."""
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", str(np_), "--"]
-    cmd += [sys.executable, *command]
     t0 = time.monotonic()
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
+    proc = mpi_launch(np_, *command, timeout=timeout, env=env)
     return proc, time.monotonic() - t0
 
 
