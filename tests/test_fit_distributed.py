@@ -2,17 +2,14 @@
 shares, averaged validation metrics, accumulation with overlap, a NaN on one rank.
 The checks themselves live in tests/mpi_scripts/fit_shards.py (one launch: ~10 s)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 from data_helpers import labelled_store
-from test_parallel_mpi import MPIEXEC, SCRIPTS, launch
+from mpi_helpers import MPI_MARKS, SCRIPTS
+from test_parallel_mpi import launch
 
-pytestmark = [
-    pytest.mark.mpi,
-    pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"),
-]
+pytestmark = MPI_MARKS
 
 
 @pytest.mark.timeout(150)
