@@ -310,6 +310,11 @@ def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, di
     want = reference_params(job, 1, [[16, 16]])
     assert np.max(np.abs(got - want)) < 1e-5
     assert len(report["ps_stats"]) == 1  # the stage's server: clocks and staleness reported
+    from distnet.parallel.ps import link
+
+    if link.enabled():  # every push took the same-node road (the workers' memfd outboxes)
+        for shard in report["ps_stats"][0]["shards"]:
+            assert shard["linked_pushes"] == shard["pushes_received"] == [report["steps"]] * 2
     assert json.loads((out / "report.json").read_text())["ps_stats"] == json.loads(
         json.dumps(report["ps_stats"], default=str)
     )

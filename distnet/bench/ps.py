@@ -135,8 +135,11 @@ class PSBenchWorker:
         from distnet import backend
         from distnet.nn import Dense, Sequential
         from distnet.optim import SGD
+        from distnet.parallel.ps import link
 
         backend.seed(seed)
+        if link.enabled():  # as the Ray engine's ps workers: flat buffers in memfd files
+            backend.set_flat_allocator(link.FLAT.zeros)
         layers = [Dense(a, b, activation="relu") for a, b in zip(MLP[:-2], MLP[1:-1], strict=True)]
         self.model = Sequential(*layers, Dense(MLP[-2], MLP[-1]))
         self.sgd = SGD(self.model, lr=0.01)

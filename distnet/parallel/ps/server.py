@@ -122,7 +122,8 @@ class ParameterServer:
                 of per-shard ``.options()`` dicts.
             param_shapes: the model's parameter shapes, needed when the optimiser has
                 ``weight_decay`` or ``l1`` (they apply to weights, not biases).
-            num_cpus: CPUs each shard reserves (0: shards mostly wait, workers compute).
+            num_cpus: CPUs each shard reserves (0: shards mostly wait, workers compute); also
+                the threads of its update kernels (at least 1).
             max_restarts: Ray restarts of a killed shard (only with snapshots: without one a
                 restarted shard would serve its initial parameters as if nothing was lost, so
                 ``snapshot_every=0`` means no restart and a clear error instead).
@@ -202,6 +203,7 @@ class ParameterServer:
                     snapshot_every=snapshot_every,
                     penalty_mask=None if mask is None else mask[lo:hi],
                     round_timeout_s=round_timeout_s,
+                    threads=max(1, int(num_cpus)),
                 )
             )
         ps = cls(

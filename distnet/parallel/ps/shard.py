@@ -35,10 +35,12 @@ import hmac
 import json
 import math
 import os
+import threading
 from typing import Any
 
 import numpy as np
 
+from distnet.parallel.ps import link
 from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
 from distnet.parallel.ps.snapshot import load_snapshot, save_snapshot
@@ -96,6 +98,10 @@ class ParameterServerShard(Membership):
         penalty_mask: the slice of the weight-decay mask, or None.
         round_timeout_s: the longest a sync round (from its first push) or an ssp wait may
             wait for the other workers before it fails with ``RoundFailed``.
+        threads: threads of the shard's update kernels (numba). The shards already update
+            in parallel, one process each, beside the workers: a multi-threaded kernel per
+            shard oversubscribes the cores (``distnet bench ps``, 4 workers, 2 shards on 2
+            cores: 1.6x Ray's example with numba's default 2 threads, 2.6x with 1).
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class ParameterServerShard(Membership):
         snapshot_every: int,
         penalty_mask: np.ndarray | None = None,
         round_timeout_s: float = 600.0,
+        threads: int = 1,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, got {mode!r}")
@@ -130,8 +137,11 @@ class ParameterServerShard(Membership):
         self.refused = 0
         self.restored_from_snapshot = False
         self.round_timeout_s = float(round_timeout_s)
+        self.threads = max(1, int(threads))
+        self._threads_set_in: int | None = None  # the thread whose kernel threads were set
         self.pushes_received = [0] * num_workers  # every push that passed the checks
         self.pushes_applied = [0] * num_workers  # ... whose gradient went into an update
+        self.linked_pushes = [0] * num_workers  # ... that came through the worker's outbox
         self.rounds_failed = 0
         self.rounds_lost = 0  # sync rounds a restart from a snapshot lost (see _sync_push)
         self._aborted: str | None = None  # fails ssp waits (sync rounds end one by one)
@@ -139,6 +149,15 @@ class ParameterServerShard(Membership):
         self._clock_changed = asyncio.Condition()
         self._last_sum: np.ndarray | None = None
         self._scratch_buf: np.ndarray | None = None
+        # the same-node road (link.py): workers' outboxes mapped here, and this shard's board
+        self._outboxes = link.PeerViews()
+        self._board: link.Segment | None = None
+        self._linked = False  # a worker pushed through the board: publish every update
+        if link.enabled():
+            try:
+                self._board = link.Segment(hi - lo, f"distnet-ps-board-{index}")
+            except OSError:
+                self._board = None
         self.opt = None
         self._init_membership()  # async/ssp: workers that leave and join (membership.py)
         mine = np.asarray(params, dtype=np.float32)[lo:hi]
@@ -158,11 +177,9 @@ class ParameterServerShard(Membership):
         self, token: str, worker: int, grad: Any, share: float, clock: Any, seen: Any, lr: Any
     ) -> None:
         where = f"parameter-server shard {self.index} [{self.lo}:{self.hi})"
-        problem = None
-        if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
-            problem = "the push does not carry this job's token"
-        elif not isinstance(worker, int) or not 0 <= worker < self.num_workers:
-            problem = f"worker index {worker!r} is not in [0, {self.num_workers})"
+        problem = self._sender_problem(token, worker)
+        if problem:
+            pass
         elif not isinstance(grad, np.ndarray) or grad.dtype != np.float32:
             kind = getattr(grad, "dtype", type(grad).__name__)
             problem = f"worker {worker} pushed {kind}, expected a float32 numpy array"
@@ -178,6 +195,51 @@ class ParameterServerShard(Membership):
             self.refused += 1
             raise PushRefused(f"{where}: refused: {problem}")
 
+    def _sender_problem(self, token: Any, worker: Any) -> str | None:
+        if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
+            return "the push does not carry this job's token"
+        if not isinstance(worker, int) or not 0 <= worker < self.num_workers:
+            return f"worker index {worker!r} is not in [0, {self.num_workers})"
+        return None
+
+    def _open_outbox(self, token: Any, worker: Any, ref: link.LinkRef) -> np.ndarray | None:
+        """This shard's slice of a worker's outbox (read-only view), or None when it cannot
+        be mapped here (another host: the worker then pushes arrays). Only a sender with this
+        job's token gets its file opened; a ref smaller than the buffer is refused."""
+        problem = self._sender_problem(token, worker)
+        if problem is None and not (
+            isinstance(ref.floats, int) and isinstance(ref.offset, int) and ref.offset >= 0
+            and ref.offset + self.hi <= ref.floats
+        ):  # fmt: skip
+            problem = (
+                f"worker {worker} pushed a segment of {ref.floats!r} floats at offset "
+                f"{ref.offset!r}, too small for [{self.lo}:{self.hi})"
+            )
+        if problem:
+            self.refused += 1
+            raise PushRefused(f"{self._where()}: refused: {problem}")
+        if self._board is None:
+            return None
+        try:
+            view = self._outboxes.get(worker, ref)
+        except link.LinkError:
+            return None
+        if not self._linked:
+            self._linked = True
+            self._publish()
+        return view.data[ref.offset + self.lo : ref.offset + self.hi]
+
+    def _publish(self) -> None:
+        """Writes the reply (parameters or summed gradient) onto the board for linked workers."""
+        if self._linked and self._board is not None:
+            self._board.publish(self._reply(), self.version)
+
+    def _answer(self, linked: bool) -> tuple[int, Any]:
+        """``(version, reply)``: the board's ref for a linked worker, else the array."""
+        if linked and self._board is not None:
+            return self.version, self._board.ref
+        return self.version, self._reply()
+
     # --- the one call per step ------------------------------------------------------------
     async def push_pull(
         self,
@@ -185,26 +247,36 @@ class ParameterServerShard(Membership):
         worker: int,
         clock: int,
         seen_version: int,
-        grad: np.ndarray,
+        grad: np.ndarray | link.LinkRef,
         share: float,
         lr: float | None,
         incarnation: int = 0,
-    ) -> tuple[int, np.ndarray]:
+    ) -> tuple[Any, Any]:
         """Applies (or, in sync, contributes) ``grad`` (shape ``(hi - lo,)``), then returns
         ``(version, slice)``: the parameters, or the summed gradient when the optimiser runs
         on the workers. ``clock`` is this worker's step number (1, 2, ...); a push with a
         clock the shard already applied (a retry) is not applied twice, nor one of a worker
-        that left or of an older ``incarnation`` of its index (``membership.py``)."""
+        that left or of an older ``incarnation`` of its index (``membership.py``).
+
+        ``grad`` may be a ``LinkRef`` to the worker's outbox (``link.py``): the reply is then
+        ``(version, the board's LinkRef)``, or ``("unlinked", None)`` with nothing applied
+        when the outbox cannot be mapped here (the worker sends the array instead)."""
+        linked = isinstance(grad, link.LinkRef)
+        if linked:
+            grad = self._open_outbox(token, worker, grad)
+            if grad is None:
+                return "unlinked", None
         self._check(token, worker, grad, share, clock, seen_version, lr)
         self.pushes_received[worker] += 1
+        self.linked_pushes[worker] += linked
         if not self._admits(worker, incarnation):
-            return self.version, self._reply()
+            return self._answer(linked)
         if lr is not None and self.opt is not None:
             self.opt.lr = float(lr)
         if clock <= self.clocks[worker]:  # a retried push that was applied already
-            return self.version, self._reply()
+            return self._answer(linked)
         if self.mode == "sync":
-            return await self._sync_push(worker, clock, seen_version, grad, share)
+            return await self._sync_push(worker, clock, seen_version, grad, share, linked)
         self._apply(grad, float(share))
         self.pushes_applied[worker] += 1
         self._record(worker, clock, seen_version)
@@ -217,7 +289,7 @@ class ParameterServerShard(Membership):
                 await self._ssp_wait(worker, clock)
             self.ahead_records[worker].append((clock, self.live_slowest()))
             del self.ahead_records[worker][:-KEEP_CLOCK_RECORDS]
-        return self.version, self._reply()
+        return self._answer(linked)
 
     def _where(self) -> str:
         return f"parameter-server shard {self.index} [{self.lo}:{self.hi})"
@@ -274,7 +346,7 @@ class ParameterServerShard(Membership):
         return waiting
 
     async def _sync_push(
-        self, worker: int, clock: int, seen: int, grad: np.ndarray, share: float
+        self, worker: int, clock: int, seen: int, grad: np.ndarray, share: float, linked: bool
     ) -> tuple[int, Any]:
         # A round is complete when every worker has one pending gradient (keyed by worker, so
         # a retried push replaces its own entry instead of counting twice).
@@ -287,12 +359,12 @@ class ParameterServerShard(Membership):
             # from now on, and at the end one round would wait for a push that never comes.
             self.clocks[worker] = max(self.clocks[worker], clock)
             self.rounds_lost += 1
-            return self.version, self._reply()
+            return self._answer(linked)
         if clocks and max(clocks) < clock and worker not in round_done.pending:
             # the mirror case: this worker got that round's reply before the restart
             self._settle_lost_round(round_done)
             round_done = self._round
-        round_done.pending[worker] = (grad, float(share), clock, seen)
+        round_done.pending[worker] = (grad, float(share), clock, seen, linked)
         loop = asyncio.get_running_loop()
         if round_done.deadline is None:
             round_done.deadline = loop.time() + self.round_timeout_s
@@ -312,8 +384,7 @@ class ParameterServerShard(Membership):
                 self.pushes_applied[w] += 1
                 self._record(w, pending[w][2], pending[w][3])
             self._maybe_snapshot()
-            # one copy into the object store for all W workers, not one per reply
-            round_done.result = (self.version, _ray().put(self._reply()))
+            round_done.result = self._round_result(pending)
             self._round = _Round()
             round_done.done.set()
         else:
@@ -327,7 +398,18 @@ class ParameterServerShard(Membership):
                 )
         if round_done.error is not None:
             raise RoundFailed(round_done.error)
-        return round_done.result
+        version, put_ref = round_done.result
+        if linked and self._board is not None:
+            return version, self._board.ref  # the board holds this round's result until the next
+        return version, put_ref
+
+    def _round_result(self, pending: dict[int, tuple]) -> tuple[int, Any]:
+        """A completed round's ``(version, put-once reference or None)``: one copy into the
+        object store for all the round's array-pushing workers (not one per reply), and the
+        board written for the linked ones."""
+        self._publish()
+        unlinked = any(not entry[4] for entry in pending.values())
+        return self.version, _ray().put(self._reply()) if unlinked else None
 
     def _settle_lost_round(self, round_: _Round) -> None:
         """Ends ``round_``, whose waiting workers' step a lost incarnation of this shard had
@@ -336,7 +418,7 @@ class ParameterServerShard(Membership):
         for w, entry in round_.pending.items():
             self.clocks[w] = max(self.clocks[w], entry[2])
         self.rounds_lost += 1
-        round_.result = (self.version, _ray().put(self._reply()))
+        round_.result = self._round_result(round_.pending)
         self._round = _Round()
         round_.done.set()
 
@@ -360,8 +442,23 @@ class ParameterServerShard(Membership):
     def _step(self) -> None:
         """The optimiser's step on ``flat_grads`` (a summing shard keeps the sum instead)."""
         if self.opt is not None:
+            self._limit_kernel_threads()
             self.opt.step()
         self.version += 1
+        if self.mode != "sync":  # a sync round publishes once it is complete
+            self._publish()
+
+    def _limit_kernel_threads(self) -> None:
+        """numba's thread count is per calling thread: set it in the thread that steps."""
+        ident = threading.get_ident()
+        if self._threads_set_in == ident:
+            return
+        self._threads_set_in = ident
+        try:
+            import numba  # noqa: PLC0415
+        except ImportError:
+            return
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
 
     def _maybe_snapshot(self) -> None:
         if self.snapshot_path and self.snapshot_every and self.version % self.snapshot_every == 0:
@@ -409,6 +506,7 @@ class ParameterServerShard(Membership):
             self.opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")})
         self.params[...] = params
         self.version = int(meta["version"])
+        self._publish()
         self.clocks = [int(c) for c in meta["clocks"]]
         self.pushes_applied = [int(c) for c in meta.get("applied", self.clocks)]
         self.load_membership(meta)
@@ -419,6 +517,10 @@ class ParameterServerShard(Membership):
         self.load_state_dict(state)
         self.restored_from_snapshot = True
 
+    def get_reply(self) -> tuple[int, np.ndarray]:
+        """``(version, reply)`` as an array: for a worker that cannot map this shard's board."""
+        return self.version, self._reply()
+
     def get_params(self) -> np.ndarray:
         """This shard's slice of the parameters, shape ``(hi - lo,)``."""
         return self.params
@@ -426,6 +528,8 @@ class ParameterServerShard(Membership):
     def set_params(self, params: np.ndarray) -> None:
         """Overwrites the slice (the optimiser-on-workers mode publishes worker 0's)."""
         self.params[...] = params
+        if self.opt is not None:
+            self._publish()
 
     def stats(self) -> dict[str, Any]:
         """Per-worker clocks, staleness histograms and ssp (clock, slowest clock) records."""
@@ -439,6 +543,7 @@ class ParameterServerShard(Membership):
             "refused": self.refused,
             "pushes_received": list(self.pushes_received),
             "pushes_applied": list(self.pushes_applied),
+            "linked_pushes": list(self.linked_pushes),
             "rounds_failed": self.rounds_failed,
             "rounds_lost": self.rounds_lost,
             "left": sorted(self.left),

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from distnet import backend, trace
+from distnet.parallel.ps import link
 from distnet.parallel.ps.server import ParameterServer
 
 
@@ -58,6 +59,13 @@ class ParameterServerOptimizer:
         self.seen_versions = [0] * len(ps.shards)
         self._prescaled = False
         self._weighted: np.ndarray | None = None
+        # the same-node road (link.py): the weighted gradient goes into this worker's outbox
+        # and every shard that can map it reads its slice there; a shard that answers
+        # "unlinked" (another host) gets arrays from then on
+        self._outbox: link.Segment | None = None  # made when the gradient is not in FLAT
+        self._by_link = [link.enabled()] * len(ps.shards)
+        self._boards = link.PeerViews()
+        self._host_scratch: np.ndarray | None = None
         self._pull_all()
 
     @property
@@ -126,7 +134,10 @@ class ParameterServerOptimizer:
         opt, ps = self.optimizer, self.ps
         opt.follow_layout()
         grads = backend.to_device(opt.settle_grads(), "cpu")
-        if share != 1.0:  # weighted here, in parallel across workers, not on the busy shard
+        ref = self._outbox_ref(grads, share) if any(self._by_link) else None
+        if ref is not None:
+            grads, share = (grads, share) if self._outbox is None else (self._outbox.data, 1.0)
+        elif share != 1.0:  # weighted here, in parallel across workers, not on the busy shard
             if self._weighted is None or self._weighted.shape != grads.shape:
                 self._weighted = np.empty_like(grads)
             grads = np.multiply(grads, np.float32(share), out=self._weighted)
@@ -137,9 +148,11 @@ class ParameterServerOptimizer:
 
         def submit(i: int, shard: Any) -> Any:
             lo, hi = ps.ranges[i]
+            linked = ref is not None and self._by_link[i]
+            payload = ref if linked else np.ascontiguousarray(grads[lo:hi])
             return shard.push_pull.remote(
                 ps.token, self.worker_index, self.clock, self.seen_versions[i],
-                np.ascontiguousarray(grads[lo:hi]), float(share), lr, self.incarnation,
+                payload, float(share), lr, self.incarnation,
             )  # fmt: skip
 
         # every shard's call goes out before the first wait: shards work concurrently
@@ -147,18 +160,64 @@ class ParameterServerOptimizer:
             calls = [submit(i, s) for i, s in enumerate(ps.shards)]
         with trace.span("pull", shards=len(ps.shards)):  # waits as the mode says, then copies
             replies = ps.gather(calls, submit)
-            xp = backend.array_module(opt.flat_params)
             target = opt.flat_params if on_server else opt.flat_grads
             for i, (version, part) in enumerate(replies):
-                lo, hi = ps.ranges[i]
-                target[lo:hi] = xp.asarray(part)
-                self.seen_versions[i] = int(version)
+                if version == "unlinked":  # nothing was applied: this shard gets the array
+                    self._by_link[i] = False
+                    version, part = ps.call_with_retry(i, lambda s, i=i: submit(i, s))
+                self.seen_versions[i] = self._take(i, target, version, part)
         if on_server:
             opt.steps += 1  # schedules that read the step count see the same count as locally
         else:
             opt.step()
             if self.worker_index == 0 and ps.snapshot_every and self.clock % ps.snapshot_every == 0:
                 self.publish()
+
+    def _outbox_ref(self, grads: np.ndarray, share: float) -> link.LinkRef | None:
+        """Where the shards find this step's (weighted) gradient: the flat gradient buffer
+        itself when it lives in a memfd file (``link.FLAT``, the Ray engine's allocator) and
+        needs no weighting, else this worker's outbox, written here; None without memfd."""
+        if share == 1.0:
+            ref = link.FLAT.locate(grads)
+            if ref is not None:
+                self._outbox = None
+                return ref
+        if self._outbox is None or self._outbox.floats != grads.size:
+            try:
+                self._outbox = link.Segment(grads.size, "distnet-ps-outbox")
+            except OSError:
+                self._by_link = [False] * len(self._by_link)
+                return None
+        if share != 1.0:
+            np.multiply(grads, np.float32(share), out=self._outbox.data)
+        else:
+            np.copyto(self._outbox.data, grads)
+        return self._outbox.ref
+
+    def _take(self, i: int, target: Any, version: int, part: Any) -> int:
+        """Writes shard ``i``'s reply into ``target[lo:hi]``; returns the version it holds.
+        A board reference is read under its seqlock (a newer version than ``version`` may be
+        there in async mode); a board that cannot be mapped or read here is fetched once as an
+        array and the shard gets arrays from then on."""
+        lo, hi = self.ps.ranges[i]
+        xp = backend.array_module(target)
+        if isinstance(part, link.LinkRef):
+            host = target[lo:hi] if xp is np else self._scratch(hi - lo)
+            try:
+                version = self._boards.get(i, part).read(host)
+                part = host
+            except link.LinkError:
+                self._by_link[i] = False
+                version, part = self.ps.call_with_retry(i, lambda s: s.get_reply.remote())
+            if part is host and xp is np:
+                return int(version)
+        target[lo:hi] = xp.asarray(part)
+        return int(version)
+
+    def _scratch(self, n: int) -> np.ndarray:
+        if self._host_scratch is None or self._host_scratch.size < n:
+            self._host_scratch = np.empty(n, np.float32)
+        return self._host_scratch[:n]
 
     def publish(self) -> None:
         """Optimiser on the workers: writes this worker's parameters into the shards (so that

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distnet import backend
+from distnet.parallel.ps import link
 from distnet.parallel.rayengine.comm import JoinFailed, Mailbox, RayCommunicator
 from distnet.parallel.rayengine.resume import (
     StepMark,
@@ -413,7 +415,15 @@ class WorkerActor:
             raise RuntimeError("WorkerActor.run before setup")
         log = self._log.put if self.comm.rank == 0 else (lambda line: None)
         spec = {**spec, "carry_box": self._carry, "join_box": self._join}
-        return task(self.comm, self.generation, job, spec, log)
+        if spec.get("strategy") not in ("ps", "hybrid") or not link.enabled():
+            return task(self.comm, self.generation, job, spec, log)
+        # parameter-server pushes: the flat gradient buffers live in memfd files that the
+        # shards on this node map, so a push copies nothing (distnet/parallel/ps/link.py)
+        backend.set_flat_allocator(link.FLAT.zeros)
+        try:
+            return task(self.comm, self.generation, job, spec, log)
+        finally:
+            backend.set_flat_allocator(None)
 
     def carry_info(self) -> dict[str, Any] | None:
         """Where the carry a failed run left stands (stage, epoch, samples_seen, steps), or
