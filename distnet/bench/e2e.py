@@ -5,7 +5,7 @@ Runs a stacked-autoencoder job (default ``launch/jobs/fashion_sda3.toml``: 784-1
 with ``distnet train`` (one process, or ``distnet launch -np N``), and, when ``torch`` is
 importable, the same recipe written in plain PyTorch (``torch_worker`` below: the same
 layers, tied weights, masking noise per layer, summed binary cross-entropy per sample, Adam,
-fine-tuning lr reduced on a plateau of the training loss, batch, epochs, threads), each in
+the fine-tuning schedule (plateau, cosine or step), batch, epochs, threads), each in
 its own process, one after the other (alternating when ``--rounds`` > 1). Prints wall time,
 pretraining time and test accuracy of both, and their time ratio per round.
 
@@ -190,9 +190,7 @@ def torch_worker(spec_path: str, threads: int) -> int:
     torch.nn.init.xavier_uniform_(net[-1].weight)
     torch.nn.init.zeros_(net[-1].bias)
     opt = torch.optim.Adam(net.parameters(), lr=ft["lr"], weight_decay=ft["weight_decay"])
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, factor=ft["plateau_factor"], patience=ft["plateau_patience"]
-    )
+    schedule = _torch_schedule(torch, opt, ft)
     for _ in range(ft["epochs"]):
         perm, total = torch.randperm(len(x)), 0.0
         for i in range(0, len(x), batch):
@@ -202,12 +200,32 @@ def torch_worker(spec_path: str, threads: int) -> int:
             loss.backward()
             opt.step()
             total += float(loss) * len(idx)
-        plateau.step(total / len(x))
+        if ft.get("schedule", "plateau") == "plateau":
+            schedule.step(total / len(x))
+        else:
+            schedule.step()
     with torch.no_grad():
         pred = net(torch.from_numpy(xt_np)).argmax(1).numpy()
     accuracy = float((pred == yt_np).mean())
     print(json.dumps({"pretrain_s": pretrain_s, "accuracy": accuracy}))
     return 0
+
+
+def _torch_schedule(torch: Any, opt: Any, ft: dict[str, Any]) -> Any:
+    """The job's fine-tuning schedule in PyTorch (``distnet/train/lrcallbacks.py``): plateau
+    of the training loss, cosine decay over the epochs to ``lr_min``, or step cuts; stepped
+    once per epoch, as distnet's callbacks set the rate before each epoch."""
+    kind = ft.get("schedule", "plateau")
+    sched = torch.optim.lr_scheduler
+    if kind == "plateau":
+        return sched.ReduceLROnPlateau(
+            opt, factor=ft["plateau_factor"], patience=ft["plateau_patience"]
+        )
+    if kind == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=ft["epochs"], eta_min=ft.get("lr_min", 0.0))
+    if kind == "step":
+        return sched.StepLR(opt, step_size=ft["step_epochs"], gamma=ft["step_factor"])
+    raise ValueError(f"[finetune] schedule: unknown schedule {kind!r}")
 
 
 def _torch_available() -> bool:
