@@ -57,6 +57,17 @@ class Segment:
     nbytes: int
 
 
+def new_memfd(name: str, nbytes: int) -> tuple[int, mmap.mmap]:
+    """A new memfd file of ``nbytes`` (zeroed), mapped read-write here: (fd, mapping)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        return fd, mmap.mmap(fd, nbytes)
+    except OSError:
+        os.close(fd)
+        raise
+
+
 class SharedArena:
     """Host arrays in memfd files that other processes of this user can map."""
 
@@ -70,13 +81,7 @@ class SharedArena:
         mapping are released with the last reference to the array)."""
         dtype = np.dtype(dtype)
         nbytes = max(int(n) * dtype.itemsize, 1)
-        fd = os.memfd_create("distnet-grads", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, nbytes)
-            mapping = mmap.mmap(fd, nbytes)
-        except OSError:
-            os.close(fd)
-            raise
+        fd, mapping = new_memfd("distnet-grads", nbytes)
         array = np.frombuffer(mapping, dtype=dtype, count=int(n))
         segment = Segment(next(self._ids), fd, array.ctypes.data, nbytes)
         at = bisect.bisect(self._starts, segment.start)

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from distnet.parallel.shm import new_memfd
+
 HEADER = 64  # bytes before the data: nonce (uint64), sequence (uint64), version (int64)
 _NONCE, _SEQ, _VERSION = 0, 1, 2
 READ_TIMEOUT_S = 5.0  # a board whose writer died mid-write is abandoned after this
@@ -74,14 +76,7 @@ class LinkRef:
 def _create(floats: int, name: str) -> tuple[int, mmap.mmap, np.ndarray, np.ndarray, LinkRef]:
     """A memfd file of ``HEADER`` bytes plus ``floats`` float32, mapped: (fd, mapping, header
     words, data, ref)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    size = HEADER + 4 * max(int(floats), 1)
-    try:
-        os.ftruncate(fd, size)
-        mapping = mmap.mmap(fd, size)
-    except OSError:
-        os.close(fd)
-        raise
+    fd, mapping = new_memfd(name, HEADER + 4 * max(int(floats), 1))
     header = np.frombuffer(mapping, dtype=np.uint64, count=3)
     data = np.frombuffer(mapping, dtype=np.float32, count=int(floats), offset=HEADER)
     header[_NONCE] = secrets.randbits(63) | 1
