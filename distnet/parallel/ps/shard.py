@@ -43,6 +43,7 @@ import numpy as np
 from distnet.parallel.ps import link
 from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
+from distnet.parallel.ps.shardlink import ShardLink
 from distnet.parallel.ps.snapshot import load_snapshot, save_snapshot
 
 MODES = ("sync", "async", "ssp")
@@ -83,7 +84,7 @@ class _Round:
         self.error: str | None = None
 
 
-class ParameterServerShard(Membership):
+class ParameterServerShard(Membership, ShardLink):
     """One shard's state and update rules (wrapped by ``ray.remote`` in ``server.py``).
 
     Args:
@@ -149,15 +150,7 @@ class ParameterServerShard(Membership):
         self._clock_changed = asyncio.Condition()
         self._last_sum: np.ndarray | None = None
         self._scratch_buf: np.ndarray | None = None
-        # the same-node road (link.py): workers' outboxes mapped here, and this shard's board
-        self._outboxes = link.PeerViews()
-        self._board: link.Segment | None = None
-        self._linked = False  # a worker pushed through the board: publish every update
-        if link.enabled():
-            try:
-                self._board = link.Segment(hi - lo, f"distnet-ps-board-{index}")
-            except OSError:
-                self._board = None
+        self._init_link()  # the same-node road (shardlink.py)
         self.opt = None
         self._init_membership()  # async/ssp: workers that leave and join (membership.py)
         mine = np.asarray(params, dtype=np.float32)[lo:hi]
@@ -176,24 +169,31 @@ class ParameterServerShard(Membership):
     def _check(
         self, token: str, worker: int, grad: Any, share: float, clock: Any, seen: Any, lr: Any
     ) -> None:
-        where = f"parameter-server shard {self.index} [{self.lo}:{self.hi})"
-        problem = self._sender_problem(token, worker)
+        problem = self._sender_problem(token, worker) or self._push_problem(
+            worker, grad, share, clock, seen, lr
+        )
         if problem:
-            pass
-        elif not isinstance(grad, np.ndarray) or grad.dtype != np.float32:
+            self._refuse(problem)
+
+    def _refuse(self, problem: str) -> None:
+        self.refused += 1
+        raise PushRefused(f"{self._where()}: refused: {problem}")
+
+    def _push_problem(
+        self, worker: int, grad: Any, share: Any, clock: Any, seen: Any, lr: Any
+    ) -> str | None:
+        if not isinstance(grad, np.ndarray) or grad.dtype != np.float32:
             kind = getattr(grad, "dtype", type(grad).__name__)
-            problem = f"worker {worker} pushed {kind}, expected a float32 numpy array"
-        elif grad.shape != (self.hi - self.lo,):
-            problem = f"worker {worker} pushed shape {grad.shape}, expected {(self.hi - self.lo,)}"
-        elif not (isinstance(share, float | int) and math.isfinite(share) and 0 <= share <= 1):
-            problem = f"worker {worker} pushed batch share {share!r}, expected a number in [0, 1]"
-        elif not (isinstance(clock, int) and isinstance(seen, int) and clock > 0 and seen >= 0):
-            problem = f"worker {worker} pushed clock {clock!r} / version {seen!r}: not counts"
-        elif lr is not None and not (isinstance(lr, float | int) and math.isfinite(lr) and lr > 0):
-            problem = f"worker {worker} pushed learning rate {lr!r}, expected a positive number"
-        if problem:
-            self.refused += 1
-            raise PushRefused(f"{where}: refused: {problem}")
+            return f"worker {worker} pushed {kind}, expected a float32 numpy array"
+        if grad.shape != (self.hi - self.lo,):
+            return f"worker {worker} pushed shape {grad.shape}, expected {(self.hi - self.lo,)}"
+        if not (isinstance(share, float | int) and math.isfinite(share) and 0 <= share <= 1):
+            return f"worker {worker} pushed batch share {share!r}, expected a number in [0, 1]"
+        if not (isinstance(clock, int) and isinstance(seen, int) and clock > 0 and seen >= 0):
+            return f"worker {worker} pushed clock {clock!r} / version {seen!r}: not counts"
+        if lr is not None and not (isinstance(lr, float | int) and math.isfinite(lr) and lr > 0):
+            return f"worker {worker} pushed learning rate {lr!r}, expected a positive number"
+        return None
 
     def _sender_problem(self, token: Any, worker: Any) -> str | None:
         if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
@@ -201,44 +201,6 @@ class ParameterServerShard(Membership):
         if not isinstance(worker, int) or not 0 <= worker < self.num_workers:
             return f"worker index {worker!r} is not in [0, {self.num_workers})"
         return None
-
-    def _open_outbox(self, token: Any, worker: Any, ref: link.LinkRef) -> np.ndarray | None:
-        """This shard's slice of a worker's outbox (read-only view), or None when it cannot
-        be mapped here (another host: the worker then pushes arrays). Only a sender with this
-        job's token gets its file opened; a ref smaller than the buffer is refused."""
-        problem = self._sender_problem(token, worker)
-        if problem is None and not (
-            isinstance(ref.floats, int) and isinstance(ref.offset, int) and ref.offset >= 0
-            and ref.offset + self.hi <= ref.floats
-        ):  # fmt: skip
-            problem = (
-                f"worker {worker} pushed a segment of {ref.floats!r} floats at offset "
-                f"{ref.offset!r}, too small for [{self.lo}:{self.hi})"
-            )
-        if problem:
-            self.refused += 1
-            raise PushRefused(f"{self._where()}: refused: {problem}")
-        if self._board is None:
-            return None
-        try:
-            view = self._outboxes.get(worker, ref)
-        except link.LinkError:
-            return None
-        if not self._linked:
-            self._linked = True
-            self._publish()
-        return view.data[ref.offset + self.lo : ref.offset + self.hi]
-
-    def _publish(self) -> None:
-        """Writes the reply (parameters or summed gradient) onto the board for linked workers."""
-        if self._linked and self._board is not None:
-            self._board.publish(self._reply(), self.version)
-
-    def _answer(self, linked: bool) -> tuple[int, Any]:
-        """``(version, reply)``: the board's ref for a linked worker, else the array."""
-        if linked and self._board is not None:
-            return self.version, self._board.ref
-        return self.version, self._reply()
 
     # --- the one call per step ------------------------------------------------------------
     async def push_pull(
