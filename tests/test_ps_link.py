@@ -71,16 +71,17 @@ def test_reads_racing_a_writer_are_never_torn():
     stop = threading.Event()
 
     def writer() -> None:
-        v = 0
-        while not stop.is_set():
+        v, values = 0, np.empty(n, np.float32)
+        while not stop.wait(0.0002):  # writes back to back, with gaps a read can fit in
             v += 1
-            seg.publish(np.full(n, v, np.float32), version=v)
+            values.fill(v)
+            seg.publish(values, version=v)
 
     thread = threading.Thread(target=writer)
     thread.start()
     view, out, versions = link.PeerView(seg.ref), np.empty(n, np.float32), set()
     try:
-        for _ in range(200):
+        for _ in range(400):
             version = view.read(out)
             assert out[0] == out[-1] == version and (out == version).all()
             versions.add(version)
