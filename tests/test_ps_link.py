@@ -109,12 +109,12 @@ def test_another_process_maps_this_processs_segment():
 
 def test_the_flat_arena_locates_its_buffers_and_closes_their_files():
     buf = link.FLAT.zeros(100, np.float32)
-    ref = link.FLAT.locate(buf[10:30])
+    ref = link.FLAT.ref_of(buf[10:30])
     assert ref is not None and ref.offset == 10 and ref.floats == 100
     buf[10:30] = 5.0
     np.testing.assert_array_equal(link.PeerView(ref).data[ref.offset : ref.offset + 20], 5.0)
-    assert link.FLAT.locate(buf[::2]) is None  # not contiguous
-    assert link.FLAT.locate(np.zeros(10, np.float32)) is None  # not the arena's
+    assert link.FLAT.ref_of(buf[::2]) is None  # not contiguous
+    assert link.FLAT.ref_of(np.zeros(10, np.float32)) is None  # not the arena's
     assert link.FLAT.zeros(3, np.float64).dtype == np.float64  # other dtypes: numpy's
     fd = ref.fd
     os.fstat(fd)
@@ -239,7 +239,7 @@ class LinkWorker:
             opt = ParameterServerOptimizer(SGD(model, lr=0.1, momentum=0.9), ps, index)
         finally:
             backend.set_flat_allocator(None)
-        assert (link.FLAT.locate(opt.flat_grads) is not None) == (road == "flat")
+        assert (link.FLAT.ref_of(opt.flat_grads) is not None) == (road == "flat")
         if road == "broken":
             real = opt._outbox_ref
             opt._outbox_ref = lambda g, share: dataclasses.replace(
@@ -283,31 +283,36 @@ def run_roads(ray, pool, roads, mode="sync", steps=6, shards=2):
         ps.shutdown()
 
 
-@pytest.mark.ray
-def test_linked_workers_end_with_the_parameters_of_the_array_road(ray_pool):
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def array_road(ray_pool):
+    """The final parameters of 2 sync workers with the road off: what every road must give."""
     ray, pool = ray_pool
-    steps = 6
-    _, arrays, arrays_stats = run_roads(ray, pool, ["arrays", "arrays"], steps=steps)
-    finals, linked, stats = run_roads(ray, pool, ["flat", "outbox"], steps=steps)
-    np.testing.assert_array_equal(linked, arrays)  # same sums in the same order
-    for final in finals:  # every worker read the last round's parameters off the boards
-        np.testing.assert_array_equal(final, linked)
-    assert [s["linked_pushes"] for s in stats] == [[steps, steps]] * 2
-    assert [s["linked_pushes"] for s in arrays_stats] == [[0, 0]] * 2
-    assert [s["pushes_applied"] for s in stats] == [[steps, steps]] * 2
+    _, params, stats = run_roads(ray, pool, ["arrays", "arrays"], steps=STEPS)
+    assert [s["linked_pushes"] for s in stats] == [[0, 0]] * 2
+    return params
 
 
 @pytest.mark.ray
-def test_a_worker_whose_outbox_cannot_be_mapped_falls_back_to_arrays_exactly(ray_pool):
+@pytest.mark.parametrize(
+    ("roads", "linked"),
+    [
+        (["flat", "outbox"], [STEPS, STEPS]),  # buffer in memfd; gradient copied to an outbox
+        (["flat", "broken"], [STEPS, 0]),  # worker 1's refs cannot be mapped: arrays, exactly
+    ],
+)
+def test_every_road_ends_with_the_parameters_of_the_array_road(ray_pool, array_road, roads, linked):
     ray, pool = ray_pool
-    steps = 5
-    _, arrays, _ = run_roads(ray, pool, ["arrays", "arrays"], steps=steps)
-    finals, mixed, stats = run_roads(ray, pool, ["flat", "broken"], steps=steps)
-    np.testing.assert_array_equal(mixed, arrays)
-    np.testing.assert_array_equal(finals[1], mixed)
-    # the broken worker's first push per shard was answered "unlinked", never counted
-    assert [s["pushes_received"] for s in stats] == [[steps, steps]] * 2
-    assert [s["linked_pushes"] for s in stats] == [[steps, 0]] * 2
+    finals, params, stats = run_roads(ray, pool, roads, steps=STEPS)
+    np.testing.assert_array_equal(params, array_road)  # same sums in the same order
+    for final in finals:  # every worker read the last round's parameters (off the boards)
+        np.testing.assert_array_equal(final, params)
+    # a push answered "unlinked" was never counted: each step counted once, on every shard
+    assert [s["pushes_received"] for s in stats] == [[STEPS, STEPS]] * 2
+    assert [s["pushes_applied"] for s in stats] == [[STEPS, STEPS]] * 2
+    assert [s["linked_pushes"] for s in stats] == [linked] * 2
 
 
 @pytest.mark.ray

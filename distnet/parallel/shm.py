@@ -28,6 +28,7 @@ import bisect
 import itertools
 import mmap
 import os
+import secrets
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -49,12 +50,14 @@ def enabled_by_env() -> bool:
 
 @dataclass(frozen=True)
 class Segment:
-    """One memfd file mapped in this process: ``nbytes`` at address ``start``."""
+    """One memfd file mapped in this process: the array's ``nbytes`` at address ``start``
+    (after the arena's header, whose first word is ``nonce`` when the arena has one)."""
 
     ident: int
     fd: int
     start: int
     nbytes: int
+    nonce: int = 0
 
 
 def new_memfd(name: str, nbytes: int) -> tuple[int, mmap.mmap]:
@@ -69,9 +72,13 @@ def new_memfd(name: str, nbytes: int) -> tuple[int, mmap.mmap]:
 
 
 class SharedArena:
-    """Host arrays in memfd files that other processes of this user can map."""
+    """Host arrays in memfd files that other processes of this user can map.
 
-    def __init__(self) -> None:
+    ``header``: bytes before each array, whose first 8 hold a random nonce (so a peer can
+    check it mapped the file it was told of: the parameter server's ``link.py``); 0: none."""
+
+    def __init__(self, name: str = "distnet-grads", header: int = 0) -> None:
+        self.name, self.header = name, int(header)
         self._starts: list[int] = []
         self._segments: list[Segment] = []
         self._ids = itertools.count(1)
@@ -81,9 +88,13 @@ class SharedArena:
         mapping are released with the last reference to the array)."""
         dtype = np.dtype(dtype)
         nbytes = max(int(n) * dtype.itemsize, 1)
-        fd, mapping = new_memfd("distnet-grads", nbytes)
-        array = np.frombuffer(mapping, dtype=dtype, count=int(n))
-        segment = Segment(next(self._ids), fd, array.ctypes.data, nbytes)
+        fd, mapping = new_memfd(self.name, self.header + nbytes)
+        nonce = 0
+        if self.header:
+            nonce = secrets.randbits(63) | 1
+            np.frombuffer(mapping, dtype=np.uint64, count=1)[0] = nonce
+        array = np.frombuffer(mapping, dtype=dtype, count=int(n), offset=self.header)
+        segment = Segment(next(self._ids), fd, array.ctypes.data, nbytes, nonce)
         at = bisect.bisect(self._starts, segment.start)
         self._starts.insert(at, segment.start)
         self._segments.insert(at, segment)

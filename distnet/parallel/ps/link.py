@@ -24,7 +24,6 @@ with ``DISTNET_PS_SHM=0``. x86-64 Linux only: the seqlock relies on its ordered 
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import mmap
 import os
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet.parallel.shm import new_memfd
+from distnet.parallel.shm import SharedArena, new_memfd
 
 HEADER = 64  # bytes before the data: nonce (uint64), sequence (uint64), version (int64)
 _NONCE, _SEQ, _VERSION = 0, 1, 2
@@ -102,47 +101,32 @@ class Segment:
         self._header[_SEQ] = seq + np.uint64(2)  # even: settled
 
 
-class FlatArena:
-    """Maker of flat float32 buffers in memfd files (``backend.set_flat_allocator``), so that a
-    worker's gradient buffer is its outbox and a push copies nothing (``locate``)."""
+class FlatArena(SharedArena):
+    """Maker of flat float32 buffers in memfd files with a nonce header
+    (``backend.set_flat_allocator``), so that a worker's gradient buffer is its outbox and a
+    push copies nothing (``ref_of``)."""
 
     def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._refs: list[tuple[int, int, LinkRef]] = []  # (start address, bytes, ref)
+        super().__init__("distnet-ps-flat", header=HEADER)
 
     def zeros(self, n: int, dtype: Any) -> np.ndarray:
         """A zeroed 1-D array (float32 in a memfd file; other dtypes numpy's)."""
         if np.dtype(dtype) != np.float32:
             return np.zeros(int(n), dtype=dtype)
-        fd, _, _, data, ref = _create(int(n), "distnet-ps-flat")
-        entry = (data.ctypes.data, data.nbytes, ref)
-        at = bisect.bisect(self._starts, entry[0])
-        self._starts.insert(at, entry[0])
-        self._refs.insert(at, entry)
-        weakref.finalize(data, self._release, entry, fd)
-        return data
+        return super().zeros(n, dtype)
 
-    def _release(self, entry: tuple[int, int, LinkRef], fd: int) -> None:
-        at = self._refs.index(entry)
-        del self._starts[at], self._refs[at]
-        os.close(fd)  # the mapping goes with the array's buffer
-
-    def locate(self, buf: np.ndarray) -> LinkRef | None:
+    def ref_of(self, buf: Any) -> LinkRef | None:
         """The ref of a contiguous float32 array inside one of this arena's files (its
         ``offset`` set), or None."""
         if not isinstance(buf, np.ndarray) or buf.dtype != np.float32:
             return None
-        if not buf.flags.c_contiguous:
+        found = self.locate(buf) if buf.flags.c_contiguous else None
+        if found is None:
             return None
-        start = buf.ctypes.data
-        at = bisect.bisect(self._starts, start) - 1
-        if at < 0:
-            return None
-        base, nbytes, ref = self._refs[at]
-        offset = start - base
-        if offset + buf.nbytes > nbytes:
-            return None
-        return dataclasses.replace(ref, offset=offset // 4)
+        segment, offset = found
+        floats = segment.nbytes // 4
+        return LinkRef(socket.gethostname(), os.getpid(), segment.fd, segment.nonce, floats,
+                       offset // 4)  # fmt: skip
 
 
 FLAT = FlatArena()

@@ -178,7 +178,7 @@ class ParameterServerOptimizer:
         itself when it lives in a memfd file (``link.FLAT``, the Ray engine's allocator) and
         needs no weighting, else this worker's outbox, written here; None without memfd."""
         if share == 1.0:
-            ref = link.FLAT.locate(grads)
+            ref = link.FLAT.ref_of(grads)
             if ref is not None:
                 self._outbox = None
                 return ref
