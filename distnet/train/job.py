@@ -62,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one key, value in TOML syntax (repeatable): --set pretrain.epochs=5",
     )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    parser.add_argument("--restart", action="store_true", help="empty the run directory first")
     add_ray_arguments(parser)
     parser.add_argument(
         "--trace", action="store_true", help="write RUN_DIR/trace.json, a per-rank timeline"
@@ -343,7 +344,8 @@ def run_job(
     """
     from distnet import backend  # noqa: PLC0415
     from distnet import parallel as distributed  # noqa: PLC0415
-    from distnet.data import StreamLoader, open_dataset  # noqa: PLC0415
+    from distnet.data import StreamLoader  # noqa: PLC0415
+    from distnet.train import datacheck, runguard  # noqa: PLC0415
     from distnet.train.observe import RunObserver  # noqa: PLC0415
     from distnet.train.pipeline import Pipeline  # noqa: PLC0415
 
@@ -355,12 +357,8 @@ def run_job(
     rank, size = comm.rank, comm.size
     out = Path(job["run"]["out"])
     say = log if rank == 0 else (lambda line: None)
-    train = open_dataset(job["data"]["train"])
+    train = datacheck.check_data(job, size)  # the stores and the batch, before the first step
     global_batch = int(job["data"]["batch_size"])
-    if global_batch % size:
-        raise JobError(f"[data] batch_size {global_batch} does not split over {size} ranks")
-    if train.num_classes is None:
-        raise JobError(f"{job['data']['train']}: the store has no num_classes (labels needed)")
     backend.seed(job["run"]["seed"])
     n_in = int(np.prod(train.shape[1:]))
     images = job["model"]["type"] == "cnn"  # (N, C, H, W) samples instead of flat vectors
@@ -438,8 +436,9 @@ def run_job(
     try:
         # rank 0 reads the run directory and broadcasts: others' may be node-local and empty
         resume = getattr(rank_setup, "resume_stage", None)  # Ray: mid-epoch after a lost worker
-        table = Pipeline(out, model, stages, writer=rank == 0, log=say, comm=comm,
-                         resume=resume).run()  # fmt: skip
+        table = Pipeline(out, model, runguard.planned(job, stages), writer=rank == 0, log=say,
+                         comm=comm, resume=resume,
+                         record=runguard.segment(job, comm, device)).run()  # fmt: skip
     finally:
         loader.close()
         observe.close()
@@ -512,9 +511,10 @@ def run(args: argparse.Namespace) -> int:
     if dist_overrides(args):
         overrides.setdefault("dist", {}).update(dist_overrides(args))
     from distnet.data import DatasetError  # noqa: PLC0415
-    from distnet.parallel.rayengine import RayEngineError, options_from_job  # noqa: PLC0415
+    from distnet.parallel.rayengine import RayEngineError  # noqa: PLC0415
     from distnet.train.checkpoint import CheckpointError  # noqa: PLC0415
     from distnet.train.rayjob import run_ray_job  # noqa: PLC0415
+    from distnet.train.runguard import preflight  # noqa: PLC0415
 
     log = (lambda line: None) if args.quiet else print
     try:
@@ -522,8 +522,8 @@ def run(args: argparse.Namespace) -> int:
             section, key, value = jobspec.parse_override(text)
             overrides = jobspec.merge(overrides, {section: {key: value}})
         job = load_job(args.job, overrides)
-        if job["dist"]["engine"] == "ray":  # this process drives Ray worker actors
-            options = options_from_job(job)
+        options = preflight(job, args.job, args.restart, log)  # before any engine starts
+        if options is not None:  # this process drives Ray worker actors
             options.trace = args.trace
             report = run_ray_job(job, options, log=log)
         else:

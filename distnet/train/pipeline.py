@@ -26,11 +26,11 @@ from typing import Any
 from distnet.train.callbacks import Callback
 from distnet.train.checkpoint import (
     apply_checkpoint,
-    is_complete,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
+from distnet.train.runguard import RECORD, epochs_trained, finished, read_record
 
 
 @dataclass
@@ -39,6 +39,11 @@ class Stage:
 
     name: str
     fn: Callable[[StageContext], dict[str, Any]]
+    # what the stage trains (``distnet.train.runguard.stage_plan``): with settings, the
+    # pipeline records them and each run's segment of epochs in trained.json, and a finished
+    # stage that aimed at fewer than ``epochs`` is reopened to continue
+    epochs: int | None = None
+    settings: dict[str, Any] | None = None
 
 
 @dataclass
@@ -168,6 +173,8 @@ class Pipeline:
         comm: the run's communicator, when distributed: rank 0 alone then reads the run
             directory and broadcasts what it finds (the others' may be empty).
         resume: passed to every ``StageContext`` (see its ``resume`` field).
+        record: what this run trains with besides the stages' settings (engine, workers,
+            devices, ``[dist]``): kept per segment of epochs in each stage's trained.json.
     """
 
     def __init__(
@@ -179,13 +186,14 @@ class Pipeline:
         log: Callable[[str], None] | None = print,
         comm: Any = None,
         resume: Callable[[StageContext, Any, int], int] | None = None,
+        record: dict[str, Any] | None = None,
     ):
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"Pipeline: stage names must be unique, got {names}")
         self.run_dir, self.model, self.stages = Path(run_dir), model, stages
         self.writer, self.log = writer, log or (lambda line: None)
-        self.comm, self.resume = comm, resume
+        self.comm, self.resume, self.record = comm, resume, record or {}
 
     def stage_dir(self, index: int) -> Path:
         return self.run_dir / "stages" / f"{index}-{self.stages[index].name}"
@@ -194,10 +202,13 @@ class Pipeline:
         """One row per stage: name, whether it is done, and its results when done."""
         rows = []
         for i, stage in enumerate(self.stages):
-            done = is_complete(self.stage_dir(i))
+            done = finished(self.stage_dir(i), stage.epochs)
             row: dict[str, Any] = {"index": i, "name": stage.name, "done": done}
             if done:
                 row.update(json.loads((self.stage_dir(i) / "results.json").read_text()))
+            trained = read_record(self.stage_dir(i))
+            if trained is not None:  # what it was trained with, run by run
+                row["trained"] = trained
             rows.append(row)
         return rows
 
@@ -205,7 +216,7 @@ class Pipeline:
         """Runs every stage not yet complete; returns the stage table (see ``status``)."""
         if self.writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        done = [is_complete(self.stage_dir(i)) for i in range(len(self.stages))]
+        done = [finished(self.stage_dir(i), s.epochs) for i, s in enumerate(self.stages)]
         if self.comm is not None and self.comm.size > 1:
             done = self.comm.broadcast_object(done, root=0)  # rank 0's run directory decides
         # only a prefix of finished stages counts: a later one was trained on other weights
@@ -229,6 +240,8 @@ class Pipeline:
                 resume=self.resume,
             )  # fmt: skip
             self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: running")
+            if self.writer:
+                self._record_segment(i)
             start = time.perf_counter()
             results = dict(stage.fn(ctx) or {})
             results["seconds"] = round(time.perf_counter() - start, 3)
@@ -243,9 +256,34 @@ class Pipeline:
             (self.run_dir / "pipeline.json").write_text(text)
         return table
 
+    def _record_segment(self, index: int, end: bool = False) -> None:
+        """trained.json of a stage: its settings and epochs (see ``runguard``), and one segment
+        per run that trained it: [from_epoch, to_epoch) with this run's ``record``."""
+        stage, d = self.stages[index], self.stage_dir(index)
+        if stage.settings is None:
+            return
+        trained = read_record(d) or {"segments": []}
+        segments = trained["segments"]
+        reached = epochs_trained(d)
+        if end:
+            segments[-1]["to_epoch"] = reached
+        else:
+            if segments and segments[-1].get("to_epoch") is None:  # a run cut off: it got here
+                segments[-1]["to_epoch"] = reached
+            segments.append({"from_epoch": reached, "to_epoch": None, **self.record,
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")})  # fmt: skip
+        trained.update(settings=stage.settings, epochs=stage.epochs)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{RECORD}.tmp"
+        tmp.write_text(json.dumps(trained, indent=1, default=str))
+        os.replace(tmp, d / RECORD)
+
     def _commit(self, index: int, results: dict[str, Any]) -> None:
         d = self.stage_dir(index)
         d.mkdir(parents=True, exist_ok=True)
+        if self.stages[index].epochs is not None:  # what a later run compares its epochs with
+            results["epochs"] = self.stages[index].epochs
+        self._record_segment(index, end=True)
         # results first: the checkpoint's manifest is the commit point of the whole stage
         tmp = d / ".results.json.tmp"
         tmp.write_text(json.dumps(results, indent=1))
