@@ -30,6 +30,9 @@ def root(tmp_path_factory):
     write_dataset(str(root / "narrow"), pixels[:, :49], rng.integers(0, 10, 100))
     write_dataset(str(root / "twelve"), pixels, rng.integers(0, 12, 100))  # num_classes 12
     write_dataset(str(root / "floats"), pixels.astype(np.float32) / 16, rng.integers(0, 10, 100))
+    write_dataset(
+        str(root / "raw-floats"), pixels.astype(np.float32) * 15, rng.integers(0, 10, 100)
+    )
     write_dataset(str(root / "unlabelled"), pixels)
     write_dataset(  # labels 0..11 but no num_classes attribute: read chunk by chunk
         str(root / "no-classes"), pixels, rng.integers(0, 12, 100), chunk_samples=16,
@@ -80,7 +83,7 @@ def test_a_batch_larger_than_the_data_fails_before_training(root, capsys):
 @pytest.mark.parametrize(
     "test,message",
     [
-        ("floats", "array 'x' is float32, the training store's is uint8"),
+        ("raw-floats", "array 'x' (float32, scale 1.0) has values in [0, 240], the training"),
         ("unlabelled", "the test store has no array 'y'"),
         ("no-classes", "array 'y' has labels up to 11 (12 classes)"),
     ],
@@ -98,6 +101,8 @@ def test_labels_without_num_classes_are_read_only_when_few(root, monkeypatch):
     monkeypatch.setattr(datacheck, "MAX_LABELS_READ", 50)  # a "large" store: not read
     assert datacheck.label_bound(store) is None
     job = load_job(job_file(root, "ok.toml"))
+    assert datacheck.check_data(job, 2).num_classes == 10
+    job["data"]["test"] = str(root / "floats")  # float32 beside uint8, on the same scale: fine
     assert datacheck.check_data(job, 2).num_classes == 10
     with pytest.raises(JobError, match="batch_size 32 does not split over 3 ranks"):
         datacheck.check_data(job, 3)

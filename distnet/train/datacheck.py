@@ -4,8 +4,10 @@
 line naming the store, the array and what is wrong (``JobError``, exit 2 from the CLI):
 
 - a training store without integer labels ``y`` or without ``num_classes``;
-- a test store whose samples have another shape or dtype than the training store's, that has
-  no integer labels, or whose labels may reach past the model's classes;
+- a test store whose samples have another shape than the training store's, or another dtype
+  with values on another scale (uint8 and float32 stores meet as float32 through their
+  ``scale``/``offset``), that has no integer labels, or whose labels may reach past the
+  model's classes;
 - a global batch that does not split into equal shares of at least one sample per rank, or
   that is larger than the training store (every step would repeat samples to fill it).
 
@@ -68,6 +70,31 @@ def label_bound(ds: Any) -> int | None:
     return top + 1
 
 
+def _value_range(ds: Any) -> tuple[float, float]:
+    """The float range of a store's samples: uint8's from its scale and offset, float32's from
+    its first chunk (one read)."""
+    if ds.dtype == np.uint8:
+        ends = sorted((ds.offset, ds.offset + 255 * ds.scale))
+        return ends[0], ends[1]
+    x, _ = ds.read_chunk(0)
+    values = ds.to_float(x)
+    return float(values.min()), float(values.max())
+
+
+def _same_scale(train: Any, test: Any) -> None:
+    """Stores of different dtypes meet as float32 through their scale/offset: refuses a pair
+    whose values lie on different scales (a float32 store of raw 0..255 pixels beside a uint8
+    one scaled to 0..1 would be evaluated on inputs the model never saw)."""
+    (t_lo, t_hi), (lo, hi) = _value_range(train), _value_range(test)
+    span = max(t_hi - t_lo, 1e-12)
+    if lo < t_lo - span or hi > t_hi + span:
+        raise JobError(
+            f"{test.path}: array 'x' ({test.dtype}, scale {test.scale}) has values in "
+            f"[{lo:g}, {hi:g}], the training store's ({train.dtype}, scale {train.scale}) lie in "
+            f"[{t_lo:g}, {t_hi:g}]: set the store's scale/offset attributes or convert it again"
+        )
+
+
 def check_data(job: dict[str, Any], world_size: int) -> Any:
     """Checks the job's stores and batch for ``world_size`` ranks (see the module docstring);
     returns the opened training store. Raises JobError or DatasetError (one line each)."""
@@ -90,8 +117,7 @@ def check_data(job: dict[str, Any], world_size: int) -> Any:
             raise JobError(f"{test.path}: array 'x' samples are {test.shape[1:]}, the training "
                            f"store's are {train.shape[1:]}")  # fmt: skip
         if test.dtype != train.dtype:
-            raise JobError(f"{test.path}: array 'x' is {test.dtype}, the training store's is "
-                           f"{train.dtype}")  # fmt: skip
+            _same_scale(train, test)
         _labels(test, "the test")
         bound = label_bound(test)
         if bound is not None and bound > train.num_classes:
