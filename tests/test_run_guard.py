@@ -133,6 +133,9 @@ def test_more_epochs_continue_and_equal_a_run_with_them_from_the_start(root, cap
     assert len(report["stages"][0]["history"]["loss"]) == 4
     assert report["stages"][0]["epochs"] == 4 == report["job"]["finetune"]["epochs"]
     assert segments(out, "0-train") == [(0, 2), (2, 4)]
+    assert len(json.loads((out / "run.json").read_text())["invocations"]) == 2
+    page = (out / "report.html").read_text()
+    assert "0-2: LocalCommunicator × 1; 2-4: LocalCommunicator × 1" in page
     assert train(path, "--out", out, "--set", "finetune.epochs=4") == 0  # now done: skipped
 
 

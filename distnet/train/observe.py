@@ -7,6 +7,7 @@ points and stays short.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,27 @@ class RunObserver:
             trace.start(self.out / "trace", self.rank)
         devices = self._devices(device)  # collective: every rank, before the rank-0 branch
         if self.rank == 0:
-            write_run_info(self.out, {
+            info = {
                 "job": job, "workers": self.size, "engine": type(comm).__name__,
                 "strategy": job.get("dist", {}).get("strategy", "allreduce"),
                 "devices": devices, "trace": self.tracing,
-                "argv": sys.argv,
-            })  # fmt: skip
+                "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }  # fmt: skip
+            write_run_info(self.out, {**info, "invocations": self._invocations(info)})
+
+    def _invocations(self, info: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every run of this run directory so far, this one last (argv, engine, workers,
+        devices, start): a run continued on another engine says so. The job of each stage's
+        training is in its ``trained.json`` (``distnet.train.runguard``)."""
+        import json  # noqa: PLC0415
+
+        try:
+            earlier = json.loads((self.out / "run.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            earlier = {}
+        keys = ("argv", "engine", "workers", "strategy", "devices", "started")
+        runs = earlier.get("invocations") or ([earlier] if earlier else [])
+        return [{k: run.get(k) for k in keys} for run in [*runs, info]]
 
     def _devices(self, device: str) -> list[str]:
         gather = getattr(self.comm, "allgather", None)

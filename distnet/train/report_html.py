@@ -265,6 +265,14 @@ def _job_section(data: dict[str, Any]) -> str:
     return "<h2>Job</h2>" + top + _table(["", ""], rows)
 
 
+def _trained(stage: dict[str, Any]) -> str:
+    """Each run's part of a stage (``trained.json``), e.g. "0-2: MPICommunicator × 2; 2-4: ..."."""
+    segments = (stage.get("trained") or {}).get("segments", [])
+    return "; ".join(f"{seg.get('from_epoch')}-{seg.get('to_epoch', '?')}: "
+                     f"{seg.get('engine', '?')} × {seg.get('workers', '?')}"
+                     for seg in segments) or "-"  # fmt: skip
+
+
 def _stages_section(data: dict[str, Any]) -> str:
     rows = []
     for s in data["report"].get("stages", []):
@@ -274,10 +282,11 @@ def _stages_section(data: dict[str, Any]) -> str:
         rows.append([s.get("name", "?"), status, len(loss),
                      f"{loss[0]:.4f} → {loss[-1]:.4f}" if loss else "-",
                      f"{s['seconds']:.1f} s" if "seconds" in s else "-",
-                     s.get("resumed_from_epoch") or "-"])  # fmt: skip
+                     s.get("resumed_from_epoch") or "-", _trained(s)])  # fmt: skip
     out = "<h2>Stages</h2>" + _table(
-        ["stage", "status", "epochs", "loss first → last", "time", "resumed from epoch"], rows
-    )
+        ["stage", "status", "epochs", "loss first → last", "time", "resumed from epoch",
+         "trained (epochs: engine × workers)"], rows,
+    )  # fmt: skip
     for r in data["resumes"]:
         out += (f'<p class="resume">{html.escape(str(r["stage"]))} resumed from its checkpoint '
                 f"after epoch {r['epoch']} (marked on its curve).</p>")  # fmt: skip
