@@ -190,6 +190,11 @@ def test_the_guard_refuses_and_continues_on_mpi_ranks(root):
     record = report["stages"][0]["trained"]["segments"]
     assert [(s["from_epoch"], s["to_epoch"], s["engine"], s["workers"]) for s in record] == [
         (0, 1, "MPICommunicator", 2), (1, 2, "MPICommunicator", 2)]  # fmt: skip
+    # --restart: rank 0 empties the run directory before the ranks start, then all train
+    proc = mpi_launch(2, *cmd, "--set", "finetune.lr=0.05", "--restart", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert segments(out, "0-train") == [(0, 1)]
+    assert len(json.loads((out / "run.json").read_text())["invocations"]) == 1
 
 
 @pytest.mark.ray
