@@ -86,6 +86,16 @@ def test_changed_setting_is_refused_in_one_line_and_restart_starts_afresh(root):
     assert segments(out, "0-train") == [(0, 2)]
 
 
+def test_restart_never_empties_a_directory_that_holds_no_run(root, capsys):
+    path = write_job(root, "mlp-r.toml", mlp_job("data/train", test="data/test", epochs=1))
+    out = root / "not-a-run"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert train(path, "--out", out, "--restart") == 2
+    assert "holds no distnet run" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

@@ -37,6 +37,8 @@ from distnet.train.checkpoint import is_complete, read_manifest
 from distnet.train.jobspec import JobError
 
 RECORD = "trained.json"
+# what a run writes first in its run directory: --restart empties only a directory holding one
+RUN_MARKERS = ("stages", "run.json", "pipeline.json", "report.json")
 
 
 def stage_names(job: dict[str, Any]) -> list[str]:
@@ -204,8 +206,11 @@ def restart(job: dict[str, Any], keep: list[str | os.PathLike]) -> list[str]:
     entries that hold the job's data stores or ``keep`` (the job file); returns what it
     removed. Nothing of the earlier run stays (stages, codes, metrics, reports, pictures)."""
     out = Path(job["run"]["out"]).resolve()
-    if not out.is_dir():
+    if not out.is_dir() or not any(out.iterdir()):
         return []
+    if not any((out / name).exists() for name in RUN_MARKERS):  # not ours: never empty it
+        raise JobError(f"--restart: {out} holds no distnet run (none of {', '.join(RUN_MARKERS)})"
+                       "; give the run directory, or remove it yourself")  # fmt: skip
     precious = [Path(p).resolve() for p in keep]
     precious += [Path(p).resolve() for p in (job["data"]["train"], job["data"]["test"])
                  if p and "://" not in p]  # fmt: skip
