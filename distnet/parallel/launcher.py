@@ -7,27 +7,24 @@
 It wraps the mpiexec of PyPI's ``mpich`` wheel (next to the Python running distnet), a site's
 own with ``--mpiexec PATH`` (MPICH/hydra or Open MPI), checks everything it can before
 anything starts (hosts, slots, the command), prefixes every output line with its rank,
-forwards SIGINT/SIGTERM, and exits with the status of the rank that failed first, naming it.
+exits with the status of the rank that failed first, naming it, and ends every rank with the
+job: one Ctrl-C ends them all with status 130, and a killed launcher takes them with it
+(``distnet.parallel.launchrun``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from distnet.parallel.rankstatus import parse_line as parse_status_line
+from distnet.parallel.launchrun import run_once
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -287,121 +284,10 @@ def loopback_only(mpiexec: str, env: dict[str, str]) -> tuple[str, dict[str, str
     return mpiexec, env
 
 
-def _first_failure(status_dir: str, records: list[dict] | None = None) -> dict | None:
-    records = list(records or [])
-    for path in Path(status_dir).glob("*rank*.json"):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    # A rank's own account of why it stopped the job beats the exits that followed it.
-    causes = [r for r in records if r.get("cause")]
-    pool = causes or records
-    return min(pool, key=lambda r: r["time"]) if pool else None
-
-
-INIT_FAILURE = re.compile(
-    r"Fatal error in \w*Init(?:_thread)?\b"  # MPICH: "Fatal error in internal_Init_thread"
-    r"|MPI_INIT has failed|An error occurred in MPI_Init"  # Open MPI
-)
-"""A line a rank prints when MPI_Init itself failed: the job never began."""
-
-
-def _relay_stderr(src: Any, records: list[dict], seen: set[str]) -> None:
-    """Copies mpiexec's stderr to ours, keeping back (into ``records``) the status lines and
-    noting in ``seen`` ("init") a rank's report that MPI_Init failed."""
-    out = sys.stderr.buffer
-    for raw in iter(src.readline, b""):
-        line = raw.decode("utf-8", "replace")
-        record = parse_status_line(line)
-        if record is not None:
-            records.append(record)
-            continue
-        if INIT_FAILURE.search(line):
-            seen.add("init")
-        out.write(raw)
-        out.flush()
-
-
-def failure_grace_s() -> float:
-    """Seconds the other ranks get to end by themselves after one failed
-    (``DISTNET_FAILURE_GRACE_S``, default 10)."""
-    return float(os.environ.get("DISTNET_FAILURE_GRACE_S", "10"))
-
-
-def wait_or_end_after_failure(
-    proc: subprocess.Popen, first_failure: Any, poll_s: float = 0.2
-) -> int:
-    """Waits for mpiexec; once a rank has reported a failure, gives the rest
-    ``failure_grace_s()`` to end, then terminates the whole process group (SIGTERM, then
-    SIGKILL 5 s later). mpiexec does not always do it: a rank killed before MPI_Init left its
-    peers waiting in MPI_Init forever (seen with MPICH 4 hydra). Returns mpiexec's status."""
-    failed_at: float | None = None
-    while True:
-        try:
-            return proc.wait(timeout=poll_s)
-        except subprocess.TimeoutExpired:
-            pass
-        now = time.monotonic()
-        if failed_at is None:
-            failed_at = now if first_failure() is not None else None
-        elif now - failed_at > failure_grace_s():
-            for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    return proc.wait(timeout=wait_s)
-                except subprocess.TimeoutExpired:
-                    continue
-            return proc.wait(timeout=10)
-
-
 def init_retries() -> int:
     """How many times a job whose MPI_Init failed is started again (``DISTNET_INIT_RETRIES``,
     default 2)."""
     return max(0, int(os.environ.get("DISTNET_INIT_RETRIES", "2")))
-
-
-def run_once(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
-    """Runs the job once. Returns (the first failing rank's status or 0, whether a rank
-    reported that MPI_Init failed)."""
-    with tempfile.TemporaryDirectory(prefix="distnet-launch-") as status_dir:
-        child_env = {**os.environ, **env, "DISTNET_LAUNCH_STATUS_DIR": status_dir}
-        # its own process group, so that the watchdog can end every process it started;
-        # ranks on other hosts cannot reach status_dir: they report on stderr (rankstatus)
-        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True, stderr=subprocess.PIPE)
-        remote_records: list[dict] = []
-        seen: set[str] = set()
-        relay = threading.Thread(
-            target=_relay_stderr, args=(proc.stderr, remote_records, seen), daemon=True
-        )
-        relay.start()
-
-        def forward(signum: int, _frame: object) -> None:
-            proc.send_signal(signum)
-
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            rc = wait_or_end_after_failure(proc, lambda: _first_failure(status_dir, remote_records))
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        relay.join(timeout=10)
-        failure = _first_failure(status_dir, remote_records)
-    init_failed = "init" in seen
-    if failure is not None:
-        print(
-            f"distnet launch: rank {failure['rank']} failed first: {failure['what']}; "
-            f"the job was stopped (exit status {failure['status']})",
-            file=sys.stderr,
-        )
-        return int(failure["status"]) or 1, init_failed
-    if rc != 0:
-        print(f"distnet launch: mpiexec exited with status {rc}", file=sys.stderr)
-        return (rc if rc > 0 else 128 - rc), init_failed
-    return 0, False
 
 
 def run(args: argparse.Namespace) -> int:
