@@ -3,6 +3,10 @@
     distnet launch -np 4 -- distnet train job.toml
     distnet launch -np 4 -H node1:2,node2:2 -- python train.py
     distnet launch -np 8 --hostfile hosts.txt --env OMP_NUM_THREADS=4 -- python train.py
+    distnet launch -np 2 -x WANDB_API_KEY -x LOG_DIR=/tmp/logs -- python train.py
+
+Every rank gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` (torchrun's
+names) besides the MPI launcher's own variables.
 
 It wraps the mpiexec of PyPI's ``mpich`` wheel (next to the Python running distnet), a site's
 own with ``--mpiexec PATH`` (MPICH/hydra or Open MPI), checks everything it can before
@@ -96,6 +100,23 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
+def parse_exports(items: list[str], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """horovodrun's ``-x``: ``NAME`` passes this shell's value of NAME to every rank,
+    ``NAME=VALUE`` sets it. A NAME that is not set here is an error, not an empty variable."""
+    environ = dict(os.environ) if environ is None else environ
+    env = {}
+    for item in items:
+        if "=" in item:
+            env.update(parse_env([item]))
+            continue
+        if not _ENV_RE.match(item):
+            raise LaunchError(f"-x: expected NAME or NAME=VALUE, got {item!r}")
+        if item not in environ:
+            raise LaunchError(f"-x {item}: {item} is not set in this environment")
+        env[item] = environ[item]
+    return env
+
+
 def find_mpiexec(explicit: str | None = None) -> str:
     """``--mpiexec``, else the mpich wheel's mpiexec next to this Python, else one on PATH."""
     if explicit:
@@ -182,6 +203,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--env", action="append", default=[], metavar="K=V", help="set in every rank"
     )
+    parser.add_argument(
+        "-x", dest="export", action="append", default=[], metavar="NAME[=VALUE]",
+        help="pass this shell's NAME (or NAME=VALUE) to every rank, as horovodrun -x",
+    )  # fmt: skip
     parser.add_argument("--mpiexec", help="mpiexec to use (default: the mpich wheel's)")
     parser.add_argument(
         "--launcher",
@@ -241,7 +266,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if hosts is not None and sum(h.slots for h in hosts) < args.np:
         total = sum(h.slots for h in hosts)
         raise LaunchError(f"-np {args.np} needs {args.np} slots, but the hosts offer {total}")
-    env = parse_env(args.env)
+    env = {**parse_exports(getattr(args, "export", [])), **parse_env(args.env)}
     mpiexec = find_mpiexec(args.mpiexec)
     threads = _threads_per_rank(args.np, hosts)
     for name in THREAD_VARIABLES:

@@ -9,7 +9,8 @@ file for the launcher, which then exits with the status of the rank that failed 
 
 It is also the link that makes every rank end with the job (``distnet.parallel.lifetime``):
 an interrupt is passed to the rank, which is killed if it has not ended within the grace; a
-dead mpiexec or launcher takes the rank with it.
+dead mpiexec or launcher takes the rank with it. And it sets the variables that torchrun sets
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``), from the MPI launcher's.
 
 Usage (by the launcher): ``python -m distnet.parallel.rankexec -- COMMAND...``
 """
@@ -28,6 +29,9 @@ from distnet.parallel import lifetime
 from distnet.parallel.rankstatus import report
 
 RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
+LOCAL_RANK_ENV = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+LOCAL_SIZE_ENV = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
 def rank_from_env() -> int:
@@ -36,6 +40,27 @@ def rank_from_env() -> int:
         if name in os.environ:
             return int(os.environ[name])
     return 0
+
+
+def _first(env: dict[str, str], names: tuple[str, ...]) -> str | None:
+    return next((env[n] for n in names if n in env), None)
+
+
+def conventional_env(env: dict[str, str]) -> dict[str, str]:
+    """``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (torchrun's names) from
+    what the MPI launcher set in ``env``; {} when it set no rank. MPICH's single-host
+    process manager (mpiexec.gforker, what ``distnet launch`` uses on one machine) sets no
+    local variables: there, local means the whole job."""
+    rank, size = _first(env, RANK_ENV), _first(env, SIZE_ENV)
+    if rank is None or size is None:
+        return {}
+    local_rank, local_size = _first(env, LOCAL_RANK_ENV), _first(env, LOCAL_SIZE_ENV)
+    if local_rank is None and local_size is None:
+        local_rank, local_size = rank, size
+    out = {"RANK": rank, "WORLD_SIZE": size}
+    out.update({"LOCAL_RANK": local_rank} if local_rank is not None else {})
+    out.update({"LOCAL_WORLD_SIZE": local_size} if local_size is not None else {})
+    return out
 
 
 def _die_with_parent() -> None:
@@ -155,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     fds = tuple(int(os.environ[k]) for k in ("PMI_FD",) if k in os.environ)
     tag = os.environ.get("DISTNET_TAGGED_OUTPUT") == "1"
     pipe = subprocess.PIPE if tag else None
+    env = {**os.environ, **conventional_env(dict(os.environ))}
     try:
         child = subprocess.Popen(
-            argv, pass_fds=fds, preexec_fn=_die_with_parent, stdout=pipe, stderr=pipe
+            argv, pass_fds=fds, preexec_fn=_die_with_parent, stdout=pipe, stderr=pipe, env=env
         )
     except OSError as err:
         _say(rank, f"cannot start {argv[0]!r}: {err.strerror}")
