@@ -41,6 +41,12 @@ def test_bad_invocations_fail_before_starting(argv, message, capsys):
     assert "distnet launch: error:" in err and message in err
 
 
+def test_a_bad_interrupt_grace_is_refused_before_starting(capsys, monkeypatch):
+    monkeypatch.setenv("DISTNET_INTERRUPT_GRACE_S", "soon")
+    assert launcher.run(launch("-np", "2", "--", "echo")) == 2
+    assert "DISTNET_INTERRUPT_GRACE_S: expected seconds >= 0, got 'soon'" in capsys.readouterr().err
+
+
 def test_unknown_flag_and_both_host_options_are_refused(capsys):
     for argv in (
         ["-np", "2", "--frobnicate", "--", "echo"],

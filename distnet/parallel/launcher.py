@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from distnet.parallel import lifetime
 from distnet.parallel.launchrun import run_once
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]$")
@@ -267,6 +268,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         total = sum(h.slots for h in hosts)
         raise LaunchError(f"-np {args.np} needs {args.np} slots, but the hosts offer {total}")
     env = {**parse_exports(getattr(args, "export", [])), **parse_env(args.env)}
+    try:
+        lifetime.interrupt_grace_s()  # read again by every rank: refuse a bad one now
+    except ValueError as err:
+        raise LaunchError(str(err)) from None
     mpiexec = find_mpiexec(args.mpiexec)
     threads = _threads_per_rank(args.np, hosts)
     for name in THREAD_VARIABLES:

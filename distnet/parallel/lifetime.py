@@ -24,15 +24,27 @@ from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 
+try:  # looked up here, not in a preexec_fn: dlopen/dlsym after fork may deadlock on a lock
+    _PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+except OSError:
+    _PRCTL = None
+
 LAUNCHER_PID_ENV = "DISTNET_LAUNCHER_PID"
 """Set by ``distnet launch`` in every rank: the pid of the launcher, on the launcher's host."""
 
 
 def interrupt_grace_s() -> float:
     """Seconds a process gets to end by itself after an interrupt before it is killed
-    (``DISTNET_INTERRUPT_GRACE_S``, default 2). Interrupted ranks write nothing that a kill
-    could tear, so this only has to cover an orderly exit."""
-    return float(os.environ.get("DISTNET_INTERRUPT_GRACE_S", "2"))
+    (``DISTNET_INTERRUPT_GRACE_S``, default 2). A kill cannot tear a checkpoint (written,
+    then renamed), so this only has to cover an orderly exit. ValueError names a bad value."""
+    text = os.environ.get("DISTNET_INTERRUPT_GRACE_S", "2")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"DISTNET_INTERRUPT_GRACE_S: expected seconds >= 0, got {text!r}")
+    return value
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> bool:
@@ -40,11 +52,7 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
 
     Safe in a ``preexec_fn`` (it survives exec). Returns False where it is not available
     (macOS), True otherwise."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig)) == 0
-    except (OSError, AttributeError):
-        return False
+    return _PRCTL is not None and _PRCTL(PR_SET_PDEATHSIG, int(sig)) == 0
 
 
 def watch_pid(pid: int, on_exit: Callable[[], None]) -> threading.Thread | None:
