@@ -154,14 +154,21 @@ def reference(job: Path) -> dict[str, np.ndarray]:
     return final_params(out)
 
 
-def check_resumes(job: Path, out: Path, reference: dict[str, np.ndarray]) -> None:
-    """The interrupted run's last epoch checkpoint is complete, and running the job again
-    resumes from it to the parameters of the run that never stopped."""
+def check_resumes(
+    job: Path, out: Path, reference: dict[str, np.ndarray], rerun: bool = True
+) -> None:
+    """The interrupted run's last epoch checkpoint is complete, and (``rerun``) running the
+    job again resumes from it to the parameters of the run that never stopped."""
     from distnet.train import read_manifest  # noqa: PLC0415
 
     progress = out / "stages" / "0-train" / "progress"
     epoch = read_manifest(progress)["extra"]["epoch"]
     assert 1 <= epoch < 10
+    (arrays,) = progress.glob("arrays-*.npz")
+    with np.load(arrays, allow_pickle=False) as npz:
+        assert set(reference) <= set(npz.files)
+    if not rerun:
+        return
     again = launch(job, out)
     _, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
@@ -188,7 +195,8 @@ def test_one_sigint_ends_every_rank_with_130_and_the_run_resumes(job, reference,
     wait_gone(pids, sent)
     assert proc.returncode == 130, err
     assert "interrupted (SIGINT)" in err, err
-    check_resumes(job, out, reference)
+    # the launcher sees the same signal either way: one rerun shows the resume for both
+    check_resumes(job, out, reference, rerun=target == "launcher")
 
 
 def test_a_sigint_to_one_rank_ends_the_job_with_130_naming_it(job, reference):
