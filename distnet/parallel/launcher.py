@@ -336,16 +336,20 @@ def run(args: argparse.Namespace) -> int:
         print(" ".join(cmd))
         return 0
     attempts = init_retries() + 1
-    for attempt in range(1, attempts + 1):
-        status, init_failed = run_once(cmd, env)
-        if status == 0 or not init_failed or attempt == attempts:
-            return status
-        print(
-            f"distnet launch: MPI_Init failed, so the job never began; starting it again "
-            f"(attempt {attempt + 1} of {attempts}, DISTNET_INIT_RETRIES={attempts - 1})",
-            file=sys.stderr,
-        )
-        time.sleep(0.5 * attempt)
+    try:
+        for attempt in range(1, attempts + 1):
+            status, init_failed = run_once(cmd, env)
+            if status == 0 or not init_failed or attempt == attempts:
+                return status
+            print(
+                f"distnet launch: MPI_Init failed, so the job never began; starting it again "
+                f"(attempt {attempt + 1} of {attempts}, DISTNET_INIT_RETRIES={attempts - 1})",
+                file=sys.stderr,
+            )
+            time.sleep(0.5 * attempt)
+    except KeyboardInterrupt:  # between two attempts (during one, run_once handles SIGINT)
+        print("distnet launch: interrupted (SIGINT) before the job started", file=sys.stderr)
+        return 130
     return status  # not reached: the last attempt returns
 
 

@@ -131,21 +131,30 @@ class _Interrupt:
     """The launcher's SIGINT/SIGTERM handler: the first signal goes to mpiexec (which passes
     it to every rank), a second one kills the process group at once."""
 
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.signum: int | None = None
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None  # set once started: a signal before that
+        self.signum: int | None = None  # is passed on then
         self.at: float | None = None
+
+    def started(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        if self.signum is not None:
+            self._send(self.signum)
 
     def __call__(self, signum: int, _frame: object) -> None:
         if self.signum is None:
             self.signum, self.at = signum, time.monotonic()
+            self._send(signum)
+        elif self.proc is not None:
             try:
-                self.proc.send_signal(signum)
+                os.killpg(self.proc.pid, signal.SIGKILL)
             except OSError:
                 pass
-            return
+
+    def _send(self, signum: int) -> None:
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            if self.proc is not None:
+                self.proc.send_signal(signum)
         except OSError:
             pass
 
@@ -166,16 +175,17 @@ def run_once(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
         # ranks on other hosts cannot reach status_dir: they report on stderr (rankstatus)
         child_env = {**os.environ, **env, "DISTNET_LAUNCH_STATUS_DIR": status_dir,
                      lifetime.LAUNCHER_PID_ENV: str(os.getpid())}  # fmt: skip
-        proc = _start(cmd, child_env)
+        interrupt = _Interrupt()
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         remote_records: list[dict] = []
         seen: set[str] = set()
-        relay = threading.Thread(
-            target=_relay_stderr, args=(proc.stderr, remote_records, seen), daemon=True
-        )
-        relay.start()
-        interrupt = _Interrupt(proc)
-        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            proc = _start(cmd, child_env)
+            interrupt.started(proc)
+            relay = threading.Thread(
+                target=_relay_stderr, args=(proc.stderr, remote_records, seen), daemon=True
+            )
+            relay.start()
             rc = wait_or_end_after_failure(
                 proc, lambda: _first_failure(status_dir, remote_records),
                 interrupted_at=lambda: interrupt.at,
