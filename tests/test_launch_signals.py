@@ -55,12 +55,42 @@ def job(tmp_path_factory) -> Path:
     return path
 
 
+_WATCHED: list[tuple[int, str]] = []
+"""(pid, start time) of every process a test started or saw below its launcher."""
+
+
+def _start_time(pid: int) -> str | None:
+    try:  # field 22 of stat: tells a process from a later one given the same pid
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def watch(pids: list[int]) -> None:
+    _WATCHED.extend((pid, _start_time(pid) or "") for pid in pids)
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    """A failing test (a hang on the code before the fix) leaves nothing running."""
+    yield
+    for pid, start in _WATCHED:
+        if pid in alive([pid]) and _start_time(pid) == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    _WATCHED.clear()
+
+
 def launch(job: Path, out: Path) -> subprocess.Popen:
     """The launcher in its own process group, as a shell runs a foreground job."""
     cmd = [DISTNET, "launch", "-np", "2", "--", DISTNET, "train", str(job), "--out", str(out)]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+    watch([proc.pid])
+    return proc
 
 
 def final_params(out: Path) -> dict[str, np.ndarray]:
@@ -124,6 +154,7 @@ def mid_training(proc: subprocess.Popen, out: Path, ranks: int = 2) -> list[int]
         assert proc.poll() is None, f"the job ended before it was interrupted: {proc.stderr.read()}"
         pids = descendants(proc.pid)
         if progress.exists() and len(rank_pids(pids)) == ranks:
+            watch(pids)
             return pids
         time.sleep(0.05)
     raise AssertionError("no epoch checkpoint within 120 s")
@@ -223,11 +254,7 @@ def test_a_killed_launcher_takes_every_rank_with_it(job, sig):
     os.kill(proc.pid, sig)
     sent = time.monotonic()
     proc.communicate(timeout=60)
-    try:
-        wait_gone(pids, sent)
-    finally:
-        for pid in alive(pids):  # leave nothing behind for the next test
-            os.kill(pid, signal.SIGKILL)
+    wait_gone(pids, sent)
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 143)
 
 
