@@ -1,6 +1,7 @@
 """``distnet launch``: every bad invocation fails before anything starts, with a clear message."""
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,12 @@ def test_bad_invocations_fail_before_starting(argv, message, capsys):
     assert launcher.run(launch(*argv)) == 2
     err = capsys.readouterr().err
     assert "distnet launch: error:" in err and message in err
+
+
+def test_a_bad_interrupt_grace_is_refused_before_starting(capsys, monkeypatch):
+    monkeypatch.setenv("DISTNET_INTERRUPT_GRACE_S", "soon")
+    assert launcher.run(launch("-np", "2", "--", "echo")) == 2
+    assert "DISTNET_INTERRUPT_GRACE_S: expected seconds >= 0, got 'soon'" in capsys.readouterr().err
 
 
 def test_unknown_flag_and_both_host_options_are_refused(capsys):
@@ -89,3 +96,61 @@ def test_launch_runs_ranks_with_tagged_output():
     assert proc.returncode == 0, proc.stderr
     lines = sorted(proc.stdout.splitlines())
     assert lines == ["[0] hello from 0", "[0] x", "[1] hello from 1", "[1] x"], proc.stdout
+
+
+def test_x_passes_a_variable_of_this_shell_or_sets_one():
+    environ = {"WANDB_MODE": "offline"}
+    assert launcher.parse_exports(["WANDB_MODE", "A=1"], environ) == {
+        "WANDB_MODE": "offline",
+        "A": "1",
+    }
+    with pytest.raises(launcher.LaunchError, match="-x NOT_SET_HERE: NOT_SET_HERE is not set"):
+        launcher.parse_exports(["NOT_SET_HERE"], environ)
+    with pytest.raises(launcher.LaunchError, match="expected NAME or NAME=VALUE"):
+        launcher.parse_exports(["1BAD"], environ)
+
+
+def test_x_reaches_the_mpiexec_command_line(capsys, monkeypatch):
+    monkeypatch.setenv("DISTNET_TEST_EXPORT", "from-the-shell")
+    args = launch("-np", "2", "-H", "a:2", "-x", "DISTNET_TEST_EXPORT", "--dry-run", "--", "echo")
+    assert launcher.run(args) == 0
+    assert "-genv DISTNET_TEST_EXPORT from-the-shell" in capsys.readouterr().out
+    assert launcher.run(launch("-np", "2", "-x", "DISTNET_NOT_SET_X", "--", "echo")) == 2
+    assert "-x DISTNET_NOT_SET_X: DISTNET_NOT_SET_X is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({"PMI_RANK": "1", "PMI_SIZE": "2"}, ("1", "2", "1", "2")),  # mpiexec.gforker: one host
+        (
+            {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},
+            ("3", "4", "1", "2"),
+        ),  # hydra, two hosts
+        (
+            {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4"}
+            | {"OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
+            ("2", "4", "0", "2"),
+        ),
+    ],
+)
+def test_torchrun_variables_come_from_the_mpi_launchers(env, want):
+    from distnet.parallel.rankexec import conventional_env  # noqa: PLC0415
+
+    got = conventional_env(env)
+    assert tuple(got[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")) == want
+    assert conventional_env({}) == {}
+
+
+@pytest.mark.mpi
+def test_every_rank_sees_torchrun_variables_and_x_exports():
+    distnet = Path(sys.executable).parent / "distnet"
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "DISTNET_TEST_X")
+    code = f"import os; print(*[os.environ.get(n, '-') for n in {names!r}])"
+    cmd = [str(distnet), "launch", "-np", "2", "-x", "DISTNET_TEST_X", "--"]
+    cmd += [sys.executable, "-c", code]
+    env = {**os.environ, "DISTNET_TEST_X": "shell value"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = sorted(proc.stdout.splitlines())
+    assert lines == ["[0] 0 0 2 2 shell value", "[1] 1 1 2 2 shell value"], proc.stdout

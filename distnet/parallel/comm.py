@@ -207,11 +207,11 @@ class MPICommunicator(Communicator):
         """Collective: creates the NCCL communicator (one GPU per rank, by local_rank), and on
         several nodes with the same number of ranks each, the hierarchical one too."""
         if self._nccl is None:
-            from distnet.parallel.nccl import NcclCommunicator  # noqa: PLC0415
+            from distnet.parallel.nccl import nccl_communicator  # noqa: PLC0415
 
-            self._nccl = NcclCommunicator(self)
+            self._nccl = nccl_communicator(self)  # None: ranks share a GPU, host staging
             uniform = self._groups.min_local_size == self._groups.max_local_size
-            if self.num_nodes > 1 and self.local_size > 1 and uniform:
+            if self._nccl and self.num_nodes > 1 and self.local_size > 1 and uniform:
                 from distnet.parallel.nccl_hierarchical import NcclHierarchical  # noqa: PLC0415
 
                 self._nccl_hierarchical = NcclHierarchical(self)

@@ -3,31 +3,33 @@
     distnet launch -np 4 -- distnet train job.toml
     distnet launch -np 4 -H node1:2,node2:2 -- python train.py
     distnet launch -np 8 --hostfile hosts.txt --env OMP_NUM_THREADS=4 -- python train.py
+    distnet launch -np 2 -x WANDB_API_KEY -x LOG_DIR=/tmp/logs -- python train.py
+
+Every rank gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` (torchrun's
+names) besides the MPI launcher's own variables.
 
 It wraps the mpiexec of PyPI's ``mpich`` wheel (next to the Python running distnet), a site's
 own with ``--mpiexec PATH`` (MPICH/hydra or Open MPI), checks everything it can before
 anything starts (hosts, slots, the command), prefixes every output line with its rank,
-forwards SIGINT/SIGTERM, and exits with the status of the rank that failed first, naming it.
+exits with the status of the rank that failed first, naming it, and ends every rank with the
+job: one Ctrl-C ends them all with status 130, and a killed launcher takes them with it
+(``distnet.parallel.launchrun``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from distnet.parallel.rankstatus import parse_line as parse_status_line
+from distnet.parallel import lifetime
+from distnet.parallel.launchrun import run_once
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -96,6 +98,23 @@ def parse_env(items: list[str]) -> dict[str, str]:
         if not sep or not _ENV_RE.match(key):
             raise LaunchError(f"--env: expected NAME=VALUE, got {item!r}")
         env[key] = value
+    return env
+
+
+def parse_exports(items: list[str], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """horovodrun's ``-x``: ``NAME`` passes this shell's value of NAME to every rank,
+    ``NAME=VALUE`` sets it. A NAME that is not set here is an error, not an empty variable."""
+    environ = dict(os.environ) if environ is None else environ
+    env = {}
+    for item in items:
+        if "=" in item:
+            env.update(parse_env([item]))
+            continue
+        if not _ENV_RE.match(item):
+            raise LaunchError(f"-x: expected NAME or NAME=VALUE, got {item!r}")
+        if item not in environ:
+            raise LaunchError(f"-x {item}: {item} is not set in this environment")
+        env[item] = environ[item]
     return env
 
 
@@ -185,6 +204,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--env", action="append", default=[], metavar="K=V", help="set in every rank"
     )
+    parser.add_argument(
+        "-x", dest="export", action="append", default=[], metavar="NAME[=VALUE]",
+        help="pass this shell's NAME (or NAME=VALUE) to every rank, as horovodrun -x",
+    )  # fmt: skip
     parser.add_argument("--mpiexec", help="mpiexec to use (default: the mpich wheel's)")
     parser.add_argument(
         "--launcher",
@@ -244,7 +267,11 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if hosts is not None and sum(h.slots for h in hosts) < args.np:
         total = sum(h.slots for h in hosts)
         raise LaunchError(f"-np {args.np} needs {args.np} slots, but the hosts offer {total}")
-    env = parse_env(args.env)
+    env = {**parse_exports(getattr(args, "export", [])), **parse_env(args.env)}
+    try:
+        lifetime.interrupt_grace_s()  # read again by every rank: refuse a bad one now
+    except ValueError as err:
+        raise LaunchError(str(err)) from None
     mpiexec = find_mpiexec(args.mpiexec)
     threads = _threads_per_rank(args.np, hosts)
     for name in THREAD_VARIABLES:
@@ -287,121 +314,10 @@ def loopback_only(mpiexec: str, env: dict[str, str]) -> tuple[str, dict[str, str
     return mpiexec, env
 
 
-def _first_failure(status_dir: str, records: list[dict] | None = None) -> dict | None:
-    records = list(records or [])
-    for path in Path(status_dir).glob("*rank*.json"):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    # A rank's own account of why it stopped the job beats the exits that followed it.
-    causes = [r for r in records if r.get("cause")]
-    pool = causes or records
-    return min(pool, key=lambda r: r["time"]) if pool else None
-
-
-INIT_FAILURE = re.compile(
-    r"Fatal error in \w*Init(?:_thread)?\b"  # MPICH: "Fatal error in internal_Init_thread"
-    r"|MPI_INIT has failed|An error occurred in MPI_Init"  # Open MPI
-)
-"""A line a rank prints when MPI_Init itself failed: the job never began."""
-
-
-def _relay_stderr(src: Any, records: list[dict], seen: set[str]) -> None:
-    """Copies mpiexec's stderr to ours, keeping back (into ``records``) the status lines and
-    noting in ``seen`` ("init") a rank's report that MPI_Init failed."""
-    out = sys.stderr.buffer
-    for raw in iter(src.readline, b""):
-        line = raw.decode("utf-8", "replace")
-        record = parse_status_line(line)
-        if record is not None:
-            records.append(record)
-            continue
-        if INIT_FAILURE.search(line):
-            seen.add("init")
-        out.write(raw)
-        out.flush()
-
-
-def failure_grace_s() -> float:
-    """Seconds the other ranks get to end by themselves after one failed
-    (``DISTNET_FAILURE_GRACE_S``, default 10)."""
-    return float(os.environ.get("DISTNET_FAILURE_GRACE_S", "10"))
-
-
-def wait_or_end_after_failure(
-    proc: subprocess.Popen, first_failure: Any, poll_s: float = 0.2
-) -> int:
-    """Waits for mpiexec; once a rank has reported a failure, gives the rest
-    ``failure_grace_s()`` to end, then terminates the whole process group (SIGTERM, then
-    SIGKILL 5 s later). mpiexec does not always do it: a rank killed before MPI_Init left its
-    peers waiting in MPI_Init forever (seen with MPICH 4 hydra). Returns mpiexec's status."""
-    failed_at: float | None = None
-    while True:
-        try:
-            return proc.wait(timeout=poll_s)
-        except subprocess.TimeoutExpired:
-            pass
-        now = time.monotonic()
-        if failed_at is None:
-            failed_at = now if first_failure() is not None else None
-        elif now - failed_at > failure_grace_s():
-            for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    return proc.wait(timeout=wait_s)
-                except subprocess.TimeoutExpired:
-                    continue
-            return proc.wait(timeout=10)
-
-
 def init_retries() -> int:
     """How many times a job whose MPI_Init failed is started again (``DISTNET_INIT_RETRIES``,
     default 2)."""
     return max(0, int(os.environ.get("DISTNET_INIT_RETRIES", "2")))
-
-
-def run_once(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
-    """Runs the job once. Returns (the first failing rank's status or 0, whether a rank
-    reported that MPI_Init failed)."""
-    with tempfile.TemporaryDirectory(prefix="distnet-launch-") as status_dir:
-        child_env = {**os.environ, **env, "DISTNET_LAUNCH_STATUS_DIR": status_dir}
-        # its own process group, so that the watchdog can end every process it started;
-        # ranks on other hosts cannot reach status_dir: they report on stderr (rankstatus)
-        proc = subprocess.Popen(cmd, env=child_env, start_new_session=True, stderr=subprocess.PIPE)
-        remote_records: list[dict] = []
-        seen: set[str] = set()
-        relay = threading.Thread(
-            target=_relay_stderr, args=(proc.stderr, remote_records, seen), daemon=True
-        )
-        relay.start()
-
-        def forward(signum: int, _frame: object) -> None:
-            proc.send_signal(signum)
-
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            rc = wait_or_end_after_failure(proc, lambda: _first_failure(status_dir, remote_records))
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        relay.join(timeout=10)
-        failure = _first_failure(status_dir, remote_records)
-    init_failed = "init" in seen
-    if failure is not None:
-        print(
-            f"distnet launch: rank {failure['rank']} failed first: {failure['what']}; "
-            f"the job was stopped (exit status {failure['status']})",
-            file=sys.stderr,
-        )
-        return int(failure["status"]) or 1, init_failed
-    if rc != 0:
-        print(f"distnet launch: mpiexec exited with status {rc}", file=sys.stderr)
-        return (rc if rc > 0 else 128 - rc), init_failed
-    return 0, False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -420,16 +336,20 @@ def run(args: argparse.Namespace) -> int:
         print(" ".join(cmd))
         return 0
     attempts = init_retries() + 1
-    for attempt in range(1, attempts + 1):
-        status, init_failed = run_once(cmd, env)
-        if status == 0 or not init_failed or attempt == attempts:
-            return status
-        print(
-            f"distnet launch: MPI_Init failed, so the job never began; starting it again "
-            f"(attempt {attempt + 1} of {attempts}, DISTNET_INIT_RETRIES={attempts - 1})",
-            file=sys.stderr,
-        )
-        time.sleep(0.5 * attempt)
+    try:
+        for attempt in range(1, attempts + 1):
+            status, init_failed = run_once(cmd, env)
+            if status == 0 or not init_failed or attempt == attempts:
+                return status
+            print(
+                f"distnet launch: MPI_Init failed, so the job never began; starting it again "
+                f"(attempt {attempt + 1} of {attempts}, DISTNET_INIT_RETRIES={attempts - 1})",
+                file=sys.stderr,
+            )
+            time.sleep(0.5 * attempt)
+    except KeyboardInterrupt:  # between two attempts (during one, run_once handles SIGINT)
+        print("distnet launch: interrupted (SIGINT) before the job started", file=sys.stderr)
+        return 130
     return status  # not reached: the last attempt returns
 
 

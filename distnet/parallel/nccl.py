@@ -5,10 +5,21 @@ unique id from rank 0 to the others; every rank then uses GPU ``local_rank`` (mo
 GPUs it can see, so ``CUDA_VISIBLE_DEVICES`` set by a scheduler keeps working). Reductions
 run on the current cupy stream, so they are ordered after the backward kernels that wrote
 the gradients, and before the optimiser kernels that read them, with no host sync.
+
+NCCL refuses two ranks of one communicator on one device ("Duplicate GPU detected"), which
+``run.device = "cuda:0"`` on two ranks, more ranks than GPUs, or Ray's fractional
+``gpus_per_worker`` all produce. ``nccl_communicator`` therefore first has the ranks exchange
+their device's identity (host and PCI bus id) and, when two share one, returns None: the
+communicator then reduces GPU buffers through host memory with MPI, the path mixed CPU/GPU
+jobs already take. Staging rather than refusing, because sharing a GPU is a legitimate way to
+try a multi-rank job on one GPU, the results are the same, and only speed is lost; one line
+names the ranks and the device so that nobody times such a run unawares.
 """
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -20,6 +31,50 @@ def select_device(local_rank: int) -> int:
     chosen = backend.chosen_device() or backend.device_for_rank(local_rank, "cuda")
     device = backend.use_device(chosen)
     return int(device.split(":", 1)[1])
+
+
+def device_identity(device: int) -> str:
+    """``"host/PCI bus id"`` of CUDA device ``device``: the same for two processes exactly
+    when they use one physical GPU, whatever each one's ``CUDA_VISIBLE_DEVICES``."""
+    import cupy  # noqa: PLC0415
+
+    return f"{socket.gethostname()}/{cupy.cuda.Device(device).pci_bus_id}"
+
+
+def shared_devices(identities: Sequence[str]) -> dict[str, list[int]]:
+    """The devices used by more than one rank: {identity: [ranks]}, given rank r's device
+    identity at index r; {} when every rank has its own."""
+    ranks: dict[str, list[int]] = {}
+    for rank, identity in enumerate(identities):
+        ranks.setdefault(identity, []).append(rank)
+    return {identity: rs for identity, rs in ranks.items() if len(rs) > 1}
+
+
+def describe_sharing(shared: dict[str, list[int]]) -> str:
+    """One line: which ranks share which device and what is done about it."""
+    parts = [f"ranks {', '.join(map(str, rs))} share GPU {d}" for d, rs in shared.items()]
+    return (
+        "; ".join(parts) + ": NCCL cannot put two ranks of one communicator on one device, "
+        "so GPU gradients go through host memory (MPI), correct but slower; give every rank "
+        'its own GPU (-np at most the GPU count, run.device = "cuda") for NCCL'
+    )
+
+
+_SAID: set[str] = set()
+
+
+def nccl_communicator(comm: Any) -> NcclCommunicator | None:
+    """Collective: an ``NcclCommunicator`` over ``comm``'s ranks, or None (logged once, by
+    rank 0) when two ranks share a device and GPU buffers must be staged through host."""
+    device = select_device(comm.local_rank)
+    shared = shared_devices(comm.allgather(device_identity(device)))
+    if shared:
+        line = describe_sharing(shared)
+        if comm.rank == 0 and line not in _SAID:  # once per job, not once per stage
+            _SAID.add(line)
+            comm.log(line)
+        return None
+    return NcclCommunicator(comm)
 
 
 class NcclCommunicator:

@@ -7,12 +7,16 @@ small parent of each rank knows the rank, so a rank killed by a signal or exitin
 error is named: ``[rank 1] killed by signal 9 (SIGKILL)``. It also writes a one-line status
 file for the launcher, which then exits with the status of the rank that failed first.
 
+It is also the link that makes every rank end with the job (``distnet.parallel.lifetime``):
+an interrupt is passed to the rank, which is killed if it has not ended within the grace; a
+dead mpiexec or launcher takes the rank with it. And it sets the variables that torchrun sets
+(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``), from the MPI launcher's.
+
 Usage (by the launcher): ``python -m distnet.parallel.rankexec -- COMMAND...``
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -21,9 +25,13 @@ import threading
 import time
 from typing import Any
 
+from distnet.parallel import lifetime
 from distnet.parallel.rankstatus import report
 
 RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
+LOCAL_RANK_ENV = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+LOCAL_SIZE_ENV = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
 def rank_from_env() -> int:
@@ -34,13 +42,80 @@ def rank_from_env() -> int:
     return 0
 
 
+def _first(env: dict[str, str], names: tuple[str, ...]) -> str | None:
+    return next((env[n] for n in names if n in env), None)
+
+
+def conventional_env(env: dict[str, str]) -> dict[str, str]:
+    """``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (torchrun's names) from
+    what the MPI launcher set in ``env``; {} when it set no rank. MPICH's single-host
+    process manager (mpiexec.gforker, what ``distnet launch`` uses on one machine) sets no
+    local variables: there, local means the whole job."""
+    rank, size = _first(env, RANK_ENV), _first(env, SIZE_ENV)
+    if rank is None or size is None:
+        return {}
+    local_rank, local_size = _first(env, LOCAL_RANK_ENV), _first(env, LOCAL_SIZE_ENV)
+    if local_rank is None and local_size is None:
+        local_rank, local_size = rank, size
+    out = {"RANK": rank, "WORLD_SIZE": size}
+    out.update({"LOCAL_RANK": local_rank} if local_rank is not None else {})
+    out.update({"LOCAL_WORLD_SIZE": local_size} if local_size is not None else {})
+    return out
+
+
 def _die_with_parent() -> None:
     # If this wrapper is killed outright, the rank must not live on stuck in a collective.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    lifetime.die_with_parent(signal.SIGKILL)
+
+
+class RankStopper:
+    """Passes a signal to the rank and kills it if it has not ended ``grace_s`` later (at
+    once on a second signal): a rank blocked in a collective whose peers have left never
+    sees its KeyboardInterrupt."""
+
+    def __init__(self, child: subprocess.Popen, grace_s: float) -> None:
+        self.child, self.grace_s = child, grace_s
+        self.signum: int | None = None
+        self.killed = False
+        self._lock = threading.Lock()
+
+    def stop(self, signum: int, _frame: object = None) -> None:
+        """Signal handler (also called by the launcher's watch): forward, then escalate."""
+        with self._lock:
+            first = self.signum is None
+            self.signum = signum if first else self.signum
+        if not first:
+            self._kill()
+            return
+        try:
+            self.child.send_signal(signum)
+        except OSError:
+            pass
+        timer = threading.Timer(self.grace_s, self._kill)
+        timer.daemon = True
+        timer.start()
+
+    def _kill(self) -> None:
+        if self.child.poll() is None:
+            self.killed = True
+            try:
+                self.child.kill()
+            except OSError:
+                pass
+
+
+def _tie_to_launcher(stopper: RankStopper) -> None:
+    """Under ``distnet launch``: end the rank when mpiexec (this process's parent) or, on the
+    launcher's own host, the launcher itself ends without passing anything on (SIGKILL)."""
+    pid = os.environ.get(lifetime.LAUNCHER_PID_ENV)
+    if not pid:
+        return
+    lifetime.die_with_parent(signal.SIGTERM)  # our handler forwards it to the rank
+    if os.getppid() == 1:  # the parent was gone before the line above took effect
+        stopper.stop(signal.SIGTERM)
+    status_dir = os.environ.get("DISTNET_LAUNCH_STATUS_DIR")
+    if status_dir and os.path.isdir(status_dir):  # the launcher's private dir: same host
+        lifetime.watch_pid(int(pid), lambda: stopper.stop(signal.SIGTERM))
 
 
 def bind_to_cores(local_rank: int, per_rank: str | None) -> list[int] | None:
@@ -105,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     fds = tuple(int(os.environ[k]) for k in ("PMI_FD",) if k in os.environ)
     tag = os.environ.get("DISTNET_TAGGED_OUTPUT") == "1"
     pipe = subprocess.PIPE if tag else None
+    env = {**os.environ, **conventional_env(dict(os.environ))}
     try:
         child = subprocess.Popen(
-            argv, pass_fds=fds, preexec_fn=_die_with_parent, stdout=pipe, stderr=pipe
+            argv, pass_fds=fds, preexec_fn=_die_with_parent, stdout=pipe, stderr=pipe, env=env
         )
     except OSError as err:
         _say(rank, f"cannot start {argv[0]!r}: {err.strerror}")
@@ -120,21 +196,28 @@ def main(argv: list[str] | None = None) -> int:
             relay.start()
             relays.append(relay)
 
-    def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
-    returncode = child.wait()
+    stopper = RankStopper(child, lifetime.interrupt_grace_s())
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stopper.stop) for sig in sigs}
+    try:
+        _tie_to_launcher(stopper)
+        returncode = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     for relay in relays:
         relay.join(timeout=5)
     status = 128 - returncode if returncode < 0 else returncode
-    if returncode != 0:
-        what = describe(returncode)
+    what = describe(returncode) if returncode != 0 else None
+    if stopper.killed and stopper.signum is not None:
+        # an interrupted rank ends with the interrupt's status, however it had to be ended
+        status = 128 + stopper.signum
+        name = lifetime.signal_name(stopper.signum)
+        what = f"interrupted ({name}); killed after {stopper.grace_s:g} s"
+    if what is not None:
         _say(rank, what)
         # A file in the launcher's status dir, or a marked stderr line on another host.
-        record = {"rank": rank, "status": status, "what": what, "time": time.time()}
-        report(record, f"rank{rank}")
+        report({"rank": rank, "status": status, "what": what, "time": time.time()}, f"rank{rank}")
     return status
 
 

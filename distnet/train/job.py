@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from distnet.parallel import lifetime
 from distnet.parallel.rayengine.jobs import add_ray_arguments, dist_overrides
 from distnet.train import jobspec
 from distnet.train.callbacks import Callback
@@ -535,7 +536,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"distnet train: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"distnet train: interrupted; checkpoints in {job['run']['out']}", file=sys.stderr)
+        where = f"; checkpoints in {job['run']['out']}" if "job" in locals() else ""
+        print(f"distnet train: interrupted{where}", file=sys.stderr)
+        lifetime.abort_interrupted_rank(130)  # never MPI_Finalize: peers may not come
         return 130
     if report["rank"] == 0:
         acc = report.get("test_accuracy")

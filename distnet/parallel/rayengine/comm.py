@@ -365,9 +365,10 @@ class RayCommunicator(Communicator):
     def use_nccl(self) -> None:
         """Collective: an NCCL communicator over the group's GPUs (untested here: no GPU)."""
         if self._nccl is None:
-            from distnet.parallel.nccl import NcclCommunicator  # noqa: PLC0415
+            from distnet.parallel.nccl import nccl_communicator  # noqa: PLC0415
 
             # NcclCommunicator reads rank/size/local_rank and carries the unique id with
-            # ``comm.bcast``: this communicator offers both.
+            # ``comm.bcast``: this communicator offers both. None: workers share a GPU
+            # (fractional gpus_per_worker), staged through host memory.
             self.comm = self
-            self._nccl = NcclCommunicator(self)
+            self._nccl = nccl_communicator(self)
