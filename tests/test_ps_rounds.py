@@ -76,3 +76,38 @@ def test_an_ssp_wait_for_a_dead_worker_is_bounded_too():
 
     with pytest.raises(RoundFailed, match=r"ssp wait of worker 0 .*missing worker\(s\) \[1\]"):
         asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_retried_ssp_push_waits_for_the_bound_as_its_first_call_and_is_applied_once():
+    # regression: the retry was answered at once (its clock was recorded before the first
+    # call's wait), so a worker whose call timed out ran past the bound
+    async def main():
+        s = shard("ssp", workers=2, timeout_s=60)  # bound s=0
+        first = asyncio.ensure_future(push(s, 0, 1))
+        await asyncio.sleep(0.05)
+        retry = asyncio.ensure_future(push(s, 0, 1))
+        await asyncio.sleep(0.2)
+        early = first.done(), retry.done()
+        await asyncio.wait_for(push(s, 1, 1), 5)  # the slowest worker reaches clock 1
+        replies = await asyncio.wait_for(asyncio.gather(first, retry), 5)
+        return s, early, replies
+
+    s, early, replies = asyncio.run(main())
+    assert early == (False, False)  # neither answered while worker 1 stood at clock 0
+    assert s.pushes_applied == [1, 1] and s.version == 2 and s.pushes_received == [2, 1]
+    assert [v for v, _ in replies] == [2, 2]
+
+
+def test_a_retried_ssp_push_whose_bound_is_never_met_fails_in_time():
+    async def main():
+        s = shard("ssp", workers=2)  # worker 1 never pushes
+        first = asyncio.ensure_future(push(s, 0, 1))
+        await asyncio.sleep(0.05)
+        retry = await asyncio.gather(push(s, 0, 1), return_exceptions=True)
+        return s, retry[0], await asyncio.gather(first, return_exceptions=True)
+
+    s, retry, first = asyncio.run(asyncio.wait_for(main(), 10))
+    assert isinstance(retry, RoundFailed), retry
+    assert "missing worker(s) [1]" in str(retry) and "clock 1" in str(retry)
+    assert isinstance(first[0], RoundFailed)
+    assert s.pushes_applied == [1, 0] and s.version == 1  # the retry applied nothing

@@ -22,7 +22,9 @@ No wait is unbounded: a sync round that has not heard from every worker within
 ``round_timeout_s`` of its first push, or an ssp wait for the slowest worker that long, fails
 with ``RoundFailed`` naming the shard and the missing worker(s); ``abort(reason)`` fails them at
 once (the Ray engine calls it when it tears a group down to replace a lost worker: the new
-group gets a new server, so the old one's rounds can never complete). Per-worker counters of
+group gets a new server, so the old one's rounds can never complete). In ssp a retried push
+(its clock applied already) is not applied again but waits for the bound as its first call
+does, else a worker whose call timed out would run ahead of it. Per-worker counters of
 pushes received and applied (``stats``) show that every update is applied exactly once.
 In async/ssp, workers may ``leave`` and ``join`` (``membership.py``): ssp then waits only
 for the slowest live worker.
@@ -236,6 +238,11 @@ class ParameterServerShard(Membership, ShardLink):
         if lr is not None and self.opt is not None:
             self.opt.lr = float(lr)
         if clock <= self.clocks[worker]:  # a retried push that was applied already
+            if self.mode == "ssp":
+                # its first call may still be waiting for the slowest worker: the retry waits
+                # as long (answered at once, it would let the worker run past the bound)
+                async with self._clock_changed:
+                    await self._ssp_wait(worker, clock)
             return self._answer(linked)
         if self.mode == "sync":
             return await self._sync_push(worker, clock, seen_version, grad, share, linked)
