@@ -52,13 +52,13 @@ def test_a_sync_round_missing_a_worker_fails_in_time_naming_shard_and_worker():
     assert s.pushes_received == [1, 0, 1]
 
 
-def test_abort_ends_a_waiting_round_at_once_and_a_new_round_works():
+def test_abort_ends_a_waiting_round_at_once_naming_the_missing_worker():
     async def main():
         s = shard(timeout_s=60)
         waiting = [asyncio.ensure_future(push(s, w)) for w in (0, 1)]
         await asyncio.sleep(0.05)
         t0 = time.monotonic()
-        assert await s.abort("rank(s) [2] died") == 2
+        assert await s.abort(TOKEN, "rank(s) [2] died") == 2
         results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
         return s, results, time.monotonic() - t0
 
@@ -111,3 +111,25 @@ def test_a_retried_ssp_push_whose_bound_is_never_met_fails_in_time():
     assert "missing worker(s) [1]" in str(retry) and "clock 1" in str(retry)
     assert isinstance(first[0], RoundFailed)
     assert s.pushes_applied == [1, 0] and s.version == 1  # the retry applied nothing
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
+def test_a_push_after_an_abort_fails_at_once_and_applies_nothing(mode):
+    # regression: abort ended only the waiting round; the next sync push waited the whole
+    # round timeout for a group that was gone
+    async def main():
+        s = shard(mode, timeout_s=60)
+        await s.abort(TOKEN, "rank(s) [2] died")
+        t0 = time.monotonic()
+        results = await asyncio.wait_for(
+            asyncio.gather(push(s, 0), push(s, 1, 2), return_exceptions=True), 5
+        )
+        return s, results, time.monotonic() - t0
+
+    s, results, took = asyncio.run(main())
+    assert took < 1
+    for err in results:
+        assert isinstance(err, RoundFailed), err
+        assert "shard 1 [4:10)" in str(err) and "aborted: rank(s) [2] died" in str(err)
+    assert s.version == 0 and s.pushes_applied == [0, 0, 0]
+    np.testing.assert_array_equal(s.params, 0)

@@ -1,20 +1,29 @@
-"""What a parameter-server worker's checkpoint holds, on a real local Ray: its own step
-count, and the shards' optimiser state with theirs.
+"""Parameter-server shards on a real local Ray: what a worker's checkpoint holds, the group's
+abort reaching the shards, the staleness bound of a worker whose calls time out, and calls
+from outside the job.
 
-The workers here are ``ParameterServerOptimizer``s in the test process; the shards are real
-Ray actors.
+The workers here are ``ParameterServerOptimizer``s in the test process (threads where two
+must wait at once); the shards are real Ray actors.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from distnet.nn import Dense, Sequential
 from distnet.optim import Adam
-from distnet.parallel.ps import ParameterServer, ParameterServerOptimizer, ShardLostError
+from distnet.parallel.ps import (
+    CallRefused,
+    ParameterServer,
+    ParameterServerOptimizer,
+    ShardLostError,
+)
+from distnet.parallel.ps.shard import RoundFailed
+from distnet.parallel.rayengine.comm import Mailbox
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
@@ -71,6 +80,37 @@ def test_a_workers_checkpoint_keeps_its_own_step_count_and_the_shards_their_own(
             fresh.shutdown()
 
 
+def test_the_groups_abort_ends_the_shards_rounds_at_once_and_rank_0_still_reads_them(
+    ray_cluster,
+):
+    # regression: nothing called the shards' abort; a round a dead worker never completes,
+    # and every push after it, waited out the round timeout (here 100 s)
+    ps = ParameterServer.create(np.zeros(10, np.float32), shards=2, mode="sync",
+                                num_workers=2, round_timeout_s=100)  # fmt: skip
+    try:
+        grad = np.ones(5, np.float32)
+
+        def push(clock: int):
+            return ps.shards[0].push_pull.remote(ps.token, 0, clock, 0, grad, 0.5, None)
+
+        waiting = push(1)  # worker 1 died: this round never completes
+        assert ray.wait([waiting], timeout=0.5)[0] == []
+        mailbox = Mailbox()
+        ps.attach(mailbox)  # as each worker does with its copy of the handle
+        t0 = time.monotonic()
+        mailbox.abort("rank(s) [1] died")  # what the driver does to the survivors
+        with pytest.raises(RoundFailed, match=r"aborted: rank\(s\) \[1\] died"):
+            ray.get(waiting, timeout=20)
+        with pytest.raises(RoundFailed, match=r"push of worker 0 at clock 2 failed: aborted"):
+            ray.get(push(2), timeout=20)
+        assert time.monotonic() - t0 < 10
+        # the handle's other calls go on: rank 0 takes its carry from the shards after this
+        np.testing.assert_array_equal(ps.state_dict()["params"], 0)
+        assert [s["rounds_failed"] for s in ps.stats()["shards"]] == [2, 0]
+    finally:
+        ps.shutdown()
+
+
 def test_a_worker_whose_ssp_calls_time_out_never_runs_past_the_bound(ray_cluster):
     # regression (issue: s = 0, worker 1 never pushes, worker 0's clock-2 update applied): the
     # resent push was answered at once, so worker 0 went on to its next step
@@ -103,5 +143,25 @@ def test_a_worker_whose_ssp_calls_time_out_never_runs_past_the_bound(ray_cluster
         calls = [ps.shards[0].push_pull.remote(ps.token, 1, 1, 0, np.ones(4, np.float32),
                                                1.0, 0.1)]  # fmt: skip
         assert ray.get(calls, timeout=30)[0][0] == 2
+    finally:
+        ps.shutdown()
+
+
+def test_calls_from_outside_the_job_are_refused_through_ray(ray_cluster):
+    ps = ParameterServer.create(np.arange(6, dtype=np.float32), shards=2, mode="async",
+                                num_workers=1)  # fmt: skip
+    try:
+        shard = ps.shards[1]
+        calls = {
+            "get_params": shard.get_params.remote("x" * 32),
+            "state_dict": shard.state_dict.remote("x" * 32),
+            "set_params": shard.set_params.remote("x" * 32, np.zeros(3, np.float32)),
+            "abort": shard.abort.remote("x" * 32, "not yours"),
+        }
+        for what, ref in calls.items():
+            with pytest.raises(CallRefused, match=f"{what} refused: not this job's token"):
+                ray.get(ref, timeout=30)
+        np.testing.assert_array_equal(ps.pull(), np.arange(6))
+        assert ps.stats()["shards"][1]["refused"] == len(calls)
     finally:
         ps.shutdown()

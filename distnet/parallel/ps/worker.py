@@ -100,7 +100,7 @@ class ParameterServerOptimizer:
         return 1.0 / self.ps.num_workers if share is None else share
 
     def _pull_all(self) -> None:
-        parts = self.ps.call_all("state_dict")
+        parts = self.ps.call_all("state_dict", self.ps.token)
         self.optimizer.follow_layout()
         xp = backend.array_module(self.optimizer.flat_params)
         for i, ((lo, hi), part) in enumerate(zip(self.ps.ranges, parts, strict=True)):
@@ -208,7 +208,9 @@ class ParameterServerOptimizer:
                 part = host
             except link.LinkError:
                 self._by_link[i] = False
-                version, part = self.ps.call_with_retry(i, lambda s: s.get_reply.remote())
+                version, part = self.ps.call_with_retry(
+                    i, lambda s: s.get_reply.remote(self.ps.token)
+                )
             if part is host and xp is np:
                 return int(version)
         target[lo:hi] = xp.asarray(part)
@@ -225,7 +227,7 @@ class ParameterServerOptimizer:
         params = backend.to_device(self.optimizer.flat_params, "cpu")
         for i, (lo, hi) in enumerate(self.ps.ranges):
             part = np.ascontiguousarray(params[lo:hi])
-            self.ps.call_with_retry(i, lambda s, p=part: s.set_params.remote(p))
+            self.ps.call_with_retry(i, lambda s, p=part: s.set_params.remote(self.ps.token, p))
 
     def state_dict(self) -> dict[str, Any]:
         """The state of the optimiser that makes the updates, in the wrapped optimiser's format

@@ -254,10 +254,10 @@ class RankSetup:
                 placement=[_on_this_node()] * shards,
             )
         server = self.comm.bcast(server, root=0)
-        # a sync round whose worker died never completes: leave it when the driver aborts
-        # (the shards stay up until rank 0's after_failure took its carry from them, then
-        # release() or close() stops them)
-        server.interrupt = self.comm.mailbox.check
+        # a sync round whose worker died never completes: leave it, and end it on the shards,
+        # when the driver aborts (the shards stay up until rank 0's after_failure took its
+        # carry from them, then release() or close() stops them)
+        server.attach(self.comm.mailbox)
         self.servers.append(server)
         self.joins.stage_started(server)
         if hybrid:
