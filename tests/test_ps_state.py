@@ -103,7 +103,7 @@ def test_the_groups_abort_ends_the_shards_rounds_at_once_and_rank_0_still_reads_
             ray.get(waiting, timeout=20)
         with pytest.raises(RoundFailed, match=r"push of worker 0 at clock 2 failed: aborted"):
             ray.get(push(2), timeout=20)
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 30  # not the round timeout (100 s)
         # the handle's other calls go on: rank 0 takes its carry from the shards after this
         np.testing.assert_array_equal(ps.state_dict()["params"], 0)
         assert [s["rounds_failed"] for s in ps.stats()["shards"]] == [2, 0]
