@@ -310,9 +310,11 @@ def test_a_restored_sync_shard_pairs_the_workers_steps_again(workers, retry_firs
             return shard.push_pull.remote(ps.token, worker, clock, 0, grad, 0.5, None)
 
         ray.get([push(0, 1), push(1, 1)], timeout=30)
-        snapshot = ray.get(shard.state_dict.remote(), timeout=30)  # clocks [1, 1], version 1
+        # clocks [1, 1], version 1
+        snapshot = ray.get(shard.state_dict.remote(ps.token), timeout=30)
         ray.get([push(0, 2), push(1, 2)], timeout=30)
-        ray.get(shard.load_state_dict.remote(snapshot), timeout=30)  # the restart: round 2 lost
+        # the restart: round 2 lost
+        ray.get(shard.load_state_dict.remote(ps.token, snapshot), timeout=30)
         # one caller's calls start in the order they were made
         calls = [push(1, 2), push(0, 3)] if retry_first else [push(0, 3), push(1, 2)]
         retry, ahead = calls if retry_first else calls[::-1]

@@ -92,7 +92,7 @@ def test_shard_leave_frees_ssp_and_join_starts_at_the_slowest_live_clock():
         # a snapshot keeps who left: a restarted shard does not wait for them
         await shard.leave(TOKEN, 1)
         again = make_shard()
-        again.load_state_dict(shard.state_dict())
+        again.load_state_dict(TOKEN, shard.state_dict(TOKEN))
         assert again.left == {1} and again.incarnations == [0, 2]
 
     asyncio.run(scenario())

@@ -52,13 +52,13 @@ def test_a_sync_round_missing_a_worker_fails_in_time_naming_shard_and_worker():
     assert s.pushes_received == [1, 0, 1]
 
 
-def test_abort_ends_a_waiting_round_at_once_and_a_new_round_works():
+def test_abort_ends_a_waiting_round_at_once_naming_the_missing_worker():
     async def main():
         s = shard(timeout_s=60)
         waiting = [asyncio.ensure_future(push(s, w)) for w in (0, 1)]
         await asyncio.sleep(0.05)
         t0 = time.monotonic()
-        assert await s.abort("rank(s) [2] died") == 2
+        assert await s.abort(TOKEN, "rank(s) [2] died") == 2
         results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
         return s, results, time.monotonic() - t0
 
@@ -76,3 +76,60 @@ def test_an_ssp_wait_for_a_dead_worker_is_bounded_too():
 
     with pytest.raises(RoundFailed, match=r"ssp wait of worker 0 .*missing worker\(s\) \[1\]"):
         asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_retried_ssp_push_waits_for_the_bound_as_its_first_call_and_is_applied_once():
+    # regression: the retry was answered at once (its clock was recorded before the first
+    # call's wait), so a worker whose call timed out ran past the bound
+    async def main():
+        s = shard("ssp", workers=2, timeout_s=60)  # bound s=0
+        first = asyncio.ensure_future(push(s, 0, 1))
+        await asyncio.sleep(0.05)
+        retry = asyncio.ensure_future(push(s, 0, 1))
+        await asyncio.sleep(0.2)
+        early = first.done(), retry.done()
+        await asyncio.wait_for(push(s, 1, 1), 5)  # the slowest worker reaches clock 1
+        replies = await asyncio.wait_for(asyncio.gather(first, retry), 5)
+        return s, early, replies
+
+    s, early, replies = asyncio.run(main())
+    assert early == (False, False)  # neither answered while worker 1 stood at clock 0
+    assert s.pushes_applied == [1, 1] and s.version == 2 and s.pushes_received == [2, 1]
+    assert [v for v, _ in replies] == [2, 2]
+
+
+def test_a_retried_ssp_push_whose_bound_is_never_met_fails_in_time():
+    async def main():
+        s = shard("ssp", workers=2)  # worker 1 never pushes
+        first = asyncio.ensure_future(push(s, 0, 1))
+        await asyncio.sleep(0.05)
+        retry = await asyncio.gather(push(s, 0, 1), return_exceptions=True)
+        return s, retry[0], await asyncio.gather(first, return_exceptions=True)
+
+    s, retry, first = asyncio.run(asyncio.wait_for(main(), 10))
+    assert isinstance(retry, RoundFailed), retry
+    assert "missing worker(s) [1]" in str(retry) and "clock 1" in str(retry)
+    assert isinstance(first[0], RoundFailed)
+    assert s.pushes_applied == [1, 0] and s.version == 1  # the retry applied nothing
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
+def test_a_push_after_an_abort_fails_at_once_and_applies_nothing(mode):
+    # regression: abort ended only the waiting round; the next sync push waited the whole
+    # round timeout for a group that was gone
+    async def main():
+        s = shard(mode, timeout_s=60)
+        await s.abort(TOKEN, "rank(s) [2] died")
+        t0 = time.monotonic()
+        results = await asyncio.wait_for(
+            asyncio.gather(push(s, 0), push(s, 1, 2), return_exceptions=True), 5
+        )
+        return s, results, time.monotonic() - t0
+
+    s, results, took = asyncio.run(main())
+    assert took < 1
+    for err in results:
+        assert isinstance(err, RoundFailed), err
+        assert "shard 1 [4:10)" in str(err) and "aborted: rank(s) [2] died" in str(err)
+    assert s.version == 0 and s.pushes_applied == [0, 0, 0]
+    np.testing.assert_array_equal(s.params, 0)

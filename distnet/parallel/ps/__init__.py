@@ -16,10 +16,11 @@ from distnet.parallel.ps.server import (
     penalty_mask_of,
     shard_ranges,
 )
-from distnet.parallel.ps.shard import ParameterServerShard, PushRefused
+from distnet.parallel.ps.shard import CallRefused, ParameterServerShard, PushRefused
 from distnet.parallel.ps.worker import ParameterServerOptimizer
 
 __all__ = [
+    "CallRefused",
     "DEFAULT_OPTIMIZER_ON",
     "HybridOptimizer",
     "ParameterServer",

@@ -33,7 +33,11 @@ import numpy as np
 
 from distnet import backend, trace
 from distnet.parallel.ps.server import ParameterServer
-from distnet.parallel.ps.worker import ParameterServerOptimizer
+from distnet.parallel.ps.worker import (
+    ParameterServerOptimizer,
+    server_optimizer_state,
+    worker_optimizer_state,
+)
 
 
 class HybridOptimizer:
@@ -151,12 +155,13 @@ class HybridOptimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """The shards' optimiser state in the wrapped optimiser's format (flat arrays of
-        shape ``(n,)``, lr, steps): they make the updates (see ``ParameterServerOptimizer``)."""
-        return {k[4:]: v for k, v in self.ps.state_dict().items() if k.startswith("opt/")}
+        shape ``(n,)``, lr, steps: this worker's own, the shards' in ``server_steps``): they
+        make the updates (see ``ParameterServerOptimizer``)."""
+        return server_optimizer_state(self.ps, self.optimizer.steps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Loads state into the wrapped optimiser (``load_server`` puts it into the shards)."""
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(worker_optimizer_state(state))
 
     def load_server(self, state: dict[str, Any]) -> None:
         """Writes this leader's parameters (a restored checkpoint's) and ``state`` into the

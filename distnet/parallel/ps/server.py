@@ -227,9 +227,9 @@ class ParameterServer:
         return call_shards(self, lambda i, shard: submit(shard), {index: ref})[index]
 
     def _get(self, refs: Any) -> Any:
-        """``ray.get(refs)`` within ``timeout_s``. A worker may set ``interrupt`` (a callable
-        that raises when its group was stopped: a dead worker never completes a sync round),
-        which is then checked twice a second while the shards have not answered."""
+        """``ray.get(refs)`` within ``timeout_s``. A worker's ``interrupt`` (set by ``attach``:
+        a callable that raises when its group was stopped, since a dead worker never completes
+        a sync round) is checked twice a second while the shards have not answered."""
         ray = _ray()
         interrupt = self.__dict__.get("interrupt")
         if interrupt is None:
@@ -286,7 +286,7 @@ class ParameterServer:
     # --- driver-side API ------------------------------------------------------------------
     def pull(self) -> np.ndarray:
         """The whole parameter vector, shape ``(n,)`` float32 (a copy)."""
-        return np.concatenate([np.asarray(p) for p in self.call_all("get_params")])
+        return np.concatenate([np.asarray(p) for p in self.call_all("get_params", self.token)])
 
     def stats(self) -> dict[str, Any]:
         """Per shard: version, per-worker clocks, staleness histograms, ssp (clock, slowest
@@ -313,7 +313,7 @@ class ParameterServer:
     def state_dict(self) -> dict[str, Any]:
         """Shard-count-independent state: ``params`` and ``opt/<name>`` as whole flat arrays
         (shape ``(n,)``), the optimiser's scalars, and ``shard_meta`` (JSON per shard)."""
-        parts = self.call_all("state_dict")
+        parts = self.call_all("state_dict", self.token)
         state: dict[str, Any] = {}
         for key in parts[0]:
             if key == "meta":
@@ -344,20 +344,35 @@ class ParameterServer:
                 if k != "shard_meta"
             }
             part["meta"] = json.dumps({"version": version, "clocks": clocks, "lo": lo, "hi": hi})
-            refs.append((part, self.shards[i].load_state_dict.remote(part)))
+            refs.append((part, self.shards[i].load_state_dict.remote(self.token, part)))
         for i, (part, ref) in enumerate(refs):
-            self.call_with_retry(i, lambda s, p=part: s.load_state_dict.remote(p), ref)
+            self.call_with_retry(i, lambda s, p=part: s.load_state_dict.remote(self.token, p), ref)
 
     def abort(self, reason: str) -> None:
-        """The group pushing here is gone: every waiting sync round and ssp wait on the shards
-        fails with ``reason`` (``RoundFailed``), and this handle's calls stop retrying. Does not
-        wait for the shards (a dead one cannot answer)."""
+        """The group pushing here is gone: ``abort_rounds(reason)``, and this handle's calls
+        stop retrying."""
         self.aborted = f"aborted: {reason}"
+        self.abort_rounds(reason)
+
+    def abort_rounds(self, reason: str) -> None:
+        """Every waiting sync round and ssp wait on the shards, and every later push, fails
+        at once with ``reason`` (``RoundFailed``) instead of waiting out the round timeout.
+        This handle's other calls go on (rank 0 still reads the shards' state after a peer
+        died). Does not wait for the shards (a dead one cannot answer)."""
         for s in self.shards:
             try:
-                s.abort.remote(reason)
+                s.abort.remote(self.token, reason)
             except Exception:  # noqa: BLE001 (a shard already gone has nothing to abort)
                 pass
+
+    def attach(self, mailbox: Any) -> None:
+        """Ties this worker's copy of the handle to its group's ``mailbox`` (``check()``,
+        ``on_abort(callback)``), which the engine aborts when the group fails (a worker
+        died, the driver stops the group): this worker's calls then stop waiting, and the
+        shards fail their waiting rounds at once (``abort_rounds``); a dead worker never
+        completes a sync round, and the next group gets a new server."""
+        self.interrupt = mailbox.check
+        mailbox.on_abort(self.abort_rounds)
 
     def shutdown(self) -> None:
         """Kills the shards (no restart) and removes a snapshot directory this handle made."""

@@ -11,7 +11,10 @@ the optimiser on the workers, the summed gradient slice) comes back, after
   at least this worker's clock minus s, so no worker starts a step more than s clocks ahead.
 
 Every push carries the job's token; anything not from this job, or not a float32 array of the
-slice's shape, is refused before the parameters are touched. The slice and optimiser state are
+slice's shape, is refused before the parameters are touched. So is every call that reads or
+writes the parameters or the optimiser state, or aborts (``get_params``, ``get_reply``,
+``set_params``, ``state_dict``, ``load_state_dict``, ``abort``: the token comes first); only
+``stats`` and ``ping`` (counters, no parameters) answer anyone. The slice and optimiser state are
 snapshotted to a file every ``snapshot_every`` updates; a restarted actor (``max_restarts``)
 reloads it in its constructor. The rounds since that snapshot are lost; in ``sync`` the
 workers may then stand one step apart on this shard (one got the dead incarnation's reply,
@@ -20,10 +23,13 @@ different steps (``rounds_lost`` counts these).
 
 No wait is unbounded: a sync round that has not heard from every worker within
 ``round_timeout_s`` of its first push, or an ssp wait for the slowest worker that long, fails
-with ``RoundFailed`` naming the shard and the missing worker(s); ``abort(reason)`` fails them at
-once (the Ray engine calls it when it tears a group down to replace a lost worker: the new
-group gets a new server, so the old one's rounds can never complete). Per-worker counters of
-pushes received and applied (``stats``) show that every update is applied exactly once.
+with ``RoundFailed`` naming the shard and the missing worker(s); ``abort(token, reason)`` fails
+them, and every later push, at once (the Ray engine's workers call it through
+``ParameterServer.attach`` when the driver tears their group down, a worker having died or
+failed: the next group gets a new server, so the old one's rounds can never complete). In ssp
+a retried push (its clock applied already) is not applied again but waits for the bound as its
+first call does, else a worker whose call timed out would run ahead of it. Per-worker counters
+of pushes received and applied (``stats``) show that every update is applied exactly once.
 In async/ssp, workers may ``leave`` and ``join`` (``membership.py``): ssp then waits only
 for the slowest live worker.
 """
@@ -65,7 +71,11 @@ def _was_restarted() -> bool:
         return False
 
 
-class PushRefused(ValueError):
+class CallRefused(ValueError):
+    """A call that did not carry this job's token (never retried)."""
+
+
+class PushRefused(CallRefused):
     """A push that was not from this job or did not fit the shard (never retried)."""
 
 
@@ -163,7 +173,7 @@ class ParameterServerShard(Membership, ShardLink):
         if snapshot_path and _was_restarted() and os.path.exists(snapshot_path):
             self._restore(load_snapshot(snapshot_path))
         elif snapshot_path:
-            save_snapshot(snapshot_path, self.state_dict())  # a restart before the first one
+            save_snapshot(snapshot_path, self._state())  # a restart before the first one
 
     # --- checks ---------------------------------------------------------------------------
     def _check(
@@ -196,11 +206,20 @@ class ParameterServerShard(Membership, ShardLink):
         return None
 
     def _sender_problem(self, token: Any, worker: Any) -> str | None:
-        if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
+        if not self._from_job(token):
             return "the push does not carry this job's token"
         if not isinstance(worker, int) or not 0 <= worker < self.num_workers:
             return f"worker index {worker!r} is not in [0, {self.num_workers})"
         return None
+
+    def _from_job(self, token: Any) -> bool:
+        return isinstance(token, str) and hmac.compare_digest(token, self._token)
+
+    def _check_caller(self, token: Any, what: str) -> None:
+        """Refuses ``what`` (a call other than a push) without this job's token."""
+        if not self._from_job(token):
+            self.refused += 1
+            raise CallRefused(f"{self._where()}: {what} refused: not this job's token")
 
     # --- the one call per step ------------------------------------------------------------
     async def push_pull(
@@ -231,11 +250,21 @@ class ParameterServerShard(Membership, ShardLink):
         self._check(token, worker, grad, share, clock, seen_version, lr)
         self.pushes_received[worker] += 1
         self.linked_pushes[worker] += linked
+        if self._aborted is not None:  # the group that pushes here is gone: nothing completes
+            self.rounds_failed += 1
+            raise RoundFailed(
+                f"{self._where()}: push of worker {worker} at clock {clock} failed: {self._aborted}"
+            )
         if not self._admits(worker, incarnation):
             return self._answer(linked)
         if lr is not None and self.opt is not None:
             self.opt.lr = float(lr)
         if clock <= self.clocks[worker]:  # a retried push that was applied already
+            if self.mode == "ssp":
+                # its first call may still be waiting for the slowest worker: the retry waits
+                # as long (answered at once, it would let the worker run past the bound)
+                async with self._clock_changed:
+                    await self._ssp_wait(worker, clock)
             return self._answer(linked)
         if self.mode == "sync":
             return await self._sync_push(worker, clock, seen_version, grad, share, linked)
@@ -295,10 +324,11 @@ class ParameterServerShard(Membership, ShardLink):
             self._round = _Round()  # later pushes start a new round
         round_.done.set()
 
-    async def abort(self, reason: str) -> int:
+    async def abort(self, token: str, reason: str) -> int:
         """Fails the waiting sync round and every ssp wait with ``reason`` (the group that
-        pushes here is gone; later ssp waits fail too); returns how many workers were waiting
-        in the sync round."""
+        pushes here is gone; every later push fails at once too); returns how many workers
+        were waiting in the sync round."""
+        self._check_caller(token, "abort")
         waiting = len(self._round.pending)
         if waiting:
             self._fail_round(self._round, f"aborted: {reason}")
@@ -424,7 +454,7 @@ class ParameterServerShard(Membership, ShardLink):
 
     def _maybe_snapshot(self) -> None:
         if self.snapshot_path and self.snapshot_every and self.version % self.snapshot_every == 0:
-            save_snapshot(self.snapshot_path, self.state_dict())
+            save_snapshot(self.snapshot_path, self._state())
 
     def _record(self, worker: int, clock: int, seen_version: int) -> None:
         self.clocks[worker] = max(self.clocks[worker], clock)
@@ -439,8 +469,12 @@ class ParameterServerShard(Membership, ShardLink):
         return self.params
 
     # --- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, token: str) -> dict[str, Any]:
         """Arrays (params and optimiser state, numpy) and the counters; shapes ``(hi - lo,)``."""
+        self._check_caller(token, "state_dict")
+        return self._state()
+
+    def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"params": self.params.copy()}
         if self.opt is not None:
             for k, v in self.opt.state_dict().items():
@@ -451,8 +485,12 @@ class ParameterServerShard(Membership, ShardLink):
         )  # fmt: skip
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, token: str, state: dict[str, Any]) -> None:
         """Restores what ``state_dict`` gave (the same range); checked before anything moves."""
+        self._check_caller(token, "load_state_dict")
+        self._load_state(state)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         meta = json.loads(str(state["meta"]))
         if (meta["lo"], meta["hi"]) != (self.lo, self.hi):
             raise ValueError(
@@ -473,22 +511,37 @@ class ParameterServerShard(Membership, ShardLink):
         self.pushes_applied = [int(c) for c in meta.get("applied", self.clocks)]
         self.load_membership(meta)
         if self.snapshot_path:  # a restart now must come back to this state, not the old one
-            save_snapshot(self.snapshot_path, self.state_dict())
+            save_snapshot(self.snapshot_path, self._state())
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state)
+        self._load_state(state)
         self.restored_from_snapshot = True
 
-    def get_reply(self) -> tuple[int, np.ndarray]:
-        """``(version, reply)`` as an array: for a worker that cannot map this shard's board."""
-        return self.version, self._reply()
+    def get_reply(self, token: str) -> tuple[int, np.ndarray]:
+        """``(version, reply)`` as an array (a copy, as ``_answer``'s): for a worker that
+        cannot map this shard's board."""
+        self._check_caller(token, "get_reply")
+        return self.version, self._reply().copy()
 
-    def get_params(self) -> np.ndarray:
-        """This shard's slice of the parameters, shape ``(hi - lo,)``."""
-        return self.params
+    def get_params(self, token: str) -> np.ndarray:
+        """A copy of this shard's slice of the parameters, shape ``(hi - lo,)``."""
+        self._check_caller(token, "get_params")
+        return self.params.copy()
 
-    def set_params(self, params: np.ndarray) -> None:
-        """Overwrites the slice (the optimiser-on-workers mode publishes worker 0's)."""
+    def set_params(self, token: str, params: np.ndarray) -> None:
+        """Overwrites the slice (the optimiser-on-workers mode publishes worker 0's) with
+        ``params``, shape ``(hi - lo,)`` float32."""
+        self._check_caller(token, "set_params")
+        if not (
+            isinstance(params, np.ndarray) and params.dtype == np.float32
+            and params.shape == self.params.shape
+        ):  # fmt: skip
+            self.refused += 1
+            raise CallRefused(
+                f"{self._where()}: set_params refused: "
+                f"{getattr(params, 'dtype', type(params).__name__)} of shape "
+                f"{getattr(params, 'shape', None)}, expected float32 {self.params.shape}"
+            )
         self.params[...] = params
         if self.opt is not None:
             self._publish()

@@ -68,7 +68,11 @@ class ShardLink:
             self._board.publish(self._reply(), self.version)
 
     def _answer(self, linked: bool) -> tuple[int, Any]:
-        """``(version, reply)``: the board's ref for a linked worker, else the array."""
+        """``(version, reply)``: the board's ref for a linked worker, else a copy of the array.
+
+        A copy: Ray serialises a reply after the coroutine returned, in another thread, while
+        the event loop may already run the next push's update (a kernel that releases the
+        GIL) on the same array; the reply would then mix two versions."""
         if linked and self._board is not None:
             return self.version, self._board.ref
-        return self.version, self._reply()
+        return self.version, self._reply().copy()

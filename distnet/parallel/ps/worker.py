@@ -100,7 +100,7 @@ class ParameterServerOptimizer:
         return 1.0 / self.ps.num_workers if share is None else share
 
     def _pull_all(self) -> None:
-        parts = self.ps.call_all("state_dict")
+        parts = self.ps.call_all("state_dict", self.ps.token)
         self.optimizer.follow_layout()
         xp = backend.array_module(self.optimizer.flat_params)
         for i, ((lo, hi), part) in enumerate(zip(self.ps.ranges, parts, strict=True)):
@@ -208,7 +208,9 @@ class ParameterServerOptimizer:
                 part = host
             except link.LinkError:
                 self._by_link[i] = False
-                version, part = self.ps.call_with_retry(i, lambda s: s.get_reply.remote())
+                version, part = self.ps.call_with_retry(
+                    i, lambda s: s.get_reply.remote(self.ps.token)
+                )
             if part is host and xp is np:
                 return int(version)
         target[lo:hi] = xp.asarray(part)
@@ -225,26 +227,33 @@ class ParameterServerOptimizer:
         params = backend.to_device(self.optimizer.flat_params, "cpu")
         for i, (lo, hi) in enumerate(self.ps.ranges):
             part = np.ascontiguousarray(params[lo:hi])
-            self.ps.call_with_retry(i, lambda s, p=part: s.set_params.remote(p))
+            self.ps.call_with_retry(i, lambda s, p=part: s.set_params.remote(self.ps.token, p))
 
     def state_dict(self) -> dict[str, Any]:
         """The state of the optimiser that makes the updates, in the wrapped optimiser's format
         (flat arrays of shape ``(n,)``, lr, steps): the shards' when they step (momentum,
-        Adam's moments and step count live there; the wrapped optimiser's are never used),
-        else the wrapped optimiser's. A checkpoint of it resumes the run where it was."""
+        Adam's moments live there; the wrapped optimiser's are never used), else the wrapped
+        optimiser's. A checkpoint of it resumes the run where it was.
+
+        ``steps`` is this worker's own count (fit numbers the steps, and keys the dropout
+        noise, on from it); the shards' count (every worker's pushes in async/ssp: Adam's
+        bias correction) goes in ``server_steps``."""
         if self.ps.optimizer_on != "server":
             return self.optimizer.state_dict()
-        return {k[4:]: v for k, v in self.ps.state_dict().items() if k.startswith("opt/")}
+        return server_optimizer_state(self.ps, self.optimizer.steps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Loads state into the wrapped optimiser (``load_server`` puts it into the shards)."""
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(worker_optimizer_state(state))
 
     def load_server(self, state: dict[str, Any]) -> None:
         """Writes this worker's parameters (a restored checkpoint's) and the optimiser
         ``state`` (what ``state_dict`` gave) into the shards. Call it on one worker, before
         any worker pushes again, then ``pull()`` on every worker."""
         params = np.array(backend.to_device(self.optimizer.flat_params, "cpu"), np.float32)
+        state = dict(state)
+        if "server_steps" in state:  # the shards go on counting from their own count
+            state["steps"] = state.pop("server_steps")
         server = {"params": params, **{f"opt/{k}": v for k, v in state.items()}}
         if self.ps.optimizer_on != "server":  # summing shards keep no optimiser state
             server = {"params": params}
@@ -277,3 +286,18 @@ class ParameterServerOptimizer:
         """Worker 0 publishes its parameters when the optimiser runs on the workers."""
         if self.ps.optimizer_on == "worker" and self.worker_index == 0:
             self.publish()
+
+
+def server_optimizer_state(ps: ParameterServer, steps: int) -> dict[str, Any]:
+    """The shards' optimiser state (flat arrays of shape ``(n,)``, lr) with ``steps``, the
+    calling worker's own step count, and ``server_steps``, the count of updates the shards
+    made (which differs in async/ssp, where every worker's push is an update)."""
+    state = {k[4:]: v for k, v in ps.state_dict().items() if k.startswith("opt/")}
+    state["server_steps"] = state.get("steps", steps)
+    state["steps"] = int(steps)
+    return state
+
+
+def worker_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` of ``server_optimizer_state`` as the wrapped optimiser loads it."""
+    return {k: v for k, v in state.items() if k != "server_steps"}

@@ -226,6 +226,7 @@ class RankSetup:
             ParameterServer,
             ParameterServerOptimizer,
         )
+        from distnet.parallel.ps.optimizers import optimizer_settings  # noqa: PLC0415
 
         ps_opts = dict(self.spec.get("ps") or {})
         pushers = self.comm.size
@@ -253,10 +254,10 @@ class RankSetup:
                 placement=[_on_this_node()] * shards,
             )
         server = self.comm.bcast(server, root=0)
-        # a sync round whose worker died never completes: leave it when the driver aborts
-        # (the shards stay up until rank 0's after_failure took its carry from them, then
-        # release() or close() stops them)
-        server.interrupt = self.comm.mailbox.check
+        # a sync round whose worker died never completes: leave it, and end it on the shards,
+        # when the driver aborts (the shards stay up until rank 0's after_failure took its
+        # carry from them, then release() or close() stops them)
+        server.attach(self.comm.mailbox)
         self.servers.append(server)
         self.joins.stage_started(server)
         if hybrid:
@@ -290,20 +291,6 @@ def _on_this_node() -> dict[str, Any]:
 
     node = ray.get_runtime_context().get_node_id()
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
-
-
-# keyword arguments of distnet.optim's classes, as the parameter server's shards take them
-_OPTIMIZER_KEYS = ("lr", "momentum", "nesterov", "eps", "alpha", "centered", "weight_decay",
-                   "l1", "decay_biases", "lr_decay")  # fmt: skip
-
-
-def optimizer_settings(opt: Any) -> dict[str, Any]:
-    """``{"name": "adam", "lr": ..., ...}`` of a ``distnet.optim`` optimiser."""
-    settings: dict[str, Any] = {"name": type(opt).__name__.lower()}
-    settings.update({k: getattr(opt, k) for k in _OPTIMIZER_KEYS if hasattr(opt, k)})
-    if hasattr(opt, "beta1"):
-        settings["betas"] = (opt.beta1, opt.beta2)
-    return settings
 
 
 class _ClosingServer:
