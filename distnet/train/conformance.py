@@ -135,19 +135,29 @@ def _random_config(rng: random.Random, fixed: Pair | None = None) -> Config:
     return config
 
 
+def _bases() -> list[Config]:
+    """The plainest configuration on every engine, strategy and mode (the keys most refusals
+    are about): completions of a pair to try first."""
+    plain = {name: values[0] for name, values in DIMENSIONS.items()}
+    keys = ("engine", "strategy", "mode")
+    return [{**plain, **dict(zip(keys, values, strict=True))}
+            for values in itertools.product(*(DIMENSIONS[k] for k in keys))]  # fmt: skip
+
+
 def coverable_pairs(tries: int = 200, seed: int = 0) -> set[Pair]:
     """Every pair of values that some accepted configuration holds (found by completing each
-    pair with the plainest values, then with ``tries`` random ones)."""
+    pair with the plainest values on every engine, strategy and mode, then with ``tries``
+    random ones)."""
     rng = random.Random(seed)
-    plain = {name: values[0] for name, values in DIMENSIONS.items()}
     names = list(DIMENSIONS)
+    bases = _bases()
     out: set[Pair] = set()
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             for va, vb in itertools.product(DIMENSIONS[a], DIMENSIONS[b]):
                 pair = ((a, va), (b, vb))
                 candidates = itertools.chain(
-                    [{**plain, a: va, b: vb}],
+                    ({**base, a: va, b: vb} for base in bases),
                     (_random_config(rng, pair) for _ in range(tries)),
                 )
                 if any(refusal(c) is None for c in candidates):
@@ -230,8 +240,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
+def refused_pairs() -> list[tuple[Pair, str]]:
+    """The pairs of values no accepted configuration holds, each with the line that refuses
+    it (with the plainest values elsewhere)."""
+    coverable = coverable_pairs()
+    out = []
+    for a, b in itertools.combinations(DIMENSIONS, 2):
+        for va, vb in itertools.product(DIMENSIONS[a], DIMENSIONS[b]):
+            if ((a, va), (b, vb)) not in coverable:
+                # the line of the completion on the most permissive engine, ray-2 (a
+                # completion on engine local would name the engine, not the pair)
+                why = refusal({**_bases()[0], "engine": "ray-2", a: va, b: vb})
+                out.append((((a, va), (b, vb)), why or "refused in every completion"))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    """``distnet matrix``: the configurations and, for each refused one, the line why."""
+    """``distnet matrix``: the configurations and, for each refused one, the line why (the
+    pairwise listing: its rows, then the pairs of values the job spec always refuses)."""
     rows = list(full()) if args.full else pairwise()
     refused = 0
     for config in rows:
@@ -241,8 +267,15 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"name": name(config), "config": config, "refused": why}))
         else:
             print(f"{name(config)}" + (f"  REFUSED: {why}" if why else ""))
+    pairs = [] if args.full else refused_pairs()
+    for ((a, va), (b, vb)), why in pairs:
+        if args.json:
+            print(json.dumps({"pair": {a: va, b: vb}, "refused": why}))
+        else:
+            print(f"REFUSED PAIR {a}={va} {b}={vb}: {why}")
     if not args.json:
-        print(f"{len(rows)} configurations, {refused} refused "
+        print(f"{len(rows)} configurations, {refused + len(pairs)} refused "
+              f"{'configurations' if args.full else 'pairs'} "
               f"({'full product' if args.full else 'pairwise'}; dimensions: "
               f"{', '.join(f'{k} {len(v)}' for k, v in DIMENSIONS.items())})")  # fmt: skip
     return 0

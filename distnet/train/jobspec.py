@@ -268,8 +268,7 @@ class JobSpec(Section):
         conflicts = [f"[dist] {line}" for line in dist_conflicts(self.dist)]
         if self.model.dropout and self.model.type != "mlp":
             conflicts.append(f"[model] dropout = {self.model.dropout} is read by type = 'mlp' "
-                             f"only (type {self.model.type!r}: a 'dropout P' entry of layers "
-                             "for a cnn)")  # fmt: skip
+                             "only (a cnn takes a 'dropout P' entry in layers)")  # fmt: skip
         if conflicts:  # the first: one line, the one to fix first
             raise ValueError(conflicts[0])
         return self
