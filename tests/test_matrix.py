@@ -178,9 +178,33 @@ def _mpi(n: int, script: str, path: Path, crash: bool) -> tuple[int, str]:
 
 @pytest.mark.parametrize("config", [_param(c) for c in _rows()])
 def test_matrix_row(config, stores, tmp_path, request):
+    _check_row(config, stores, tmp_path, request, os.environ.get("DISTNET_MATRIX_DEVICE", "cpu"))
+
+
+def _cuda_rows() -> list:
+    rows = [c for c in conformance.pairwise() if c["engine"] == "local"]
+    return [_param(c) for c in rows if _exact(c)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _cuda_rows())
+def test_matrix_row_on_cuda(config, stores, tmp_path, request):
+    """The one-process rows on a GPU, against the CPU reference (the whole matrix on a GPU:
+    DISTNET_MATRIX_DEVICE=cuda; several ranks on one GPU are issue 20 item 8)."""
+    _check_row(config, stores, tmp_path, request, "cuda")
+
+
+def _check_row(config: dict, stores: dict, tmp_path: Path, request, device: str) -> None:
+    if device != "cpu":
+        from distnet.backend import gpu_skip_reason  # noqa: PLC0415
+
+        if (reason := gpu_skip_reason()) is not None:
+            pytest.skip(f"device {device}: {reason}")
     assert conformance.refusal(config) is None
     out = tmp_path / "run"
-    path = write_job(tmp_path / "job.toml", _sections(config, stores, out))
+    sections = _sections(config, stores, out)
+    sections["run"]["device"] = device
+    path = write_job(tmp_path / "job.toml", sections)
     started = time.monotonic()
     if config["engine"].startswith("ray"):
         request.getfixturevalue("ray_cluster")
@@ -212,7 +236,7 @@ def test_matrix_row(config, stores, tmp_path, request):
     assert np.isfinite(history).all() and history[-1] < history[0], history
     if _exact(config):
         ref = _reference(config, stores, tmp_path.parent)
-        tol = 2e-3 if config["compression"] == "fp16" else 2e-4
+        tol = 2e-3 if config["compression"] == "fp16" or device != "cpu" else 2e-4
         np.testing.assert_allclose(params[0], ref, rtol=tol, atol=tol)
     report = result.get("report") or {}
     for stats in report.get("ps_stats") or []:  # the shards' own clock records
