@@ -80,7 +80,11 @@ def test_every_refused_combination_gets_one_line_naming_its_keys():
          "[dist] compression = 'fp16' does nothing with strategy 'ps'"),
         ({"engine": "mpi", "shard_optimizer": True, "compression": "fp16"},
          "[dist] compression = 'fp16' does nothing with shard_optimizer = true"),
-        ({"engine": "local", "shard_optimizer": True}, "[dist] shard_optimizer = true needs"),
+        ({"engine": "local", "shard_optimizer": True},
+         "[dist] shard_optimizer = true needs engine 'mpi'"),
+        ({"engine": "ray", "shard_optimizer": True},
+         "[dist] shard_optimizer = true needs engine 'mpi' (ZeRO-1 shards the optimiser state "
+         "over MPI ranks; engine 'ray')"),
         ({"engine": "local", "compression": "fp16"}, "[dist] compression = 'fp16' needs several"),
     ],
 )  # fmt: skip

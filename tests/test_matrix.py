@@ -47,6 +47,11 @@ KNOWN_BROKEN: list[tuple[Any, str, str, bool]] = [
     (lambda c: c["strategy"] != "allreduce" and c["nonfinite"] != "none",
      "issue 20 item 1 (the ps/hybrid wrappers' finite decision is rank-local)",
      "a NaN sample on one worker: the job hangs until the test's timeout (300 s)", True),
+    (lambda c: c["engine"].startswith("ray") and c["stage"] == "codes"
+     and c["shares"] == "rebalance",
+     "issue 20 item 4 (cached codes under throughput rebalancing on Ray)",
+     "RayEngineError: ValueError: batch_share 0.5 is not this worker's 0.6458333333333334",
+     False),
     (lambda c: c["compression"] == "fp16" and c["nonfinite"] != "none",
      "new (parallel/buckets.py fp16 compression)",
      "a NaN gradient is reported as 'the reduced gradient overflowed float16' and aborts "
@@ -135,7 +140,8 @@ def _run_ray(config: dict, path: Path, out: Path) -> dict:
 
     job = load_job(path)
     options = options_from_job(job)
-    options.sample_log = str(out.parent / f"{out.name}-samples")
+    if config["stage"] != "cnn":  # the sample log reads ids from flat samples' last column
+        options.sample_log = str(out.parent / f"{out.name}-samples")
     options.collective_timeout_s = 60.0
     if config["resume"] and config["nonfinite"] != "stop":  # the last worker dies at its
         # second step; the job goes on
@@ -144,8 +150,10 @@ def _run_ray(config: dict, path: Path, out: Path) -> dict:
         report = run_ray_job(job, options, log=lambda line: None)
     except Exception as e:  # noqa: BLE001  (the oracle reads what it says)
         return {"rc": 1, "text": f"{type(e).__name__}: {e}"}
-    return {"rc": 0, "text": "", "params": [_ray_params(job, out)], "report": report,
-            "samples": Path(options.sample_log)}  # fmt: skip
+    result = {"rc": 0, "text": "", "params": [_ray_params(job, out)], "report": report}
+    if options.sample_log:
+        result["samples"] = Path(options.sample_log)
+    return result
 
 
 def _run_ranks(config: dict, path: Path, out: Path) -> dict:

@@ -208,10 +208,14 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
             out.append(f"{', '.join(given)}: only the Ray engine reads "
                        f"{'it' if len(given) == 1 else 'them'}; set engine = 'ray' or remove "
                        f"{'it' if len(given) == 1 else 'them'} (engine {engine!r})")  # fmt: skip
-    if engine == "local":  # one process: nothing to shard or to compress
-        if dist.shard_optimizer is True:
-            out.append("shard_optimizer = true needs several ranks (engine 'local' is one "
-                       "process); set it to 'auto' or false")  # fmt: skip
+    if dist.shard_optimizer is True and engine in ("local", "ray"):
+        # ZeRO-1 (distnet.parallel.zero) shards over MPI ranks; a Ray worker raised
+        # "ShardedOptimizer needs the MPI engine" only once its stage began
+        out.append(
+            f"shard_optimizer = true needs engine 'mpi' (ZeRO-1 shards the optimiser "
+            f"state over MPI ranks; engine {engine!r}); set it to 'auto' or false"
+        )
+    if engine == "local":  # one process: nothing to compress
         if dist.compression != "none":
             out.append(f"compression = {dist.compression!r} needs several ranks (engine "
                        "'local' is one process); set 'none'")  # fmt: skip
