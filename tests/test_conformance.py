@@ -75,7 +75,7 @@ def test_every_refused_combination_gets_one_line_naming_its_keys():
         ({"engine": "ray", "strategy": "ps", "workers_per_node": 2},
          "[dist] workers_per_node = 2 needs strategy 'hybrid'"),
         ({"engine": "ray", "strategy": "hybrid", "shard_optimizer": True},
-         "[dist] shard_optimizer = true does nothing with strategy 'hybrid'"),
+         "[dist] shard_optimizer = true needs engine 'mpi'"),
         ({"engine": "ray", "strategy": "ps", "compression": "fp16"},
          "[dist] compression = 'fp16' does nothing with strategy 'ps'"),
         ({"engine": "mpi", "shard_optimizer": True, "compression": "fp16"},
@@ -133,6 +133,12 @@ def test_ray_keys_in_a_file_whose_engine_auto_runs_locally_are_refused(tmp_path,
     # the same keys with the Ray engine are what the job asks for
     job_dict = load_job(job, {"dist": {"engine": "ray"}})
     assert job_dict["dist"]["workers"] == 3 and job_dict["dist"]["strategy"] == "ps"
+
+
+def test_zero_with_a_parameter_server_is_refused_where_the_engine_is_not_yet_known():
+    # engine "auto" (run_ray_job takes loaded jobs as they are)
+    with pytest.raises(JobError, match="shard_optimizer = true does nothing with strategy 'ps'"):
+        jobspec.validate({"dist": {"strategy": "ps", "shard_optimizer": True}}, "j.toml")
 
 
 def test_the_defaults_and_every_plain_engine_are_accepted():
