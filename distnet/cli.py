@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("distnet.parallel.launcher", "start N ranks with mpiexec (like horovodrun)"),
     "bench": ("distnet.bench", "benchmarks: core, loader, allreduce"),
     "report": ("distnet.train.report", "summarise a run directory"),
+    "matrix": ("distnet.train.conformance", "list the conformance matrix and what is refused"),
 }
 
 

@@ -58,7 +58,7 @@ weight_decay = 0.0
 engine = "ray"
 strategy = "{strategy}"
 mode = "{mode}"
-shards = 2
+shards = {shards}
 worker_resources = {pins}
 rebalance_every = 0
 
@@ -133,7 +133,8 @@ def ids(tmp_path_factory):
 def make_job(root, name, *, pins, strategy="allreduce", mode="sync", optimizer="sgd", lr=0.1):
     path = root / f"{name}.toml"
     text = JOB.format(data=root / "ids", optimizer=optimizer, lr=lr, strategy=strategy,
-                      mode=mode, pins=pins)  # fmt: skip
+                      mode=mode, pins=pins,
+                      shards=1 if strategy == "allreduce" else 2)  # fmt: skip
     path.write_text(text)
     return load_job(path, {"run": {"out": str(root / name)}})
 

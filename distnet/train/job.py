@@ -502,6 +502,27 @@ def _codes_loaders(job: dict, model: Any, train: Any, loader: Any, comm: Any, ou
     return layer_loader
 
 
+def _load_for_engine(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> dict:
+    """``load_job`` with engine "auto" resolved to the engine it runs on (MPI under an MPI
+    launcher, else local), so that keys this engine ignores are refused as for an explicit
+    one; a Ray option given on the command line without ``--engine ray`` is named by its flag."""
+    from distnet.parallel.comm import launched_by_mpi  # noqa: PLC0415
+
+    engine = overrides.get("dist", {}).get("engine")
+    if engine is None:
+        file_only = {k: v for k, v in overrides.items() if k != "dist"}
+        engine = load_job(args.job, file_only)["dist"]["engine"]
+    if engine == "auto":
+        engine = "mpi" if launched_by_mpi() else "local"
+        overrides = jobspec.merge(overrides, {"dist": {"engine": engine}})
+    flags = [f"--{k.replace('_', '-')}" for k in dist_overrides(args)]
+    if flags and engine != "ray":
+        raise JobError(f"{' and '.join(flags)} need{'s' if len(flags) == 1 else ''} --engine ray "
+                       f"(this job would run on engine {engine!r}, where "
+                       f"{'it does' if len(flags) == 1 else 'they do'} nothing)")  # fmt: skip
+    return load_job(args.job, overrides)
+
+
 def run(args: argparse.Namespace) -> int:
     """``distnet train``: exit 0, or 2 with a one-line reason for a job that cannot run."""
     overrides: dict[str, dict[str, Any]] = {}
@@ -522,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
         for text in args.set:
             section, key, value = jobspec.parse_override(text)
             overrides = jobspec.merge(overrides, {section: {key: value}})
-        job = load_job(args.job, overrides)
+        job = _load_for_engine(args, overrides)
         options = preflight(job, args.job, args.restart, log)  # before any engine starts
         if options is not None:  # this process drives Ray worker actors
             options.trace = args.trace

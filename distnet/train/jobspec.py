@@ -16,7 +16,14 @@ from __future__ import annotations
 import tomllib
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class JobError(ValueError):
@@ -177,6 +184,68 @@ class DistSpec(Section):
         return tables
 
 
+# [dist] keys that only the Ray engine reads (distnet/parallel/rayengine/jobs.py): set under
+# engine "local" or "mpi" they would do nothing, so they are refused (mode only when not sync)
+RAY_ONLY_KEYS = ("workers", "cpu_workers", "gpus_per_worker", "min_workers", "placement",
+                 "address", "rebalance_every", "workers_per_node", "devices", "worker_resources",
+                 "survivors_go_on", "shards", "staleness", "mode")  # fmt: skip
+
+
+def dist_conflicts(dist: DistSpec) -> list[str]:
+    """Combinations of ``[dist]`` keys that cannot run as written (one line each, naming the
+    keys and the way out): a key the chosen engine or strategy ignores, or two features that
+    exclude each other. The conformance matrix asks this same function which combinations are
+    refused (``distnet.train.conformance``)."""
+    out: list[str] = []
+    engine, strategy, mode = dist.engine, dist.strategy, dist.mode
+    if engine in ("local", "mpi"):
+        if strategy != "allreduce":
+            out.append(f"strategy = {strategy!r} needs engine = 'ray' (engine {engine!r} "
+                       "synchronises by allreduce only)")  # fmt: skip
+        given = [k for k in RAY_ONLY_KEYS if k in dist.model_fields_set]
+        given = [k for k in given if k != "mode" or mode != "sync"]
+        if given:
+            out.append(f"{', '.join(given)}: only the Ray engine reads "
+                       f"{'it' if len(given) == 1 else 'them'}; set engine = 'ray' or remove "
+                       f"{'it' if len(given) == 1 else 'them'} (engine {engine!r})")  # fmt: skip
+    if dist.shard_optimizer is True and engine in ("local", "ray"):
+        # ZeRO-1 (distnet.parallel.zero) shards over MPI ranks; a Ray worker raised
+        # "ShardedOptimizer needs the MPI engine" only once its stage began
+        out.append(
+            f"shard_optimizer = true needs engine 'mpi' (ZeRO-1 shards the optimiser "
+            f"state over MPI ranks; engine {engine!r}); set it to 'auto' or false"
+        )
+    if engine == "local":  # one process: nothing to compress
+        if dist.compression != "none":
+            out.append(f"compression = {dist.compression!r} needs several ranks (engine "
+                       "'local' is one process); set 'none'")  # fmt: skip
+    ps = strategy in ("ps", "hybrid")
+    if mode != "sync" and not ps:
+        out.append(f"mode = {mode!r} needs strategy 'ps' or 'hybrid' (allreduce is synchronous)")
+    if dist.staleness and mode != "ssp":
+        out.append(f"staleness = {dist.staleness} needs mode = 'ssp' (the bound of ssp only)")
+    if dist.shards > 1 and not ps:
+        out.append(f"shards = {dist.shards} needs strategy 'ps' or 'hybrid' (parameter-server "
+                   "shards)")  # fmt: skip
+    if dist.workers_per_node and strategy != "hybrid":
+        out.append(f"workers_per_node = {dist.workers_per_node} needs strategy 'hybrid'")
+    if dist.shard_optimizer is True and ps:
+        out.append(f"shard_optimizer = true does nothing with strategy {strategy!r} (the "
+                   "parameter server's shards already hold the optimiser state); set it to "
+                   "'auto' or false")  # fmt: skip
+    if dist.compression != "none" and ps:
+        out.append(
+            f"compression = {dist.compression!r} does nothing with strategy "
+            f"{strategy!r} (pushes to the parameter server are float32); set 'none'"
+        )
+    if dist.compression != "none" and dist.shard_optimizer is True:
+        out.append(
+            f"compression = {dist.compression!r} does nothing with shard_optimizer = "
+            "true (ZeRO's reduce-scatter is float32); set one of them off"
+        )
+    return out
+
+
 class RunSpec(Section):
     out: str = _field("runs/job", "a directory path")
     seed: int = _field(0, "an integer >= 0", ge=0)
@@ -197,6 +266,17 @@ class JobSpec(Section):
     dist: DistSpec = DistSpec()
     run: RunSpec = RunSpec()
 
+    @model_validator(mode="after")
+    def _combinations(self) -> JobSpec:
+        # one section's keys that exclude each other: refused here, before anything starts
+        conflicts = [f"[dist] {line}" for line in dist_conflicts(self.dist)]
+        if self.model.dropout and self.model.type != "mlp":
+            conflicts.append(f"[model] dropout = {self.model.dropout} is read by type = 'mlp' "
+                             "only (a cnn takes a 'dropout P' entry in layers)")  # fmt: skip
+        if conflicts:  # the first: one line, the one to fix first
+            raise ValueError(conflicts[0])
+        return self
+
 
 def defaults() -> dict[str, dict[str, Any]]:
     """Every section's keys with their default values."""
@@ -215,6 +295,8 @@ def _expectation(loc: tuple[Any, ...]) -> str | None:
 def _describe(error: dict[str, Any]) -> str:
     """One pydantic error as ``[section] key: expected ..., got ...``."""
     loc = tuple(error["loc"])
+    if error["type"] == "value_error" and not loc:  # JobSpec's own check names its section
+        return error["msg"].removeprefix("Value error, ")
     if not loc:  # the whole document
         return f"expected a table of sections {sorted(JobSpec.model_fields)}"
     where = f"[{loc[0]}]" + (f" {'.'.join(map(str, loc[1:]))}" if len(loc) > 1 else "")
