@@ -88,6 +88,14 @@ def test_allreduce_through_shared_memory_equals_mpi(np_):
 
 
 @pytest.mark.timeout(60)
+def test_shared_memory_allreduce_refuses_different_sizes_without_the_consistency_check():
+    env = {"DISTNET_COLLECTIVE_CHECK": "0"}
+    proc, _ = launch(2, str(SCRIPTS / "shm_allreduce.py"), env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[0] shm ok" in proc.stdout
+
+
+@pytest.mark.timeout(60)
 def test_shared_memory_allreduce_can_be_switched_off():
     proc, _ = launch(2, str(SCRIPTS / "shm_allreduce.py"), env={"DISTNET_SHM_ALLREDUCE": "0"})
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -39,6 +39,7 @@ import numpy as np
 
 from distnet.backend import is_gpu_array
 from distnet.parallel.comm import Communicator, _check_contiguous, _check_op
+from distnet.parallel.consistency import CallRecord, CollectiveTrace
 
 # Below this many bytes a chunk rides inside the actor call itself: an object-store round
 # trip costs more than pickling a few kB.
@@ -168,6 +169,7 @@ class RayCommunicator(Communicator):
         self.keep_sent = False
         self._sent: dict[int, deque] = {}
         self._send_lock = threading.Lock()
+        self.trace = CollectiveTrace(rank, size, self._exchange_records)
 
     # --- messages -------------------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -219,8 +221,19 @@ class RayCommunicator(Communicator):
                 handle.deliver.remote(self.generation, seq, self.rank, payload)
         return len(again)
 
-    def _recv(self, src: int, seq: int, what: str) -> Any:
+    def _recv(self, src: int, seq: Any, what: str) -> Any:
         return self.mailbox.take(self.generation, seq, src, self.timeout_s, what)
+
+    def _exchange_records(self, record: CallRecord) -> list[CallRecord]:
+        """The consistency check's allgather: keyed ("check", seq), apart from any data."""
+        key = ("check", record.seq)
+        with self._send_lock:
+            for dst in range(self.size):
+                if dst != self.rank:
+                    self.peers[dst].deliver.remote(self.generation, key, self.rank, record)
+        what = f"the check of collective #{record.seq} on rank {self.rank}"
+        return [record if src == self.rank else self._recv(src, key, what)
+                for src in range(self.size)]  # fmt: skip
 
     def _pack(self, arr: np.ndarray) -> Any:
         """An inline copy of a small array, or a one-element list holding the reference of a
@@ -254,11 +267,15 @@ class RayCommunicator(Communicator):
             return buf
         if is_gpu_array(buf):
             if self._nccl is not None:
+                self.trace.enter(f"allreduce({op})", buf)
                 return self._nccl.allreduce(buf, op)
             host = buf.get()  # mixed CPU/GPU group: through host memory
-            self.allreduce(host, op)
+            self._allreduce_host(host, op)
             buf.set(host)
             return buf
+        return self._allreduce_host(buf, op)
+
+    def _allreduce_host(self, buf: np.ndarray, op: str) -> np.ndarray:
         flat = buf.reshape(-1)
         seq = self._next_seq()
         what = f"allreduce #{seq} on rank {self.rank}"
@@ -266,6 +283,7 @@ class RayCommunicator(Communicator):
         if replayed:
             flat[:] = result
             return buf
+        self.trace.enter(f"allreduce({op})", buf, seq=seq)
         bounds = chunk_bounds(flat.size, self.size)
         for dst, (a, b) in enumerate(bounds):
             if dst != self.rank:
@@ -311,17 +329,22 @@ class RayCommunicator(Communicator):
             return buf
         if is_gpu_array(buf):
             if self._nccl is not None:
+                self.trace.enter("broadcast", buf, root)
                 return self._nccl.broadcast(buf, root)
             host = buf.get()
-            self.broadcast(host, root)
+            self._broadcast_host(host, root)
             buf.set(host)
             return buf
+        return self._broadcast_host(buf, root)
+
+    def _broadcast_host(self, buf: np.ndarray, root: int) -> np.ndarray:
         seq = self._next_seq()
         what = f"broadcast #{seq} from rank {root} on rank {self.rank}"
         replayed, result = self._replayed(seq, what)
         if replayed:
             buf.reshape(-1)[:] = result
             return buf
+        self.trace.enter("broadcast", buf, root, seq=seq)
         if self.rank == root:
             packed = self._pack(buf.reshape(-1))
             for dst in range(self.size):
@@ -334,13 +357,17 @@ class RayCommunicator(Communicator):
 
     def allgather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (small, picklable), in rank order."""
+        return self._allgather(value, "allgather")
+
+    def _allgather(self, value: Any, op: str, root: int = -1) -> list[Any]:
         if self.size == 1:
             return [value]
         seq = self._next_seq()
-        what = f"allgather #{seq} on rank {self.rank}"
+        what = f"{op} #{seq} on rank {self.rank}"
         replayed, result = self._replayed(seq, what)
         if replayed:
             return list(result)
+        self.trace.enter(op, None, root, seq=seq)
         for dst in range(self.size):
             if dst != self.rank:
                 self._send(dst, seq, value)
@@ -351,11 +378,12 @@ class RayCommunicator(Communicator):
         return result
 
     def barrier(self) -> None:
-        self.allgather(None)
+        self._allgather(None, "barrier")
 
     def bcast(self, value: Any, root: int = 0) -> Any:
         """Root's small picklable ``value`` on every rank (mpi4py's lowercase ``bcast``)."""
-        return self.allgather(value if self.rank == root else None)[root]
+        values = self._allgather(value if self.rank == root else None, "broadcast_object", root)
+        return values[root]
 
     def abort(self, code: int = 1) -> None:
         """Ends this worker's part; the driver sees the failure and stops the others."""
