@@ -117,6 +117,39 @@ def test_an_uncaught_mismatch_ends_the_mpi_job_with_the_error():
     assert time.monotonic() - t0 < 60
 
 
+@MPI_ONLY
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_a_stall_report_says_where_each_rank_is(tmp_path):
+    """Rank 1 sleeps instead of its third allreduce: within the stall limit plus the time to
+    ask, rank 0 names both ranks, their last collectives and the sleeping frame, in the log
+    and in the run directory's stall.json (which report.html shows)."""
+    env = {"STALL_S": "1", "STALL_SLEEP": "6", "STALL_REPORT_DIR": str(tmp_path)}
+    t0 = time.monotonic()
+    proc = launch(2, str(SCRIPTS / "failures.py"), "stall", timeout=60, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "stall: ranks [1] have not joined allreduce 3" in output, output
+    lines = output.splitlines()
+    rank0 = next(i for i, line in enumerate(lines) if "stall: rank 0: last collective" in line)
+    rank1 = next(i for i, line in enumerate(lines) if "stall: rank 1: last collective" in line)
+    assert "last collective #3 allreduce(sum)" in lines[rank0], lines[rank0]
+    assert "last collective #2 allreduce(sum)" in lines[rank1], lines[rank1]
+    stack0 = "\n".join(lines[rank0 + 1 : rank1])
+    stack1 = "\n".join(lines[rank1 + 1 :])
+    assert "failures.py" in stack0 and "comm.allreduce(buf" in stack0, stack0
+    assert "in sleep_instead_of_step_3" in stack1, stack1
+    assert "[0] step 3 ok" in proc.stdout  # rank 1 woke up and the job went on
+    (report,) = json.loads((tmp_path / "stall.json").read_text())
+    assert report["laggards"] == [1] and "have not joined allreduce 3" in report["message"]
+    assert [(p["rank"], p["seq"], p["op"]) for p in report["ranks"]] == [
+        (0, 3, "allreduce(sum)"),
+        (1, 2, "allreduce(sum)"),
+    ]
+    assert "in sleep_instead_of_step_3" in report["ranks"][1]["stack"]
+    assert time.monotonic() - t0 < 45
+
+
 # --- a real local Ray ----------------------------------------------------------------------
 def _ray_rank0_calls(comm, buf):
     comm.allreduce(buf, "sum")

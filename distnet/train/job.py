@@ -354,6 +354,7 @@ def run_job(
         comm.set_hierarchical(hierarchical)
     rank, size = comm.rank, comm.size
     out = Path(job["run"]["out"])
+    distributed.stall.set_report_dir(out)  # report.html shows where a stalled job's ranks were
     say = log if rank == 0 else (lambda line: None)
     train = open_dataset(job["data"]["train"])
     global_batch = int(job["data"]["batch_size"])
