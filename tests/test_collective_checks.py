@@ -56,6 +56,29 @@ def test_a_differing_record_raises_naming_both_ranks_and_call_sites(mine, says):
     assert "rank 1: #1 allreduce(sum) of 10 float32 at train.py:7 in step" in text, text
 
 
+def test_fingerprints_first_and_records_only_when_they_differ():
+    exchanged = []
+
+    def exchange(record):
+        exchanged.append(record)
+        return [record, record._replace(rank=1, op="broadcast")]
+
+    def gather_ints(prints):
+        rows = [prints.copy(), prints.copy()]
+        if peer_differs:
+            rows[1][1] += 1  # another CRC: rank 1 called something else
+        return np.stack(rows)
+
+    trace = CollectiveTrace(0, 2, exchange, check=True, gather_ints=gather_ints)
+    peer_differs = False
+    trace.enter("allreduce(sum)", np.zeros(3, np.float32))
+    assert exchanged == []  # agreeing fingerprints: no records sent
+    peer_differs = True
+    with pytest.raises(CollectiveMismatch, match="rank 1: #2 broadcast of 3 float32"):
+        trace.enter("allreduce(sum)", np.zeros(3, np.float32))
+    assert len(exchanged) == 1
+
+
 def test_off_the_trace_only_counts():
     def exchange(record):
         raise AssertionError("no exchange with the check off")

@@ -22,6 +22,8 @@ import sys
 import traceback
 from typing import Any
 
+import numpy as np
+
 from distnet import backend
 from distnet.backend import array_module, is_gpu_array
 from distnet.parallel.consistency import CollectiveTrace, check_enabled_from_env
@@ -195,7 +197,7 @@ class MPICommunicator(Communicator):
         # the records travel on their own communicator, so they never match a collective's data
         self._check_comm = self.comm.Dup() if check else None
         exchange = self._check_comm.allgather if self._check_comm is not None else None
-        self.trace = CollectiveTrace(self.rank, self.size, exchange, check)
+        self.trace = CollectiveTrace(self.rank, self.size, exchange, check, self._gather_ints)
         self._nccl: Any = None
         self._nccl_hierarchical: Any = None
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -204,6 +206,12 @@ class MPICommunicator(Communicator):
         self.shm = ShmAllreduce(self.comm, MPI) if shared else None
         if abort_on_error and self.size > 1:
             install_abort_excepthook(self)
+
+    def _gather_ints(self, values: Any) -> Any:
+        """The check's fingerprints of every rank: one small buffer allgather, no pickling."""
+        table = np.empty((self.size, values.size), dtype=values.dtype)
+        self._check_comm.Allgather(values, table)
+        return table
 
     def set_hierarchical(self, mode: bool | str = "auto") -> bool:
         mode = parse_hierarchical_mode(mode)

@@ -7,7 +7,9 @@ trace always keeps the number and name of the latest collective (what a stall re
 each rank). With the check on, ``enter`` also hands this rank's ``CallRecord`` (sequence
 number, operation, dtype, size, root, call site) to an exchange the engine provides: an
 allgather on a side channel that every rank's k-th collective uses, whatever that collective
-is, so the exchange itself always matches. When any rank's record differs from this rank's,
+is, so the exchange itself always matches. An engine may also offer an allgather of two
+integers per rank (the sequence number and a CRC of the rest), the cheap first look: the full
+records then travel only when those differ. When any rank's record differs from this rank's,
 every rank raises ``CollectiveMismatch`` naming each rank's operation and call site, instead
 of hanging in mismatched collectives or mixing their payloads (PyTorch's
 ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` does this for its process groups). Off, a collective pays
@@ -18,8 +20,11 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
+
+import numpy as np
 
 CHECK_ENV = "DISTNET_COLLECTIVE_CHECK"
 
@@ -111,22 +116,31 @@ def describe_buffer(buf: Any) -> tuple[str, int]:
 
 Exchange = Callable[[CallRecord], list[CallRecord]]
 """An allgather of one ``CallRecord`` per rank on a channel no collective's data uses."""
+GatherInts = Callable[[np.ndarray], np.ndarray]
+"""An allgather of a 1-D int64 array (same length on every rank): shape ``(size, n)``."""
 
 
 class CollectiveTrace:
     """The collectives of one communicator on this rank.
 
     ``exchange``: the engine's side-channel allgather (None: nothing to compare with);
-    ``check``: compare records (default ``DISTNET_COLLECTIVE_CHECK``); only with ``size > 1``.
+    ``check``: compare records (default ``DISTNET_COLLECTIVE_CHECK``); only with ``size > 1``;
+    ``gather_ints``: the engine's cheaper allgather of fingerprints on the same channel.
     """
 
     def __init__(
-        self, rank: int, size: int, exchange: Exchange | None = None, check: bool | None = None
+        self,
+        rank: int,
+        size: int,
+        exchange: Exchange | None = None,
+        check: bool | None = None,
+        gather_ints: GatherInts | None = None,
     ) -> None:
         self.rank, self.size = rank, size
         self.seq = 0
         self.op = ""
-        self.exchange = exchange
+        self.exchange, self.gather_ints = exchange, gather_ints
+        self._print = np.zeros(2, dtype=np.int64)
         wanted = check_enabled_from_env() if check is None else check
         self.check = bool(wanted) and size > 1 and exchange is not None
 
@@ -141,6 +155,13 @@ class CollectiveTrace:
 
     def _compare(self, op: str, buf: Any, root: int) -> None:
         dtype, size = describe_buffer(buf)
+        if self.gather_ints is not None:
+            # every rank sees the same table, so every rank goes on, or exchanges records
+            self._print[0] = self.seq
+            self._print[1] = zlib.crc32(f"{op}|{dtype}|{size}|{root}".encode())
+            table = self.gather_ints(self._print)
+            if (table == self._print).all():
+                return
         mine = CallRecord(self.rank, self.seq, op, dtype, size, root, call_site(1))
         records = self.exchange(mine)  # type: ignore[misc]
         if not all(mine.agrees(other) for other in records):
