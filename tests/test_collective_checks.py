@@ -89,6 +89,33 @@ def test_off_the_trace_only_counts():
     assert trace.last() == (3, "barrier")
 
 
+class _Inbox:
+    """A peer's ``deliver.remote`` that keeps what arrives (the communicator's bookkeeping)."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple] = []
+        self.deliver = self
+        self.remote = lambda *message: self.got.append(message)
+
+
+def test_a_replacement_is_sent_the_check_records_it_missed_again():
+    """On Ray, check records are kept like data (``keep_sent``): a rank that replaces a lost
+    one gets both again, or it would wait for a record nobody sends."""
+    from distnet.parallel.rayengine import Mailbox, RayCommunicator  # noqa: PLC0415
+
+    peer = _Inbox()
+    comm = RayCommunicator(1, 2, [peer, _Inbox()], Mailbox(), timeout_s=5, check=True)
+    comm.keep_sent = True
+    record = CallRecord(0, 1, "allgather", "object", -1, -1, "rank0.py:1 in f")
+    comm.mailbox.put(0, ("check", 1), 0, record)
+    comm.mailbox.put(0, 1, 0, "from rank 0")
+    assert comm.allgather("mine") == ["from rank 0", "mine"]
+    assert [m[1] for m in peer.got] == [("check", 1), 1]
+    fresh = _Inbox()
+    assert comm.replace_peer(0, fresh, after_seq=0) == 2 and fresh.got == peer.got
+    assert comm.replace_peer(0, _Inbox(), after_seq=1) == 0
+
+
 # --- real mpiexec ----------------------------------------------------------------------------
 def _mismatches(stdout: str) -> dict[tuple[str, int], str | None]:
     found = {}

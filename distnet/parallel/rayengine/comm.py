@@ -123,6 +123,12 @@ class Mailbox:
             self._on_abort = []
 
 
+def _number(key: Any) -> int:
+    """The collective a message key belongs to: ``seq``, ``-seq`` (its second phase) or
+    ``("check", seq)`` (its consistency-check record)."""
+    return abs(key) if isinstance(key, int) else int(key[1])
+
+
 def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous, balanced ``[start, stop)`` ranges covering ``range(n)``."""
     cuts = [(n * i) // parts for i in range(parts + 1)]
@@ -139,6 +145,8 @@ class RayCommunicator(Communicator):
         generation: the group's generation; a group rebuilt after a worker was lost gets a
             new one, so late messages of the old group are never taken for new ones.
         timeout_s: the longest wait for a peer's message.
+        check: compare every collective across ranks first (default: the environment's
+            ``DISTNET_COLLECTIVE_CHECK``; see ``distnet.parallel.consistency``).
     """
 
     engine = "ray"
@@ -152,6 +160,7 @@ class RayCommunicator(Communicator):
         *,
         generation: int = 0,
         timeout_s: float = 300.0,
+        check: bool | None = None,
     ) -> None:
         if len(peers) != size or not 0 <= rank < size:
             raise ValueError(f"rank {rank} with {len(peers)} peers for a group of size {size}")
@@ -169,19 +178,20 @@ class RayCommunicator(Communicator):
         self.keep_sent = False
         self._sent: dict[int, deque] = {}
         self._send_lock = threading.Lock()
-        self.trace = CollectiveTrace(rank, size, self._exchange_records)
+        self.trace = CollectiveTrace(rank, size, self._exchange_records, check)
 
     # --- messages -------------------------------------------------------------------------
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def _send(self, dst: int, seq: int, payload: Any) -> None:
+    def _send(self, dst: int, seq: Any, payload: Any) -> None:
         # Fire and forget: a lost delivery shows up as the receiver's timeout or abort.
         with self._send_lock:  # replace_peer may swap peers[dst] meanwhile
             self.peers[dst].deliver.remote(self.generation, seq, self.rank, payload)
             if self.keep_sent:
-                self._sent.setdefault(dst, deque(maxlen=16)).append((seq, payload))
+                # 32: 16 collectives' data and their consistency-check records
+                self._sent.setdefault(dst, deque(maxlen=32)).append((seq, payload))
 
     # --- joining a running group ----------------------------------------------------------
     def start_recording(self) -> None:
@@ -216,7 +226,7 @@ class RayCommunicator(Communicator):
         ``after_seq`` sent to its predecessor go to it again. Returns how many."""
         with self._send_lock:
             self.peers[rank] = handle
-            again = [(q, p) for q, p in self._sent.get(rank, ()) if abs(q) > after_seq]
+            again = [(q, p) for q, p in self._sent.get(rank, ()) if _number(q) > after_seq]
             for seq, payload in again:
                 handle.deliver.remote(self.generation, seq, self.rank, payload)
         return len(again)
@@ -227,10 +237,9 @@ class RayCommunicator(Communicator):
     def _exchange_records(self, record: CallRecord) -> list[CallRecord]:
         """The consistency check's allgather: keyed ("check", seq), apart from any data."""
         key = ("check", record.seq)
-        with self._send_lock:
-            for dst in range(self.size):
-                if dst != self.rank:
-                    self.peers[dst].deliver.remote(self.generation, key, self.rank, record)
+        for dst in range(self.size):
+            if dst != self.rank:
+                self._send(dst, key, record)  # kept like data: a replacement gets it again
         what = f"the check of collective #{record.seq} on rank {self.rank}"
         return [record if src == self.rank else self._recv(src, key, what)
                 for src in range(self.size)]  # fmt: skip
