@@ -137,7 +137,8 @@ class StallDetector:
         """Every rank's ``where`` (rank 0's own at once), waiting at most ``ASK_S``."""
         asks = [self._comm.isend(None, dest=r, tag=_ASK) for r in range(1, self.comm.size)]
         answers = {0: where(self.comm, self._thread_id)}
-        deadline = time.monotonic() + min(ASK_S, max(self.warn_after_s, 1.0))
+        wait_s = min(ASK_S, max(self.warn_after_s, 1.0))
+        deadline = time.monotonic() + wait_s
         while len(answers) < self.comm.size and time.monotonic() < deadline:
             self._drain()  # the steps still arrive meanwhile
             status = self._mpi.Status()
@@ -148,7 +149,7 @@ class StallDetector:
                 time.sleep(0.01)
         self._asks = asks  # small eager sends: done, or matched by a late answerer
         return [answers.get(r, {"rank": r, "seq": None, "op": None,
-                                "stack": f"(no answer within {ASK_S:.0f} s)"})
+                                "stack": f"(no answer within {wait_s:.0f} s)"})
                 for r in range(self.comm.size)]  # fmt: skip
 
     def _drain(self) -> None:
@@ -196,9 +197,8 @@ class StallDetector:
         ranks = self._ask_everyone()
         lines = [msg]
         for place in ranks:
-            last = f"#{place['seq']} {place['op']}" if place["seq"] else "none yet"
-            if place["seq"] is None:
-                last = "unknown"
+            seq = place["seq"]
+            last = "unknown" if seq is None else f"#{seq} {place['op']}" if seq else "none yet"
             lines.append(f"stall: rank {place['rank']}: last collective {last}; stack:")
             lines += [f"  {line}" for line in place["stack"].splitlines()]
         self.reports.append(msg)
