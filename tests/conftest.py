@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# Every collective of every test (and of the ranks and actors they start, which inherit the
+# environment) is compared across ranks: a mismatch raises instead of hanging or mixing data.
+os.environ.setdefault("DISTNET_COLLECTIVE_CHECK", "1")
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():

@@ -83,7 +83,16 @@ def test_allreduce_through_shared_memory_equals_mpi(np_):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[0] shm ok" in proc.stdout
     calls = json.loads(proc.stdout.split("[0] calls:", 1)[1].splitlines()[0])
-    assert calls["shm"] == 14, calls  # 8 whole buffers, 2 buckets, 1 iallreduce, 3 new ones
+    # 8 whole buffers, 2 buckets, 1 iallreduce, 3 new ones, a layer's 2-D gradient
+    assert calls["shm"] == 15, calls
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_allreduce_refuses_different_sizes_without_the_consistency_check():
+    env = {"DISTNET_COLLECTIVE_CHECK": "0"}
+    proc, _ = launch(2, str(SCRIPTS / "shm_allreduce.py"), env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[0] shm ok" in proc.stdout
 
 
 @pytest.mark.timeout(60)

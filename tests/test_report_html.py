@@ -224,6 +224,35 @@ def test_staleness_records_become_histograms(run_dir, tmp_path):
     assert "staleness histograms" in [img["alt"] for img in page.images]
 
 
+def test_a_stalled_run_shows_where_each_rank_was(run_dir, tmp_path):
+    """stall.json (what the stall check of distnet.parallel.stall writes) becomes a section
+    of the page of a run that did not finish, and of no other."""
+    from distnet.train.report_html import write_html_report
+
+    stacks = ['  File "fit.py", line 1, in fit\n    opt.step()',
+              '  File "loader.py", line 2, in <lambda>\n    time.sleep(9)']  # fmt: skip
+    ranks = [{"rank": r, "seq": 9 - r, "op": "allreduce(sum)", "stack": stacks[r]} for r in (0, 1)]
+    message = "stall: ranks [1] have not joined the allreduce of step 4"
+    stall = {"time": 1.7e9, "message": message, "waited_s": 2.0, "laggards": [1], "ranks": ranks}
+    for finished in (False, True):
+        copy = tmp_path / f"finished-{finished}"
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("data"))
+        if not finished:
+            (copy / "report.json").unlink()
+        (copy / "stall.json").write_text(json.dumps([stall]))
+        text = write_html_report(copy).read_text()
+        _, data = parse(copy / "report.html")
+        assert data["stalls"] == [stall]
+        if finished:
+            assert "Where the ranks were" not in text
+            continue
+        assert "Where the ranks were (stall)" in text
+        assert "stall: ranks [1] have not joined the allreduce of step 4" in text
+        assert '<td class="n">0</td><td>#9 allreduce(sum)</td>' in text
+        assert "#8 allreduce(sum)" in text and "time.sleep(9)" in text
+        assert "in &lt;lambda&gt;" in text  # escaped
+
+
 INJECTED = """<script>
 window.__errors = [];
 window.addEventListener('error', e => window.__errors.push(String(e.message || e.target.src || e.type).slice(0, 80)), true);

@@ -22,8 +22,11 @@ import sys
 import traceback
 from typing import Any
 
+import numpy as np
+
 from distnet import backend
 from distnet.backend import array_module, is_gpu_array
+from distnet.parallel.consistency import CollectiveTrace, check_enabled_from_env
 from distnet.parallel.hierarchical import HierarchicalGroups
 from distnet.parallel.hierarchical import mode_from_env as hierarchical_mode_from_env
 from distnet.parallel.hierarchical import parse_mode as parse_hierarchical_mode
@@ -87,6 +90,8 @@ class Communicator:
     engine: str = "local"
     num_nodes: int = 1
     hierarchical: bool = False  # allreduce inside nodes, then across node leaders
+    # numbers (and with DISTNET_COLLECTIVE_CHECK compares) the collectives; engines make their own
+    trace: CollectiveTrace = CollectiveTrace(0, 1)
 
     def set_hierarchical(self, mode: bool | str = "auto") -> bool:
         """Chooses the hierarchical allreduce (True/False, or "auto": on when there are several
@@ -186,6 +191,13 @@ class MPICommunicator(Communicator):
         self.local_size = self._groups.local_size
         self.num_nodes = self._groups.num_nodes
         self.set_hierarchical(hierarchical_mode_from_env())
+        check = check_enabled_from_env()
+        if self.size > 1:  # decided together: a rank alone in a Dup would wait forever
+            check = any(self.comm.allgather(check))
+        # the records travel on their own communicator, so they never match a collective's data
+        self._check_comm = self.comm.Dup() if check else None
+        exchange = self._check_comm.allgather if self._check_comm is not None else None
+        self.trace = CollectiveTrace(self.rank, self.size, exchange, check, self._gather_ints)
         self._nccl: Any = None
         self._nccl_hierarchical: Any = None
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -194,6 +206,12 @@ class MPICommunicator(Communicator):
         self.shm = ShmAllreduce(self.comm, MPI) if shared else None
         if abort_on_error and self.size > 1:
             install_abort_excepthook(self)
+
+    def _gather_ints(self, values: Any) -> Any:
+        """The check's fingerprints of every rank: one small buffer allgather, no pickling."""
+        table = np.empty((self.size, values.size), dtype=values.dtype)
+        self._check_comm.Allgather(values, table)
+        return table
 
     def set_hierarchical(self, mode: bool | str = "auto") -> bool:
         mode = parse_hierarchical_mode(mode)
@@ -226,8 +244,12 @@ class MPICommunicator(Communicator):
         _check_contiguous(buf)
         if self.size == 1:
             return buf
+        self.trace.enter(f"allreduce({op})", buf)
         if is_gpu_array(buf):
             return self._allreduce_gpu(buf, op)
+        return self._allreduce_host(buf, op)
+
+    def _allreduce_host(self, buf: Any, op: str) -> Any:
         if self.shm is not None and self.shm.allreduce(buf, op):
             return buf
         if self.hierarchical:
@@ -244,6 +266,8 @@ class MPICommunicator(Communicator):
         if self.size == 1 or is_gpu_array(buf):
             # NCCL calls are already asynchronous on their stream; the host path is blocking.
             return PendingAllreduce(None, self.allreduce(buf, op))
+        # MPI matches a non-blocking collective only with non-blocking ones
+        self.trace.enter(f"iallreduce({op})", buf)
         if self.shm is not None and self.shm.allreduce(buf, op):
             return PendingAllreduce(None, buf)  # done: loads and stores need no progress
         if self.hierarchical:
@@ -259,7 +283,7 @@ class MPICommunicator(Communicator):
             return nccl.allreduce(buf, op)
         # No NCCL (mixed CPU/GPU job): through host memory, correct but slower.
         host = buf.get()
-        self.allreduce(host, op)
+        self._allreduce_host(host, op)
         buf.set(host)
         return buf
 
@@ -269,6 +293,7 @@ class MPICommunicator(Communicator):
             raise ValueError(f"root {root} out of range for a communicator of size {self.size}")
         if self.size == 1:
             return buf
+        self.trace.enter("broadcast", buf, root)
         if is_gpu_array(buf):
             if self._nccl is not None:
                 return self._nccl.broadcast(buf, root)
@@ -280,12 +305,15 @@ class MPICommunicator(Communicator):
         return buf
 
     def barrier(self) -> None:
+        self.trace.enter("barrier")
         self.comm.Barrier()
 
     def allgather(self, value: Any) -> list[Any]:
+        self.trace.enter("allgather")
         return self.comm.allgather(value)
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
+        self.trace.enter("broadcast_object", None, root)
         return self.comm.bcast(value, root=root)
 
     def abort(self, code: int = 1) -> None:

@@ -145,12 +145,13 @@ class ShmAllreduce:
         views = self._views(buf)
         if views is None:
             return False
-        bounds = even_bounds(buf.size, self.size)
+        flat = buf.reshape(-1)  # contiguous: a view; slices below are of elements, not rows
+        bounds = even_bounds(flat.size, self.size)
         lo, hi = bounds[self.rank]
-        mine = buf[lo:hi]
+        mine = flat[lo:hi]
         self._reduce_slice(views, lo, hi, mine, op)
         self.comm.Barrier()  # every slice is reduced
-        self._copy_others(buf, views, bounds)
+        self._copy_others(flat, views, bounds)
         self.comm.Barrier()  # no rank writes its buffer while a peer still copies from it
         self.calls += 1
         return True
@@ -177,13 +178,14 @@ class ShmAllreduce:
         views = self._views(buf)  # its first step waits until every rank wrote its slice
         if views is None:
             return False
-        self._copy_others(buf, views, bounds)
+        self._copy_others(buf.reshape(-1), views, bounds)
         self.comm.Barrier()
         self.calls += 1
         return True
 
     def _views(self, buf: np.ndarray) -> list[np.ndarray] | None:
-        """Collective: every rank's copy of ``buf`` (this rank's is ``buf`` itself), or None
+        """Collective: every rank's copy of ``buf`` as 1-D views of its elements (this rank's
+        is ``buf`` itself), or None
         when some rank's is not shared or small. Waits until every rank has called it."""
         if not self.enabled or buf.nbytes < self.min_bytes:
             return None
@@ -202,7 +204,10 @@ class ShmAllreduce:
         """Every rank maps every other rank's slice of this buffer; False (and the shared path
         off from now on, on every rank) when some rank cannot."""
         segment, offset = found
-        info = (os.getpid(), segment.fd, segment.ident, segment.nbytes, offset, buf.nbytes)
+        # A peer maps the whole file, whose first ``header`` bytes are not the array's.
+        header = self.arena.header
+        info = (os.getpid(), segment.fd, segment.ident, header + segment.nbytes,
+                header + offset, buf.nbytes)  # fmt: skip
         infos = self.comm.allgather(info)
         sizes = [entry[5] for entry in infos]
         if len(set(sizes)) > 1:  # every rank sees the same list, so every rank raises
@@ -211,7 +216,7 @@ class ShmAllreduce:
         error = ""
         for rank, (pid, fd, ident, nbytes, off, size) in enumerate(infos):
             if rank == self.rank:
-                views.append(buf)
+                views.append(buf.reshape(-1))
                 continue
             try:
                 whole = self._peer_map(rank, pid, fd, ident, nbytes)

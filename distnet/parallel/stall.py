@@ -7,15 +7,26 @@ check costs no synchronisation); a thread on rank 0 keeps the latest k of every 
 when some rank stays behind the front for ``warn_after_s``, prints the ranks that have not
 joined. With ``abort_after_s`` it also ends the job, rather than letting it hang.
 
+A stall report also says where every rank is: rank 0 asks each rank, whose own watcher
+thread answers with its communicator's last collective (sequence number, operation; see
+``distnet.parallel.consistency``) and the Python stack of its training thread (the thread that
+made the detector), so a rank sleeping or stuck outside the collectives shows the frame it is
+in. Rank 0 logs it and, when a run directory was named (``set_report_dir``), writes it to
+``stall.json`` there for report.html. A rank that does not answer within ``ASK_S`` is said to.
+
 Messages go over a private duplicate of the communicator, so they never match user traffic.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import sys
 import threading
 import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +35,26 @@ DEFAULT_WARN_S = 60.0
 _TAG = 77
 _NAMES_KEPT = 256
 _CLOSED = -1  # the "step" a rank sends when it stops checking
+_ASK, _WHERE = 78, 79  # rank 0's "where are you?" and the answers
+ASK_S = 5.0
+"""The longest rank 0 waits for the answers of a stall report."""
+_STACK_FRAMES = 12
+_REPORT_DIR: list[Path] = []
+
+
+def set_report_dir(run_dir: str | os.PathLike | None) -> None:
+    """Stall reports of this process go to ``run_dir/stall.json`` too (None: log only)."""
+    _REPORT_DIR[:] = [] if run_dir is None else [Path(run_dir)]
+
+
+def where(comm: Any, thread_id: int | None) -> dict[str, Any]:
+    """This rank's place: {rank, seq, op (its last collective), stack (text of the thread
+    ``thread_id``'s innermost frames; the main thread's when None)}."""
+    seq, op = comm.trace.last()
+    ident = thread_id if thread_id is not None else threading.main_thread().ident
+    frame = sys._current_frames().get(ident)  # type: ignore[arg-type]
+    stack = "".join(traceback.format_stack(frame, limit=_STACK_FRAMES)) if frame else "(gone)"
+    return {"rank": comm.rank, "seq": seq, "op": op, "stack": stack.rstrip()}
 
 
 def stall_limit_from_env(default: float | None = DEFAULT_WARN_S) -> float | None:
@@ -54,6 +85,7 @@ class StallDetector:
         self.poll_s = poll_s
         self.step = 0
         self.reports: list[str] = []  # what rank 0 printed (tests read it)
+        self._thread_id = threading.get_ident()  # the training thread: whose stack to show
         # The watcher thread calls MPI beside the main thread: that needs THREAD_MULTIPLE.
         mpi = getattr(comm, "MPI", None)
         threaded = mpi is not None and mpi.Query_thread() >= mpi.THREAD_MULTIPLE
@@ -71,8 +103,10 @@ class StallDetector:
         if comm.rank == 0:
             self._latest = np.zeros(comm.size, dtype=np.int64)
             self._names: dict[int, str] = {}
-            self._thread = threading.Thread(target=self._watch, name="distnet-stall", daemon=True)
-            self._thread.start()
+        # every rank watches: rank 0 for stalls, the others for rank 0's questions
+        target = self._watch if comm.rank == 0 else self._answer
+        self._thread = threading.Thread(target=target, name="distnet-stall", daemon=True)
+        self._thread.start()
 
     def enter(self, name: str = "allreduce") -> None:
         """Records that this rank is about to enter its next collective (``name`` for messages)."""
@@ -91,7 +125,33 @@ class StallDetector:
         msg = np.array([self.step], dtype=np.int64)
         self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
 
+    # --- the other ranks ----------------------------------------------------------------
+    def _answer(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if self._comm.Iprobe(source=0, tag=_ASK):
+                self._comm.recv(source=0, tag=_ASK)
+                self._comm.send(where(self.comm, self._thread_id), dest=0, tag=_WHERE)
+
     # --- rank 0 -------------------------------------------------------------------------
+    def _ask_everyone(self) -> list[dict[str, Any]]:
+        """Every rank's ``where`` (rank 0's own at once), waiting at most ``ASK_S``."""
+        asks = [self._comm.isend(None, dest=r, tag=_ASK) for r in range(1, self.comm.size)]
+        answers = {0: where(self.comm, self._thread_id)}
+        wait_s = min(ASK_S, max(self.warn_after_s, 1.0))
+        deadline = time.monotonic() + wait_s
+        while len(answers) < self.comm.size and time.monotonic() < deadline:
+            self._drain()  # the steps still arrive meanwhile
+            status = self._mpi.Status()
+            if self._comm.Iprobe(source=self._mpi.ANY_SOURCE, tag=_WHERE, status=status):
+                answer = self._comm.recv(source=status.Get_source(), tag=_WHERE)
+                answers[int(answer["rank"])] = answer
+            else:
+                time.sleep(0.01)
+        self._asks = asks  # small eager sends: done, or matched by a late answerer
+        return [answers.get(r, {"rank": r, "seq": None, "op": None,
+                                "stack": f"(no answer within {wait_s:.0f} s)"})
+                for r in range(self.comm.size)]  # fmt: skip
+
     def _drain(self) -> None:
         status = self._mpi.Status()
         buf = np.zeros(1, dtype=np.int64)
@@ -134,8 +194,19 @@ class StallDetector:
             f"stall: ranks {laggards} have not joined {name} for {waited:.0f} s; "
             f"ranks {waiting} are waiting in it"
         )
+        ranks = self._ask_everyone()
+        lines = [msg]
+        for place in ranks:
+            seq = place["seq"]
+            last = "unknown" if seq is None else f"#{seq} {place['op']}" if seq else "none yet"
+            lines.append(f"stall: rank {place['rank']}: last collective {last}; stack:")
+            lines += [f"  {line}" for line in place["stack"].splitlines()]
         self.reports.append(msg)
-        self.comm.log(msg)
+        self.comm.log("\n".join(lines))
+        record = {"time": time.time(), "message": msg, "waited_s": round(waited, 1),
+                  "laggards": laggards, "ranks": ranks}  # fmt: skip
+        for run_dir in _REPORT_DIR:
+            _append_report(run_dir / "stall.json", record)
 
     def close(self) -> None:
         """Stops the check on this rank (rank 0 stops counting it as behind)."""
@@ -145,6 +216,19 @@ class StallDetector:
         if self.comm.rank != 0:
             msg = np.array([_CLOSED], dtype=np.int64)
             self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
-        elif self._thread is not None:
+        if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=5)
+
+
+def _append_report(path: Path, record: dict[str, Any]) -> None:
+    """Adds ``record`` to the list in ``path`` (written atomically); never raises, since a
+    report that cannot be written must not end the job it describes."""
+    try:
+        reports = json.loads(path.read_text()) if path.is_file() else []
+        reports.append(record)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(reports, indent=1))
+        os.replace(tmp, path)
+    except (OSError, ValueError) as err:
+        print(f"distnet: stall report not written to {path}: {err}", file=sys.stderr)

@@ -183,6 +183,7 @@ class ShardedOptimizer:
             return self.grad_shard
         mpi = self.comm.MPI
         with trace.span("allreduce", part="reduce_scatter"):  # counted in metrics' comm_s
+            self.comm.trace.enter("reduce_scatter(sum)", self.full_grads)
             shm = getattr(self.comm, "shm", None)
             if shm is None or not shm.reduce_scatter(self.full_grads, self.bounds, self.grad_shard):
                 self.comm.comm.Reduce_scatter(self.full_grads, self.grad_shard, self.counts,
@@ -198,6 +199,7 @@ class ShardedOptimizer:
         if self.comm.size > 1:
             mpi = self.comm.MPI
             with trace.span("allreduce", part="allgather"):
+                self.comm.trace.enter("allgather(params)", self.full_params)
                 shm = getattr(self.comm, "shm", None)
                 if shm is not None and shm.allgather(self.full_params, self.bounds):
                     return
@@ -214,6 +216,7 @@ class ShardedOptimizer:
             return full
         mpi = self.comm.MPI
         kind = mpi.FLOAT if shard.dtype == np.float32 else mpi.DOUBLE
+        self.comm.trace.enter("allgather(state)", full)
         self.comm.comm.Allgatherv(shard, [full, self.counts, self.displs, kind])
         return full
 

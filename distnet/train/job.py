@@ -357,6 +357,7 @@ def run_job(
         comm.set_hierarchical(hierarchical)
     rank, size = comm.rank, comm.size
     out = Path(job["run"]["out"])
+    distributed.stall.set_report_dir(out)  # report.html shows where a stalled job's ranks were
     say = log if rank == 0 else (lambda line: None)
     train = datacheck.check_data(job, size)  # the stores and the batch, before the first step
     global_batch = int(job["data"]["batch_size"])

@@ -190,7 +190,17 @@ def gather(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                   "ranks": sorted({e["pid"] for e in events if e.get("ph") == "X"})},
         "resumes": [{"stage": s.get("name"), "epoch": s["resumed_from_epoch"]}
                     for s in report.get("stages", []) if s.get("resumed_from_epoch")],
+        "stalls": _read_stalls(run_dir),
     }, events  # fmt: skip
+
+
+def _read_stalls(run_dir: Path) -> list[dict[str, Any]]:
+    """The stall reports (``distnet.parallel.stall``) in ``stall.json``; [] if none."""
+    try:
+        stalls = json.loads((run_dir / "stall.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return stalls if isinstance(stalls, list) else []
 
 
 # -- HTML --------------------------------------------------------------------------------
@@ -214,6 +224,7 @@ figcaption{font-size:.85em;color:#555}
 
 img{max-width:100%;image-rendering:pixelated}
 .status{padding:.2em .5em;background:#eef;border-radius:4px}
+pre{background:#f7f7f7;padding:.5em;overflow-x:auto;font-size:.85em}
 """
 
 
@@ -310,12 +321,32 @@ def _workers_section(data: dict[str, Any]) -> str:
     return "<h2>Workers</h2>" + _img(plots.plot_workers(rows), "per-worker time") + table + note
 
 
+def _stall_section(data: dict[str, Any]) -> str:
+    """Where every rank was at the last stall report, for a run that did not finish."""
+    stalls = data.get("stalls") or []
+    if not stalls or data["status"] == "finished":
+        return ""
+    last = stalls[-1]
+    rows, stacks = [], []
+    for place in last.get("ranks", []):
+        seq = place.get("seq")
+        collective = "unknown" if seq is None else f"#{seq} {place.get('op')}" if seq else "none"
+        rows.append([place.get("rank"), collective])
+        stacks.append(f"<p>rank {html.escape(str(place.get('rank')))}:</p>"
+                      f"<pre>{html.escape(str(place.get('stack', '')))}</pre>")  # fmt: skip
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0)))
+    return (f"<h2 id='stall'>Where the ranks were (stall)</h2><p>{html.escape(last['message'])}"
+            f" <span class='note'>({when}; {len(stalls)} stall report(s))</span></p>"
+            + _table(["rank", "last collective"], rows) + "".join(stacks))  # fmt: skip
+
+
 def render(data: dict[str, Any], events: list[dict[str, Any]]) -> str:
     """The page (a str of HTML) for gathered data and trace events."""
     parts = [f"<h1>distnet run {html.escape(data['run_dir'])}</h1>",
              f'<p><span class="status" id="run-status">{html.escape(data["status"])}</span> '
              f"<span class='note'>report written {time.strftime('%Y-%m-%d %H:%M:%S')}</span></p>",
-             _job_section(data), _stages_section(data), "<h2>Loss curves</h2>",
+             _job_section(data), _stall_section(data), _stages_section(data),
+             "<h2>Loss curves</h2>",
              _img(plots.plot_curves(data["curves"]), "loss curves",
                   "dotted: learning-rate changes; dashed red: where a stage resumed")]  # fmt: skip
     parts.append("<h2>What the network learned</h2>")

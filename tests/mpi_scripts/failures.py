@@ -11,12 +11,20 @@ import time
 import numpy as np
 
 from distnet.parallel import init
-from distnet.parallel.stall import StallDetector
+from distnet.parallel.stall import StallDetector, set_report_dir
 
 mode = sys.argv[1]
 comm = init("mpi")
+set_report_dir(os.environ.get("STALL_REPORT_DIR"))  # None: the log only
 stall = StallDetector(comm, warn_after_s=float(os.environ.get("STALL_S", "1")), poll_s=0.05)
 buf = np.ones(1000, dtype=np.float32)
+
+
+def sleep_instead_of_step_3() -> None:
+    """Where the stalled rank is: the stall report must show this frame."""
+    time.sleep(float(os.environ.get("STALL_SLEEP", "3")))
+
+
 for step in range(1, 6):
     if comm.rank == 1 and step == 3:
         if mode == "raise":
@@ -26,7 +34,7 @@ for step in range(1, 6):
         if mode == "exit":
             sys.exit(3)
         if mode == "stall":
-            time.sleep(float(os.environ.get("STALL_SLEEP", "3")))
+            sleep_instead_of_step_3()
     stall.enter(f"allreduce {step}")
     comm.allreduce(buf, "sum")
     comm.print0(f"step {step} ok")

@@ -13,7 +13,8 @@ import numpy as np
 from distnet import backend, nn
 from distnet.core.tensor import Tensor
 from distnet.parallel import bucketed_allreduce, init
-from distnet.parallel.shm import ARENA
+from distnet.parallel.consistency import CollectiveMismatch
+from distnet.parallel.shm import ARENA, SharedArena, ShmAllreduce
 
 comm = init("mpi")
 r, n = comm.rank, comm.size
@@ -97,13 +98,34 @@ for round_ in range(3):
     assert np.all(fresh == sum(range(n)) * (round_ + 1)), round_
     del fresh
 
-# 5. Buffers of different sizes on different ranks: an error on every rank, not a hang.
+# 5. A layer's 2-D gradient (a view into the flat buffer) is reduced element by element,
+#    and so is an array of an arena whose files start with a header.
+weight = model[0].weight.grad
+assert weight.ndim == 2 and weight.nbytes > comm.shm.min_bytes
+weight[:] = rng.standard_normal(weight.shape)
+expect = mpi_reference(weight, "sum")
+before = comm.shm.calls
+comm.allreduce(weight, "sum")
+assert comm.shm.calls == before + 1, "a 2-D view of a shared buffer goes through memory"
+np.testing.assert_allclose(weight, expect, rtol=1e-6, atol=1e-6)
+headed = SharedArena("distnet-test-headed", header=64)
+road = ShmAllreduce(world, MPI, headed)
+values = headed.zeros(30_000, np.float32)
+values[:] = np.arange(values.size, dtype=np.float32) * (r + 1)
+assert road.allreduce(values, "sum") and road.calls == 1
+expect = np.arange(values.size, dtype=np.float32) * sum(range(1, n + 1))
+assert np.array_equal(values, expect), "the header's bytes were taken for the array's"
+
+# 6. Buffers of different sizes on different ranks: an error on every rank, not a hang (from
+#    the consistency check when it is on, else from the shared road's own agreement).
 odd = backend.flat_zeros(np, 20_000 + 1000 * r, np.float32)
 try:
     comm.allreduce(odd, "sum")
     raise AssertionError("buffers of different sizes were reduced")
+except CollectiveMismatch as err:
+    assert comm.trace.check and "of 21000 float32" in str(err), err
 except ValueError as err:
-    assert "different sizes" in str(err), err
+    assert not comm.trace.check and "different sizes" in str(err), err
 
 if r == 0:
     print("shm ok")

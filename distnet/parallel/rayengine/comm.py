@@ -39,6 +39,7 @@ import numpy as np
 
 from distnet.backend import is_gpu_array
 from distnet.parallel.comm import Communicator, _check_contiguous, _check_op
+from distnet.parallel.consistency import CallRecord, CollectiveTrace
 
 # Below this many bytes a chunk rides inside the actor call itself: an object-store round
 # trip costs more than pickling a few kB.
@@ -122,6 +123,12 @@ class Mailbox:
             self._on_abort = []
 
 
+def _number(key: Any) -> int:
+    """The collective a message key belongs to: ``seq``, ``-seq`` (its second phase) or
+    ``("check", seq)`` (its consistency-check record)."""
+    return abs(key) if isinstance(key, int) else int(key[1])
+
+
 def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous, balanced ``[start, stop)`` ranges covering ``range(n)``."""
     cuts = [(n * i) // parts for i in range(parts + 1)]
@@ -138,6 +145,8 @@ class RayCommunicator(Communicator):
         generation: the group's generation; a group rebuilt after a worker was lost gets a
             new one, so late messages of the old group are never taken for new ones.
         timeout_s: the longest wait for a peer's message.
+        check: compare every collective across ranks first (default: the environment's
+            ``DISTNET_COLLECTIVE_CHECK``; see ``distnet.parallel.consistency``).
     """
 
     engine = "ray"
@@ -151,6 +160,7 @@ class RayCommunicator(Communicator):
         *,
         generation: int = 0,
         timeout_s: float = 300.0,
+        check: bool | None = None,
     ) -> None:
         if len(peers) != size or not 0 <= rank < size:
             raise ValueError(f"rank {rank} with {len(peers)} peers for a group of size {size}")
@@ -168,18 +178,20 @@ class RayCommunicator(Communicator):
         self.keep_sent = False
         self._sent: dict[int, deque] = {}
         self._send_lock = threading.Lock()
+        self.trace = CollectiveTrace(rank, size, self._exchange_records, check)
 
     # --- messages -------------------------------------------------------------------------
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def _send(self, dst: int, seq: int, payload: Any) -> None:
+    def _send(self, dst: int, seq: Any, payload: Any) -> None:
         # Fire and forget: a lost delivery shows up as the receiver's timeout or abort.
         with self._send_lock:  # replace_peer may swap peers[dst] meanwhile
             self.peers[dst].deliver.remote(self.generation, seq, self.rank, payload)
             if self.keep_sent:
-                self._sent.setdefault(dst, deque(maxlen=16)).append((seq, payload))
+                # 32: 16 collectives' data and their consistency-check records
+                self._sent.setdefault(dst, deque(maxlen=32)).append((seq, payload))
 
     # --- joining a running group ----------------------------------------------------------
     def start_recording(self) -> None:
@@ -214,13 +226,23 @@ class RayCommunicator(Communicator):
         ``after_seq`` sent to its predecessor go to it again. Returns how many."""
         with self._send_lock:
             self.peers[rank] = handle
-            again = [(q, p) for q, p in self._sent.get(rank, ()) if abs(q) > after_seq]
+            again = [(q, p) for q, p in self._sent.get(rank, ()) if _number(q) > after_seq]
             for seq, payload in again:
                 handle.deliver.remote(self.generation, seq, self.rank, payload)
         return len(again)
 
-    def _recv(self, src: int, seq: int, what: str) -> Any:
+    def _recv(self, src: int, seq: Any, what: str) -> Any:
         return self.mailbox.take(self.generation, seq, src, self.timeout_s, what)
+
+    def _exchange_records(self, record: CallRecord) -> list[CallRecord]:
+        """The consistency check's allgather: keyed ("check", seq), apart from any data."""
+        key = ("check", record.seq)
+        for dst in range(self.size):
+            if dst != self.rank:
+                self._send(dst, key, record)  # kept like data: a replacement gets it again
+        what = f"the check of collective #{record.seq} on rank {self.rank}"
+        return [record if src == self.rank else self._recv(src, key, what)
+                for src in range(self.size)]  # fmt: skip
 
     def _pack(self, arr: np.ndarray) -> Any:
         """An inline copy of a small array, or a one-element list holding the reference of a
@@ -254,11 +276,15 @@ class RayCommunicator(Communicator):
             return buf
         if is_gpu_array(buf):
             if self._nccl is not None:
+                self.trace.enter(f"allreduce({op})", buf)
                 return self._nccl.allreduce(buf, op)
             host = buf.get()  # mixed CPU/GPU group: through host memory
-            self.allreduce(host, op)
+            self._allreduce_host(host, op)
             buf.set(host)
             return buf
+        return self._allreduce_host(buf, op)
+
+    def _allreduce_host(self, buf: np.ndarray, op: str) -> np.ndarray:
         flat = buf.reshape(-1)
         seq = self._next_seq()
         what = f"allreduce #{seq} on rank {self.rank}"
@@ -266,6 +292,7 @@ class RayCommunicator(Communicator):
         if replayed:
             flat[:] = result
             return buf
+        self.trace.enter(f"allreduce({op})", buf, seq=seq)
         bounds = chunk_bounds(flat.size, self.size)
         for dst, (a, b) in enumerate(bounds):
             if dst != self.rank:
@@ -311,17 +338,22 @@ class RayCommunicator(Communicator):
             return buf
         if is_gpu_array(buf):
             if self._nccl is not None:
+                self.trace.enter("broadcast", buf, root)
                 return self._nccl.broadcast(buf, root)
             host = buf.get()
-            self.broadcast(host, root)
+            self._broadcast_host(host, root)
             buf.set(host)
             return buf
+        return self._broadcast_host(buf, root)
+
+    def _broadcast_host(self, buf: np.ndarray, root: int) -> np.ndarray:
         seq = self._next_seq()
         what = f"broadcast #{seq} from rank {root} on rank {self.rank}"
         replayed, result = self._replayed(seq, what)
         if replayed:
             buf.reshape(-1)[:] = result
             return buf
+        self.trace.enter("broadcast", buf, root, seq=seq)
         if self.rank == root:
             packed = self._pack(buf.reshape(-1))
             for dst in range(self.size):
@@ -334,13 +366,17 @@ class RayCommunicator(Communicator):
 
     def allgather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (small, picklable), in rank order."""
+        return self._allgather(value, "allgather")
+
+    def _allgather(self, value: Any, op: str, root: int = -1) -> list[Any]:
         if self.size == 1:
             return [value]
         seq = self._next_seq()
-        what = f"allgather #{seq} on rank {self.rank}"
+        what = f"{op} #{seq} on rank {self.rank}"
         replayed, result = self._replayed(seq, what)
         if replayed:
             return list(result)
+        self.trace.enter(op, None, root, seq=seq)
         for dst in range(self.size):
             if dst != self.rank:
                 self._send(dst, seq, value)
@@ -351,11 +387,12 @@ class RayCommunicator(Communicator):
         return result
 
     def barrier(self) -> None:
-        self.allgather(None)
+        self._allgather(None, "barrier")
 
     def bcast(self, value: Any, root: int = 0) -> Any:
         """Root's small picklable ``value`` on every rank (mpi4py's lowercase ``bcast``)."""
-        return self.allgather(value if self.rank == root else None)[root]
+        values = self._allgather(value if self.rank == root else None, "broadcast_object", root)
+        return values[root]
 
     def abort(self, code: int = 1) -> None:
         """Ends this worker's part; the driver sees the failure and stops the others."""
