@@ -56,6 +56,7 @@ def decide(
     step: int,
     epoch: int,
     batch: int,
+    rank: int | None = None,
 ) -> NonFiniteError | None:
     """Collective over ``comm`` (None: this rank alone): the error every rank raises or skips
     with, or None when every rank's step is finite.
@@ -65,7 +66,8 @@ def decide(
         grads: this rank's flat gradient buffer (n,): local, or reduced in place.
         applied: the reduced gradient this rank's update would read when it is another buffer
             (ZeRO-1's slice), else None or ``grads``.
-        step, epoch, batch: where, for the message.
+        step, epoch, batch: where, for the message; ``rank``: this rank's number in the
+            job, named when it decides alone (``comm`` None) among several workers.
     """
     named = list(model.named_parameters())
     row = _row(loss_value, named, grads, applied)
@@ -80,32 +82,42 @@ def decide(
     if not flags.any():
         return None
     where = f"step {step} (epoch {epoch}, batch {batch})"
-    return NonFiniteError(_message(table, flags, named, size, where, type(model).__name__))
+    if size == 1 and rank is not None:  # an asynchronous worker: nobody else skips with it
+        where += f" on rank {rank} (deciding alone: its workers step asynchronously)"
+    # a node's subgroup (hybrid, async) numbers its ranks from 0: name the job's ranks
+    ranks = list(getattr(comm, "members", range(size)))
+    return NonFiniteError(_message(table, flags, named, ranks, where, type(model).__name__))
 
 
 def _message(
     table: np.ndarray,
     flags: np.ndarray,
     named: list[tuple[str, Any]],
-    size: int,
+    ranks: list[int],
     where: str,
     model_name: str,
 ) -> str:
-    """The same words on every rank: they are made from the shared table only."""
+    """The same words on every rank: they are made from the shared table only; row r is
+    job rank ``ranks[r]``."""
+    size = len(ranks)
     loss_ranks = [r for r in range(size) if flags[r] & LOSS]
     grad_ranks = [r for r in range(size) if flags[r] & LOCAL]
     if size > 1:
         if loss_ranks:
             losses = [float(table[r, 1]) for r in loss_ranks]
-            where += f" from rank(s) {loss_ranks} (their loss: {losses})"
+            where += f" from rank(s) {[ranks[r] for r in loss_ranks]} (their loss: {losses})"
         elif grad_ranks:
+            culprits = [ranks[r] for r in grad_ranks]
             where += (
-                f" from rank(s) {grad_ranks} (every rank's loss is finite: a gradient "
+                f" from rank(s) {culprits} (every rank's loss is finite: a gradient "
                 "overflowed after the loss)"
             )
         else:
             applied = [r for r in range(size) if flags[r] & APPLIED]
-            where += f" in the reduced gradient of rank(s) {applied} (every local one is finite)"
+            where += (
+                f" in the reduced gradient of rank(s) {[ranks[r] for r in applied]} (every "
+                "local one is finite)"
+            )
     # the parameters as the culprit saw them (its own buffer), else any rank that saw some
     seen_by = [r for r in loss_ranks if flags[r] & LOCAL] or grad_ranks
     if not seen_by:
@@ -117,11 +129,11 @@ def _message(
     r = seen_by[0]
     bad = [name for i, (name, _) in enumerate(named) if table[r, 2 + i] != 0]
     if not bad:  # a gradient buffer whose non-finite entries belong to no parameter
-        return f"non-finite gradient at {where} (rank {r}'s gradient buffer)"
+        return f"non-finite gradient at {where} (rank {ranks[r]}'s gradient buffer)"
     # backward runs output layer first, so the last bad parameter went non-finite first
     first = bad[-1]
     layer = first.rsplit(".", 1)[0] if "." in first else model_name
-    on = f" on rank {r}" if size > 1 else ""
+    on = f" on rank {ranks[r]}" if size > 1 else ""
     return (
         f"non-finite gradient at {where}: first in backward order {first!r} "
         f"(layer {layer!r}) (loss={float(table[r, 1])}; non-finite gradients in {len(bad)} "

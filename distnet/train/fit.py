@@ -217,7 +217,8 @@ def fit(
                 applied = None
                 if synchronize is not None:
                     applied = synchronize() if n else synchronize(batch_share=0.0)
-                error = decide(loss_value, model, grads, applied, agree, loop.step, epoch, b)
+                error = decide(loss_value, model, grads, applied, agree, loop.step, epoch, b,
+                               rank=rank if size > 1 else None)  # fmt: skip
                 if error is not None:
                     if on_nonfinite == "stop":
                         raise error
