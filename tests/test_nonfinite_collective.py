@@ -1,7 +1,8 @@
 """A non-finite loss or gradient on ONE rank gets the same decision on every rank, whatever
 the wrapper (issue 20): real ``mpiexec`` with 2 and 3 ranks, DistributedOptimizer (plain,
 fp16 compression, overlap) and ShardedOptimizer (ZeRO-1), ``stop`` and ``skip``, the NaN in
-the data or only in a gradient, and a short last batch where some ranks have no sample.
+the data, only in a gradient or only in the loss, and a short last batch where some ranks
+have no sample.
 The checks live in tests/mpi_scripts/nonfinite_ranks.py (one launch per rank count)."""
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ CASES = {
     2: [
         "zero-stop-data", "zero-skip-data", "zero-stop-grad", "zero-skip-grad",
         "dist-stop-data", "dist-skip-grad", "fp16-skip-data", "fp16-stop-grad",
-        "overlap-stop-grad", "overlap-skip-data",
+        "overlap-stop-grad", "overlap-skip-data", "dist-stop-loss", "overlap-skip-loss",
+        "zero-skip-loss",
         "dist-stop-data-empty", "dist-skip-data-empty",
         "zero-stop-data-empty", "zero-skip-grad-empty",
     ],

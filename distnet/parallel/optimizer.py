@@ -86,6 +86,10 @@ class DistributedOptimizer:
             nodes, then across node leaders); None keeps its choice.
     """
 
+    # after synchronize(), flat_grads holds the same reduced gradient on every rank: fit's
+    # finite decision reads it there and needs no exchange of its own (train.finite)
+    grads_agree = True
+
     def __new__(cls, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(optimizer, DistributedOptimizer) or "_wrapped" in getattr(
             optimizer, "__dict__", {}

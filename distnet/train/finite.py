@@ -57,6 +57,7 @@ def decide(
     epoch: int,
     batch: int,
     rank: int | None = None,
+    grads_agree: bool = False,
 ) -> NonFiniteError | None:
     """Collective over ``comm`` (None: this rank alone): the error every rank raises or skips
     with, or None when every rank's step is finite.
@@ -68,10 +69,16 @@ def decide(
             (ZeRO-1's slice), else None or ``grads``.
         step, epoch, batch: where, for the message; ``rank``: this rank's number in the
             job, named when it decides alone (``comm`` None) among several workers.
+        grads_agree: ``grads`` is the gradient reduced over ``comm``, the same on every rank,
+            and a rank whose loss is non-finite made its part non-finite (``poisoned``):
+            then the common, finite step needs no exchange, and every rank joins the
+            exchange (for the message) exactly when its reduced gradient is non-finite.
     """
     named = list(model.named_parameters())
     row = _row(loss_value, named, grads, applied)
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    if grads_agree and size > 1 and not int(row[0]) & LOCAL:
+        return None  # every rank read the same finite numbers
     if size > 1:
         table = np.zeros((size, row.size), dtype=np.float64)
         table[rank] = row
@@ -87,6 +94,13 @@ def decide(
     # a node's subgroup (hybrid, async) numbers its ranks from 0: name the job's ranks
     ranks = list(getattr(comm, "members", range(size)))
     return NonFiniteError(_message(table, flags, named, ranks, where, type(model).__name__))
+
+
+def poisoned(loss: Any) -> Any:
+    """``loss`` times NaN: its backward makes every gradient it reaches NaN, so that a rank
+    whose loss alone is non-finite (its gradients finite) still shows in the reduced
+    gradient every rank checks (``decide(..., grads_agree=True)``)."""
+    return loss * float("nan")
 
 
 def _message(

@@ -29,7 +29,7 @@ from distnet.optim.factory import make_optimizer
 from distnet.train.batches import epoch_batches
 from distnet.train.callbacks import Callback, CallbackList, History, Loop
 from distnet.train.finite import NonFiniteError as NonFiniteError  # where it lived before
-from distnet.train.finite import decide
+from distnet.train.finite import decide, poisoned
 
 LOSSES = losses.LOSSES  # the one registry (distnet.nn.losses), Keras names included
 
@@ -156,6 +156,10 @@ def fit(
     # wrapper whose ranks step independently (an async parameter server) names a smaller
     # group, or None (each rank decides alone)
     agree = getattr(optimizer, "finite_comm", comm)
+    # the wrapper reduces the whole gradient in place over that group: the finite decision
+    # rides on the reduction (no exchange of its own while every step is finite)
+    grads_agree = bool(getattr(optimizer, "grads_agree", False)) and agree is comm
+    grads_agree = grads_agree and comm is not None and comm.size > 1
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     if getattr(optimizer, "backward_passes_per_step", 1) != 1:
         raise ValueError(
@@ -205,12 +209,14 @@ def fit(
             if n:
                 with trace.span("forward"):
                     loss_t, out = objective(model, xb, yb)
+                loss_value = float(loss_t.data)
+                if grads_agree and check_finite and not np.isfinite(loss_value):
+                    loss_t = poisoned(loss_t)  # so that the reduced gradient shows it
                 with trace.span("backward"):
                     if share is None:
                         backward(loss_t)
                     else:
                         backward(loss_t, batch_share=share)
-                loss_value = float(loss_t.data)
             else:  # no samples here in a short last global batch: reduce zeros, share 0,
                 loss_value = 0.0  # and take part in the finite decision like every rank
             if check_finite:
@@ -218,7 +224,8 @@ def fit(
                 if synchronize is not None:
                     applied = synchronize() if n else synchronize(batch_share=0.0)
                 error = decide(loss_value, model, grads, applied, agree, loop.step, epoch, b,
-                               rank=rank if size > 1 else None)  # fmt: skip
+                               rank=rank if size > 1 else None,
+                               grads_agree=grads_agree)  # fmt: skip
                 if error is not None:
                     if on_nonfinite == "stop":
                         raise error

@@ -1,9 +1,10 @@
 """Run under 2 or 3 ranks: a NaN on ONE rank gets the same decision on every rank (issue 20).
 
-Each case trains a small model with ``fit`` on arrays; one rank's data (or, for ``grad``,
-one rank's gradient through a grad-ready hook, the loss staying finite) goes non-finite at
-one step. ``stop``: every rank raises NonFiniteError naming the step, the culprit rank (when
-its own buffer shows it) and the parameter, within seconds of the others. ``skip``: every
+Each case trains a small model with ``fit`` on arrays; at one step one rank's data goes
+non-finite (``data``), or only its gradient through a grad-ready hook, the loss staying
+finite (``grad``), or only its loss, the gradients staying finite (``loss``). ``stop``:
+every rank raises the same NonFiniteError naming the step, the culprit rank (when its own
+buffer or loss shows it) and the parameter, within seconds of the others. ``skip``: every
 rank skips that step and ends with equal, finite parameters.
 
 A case is ``WRAPPER-POLICY-INJECTION[-empty]``: WRAPPER ``dist`` (DistributedOptimizer),
@@ -22,6 +23,7 @@ import warnings
 import numpy as np
 
 from distnet import backend, nn, optim
+from distnet import functional as F
 from distnet import parallel as dist
 from distnet.parallel.zero import ShardedOptimizer
 from distnet.train import NonFiniteError, fit
@@ -68,11 +70,22 @@ def run_case(comm, case: str) -> None:
 
         opt_hooks = list(last._hooks or [])
         last._hooks = [poison, *opt_hooks]  # before an overlap hook starts the bucket
+    loss = None  # fit's default: cross entropy
+    if injection == "loss":  # a non-finite loss whose gradients stay finite
+        seen = [0]
+
+        def loss(out, target):
+            seen[0] += 1
+            value = F.cross_entropy(out, target)
+            if comm.rank == culprit and seen[0] == bad_step + 1:
+                value = value + (out * 0.0).sum() + np.float32(np.inf)
+            return value
+
     failure, t_end = None, 0.0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            history = fit(model, x, y, batch_size=BATCH, epochs=1, optimizer=opt,
+            history = fit(model, x, y, batch_size=BATCH, epochs=1, optimizer=opt, loss=loss,
                           shuffle=False, on_nonfinite=policy)  # fmt: skip
         except NonFiniteError as e:
             failure = str(e)
@@ -83,8 +96,8 @@ def run_case(comm, case: str) -> None:
     if policy == "stop":
         assert failure is not None, f"{where}: no NonFiniteError"
         assert f"at step {bad_step} " in failure, f"{where}: {failure}"
-        assert "1.weight" in failure, f"{where}: {failure}"
-        if injection == "data" or kind == "zero":  # the culprit's own buffer shows it
+        assert "1.weight" in failure or injection == "loss", f"{where}: {failure}"
+        if injection in ("data", "loss") or kind == "zero":  # the culprit's own buffer shows it
             assert f"rank(s) [{culprit}]" in failure, f"{where}: {failure}"
         messages = comm.allgather(failure)
         assert len(set(messages)) == 1, f"{where}: the ranks' messages differ: {messages}"
