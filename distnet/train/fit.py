@@ -136,7 +136,8 @@ def fit(
         verbose: 1 adds a ``ProgressBar``.
         check_finite: check the loss and the (reduced) gradients before every
             ``optimizer.step()``, and decide together with every rank (``finite.decide``:
-            one small allreduce per step); the parameters never take a NaN/inf step.
+            one small allreduce per step, none while the steps are finite when the wrapper
+            reduces the whole gradient); the parameters never take a NaN/inf step.
         on_nonfinite: 'stop' raises ``NonFiniteError`` naming the step, the rank(s) and the
             parameter; 'skip' drops that step on every rank (a warning names the same; the
             count per epoch is ``history["skipped_steps"]``) and training goes on.
@@ -185,9 +186,10 @@ def fit(
     backward = getattr(optimizer, "backward", None) or Tensor.backward
     # A distributed optimiser reduces (and, with overlap, is still reducing) the gradients:
     # the finite check reads them once synchronize() has waited for every reduction; what
-    # each rank saw then goes through one tiny allreduce (finite.decide), so every rank of
-    # the group stops or skips together whatever its wrapper reduced (a ZeRO-1 slice, or
-    # nothing before a parameter server's push).
+    # each rank saw then goes through one tiny allreduce (finite.decide; none when the
+    # whole reduced gradient is the same everywhere), so every rank of the group stops or
+    # skips together whatever its wrapper reduced (a ZeRO-1 slice, or nothing before a
+    # parameter server's push).
     synchronize = getattr(optimizer, "synchronize", None)
     callback_list.on_train_begin({})
     for epoch in range(initial_epoch, epochs):
@@ -209,14 +211,18 @@ def fit(
             if n:
                 with trace.span("forward"):
                     loss_t, out = objective(model, xb, yb)
-                loss_value = float(loss_t.data)
-                if grads_agree and check_finite and not np.isfinite(loss_value):
-                    loss_t = poisoned(loss_t)  # so that the reduced gradient shows it
+                loss_value = None  # read after backward (on a GPU: a wait for it all)
+                if grads_agree and check_finite:
+                    loss_value = float(loss_t.data)
+                    if not np.isfinite(loss_value):  # so that the reduced gradient shows it
+                        loss_t = poisoned(loss_t)
                 with trace.span("backward"):
                     if share is None:
                         backward(loss_t)
                     else:
                         backward(loss_t, batch_share=share)
+                if loss_value is None:
+                    loss_value = float(loss_t.data)
             else:  # no samples here in a short last global batch: reduce zeros, share 0,
                 loss_value = 0.0  # and take part in the finite decision like every rank
             if check_finite:
