@@ -12,6 +12,12 @@ Row of rank r (float64): ``[flags, loss, bad_0, ..., bad_{P-1}]`` with flags the
 ``LOSS``, ``LOCAL`` (its gradient buffer) and ``APPLIED`` (its reduced slice), and ``bad_i`` 1
 when parameter i's gradient (in ``model.named_parameters()`` order) is non-finite on rank r.
 The other ranks' rows are zero on each rank, so the sum is every rank's row.
+
+Cost: ~8 us a step on MPI (2 ranks, median), 3.5-7 ms through the Ray mailbox. A wrapper
+that reduces the whole gradient in place (``DistributedOptimizer``: ``grads_agree``) needs no
+exchange while the steps are finite: every rank checks the same reduced numbers, a rank
+whose loss alone is non-finite makes its part of the sum non-finite first (``poisoned``),
+and the table is exchanged, by every rank alike, only when that sum is non-finite.
 """
 
 from __future__ import annotations
