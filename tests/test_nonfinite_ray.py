@@ -147,3 +147,15 @@ def test_async_skip_drops_only_the_nan_workers_push(ray_cluster, nan_store):
     updates = sorted(w["updates"] for w in stats["workers"])
     steps_per_worker = -(-N // 24)  # the global batch is 24 (the last one short)
     assert updates == [steps_per_worker - 1, steps_per_worker], updates
+
+
+def test_hybrid_async_skip_drops_the_nan_nodes_push(ray_cluster, nan_store):
+    """Hybrid async: a node's workers reduce to their leader every step, so they decide
+    together (the node's leader does not push that step); the other node goes on."""
+    job, out, go = run(nan_store, "skip-hybrid-async", "skip", 3, "hybrid",
+                       {"mode": "async", "workers_per_node": 2})  # fmt: skip
+    report = go()
+    assert np.isfinite(final_params(job, out)).all()
+    updates = sorted(w["updates"] for w in report["ps_stats"][0]["workers"])
+    steps_per_worker = -(-N // 36)  # the global batch is 36 (the last one short)
+    assert updates == [steps_per_worker - 1, steps_per_worker], updates
