@@ -133,6 +133,7 @@ class BucketReducer:
             warnings.warn(FP16_ON_CPU, RuntimeWarning, stacklevel=3)
         self._scratch = xp.empty(flat.shape, dtype=xp.float16) if compression == "fp16" else None
         self._pending: list[tuple[Bucket, PendingAllreduce, Any]] = []
+        self.overflow: FloatingPointError | None = None  # see finish(raise_overflow=False)
 
     def start(self, bucket: Bucket, weight: float) -> None:
         """Scales ``flat[bucket]`` by ``weight`` and starts summing it over ranks."""
@@ -158,14 +159,19 @@ class BucketReducer:
             if not pending.test():
                 break
 
-    def finish(self) -> Any:
+    def finish(self, raise_overflow: bool = True) -> Any:
         """Waits for every started bucket; returns the flat buffer (now reduced).
+
+        ``raise_overflow=False``: a non-finite float16 sum is written into the buffer as it
+        is (inf/NaN, the same on every rank) and the error is kept in ``overflow`` instead,
+        for a caller that decides on non-finite gradients itself (``fit``: stop or skip).
 
         Raises:
             FloatingPointError: a float16 sum overflowed (on every rank alike), after every
                 started bucket has been waited for: a request left in flight would be matched
                 against the next step's collectives, or hang MPI_Finalize.
         """
+        self.overflow = None
         pending_now, self._pending = self._pending, []
         overflowed: list[Bucket] = []
         for i, (bucket, pending, token) in enumerate(pending_now):
@@ -181,23 +187,26 @@ class BucketReducer:
                 # before inf reaches the parameters
                 if not bool(array_module(wire).isfinite(wire).all()):
                     overflowed.append(bucket)
-                    continue
+                    if raise_overflow:
+                        continue
                 self.flat[bucket.start : bucket.stop] = wire
         if overflowed:
             first = overflowed[0]
-            raise FloatingPointError(
+            self.overflow = FloatingPointError(
                 f"fp16 compression: the reduced gradient of elements {first.start}..{first.stop}"
                 f" overflowed float16 (|value| > 65504; {len(overflowed)} of "
                 f"{len(pending_now)} buckets); train with compression=None or a smaller "
                 "loss scale"
             )
+            if raise_overflow:
+                raise self.overflow
         return self.flat
 
-    def reduce(self, buckets: Sequence[Bucket], weight: float) -> Any:
+    def reduce(self, buckets: Sequence[Bucket], weight: float, raise_overflow: bool = True) -> Any:
         """All buckets, one after another (started back to back, then waited for)."""
         for bucket in buckets:
             self.start(bucket, weight)
-        return self.finish()
+        return self.finish(raise_overflow)
 
 
 def _wait_quietly(pending: Sequence[tuple[Bucket, PendingAllreduce, Any]]) -> None:

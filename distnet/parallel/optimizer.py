@@ -86,6 +86,10 @@ class DistributedOptimizer:
             nodes, then across node leaders); None keeps its choice.
     """
 
+    # after synchronize(), flat_grads holds the same reduced gradient on every rank: fit's
+    # finite decision reads it there and needs no exchange of its own (train.finite)
+    grads_agree = True
+
     def __new__(cls, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(optimizer, DistributedOptimizer) or "_wrapped" in getattr(
             optimizer, "__dict__", {}
@@ -320,11 +324,11 @@ class DistributedOptimizer:
             for bucket in self.buckets[self._next :]:
                 self.reducer.start(bucket, weight)
             self._reset_overlap()
-            reduced = self.reducer.finish()
+            reduced = self.reducer.finish(raise_overflow=False)
         else:
             if self.stall is not None:
                 self.stall.enter(f"the allreduce of step {self.steps + 1}")
-            reduced = self.reducer.reduce(self.buckets, weight)
+            reduced = self.reducer.reduce(self.buckets, weight, raise_overflow=False)
         self._synchronized = True
         return reduced
 
@@ -337,12 +341,19 @@ class DistributedOptimizer:
             self._prescaled = False
             self._backward_share = None
         self._synchronized = False
+        if self.reducer.overflow is not None:
+            # an fp16 sum that overflowed reaches step() only when nobody checked it (fit's
+            # finite decision skips or stops before): never apply it
+            raise self.reducer.overflow
         super().step()  # type: ignore[misc]
 
     def zero_grad(self) -> None:
         """Zeroes the gradients (the wrapped class's ``zero_grad``)."""
         self.follow_layout()  # before backward: overlap hooks reduce during it
         self._synchronized = False
+        # a step that fit skipped (non-finite) left backward's weighting noted: forget it
+        self._prescaled = False
+        self._backward_share = None
         super().zero_grad()  # type: ignore[misc]
 
     def follow_layout(self) -> bool:

@@ -21,19 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend, kernels, trace
+from distnet import backend, trace
 from distnet.core.tensor import Tensor, no_grad
 from distnet.nn import losses
 from distnet.nn.module import on_device_of
 from distnet.optim.factory import make_optimizer
 from distnet.train.batches import epoch_batches
 from distnet.train.callbacks import Callback, CallbackList, History, Loop
+from distnet.train.finite import NonFiniteError as NonFiniteError  # where it lived before
+from distnet.train.finite import decide, poisoned
 
 LOSSES = losses.LOSSES  # the one registry (distnet.nn.losses), Keras names included
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or a gradient became NaN or infinite during training."""
 
 
 def _accuracy(out: Tensor, y: Any) -> float:
@@ -95,45 +93,6 @@ def _like_model(batch: Any, model: Any) -> Any:
     return on_device_of(model, batch)
 
 
-def _check_finite(
-    loss_value: float,
-    model: Any,
-    grads: Any,
-    step: int,
-    epoch: int,
-    batch: int,
-    comm: Any = None,
-) -> None:
-    """Raises NonFiniteError naming the step, the rank(s) whose loss went non-finite and the
-    first non-finite parameter. Under a distributed optimiser ``grads`` are already reduced,
-    so every rank sees the same and raises together; the ranks' own losses (gathered only on
-    this rare path) say whose batch it came from."""
-    if np.isfinite(loss_value) and kernels.all_finite(grads):
-        return
-    xp = backend.array_module(grads)
-    where = f"step {step} (epoch {epoch}, batch {batch})"
-    if comm is not None and comm.size > 1:
-        losses = comm.allgather(float(loss_value))
-        culprits = [r for r, v in enumerate(losses) if not np.isfinite(v)]
-        if culprits:
-            where += f" from rank(s) {culprits} (their loss: {[losses[r] for r in culprits]})"
-        else:
-            where += " (every rank's loss is finite: a gradient overflowed after the loss)"
-    named = list(model.named_parameters())
-    bad = [name for name, p in named if p.grad is not None and not xp.isfinite(p.grad).all()]
-    if bad:
-        # backward runs output layer first, so the last bad parameter went non-finite first
-        first = bad[-1]
-        layer = first.rsplit(".", 1)[0] if "." in first else type(model).__name__
-        raise NonFiniteError(
-            f"non-finite gradient at {where}: first in backward order {first!r} "
-            f"(layer {layer!r}) "
-            f"(loss={loss_value}; non-finite gradients in {len(bad)} of {len(named)} "
-            f"parameters: {', '.join(bad)})"
-        )
-    raise NonFiniteError(f"non-finite loss {loss_value} at {where}; gradients are finite")
-
-
 # -- the public API ------------------------------------------------------------------------
 def fit(
     model: Any,
@@ -176,7 +135,9 @@ def fit(
             a function of (seed, epoch); by default drawn from ``distnet.backend``'s generator.
         verbose: 1 adds a ``ProgressBar``.
         check_finite: check the loss and the (reduced) gradients before every
-            ``optimizer.step()``; the parameters never take a NaN/inf step.
+            ``optimizer.step()``, and decide together with every rank (``finite.decide``:
+            one small allreduce per step, none while the steps are finite when the wrapper
+            reduces the whole gradient); the parameters never take a NaN/inf step.
         on_nonfinite: 'stop' raises ``NonFiniteError`` naming the step, the rank(s) and the
             parameter; 'skip' drops that step on every rank (a warning names the same; the
             count per epoch is ``history["skipped_steps"]``) and training goes on.
@@ -192,6 +153,14 @@ def fit(
     grads = getattr(optimizer, "flat_grads", None)
     grads = grads if hasattr(grads, "shape") else model.flat_grads()
     comm = getattr(optimizer, "comm", None)
+    # the ranks that must take the same finite decision: every rank of a synchronous job; a
+    # wrapper whose ranks step independently (an async parameter server) names a smaller
+    # group, or None (each rank decides alone)
+    agree = getattr(optimizer, "finite_comm", comm)
+    # the wrapper reduces the whole gradient in place over that group: the finite decision
+    # rides on the reduction (no exchange of its own while every step is finite)
+    grads_agree = bool(getattr(optimizer, "grads_agree", False)) and agree is comm
+    grads_agree = grads_agree and comm is not None and comm.size > 1
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     if getattr(optimizer, "backward_passes_per_step", 1) != 1:
         raise ValueError(
@@ -216,8 +185,11 @@ def fit(
     model.train()
     backward = getattr(optimizer, "backward", None) or Tensor.backward
     # A distributed optimiser reduces (and, with overlap, is still reducing) the gradients:
-    # the finite check reads them once synchronize() has waited for every reduction, so all
-    # ranks check the same averaged numbers and stop together.
+    # the finite check reads them once synchronize() has waited for every reduction; what
+    # each rank saw then goes through one tiny allreduce (finite.decide; none when the
+    # whole reduced gradient is the same everywhere), so every rank of the group stops or
+    # skips together whatever its wrapper reduced (a ZeRO-1 slice, or nothing before a
+    # parameter server's push).
     synchronize = getattr(optimizer, "synchronize", None)
     callback_list.on_train_begin({})
     for epoch in range(initial_epoch, epochs):
@@ -236,34 +208,46 @@ def fit(
             xb, yb = _like_model(xb, model), _like_model(yb, model)
             n = len(xb)
             optimizer.zero_grad()
-            if n == 0:  # no samples here in a short last global batch: reduce zeros, share 0
-                optimizer.step(batch_share=0.0)
-                loop.step += 1
-                continue
-            with trace.span("forward"):
-                loss_t, out = objective(model, xb, yb)
-            with trace.span("backward"):
-                if share is None:
-                    backward(loss_t)
-                else:
-                    backward(loss_t, batch_share=share)
-            loss_value = float(loss_t.data)
+            if n:
+                with trace.span("forward"):
+                    loss_t, out = objective(model, xb, yb)
+                loss_value = None  # read after backward (on a GPU: a wait for it all)
+                if grads_agree and check_finite:
+                    loss_value = float(loss_t.data)
+                    if not np.isfinite(loss_value):  # so that the reduced gradient shows it
+                        loss_t = poisoned(loss_t)
+                with trace.span("backward"):
+                    if share is None:
+                        backward(loss_t)
+                    else:
+                        backward(loss_t, batch_share=share)
+                if loss_value is None:
+                    loss_value = float(loss_t.data)
+            else:  # no samples here in a short last global batch: reduce zeros, share 0,
+                loss_value = 0.0  # and take part in the finite decision like every rank
             if check_finite:
+                applied = None
                 if synchronize is not None:
-                    synchronize()
-                try:
-                    _check_finite(loss_value, model, grads, loop.step, epoch, b, comm)
-                except NonFiniteError as e:
+                    applied = synchronize() if n else synchronize(batch_share=0.0)
+                error = decide(loss_value, model, grads, applied, agree, loop.step, epoch, b,
+                               rank=rank if size > 1 else None,
+                               grads_agree=grads_agree)  # fmt: skip
+                if error is not None:
                     if on_nonfinite == "stop":
-                        raise
-                    warnings.warn(f"skipped: {e}", RuntimeWarning, stacklevel=2)
+                        raise error
+                    warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
                     skipped += 1
-                    optimizer.zero_grad()  # the same reduced gradients on every rank: all skip
+                    optimizer.zero_grad()  # every rank of the group took the same decision
                     loop.step += 1
                     continue
             with trace.span("optimizer_step"):  # and the allreduce, unless synchronize() ran it
-                optimizer.step()
+                if n:
+                    optimizer.step()
+                else:
+                    optimizer.step(batch_share=0.0)
             loop.step += 1
+            if not n:
+                continue
             seen += n
             batch_logs = {"loss": loss_value, **objective.metric_values(out, yb)}
             for k, v in batch_logs.items():

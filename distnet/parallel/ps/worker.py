@@ -112,6 +112,7 @@ class ParameterServerOptimizer:
     # --- the DistributedOptimizer interface -----------------------------------------------
     def zero_grad(self) -> None:
         """Zeroes the gradients (the wrapped optimiser's ``zero_grad``)."""
+        self._prescaled = False  # a step fit skipped (non-finite) never reached step()
         self.optimizer.zero_grad()
 
     def backward(self, loss: Any, batch_share: float | None = None) -> None:

@@ -107,13 +107,23 @@ class ThroughputShares:
             loss.backward()
         self._backward_done = True
 
-    def synchronize(self) -> None:
-        """Waits for the wrapped optimiser's reductions (fit's finite check reads them); the
-        wait for the other workers is not this worker's compute time."""
-        self._stop_clock()
+    def synchronize(self, batch_share: float | None = None) -> Any:
+        """Waits for the wrapped optimiser's reductions (fit's finite check reads them) and
+        returns what it returns (None when it has nothing to wait for: a parameter server
+        gets this worker's own gradient); the wait for the other workers is not this
+        worker's compute time. ``batch_share=0.0``: fit's step without samples here."""
+        if batch_share != 0.0:
+            self._stop_clock()
         synchronize = getattr(self.optimizer, "synchronize", None)
-        if synchronize is not None:
-            synchronize()
+        if synchronize is None:
+            return None
+        return synchronize() if batch_share is None else synchronize(batch_share=batch_share)
+
+    @property
+    def finite_comm(self) -> Any:
+        """The workers that take fit's non-finite decision together: the wrapped optimiser's
+        group when it names one (a parameter server in async mode: none), else all."""
+        return getattr(self.optimizer, "finite_comm", self.comm)
 
     def _stop_clock(self) -> None:
         """Ends this step's compute time (zero_grad to the first wait for other workers)."""

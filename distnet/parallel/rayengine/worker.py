@@ -312,6 +312,18 @@ class _ClosingServer:
         self.comm.barrier()
         inner.pull()
 
+    @property
+    def finite_comm(self) -> Any:
+        """The workers whose non-finite decision must agree (see ``train.finite``): in sync
+        mode all of them (a round needs every push, and no shard applies a skipped step);
+        in async/ssp each push stands alone, so a worker decides alone (``skip`` drops its
+        step before the push, ``stop`` fails the job), except that a hybrid node's workers
+        decide together (they reduce to their leader every step)."""
+        inner = self.__dict__["optimizer"]
+        if inner.ps.mode == "sync":
+            return self.__dict__["comm"]
+        return getattr(inner, "node_comm", None)
+
     def resume_check(self, steps: int) -> bool:
         """Whether every shard applied exactly ``steps`` rounds (this worker's finished steps):
         then the shards hold the state after the last finished step (sync mode only)."""
