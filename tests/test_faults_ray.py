@@ -163,6 +163,23 @@ def test_a_killed_shard_without_snapshots_is_an_error_not_a_silent_reset(ray_clu
         ps.shutdown()
 
 
+def wait_until_dead(actor, timeout_s: float = 60.0) -> None:
+    """Returns once ``actor`` answers a call with RayActorError. ``ray.kill`` only asks the
+    GCS to kill it: a call sent meanwhile goes straight to the actor, which answers it while
+    the kill is on its way (on a loaded machine, for as long as that takes; one ping after
+    the kill was answered there). So ask again until the answer is its death."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        assert time.monotonic() < deadline, f"the actor still answers {timeout_s} s after ray.kill"
+        time.sleep(0.05)
+
+
 def test_retries_of_a_dead_shard_stop_when_the_workers_group_was_stopped(ray_cluster):
     """Regression: a survivor whose rank 0 died (taking the shards it owns along) retried
     every call to the dead shards with back-off before it noticed that its group was stopped,
@@ -181,9 +198,7 @@ def test_retries_of_a_dead_shard_stop_when_the_workers_group_was_stopped(ray_clu
     )  # fmt: skip
     try:
         ray.kill(ps.shards[1], no_restart=True)
-        # ray.kill is asynchronous: under load a ping could still be answered (seen once)
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(ps.shards[1].ping.remote(), timeout=60)
+        wait_until_dead(ps.shards[1])
         ps.interrupt = stopped
         with pytest.raises(GroupStopped):
             ps.call_with_retry(1, lambda s: s.ping.remote())
