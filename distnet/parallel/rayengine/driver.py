@@ -253,7 +253,9 @@ class RayJob:
                 return lost
             if errors:
                 self._abort_all("another rank failed")
-                self._drain(pending, consume=True)  # no unhandled-error noise from the others
+                # no unhandled-error noise from the others; the error is not held back long
+                # by a rank that does not reach a collective (stop() kills it anyway)
+                self._drain(pending, consume=True, timeout_s=10.0)
                 rank, e = errors[0]
                 raise RayEngineError(rank_failure(rank, e)) from None
         self._print_logs()
@@ -272,13 +274,17 @@ class RayJob:
         for a in self.actors:
             a.abort.remote(self.generation, reason)
 
-    def _drain(self, pending: list[Any], consume: bool = False) -> None:
-        """Waits for the survivors to leave ``run`` (their collectives raise at once);
-        ``consume``: fetches what they ended with, so that Ray does not print the errors
-        nobody fetched (their remote tracebacks) when the job has already failed."""
+    def _drain(
+        self, pending: list[Any], consume: bool = False, timeout_s: float | None = None
+    ) -> None:
+        """Waits (at most ``timeout_s``, default the collective timeout) for the survivors to
+        leave ``run`` (their collectives raise at once); ``consume``: fetches what they ended
+        with, so that Ray does not print the errors nobody fetched (their remote tracebacks)
+        when the job has already failed."""
         import ray  # noqa: PLC0415
 
-        done, _ = ray.wait(pending, num_returns=len(pending), timeout=self.opt.collective_timeout_s)
+        wait_s = self.opt.collective_timeout_s if timeout_s is None else timeout_s
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=wait_s)
         for ref in done if consume else []:
             try:
                 ray.get(ref, timeout=0)
