@@ -3,6 +3,9 @@ once per module, is the ``ray_cluster`` fixture of ``conftest.py``)."""
 
 from __future__ import annotations
 
+import os
+import time
+
 
 def mlp_job(
     train: str, *, test: str | None = None, epochs: int = 2, dist: str = "", log_every: int = 100
@@ -32,3 +35,22 @@ weight_decay = 0.0
 log_every = {log_every}
 pictures = false
 """
+
+
+def pids_alive_after(pids: list[int], timeout_s: float = 60.0) -> list[int]:
+    """The processes of ``pids`` still alive once they all ended or ``timeout_s`` passed.
+    Ray kills actors asynchronously (``ray.kill`` asks the GCS; the raylet then kills and
+    reaps the worker): a test that checks once, after a fixed sleep, fails on a loaded
+    machine."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)

@@ -330,11 +330,13 @@ def test_async_worker_sigkilled_mid_step_each_step_applied_once_per_shard(ray_cl
         log=lambda line: None, task=run_rank,
     )  # fmt: skip
     killed: list[int] = []
+    over = threading.Event()
 
     def kill_rank_1_in_epoch_1():
-        deadline = time.monotonic() + 60
+        # as long as the job runs (the test's timeout bounds it): a fixed deadline could run
+        # out on a loaded machine before the step came, and then nothing was killed
         path = log_dir / "rank1-gen1.jsonl"
-        while time.monotonic() < deadline:
+        while not over.is_set():
             lines = path.read_text().count("\n") if path.exists() else 0
             if lines >= KILL_AT and len(rj.worker_info) >= 2:
                 time.sleep(0.003)  # somewhere inside a step
@@ -344,7 +346,10 @@ def test_async_worker_sigkilled_mid_step_each_step_applied_once_per_shard(ray_cl
             time.sleep(0.001)
 
     threading.Thread(target=kill_rank_1_in_epoch_1, daemon=True).start()
-    report = rj.run(job)
+    try:
+        report = rj.run(job)
+    finally:
+        over.set()
     assert killed and report["generation"] == 1, report["recoveries"]
     (rec,) = report["recoveries"]
     assert rec["kind"] == "survivors went on"

@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from ray_jobs import mlp_job  # noqa: E402
+from ray_jobs import mlp_job, pids_alive_after  # noqa: E402
 
 from distnet import backend, cli  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
@@ -244,10 +244,8 @@ def test_killed_worker_is_replaced_and_every_sample_counts_once(ray_cluster, dig
     counted = {0: records[1][0], 1: records[2][1], 2: records[2][2]}
     for epoch, seen in counted.items():
         np.testing.assert_array_equal(np.sort(np.array(seen, np.float32)), ids, f"epoch {epoch}")
-    time.sleep(1.0)
-    for info in report["worker_info"]:  # no actor outlives its job
-        with pytest.raises(ProcessLookupError):
-            os.kill(info["pid"], 0)
+    # no actor outlives its job
+    assert pids_alive_after([info["pid"] for info in report["worker_info"]]) == []
 
 
 def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits):
@@ -256,9 +254,14 @@ def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits
     job = load_job(path, {"run": {"out": str(out)}})
     rj = RayJob(RayOptions(workers=worker_specs(2)), log=lambda line: None, task=run_rank)
 
+    over = threading.Event()
+
     def interrupt_after_two_epochs():
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not glob.glob(str(out / "stages/*/progress")):
+        # no fixed deadline (one ran out on a loaded machine before the first checkpoint, and
+        # the SIGINT came too early): the test's timeout bounds the wait
+        while not glob.glob(str(out / "stages/*/progress")):
+            if over.is_set():
+                return
             time.sleep(0.1)
         import signal  # noqa: PLC0415
 
@@ -273,12 +276,10 @@ def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits
         with pytest.raises(KeyboardInterrupt):
             rj.run(job)
     finally:
+        over.set()
         signal.signal(signal.SIGINT, before)
-    time.sleep(1.0)
     assert rj.worker_info
-    for info in rj.worker_info:
-        with pytest.raises(ProcessLookupError):
-            os.kill(info["pid"], 0)
+    assert pids_alive_after([info["pid"] for info in rj.worker_info]) == []
     # the last checkpoint is usable: the job resumes from it and finishes one more epoch
     progress = glob.glob(str(out / "stages/*/progress"))[0]
     done = int(json.loads((Path(progress) / "manifest.json").read_text())["extra"]["epoch"])

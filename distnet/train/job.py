@@ -250,7 +250,7 @@ def build_stages(
     job: dict,
     model: Any,
     loader: Any,
-    wrap: Callable[[Any], Any],
+    wrap: Callable[[Any, Any], Any],
     log: Callable[[str], None],
     on_pretrained: Callable[[int], None],
     rank: int = 0,
@@ -259,6 +259,8 @@ def build_stages(
 ) -> list:
     """Pretraining stages (stacked autoencoders) and the supervised stage. ``watch(ctx)``
     gives the callbacks that report a stage's progress (default: an ``EpochPrinter``).
+    ``wrap(optimizer, loader)`` makes a stage's optimiser data-parallel; ``loader`` is the one
+    the stage iterates (an engine that splits batches unevenly hands it its split).
 
     ``layer_loader(k)`` (collective) may return a loader of layer k's input codes (then
     closed after the stage), or None to compute them from ``loader`` batch by batch."""
@@ -273,10 +275,18 @@ def build_stages(
 
     def pretrain(k: int) -> Callable[[Any], dict[str, Any]]:
         def fn(ctx: Any) -> dict[str, Any]:
-            opt = wrap(Adam(model.autoencoders[k], lr=per_layer(pre["lr"], k)))
-            start = ctx.restore(opt)  # before the codes: they come from the restored encoders
-            saver = ctx.epoch_checkpoint(opt)
+            # the codes first: the stage iterates their loader. Encoders 0..k-1 are frozen
+            # here, as the pipeline loaded them (an epoch checkpoint of this stage holds the
+            # same), so the codes need not wait for ctx.restore
             codes = layer_loader(k) if layer_loader is not None and k > 0 else None
+            try:
+                opt = wrap(Adam(model.autoencoders[k], lr=per_layer(pre["lr"], k)), codes or loader)
+            except BaseException:
+                if codes is not None:
+                    codes.close()
+                raise
+            start = ctx.restore(opt)
+            saver = ctx.epoch_checkpoint(opt)
             try:
                 model.pretrain_layer(
                     k, codes or loader, epochs=per_layer(pre["epochs"], k), optimizer=opt,
@@ -296,7 +306,7 @@ def build_stages(
 
     def supervised(ctx: Any) -> dict[str, Any]:
         net = model  # a stacked autoencoder's forward is its classifier, over its one layout
-        opt = wrap(_make_optimizer(ft, net))
+        opt = wrap(_make_optimizer(ft, net), loader)
         start = ctx.restore(opt)
         saver = ctx.epoch_checkpoint(opt)
         schedule = finetune_schedule(ft)  # [finetune] schedule: plateau, cosine or step
@@ -338,8 +348,10 @@ def run_job(
     """Runs a loaded job on this process's rank; returns the report (written by rank 0).
 
     Engines that start the ranks themselves (Ray actors) pass their ``comm`` and a
-    ``rank_setup`` with ``device`` (None: the job's), ``rank_weights`` (None: equal shares of
-    the global batch) and ``wrap(optimizer, default_wrap, loader)`` (each stage's optimiser).
+    ``rank_setup`` with ``device`` (None: the job's), ``wrap(optimizer, default_wrap, loader)``
+    (each stage's optimiser; ``loader`` is the one the stage iterates, inputs or cached codes,
+    and the engine gives it this rank's share of the global batch) and ``in_stage(name, fn)``
+    (a stage's function that notes the stage running, for error messages).
     ``trace``: write ``trace.json`` (see ``distnet.trace``); ``progress``: 'bar', 'lines' or
     'off' for rank 0's progress display (None: a bar on a terminal, lines otherwise).
     """
@@ -379,13 +391,12 @@ def run_job(
         shuffle_chunks=job["data"]["shuffle_chunks"],
         transform=as_images if images else flatten if len(train.shape) > 2 else None,
         device=device,
-        rank_weights=getattr(rank_setup, "rank_weights", None),
     )
     compression = None if job["dist"]["compression"] == "none" else job["dist"]["compression"]
 
     said_sharded: list[bool] = []
 
-    def wrap(opt: Any) -> Any:
+    def wrap(opt: Any, feed: Any = None) -> Any:
         if size == 1:
             return opt
         from distnet.parallel.zero import ShardedOptimizer, sharding_pays  # noqa: PLC0415
@@ -404,8 +415,8 @@ def run_job(
     if rank_setup is not None:
         plain_wrap = wrap
 
-        def wrap(opt: Any) -> Any:
-            return rank_setup.wrap(opt, plain_wrap, loader)
+        def wrap(opt: Any, feed: Any = None) -> Any:
+            return rank_setup.wrap(opt, plain_wrap, loader if feed is None else feed)
 
     m = job["model"]
     layout = (
@@ -435,6 +446,10 @@ def run_job(
         job, model, loader, wrap, say, after_pretraining, rank,
         watch=observe.watch, layer_loader=layer_loader,
     )  # fmt: skip
+    if rank_setup is not None:  # a failed rank's error names its stage
+        from distnet.train.pipeline import Stage  # noqa: PLC0415
+
+        stages = [Stage(st.name, rank_setup.in_stage(st.name, st.fn)) for st in stages]
     try:
         # rank 0 reads the run directory and broadcasts: others' may be node-local and empty
         resume = getattr(rank_setup, "resume_stage", None)  # Ray: mid-epoch after a lost worker
@@ -472,7 +487,8 @@ def run_job(
 def _codes_loaders(job: dict, model: Any, train: Any, loader: Any, comm: Any, out: Path) -> Any:
     """``layer_loader(k)`` for build_stages: a StreamLoader over the codes store of layer k
     (written once, see ``distnet.train.codes``) when [pretrain] cache_codes says so, with
-    the input loader's batch split and order; None to recompute the codes every batch."""
+    the input loader's global batch, seed and order (an engine that splits batches unevenly
+    gives it the split with the stage's optimiser); None to recompute the codes every batch."""
     from distnet.data import StreamLoader  # noqa: PLC0415
     from distnet.train.codes import CodesCache, shared_by_all_ranks, should_cache  # noqa: PLC0415
 
@@ -496,8 +512,9 @@ def _codes_loaders(job: dict, model: Any, train: Any, loader: Any, comm: Any, ou
         if not choice:
             return None
         return StreamLoader(
-            cache.store(k), loader.batch_size, rank=comm.rank, world_size=comm.size,
-            seed=loader.seed, shuffle_chunks=loader.shuffle_chunks, device=loader.device,
+            cache.store(k), rank=comm.rank, world_size=comm.size, seed=loader.seed,
+            shuffle_chunks=loader.shuffle_chunks, device=loader.device,
+            global_batch_size=loader.global_batch_size,
         )  # fmt: skip
 
     return layer_loader

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from distnet.parallel.rayengine import RankSetup, RayOptions, WorkerLostError, run_on_ray
+from distnet.parallel.rayengine.errors import RankFailed, may_restart, one_line
 
 
 def run_rank(
     comm: Any, generation: int, job: dict[str, Any], spec: dict[str, Any], log: Any
 ) -> dict[str, Any]:
     """One Ray worker's part of ``job``: every stage, the same code as an MPI rank runs, with
-    this worker's device, batch share and optimiser wrapping (``spec``); returns its report."""
+    this worker's device, batch share and optimiser wrapping (``spec``); returns its report.
+    An error of its own ends it as ``RankFailed`` (one line naming this rank and the stage)."""
     from distnet.train.job import run_job  # noqa: PLC0415
 
     setup = RankSetup(spec, comm, generation)
@@ -30,6 +32,10 @@ def run_rank(
     except WorkerLostError:  # a peer died: keep what the next run resumes from
         setup.after_failure()
         raise
+    except Exception as e:
+        if may_restart(e):  # the driver runs the job again (a lost shard): it must see why
+            raise
+        raise RankFailed(comm.rank, setup.stage, one_line(e)) from e
     finally:  # rank 0 stops the shards of a failed run's servers (after the carry was taken)
         setup.close()
     report["shares"] = setup.shares

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from distnet.parallel.rayengine.errors import may_restart, one_line, rank_failure
 from distnet.parallel.rayengine.options import (
     RayEngineError,
     RayOptions,
@@ -235,9 +236,9 @@ class RayJob:
                     lost.append(rank)
                     self.failures.append(f"rank {rank}: {type(e).__name__}")
                 except ray.exceptions.RayTaskError as e:
-                    if _group_may_restart(e):  # a lost parameter-server shard
+                    if may_restart(e.cause):  # a lost parameter-server shard
                         restart = True
-                        self.failures.append(f"rank {rank}: {str(e.cause).splitlines()[0]}")
+                        self.failures.append(f"rank {rank}: {one_line(e)}")
                     else:
                         errors.append((rank, e))
             if len(lost) == 1 and not (restart or errors):  # async/ssp ps: the others go on
@@ -252,8 +253,11 @@ class RayJob:
                 return lost
             if errors:
                 self._abort_all("another rank failed")
+                # no unhandled-error noise from the others; the error is not held back long
+                # by a rank that does not reach a collective (stop() kills it anyway)
+                self._drain(pending, consume=True, timeout_s=10.0)
                 rank, e = errors[0]
-                raise RayEngineError(f"rank {rank} failed: {e}") from None
+                raise RayEngineError(rank_failure(rank, e)) from None
         self._print_logs()
         return ray.get(futures[0])
 
@@ -270,11 +274,22 @@ class RayJob:
         for a in self.actors:
             a.abort.remote(self.generation, reason)
 
-    def _drain(self, pending: list[Any]) -> None:
-        """Waits for the survivors to leave ``run`` (their collectives raise at once)."""
+    def _drain(
+        self, pending: list[Any], consume: bool = False, timeout_s: float | None = None
+    ) -> None:
+        """Waits (at most ``timeout_s``, default the collective timeout) for the survivors to
+        leave ``run`` (their collectives raise at once); ``consume``: fetches what they ended
+        with, so that Ray does not print the errors nobody fetched (their remote tracebacks)
+        when the job has already failed."""
         import ray  # noqa: PLC0415
 
-        ray.wait(pending, num_returns=len(pending), timeout=self.opt.collective_timeout_s)
+        wait_s = self.opt.collective_timeout_s if timeout_s is None else timeout_s
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=wait_s)
+        for ref in done if consume else []:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayError:
+                pass  # a stopped survivor's WorkerLostError: the failure is another rank's
 
     def _recover(self, lost: list[int]) -> None:
         """New actors for the lost ranks, or fewer workers (>= min_workers)."""
@@ -357,17 +372,6 @@ class RayJob:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
-
-
-def _group_may_restart(error: Any) -> bool:
-    """Whether a rank's error (or one it was raised from) says that running the job again
-    can go on (``group_may_restart``, as a lost parameter-server shard's error does)."""
-    cause, seen = getattr(error, "cause", None), 0
-    while cause is not None and seen < 8:
-        if getattr(cause, "group_may_restart", False):
-            return True
-        cause, seen = cause.__cause__ or cause.__context__, seen + 1
-    return False
 
 
 def run_on_ray(

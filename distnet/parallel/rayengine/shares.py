@@ -11,6 +11,10 @@ single worker would make on the whole global batch.
 
 Shares change only at epoch ends: every rank's loader yields the same number of batches per
 epoch, so every rank reaches the exchange at the same step.
+
+The split in force lives in one place per worker, a ``BatchSplit``: the engine hands it to
+every loader a stage iterates (the inputs, or a later stage's cached codes, made mid-job)
+before the stage starts, and a rebalance changes it there and in the loader being iterated.
 """
 
 from __future__ import annotations
@@ -36,13 +40,41 @@ def set_batch_sizes(loader: Any, sizes: list[int]) -> None:
     loader.batch_size = loader.batch_sizes[loader.rank]
 
 
+class BatchSplit:
+    """A worker's batch split across the stages of its job (see the module docstring).
+
+    Args:
+        rank_weights: the split the job starts with, in proportion to these (None: equal).
+    """
+
+    def __init__(self, rank_weights: list[float] | None = None) -> None:
+        self.rank_weights = rank_weights
+        self.sizes: list[int] | None = None  # None: not yet made (no loader seen)
+
+    def hand_to(self, loader: Any) -> Any:
+        """Gives ``loader`` (a stage's, about to be iterated) the split in force; returns it."""
+        if self.sizes is None:
+            self.sizes = order.split_global_batch(
+                loader.global_batch, loader.world_size, self.rank_weights
+            )
+        set_batch_sizes(loader, self.sizes)
+        return loader
+
+    def change(self, loader: Any, sizes: list[int]) -> None:
+        """A new split (a rebalance) for ``loader``, the one iterated now, and later ones."""
+        set_batch_sizes(loader, sizes)
+        self.sizes = [int(s) for s in sizes]
+
+
 class ThroughputShares:
     """A step-for-step stand-in for the optimiser it wraps, plus throughput-following shares.
 
     Args:
         inner: the data-parallel optimiser (``step(batch_share=...)``; a
             ``DistributedOptimizer`` also takes the share in ``backward``).
-        loader: this rank's ``StreamLoader`` (its ``batch_sizes`` are changed in place).
+        loader: the ``StreamLoader`` the stage iterates on this rank (input samples or cached
+            codes): ``fit``'s ``batch_share`` is checked against it, and a rebalance changes
+            its ``batch_sizes`` in place.
         comm: the group's communicator (an ``allgather`` per rebalance).
         rebalance_every: least number of steps between two measurements (0: never).
         delay_per_sample_s: sleep this long per sample in each backward (a deliberately slow
@@ -51,11 +83,12 @@ class ThroughputShares:
             "batch_sizes"}``), shared across stages.
         on_step: called with the step number after every finished step (fault injection and
             sample accounting hang on it).
+        split: the worker's ``BatchSplit`` that a rebalance changes (None: one of its own).
     """
 
     _OWN = frozenset(
         "optimizer loader comm rebalance_every delay_per_sample_s history on_step "
-        "_share_in_backward _t0 _backward_done _compute_s _samples _since step_count".split()
+        "split _share_in_backward _t0 _backward_done _compute_s _samples _since step_count".split()
     )
 
     def __init__(
@@ -68,8 +101,10 @@ class ThroughputShares:
         delay_per_sample_s: float = 0.0,
         history: list[dict[str, Any]] | None = None,
         on_step: Any = None,
+        split: BatchSplit | None = None,
     ) -> None:
         self.optimizer, self.loader, self.comm = inner, loader, comm
+        self.split = split if split is not None else BatchSplit()
         self.rebalance_every = rebalance_every
         self.delay_per_sample_s = delay_per_sample_s
         self.history = history if history is not None else []
@@ -166,7 +201,7 @@ class ThroughputShares:
             return list(self.loader.batch_sizes)
         per_rank = self.loader.global_batch // self.loader.world_size
         sizes = order.rank_batch_sizes(per_rank, self.loader.world_size, rates.tolist())
-        set_batch_sizes(self.loader, sizes)
+        self.split.change(self.loader, sizes)
         self.history.append(
             {"step": self.step_count, "throughput": rates.round(1).tolist(), "batch_sizes": sizes}
         )

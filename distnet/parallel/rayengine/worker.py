@@ -26,7 +26,7 @@ from distnet.parallel.rayengine.resume import (
     note_step,
     summary,
 )
-from distnet.parallel.rayengine.shares import ThroughputShares
+from distnet.parallel.rayengine.shares import BatchSplit, ThroughputShares
 from distnet.parallel.rayengine.standin import JoinRecord, enter_stage
 
 
@@ -90,6 +90,8 @@ class RankSetup:
         self.spec, self.comm = spec, comm
         self.device = spec.get("device")
         self.rank_weights = spec.get("rank_weights")
+        self.split = BatchSplit(self.rank_weights)  # every stage's loader takes it from here
+        self.stage: str | None = None  # the running stage's name (for a failure's message)
         self.shares: list[dict[str, Any]] = []
         self.ps_stats: list[Any] = []  # one per stage (strategy "ps", rank 0)
         self.nodes: list[list[int]] | None = None  # strategy "hybrid": ranks per node
@@ -119,9 +121,21 @@ class RankSetup:
         if self.join:
             comm.replay(self.join["log"], self.join["seq"])
 
+    def in_stage(self, name: str, fn: Any) -> Any:
+        """``fn`` (a stage's function) noting that stage ``name`` runs, so that an error in it
+        names the stage (``errors.RankFailed``)."""
+
+        def run(*args: Any) -> Any:
+            self.stage = name
+            return fn(*args)
+
+        return run
+
     def wrap(self, opt: Any, default_wrap: Any, loader: Any) -> Any:
         """Each stage's optimiser: data-parallel (allreduce or parameter server), with
-        throughput-following batch shares."""
+        throughput-following batch shares. ``loader``: the one the stage iterates (inputs or
+        cached codes), given this worker's batch split here."""
+        self.split.hand_to(loader)
         self._stage += 1
         self._stage_steps, self._mark, self._mark_ok, self._stage_index = 0, None, True, None
         self._stage_start = (int(loader.epoch), int(loader.samples_seen))
@@ -141,6 +155,7 @@ class RankSetup:
             delay_per_sample_s=float(self.spec.get("delay_per_sample_s", 0.0)),
             history=self.shares,
             on_step=lambda step: self._on_step(loader),
+            split=self.split,
         )
         self._current = (wrapped, loader)
         return wrapped
@@ -204,9 +219,11 @@ class RankSetup:
                 self._inject(fault)
 
     def _inject(self, fault: dict[str, Any]) -> None:
-        """A fault of ``spec["faults"]`` (tests): this worker exits, or kills a shard."""
+        """A fault of ``spec["faults"]`` (tests): this worker exits, raises, or kills a shard."""
         if fault["action"] == "exit":
             os._exit(17)
+        if fault["action"] == "raise":  # a bug in the stage's code, as the user would meet it
+            raise RuntimeError(f"injected fault at step {self.steps}")
         import signal  # noqa: PLC0415
         import threading  # noqa: PLC0415
 
