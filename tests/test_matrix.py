@@ -40,26 +40,6 @@ pytestmark = [pytest.mark.matrix, pytest.mark.timeout(300)]
 # xfail(strict=False); a row that hangs is not run (it would cost its whole timeout), so
 # delete its entry once the fix is merged
 KNOWN_BROKEN: list[tuple[Any, str, str, Any]] = [
-    (lambda c: c["zero"] and c["engine"].startswith("mpi") and c["nonfinite"] != "none",
-     "issue 20 item 1 (ZeRO-1 makes the non-finite check rank-local)",
-     "a NaN sample on one rank: the ranks part ways and the job hangs (mpiexec killed "
-     "after 120 s)", lambda c: True),
-    (lambda c: c["strategy"] != "allreduce" and c["nonfinite"] != "none",
-     "issue 20 item 1 (the ps/hybrid wrappers' finite decision is rank-local)",
-     "a NaN sample on one worker: the job hangs until the test's timeout (300 s)",
-     lambda c: True),
-    (lambda c: c["engine"].startswith("ray") and c["stage"] == "codes"
-     and c["shares"] == "rebalance",
-     "issue 20 item 4 (cached codes under throughput rebalancing on Ray)",
-     "RayEngineError: ValueError: batch_share 0.5 is not this worker's 0.6458333333333334",
-     lambda c: False),
-    (lambda c: c["compression"] == "fp16" and c["nonfinite"] != "none",
-     "new (parallel/buckets.py fp16 compression)",
-     "a NaN gradient is reported as 'the reduced gradient overflowed float16' and aborts "
-     "all ranks (FloatingPointError, MPI_Abort) before fit's finite decision: on_nonfinite = "
-     "'skip' does not skip and 'stop' names no parameter; on Ray the driver then reruns the "
-     "job until max_failures (not run: 20 s a row on MPI, minutes on Ray)",
-     lambda c: True),
 ]  # fmt: skip
 
 
