@@ -154,3 +154,19 @@ def test_every_rank_sees_torchrun_variables_and_x_exports():
     assert proc.returncode == 0, proc.stderr
     lines = sorted(proc.stdout.splitlines())
     assert lines == ["[0] 0 0 2 2 shell value", "[1] 1 1 2 2 shell value"], proc.stdout
+
+
+def test_the_first_failure_is_the_earliest_and_a_later_interrupt_is_its_consequence(tmp_path):
+    """A rank SIGKILLed at t=1 (its wrapper's bare exit record) is named, not the peer that was
+    interrupted at t=2 while the job was being stopped (a rank's own account, 'cause')."""
+    from distnet.parallel.launchrun import _first_failure  # noqa: PLC0415
+
+    killed = {"rank": 1, "status": 137, "what": "killed by signal 9 (SIGKILL)", "time": 1.0}
+    interrupted = {"rank": 0, "status": 130, "what": "interrupted (SIGINT)", "time": 2.0,
+                   "cause": True}  # fmt: skip
+    assert _first_failure(str(tmp_path), [interrupted, killed])["rank"] == 1
+    # a rank's own account beats its wrapper's exit record, which comes after it
+    raised = {"rank": 0, "status": 1, "what": "raised ValueError: x", "time": 1.0, "cause": True}
+    exit0 = {"rank": 0, "status": 1, "what": "exit status 1", "time": 1.5}
+    killed_after = {**killed, "time": 1.2}
+    assert _first_failure(str(tmp_path), [exit0, killed_after, raised]) == raised

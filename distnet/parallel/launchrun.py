@@ -43,10 +43,14 @@ def _first_failure(status_dir: str, records: list[dict] | None = None) -> dict |
             records.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    # A rank's own account of why it stopped the job beats the exits that followed it.
-    causes = [r for r in records if r.get("cause")]
-    pool = causes or records
-    return min(pool, key=lambda r: r["time"]) if pool else None
+    if not records:
+        return None
+    # The earliest record names the rank: what came after it (peers killed by mpiexec after an
+    # MPI_Abort, a rank interrupted while its job was being stopped) is a consequence. That
+    # rank's own account of why it stopped (a cause) beats its wrapper's bare exit status.
+    first = min(records, key=lambda r: r["time"])
+    causes = [r for r in records if r.get("cause") and r.get("rank") == first.get("rank")]
+    return min(causes, key=lambda r: r["time"]) if causes else first
 
 
 INIT_FAILURE = re.compile(
