@@ -59,7 +59,7 @@ def test_every_refused_combination_gets_one_line_naming_its_keys():
         first_words.add(why.split(" = ")[0].split(":")[0])
     # every rule of jobspec.dist_conflicts is met in the matrix
     assert {"[dist] strategy", "[dist] mode", "[dist] shard_optimizer", "[dist] compression",
-            "[model] dropout"} <= first_words, first_words  # fmt: skip
+            "[dist] overlap", "[model] dropout"} <= first_words, first_words  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -86,6 +86,11 @@ def test_every_refused_combination_gets_one_line_naming_its_keys():
          "[dist] shard_optimizer = true needs engine 'mpi' (ZeRO-1 shards the optimiser state "
          "over MPI ranks; engine 'ray')"),
         ({"engine": "local", "compression": "fp16"}, "[dist] compression = 'fp16' needs several"),
+        ({"engine": "local", "overlap": True}, "[dist] overlap = true needs an allreduce"),
+        ({"engine": "ray", "strategy": "hybrid", "overlap": True},
+         "[dist] overlap = true needs an allreduce to overlap (strategy 'hybrid' pushes"),
+        ({"engine": "mpi", "shard_optimizer": True, "overlap": True},
+         "[dist] overlap = true needs an allreduce to overlap (shard_optimizer = true"),
     ],
 )  # fmt: skip
 def test_distnet_train_refuses_a_combination_with_one_line_and_exit_2(tmp_path, capsys, dist, line):

@@ -7,7 +7,7 @@ line ``distnet train`` prints and exits 2 with), so the matrix never keeps its o
 what is refused. ``pairwise()`` is a covering array of strength 2: every pair of values that
 some accepted configuration holds is in at least one row, in about 30 rows instead of the
 tens of thousands of ``full()``. ``distnet matrix [--full] [--json]`` lists them;
-tests/test_conformance.py runs each accepted row as a tiny real job and checks its oracle.
+tests/test_matrix.py runs each accepted row as a tiny real job and checks its oracle.
 
 The generator is our own (greedy, in the manner of AETG: each new row is the best of a few
 dozen random accepted candidates, seeded, so the rows never change between runs) because the
@@ -45,6 +45,7 @@ DIMENSIONS: dict[str, tuple[Any, ...]] = {
     "dropout": (0.0, 0.2),
     "nonfinite": ("none", "stop", "skip"),  # a NaN sample on one rank, and the policy
     "compression": ("none", "fp16"),
+    "overlap": (False, True),  # buckets' allreduces started during backward
     "resume": (False, True),  # stopped after the last stage's first epoch, run again
 }
 
@@ -70,6 +71,8 @@ def job_sections(config: Config) -> dict[str, dict[str, Any]]:
     if engine == "ray":
         dist["workers"] = ranks(config)
         dist["rebalance_every"] = 0
+    if config["overlap"]:
+        dist["overlap"] = True
     if shards:
         dist["shards"] = int(shards)
     if config["mode"] == "ssp":

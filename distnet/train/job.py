@@ -401,15 +401,18 @@ def run_job(
             return opt
         from distnet.parallel.zero import ShardedOptimizer, sharding_pays  # noqa: PLC0415
 
-        shard = job["dist"]["shard_optimizer"]
-        if shard is True or (shard == "auto" and sharding_pays(comm, opt, compression)):
+        shard, overlap = job["dist"]["shard_optimizer"], job["dist"]["overlap"]
+        # ZeRO-1 reduce-scatters after backward: asked-for overlap keeps the plain wrapper
+        auto_shard = shard == "auto" and overlap is not True
+        if shard is True or (auto_shard and sharding_pays(comm, opt, compression)):
             if not said_sharded:
                 said_sharded.append(True)
                 via = "shared memory" if getattr(comm, "shm", None) is not None else "MPI"
                 say(f"optimiser state sharded over {size} ranks (ZeRO 1, collectives via {via})")
             return ShardedOptimizer(opt, comm)
         return distributed.DistributedOptimizer(
-            opt, comm, bucket_mb=job["dist"]["bucket_mb"], compression=compression
+            opt, comm, bucket_mb=job["dist"]["bucket_mb"], compression=compression,
+            overlap=None if overlap == "auto" else overlap,
         )
 
     if rank_setup is not None:

@@ -131,6 +131,10 @@ class DistSpec(Section):
     )
     bucket_mb: float = _field(25.0, "a positive number of megabytes", gt=0.0)
     compression: Literal["none", "fp16"] = _field("none", "'none' or 'fp16'")
+    # start each bucket's allreduce from backward's grad-ready hooks (distnet.parallel.optimizer);
+    # "auto": as DISTNET_OVERLAP says (off by default: MPICH progresses a non-blocking
+    # allreduce only inside MPI calls, so it gained nothing on the 2-core nodes measured)
+    overlap: Literal["auto", True, False] = _field("auto", "'auto', true or false")
     # allreduce inside each node, then among node leaders (distnet.parallel.hierarchical);
     # "auto": on with several nodes of several ranks, or as DISTNET_HIERARCHICAL says
     hierarchical: Literal["auto", True, False] = _field("auto", "'auto', true or false")
@@ -238,6 +242,11 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
             f"compression = {dist.compression!r} does nothing with strategy "
             f"{strategy!r} (pushes to the parameter server are float32); set 'none'"
         )
+    if dist.overlap is True and (engine == "local" or ps or dist.shard_optimizer is True):
+        what = ("engine 'local' is one process" if engine == "local" else
+                f"strategy {strategy!r} pushes to the parameter server" if ps else
+                "shard_optimizer = true reduce-scatters after backward")  # fmt: skip
+        out.append(f"overlap = true needs an allreduce to overlap ({what}); set 'auto' or false")
     if dist.compression != "none" and dist.shard_optimizer is True:
         out.append(
             f"compression = {dist.compression!r} does nothing with shard_optimizer = "
