@@ -342,8 +342,9 @@ class _ClosingServer:
         return getattr(inner, "node_comm", None)
 
     def resume_check(self, steps: int) -> bool:
-        """Whether every shard applied exactly ``steps`` rounds (this worker's finished steps):
-        then the shards hold the state after the last finished step (sync mode only)."""
+        """Whether every shard applied exactly ``steps`` rounds (this worker's finished steps,
+        less those every worker skipped): then the shards hold the state after the last
+        finished step (sync mode only)."""
         ps = self.optimizer.ps
         if ps.mode != "sync":
             return False
@@ -353,7 +354,8 @@ class _ClosingServer:
             stats = ps.call_all_once("stats", timeout_s=min(ps.timeout_s, 10.0))
         except Exception:  # noqa: BLE001
             return False
-        return {int(s["version"]) for s in stats} == {int(steps)}
+        rounds = int(steps) - int(getattr(self.optimizer, "rounds_skipped", 0))
+        return {int(s["version"]) for s in stats} == {rounds}
 
     def release(self) -> None:
         """After a peer died: rank 0 ends the stage's server (its round will never finish)."""
