@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -363,9 +364,15 @@ class _ClosingServer:
             self.optimizer.ps.shutdown()
 
     def close(self) -> None:
+        """Collective (every worker done with the server), except on an exception (called
+        from a ``finally``): a worker that failed alone (async/ssp decide alone) leaves at once
+        with its error, its peers elsewhere in the stage; rank 0's ``RankSetup.close`` then
+        stops the shards."""
         if self.__dict__["joins"] is not None:  # no replacement joins a stage that ended
             self.__dict__["joins"].stage_ended()
         self.optimizer.close()
+        if sys.exc_info()[0] is not None:
+            return
         self.comm.barrier()
         if self.comm.rank == 0:  # per-worker clocks and staleness, for the run's report
             try:
