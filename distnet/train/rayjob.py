@@ -32,6 +32,7 @@ def run_rank(
     from distnet.train.job import run_job  # noqa: PLC0415
 
     setup = RankSetup(spec, comm, generation)
+    failed = False
     try:
         report = run_job(
             job, log, comm=comm, rank_setup=setup, trace=bool(spec.get("trace")), progress="lines"
@@ -42,9 +43,10 @@ def run_rank(
     except Exception as e:
         if may_restart(e):  # the driver runs the job again (a lost shard): it must see why
             raise
+        failed = True
         raise RankFailed(comm.rank, setup.stage, describe(e), is_consequence(root_cause(e))) from e
     finally:  # rank 0 stops the shards of a failed run's servers (after the carry was taken)
-        setup.close()
+        setup.close(failed)
     report["shares"] = setup.shares
     report["steps"] = setup.steps
     report["resumed_mid_epoch"] = setup.resumed

@@ -287,12 +287,18 @@ class RankSetup:
                 wrapped.join(self.join["clock"])
         return _ClosingServer(wrapped, self.comm, self.ps_stats, self.joins)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Rank 0 stops the shards of every server it started that a stage did not close (a
-        failed run): they would live on, waiting, as long as this actor."""
+        failed run): they would live on, waiting, as long as this actor. ``failed``: this
+        rank's own error ends the job; the shards' rounds fail instead, so that peers still
+        pushing (async/ssp: they go on alone) fail as a consequence of that error, not of a
+        lost shard (which would run the job again); the shards end with this actor."""
         if self.comm.rank == 0:
             for server in self.servers:
-                server.shutdown()
+                if failed:
+                    server.abort_rounds(f"rank {self.comm.rank} failed")
+                else:
+                    server.shutdown()
         self.servers = []
 
 
