@@ -114,7 +114,8 @@ def test_skip_drops_the_same_step_on_every_worker(ray_cluster, nan_store, name, 
     assert np.max(np.abs(got - ref)) < 1e-5
     if strategy == "ps":  # every worker left the same round out: the shards saw no push
         updates = [w["updates"] for w in report["ps_stats"][0]["workers"]]
-        assert updates == [report["steps"]] * workers, (updates, report["steps"])
+        # the skipped step counts as a step taken (the loader moved on), not as an update
+        assert updates == [report["steps"] - skipped] * workers, (updates, report["steps"])
 
 
 STOP = [
@@ -122,6 +123,7 @@ STOP = [
     ("ps-sync-2", 2, "ps", {"mode": "sync", "shards": 2}),
     ("hybrid", 3, "hybrid", {"mode": "sync", "workers_per_node": 2}),
     ("ps-async", 2, "ps", {"mode": "async"}),
+    ("ps-ssp", 2, "ps", {"mode": "ssp", "staleness": 0}),
 ]
 
 
@@ -136,6 +138,7 @@ def test_stop_fails_the_job_naming_step_rank_and_parameter(ray_cluster, nan_stor
     assert "non-finite gradient at step" in message, message
     assert "rank(s) [" in message or "on rank " in message, message
     assert "1.weight" in message, message
+    assert "CollectiveMismatch" not in message, message  # the cause, not its consequence
     assert time.perf_counter() - t0 < 120  # a hang would wait for a round's timeout
 
 
@@ -147,6 +150,22 @@ def test_async_skip_drops_only_the_nan_workers_push(ray_cluster, nan_store):
     updates = sorted(w["updates"] for w in stats["workers"])
     steps_per_worker = -(-N // 24)  # the global batch is 24 (the last one short)
     assert updates == [steps_per_worker - 1, steps_per_worker], updates
+
+
+def test_ssp_skip_still_counts_the_nan_workers_step_on_the_shards(ray_cluster, nan_store):
+    """ssp with bound 0: the worker that skipped its step alone pushes no gradient but its
+    clock advances (a skipped step), so its peer, who may not run ahead of it, goes on."""
+    job, out, go = run(nan_store, "skip-ps-ssp", "skip", 2, "ps", {"mode": "ssp", "staleness": 0})
+    t0 = time.perf_counter()
+    report = go()
+    assert time.perf_counter() - t0 < 120  # not a round's timeout
+    assert np.isfinite(final_params(job, out)).all()
+    stats = report["ps_stats"][0]
+    steps_per_worker = -(-N // 24)
+    assert sorted(w["updates"] for w in stats["workers"]) == [steps_per_worker - 1,
+                                                              steps_per_worker]  # fmt: skip
+    assert [w["clock"] for w in stats["workers"]] == [steps_per_worker] * 2
+    assert sorted(sum(s["steps_skipped"]) for s in stats["shards"]) == [1]
 
 
 def test_hybrid_async_skip_drops_the_nan_nodes_push(ray_cluster, nan_store):

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from distnet.parallel.ps.shard import ParameterServerShard, RoundFailed
+from distnet.parallel.ps.shard import ParameterServerShard, PushRefused, RoundFailed
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(30)]
 TOKEN = "t" * 32
@@ -133,3 +133,28 @@ def test_a_push_after_an_abort_fails_at_once_and_applies_nothing(mode):
         assert "shard 1 [4:10)" in str(err) and "aborted: rank(s) [2] died" in str(err)
     assert s.version == 0 and s.pushes_applied == [0, 0, 0]
     np.testing.assert_array_equal(s.params, 0)
+
+
+def test_a_skipped_step_advances_the_clock_that_an_ssp_wait_waits_for():
+    # regression (issue 20): a worker that skipped a non-finite step alone (ssp) never pushed
+    # that clock, so its peer waited for it until the round timeout
+    async def main():
+        s = shard("ssp", workers=2, timeout_s=60)  # bound s=0: worker 0 waits for worker 1
+        waiting = asyncio.ensure_future(push(s, 0, 1))
+        await asyncio.sleep(0.05)
+        skipped = await asyncio.wait_for(
+            s.push_pull(TOKEN, 1, 1, 0, None, 1.0, 0.1), 5
+        )  # worker 1 skipped its step 1: nothing to apply
+        return s, await asyncio.wait_for(waiting, 5), skipped
+
+    s, reply, (version, params) = asyncio.run(main())
+    assert s.clocks == [1, 1] and s.steps_skipped == [0, 1]
+    assert s.pushes_applied == [1, 0] and s.version == 1  # only worker 0's gradient
+    np.testing.assert_allclose(params, -0.05)  # sgd, lr 0.1, worker 0: ones, share 0.5
+    assert reply[0] == version == 1
+
+
+def test_a_skipped_step_is_refused_in_sync_mode():
+    # a sync step is skipped by every worker together: no shard hears of it
+    with pytest.raises(PushRefused, match="skipped step in sync mode"):
+        asyncio.run(shard("sync").push_pull(TOKEN, 0, 1, 0, None, 1.0, 0.1))

@@ -9,6 +9,7 @@ from distnet import backend
 from distnet.nn import Dense, Sequential
 from distnet.optim import SGD
 from distnet.train import NonFiniteError, evaluate, fit, predict
+from distnet.train.finite import decide
 
 
 def blobs(n=240, seed=0):
@@ -143,6 +144,32 @@ def test_non_finite_gradient_names_the_step_and_the_layer():
     # the step that went wrong was never applied
     assert not np.array_equal(model.flat_params(), before)  # step 0 was
     assert np.isfinite(model.flat_params()).all()
+
+
+def test_one_process_skipping_a_non_finite_step_names_no_rank():
+    # regression (issue 20): a local job's warning said "on rank 0 (deciding alone: its
+    # workers step asynchronously)"
+    x, y = blobs(64)
+    x[40] = np.inf  # batch 1 of epoch 0 (no shuffle): step 1
+    model = mlp()
+    with pytest.warns(RuntimeWarning, match=r"skipped: .*step 1 \(epoch 0, batch 1\)") as info:
+        history = fit(model, x, y, batch_size=32, shuffle=False, epochs=1, optimizer="sgd",
+                      on_nonfinite="skip")  # fmt: skip
+    assert history["skipped_steps"] == [1]
+    [message] = [str(w.message) for w in info if str(w.message).startswith("skipped:")]
+    assert "rank" not in message and "deciding alone" not in message, message
+    assert np.isfinite(model.flat_params()).all()
+
+
+def test_a_worker_deciding_alone_among_several_is_named():
+    """An async worker's decision (no group: ``comm`` None) names its rank in the job."""
+    model = mlp()
+    model(np.zeros((1, 2), np.float32)).sum().backward()
+    grads = model.flat_grads()
+    error = decide(float("nan"), model, grads, None, None, step=3, epoch=1, batch=0, rank=2)
+    assert "step 3 (epoch 1, batch 0) on rank 2 (deciding alone" in str(error), error
+    alone = decide(float("nan"), model, grads, None, None, step=3, epoch=1, batch=0)
+    assert "rank" not in str(alone), alone
 
 
 def test_non_finite_loss_with_finite_gradients():

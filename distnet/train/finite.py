@@ -82,12 +82,12 @@ def decide(
     """
     named = list(model.named_parameters())
     row = _row(loss_value, named, grads, applied)
-    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    me, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     if grads_agree and size > 1 and not int(row[0]) & LOCAL:
         return None  # every rank read the same finite numbers
     if size > 1:
         table = np.zeros((size, row.size), dtype=np.float64)
-        table[rank] = row
+        table[me] = row
         comm.allreduce(table, op="sum")
     else:
         table = row[None, :]

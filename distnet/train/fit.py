@@ -191,6 +191,9 @@ def fit(
     # skips together whatever its wrapper reduced (a ZeRO-1 slice, or nothing before a
     # parameter server's push).
     synchronize = getattr(optimizer, "synchronize", None)
+    # a wrapper whose ranks skip alone (an async parameter server) counts a skipped step
+    # where others count steps (the shards' clocks, an epoch-end collective)
+    skip_step = getattr(optimizer, "skip_step", None)
     callback_list.on_train_begin({})
     for epoch in range(initial_epoch, epochs):
         if loop.stop_training:
@@ -238,6 +241,8 @@ def fit(
                     warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
                     skipped += 1
                     optimizer.zero_grad()  # every rank of the group took the same decision
+                    if skip_step is not None:  # a wrapper that counts steps taken, skipped too
+                        skip_step()
                     loop.step += 1
                     continue
             with trace.span("optimizer_step"):  # and the allreduce, unless synchronize() ran it

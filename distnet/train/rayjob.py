@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from distnet.parallel.rayengine import RankSetup, RayOptions, WorkerLostError, run_on_ray
-from distnet.parallel.rayengine.errors import RankFailed, may_restart, one_line
+from distnet.parallel.rayengine.errors import (
+    RankFailed,
+    describe,
+    is_consequence,
+    may_restart,
+    root_cause,
+)
 
 
 def run_rank(
@@ -21,10 +27,12 @@ def run_rank(
 ) -> dict[str, Any]:
     """One Ray worker's part of ``job``: every stage, the same code as an MPI rank runs, with
     this worker's device, batch share and optimiser wrapping (``spec``); returns its report.
-    An error of its own ends it as ``RankFailed`` (one line naming this rank and the stage)."""
+    An error of its own ends it as ``RankFailed`` (naming this rank, the stage and the root
+    cause, see ``errors.describe``)."""
     from distnet.train.job import run_job  # noqa: PLC0415
 
     setup = RankSetup(spec, comm, generation)
+    failed = False
     try:
         report = run_job(
             job, log, comm=comm, rank_setup=setup, trace=bool(spec.get("trace")), progress="lines"
@@ -35,9 +43,10 @@ def run_rank(
     except Exception as e:
         if may_restart(e):  # the driver runs the job again (a lost shard): it must see why
             raise
-        raise RankFailed(comm.rank, setup.stage, one_line(e)) from e
+        failed = True
+        raise RankFailed(comm.rank, setup.stage, describe(e), is_consequence(root_cause(e))) from e
     finally:  # rank 0 stops the shards of a failed run's servers (after the carry was taken)
-        setup.close()
+        setup.close(failed)
     report["shares"] = setup.shares
     report["steps"] = setup.steps
     report["resumed_mid_epoch"] = setup.resumed

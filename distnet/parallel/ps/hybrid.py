@@ -82,6 +82,7 @@ class HybridOptimizer:
         self.batch_share = ParameterServerOptimizer._check_share(batch_share)
         self.is_leader = node_comm.rank == 0
         self.clock = 0
+        self.rounds_skipped = 0  # sync: steps every worker skipped (no round on the shards)
         self._prescaled = False
         self._seed_weight = 0.0  # the weight backward seeded this step's gradient with
         # the leader pushes and pulls for its node (and pulls the initial parameters)
@@ -152,6 +153,21 @@ class HybridOptimizer:
             opt.steps += 1  # schedules that read the step count see the leader's count
         with trace.span("node_broadcast", workers=self.node_comm.size):
             self.node_comm.broadcast(opt.flat_params, root=0)
+        self.clock += 1
+
+    def skip_step(self) -> None:
+        """A step ``fit`` skipped (non-finite), decided by the whole node in async/ssp (by
+        every worker in sync: then nobody hears of it): the leader advances the node's clock
+        on the shards (``ParameterServerOptimizer.skip_step``) and the node's replicas take
+        the parameters it pulled."""
+        self._prescaled = False
+        if self.ps.mode == "sync":
+            self.rounds_skipped += 1
+            return
+        if self.pusher is not None:
+            self.pusher.skip_step()
+        with trace.span("node_broadcast", workers=self.node_comm.size):
+            self.node_comm.broadcast(self.optimizer.flat_params, root=0)
         self.clock += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -142,7 +142,8 @@ class ParameterServerShard(Membership, ShardLink):
         self.optimizer_on = optimizer_on
         self.snapshot_path, self.snapshot_every = snapshot_path, int(snapshot_every)
         self.version = 0  # updates applied to this slice
-        self.clocks = [0] * num_workers  # pushes applied per worker
+        self.clocks = [0] * num_workers  # steps per worker: pushes applied, and skipped
+        self.steps_skipped = [0] * num_workers  # async/ssp: steps a worker pushed no gradient
         self.staleness_counts: list[dict[int, int]] = [{} for _ in range(num_workers)]
         self.ahead_records: list[list[tuple[int, int]]] = [[] for _ in range(num_workers)]
         self.refused = 0
@@ -192,10 +193,13 @@ class ParameterServerShard(Membership, ShardLink):
     def _push_problem(
         self, worker: int, grad: Any, share: Any, clock: Any, seen: Any, lr: Any
     ) -> str | None:
-        if not isinstance(grad, np.ndarray) or grad.dtype != np.float32:
+        if grad is None:  # a skipped step; in sync every worker skips it, and none pushes
+            if self.mode == "sync":
+                return f"worker {worker} pushed a skipped step in sync mode"
+        elif not isinstance(grad, np.ndarray) or grad.dtype != np.float32:
             kind = getattr(grad, "dtype", type(grad).__name__)
             return f"worker {worker} pushed {kind}, expected a float32 numpy array"
-        if grad.shape != (self.hi - self.lo,):
+        elif grad.shape != (self.hi - self.lo,):
             return f"worker {worker} pushed shape {grad.shape}, expected {(self.hi - self.lo,)}"
         if not (isinstance(share, float | int) and math.isfinite(share) and 0 <= share <= 1):
             return f"worker {worker} pushed batch share {share!r}, expected a number in [0, 1]"
@@ -239,6 +243,10 @@ class ParameterServerShard(Membership, ShardLink):
         clock the shard already applied (a retry) is not applied twice, nor one of a worker
         that left or of an older ``incarnation`` of its index (``membership.py``).
 
+        ``grad`` None (async/ssp): the worker skipped this step (a non-finite gradient, which
+        it decides alone there): nothing is applied, but its clock advances and ssp waits as
+        after a push, else the others would wait for a clock it never pushes.
+
         ``grad`` may be a ``LinkRef`` to the worker's outbox (``link.py``): the reply is then
         ``(version, the board's LinkRef)``, or ``("unlinked", None)`` with nothing applied
         when the outbox cannot be mapped here (the worker sends the array instead)."""
@@ -248,6 +256,7 @@ class ParameterServerShard(Membership, ShardLink):
             if grad is None:
                 return "unlinked", None
         self._check(token, worker, grad, share, clock, seen_version, lr)
+        skipped = grad is None
         self.pushes_received[worker] += 1
         self.linked_pushes[worker] += linked
         if self._aborted is not None:  # the group that pushes here is gone: nothing completes
@@ -268,10 +277,14 @@ class ParameterServerShard(Membership, ShardLink):
             return self._answer(linked)
         if self.mode == "sync":
             return await self._sync_push(worker, clock, seen_version, grad, share, linked)
-        self._apply(grad, float(share))
-        self.pushes_applied[worker] += 1
-        self._record(worker, clock, seen_version)
-        self._maybe_snapshot()
+        if skipped:
+            self.steps_skipped[worker] += 1
+            self.clocks[worker] = max(self.clocks[worker], clock)
+        else:
+            self._apply(grad, float(share))
+            self.pushes_applied[worker] += 1
+            self._record(worker, clock, seen_version)
+            self._maybe_snapshot()
         async with self._clock_changed:
             self._clock_changed.notify_all()
             if self.mode == "ssp":
@@ -558,6 +571,7 @@ class ParameterServerShard(Membership, ShardLink):
             "refused": self.refused,
             "pushes_received": list(self.pushes_received),
             "pushes_applied": list(self.pushes_applied),
+            "steps_skipped": list(self.steps_skipped),
             "linked_pushes": list(self.linked_pushes),
             "rounds_failed": self.rounds_failed,
             "rounds_lost": self.rounds_lost,

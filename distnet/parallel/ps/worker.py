@@ -55,6 +55,7 @@ class ParameterServerOptimizer:
         self.optimizer, self.ps, self.worker_index = optimizer, ps, worker_index
         self.batch_share = self._check_share(batch_share)
         self.clock = 0
+        self.rounds_skipped = 0  # sync: steps every worker skipped (no round on the shards)
         self.incarnation = 0  # > 0: a replacement that joined the running server (join())
         self.seen_versions = [0] * len(ps.shards)
         self._prescaled = False
@@ -143,17 +144,47 @@ class ParameterServerOptimizer:
                 self._weighted = np.empty_like(grads)
             grads = np.multiply(grads, np.float32(share), out=self._weighted)
             share = 1.0
+        on_server = ps.optimizer_on == "server"
+
+        def payload(i: int) -> Any:
+            if ref is not None and self._by_link[i]:
+                return ref
+            lo, hi = ps.ranges[i]
+            return np.ascontiguousarray(grads[lo:hi])
+
+        self._push_pull(payload, share)
+        if on_server:
+            opt.steps += 1  # schedules that read the step count see the same count as locally
+        else:
+            opt.step()
+            if self.worker_index == 0 and ps.snapshot_every and self.clock % ps.snapshot_every == 0:
+                self.publish()
+
+    def skip_step(self) -> None:
+        """A step ``fit`` skipped (a non-finite gradient). In sync mode every worker skipped
+        it and no shard hears of it. In async/ssp this worker decided alone: its clock still
+        advances on every shard (nothing is applied; ssp waits as after a push) and it pulls
+        the parameters, so the others never wait for a clock it would not push."""
+        self._prescaled = False
+        if self.ps.mode == "sync":
+            self.rounds_skipped += 1
+            return
+        self.optimizer.follow_layout()
+        self._push_pull(lambda i: None, 1.0)
+
+    def _push_pull(self, payload: Any, share: float) -> None:
+        """One step's call to every shard (``payload(i)``: shard i's gradient slice, its
+        outbox reference, or None for a skipped step); takes the replies into the flat
+        parameters (the summed gradient with the optimiser on the workers)."""
+        opt, ps = self.optimizer, self.ps
         self.clock += 1
         on_server = ps.optimizer_on == "server"
         lr = float(opt.lr) if on_server else None
 
         def submit(i: int, shard: Any) -> Any:
-            lo, hi = ps.ranges[i]
-            linked = ref is not None and self._by_link[i]
-            payload = ref if linked else np.ascontiguousarray(grads[lo:hi])
             return shard.push_pull.remote(
                 ps.token, self.worker_index, self.clock, self.seen_versions[i],
-                payload, float(share), lr, self.incarnation,
+                payload(i), float(share), lr, self.incarnation,
             )  # fmt: skip
 
         # every shard's call goes out before the first wait: shards work concurrently
@@ -167,12 +198,6 @@ class ParameterServerOptimizer:
                     self._by_link[i] = False
                     version, part = ps.call_with_retry(i, lambda s, i=i: submit(i, s))
                 self.seen_versions[i] = self._take(i, target, version, part)
-        if on_server:
-            opt.steps += 1  # schedules that read the step count see the same count as locally
-        else:
-            opt.step()
-            if self.worker_index == 0 and ps.snapshot_every and self.clock % ps.snapshot_every == 0:
-                self.publish()
 
     def _outbox_ref(self, grads: np.ndarray, share: float) -> link.LinkRef | None:
         """Where the shards find this step's (weighted) gradient: the flat gradient buffer

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from distnet.parallel.rayengine.errors import may_restart, one_line, rank_failure
+from distnet.parallel.rayengine.errors import causal, may_restart, one_line, rank_failure
 from distnet.parallel.rayengine.options import (
     RayEngineError,
     RayOptions,
@@ -254,9 +254,10 @@ class RayJob:
             if errors:
                 self._abort_all("another rank failed")
                 # no unhandled-error noise from the others; the error is not held back long
-                # by a rank that does not reach a collective (stop() kills it anyway)
-                self._drain(pending, consume=True, timeout_s=10.0)
-                rank, e = errors[0]
+                # by a rank that does not reach a collective (stop() kills it anyway). Theirs
+                # count when every error so far follows from another rank's (causal)
+                later = self._drain(pending, consume=True, timeout_s=10.0)
+                rank, e = causal(errors + [(futures.index(r), e) for r, e in later])
                 raise RayEngineError(rank_failure(rank, e)) from None
         self._print_logs()
         return ray.get(futures[0])
@@ -276,20 +277,25 @@ class RayJob:
 
     def _drain(
         self, pending: list[Any], consume: bool = False, timeout_s: float | None = None
-    ) -> None:
+    ) -> list[tuple[Any, BaseException]]:
         """Waits (at most ``timeout_s``, default the collective timeout) for the survivors to
         leave ``run`` (their collectives raise at once); ``consume``: fetches what they ended
         with, so that Ray does not print the errors nobody fetched (their remote tracebacks)
-        when the job has already failed."""
+        when the job has already failed, and returns the (reference, error) of those that
+        failed with a task error (most: a stopped survivor's ``WorkerLostError``)."""
         import ray  # noqa: PLC0415
 
         wait_s = self.opt.collective_timeout_s if timeout_s is None else timeout_s
         done, _ = ray.wait(pending, num_returns=len(pending), timeout=wait_s)
+        failed = []
         for ref in done if consume else []:
             try:
                 ray.get(ref, timeout=0)
+            except ray.exceptions.RayTaskError as e:
+                failed.append((ref, e))
             except ray.exceptions.RayError:
-                pass  # a stopped survivor's WorkerLostError: the failure is another rank's
+                pass  # an actor gone: no error of its own to report
+        return failed
 
     def _recover(self, lost: list[int]) -> None:
         """New actors for the lost ranks, or fewer workers (>= min_workers)."""

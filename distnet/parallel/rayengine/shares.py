@@ -184,6 +184,18 @@ class ThroughputShares:
             self.optimizer.step()  # a plain optimiser (one worker left) takes the whole batch
         else:
             self.optimizer.step(batch_share=self.batch_share)
+        self._step_taken()
+
+    def skip_step(self) -> None:
+        """``fit`` skipped this step (non-finite): the wrapped optimiser hears of it (a
+        parameter server's clock), and it counts as a step taken. A worker that decides
+        alone (async/ssp) must still reach the epoch's last step, where the rebalance is a
+        collective, and the engine's step hooks follow the loader, which moved on."""
+        self._stop_clock()
+        getattr(self.optimizer, "skip_step", lambda: None)()
+        self._step_taken()
+
+    def _step_taken(self) -> None:
         self.step_count += 1
         self._since += 1
         if self.on_step is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -286,12 +287,18 @@ class RankSetup:
                 wrapped.join(self.join["clock"])
         return _ClosingServer(wrapped, self.comm, self.ps_stats, self.joins)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Rank 0 stops the shards of every server it started that a stage did not close (a
-        failed run): they would live on, waiting, as long as this actor."""
+        failed run): they would live on, waiting, as long as this actor. ``failed``: this
+        rank's own error ends the job; the shards' rounds fail instead, so that peers still
+        pushing (async/ssp: they go on alone) fail as a consequence of that error, not of a
+        lost shard (which would run the job again); the shards end with this actor."""
         if self.comm.rank == 0:
             for server in self.servers:
-                server.shutdown()
+                if failed:
+                    server.abort_rounds(f"rank {self.comm.rank} failed")
+                else:
+                    server.shutdown()
         self.servers = []
 
 
@@ -342,8 +349,9 @@ class _ClosingServer:
         return getattr(inner, "node_comm", None)
 
     def resume_check(self, steps: int) -> bool:
-        """Whether every shard applied exactly ``steps`` rounds (this worker's finished steps):
-        then the shards hold the state after the last finished step (sync mode only)."""
+        """Whether every shard applied exactly ``steps`` rounds (this worker's finished steps,
+        less those every worker skipped): then the shards hold the state after the last
+        finished step (sync mode only)."""
         ps = self.optimizer.ps
         if ps.mode != "sync":
             return False
@@ -353,7 +361,8 @@ class _ClosingServer:
             stats = ps.call_all_once("stats", timeout_s=min(ps.timeout_s, 10.0))
         except Exception:  # noqa: BLE001
             return False
-        return {int(s["version"]) for s in stats} == {int(steps)}
+        rounds = int(steps) - int(getattr(self.optimizer, "rounds_skipped", 0))
+        return {int(s["version"]) for s in stats} == {rounds}
 
     def release(self) -> None:
         """After a peer died: rank 0 ends the stage's server (its round will never finish)."""
@@ -361,9 +370,15 @@ class _ClosingServer:
             self.optimizer.ps.shutdown()
 
     def close(self) -> None:
+        """Collective (every worker done with the server), except on an exception (called
+        from a ``finally``): a worker that failed alone (async/ssp decide alone) leaves at once
+        with its error, its peers elsewhere in the stage; rank 0's ``RankSetup.close`` then
+        stops the shards."""
         if self.__dict__["joins"] is not None:  # no replacement joins a stage that ended
             self.__dict__["joins"].stage_ended()
         self.optimizer.close()
+        if sys.exc_info()[0] is not None:
+            return
         self.comm.barrier()
         if self.comm.rank == 0:  # per-worker clocks and staleness, for the run's report
             try:
