@@ -164,7 +164,8 @@ def remove_node_mid_epoch(nodes, name, log_dir, then=None, timeout_s=90.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for f in log_dir.glob("rank*-gen1.jsonl"):
-            lines = f.read_text().splitlines()
+            # complete lines only: the worker may be writing the last one now
+            lines = f.read_text().split("\n")[:-1]
             if lines and json.loads(lines[-1])["epoch"] >= 1:
                 nodes.remove(name)
                 return then() if then else None
