@@ -411,7 +411,10 @@ def run_job(
                 say(f"optimiser state sharded over {size} ranks (ZeRO 1, collectives via {via})")
             return ShardedOptimizer(opt, comm)
         return distributed.DistributedOptimizer(
-            opt, comm, bucket_mb=job["dist"]["bucket_mb"], compression=compression,
+            opt,
+            comm,
+            bucket_mb=job["dist"]["bucket_mb"],
+            compression=compression,
             overlap=None if overlap == "auto" else overlap,
         )
 
