@@ -14,7 +14,7 @@ local Ray started once for the module, on real Zarr stores), checked by its orac
 - resume: the run stopped after the last stage's first epoch (MPI and local: every rank;
   Ray: one worker dies) and run again ends as the undisturbed one (sync rows: the reference).
 
-``DISTNET_MATRIX=full`` runs every accepted configuration instead (7 344 jobs: on
+``DISTNET_MATRIX=full`` runs every accepted configuration instead (9 072 jobs: on
 request only). Rows that fail today because of a known open issue are in ``KNOWN_BROKEN``.
 """
 
