@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,11 +118,12 @@ def test_a_replacement_is_sent_the_check_records_it_missed_again():
 
 
 # --- real mpiexec ----------------------------------------------------------------------------
-def _mismatches(stdout: str) -> dict[tuple[str, int], str | None]:
+def _mismatches(out: Path) -> dict[tuple[str, int], str | None]:
+    """(case, rank) -> the error each rank of mismatch.py caught (its own file)."""
     found = {}
-    for line in stdout.splitlines():
-        if "mismatch: " in line:
-            record = json.loads(line.split("mismatch: ", 1)[1])
+    for path in sorted(out.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
             found[(record["case"], record["rank"])] = record["error"]
     return found
 
@@ -129,12 +131,13 @@ def _mismatches(stdout: str) -> dict[tuple[str, int], str | None]:
 @MPI_ONLY
 @pytest.mark.mpi
 @pytest.mark.timeout(120)
-def test_mpi_ranks_calling_different_collectives_all_raise_naming_both_sites():
+def test_mpi_ranks_calling_different_collectives_all_raise_naming_both_sites(tmp_path):
     t0 = time.monotonic()
-    proc = launch(2, str(SCRIPTS / "mismatch.py"), "all", timeout=90, env=CHECK_ON)
+    env = {**CHECK_ON, "MISMATCH_OUT": str(tmp_path)}
+    proc = launch(2, str(SCRIPTS / "mismatch.py"), "all", timeout=90, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
-    found = _mismatches(proc.stdout)
+    found = _mismatches(tmp_path)
     rank1 = {  # case: (its collective's number, what rank 1 called)
         "op": (1, "broadcast of 1000 float32 from root 0"),
         "size": (2, "allreduce(sum) of 999 float32"),

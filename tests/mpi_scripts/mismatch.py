@@ -2,12 +2,16 @@
 collective than rank 0 (argv[1]: op, size, dtype, shm, or all of them; "uncaught" lets the
 error end the job).
 
-Each rank prints one JSON line ``mismatch: {"case", "rank", "error"}`` per case it caught;
-after the caught ones an allreduce shows that the ranks are still in step ("in step").
+Each rank writes one JSON line ``{"case", "rank", "error"}`` per case it caught to
+``$MISMATCH_OUT/rank<r>.jsonl`` (its own file: two ranks' long lines on mpiexec's one stdout
+can interleave); after the caught ones an allreduce shows that the ranks are still in step
+("in step").
 """
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -54,9 +58,11 @@ cases = sys.argv[1:] or ["op"]
 if cases == ["uncaught"]:
     (rank0_calls if r == 0 else rank1_calls)("op", np.ones(1000, np.float32))
     raise AssertionError("not reached: the mismatch raises")
+records = Path(os.environ["MISMATCH_OUT"]) / f"rank{r}.jsonl"
 for case in ["op", "size", "dtype", "shm"] if cases == ["all"] else cases:
     error = run(case)
-    print("mismatch: " + json.dumps({"case": case, "rank": r, "error": error}), flush=True)
+    with records.open("a") as f:
+        f.write(json.dumps({"case": case, "rank": r, "error": error}) + "\n")
 check = np.full(10, r + 1.0, np.float32)
 comm.allreduce(check, "sum")
 assert np.all(check == 3.0), check
