@@ -193,10 +193,11 @@ def check_resumes(
     from distnet.train import read_manifest  # noqa: PLC0415
 
     progress = out / "stages" / "0-train" / "progress"
-    epoch = read_manifest(progress)["extra"]["epoch"]
-    assert 1 <= epoch < 10
-    (arrays,) = progress.glob("arrays-*.npz")
-    with np.load(arrays, allow_pickle=False) as npz:
+    manifest = read_manifest(progress)
+    assert 1 <= manifest["extra"]["epoch"] < 10
+    # the manifest names the committed arrays: an interrupt between the commit and the
+    # removal of the previous file leaves both (the next save removes the stale one)
+    with np.load(progress / manifest["arrays"], allow_pickle=False) as npz:
         assert set(reference) <= set(npz.files)
     if not rerun:
         return
