@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md, checked statically: every ``import`` in distnet/ (at module level
+"""The layers of docs/design.md, checked statically: every ``import`` in distnet/ (at module level
 or inside a function) points only to a layer above the importing module's, or within its own
 package. Layers, top first: backend < core < nn < optim < data < parallel < train < cli.
 

@@ -1,7 +1,7 @@
 """``distnet bench <name>``: speed measured as ratios against a baseline in the same run.
 
 Each benchmark module provides ``add_arguments(parser)`` and ``run(args) -> int``; see
-shared BENCHMARKING notes in README (one framework per process, alternating rounds).
+docs/benchmarks.md (one framework per process, alternating rounds).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "core": ("distnet.bench.core", "MLP and autoencoder training steps vs hand-written numpy"),
+    "core": ("distnet.bench.core", "training steps vs hand-written numpy and PyTorch (if importable)"),
     "loader": ("distnet.bench.loader", "StreamLoader vs a plain sequential zarr read"),
     "allreduce": ("distnet.bench.allreduce", "bucketed gradient allreduce vs raw MPI_Allreduce"),
     "trace": ("distnet.bench.trace", "cost of metrics and the timeline per training step"),

@@ -1,13 +1,15 @@
-"""``distnet bench core``: training steps of distnet against a hand-written numpy step.
+"""``distnet bench core``: training steps of distnet against a hand-written numpy step and,
+when it is importable, PyTorch (CPU, the same threads).
 
 Workloads (float32, SGD unless named):
-- ``mlp``: MLP 784-1000-1000-1000-10, tanh, softmax cross-entropy (forward, backward, update);
+- ``mlp``: MLP 784-1000-1000-1000-10, tanh, softmax cross-entropy (forward, backward, update;
+  against numpy and PyTorch);
 - ``mlp-adam``: the same step with Adam (distnet against PyTorch);
 - ``update-sgdm``, ``update-adam``, ``update-rmsprop``: the optimiser update alone over the
   MLP's 2.8M parameters (PyTorch with its default implementation, on CPU a loop of per-tensor
   ops, and for SGD and Adam also ``torch-fused``: ``fused=True``, its one-pass CPU kernel);
 - ``sae``: one denoising tied-weight autoencoder layer 784-1000 (sigmoid, MSE), as in greedy
-  pretraining;
+  pretraining (against numpy);
 - ``conv``: a LeNet-style step against PyTorch only (``distnet.bench.conv``; not in ``all``).
 
 Each contender runs in its own long-lived subprocess (one framework, one thread pool per

@@ -6,7 +6,7 @@ way real images do. Each round reads the whole store twice, alternating: once ch
 chunk in order with zarr (the floor: no shuffling, no float conversion, no thread), once
 through a shuffling StreamLoader; we report the median and spread of per-round ratios.
 Then a consumer that does the matmuls of an MLP training step per batch (784-1000-1000-
-1000-10, as in BENCHMARKING.md) runs a few epochs and reports its input-stall share.
+1000-10, as in docs/benchmarks.md) runs a few epochs and reports its input-stall share.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The distnet dataset format: a Zarr group with ``x``, optional ``y`` and a few attributes.
 
-Layout (see DESIGN.md, "Data format (Zarr)")::
+Layout (see docs/design.md, "Data format (Zarr)")::
 
     <store>/            group, attributes: distnet_format, num_classes, scale, offset, split
         x               (N, ...) uint8 or float32, chunks (chunk_samples, *full sample shape)

@@ -1,6 +1,6 @@
 """Keras-style ``model.fit`` / ``evaluate`` / ``predict`` without ``nn`` knowing the loop.
 
-``nn`` sits below ``train`` in the layers (DESIGN.md), so it must not import the training
+``nn`` sits below ``train`` in the layers (docs/design.md), so it must not import the training
 loop, yet ``model.fit(x, y)`` is what Keras users reach for. ``nn`` therefore declares what it
 needs, a *trainer* (an object with ``fit(model, x, y, **kw)``, ``evaluate(model, x, y, **kw)``
 and ``predict(model, x, batch_size)``, i.e. the module ``distnet.train.fit``), and the

@@ -62,7 +62,7 @@ def sharding_pays(comm: Communicator, optimizer: Any, compression: str | None = 
     compression, large enough to take that road (``shm.min_bytes``). Measured on the
     headline job, 2 ranks: 115.6 s sharded against 123.5 s unsharded, both through shared
     memory; through MPI's messages sharding did not pay (30.2 s against 30.0 s on the
-    smaller job of README's table). The same on every rank."""
+    smaller job of docs/performance.md's table). The same on every rank."""
     shm = getattr(comm, "shm", None)
     return (
         comm.size > 1

@@ -6,7 +6,7 @@ Under ``distnet launch -np N`` every rank streams its own shard of each global b
 ``StreamLoader`` and a ``DistributedOptimizer`` averages gradients; rank 0 alone writes the
 run directory and prints. Every stage is a resumable unit of work (``Pipeline``): run the
 same job again and finished stages are skipped, an interrupted one resumes from its last
-epoch. Example (see README for the full key list)::
+epoch. Example (every key: docs/jobs.md)::
 
     [data]
     train = "runs/digits/data/train"    # written by `distnet data convert digits ...`
