@@ -1,4 +1,7 @@
-"""Every Python example in README.md runs as written (on real digits data)."""
+"""Every Python example in README.md and docs/*.md runs as written (on real digits data).
+
+The blocks run in one namespace, README's first, then the docs in DOC_ORDER (later blocks may
+use the names earlier ones define, as a reader going through the docs in that order would)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,15 @@ import pytest
 from distnet.data import convert_digits
 
 pytest.importorskip("sklearn")
-README = Path(__file__).parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+ROOT = Path(__file__).parent.parent
+DOC_ORDER = ["python-api.md", "data.md", "engines.md", "convolutions.md"]
+DOCS = [ROOT / "README.md"] + [ROOT / "docs" / name for name in DOC_ORDER]
+DOCS += sorted(p for p in (ROOT / "docs").glob("*.md") if p.name not in DOC_ORDER)
+BLOCKS = [
+    (doc.relative_to(ROOT).as_posix(), code)
+    for doc in DOCS
+    for code in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +43,20 @@ def namespace(tmp_path_factory):
     }  # fmt: skip
 
 
-def test_readme_has_python_examples():
-    assert len(BLOCKS) >= 5
+def test_readme_and_docs_have_python_examples():
+    assert len(BLOCKS) >= 7
+    assert any(name == "README.md" for name, _ in BLOCKS)
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+@pytest.mark.parametrize(
+    "index", range(len(BLOCKS)), ids=[f"{n}:{i}" for i, (n, _) in enumerate(BLOCKS)]
+)
 def test_readme_example_runs(index, namespace, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = BLOCKS[index]
+    name, code = BLOCKS[index]
     # examples name real data sets; here they read the digits store instead
     code = code.replace('"data/fashion-mnist/train"', "store")
     code = re.sub(r"epochs=(\d+)", lambda m: f"epochs={min(int(m.group(1)), 2)}", code)
     code = re.sub(r"range\(10\)", "range(2)", code)
     code = code.replace("for x, y in loader: ...", "for x, y in loader: pass")
-    exec(compile(code, f"README.md python block {index}", "exec"), namespace)  # noqa: S102
+    exec(compile(code, f"{name} python block {index}", "exec"), namespace)  # noqa: S102

@@ -1,0 +1,212 @@
+"""Every command line in the docs parses with the CLI, and every number README quotes with a
+command says when it was measured.
+
+Command lines are the lines of fenced shell blocks (```, ```bash, ```sh, ```console) in
+README.md, docs/*.md and the READMEs of launch/, cluster/ and datasets/ that start with
+``distnet``, ``./dev``, ``mpiexec``, ``python -m distnet`` or ``sbatch`` (after any
+``NAME=value`` settings). Each is parsed by the argparse parser that would parse it, nothing
+runs: the parser's ``parse_args`` is stopped right after it returns. A command inside another
+(``distnet launch -np 2 -- distnet train ...``, ``mpiexec -n 2 python -m ...``,
+``sbatch FILE distnet ...``) is parsed too; scripts named by path must exist.
+
+Dates: a README table row or paragraph that shows a command in backticks beside a measured
+number (seconds, a ratio, a percentage, a rate) carries the date it was measured, as
+``2026-12-07`` (the convention: ``(2026-12-07, 2 cores, load 3)`` or a "measured" column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from distnet import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS += [ROOT / d / "README.md" for d in ("launch", "cluster", "datasets")]
+SHELL_FENCES = ("", "bash", "sh", "shell", "console")
+STARTS = ("distnet", "./dev", "mpiexec", "python", "python3", "sbatch")
+
+
+def shell_commands(path: Path) -> list[tuple[int, str]]:
+    """(line number, command) of every command line in the file's fenced shell blocks,
+    backslash continuations joined and a leading ``$ `` prompt dropped."""
+    out: list[tuple[int, str]] = []
+    fence: str | None = None
+    pending, start = "", 0
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fence = stripped[3:].strip() if fence is None else None
+            continue
+        if fence is None or fence not in SHELL_FENCES:
+            continue
+        if not pending:
+            start = number
+        pending += stripped.removeprefix("$ ")
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        words = _words(pending)
+        if words and words[0] in STARTS:
+            out.append((start, pending))
+        pending = ""
+    return out
+
+
+def _words(command: str) -> list[str]:
+    """The command's words without comments and leading ``NAME=value`` settings."""
+    try:
+        words = shlex.split(command, comments=True)
+    except ValueError:  # not shell (a TOML or Python line in an unlabelled block)
+        return []
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        words = words[1:]
+    return words
+
+
+class _Parsed(Exception):
+    def __init__(self, namespace: argparse.Namespace) -> None:
+        self.namespace = namespace
+
+
+def _stopping_parse_args(original):
+    def parse_args(self, args=None, namespace=None):
+        parsed = original(self, args, namespace)
+        if self.prog == "distnet bench":  # dispatches: the benchmark's own parser comes next
+            return parsed
+        raise _Parsed(parsed)
+
+    return parse_args
+
+
+def check_command(words: list[str], where: str) -> None:
+    """Parses ``words`` as its program would, recursing into a command it carries."""
+    program, rest = words[0], words[1:]
+    if program == "./dev":
+        assert rest and rest[0] in ("demo", "test", "setup"), f"{where}: ./dev {rest}"
+        if rest[0] == "demo":
+            check_command(["distnet", "demo", *rest[1:]], where)
+        return
+    if program == "mpiexec":  # its own options, then the program it starts
+        starts = [i for i, w in enumerate(rest) if w in ("distnet", "python", "python3")]
+        assert starts, f"{where}: mpiexec starts no distnet or python program"
+        check_command(rest[starts[0] :], where)
+        return
+    if program == "sbatch":
+        script = next(w for w in rest if not w.startswith("-"))
+        assert (ROOT / script).is_file(), f"{where}: no such batch script {script}"
+        inner = rest[rest.index(script) + 1 :]
+        if inner and inner[0] == "distnet":
+            check_command(inner, where)
+        return
+    if program in ("python", "python3"):
+        if rest[:1] == ["-m"]:
+            module = importlib.import_module(rest[1])
+            _parse(module.main, rest[2:], where)
+        else:
+            assert (ROOT / rest[0]).is_file(), f"{where}: no such script {rest[0]}"
+        return
+    namespace = _parse(cli.main, rest, where)
+    inner = getattr(namespace, "command", None) if rest[:1] == ["launch"] else None
+    if inner:
+        inner = inner[1:] if inner[0] == "--" else inner
+        check_command(inner, where)
+
+
+def _parse(main, argv: list[str], where: str) -> argparse.Namespace | None:
+    """Runs ``main(argv)`` until its parser returns; None for --help/--version paths."""
+    try:
+        code = main(argv)
+    except _Parsed as parsed:
+        return parsed.namespace
+    except SystemExit as e:  # argparse: --help exits 0, a bad option 2
+        assert e.code in (0, None), f"{where}: does not parse (exit {e.code})"
+        return None
+    assert code == 0, f"{where}: exit {code} before any parser ran"
+    return None
+
+
+COMMANDS = [
+    (f"{path.relative_to(ROOT)}:{number}", command)
+    for path in DOCS
+    if path.exists()
+    for number, command in shell_commands(path)
+]
+
+
+def test_the_docs_have_command_lines_to_check():
+    assert len(COMMANDS) >= 25
+    assert {"README.md"} <= {where.split(":")[0] for where, _ in COMMANDS}
+
+
+@pytest.mark.parametrize(("where", "command"), COMMANDS, ids=[w for w, _ in COMMANDS])
+def test_command_line_parses(where, command, monkeypatch, capsys):
+    monkeypatch.setattr(
+        argparse.ArgumentParser,
+        "parse_args",
+        _stopping_parse_args(argparse.ArgumentParser.parse_args),
+    )
+    try:
+        check_command(_words(command), f"{where}: {command}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{capsys.readouterr().err}") from None
+
+
+def test_a_wrong_option_is_caught(monkeypatch):
+    monkeypatch.setattr(
+        argparse.ArgumentParser,
+        "parse_args",
+        _stopping_parse_args(argparse.ArgumentParser.parse_args),
+    )
+    for words in (
+        ["distnet", "train", "job.toml", "--workerz", "2"],
+        ["distnet", "launch", "-np", "2", "--", "distnet", "train"],  # JOB missing
+        ["distnet", "bench", "core", "--workload", "nope"],
+        ["./dev", "demo", "--epochs", "many"],
+        ["python", "-m", "distnet.train.jobsdoc", "--chek", "x"],
+        ["distnet", "nosuchcommand"],
+    ):
+        with pytest.raises(AssertionError):
+            check_command(words, " ".join(words))
+
+
+# -- dates ------------------------------------------------------------------------------------
+
+COMMAND_SPAN = re.compile(r"`(?:[A-Z_]+=\S+ )*(?:distnet|\./dev|mpiexec|python)\b[^`]*`")
+MEASURED = re.compile(
+    r"(?<![\w.-])\d[\d,]*(?:\.\d+)?\s?(?:s|ms|us|x|%|GB/s|samples/s|updates/s)(?![\w])"
+)
+DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
+
+
+def quoted_measurements(text: str) -> list[str]:
+    """Table rows and paragraphs (outside code blocks) that show a command beside a
+    measured number and give no date."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    units = [row for row in text.splitlines() if row.startswith("|")]
+    units += [p for p in re.split(r"\n\s*\n", text) if not p.lstrip().startswith("|")]
+    undated = []
+    for unit in units:
+        if not COMMAND_SPAN.search(unit):
+            continue
+        outside = COMMAND_SPAN.sub("", unit)
+        if MEASURED.search(outside) and not DATE.search(unit):
+            undated.append(unit.strip()[:160])
+    return undated
+
+
+def test_every_number_quoted_with_a_command_in_readme_is_dated():
+    assert quoted_measurements((ROOT / "README.md").read_text()) == []
+
+
+def test_the_date_check_sees_an_undated_number():
+    row = "| MLP step | `distnet bench core --workload mlp` | 1.07x PyTorch |"
+    assert quoted_measurements(row) and not quoted_measurements(row[:-1] + " 2026-12-07 |")
+    prose = "`./dev demo` took 27 s.\n\nNo command here: 5 s."
+    assert quoted_measurements(prose) == ["`./dev demo` took 27 s."]
