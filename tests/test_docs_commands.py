@@ -210,3 +210,71 @@ def test_the_date_check_sees_an_undated_number():
     assert quoted_measurements(row) and not quoted_measurements(row[:-1] + " 2026-12-07 |")
     prose = "`./dev demo` took 27 s.\n\nNo command here: 5 s."
     assert quoted_measurements(prose) == ["`./dev demo` took 27 s."]
+
+
+# -- what --help says -------------------------------------------------------------------------
+
+
+def test_distnet_help_names_every_benchmark(capsys):
+    from distnet.bench import BENCHMARKS
+
+    assert cli.main(["--help"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "bench " in line]
+    assert [name for name in BENCHMARKS if name not in line] == []
+
+
+def test_bench_core_says_what_it_compares_with():
+    """`distnet bench core` races a hand-written numpy step and, when importable, PyTorch."""
+    from distnet.bench import BENCHMARKS, core
+
+    described = BENCHMARKS["core"][1] + core.__doc__.split("\n\n")[0]
+    assert "numpy" in described and "PyTorch" in described
+    assert "torch" in core.CONTENDERS["mlp"] and "numpy" in core.CONTENDERS["mlp"]
+
+
+def test_ci_runs_the_test_command_of_readmes_quick_start():
+    quick_start = (ROOT / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ")[0]
+    assert "./dev test" in quick_start
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci[-1].strip() == "exec ./dev test"
+
+
+# -- links ------------------------------------------------------------------------------------
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def broken_links(path: Path) -> list[str]:
+    """Relative links of a markdown file whose file (or heading anchor) does not exist."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.M)
+            if anchor not in {_anchor(h) for h in headings}:
+                broken.append(target)
+    return broken
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
+def test_every_relative_link_resolves(path):
+    assert broken_links(path) == []
+
+
+def test_the_link_check_sees_a_broken_file_and_anchor(tmp_path):
+    (tmp_path / "a.md").write_text("# A page\n\n## Two words\n")
+    page = tmp_path / "b.md"
+    page.write_text("[ok](a.md#two-words) [x](a.md#nope) [y](gone.md) [z](https://x.org/q)\n")
+    assert broken_links(page) == ["a.md#nope", "gone.md"]
