@@ -7,8 +7,10 @@ coerced) and turns every problem into one line naming the key path::
     jobs/x.toml: [pretrain] epochs: expected an integer >= 0, got -1
 
 Adding a key is adding a field with a default and an ``expect`` phrase (what a user reads in
-the error). ``distnet train JOB --set pretrain.epochs=5`` overrides any key (values in TOML
-syntax; a bare word is a string).
+the error), a line saying what it does in ``distnet.train.jobhelp``, and regenerating the
+reference: ``python -m distnet.train.jobsdoc > docs/jobs.md`` (tests/test_jobs_doc.py).
+``distnet train JOB --set pretrain.epochs=5`` overrides any key (values in TOML syntax; a bare
+word is a string).
 """
 
 from __future__ import annotations
