@@ -26,8 +26,8 @@ from distnet.parallel.ps.calls import call_shards, retryable
 from distnet.parallel.ps.shard import MODES, ParameterServerShard
 
 OPTIMIZER_ON = ("server", "worker")
-# Measured with `distnet bench ps --compare-optimizer` (docs/parameter-server.md): Adam on the shards beat
-# summing shards with Adam on every worker at 4 workers on 2 cores.
+# Measured with `distnet bench ps --compare-optimizer` (docs/parameter-server.md): Adam on the
+# shards beat summing shards with Adam on every worker at 4 workers on 2 cores.
 DEFAULT_OPTIMIZER_ON = "server"
 
 
