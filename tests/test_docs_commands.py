@@ -113,10 +113,35 @@ def check_command(words: list[str], where: str) -> None:
             assert (ROOT / rest[0]).is_file(), f"{where}: no such script {rest[0]}"
         return
     namespace = _parse(cli.main, rest, where)
+    if rest[:1] == ["train"] and namespace is not None:
+        check_job_overrides(namespace, where)
     inner = getattr(namespace, "command", None) if rest[:1] == ["launch"] else None
     if inner:
         inner = inner[1:] if inner[0] == "--" else inner
         check_command(inner, where)
+
+
+def check_job_overrides(args: argparse.Namespace, where: str) -> None:
+    """The job a ``distnet train`` line names, with its --set, --engine, --out and Ray options
+    laid over it, passes the job spec (the example file where it exists, else the defaults)."""
+    from distnet.parallel.rayengine.jobs import dist_overrides
+    from distnet.train import jobspec
+    from distnet.train.job import load_job
+
+    overrides: dict = {"run": {"out": args.out}} if args.out else {}
+    ray_keys = dist_overrides(args) | ({"engine": args.engine} if args.engine else {})
+    overrides = jobspec.merge(overrides, {"dist": ray_keys} if ray_keys else {})
+    job = ROOT / args.job.removeprefix("~/distnet/")
+    try:
+        for text in args.set:
+            section, key, value = jobspec.parse_override(text)
+            overrides = jobspec.merge(overrides, {section: {key: value}})
+        if job.is_file():
+            load_job(job, overrides)
+        else:  # a placeholder (job.toml): the overrides over the defaults
+            jobspec.validate(jobspec.merge({}, overrides), args.job)
+    except jobspec.JobError as e:
+        raise AssertionError(f"{where}: the job does not pass the spec: {e}") from None
 
 
 def _parse(main, argv: list[str], where: str) -> argparse.Namespace | None:
@@ -171,6 +196,8 @@ def test_a_wrong_option_is_caught(monkeypatch):
         ["./dev", "demo", "--epochs", "many"],
         ["python", "-m", "distnet.train.jobsdoc", "--chek", "x"],
         ["distnet", "nosuchcommand"],
+        ["distnet", "train", "job.toml", "--set", "pretrain.epochz=5"],
+        ["distnet", "train", "launch/jobs/digits_sae.toml", "--set", "dist.shards=2"],
     ):
         with pytest.raises(AssertionError):
             check_command(words, " ".join(words))
