@@ -215,6 +215,19 @@ def test_a_tampered_manifest_is_refused_or_harmless(data, value):
             np.testing.assert_array_equal(model.flat_params(), want)
 
 
+def test_a_negative_generator_field_is_refused(tmp_path):
+    """Hypothesis found it: a -1 in the generator's state raised numpy's OverflowError."""
+    from distnet.train import CheckpointError, load_checkpoint
+
+    path = tmp_path / "ck"
+    model, opt = small_checkpoint(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["rng"]["uinteger"] = -1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(path, model, opt)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "swap"])
 def test_tampered_or_damaged_arrays_are_refused(tmp_path, damage):
     from distnet.train import CheckpointError, load_checkpoint, save_checkpoint

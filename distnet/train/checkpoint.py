@@ -324,7 +324,7 @@ def apply_checkpoint(
             backend.default_rng().bit_generator.state = manifest["rng"]
     except CheckpointError:
         raise
-    except (KeyError, ValueError, TypeError) as e:  # shapes, names, classes that do not fit
+    except (KeyError, ValueError, TypeError, OverflowError) as e:  # shapes, names, classes, ranges
         raise CheckpointError(f"{path}: does not fit what loads it: {e}") from None
     out = dict(manifest["extra"])
     out.update({k[6:]: v for k, v in arrays.items() if k.startswith("extra/")})
