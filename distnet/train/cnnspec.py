@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distnet.suggest import did_you_mean
+
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu")
 _ARITY = {"conv": 2, "maxpool": 1, "avgpool": 1, "dense": 1, "dropout": 1, "flatten": 0}
 _OPTIONS = {"conv": {"stride", "pad", "dilation"}, "maxpool": {"stride", "pad"},
@@ -44,7 +46,9 @@ def parse_layer(text: str) -> dict[str, Any]:
         return {"kind": kind, "args": [], "options": {}}
     if kind not in _ARITY:
         known = sorted([*_ARITY, *ACTIVATIONS])
-        raise LayerSpecError(f"layer {text!r}: unknown layer {kind!r}; known: {known}")
+        raise LayerSpecError(
+            f"layer {text!r}: unknown layer {kind!r}{did_you_mean(kind, known)}; known: {known}"
+        )
     args = [w for w in rest if "=" not in w]
     options: dict[str, int] = {}
     for word in (w for w in rest if "=" in w):

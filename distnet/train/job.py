@@ -27,7 +27,9 @@ epoch. Example (see README for the full key list)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 import time
 import tomllib
@@ -68,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace", action="store_true", help="write RUN_DIR/trace.json, a per-rank timeline"
     )
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved job (after --set and defaults) as TOML and exit",
+    )  # fmt: skip
 
 
 def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -79,8 +85,12 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise JobError(f"{path}: no such job file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise JobError(f"{path}: not valid TOML: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(jobspec.toml_error(path, e)) from None
+    except UnicodeDecodeError as e:
+        raise JobError(
+            f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     base = path.parent
     for section, key in (("data", "train"), ("data", "test"), ("run", "out")):
         value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
@@ -101,6 +111,22 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
             raise JobError(f"{path}: [pretrain] {key}: expected one value or {layers} (one per "
                            f"hidden layer of {job['model']['hidden']}), got {value!r}")  # fmt: skip
     return job
+
+
+def check_relative_data(path: str | Path, job: dict) -> None:
+    """JobError for a [data] store written as a relative path in the job file that does not
+    exist, saying what it was relative to (the job file's directory, not the shell's)."""
+    path = Path(path)
+    written = tomllib.loads(path.read_text()).get("data", {})
+    for key in ("train", "test"):
+        value = written.get(key) if isinstance(written, dict) else None
+        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+            continue
+        resolved = path.parent / value
+        if job["data"][key] == str(resolved) and not resolved.exists():  # not a --set one
+            raise JobError(f"{path}: [data] {key}: {value!r} does not exist; a relative path "
+                           f"in a job file is relative to the job file's directory "
+                           f"({path.parent}/), so this is {resolved}")  # fmt: skip
 
 
 def per_layer(value: Any, k: int) -> Any:
@@ -214,6 +240,16 @@ def _make_optimizer(spec: dict[str, Any], params: Any) -> Any:
     return make_optimizer(name, params, lr=spec["lr"], **options)
 
 
+def cnn_needs_images(n_in: int) -> str:
+    """Why a cnn cannot train on a store of flat samples of ``n_in`` features, and the way out."""
+    side = image_shape(n_in)
+    hint = (f"; write the store with samples of shape ({side[0]}, {side[1]}), e.g. "
+            f"x.reshape(N, {side[0]}, {side[1]}) before `distnet data convert npy`"
+            if side else "")  # fmt: skip
+    return (f"[model] type = 'cnn' needs image samples, (H, W) or (C, H, W) each; the store's "
+            f"samples are flat vectors of {n_in} features{hint}")  # fmt: skip
+
+
 def build_model(
     job: dict, n_in: int, n_classes: int, input_shape: tuple[int, ...] | None = None
 ) -> Any:
@@ -226,7 +262,7 @@ def build_model(
         from distnet.train.cnnspec import LayerSpecError, build_cnn  # noqa: PLC0415
 
         if input_shape is None or len(input_shape) != 3:
-            raise JobError(f"[model] type = 'cnn' needs image samples, the store has {input_shape}")
+            raise JobError(cnn_needs_images(n_in))
         try:
             return build_cnn(m["layers"], input_shape, n_classes)
         except LayerSpecError as e:
@@ -548,7 +584,27 @@ def _load_for_engine(args: argparse.Namespace, overrides: dict[str, dict[str, An
 
 
 def run(args: argparse.Namespace) -> int:
-    """``distnet train``: exit 0, or 2 with a one-line reason for a job that cannot run."""
+    """``distnet train``: exit 0; 2 with a one-line reason for a job that cannot run; 130
+    when interrupted. The console is kept in the run directory (``train.console``)."""
+    with contextlib.ExitStack() as console:
+        return _run(args, console)
+
+
+def print_config(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:
+    """``--print-config``: the job after ``--set`` and defaults, as TOML that loads back to
+    the same job (paths made absolute: they were relative to the job file)."""
+    from distnet.train.jobtoml import to_toml  # noqa: PLC0415
+
+    job = load_job(args.job, overrides)
+    for section, key in (("data", "train"), ("data", "test"), ("run", "out")):
+        value = job[section][key]
+        if isinstance(value, str) and value and "://" not in value:
+            job[section][key] = str(Path(value).resolve())
+    sys.stdout.write(to_toml(job, f"{args.job}, resolved by distnet train --print-config"))
+    return 0
+
+
+def _run(args: argparse.Namespace, console: contextlib.ExitStack) -> int:
     overrides: dict[str, dict[str, Any]] = {}
     if args.out:
         overrides["run"] = {"out": args.out}
@@ -558,17 +614,29 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("dist", {}).update(dist_overrides(args))
     from distnet.data import DatasetError  # noqa: PLC0415
     from distnet.parallel.rayengine import RayEngineError  # noqa: PLC0415
+    from distnet.train.callbacks import process_rank  # noqa: PLC0415
     from distnet.train.checkpoint import CheckpointError  # noqa: PLC0415
+    from distnet.train.console import configure_logging, keep_console  # noqa: PLC0415
     from distnet.train.rayjob import run_ray_job  # noqa: PLC0415
     from distnet.train.runguard import preflight  # noqa: PLC0415
 
-    log = (lambda line: None) if args.quiet else print
+    configure_logging(getattr(args, "log_level", None))
+    log = (lambda line: None) if args.quiet else logging.getLogger("distnet.train").info
     try:
         for text in args.set:
             section, key, value = jobspec.parse_override(text)
             overrides = jobspec.merge(overrides, {section: {key: value}})
+        if getattr(args, "print_config", False):
+            return print_config(args, overrides)
         job = _load_for_engine(args, overrides)
+        check_relative_data(args.job, job)
+        logging.getLogger("distnet.train").debug(
+            f"job {args.job}: engine {job['dist']['engine']}, run directory {job['run']['out']}"
+        )
         options = preflight(job, args.job, args.restart, log)  # before any engine starts
+        rank = None if options is not None else process_rank()  # a Ray driver is no rank
+        out = Path(job["run"]["out"])
+        console.enter_context(keep_console(out, rank, user_console=rank in (None, 0)))
         if options is not None:  # this process drives Ray worker actors
             options.trace = args.trace
             report = run_ray_job(job, options, log=log)

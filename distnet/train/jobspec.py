@@ -13,7 +13,9 @@ syntax; a bare word is a string).
 
 from __future__ import annotations
 
+import re
 import tomllib
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,9 +27,32 @@ from pydantic import (
     model_validator,
 )
 
+from distnet.suggest import did_you_mean
+
 
 class JobError(ValueError):
     """A job file that cannot run as written (names the file and the key)."""
+
+
+_TOML_WHERE = re.compile(r"^(?P<msg>.*?) \(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of "
+                         r"document)\)$")  # fmt: skip
+
+
+def toml_error(path: str | Path, err: tomllib.TOMLDecodeError) -> str:
+    """``FILE:LINE:COLUMN: not valid TOML: WHAT`` (tomllib's message ends in "(at line L,
+    column C)"; its ``lineno``/``colno`` attributes exist from Python 3.14 only)."""
+    text = str(err)
+    line, col = getattr(err, "lineno", None), getattr(err, "colno", None)
+    match = _TOML_WHERE.match(text)
+    if match:
+        text = match["msg"]
+        if line is None and match["line"]:
+            line, col = int(match["line"]), int(match["col"])
+    if line is None and match:  # at the end of the document: its last line
+        lines = Path(path).read_text(errors="replace").splitlines() or [""]
+        line, col = len(lines), len(lines[-1]) + 1
+    where = f"{path}:{line}:{col}" if line is not None else str(path)
+    return f"{where}: not valid TOML: {text}"
 
 
 def _field(default: Any, expect: str, **constraints: Any) -> Any:
@@ -311,16 +336,21 @@ def _describe(error: dict[str, Any]) -> str:
     where = f"[{loc[0]}]" + (f" {'.'.join(map(str, loc[1:]))}" if len(loc) > 1 else "")
     if error["type"] == "extra_forbidden":
         if len(loc) == 1:
-            return f"unknown section [{loc[0]}]; sections: {sorted(JobSpec.model_fields)}"
+            hint = did_you_mean(loc[0], JobSpec.model_fields)
+            return f"unknown section [{loc[0]}]{hint}; sections: {sorted(JobSpec.model_fields)}"
         section = JobSpec.model_fields[loc[0]].annotation
         known = sorted(getattr(section, "model_fields", {}))
-        return f"unknown key {loc[-1]!r} in [{loc[0]}]; known: {known}"
+        hint = did_you_mean(loc[-1], known)
+        return f"unknown key {loc[-1]!r} in [{loc[0]}]{hint}; known: {known}"
     if len(loc) == 1:
         return f"{where}: expected a table of keys, got {error['input']!r}"
     if error["type"] == "value_error":  # a validator's own message says what is wrong
         return f"{where}: {error['msg'].removeprefix('Value error, ')}"
     expect = _expectation(loc) or error["msg"]
-    return f"{where}: expected {expect}, got {error['input']!r}"
+    hint = ""
+    if error["type"] == "literal_error" and isinstance(error["input"], str):  # a misspelt name
+        hint = did_you_mean(error["input"], re.findall(r"'([^']*)'", error["ctx"]["expected"]))
+    return f"{where}: expected {expect}, got {error['input']!r}{hint}"
 
 
 def _one_per_union(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
