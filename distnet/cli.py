@@ -61,6 +61,21 @@ def _not_a_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
     return None
 
 
+def _add_log_level(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--log-level`` on a subcommand's parser and on each of its own subcommands (``distnet
+    data info PATH --log-level debug``); a subcommand's default never hides the top one's."""
+    if not any("--log-level" in a.option_strings for a in parser._actions):
+        parser.add_argument(
+            "--log-level", choices=["debug", "info", "warning", "error"],
+            default=None if top else argparse.SUPPRESS,
+            help="what distnet logs (default: info, or DISTNET_LOG_LEVEL)",
+        )  # fmt: skip
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_log_level(sub, top=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``distnet`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -83,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"distnet {name}", description=help_)
     module.add_arguments(parser)
-    if not any("--log-level" in a.option_strings for a in parser._actions):
-        parser.add_argument(
-            "--log-level", choices=["debug", "info", "warning", "error"],
-            help="what distnet logs (default: info, or DISTNET_LOG_LEVEL)",
-        )  # fmt: skip
+    _add_log_level(parser)
     args = parser.parse_args(rest)
     from distnet.train.console import configure_logging  # noqa: PLC0415
 

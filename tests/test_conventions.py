@@ -44,6 +44,17 @@ def job_file(digits, tmp_path):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _log_level_restored(monkeypatch):
+    """--log-level sets the distnet loggers and DISTNET_LOG_LEVEL: other modules' tests that
+    run after these in the same process must see the default again."""
+    monkeypatch.delenv("DISTNET_LOG_LEVEL", raising=False)
+    yield
+    from distnet.train.console import configure_logging
+
+    configure_logging("info")
+
+
 def main(*argv: str) -> int:
     """cli.main's exit code, argparse's own errors (SystemExit) included."""
     try:
@@ -240,7 +251,7 @@ def test_every_subcommand_is_in_the_exit_code_test(tmp_path):
 def test_data_info_refuses_a_store_missing_a_label_chunk(tmp_path, capsys):
     convert_digits(tmp_path / "d", test_fraction=0.25, seed=0, chunk_samples=64)
     store = tmp_path / "d" / "train"
-    assert main("data", "info", store) == 0
+    assert main("data", "info", store, "--log-level", "debug") == 0  # a sub-subcommand's too
     assert "balance:" in capsys.readouterr().out
     chunk_file(store, "y", 2).unlink()
     assert main("data", "info", store) == 2  # no --check: the labels it counts are checked
@@ -273,13 +284,11 @@ def test_tensorboard_extra_installs_tensorboardX():
     assert any(req.lower().startswith("tensorboardx") for req in extras["tensorboard"])
 
 
-def test_log_level_reaches_processes_started_from_this_one(monkeypatch):
+def test_log_level_reaches_processes_started_from_this_one():
     from distnet.train.console import configure_logging
 
-    monkeypatch.delenv("DISTNET_LOG_LEVEL", raising=False)
     assert configure_logging("warning") == "warning"
     code = "import os; print(os.environ['DISTNET_LOG_LEVEL'])"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            timeout=60, env=dict(os.environ))  # fmt: skip
     assert child.stdout.strip() == "warning"
-    configure_logging("info")

@@ -137,3 +137,14 @@ def _activation(name: str) -> Any:
 
     return {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
             "leaky_relu": nn.LeakyReLU}[name]()  # fmt: skip
+
+
+def flat_samples_error(n_in: int) -> str:
+    """Why a cnn cannot train on a store of flat samples of ``n_in`` features, and the way out
+    (for a square ``n_in``, the image shape to write the store with)."""
+    side = round(n_in**0.5)
+    hint = (f"; write the store with samples of shape ({side}, {side}), e.g. "
+            f"x.reshape(N, {side}, {side}) before `distnet data convert npy`"
+            if side * side == n_in else "")  # fmt: skip
+    return (f"[model] type = 'cnn' needs image samples, (H, W) or (C, H, W) each; the store's "
+            f"samples are flat vectors of {n_in} features{hint}")  # fmt: skip

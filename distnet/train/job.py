@@ -41,7 +41,7 @@ import numpy as np
 
 from distnet.parallel import lifetime
 from distnet.parallel.rayengine.jobs import add_ray_arguments, dist_overrides
-from distnet.train import jobspec
+from distnet.train import jobfile, jobspec
 from distnet.train.callbacks import Callback
 from distnet.train.jobspec import JobError
 
@@ -86,7 +86,7 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
     except FileNotFoundError:
         raise JobError(f"{path}: no such job file") from None
     except tomllib.TOMLDecodeError as e:
-        raise JobError(jobspec.toml_error(path, e)) from None
+        raise JobError(jobfile.toml_error(path, e)) from None
     except UnicodeDecodeError as e:
         raise JobError(
             f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})"
@@ -111,22 +111,6 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
             raise JobError(f"{path}: [pretrain] {key}: expected one value or {layers} (one per "
                            f"hidden layer of {job['model']['hidden']}), got {value!r}")  # fmt: skip
     return job
-
-
-def check_relative_data(path: str | Path, job: dict) -> None:
-    """JobError for a [data] store written as a relative path in the job file that does not
-    exist, saying what it was relative to (the job file's directory, not the shell's)."""
-    path = Path(path)
-    written = tomllib.loads(path.read_text()).get("data", {})
-    for key in ("train", "test"):
-        value = written.get(key) if isinstance(written, dict) else None
-        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
-            continue
-        resolved = path.parent / value
-        if job["data"][key] == str(resolved) and not resolved.exists():  # not a --set one
-            raise JobError(f"{path}: [data] {key}: {value!r} does not exist; a relative path "
-                           f"in a job file is relative to the job file's directory "
-                           f"({path.parent}/), so this is {resolved}")  # fmt: skip
 
 
 def per_layer(value: Any, k: int) -> Any:
@@ -240,16 +224,6 @@ def _make_optimizer(spec: dict[str, Any], params: Any) -> Any:
     return make_optimizer(name, params, lr=spec["lr"], **options)
 
 
-def cnn_needs_images(n_in: int) -> str:
-    """Why a cnn cannot train on a store of flat samples of ``n_in`` features, and the way out."""
-    side = image_shape(n_in)
-    hint = (f"; write the store with samples of shape ({side[0]}, {side[1]}), e.g. "
-            f"x.reshape(N, {side[0]}, {side[1]}) before `distnet data convert npy`"
-            if side else "")  # fmt: skip
-    return (f"[model] type = 'cnn' needs image samples, (H, W) or (C, H, W) each; the store's "
-            f"samples are flat vectors of {n_in} features{hint}")  # fmt: skip
-
-
 def build_model(
     job: dict, n_in: int, n_classes: int, input_shape: tuple[int, ...] | None = None
 ) -> Any:
@@ -259,10 +233,14 @@ def build_model(
 
     m, pre = job["model"], job["pretrain"]
     if m["type"] == "cnn":
-        from distnet.train.cnnspec import LayerSpecError, build_cnn  # noqa: PLC0415
+        from distnet.train.cnnspec import (  # noqa: PLC0415
+            LayerSpecError,
+            build_cnn,
+            flat_samples_error,
+        )
 
         if input_shape is None or len(input_shape) != 3:
-            raise JobError(cnn_needs_images(n_in))
+            raise JobError(flat_samples_error(n_in))
         try:
             return build_cnn(m["layers"], input_shape, n_classes)
         except LayerSpecError as e:
@@ -590,20 +568,6 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, console)
 
 
-def print_config(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:
-    """``--print-config``: the job after ``--set`` and defaults, as TOML that loads back to
-    the same job (paths made absolute: they were relative to the job file)."""
-    from distnet.train.jobtoml import to_toml  # noqa: PLC0415
-
-    job = load_job(args.job, overrides)
-    for section, key in (("data", "train"), ("data", "test"), ("run", "out")):
-        value = job[section][key]
-        if isinstance(value, str) and value and "://" not in value:
-            job[section][key] = str(Path(value).resolve())
-    sys.stdout.write(to_toml(job, f"{args.job}, resolved by distnet train --print-config"))
-    return 0
-
-
 def _run(args: argparse.Namespace, console: contextlib.ExitStack) -> int:
     overrides: dict[str, dict[str, Any]] = {}
     if args.out:
@@ -627,9 +591,11 @@ def _run(args: argparse.Namespace, console: contextlib.ExitStack) -> int:
             section, key, value = jobspec.parse_override(text)
             overrides = jobspec.merge(overrides, {section: {key: value}})
         if getattr(args, "print_config", False):
-            return print_config(args, overrides)
+            from distnet.train.jobtoml import print_job  # noqa: PLC0415
+
+            return print_job(load_job(args.job, overrides), args.job)
         job = _load_for_engine(args, overrides)
-        check_relative_data(args.job, job)
+        jobfile.check_relative_data(args.job, job)
         logging.getLogger("distnet.train").debug(
             f"job {args.job}: engine {job['dist']['engine']}, run directory {job['run']['out']}"
         )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -32,27 +31,6 @@ from distnet.suggest import did_you_mean
 
 class JobError(ValueError):
     """A job file that cannot run as written (names the file and the key)."""
-
-
-_TOML_WHERE = re.compile(r"^(?P<msg>.*?) \(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of "
-                         r"document)\)$")  # fmt: skip
-
-
-def toml_error(path: str | Path, err: tomllib.TOMLDecodeError) -> str:
-    """``FILE:LINE:COLUMN: not valid TOML: WHAT`` (tomllib's message ends in "(at line L,
-    column C)"; its ``lineno``/``colno`` attributes exist from Python 3.14 only)."""
-    text = str(err)
-    line, col = getattr(err, "lineno", None), getattr(err, "colno", None)
-    match = _TOML_WHERE.match(text)
-    if match:
-        text = match["msg"]
-        if line is None and match["line"]:
-            line, col = int(match["line"]), int(match["col"])
-    if line is None and match:  # at the end of the document: its last line
-        lines = Path(path).read_text(errors="replace").splitlines() or [""]
-        line, col = len(lines), len(lines[-1]) + 1
-    where = f"{path}:{line}:{col}" if line is not None else str(path)
-    return f"{where}: not valid TOML: {text}"
 
 
 def _field(default: Any, expect: str, **constraints: Any) -> Any:

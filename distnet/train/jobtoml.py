@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+from pathlib import Path
 from typing import Any
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -54,3 +56,15 @@ def to_toml(job: dict[str, dict[str, Any]], header: str = "") -> str:
         lines.append(f"[{_key(section)}]")
         lines += [f"{_key(k)} = {_value(v)}" for k, v in keys.items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+def print_job(job: dict[str, dict[str, Any]], source: str | Path) -> int:
+    """``distnet train JOB --print-config``: the loaded job (after ``--set`` and defaults) on
+    stdout as TOML that loads back to the same job, its local paths made absolute (they were
+    relative to the job file); returns the exit code, 0."""
+    for section, key in (("data", "train"), ("data", "test"), ("run", "out")):
+        value = job[section][key]
+        if isinstance(value, str) and value and "://" not in value:
+            job[section][key] = str(Path(value).resolve())
+    sys.stdout.write(to_toml(job, f"{source}, resolved by distnet train --print-config"))
+    return 0
