@@ -292,3 +292,18 @@ def test_log_level_reaches_processes_started_from_this_one():
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            timeout=60, env=dict(os.environ))  # fmt: skip
     assert child.stdout.strip() == "warning"
+
+
+def test_the_tee_keeps_a_redrawn_line_once_and_an_unfinished_one(tmp_path, capsys):
+    from distnet.train.console import keep_console
+
+    with keep_console(tmp_path, 3, user_console=False) as note:
+        print("\rbar 10%\rbar 50%\rbar 100%")  # a progress bar's redraws, then its last line
+        sys.stderr.write("a warning\r\n")
+        note("a line printed for this rank elsewhere")
+        sys.stdout.write("no newline at the end")
+    assert "bar 10%" in capsys.readouterr().out  # the console got everything as written
+    lines = (tmp_path / "logs" / "rank-3.txt").read_text().splitlines()
+    assert lines[1:] == ["bar 100%", "a warning", "a line printed for this rank elsewhere",
+                         "no newline at the end"]  # fmt: skip
+    assert not (tmp_path / "log.txt").exists()

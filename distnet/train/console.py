@@ -100,22 +100,40 @@ class _LazyFile:
 
 
 class _Tee:
-    """A text stream that writes to ``stream`` and to ``files``; anything else is the stream's."""
+    """A text stream that writes to ``stream`` and, line by line, to ``files``; anything else
+    is the stream's. A line redrawn with carriage returns (a progress bar on a terminal)
+    reaches the files once, as last drawn."""
 
     def __init__(self, stream: TextIO, files: list[_LazyFile]) -> None:
         self._stream, self._files = stream, files
+        self._pending = ""
 
     def write(self, text: str) -> int:
         n = self._stream.write(text)
+        self._pending += text
+        if "\n" in self._pending:
+            done, self._pending = self._pending.rsplit("\n", 1)
+            lines = (ln.rstrip("\r").rsplit("\r", 1)[-1] for ln in done.split("\n"))
+            self._to_files("\n".join(lines) + "\n")
+        elif len(self._pending) > 1 << 16:  # a bar redrawn for hours: keep its last drawing
+            self._pending = self._pending.rsplit("\r", 1)[-1][-(1 << 16) :]
+        return n
+
+    def _to_files(self, text: str) -> None:
         for f in self._files:
             try:
                 f.write(text)
             except OSError:  # a full or vanished disk must not end the run
                 pass
-        return n
 
     def flush(self) -> None:
         self._stream.flush()
+
+    def close_line(self) -> None:
+        """Writes an unfinished last line to the files (the block ends)."""
+        tail, self._pending = self._pending.rsplit("\r", 1)[-1], ""
+        if tail:
+            self._to_files(tail + "\n")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -139,7 +157,8 @@ def keep_console(
     header = f"--- {' '.join(['distnet', *sys.argv[1:]])} (pid {os.getpid()}, {stamp})\n"
     files = [_LazyFile(p, header) for p in log_paths(Path(out), rank, user_console)]
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Tee(saved[0], files), _Tee(saved[1], files)  # type: ignore[assignment]
+    tees = _Tee(saved[0], files), _Tee(saved[1], files)
+    sys.stdout, sys.stderr = tees  # type: ignore[assignment]
 
     def note(line: str) -> None:
         for f in files:
@@ -149,8 +168,9 @@ def keep_console(
     try:
         yield note
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for tee in tees:
+            tee.flush()
+            tee.close_line()
         sys.stdout, sys.stderr = saved
         for f in files:
             f.close()
