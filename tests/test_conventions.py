@@ -307,3 +307,19 @@ def test_the_tee_keeps_a_redrawn_line_once_and_an_unfinished_one(tmp_path, capsy
     assert lines[1:] == ["bar 100%", "a warning", "a line printed for this rank elsewhere",
                          "no newline at the end"]  # fmt: skip
     assert not (tmp_path / "log.txt").exists()
+
+
+def test_the_tee_makes_no_run_directory_of_its_own(tmp_path):
+    from distnet.train.console import keep_console
+
+    with keep_console(tmp_path / "refused", 0, user_console=True):
+        print("distnet train: a refusal before the run directory was made")
+    assert not (tmp_path / "refused").exists()  # nothing half-written for a refused job
+    with keep_console(tmp_path / "run", 0, user_console=True):
+        print("before the run made its directory")
+        (tmp_path / "run").mkdir()
+        print("after")
+    assert (tmp_path / "run" / "log.txt").read_text().splitlines()[1:] == [
+        "before the run made its directory",
+        "after",
+    ]

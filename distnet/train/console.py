@@ -9,9 +9,10 @@ started from this one (ranks, a local Ray) inherit it.
 stderr into the run directory: ``logs/rank-K.txt`` for rank K, and ``log.txt`` for the
 process whose console the user watches (rank 0 of a local or MPI job; the driver of a Ray
 job). The console still shows everything; files are appended to (a resumed run adds its
-lines after a header) and opened at the first write (at the end for a rank that printed
-nothing), so that what a rank prints is not lost to rank 0 emptying the run directory
-(``--restart``) while the others wait for it.
+lines after a header) and opened at the first write once the run directory exists (at the
+end for a rank that printed nothing): what a rank prints is not lost to rank 0 emptying
+the run directory (``--restart``) while the others wait for it, and a job refused before it
+made its run directory leaves none behind.
 """
 
 from __future__ import annotations
@@ -75,23 +76,36 @@ def configure_logging(level: str | None = None) -> str:
 
 
 class _LazyFile:
-    """A log file opened (append, parents made) at the first write, flushed at every write."""
+    """A log file in run directory ``root``, opened (append, parents made) at the first write
+    once ``root`` exists, and flushed at every write. What comes before ``root`` exists is
+    held (1 MB at most); it is dropped if the run never makes ``root``: a job refused before
+    it wrote anything leaves no directory behind for its log."""
 
-    def __init__(self, path: Path, header: str) -> None:
-        self.path, self.header = path, header
+    HOLD_LIMIT = 1 << 20
+
+    def __init__(self, path: Path, root: Path, header: str) -> None:
+        self.path, self.root, self.header = path, root, header
         self._file: TextIO | None = None
+        self._held: list[str] = []
+        self._held_chars = 0
 
     def write(self, text: str) -> None:
         if self._file is None:
+            if not self.root.is_dir():
+                if self._held_chars + len(text) <= self.HOLD_LIMIT:
+                    self._held.append(text)
+                    self._held_chars += len(text)
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8", errors="replace")
-            self._file.write(self.header)
+            self._file.write(self.header + "".join(self._held))
+            self._held.clear()
         self._file.write(text)
         self._file.flush()
 
     def close(self) -> None:
         """Closes the file; one never written to gets its header (a quiet rank still has a
-        log, saying that it printed nothing)."""
+        log, saying that it printed nothing) when the run directory exists."""
         if self._file is None:
             with contextlib.suppress(OSError):
                 self.write("")
@@ -155,7 +169,7 @@ def keep_console(
     prints for this one, as Ray's driver prints rank 0's)."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     header = f"--- {' '.join(['distnet', *sys.argv[1:]])} (pid {os.getpid()}, {stamp})\n"
-    files = [_LazyFile(p, header) for p in log_paths(Path(out), rank, user_console)]
+    files = [_LazyFile(p, Path(out), header) for p in log_paths(Path(out), rank, user_console)]
     saved = sys.stdout, sys.stderr
     tees = _Tee(saved[0], files), _Tee(saved[1], files)
     sys.stdout, sys.stderr = tees  # type: ignore[assignment]
