@@ -60,7 +60,7 @@ def test_demo_runs_on_two_mpi_workers_writes_its_report_and_resumes(tmp_path, ca
 
 
 def test_report_of_a_missing_or_unfinished_run(tmp_path, capsys):
-    assert cli.main(["report", str(tmp_path / "nothing")]) == 1
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2  # bad input
     (tmp_path / "run" / "stages" / "0-pretrain-0").mkdir(parents=True)
     assert cli.main(["report", str(tmp_path / "run")]) == 0
     assert "0. pretrain-0: not done" in capsys.readouterr().out

@@ -78,7 +78,7 @@ def test_malformed_idx_files_fail_cleanly_or_convert_exactly(data, gz, target):
             assert ds.shape == x.shape and len(ds) == len(y)
             ds.check()
         else:
-            assert code == 1 and "Traceback" not in err
+            assert code == 2 and "Traceback" not in err
             assert err.startswith("distnet data: error: ") and victim.name in err, err
             assert len(err.strip().splitlines()) == 1
             assert_no_complete_store(out)
@@ -95,7 +95,7 @@ def test_malformed_npy_files_fail_cleanly(data):
         path.write_bytes(mutate(buf.getvalue(), data))
         code, err = run_cli("data", "convert", "npy", str(path), str(tmp / "out"))
         if code != 0:
-            assert code == 1 and "x.npy" in err and "Traceback" not in err, err
+            assert code == 2 and "x.npy" in err and "Traceback" not in err, err
             assert_no_complete_store(tmp / "out")
 
 
@@ -103,7 +103,7 @@ def test_object_arrays_are_refused_without_unpickling(tmp_path):
     path = tmp_path / "obj.npy"
     np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     code, err = run_cli("data", "convert", "npy", str(path), str(tmp_path / "out"))
-    assert code == 1 and "obj.npy" in err
+    assert code == 2 and "obj.npy" in err
     assert_no_complete_store(tmp_path / "out")
 
 
@@ -142,7 +142,7 @@ def test_damaged_chunks_are_named_by_check_and_by_the_loader(store_bytes, array,
         else:
             f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
         code, err = run_cli("data", "info", str(store), "--check")
-        assert code == 1 and f"array {array!r} chunk {chunk}" in err, err
+        assert code == 2 and f"array {array!r} chunk {chunk}" in err, err
         loader = StreamLoader(str(store), 8, seed=0, shuffle=False)
         with pytest.raises(DatasetError, match=f"array '{array}' chunk {chunk}"):
             for _ in loader:
@@ -156,7 +156,7 @@ def test_labels_beyond_num_classes_are_named_before_training(tmp_path):
     y[33] = 7  # chunk 2 (16 samples per chunk)
     write_dataset(str(store), np.zeros((40, 4), np.uint8), y, 16, attrs={"num_classes": 5})
     code, err = run_cli("data", "info", str(store), "--check")
-    assert code == 1 and "array 'y' chunk 2" in err and "label outside 0..4" in err, err
+    assert code == 2 and "array 'y' chunk 2" in err and "label outside 0..4" in err, err
     job = tmp_path / "j.toml"
     job.write_text(
         f"[data]\ntrain = '{store}'\nbatch_size = 8\n[model]\ntype = 'mlp'\nhidden = [4]\n"

@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distnet"
 
 LAYER = {
     "backend": 0,
+    "suggest": 0,  # 'did you mean': imports nothing of distnet, every layer's errors use it
     "trace": 0,  # the timeline and step timers: imports nothing of distnet, every layer may use it
     "viz": 0.5,
     "_numba_kernels": 0.6,  # the numba loops themselves: import nothing of distnet

@@ -202,7 +202,7 @@ def test_report_snapshot_of_an_unfinished_run(run_dir, tmp_path, capsys):
 
 
 def test_report_of_a_missing_directory_fails_clearly(tmp_path, capsys):
-    assert cli.main(["report", str(tmp_path / "nope")]) == 1
+    assert cli.main(["report", str(tmp_path / "nope")]) == 2  # bad input
     assert "no such run directory" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
 

@@ -1,7 +1,7 @@
 """``distnet data``: convert data sets into stores (``convert idx|digits|npy``) and ``info``.
 
 Bad input (a missing file, a store that is not one, a corrupt chunk) is one line on stderr
-and exit code 1, never a traceback.
+and exit code 2 (the exit-code table of ``distnet.cli``), never a traceback.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         return _convert(args, opts)
     except (DatasetError, ValueError, OSError) as exc:
         print(f"distnet data: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def _convert(args: argparse.Namespace, opts: dict[str, Any] | None) -> int:
@@ -155,11 +155,13 @@ def describe(
     path: str, storage_options: dict[str, Any] | None = None, check: bool = False
 ) -> dict[str, Any]:
     """What ``distnet data info`` prints, as a dict (class balance reads ``y`` chunk by chunk)."""
-    from distnet.data.store import open_dataset  # noqa: PLC0415
+    from distnet.data.store import DatasetError, open_dataset  # noqa: PLC0415
 
     ds = open_dataset(path, storage_options)
     if check:
         ds.check()
+    elif ds.y is not None:  # the class balance must not count a missing chunk's fill values
+        ds.require_chunks("y")
     d: dict[str, Any] = {
         "path": ds.path,
         "distnet_format": ds.attrs.get("distnet_format"),
@@ -180,10 +182,14 @@ def describe(
             counts = np.zeros(max(ds.num_classes or 0, 1), dtype=np.int64)
             for i in range(ds.num_chunks):
                 y = np.asarray(ds.y.get_block_selection(i))
+                ds.check_labels(y, i)
                 c = np.bincount(y, minlength=len(counts)) if y.size else counts * 0
                 if len(c) > len(counts):
                     counts = np.pad(counts, (0, len(c) - len(counts)))
                 counts[: len(c)] += c
+            if int(counts.sum()) != len(ds):  # every sample's label counted once
+                raise DatasetError(ds.path, f"labels count {int(counts.sum())} samples, "
+                                   f"x has {len(ds)}", "y")  # fmt: skip
             d["class_counts"] = counts.tolist()
     raw = len(ds) * int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
     if ds.y is not None:

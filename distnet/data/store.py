@@ -159,7 +159,24 @@ class Dataset:
 
     def check(self) -> None:
         """Reads every chunk: missing chunk files, decode errors, NaN/inf, labels out of range."""
-        for name, arr in (("x", self.x), ("y", self.y)):
+        self.require_chunks("x", "y")
+        for i in range(self.num_chunks):
+            _, y = self.read_chunk(i, check_finite=True)
+            if y is not None:
+                self.check_labels(y, i)
+
+    def check_labels(self, y: np.ndarray, chunk: int) -> None:
+        """DatasetError when integer labels ``y`` (chunk ``chunk``) fall outside the classes."""
+        if y.dtype.kind == "i" and self.num_classes is not None and y.size:
+            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+                raise DatasetError(
+                    self.path, f"label outside 0..{self.num_classes - 1}", "y", chunk
+                )
+
+    def require_chunks(self, *names: str) -> None:
+        """DatasetError naming the missing chunk files of arrays ``names`` ('x', 'y')."""
+        for name in names:
+            arr = getattr(self, name)
             if arr is not None and arr.nchunks_initialized < arr.nchunks:
                 missing = [i for i in range(self.num_chunks) if not _chunk_exists(arr, i)]
                 shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
@@ -169,13 +186,6 @@ class Dataset:
                     name,
                     missing[0] if missing else None,
                 )
-        for i in range(self.num_chunks):
-            _, y = self.read_chunk(i, check_finite=True)
-            if y is not None and y.dtype.kind == "i" and self.num_classes is not None and y.size:
-                if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-                    raise DatasetError(
-                        self.path, f"label outside 0..{self.num_classes - 1}", "y", i
-                    )
 
     def to_float(self, x: np.ndarray) -> np.ndarray:
         """Stored samples -> float32 ``x * scale + offset`` (same shape)."""

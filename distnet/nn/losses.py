@@ -21,6 +21,7 @@ from distnet.core import functional as F
 from distnet.core import ops
 from distnet.core.tensor import Tensor, make_result
 from distnet.nn.module import Module
+from distnet.suggest import did_you_mean
 
 
 def soft_cross_entropy(logits: Tensor, target: Any, reduction: str = "mean") -> Tensor:
@@ -142,6 +143,7 @@ def get_loss(name: str | Loss | Callable[[Tensor, Any], Tensor]) -> Callable[[Te
     key = str(name).lower()
     if key not in LOSSES:
         raise ValueError(
-            f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))} (or pass a callable)"
+            f"unknown loss {name!r}{did_you_mean(key, LOSSES)}; known: "
+            f"{', '.join(sorted(LOSSES))} (or pass a callable)"
         )
     return LOSSES[key]()

@@ -10,6 +10,7 @@ from typing import Any
 
 from distnet.optim.adaptive import AdaGrad, Adam, RMSProp
 from distnet.optim.optimizer import SGD, Optimizer
+from distnet.suggest import did_you_mean
 
 # name -> (class, default lr)
 OPTIMIZERS: dict[str, tuple[type[Optimizer], float]] = {
@@ -28,7 +29,8 @@ def optimizer_class(name: str) -> type[Optimizer]:
     """
     key = str(name).lower()
     if key not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+        raise ValueError(f"unknown optimizer {name!r}{did_you_mean(key, OPTIMIZERS)}; known: "
+                         f"{', '.join(sorted(OPTIMIZERS))}")  # fmt: skip
     return OPTIMIZERS[key][0]
 
 

@@ -343,10 +343,18 @@ class JSONLLogger(Callback):
 
 
 def process_rank() -> int:
-    """This process's rank from the launcher's environment (0 when not launched)."""
-    for var in ("DISTNET_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK"):
+    """This process's rank from the launcher's environment (0 when not launched).
+
+    The generic ``RANK`` counts only where a launcher set it: ``distnet launch``
+    (``DISTNET_LAUNCHED``) or beside a ``WORLD_SIZE`` above 1 (torchrun's pair). A shell that
+    happens to export ``RANK`` must not turn a one-process job into a silent rank."""
+    for var in ("DISTNET_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
+    world = os.environ.get("WORLD_SIZE", "")
+    launched = os.environ.get("DISTNET_LAUNCHED") == "1" or (world.isdigit() and int(world) > 1)
+    if launched and os.environ.get("RANK", "").isdigit():
+        return int(os.environ["RANK"])
     return 0
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distnet.suggest import did_you_mean
+
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu")
 _ARITY = {"conv": 2, "maxpool": 1, "avgpool": 1, "dense": 1, "dropout": 1, "flatten": 0}
 _OPTIONS = {"conv": {"stride", "pad", "dilation"}, "maxpool": {"stride", "pad"},
@@ -44,7 +46,9 @@ def parse_layer(text: str) -> dict[str, Any]:
         return {"kind": kind, "args": [], "options": {}}
     if kind not in _ARITY:
         known = sorted([*_ARITY, *ACTIVATIONS])
-        raise LayerSpecError(f"layer {text!r}: unknown layer {kind!r}; known: {known}")
+        raise LayerSpecError(
+            f"layer {text!r}: unknown layer {kind!r}{did_you_mean(kind, known)}; known: {known}"
+        )
     args = [w for w in rest if "=" not in w]
     options: dict[str, int] = {}
     for word in (w for w in rest if "=" in w):
@@ -133,3 +137,14 @@ def _activation(name: str) -> Any:
 
     return {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
             "leaky_relu": nn.LeakyReLU}[name]()  # fmt: skip
+
+
+def flat_samples_error(n_in: int) -> str:
+    """Why a cnn cannot train on a store of flat samples of ``n_in`` features, and the way out
+    (for a square ``n_in``, the image shape to write the store with)."""
+    side = round(n_in**0.5)
+    hint = (f"; write the store with samples of shape ({side}, {side}), e.g. "
+            f"x.reshape(N, {side}, {side}) before `distnet data convert npy`"
+            if side * side == n_in else "")  # fmt: skip
+    return (f"[model] type = 'cnn' needs image samples, (H, W) or (C, H, W) each; the store's "
+            f"samples are flat vectors of {n_in} features{hint}")  # fmt: skip

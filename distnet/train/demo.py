@@ -12,11 +12,12 @@ are resumable: run the demo again and finished stages are skipped. Writes ``repo
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from distnet.train.jobtoml import to_toml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,16 +45,6 @@ def demo_job(args: argparse.Namespace, data_dir: Path) -> dict[str, dict[str, An
         "finetune": {"epochs": args.finetune_epochs},
         "run": {"seed": args.seed},
     }  # fmt: skip
-
-
-def to_toml(job: dict[str, dict[str, Any]]) -> str:
-    """A job as TOML (tables of strings, numbers, booleans and lists of numbers)."""
-    lines = []
-    for section, values in job.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-        lines.append("")
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,7 +27,9 @@ epoch. Example (every key: docs/jobs.md)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 import time
 import tomllib
@@ -39,7 +41,7 @@ import numpy as np
 
 from distnet.parallel import lifetime
 from distnet.parallel.rayengine.jobs import add_ray_arguments, dist_overrides
-from distnet.train import jobspec
+from distnet.train import jobfile, jobspec
 from distnet.train.callbacks import Callback
 from distnet.train.jobspec import JobError
 
@@ -68,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace", action="store_true", help="write RUN_DIR/trace.json, a per-rank timeline"
     )
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved job (after --set and defaults) as TOML and exit",
+    )  # fmt: skip
 
 
 def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -79,8 +85,12 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise JobError(f"{path}: no such job file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise JobError(f"{path}: not valid TOML: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(jobfile.toml_error(path, e)) from None
+    except UnicodeDecodeError as e:
+        raise JobError(
+            f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     base = path.parent
     for section, key in (("data", "train"), ("data", "test"), ("run", "out")):
         value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
@@ -223,10 +233,14 @@ def build_model(
 
     m, pre = job["model"], job["pretrain"]
     if m["type"] == "cnn":
-        from distnet.train.cnnspec import LayerSpecError, build_cnn  # noqa: PLC0415
+        from distnet.train.cnnspec import (  # noqa: PLC0415
+            LayerSpecError,
+            build_cnn,
+            flat_samples_error,
+        )
 
         if input_shape is None or len(input_shape) != 3:
-            raise JobError(f"[model] type = 'cnn' needs image samples, the store has {input_shape}")
+            raise JobError(flat_samples_error(n_in))
         try:
             return build_cnn(m["layers"], input_shape, n_classes)
         except LayerSpecError as e:
@@ -548,7 +562,13 @@ def _load_for_engine(args: argparse.Namespace, overrides: dict[str, dict[str, An
 
 
 def run(args: argparse.Namespace) -> int:
-    """``distnet train``: exit 0, or 2 with a one-line reason for a job that cannot run."""
+    """``distnet train``: exit 0; 2 with a one-line reason for a job that cannot run; 130
+    when interrupted. The console is kept in the run directory (``train.console``)."""
+    with contextlib.ExitStack() as console:
+        return _run(args, console)
+
+
+def _run(args: argparse.Namespace, console: contextlib.ExitStack) -> int:
     overrides: dict[str, dict[str, Any]] = {}
     if args.out:
         overrides["run"] = {"out": args.out}
@@ -558,17 +578,31 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("dist", {}).update(dist_overrides(args))
     from distnet.data import DatasetError  # noqa: PLC0415
     from distnet.parallel.rayengine import RayEngineError  # noqa: PLC0415
+    from distnet.train.callbacks import process_rank  # noqa: PLC0415
     from distnet.train.checkpoint import CheckpointError  # noqa: PLC0415
+    from distnet.train.console import configure_logging, keep_console  # noqa: PLC0415
     from distnet.train.rayjob import run_ray_job  # noqa: PLC0415
     from distnet.train.runguard import preflight  # noqa: PLC0415
 
-    log = (lambda line: None) if args.quiet else print
+    configure_logging(getattr(args, "log_level", None))
+    log = (lambda line: None) if args.quiet else logging.getLogger("distnet.train").info
     try:
         for text in args.set:
             section, key, value = jobspec.parse_override(text)
             overrides = jobspec.merge(overrides, {section: {key: value}})
+        if getattr(args, "print_config", False):
+            from distnet.train.jobtoml import print_job  # noqa: PLC0415
+
+            return print_job(load_job(args.job, overrides), args.job)
         job = _load_for_engine(args, overrides)
+        jobfile.check_relative_data(args.job, job)
+        logging.getLogger("distnet.train").debug(
+            f"job {args.job}: engine {job['dist']['engine']}, run directory {job['run']['out']}"
+        )
         options = preflight(job, args.job, args.restart, log)  # before any engine starts
+        rank = None if options is not None else process_rank()  # a Ray driver is no rank
+        out = Path(job["run"]["out"])
+        console.enter_context(keep_console(out, rank, user_console=rank in (None, 0)))
         if options is not None:  # this process drives Ray worker actors
             options.trace = args.trace
             report = run_ray_job(job, options, log=log)

@@ -15,6 +15,7 @@ word is a string).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from distnet.suggest import did_you_mean
 
 
 class JobError(ValueError):
@@ -313,16 +316,21 @@ def _describe(error: dict[str, Any]) -> str:
     where = f"[{loc[0]}]" + (f" {'.'.join(map(str, loc[1:]))}" if len(loc) > 1 else "")
     if error["type"] == "extra_forbidden":
         if len(loc) == 1:
-            return f"unknown section [{loc[0]}]; sections: {sorted(JobSpec.model_fields)}"
+            hint = did_you_mean(loc[0], JobSpec.model_fields)
+            return f"unknown section [{loc[0]}]{hint}; sections: {sorted(JobSpec.model_fields)}"
         section = JobSpec.model_fields[loc[0]].annotation
         known = sorted(getattr(section, "model_fields", {}))
-        return f"unknown key {loc[-1]!r} in [{loc[0]}]; known: {known}"
+        hint = did_you_mean(loc[-1], known)
+        return f"unknown key {loc[-1]!r} in [{loc[0]}]{hint}; known: {known}"
     if len(loc) == 1:
         return f"{where}: expected a table of keys, got {error['input']!r}"
     if error["type"] == "value_error":  # a validator's own message says what is wrong
         return f"{where}: {error['msg'].removeprefix('Value error, ')}"
     expect = _expectation(loc) or error["msg"]
-    return f"{where}: expected {expect}, got {error['input']!r}"
+    hint = ""
+    if error["type"] == "literal_error" and isinstance(error["input"], str):  # a misspelt name
+        hint = did_you_mean(error["input"], re.findall(r"'([^']*)'", error["ctx"]["expected"]))
+    return f"{where}: expected {expect}, got {error['input']!r}{hint}"
 
 
 def _one_per_union(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -29,14 +29,17 @@ def run_rank(
     this worker's device, batch share and optimiser wrapping (``spec``); returns its report.
     An error of its own ends it as ``RankFailed`` (naming this rank, the stage and the root
     cause, see ``errors.describe``)."""
+    from distnet.train.console import keep_console  # noqa: PLC0415
     from distnet.train.job import run_job  # noqa: PLC0415
 
     setup = RankSetup(spec, comm, generation)
     failed = False
     try:
-        report = run_job(
-            job, log, comm=comm, rank_setup=setup, trace=bool(spec.get("trace")), progress="lines"
-        )
+        with keep_console(Path(job["run"]["out"]), comm.rank, user_console=False) as note:
+            report = run_job(
+                job, lambda line: (note(line), log(line)), comm=comm, rank_setup=setup,
+                trace=bool(spec.get("trace")), progress="lines",
+            )  # fmt: skip
     except WorkerLostError:  # a peer died: keep what the next run resumes from
         setup.after_failure()
         raise

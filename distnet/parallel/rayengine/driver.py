@@ -160,10 +160,18 @@ class RayJob:
 
     def _setup_group(self) -> None:
         self.generation += 1
+        infos = self._wait([a.info.remote() for a in self.actors], self.opt.start_timeout_s,
+                           "answer")  # fmt: skip
+        nodes = [info["node_id"] for info in infos]  # LOCAL_RANK: ranks on the same node
         refs = [
             a.setup.remote(
-                self.generation, r, len(self.actors), self.actors, self.opt.collective_timeout_s
-            )
+                self.generation,
+                r,
+                len(self.actors),
+                self.actors,
+                self.opt.collective_timeout_s,
+                nodes,
+            )  # fmt: skip
             for r, a in enumerate(self.actors)
         ]
         self._wait(refs, self.opt.start_timeout_s, "join the group")

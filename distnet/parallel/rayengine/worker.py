@@ -393,6 +393,19 @@ class _ClosingServer:
         setattr(self.optimizer, name, value)
 
 
+def conventional_env(rank: int, size: int, nodes: list[str] | None) -> dict[str, str]:
+    """torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` for ``rank``
+    of ``size``; local ones count the ranks on this rank's node (``nodes[r]``: rank r's node;
+    None: a stand-in joining a running group, which keeps its node's count unknown -> 0 of 1)."""
+    if nodes is None or len(nodes) != size:
+        local_rank, local_size = 0, 1
+    else:
+        local_rank = nodes[:rank].count(nodes[rank])
+        local_size = nodes.count(nodes[rank])
+    return {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(local_size)}  # fmt: skip
+
+
 class WorkerActor:
     """One rank of a Ray job (wrap with ``ray.remote`` and ``max_concurrency`` >= 3)."""
 
@@ -428,12 +441,15 @@ class WorkerActor:
             self.mailbox.abort(reason)
 
     def setup(
-        self, generation: int, rank: int, size: int, peers: list[Any], timeout_s: float
-    ) -> None:
-        """Joins group ``generation`` as ``rank`` of ``size`` (the handles of all ranks)."""
+        self, generation: int, rank: int, size: int, peers: list[Any], timeout_s: float,
+        nodes: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        """Joins group ``generation`` as ``rank`` of ``size`` (the handles of all ranks;
+        ``nodes``: each rank's Ray node id, for ``LOCAL_RANK``/``LOCAL_WORLD_SIZE``)."""
         self.generation = generation
         self.mailbox.reset()
         os.environ["DISTNET_RANK"] = str(rank)  # rank-0-only writers (ModelCheckpoint)
+        os.environ.update(conventional_env(rank, size, nodes))
         self.comm = RayCommunicator(
             rank, size, peers, self.mailbox, generation=generation, timeout_s=timeout_s
         )
