@@ -208,7 +208,7 @@ def test_report_of_a_missing_directory_fails_clearly(tmp_path, capsys):
 
 
 def test_staleness_records_become_histograms(run_dir, tmp_path):
-    from distnet.train.report_html import write_html_report
+    from distnet.train.report.page import write_html_report
 
     copy = tmp_path / "ps"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("data", "stages"))
@@ -227,7 +227,7 @@ def test_staleness_records_become_histograms(run_dir, tmp_path):
 def test_a_stalled_run_shows_where_each_rank_was(run_dir, tmp_path):
     """stall.json (what the stall check of distnet.parallel.stall writes) becomes a section
     of the page of a run that did not finish, and of no other."""
-    from distnet.train.report_html import write_html_report
+    from distnet.train.report.page import write_html_report
 
     stacks = ['  File "fit.py", line 1, in fit\n    opt.step()',
               '  File "loader.py", line 2, in <lambda>\n    time.sleep(9)']  # fmt: skip

@@ -181,7 +181,7 @@ def test_a_failed_job_leaves_a_report_and_its_resume_is_marked(tmp_path, monkeyp
     from distnet.data import convert_digits
     from distnet.train import callbacks
     from distnet.train import job as job_module
-    from distnet.train.report_html import gather
+    from distnet.train.report.page import gather
 
     convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=256)
     spec = tmp_path / "job.toml"
@@ -262,7 +262,7 @@ def test_a_long_trace_spills_to_disk_and_comes_back_whole(tmp_path, monkeypatch)
 def test_node_local_run_dirs_still_give_rank_0_every_ranks_records(tmp_path):
     pytest.importorskip("sklearn")
     from distnet.data import convert_digits
-    from distnet.train.report_html import gather
+    from distnet.train.report.page import gather
 
     convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=128)
     (tmp_path / "job.toml").write_text(

@@ -90,13 +90,13 @@ class RunObserver:
 
     def layer_pictures(self, model: Any, k: int, x: np.ndarray) -> str | None:
         """``reconstructions-layer<k>.png``: layer k's inputs beside its reconstructions."""
-        from distnet.train.report_plots import draw_layer_reconstructions  # noqa: PLC0415
+        from distnet.train.report.plots import draw_layer_reconstructions  # noqa: PLC0415
 
         return draw_layer_reconstructions(model, k, x, self.out)
 
     def confusion(self, net: Any, x: np.ndarray, y: np.ndarray, n_classes: int) -> list:
         """The test set's confusion matrix, rows = true class, columns = predicted."""
-        from distnet.train.report_plots import confusion_matrix  # noqa: PLC0415
+        from distnet.train.report.plots import confusion_matrix  # noqa: PLC0415
 
         scores = np.asarray(net.predict(x))
         return confusion_matrix(y, scores.argmax(axis=1), int(n_classes)).tolist()
@@ -152,7 +152,7 @@ class RunObserver:
 
     def html(self) -> str | None:
         """Writes ``report.html`` (rank 0); its path, or None when it could not be drawn."""
-        from distnet.train.report_html import write_html_report  # noqa: PLC0415
+        from distnet.train.report.page import write_html_report  # noqa: PLC0415
 
         try:
             return str(write_html_report(self.out))

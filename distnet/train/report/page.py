@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distnet.train import report_plots as plots
+from distnet.train.report import plots
 from distnet.train.metrics import read_metrics
-from distnet.train.report import load_report
+from distnet.train.report.summary import load_report
 
 RUNNING_IF_WRITTEN_WITHIN_S = 120.0
 

@@ -1,6 +1,6 @@
 """The report's pictures, drawn with matplotlib's Agg backend into PNG bytes.
 
-Each ``plot_*`` takes plain data (lists and dicts, as gathered by ``report_html``) and
+Each ``plot_*`` takes plain data (lists and dicts, as gathered by ``page``) and
 returns PNG bytes; nothing here reads files, so each picture can be tested on its own.
 """
 

@@ -1,5 +1,5 @@
 """``distnet report RUN_DIR``: a summary of a run directory, and ``RUN_DIR/report.html``
-(``distnet.train.report_html``; also for a run still going or one that failed).
+(``distnet.train.report.page``; also for a run still going or one that failed).
 
 Reads ``report.json`` (written at the end of a run) or, for a run still going or cut off,
 ``pipeline.json`` and the stage directories, and prints the stages with their first and
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(report, indent=1) if args.json else format_report(report, args.run_dir))
     if not args.no_html:
-        from distnet.train.report_html import write_html_report  # noqa: PLC0415
+        from distnet.train.report.page import write_html_report  # noqa: PLC0415
 
         try:
             path = write_html_report(args.run_dir)
