@@ -1,9 +1,8 @@
 """``RUN_DIR/report.html``: one self-contained page about a run (pictures embedded as base64
 PNG; opens from disk with no server and no network).
 
-``gather(run_dir)`` collects what the run directory holds (``run.json``, ``report.json`` or
-the stage checkpoints, ``metrics/rank-*.jsonl``, the pictures, ``trace.json``) into plain
-data; ``render`` turns it into HTML. The data drawn is also embedded as JSON
+``rundata.gather(run_dir)`` collects what the run directory holds into plain data;
+``render`` turns it into HTML. The data drawn is also embedded as JSON
 (``<script type="application/json" id="distnet-report-data">``) so that tools and tests can
 read exactly what the plots show. Works on a finished run, on one still running (a
 snapshot) and on one that failed (what it had).
@@ -19,189 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distnet.train.report import plots
-from distnet.train.metrics import read_metrics
-from distnet.train.report.summary import load_report
-
-RUNNING_IF_WRITTEN_WITHIN_S = 120.0
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _status(run_dir: Path, report: dict[str, Any]) -> str:
-    if not report.get("unfinished"):
-        return "finished"
-    newest = max((p.stat().st_mtime for p in run_dir.glob("metrics/*.jsonl")), default=0.0)
-    if time.time() - newest < RUNNING_IF_WRITTEN_WITHIN_S:
-        return "running (a snapshot)"
-    return "unfinished (stopped or failed; showing what it had)"
-
-
-def _stage_kind(name: str) -> tuple[str, int | None]:
-    if name.startswith("pretrain-") and name.split("-", 1)[1].isdigit():
-        return "pretrain", int(name.split("-", 1)[1])
-    return "train", None
-
-
-def curves(report: dict[str, Any], metrics: dict[int, list[dict[str, Any]]]) -> list[dict]:
-    """Per stage: epochs (1-based) with loss, lr, accuracy, validation values, from rank 0's
-    epoch records (the last record of an epoch wins: a resumed run repeats the epochs after
-    its checkpoint), else from the stage's saved history."""
-    records = metrics.get(0) or next(iter(metrics.values()), [])
-    by_stage: dict[str, dict[int, dict[str, Any]]] = {}
-    resumed: dict[str, list[int]] = {}
-    for r in records:
-        if r.get("event") == "epoch":
-            by_stage.setdefault(r["stage"], {})[int(r["epoch"])] = r
-        elif r.get("event") == "resume":
-            resumed.setdefault(r["stage"], []).append(int(r["epoch"]))
-    names = [s.get("name") for s in report.get("stages", [])]
-    names += [n for n in by_stage if n not in names]
-    out = []
-    for name in names:
-        kind, layer = _stage_kind(str(name))
-        curve: dict[str, Any] = {"stage": name, "kind": kind, "layer": layer, "source": "metrics"}
-        curve["resumed_at"] = resumed.get(name, [])
-        epochs = by_stage.get(name)
-        if epochs:
-            rows = [epochs[e] for e in sorted(epochs)]
-            curve["epoch"] = [int(r["epoch"]) + 1 for r in rows]
-            keys = {k for r in rows for k in r} - {"event", "rank", "stage", "t", "epoch", "step"}
-            for k in sorted(keys):
-                curve[k] = [r.get(k) for r in rows]
-        else:
-            row = next((s for s in report.get("stages", []) if s.get("name") == name), {})
-            history = row.get("history") or {}
-            if not history.get("loss"):
-                continue
-            curve.update({k: list(v) for k, v in history.items()}, source="stage history")
-            curve["epoch"] = list(range(1, len(history["loss"]) + 1))
-        out.append(curve)
-    return out
-
-
-def workers(metrics: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per rank: seconds, samples/s, and the split of step time.
-
-    Waiting for other workers is estimated from the communication times: records of one
-    stage end at the same step on every rank, and over such an interval the rank that
-    reached the collectives last waited for no one, so its communication time is the
-    transfer itself; what another rank spent beyond it, it spent waiting for the others.
-    """
-    steps = {rank: [r for r in rs if r.get("event") == "steps"] for rank, rs in metrics.items()}
-    steps = {rank: rs for rank, rs in steps.items() if rs}
-    by_key: dict[tuple[str, int, int], dict[int, float]] = {}
-    for rank, rs in steps.items():
-        seen: dict[tuple[str, int], int] = {}
-        for r in rs:  # a resumed run repeats step numbers: count the repeats
-            nth = seen[(r["stage"], int(r["step"]))] = (
-                seen.get((r["stage"], int(r["step"])), -1) + 1
-            )
-            by_key.setdefault((r["stage"], int(r["step"]), nth), {})[rank] = float(r["comm_s"])
-    waited = dict.fromkeys(steps, 0.0)
-    for comms in by_key.values():
-        if len(comms) == len(steps) > 1:
-            least = min(comms.values())
-            for rank, c in comms.items():
-                waited[rank] += c - least
-    rows = []
-    for rank in sorted(steps):
-        rs = steps[rank]
-        total = {k: sum(float(r.get(k, 0.0)) for r in rs)
-                 for k in ("seconds", "samples", "compute_s", "comm_s", "input_wait_s",
-                           "checkpoint_s")}  # fmt: skip
-        wait = min(waited[rank], total["comm_s"])
-        parts = {"compute": total["compute_s"], "communication": total["comm_s"] - wait,
-                 "input wait": total["input_wait_s"], "waiting for others": wait,
-                 "checkpoint": total["checkpoint_s"]}  # fmt: skip
-        seconds = max(total["seconds"], 1e-12)
-        rows.append({"rank": rank, "steps": sum(int(r["steps"]) for r in rs),
-                     "samples": int(total["samples"]), "seconds": total["seconds"],
-                     "samples_per_s": total["samples"] / seconds, "seconds_by_part": parts,
-                     "shares": {k: v / seconds for k, v in parts.items()}})  # fmt: skip
-    return rows
-
-
-def staleness(
-    metrics: dict[int, list[dict[str, Any]]], ps_stats: list[dict[str, Any]] | None = None
-) -> dict[str, dict[int, int]]:
-    """Histograms {worker: {staleness: count}} from records with a ``staleness`` field and
-    from the parameter server's own counts (``report.json``'s ``ps_stats``, one entry per
-    stage, each with per-shard histograms per worker)."""
-    hists: dict[str, dict[int, int]] = {}
-    for stage in ps_stats or []:
-        for shard in stage.get("shards", []):
-            for w, counts in enumerate(shard.get("staleness", [])):
-                hist = hists.setdefault(str(w), {})
-                for k, c in counts.items():
-                    hist[int(k)] = hist.get(int(k), 0) + int(c)
-    for rank, rs in metrics.items():
-        for r in rs:
-            if "staleness" not in r:
-                continue
-            values = r["staleness"] if isinstance(r["staleness"], list) else [r["staleness"]]
-            hist = hists.setdefault(str(r.get("worker", rank)), {})
-            for v in values:
-                hist[int(v)] = hist.get(int(v), 0) + 1
-    return hists
-
-
-def trace_events(run_dir: Path) -> list[dict[str, Any]]:
-    """The merged trace's events; merges per-rank files first when only those exist."""
-    from distnet import trace  # noqa: PLC0415
-
-    merged = run_dir / "trace.json"
-    parts = sorted((run_dir / "trace").glob("trace-rank-*.json"))
-    if parts and (
-        not merged.is_file() or merged.stat().st_mtime < max(p.stat().st_mtime for p in parts)
-    ):
-        trace.merge(run_dir / "trace", merged)
-    return _read_json(merged).get("traceEvents", [])
-
-
-PICTURES = (("filters", "first-layer filters after pretraining"),
-            ("filters-final", "first-layer filters after fine-tuning"))  # fmt: skip
-
-
-def gather(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(everything the page shows as plain data, the trace's events); see the module
-    docstring. Raises ``FileNotFoundError`` for a directory that is not there."""
-    run_dir = Path(run_dir)
-    report = load_report(run_dir)
-    metrics = read_metrics(run_dir)
-    info = _read_json(run_dir / "run.json")
-    pictures = {name: str(run_dir / f"{name}.png") for name, _ in PICTURES
-                if (run_dir / f"{name}.png").is_file()}  # fmt: skip
-    layers = sorted(run_dir.glob("reconstructions-layer*.png"),
-                    key=lambda p: int(p.stem.removeprefix("reconstructions-layer")))  # fmt: skip
-    if not layers and (run_dir / "reconstructions.png").is_file():
-        layers = [run_dir / "reconstructions.png"]
-    events = trace_events(run_dir)
-    return {
-        "run_dir": str(run_dir), "status": _status(run_dir, report), "info": info,
-        "report": {k: v for k, v in report.items() if k not in ("job",)},
-        "curves": curves(report, metrics), "workers": workers(metrics),
-        "staleness": staleness(metrics, report.get("ps_stats")),
-        "confusion_matrix": report.get("confusion_matrix"),
-        "pictures": pictures, "layer_pictures": [str(p) for p in layers],
-        "trace": {"events": len(events),
-                  "ranks": sorted({e["pid"] for e in events if e.get("ph") == "X"})},
-        "resumes": [{"stage": s.get("name"), "epoch": s["resumed_from_epoch"]}
-                    for s in report.get("stages", []) if s.get("resumed_from_epoch")],
-        "stalls": _read_stalls(run_dir),
-    }, events  # fmt: skip
-
-
-def _read_stalls(run_dir: Path) -> list[dict[str, Any]]:
-    """The stall reports (``distnet.parallel.stall``) in ``stall.json``; [] if none."""
-    try:
-        stalls = json.loads((run_dir / "stall.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return stalls if isinstance(stalls, list) else []
-
+from distnet.train.report import history, plots
+from distnet.train.report.rundata import PICTURES, gather
 
 # -- HTML --------------------------------------------------------------------------------
 CSS = """
@@ -262,17 +80,22 @@ def _job_section(data: dict[str, Any]) -> str:
                      f"test {job.get('data', {}).get('test', '-')}"],
             ["workers", f"{info.get('workers', report.get('workers', '?'))} "
                         f"({', '.join(sorted(set(devices))) or 'cpu'})"],
-            ["engine", info.get("engine", report.get("engine", "?"))],
-            ["strategy", info.get("strategy", "allreduce")],
+            ["engine", history.engine_name(info.get("engine", report.get("engine", "?")))],
+            ["strategy", history.strategy_name(info)],
             ["global batch size",
              job.get("data", {}).get("batch_size", config.get("batch_size", "?"))],
             ["seed", job.get("run", {}).get("seed", config.get("seed", "?"))]]  # fmt: skip
-    if "seconds" in report:
-        rows.append(["total time", f"{report['seconds']:.1f} s"])
+    if data.get("total_seconds") is not None:
+        runs = len(data["invocations"])
+        rows.append(["total time", f"{data['total_seconds']:.1f} s"
+                     + (f" over {runs} invocations" if runs > 1 else "")])  # fmt: skip
     acc = report.get("test_accuracy")
     top = (f'<p>final test accuracy: <span class="big" id="test-accuracy">{acc:.2%}</span> '
            f"(test loss {report.get('test_loss', float('nan')):.4f})</p>" if acc is not None
-           else '<p class="note">no test accuracy yet (the run has not finished).</p>')  # fmt: skip
+           else '<p class="note">no test accuracy (the run has not finished).</p>')  # fmt: skip
+    if config.get("validation_samples"):
+        rows.append(["validation", f"{config['validation_samples']} samples held out of the "
+                     "training store (validation curves below)"])  # fmt: skip
     return "<h2>Job</h2>" + top + _table(["", ""], rows)
 
 
@@ -301,7 +124,29 @@ def _stages_section(data: dict[str, Any]) -> str:
     for r in data["resumes"]:
         out += (f'<p class="resume">{html.escape(str(r["stage"]))} resumed from its checkpoint '
                 f"after epoch {r['epoch']} (marked on its curve).</p>")  # fmt: skip
+    runs = data.get("invocations") or []
+    if len(runs) > 1:
+        out += "<h3>Invocations</h3>" + _table(
+            ["started", "engine", "workers", "time", "outcome", "command"],
+            [[r["started"] or "?", r["engine"], r["workers"] or "?",
+              "-" if r["seconds"] is None else f"{r['seconds']:.1f} s", r["outcome"], r["argv"]]
+             for r in runs])  # fmt: skip
     return out
+
+
+def _failure_section(data: dict[str, Any]) -> str:
+    """Why a failed run stopped: the first rank's error, its stage, its traceback's end."""
+    f = data.get("failure")
+    if not f:
+        return ""
+    others = sorted({int(g["rank"]) for g in data.get("failures", [])} - {int(f["rank"])})
+    also = f"; ranks {others} stopped after it" if others else ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(f.get("time", 0))))
+    return (f"<h2 id='failure'>Why it stopped</h2><p>rank <b>{html.escape(str(f['rank']))}"
+            f"</b> in stage <b>{html.escape(str(f.get('stage') or 'set-up'))}</b> at {when}"
+            f"{also}:</p><pre class='error'>{html.escape(str(f.get('error', '?')))}</pre>"
+            f"<details><summary>traceback</summary><pre>{html.escape(f.get('traceback', ''))}"
+            "</pre></details>")  # fmt: skip
 
 
 def _workers_section(data: dict[str, Any]) -> str:
@@ -345,10 +190,11 @@ def render(data: dict[str, Any], events: list[dict[str, Any]]) -> str:
     parts = [f"<h1>distnet run {html.escape(data['run_dir'])}</h1>",
              f'<p><span class="status" id="run-status">{html.escape(data["status"])}</span> '
              f"<span class='note'>report written {time.strftime('%Y-%m-%d %H:%M:%S')}</span></p>",
-             _job_section(data), _stall_section(data), _stages_section(data),
-             "<h2>Loss curves</h2>",
+             _job_section(data), _failure_section(data), _stall_section(data),
+             _stages_section(data), "<h2>Loss curves</h2>",
              _img(plots.plot_curves(data["curves"]), "loss curves",
-                  "dotted: learning-rate changes; dashed red: where a stage resumed")]  # fmt: skip
+                  "under each panel: the learning rate of every epoch; dashed red: where a "
+                  "stage resumed")]  # fmt: skip
     parts.append("<h2>What the network learned</h2>")
     for name, caption in PICTURES:
         if name in data["pictures"]:

@@ -1,5 +1,6 @@
 """``distnet report RUN_DIR``: a summary of a run directory, and ``RUN_DIR/report.html``
 (``distnet.train.report.page``; also for a run still going or one that failed).
+``distnet report RUN_A RUN_B ...``: one page comparing the runs (``compare``).
 
 Reads ``report.json`` (written at the end of a run) or, for a run still going or cut off,
 ``pipeline.json`` and the stage directories, and prints the stages with their first and
@@ -18,8 +19,13 @@ from typing import Any
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The report's options."""
     parser.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
+    parser.add_argument("others", nargs="*", metavar="RUN_DIR",
+                        help="more run directories: compare them all on one page")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
     parser.add_argument("--no-html", action="store_true", help="do not write report.html")
+    parser.add_argument("--out", default="compare.html",
+                        help="where the comparison of several runs goes (default: "
+                             "compare.html in the current directory)")  # fmt: skip
 
 
 def _stage_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -91,8 +97,25 @@ def format_report(report: dict[str, Any], run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+def compare(args: argparse.Namespace) -> int:
+    """``distnet report RUN_A RUN_B ...``: each run's summary line, and the comparison page."""
+    from distnet.train.report.compare import write_comparison  # noqa: PLC0415
+
+    dirs = [args.run_dir, *args.others]
+    try:
+        path = write_comparison(dirs, args.out)
+    except (OSError, ValueError) as e:
+        print(f"distnet report: comparison not written: {e}", file=sys.stderr)
+        return 1
+    print(f"comparison of {len(dirs)} runs: {path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Prints the summary; 1 when the directory holds no run."""
+    """Prints the summary; 1 when the directory holds no run. With several run directories,
+    writes their comparison instead (``compare``)."""
+    if getattr(args, "others", None):
+        return compare(args)
     try:
         report = load_report(args.run_dir)
     except FileNotFoundError as e:
