@@ -73,7 +73,7 @@ def invocations(
     STAGE", "interrupted", "stopped ..." or "running or stopped")."""
     runs = info.get("invocations") or ([info] if info else [])
     starts = [_start(r) for r in runs]
-    ends = [*starts[1:], None]
+    ends = [*starts[1:], None][: len(starts)]
     out = []
     for i, (run, start, end) in enumerate(zip(runs, starts, ends, strict=True)):
 
