@@ -129,7 +129,7 @@ def test_a_job_with_validation_records_validation_curves(runs):
     assert np.isfinite(finetune["val_loss"]).all()
 
 
-def test_a_failed_run_shows_the_error_the_rank_and_the_stage(runs, tmp_path):
+def test_a_failed_run_shows_the_error_the_rank_and_the_stage(runs, tmp_path, capsys):
     """A chunk file of the training store goes missing: the run fails in its first stage,
     and its page says so (status, rank, stage, the error's own words)."""
     import shutil
@@ -150,3 +150,6 @@ def test_a_failed_run_shows_the_error_the_rank_and_the_stage(runs, tmp_path):
     assert data_blob["status"] == "failed: rank 0 in pretrain-0"
     assert "Why it stopped" in page and "chunk file is missing" in page
     assert "unfinished" not in data_blob["status"]
+    capsys.readouterr()
+    assert cli.main(["report", str(out), "--no-html"]) == 0
+    assert "failed: rank 0 in pretrain-0: DatasetError: " in capsys.readouterr().out

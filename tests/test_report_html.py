@@ -101,6 +101,8 @@ def test_every_image_decodes_and_the_page_shows_every_section(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
     assert f"{report['test_accuracy']:.2%}" in text
     assert data["info"]["workers"] == 2 and data["info"]["engine"] == "MPICommunicator"
+    assert "<td>engine</td><td>MPI</td>" in text and "<td>strategy</td><td>allreduce</td>" in text
+    assert "MPICommunicator" not in text.split('id="distnet-report-data"')[0]  # names, not classes
 
 
 def test_curves_match_the_metrics_files_and_the_stage_histories(run_dir):
@@ -289,7 +291,10 @@ def test_page_loads_in_chromium_with_every_image_shown_and_no_errors(run_dir, tm
     assert result["shown"] == result["images"]
     console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln and "checked.html" in ln]
     assert console == []
-    shot = tmp_path / "page.png"
-    subprocess.run([*flags, "--window-size=1200,3000", f"--screenshot={shot}", checked.as_uri()],
-                   capture_output=True, timeout=120, env=env, check=True)  # fmt: skip
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from screenshots import page_height, screenshot
+
+    sizes = page_height(run_dir / "report.html", tmp_path, 1200)
+    assert sizes["height"] - sizes["body"] <= 40, sizes  # no blank tail below the content
+    pixels = screenshot(run_dir / "report.html", tmp_path / "page.png", tmp_path)
+    assert pixels.shape[0] == sizes["height"]  # the whole page, as tall as it is
+    assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distnet.train.report import plots
+from distnet.train.report import history, plots
 from distnet.train.report.page import CSS, _img, _table
 from distnet.train.report.rundata import gather
 
@@ -63,7 +63,7 @@ def results(run: dict[str, Any]) -> dict[str, Any]:
             "val_accuracy": _last(supervised, "val_accuracy"),
             "epochs": len((supervised or {}).get("epoch") or []),
             "seconds": run["total_seconds"], "workers": run["info"].get("workers"),
-            "engine": run["info"].get("engine")}  # fmt: skip
+            "engine": history.engine_name(run["info"].get("engine"))}  # fmt: skip
 
 
 def compare_figure(runs: list[dict[str, Any]], labels: list[str]) -> Any:
@@ -152,6 +152,7 @@ def render_comparison(runs: list[dict[str, Any]], labels: list[str]) -> str:
         ["total time", *("-" if o["seconds"] is None else f"{o['seconds']:.1f} s"
                          for o in outcome)],
         ["workers", *(o["workers"] or "?" for o in outcome)],
+        ["engine", *(o["engine"] for o in outcome)],
     ]  # fmt: skip
     table = _table([], result_rows).replace("<table>", "<table id='results'>", 1)
     head = "<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"

@@ -53,6 +53,15 @@ def first_failure(failures: list[dict[str, Any]]) -> dict[str, Any] | None:
     return (errors or failures or [None])[0]
 
 
+def last_failure(info: dict[str, Any], failures: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The failure that stopped the latest invocation (records of earlier ones, which a
+    resume went on from, do not count); None when it recorded none."""
+    runs = info.get("invocations") or ([info] if info else [])
+    start = _start(runs[-1]) if runs else None
+    mine = [f for f in failures if start is None or float(f.get("time", 0.0)) >= start - 1.0]
+    return first_failure(mine)
+
+
 def _start(invocation: dict[str, Any]) -> float | None:
     if invocation.get("started_t") is not None:
         return float(invocation["started_t"])

@@ -100,10 +100,10 @@ def _job_section(data: dict[str, Any]) -> str:
 
 
 def _trained(stage: dict[str, Any]) -> str:
-    """Each run's part of a stage (``trained.json``), e.g. "0-2: MPICommunicator × 2; 2-4: ..."."""
+    """Each run's part of a stage (``trained.json``), e.g. "0-2: MPI × 2; 2-4: Ray × 3"."""
     segments = (stage.get("trained") or {}).get("segments", [])
     return "; ".join(f"{seg.get('from_epoch')}-{seg.get('to_epoch', '?')}: "
-                     f"{seg.get('engine', '?')} × {seg.get('workers', '?')}"
+                     f"{history.engine_name(seg.get('engine', '?'))} × {seg.get('workers', '?')}"
                      for seg in segments) or "-"  # fmt: skip
 
 

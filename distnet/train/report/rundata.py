@@ -179,7 +179,7 @@ def gather(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     records = metrics.get(0) or next(iter(metrics.values()), [])
     failures = history.read_failures(run_dir)
     runs = history.invocations(info, records, failures, report)
-    failure = history.first_failure(failures) if report.get("unfinished") else None
+    failure = history.last_failure(info, failures) if report.get("unfinished") else None
     return {
         "run_dir": str(run_dir), "status": _status(run_dir, report, failure), "info": info,
         "failure": failure, "failures": failures, "invocations": runs,

@@ -60,12 +60,27 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
     return {"stages": _stage_rows(run_dir), "unfinished": True}
 
 
+def _failure(run_dir: Path) -> dict[str, Any] | None:
+    """What stopped the run's latest invocation (``history.last_failure``), or None."""
+    from distnet.train.report import history  # noqa: PLC0415
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    return history.last_failure(info, history.read_failures(run_dir))
+
+
 def format_report(report: dict[str, Any], run_dir: str | Path) -> str:
     """Human-readable lines: stages, losses, accuracy, pictures."""
     lines = [
         f"run {run_dir}"
         + ("  (unfinished: no report.json yet)" if report.get("unfinished") else "")
     ]  # noqa: E501
+    failure = _failure(Path(run_dir)) if report.get("unfinished") else None
+    if failure:
+        lines.append(f"failed: rank {failure['rank']} in {failure.get('stage') or 'set-up'}: "
+                     f"{failure.get('error')}")  # fmt: skip
     config = report.get("config")
     if config:
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
