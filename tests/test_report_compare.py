@@ -74,7 +74,7 @@ def test_compare_two_runs_overlays_curves_and_highlights_the_one_setting_that_di
         finetune = next(c for c in curves if c["stage"] == "finetune")
         assert len(finetune["val_loss"]) == len(finetune["val_accuracy"]) == 3
         assert result["val_accuracy"] == pytest.approx(finetune["val_accuracy"][-1])
-        assert finetune["lr"] == pytest.approx([result and report["job"]["finetune"]["lr"]] * 3)
+        assert finetune["lr"] == pytest.approx([report["job"]["finetune"]["lr"]] * 3)
         assert f"{report['test_accuracy']:.2%}" in text
     src = re.search(r'<img src="data:image/png;base64,([^"]+)" alt="curves of every run"', text)
     pixels = image.imread(io.BytesIO(base64.b64decode(src.group(1))), format="png")

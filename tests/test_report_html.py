@@ -123,6 +123,11 @@ def test_curves_match_the_metrics_files_and_the_stage_histories(run_dir):
         report["stages"][2]["history"]["accuracy"]
     )
     assert [c["layer"] for c in data["curves"][:2]] == [0, 1]
+    # the demo holds out 10% of the training digits: validation of both ranks' shares
+    assert len(curves["finetune"]["val_loss"]) == len(curves["finetune"]["val_accuracy"]) == 3
+    assert curves["finetune"]["val_loss"] == pytest.approx(
+        report["stages"][2]["history"]["val_loss"]
+    )
 
 
 def test_confusion_matrix_sums_to_the_test_set_and_matches_accuracy(run_dir):
