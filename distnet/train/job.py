@@ -612,6 +612,7 @@ def run(args: argparse.Namespace) -> int:
         # are named by key only: say which file
         where = "" if str(args.job) in str(e) or not isinstance(e, JobError) else f"{args.job}: "
         print(f"distnet train: {where}{e}", file=sys.stderr)
+        lifetime.abort_failed_rank(2, f"{type(e).__name__}: {e}")  # peers may wait for it
         return 2
     except KeyboardInterrupt:
         where = f"; checkpoints in {job['run']['out']}" if "job" in locals() else ""

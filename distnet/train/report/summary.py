@@ -18,7 +18,7 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The report's options."""
-    parser.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (e.g. runs/demo)")
     parser.add_argument("others", nargs="*", metavar="RUN_DIR",
                         help="more run directories: compare them all on one page")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
