@@ -42,6 +42,7 @@ figcaption{font-size:.85em;color:#555}
 
 img{max-width:100%;image-rendering:pixelated}
 .status{padding:.2em .5em;background:#eef;border-radius:4px}
+.status.failed{background:#fde2e1}
 pre{background:#f7f7f7;padding:.5em;overflow-x:auto;font-size:.85em}
 """
 
@@ -188,7 +189,8 @@ def _stall_section(data: dict[str, Any]) -> str:
 def render(data: dict[str, Any], events: list[dict[str, Any]]) -> str:
     """The page (a str of HTML) for gathered data and trace events."""
     parts = [f"<h1>distnet run {html.escape(data['run_dir'])}</h1>",
-             f'<p><span class="status" id="run-status">{html.escape(data["status"])}</span> '
+             f'<p><span class="status{" failed" if data.get("failure") else ""}" '
+             f'id="run-status">{html.escape(data["status"])}</span> '
              f"<span class='note'>report written {time.strftime('%Y-%m-%d %H:%M:%S')}</span></p>",
              _job_section(data), _failure_section(data), _stall_section(data),
              _stages_section(data), "<h2>Loss curves</h2>",
