@@ -117,21 +117,33 @@ def _run_labels(run_dirs: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
 
 
+def _settings_tables(rows: list[dict[str, Any]], header: list[str]) -> str:
+    """The settings that differ (highlighted), then those the same in every run (folded)."""
+    head = "<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"
+
+    def table(id_: str, chosen: list[dict[str, Any]]) -> str:
+        body = "".join(
+            f"<tr class='{'differs' if r['differs'] else 'same'}'><td>{html.escape(r['key'])}"
+            "</td>" + "".join(f"<td>{html.escape(json.dumps(v))}</td>" for v in r["values"])
+            + "</tr>"
+            for r in chosen
+        )  # fmt: skip
+        return f"<table id='{id_}'>{head}{body}</table>"
+
+    differ = [r for r in rows if r["differs"]]
+    same = [r for r in rows if not r["differs"]]
+    return ((table("settings", differ) if differ else "")
+            + f"<details><summary>{len(same)} setting(s) the same in every run</summary>"
+            + table("settings-same", same) + "</details>")  # fmt: skip
+
+
 def render_comparison(runs: list[dict[str, Any]], labels: list[str]) -> str:
     """The comparison page (a str of HTML) for gathered runs."""
     swatch = '<span style="color:{}">&#9632;</span> '
     header = ["", *(swatch.format(RUN_COLORS[i % len(RUN_COLORS)]) + html.escape(label)
                     for i, label in enumerate(labels))]  # fmt: skip
     rows = settings_rows(runs)
-    body = "".join(
-        f"<tr class='{'differs' if r['differs'] else 'same'}'><td>{html.escape(r['key'])}</td>"
-        + "".join(f"<td>{html.escape(json.dumps(v))}</td>" for v in r["values"])
-        + "</tr>"
-        for r in rows
-    )
-    settings = (
-        f"<table id='settings'><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{body}</table>"
-    )
+    settings = _settings_tables(rows, header)
     outcome = [results(r) for r in runs]
 
     def pct(v: float | None) -> str:
@@ -169,9 +181,9 @@ def render_comparison(runs: list[dict[str, Any]], labels: list[str]) -> str:
             f"{time.strftime('%Y-%m-%d %H:%M:%S')}; each run's own page is its report.html</p>"
             "<h2>Results</h2>" + table + "<h2>Curves</h2>"
             + _img(figure, "curves of every run", "colour: run; solid: training, dashed: "
-                   "validation; under each stage: its learning rate")
-            + f"<h2>Settings</h2><p class='note'>{n_diff} setting(s) differ (highlighted, "
-            "first)</p>" + settings
+                   "validation; under each stage: its learning rate; where runs coincide the last "
+                   "one drawn hides the others")
+            + f"<h2>Settings</h2><p class='note'>{n_diff} setting(s) differ</p>" + settings
             + f'<script type="application/json" id="distnet-compare-data">{blob}</script>'
             "</body></html>")  # fmt: skip
 
