@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("distnet.data.commands", "convert data sets into Zarr stores and inspect them"),
     "launch": ("distnet.parallel.launcher", "start N ranks with mpiexec (like horovodrun)"),
     "bench": ("distnet.bench", "benchmarks: core loader allreduce trace ps network e2e elastic"),
-    "report": ("distnet.train.report", "summarise a run directory"),
+    "report": ("distnet.train.report", "summarise a run directory, or compare several"),
     "matrix": ("distnet.train.conformance", "list the conformance matrix and what is refused"),
 }
 

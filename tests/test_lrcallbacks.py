@@ -72,3 +72,46 @@ def test_bad_schedule_keys_name_the_key(tmp_path, text, message):
     with pytest.raises(JobError, match=None) as e:
         job(tmp_path, "[finetune]\n" + text)
     assert message in str(e.value), str(e.value)
+
+
+def _never_improves(callback, epochs: int) -> list[float]:
+    """The lr of each epoch of a fit in which no epoch counts as an improvement of the loss
+    (min_delta far above any change), so the plateau schedule cuts whenever it may."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)), rng.integers(0, 3, 40)
+    model = nn.Sequential(nn.Dense(4, 3))
+    callback.min_delta = 1e9
+    opt = SGD(model, lr=0.3)
+    history = fit(model, x, y, epochs=epochs, batch_size=20, optimizer=opt, callbacks=[callback])
+    return history["lr"]
+
+
+@pytest.mark.parametrize("text,floor", [("lr = 0.3", 0.3e-3), ("lr = 0.3\nlr_min = 0.01", 0.01)])
+def test_plateau_schedule_stops_at_its_floor(tmp_path, text, floor):
+    """Without lr_min the plateau floor is lr / 1000; with it, lr_min. Cuts by 0.3 every
+    epoch would pass either within 8 epochs; the rate stays at the floor after that."""
+    ft = job(tmp_path, "[finetune]\nplateau_patience = 0\nplateau_factor = 0.3\n" + text)
+    lrs = _never_improves(finetune_schedule(ft["finetune"]), epochs=15)
+    assert lrs[:3] == pytest.approx([0.3, 0.3, 0.09])  # the first cut after epoch 2
+    assert min(lrs) == pytest.approx(floor, rel=1e-12)
+    assert lrs[-6:] == pytest.approx([floor] * 6, rel=1e-12)
+
+
+def test_optim_reduce_lr_on_plateau_stops_at_min_lr():
+    from distnet.optim.schedules import ReduceLROnPlateau as OptimPlateau
+
+    model = nn.Sequential(nn.Dense(4, 3))
+    opt = SGD(model, lr=0.3)
+    sched = OptimPlateau(opt, factor=0.3, patience=0, min_lr=0.002)
+    lrs = [sched.step(1.0) for _ in range(12)]  # the same loss: never an improvement
+    assert lrs[1] == pytest.approx(0.09) and lrs[-1] == pytest.approx(0.002)
+    assert min(lrs) == pytest.approx(0.002) and lrs[-5:] == pytest.approx([0.002] * 5)
+
+
+def test_lr_min_defaults_per_schedule(tmp_path):
+    from distnet.train.lrcallbacks import floor
+
+    assert floor(job(tmp_path, "[finetune]\nlr = 0.002")["finetune"]) == pytest.approx(2e-6)
+    cos = job(tmp_path, "[finetune]\nschedule = 'cosine'\nlr = 0.002")["finetune"]
+    assert floor(cos) == 0.0
+    assert finetune_schedule(cos).lr_at(cos["epochs"]) == pytest.approx(0.0, abs=1e-15)

@@ -101,6 +101,8 @@ def test_every_image_decodes_and_the_page_shows_every_section(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
     assert f"{report['test_accuracy']:.2%}" in text
     assert data["info"]["workers"] == 2 and data["info"]["engine"] == "MPICommunicator"
+    assert "<td>engine</td><td>MPI</td>" in text and "<td>strategy</td><td>allreduce</td>" in text
+    assert "MPICommunicator" not in text.split('id="distnet-report-data"')[0]  # names, not classes
 
 
 def test_curves_match_the_metrics_files_and_the_stage_histories(run_dir):
@@ -121,6 +123,11 @@ def test_curves_match_the_metrics_files_and_the_stage_histories(run_dir):
         report["stages"][2]["history"]["accuracy"]
     )
     assert [c["layer"] for c in data["curves"][:2]] == [0, 1]
+    # the demo holds out 10% of the training digits: validation of both ranks' shares
+    assert len(curves["finetune"]["val_loss"]) == len(curves["finetune"]["val_accuracy"]) == 3
+    assert curves["finetune"]["val_loss"] == pytest.approx(
+        report["stages"][2]["history"]["val_loss"]
+    )
 
 
 def test_confusion_matrix_sums_to_the_test_set_and_matches_accuracy(run_dir):
@@ -208,7 +215,7 @@ def test_report_of_a_missing_directory_fails_clearly(tmp_path, capsys):
 
 
 def test_staleness_records_become_histograms(run_dir, tmp_path):
-    from distnet.train.report_html import write_html_report
+    from distnet.train.report.page import write_html_report
 
     copy = tmp_path / "ps"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("data", "stages"))
@@ -227,7 +234,7 @@ def test_staleness_records_become_histograms(run_dir, tmp_path):
 def test_a_stalled_run_shows_where_each_rank_was(run_dir, tmp_path):
     """stall.json (what the stall check of distnet.parallel.stall writes) becomes a section
     of the page of a run that did not finish, and of no other."""
-    from distnet.train.report_html import write_html_report
+    from distnet.train.report.page import write_html_report
 
     stacks = ['  File "fit.py", line 1, in fit\n    opt.step()',
               '  File "loader.py", line 2, in <lambda>\n    time.sleep(9)']  # fmt: skip
@@ -289,7 +296,10 @@ def test_page_loads_in_chromium_with_every_image_shown_and_no_errors(run_dir, tm
     assert result["shown"] == result["images"]
     console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln and "checked.html" in ln]
     assert console == []
-    shot = tmp_path / "page.png"
-    subprocess.run([*flags, "--window-size=1200,3000", f"--screenshot={shot}", checked.as_uri()],
-                   capture_output=True, timeout=120, env=env, check=True)  # fmt: skip
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from screenshots import page_height, screenshot
+
+    sizes = page_height(run_dir / "report.html", tmp_path, 1200)
+    assert sizes["height"] - sizes["body"] <= 40, sizes  # no blank tail below the content
+    pixels = screenshot(run_dir / "report.html", tmp_path / "page.png", tmp_path)
+    assert pixels.shape[0] == sizes["height"]  # the whole page, as tall as it is
+    assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -181,7 +181,7 @@ def test_a_failed_job_leaves_a_report_and_its_resume_is_marked(tmp_path, monkeyp
     from distnet.data import convert_digits
     from distnet.train import callbacks
     from distnet.train import job as job_module
-    from distnet.train.report_html import gather
+    from distnet.train.report.page import gather
 
     convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=256)
     spec = tmp_path / "job.toml"
@@ -202,7 +202,8 @@ def test_a_failed_job_leaves_a_report_and_its_resume_is_marked(tmp_path, monkeyp
         job_module.run_job(job_module.load_job(spec), log=lambda line: None, trace=True)
     data, events = gather(tmp_path / "run")
     assert (tmp_path / "run" / "report.html").is_file()  # written by the failing run itself
-    assert data["status"].startswith(("running", "unfinished"))
+    assert data["status"] == "failed: rank 0 in finetune"  # the rank's own failure record
+    assert data["failure"]["error"] == "RuntimeError: the node went away"
     assert [c["stage"] for c in data["curves"]] == ["pretrain-0", "pretrain-1", "finetune"]
     assert [len(c["loss"]) for c in data["curves"]] == [2, 2, 1]
     assert {e["name"] for e in events} >= {"forward", "backward", "checkpoint"}
@@ -213,7 +214,12 @@ def test_a_failed_job_leaves_a_report_and_its_resume_is_marked(tmp_path, monkeyp
     finetune = data["curves"][2]
     assert data["status"] == "finished" and finetune["epoch"] == [1, 2, 3]
     assert finetune["resumed_at"] == [1]  # marked on the curve
-    assert data["resumes"] == [{"stage": "finetune", "epoch": 1}]
+    assert [(r["stage"], r["epoch"]) for r in data["resumes"]] == [("finetune", 1)]
+    assert [r["outcome"] for r in data["invocations"]] == [
+        "failed: rank 0 in finetune",
+        "finished",
+    ]
+    assert data["total_seconds"] == pytest.approx(sum(r["seconds"] for r in data["invocations"]))
     assert (
         "finetune resumed from its checkpoint after epoch 1"
         in (tmp_path / "run" / "report.html").read_text()
@@ -262,7 +268,7 @@ def test_a_long_trace_spills_to_disk_and_comes_back_whole(tmp_path, monkeypatch)
 def test_node_local_run_dirs_still_give_rank_0_every_ranks_records(tmp_path):
     pytest.importorskip("sklearn")
     from distnet.data import convert_digits
-    from distnet.train.report_html import gather
+    from distnet.train.report.page import gather
 
     convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=128)
     (tmp_path / "job.toml").write_text(

@@ -215,14 +215,16 @@ def _torch_schedule(torch: Any, opt: Any, ft: dict[str, Any]) -> Any:
     """The job's fine-tuning schedule in PyTorch (``distnet/train/lrcallbacks.py``): plateau
     of the training loss, cosine decay over the epochs to ``lr_min``, or step cuts; stepped
     once per epoch, as distnet's callbacks set the rate before each epoch."""
+    from distnet.train.lrcallbacks import floor  # noqa: PLC0415
+
     kind = ft.get("schedule", "plateau")
     sched = torch.optim.lr_scheduler
     if kind == "plateau":
         return sched.ReduceLROnPlateau(
-            opt, factor=ft["plateau_factor"], patience=ft["plateau_patience"]
+            opt, factor=ft["plateau_factor"], patience=ft["plateau_patience"], min_lr=floor(ft)
         )
     if kind == "cosine":
-        return sched.CosineAnnealingLR(opt, T_max=ft["epochs"], eta_min=ft.get("lr_min", 0.0))
+        return sched.CosineAnnealingLR(opt, T_max=ft["epochs"], eta_min=floor(ft))
     if kind == "step":
         return sched.StepLR(opt, step_size=ft["step_epochs"], gamma=ft["step_factor"])
     raise ValueError(f"[finetune] schedule: unknown schedule {kind!r}")

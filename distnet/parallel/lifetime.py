@@ -98,6 +98,14 @@ def abort_interrupted_rank(status: int = 128 + signal.SIGINT) -> None:
     was not interrupted (a signal sent to this rank alone), or that is still in a collective
     or in the communicator's set-up, never comes. MPI_Abort ends them all and mpiexec exits;
     the launcher names this rank and exits with ``status``."""
+    abort_failed_rank(status, f"interrupted ({signal_name(status - 128)})")
+
+
+def abort_failed_rank(status: int, what: str) -> None:
+    """Ends the whole MPI job from a rank that handled its own error (said ``what``), with
+    ``status``; returns at once outside an MPI job of two or more ranks. As for an
+    interrupted rank: a rank whose error was caught mid-run must not enter MPI_Finalize while
+    its peers wait for it in a collective (a missing chunk met by one rank hung the job)."""
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
         return
@@ -106,7 +114,7 @@ def abort_interrupted_rank(status: int = 128 + signal.SIGINT) -> None:
         return
     from distnet.parallel.comm import record_failure  # noqa: PLC0415
 
-    record_failure(world.Get_rank(), f"interrupted ({signal_name(status - 128)})", status)
+    record_failure(world.Get_rank(), what, status)
     sys.stdout.flush()
     sys.stderr.flush()
     world.Abort(status)

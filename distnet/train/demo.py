@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100], help="layer widths")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch size")
     parser.add_argument("--corruption", type=float, default=0.1, help="denoising mask fraction")
+    parser.add_argument(
+        "--validation-fraction", type=float, default=0.1,
+        help="share of the training digits held out for validation curves",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--restart", action="store_true", help="discard earlier stages in --out")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -39,7 +43,8 @@ def demo_job(args: argparse.Namespace, data_dir: Path) -> dict[str, dict[str, An
     """The job the demo runs (only the keys that differ from the job defaults)."""
     return {
         "data": {"train": str(data_dir / "train"), "test": str(data_dir / "test"),
-                 "batch_size": args.batch_size},
+                 "batch_size": args.batch_size,
+                 "validation_fraction": args.validation_fraction},
         "model": {"type": "stacked_autoencoder", "hidden": list(args.hidden)},
         "pretrain": {"epochs": args.epochs, "corruption": args.corruption},
         "finetune": {"epochs": args.finetune_epochs},

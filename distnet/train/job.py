@@ -270,6 +270,7 @@ def build_stages(
     rank: int = 0,
     watch: Callable[[Any], list[Callback]] | None = None,
     layer_loader: Callable[[int], Any] | None = None,
+    validation: tuple[Any, Any] | None = None,
 ) -> list:
     """Pretraining stages (stacked autoencoders) and the supervised stage. ``watch(ctx)``
     gives the callbacks that report a stage's progress (default: an ``EpochPrinter``).
@@ -277,7 +278,9 @@ def build_stages(
     the stage iterates (an engine that splits batches unevenly hands it its split).
 
     ``layer_loader(k)`` (collective) may return a loader of layer k's input codes (then
-    closed after the stage), or None to compute them from ``loader`` batch by batch."""
+    closed after the stage), or None to compute them from ``loader`` batch by batch.
+    ``validation``: (x (n, ...), y (n,)), this rank's part of the held-out samples, evaluated
+    after every supervised epoch (``val_loss``, ``val_accuracy``: means over all ranks)."""
     from distnet.optim import Adam  # noqa: PLC0415
     from distnet.train.fit import fit  # noqa: PLC0415
     from distnet.train.lrcallbacks import finetune_schedule  # noqa: PLC0415
@@ -333,6 +336,7 @@ def build_stages(
                 seed=seed + 100,
                 initial_epoch=start,
                 on_nonfinite=job["run"]["on_nonfinite"],
+                validation_data=validation,
                 callbacks=[
                     RankNoise(seed, ctx.index, rank),
                     saver,
@@ -386,6 +390,9 @@ def run_job(
     distributed.stall.set_report_dir(out)  # report.html shows where a stalled job's ranks were
     say = log if rank == 0 else (lambda line: None)
     train = datacheck.check_data(job, size)  # the stores and the batch, before the first step
+    n_val = len(train)
+    train, x_val, y_val = _hold_out(job, train, rank, size)
+    n_val -= len(train)
     global_batch = int(job["data"]["batch_size"])
     backend.seed(job["run"]["seed"])
     n_in = int(np.prod(train.shape[1:]))
@@ -452,6 +459,9 @@ def run_job(
     observe = RunObserver(job, out, comm, device, say, trace, progress)
     if images and x_test is not None:
         x_test = x_test.reshape(len(x_test), *input_shape)
+    validation = None
+    if x_val is not None:
+        validation = (x_val.reshape(len(x_val), *input_shape) if images else flatten(x_val), y_val)
 
     def after_pretraining(k: int) -> None:  # the pretrained filters, before fine-tuning
         if k == 0 and job["run"]["pictures"] and x_test is not None:
@@ -464,7 +474,7 @@ def run_job(
     ) else None  # fmt: skip
     stages = build_stages(
         job, model, loader, wrap, say, after_pretraining, rank,
-        watch=observe.watch, layer_loader=layer_loader,
+        watch=observe.watch, layer_loader=layer_loader, validation=validation,
     )  # fmt: skip
     if rank_setup is not None:  # a failed rank's error names its stage
         from distnet.train.pipeline import Stage  # noqa: PLC0415
@@ -482,7 +492,8 @@ def run_job(
     report: dict[str, Any] = {
         "config": {"model": f"{m['type']} {layout}", "batch_size": global_batch,
                    "seed": job["run"]["seed"],
-                   "train": job["data"]["train"]},
+                   "train": job["data"]["train"],
+                   "validation_samples": n_val},
         "job": job, "workers": size, "engine": type(comm).__name__, "stages": table,
         "input_wait_fraction": loader.stats().get("wait_fraction"),
     }  # fmt: skip
@@ -498,10 +509,32 @@ def run_job(
     report["seconds"] = round(time.perf_counter() - started, 3)
     if rank == 0:
         (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        observe.finished(report["seconds"])
         report["html"] = observe.html()
     comm.barrier()
     report["rank"] = rank
     return report
+
+
+def _hold_out(job: dict, train: Any, rank: int, size: int) -> tuple[Any, Any, Any]:
+    """(the store's training part, this rank's validation x (n, ...) float32 and y (n,), or
+    None, None): ``[data] validation_fraction`` of the store's last samples, rank r taking
+    every size-th from r (``fit`` averages over all ranks)."""
+    from distnet.data.holdout import hold_out, read_range  # noqa: PLC0415
+
+    fraction = job["data"]["validation_fraction"]
+    try:
+        part, held = hold_out(train, fraction)
+    except ValueError as e:
+        raise JobError(f"[data] validation_fraction {fraction}: {e}") from None
+    if not len(held):
+        return train, None, None
+    if job["data"]["batch_size"] > len(part):
+        raise JobError(f"[data] batch_size {job['data']['batch_size']} is larger than the "
+                       f"{len(part)} samples left to train on after validation_fraction "
+                       f"{fraction} of {train.path}")  # fmt: skip
+    x_val, y_val = read_range(train, held)
+    return part, x_val[rank::size], y_val[rank::size]
 
 
 def _codes_loaders(job: dict, model: Any, train: Any, loader: Any, comm: Any, out: Path) -> Any:
@@ -613,6 +646,7 @@ def _run(args: argparse.Namespace, console: contextlib.ExitStack) -> int:
         # are named by key only: say which file
         where = "" if str(args.job) in str(e) or not isinstance(e, JobError) else f"{args.job}: "
         print(f"distnet train: {where}{e}", file=sys.stderr)
+        lifetime.abort_failed_rank(2, f"{type(e).__name__}: {e}")  # peers may wait for it
         return 2
     except KeyboardInterrupt:
         where = f"; checkpoints in {job['run']['out']}" if "job" in locals() else ""

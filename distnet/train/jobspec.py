@@ -53,6 +53,12 @@ class DataSpec(Section):
     test: str | None = _field(None, "the path or URL of a distnet store")
     batch_size: int = _field(32, "a positive integer (the global batch over all ranks)", gt=0)
     shuffle_chunks: int = _field(4, "a positive integer (chunks in the shuffle window)", gt=0)
+    # held out of the training store (its last samples, distnet/data/holdout.py): the loss
+    # and accuracy on them after every fine-tuning epoch are the report's validation curves
+    validation_fraction: float = _field(
+        0.0, "a number in [0, 0.5] (the share of the training store held out for validation)",
+        ge=0.0, le=0.5,
+    )  # fmt: skip
 
 
 class ModelSpec(Section):
@@ -125,7 +131,14 @@ class FinetuneSpec(Section):
     schedule: Literal["plateau", "cosine", "step"] = _field(
         "plateau", "one of 'plateau', 'cosine', 'step'"
     )
-    lr_min: float = _field(0.0, "a number >= 0 (the cosine schedule's floor)", ge=0.0)
+    # the lowest rate a schedule goes to; absent: 0 for cosine and step, lr * PLATEAU_FLOOR
+    # for plateau (13 cuts by 0.3 took digits' rate to 4.8e-10 without one)
+    lr_min: float | None = _field(
+        None,
+        "a number >= 0 (the lowest learning rate: cosine decays to it, plateau and step cuts "
+        "stop at it; absent: 0, or lr / 1000 for plateau)",
+        ge=0.0,
+    )
     step_epochs: int = _field(5, "a positive integer (epochs between step cuts)", gt=0)
     step_factor: float = _field(0.1, "a number in (0, 1)", gt=0.0, lt=1.0)
 

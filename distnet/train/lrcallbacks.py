@@ -42,18 +42,32 @@ class _Fixed:
         self.eta_min, self.gamma = float(value), float(value)
 
 
+PLATEAU_FLOOR = 1e-3
+"""The plateau schedule's floor, as a fraction of the starting rate, when no lr_min is given."""
+
+
+def floor(ft: dict[str, Any]) -> float:
+    """The lowest rate of a job's ``[finetune]`` schedule: ``lr_min``, else 0 (cosine, step)
+    or ``lr * PLATEAU_FLOOR`` (plateau)."""
+    if ft.get("lr_min") is not None:
+        return float(ft["lr_min"])
+    return float(ft["lr"]) * PLATEAU_FLOOR if ft.get("schedule", "plateau") == "plateau" else 0.0
+
+
 def finetune_schedule(ft: dict[str, Any]) -> Callback:
     """The callback for a job's ``[finetune]`` section: ``schedule`` = 'plateau' (lr times
     ``plateau_factor`` after ``plateau_patience`` epochs without a lower training loss),
-    'cosine' (over ``epochs``, down to ``lr_min``) or 'step' (times ``step_factor`` every
-    ``step_epochs``)."""
+    'cosine' (over ``epochs``) or 'step' (times ``step_factor`` every ``step_epochs``);
+    none goes below ``floor(ft)``."""
     kind = ft.get("schedule", "plateau")
+    lr_min = floor(ft)
     if kind == "plateau":
         return ReduceLROnPlateau(
-            "loss", factor=ft["plateau_factor"], patience=ft["plateau_patience"]
+            "loss", factor=ft["plateau_factor"], patience=ft["plateau_patience"], min_lr=lr_min
         )
     if kind == "cosine":
-        return LearningRateScheduler(cosine(ft["lr"], ft["epochs"], ft["lr_min"]))
+        return LearningRateScheduler(cosine(ft["lr"], ft["epochs"], lr_min))
     if kind == "step":
-        return LearningRateScheduler(step(ft["lr"], ft["step_epochs"], ft["step_factor"]))
+        cut = step(ft["lr"], ft["step_epochs"], ft["step_factor"])
+        return LearningRateScheduler(lambda epoch: max(cut(epoch), lr_min))
     raise ValueError(f"[finetune] schedule: unknown schedule {kind!r}")

@@ -197,3 +197,26 @@ def write_run_info(run_dir: str | Path, info: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(info, indent=1, default=str))
     tmp.replace(path)
     return path
+
+
+def write_failure(run_dir: str | Path, rank: int, stage: str | None, error: BaseException) -> None:
+    """``run_dir/failures/rank-K.json``: why rank K stopped (``error``: type and message, the
+    last frames of its traceback), in which stage (None: before the first), and when (Unix
+    seconds), for the report of a failed run. Never raises: it must not hide the error."""
+    import traceback  # noqa: PLC0415
+
+    interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
+    record = {
+        "rank": int(rank), "stage": stage, "time": round(time.time(), 3),
+        "error": f"{type(error).__name__}: {error}".strip().rstrip(":"),
+        "interrupted": interrupted,
+        "traceback": "".join(traceback.format_exception(error)[-6:])[-3000:],
+    }  # fmt: skip
+    path = Path(run_dir) / "failures" / f"rank-{int(rank)}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        tmp.replace(path)
+    except OSError:
+        pass

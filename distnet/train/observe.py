@@ -44,6 +44,7 @@ class RunObserver:
         self.job, self.out, self.comm, self.say = job, Path(out), comm, say
         self.rank, self.size = comm.rank, comm.size
         self.progress = progress
+        self.stage: str | None = None  # the stage running (named in a failure record)
         self.tracing = tracing or trace.enabled()
         if self.tracing:  # into the run directory, also when DISTNET_TRACE started it elsewhere
             trace.start(self.out / "trace", self.rank)
@@ -54,6 +55,7 @@ class RunObserver:
                 "strategy": job.get("dist", {}).get("strategy", "allreduce"),
                 "devices": devices, "trace": self.tracing,
                 "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "started_t": round(time.time(), 3),
             }  # fmt: skip
             write_run_info(self.out, {**info, "invocations": self._invocations(info)})
 
@@ -67,9 +69,26 @@ class RunObserver:
             earlier = json.loads((self.out / "run.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             earlier = {}
-        keys = ("argv", "engine", "workers", "strategy", "devices", "started")
+        keys = ("argv", "engine", "workers", "strategy", "devices", "started", "started_t",
+                "finished_t", "seconds")  # fmt: skip
         runs = earlier.get("invocations") or ([earlier] if earlier else [])
         return [{k: run.get(k) for k in keys} for run in [*runs, info]]
+
+    def finished(self, seconds: float) -> None:
+        """Rank 0: notes in ``run.json`` that this invocation finished, after ``seconds``."""
+        import json  # noqa: PLC0415
+
+        from distnet.train.metrics import write_run_info  # noqa: PLC0415
+
+        if self.rank != 0:
+            return
+        try:
+            info = json.loads((self.out / "run.json").read_text())
+        except (OSError, ValueError):
+            return
+        if info.get("invocations"):
+            info["invocations"][-1].update(finished_t=round(time.time(), 3), seconds=seconds)
+        write_run_info(self.out, info)
 
     def _devices(self, device: str) -> list[str]:
         gather = getattr(self.comm, "allgather", None)
@@ -80,6 +99,7 @@ class RunObserver:
         from distnet.train.metrics import MetricsLogger  # noqa: PLC0415
         from distnet.train.progress import StageProgress  # noqa: PLC0415
 
+        self.stage = ctx.name
         callbacks: list[Callback] = [MetricsLogger(self.out, self.rank, ctx.name)]
         if self.rank == 0:
             every = int(self.job["run"].get("log_every", 5))
@@ -90,13 +110,13 @@ class RunObserver:
 
     def layer_pictures(self, model: Any, k: int, x: np.ndarray) -> str | None:
         """``reconstructions-layer<k>.png``: layer k's inputs beside its reconstructions."""
-        from distnet.train.report_plots import draw_layer_reconstructions  # noqa: PLC0415
+        from distnet.train.report.plots import draw_layer_reconstructions  # noqa: PLC0415
 
         return draw_layer_reconstructions(model, k, x, self.out)
 
     def confusion(self, net: Any, x: np.ndarray, y: np.ndarray, n_classes: int) -> list:
         """The test set's confusion matrix, rows = true class, columns = predicted."""
-        from distnet.train.report_plots import confusion_matrix  # noqa: PLC0415
+        from distnet.train.report.plots import confusion_matrix  # noqa: PLC0415
 
         scores = np.asarray(net.predict(x))
         return confusion_matrix(y, scores.argmax(axis=1), int(n_classes)).tolist()
@@ -106,12 +126,15 @@ class RunObserver:
         cannot see (node-local run directories) and merges the trace.
 
         On an exception (called from a ``finally``) no collective is entered (other ranks
-        may be gone): rank 0 writes ``report.html`` of what the run had, merging the rank
-        files written so far."""
+        may be gone): each rank records it (``failures/rank-K.json``, with the stage), and
+        rank 0 writes ``report.html`` of what the run had, merging the rank files so far."""
         failed = sys.exc_info()[0] is not None
         if self.tracing:
             trace.stop()
         if failed:
+            from distnet.train.metrics import write_failure  # noqa: PLC0415
+
+            write_failure(self.out, self.rank, self.stage, sys.exc_info()[1])
             if self.rank == 0:
                 self.html()
             return
@@ -152,7 +175,7 @@ class RunObserver:
 
     def html(self) -> str | None:
         """Writes ``report.html`` (rank 0); its path, or None when it could not be drawn."""
-        from distnet.train.report_html import write_html_report  # noqa: PLC0415
+        from distnet.train.report.page import write_html_report  # noqa: PLC0415
 
         try:
             return str(write_html_report(self.out))

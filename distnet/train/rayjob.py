@@ -68,7 +68,7 @@ def run_rank(
         path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
         path.with_suffix(".tmp").replace(path)
         if setup.ps_stats:  # the page shows the servers' staleness histograms too
-            from distnet.train.report_html import write_html_report  # noqa: PLC0415
+            from distnet.train.report.page import write_html_report  # noqa: PLC0415
 
             write_html_report(path.parent)
     return report

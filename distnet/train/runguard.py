@@ -35,6 +35,7 @@ from typing import Any
 
 from distnet.train.checkpoint import is_complete, read_manifest
 from distnet.train.jobspec import JobError
+from distnet.train.lrcallbacks import floor
 
 RECORD = "trained.json"
 # what a run writes first in its run directory: --restart empties only a directory holding one
@@ -61,6 +62,7 @@ def stage_plan(job: dict[str, Any], name: str) -> tuple[dict[str, Any], int]:
     settings: dict[str, Any] = {
         "data.train": _where(d["train"]), "data.batch_size": d["batch_size"],
         "data.shuffle_chunks": d["shuffle_chunks"], "run.seed": job["run"]["seed"],
+        "data.validation_fraction": d["validation_fraction"],
         "model.type": m["type"],
     }  # fmt: skip
     if m["type"] == "cnn":
@@ -79,9 +81,10 @@ def stage_plan(job: dict[str, Any], name: str) -> tuple[dict[str, Any], int]:
         return settings, int(_layer(pre["epochs"], k))
     keys = ["optimizer", "lr", "weight_decay", "schedule"]
     keys += ["momentum"] if ft["optimizer"] == "sgd" else []
-    keys += {"plateau": ["plateau_patience", "plateau_factor"], "cosine": ["lr_min"],
+    keys += {"plateau": ["plateau_patience", "plateau_factor"], "cosine": [],
              "step": ["step_epochs", "step_factor"]}[ft["schedule"]]  # fmt: skip
     settings.update({f"finetune.{key}": ft[key] for key in keys})
+    settings["finetune.lr_min"] = floor(ft)  # what the schedule used (absent: its default)
     return settings, int(ft["epochs"])
 
 

@@ -1,6 +1,6 @@
 """The report's pictures, drawn with matplotlib's Agg backend into PNG bytes.
 
-Each ``plot_*`` takes plain data (lists and dicts, as gathered by ``report_html``) and
+Each ``plot_*`` takes plain data (lists and dicts, as gathered by ``page``) and
 returns PNG bytes; nothing here reads files, so each picture can be tested on its own.
 """
 
@@ -44,75 +44,105 @@ def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
     return out
 
 
-def _changes(values: list[Any]) -> list[int]:
-    """Indices i > 0 where values[i] differs from values[i - 1] (None and NaN ignored)."""
-    out = []
-    for i in range(1, len(values)):
-        a, b = values[i - 1], values[i]
-        if a is None or b is None or a != a or b != b:
-            continue
-        if not np.isclose(a, b, rtol=1e-9, atol=0.0):
-            out.append(i)
-    return out
+LEGEND_BELOW = {"loc": "upper center", "fontsize": 8, "ncol": 4, "frameon": False}
+"""Legends go under their axes (outside them), so they never cover a curve."""
 
 
-def _mark_epochs(ax: Any, curve: dict[str, Any]) -> None:
-    epochs, lrs = curve["epoch"], curve.get("lr", [])
-    for i in _changes(lrs):
-        ax.axvline(epochs[i] - 0.5, color="0.5", linestyle=":", linewidth=1)
-        ax.annotate(f"lr {lrs[i]:.2g}", (epochs[i] - 0.5, 0.3), xycoords=("data", "axes fraction"),
-                    fontsize=7, rotation=90, va="bottom", ha="right", color="0.35")  # fmt: skip
+def lr_steps(ax: Any, curve: dict[str, Any], label: str | None = None, **style: Any) -> None:
+    """The learning rate of each epoch as one step curve."""
+    lrs = [v for v in curve.get("lr", []) if v is not None and v == v]
+    if lrs:
+        ax.step(curve["epoch"][: len(lrs)], lrs, where="mid", linewidth=1.2, label=label, **style)
+
+
+def style_lr_axis(ax: Any) -> None:
+    """A small learning-rate axis: log scale when the rates span more than a decade, a few
+    plain ticks otherwise (one for a constant rate), integer epochs."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter  # noqa: PLC0415
+
+    lrs = [float(v) for line in ax.get_lines() for v in line.get_ydata() if v == v]
+    ax.set_ylabel("lr", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not lrs:
+        return
+    low, high = min(lrs), max(lrs)
+    if low > 0 and high / low > 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    elif high == low:
+        ax.yaxis.set_major_locator(FixedLocator([low]))
+        if low > 0:
+            ax.set_ylim(low * 0.5, low * 1.5)
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(3))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+
+
+def _mark_resumes(ax: Any, curve: dict[str, Any]) -> None:
     for epoch in curve.get("resumed_at", []):
         ax.axvline(epoch + 0.5, color="#c44e52", linestyle="--", linewidth=1)
-        ax.annotate("resumed", (epoch + 0.5, 0.3), xycoords=("data", "axes fraction"),
-                    fontsize=7, rotation=90, va="bottom", ha="left", color="#c44e52")  # fmt: skip
 
 
-def plot_curves(curves: list[dict[str, Any]]) -> bytes:
-    """Loss curves: one panel for all pretraining stages (reconstruction loss per layer),
-    one per other stage (loss, validation loss, accuracy on a second axis). ``curves``:
-    ``{"stage", "kind", "epoch": [1-based], "loss": [...], "lr": [...], "accuracy"?,
-    "val_loss"?, "val_accuracy"?, "resumed_at": [epochs]}``."""
+def curves_figure(curves: list[dict[str, Any]]) -> Any:
+    """The figure of ``plot_curves`` (for tests that inspect where things were drawn)."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
-
     pre = [c for c in curves if c["kind"] == "pretrain"]
     rest = [c for c in curves if c["kind"] != "pretrain"]
     panels = ([pre] if pre else []) + [[c] for c in rest]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 3.6))
-    axes = np.atleast_1d(axes)
-    for ax, group in zip(axes, panels, strict=False):
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(2, n, figsize=(5.2 * n, 4.6), squeeze=False, sharex="col",
+                             gridspec_kw={"height_ratios": [3.2, 1], "hspace": 0.08})  # fmt: skip
+    for col, group in enumerate(panels):
+        ax, lr_ax = axes[0][col], axes[1][col]
+        handles: list[Any] = []
         if group[0]["kind"] == "pretrain":
             for c in group:
-                ax.plot(
-                    c["epoch"], c["loss"], marker=".", label=f"{c['stage']} (layer {c['layer']})"
-                )
-                _mark_epochs(ax, c)
+                handles += ax.plot(c["epoch"], c["loss"], marker=".",
+                                   label=f"{c['stage']} (layer {c['layer']})")  # fmt: skip
+                lr_steps(lr_ax, c, f"layer {c['layer']}")
+                _mark_resumes(ax, c)
             ax.set_title("pretraining: reconstruction loss per layer")
         else:
             c = group[0]
-            ax.plot(c["epoch"], c["loss"], marker=".", label="loss", color="#4c72b0")
+            handles += ax.plot(c["epoch"], c["loss"], marker=".", label="loss", color="#4c72b0")
             if c.get("val_loss"):
-                ax.plot(c["epoch"], c["val_loss"], marker=".", label="val loss", color="#55a868")
-            _mark_epochs(ax, c)
+                handles += ax.plot(c["epoch"], c["val_loss"], marker=".", label="validation loss",
+                                   color="#55a868")  # fmt: skip
+            lr_steps(lr_ax, c)
+            _mark_resumes(ax, c)
             ax.set_title(f"{c['stage']}: loss and accuracy")
             accs = [(k, c[k]) for k in ("accuracy", "val_accuracy") if c.get(k)]
             if accs:
                 ax2 = ax.twinx()
                 for (k, v), color in zip(accs, ("#dd8452", "#c44e52"), strict=False):
-                    ax2.plot(c["epoch"], v, linestyle="--", label=k.replace("_", " "), color=color)
+                    label = "validation accuracy" if k == "val_accuracy" else "accuracy"
+                    handles += ax2.plot(c["epoch"], v, linestyle="--", label=label, color=color)
                 ax2.set_ylabel("accuracy")
-                ax2.legend(loc="center right", fontsize=8)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("loss")
-        ax.legend(loc="best" if group[0]["kind"] == "pretrain" else "upper center", fontsize=8)
         ax.grid(alpha=0.3)
+        ax.tick_params(labelbottom=False)
+        style_lr_axis(lr_ax)
+        if any(c.get("resumed_at") for c in group):
+            handles.append(plt.Line2D([], [], color="#c44e52", linestyle="--", label="resumed"))
+        lr_ax.legend(handles=handles, bbox_to_anchor=(0.5, -0.55), **LEGEND_BELOW)
     if not panels:
-        axes[0].text(0.5, 0.5, "no epochs recorded yet", ha="center", va="center")
-        axes[0].set_axis_off()
-    fig.tight_layout()
-    return png_bytes(fig)
+        axes[0][0].text(0.5, 0.5, "no epochs recorded yet", ha="center", va="center")
+        for ax in axes[:, 0]:
+            ax.set_axis_off()
+    fig.subplots_adjust(wspace=0.35)
+    return fig
+
+
+def plot_curves(curves: list[dict[str, Any]]) -> bytes:
+    """Loss curves: one panel for all pretraining stages (reconstruction loss per layer),
+    one per other stage (loss, validation loss, accuracy and validation accuracy on a
+    second axis), each over a small axis with the learning rate as a step curve; legends
+    under the axes. ``curves``: ``{"stage", "kind", "epoch": [1-based], "loss": [...],
+    "lr": [...], "accuracy"?, "val_loss"?, "val_accuracy"?, "resumed_at": [epochs]}``."""
+    return png_bytes(curves_figure(curves))
 
 
 def plot_confusion(matrix: list[list[int]]) -> bytes:
@@ -156,7 +186,7 @@ def plot_workers(rows: list[dict[str, Any]]) -> bytes:
     ax2.set_xlim(0, 1)
     ax2.set_xlabel("share of step time")
     ax2.set_title("where the time went")
-    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     return png_bytes(fig)
 

@@ -1,5 +1,6 @@
 """``distnet report RUN_DIR``: a summary of a run directory, and ``RUN_DIR/report.html``
-(``distnet.train.report_html``; also for a run still going or one that failed).
+(``distnet.train.report.page``; also for a run still going or one that failed).
+``distnet report RUN_A RUN_B ...``: one page comparing the runs (``compare``).
 
 Reads ``report.json`` (written at the end of a run) or, for a run still going or cut off,
 ``pipeline.json`` and the stage directories, and prints the stages with their first and
@@ -17,9 +18,14 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The report's options."""
-    parser.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (e.g. runs/demo)")
+    parser.add_argument("others", nargs="*", metavar="RUN_DIR",
+                        help="more run directories: compare them all on one page")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
     parser.add_argument("--no-html", action="store_true", help="do not write report.html")
+    parser.add_argument("--out", default="compare.html",
+                        help="where the comparison of several runs goes (default: "
+                             "compare.html in the current directory)")  # fmt: skip
 
 
 def _stage_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -54,12 +60,27 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
     return {"stages": _stage_rows(run_dir), "unfinished": True}
 
 
+def _failure(run_dir: Path) -> dict[str, Any] | None:
+    """What stopped the run's latest invocation (``history.last_failure``), or None."""
+    from distnet.train.report import history  # noqa: PLC0415
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    return history.last_failure(info, history.read_failures(run_dir))
+
+
 def format_report(report: dict[str, Any], run_dir: str | Path) -> str:
     """Human-readable lines: stages, losses, accuracy, pictures."""
     lines = [
         f"run {run_dir}"
         + ("  (unfinished: no report.json yet)" if report.get("unfinished") else "")
     ]  # noqa: E501
+    failure = _failure(Path(run_dir)) if report.get("unfinished") else None
+    if failure:
+        lines.append(f"failed: rank {failure['rank']} in {failure.get('stage') or 'set-up'}: "
+                     f"{failure.get('error')}")  # fmt: skip
     config = report.get("config")
     if config:
         lines.append("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
@@ -91,8 +112,25 @@ def format_report(report: dict[str, Any], run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+def compare(args: argparse.Namespace) -> int:
+    """``distnet report RUN_A RUN_B ...``: each run's summary line, and the comparison page."""
+    from distnet.train.report.compare import write_comparison  # noqa: PLC0415
+
+    dirs = [args.run_dir, *args.others]
+    try:
+        path = write_comparison(dirs, args.out)
+    except (OSError, ValueError) as e:
+        print(f"distnet report: comparison not written: {e}", file=sys.stderr)
+        return 1
+    print(f"comparison of {len(dirs)} runs: {path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Prints the summary; 1 when the directory holds no run."""
+    """Prints the summary; 1 when the directory holds no run. With several run directories,
+    writes their comparison instead (``compare``)."""
+    if getattr(args, "others", None):
+        return compare(args)
     try:
         report = load_report(args.run_dir)
     except FileNotFoundError as e:
@@ -100,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(report, indent=1) if args.json else format_report(report, args.run_dir))
     if not args.no_html:
-        from distnet.train.report_html import write_html_report  # noqa: PLC0415
+        from distnet.train.report.page import write_html_report  # noqa: PLC0415
 
         try:
             path = write_html_report(args.run_dir)
