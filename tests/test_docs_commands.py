@@ -109,6 +109,8 @@ def check_command(words: list[str], where: str) -> None:
         if rest[:1] == ["-m"]:
             module = importlib.import_module(rest[1])
             _parse(module.main, rest[2:], where)
+        elif rest[:1] == ["-c"]:
+            compile(rest[1], where, "exec")  # an inline program: it must at least be Python
         else:
             assert (ROOT / rest[0]).is_file(), f"{where}: no such script {rest[0]}"
         return

@@ -23,6 +23,11 @@ HELP: dict[str, str] = {
     "data.shuffle_chunks": (
         "Chunks the loader shuffles together (more: better mixing, more memory)."
     ),
+    "data.validation_fraction": (
+        "The share of the training store held out for validation (its last samples; the "
+        "converters shuffle each split): validation loss and accuracy after every epoch of a "
+        "supervised stage. 0: none."
+    ),
     # [model]
     "model.type": (
         "stacked_autoencoder: greedy layer-wise pretraining, then supervised fine-tuning; mlp: "
@@ -78,7 +83,9 @@ HELP: dict[str, str] = {
         "The learning rate over the epochs: cut on a plateau of the training loss, cosine decay"
         " to lr_min, or times step_factor every step_epochs."
     ),
-    "finetune.lr_min": "The floor of the cosine schedule.",
+    "finetune.lr_min": (
+        "The floor of every schedule; absent: lr / 1000 for plateau, 0 for cosine and step."
+    ),
     "finetune.step_epochs": "schedule = 'step': epochs between cuts.",
     "finetune.step_factor": "schedule = 'step': the learning rate is multiplied by this at a cut.",
     # [dist]
