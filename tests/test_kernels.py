@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from mpi_helpers import MPIEXEC, launch
 
-from distnet import _mkl_blas, kernels
+from distnet import kernels
+from distnet.kernels import mkl_blas
 
 SMALL = kernels.MIN_ELEMENTS  # arrays of at least this size take the compiled path
 
@@ -285,7 +286,7 @@ def test_kernels_share_the_gemms_thread_team(blas):
     GEMMs and kernels: the SGD update took twice as long when a second pool woke up); with
     OpenBLAS on workqueue (OpenMP's spinning team fought OpenBLAS's threads: the step took
     twice numpy's time)."""
-    if blas == "mkl" and not _mkl_blas.library_candidates():
+    if blas == "mkl" and not mkl_blas.library_candidates():
         pytest.skip("oneMKL is not installed (pip install 'distnet[mkl]')")
     # numba's compiler reloads its configuration from the environment: a compile between
     # choosing the layer and the first kernel (a kernel not yet cached) must not undo it

@@ -8,8 +8,9 @@ temporaries) that composing numpy ufuncs costs. Three implementations share one 
   others cannot (float16, non-contiguous, small);
 - ``numba``: ``njit(parallel=True, cache=True)`` loops over ``prange`` on CPU, multi-threaded,
   compiled once per machine and cached on disk (see ``cache_dir``);
-- ``cupy``: GPU arrays go through ``cupy.ElementwiseKernel``s (``distnet._cupy_kernels``), one
-  launch per fused kernel, written once as formulas that tests also evaluate with numpy.
+- ``cupy``: GPU arrays go through ``cupy.ElementwiseKernel``s
+  (``distnet.kernels.cupy_elementwise``), one launch per fused kernel, written once as
+  formulas that tests also evaluate with numpy.
 
 The GEMMs themselves (``matmul``) go through oneMKL when the ``[mkl]`` extra is installed
 (``DISTNET_BLAS``: ``auto``, ``mkl`` or ``numpy``), else through numpy's OpenBLAS.
@@ -67,18 +68,18 @@ def _numba() -> ModuleType | None:
         import numba  # noqa: PLC0415  (lazy on purpose)
 
         numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
-        from distnet import _numba_kernels  # noqa: PLC0415
+        from distnet.kernels import numba_elementwise  # noqa: PLC0415
     except Exception as e:  # ImportError, or a numba that refuses this numpy
         if choice == "numba":
             raise RuntimeError(f"{ENV_VAR}=numba but numba cannot be used: {e}") from e
         return None
-    return _numba_kernels
+    return numba_elementwise
 
 
 def numba_threading_layer() -> str:
     """The numba threading layer that shares the cores best with the GEMMs' threads.
 
-    ``omp`` when oneMKL runs on GNU OpenMP (``distnet._mkl_blas``): numba's omp layer links
+    ``omp`` when oneMKL runs on GNU OpenMP (``distnet.kernels.mkl_blas``): numba's omp layer links
     the same libgomp, so GEMMs and kernels take turns on one thread team instead of waking a
     second pool. Measured alone (2 threads, 128x1000): bias + tanh 21 vs 104 us, derivative +
     bias sum 30 vs 147 us, SGD over 2.8M floats 0.41 vs 0.67 ms against workqueue; the whole
@@ -141,7 +142,7 @@ def _optional_library(env_var: str, choices: tuple[str, str, str], module: str,
         raise ValueError(f"{env_var}={choice!r}: expected one of {', '.join(choices)}")
     if choice == off:
         return None
-    lib = importlib.import_module(f"distnet.{module}").load()  # lazy: loads a large library
+    lib = importlib.import_module(f"distnet.kernels.{module}").load()  # lazy: loads a large library
     if lib is None and choice == insist:
         raise RuntimeError(f"{env_var}={insist} but no {library} was found (pip install "
                            f"'distnet[{insist}]'); looked in {sys.prefix}/lib")  # fmt: skip
@@ -150,8 +151,8 @@ def _optional_library(env_var: str, choices: tuple[str, str, str], module: str,
 
 @functools.cache
 def _mkl() -> Any | None:
-    """oneMKL's GEMM (``distnet._mkl_blas``) when installed and allowed, else None."""
-    return _optional_library(BLAS_ENV_VAR, _BLAS_CHOICES, "_mkl_blas", "libmkl_rt")
+    """oneMKL's GEMM (``distnet.kernels.mkl_blas``) when installed and allowed, else None."""
+    return _optional_library(BLAS_ENV_VAR, _BLAS_CHOICES, "mkl_blas", "libmkl_rt")
 
 
 def blas() -> str:
@@ -162,7 +163,7 @@ def blas() -> str:
 MIN_THREADED_GEMM_FLOPS = 1 << 25
 """oneMKL products smaller than this (M K N) run on the calling thread alone: splitting a
 0.2 ms product gains 0.1 ms, and GNU OpenMP's threads then spin for a while afterwards on
-the cores that numba's and ``distnet.core.block_threads``' threads need next (the LeNet
+the cores that numba's and ``distnet.kernels.block_threads``' threads need next (the LeNet
 step's dense layers: 128 x 800 x 128)."""
 
 
@@ -177,7 +178,7 @@ def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
     """a @ b, into ``out`` when given. Shapes: a (M, K), b (K, N), out (M, N).
 
     Large float32/float64 CPU products go through oneMKL when the ``[mkl]`` extra is installed
-    (see ``distnet._mkl_blas``: 10-20% faster than numpy's OpenBLAS here); everything else,
+    (see ``distnet.kernels.mkl_blas``: 10-20% faster than numpy's OpenBLAS here); everything else,
     GPU arrays included, is ``xp.matmul``.
     """
     if (
@@ -219,8 +220,8 @@ _CONV_CHOICES = ("auto", "onednn", "im2col")
 
 @functools.cache
 def _onednn() -> Any | None:
-    """oneDNN's convolutions (``distnet._onednn``) when installed and allowed, else None."""
-    return _optional_library(CONV_ENV_VAR, _CONV_CHOICES, "_onednn",
+    """oneDNN's convolutions (``distnet.kernels.onednn``) when installed and allowed, else None."""
+    return _optional_library(CONV_ENV_VAR, _CONV_CHOICES, "onednn",
                              "oneDNN 3 library (libdnnl.so.3)")  # fmt: skip
 
 
@@ -230,7 +231,7 @@ def conv_library() -> str:
 
 
 def onednn_conv(x: Any, weight: Any) -> Any | None:
-    """The loaded oneDNN (``distnet._onednn.OneDnn``) when this convolution suits it: CPU
+    """The loaded oneDNN (``distnet.kernels.onednn.OneDnn``) when this convolution suits it: CPU
     numpy arrays, float32, (N, C, H, W) and (O, C, KH, KW); else None."""
     if (
         type(x) is not np.ndarray
@@ -244,18 +245,18 @@ def onednn_conv(x: Any, weight: Any) -> Any | None:
 
 
 def conv_kernels(*arrays: Any) -> ModuleType | None:
-    """``distnet._numba_conv`` (im2col, col2im, max pooling) when the arrays suit compiled
+    """``distnet.kernels.numba_conv`` (im2col, col2im, max pooling) when the arrays suit compiled
     kernels by the rules of ``_compiled``, else None (then ``distnet.core.conv`` runs its
     numpy/cupy formulas)."""
     if _compiled(*arrays) is None:
         return None
-    from distnet import _numba_conv  # noqa: PLC0415  (after _numba() set the threading layer)
+    from distnet.kernels import numba_conv  # noqa: PLC0415  (after _numba() set the threading layer)
 
-    return _numba_conv
+    return numba_conv
 
 
 def channels_last_kernels(x: Any) -> ModuleType | None:
-    """``distnet._numba_conv_nhwc`` (the channels-last conv and pooling kernels) when x
+    """``distnet.kernels.numba_conv_nhwc`` (the channels-last conv and pooling kernels) when x
     (N, C, H, W), NCHW or channels-last in memory, suits compiled kernels by the rules of
     ``_compiled`` (through ``conv_kernels``: one switch for both layouts), else None."""
     if type(x) is not np.ndarray or x.ndim != 4:
@@ -263,9 +264,9 @@ def channels_last_kernels(x: Any) -> ModuleType | None:
     nhwc = x.transpose(0, 2, 3, 1)
     if conv_kernels(nhwc if nhwc.flags.c_contiguous else x) is None:
         return None
-    from distnet import _numba_conv_nhwc  # noqa: PLC0415  (after _numba() set the layer)
+    from distnet.kernels import numba_conv_nhwc  # noqa: PLC0415  (after _numba() set the layer)
 
-    return _numba_conv_nhwc
+    return numba_conv_nhwc
 
 
 # -- activations -------------------------------------------------------------------------------
@@ -282,9 +283,9 @@ def bias_activation_(z: Any, bias: Any | None, activation: str | None) -> None:
                            ACTIVATIONS.index(activation))  # fmt: skip
         return
     if backend.is_gpu_array(z) and activation is not None:
-        from distnet import _cupy_kernels  # noqa: PLC0415  (GPU only)
+        from distnet.kernels import cupy_elementwise  # noqa: PLC0415  (GPU only)
 
-        _cupy_kernels.bias_activation_(z, bias, activation)
+        cupy_elementwise.bias_activation_(z, bias, activation)
         return
     if bias is not None:
         z += bias
@@ -330,9 +331,9 @@ def activation_backward(activation: str, y: Any, g: Any, bias_grad: Any | None) 
             return out
         nb.activation_grad(y.reshape(-1), g.reshape(-1), out.reshape(-1), kind)
     elif backend.is_gpu_array(y):
-        from distnet import _cupy_kernels  # noqa: PLC0415  (GPU only)
+        from distnet.kernels import cupy_elementwise  # noqa: PLC0415  (GPU only)
 
-        out = _cupy_kernels.activation_grad(activation, y, g)
+        out = cupy_elementwise.activation_grad(activation, y, g)
     else:
         out = _NUMPY_ACTIVATIONS[activation][1](y, g)
     if bias_grad is not None:
@@ -387,9 +388,9 @@ def _gpu(p: Any) -> ModuleType | None:
     """The cupy kernels for a GPU array (one launch per update), else None."""
     if not backend.is_gpu_array(p):
         return None
-    from distnet import _cupy_kernels  # noqa: PLC0415  (GPU only)
+    from distnet.kernels import cupy_elementwise  # noqa: PLC0415  (GPU only)
 
-    return _cupy_kernels
+    return cupy_elementwise
 
 
 def _scalars(like: Any, *values: float) -> list[Any]:
