@@ -18,7 +18,7 @@ from distnet import backend, kernels
 from distnet.kernels import cupy_elementwise as ck
 
 SCALARS = {"lr": 0.05, "momentum": 0.9, "beta1": 0.9, "beta2": 0.99, "step_size": 0.01,
-           "inv_root_bias2": 3.0, "eps": 1e-8, "alpha": 0.9}  # fmt: skip
+           "slope": 0.01, "inv_root_bias2": 3.0, "eps": 1e-8, "alpha": 0.9}  # fmt: skip
 
 
 def _arrays(f: ck.Formula, n: int = 1000, xp=np) -> dict[str, np.ndarray]:

@@ -1,7 +1,8 @@
 """One table of fused elementwise kernels for the hot tail of a training step.
 
-Bias + activation forward, the activation derivative in backward and the optimiser updates
-each read and write their arrays once here, instead of the several whole-array passes (and
+Bias + activation forward, the activation derivative in backward (every activation is one
+row of ``distnet.kernels.unary.UNARY``) and the optimiser updates each read and write their
+arrays once here, instead of the several whole-array passes (and
 temporaries) that composing numpy ufuncs costs. Three implementations share one table:
 
 - ``numpy``: plain ufuncs with ``out=``; it defines the results and serves every array the
@@ -34,10 +35,12 @@ from typing import Any
 import numpy as np
 
 from distnet import backend
+from distnet.kernels import unary
+from distnet.kernels.unary import ACTIVATIONS as ACTIVATIONS  # public: the fused activations
+from distnet.kernels.unary import LEAKY_SLOPE, UNARY
 
 ENV_VAR = "DISTNET_KERNELS"
 _CHOICES = ("auto", "numba", "numpy")
-ACTIVATIONS = ("tanh", "sigmoid", "relu")
 
 
 def cache_dir() -> Path:
@@ -269,116 +272,78 @@ def channels_last_kernels(x: Any) -> ModuleType | None:
     return numba_conv_nhwc
 
 
-# -- activations -------------------------------------------------------------------------------
+# -- activations (one table: distnet.kernels.unary) ------------------------------------------
 
 
-def bias_activation_(z: Any, bias: Any | None, activation: str | None) -> None:
-    """z <- act(z + bias) in place. Shapes: z (..., H), bias (H,) or None."""
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"bias_activation_: unknown activation {activation!r}")
+def bias_activation_(z: Any, bias: Any | None, activation: str | None,
+                     slope: float = LEAKY_SLOPE) -> None:  # fmt: skip
+    """z <- act(z + bias) in place. Shapes: z (..., H), bias (H,) or None.
+
+    ``activation``: a row of ``UNARY`` or None (bias only); ``slope``: leaky ReLU's."""
+    unary.check(activation, "bias_activation_")
     nb = _activation_kernels(z, bias, activation)
     if nb is not None:  # one parallel pass over rows: bias, then the activation
         z2 = z.reshape(-1, z.shape[-1])  # a view: z is C-contiguous
         nb.bias_activation(z2, z2[0, :0] if bias is None else bias, bias is not None,
-                           ACTIVATIONS.index(activation))  # fmt: skip
+                           unary.kind(activation), z.dtype.type(slope))  # fmt: skip
         return
     if backend.is_gpu_array(z) and activation is not None:
         from distnet.kernels import cupy_elementwise  # noqa: PLC0415  (GPU only)
 
-        cupy_elementwise.bias_activation_(z, bias, activation)
+        cupy_elementwise.bias_activation_(z, bias, activation, slope)
         return
     if bias is not None:
         z += bias
     if activation is not None:
-        _NUMPY_ACTIVATIONS[activation][0](z)
+        UNARY[activation].forward(z, slope)
 
 
 def _activation_kernels(z: Any, bias: Any | None, activation: str | None) -> ModuleType | None:
-    """The numba kernels when they can fuse bias + activation over ``z``, else None.
-
-    tanh and sigmoid only in float32: the compiled tanh is a float32 rational function (numpy's
-    SIMD tanh beats numba's scalar libm call in float64 on machines without Intel's SVML).
-    """
+    """The numba kernels when they can fuse bias + activation over ``z``, else None (the
+    activation's ``compiled_dtypes`` say which dtypes its compiled loop serves)."""
     if activation is None or z.ndim < 2 or (bias is not None and bias.shape != z.shape[-1:]):
         return None
-    if activation != "relu" and z.dtype != np.float32:
+    if z.dtype not in UNARY[activation].compiled_dtypes:
         return None
     return _compiled(z) if bias is None else _compiled(z, bias)
 
 
-def activation_grad(activation: str, y: Any, g: Any) -> Any:
+def activation_grad(activation: str, y: Any, g: Any, slope: float = LEAKY_SLOPE) -> Any:
     """dL/dz from the output y = act(z) and dL/dy, as a fresh array. Shapes: y, g (N, H)."""
-    return activation_backward(activation, y, g, None)
+    return activation_backward(activation, y, g, None, slope)
 
 
-def activation_backward(activation: str, y: Any, g: Any, bias_grad: Any | None) -> Any:
+def activation_backward(activation: str, y: Any, g: Any, bias_grad: Any | None,
+                        slope: float = LEAKY_SLOPE) -> Any:  # fmt: skip
     """dL/dz from y = act(z) and dL/dy as a fresh array; with ``bias_grad`` (shape (H,)) also
     writes dL/dz summed over all leading axes into it, in the same pass over memory.
 
     Shapes: y, g (..., H) -> (..., H).
     """
+    unary.check(activation, "activation_backward")
     nb = _compiled(y, g) if y.shape == g.shape and y.ndim >= 2 else None
     if nb is not None and bias_grad is not None:
         nb = _compiled(y, bias_grad)
-    kind = ACTIVATIONS.index(activation)
+    kind, slope_ = unary.kind(activation), y.dtype.type(slope)
     if nb is not None:
         out = np.empty_like(y)
         h = y.shape[-1]
         if bias_grad is not None:
             y2, g2, out2 = (a.reshape(-1, h) for a in (y, g, out))
             chunks = max(1, min(nb.get_num_threads(), y2.shape[0]))  # one block of rows each
-            nb.activation_backward(y2, g2, out2, bias_grad, kind, chunks)
+            nb.activation_backward(y2, g2, out2, bias_grad, kind, chunks, slope_)
             return out
-        nb.activation_grad(y.reshape(-1), g.reshape(-1), out.reshape(-1), kind)
+        nb.activation_grad(y.reshape(-1), g.reshape(-1), out.reshape(-1), kind, slope_)
     elif backend.is_gpu_array(y):
         from distnet.kernels import cupy_elementwise  # noqa: PLC0415  (GPU only)
 
-        out = cupy_elementwise.activation_grad(activation, y, g)
+        out = cupy_elementwise.activation_grad(activation, y, g, slope)
     else:
-        out = _NUMPY_ACTIVATIONS[activation][1](y, g)
+        out = backend.array_module(y).empty_like(y)
+        UNARY[activation].derivative(y, g, out, slope)
     if bias_grad is not None:
         out.sum(axis=tuple(range(out.ndim - 1)), out=bias_grad)
     return out
-
-
-def _tanh_(z: Any) -> None:
-    backend.array_module(z).tanh(z, out=z)
-
-
-def _tanh_grad(y: Any, g: Any) -> Any:
-    d = y * y  # dz = g (1 - y^2)
-    backend.array_module(y).subtract(1, d, out=d)
-    d *= g
-    return d
-
-
-def _sigmoid_(z: Any) -> None:
-    z *= 0.5  # 0.5 (1 + tanh(z / 2)): exact, stable for large |z|
-    backend.array_module(z).tanh(z, out=z)
-    z += 1
-    z *= 0.5
-
-
-def _sigmoid_grad(y: Any, g: Any) -> Any:
-    d = 1 - y  # dz = g y (1 - y)
-    d *= y
-    d *= g
-    return d
-
-
-def _relu_(z: Any) -> None:
-    backend.array_module(z).maximum(z, 0, out=z)
-
-
-def _relu_grad(y: Any, g: Any) -> Any:
-    return g * (y > 0)
-
-
-_NUMPY_ACTIVATIONS = {
-    "tanh": (_tanh_, _tanh_grad),
-    "sigmoid": (_sigmoid_, _sigmoid_grad),
-    "relu": (_relu_, _relu_grad),
-}
 
 
 # -- optimiser updates (all in place on flat 1-D buffers) --------------------------------------
