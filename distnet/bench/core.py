@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from distnet.bench.conv import CONTENDERS as CONV_CONTENDERS
+from distnet.bench.floor import gemm_floor_step
 
 SIZES = {"mlp": [784, 1000, 1000, 1000, 10], "sae": [784, 1000]}
 LR = 0.01
@@ -60,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="BLAS threads per contender")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if present")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="the grid: activations x batch sizes x optimisers, distnet vs PyTorch vs the "
+        "GEMM floor (--batch defaults to 64 128 512 there)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one contender
 
 
@@ -115,23 +122,31 @@ def numpy_mlp_step(batch: int):
     return step
 
 
-def _distnet_mlp():
+def _distnet_mlp(activation: str = "tanh"):
     from distnet import backend, nn  # noqa: PLC0415
 
     backend.seed(0)
     sizes = SIZES["mlp"]
-    layers = [nn.Dense(a, b, "tanh") for a, b in zip(sizes[:-2], sizes[1:-1], strict=True)]
+    layers = [nn.Dense(a, b, activation) for a, b in zip(sizes[:-2], sizes[1:-1], strict=True)]
     return nn.Sequential(*layers, nn.Dense(sizes[-2], sizes[-1]))
 
 
-def _torch_mlp():
+TORCH_ACTIVATIONS = {
+    "tanh": "Tanh",
+    "sigmoid": "Sigmoid",
+    "relu": "ReLU",
+    "leaky_relu": "LeakyReLU",
+}
+
+
+def _torch_mlp(activation: str = "tanh"):
     import torch  # noqa: PLC0415
 
     torch.manual_seed(0)
     sizes = SIZES["mlp"]
     mods: list[Any] = []
-    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
-        mods += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):  # LeakyReLU: slope 0.01 as distnet's
+        mods += [torch.nn.Linear(a, b), getattr(torch.nn, TORCH_ACTIVATIONS[activation])()]
     return torch.nn.Sequential(*mods, torch.nn.Linear(sizes[-2], sizes[-1]))
 
 
@@ -158,11 +173,11 @@ def _torch_optimizer(model, name: str, fused: bool | None = None):
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum, fused=fused)
 
 
-def distnet_mlp_step(batch: int, opt_name: str = "sgd"):
+def distnet_mlp_step(batch: int, opt_name: str = "sgd", activation: str = "tanh"):
     """The same step through distnet's Module, fused ops, engine and SGD (or Adam)."""
     from distnet import functional  # noqa: PLC0415
 
-    model = _distnet_mlp()
+    model = _distnet_mlp(activation)
     opt = _distnet_optimizer(model, opt_name)
     x, y = _data(batch, SIZES["mlp"][0], SIZES["mlp"][-1])
 
@@ -174,12 +189,12 @@ def distnet_mlp_step(batch: int, opt_name: str = "sgd"):
     return step
 
 
-def torch_mlp_step(batch: int, opt_name: str = "sgd"):
+def torch_mlp_step(batch: int, opt_name: str = "sgd", activation: str = "tanh"):
     """PyTorch CPU, same net and threads (only when torch is importable)."""
     import torch  # noqa: PLC0415
 
     sizes = SIZES["mlp"]
-    model = _torch_mlp()
+    model = _torch_mlp(activation)
     opt = _torch_optimizer(model, opt_name)
     xn, yn = _data(batch, sizes[0], sizes[-1])
     x, y = torch.from_numpy(xn), torch.from_numpy(yn)
@@ -286,10 +301,16 @@ def _update_contenders(opt_name: str) -> dict[str, Any]:
 
 
 CONTENDERS = {
-    "mlp": {"distnet": distnet_mlp_step, "numpy": numpy_mlp_step, "torch": torch_mlp_step},
+    "mlp": {
+        "distnet": distnet_mlp_step,
+        "numpy": numpy_mlp_step,
+        "torch": torch_mlp_step,
+        "floor": gemm_floor_step,  # the step's 11 GEMMs alone (distnet.bench.floor)
+    },
     "mlp-adam": {
         "distnet": lambda batch: distnet_mlp_step(batch, "adam"),
         "torch": lambda batch: torch_mlp_step(batch, "adam"),
+        "floor": gemm_floor_step,
     },
     "sae": {"distnet": distnet_sae_step, "numpy": numpy_sae_step},
     "update-sgdm": _update_contenders("sgdm"),
@@ -300,13 +321,25 @@ CONTENDERS = {
 WORKLOADS = list(CONTENDERS)
 
 
+def contender(workload: str, name: str) -> Any:
+    """The step builder (batch -> step) for ``workload``; the grid's cells are named
+    ``grid-<activation>-<optimiser>`` (see ``distnet.bench.grid``)."""
+    if workload.startswith("grid-"):
+        _, activation, opt_name = workload.split("-", 2)
+        if name == "floor":
+            return gemm_floor_step
+        build = {"distnet": distnet_mlp_step, "torch": torch_mlp_step}[name]
+        return lambda batch: build(batch, opt_name, activation)
+    return CONTENDERS[workload][name]
+
+
 def _worker(spec: str) -> int:
     """Worker loop: build the step once, then answer 'N' with the seconds N steps took."""
     workload, name, batch = spec.split(":")
     from distnet import backend  # noqa: PLC0415
 
     backend.tune_malloc()  # every contender gets the same allocator settings
-    step = CONTENDERS[workload][name](int(batch))
+    step = contender(workload, name)(int(batch))
     step()  # warm-up: first-touch allocations, BLAS thread start
     print("ready", flush=True)
     for line in sys.stdin:
@@ -388,7 +421,15 @@ def measure(
         "batch": batch,
         "samples_per_s": {n: statistics.median(r) for n, r in rates.items()},
     }
+    if "floor" in rates:  # each contender's time as a multiple of the GEMMs' time
+        result["x_floor"] = {
+            n: statistics.median(f / r for f, r in zip(rates["floor"], rs, strict=True))
+            for n, rs in rates.items()
+            if n != "floor"
+        }
     for base in names[1:]:
+        if base == "floor":
+            continue
         ratios = [a / b for a, b in zip(rates["distnet"], rates[base], strict=True)]
         result[f"distnet/{base}"] = {
             "median": statistics.median(ratios),
@@ -402,6 +443,10 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints one line per workload and batch size."""
     if args.worker:
         return _worker(args.worker)
+    if args.matrix:
+        from distnet.bench import grid  # noqa: PLC0415
+
+        return grid.run(args)
     workloads = WORKLOADS if args.workload == "all" else [args.workload]
     with_torch = not args.no_torch and _torch_available()
     results = []
@@ -419,7 +464,9 @@ def run(args: argparse.Namespace) -> int:
                 for k, v in r.items()
                 if k.startswith("distnet/")
             )
-            print(f"{workload:<4} batch {batch:<4} {rates}   ratio {ratios}", flush=True)
+            floors = "  ".join(f"{n} {v:.2f}x" for n, v in r.get("x_floor", {}).items())
+            floors = f"   GEMM floor: {floors}" if floors else ""
+            print(f"{workload:<4} batch {batch:<4} {rates}   ratio {ratios}{floors}", flush=True)
     if not with_torch and not args.no_torch:
         print("(PyTorch not importable: torch column skipped)")
     if args.json:
