@@ -150,14 +150,15 @@ def _torch_mlp(activation: str = "tanh"):
     return torch.nn.Sequential(*mods, torch.nn.Linear(sizes[-2], sizes[-1]))
 
 
-def _distnet_optimizer(model, name: str):
+def _distnet_optimizer(model, name: str, in_backward: bool = False):
     from distnet import optim  # noqa: PLC0415
 
     if name == "adam":
-        return optim.Adam(model, lr=1e-3)
+        return optim.Adam(model, lr=1e-3, update_in_backward=in_backward)
     if name == "rmsprop":
-        return optim.RMSProp(model, lr=1e-3)
-    return optim.SGD(model, lr=LR, momentum=0.9 if name == "sgdm" else 0.0)
+        return optim.RMSProp(model, lr=1e-3, update_in_backward=in_backward)
+    momentum = 0.9 if name == "sgdm" else 0.0
+    return optim.SGD(model, lr=LR, momentum=momentum, update_in_backward=in_backward)
 
 
 def _torch_optimizer(model, name: str, fused: bool | None = None):
@@ -173,12 +174,15 @@ def _torch_optimizer(model, name: str, fused: bool | None = None):
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum, fused=fused)
 
 
-def distnet_mlp_step(batch: int, opt_name: str = "sgd", activation: str = "tanh"):
-    """The same step through distnet's Module, fused ops, engine and SGD (or Adam)."""
+def distnet_mlp_step(
+    batch: int, opt_name: str = "sgd", activation: str = "tanh", in_backward: bool = False
+):
+    """The same step through distnet's Module, fused ops, engine and SGD (or Adam); with
+    ``in_backward`` the update runs inside backward (``distnet.optim.in_backward``)."""
     from distnet import functional  # noqa: PLC0415
 
     model = _distnet_mlp(activation)
-    opt = _distnet_optimizer(model, opt_name)
+    opt = _distnet_optimizer(model, opt_name, in_backward)
     x, y = _data(batch, SIZES["mlp"][0], SIZES["mlp"][-1])
 
     def step() -> None:
@@ -328,21 +332,34 @@ def contender(workload: str, name: str) -> Any:
         _, activation, opt_name = workload.split("-", 2)
         if name == "floor":
             return gemm_floor_step
+        if name == "distnet-ib":  # the update inside backward
+            return lambda batch: distnet_mlp_step(batch, opt_name, activation, True)
         build = {"distnet": distnet_mlp_step, "torch": torch_mlp_step}[name]
         return lambda batch: build(batch, opt_name, activation)
     return CONTENDERS[workload][name]
 
 
-def _worker(spec: str) -> int:
-    """Worker loop: build the step once, then answer 'N' with the seconds N steps took."""
+def _build(spec: str) -> Any:
     workload, name, batch = spec.split(":")
+    step = contender(workload, name)(int(batch))
+    step()  # warm-up: first-touch allocations, BLAS thread start
+    return step
+
+
+def _worker(spec: str) -> int:
+    """Worker loop: build the step, then answer 'N' with the seconds N steps took; a line
+    'build SPEC' builds another step (the grid reuses one process per contender)."""
     from distnet import backend  # noqa: PLC0415
 
     backend.tune_malloc()  # every contender gets the same allocator settings
-    step = contender(workload, name)(int(batch))
-    step()  # warm-up: first-touch allocations, BLAS thread start
+    step = _build(spec)
     print("ready", flush=True)
     for line in sys.stdin:
+        if line.startswith("build "):
+            step = None  # free the previous model first
+            step = _build(line.split()[1])
+            print("ready", flush=True)
+            continue
         n = int(line)
         start = time.perf_counter()
         for _ in range(n):
@@ -379,6 +396,14 @@ class _Contender:
             raise RuntimeError(f"bench worker {self.spec} gave no answer within {self.timeout} s")
         return line.strip()
 
+    def build(self, spec: str) -> None:
+        """Makes the worker build ``spec``'s step instead (same process, same framework)."""
+        self.spec = spec
+        self.proc.stdin.write(f"build {spec}\n")
+        self.proc.stdin.flush()
+        if self._read() != "ready":
+            raise RuntimeError(f"bench worker {spec} did not build")
+
     def time_steps(self, n: int) -> float:
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
@@ -399,10 +424,29 @@ def _torch_available() -> bool:
 
 
 def measure(
-    workload: str, batch: int, names: list[str], rounds: int, steps: int, threads: int
+    workload: str,
+    batch: int,
+    names: list[str],
+    rounds: int,
+    steps: int,
+    threads: int,
+    pool: dict[str, _Contender] | None = None,
 ) -> dict[str, Any]:
-    """Alternates the contenders round by round; returns samples/s and per-round ratios."""
-    contenders = {n: _Contender(f"{workload}:{n}:{batch}", threads) for n in names}
+    """Alternates the contenders round by round; returns samples/s and per-round ratios.
+
+    ``pool``: worker processes by contender name kept across calls (the caller closes them);
+    without it each call starts and closes its own."""
+    if pool is None:
+        contenders = {n: _Contender(f"{workload}:{n}:{batch}", threads) for n in names}
+    else:
+        contenders = {}
+        for n in names:
+            spec = f"{workload}:{n}:{batch}"
+            if n in pool:
+                pool[n].build(spec)
+            else:
+                pool[n] = _Contender(spec, threads)
+            contenders[n] = pool[n]
     try:
         for c in contenders.values():  # one untimed round each
             c.time_steps(max(1, steps // 2))
@@ -414,8 +458,9 @@ def measure(
                 time.sleep(IDLE_GAP_S)
                 rates[n].append(steps * batch / c.time_steps(steps))
     finally:
-        for c in contenders.values():
-            c.close()
+        if pool is None:
+            for c in contenders.values():
+                c.close()
     result: dict[str, Any] = {
         "workload": workload,
         "batch": batch,

@@ -31,7 +31,9 @@ def _bandwidth(threads: int) -> float:
 def run(args: argparse.Namespace) -> int:
     """Runs every cell, prints one line per cell as it finishes and the table at the end."""
     with_torch = not args.no_torch and core._torch_available()
-    names = ["distnet", "torch", "floor"] if with_torch else ["distnet", "floor"]
+    names = ["distnet", "distnet-ib", "torch", "floor"]
+    if not with_torch:
+        names = ["distnet", "distnet-ib", "floor"]
     batches = args.batch if args.batch != [128, 512] else list(GRID_BATCHES)
     load_before = os.getloadavg()
     bandwidth = _bandwidth(args.threads)
@@ -41,15 +43,20 @@ def run(args: argparse.Namespace) -> int:
           "parameters: " + ", ".join(f"{o} {v:.2f} ms" for o, v in update_floor_ms.items()),
           flush=True)  # fmt: skip
     cells: list[dict[str, Any]] = []
-    for batch in batches:
-        for opt_name in OPTIMISERS:
-            for activation in ACTIVATIONS:
-                r = core.measure(f"grid-{activation}-{opt_name}", batch, names, args.rounds,
-                                 args.steps, args.threads)  # fmt: skip
-                r.update(activation=activation, optimiser=opt_name)
-                r["floor_ms"] = 1e3 * batch / r["samples_per_s"]["floor"]
-                cells.append(r)
-                print(_line(r), flush=True)
+    pool: dict[str, Any] = {}  # one worker process per contender for the whole grid
+    try:
+        for batch in batches:
+            for opt_name in OPTIMISERS:
+                for activation in ACTIVATIONS:
+                    r = core.measure(f"grid-{activation}-{opt_name}", batch, names,
+                                     args.rounds, args.steps, args.threads, pool)  # fmt: skip
+                    r.update(activation=activation, optimiser=opt_name)
+                    r["floor_ms"] = 1e3 * batch / r["samples_per_s"]["floor"]
+                    cells.append(r)
+                    print(_line(r), flush=True)
+    finally:
+        for c in pool.values():
+            c.close()
     print()
     print(_table(cells))
     if args.json:
@@ -74,21 +81,23 @@ def _ratio(r: dict[str, Any]) -> str:
     return "-" if v is None else f"{v['median']:.2f} [{v['min']:.2f}-{v['max']:.2f}]"
 
 
+def _x(r: dict[str, Any], name: str) -> str:
+    v = r["x_floor"].get(name)
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _line(r: dict[str, Any]) -> str:
-    xf = r["x_floor"]
-    torch_x = f"{xf['torch']:.2f}x" if "torch" in xf else "-"
     return (f"batch {r['batch']:<4} {r['optimiser']:<5} {r['activation']:<10} "
-            f"distnet/torch {_ratio(r):<19} floor {r['floor_ms']:.1f} ms  "
-            f"distnet {xf['distnet']:.2f}x  torch {torch_x}")  # fmt: skip
+            f"distnet/torch {_ratio(r):<19} floor {r['floor_ms']:.1f} ms  time/floor: "
+            f"distnet {_x(r, 'distnet')}  in-backward {_x(r, 'distnet-ib')}  "
+            f"torch {_x(r, 'torch')}")  # fmt: skip
 
 
 def _table(cells: list[dict[str, Any]]) -> str:
     """Markdown: one row per cell; speed over PyTorch (>1: distnet faster), time / floor."""
-    rows = ["| batch | optimiser | activation | distnet speed / PyTorch | distnet time / floor "
-            "| PyTorch time / floor |", "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| batch | optimiser | activation | distnet speed / PyTorch | time / floor: distnet "
+            "| in-backward | PyTorch |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in cells:
-        xf = r["x_floor"]
-        torch_x = f"{xf['torch']:.2f}" if "torch" in xf else "-"
         rows.append(f"| {r['batch']} | {r['optimiser']} | {r['activation']} | {_ratio(r)} | "
-                    f"{xf['distnet']:.2f} | {torch_x} |")  # fmt: skip
+                    f"{_x(r, 'distnet')} | {_x(r, 'distnet-ib')} | {_x(r, 'torch')} |")  # fmt: skip
     return "\n".join(rows)
