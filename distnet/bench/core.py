@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the grid: activations x batch sizes x optimisers, distnet vs PyTorch vs the "
         "GEMM floor (--batch defaults to 64 128 512 there)",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="ACTIVATION,OPTIMISER",
+        help="per-op profile of the MLP step, distnet vs PyTorch, at the last --batch "
+        "(e.g. relu,sgdm)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one contender
 
 
@@ -492,6 +498,12 @@ def run(args: argparse.Namespace) -> int:
         from distnet.bench import grid  # noqa: PLC0415
 
         return grid.run(args)
+    if args.profile:
+        from distnet.bench import opprofile  # noqa: PLC0415
+
+        activation, opt_name = args.profile.split(",")
+        return opprofile.run(args.batch[-1], opt_name, activation, args.rounds, args.steps,
+                             args.threads)  # fmt: skip
     workloads = WORKLOADS if args.workload == "all" else [args.workload]
     with_torch = not args.no_torch and _torch_available()
     results = []
