@@ -54,26 +54,33 @@ def run(args: argparse.Namespace) -> int:
                     r["floor_ms"] = 1e3 * batch / r["samples_per_s"]["floor"]
                     cells.append(r)
                     print(_line(r), flush=True)
+                    if args.json:  # after every cell: a long grid cut short keeps its cells
+                        _write(args, load_before, bandwidth, update_floor_ms, cells)
     finally:
         for c in pool.values():
             c.close()
     print()
     print(_table(cells))
     if args.json:
-        with open(args.json, "w") as f:
-            report = {
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "load_before": load_before,
-                "load_after": os.getloadavg(),
-                "threads": args.threads,
-                "rounds": args.rounds,
-                "steps": args.steps,
-                "copy_bandwidth_bytes_per_s": bandwidth,
-                "update_floor_ms": update_floor_ms,
-                "cells": cells,
-            }
-            json.dump(report, f, indent=2)
+        _write(args, load_before, bandwidth, update_floor_ms, cells)
     return 0
+
+
+def _write(args: argparse.Namespace, load_before: tuple[float, ...], bandwidth: float,
+           update_floor_ms: dict[str, float], cells: list[dict[str, Any]]) -> None:  # fmt: skip
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "update_floor_ms": update_floor_ms,
+        "cells": cells,
+    }
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
 
 
 def _ratio(r: dict[str, Any]) -> str:
