@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the grid: activations x batch sizes x optimisers, distnet vs PyTorch vs the "
         "GEMM floor (--batch defaults to 64 128 512 there)",
     )
+    parser.add_argument("--activations", nargs="+", help="--matrix: only these activations")
+    parser.add_argument("--optimisers", nargs="+", help="--matrix: only these (sgd sgdm adam)")
     parser.add_argument(
         "--profile",
         metavar="ACTIVATION,OPTIMISER",

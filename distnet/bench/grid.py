@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     pool: dict[str, Any] = {}  # one worker process per contender for the whole grid
     try:
         for batch in batches:
-            for opt_name in OPTIMISERS:
-                for activation in ACTIVATIONS:
+            for opt_name in args.optimisers or OPTIMISERS:
+                for activation in args.activations or ACTIVATIONS:
                     r = core.measure(f"grid-{activation}-{opt_name}", batch, names,
                                      args.rounds, args.steps, args.threads, pool)  # fmt: skip
                     r.update(activation=activation, optimiser=opt_name)
