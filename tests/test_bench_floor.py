@@ -46,3 +46,8 @@ def test_the_grid_prints_every_cell_and_writes_json(tmp_path):
         assert set(cell["x_floor"]) == {"distnet", "distnet-ib"}
         assert np.isfinite(cell["floor_ms"]) and cell["floor_ms"] > 0
     assert "| 16 | adam | leaky_relu |" in run.stdout
+
+
+def test_the_torch_floor_runs_the_same_products():
+    pytest.importorskip("torch", reason="PyTorch is not a dependency: only where installed")
+    floor.torch_gemm_floor_step(8, [30, 20, 5])()

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from distnet.bench.conv import CONTENDERS as CONV_CONTENDERS
-from distnet.bench.floor import gemm_floor_step
+from distnet.bench.floor import gemm_floor_step, torch_gemm_floor_step
 
 SIZES = {"mlp": [784, 1000, 1000, 1000, 10], "sae": [784, 1000]}
 LR = 0.01
@@ -318,6 +318,7 @@ CONTENDERS = {
         "numpy": numpy_mlp_step,
         "torch": torch_mlp_step,
         "floor": gemm_floor_step,  # the step's 11 GEMMs alone (distnet.bench.floor)
+        "torch-floor": torch_gemm_floor_step,  # the same GEMMs through torch.mm
     },
     "mlp-adam": {
         "distnet": lambda batch: distnet_mlp_step(batch, "adam"),

@@ -103,3 +103,29 @@ def update_floor_s(opt_name: str, n_params: int, bandwidth: float) -> float:
 def mlp_parameters(sizes: list[int] = MLP_SIZES) -> int:
     """Weights and biases of the MLP (2,797,010 for 784-1000-1000-1000-10)."""
     return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def torch_gemm_floor_step(batch: int, sizes: list[int] = MLP_SIZES) -> Callable[[], None]:
+    """The same 11 GEMMs through ``torch.mm`` (PyTorch's own oneMKL) on the same operand
+    layouts: which library is faster on these shapes, apart from either framework."""
+    import torch  # noqa: PLC0415
+
+    step_arrays = []
+    rng = np.random.default_rng(0)
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        w = torch.from_numpy(rng.standard_normal((a, b), dtype=np.float32) * 0.01)
+        act = torch.from_numpy(rng.random((batch, a), dtype=np.float32))
+        grad = torch.from_numpy(rng.standard_normal((batch, b), dtype=np.float32))
+        step_arrays.append((w, act, grad, torch.empty(batch, b), torch.empty(a, b),
+                            torch.empty(batch, a)))  # fmt: skip
+
+    def step() -> None:
+        for w, act, _, out, _, _ in step_arrays:
+            torch.mm(act, w, out=out)
+        for i in range(len(step_arrays) - 1, -1, -1):
+            w, act, grad, _, gw, gx = step_arrays[i]
+            torch.mm(act.T, grad, out=gw)
+            if i > 0:
+                torch.mm(grad, w.T, out=gx)
+
+    return step
