@@ -15,9 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from distnet import _mkl_blas, kernels
+from distnet import kernels
+from distnet.kernels import mkl_blas
 
-MKL_INSTALLED = bool(_mkl_blas.library_candidates())
+MKL_INSTALLED = bool(mkl_blas.library_candidates())
 needs_mkl = pytest.mark.skipif(
     not MKL_INSTALLED, reason="oneMKL is not installed (pip install 'distnet[mkl]')"
 )
@@ -72,8 +73,8 @@ def test_mkl_route_is_taken_for_large_float_products(blas):
     assert blas("mkl") == "mkl"
     lib = kernels._mkl()
     a = np.ones((256, 256), np.float32)
-    assert lib.operand(a) == (_mkl_blas._NO_TRANS, 256)
-    assert lib.operand(a.T) == (_mkl_blas._TRANS, 256)
+    assert lib.operand(a) == (mkl_blas._NO_TRANS, 256)
+    assert lib.operand(a.T) == (mkl_blas._TRANS, 256)
     assert lib.operand(a[:, ::2]) is None  # strided columns: numpy's job
     assert lib.gemm(a, a[:, ::2].T, np.empty((256, 128), np.float32)) is False
 
@@ -105,7 +106,7 @@ def test_blas_choice_is_validated_and_numpy_can_be_forced(blas, monkeypatch):
     np.testing.assert_array_equal(kernels.matmul(a, a), a @ a)
     with pytest.raises(ValueError, match="DISTNET_BLAS='openblas'"):
         blas("openblas")
-    monkeypatch.setattr(_mkl_blas, "library_candidates", lambda: [])
+    monkeypatch.setattr(mkl_blas, "library_candidates", lambda: [])
     with pytest.raises(RuntimeError, match=r"DISTNET_BLAS=mkl but no libmkl_rt was found"):
         blas("mkl")
     assert blas("auto") == "numpy"  # auto without the library: numpy, silently

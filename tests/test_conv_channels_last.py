@@ -1,5 +1,6 @@
 """The channels-last CPU path of conv2d and max_pool2d (``distnet.core.channels_last``,
-``distnet._numba_conv_nhwc``, ``distnet.core.block_threads``) against the definition and the
+``distnet.kernels.numba_conv_nhwc``, ``distnet.kernels.block_threads``) against the definition and
+the
 numpy NCHW path: values, float64 finite differences with stride, padding and dilation, ties
 and NaN in pooling, float32 passes, in both of its modes (serial kernels on a thread pool
 over blocks of samples, and numba's parallel kernels over the whole batch)."""
@@ -12,8 +13,9 @@ from gradcheck import check_grad
 from test_core_conv import CONV_CASES, leaf, reference_conv
 
 from distnet import kernels
-from distnet.core import block_threads, channels_last, conv
+from distnet.core import channels_last, conv
 from distnet.core.tensor import Tensor
+from distnet.kernels import block_threads
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -173,22 +175,22 @@ def test_a_lenet_pass_equals_the_numpy_path(numpy_only, monkeypatch, request, dt
 def test_the_plan_follows_the_blas(monkeypatch):
     """Threads over blocks only with oneMKL (per-thread GEMM threads) and im2col
     convolutions; else numba's parallel kernels over the whole batch."""
-    from distnet import _numba_conv_nhwc
+    from distnet.kernels import numba_conv_nhwc
 
     monkeypatch.setattr(kernels, "conv_library", lambda: "im2col")
     monkeypatch.setattr(kernels, "blas", lambda: "numpy")
-    assert channels_last._plan(_numba_conv_nhwc) == (True, 1)
+    assert channels_last._plan(numba_conv_nhwc) == (True, 1)
     monkeypatch.setattr(kernels, "blas", lambda: "mkl")
-    assert channels_last._plan(_numba_conv_nhwc) == (False, _numba_conv_nhwc.parallel_slots())
+    assert channels_last._plan(numba_conv_nhwc) == (False, numba_conv_nhwc.parallel_slots())
     # oneDNN's OpenMP team runs the convolutions: pooling joins that team
     monkeypatch.setattr(kernels, "conv_library", lambda: "onednn")
-    assert channels_last._plan(_numba_conv_nhwc) == (True, 1)
+    assert channels_last._plan(numba_conv_nhwc) == (True, 1)
 
 
 def test_relu_code_and_sample_blocks():
-    from distnet import _numba_conv_nhwc
+    from distnet.kernels import numba_conv_nhwc
 
-    assert _numba_conv_nhwc.RELU == kernels.ACTIVATIONS.index("relu")
+    assert numba_conv_nhwc.RELU == kernels.ACTIVATIONS.index("relu")
     assert channels_last.sample_blocks(5, channels_last.BLOCK_BYTES // 2) == [(0, 2), (2, 4),
                                                                              (4, 5)]  # fmt: skip
     assert channels_last.sample_blocks(3, 10 * channels_last.BLOCK_BYTES) == [(0, 1), (1, 2),

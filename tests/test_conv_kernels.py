@@ -104,6 +104,6 @@ def test_compiled_float32_pass_equals_numpy_pass(numpy_only, monkeypatch):
 
 
 def test_the_compiled_relu_code_is_the_kernel_tables():
-    from distnet import _numba_conv
+    from distnet.kernels import numba_conv
 
-    assert _numba_conv.RELU == kernels.ACTIVATIONS.index("relu")
+    assert numba_conv.RELU == kernels.ACTIVATIONS.index("relu")

@@ -1,4 +1,4 @@
-"""Convolutions through oneDNN (``distnet._onednn``, ``distnet.core.conv_onednn``): the same
+"""Convolutions through oneDNN (``distnet.kernels.onednn``, ``distnet.core.conv_onednn``): the same
 values and gradients as the im2col path in float64, the cases it leaves to im2col, its plans,
 the ``DISTNET_CONV`` switch, and LeNet training steps equal on both routes."""
 
@@ -7,9 +7,10 @@ import threading
 import numpy as np
 import pytest
 
-from distnet import _onednn, kernels
+from distnet import kernels
 from distnet.core import channels_last, conv, conv_onednn
 from distnet.core.tensor import Tensor
+from distnet.kernels import onednn
 
 needs_onednn = pytest.mark.skipif(
     kernels.conv_library() != "onednn",
@@ -101,7 +102,7 @@ def test_plans_are_made_once_per_geometry_and_thread():
     thread.join(timeout=60)
     assert other and other[0] is not plan  # a oneDNN stream and its plans per thread
     first = plan
-    for i in range(_onednn.PLANS_PER_THREAD):  # other geometries push the first one out
+    for i in range(onednn.PLANS_PER_THREAD):  # other geometries push the first one out
         dnnl.conv_plan((2, 8, 6, 6, 4 + i + 1, 3, 3, (1, 1), (1, 1), (0, 0, 0, 0), (4, 4),
                         True, True, False))  # fmt: skip
     assert dnnl.conv_plan(key) is not first
@@ -119,7 +120,7 @@ def test_a_geometry_onednn_refuses_is_named():
     dnnl = kernels.onednn_conv(np.zeros((1, 1, 1, 1), np.float32), np.zeros(1, np.float32))
     key = (2, 8, 6, 6, 4, 3, 3, (1, 1), (1, 1), (0, 0, 0, 0), (9, 9), True, True, True)
     with pytest.raises(
-        _onednn.OneDnnError,
+        onednn.OneDnnError,
         match=r"status 2 \(invalid_arguments\) for the "
         r"convolution n=2, c=8, h=6, w=6, o=4, kh=3.*out_size=\(9, 9\)",
     ):
@@ -139,7 +140,7 @@ def test_the_switch_names_its_choices(monkeypatch):
         assert kernels.onednn_conv(x, np.zeros((2, 8, 3, 3), np.float32)) is None
         kernels._onednn.cache_clear()
         monkeypatch.setenv(kernels.CONV_ENV_VAR, "onednn")
-        monkeypatch.setattr(_onednn, "library_candidates", lambda: [])  # as if not installed
+        monkeypatch.setattr(onednn, "library_candidates", lambda: [])  # as if not installed
         with pytest.raises(RuntimeError, match=r"DISTNET_CONV=onednn but no oneDNN 3 library"):
             kernels.conv_library()
     finally:

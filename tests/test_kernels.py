@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from mpi_helpers import MPIEXEC, launch
 
-from distnet import _mkl_blas, kernels
+from distnet import kernels
+from distnet.kernels import mkl_blas
 
 SMALL = kernels.MIN_ELEMENTS  # arrays of at least this size take the compiled path
 
@@ -103,7 +104,14 @@ def test_activation_kernels_match_numpy(activation, monkeypatch):
 @needs_numba
 @pytest.mark.parametrize(
     "activation, dtype",
-    [("tanh", np.float32), ("sigmoid", np.float32), ("relu", np.float32), ("relu", np.float64)],
+    [
+        ("tanh", np.float32),
+        ("sigmoid", np.float32),
+        ("relu", np.float32),
+        ("relu", np.float64),
+        ("leaky_relu", np.float32),
+        ("leaky_relu", np.float64),
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("shape", [(300, 301), (1, 65_601), (3, 37, 601)])
 def test_fused_backward_with_bias_sum_matches_numpy(activation, dtype, shape, monkeypatch):
@@ -285,7 +293,7 @@ def test_kernels_share_the_gemms_thread_team(blas):
     GEMMs and kernels: the SGD update took twice as long when a second pool woke up); with
     OpenBLAS on workqueue (OpenMP's spinning team fought OpenBLAS's threads: the step took
     twice numpy's time)."""
-    if blas == "mkl" and not _mkl_blas.library_candidates():
+    if blas == "mkl" and not mkl_blas.library_candidates():
         pytest.skip("oneMKL is not installed (pip install 'distnet[mkl]')")
     # numba's compiler reloads its configuration from the environment: a compile between
     # choosing the layer and the first kernel (a kernel not yet cached) must not undo it
@@ -307,3 +315,25 @@ def test_kernels_share_the_gemms_thread_team(blas):
     layer, gemm_threads = out.stdout.split()
     assert layer == ("omp" if gemm_threads == "GNU" else "workqueue"), out.stdout
     assert gemm_threads == ("OpenBLAS" if blas == "numpy" else "GNU")  # libgomp is here
+
+
+def test_one_table_serves_every_entry_point_and_the_ops():
+    """Each activation is one row of ``unary.UNARY``: the numba kinds, the GPU formulas and the
+    autodiff ops follow its order and its references (leaky ReLU with its slope, and with a
+    negative slope, which the output's sign cannot differentiate, through the input's)."""
+    from distnet import Tensor  # noqa: PLC0415
+    from distnet.core import ops  # noqa: PLC0415
+    from distnet.kernels import cupy_elementwise, unary  # noqa: PLC0415
+
+    assert kernels.ACTIVATIONS == tuple(unary.UNARY) == ("tanh", "sigmoid", "relu", "leaky_relu")
+    for name in kernels.ACTIVATIONS:
+        assert {name, f"bias_{name}", f"{name}_grad"} <= set(cupy_elementwise.FORMULAS)
+    x = np.array([[-2.0, -0.5, 0.0, 0.5, 3.0]], np.float64)
+    for slope in (0.2, -0.3):
+        t = Tensor(x.copy(), requires_grad=True)
+        y = ops.leaky_relu(t, slope)
+        y.sum().backward()
+        np.testing.assert_array_equal(y.data, np.where(x > 0, x, slope * x))
+        np.testing.assert_array_equal(t.grad, np.where(x > 0, 1.0, slope))
+    with pytest.raises(ValueError, match="bias_activation_: unknown activation 'gelu'"):
+        kernels.bias_activation_(x.copy(), None, "gelu")

@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import pytest
 
-from distnet import _cupy_kernels as ck
 from distnet import backend, kernels
+from distnet.kernels import cupy_elementwise as ck
 
 SCALARS = {"lr": 0.05, "momentum": 0.9, "beta1": 0.9, "beta2": 0.99, "step_size": 0.01,
-           "inv_root_bias2": 3.0, "eps": 1e-8, "alpha": 0.9}  # fmt: skip
+           "slope": 0.01, "inv_root_bias2": 3.0, "eps": 1e-8, "alpha": 0.9}  # fmt: skip
 
 
 def _arrays(f: ck.Formula, n: int = 1000, xp=np) -> dict[str, np.ndarray]:
@@ -106,7 +106,7 @@ def test_tables_cover_every_fused_kernel():
 
 
 def test_importing_and_evaluating_the_gpu_table_does_not_import_cupy():
-    code = ("import sys, numpy as np; from distnet import _cupy_kernels as ck\n"
+    code = ("import sys, numpy as np; from distnet.kernels import cupy_elementwise as ck\n"
             "ck.evaluate(ck.FORMULAS['sgd'], {'p': np.ones(3, np.float32), 'g': np.ones(3, "
             "np.float32)}, {'lr': 0.1}); print('cupy' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -22,13 +22,7 @@ LAYER = {
     "suggest": 0,  # 'did you mean': imports nothing of distnet, every layer's errors use it
     "trace": 0,  # the timeline and step timers: imports nothing of distnet, every layer may use it
     "viz": 0.5,
-    "_numba_kernels": 0.6,  # the numba loops themselves: import nothing of distnet
-    "_numba_conv": 0.6,  # im2col, col2im and max pooling in numba: import nothing of distnet
-    "_numba_conv_nhwc": 0.6,  # the channels-last conv and pooling loops: nothing of distnet
-    "_mkl_blas": 0.6,  # oneMKL's GEMM through ctypes: imports nothing of distnet
-    "_onednn": 0.6,  # oneDNN's convolutions through ctypes: imports nothing of distnet
-    "_cupy_kernels": 0.6,  # the GPU formulas (cupy ElementwiseKernels): import nothing of distnet
-    "kernels": 0.7,  # the one table of fused kernels, used by core's ops and optim's updates
+    "kernels": 0.7,  # the kernel table and its implementations (numba, cupy, oneMKL, oneDNN)
     "core": 1,
     "functional": 1.5,  # re-exports core's ops: a face of core, just above it
     "nn": 2,

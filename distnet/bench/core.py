@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from distnet.bench.conv import CONTENDERS as CONV_CONTENDERS
+from distnet.bench.floor import gemm_floor_step, torch_gemm_floor_step
 
 SIZES = {"mlp": [784, 1000, 1000, 1000, 10], "sae": [784, 1000]}
 LR = 0.01
@@ -62,6 +63,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="BLAS threads per contender")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if present")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="the grid: activations x batch sizes x optimisers, distnet vs PyTorch vs the "
+        "GEMM floor (--batch defaults to 64 128 512 there)",
+    )
+    parser.add_argument("--activations", nargs="+", help="--matrix: only these activations")
+    parser.add_argument("--optimisers", nargs="+", help="--matrix: only these (sgd sgdm adam)")
+    parser.add_argument(
+        "--profile",
+        metavar="ACTIVATION,OPTIMISER",
+        help="per-op profile of the MLP step, distnet vs PyTorch, at the last --batch "
+        "(e.g. relu,sgdm)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one contender
 
 
@@ -117,34 +132,43 @@ def numpy_mlp_step(batch: int):
     return step
 
 
-def _distnet_mlp():
+def _distnet_mlp(activation: str = "tanh"):
     from distnet import backend, nn  # noqa: PLC0415
 
     backend.seed(0)
     sizes = SIZES["mlp"]
-    layers = [nn.Dense(a, b, "tanh") for a, b in zip(sizes[:-2], sizes[1:-1], strict=True)]
+    layers = [nn.Dense(a, b, activation) for a, b in zip(sizes[:-2], sizes[1:-1], strict=True)]
     return nn.Sequential(*layers, nn.Dense(sizes[-2], sizes[-1]))
 
 
-def _torch_mlp():
+TORCH_ACTIVATIONS = {
+    "tanh": "Tanh",
+    "sigmoid": "Sigmoid",
+    "relu": "ReLU",
+    "leaky_relu": "LeakyReLU",
+}
+
+
+def _torch_mlp(activation: str = "tanh"):
     import torch  # noqa: PLC0415
 
     torch.manual_seed(0)
     sizes = SIZES["mlp"]
     mods: list[Any] = []
-    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
-        mods += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):  # LeakyReLU: slope 0.01 as distnet's
+        mods += [torch.nn.Linear(a, b), getattr(torch.nn, TORCH_ACTIVATIONS[activation])()]
     return torch.nn.Sequential(*mods, torch.nn.Linear(sizes[-2], sizes[-1]))
 
 
-def _distnet_optimizer(model, name: str):
+def _distnet_optimizer(model, name: str, in_backward: bool = False):
     from distnet import optim  # noqa: PLC0415
 
     if name == "adam":
-        return optim.Adam(model, lr=1e-3)
+        return optim.Adam(model, lr=1e-3, update_in_backward=in_backward)
     if name == "rmsprop":
-        return optim.RMSProp(model, lr=1e-3)
-    return optim.SGD(model, lr=LR, momentum=0.9 if name == "sgdm" else 0.0)
+        return optim.RMSProp(model, lr=1e-3, update_in_backward=in_backward)
+    momentum = 0.9 if name == "sgdm" else 0.0
+    return optim.SGD(model, lr=LR, momentum=momentum, update_in_backward=in_backward)
 
 
 def _torch_optimizer(model, name: str, fused: bool | None = None):
@@ -160,12 +184,15 @@ def _torch_optimizer(model, name: str, fused: bool | None = None):
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum, fused=fused)
 
 
-def distnet_mlp_step(batch: int, opt_name: str = "sgd"):
-    """The same step through distnet's Module, fused ops, engine and SGD (or Adam)."""
+def distnet_mlp_step(
+    batch: int, opt_name: str = "sgd", activation: str = "tanh", in_backward: bool = False
+):
+    """The same step through distnet's Module, fused ops, engine and SGD (or Adam); with
+    ``in_backward`` the update runs inside backward (``distnet.optim.in_backward``)."""
     from distnet import functional  # noqa: PLC0415
 
-    model = _distnet_mlp()
-    opt = _distnet_optimizer(model, opt_name)
+    model = _distnet_mlp(activation)
+    opt = _distnet_optimizer(model, opt_name, in_backward)
     x, y = _data(batch, SIZES["mlp"][0], SIZES["mlp"][-1])
 
     def step() -> None:
@@ -176,12 +203,12 @@ def distnet_mlp_step(batch: int, opt_name: str = "sgd"):
     return step
 
 
-def torch_mlp_step(batch: int, opt_name: str = "sgd"):
+def torch_mlp_step(batch: int, opt_name: str = "sgd", activation: str = "tanh"):
     """PyTorch CPU, same net and threads (only when torch is importable)."""
     import torch  # noqa: PLC0415
 
     sizes = SIZES["mlp"]
-    model = _torch_mlp()
+    model = _torch_mlp(activation)
     opt = _torch_optimizer(model, opt_name)
     xn, yn = _data(batch, sizes[0], sizes[-1])
     x, y = torch.from_numpy(xn), torch.from_numpy(yn)
@@ -288,10 +315,17 @@ def _update_contenders(opt_name: str) -> dict[str, Any]:
 
 
 CONTENDERS = {
-    "mlp": {"distnet": distnet_mlp_step, "numpy": numpy_mlp_step, "torch": torch_mlp_step},
+    "mlp": {
+        "distnet": distnet_mlp_step,
+        "numpy": numpy_mlp_step,
+        "torch": torch_mlp_step,
+        "floor": gemm_floor_step,  # the step's 11 GEMMs alone (distnet.bench.floor)
+        "torch-floor": torch_gemm_floor_step,  # the same GEMMs through torch.mm
+    },
     "mlp-adam": {
         "distnet": lambda batch: distnet_mlp_step(batch, "adam"),
         "torch": lambda batch: torch_mlp_step(batch, "adam"),
+        "floor": gemm_floor_step,
     },
     "sae": {"distnet": distnet_sae_step, "numpy": numpy_sae_step},
     "update-sgdm": _update_contenders("sgdm"),
@@ -302,16 +336,41 @@ CONTENDERS = {
 WORKLOADS = list(CONTENDERS)
 
 
-def _worker(spec: str) -> int:
-    """Worker loop: build the step once, then answer 'N' with the seconds N steps took."""
+def contender(workload: str, name: str) -> Any:
+    """The step builder (batch -> step) for ``workload``; the grid's cells are named
+    ``grid-<activation>-<optimiser>`` (see ``distnet.bench.grid``)."""
+    if workload.startswith("grid-"):
+        _, activation, opt_name = workload.split("-", 2)
+        if name == "floor":
+            return gemm_floor_step
+        if name == "distnet-ib":  # the update inside backward
+            return lambda batch: distnet_mlp_step(batch, opt_name, activation, True)
+        build = {"distnet": distnet_mlp_step, "torch": torch_mlp_step}[name]
+        return lambda batch: build(batch, opt_name, activation)
+    return CONTENDERS[workload][name]
+
+
+def _build(spec: str) -> Any:
     workload, name, batch = spec.split(":")
+    step = contender(workload, name)(int(batch))
+    step()  # warm-up: first-touch allocations, BLAS thread start
+    return step
+
+
+def _worker(spec: str) -> int:
+    """Worker loop: build the step, then answer 'N' with the seconds N steps took; a line
+    'build SPEC' builds another step (the grid reuses one process per contender)."""
     from distnet import backend  # noqa: PLC0415
 
     backend.tune_malloc()  # every contender gets the same allocator settings
-    step = CONTENDERS[workload][name](int(batch))
-    step()  # warm-up: first-touch allocations, BLAS thread start
+    step = _build(spec)
     print("ready", flush=True)
     for line in sys.stdin:
+        if line.startswith("build "):
+            step = None  # free the previous model first
+            step = _build(line.split()[1])
+            print("ready", flush=True)
+            continue
         n = int(line)
         start = time.perf_counter()
         for _ in range(n):
@@ -348,6 +407,14 @@ class _Contender:
             raise RuntimeError(f"bench worker {self.spec} gave no answer within {self.timeout} s")
         return line.strip()
 
+    def build(self, spec: str) -> None:
+        """Makes the worker build ``spec``'s step instead (same process, same framework)."""
+        self.spec = spec
+        self.proc.stdin.write(f"build {spec}\n")
+        self.proc.stdin.flush()
+        if self._read() != "ready":
+            raise RuntimeError(f"bench worker {spec} did not build")
+
     def time_steps(self, n: int) -> float:
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
@@ -368,10 +435,29 @@ def _torch_available() -> bool:
 
 
 def measure(
-    workload: str, batch: int, names: list[str], rounds: int, steps: int, threads: int
+    workload: str,
+    batch: int,
+    names: list[str],
+    rounds: int,
+    steps: int,
+    threads: int,
+    pool: dict[str, _Contender] | None = None,
 ) -> dict[str, Any]:
-    """Alternates the contenders round by round; returns samples/s and per-round ratios."""
-    contenders = {n: _Contender(f"{workload}:{n}:{batch}", threads) for n in names}
+    """Alternates the contenders round by round; returns samples/s and per-round ratios.
+
+    ``pool``: worker processes by contender name kept across calls (the caller closes them);
+    without it each call starts and closes its own."""
+    if pool is None:
+        contenders = {n: _Contender(f"{workload}:{n}:{batch}", threads) for n in names}
+    else:
+        contenders = {}
+        for n in names:
+            spec = f"{workload}:{n}:{batch}"
+            if n in pool:
+                pool[n].build(spec)
+            else:
+                pool[n] = _Contender(spec, threads)
+            contenders[n] = pool[n]
     try:
         for c in contenders.values():  # one untimed round each
             c.time_steps(max(1, steps // 2))
@@ -383,14 +469,23 @@ def measure(
                 time.sleep(IDLE_GAP_S)
                 rates[n].append(steps * batch / c.time_steps(steps))
     finally:
-        for c in contenders.values():
-            c.close()
+        if pool is None:
+            for c in contenders.values():
+                c.close()
     result: dict[str, Any] = {
         "workload": workload,
         "batch": batch,
         "samples_per_s": {n: statistics.median(r) for n, r in rates.items()},
     }
+    if "floor" in rates:  # each contender's time as a multiple of the GEMMs' time
+        result["x_floor"] = {
+            n: statistics.median(f / r for f, r in zip(rates["floor"], rs, strict=True))
+            for n, rs in rates.items()
+            if n != "floor"
+        }
     for base in names[1:]:
+        if base == "floor":
+            continue
         ratios = [a / b for a, b in zip(rates["distnet"], rates[base], strict=True)]
         result[f"distnet/{base}"] = {
             "median": statistics.median(ratios),
@@ -404,6 +499,16 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints one line per workload and batch size."""
     if args.worker:
         return _worker(args.worker)
+    if args.matrix:
+        from distnet.bench import grid  # noqa: PLC0415
+
+        return grid.run(args)
+    if args.profile:
+        from distnet.bench import opprofile  # noqa: PLC0415
+
+        activation, opt_name = args.profile.split(",")
+        return opprofile.run(args.batch[-1], opt_name, activation, args.rounds, args.steps,
+                             args.threads)  # fmt: skip
     workloads = WORKLOADS if args.workload == "all" else [args.workload]
     with_torch = not args.no_torch and _torch_available()
     results = []
@@ -421,7 +526,9 @@ def run(args: argparse.Namespace) -> int:
                 for k, v in r.items()
                 if k.startswith("distnet/")
             )
-            print(f"{workload:<4} batch {batch:<4} {rates}   ratio {ratios}", flush=True)
+            floors = "  ".join(f"{n} {v:.2f}x" for n, v in r.get("x_floor", {}).items())
+            floors = f"   GEMM floor: {floors}" if floors else ""
+            print(f"{workload:<4} batch {batch:<4} {rates}   ratio {ratios}{floors}", flush=True)
     if not with_torch and not args.no_torch:
         print("(PyTorch not importable: torch column skipped)")
     if args.json:

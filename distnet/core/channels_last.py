@@ -6,7 +6,7 @@ an (N, O, OH, OW) array whose memory is the GEMM's (N OH OW, O) output, as PyTor
 ``channels_last`` format is. A following max pool sees such an input, pools along contiguous
 channel vectors and returns the same kind of array; the next convolution reads it as NHWC
 without a copy. Anything else (a flatten, a numpy op, the user) reads it like any strided
-numpy array, and an NCHW input is converted once. Why NHWC: see ``distnet._numba_conv_nhwc``.
+numpy array, and an NCHW input is converted once. Why NHWC: see ``distnet.kernels.numba_conv_nhwc``.
 
 The GEMMs (``distnet.kernels.matmul``: oneMKL when installed), per layer and batch:
 forward ``cols (N OH OW, KH KW C) @ W^T``, weight gradient ``dZ^T @ cols``, input gradient
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from distnet import kernels
-from distnet.core import block_threads
 from distnet.core.tensor import WRITTEN, Tensor, make_result
+from distnet.kernels import block_threads
 
 
 def is_channels_last(a: Any) -> bool:
@@ -55,7 +55,7 @@ def sample_blocks(n: int, bytes_per_sample: int) -> list[tuple[int, int]]:
 def _plan(compiled: ModuleType) -> tuple[bool, int]:
     """(parallel kernels?, threads): serial kernels on ``block_threads``' threads when
     GEMMs go through oneMKL (its threads can be set per thread), else numba's parallel
-    kernels over the whole batch on this thread (see ``distnet.core.block_threads``).
+    kernels over the whole batch on this thread (see ``distnet.kernels.block_threads``).
     Also the latter when oneDNN runs the convolutions: its OpenMP threads, the same team as
     numba's ``omp`` layer, are still spinning when the pooling after a convolution starts,
     and kept ``block_threads``' thread off its core (LeNet step 9.5-10.4 ms, 8.0 parallel)."""

@@ -6,7 +6,7 @@ offset one strided slice add (no ``np.add.at``). The same code runs on numpy and
 have ``as_strided``); it is how Caffe computed convolutions: a convolution is one matrix
 product once the windows are laid out as rows. On CPU, when ``distnet.kernels`` has numba
 and the arrays are large enough, im2col, col2im, max pooling and the elementwise passes
-around the GEMMs run as parallel compiled kernels instead (``distnet._numba_conv``): the
+around the GEMMs run as parallel compiled kernels instead (``distnet.kernels.numba_conv``): the
 same numbers, without numpy's per-row loop overhead on rows of OW elements.
 
 Shapes: input (N, C, H, W); weight (O, C, KH, KW); output (N, O, OH, OW) with

@@ -1,4 +1,5 @@
-"""``conv2d`` on CPU float32 arrays through oneDNN (``distnet._onednn``, the ``[onednn]`` extra).
+"""``conv2d`` on CPU float32 arrays through oneDNN (``distnet.kernels.onednn``, the
+``[onednn]`` extra).
 
 The activations' memory is NHWC, as in ``distnet.core.channels_last``: the result is an
 (N, O, OH, OW) array with channels-last strides, which that module's max pooling and the next
@@ -21,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from distnet import kernels
-from distnet._onednn import UNIMPLEMENTED, OneDnnError
 from distnet.core.channels_last import as_nhwc
 from distnet.core.tensor import WRITTEN, Tensor, make_result
+from distnet.kernels.onednn import UNIMPLEMENTED, OneDnnError
 
 MIN_CHANNELS_FOR_INPUT_GRAD = 8
 """oneDNN 3.2's backward-data primitive for a one-channel input (``brgconv`` on AVX-512) took

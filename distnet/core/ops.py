@@ -314,40 +314,30 @@ def abs(a: Tensor) -> Tensor:  # noqa: A001
     return make_result(xp.abs(a.data), (a,), lambda g: (g * sign,), "abs")
 
 
+def _unary(name: str, a: Tensor, slope: float = kernels.LEAKY_SLOPE) -> Tensor:
+    """act(a) for a row of ``distnet.kernels.unary.UNARY``, its derivative from the output."""
+    out = backend.array_module(a.data).array(a.data, copy=True)
+    kernels.bias_activation_(out, None, name, slope)
+    backward = lambda g: (kernels.activation_grad(name, out, g, slope),)  # noqa: E731
+    return make_result(out, (a,), backward, name)
+
+
 def tanh(a: Tensor) -> Tensor:
-    xp = backend.array_module(a.data)
-    out = xp.tanh(a.data)
-
-    def backward(g: Any) -> tuple[Any]:
-        # an explicit out= array: for a 0-d input ``out * out`` is a numpy scalar, not writable
-        d = xp.multiply(out, out, out=xp.empty_like(out))
-        xp.subtract(1, d, out=d)
-        d *= g
-        return (d,)
-
-    return make_result(out, (a,), backward, "tanh")
+    return _unary("tanh", a)
 
 
 def sigmoid(a: Tensor) -> Tensor:
-    xp = backend.array_module(a.data)
-    # 0.5 * (1 + tanh(x / 2)) is exact, stable for large |x| and needs no branch
-    out = xp.tanh(a.data * 0.5)
-    out += 1
-    out *= 0.5
-
-    def backward(g: Any) -> tuple[Any]:
-        return (g * out * (1 - out),)
-
-    return make_result(out, (a,), backward, "sigmoid")
+    return _unary("sigmoid", a)  # 0.5 (1 + tanh(x / 2)): exact, stable, no branch
 
 
 def relu(a: Tensor) -> Tensor:
-    xp = backend.array_module(a.data)
-    out = xp.maximum(a.data, 0)
-    return make_result(out, (a,), lambda g: (g * (out > 0),), "relu")
+    return _unary("relu", a)
 
 
-def leaky_relu(a: Tensor, slope: float = 0.01) -> Tensor:
+def leaky_relu(a: Tensor, slope: float = kernels.LEAKY_SLOPE) -> Tensor:
+    """max(x, slope x) for 0 <= slope <= 1; x where x > 0, else slope x, for any slope."""
+    if slope >= 0:  # then the output's sign gives the derivative (the table's rule)
+        return _unary("leaky_relu", a, slope)
     xp = backend.array_module(a.data)
     scale = xp.where(a.data > 0, 1, slope).astype(a.dtype)
     return make_result(a.data * scale, (a,), lambda g: (g * scale,), "leaky_relu")

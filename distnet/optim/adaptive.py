@@ -16,7 +16,7 @@ import numpy as np
 
 from distnet import kernels
 from distnet.nn.module import Module, Parameter
-from distnet.optim.optimizer import Optimizer
+from distnet.optim.optimizer import _WHOLE, Optimizer
 
 Params = Module | Iterable[Parameter]
 
@@ -52,8 +52,9 @@ class Adam(Optimizer):
         weight_decay: float = 0.0,
         l1: float = 0.0,
         decay_biases: bool = False,
+        update_in_backward: bool = False,
     ):
-        super().__init__(params, lr, weight_decay, l1, decay_biases)
+        super().__init__(params, lr, weight_decay, l1, decay_biases, update_in_backward)
         self.beta1 = _check_range("Adam", "betas[0]", betas[0], 0.0, 1.0)
         self.beta2 = _check_range("Adam", "betas[1]", betas[1], 0.0, 1.0)
         self.eps = _check_range("Adam", "eps", eps, 0.0, math.inf)
@@ -66,11 +67,11 @@ class Adam(Optimizer):
         self._state_buffer("exp_avg")
         self._state_buffer("exp_avg_sq")
 
-    def _update(self, params: Any, grads: Any) -> None:
-        m, v = self._state_buffer("exp_avg"), self._state_buffer("exp_avg_sq")
+    def _update(self, params: Any, grads: Any, part: slice = _WHOLE) -> None:
+        m, v = self._state_buffer("exp_avg")[part], self._state_buffer("exp_avg_sq")[part]
         eps = usable_eps(self.eps, params.dtype)
         kernels.adam_update(params, grads, m, v, self.lr, self.beta1, self.beta2, eps,
-                            self.steps, self._scratch("work"))  # fmt: skip
+                            self.steps, self._scratch("work")[part])  # fmt: skip
 
 
 class RMSProp(Optimizer):
@@ -92,8 +93,9 @@ class RMSProp(Optimizer):
         centered: bool = False,
         l1: float = 0.0,
         decay_biases: bool = False,
+        update_in_backward: bool = False,
     ):
-        super().__init__(params, lr, weight_decay, l1, decay_biases)
+        super().__init__(params, lr, weight_decay, l1, decay_biases, update_in_backward)
         self.alpha = _check_range("RMSProp", "alpha", alpha, 0.0, 1.0)
         self.eps = _check_range("RMSProp", "eps", eps, 0.0, math.inf)
         self.momentum = _check_range("RMSProp", "momentum", momentum, 0.0, 1.0)
@@ -106,12 +108,14 @@ class RMSProp(Optimizer):
         if self.centered:
             self._state_buffer("grad_avg")
 
-    def _update(self, params: Any, grads: Any) -> None:
+    def _update(self, params: Any, grads: Any, part: slice = _WHOLE) -> None:
         self._init_state()
+        grad_avg, buf = self._state.get("grad_avg"), self._state.get("momentum_buffer")
         kernels.rmsprop_update(
-            params, grads, self._state["square_avg"], self._state.get("grad_avg"),
-            self._state.get("momentum_buffer"), self.lr, self.alpha,
-            usable_eps(self.eps, params.dtype), self.momentum, self._scratch("work"),
+            params, grads, self._state["square_avg"][part],
+            None if grad_avg is None else grad_avg[part], None if buf is None else buf[part],
+            self.lr, self.alpha, usable_eps(self.eps, params.dtype), self.momentum,
+            self._scratch("work")[part],
         )  # fmt: skip
 
 
@@ -131,8 +135,9 @@ class AdaGrad(Optimizer):
         initial_accumulator_value: float = 0.0,
         l1: float = 0.0,
         decay_biases: bool = False,
+        update_in_backward: bool = False,
     ):
-        super().__init__(params, lr, weight_decay, l1, decay_biases)
+        super().__init__(params, lr, weight_decay, l1, decay_biases, update_in_backward)
         self.eps = _check_range("AdaGrad", "eps", eps, 0.0, math.inf)
         self.lr_decay = _check_range("AdaGrad", "lr_decay", lr_decay, 0.0, math.inf)
         self.initial_accumulator_value = _check_range(
@@ -143,8 +148,9 @@ class AdaGrad(Optimizer):
         if "sum" not in self._state:
             self._state_buffer("sum")[...] = self.initial_accumulator_value
 
-    def _update(self, params: Any, grads: Any) -> None:
+    def _update(self, params: Any, grads: Any, part: slice = _WHOLE) -> None:
         self._init_state()
         lr = self.lr / (1.0 + (self.steps - 1) * self.lr_decay)
         eps = usable_eps(self.eps, params.dtype)
-        kernels.adagrad_update(params, grads, self._state["sum"], lr, eps, self._scratch("work"))
+        kernels.adagrad_update(params, grads, self._state["sum"][part], lr, eps,
+                               self._scratch("work")[part])  # fmt: skip

@@ -1,8 +1,10 @@
 """``Optimizer``: updates a model's flat parameter buffer in place from its flat gradient buffer.
 
-Subclasses implement ``_update(params, grads)`` on 1-D arrays and keep their state in flat
-arrays registered with ``_state_buffer`` (so ``state_dict`` and the distributed layer's
-broadcast of rank 0's state both see every array).
+Subclasses implement ``_update(params, grads, part)`` on 1-D arrays (``part``: the slice of
+the flat buffers they are, for the state arrays) and keep their state in flat arrays
+registered with ``_state_buffer`` (so ``state_dict`` and the distributed layer's broadcast of
+rank 0's state both see every array). With ``update_in_backward=True`` the update runs on
+buckets of the buffer during backward (``distnet.optim.in_backward``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import numpy as np
 
 from distnet import backend, kernels
 from distnet.nn.module import Module, Parameter, consecutive_views, flat_buffers, layout_of
+from distnet.optim.in_backward import BackwardUpdates
+
+_WHOLE = slice(None)
 
 
 class Optimizer:
@@ -26,6 +31,10 @@ class Optimizer:
         l1: L1 penalty coefficient (adds l1 * sign(w)).
         decay_biases: when False (the default), penalties apply to weights only, not to
             1-D parameters (biases, batch-norm scales), as the seed lectures teach.
+        update_in_backward: update each bucket of the flat buffer as soon as backward has
+            completed its gradient (bit-identical to updating in ``step()``; falls back to
+            that while ``require_whole_gradient`` holds a reason, see
+            ``distnet.optim.in_backward``). One backward per ``step()``.
     """
 
     def __init__(
@@ -35,6 +44,7 @@ class Optimizer:
         weight_decay: float = 0.0,
         l1: float = 0.0,
         decay_biases: bool = False,
+        update_in_backward: bool = False,
     ):
         self.params = params.parameters() if isinstance(params, Module) else list(params)
         if lr <= 0:
@@ -50,6 +60,31 @@ class Optimizer:
         self._layout = layout_of(self.params)
         backend.tune_malloc()  # a training run starts here: keep step memory mapped
         self._penalty_mask = self._make_penalty_mask() if (weight_decay or l1) else None
+        self.whole_gradient_reasons: set[str] = set()
+        self._in_backward: BackwardUpdates | None = None
+        if update_in_backward:
+            self._in_backward = BackwardUpdates(self)
+
+    @property
+    def update_in_backward(self) -> bool:
+        """Whether buckets are updated during backward in the coming steps (hooks armed and
+        no reason to wait for the whole gradient)."""
+        return self._in_backward is not None and not self.whole_gradient_reasons
+
+    def require_whole_gradient(self, reason: str, required: bool = True) -> None:
+        """Until released (``required=False`` with the same reason), ``step()`` updates after
+        backward: the caller needs the whole gradient first (a non-finite check, clipping by
+        the global norm, a reduction over ranks). Call it between steps."""
+        if required:
+            self.whole_gradient_reasons.add(reason)
+        else:
+            self.whole_gradient_reasons.discard(reason)
+
+    def close(self) -> None:
+        """Removes the update-in-backward hooks from the parameters (if any)."""
+        if self._in_backward is not None:
+            self._in_backward.close()
+            self._in_backward = None
 
     def algorithm(self) -> str:
         """The update rule's name (the class name; a distributed wrapper gives its base's)."""
@@ -123,43 +158,49 @@ class Optimizer:
             self._scratch_bufs[name] = buf
         return buf
 
-    def penalised_grads(self) -> Any:
-        """The gradient with L2 / L1 penalties added on the masked entries.
+    def penalised_grads(self, part: slice = _WHOLE) -> Any:
+        """The gradient (of the slice ``part`` of the flat buffer) with L2 / L1 penalties
+        added on the masked entries.
 
-        Returns ``flat_grads`` itself when there is no penalty; otherwise a scratch buffer
-        that is reused by the next step (``flat_grads`` is never modified, so the gradient
-        the distributed layer reduced stays what it was).
+        Returns ``flat_grads[part]`` itself when there is no penalty; otherwise a slice of a
+        scratch buffer that is reused by the next step (``flat_grads`` is never modified, so
+        the gradient the distributed layer reduced stays what it was). Elementwise: a slice
+        gives the bits the whole buffer gives there.
         """
-        g = self.flat_grads
+        g = self.flat_grads[part]
         if not (self.weight_decay or self.l1):
             return g
         if self._penalty_mask is None:  # decay switched on after construction
             self._penalty_mask = self._make_penalty_mask()
         xp = backend.array_module(g)
-        w = self.flat_params
+        w = self.flat_params[part]
         # out= everywhere: this runs every step over the whole model
-        pen = self._scratch("penalty")
+        pen = self._scratch("penalty")[part]
         if self.weight_decay:
             xp.multiply(w, self.weight_decay, out=pen)
             if self.l1:
-                l1 = self._scratch("l1")
+                l1 = self._scratch("l1")[part]
                 xp.sign(w, out=l1)
                 l1 *= self.l1
                 pen += l1
         else:
             xp.sign(w, out=pen)
             pen *= self.l1
-        pen *= self._penalty_mask
+        pen *= self._penalty_mask[part]
         pen += g
         return pen
 
     def step(self) -> None:
-        """One update of the flat parameter buffer, in place."""
+        """One update of the flat parameter buffer, in place (with ``update_in_backward``:
+        of the buckets that backward did not update already)."""
+        if self._in_backward is not None and self._in_backward.finish_step():
+            return
         self.steps += 1
         self.settle_grads()
         self._update(self.flat_params, self.penalised_grads())
 
-    def _update(self, params: Any, grads: Any) -> None:
+    def _update(self, params: Any, grads: Any, part: slice = _WHOLE) -> None:
+        """Updates ``params`` (the slice ``part`` of ``flat_params``) from ``grads``."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -217,8 +258,9 @@ class SGD(Optimizer):
         weight_decay: float = 0.0,
         l1: float = 0.0,
         decay_biases: bool = False,
+        update_in_backward: bool = False,
     ):
-        super().__init__(params, lr, weight_decay, l1, decay_biases)
+        super().__init__(params, lr, weight_decay, l1, decay_biases, update_in_backward)
         if nesterov and momentum <= 0:
             raise ValueError("SGD: nesterov=True needs momentum > 0")
         self.momentum = float(momentum)
@@ -228,7 +270,7 @@ class SGD(Optimizer):
         if self.momentum:
             self._state_buffer("velocity")
 
-    def _update(self, params: Any, grads: Any) -> None:
-        v = self._state_buffer("velocity") if self.momentum else None
+    def _update(self, params: Any, grads: Any, part: slice = _WHOLE) -> None:
+        v = self._state_buffer("velocity")[part] if self.momentum else None
         kernels.sgd_update(params, grads, v, self.lr, self.momentum, self.nesterov,
-                           self._scratch("work"))  # fmt: skip
+                           self._scratch("work")[part])  # fmt: skip

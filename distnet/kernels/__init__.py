@@ -1,15 +1,17 @@
 """One table of fused elementwise kernels for the hot tail of a training step.
 
-Bias + activation forward, the activation derivative in backward and the optimiser updates
-each read and write their arrays once here, instead of the several whole-array passes (and
+Bias + activation forward, the activation derivative in backward (every activation is one
+row of ``distnet.kernels.unary.UNARY``) and the optimiser updates each read and write their
+arrays once here, instead of the several whole-array passes (and
 temporaries) that composing numpy ufuncs costs. Three implementations share one table:
 
 - ``numpy``: plain ufuncs with ``out=``; it defines the results and serves every array the
   others cannot (float16, non-contiguous, small);
 - ``numba``: ``njit(parallel=True, cache=True)`` loops over ``prange`` on CPU, multi-threaded,
   compiled once per machine and cached on disk (see ``cache_dir``);
-- ``cupy``: GPU arrays go through ``cupy.ElementwiseKernel``s (``distnet._cupy_kernels``), one
-  launch per fused kernel, written once as formulas that tests also evaluate with numpy.
+- ``cupy``: GPU arrays go through ``cupy.ElementwiseKernel``s
+  (``distnet.kernels.cupy_elementwise``), one launch per fused kernel, written once as
+  formulas that tests also evaluate with numpy.
 
 The GEMMs themselves (``matmul``) go through oneMKL when the ``[mkl]`` extra is installed
 (``DISTNET_BLAS``: ``auto``, ``mkl`` or ``numpy``), else through numpy's OpenBLAS.
@@ -33,10 +35,12 @@ from typing import Any
 import numpy as np
 
 from distnet import backend
+from distnet.kernels import unary
+from distnet.kernels.unary import ACTIVATIONS as ACTIVATIONS  # public: the fused activations
+from distnet.kernels.unary import LEAKY_SLOPE, UNARY
 
 ENV_VAR = "DISTNET_KERNELS"
 _CHOICES = ("auto", "numba", "numpy")
-ACTIVATIONS = ("tanh", "sigmoid", "relu")
 
 
 def cache_dir() -> Path:
@@ -67,18 +71,18 @@ def _numba() -> ModuleType | None:
         import numba  # noqa: PLC0415  (lazy on purpose)
 
         numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
-        from distnet import _numba_kernels  # noqa: PLC0415
+        from distnet.kernels import numba_elementwise  # noqa: PLC0415
     except Exception as e:  # ImportError, or a numba that refuses this numpy
         if choice == "numba":
             raise RuntimeError(f"{ENV_VAR}=numba but numba cannot be used: {e}") from e
         return None
-    return _numba_kernels
+    return numba_elementwise
 
 
 def numba_threading_layer() -> str:
     """The numba threading layer that shares the cores best with the GEMMs' threads.
 
-    ``omp`` when oneMKL runs on GNU OpenMP (``distnet._mkl_blas``): numba's omp layer links
+    ``omp`` when oneMKL runs on GNU OpenMP (``distnet.kernels.mkl_blas``): numba's omp layer links
     the same libgomp, so GEMMs and kernels take turns on one thread team instead of waking a
     second pool. Measured alone (2 threads, 128x1000): bias + tanh 21 vs 104 us, derivative +
     bias sum 30 vs 147 us, SGD over 2.8M floats 0.41 vs 0.67 ms against workqueue; the whole
@@ -141,7 +145,7 @@ def _optional_library(env_var: str, choices: tuple[str, str, str], module: str,
         raise ValueError(f"{env_var}={choice!r}: expected one of {', '.join(choices)}")
     if choice == off:
         return None
-    lib = importlib.import_module(f"distnet.{module}").load()  # lazy: loads a large library
+    lib = importlib.import_module(f"distnet.kernels.{module}").load()  # lazy: loads a large library
     if lib is None and choice == insist:
         raise RuntimeError(f"{env_var}={insist} but no {library} was found (pip install "
                            f"'distnet[{insist}]'); looked in {sys.prefix}/lib")  # fmt: skip
@@ -150,8 +154,8 @@ def _optional_library(env_var: str, choices: tuple[str, str, str], module: str,
 
 @functools.cache
 def _mkl() -> Any | None:
-    """oneMKL's GEMM (``distnet._mkl_blas``) when installed and allowed, else None."""
-    return _optional_library(BLAS_ENV_VAR, _BLAS_CHOICES, "_mkl_blas", "libmkl_rt")
+    """oneMKL's GEMM (``distnet.kernels.mkl_blas``) when installed and allowed, else None."""
+    return _optional_library(BLAS_ENV_VAR, _BLAS_CHOICES, "mkl_blas", "libmkl_rt")
 
 
 def blas() -> str:
@@ -162,7 +166,7 @@ def blas() -> str:
 MIN_THREADED_GEMM_FLOPS = 1 << 25
 """oneMKL products smaller than this (M K N) run on the calling thread alone: splitting a
 0.2 ms product gains 0.1 ms, and GNU OpenMP's threads then spin for a while afterwards on
-the cores that numba's and ``distnet.core.block_threads``' threads need next (the LeNet
+the cores that numba's and ``distnet.kernels.block_threads``' threads need next (the LeNet
 step's dense layers: 128 x 800 x 128)."""
 
 
@@ -177,7 +181,7 @@ def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
     """a @ b, into ``out`` when given. Shapes: a (M, K), b (K, N), out (M, N).
 
     Large float32/float64 CPU products go through oneMKL when the ``[mkl]`` extra is installed
-    (see ``distnet._mkl_blas``: 10-20% faster than numpy's OpenBLAS here); everything else,
+    (see ``distnet.kernels.mkl_blas``: 10-20% faster than numpy's OpenBLAS here); everything else,
     GPU arrays included, is ``xp.matmul``.
     """
     if (
@@ -219,8 +223,8 @@ _CONV_CHOICES = ("auto", "onednn", "im2col")
 
 @functools.cache
 def _onednn() -> Any | None:
-    """oneDNN's convolutions (``distnet._onednn``) when installed and allowed, else None."""
-    return _optional_library(CONV_ENV_VAR, _CONV_CHOICES, "_onednn",
+    """oneDNN's convolutions (``distnet.kernels.onednn``) when installed and allowed, else None."""
+    return _optional_library(CONV_ENV_VAR, _CONV_CHOICES, "onednn",
                              "oneDNN 3 library (libdnnl.so.3)")  # fmt: skip
 
 
@@ -230,7 +234,7 @@ def conv_library() -> str:
 
 
 def onednn_conv(x: Any, weight: Any) -> Any | None:
-    """The loaded oneDNN (``distnet._onednn.OneDnn``) when this convolution suits it: CPU
+    """The loaded oneDNN (``distnet.kernels.onednn.OneDnn``) when this convolution suits it: CPU
     numpy arrays, float32, (N, C, H, W) and (O, C, KH, KW); else None."""
     if (
         type(x) is not np.ndarray
@@ -244,18 +248,18 @@ def onednn_conv(x: Any, weight: Any) -> Any | None:
 
 
 def conv_kernels(*arrays: Any) -> ModuleType | None:
-    """``distnet._numba_conv`` (im2col, col2im, max pooling) when the arrays suit compiled
+    """``distnet.kernels.numba_conv`` (im2col, col2im, max pooling) when the arrays suit compiled
     kernels by the rules of ``_compiled``, else None (then ``distnet.core.conv`` runs its
     numpy/cupy formulas)."""
     if _compiled(*arrays) is None:
         return None
-    from distnet import _numba_conv  # noqa: PLC0415  (after _numba() set the threading layer)
+    from distnet.kernels import numba_conv  # noqa: PLC0415  (after _numba() set the threading layer)
 
-    return _numba_conv
+    return numba_conv
 
 
 def channels_last_kernels(x: Any) -> ModuleType | None:
-    """``distnet._numba_conv_nhwc`` (the channels-last conv and pooling kernels) when x
+    """``distnet.kernels.numba_conv_nhwc`` (the channels-last conv and pooling kernels) when x
     (N, C, H, W), NCHW or channels-last in memory, suits compiled kernels by the rules of
     ``_compiled`` (through ``conv_kernels``: one switch for both layouts), else None."""
     if type(x) is not np.ndarray or x.ndim != 4:
@@ -263,121 +267,83 @@ def channels_last_kernels(x: Any) -> ModuleType | None:
     nhwc = x.transpose(0, 2, 3, 1)
     if conv_kernels(nhwc if nhwc.flags.c_contiguous else x) is None:
         return None
-    from distnet import _numba_conv_nhwc  # noqa: PLC0415  (after _numba() set the layer)
+    from distnet.kernels import numba_conv_nhwc  # noqa: PLC0415  (after _numba() set the layer)
 
-    return _numba_conv_nhwc
-
-
-# -- activations -------------------------------------------------------------------------------
+    return numba_conv_nhwc
 
 
-def bias_activation_(z: Any, bias: Any | None, activation: str | None) -> None:
-    """z <- act(z + bias) in place. Shapes: z (..., H), bias (H,) or None."""
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"bias_activation_: unknown activation {activation!r}")
+# -- activations (one table: distnet.kernels.unary) ------------------------------------------
+
+
+def bias_activation_(z: Any, bias: Any | None, activation: str | None,
+                     slope: float = LEAKY_SLOPE) -> None:  # fmt: skip
+    """z <- act(z + bias) in place. Shapes: z (..., H), bias (H,) or None.
+
+    ``activation``: a row of ``UNARY`` or None (bias only); ``slope``: leaky ReLU's."""
+    unary.check(activation, "bias_activation_")
     nb = _activation_kernels(z, bias, activation)
     if nb is not None:  # one parallel pass over rows: bias, then the activation
         z2 = z.reshape(-1, z.shape[-1])  # a view: z is C-contiguous
         nb.bias_activation(z2, z2[0, :0] if bias is None else bias, bias is not None,
-                           ACTIVATIONS.index(activation))  # fmt: skip
+                           unary.kind(activation), z.dtype.type(slope))  # fmt: skip
         return
     if backend.is_gpu_array(z) and activation is not None:
-        from distnet import _cupy_kernels  # noqa: PLC0415  (GPU only)
+        from distnet.kernels import cupy_elementwise  # noqa: PLC0415  (GPU only)
 
-        _cupy_kernels.bias_activation_(z, bias, activation)
+        cupy_elementwise.bias_activation_(z, bias, activation, slope)
         return
     if bias is not None:
         z += bias
     if activation is not None:
-        _NUMPY_ACTIVATIONS[activation][0](z)
+        UNARY[activation].forward(z, slope)
 
 
 def _activation_kernels(z: Any, bias: Any | None, activation: str | None) -> ModuleType | None:
-    """The numba kernels when they can fuse bias + activation over ``z``, else None.
-
-    tanh and sigmoid only in float32: the compiled tanh is a float32 rational function (numpy's
-    SIMD tanh beats numba's scalar libm call in float64 on machines without Intel's SVML).
-    """
+    """The numba kernels when they can fuse bias + activation over ``z``, else None (the
+    activation's ``compiled_dtypes`` say which dtypes its compiled loop serves)."""
     if activation is None or z.ndim < 2 or (bias is not None and bias.shape != z.shape[-1:]):
         return None
-    if activation != "relu" and z.dtype != np.float32:
+    if z.dtype not in UNARY[activation].compiled_dtypes:
         return None
     return _compiled(z) if bias is None else _compiled(z, bias)
 
 
-def activation_grad(activation: str, y: Any, g: Any) -> Any:
+def activation_grad(activation: str, y: Any, g: Any, slope: float = LEAKY_SLOPE) -> Any:
     """dL/dz from the output y = act(z) and dL/dy, as a fresh array. Shapes: y, g (N, H)."""
-    return activation_backward(activation, y, g, None)
+    return activation_backward(activation, y, g, None, slope)
 
 
-def activation_backward(activation: str, y: Any, g: Any, bias_grad: Any | None) -> Any:
+def activation_backward(activation: str, y: Any, g: Any, bias_grad: Any | None,
+                        slope: float = LEAKY_SLOPE) -> Any:  # fmt: skip
     """dL/dz from y = act(z) and dL/dy as a fresh array; with ``bias_grad`` (shape (H,)) also
     writes dL/dz summed over all leading axes into it, in the same pass over memory.
 
     Shapes: y, g (..., H) -> (..., H).
     """
+    unary.check(activation, "activation_backward")
     nb = _compiled(y, g) if y.shape == g.shape and y.ndim >= 2 else None
     if nb is not None and bias_grad is not None:
         nb = _compiled(y, bias_grad)
-    kind = ACTIVATIONS.index(activation)
+    kind, slope_ = unary.kind(activation), y.dtype.type(slope)
     if nb is not None:
         out = np.empty_like(y)
         h = y.shape[-1]
         if bias_grad is not None:
             y2, g2, out2 = (a.reshape(-1, h) for a in (y, g, out))
             chunks = max(1, min(nb.get_num_threads(), y2.shape[0]))  # one block of rows each
-            nb.activation_backward(y2, g2, out2, bias_grad, kind, chunks)
+            nb.activation_backward(y2, g2, out2, bias_grad, kind, chunks, slope_)
             return out
-        nb.activation_grad(y.reshape(-1), g.reshape(-1), out.reshape(-1), kind)
+        nb.activation_grad(y.reshape(-1), g.reshape(-1), out.reshape(-1), kind, slope_)
     elif backend.is_gpu_array(y):
-        from distnet import _cupy_kernels  # noqa: PLC0415  (GPU only)
+        from distnet.kernels import cupy_elementwise  # noqa: PLC0415  (GPU only)
 
-        out = _cupy_kernels.activation_grad(activation, y, g)
+        out = cupy_elementwise.activation_grad(activation, y, g, slope)
     else:
-        out = _NUMPY_ACTIVATIONS[activation][1](y, g)
+        out = backend.array_module(y).empty_like(y)
+        UNARY[activation].derivative(y, g, out, slope)
     if bias_grad is not None:
         out.sum(axis=tuple(range(out.ndim - 1)), out=bias_grad)
     return out
-
-
-def _tanh_(z: Any) -> None:
-    backend.array_module(z).tanh(z, out=z)
-
-
-def _tanh_grad(y: Any, g: Any) -> Any:
-    d = y * y  # dz = g (1 - y^2)
-    backend.array_module(y).subtract(1, d, out=d)
-    d *= g
-    return d
-
-
-def _sigmoid_(z: Any) -> None:
-    z *= 0.5  # 0.5 (1 + tanh(z / 2)): exact, stable for large |z|
-    backend.array_module(z).tanh(z, out=z)
-    z += 1
-    z *= 0.5
-
-
-def _sigmoid_grad(y: Any, g: Any) -> Any:
-    d = 1 - y  # dz = g y (1 - y)
-    d *= y
-    d *= g
-    return d
-
-
-def _relu_(z: Any) -> None:
-    backend.array_module(z).maximum(z, 0, out=z)
-
-
-def _relu_grad(y: Any, g: Any) -> Any:
-    return g * (y > 0)
-
-
-_NUMPY_ACTIVATIONS = {
-    "tanh": (_tanh_, _tanh_grad),
-    "sigmoid": (_sigmoid_, _sigmoid_grad),
-    "relu": (_relu_, _relu_grad),
-}
 
 
 # -- optimiser updates (all in place on flat 1-D buffers) --------------------------------------
@@ -387,9 +353,9 @@ def _gpu(p: Any) -> ModuleType | None:
     """The cupy kernels for a GPU array (one launch per update), else None."""
     if not backend.is_gpu_array(p):
         return None
-    from distnet import _cupy_kernels  # noqa: PLC0415  (GPU only)
+    from distnet.kernels import cupy_elementwise  # noqa: PLC0415  (GPU only)
 
-    return _cupy_kernels
+    return cupy_elementwise
 
 
 def _scalars(like: Any, *values: float) -> list[Any]:

@@ -11,7 +11,7 @@ contiguous channel vectors.
 Layouts: x (N, Hp, Wp, C), already padded; columns (N, OH, OW, KH, KW, C), one row per
 output pixel, in the order of ``weight.transpose(0, 2, 3, 1)`` (O, KH, KW, C). Each kernel is
 made for one geometry (kernel, stride, dilation), compile-time constants of a closure, and
-cached on disk like ``distnet._numba_conv``'s. Few channels are a constant too
+cached on disk like ``distnet.kernels.numba_conv``'s. Few channels are a constant too
 (``constant_channels``): with C = 1 (a first layer on grey images) a runtime-length inner
 loop made im2col 6x slower; with C = 16 a constant made im2col and col2im 20-40% slower.
 Every kernel comes serial (``parallel=False``: ``distnet.core.channels_last`` runs it on its
@@ -177,7 +177,7 @@ def max_pool(kh: int, kw: int, sh: int, sw: int, parallel: bool) -> Callable:
 @functools.cache
 def max_pool_grad(kh: int, kw: int, sh: int, sw: int, parallel: bool) -> Callable:
     """``fn(x, out, g, gx)``: gx (N, H, W, C) <- each window's gradient g shared equally by
-    the inputs equal to its maximum (all NaN for a NaN window), as ``distnet._numba_conv``'s
+    the inputs equal to its maximum (all NaN for a NaN window), as ``distnet.kernels.numba_conv``'s
     NCHW kernel. ``count`` (T, OW, C): scratch, one block per parallel slot; each slot takes
     a range of whole samples (windows of one sample may overlap, those of two never do)."""
 

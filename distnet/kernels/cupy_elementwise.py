@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from distnet.kernels.unary import UNARY
+
 
 @dataclass(frozen=True)
 class Formula:
@@ -46,16 +48,20 @@ FUNCTIONS = {"tanh": np.tanh, "sqrt": np.sqrt, "maximum": np.maximum, "where": n
 _FLOAT_LITERAL = re.compile(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?)")
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 
-_ACTIVATION = {  # y = act(x)
-    "tanh": "tanh({x})",
-    "sigmoid": "0.5 + 0.5 * tanh(0.5 * ({x}))",
-    "relu": "maximum({x}, 0)",
-}
-_DERIVATIVE = {  # dL/dz from y = act(z) and g = dL/dy
-    "tanh": "g * (1 - y * y)",
-    "sigmoid": "g * y * (1 - y)",
-    "relu": "where(y > 0, g, 0)",
-}
+
+def _activation_formulas() -> list[Formula]:
+    """act, bias_act and act_grad for every row of ``distnet.kernels.unary.UNARY``; leaky
+    ReLU's formulas take the scalar ``slope``."""
+    formulas = []
+    for name, u in UNARY.items():
+        scalars = ("slope",) if "slope" in u.forward_formula else ()
+        forward = u.forward_formula
+        formulas += [
+            Formula(f"bias_{name}", ("b",), scalars, ("z",), (f"z = {forward.format(x='z + b')}",)),
+            Formula(name, (), scalars, ("z",), (f"z = {forward.format(x='z')}",)),
+            Formula(f"{name}_grad", ("y", "g"), scalars, ("d",), (f"d = {u.derivative_formula}",)),
+        ]
+    return formulas
 
 
 def _rmsprop(centered: bool, momentum: bool) -> Formula:
@@ -76,15 +82,7 @@ def _rmsprop(centered: bool, momentum: bool) -> Formula:
 FORMULAS: dict[str, Formula] = {
     f.name: f
     for f in [
-        *(
-            Formula(f"bias_{a}", ("b",), (), ("z",), (f"z = {e.format(x='z + b')}",))
-            for a, e in _ACTIVATION.items()
-        ),
-        *(Formula(a, (), (), ("z",), (f"z = {e.format(x='z')}",)) for a, e in _ACTIVATION.items()),
-        *(
-            Formula(f"{a}_grad", ("y", "g"), (), ("d",), (f"d = {e}",))
-            for a, e in _DERIVATIVE.items()
-        ),
+        *_activation_formulas(),
         Formula("sgd", ("g",), ("lr",), ("p",), ("p = p - lr * g",)),
         Formula(
             "sgd_momentum",
@@ -170,18 +168,18 @@ def run(name: str, arrays: dict[str, Any], scalars: dict[str, float]) -> None:
 # -- the entry points distnet.kernels calls for GPU arrays ------------------------------------
 
 
-def bias_activation_(z: Any, bias: Any | None, activation: str) -> None:
+def bias_activation_(z: Any, bias: Any | None, activation: str, slope: float) -> None:
     """z <- act(z + bias) in place, one launch (bias broadcast along the last axis)."""
     if bias is None:
-        run(activation, {"z": z}, {})
+        run(activation, {"z": z}, {"slope": slope})
     else:
-        run(f"bias_{activation}", {"z": z, "b": bias}, {})
+        run(f"bias_{activation}", {"z": z, "b": bias}, {"slope": slope})
 
 
-def activation_grad(activation: str, y: Any, g: Any) -> Any:
+def activation_grad(activation: str, y: Any, g: Any, slope: float) -> Any:
     """dL/dz from y = act(z) and g = dL/dy, as a fresh array (one launch)."""
     import cupy  # noqa: PLC0415  (lazy: only a GPU run gets here)
 
     d = cupy.empty_like(y)
-    run(f"{activation}_grad", {"y": y, "g": g, "d": d}, {})
+    run(f"{activation}_grad", {"y": y, "g": g, "d": d}, {"slope": slope})
     return d

@@ -1,5 +1,5 @@
 """2-D convolution through Intel oneDNN, the library PyTorch's CPU convolutions run on, loaded
-with ctypes (as ``distnet._mkl_blas`` loads oneMKL).
+with ctypes (as ``distnet.kernels.mkl_blas`` loads oneMKL).
 
 Why: im2col + one GEMM per layer (Caffe's way, ``distnet.core.channels_last``) moves every
 input pixel KH KW times through memory and leaves the GEMM with skinny shapes (K = 25 for a

@@ -19,7 +19,7 @@ from numba import get_num_threads, njit, prange  # noqa: F401  (get_num_threads:
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _opts = {"parallel": True, "cache": True, "fastmath": _FAST, "nogil": True}
 
-TANH, SIGMOID, RELU = 0, 1, 2  # indices into distnet.kernels.ACTIVATIONS
+TANH, SIGMOID, RELU, LEAKY_RELU = 0, 1, 2, 3  # rows of distnet.kernels.unary.UNARY
 
 
 # float32 tanh as a rational function (Eigen's and XLA's ``ptanh_float``: odd degree-13 over
@@ -54,9 +54,10 @@ def tanh_f32(x):  # pragma: no cover
 
 
 @njit(**_opts)
-def bias_activation(z, bias, with_bias, kind):  # pragma: no cover
+def bias_activation(z, bias, with_bias, kind, slope):  # pragma: no cover
     """z <- act(z + bias) in place, one pass, rows in parallel; z (N, H), bias (H,).
-    tanh and sigmoid only for float32 (the rational tanh); relu for any float dtype."""
+    tanh and sigmoid only for float32 (the rational tanh); (leaky) relu for any float dtype;
+    ``slope`` (z's dtype): leaky ReLU's, ignored by the others."""
     n, h = z.shape
     zero = z.dtype.type(0)
     for i in prange(n):
@@ -70,13 +71,16 @@ def bias_activation(z, bias, with_bias, kind):  # pragma: no cover
         elif kind == SIGMOID:
             for j in range(h):
                 row[j] = _HALF + _HALF * tanh_f32(_HALF * row[j])
-        else:
+        elif kind == RELU:
             for j in range(h):
                 row[j] = max(row[j], zero)
+        else:
+            for j in range(h):
+                row[j] = row[j] if row[j] > zero else slope * row[j]
 
 
 @njit(**_opts)
-def activation_backward(y, g, out, bias_grad, kind, chunks):  # pragma: no cover
+def activation_backward(y, g, out, bias_grad, kind, chunks, slope):  # pragma: no cover
     """out <- g * act'(from y); bias_grad <- column sums of out, in the same pass.
 
     Shapes: y, g, out (N, H); bias_grad (H,). ``chunks`` blocks of whole rows run in
@@ -94,8 +98,10 @@ def activation_backward(y, g, out, bias_grad, kind, chunks):  # pragma: no cover
                 _tanh_backward_row(yr, gr, orow)
             elif kind == SIGMOID:
                 _sigmoid_backward_row(yr, gr, orow)
-            else:
+            elif kind == RELU:
                 _relu_backward_row(yr, gr, orow)
+            else:
+                _leaky_relu_backward_row(yr, gr, orow, slope)
             for j in range(h):
                 acc[j] += orow[j]
         partial[c] = acc
@@ -127,8 +133,15 @@ def _relu_backward_row(y, g, out):  # pragma: no cover
         out[j] = g[j] if y[j] > zero else zero
 
 
+@njit(inline="always", fastmath=_FAST)
+def _leaky_relu_backward_row(y, g, out, slope):  # pragma: no cover
+    zero = y.dtype.type(0)
+    for j in range(y.shape[0]):
+        out[j] = g[j] if y[j] > zero else slope * g[j]
+
+
 @njit(**_opts)
-def activation_grad(y, g, out, kind):  # pragma: no cover
+def activation_grad(y, g, out, kind, slope):  # pragma: no cover
     n = y.size
     one, zero = y.dtype.type(1), y.dtype.type(0)
     if kind == TANH:
@@ -137,9 +150,12 @@ def activation_grad(y, g, out, kind):  # pragma: no cover
     elif kind == SIGMOID:
         for i in prange(n):
             out[i] = g[i] * y[i] * (one - y[i])
-    else:
+    elif kind == RELU:
         for i in prange(n):
             out[i] = g[i] if y[i] > zero else zero
+    else:
+        for i in prange(n):
+            out[i] = g[i] if y[i] > zero else slope * g[i]
 
 
 @njit(**_opts)
@@ -217,3 +233,10 @@ def adagrad(p, g, acc, lr, eps):  # pragma: no cover
         ai = acc[i] + gi * gi
         acc[i] = ai
         p[i] -= lr * gi / (np.sqrt(ai) + eps)
+
+
+@njit(**_opts)
+def copy(dst, src):  # pragma: no cover
+    """dst <- src, rows of the buffer in parallel (the copy bandwidth of ``distnet bench``)."""
+    for i in prange(src.size):
+        dst[i] = src[i]
