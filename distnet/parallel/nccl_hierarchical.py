@@ -8,8 +8,9 @@ several GPUs each.
 
 All on the current cupy stream, ordered after backward's kernels like the flat path. It
 needs the same number of ranks on every node; ``MPICommunicator.use_nccl`` creates it only
-then. Written without a GPU at hand (none in this project's CI): tests/test_multinode.py has
-its GPU test, which skips with the reason where no GPU is found.
+then. Written without a GPU at hand (none in this project's CI):
+tests/distributed_mpi/test_multinode.py has its GPU test, which skips with the reason where no
+GPU is found.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The conformance matrix's generator and the job spec's refusals (no engine runs here; the
-rows run in tests/test_matrix.py): the pairwise rows cover every pair of values some accepted
+"""The conformance matrix's generator and the job spec's refusals (no engine runs here; the rows run
+in tests/conformance/test_matrix.py): the pairwise rows cover every pair of values some accepted
 configuration holds, every refused combination is refused by the job spec with one line, and
 `distnet train` refuses options its engine would ignore (issue 20 item 12) with exit 2."""
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from matrix_jobs import SAMPLES, run_rank, write_job, write_stores
-from mpi_helpers import MPI_MARKS, SCRIPTS, launch
+from helpers.matrix import SAMPLES, run_rank, write_job, write_stores
+from helpers.mpi import MPI_MARKS, SCRIPTS, launch
 
 from distnet.train import conformance
 
@@ -256,7 +256,7 @@ def _check_row(config: dict, stores: dict, tmp_path: Path, request, device: str)
                     gaps = [clock - slowest for clock, slowest in records]
                     assert max(gaps, default=0) <= stats["staleness_bound"], gaps
     if "samples" in result and config["stage"] == "mlp" and not config["resume"]:
-        from sample_counts import assert_every_sample_once, finished_by_generation  # noqa: PLC0415
+        from helpers.sample_counts import assert_every_sample_once, finished_by_generation  # noqa: PLC0415
 
         ids = np.sort((np.arange(SAMPLES, dtype=np.float32) + 1) / 10000)
         records = finished_by_generation(result["samples"])

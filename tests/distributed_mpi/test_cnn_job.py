@@ -12,7 +12,7 @@ import pytest
 
 from distnet import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 CNN_JOB = """

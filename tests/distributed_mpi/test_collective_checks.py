@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_helpers import MPIEXEC, SCRIPTS, launch
+from helpers.mpi import MPIEXEC, SCRIPTS, launch
 
 from distnet.parallel.consistency import CallRecord, CollectiveMismatch, CollectiveTrace
 

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-from mpi_helpers import MPI_MARKS
-from mpi_helpers import launch as mpi_launch
-from ray_jobs import mlp_job
+from helpers.jobs import mlp_job
+from helpers.mpi import MPI_MARKS
+from helpers.mpi import launch as mpi_launch
 
 from distnet import cli
 from distnet.data import convert_digits, open_dataset, write_dataset

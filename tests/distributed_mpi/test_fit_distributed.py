@@ -5,8 +5,8 @@ The checks themselves live in tests/mpi_scripts/fit_shards.py (one launch: ~10 s
 from pathlib import Path
 
 import pytest
-from data_helpers import labelled_store
-from mpi_helpers import MPI_MARKS, SCRIPTS
+from helpers.data import labelled_store
+from helpers.mpi import MPI_MARKS, SCRIPTS
 from test_parallel_mpi import launch
 
 pytestmark = MPI_MARKS

@@ -19,7 +19,7 @@ import pytest
 
 from distnet import backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests" / "mpi_scripts"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 

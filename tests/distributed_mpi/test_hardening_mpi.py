@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from mpi_helpers import MPI_MARKS, SCRIPTS, launch
+from helpers.mpi import MPI_MARKS, SCRIPTS, launch
 
 pytestmark = MPI_MARKS
 

@@ -168,7 +168,7 @@ def test_example_jobs_in_launch_jobs_load(name):
 
     from distnet.train.job import load_job
 
-    job = load_job(Path(__file__).parent.parent / "launch" / "jobs" / name)
+    job = load_job(Path(__file__).parents[2] / "launch" / "jobs" / name)
     assert job["model"]["type"] == "stacked_autoencoder"
     assert job["data"]["train"].endswith("/train")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_helpers import MPIEXEC, launch
+from helpers.mpi import MPIEXEC, launch
 
 from distnet import _mkl_blas, kernels
 

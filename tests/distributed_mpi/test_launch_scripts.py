@@ -9,7 +9,7 @@ import pytest
 
 from distnet.data import convert_digits
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 pytest.importorskip("sklearn")
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from distnet.parallel import rankexec, rankstatus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests" / "mpi_scripts"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 needs_mpiexec = pytest.mark.skipif(
@@ -117,7 +117,7 @@ def _netns_skip_reason() -> str | None:
 def _kept_under_tmp() -> list[Path]:
     """The top folders under /tmp holding this checkout or its Python (a clone in /tmp)."""
     keep = set()
-    for path in (Path(sys.prefix), Path(sys.executable), Path(__file__).parents[1]):
+    for path in (Path(sys.prefix), Path(sys.executable), Path(__file__).parents[2]):
         path = path.resolve()
         if path.parts[:2] == ("/", "tmp") and len(path.parts) > 2:
             keep.add(Path("/tmp", path.parts[2]))

@@ -6,7 +6,7 @@ lists of device identities; the GPU test runs where one GPU is present."""
 from __future__ import annotations
 
 import pytest
-from mpi_helpers import MPI_MARKS, SCRIPTS, launch
+from helpers.mpi import MPI_MARKS, SCRIPTS, launch
 
 from distnet import backend
 from distnet.parallel.nccl import describe_sharing, shared_devices

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from mpi_helpers import MPI_MARKS, SCRIPTS, launch
+from helpers.mpi import MPI_MARKS, SCRIPTS, launch
 
 pytestmark = MPI_MARKS
 

@@ -11,7 +11,7 @@ import pytest
 from distnet.parallel import launcher
 
 pytestmark = pytest.mark.timeout(60)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def launch(*argv: str) -> argparse.Namespace:

@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-from mpi_helpers import MPI_MARKS, ROOT, SCRIPTS
-from mpi_helpers import launch as mpi_launch
+from helpers.mpi import MPI_MARKS, ROOT, SCRIPTS
+from helpers.mpi import launch as mpi_launch
 
 from distnet.backend import gpu_skip_reason
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from listening import descendants, listening_addresses, non_loopback
+from helpers.listening import descendants, listening_addresses, non_loopback
 
 DISTNET = str(Path(sys.executable).parent / "distnet")
 HOLD = (

@@ -22,7 +22,7 @@ from distnet.train import fit
 from distnet.train.metrics import MetricsLogger, read_metrics
 from distnet.train.progress import StageProgress, progress_mode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

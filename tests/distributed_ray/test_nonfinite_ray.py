@@ -20,7 +20,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from ray_jobs import mlp_job  # noqa: E402
+from helpers.jobs import mlp_job  # noqa: E402
 
 from distnet import backend  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402

@@ -19,8 +19,8 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from ray_jobs import mlp_job  # noqa: E402
-from sample_counts import write_id_digits  # noqa: E402
+from helpers.jobs import mlp_job  # noqa: E402
+from helpers.sample_counts import write_id_digits  # noqa: E402
 
 from distnet import backend  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402

@@ -22,7 +22,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from sample_counts import (  # noqa: E402
+from helpers.sample_counts import (  # noqa: E402
     assert_every_sample_once,
     finished_by_generation,
     write_id_digits,

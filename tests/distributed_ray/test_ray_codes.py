@@ -19,7 +19,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from sample_counts import write_id_digits  # noqa: E402
+from helpers.sample_counts import write_id_digits  # noqa: E402
 
 from distnet import backend  # noqa: E402
 from distnet.data import open_dataset  # noqa: E402

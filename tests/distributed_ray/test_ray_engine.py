@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from ray_jobs import mlp_job, pids_alive_after  # noqa: E402
+from helpers.jobs import mlp_job, pids_alive_after  # noqa: E402
 
 from distnet import backend, cli  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402

@@ -26,8 +26,8 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from ray_jobs import mlp_job  # noqa: E402
-from sample_counts import (  # noqa: E402
+from helpers.jobs import mlp_job  # noqa: E402
+from helpers.sample_counts import (  # noqa: E402
     assert_every_sample_once,
     finished_by_generation,
     write_id_digits,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import chunk_file, write_idx
+from helpers.data import chunk_file, write_idx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

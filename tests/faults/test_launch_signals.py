@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_helpers import MPI_MARKS
+from helpers.mpi import MPI_MARKS
 
 from distnet.data import convert_digits
 

@@ -1,4 +1,4 @@
-"""What the conformance matrix's runs share (tests/test_matrix.py and
+"""What the conformance matrix's runs share (tests/conformance/test_matrix.py and
 tests/mpi_scripts/matrix_rank.py): its stores, its job files, and one run of a job on this
 process's rank, with an optional stop after the last stage's first epoch, each rank's final
 parameters kept beside the run."""
@@ -21,10 +21,10 @@ class Crash(Exception):
 
 def write_stores(root: Path) -> dict[str, str]:
     """The matrix's stores under ``root``: ``ids`` (64 pixels + each sample's id, see
-    tests/sample_counts.py), ``images`` (8x8 digits for the cnn) and their ``-nan`` twins."""
-    from sample_counts import write_id_digits  # noqa: PLC0415
-
+    tests/helpers/sample_counts.py), ``images`` (8x8 digits for the cnn) and their ``-nan``
+    twins."""
     from distnet.data import digits_arrays, open_dataset, write_dataset  # noqa: PLC0415
+    from helpers.sample_counts import write_id_digits  # noqa: PLC0415
 
     write_id_digits(root / "ids", SAMPLES)
     x, y = digits_arrays()

@@ -1,6 +1,7 @@
 """backend's device choices: which GPU a rank takes, and that a CPU process never touches
 cupy's generator (issue 8). A fake ``cupy`` records every call: these are unit tests of
-backend's own decisions, not claims about a GPU (tests/test_gpu_path.py runs the real thing).
+backend's own decisions, not claims about a GPU
+(tests/distributed_mpi/test_gpu_path.py runs the real thing).
 """
 
 from __future__ import annotations

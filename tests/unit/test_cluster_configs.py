@@ -14,7 +14,7 @@ yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 autoscaler = pytest.importorskip("ray.autoscaler")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["ray-cluster.yaml", "ray-onprem.yaml"]
 SCHEMA = json.loads((Path(autoscaler.__file__).parent / "ray-schema.json").read_text())
 

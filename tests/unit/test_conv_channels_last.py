@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gradcheck import check_grad
+from helpers.gradcheck import check_grad
 from test_core_conv import CONV_CASES, leaf, reference_conv
 
 from distnet import kernels

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from data_helpers import chunk_file, write_idx
+from helpers.data import chunk_file, write_idx
 
 from distnet.cli import main
 

@@ -6,7 +6,7 @@ import gzip
 
 import numpy as np
 import pytest
-from data_helpers import write_idx
+from helpers.data import write_idx
 
 from distnet.data import (
     DatasetError,

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from data_helpers import chunk_file, labelled_store
+from helpers.data import chunk_file, labelled_store
 
 from distnet.backend import gpu_skip_reason
 from distnet.data import DatasetError, StreamLoader, open_dataset

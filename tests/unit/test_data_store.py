@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import zarr
-from data_helpers import chunk_file, labelled_store
+from helpers.data import chunk_file, labelled_store
 
 from distnet.data import (
     FORMAT_VERSION,

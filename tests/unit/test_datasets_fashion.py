@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from data_helpers import write_idx
+from helpers.data import write_idx
 
 from distnet.data import open_dataset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "datasets" / "fashion_mnist.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "datasets" / "fashion_mnist.py"
 
 
 def test_idx_folder_converts_to_train_and_test_stores(tmp_path):

@@ -1,7 +1,7 @@
 """Inputs follow the model: one helper (``nn.module.on_device_of``) moves host data to a
 model's device, and predict / evaluate / the job's pictures and report all go through it
 (issue 8: a ``device = "cuda"`` job crashed drawing pictures from host ``x_test``).
-The GPU half of this runs in tests/test_gpu_path.py."""
+The GPU half of this runs in tests/distributed_mpi/test_gpu_path.py."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
 VENV_BIN = str(Path(sys.executable).parent)
 JOB = "[data]\ntrain = 'd/train'\n[model]\ntype = 'mlp'\nhidden = [8]\n"

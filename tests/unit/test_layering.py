@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "distnet"
+PACKAGE = Path(__file__).resolve().parents[2] / "distnet"
 
 LAYER = {
     "backend": 0,

@@ -1,6 +1,6 @@
 """StreamLoader's batch-size names (``local_batch_size`` per rank, ``global_batch_size``
 summed over ranks, ``batch_size=`` refused) and the device its prefetch thread copies to
-(issue 8). The GPU copy itself is in tests/test_gpu_path.py."""
+(issue 8). The GPU copy itself is in tests/distributed_mpi/test_gpu_path.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from data_helpers import labelled_store
+from helpers.data import labelled_store
 
 from distnet import backend
 from distnet.data import StreamLoader

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gradcheck import check_grad
+from helpers.gradcheck import check_grad
 
 from distnet import backend
 from distnet.core.tensor import Tensor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gradcheck import check_grad, relative_error
+from helpers.gradcheck import check_grad, relative_error
 
 from distnet.core.tensor import Tensor, make_result, no_grad
 from distnet.nn import (

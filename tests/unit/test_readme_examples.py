@@ -11,7 +11,7 @@ import pytest
 from distnet.data import convert_digits
 
 pytest.importorskip("sklearn")
-README = Path(__file__).parent.parent / "README.md"
+README = Path(__file__).parents[2] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
