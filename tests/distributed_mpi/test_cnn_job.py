@@ -94,7 +94,7 @@ def test_cnn_on_flat_samples_is_refused(tmp_path, capsys):
 def test_cnn_on_two_ranks_equals_one_worker_on_the_global_batch(tmp_path):
     out = tmp_path / "eq.json"
     script = ROOT / "tests" / "mpi_scripts" / "cnn_equivalence.py"
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", "2", "--"]
+    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", "2", "--"]
     proc = subprocess.run([*cmd, sys.executable, str(script), str(out)], capture_output=True,
                           text=True, timeout=100, cwd=ROOT, env=dict(os.environ))  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -98,7 +98,7 @@ def test_pipeline_on_two_mpi_ranks(tmp_path):
                "--ae-epochs", "4", "--sparsity-target", "0.1", "--classifier-epochs", "15",
                "--classifier-batch", "32", "--classifier-lr", "0.003",
                "--out", str(tmp_path / "run")]  # fmt: skip
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", "2", "--", sys.executable,
+    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", "2", "--", sys.executable,
            "-m", "distnet.train.convfeatures", str(tmp_path / "d" / "train"),
            str(tmp_path / "d" / "test"), *options]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=ROOT,

@@ -89,7 +89,7 @@ def job_file(digits, tmp_path):
 
 
 def launch(np_: int, *command: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", str(np_), "--"]
+    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", str(np_), "--"]
     return subprocess.run(
         [*cmd, sys.executable, *command],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=dict(os.environ),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from distnet.parallel import rankexec, rankstatus
+from distnet.parallel.mpi import rankexec, rankstatus
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests" / "mpi_scripts"
@@ -30,7 +30,7 @@ needs_mpiexec = pytest.mark.skipif(
 
 
 def launch(*args: str, env: dict | None = None, timeout: float = 90):
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", *args]
+    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", *args]
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
         env={**os.environ, **(env or {})},
@@ -82,7 +82,7 @@ def test_one_node_keeps_the_flat_allreduce():
 
 
 def test_dry_run_passes_the_launcher_to_hydra(capsys):
-    from distnet.parallel.launcher import main
+    from distnet.parallel.mpi.launcher import main
 
     argv = ["--launcher", "fork", "-H", "a:2,b:2", "-np", "4", "--dry-run", "--", "python", "x.py"]
     assert main(argv) == 0
@@ -265,7 +265,7 @@ def test_job_over_two_nodes_trains_the_same_with_and_without_hierarchical(tmp_pa
 
 
 def test_hierarchical_job_key_and_modes_are_checked():
-    from distnet.parallel.hierarchical import parse_mode, wanted
+    from distnet.parallel.mpi.hierarchical import parse_mode, wanted
     from distnet.train.jobspec import JobError, validate
 
     assert validate({"dist": {"hierarchical": True}}, "j.toml")["dist"]["hierarchical"] is True
@@ -315,7 +315,7 @@ def test_bench_network_runs_flat_and_hierarchical_on_two_nodes(tmp_path):
 
 
 def test_nccl_chunking_pads_to_a_multiple_of_the_local_size():
-    from distnet.parallel.nccl_hierarchical import chunking
+    from distnet.parallel.mpi.nccl_hierarchical import chunking
 
     assert chunking(10, 2) == (5, 10)
     assert chunking(10_007, 4) == (2502, 10_008)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distnet.parallel import launcher
+from distnet.parallel.mpi import launcher
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def test_dry_run_builds_hydra_and_openmpi_commands(capsys):
     assert launcher.run(args) == 0
     out = capsys.readouterr().out
     assert "-n 4 -hosts a:2,b:2 -genv K V" in out and "DISTNET_TAGGED_OUTPUT 1" in out
-    assert "distnet.parallel.rankexec -- " in out and out.rstrip().endswith("echo x")
+    assert "distnet.parallel.mpi.rankexec -- " in out and out.rstrip().endswith("echo x")
     cmd = launcher.build_command("mpirun", "openmpi", 2, None, {"K": "V"}, ["echo"], True)
     assert cmd[:5] == ["mpirun", "-n", "2", "-x", "K=V"]
 
@@ -135,7 +135,7 @@ def test_x_reaches_the_mpiexec_command_line(capsys, monkeypatch):
     ],
 )
 def test_torchrun_variables_come_from_the_mpi_launchers(env, want):
-    from distnet.parallel.rankexec import conventional_env  # noqa: PLC0415
+    from distnet.parallel.mpi.rankexec import conventional_env  # noqa: PLC0415
 
     got = conventional_env(env)
     assert tuple(got[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")) == want
@@ -159,7 +159,7 @@ def test_every_rank_sees_torchrun_variables_and_x_exports():
 def test_the_first_failure_is_the_earliest_and_a_later_interrupt_is_its_consequence(tmp_path):
     """A rank SIGKILLed at t=1 (its wrapper's bare exit record) is named, not the peer that was
     interrupted at t=2 while the job was being stopped (a rank's own account, 'cause')."""
-    from distnet.parallel.launchrun import _first_failure  # noqa: PLC0415
+    from distnet.parallel.mpi.launchrun import _first_failure  # noqa: PLC0415
 
     killed = {"rank": 1, "status": 137, "what": "killed by signal 9 (SIGKILL)", "time": 1.0}
     interrupted = {"rank": 0, "status": 130, "what": "interrupted (SIGINT)", "time": 2.0,

@@ -120,7 +120,7 @@ def test_codes_store_of_other_encoders_is_not_reused(job_dir):
 
 
 def _launch(np_: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", str(np_), "--",
+    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", str(np_), "--",
            sys.executable, "-m", "distnet.cli", *args]  # fmt: skip
     env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env)

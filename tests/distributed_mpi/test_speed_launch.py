@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from distnet.parallel import launcher
+from distnet.parallel.mpi import launcher
 
 
 @pytest.fixture

@@ -226,7 +226,7 @@ MPIEXEC = Path(sys.executable).parent / "mpiexec"
 @pytest.mark.mpi
 @pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
 def test_overlapped_buckets_start_inside_backward_on_every_rank(tmp_path):
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", "2", "--", sys.executable,
+    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", "2", "--", sys.executable,
            str(ROOT / "tests" / "mpi_scripts" / "trace_overlap.py")]  # fmt: skip
     env = {**os.environ, "DISTNET_TRACE": str(tmp_path / "trace"), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
@@ -269,7 +269,7 @@ def test_node_local_run_dirs_still_give_rank_0_every_ranks_records(tmp_path):
         "[data]\ntrain = 'data/train'\ntest = 'data/test'\n[model]\nhidden = [16]\n"
         "[pretrain]\nepochs = 1\n[finetune]\nepochs = 1\n[dist]\nengine = 'mpi'\n"
     )
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", "2", "--", sys.executable,
+    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", "2", "--", sys.executable,
            str(ROOT / "tests" / "mpi_scripts" / "node_local_run.py"), str(tmp_path)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)

@@ -269,7 +269,8 @@ def test_rankexec_kills_a_rank_that_does_not_end_after_an_interrupt():
     """A rank that cannot act on SIGINT (here: it ignores it; in a job: blocked in a
     collective) is killed after the grace, and rankexec says so and exits with 130.
     Before: rankexec only forwarded the signal and waited for the rank forever."""
-    cmd = [sys.executable, "-m", "distnet.parallel.rankexec", "--", sys.executable, "-c", SLEEPER]
+    rankexec = "distnet.parallel.mpi.rankexec"
+    cmd = [sys.executable, "-m", rankexec, "--", sys.executable, "-c", SLEEPER]
     env = {**os.environ, "DISTNET_INTERRUPT_GRACE_S": "0.5", "PMI_RANK": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -24,7 +24,7 @@ def launch(
     np_: int, *command: str, timeout: float = 90, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """``distnet launch -np N -- python COMMAND...`` with a timeout (a hang fails the test)."""
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", str(np_), "--"]
+    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", str(np_), "--"]
     return subprocess.run(
         [*cmd, sys.executable, *command],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT,

@@ -214,7 +214,7 @@ def test_mpi_template_runs_one_rank_per_task_through_srun(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == (
         "srun --mpi=pmi2 --kill-on-bad-exit=1 --cpu-bind=cores "
-        "python -m distnet.parallel.rankexec -- distnet train j"
+        "python -m distnet.parallel.mpi.rankexec -- distnet train j"
     )
     env["VENV"] = str(tmp_path / "none")
     proc = subprocess.run(["bash", str(ROOT / "cluster/slurm/mpi-gpu.sbatch"), "x"],

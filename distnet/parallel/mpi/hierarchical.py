@@ -13,7 +13,7 @@ hierarchical form does it in three steps:
 The sum is the same as the flat allreduce's up to the order of float additions (exactly the
 same for values whose sums are exact, e.g. small integers). GPU buffers take NCCL's form of
 it (reduce-scatter in the node, allreduce across nodes per local rank, all-gather in the
-node: ``distnet.parallel.nccl_hierarchical``) when every node has the same number of ranks.
+node: ``distnet.parallel.mpi.nccl_hierarchical``) when every node has the same number of ranks.
 
 Which one runs: ``DISTNET_HIERARCHICAL`` = ``auto`` (default), ``1``/``on``, ``0``/``off``; or
 ``dist.hierarchical`` in a job file; or ``comm.set_hierarchical(...)``. ``auto`` picks it when

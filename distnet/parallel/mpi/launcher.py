@@ -13,7 +13,7 @@ own with ``--mpiexec PATH`` (MPICH/hydra or Open MPI), checks everything it can 
 anything starts (hosts, slots, the command), prefixes every output line with its rank,
 exits with the status of the rank that failed first, naming it, and ends every rank with the
 job: one Ctrl-C ends them all with status 130, and a killed launcher takes them with it
-(``distnet.parallel.launchrun``).
+(``distnet.parallel.mpi.launchrun``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distnet.parallel import lifetime
-from distnet.parallel.launchrun import run_once
+from distnet.parallel.mpi import lifetime
+from distnet.parallel.mpi.launchrun import run_once
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]*[A-Za-z0-9_.\-\]]$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -174,7 +174,7 @@ def build_command(
     launcher: str | None = None,
     launcher_exec: str | None = None,
 ) -> list[str]:
-    # tag_output: rankexec (not mpiexec) prefixes lines, see distnet.parallel.rankexec._relay
+    # tag_output: rankexec (not mpiexec) prefixes lines, see distnet.parallel.mpi.rankexec._relay
     """The mpiexec command line that starts ``np_`` ranks of ``command`` under rankexec."""
     cmd = [mpiexec, "-n", str(np_)]
     host_list = ",".join(f"{h.name}:{h.slots}" for h in hosts) if hosts else None
@@ -192,7 +192,7 @@ def build_command(
             cmd += ["-launcher-exec", launcher_exec]
         for key, value in env.items():
             cmd += ["-genv", key, value]
-    return cmd + [sys.executable, "-m", "distnet.parallel.rankexec", "--", *command]
+    return cmd + [sys.executable, "-m", "distnet.parallel.mpi.rankexec", "--", *command]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -354,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distnet.parallel.launcher ...`` (same as ``distnet launch ...``)."""
+    """``python -m distnet.parallel.mpi.launcher ...`` (same as ``distnet launch ...``)."""
     parser = argparse.ArgumentParser(prog="distnet launch", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distnet.parallel import lifetime
-from distnet.parallel.rankstatus import parse_line as parse_status_line
+from distnet.parallel.mpi import lifetime
+from distnet.parallel.mpi.rankstatus import parse_line as parse_status_line
 
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 """The statuses of a rank that was interrupted rather than failed."""

@@ -7,12 +7,12 @@ small parent of each rank knows the rank, so a rank killed by a signal or exitin
 error is named: ``[rank 1] killed by signal 9 (SIGKILL)``. It also writes a one-line status
 file for the launcher, which then exits with the status of the rank that failed first.
 
-It is also the link that makes every rank end with the job (``distnet.parallel.lifetime``):
+It is also the link that makes every rank end with the job (``distnet.parallel.mpi.lifetime``):
 an interrupt is passed to the rank, which is killed if it has not ended within the grace; a
 dead mpiexec or launcher takes the rank with it. And it sets the variables that torchrun sets
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``), from the MPI launcher's.
 
-Usage (by the launcher): ``python -m distnet.parallel.rankexec -- COMMAND...``
+Usage (by the launcher): ``python -m distnet.parallel.mpi.rankexec -- COMMAND...``
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import threading
 import time
 from typing import Any
 
-from distnet.parallel import lifetime
-from distnet.parallel.rankstatus import report
+from distnet.parallel.mpi import lifetime
+from distnet.parallel.mpi.rankstatus import report
 
 RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        print("usage: python -m distnet.parallel.rankexec -- COMMAND...", file=sys.stderr)
+        print("usage: python -m distnet.parallel.mpi.rankexec -- COMMAND...", file=sys.stderr)
         return 2
     rank = rank_from_env()
     bind_to_cores(rank, os.environ.get("DISTNET_BIND_CORES"))
