@@ -26,3 +26,14 @@ def ray_cluster():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    """Two "hosts" on this machine, nodeB in its own network namespace with a private /tmp
+    (tests/helpers/hosts.py; skipped with the reason where the machine does not allow it).
+    Yields (``distnet launch`` options, env)."""
+    from helpers.hosts import namespace_hosts  # noqa: PLC0415
+
+    with namespace_hosts(tmp_path) as (args, env):
+        yield args, env

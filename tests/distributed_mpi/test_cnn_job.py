@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers.mpi import MPIEXEC, SCRIPTS, launch
 
 from distnet import cli
-
-ROOT = Path(__file__).resolve().parents[2]
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 CNN_JOB = """
 [data]
@@ -93,10 +88,7 @@ def test_cnn_on_flat_samples_is_refused(tmp_path, capsys):
 @pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
 def test_cnn_on_two_ranks_equals_one_worker_on_the_global_batch(tmp_path):
     out = tmp_path / "eq.json"
-    script = ROOT / "tests" / "mpi_scripts" / "cnn_equivalence.py"
-    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", "2", "--"]
-    proc = subprocess.run([*cmd, sys.executable, str(script), str(out)], capture_output=True,
-                          text=True, timeout=100, cwd=ROOT, env=dict(os.environ))  # fmt: skip
+    proc = launch(2, str(SCRIPTS / "cnn_equivalence.py"), str(out), timeout=100)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     assert result["steps"] == [20, 20]

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.mpi import MPIEXEC, launch
 
 from distnet import backend, nn
 from distnet.train.convfeatures import (
@@ -21,8 +19,6 @@ from distnet.train.convfeatures import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-ROOT = Path(__file__).resolve().parents[2]
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +94,9 @@ def test_pipeline_on_two_mpi_ranks(tmp_path):
                "--ae-epochs", "4", "--sparsity-target", "0.1", "--classifier-epochs", "15",
                "--classifier-batch", "32", "--classifier-lr", "0.003",
                "--out", str(tmp_path / "run")]  # fmt: skip
-    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", "2", "--", sys.executable,
-           "-m", "distnet.train.convfeatures", str(tmp_path / "d" / "train"),
-           str(tmp_path / "d" / "test"), *options]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=ROOT,
-                          env=dict(os.environ))  # fmt: skip
+    data = tmp_path / "d"
+    command = ["-m", "distnet.train.convfeatures", str(data / "train"), str(data / "test")]
+    proc = launch(2, *command, *options, timeout=110)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("report:") == 1  # rank 0 alone prints
     report = json.loads((tmp_path / "run" / "report.json").read_text())

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 from helpers.jobs import mlp_job
-from helpers.mpi import MPI_MARKS
-from helpers.mpi import launch as mpi_launch
+from helpers.mpi import MPI_MARKS, launch
 
 from distnet import cli
 from distnet.data import convert_digits, open_dataset, write_dataset
@@ -113,7 +112,7 @@ def test_labels_without_num_classes_are_read_only_when_few(root, monkeypatch):
 @pytest.mark.timeout(180)
 def test_checks_run_before_the_ranks_train_and_say_it_once(root):
     path = job_file(root, "narrow-mpi.toml", test=str(root / "narrow"))
-    proc = mpi_launch(2, "-m", "distnet.cli", "train", str(path), "--out",
+    proc = launch(2, "-m", "distnet.cli", "train", str(path), "--out",
                       str(root / "run-narrow-mpi"), timeout=150)  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("array 'x' samples are (49,)") == 1, proc.stderr

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers.data import labelled_store
-from helpers.mpi import MPI_MARKS, SCRIPTS
-from test_parallel_mpi import launch
+from helpers.mpi import MPI_MARKS, SCRIPTS, launch
 
 pytestmark = MPI_MARKS
 
@@ -16,6 +15,6 @@ pytestmark = MPI_MARKS
 def test_fit_across_two_ranks(tmp_path: Path):
     store = tmp_path / "store"
     labelled_store(store, n=16, chunk=4)
-    proc, _ = launch(2, str(SCRIPTS / "fit_shards.py"), str(store), timeout=120)
+    proc = launch(2, str(SCRIPTS / "fit_shards.py"), str(store), timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[0] fit shards ok" in proc.stdout, proc.stdout + proc.stderr

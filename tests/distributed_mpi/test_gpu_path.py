@@ -9,19 +9,13 @@ Skipped with the reason when cupy or a CUDA GPU is missing; 2-GPU tests also nee
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.mpi import MPIEXEC, SCRIPTS, launch
 
 from distnet import backend
-
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ROOT / "tests" / "mpi_scripts"
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 pytestmark = [
     pytest.mark.gpu,
@@ -88,14 +82,6 @@ def job_file(digits, tmp_path):
     return path
 
 
-def launch(np_: int, *command: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", str(np_), "--"]
-    return subprocess.run(
-        [*cmd, sys.executable, *command],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=dict(os.environ),
-    )  # fmt: skip
-
-
 # -- jobs --------------------------------------------------------------------------------------
 @pytest.mark.timeout(300)
 def test_cuda_job_in_one_process_draws_pictures_and_reports(job_file, tmp_path):
@@ -115,7 +101,7 @@ def test_cuda_job_under_distnet_launch_with_nccl(np_, job_file, tmp_path):
     needs_mpiexec()
     needs_gpus(np_)
     out = tmp_path / "run"
-    proc = launch(np_, "-m", "distnet.cli", "train", str(job_file), "--out", str(out))
+    proc = launch(np_, "-m", "distnet.cli", "train", str(job_file), "--out", str(out), timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["workers"] == np_ and report["test_accuracy"] >= 0.7
@@ -134,7 +120,9 @@ def test_cuda_job_resumes_to_the_parameters_of_a_run_that_never_stopped(np_, job
     local.mkdir()
 
     def run(out: str, mode: str) -> str:
-        proc = launch(np_, script, str(job_file), str(tmp_path / out), str(local), mode, "cuda")
+        proc = launch(
+            np_, script, str(job_file), str(tmp_path / out), str(local), mode, "cuda", timeout=240
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers.mpi import launch
 
 from distnet import cli
 from distnet.data import convert_digits
@@ -91,24 +90,10 @@ def test_missing_job_file_and_store(job_dir, capsys):
     assert "missing-store" in capsys.readouterr().err
 
 
-def launch(job_dir, job_path, out, np_=2, timeout=180):
-    cmd = [
-        sys.executable,
-        "-m",
-        "distnet.cli",
-        "launch",
-        "-np",
-        str(np_),
-        "--",
-        sys.executable,
-        "-m",
-        "distnet.cli",
-        "train",
-        str(job_path),
-        "--out",
-        str(out),
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=job_dir)
+def launch_train(job_dir, job_path, out, np_=2, timeout=180):
+    """``distnet train JOB --out OUT`` on ``np_`` real MPI ranks, run in ``job_dir``."""
+    command = ("-m", "distnet.cli", "train", str(job_path), "--out", str(out))
+    return launch(np_, *command, timeout=timeout, cwd=job_dir)
 
 
 @pytest.mark.mpi
@@ -116,7 +101,7 @@ def launch(job_dir, job_path, out, np_=2, timeout=180):
 def test_mlp_job_on_two_mpi_ranks(job_dir):
     path = write_job(job_dir, "mlp2.toml", MLP_JOB.format(batch=32))
     out = job_dir / "run-mpi"
-    proc = launch(job_dir, path, out)
+    proc = launch_train(job_dir, path, out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 rank(s) x batch 16" in proc.stdout
     assert proc.stdout.count("test accuracy") == 1  # rank 0 alone prints
@@ -129,7 +114,7 @@ def test_mlp_job_on_two_mpi_ranks(job_dir):
 @pytest.mark.timeout(120)
 def test_batch_that_does_not_split_over_the_ranks_fails_cleanly(job_dir):
     path = write_job(job_dir, "odd.toml", MLP_JOB.format(batch=33))
-    proc = launch(job_dir, path, job_dir / "run-odd")
+    proc = launch_train(job_dir, path, job_dir / "run-odd")
     assert proc.returncode != 0
     assert "batch_size 33 does not split over 2 ranks" in proc.stderr
 

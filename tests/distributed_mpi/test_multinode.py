@@ -11,30 +11,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers.mpi import ROOT, SCRIPTS, launch, needs_mpiexec
 
 from distnet.parallel.mpi import rankexec, rankstatus
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ROOT / "tests" / "mpi_scripts"
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-needs_mpiexec = pytest.mark.skipif(
-    not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"
-)
-
-
-def launch(*args: str, env: dict | None = None, timeout: float = 90):
-    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", *args]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )  # fmt: skip
+FORK_HOSTS = ("--launcher", "fork", "-H", "nodeA:2,nodeB:2")
+"""Two "hosts" to MPI (each its own node), both this machine (MPICH's fork launcher)."""
 
 
 def layouts(stdout: str) -> list[dict]:
@@ -55,9 +41,8 @@ def layouts(stdout: str) -> list[dict]:
 @pytest.mark.parametrize("hierarchical_env", ["auto", "0"])
 def test_fork_hosts_are_nodes_and_hierarchical_allreduce_equals_flat(hierarchical_env):
     proc = launch(
-        "--launcher", "fork", "-H", "nodeA:2,nodeB:2", "-np", "4",
-        "--env", f"DISTNET_HIERARCHICAL={hierarchical_env}",
-        "--", sys.executable, str(SCRIPTS / "multinode.py"), "2",
+        4, str(SCRIPTS / "multinode.py"), "2",
+        options=(*FORK_HOSTS, "--env", f"DISTNET_HIERARCHICAL={hierarchical_env}"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = layouts(proc.stdout)
@@ -74,7 +59,7 @@ def test_fork_hosts_are_nodes_and_hierarchical_allreduce_equals_flat(hierarchica
 @needs_mpiexec
 @pytest.mark.timeout(120)
 def test_one_node_keeps_the_flat_allreduce():
-    proc = launch("-np", "2", "--", sys.executable, str(SCRIPTS / "multinode.py"), "1")
+    proc = launch(2, str(SCRIPTS / "multinode.py"), "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = layouts(proc.stdout)
     assert [r["local_size"] for r in rows] == [2, 2]
@@ -105,88 +90,12 @@ def test_rankexec_on_a_host_without_the_status_dir_reports_on_stderr(tmp_path, c
     assert records[0]["what"] == "exited with status 5"
 
 
-def _netns_skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    for tool in ("ip", "unshare", "mount"):
-        if shutil.which(tool) is None:
-            return f"{tool!r} not found"
-    return None
-
-
-def _kept_under_tmp() -> list[Path]:
-    """The top folders under /tmp holding this checkout or its Python (a clone in /tmp)."""
-    keep = set()
-    for path in (Path(sys.prefix), Path(sys.executable), Path(__file__).parents[2]):
-        path = path.resolve()
-        if path.parts[:2] == ("/", "tmp") and len(path.parts) > 2:
-            keep.add(Path("/tmp", path.parts[2]))
-    return sorted(keep)
-
-
-@pytest.fixture
-def two_hosts(tmp_path):
-    """nodeA = this host; nodeB = its own network namespace (veth 10.x.y.2) with a private
-    /tmp. Yields (extra launch args, env). Removes the namespace and links afterwards."""
-    reason = _netns_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    tag = f"{os.getpid() % 100000}"
-    ns, host_if, ns_if = f"dn{tag}", f"dn{tag}h", f"dn{tag}n"
-    subnet = f"10.{200 + os.getpid() % 50}.{(os.getpid() // 50) % 250}"
-    setup = [
-        ["ip", "netns", "add", ns],
-        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
-        ["ip", "link", "set", ns_if, "netns", ns],
-        ["ip", "addr", "add", f"{subnet}.1/24", "dev", host_if],
-        ["ip", "link", "set", host_if, "up"],
-        ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{subnet}.2/24", "dev", ns_if],
-        ["ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"],
-        ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
-        ["ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", f"{subnet}.1"],
-    ]
-    try:
-        for cmd in setup:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-            if done.returncode != 0:
-                pytest.skip(f"cannot make a network namespace here: {' '.join(cmd)}: {done.stderr}")
-        ssh = tmp_path / "fake-ssh"
-        # hydra calls `ssh -x HOST "proxy command"`; nodeB's proxy (and so its ranks) runs in the
-        # namespace, with an empty /tmp as on a host that never saw the launcher's temp dirs;
-        # only the checkout and the Python it runs stay visible there (CI may clone into /tmp)
-        side = Path(f"/run/dn{tag}-tmp")
-        side.mkdir(parents=True, exist_ok=True)
-        inner = f"mount --bind /tmp {side} && mount -t tmpfs none /tmp"
-        for keep in _kept_under_tmp():
-            inner += f" && mkdir -p {keep} && mount --bind {side}{str(keep)[4:]} {keep}"
-        ssh.write_text(
-            "#!/bin/sh\n"
-            'while [ "${1#-}" != "$1" ]; do shift; done\n'
-            "host=$1; shift\n"
-            "case $host in\n"
-            f"  nodeB) exec ip netns exec {ns} unshare -m "
-            f'sh -c "{inner} && exec $*" ;;\n'
-            '  *) exec sh -c "$*" ;;\n'
-            "esac\n"
-        )
-        ssh.chmod(0o755)
-        args = ["--launcher", "ssh", "--launcher-exec", str(ssh), "-H", "nodeA:2,nodeB:2"]
-        # the proxies call back the launcher on the veth address (HYDRA_IFACE)
-        yield args, {"HYDRA_IFACE": host_if}
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=20)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-        Path(f"/run/dn{tag}-tmp").rmdir() if Path(f"/run/dn{tag}-tmp").exists() else None
-
-
 @pytest.mark.mpi
 @needs_mpiexec
 @pytest.mark.timeout(150)
 def test_network_namespaces_as_hosts_hierarchical_allreduce(two_hosts):
     args, env = two_hosts
-    proc = launch(
-        *args, "-np", "4", "--", sys.executable, str(SCRIPTS / "multinode.py"), "2", env=env
-    )
+    proc = launch(4, str(SCRIPTS / "multinode.py"), "2", options=args, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = layouts(proc.stdout)
     assert [(r["local_rank"], r["local_size"], r["hierarchical"]) for r in rows] == [
@@ -202,7 +111,7 @@ def test_failure_of_a_rank_on_another_host_is_named(two_hosts):
     exist; the launcher must still say that rank 2 raised, not FileNotFoundError."""
     args, env = two_hosts
     script = str(SCRIPTS / "remote_failure.py")
-    proc = launch(*args, "-np", "4", "--", sys.executable, script, "2", env=env)
+    proc = launch(4, script, "2", options=args, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FileNotFoundError" not in proc.stderr
     assert (
@@ -249,10 +158,9 @@ def test_job_over_two_nodes_trains_the_same_with_and_without_hierarchical(tmp_pa
     for hierarchical in ("true", "false"):
         out = tmp_path / f"run-{hierarchical}"
         proc = launch(
-            "--launcher", "fork", "-H", "nodeA:2,nodeB:2", "-np", "4", "--",
-            sys.executable, "-m", "distnet.cli", "train", str(tmp_path / "job.toml"),
+            4, "-m", "distnet.cli", "train", str(tmp_path / "job.toml"),
             "--out", str(out), "--set", f"dist.hierarchical={hierarchical}",
-            timeout=200,
+            options=FORK_HOSTS, timeout=200,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         reports[hierarchical] = json.loads((out / "report.json").read_text())
@@ -343,9 +251,6 @@ def test_nccl_hierarchical_allreduce_equals_flat_on_two_nodes():
     reason = _two_gpus_skip_reason()
     if reason:
         pytest.skip(reason)
-    proc = launch(
-        "--launcher", "fork", "-H", "nodeA:2,nodeB:2", "-np", "4", "--",
-        sys.executable, str(SCRIPTS / "multinode_gpu.py"), timeout=160,
-    )  # fmt: skip
+    proc = launch(4, str(SCRIPTS / "multinode_gpu.py"), options=FORK_HOSTS, timeout=160)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.count("multinode gpu ok") == 4

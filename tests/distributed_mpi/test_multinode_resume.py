@@ -2,23 +2,22 @@
 is stopped after a checkpoint and resumed; rank 0 alone reads the checkpoints (its run
 directory) and broadcasts them (``distnet.train.checkpoint.read_checkpoint(path, comm)``).
 
-Hosts are network namespaces with a private /tmp (``two_hosts`` in test_multinode.py: nodeB's
-ranks cannot see rank 0's run directory at all), skipped with the reason where the machine
-does not allow them, and MPICH's fork hosts (``-launcher fork -hosts nodeA:2,nodeB:2``: two
-nodes to MPI, one file system, each rank its own directory).
+Hosts are network namespaces with a private /tmp (the ``two_hosts`` fixture,
+tests/helpers/hosts.py: nodeB's ranks cannot see rank 0's run directory at all), skipped
+with the reason where the machine does not allow them, and MPICH's fork hosts (``-launcher
+fork -hosts nodeA:2,nodeB:2``: two nodes to MPI, one file system, each rank its own directory).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_multinode import SCRIPTS, launch, needs_mpiexec, two_hosts  # noqa: F401 (fixture)
+from helpers.mpi import SCRIPTS, launch, needs_mpiexec
 
 JOB = """
 [data]
@@ -75,8 +74,8 @@ def test_resume_across_two_hosts_with_node_local_run_directories(
 
     def run(out: str, mode: str) -> str:
         proc = launch(
-            *args, "-np", "4", "--", sys.executable, script, str(shared_storage / "job.toml"),
-            str(tmp_path / out), str(local), mode, env=env, timeout=120,
+            4, script, str(shared_storage / "job.toml"), str(tmp_path / out), str(local), mode,
+            options=args, env=env, timeout=120,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout

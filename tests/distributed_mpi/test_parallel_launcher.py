@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(*argv: str) -> argparse.Namespace:
+def parsed(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     launcher.add_arguments(parser)
     return parser.parse_args(list(argv))
@@ -36,14 +36,14 @@ def launch(*argv: str) -> argparse.Namespace:
     ],
 )
 def test_bad_invocations_fail_before_starting(argv, message, capsys):
-    assert launcher.run(launch(*argv)) == 2
+    assert launcher.run(parsed(*argv)) == 2
     err = capsys.readouterr().err
     assert "distnet launch: error:" in err and message in err
 
 
 def test_a_bad_interrupt_grace_is_refused_before_starting(capsys, monkeypatch):
     monkeypatch.setenv("DISTNET_INTERRUPT_GRACE_S", "soon")
-    assert launcher.run(launch("-np", "2", "--", "echo")) == 2
+    assert launcher.run(parsed("-np", "2", "--", "echo")) == 2
     assert "DISTNET_INTERRUPT_GRACE_S: expected seconds >= 0, got 'soon'" in capsys.readouterr().err
 
 
@@ -53,7 +53,7 @@ def test_unknown_flag_and_both_host_options_are_refused(capsys):
         ["-np", "2", "-H", "a", "--hostfile", "f", "--", "echo"],
     ):
         with pytest.raises(SystemExit) as exc:
-            launch(*argv)
+            parsed(*argv)
         assert exc.value.code == 2
 
 
@@ -77,7 +77,7 @@ def test_hostfile_formats(tmp_path):
 
 
 def test_dry_run_builds_hydra_and_openmpi_commands(capsys):
-    args = launch("-np", "4", "-H", "a:2,b:2", "--env", "K=V", "--dry-run", "--", "echo", "x")
+    args = parsed("-np", "4", "-H", "a:2,b:2", "--env", "K=V", "--dry-run", "--", "echo", "x")
     assert launcher.run(args) == 0
     out = capsys.readouterr().out
     assert "-n 4 -hosts a:2,b:2 -genv K V" in out and "DISTNET_TAGGED_OUTPUT 1" in out
@@ -112,10 +112,10 @@ def test_x_passes_a_variable_of_this_shell_or_sets_one():
 
 def test_x_reaches_the_mpiexec_command_line(capsys, monkeypatch):
     monkeypatch.setenv("DISTNET_TEST_EXPORT", "from-the-shell")
-    args = launch("-np", "2", "-H", "a:2", "-x", "DISTNET_TEST_EXPORT", "--dry-run", "--", "echo")
+    args = parsed("-np", "2", "-H", "a:2", "-x", "DISTNET_TEST_EXPORT", "--dry-run", "--", "echo")
     assert launcher.run(args) == 0
     assert "-genv DISTNET_TEST_EXPORT from-the-shell" in capsys.readouterr().out
-    assert launcher.run(launch("-np", "2", "-x", "DISTNET_NOT_SET_X", "--", "echo")) == 2
+    assert launcher.run(parsed("-np", "2", "-x", "DISTNET_NOT_SET_X", "--", "echo")) == 2
     assert "-x DISTNET_NOT_SET_X: DISTNET_NOT_SET_X is not set" in capsys.readouterr().err
 
 

@@ -10,25 +10,24 @@ import sys
 import time
 
 import pytest
-from helpers.mpi import MPI_MARKS, ROOT, SCRIPTS
-from helpers.mpi import launch as mpi_launch
+from helpers.mpi import MPI_MARKS, ROOT, SCRIPTS, launch
 
 from distnet.backend import gpu_skip_reason
 
 pytestmark = MPI_MARKS
 
 
-def launch(np_: int, *command: str, timeout: float = 90, env: dict | None = None):
+def timed_launch(np_: int, *command: str, timeout: float = 90, env: dict | None = None):
     """Runs ``distnet launch -np N -- python COMMAND...``; returns (CompletedProcess, seconds)."""
     t0 = time.monotonic()
-    proc = mpi_launch(np_, *command, timeout=timeout, env=env)
+    proc = launch(np_, *command, timeout=timeout, env=env)
     return proc, time.monotonic() - t0
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("np_", [1, 2, 4])
 def test_collectives(np_):
-    proc, _ = launch(np_, str(SCRIPTS / "collectives.py"))
+    proc, _ = timed_launch(np_, str(SCRIPTS / "collectives.py"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[0] collectives ok" in proc.stdout
 
@@ -42,7 +41,7 @@ TOLERANCE = {"f64": 1e-10, "fp16": 2e-3}
 @pytest.mark.parametrize("np_", [1, 2, 4])
 def test_training_equals_one_worker_on_the_global_batch(np_, tmp_path):
     out = tmp_path / "eq.json"
-    proc, _ = launch(np_, str(SCRIPTS / "equivalence.py"), str(out), timeout=140)
+    proc, _ = timed_launch(np_, str(SCRIPTS / "equivalence.py"), str(out), timeout=140)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(out.read_text())
     assert len(results) >= 10
@@ -55,7 +54,7 @@ def test_training_equals_one_worker_on_the_global_batch(np_, tmp_path):
 
 
 def _failure(mode: str, np_: int = 2):
-    proc, seconds = launch(np_, str(SCRIPTS / "failures.py"), mode, timeout=60)
+    proc, seconds = timed_launch(np_, str(SCRIPTS / "failures.py"), mode, timeout=60)
     return proc, seconds, proc.stdout + proc.stderr
 
 
@@ -79,7 +78,7 @@ def test_a_failing_rank_stops_the_job_and_is_named(mode, status, says):
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("np_", [2, 4])
 def test_allreduce_through_shared_memory_equals_mpi(np_):
-    proc, _ = launch(np_, str(SCRIPTS / "shm_allreduce.py"))
+    proc, _ = timed_launch(np_, str(SCRIPTS / "shm_allreduce.py"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[0] shm ok" in proc.stdout
     calls = json.loads(proc.stdout.split("[0] calls:", 1)[1].splitlines()[0])
@@ -90,14 +89,14 @@ def test_allreduce_through_shared_memory_equals_mpi(np_):
 @pytest.mark.timeout(60)
 def test_shared_memory_allreduce_refuses_different_sizes_without_the_consistency_check():
     env = {"DISTNET_COLLECTIVE_CHECK": "0"}
-    proc, _ = launch(2, str(SCRIPTS / "shm_allreduce.py"), env=env)
+    proc, _ = timed_launch(2, str(SCRIPTS / "shm_allreduce.py"), env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[0] shm ok" in proc.stdout
 
 
 @pytest.mark.timeout(60)
 def test_shared_memory_allreduce_can_be_switched_off():
-    proc, _ = launch(2, str(SCRIPTS / "shm_allreduce.py"), env={"DISTNET_SHM_ALLREDUCE": "0"})
+    proc, _ = timed_launch(2, str(SCRIPTS / "shm_allreduce.py"), env={"DISTNET_SHM_ALLREDUCE": "0"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[0] shm off ok" in proc.stdout
 
@@ -107,7 +106,7 @@ def test_a_job_whose_mpi_init_failed_is_started_again(tmp_path):
     """MPICH 5's UCX start-up fails now and then under load (pmodels/mpich#7417): the job had
     not begun, so the launcher starts it again instead of failing it."""
     env = {"DISTNET_FAILURE_GRACE_S": "2"}
-    proc, _ = launch(2, str(SCRIPTS / "init_fault.py"), str(tmp_path), "once", env=env)
+    proc, _ = timed_launch(2, str(SCRIPTS / "init_fault.py"), str(tmp_path), "once", env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "Fatal error in internal_Init_thread" in output  # rank 1's MPI_Init really failed
@@ -120,7 +119,7 @@ def test_a_job_whose_mpi_init_failed_is_started_again(tmp_path):
 @pytest.mark.timeout(90)
 def test_a_job_whose_mpi_init_always_fails_stops_after_its_retries(tmp_path):
     env = {"DISTNET_FAILURE_GRACE_S": "2", "DISTNET_INIT_RETRIES": "1"}
-    proc, _ = launch(2, str(SCRIPTS / "init_fault.py"), str(tmp_path), "always", env=env)
+    proc, _ = timed_launch(2, str(SCRIPTS / "init_fault.py"), str(tmp_path), "always", env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert output.count("starting it again") == 1, output
@@ -170,13 +169,13 @@ def test_nccl_allreduce_on_gpu():
         "x = cp.full(1000, c.rank + 1.0, cp.float32); c.allreduce(x, 'mean');"
         "assert float(x[0]) == (c.size + 1) / 2; c.broadcast(x, 0); c.print0('nccl ok')"
     )
-    proc, _ = launch(1, "-c", code)
+    proc, _ = timed_launch(1, "-c", code)
     assert proc.returncode == 0 and "nccl ok" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.timeout(120)
 def test_wrapper_broadcasts_scalars_and_a_closed_wrapper_stops_reducing():
-    proc, _ = launch(2, str(SCRIPTS / "wrapper_state.py"))
+    proc, _ = timed_launch(2, str(SCRIPTS / "wrapper_state.py"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "wrapper state: ok" in proc.stdout
 
@@ -189,7 +188,7 @@ def test_sharded_optimizer_equals_unsharded_and_checkpoints(np_, shared):
     through MPI, and with its collectives in shared memory (the tiny model's buffers are
     below the size that takes that road unless DISTNET_SHM_MIN_BYTES lowers it)."""
     env = {"DISTNET_SHM_MIN_BYTES": "0"} if shared else {"DISTNET_SHM_MIN_BYTES": "65536"}
-    proc, _ = launch(np_, str(SCRIPTS / "zero_sharded.py"), timeout=180, env=env)
+    proc, _ = timed_launch(np_, str(SCRIPTS / "zero_sharded.py"), timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     said = proc.stdout.split(f"zero sharded: ok on {np_} ranks, ", 1)
     assert len(said) == 2, proc.stdout

@@ -12,8 +12,7 @@ import sys
 import numpy as np
 import pytest
 from helpers.jobs import mlp_job
-from helpers.mpi import MPI_MARKS
-from helpers.mpi import launch as mpi_launch
+from helpers.mpi import MPI_MARKS, launch
 
 from distnet import cli
 from distnet.data import convert_digits
@@ -188,12 +187,12 @@ def test_the_guard_refuses_and_continues_on_mpi_ranks(root):
     path = write_job(root, "mlp-mpi.toml", mlp_job("data/train", test="data/test", epochs=1))
     out = root / "run-mpi"
     cmd = ["-m", "distnet.cli", "train", str(path), "--out", str(out), "--quiet"]
-    proc = mpi_launch(2, *cmd, timeout=240)
+    proc = launch(2, *cmd, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = mpi_launch(2, *cmd, "--set", "finetune.lr=0.05", timeout=240)
+    proc = launch(2, *cmd, "--set", "finetune.lr=0.05", timeout=240)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("finetune.lr 0.1 -> 0.05") == 1, proc.stderr  # rank 0 alone says
-    proc = mpi_launch(2, *cmd, "--set", "finetune.epochs=2", timeout=240)
+    proc = launch(2, *cmd, "--set", "finetune.epochs=2", timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert len(report["stages"][0]["history"]["loss"]) == 2
@@ -201,7 +200,7 @@ def test_the_guard_refuses_and_continues_on_mpi_ranks(root):
     assert [(s["from_epoch"], s["to_epoch"], s["engine"], s["workers"]) for s in record] == [
         (0, 1, "MPICommunicator", 2), (1, 2, "MPICommunicator", 2)]  # fmt: skip
     # --restart: rank 0 empties the run directory before the ranks start, then all train
-    proc = mpi_launch(2, *cmd, "--set", "finetune.lr=0.05", "--restart", timeout=240)
+    proc = launch(2, *cmd, "--set", "finetune.lr=0.05", "--restart", timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert segments(out, "0-train") == [(0, 1)]
     assert len(json.loads((out / "run.json").read_text())["invocations"]) == 1

@@ -4,13 +4,11 @@ pretraining (one process and 2 real MPI ranks), the sharded optimiser."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.mpi import launch
 
 from distnet import cli
 from distnet.data import convert_digits, open_dataset
@@ -119,13 +117,6 @@ def test_codes_store_of_other_encoders_is_not_reused(job_dir):
                                rtol=1e-6)  # fmt: skip
 
 
-def _launch(np_: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", str(np_), "--",
-           sys.executable, "-m", "distnet.cli", *args]  # fmt: skip
-    env = {**os.environ, **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env)
-
-
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.timeout(420)
@@ -141,7 +132,9 @@ def test_two_ranks_write_codes_and_shard_the_optimizer(job_dir):
         out = job_dir / f"run-2-shard-{name}"
         path = _job(job_dir, f"s{name}.toml", cache="true", shard=shard)
         env = {"DISTNET_SHM_MIN_BYTES": min_bytes}
-        proc = _launch(2, "train", str(path), "--out", str(out), env=env)
+        proc = launch(
+            2, "-m", "distnet.cli", "train", str(path), "--out", str(out), env=env, timeout=200
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         sharded = "sharded over 2 ranks (ZeRO 1, collectives via shared memory)" in proc.stdout
         assert sharded == (name == "true"), proc.stdout

@@ -12,17 +12,15 @@ import struct
 import subprocess
 import sys
 import termios
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.mpi import MPIEXEC, ROOT, SCRIPTS, launch
 
 from distnet import nn, trace
 from distnet.train import fit
 from distnet.train.metrics import MetricsLogger, read_metrics
 from distnet.train.progress import StageProgress, progress_mode
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -220,16 +218,11 @@ def test_a_failed_job_leaves_a_report_and_its_resume_is_marked(tmp_path, monkeyp
     )
 
 
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-
-
 @pytest.mark.mpi
 @pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
 def test_overlapped_buckets_start_inside_backward_on_every_rank(tmp_path):
-    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", "2", "--", sys.executable,
-           str(ROOT / "tests" / "mpi_scripts" / "trace_overlap.py")]  # fmt: skip
-    env = {**os.environ, "DISTNET_TRACE": str(tmp_path / "trace"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    env = {"DISTNET_TRACE": str(tmp_path / "trace"), "PYTHONPATH": str(ROOT)}
+    proc = launch(2, str(SCRIPTS / "trace_overlap.py"), env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     events = json.loads(trace.merge(tmp_path / "trace").read_text())["traceEvents"]
     spans = [e for e in events if e["ph"] == "X"]
@@ -269,10 +262,8 @@ def test_node_local_run_dirs_still_give_rank_0_every_ranks_records(tmp_path):
         "[data]\ntrain = 'data/train'\ntest = 'data/test'\n[model]\nhidden = [16]\n"
         "[pretrain]\nepochs = 1\n[finetune]\nepochs = 1\n[dist]\nengine = 'mpi'\n"
     )
-    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", "2", "--", sys.executable,
-           str(ROOT / "tests" / "mpi_scripts" / "node_local_run.py"), str(tmp_path)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    env = {"PYTHONPATH": str(ROOT)}
+    proc = launch(2, str(SCRIPTS / "node_local_run.py"), str(tmp_path), env=env, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     node0, node1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
     for rel in ("metrics/rank-1.jsonl", "trace/trace-rank-1.json"):

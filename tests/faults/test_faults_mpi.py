@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.mpi import start_job
 
 from distnet.data import convert_digits
 
 pytestmark = [pytest.mark.fault, pytest.mark.mpi, pytest.mark.timeout(240)]
-DISTNET = str(Path(sys.executable).parent / "distnet")
 
 JOB = """
 [data]
@@ -49,11 +49,6 @@ def job(tmp_path_factory) -> Path:
     path = root / "job.toml"
     path.write_text(JOB)
     return path
-
-
-def launch(job: Path, out: Path, **popen) -> subprocess.Popen:
-    cmd = [DISTNET, "launch", "-np", "2", "--", DISTNET, "train", str(job), "--out", str(out)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def final_params(out: Path) -> dict[str, np.ndarray]:
@@ -86,7 +81,7 @@ def rank_pid(rank: int, marker: str, timeout: float = 60) -> int:
 @pytest.fixture(scope="module")
 def reference(job: Path) -> dict[str, np.ndarray]:
     out = job.parent / "run-reference"
-    proc = launch(job, out)
+    proc = start_job(job, out)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     return final_params(out)
@@ -99,7 +94,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_a_rerun_resumes_exactly(
     rng = random.Random(seed)
     victim, delay = rng.choice([0, 1]), rng.uniform(0.5, 3.0)
     out = job.parent / f"run-kill-{seed}"
-    proc = launch(job, out)
+    proc = start_job(job, out)
     pid = rank_pid(victim, str(out))
     time.sleep(delay)  # a random moment: during start-up, an epoch, or a checkpoint write
     try:
@@ -112,7 +107,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_a_rerun_resumes_exactly(
     assert time.monotonic() - killed < 30, "the job outlived a dead rank by 30 s"
     assert proc.returncode != 0
     assert f"rank {victim} failed first: killed by signal 9 (SIGKILL)" in err, err
-    again = launch(job, out)
+    again = start_job(job, out)
     _, err = again.communicate(timeout=180)
     assert again.returncode == 0, err
     got = final_params(out)

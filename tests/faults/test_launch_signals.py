@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.mpi import MPI_MARKS
+from helpers.mpi import MPI_MARKS, start_job
 
 from distnet.data import convert_digits
 
 pytestmark = [*MPI_MARKS, pytest.mark.fault, pytest.mark.timeout(300)]
-DISTNET = str(Path(sys.executable).parent / "distnet")
 GONE_WITHIN_S = 5.0
 
 JOB = """
@@ -83,12 +82,9 @@ def no_leftovers():
     _WATCHED.clear()
 
 
-def launch(job: Path, out: Path) -> subprocess.Popen:
+def start_watched(job: Path, out: Path) -> subprocess.Popen:
     """The launcher in its own process group, as a shell runs a foreground job."""
-    cmd = [DISTNET, "launch", "-np", "2", "--", DISTNET, "train", str(job), "--out", str(out)]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = start_job(job, out, start_new_session=True)
     watch([proc.pid])
     return proc
 
@@ -179,7 +175,7 @@ def rank_pids(pids: list[int]) -> dict[int, int]:
 @pytest.fixture(scope="module")
 def reference(job: Path) -> dict[str, np.ndarray]:
     out = job.parent / "run-reference"
-    proc = launch(job, out)
+    proc = start_watched(job, out)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     return final_params(out)
@@ -201,7 +197,7 @@ def check_resumes(
         assert set(reference) <= set(npz.files)
     if not rerun:
         return
-    again = launch(job, out)
+    again = start_watched(job, out)
     _, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
     got = final_params(out)
@@ -215,7 +211,7 @@ def test_one_sigint_ends_every_rank_with_130_and_the_run_resumes(job, reference,
     """Before: rank 0 printed "interrupted" and waited in MPI_Finalize for rank 1, which spun
     in a collective (or the reverse), until the failure grace killed them 10+ s later."""
     out = job.parent / f"run-sigint-{target.replace(' ', '-')}"
-    proc = launch(job, out)
+    proc = start_watched(job, out)
     pids = mid_training(proc, out)
     if target == "launcher":
         os.kill(proc.pid, signal.SIGINT)
@@ -235,7 +231,7 @@ def test_a_sigint_to_one_rank_ends_the_job_with_130_naming_it(job, reference):
     """Before: the interrupted rank left through MPI_Finalize and waited there for its peer,
     which waited in a collective for it: a hang."""
     out = job.parent / "run-sigint-rank"
-    proc = launch(job, out)
+    proc = start_watched(job, out)
     pids = mid_training(proc, out)
     os.kill(rank_pids(pids)[1], signal.SIGINT)
     sent = time.monotonic()
@@ -250,7 +246,7 @@ def test_a_sigint_to_one_rank_ends_the_job_with_130_naming_it(job, reference):
 def test_a_killed_launcher_takes_every_rank_with_it(job, sig):
     """Before: mpiexec and both ranks ran on with no parent after the launcher was killed."""
     out = job.parent / f"run-kill-launcher-{sig.name}"
-    proc = launch(job.parent / "long.toml", out)
+    proc = start_watched(job.parent / "long.toml", out)
     pids = mid_training(proc, out)
     os.kill(proc.pid, sig)
     sent = time.monotonic()
