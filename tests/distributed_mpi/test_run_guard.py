@@ -4,7 +4,6 @@ say what was trained (local, real mpiexec, a real local Ray)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from helpers.jobs import mlp_job
 from helpers.mpi import MPI_MARKS, launch
+from helpers.params import checkpoint_arrays, flat
 
 from distnet import cli
 from distnet.data import convert_digits
@@ -39,14 +39,6 @@ def sae_job(pretrain_epochs: int = 1, finetune_epochs: int = 1) -> str:
     text = text.replace('type = "mlp"', 'type = "stacked_autoencoder"')
     text = text.replace("hidden = [32]", "hidden = [24, 16]").replace('"tanh"', '"sigmoid"')
     return text + f"\n[pretrain]\nepochs = {pretrain_epochs}\n"
-
-
-def final_params(out) -> np.ndarray:
-    """Every array of the run's last stage checkpoint (the model), concatenated."""
-    stage = sorted(glob.glob(str(out / "stages" / "*")))[-1]
-    manifest = json.loads(open(f"{stage}/manifest.json").read())
-    arrays = np.load(f"{stage}/{manifest['arrays']}")
-    return np.concatenate([arrays[k].ravel() for k in sorted(arrays.files)])
 
 
 def train(*argv: str) -> int:
@@ -137,7 +129,9 @@ def test_more_epochs_continue_and_equal_a_run_with_them_from_the_start(root, cap
     assert "stage train: 2 epochs trained, continuing to 4" in printed
     assert "done, skipped" not in printed
     assert train(path, "--out", direct, "--set", "finetune.epochs=4") == 0
-    np.testing.assert_array_equal(final_params(out), final_params(direct))
+    np.testing.assert_array_equal(
+        flat(checkpoint_arrays(out, "")), flat(checkpoint_arrays(direct, ""))
+    )
     report = json.loads((out / "report.json").read_text())
     assert len(report["stages"][0]["history"]["loss"]) == 4
     assert report["stages"][0]["epochs"] == 4 == report["job"]["finetune"]["epochs"]
@@ -154,7 +148,9 @@ def test_more_pretraining_epochs_continue_the_layer_and_retrain_the_later_stages
     assert train(path, "--out", out) == 0
     assert train(path, "--out", out, "--set", "pretrain.epochs=2") == 0
     assert train(path, "--out", direct, "--set", "pretrain.epochs=2") == 0
-    np.testing.assert_array_equal(final_params(out), final_params(direct))
+    np.testing.assert_array_equal(
+        flat(checkpoint_arrays(out, "")), flat(checkpoint_arrays(direct, ""))
+    )
     assert segments(out, "0-pretrain-0") == [(0, 1), (1, 2)]
     assert segments(out, "2-finetune") == [(0, 1)]  # trained again on the new encoders
     # a finished layer's settings are refused; a change to a stage not yet run is not

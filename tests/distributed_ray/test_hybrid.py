@@ -4,7 +4,6 @@ allreduce inside a node, parameter server across nodes. One machine stands in fo
 
 from __future__ import annotations
 
-import glob
 import json
 import re
 import sys
@@ -16,21 +15,19 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
 from helpers.jobs import mlp_job  # noqa: E402
+from helpers.params import final_params, reference_params  # noqa: E402
 
-from distnet import backend, cli  # noqa: E402
-from distnet.core.functional import cross_entropy  # noqa: E402
-from distnet.data import StreamLoader, convert_digits  # noqa: E402
+from distnet import cli  # noqa: E402
+from distnet.data import convert_digits  # noqa: E402
 from distnet.parallel.rayengine import (  # noqa: E402
     RayJob,
     RayOptions,
     WorkerSpec,
     options_from_job,
-    set_batch_sizes,
     worker_specs,
 )
 from distnet.parallel.rayengine.groups import group_ranks, node_groups  # noqa: E402
-from distnet.train.checkpoint import load_checkpoint  # noqa: E402
-from distnet.train.job import JobError, _make_optimizer, build_model, load_job  # noqa: E402
+from distnet.train.job import JobError, load_job  # noqa: E402
 from distnet.train.rayjob import run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
@@ -41,42 +38,6 @@ def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybriddata")
     convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
     return root
-
-
-def final_params(job, out):
-    """The trained model's flat parameters from the job's last stage checkpoint."""
-    backend.seed(0)
-    model = build_model(job, 64, 10)
-    load_checkpoint(sorted(glob.glob(str(out / "stages" / "*")))[-1], model)
-    return np.concatenate([p.data.ravel() for p in model.parameters()])
-
-
-def reference_params(job, epochs, workers, sizes_per_epoch=None):
-    """One process, one optimiser, on the union of every rank's batch (the global batch);
-    ``sizes_per_epoch[e]``: the ranks' batch sizes in epoch e (None: equal)."""
-    backend.seed(job["run"]["seed"])
-    net = build_model(job, 64, 10)
-    opt = _make_optimizer(job["finetune"], net)
-    per_rank = job["data"]["batch_size"] // workers
-    loaders = [
-        StreamLoader(job["data"]["train"], per_rank, rank=r, world_size=workers,
-                     seed=job["run"]["seed"], shuffle_chunks=job["data"]["shuffle_chunks"])
-        for r in range(workers)
-    ]  # fmt: skip
-    for epoch in range(epochs):
-        for ld in loaders:
-            if sizes_per_epoch is not None:
-                set_batch_sizes(ld, sizes_per_epoch[epoch])
-            ld.set_epoch(epoch)
-        for batches in zip(*loaders, strict=True):
-            opt.zero_grad()
-            x = np.concatenate([b[0] for b in batches])
-            y = np.concatenate([b[1] for b in batches])
-            cross_entropy(net(x), y).backward()
-            opt.step()
-    for ld in loaders:
-        ld.close()
-    return np.concatenate([p.data.ravel() for p in net.parameters()])
 
 
 # --- node groups ---------------------------------------------------------------------------

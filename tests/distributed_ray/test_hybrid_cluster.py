@@ -52,7 +52,7 @@ def two_nodes():
 
 def test_hybrid_groups_the_workers_by_the_ray_node_they_landed_on(two_nodes, tmp_path):
     from helpers.jobs import mlp_job  # noqa: PLC0415
-    from test_hybrid import final_params, reference_params  # noqa: PLC0415
+    from helpers.params import final_params, reference_params  # noqa: PLC0415
 
     convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=64)
     path = tmp_path / "job.toml"

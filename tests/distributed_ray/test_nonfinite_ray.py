@@ -11,7 +11,6 @@ strategy, async included.
 
 from __future__ import annotations
 
-import glob
 import time
 from pathlib import Path
 
@@ -21,13 +20,13 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from helpers.jobs import mlp_job  # noqa: E402
+from helpers.params import final_params  # noqa: E402
 
 from distnet import backend  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
 from distnet.data import StreamLoader  # noqa: E402
 from distnet.data.writer import write_dataset  # noqa: E402
 from distnet.parallel.rayengine import RayOptions, worker_specs  # noqa: E402
-from distnet.train.checkpoint import load_checkpoint  # noqa: E402
 from distnet.train.job import _make_optimizer, build_model, load_job  # noqa: E402
 from distnet.train.rayjob import run_ray_job  # noqa: E402
 
@@ -56,13 +55,6 @@ def run(root: Path, name: str, policy: str, workers: int, strategy: str, ps=None
     job = load_job(path, {"run": {"out": str(out)}})
     options = RayOptions(workers=worker_specs(workers), strategy=strategy, ps=ps or {})
     return job, out, lambda: run_ray_job(job, options, log=lambda line: None)
-
-
-def final_params(job, out: Path) -> np.ndarray:
-    backend.seed(0)
-    model = build_model(job, FEATURES, CLASSES)
-    load_checkpoint(sorted(glob.glob(str(out / "stages" / "*")))[-1], model)
-    return np.concatenate([p.data.ravel() for p in model.parameters()])
 
 
 def reference_params(job, workers: int) -> tuple[np.ndarray, int]:
@@ -109,7 +101,7 @@ def test_skip_drops_the_same_step_on_every_worker(ray_cluster, nan_store, name, 
     report = go()
     ref, skipped = reference_params(job, workers)
     assert skipped == 1
-    got = final_params(job, out)
+    got = final_params(job, out, FEATURES, CLASSES)
     assert np.isfinite(got).all()
     assert np.max(np.abs(got - ref)) < 1e-5
     if strategy == "ps":  # every worker left the same round out: the shards saw no push
@@ -145,7 +137,7 @@ def test_stop_fails_the_job_naming_step_rank_and_parameter(ray_cluster, nan_stor
 def test_async_skip_drops_only_the_nan_workers_push(ray_cluster, nan_store):
     job, out, go = run(nan_store, "skip-ps-async", "skip", 2, "ps", {"mode": "async"})
     report = go()
-    assert np.isfinite(final_params(job, out)).all()
+    assert np.isfinite(final_params(job, out, FEATURES, CLASSES)).all()
     stats = report["ps_stats"][0]
     updates = sorted(w["updates"] for w in stats["workers"])
     steps_per_worker = -(-N // 24)  # the global batch is 24 (the last one short)
@@ -159,7 +151,7 @@ def test_ssp_skip_still_counts_the_nan_workers_step_on_the_shards(ray_cluster, n
     t0 = time.perf_counter()
     report = go()
     assert time.perf_counter() - t0 < 120  # not a round's timeout
-    assert np.isfinite(final_params(job, out)).all()
+    assert np.isfinite(final_params(job, out, FEATURES, CLASSES)).all()
     stats = report["ps_stats"][0]
     steps_per_worker = -(-N // 24)
     assert sorted(w["updates"] for w in stats["workers"]) == [steps_per_worker - 1,
@@ -174,7 +166,7 @@ def test_hybrid_async_skip_drops_the_nan_nodes_push(ray_cluster, nan_store):
     job, out, go = run(nan_store, "skip-hybrid-async", "skip", 3, "hybrid",
                        {"mode": "async", "workers_per_node": 2})  # fmt: skip
     report = go()
-    assert np.isfinite(final_params(job, out)).all()
+    assert np.isfinite(final_params(job, out, FEATURES, CLASSES)).all()
     updates = sorted(w["updates"] for w in report["ps_stats"][0]["workers"])
     steps_per_worker = -(-N // 36)  # the global batch is 36 (the last one short)
     assert updates == [steps_per_worker - 1, steps_per_worker], updates

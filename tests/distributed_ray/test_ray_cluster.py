@@ -10,7 +10,6 @@ before the first node starts, and every node inherits it.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import threading
@@ -22,16 +21,15 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
+from helpers.params import final_params  # noqa: E402
 from helpers.sample_counts import (  # noqa: E402
     assert_every_sample_once,
     finished_by_generation,
     write_id_digits,
 )
 
-from distnet import backend  # noqa: E402
 from distnet.parallel.rayengine import RayJob, options_from_job  # noqa: E402
-from distnet.train.checkpoint import load_checkpoint  # noqa: E402
-from distnet.train.job import build_model, load_job  # noqa: E402
+from distnet.train.job import load_job  # noqa: E402
 from distnet.train.rayjob import run_rank  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
@@ -150,14 +148,6 @@ def run(job, nodes, delay_per_sample_s=0.0, **overrides):
     return RayJob(options, log=lambda line: None, task=run_rank).run(job)
 
 
-def final_params(job) -> np.ndarray:
-    backend.seed(0)
-    model = build_model(job, 65, 10)
-    stage = sorted(glob.glob(os.path.join(job["run"]["out"], "stages", "*")))[-1]
-    load_checkpoint(stage, model)
-    return np.concatenate([p.data.ravel() for p in model.parameters()])
-
-
 def remove_node_mid_epoch(nodes, name, log_dir, then=None, timeout_s=90.0):
     """Waits until a worker logs steps of epoch 1, then removes node ``name``; ``then()``
     afterwards (a replacement node joining)."""
@@ -201,12 +191,12 @@ def uninterrupted(three_nodes, ids):
     root, _ = ids
     job = make_job(root, "span", pins=ON_TWO_NODES)
     report = run(job, three_nodes)
-    return report, final_params(job)
+    return report, final_params(job, features=65)
 
 
 @pytest.mark.slow
 def test_a_client_with_another_token_is_refused_by_the_cluster(three_nodes, tmp_path):
-    from test_security_ray import connect  # noqa: PLC0415
+    from helpers.ray_client import connect  # noqa: PLC0415
 
     wrong = connect(three_nodes.cluster.address, tmp_path, "0" * 32)
     assert wrong.returncode != 0 and "CONNECTED" not in wrong.stdout, wrong.stdout
@@ -244,7 +234,7 @@ def test_workers_on_two_nodes_train_the_same_model_as_on_one(three_nodes, ids, u
     job = make_job(root, "packed", pins=ON_NODE_A)
     packed_report = run(job, three_nodes)
     assert {w["node_id"] for w in packed_report["worker_info"]} == {three_nodes.node_id("node_a")}
-    np.testing.assert_allclose(final_params(job), span, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(final_params(job, features=65), span, rtol=0, atol=1e-6)
     assert span_report["workers"] == packed_report["workers"] == 2
 
 
@@ -296,7 +286,7 @@ def test_sync_job_redoes_the_epoch_a_lost_node_interrupted(
     assert_every_sample_once(records, all_ids, 3, report["recoveries"], unlogged=16)  # 32 / 2
     # ps: the shards sum in another order than the allreduce
     np.testing.assert_allclose(
-        final_params(job), want, rtol=0, atol=1e-6 if strategy == "allreduce" else 2e-5
+        final_params(job, features=65), want, rtol=0, atol=1e-6 if strategy == "allreduce" else 2e-5
     )
 
 

@@ -19,20 +19,18 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
 from helpers.jobs import mlp_job, pids_alive_after  # noqa: E402
+from helpers.params import final_params, reference_params  # noqa: E402
 
 from distnet import backend, cli  # noqa: E402
-from distnet.core.functional import cross_entropy  # noqa: E402
-from distnet.data import StreamLoader, convert_digits, digits_arrays, write_dataset  # noqa: E402
+from distnet.data import convert_digits, digits_arrays, write_dataset  # noqa: E402
 from distnet.parallel.rayengine import (  # noqa: E402
     RayJob,
     RayOptions,
     WorkerSpec,
-    set_batch_sizes,
     start_ray,
     worker_specs,
 )
-from distnet.train.checkpoint import load_checkpoint  # noqa: E402
-from distnet.train.job import _make_optimizer, build_model, load_job, run_job  # noqa: E402
+from distnet.train.job import load_job, run_job  # noqa: E402
 from distnet.train.rayjob import run_rank, run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
@@ -49,38 +47,6 @@ def write_job(root, name, text):
     path = root / name
     path.write_text(text)
     return path
-
-
-def final_params(job, out):
-    """The trained model's flat parameters from the job's last stage checkpoint."""
-    backend.seed(0)
-    model = build_model(job, 64, 10)
-    stage = sorted(glob.glob(str(out / "stages" / "*")))[-1]
-    load_checkpoint(stage, model)
-    return np.concatenate([p.data.ravel() for p in model.parameters()])
-
-
-def reference_params(job, epochs, sizes_per_epoch):
-    """One process, one optimiser, on the union of both ranks' batches (the global batch)."""
-    backend.seed(job["run"]["seed"])
-    net = build_model(job, 64, 10)
-    opt = _make_optimizer(job["finetune"], net)
-    loaders = [
-        StreamLoader(job["data"]["train"], 16, rank=r, world_size=2, seed=job["run"]["seed"],
-                     shuffle_chunks=job["data"]["shuffle_chunks"])
-        for r in range(2)
-    ]  # fmt: skip
-    for epoch in range(epochs):
-        for ld in loaders:
-            set_batch_sizes(ld, sizes_per_epoch[epoch])
-            ld.set_epoch(epoch)
-        for (x0, y0), (x1, y1) in zip(*loaders, strict=True):
-            opt.zero_grad()
-            cross_entropy(net(np.concatenate([x0, x1])), np.concatenate([y0, y1])).backward()
-            opt.step()
-    for ld in loaders:
-        ld.close()
-    return np.concatenate([p.data.ravel() for p in net.parameters()])
 
 
 def test_a_local_ray_without_token_authentication_is_refused(monkeypatch):
@@ -148,7 +114,7 @@ def test_ray_allreduce_training_equals_one_process_on_the_global_batch(ray_clust
     report = run_ray_job(job, RayOptions(workers=worker_specs(2)), log=lambda line: None)
     assert report["workers"] == 2 and report["engine"] == "RayCommunicator"
     got = final_params(job, out)
-    want = reference_params(job, 2, [[16, 16]] * 2)
+    want = reference_params(job, 2, 2, [[16, 16]] * 2)
     assert np.max(np.abs(got - want)) < 1e-5
     assert report["test_accuracy"] >= 0.85
 
@@ -167,10 +133,10 @@ def test_shares_follow_throughput_and_the_update_stays_the_global_batch_one(ray_
     assert fast + slow_size == 32 and fast >= 22, shares  # the fast worker takes most
     sizes = [[16, 16], shares[0]["batch_sizes"], shares[1]["batch_sizes"]]
     got = final_params(job, out)
-    want = reference_params(job, 3, sizes)
+    want = reference_params(job, 3, 2, sizes)
     assert np.max(np.abs(got - want)) < 1e-5
     # the check can fail: equal weights on the same unequal batches give another model
-    assert np.max(np.abs(got - reference_params(job, 3, [[16, 16]] * 3))) > 1e-3
+    assert np.max(np.abs(got - reference_params(job, 3, 2, [[16, 16]] * 3))) > 1e-3
 
 
 @pytest.mark.slow
@@ -308,7 +274,7 @@ def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, di
     assert sorted(data["staleness"]) == ["0", "1"]  # sync: every update applied fresh
     assert all(set(h) == {"0"} and h["0"] > 0 for h in data["staleness"].values())
     got = final_params(job, out)
-    want = reference_params(job, 1, [[16, 16]])
+    want = reference_params(job, 1, 2, [[16, 16]])
     assert np.max(np.abs(got - want)) < 1e-5
     assert len(report["ps_stats"]) == 1  # the stage's server: clocks and staleness reported
     from distnet.parallel.ps import link
@@ -335,7 +301,7 @@ def test_a_gpu_worker_and_a_cpu_worker_train_together(ray_cluster, digits):
     assert report["workers"] == 2 and len(report["shares"]) == 2
     # GPU gradients go through host memory in a mixed group: still the global-batch update
     got = final_params(job, out)
-    want = reference_params(job, 2, [[16, 16], report["shares"][0]["batch_sizes"]])
+    want = reference_params(job, 2, 2, [[16, 16], report["shares"][0]["batch_sizes"]])
     assert np.max(np.abs(got - want)) < 1e-4
 
 

@@ -4,11 +4,10 @@ token or none is refused, the right token connects (a positive control)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.ray_client import connect
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
@@ -22,19 +21,6 @@ def gcs_address():
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
-
-
-def connect(gcs: str, tmp_path: Path, token: str | None) -> subprocess.CompletedProcess:
-    """A separate client process with no token file, and ``token`` (if any) in its env."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
-    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token there
-    if token is not None:
-        env["RAY_AUTH_TOKEN"] = token
-    env["RAY_gcs_server_port_wait_time_s"] = "3"  # 3 tries to reach the GCS, not Ray's 20
-    code = f"import ray; ray.init(address={gcs!r}); print('CONNECTED', ray.is_initialized())"
-    return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
 
 
 def test_clients_without_the_token_are_refused_and_with_it_connect(gcs_address, tmp_path):

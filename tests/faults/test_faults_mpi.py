@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.mpi import start_job
+from helpers.params import checkpoint_arrays
 
 from distnet.data import convert_digits
 
@@ -51,15 +52,6 @@ def job(tmp_path_factory) -> Path:
     return path
 
 
-def final_params(out: Path) -> dict[str, np.ndarray]:
-    """The arrays of the last stage's committed checkpoint."""
-    (stage,) = [p for p in (out / "stages").iterdir() if p.is_dir()] or [None]
-    assert stage is not None, f"no stage checkpoint under {out}"
-    (arrays,) = stage.glob("arrays-*.npz")
-    with np.load(arrays, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files if k.startswith("model/")}
-
-
 def rank_pid(rank: int, marker: str, timeout: float = 60) -> int:
     """PID of the python process of ``rank`` whose command line contains ``marker``."""
     deadline = time.monotonic() + timeout
@@ -84,7 +76,7 @@ def reference(job: Path) -> dict[str, np.ndarray]:
     proc = start_job(job, out)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
-    return final_params(out)
+    return checkpoint_arrays(out)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -110,7 +102,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_a_rerun_resumes_exactly(
     again = start_job(job, out)
     _, err = again.communicate(timeout=180)
     assert again.returncode == 0, err
-    got = final_params(out)
+    got = checkpoint_arrays(out)
     assert got.keys() == reference.keys()
     for k in got:
         np.testing.assert_array_equal(got[k], reference[k], err_msg=k)

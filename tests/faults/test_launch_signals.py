@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.mpi import MPI_MARKS, start_job
+from helpers.params import checkpoint_arrays
 
 from distnet.data import convert_digits
 
@@ -87,14 +88,6 @@ def start_watched(job: Path, out: Path) -> subprocess.Popen:
     proc = start_job(job, out, start_new_session=True)
     watch([proc.pid])
     return proc
-
-
-def final_params(out: Path) -> dict[str, np.ndarray]:
-    """The arrays of the (one) stage's committed checkpoint."""
-    (stage,) = [p for p in (out / "stages").iterdir() if p.is_dir()]
-    (arrays,) = stage.glob("arrays-*.npz")
-    with np.load(arrays, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files if k.startswith("model/")}
 
 
 def _children() -> dict[int, list[int]]:
@@ -178,7 +171,7 @@ def reference(job: Path) -> dict[str, np.ndarray]:
     proc = start_watched(job, out)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
-    return final_params(out)
+    return checkpoint_arrays(out)
 
 
 def check_resumes(
@@ -200,7 +193,7 @@ def check_resumes(
     again = start_watched(job, out)
     _, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
-    got = final_params(out)
+    got = checkpoint_arrays(out)
     assert got.keys() == reference.keys()
     for k in got:
         np.testing.assert_array_equal(got[k], reference[k], err_msg=k)

@@ -7,7 +7,6 @@ it finished and of the step a dead peer interrupted, so the tests count samples 
 
 from __future__ import annotations
 
-import glob
 import json
 
 import numpy as np
@@ -17,6 +16,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
 from helpers.jobs import mlp_job  # noqa: E402
+from helpers.params import final_model, flat  # noqa: E402
 from helpers.sample_counts import (  # noqa: E402
     assert_every_sample_once,
     finished_by_generation,
@@ -27,7 +27,6 @@ from distnet import backend  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
 from distnet.data import StreamLoader  # noqa: E402
 from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs  # noqa: E402
-from distnet.train.checkpoint import load_checkpoint  # noqa: E402
 from distnet.train.job import _make_optimizer, build_model, load_job  # noqa: E402
 from distnet.train.rayjob import run_rank  # noqa: E402
 
@@ -81,13 +80,6 @@ def assert_each_sample_once_and_one_batch_redone(log_dir, report):
     assert done + len(redone) <= EPOCHS * N + GLOBAL_BATCH
 
 
-def final_params(job):
-    backend.seed(0)
-    model = build_model(job, 65, 10)
-    load_checkpoint(sorted(glob.glob(job["run"]["out"] + "/stages/*"))[-1], model)
-    return model
-
-
 def reference_model(job):
     """One process, one optimiser, on the union of both ranks' batches (the global batch)."""
     backend.seed(job["run"]["seed"])
@@ -108,10 +100,6 @@ def reference_model(job):
     for ld in loaders:
         ld.close()
     return net
-
-
-def flat(model):
-    return np.concatenate([p.data.ravel() for p in model.parameters()])
 
 
 def train_loss(model, job):
@@ -142,7 +130,7 @@ def test_replaced_worker_redoes_only_the_interrupted_global_batch(
         {"stage": 0, "epoch": 1, "samples_seen": (KILL_AT - 42) * GLOBAL_BATCH}
     ]
     assert_each_sample_once_and_one_batch_redone(log_dir, report)
-    got = flat(final_params(job))
+    got = flat(final_model(job, features=65))
     np.testing.assert_allclose(got, flat(reference), atol=1e-5)
 
 
@@ -153,7 +141,7 @@ def test_survivor_alone_takes_over_the_rest_of_the_epoch(ray_cluster, ids_root, 
     report, job, log_dir = run_killed(ids_root, "alone", replace_lost=False)
     assert report["workers"] == 1 and report["recoveries"][0]["mid_epoch"]
     assert_each_sample_once_and_one_batch_redone(log_dir, report)
-    got, want = train_loss(final_params(job), job), train_loss(reference, job)
+    got, want = train_loss(final_model(job, features=65), job), train_loss(reference, job)
     # the rest of the run sees the samples in another order: undisturbed runs with seeds
     # 0..5 end between 0.114 and 0.137 (seed 0: 0.129)
     assert abs(got - want) <= 0.5 * want, (got, want)
@@ -173,7 +161,7 @@ def test_ps_epoch_rollback_restores_the_shards(ray_cluster, ids_root, reference)
     logged = sum(len(got) for epochs in done.values() for steps in epochs.values()
                  for _, got in steps)  # fmt: skip
     assert logged > EPOCHS * N  # the epoch was redone
-    np.testing.assert_allclose(flat(final_params(job)), flat(reference), atol=1e-5)
+    np.testing.assert_allclose(flat(final_model(job, features=65)), flat(reference), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -219,7 +207,7 @@ def test_worker_killed_by_sigkill_mid_step(ray_cluster, ids_root, reference, str
     assert killed and report["generation"] == 2 and len(report["failures"]) == 1
     if strategy == "allreduce":  # ps: the dead worker may have pushed to one shard only
         assert report["recoveries"][0]["mid_epoch"], report["recoveries"]
-    np.testing.assert_allclose(flat(final_params(job)), flat(reference), atol=1e-5)
+    np.testing.assert_allclose(flat(final_model(job, features=65)), flat(reference), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -242,7 +230,7 @@ def test_rank_0_lost_a_survivor_becomes_rank_0_and_resumes(ray_cluster, ids_root
     assert report["recoveries"][0]["mid_epoch"] and report["recoveries"][0]["lost"] == [0]
     assert became_rank_0 == [True]
     assert_each_sample_once_and_one_batch_redone(log_dir, report)
-    np.testing.assert_allclose(flat(final_params(job)), flat(reference), atol=1e-5)
+    np.testing.assert_allclose(flat(final_model(job, features=65)), flat(reference), atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["allreduce", "ps"])
@@ -265,5 +253,5 @@ def test_a_replaced_worker_redraws_the_same_dropout_masks(ray_cluster, ids_root,
     undisturbed, _ = run(f"drop-{strategy}-0")
     killed, report = run(f"drop-{strategy}-1", fail_at_step={1: KILL_AT}, min_workers=1)
     assert report["generation"] == 2 and report["recoveries"][0]["mid_epoch"]
-    want = flat(final_params(undisturbed))
-    np.testing.assert_allclose(flat(final_params(killed)), want, atol=1e-5)
+    want = flat(final_model(undisturbed, features=65))
+    np.testing.assert_allclose(flat(final_model(killed, features=65)), want, atol=1e-5)

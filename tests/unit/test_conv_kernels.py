@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.conv import leaf, reference_conv
 from helpers.gradcheck import check_grad
-from test_core_conv import leaf, reference_conv
 
 from distnet import kernels
 from distnet.core import conv
