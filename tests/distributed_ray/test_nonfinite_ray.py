@@ -20,14 +20,11 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from helpers.jobs import mlp_job  # noqa: E402
-from helpers.params import final_params  # noqa: E402
+from helpers.params import final_params, reference_params  # noqa: E402
 
-from distnet import backend  # noqa: E402
-from distnet.core.functional import cross_entropy  # noqa: E402
-from distnet.data import StreamLoader  # noqa: E402
 from distnet.data.writer import write_dataset  # noqa: E402
 from distnet.parallel.rayengine import RayOptions, worker_specs  # noqa: E402
-from distnet.train.job import _make_optimizer, build_model, load_job  # noqa: E402
+from distnet.train.job import load_job  # noqa: E402
 from distnet.train.rayjob import run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
@@ -57,35 +54,6 @@ def run(root: Path, name: str, policy: str, workers: int, strategy: str, ps=None
     return job, out, lambda: run_ray_job(job, options, log=lambda line: None)
 
 
-def reference_params(job, workers: int) -> tuple[np.ndarray, int]:
-    """One process on the union of the workers' batches, skipping a global batch that holds
-    a non-finite sample; returns the parameters and the number of steps skipped."""
-    backend.seed(job["run"]["seed"])
-    net = build_model(job, FEATURES, CLASSES)
-    opt = _make_optimizer(job["finetune"], net)
-    per_rank = job["data"]["batch_size"] // workers
-    loaders = [
-        StreamLoader(job["data"]["train"], per_rank, rank=r, world_size=workers,
-                     seed=job["run"]["seed"], shuffle_chunks=job["data"]["shuffle_chunks"])
-        for r in range(workers)
-    ]  # fmt: skip
-    skipped = 0
-    for ld in loaders:
-        ld.set_epoch(0)
-    for batches in zip(*loaders, strict=True):
-        x = np.concatenate([b[0] for b in batches])
-        y = np.concatenate([b[1] for b in batches])
-        if not np.isfinite(x).all():
-            skipped += 1
-            continue
-        opt.zero_grad()
-        cross_entropy(net(x), y).backward()
-        opt.step()
-    for ld in loaders:
-        ld.close()
-    return np.concatenate([p.data.ravel() for p in net.parameters()]), skipped
-
-
 SYNC = [
     ("allreduce", 2, "allreduce", None),
     ("ps-sync-1", 2, "ps", {"mode": "sync", "shards": 1}),
@@ -99,7 +67,9 @@ def test_skip_drops_the_same_step_on_every_worker(ray_cluster, nan_store, name, 
                                                   strategy, ps):  # fmt: skip
     job, out, go = run(nan_store, f"skip-{name}", "skip", workers, strategy, ps)
     report = go()
-    ref, skipped = reference_params(job, workers)
+    ref, skipped = reference_params(
+        job, 1, workers, features=FEATURES, classes=CLASSES, count_skipped=True
+    )
     assert skipped == 1
     got = final_params(job, out, FEATURES, CLASSES)
     assert np.isfinite(got).all()

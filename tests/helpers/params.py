@@ -65,10 +65,13 @@ def reference_params(
     sizes_per_epoch: list[list[int]] | None = None,
     features: int = 64,
     classes: int = 10,
-) -> np.ndarray:
+    count_skipped: bool = False,
+) -> np.ndarray | tuple[np.ndarray, int]:
     """One process, one optimiser, on the union of every rank's batch (the global batch):
-    the parameters a synchronous data-parallel run of ``workers`` ranks must end with.
-    ``sizes_per_epoch[e]``: the ranks' batch sizes in epoch e (None: equal shares)."""
+    the parameters a synchronous data-parallel run of ``workers`` ranks must end with. A
+    global batch holding a non-finite sample is skipped, as every engine skips it.
+    ``sizes_per_epoch[e]``: the ranks' batch sizes in epoch e (None: equal shares);
+    ``count_skipped``: return (parameters, number of steps skipped)."""
     from distnet.parallel.rayengine import set_batch_sizes  # noqa: PLC0415
 
     backend.seed(job["run"]["seed"])
@@ -80,17 +83,21 @@ def reference_params(
                      seed=job["run"]["seed"], shuffle_chunks=job["data"]["shuffle_chunks"])
         for r in range(workers)
     ]  # fmt: skip
+    skipped = 0
     for epoch in range(epochs):
         for ld in loaders:
             if sizes_per_epoch is not None:
                 set_batch_sizes(ld, sizes_per_epoch[epoch])
             ld.set_epoch(epoch)
         for batches in zip(*loaders, strict=True):
-            opt.zero_grad()
             x = np.concatenate([b[0] for b in batches])
             y = np.concatenate([b[1] for b in batches])
+            if not np.isfinite(x).all():
+                skipped += 1
+                continue
+            opt.zero_grad()
             cross_entropy(net(x), y).backward()
             opt.step()
     for ld in loaders:
         ld.close()
-    return flat(net)
+    return (flat(net), skipped) if count_skipped else flat(net)
