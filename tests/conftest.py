@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 # Every collective of every test (and of the ranks and actors they start, which inherit the
 # environment) is compared across ranks: a mismatch raises instead of hanging or mixing data.
 os.environ.setdefault("DISTNET_COLLECTIVE_CHECK", "1")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """A directory of the module's own whose ``data/train`` and ``data/test`` are scikit-learn's
+    digits as stores (25% test, stratified, seed 0, chunks of 64 samples): a job file written
+    into it names them ``data/train`` and ``data/test``."""
+    pytest.importorskip("sklearn")
+    from distnet.data import convert_digits  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("digits")
+    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -73,10 +73,8 @@ def test_bad_layer_lists_name_the_entry(image_stores, capsys, layers, message):
     assert message in err and str(path) in err
 
 
-def test_cnn_on_flat_samples_is_refused(tmp_path, capsys):
-    from distnet.data import convert_digits
-
-    convert_digits(tmp_path / "img", test_fraction=0.25, seed=0, chunk_samples=64)
+def test_cnn_on_flat_samples_is_refused(digits, tmp_path, capsys):
+    (tmp_path / "img").symlink_to(digits / "data")
     path = tmp_path / "flat.toml"
     path.write_text(CNN_JOB.format(layers='["conv 4 3"]'))
     assert cli.main(["train", str(path), "--out", str(tmp_path / "r")]) == 2

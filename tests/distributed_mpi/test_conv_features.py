@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digit_images():
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -70,8 +70,8 @@ def test_folding_the_standardisation_into_the_softmax_layer_is_exact():
     np.testing.assert_allclose(dense(f).data, expected, rtol=1e-12)
 
 
-def test_pipeline_learns_digits_and_draws_its_pictures(digits, tmp_path):
-    x, y = digits
+def test_pipeline_learns_digits_and_draws_its_pictures(digit_images, tmp_path):
+    x, y = digit_images
     config = ConvPoolConfig(features=32, patch=3, patches=8000, pool=2, ae_epochs=4,
                             sparsity_target=0.1, classifier_epochs=15, classifier_batch=32,
                             classifier_lr=3e-3, finetune_epochs=2)  # fmt: skip
@@ -86,15 +86,12 @@ def test_pipeline_learns_digits_and_draws_its_pictures(digits, tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}")
-def test_pipeline_on_two_mpi_ranks(tmp_path):
-    from distnet.data import convert_digits
-
-    convert_digits(tmp_path / "d", test_fraction=0.25, seed=0, chunk_samples=64)
+def test_pipeline_on_two_mpi_ranks(digits, tmp_path):
     options = ["--features", "32", "--patch", "3", "--patches", "8000", "--pool", "2",
                "--ae-epochs", "4", "--sparsity-target", "0.1", "--classifier-epochs", "15",
                "--classifier-batch", "32", "--classifier-lr", "0.003",
                "--out", str(tmp_path / "run")]  # fmt: skip
-    data = tmp_path / "d"
+    data = digits / "data"
     command = ["-m", "distnet.train.convfeatures", str(data / "train"), str(data / "test")]
     proc = launch(2, *command, *options, timeout=110)
     assert proc.returncode == 0, proc.stdout + proc.stderr

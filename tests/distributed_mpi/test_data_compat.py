@@ -12,7 +12,7 @@ from helpers.jobs import mlp_job
 from helpers.mpi import MPI_MARKS, launch
 
 from distnet import cli
-from distnet.data import convert_digits, open_dataset, write_dataset
+from distnet.data import open_dataset, write_dataset
 from distnet.train import datacheck
 from distnet.train.job import load_job
 from distnet.train.jobspec import JobError
@@ -21,9 +21,8 @@ pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compat")
-    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+def root(digits):
+    root = digits
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 17, (100, 64)).astype(np.uint8)
     write_dataset(str(root / "narrow"), pixels[:, :49], rng.integers(0, 10, 100))

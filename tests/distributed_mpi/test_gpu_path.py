@@ -65,20 +65,10 @@ device = "cuda"
 """
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    pytest.importorskip("sklearn")
-    from distnet.data import convert_digits  # noqa: PLC0415
-
-    root = tmp_path_factory.mktemp("digits")
-    convert_digits(root, test_fraction=0.25, seed=0, chunk_samples=64)
-    return root
-
-
 @pytest.fixture
 def job_file(digits, tmp_path):
     path = tmp_path / "job.toml"
-    path.write_text(SAE_JOB.format(data=digits))
+    path.write_text(SAE_JOB.format(data=digits / "data"))
     return path
 
 
@@ -163,11 +153,11 @@ def test_loader_on_cuda_1_puts_every_batch_there(digits):
 
     from distnet.data import StreamLoader  # noqa: PLC0415
 
-    with StreamLoader(f"{digits}/train", 32, device="cuda:1") as loader:
+    with StreamLoader(f"{digits}/data/train", 32, device="cuda:1") as loader:
         for x, y in loader:
             assert x.device.id == 1 and y.device.id == 1
     with cupy.cuda.Device(1):  # 'cuda' is the constructing thread's GPU, not the thread's 0
-        loader = StreamLoader(f"{digits}/train", 32, device="cuda")
+        loader = StreamLoader(f"{digits}/data/train", 32, device="cuda")
     assert loader.device == "cuda:1"
     x, _ = next(iter(loader))
     loader.close()

@@ -41,16 +41,6 @@ pictures = false
 """
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    pytest.importorskip("sklearn")
-    from distnet.data import convert_digits  # noqa: PLC0415
-
-    root = tmp_path_factory.mktemp("digits")
-    convert_digits(root, test_fraction=0.25, seed=0, chunk_samples=64)
-    return root
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(280)
 def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(digits, tmp_path):
@@ -61,7 +51,7 @@ def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(
     from distnet.train.checkpoint import read_manifest  # noqa: PLC0415
 
     job = tmp_path / "job.toml"
-    job.write_text(RESUME_JOB.format(data=digits))
+    job.write_text(RESUME_JOB.format(data=digits / "data"))
     script = str(SCRIPTS / "resume_local_dirs.py")
     local = tmp_path / "local"
     local.mkdir()

@@ -8,7 +8,6 @@ import pytest
 from helpers.mpi import launch
 
 from distnet import cli
-from distnet.data import convert_digits
 
 pytest.importorskip("sklearn")
 
@@ -33,9 +32,8 @@ log_every = 100
 
 
 @pytest.fixture(scope="module")
-def job_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("job")
-    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+def job_dir(digits):
+    root = digits
     return root
 
 

@@ -148,11 +148,8 @@ pictures = false
 @pytest.mark.slow
 @needs_mpiexec
 @pytest.mark.timeout(240)
-def test_job_over_two_nodes_trains_the_same_with_and_without_hierarchical(tmp_path):
-    pytest.importorskip("sklearn")
-    from distnet.data import convert_digits
-
-    convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+def test_job_over_two_nodes_trains_the_same_with_and_without_hierarchical(digits, tmp_path):
+    (tmp_path / "data").symlink_to(digits / "data")
     (tmp_path / "job.toml").write_text(JOB)
     reports = {}
     for hierarchical in ("true", "false"):

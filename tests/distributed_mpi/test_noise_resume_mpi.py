@@ -33,17 +33,13 @@ pictures = false
 
 
 @pytest.mark.timeout(150)
-def test_a_job_with_dropout_resumes_to_the_parameters_of_a_run_that_never_stopped(tmp_path):
+def test_a_job_with_dropout_resumes_to_the_parameters_of_a_run_that_never_stopped(digits, tmp_path):
     """Every rank stops after epoch 2 of 3 was checkpointed; the rerun resumes at epoch 2.
     If the resumed run numbered its steps from 0 again (as the parameter-server wrappers
     did, their ``steps`` being the shards' clock), its epoch would draw the first epoch's
     masks and the parameters would differ."""
-    pytest.importorskip("sklearn")
-    from distnet.data import convert_digits  # noqa: PLC0415
-
-    convert_digits(tmp_path / "digits", test_fraction=0.25, seed=0, chunk_samples=64)
     job = tmp_path / "job.toml"
-    job.write_text(DROPOUT_JOB.format(data=tmp_path / "digits"))
+    job.write_text(DROPOUT_JOB.format(data=digits / "data"))
     local = tmp_path / "local"
     local.mkdir()
 

@@ -15,15 +15,13 @@ from helpers.mpi import MPI_MARKS, launch
 from helpers.params import checkpoint_arrays, flat
 
 from distnet import cli
-from distnet.data import convert_digits
 
 pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guard")
-    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+def root(digits):
+    root = digits
     return root
 
 

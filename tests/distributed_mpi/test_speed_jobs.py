@@ -11,7 +11,7 @@ import pytest
 from helpers.mpi import launch
 
 from distnet import cli
-from distnet.data import convert_digits, open_dataset
+from distnet.data import open_dataset
 from distnet.train.job import JobError, load_job
 
 pytest.importorskip("sklearn")
@@ -45,9 +45,8 @@ pictures = false
 
 
 @pytest.fixture(scope="module")
-def job_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speedjob")
-    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+def job_dir(digits):
+    root = digits
     return root
 
 

@@ -18,7 +18,6 @@ from helpers.jobs import mlp_job  # noqa: E402
 from helpers.params import final_params, reference_params  # noqa: E402
 
 from distnet import cli  # noqa: E402
-from distnet.data import convert_digits  # noqa: E402
 from distnet.parallel.rayengine import (  # noqa: E402
     RayJob,
     RayOptions,
@@ -31,13 +30,6 @@ from distnet.train.job import JobError, load_job  # noqa: E402
 from distnet.train.rayjob import run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hybriddata")
-    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
-    return root
 
 
 # --- node groups ---------------------------------------------------------------------------

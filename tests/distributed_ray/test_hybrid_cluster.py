@@ -13,7 +13,6 @@ pytest.importorskip("sklearn")
 
 import numpy as np  # noqa: E402
 
-from distnet.data import convert_digits  # noqa: E402
 from distnet.parallel.rayengine import RayOptions, worker_specs  # noqa: E402
 from distnet.train.job import load_job  # noqa: E402
 from distnet.train.rayjob import run_ray_job  # noqa: E402
@@ -50,13 +49,13 @@ def two_nodes():
         reset_auth_token_state()
 
 
-def test_hybrid_groups_the_workers_by_the_ray_node_they_landed_on(two_nodes, tmp_path):
+def test_hybrid_groups_the_workers_by_the_ray_node_they_landed_on(two_nodes, digits, tmp_path):
     from helpers.jobs import mlp_job  # noqa: PLC0415
     from helpers.params import final_params, reference_params  # noqa: PLC0415
 
-    convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=64)
     path = tmp_path / "job.toml"
-    path.write_text(mlp_job("data/train", test="data/test", epochs=1))
+    data = digits / "data"
+    path.write_text(mlp_job(str(data / "train"), test=str(data / "test"), epochs=1))
     out = tmp_path / "run"
     job = load_job(path, {"run": {"out": str(out)}})
     options = RayOptions(workers=worker_specs(4), strategy="hybrid", ps={"mode": "sync"})

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers.data import digits_split
 
 from distnet import backend
 from distnet.core.tensor import Tensor, no_grad
@@ -27,15 +28,6 @@ sklearn = pytest.importorskip("sklearn")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 GLOBAL_BATCH = 64
-
-
-def digits_split():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    return train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
 
 
 def make_model(seed: int = 0):

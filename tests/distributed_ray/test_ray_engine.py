@@ -22,7 +22,7 @@ from helpers.jobs import mlp_job, pids_alive_after  # noqa: E402
 from helpers.params import final_params, reference_params  # noqa: E402
 
 from distnet import backend, cli  # noqa: E402
-from distnet.data import convert_digits, digits_arrays, write_dataset  # noqa: E402
+from distnet.data import digits_arrays, write_dataset  # noqa: E402
 from distnet.parallel.rayengine import (  # noqa: E402
     RayJob,
     RayOptions,
@@ -34,13 +34,6 @@ from distnet.train.job import load_job, run_job  # noqa: E402
 from distnet.train.rayjob import run_rank, run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("raydata")
-    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
-    return root
 
 
 def write_job(root, name, text):

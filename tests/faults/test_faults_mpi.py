@@ -18,8 +18,6 @@ import pytest
 from helpers.mpi import start_job
 from helpers.params import checkpoint_arrays
 
-from distnet.data import convert_digits
-
 pytestmark = [pytest.mark.fault, pytest.mark.mpi, pytest.mark.timeout(240)]
 
 JOB = """
@@ -44,9 +42,8 @@ pictures = false
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults")
-    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+def job(digits: Path) -> Path:
+    root = digits
     path = root / "job.toml"
     path.write_text(JOB)
     return path

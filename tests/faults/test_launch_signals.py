@@ -18,8 +18,6 @@ import pytest
 from helpers.mpi import MPI_MARKS, start_job
 from helpers.params import checkpoint_arrays
 
-from distnet.data import convert_digits
-
 pytestmark = [*MPI_MARKS, pytest.mark.fault, pytest.mark.timeout(300)]
 GONE_WITHIN_S = 5.0
 
@@ -45,9 +43,8 @@ pictures = false
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("signals")
-    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+def job(digits: Path) -> Path:
+    root = digits
     path = root / "job.toml"
     path.write_text(JOB)
     # a job that cannot end by itself while a test watches its processes go

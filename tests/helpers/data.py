@@ -36,3 +36,14 @@ def chunk_file(store: Path, array: str, chunk: int) -> Path:
     """The file of chunk ``chunk`` of ``array`` in a local zarr v3 store (default key encoding)."""
     ndim = 2 if array == "x" else 1
     return store / array / "c" / str(chunk) / Path(*(["0"] * (ndim - 1)))
+
+
+def digits_split() -> list[np.ndarray]:
+    """scikit-learn's digits in memory, scaled to [0, 1] (float32), split 75/25 stratified
+    (seed 0): ``[x_train (1347, 64), x_test (450, 64), y_train, y_test]``."""
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    return train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)

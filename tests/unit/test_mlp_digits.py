@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.data import digits_split
 
 from distnet import backend
 from distnet.core.tensor import Tensor, no_grad
@@ -14,13 +15,8 @@ sklearn = pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    return train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
+def split():
+    return digits_split()
 
 
 def train(model, xtr, ytr, epochs: int, seed: int = 0) -> list[float]:
@@ -51,8 +47,8 @@ def accuracy(model, x, y) -> float:
         return float((model(Tensor(x)).data.argmax(axis=1) == y).mean())
 
 
-def test_mlp_reaches_97_percent(digits):
-    xtr, xte, ytr, yte = digits
+def test_mlp_reaches_97_percent(split):
+    xtr, xte, ytr, yte = split
     backend.seed(0)
     model = Sequential(Dense(64, 256, activation="relu", init="he_normal"), Dense(256, 10))
     losses = train(model, xtr, ytr, epochs=40)
@@ -62,9 +58,9 @@ def test_mlp_reaches_97_percent(digits):
     assert acc >= 0.97
 
 
-def test_mlp_with_batchnorm_prelu_dropout_trains(digits):
+def test_mlp_with_batchnorm_prelu_dropout_trains(split):
     # the regularised layers inside a real loop: train mode while fitting, eval() to test
-    xtr, xte, ytr, yte = digits
+    xtr, xte, ytr, yte = split
     backend.seed(1)
     model = Sequential(
         Dense(64, 128, init="he_normal"), BatchNorm1d(128), PReLU(128), Dropout(0.2),
