@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers.matrix import SAMPLES, run_rank, write_job, write_stores
+from helpers.jobs import write_job
+from helpers.matrix import SAMPLES, run_rank, write_stores
 from helpers.mpi import MPI_MARKS, SCRIPTS, launch
 
 from distnet.train import conformance

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.jobs import write_job
 from helpers.mpi import launch
 
 from distnet import cli
@@ -33,18 +34,12 @@ log_every = 100
 
 @pytest.fixture(scope="module")
 def job_dir(digits):
-    root = digits
-    return root
-
-
-def write_job(job_dir, name, text):
-    path = job_dir / name
-    path.write_text(text)
-    return path
+    """Where this module's job files go, beside the digits stores they name."""
+    return digits
 
 
 def test_mlp_job_trains_in_one_process_and_resumes(job_dir, capsys):
-    path = write_job(job_dir, "mlp.toml", MLP_JOB.format(batch=32))
+    path = write_job(job_dir / "mlp.toml", MLP_JOB.format(batch=32))
     out = job_dir / "run-local"
     assert cli.main(["train", str(path), "--out", str(out)]) == 0
     assert "[stage 1/1] train: done" in capsys.readouterr().out
@@ -74,7 +69,7 @@ def test_mlp_job_trains_in_one_process_and_resumes(job_dir, capsys):
     ],
 )
 def test_bad_job_files_name_the_file_and_key(job_dir, capsys, text, message):
-    path = write_job(job_dir, "bad.toml", text)
+    path = write_job(job_dir / "bad.toml", text)
     assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and message in err
@@ -83,7 +78,7 @@ def test_bad_job_files_name_the_file_and_key(job_dir, capsys, text, message):
 def test_missing_job_file_and_store(job_dir, capsys):
     assert cli.main(["train", str(job_dir / "nope.toml")]) == 2
     assert "no such job file" in capsys.readouterr().err
-    path = write_job(job_dir, "nostore.toml", "[data]\ntrain = 'missing-store'\n")
+    path = write_job(job_dir / "nostore.toml", "[data]\ntrain = 'missing-store'\n")
     assert cli.main(["train", str(path)]) == 2
     assert "missing-store" in capsys.readouterr().err
 
@@ -97,7 +92,7 @@ def launch_train(job_dir, job_path, out, np_=2, timeout=180):
 @pytest.mark.mpi
 @pytest.mark.timeout(240)
 def test_mlp_job_on_two_mpi_ranks(job_dir):
-    path = write_job(job_dir, "mlp2.toml", MLP_JOB.format(batch=32))
+    path = write_job(job_dir / "mlp2.toml", MLP_JOB.format(batch=32))
     out = job_dir / "run-mpi"
     proc = launch_train(job_dir, path, out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -111,7 +106,7 @@ def test_mlp_job_on_two_mpi_ranks(job_dir):
 @pytest.mark.mpi
 @pytest.mark.timeout(120)
 def test_batch_that_does_not_split_over_the_ranks_fails_cleanly(job_dir):
-    path = write_job(job_dir, "odd.toml", MLP_JOB.format(batch=33))
+    path = write_job(job_dir / "odd.toml", MLP_JOB.format(batch=33))
     proc = launch_train(job_dir, path, job_dir / "run-odd")
     assert proc.returncode != 0
     assert "batch_size 33 does not split over 2 ranks" in proc.stderr
@@ -125,7 +120,7 @@ def test_image_shaped_store_is_flattened_for_dense_models(tmp_path, capsys):
     write_dataset(tmp_path / "img" / "train", x[:1200].reshape(-1, 8, 8), y[:1200], attrs=attrs)
     write_dataset(tmp_path / "img" / "test", x[1200:].reshape(-1, 8, 8), y[1200:], attrs=attrs)
     job = MLP_JOB.format(batch=32).replace("data/", "img/")
-    path = write_job(tmp_path, "img.toml", job)
+    path = write_job(tmp_path / "img.toml", job)
     assert cli.main(["train", str(path), "--out", str(tmp_path / "run")]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["config"]["model"] == "mlp 64-64-10"
@@ -139,7 +134,7 @@ def test_image_shaped_store_is_flattened_for_dense_models(tmp_path, capsys):
 )
 def test_mlp_job_on_a_gpu(job_dir):
     job = MLP_JOB.format(batch=32) + '\ndevice = "cuda"\n'
-    path = write_job(job_dir, "gpu.toml", job)
+    path = write_job(job_dir / "gpu.toml", job)
     assert cli.main(["train", str(path), "--out", str(job_dir / "run-gpu")]) == 0
     report = json.loads((job_dir / "run-gpu" / "report.json").read_text())
     assert report["test_accuracy"] >= 0.93
@@ -161,7 +156,7 @@ def test_paths_in_a_job_file_are_relative_to_it_and_overrides_keep_other_keys(tm
 
     sub = tmp_path / "jobs"
     sub.mkdir()
-    path = write_job(sub, "j.toml", "[data]\ntrain = 'd/train'\n[run]\nout = 'r'\nseed = 7\n")
+    path = write_job(sub / "j.toml", "[data]\ntrain = 'd/train'\n[run]\nout = 'r'\nseed = 7\n")
     job = load_job(path)
     assert job["data"]["train"] == str(sub / "d" / "train")
     assert job["run"]["out"] == str(sub / "r")

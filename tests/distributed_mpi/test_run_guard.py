@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.jobs import mlp_job
+from helpers.jobs import mlp_job, write_job
 from helpers.mpi import MPI_MARKS, launch
 from helpers.params import checkpoint_arrays, flat
 
@@ -21,14 +21,7 @@ pytest.importorskip("sklearn")
 
 @pytest.fixture(scope="module")
 def root(digits):
-    root = digits
-    return root
-
-
-def write_job(root, name, text):
-    path = root / name
-    path.write_text(text)
-    return path
+    return digits
 
 
 def sae_job(pretrain_epochs: int = 1, finetune_epochs: int = 1) -> str:
@@ -49,7 +42,7 @@ def segments(out, stage: str) -> list[tuple[int, int]]:
 
 
 def test_changed_setting_is_refused_in_one_line_and_restart_starts_afresh(root):
-    path = write_job(root, "mlp.toml", mlp_job("data/train", test="data/test", epochs=2))
+    path = write_job(root / "mlp.toml", mlp_job("data/train", test="data/test", epochs=2))
     out = root / "run-refuse"
     assert train(path, "--out", out) == 0
     report = (out / "report.json").read_text()
@@ -76,7 +69,7 @@ def test_changed_setting_is_refused_in_one_line_and_restart_starts_afresh(root):
 
 
 def test_restart_never_empties_a_directory_that_holds_no_run(root, capsys):
-    path = write_job(root, "mlp-r.toml", mlp_job("data/train", test="data/test", epochs=1))
+    path = write_job(root / "mlp-r.toml", mlp_job("data/train", test="data/test", epochs=1))
     out = root / "not-a-run"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
@@ -96,7 +89,7 @@ def test_restart_never_empties_a_directory_that_holds_no_run(root, capsys):
     ],
 )
 def test_changes_that_alter_what_was_trained_are_refused(root, capsys, change, message):
-    path = write_job(root, "mlp-c.toml", mlp_job("data/train", test="data/test", epochs=2))
+    path = write_job(root / "mlp-c.toml", mlp_job("data/train", test="data/test", epochs=2))
     out = root / "run-changes"
     if not (out / "report.json").exists():
         assert train(path, "--out", out) == 0
@@ -107,7 +100,7 @@ def test_changes_that_alter_what_was_trained_are_refused(root, capsys, change, m
 
 
 def test_settings_that_do_not_change_training_are_accepted(root, capsys):
-    path = write_job(root, "mlp-a.toml", mlp_job("data/train", test="data/test", epochs=2))
+    path = write_job(root / "mlp-a.toml", mlp_job("data/train", test="data/test", epochs=2))
     out = root / "run-accept"
     assert train(path, "--out", out) == 0
     changes = ["--set", "run.log_every=1", "--set", "run.pictures=true", "--set",
@@ -118,7 +111,7 @@ def test_settings_that_do_not_change_training_are_accepted(root, capsys):
 
 
 def test_more_epochs_continue_and_equal_a_run_with_them_from_the_start(root, capsys):
-    path = write_job(root, "mlp-e.toml", mlp_job("data/train", test="data/test", epochs=2))
+    path = write_job(root / "mlp-e.toml", mlp_job("data/train", test="data/test", epochs=2))
     out, direct = root / "run-more", root / "run-direct"
     assert train(path, "--out", out) == 0
     capsys.readouterr()
@@ -141,7 +134,7 @@ def test_more_epochs_continue_and_equal_a_run_with_them_from_the_start(root, cap
 
 
 def test_more_pretraining_epochs_continue_the_layer_and_retrain_the_later_stages(root, capsys):
-    path = write_job(root, "sae.toml", sae_job(pretrain_epochs=1))
+    path = write_job(root / "sae.toml", sae_job(pretrain_epochs=1))
     out, direct = root / "sae-more", root / "sae-direct"
     assert train(path, "--out", out) == 0
     assert train(path, "--out", out, "--set", "pretrain.epochs=2") == 0
@@ -161,7 +154,7 @@ def test_more_pretraining_epochs_continue_the_layer_and_retrain_the_later_stages
 def test_cosine_schedule_refuses_another_total_and_a_started_stage_is_guarded(root, capsys):
     text = mlp_job("data/train", test="data/test", epochs=2)
     path = write_job(
-        root, "cos.toml", text.replace("[finetune]", '[finetune]\nschedule = "cosine"')
+        root / "cos.toml", text.replace("[finetune]", '[finetune]\nschedule = "cosine"')
     )
     out = root / "run-cosine"
     assert train(path, "--out", out) == 0
@@ -178,7 +171,7 @@ def test_cosine_schedule_refuses_another_total_and_a_started_stage_is_guarded(ro
 @MPI_MARKS[1]
 @pytest.mark.timeout(300)
 def test_the_guard_refuses_and_continues_on_mpi_ranks(root):
-    path = write_job(root, "mlp-mpi.toml", mlp_job("data/train", test="data/test", epochs=1))
+    path = write_job(root / "mlp-mpi.toml", mlp_job("data/train", test="data/test", epochs=1))
     out = root / "run-mpi"
     cmd = ["-m", "distnet.cli", "train", str(path), "--out", str(out), "--quiet"]
     proc = launch(2, *cmd, timeout=240)
@@ -203,7 +196,7 @@ def test_the_guard_refuses_and_continues_on_mpi_ranks(root):
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_the_guard_refuses_before_ray_starts_and_continues_on_ray(root, ray_cluster, capsys):
-    path = write_job(root, "mlp-ray.toml", mlp_job("data/train", test="data/test", epochs=1))
+    path = write_job(root / "mlp-ray.toml", mlp_job("data/train", test="data/test", epochs=1))
     out = root / "run-ray"
     ray_args = ["--engine", "ray", "--workers", "2"]
     assert train(path, "--out", out, *ray_args) == 0

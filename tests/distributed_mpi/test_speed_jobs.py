@@ -46,8 +46,8 @@ pictures = false
 
 @pytest.fixture(scope="module")
 def job_dir(digits):
-    root = digits
-    return root
+    """Where this module's job files go, beside the digits stores they name."""
+    return digits
 
 
 def _job(job_dir: Path, name: str, cache: str = "false", shard: str = "false") -> Path:

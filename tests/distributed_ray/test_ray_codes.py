@@ -18,6 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
+from helpers.jobs import job_text  # noqa: E402
 from helpers.params import final_params  # noqa: E402
 from helpers.sample_counts import write_id_digits  # noqa: E402
 
@@ -34,32 +35,15 @@ PRE_EPOCHS, FT_EPOCHS = 3, 2
 
 def sae_job(train: str) -> str:
     """A stacked autoencoder 65-12-8-10; no masking noise, so nothing depends on the split."""
-    return f"""[data]
-train = "{train}"
-batch_size = {SAMPLES}
-
-[model]
-type = "stacked_autoencoder"
-hidden = [12, 8]
-activation = "sigmoid"
-
-[pretrain]
-epochs = {PRE_EPOCHS}
-lr = 0.01
-corruption = 0.0
-cache_codes = true
-
-[finetune]
-epochs = {FT_EPOCHS}
-optimizer = "sgd"
-lr = 0.5
-momentum = 0.9
-weight_decay = 0.0
-
-[run]
-log_every = 100
-pictures = false
-"""
+    return job_text({
+        "data": {"train": train, "batch_size": SAMPLES},
+        "model": {"type": "stacked_autoencoder", "hidden": [12, 8], "activation": "sigmoid"},
+        "pretrain": {"epochs": PRE_EPOCHS, "lr": 0.01, "corruption": 0.0, "cache_codes": True},
+        "finetune": {
+            "epochs": FT_EPOCHS, "optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "weight_decay": 0.0
+        },
+        "run": {"log_every": 100, "pictures": False},
+    })  # fmt: skip
 
 
 @pytest.fixture(scope="module")

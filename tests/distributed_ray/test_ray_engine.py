@@ -18,8 +18,9 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from helpers.jobs import mlp_job, pids_alive_after  # noqa: E402
+from helpers.jobs import mlp_job, write_job  # noqa: E402
 from helpers.params import final_params, reference_params  # noqa: E402
+from helpers.processes import pids_alive_after  # noqa: E402
 
 from distnet import backend, cli  # noqa: E402
 from distnet.data import digits_arrays, write_dataset  # noqa: E402
@@ -34,12 +35,6 @@ from distnet.train.job import load_job, run_job  # noqa: E402
 from distnet.train.rayjob import run_rank, run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
-
-
-def write_job(root, name, text):
-    path = root / name
-    path.write_text(text)
-    return path
 
 
 def test_a_local_ray_without_token_authentication_is_refused(monkeypatch):
@@ -101,7 +96,7 @@ def _check_collectives(res):
 
 # --- training ------------------------------------------------------------------------------
 def test_ray_allreduce_training_equals_one_process_on_the_global_batch(ray_cluster, digits):
-    path = write_job(digits, "mlp.toml", mlp_job("data/train", test="data/test", epochs=2))
+    path = write_job(digits / "mlp.toml", mlp_job("data/train", test="data/test", epochs=2))
     out = digits / "run-ray"
     job = load_job(path, {"run": {"out": str(out)}, "dist": {"engine": "ray"}})
     report = run_ray_job(job, RayOptions(workers=worker_specs(2)), log=lambda line: None)
@@ -113,7 +108,7 @@ def test_ray_allreduce_training_equals_one_process_on_the_global_batch(ray_clust
 
 
 def test_shares_follow_throughput_and_the_update_stays_the_global_batch_one(ray_cluster, digits):
-    path = write_job(digits, "hetero.toml", mlp_job("data/train", test="data/test", epochs=3))
+    path = write_job(digits / "hetero.toml", mlp_job("data/train", test="data/test", epochs=3))
     out = digits / "run-hetero"
     job = load_job(path, {"run": {"out": str(out)}})
     slow = WorkerSpec(delay_per_sample_s=0.002)  # rank 1: ~30x slower per sample
@@ -140,7 +135,7 @@ def test_stacked_autoencoder_job_on_ray_matches_one_process(ray_cluster, digits,
     text = text.replace("hidden = [32]", "hidden = [100, 100]").replace('"tanh"', '"sigmoid"')
     text = text.replace('optimizer = "sgd"\nlr = 0.1', 'optimizer = "adam"\nlr = 0.003')
     text += "\n[pretrain]\nepochs = 4\ncorruption = 0.1\n"
-    path = write_job(digits, "sae.toml", text)
+    path = write_job(digits / "sae.toml", text)
     local_job = load_job(path, {"run": {"out": str(digits / "sae-local")}})
     local_job["dist"]["engine"] = "local"
     local = run_job(local_job, log=lambda line: None)
@@ -176,7 +171,7 @@ def test_killed_worker_is_replaced_and_every_sample_counts_once(ray_cluster, dig
     """replace=False: no new actor, the survivor carries on alone (--min-workers 1)."""
     ids = _id_store(digits)
     text = mlp_job("ids/train", epochs=3)
-    path = write_job(digits, "elastic.toml", text)
+    path = write_job(digits / "elastic.toml", text)
     log_dir = digits / f"samples-{replace}"
     job = load_job(path, {"run": {"out": str(digits / f"run-elastic-{replace}")}})
     # rank 1 exits hard after its 50th step: in epoch 1 (42 steps an epoch); the fallback
@@ -208,7 +203,7 @@ def test_killed_worker_is_replaced_and_every_sample_counts_once(ray_cluster, dig
 
 
 def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits):
-    path = write_job(digits, "sigint.toml", mlp_job("data/train", test="data/test", epochs=400))
+    path = write_job(digits / "sigint.toml", mlp_job("data/train", test="data/test", epochs=400))
     out = digits / "run-sigint"
     job = load_job(path, {"run": {"out": str(out)}})
     rj = RayJob(RayOptions(workers=worker_specs(2)), log=lambda line: None, task=run_rank)
@@ -250,7 +245,7 @@ def test_ctrl_c_stops_every_actor_and_the_checkpoint_resumes(ray_cluster, digits
 
 def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, digits):
     pytest.importorskip("distnet.parallel.ps", reason="the parameter server (ray-ps) is not here")
-    path = write_job(digits, "ps.toml", mlp_job("data/train", test="data/test", epochs=1))
+    path = write_job(digits / "ps.toml", mlp_job("data/train", test="data/test", epochs=1))
     out = digits / "run-ps"
     job = load_job(path, {"run": {"out": str(out)}})
     options = RayOptions(
@@ -286,7 +281,7 @@ def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, di
 def test_a_gpu_worker_and_a_cpu_worker_train_together(ray_cluster, digits):
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the local Ray sees no GPU")
-    path = write_job(digits, "mixed.toml", mlp_job("data/train", test="data/test", epochs=2))
+    path = write_job(digits / "mixed.toml", mlp_job("data/train", test="data/test", epochs=2))
     out = digits / "run-mixed"
     job = load_job(path, {"run": {"out": str(out)}})
     workers = [WorkerSpec("cuda", 1.0, 1.0), WorkerSpec("cpu")]
@@ -299,7 +294,7 @@ def test_a_gpu_worker_and_a_cpu_worker_train_together(ray_cluster, digits):
 
 
 def test_ray_options_that_cannot_run_fail_cleanly_before_ray_starts(digits, capsys):
-    path = write_job(digits, "bad.toml", mlp_job("data/train", test="data/test", epochs=1))
+    path = write_job(digits / "bad.toml", mlp_job("data/train", test="data/test", epochs=1))
     base = ["train", str(path), "--engine", "ray", "--out", str(digits / "run-bad")]
     assert cli.main([*base, "--workers", "2", "--min-workers", "5"]) == 2
     assert "--min-workers 5 must be in 1..2" in capsys.readouterr().err

@@ -15,40 +15,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.jobs import write_job
 from helpers.mpi import MPI_MARKS, start_job
 from helpers.params import checkpoint_arrays
 
 pytestmark = [*MPI_MARKS, pytest.mark.fault, pytest.mark.timeout(300)]
 GONE_WITHIN_S = 5.0
 
-JOB = """
-[data]
-train = "data/train"
-test = "data/test"
-batch_size = 32
 
-[model]
-type = "mlp"
-hidden = [32]
-activation = "relu"
-
-[finetune]
-epochs = 10
-lr = 0.003
-
-[run]
-log_every = 1
-pictures = false
-"""
+def job_sections(epochs: int = 10) -> dict:
+    """An MLP 64-32-10 (ReLU) on the digits stores beside the job file, Adam's defaults."""
+    return {
+        "data": {"train": "data/train", "test": "data/test", "batch_size": 32},
+        "model": {"type": "mlp", "hidden": [32], "activation": "relu"},
+        "finetune": {"epochs": epochs, "lr": 0.003},
+        "run": {"log_every": 1, "pictures": False},
+    }
 
 
 @pytest.fixture(scope="module")
 def job(digits: Path) -> Path:
     root = digits
     path = root / "job.toml"
-    path.write_text(JOB)
+    write_job(path, job_sections())
     # a job that cannot end by itself while a test watches its processes go
-    (root / "long.toml").write_text(JOB.replace("epochs = 10", "epochs = 10000"))
+    write_job(root / "long.toml", job_sections(epochs=10000))
     return path
 
 

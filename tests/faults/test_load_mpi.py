@@ -5,25 +5,24 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers.jobs import write_job
+from helpers.mpi import DISTNET
 
 from distnet.data import convert_digits
 
 pytestmark = [pytest.mark.load, pytest.mark.mpi, pytest.mark.slow, pytest.mark.timeout(300)]
-DISTNET = str(Path(sys.executable).parent / "distnet")
 
 
 def test_eight_ranks_on_two_cores_run_to_the_end(tmp_path):
     convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=32)
-    job = tmp_path / "job.toml"
-    job.write_text(
-        "[data]\ntrain = 'data/train'\ntest = 'data/test'\nbatch_size = 64\n"
-        "[model]\ntype = 'mlp'\nhidden = [32]\nactivation = 'relu'\n"
-        "[finetune]\nepochs = 4\nlr = 0.01\n[run]\nout = 'run'\npictures = false\n"
-    )
+    job = write_job(tmp_path / "job.toml", {
+        "data": {"train": "data/train", "test": "data/test", "batch_size": 64},
+        "model": {"type": "mlp", "hidden": [32], "activation": "relu"},
+        "finetune": {"epochs": 4, "lr": 0.01},
+        "run": {"out": "run", "pictures": False},
+    })  # fmt: skip
     cmd = [DISTNET, "launch", "-np", "8", "--", DISTNET, "train", str(job), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]

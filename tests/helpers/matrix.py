@@ -5,7 +5,6 @@ parameters kept beside the run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +37,6 @@ def write_stores(root: Path) -> dict[str, str]:
     images[NAN_SAMPLE, 0, 0] = np.nan
     write_dataset(str(root / "images-nan"), images, y[:SAMPLES], chunk_samples=64)
     return {name: str(root / name) for name in ("ids", "images", "ids-nan", "images-nan")}
-
-
-def write_job(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """A job file (TOML) with ``sections``: strings, numbers, booleans and lists of them."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(v)
-
-    lines = []
-    for section, keys in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {value(v)}" for k, v in keys.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 def run_rank(job_path: str, crash: bool = False) -> int:
