@@ -15,28 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.jobs import write_job
+from helpers.jobs import adam_mlp_job, write_job
 from helpers.mpi import start_job
 from helpers.params import checkpoint_arrays
 
 pytestmark = [pytest.mark.fault, pytest.mark.mpi, pytest.mark.timeout(240)]
 
 
-def job_sections(epochs: int = 12) -> dict:
-    """An MLP 64-32-10 (ReLU) on the digits stores beside the job file, Adam's defaults."""
-    return {
-        "data": {"train": "data/train", "test": "data/test", "batch_size": 32},
-        "model": {"type": "mlp", "hidden": [32], "activation": "relu"},
-        "finetune": {"epochs": epochs, "lr": 0.003},
-        "run": {"log_every": 100, "pictures": False},
-    }
-
-
 @pytest.fixture(scope="module")
 def job(digits: Path) -> Path:
     root = digits
     path = root / "job.toml"
-    write_job(path, job_sections())
+    write_job(path, adam_mlp_job(12, log_every=100))
     return path
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.jobs import write_job
+from helpers.jobs import adam_mlp_job, write_job
 from helpers.mpi import MPI_MARKS, start_job
 from helpers.params import checkpoint_arrays
 
@@ -23,23 +23,13 @@ pytestmark = [*MPI_MARKS, pytest.mark.fault, pytest.mark.timeout(300)]
 GONE_WITHIN_S = 5.0
 
 
-def job_sections(epochs: int = 10) -> dict:
-    """An MLP 64-32-10 (ReLU) on the digits stores beside the job file, Adam's defaults."""
-    return {
-        "data": {"train": "data/train", "test": "data/test", "batch_size": 32},
-        "model": {"type": "mlp", "hidden": [32], "activation": "relu"},
-        "finetune": {"epochs": epochs, "lr": 0.003},
-        "run": {"log_every": 1, "pictures": False},
-    }
-
-
 @pytest.fixture(scope="module")
 def job(digits: Path) -> Path:
     root = digits
     path = root / "job.toml"
-    write_job(path, job_sections())
+    write_job(path, adam_mlp_job(10, log_every=1))
     # a job that cannot end by itself while a test watches its processes go
-    write_job(root / "long.toml", job_sections(epochs=10000))
+    write_job(root / "long.toml", adam_mlp_job(10000, log_every=1))
     return path
 
 

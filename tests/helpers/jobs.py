@@ -60,3 +60,15 @@ def mlp_job(
         sections[section] = {**sections.get(section, {}), **keys}
     text = job_text(sections)
     return text + (f"\n[dist]\n{dist}\n" if dist else "")
+
+
+def adam_mlp_job(epochs: int, log_every: int = 100) -> Sections:
+    """The sections of an MLP 64-32-10 (ReLU) trained with Adam (the job defaults, lr 0.003,
+    batch 32) on the digits stores beside the job file (``data/train``, ``data/test``): the job
+    the launcher's fault and signal tests interrupt."""
+    return {
+        "data": {"train": "data/train", "test": "data/test", "batch_size": 32},
+        "model": {"type": "mlp", "hidden": [32], "activation": "relu"},
+        "finetune": {"epochs": epochs, "lr": 0.003},
+        "run": {"log_every": log_every, "pictures": False},
+    }
