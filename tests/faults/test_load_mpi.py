@@ -4,11 +4,10 @@ every rank on its own shard, and the result is the same kind of model as on one 
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 from helpers.jobs import write_job
-from helpers.mpi import DISTNET
+from helpers.mpi import launch
 
 from distnet.data import convert_digits
 
@@ -23,8 +22,7 @@ def test_eight_ranks_on_two_cores_run_to_the_end(tmp_path):
         "finetune": {"epochs": 4, "lr": 0.01},
         "run": {"out": "run", "pictures": False},
     })  # fmt: skip
-    cmd = [DISTNET, "launch", "-np", "8", "--", DISTNET, "train", str(job), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    proc = launch(8, "-m", "distnet.cli", "train", str(job), "--quiet", timeout=280, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["workers"] == 8 and report["engine"] == "MPICommunicator"

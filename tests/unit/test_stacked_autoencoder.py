@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.data import digits_split
 
 from distnet import backend
 from distnet.nn import StackedAutoEncoder
@@ -14,18 +15,14 @@ pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    return train_test_split(x, y.astype(np.int64), test_size=0.25, stratify=y, random_state=0)
+def split():
+    xtr, xte, ytr, yte = digits_split()
+    return xtr, xte, ytr.astype(np.int64), yte.astype(np.int64)
 
 
 @pytest.fixture(scope="module")
-def trained(digits):
-    xtr, xte, ytr, yte = digits
+def trained(split):
+    xtr, xte, ytr, yte = split
     backend.seed(0)
     sae = StackedAutoEncoder([64, 100, 100], 10, corruption=0.1, loss="cross_entropy")
     before = [p.data.copy() for p in sae.output.parameters()]
@@ -48,8 +45,8 @@ def trained(digits):
     return sae, histories, pretrained, history
 
 
-def test_stacked_autoencoder_reaches_97_percent_on_digits(digits, trained):
-    _, xte, _, yte = digits
+def test_stacked_autoencoder_reaches_97_percent_on_digits(split, trained):
+    _, xte, _, yte = split
     sae, _, _, history = trained
     acc = sae.evaluate(xte, yte)["accuracy"]
     assert acc >= 0.97, f"test accuracy {acc:.4f}"
@@ -78,8 +75,8 @@ def test_finetuning_moves_the_pretrained_encoders(trained):
     np.testing.assert_array_equal(sae.ae0.decoder_bias.data, pretrained["ae0.decoder_bias"])
 
 
-def test_greedy_layer_trains_on_the_codes_of_the_layers_below(digits):
-    xtr = digits[0][:64]
+def test_greedy_layer_trains_on_the_codes_of_the_layers_below(split):
+    xtr = split[0][:64]
     backend.seed(1)
     sae = StackedAutoEncoder([64, 12, 6], 10)
     codes = sae.layer_input(1, xtr)
@@ -91,8 +88,8 @@ def test_greedy_layer_trains_on_the_codes_of_the_layers_below(digits):
     np.testing.assert_array_equal(sae.ae0.encoder.weight.data, w0)  # layer 0 left alone
 
 
-def test_pretrain_and_finetune_accept_a_batch_loader(digits):
-    xtr, _, ytr, _ = digits
+def test_pretrain_and_finetune_accept_a_batch_loader(split):
+    xtr, _, ytr, _ = split
 
     class ListLoader:
         def __init__(self):
@@ -117,9 +114,9 @@ def test_pretrain_and_finetune_accept_a_batch_loader(digits):
     assert loader.epochs == [0, 1, 0, 1, 0, 1]
 
 
-def test_pretraining_ignores_the_labels_a_loader_yields(digits):
+def test_pretraining_ignores_the_labels_a_loader_yields(split):
     """Greedy pretraining is unsupervised: labelled batches train exactly as unlabelled ones."""
-    xtr, _, ytr, _ = digits
+    xtr, _, ytr, _ = split
     batches = [(xtr[i : i + 50], ytr[i : i + 50]) for i in range(0, 200, 50)]
 
     def pretrained(with_labels: bool) -> np.ndarray:
