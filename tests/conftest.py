@@ -11,6 +11,13 @@ import pytest
 # environment) is compared across ranks: a mismatch raises instead of hanging or mixing data.
 os.environ.setdefault("DISTNET_COLLECTIVE_CHECK", "1")
 
+# tests/ (the ``helpers`` package) on the path of every process a test starts: Ray's workers
+# import a test module's actor classes by the module's name, and that module imports helpers
+# (pytest puts tests/ on this process's sys.path because this file lives there).
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_TESTS, os.environ.get("PYTHONPATH")]))
+
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
