@@ -17,7 +17,7 @@ WHERE=$1 NP=$2
 shift 2
 [[ "$NP" =~ ^[1-9][0-9]*$ ]] || die "NP must be a positive integer, got '$NP'"
 need_cmd distnet "install distnet or activate its venv"
-mpiexec=$("$PYTHON" -c 'from distnet.parallel.launcher import find_mpiexec; print(find_mpiexec())' 2>/dev/null) \
+mpiexec=$("$PYTHON" -c 'from distnet.parallel.mpi.launcher import find_mpiexec; print(find_mpiexec())' 2>/dev/null) \
     || die "no mpiexec found: pip install mpich (or load your site's MPI module)"
 if [ -f "$WHERE" ]; then
     where=(--hostfile "$WHERE")

@@ -23,4 +23,4 @@ args+=(-genv OMP_NUM_THREADS "${OMP_NUM_THREADS:-1}" -genv OPENBLAS_NUM_THREADS 
 # Every output line gets its rank, e.g. "[1] ..."; rankexec also names a rank that dies.
 args+=(-genv DISTNET_TAGGED_OUTPUT 1)
 
-exec "$MPIEXEC" "${args[@]}" "$PY" -m distnet.parallel.rankexec -- "$@"
+exec "$MPIEXEC" "${args[@]}" "$PY" -m distnet.parallel.mpi.rankexec -- "$@"

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 # Every collective of every test (and of the ranks and actors they start, which inherit the
 # environment) is compared across ranks: a mismatch raises instead of hanging or mixing data.
 os.environ.setdefault("DISTNET_COLLECTIVE_CHECK", "1")
+
+# tests/ (the ``helpers`` package) on the path of every process a test starts: Ray's workers
+# import a test module's actor classes by the module's name, and that module imports helpers
+# (pytest puts tests/ on this process's sys.path because this file lives there).
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_TESTS, os.environ.get("PYTHONPATH")]))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """A directory of the module's own whose ``data/train`` and ``data/test`` are scikit-learn's
+    digits as stores (25% test, stratified, seed 0, chunks of 64 samples): a job file written
+    into it names them ``data/train`` and ``data/test``."""
+    pytest.importorskip("sklearn")
+    from distnet.data import convert_digits  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("digits")
+    convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -26,3 +47,14 @@ def ray_cluster():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    """Two "hosts" on this machine, nodeB in its own network namespace with a private /tmp
+    (tests/helpers/hosts.py; skipped with the reason where the machine does not allow it).
+    Yields (``distnet launch`` options, env)."""
+    from helpers.hosts import namespace_hosts  # noqa: PLC0415
+
+    with namespace_hosts(tmp_path) as (args, env):
+        yield args, env

@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         from distnet.bench import ray_allreduce  # noqa: PLC0415
 
         return ray_allreduce.run(args)
-    from distnet.parallel.launcher import LaunchError, find_mpiexec  # noqa: PLC0415
+    from distnet.parallel.mpi.launcher import LaunchError, find_mpiexec  # noqa: PLC0415
 
     if args.np < 2:
         print("distnet bench allreduce: -np must be at least 2", file=sys.stderr)

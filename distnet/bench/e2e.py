@@ -96,7 +96,7 @@ def run_distnet(job: dict[str, Any], work: Path, np_: int, threads: int) -> dict
     _write_job(job, path, out)
     train = [sys.executable, "-m", "distnet.cli", "train", str(path), "--quiet"]
     if np_ > 1:  # the launcher gives each rank cores/np threads
-        cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", str(np_), "--", *train]
+        cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", str(np_), "--", *train]
         env = dict(os.environ)
     else:
         cmd, env = [*train, "--engine", "local"], _thread_env(threads)

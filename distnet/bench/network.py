@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     """Re-launches itself under mpiexec with ``-np`` ranks; rank 0 reports."""
     if args.worker:
         return _worker(args)
-    from distnet.parallel.launcher import LaunchError, find_mpiexec  # noqa: PLC0415
+    from distnet.parallel.mpi.launcher import LaunchError, find_mpiexec  # noqa: PLC0415
 
     if args.np < 2:
         print("distnet bench network: -np must be at least 2", file=sys.stderr)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     """Alternating rounds of Ray and MPI allreduces; prints and optionally writes JSON."""
     import ray  # noqa: PLC0415
 
-    from distnet.parallel.launcher import LaunchError, find_mpiexec  # noqa: PLC0415
+    from distnet.parallel.mpi.launcher import LaunchError, find_mpiexec  # noqa: PLC0415
     from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs  # noqa: PLC0415
 
     floats = sum(mlp_param_sizes())

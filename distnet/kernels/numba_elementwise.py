@@ -25,7 +25,7 @@ TANH, SIGMOID, RELU, LEAKY_RELU = 0, 1, 2, 3  # rows of distnet.kernels.unary.UN
 # float32 tanh as a rational function (Eigen's and XLA's ``ptanh_float``: odd degree-13 over
 # even degree-6, clamped where tanh rounds to +-1 in float32). Without Intel's SVML numba calls
 # scalar libm tanh, 10x slower than numpy's SIMD loop; this form vectorises and stays within a
-# few ulp of np.tanh (tests/test_kernels.py measures it).
+# few ulp of np.tanh (tests/distributed_mpi/test_kernels.py measures it).
 _CLAMP = np.float32(7.90531110763549805)
 _TINY = np.float32(0.0004)
 _A1, _A3 = np.float32(4.89352455891786e-03), np.float32(6.37261928875436e-04)

@@ -155,20 +155,6 @@ class AutoEncoder(Module):
             rec = rec + kl_sparsity(h, self.sparsity_target) * self.sparsity_weight
         return rec
 
-    def reconstruction_error(self, x: Any, batch_size: int = 1024) -> float:
-        """Mean per-sample reconstruction loss on clean inputs (eval mode, no penalty)."""
-        x_data = x.data if isinstance(x, Tensor) else x
-        total, n = 0.0, len(x_data)
-        with no_grad():
-            for i in range(0, n, batch_size):
-                xb = self._check(x_data[i : i + batch_size])
-                z = self.decode_logits(self.encoder(xb))
-                if self.loss_name == "cross_entropy":
-                    total += float(binary_cross_entropy(z, xb.data, True, "sum").data)
-                else:
-                    total += 0.5 * float(mse_loss(self._output(z), xb.data, "sum").data)
-        return total / max(n, 1)
-
     def _check(self, x: Any) -> Tensor:
         x = as_input(x, self.encoder.weight.dtype)
         if x.ndim != 2 or x.shape[1] != self.n_in:

@@ -8,7 +8,7 @@ composition root provides it: the package's ``distnet/__init__.py``, the one mod
 the layers together, names the default trainer and imports it on the first call. So the
 methods work without importing ``distnet.train`` first, the loop and its imports (optim, data,
 parallel) load only when a model is trained, ``import distnet`` stays lazy, and no module of
-``nn`` imports upwards (tests/test_layering.py checks it statically).
+``nn`` imports upwards (tests/unit/test_layering.py checks it statically).
 ``provide_trainer`` replaces the default (a test, or another training loop).
 """
 

@@ -8,7 +8,7 @@
   NCCL once ``use_nccl()`` has been called on every rank (see ``distnet.parallel.nccl``).
   On several nodes with several ranks each, CPU allreduces are hierarchical (reduce inside
   each node, allreduce among node leaders, broadcast inside the node; see
-  ``distnet.parallel.hierarchical``), switchable with ``set_hierarchical`` /
+  ``distnet.parallel.mpi.hierarchical``), switchable with ``set_hierarchical`` /
   ``DISTNET_HIERARCHICAL``.
 
 Every collective works in place on a contiguous 1-D (or any contiguous) array, because the
@@ -27,10 +27,10 @@ import numpy as np
 from distnet import backend
 from distnet.backend import array_module, is_gpu_array
 from distnet.parallel.consistency import CollectiveTrace, check_enabled_from_env
-from distnet.parallel.hierarchical import HierarchicalGroups
-from distnet.parallel.hierarchical import mode_from_env as hierarchical_mode_from_env
-from distnet.parallel.hierarchical import parse_mode as parse_hierarchical_mode
-from distnet.parallel.hierarchical import wanted as hierarchical_wanted
+from distnet.parallel.mpi.hierarchical import HierarchicalGroups
+from distnet.parallel.mpi.hierarchical import mode_from_env as hierarchical_mode_from_env
+from distnet.parallel.mpi.hierarchical import parse_mode as parse_hierarchical_mode
+from distnet.parallel.mpi.hierarchical import wanted as hierarchical_wanted
 from distnet.parallel.shm import ARENA, ShmAllreduce
 from distnet.parallel.shm import enabled_by_env as shm_enabled_by_env
 
@@ -230,7 +230,7 @@ class MPICommunicator(Communicator):
             self._nccl = nccl_communicator(self)  # None: ranks share a GPU, host staging
             uniform = self._groups.min_local_size == self._groups.max_local_size
             if self._nccl and self.num_nodes > 1 and self.local_size > 1 and uniform:
-                from distnet.parallel.nccl_hierarchical import NcclHierarchical  # noqa: PLC0415
+                from distnet.parallel.mpi.nccl_hierarchical import NcclHierarchical  # noqa: PLC0415
 
                 self._nccl_hierarchical = NcclHierarchical(self)
 
@@ -370,7 +370,7 @@ def record_failure(rank: int, what: str, status: int = 1) -> None:
     """
     import time  # noqa: PLC0415
 
-    from distnet.parallel.rankstatus import report  # noqa: PLC0415
+    from distnet.parallel.mpi.rankstatus import report  # noqa: PLC0415
 
     record = {"rank": rank, "status": status, "what": what, "time": time.time(), "cause": True}
     report(record, f"cause-rank{rank}")

@@ -7,7 +7,7 @@ line ``distnet train`` prints and exits 2 with), so the matrix never keeps its o
 what is refused. ``pairwise()`` is a covering array of strength 2: every pair of values that
 some accepted configuration holds is in at least one row, in about 30 rows instead of the
 tens of thousands of ``full()``. ``distnet matrix [--full] [--json]`` lists them;
-tests/test_matrix.py runs each accepted row as a tiny real job and checks its oracle.
+tests/conformance/test_matrix.py runs each accepted row as a tiny real job and checks its oracle.
 
 The generator is our own (greedy, in the manner of AETG: each new row is the best of a few
 dozen random accepted candidates, seeded, so the rows never change between runs) because the

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         train_command.add_arguments(parser)
         code = train_command.run(parser.parse_args(train[4:]))
     else:
-        from distnet.parallel.launcher import main as launch  # noqa: PLC0415
+        from distnet.parallel.mpi.launcher import main as launch  # noqa: PLC0415
 
         if not args.quiet:
             print(f"distnet demo: {args.workers} workers: distnet launch -np {args.workers} -- "

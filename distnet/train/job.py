@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet.parallel import lifetime
+from distnet.parallel.mpi import lifetime
 from distnet.parallel.rayengine.jobs import add_ray_arguments, dist_overrides
 from distnet.train import jobfile, jobspec
 from distnet.train.callbacks import Callback

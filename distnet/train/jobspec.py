@@ -153,7 +153,7 @@ class DistSpec(Section):
     # "auto": as DISTNET_OVERLAP says (off by default: MPICH progresses a non-blocking
     # allreduce only inside MPI calls, so it gained nothing on the 2-core nodes measured)
     overlap: Literal["auto", True, False] = _field("auto", "'auto', true or false")
-    # allreduce inside each node, then among node leaders (distnet.parallel.hierarchical);
+    # allreduce inside each node, then among node leaders (distnet.parallel.mpi.hierarchical);
     # "auto": on with several nodes of several ranks, or as DISTNET_HIERARCHICAL says
     hierarchical: Literal["auto", True, False] = _field("auto", "'auto', true or false")
     # the Ray engine (distnet/parallel/rayengine/jobs.py)

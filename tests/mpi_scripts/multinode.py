@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from distnet import parallel
-from distnet.parallel.hierarchical import PendingHierarchical
+from distnet.parallel.mpi.hierarchical import PendingHierarchical
 
 comm = parallel.init("mpi")
 expect_nodes = int(sys.argv[1]) if len(sys.argv) > 1 else 2

@@ -4,7 +4,7 @@ import cupy as cp
 import numpy as np
 
 from distnet import parallel
-from distnet.parallel.nccl_hierarchical import NcclHierarchical
+from distnet.parallel.mpi.nccl_hierarchical import NcclHierarchical
 
 comm = parallel.init("mpi")
 comm.use_nccl()

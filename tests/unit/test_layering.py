@@ -1,0 +1,117 @@
+"""The layers of docs/design.md, checked statically: every ``import`` in distnet/ (at module level
+or inside a function) points only to a layer above the importing module's, or within its own
+package. Layers, top first: backend < core < nn < optim < data < parallel < train < cli.
+
+Besides the packages of the table: ``trace`` (the timeline, beside backend: every layer
+marks its phases with it); ``viz`` (pictures from arrays) uses only backend;
+``functional`` is core's public face; ``dist`` is the old name of parallel; ``bench`` is a
+command of the CLI. The package ``distnet/__init__.py`` is the composition root: it wires the
+layers (it gives nn the training loop lazily, see distnet/nn/training.py) and is not checked.
+Imports by name at run time (the CLI's table of subcommands) are not imports of code.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "distnet"
+
+LAYER = {
+    "backend": 0,
+    "suggest": 0,  # 'did you mean': imports nothing of distnet, every layer's errors use it
+    "trace": 0,  # the timeline and step timers: imports nothing of distnet, every layer may use it
+    "viz": 0.5,
+    "kernels": 0.7,  # the kernel table and its implementations (numba, cupy, oneMKL, oneDNN)
+    "core": 1,
+    "functional": 1.5,  # re-exports core's ops: a face of core, just above it
+    "nn": 2,
+    "optim": 3,
+    "data": 4,
+    "parallel": 5,
+    "dist": 5.5,  # the old name of parallel, an alias of it
+    "train": 6,
+    "bench": 7,
+    "cli": 7,
+}
+
+
+def unit_of(dotted: str) -> str:
+    """'distnet.nn.module' -> 'nn'; 'distnet' (the root, which re-exports core) -> 'core'."""
+    parts = dotted.split(".")
+    return parts[1] if len(parts) > 1 else "core"
+
+
+def imported_modules(path: Path, module: str) -> list[tuple[str, int]]:
+    """(distnet module, line) for every import of distnet code in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names if a.name.startswith("distnet")]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                pkg = (
+                    module.split(".")[: -node.level]
+                    if not path.name == "__init__.py"
+                    else (module.split(".")[: len(module.split(".")) - node.level + 1])
+                )
+                base = ".".join([*pkg, *([base] if base else [])])
+            if base == "distnet":  # from distnet import nn, backend, Tensor, ...
+                for a in node.names:
+                    is_unit = a.name in LAYER
+                    found.append((f"distnet.{a.name}" if is_unit else "distnet", node.lineno))
+            elif base.startswith("distnet."):
+                found.append((base, node.lineno))
+    return found
+
+
+def violations() -> list[str]:
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        if module == "distnet":
+            continue  # the composition root
+        unit = unit_of(module)
+        assert unit in LAYER, f"{path}: not in any layer; add it to LAYER with a reason"
+        for target, line in imported_modules(path, module):
+            other = unit_of(target)
+            assert other in LAYER, f"{path}:{line} imports {target}, which is in no layer"
+            if other != unit and LAYER[other] >= LAYER[unit]:
+                bad.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {unit} imports {target}")
+    return bad
+
+
+def test_no_module_imports_a_lower_layer():
+    assert not violations(), "imports against the layers:\n" + "\n".join(violations())
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    """The check itself can fail: an import of train inside a function of nn is caught."""
+    fake = tmp_path / "distnet" / "nn" / "bad.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(
+        "def f():\n    from distnet.train.fit import fit\n    from distnet import cli\n"
+    )
+    assert imported_modules(fake, "distnet.nn.bad") == [
+        ("distnet.train.fit", 2),
+        ("distnet.cli", 3),
+    ]
+
+
+def test_model_fit_works_in_a_fresh_process_that_never_imported_train():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from distnet import nn\n"
+        "assert 'distnet.train' not in sys.modules\n"
+        "m = nn.Sequential(nn.Dense(3, 2))\n"
+        "h = m.fit(np.ones((8, 3), np.float32), np.zeros(8, np.int64), epochs=1)\n"
+        "print(sorted(h.history))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "['accuracy', 'loss', 'lr']" in out.stdout
