@@ -2,7 +2,7 @@
 reference (docs/jobs.md, written by ``python -m distnet.train.jobsdoc``).
 
 The schema itself (types, defaults, ranges, the ``expected ...`` phrase of each error) is in
-``distnet.train.jobspec``; a key added there needs its line here (``tests/test_jobs_doc.py``
+``distnet.train.jobspec``; a key added there needs its line here (``tests/unit/test_jobs_doc.py``
 says which one is missing).
 """
 

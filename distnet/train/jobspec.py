@@ -8,7 +8,7 @@ coerced) and turns every problem into one line naming the key path::
 
 Adding a key is adding a field with a default and an ``expect`` phrase (what a user reads in
 the error), a line saying what it does in ``distnet.train.jobhelp``, and regenerating the
-reference: ``python -m distnet.train.jobsdoc > docs/jobs.md`` (tests/test_jobs_doc.py).
+reference: ``python -m distnet.train.jobsdoc > docs/jobs.md`` (tests/unit/test_jobs_doc.py).
 ``distnet train JOB --set pretrain.epochs=5`` overrides any key (values in TOML syntax; a bare
 word is a string).
 """

@@ -1,5 +1,5 @@
 """Conventions on the Ray engine, on a real local Ray: torchrun's rank variables in every
-worker actor, and every rank's console kept in the run directory (tests/test_conventions.py
+worker actor, and every rank's console kept in the run directory (tests/distributed_mpi/test_conventions.py
 has the rest)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
-from ray_jobs import mlp_job  # noqa: E402
+from helpers.jobs import mlp_job  # noqa: E402
 
 from distnet import cli  # noqa: E402
 from distnet.data import convert_digits  # noqa: E402

@@ -26,7 +26,7 @@ import pytest
 
 from distnet import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 DOCS += [ROOT / d / "README.md" for d in ("launch", "cluster", "datasets")]
 SHELL_FENCES = ("", "bash", "sh", "shell", "console")

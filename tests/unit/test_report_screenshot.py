@@ -2,11 +2,11 @@
 reference picture (``tests/data/report-reference.png``: the page averaged over 4 x 4 pixel
 blocks). The comparison forgives fonts (the page in a serif font passes) but not a missing
 curve (the page without its validation loss curve, or without its learning-rate curve,
-fails). How it compares: ``tests/screenshots.py``.
+fails). How it compares: ``tests/helpers/screenshots.py``.
 
 Regenerate the reference after an intended change of the page:
 
-    DISTNET_UPDATE_REFERENCE=1 .venv/bin/python -m pytest tests/test_report_screenshot.py
+    DISTNET_UPDATE_REFERENCE=1 .venv/bin/python -m pytest tests/unit/test_report_screenshot.py
 
 The fixed run is written by ``fixed_run`` below: two stages, a validation split, plateau cuts
 of the learning rate, a resume, two invocations; no training, so it is the same everywhere.
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from screenshots import CHROMIUM, difference, page_height, screenshot, thumbnail
+from helpers.screenshots import CHROMIUM, difference, page_height, screenshot, thumbnail
 
 from distnet.train.report.page import write_html_report
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium installed (Debian package chromium)"
 )
-REFERENCE = Path(__file__).parent / "data" / "report-reference.png"
+REFERENCE = Path(__file__).parents[1] / "data" / "report-reference.png"
 TOLERANCE = 1.5
 """The largest colour change allowed in any 16 x 16 blocks (64 x 64 px). Measured (2026-12-07):
 0 for the same page again, 0.76 in a serif font (2.8 in a monospace one, which moves the

@@ -17,7 +17,7 @@ from distnet import cli
 from distnet.data import convert_digits, open_dataset
 
 pytest.importorskip("sklearn")
-JOB = Path(__file__).parent.parent / "launch" / "jobs" / "digits_sae.toml"
+JOB = Path(__file__).parents[2] / "launch" / "jobs" / "digits_sae.toml"
 LRS = (0.01, 0.001)
 
 
@@ -99,7 +99,7 @@ def test_compare_with_a_directory_that_is_not_a_run_writes_nothing(runs, tmp_pat
 def test_validation_split_is_the_stores_tail_and_never_trained_on(tmp_path):
     """The job's training part ends where the held-out samples begin: every batch of two
     ranks over two epochs comes from the part, and together they cover all of it."""
-    from data_helpers import labelled_store
+    from helpers.data import labelled_store
 
     from distnet.data import StreamLoader
     from distnet.data.holdout import hold_out, read_range
@@ -140,7 +140,7 @@ def test_a_failed_run_shows_the_error_the_rank_and_the_stage(runs, tmp_path, cap
     root, _ = runs
     data = tmp_path / "data"
     shutil.copytree(root / "data", data)
-    from data_helpers import chunk_file
+    from helpers.data import chunk_file
 
     chunk_file(data / "train", "x", 5).unlink()
     out = tmp_path / "failed"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import chunk_file, labelled_store
+from helpers.data import chunk_file, labelled_store
 
 from distnet import cli
 from distnet.data import StreamLoader, convert_digits, open_dataset
@@ -21,7 +21,7 @@ from distnet.data.holdout import hold_out
 
 pytest.importorskip("sklearn")
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
-JOB = Path(__file__).parent.parent / "launch" / "jobs" / "digits_sae.toml"
+JOB = Path(__file__).parents[2] / "launch" / "jobs" / "digits_sae.toml"
 pytestmark = [
     pytest.mark.mpi,
     pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable}"),

@@ -2,7 +2,7 @@
 directory, ``--log-level``, ``--print-config``, 'did you mean', TOML error positions, relative
 paths, one exit-code table, ``report`` refusing a non-run, ``data info``'s label check.
 
-Distributed behaviour runs under real mpiexec here; the Ray side is tests/test_conventions_ray.py.
+Distributed behaviour runs under real mpiexec here; the Ray side is tests/distributed_ray/test_conventions_ray.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from data_helpers import chunk_file
-from ray_jobs import mlp_job
+from helpers.data import chunk_file
+from helpers.jobs import mlp_job
 
 from distnet import cli
 from distnet.data import convert_digits
@@ -23,7 +23,7 @@ from distnet.train.callbacks import process_rank
 from distnet.train.job import load_job
 from distnet.train.jobtoml import to_toml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DISTNET = Path(sys.executable).parent / "distnet"
 
 pytestmark = pytest.mark.timeout(240)

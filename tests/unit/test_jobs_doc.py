@@ -10,7 +10,7 @@ from pydantic import Field
 
 from distnet.train import jobsdoc, jobspec
 
-JOBS_MD = Path(__file__).resolve().parents[1] / "docs" / "jobs.md"
+JOBS_MD = Path(__file__).resolve().parents[2] / "docs" / "jobs.md"
 
 
 def test_the_committed_jobs_reference_is_the_generated_one():
