@@ -295,7 +295,7 @@ def build_stages(
                     callbacks=[RankNoise(seed, ctx.index, rank), saver, *watch(ctx)],
                 )  # fmt: skip
             finally:  # the next stage's wrapper must be the only one reducing
-                getattr(opt, "close", lambda: None)()
+                opt.close()
                 if codes is not None:
                     codes.close()
             if ctx.writer:
@@ -327,7 +327,7 @@ def build_stages(
                 ],
             )
         finally:
-            getattr(opt, "close", lambda: None)()  # fmt: skip
+            opt.close()
         return {"kind": "finetune", "history": saver.history}
 
     stages = []
@@ -340,36 +340,34 @@ def run_job(
     job: dict,
     log: Callable[[str], None] = print,
     *,
-    comm: Any = None,
-    rank_setup: Any = None,
+    engine: Any = None,
     trace: bool = False,
     progress: str | None = None,
 ) -> dict[str, Any]:
     """Runs a loaded job on this process's rank; returns the report (written by rank 0).
 
-    Engines that start the ranks themselves (Ray actors) pass their ``comm`` and a
-    ``rank_setup`` with ``device`` (None: the job's), ``wrap(optimizer, default_wrap, loader)``
-    (each stage's optimiser; ``loader`` is the one the stage iterates, inputs or cached codes,
-    and the engine gives it this rank's share of the global batch) and ``in_stage(name, fn)``
-    (a stage's function that notes the stage running, for error messages).
+    ``engine``: this rank's ``distnet.parallel.engine.Engine`` (its communicator, device,
+    batch shares, each stage's synchronising optimiser, stage resumption); None: the engine
+    of one process or of MPI ranks (``ProcessEngine``). Engines that start the ranks
+    themselves (Ray actors) pass theirs.
     ``trace``: write ``trace.json`` (see ``distnet.trace``); ``progress``: 'bar', 'lines' or
     'off' for rank 0's progress display (None: a bar on a terminal, lines otherwise).
     """
     from distnet import backend  # noqa: PLC0415
-    from distnet import parallel as distributed  # noqa: PLC0415
     from distnet.data import StreamLoader  # noqa: PLC0415
+    from distnet.parallel import stall  # noqa: PLC0415
+    from distnet.parallel.engine import ProcessEngine  # noqa: PLC0415
     from distnet.train import datacheck, runguard  # noqa: PLC0415
     from distnet.train.observe import RunObserver  # noqa: PLC0415
-    from distnet.train.pipeline import Pipeline  # noqa: PLC0415
+    from distnet.train.pipeline import Pipeline, Stage  # noqa: PLC0415
 
     started = time.perf_counter()
-    comm = comm if comm is not None else distributed.init(job["dist"]["engine"])
-    hierarchical = job["dist"]["hierarchical"]
-    if hierarchical != "auto" and hasattr(comm, "set_hierarchical"):  # "auto": init decides
-        comm.set_hierarchical(hierarchical)
+    engine = engine if engine is not None else ProcessEngine()
+    engine.start(job, log)
+    comm = engine.comm
     rank, size = comm.rank, comm.size
     out = Path(job["run"]["out"])
-    distributed.stall.set_report_dir(out)  # report.html shows where a stalled job's ranks were
+    stall.set_report_dir(out)  # report.html shows where a stalled job's ranks were
     say = log if rank == 0 else (lambda line: None)
     train = datacheck.check_data(job, size)  # the stores and the batch, before the first step
     global_batch = int(job["data"]["batch_size"])
@@ -378,10 +376,7 @@ def run_job(
     images = job["model"]["type"] == "cnn"  # (N, C, H, W) samples instead of flat vectors
     input_shape = sample_image_shape(train.shape[1:])
     model = build_model(job, n_in, int(train.num_classes), input_shape)
-    device = getattr(rank_setup, "device", None) or job["run"]["device"]
-    if device != "cpu":  # one GPU per rank; gradients then go through NCCL
-        device = backend.use_device(backend.device_for_rank(comm.local_rank, device))
-        model.to(device)
+    device = engine.place(model, job["run"]["device"])  # and the flat buffers, explicitly
     loader = StreamLoader(
         train,
         global_batch_size=global_batch,  # each rank streams global_batch / size
@@ -392,37 +387,9 @@ def run_job(
         transform=as_images if images else flatten if len(train.shape) > 2 else None,
         device=device,
     )
-    compression = None if job["dist"]["compression"] == "none" else job["dist"]["compression"]
-
-    said_sharded: list[bool] = []
 
     def wrap(opt: Any, feed: Any = None) -> Any:
-        if size == 1:
-            return opt
-        from distnet.parallel.zero import ShardedOptimizer, sharding_pays  # noqa: PLC0415
-
-        shard, overlap = job["dist"]["shard_optimizer"], job["dist"]["overlap"]
-        # ZeRO-1 reduce-scatters after backward: asked-for overlap keeps the plain wrapper
-        auto_shard = shard == "auto" and overlap is not True
-        if shard is True or (auto_shard and sharding_pays(comm, opt, compression)):
-            if not said_sharded:
-                said_sharded.append(True)
-                via = "shared memory" if getattr(comm, "shm", None) is not None else "MPI"
-                say(f"optimiser state sharded over {size} ranks (ZeRO 1, collectives via {via})")
-            return ShardedOptimizer(opt, comm)
-        return distributed.DistributedOptimizer(
-            opt,
-            comm,
-            bucket_mb=job["dist"]["bucket_mb"],
-            compression=compression,
-            overlap=None if overlap == "auto" else overlap,
-        )
-
-    if rank_setup is not None:
-        plain_wrap = wrap
-
-        def wrap(opt: Any, feed: Any = None) -> Any:
-            return rank_setup.wrap(opt, plain_wrap, loader if feed is None else feed)
+        return engine.wrap(opt, loader if feed is None else feed)
 
     m = job["model"]
     layout = (
@@ -452,15 +419,12 @@ def run_job(
         job, model, loader, wrap, say, after_pretraining, rank,
         watch=observe.watch, layer_loader=layer_loader,
     )  # fmt: skip
-    if rank_setup is not None:  # a failed rank's error names its stage
-        from distnet.train.pipeline import Stage  # noqa: PLC0415
-
-        stages = [Stage(st.name, rank_setup.in_stage(st.name, st.fn)) for st in stages]
+    stages = [Stage(st.name, engine.in_stage(st.name, st.fn)) for st in stages]  # for errors
     try:
-        # rank 0 reads the run directory and broadcasts: others' may be node-local and empty
-        resume = getattr(rank_setup, "resume_stage", None)  # Ray: mid-epoch after a lost worker
+        # rank 0 reads the run directory and broadcasts: others' may be node-local and empty;
+        # the engine may resume a stage mid-epoch (Ray: after a lost worker)
         table = Pipeline(out, model, runguard.planned(job, stages), writer=rank == 0, log=say,
-                         comm=comm, resume=resume,
+                         comm=comm, resume=engine.resume_stage,
                          record=runguard.segment(job, comm, device)).run()  # fmt: skip
     finally:
         loader.close()

@@ -34,9 +34,7 @@ def run_rank(
     setup = RankSetup(spec, comm, generation)
     failed = False
     try:
-        report = run_job(
-            job, log, comm=comm, rank_setup=setup, trace=bool(spec.get("trace")), progress="lines"
-        )
+        report = run_job(job, log, engine=setup, trace=bool(spec.get("trace")), progress="lines")
     except WorkerLostError:  # a peer died: keep what the next run resumes from
         setup.after_failure()
         raise

@@ -44,7 +44,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--cpu-workers", type=int, help="CPU workers beside the GPU ones")
     ray.add_argument("--min-workers", type=int, help="fewest workers the job may carry on with")
     ray.add_argument(
-        "--strategy", choices=["allreduce", "ps", "hybrid"], help="overrides [dist] strategy"
+        "--strategy",
+        choices=["allreduce", "ps", "hybrid", "local_sgd"],
+        help="overrides [dist] strategy",
     )
 
 
@@ -57,9 +59,10 @@ def dist_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def options_from_job(job: dict[str, Any]) -> RayOptions:
     """``RayOptions`` from a loaded job's ``[dist]`` section (names the bad key)."""
     d = {**RAY_DIST_KEYS, **{k: v for k, v in job["dist"].items() if v is not None}}
-    if d["strategy"] not in ("allreduce", "ps", "hybrid"):
+    if d["strategy"] not in ("allreduce", "ps", "hybrid", "local_sgd"):
         raise RayEngineError(
-            f"[dist] strategy must be 'allreduce', 'ps' or 'hybrid', got {d['strategy']!r}"
+            f"[dist] strategy must be 'allreduce', 'ps', 'hybrid' or 'local_sgd', got "
+            f"{d['strategy']!r}"
         )
     if d["mode"] not in ("sync", "async", "ssp"):
         raise RayEngineError(f"[dist] mode must be 'sync', 'async' or 'ssp', got {d['mode']!r}")
