@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from mpi_helpers import MPIEXEC, SCRIPTS, launch
+from ray_jobs import mlp_job
 
 from distnet.train import jobspec
 
@@ -80,30 +81,7 @@ def test_local_sgd_on_mpi_ranks_equals_allreduce_at_h1_and_makes_h_times_fewer_c
     check_contest(json.loads(line.split("] ", 1)[-1]))
 
 
-MLP_JOB = """
-[data]
-train = "data/train"
-test = "data/test"
-batch_size = 32
-
-[model]
-type = "mlp"
-hidden = [64]
-activation = "relu"
-
-[finetune]
-epochs = 15
-lr = 0.003
-
-[dist]
-strategy = "local_sgd"
-sync_every = 8
-average_state = true
-
-[run]
-log_every = 100
-pictures = false
-"""
+LOCAL_SGD = 'strategy = "local_sgd"\nsync_every = 8\naverage_state = true'
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +98,7 @@ def digits(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_local_sgd_job_on_two_mpi_ranks_reaches_the_digits_bar(digits):
     path = digits / "local_sgd.toml"
-    path.write_text(MLP_JOB)
+    path.write_text(mlp_job("data/train", test="data/test", epochs=15, dist=LOCAL_SGD))
     out = digits / "run-mpi"
     cmd = [sys.executable, "-m", "distnet.cli", "launch", "-np", "2", "--", sys.executable,
            "-m", "distnet.cli", "train", str(path), "--out", str(out)]  # fmt: skip
@@ -129,7 +107,7 @@ def test_local_sgd_job_on_two_mpi_ranks_reaches_the_digits_bar(digits):
     report = json.loads((out / "report.json").read_text())
     assert report["workers"] == 2 and report["engine"] == "MPICommunicator"
     assert report["job"]["dist"]["strategy"] == "local_sgd"
-    assert report["test_accuracy"] >= 0.93, report["test_accuracy"]  # test_job.py's bar
+    assert report["test_accuracy"] >= 0.93, report["test_accuracy"]  # test_job.py's digits bar
 
 
 # --- the Ray engine ------------------------------------------------------------------------
@@ -148,7 +126,6 @@ def final_params(job: dict, out) -> np.ndarray:
 @pytest.mark.timeout(400)
 def test_local_sgd_on_ray_equals_allreduce_at_h1_and_counts_fewer_collectives(ray_cluster, digits):
     import ray
-    from ray_jobs import mlp_job
 
     from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs
     from distnet.train.job import load_job
