@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distnet.backend import array_module
+
 
 def check_share(share: float | None) -> float | None:
     """``share`` itself when it is a batch share (in [0, 1]) or None; else ValueError."""
@@ -46,8 +48,6 @@ def seeded_backward(loss: Any, weight: float) -> None:
     if weight == 1.0:
         loss.backward()
         return
-    from distnet.backend import array_module  # noqa: PLC0415  (optim imports backend lazily here)
-
     loss.backward(array_module(loss.data).full(loss.shape, weight, dtype=loss.dtype))
 
 
