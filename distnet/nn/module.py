@@ -9,7 +9,7 @@ contiguous ranges of it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -281,6 +281,27 @@ class Module:
     def flat_grads(self) -> Any:
         """The one contiguous 1-D buffer of all gradients (each Parameter.grad is a view)."""
         return flat_buffers(self.parameters())[1]
+
+    def lay_out_flat(self, zeros: Callable[[int, Any], Any]) -> tuple[Any, Any]:
+        """Moves the flat (data, grad) buffers (n,) into new ones made by ``zeros(n, dtype)``
+        (memory an engine shares with other processes): values and gradients are copied, a
+        pinned layout stays pinned, optimisers made before follow (``follow_layout``).
+        Returns the new (data, grad)."""
+        params = self.parameters()
+        data, grad = flat_buffers(params)
+        owners = [p._layout_owner for p in params]
+        new_data, new_grad = zeros(data.size, data.dtype), zeros(grad.size, grad.dtype)
+        new_data[...] = data
+        new_grad[...] = grad
+        offset = 0
+        for p, owner in zip(params, owners, strict=True):
+            n, shape = p.size, p.shape
+            p.bind_flat(new_data[offset : offset + n].reshape(shape),
+                        new_grad[offset : offset + n].reshape(shape),
+                        (new_data, new_grad, offset))  # fmt: skip
+            p._layout_owner = owner
+            offset += n
+        return new_data, new_grad
 
     def zero_grad(self) -> None:
         """Sets every gradient to zero. The memset is deferred: the next backward writes the

@@ -1,8 +1,9 @@
 """Optimisers over flat buffers, and learning-rate schedules."""
 
 from distnet.optim.adaptive import AdaGrad, Adam, RMSProp
-from distnet.optim.factory import OPTIMIZERS, make_optimizer, optimizer_class
+from distnet.optim.factory import OPTIMIZERS, flat_optimizer, make_optimizer, optimizer_class
 from distnet.optim.optimizer import SGD, Optimizer
+from distnet.optim.protocol import ForeignOptimizer, LoopProtocol
 from distnet.optim.schedules import (
     CosineAnnealingLR,
     ExponentialLR,
@@ -13,6 +14,8 @@ from distnet.optim.schedules import (
 
 __all__ = [
     "Optimizer",
+    "LoopProtocol",
+    "ForeignOptimizer",
     "SGD",
     "Adam",
     "RMSProp",
@@ -23,6 +26,7 @@ __all__ = [
     "CosineAnnealingLR",
     "ReduceLROnPlateau",
     "OPTIMIZERS",
+    "flat_optimizer",
     "make_optimizer",
     "optimizer_class",
 ]

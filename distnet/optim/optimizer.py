@@ -17,12 +17,14 @@ import numpy as np
 from distnet import backend, kernels
 from distnet.nn.module import Module, Parameter, consecutive_views, flat_buffers, layout_of
 from distnet.optim.in_backward import BackwardUpdates
+from distnet.optim.protocol import LoopProtocol
 
 _WHOLE = slice(None)
 
 
-class Optimizer:
-    """Base optimiser over one flat buffer.
+class Optimizer(LoopProtocol):
+    """Base optimiser over one flat buffer; the training loop's protocol (``LoopProtocol``)
+    with the defaults of one process.
 
     Args:
         params: a Module, or its parameters (they are laid into one flat buffer if not yet).

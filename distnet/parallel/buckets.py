@@ -106,11 +106,6 @@ def plan_buckets(sizes: Sequence[int], bucket_bytes: int, itemsize: int = 4) -> 
     return buckets
 
 
-def whole_buffer_plan(n: int, bucket_bytes: int, itemsize: int = 4) -> list[Bucket]:
-    """Buckets for a flat buffer of ``n`` elements when parameter sizes are not known."""
-    return plan_buckets([n], bucket_bytes, itemsize)
-
-
 class BucketReducer:
     """Reduces buckets of one flat buffer: weighted sum over ranks, optional fp16 on the wire.
 

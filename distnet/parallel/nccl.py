@@ -92,7 +92,7 @@ class NcclCommunicator:
         self.size = mpi.size
         self.device = select_device(mpi.local_rank)
         uid = nccl.get_unique_id() if mpi.rank == 0 else None
-        uid = mpi.comm.bcast(uid, root=0)  # a 128-byte id; pickled bcast is fine once
+        uid = mpi.broadcast_object(uid, root=0)  # a 128-byte id; pickled once is fine
         self.comm = nccl.NcclCommunicator(mpi.size, uid, mpi.rank)
         self._dtypes = {
             "float16": nccl.NCCL_FLOAT16,

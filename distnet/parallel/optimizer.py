@@ -41,6 +41,7 @@ from distnet.backend import array_module, is_gpu_array
 from distnet.parallel.buckets import Bucket, BucketReducer, plan_buckets
 from distnet.parallel.comm import Communicator
 from distnet.parallel.stall import StallDetector, stall_limit_from_env
+from distnet.parallel.sync import check_share
 
 
 def _overlap_default() -> bool:
@@ -123,7 +124,7 @@ class DistributedOptimizer:
         if hierarchical is not None:  # None: the communicator's choice (auto / env)
             comm.set_hierarchical(hierarchical)
         self.params: Sequence[Any] = list(optimizer.params)
-        self.batch_share = self._check_share(batch_share)
+        self.batch_share = check_share(batch_share)
         if int(backward_passes_per_step) < 1:
             raise ValueError(
                 f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}"
@@ -166,12 +167,6 @@ class DistributedOptimizer:
         return type(self._wrapped).__name__
 
     # --- setup ----------------------------------------------------------------------------
-    @staticmethod
-    def _check_share(share: float | None) -> float | None:
-        if share is not None and not 0.0 <= share <= 1.0:
-            raise ValueError(f"batch_share must be in [0, 1], got {share}")
-        return share
-
     def _setup_gpu(self) -> None:
         """Collective: NCCL when every rank holds GPU buffers, else host staging for GPU ones."""
         if self.comm.size == 1 or not hasattr(self.comm, "use_nccl"):
@@ -239,7 +234,7 @@ class DistributedOptimizer:
 
         ``loss``: a scalar Tensor, the mean loss over this rank's samples.
         """
-        self._check_share(batch_share)
+        check_share(batch_share)
         if self._prescaled and batch_share != self._backward_share:
             raise ValueError(
                 f"backward passes of one step were given different shares "
@@ -286,7 +281,7 @@ class DistributedOptimizer:
         """Sums the weighted gradients over ranks into ``flat_grads`` and waits for every
         reduction; returns it. ``step()`` then does not reduce again (Horovod's
         ``synchronize()`` before ``step()``, e.g. to read or clip the averaged gradients)."""
-        self._check_share(batch_share)
+        check_share(batch_share)
         if self._synchronized:
             return self.flat_grads
         if self._prescaled and batch_share is not None and batch_share != self._backward_share:

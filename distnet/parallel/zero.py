@@ -28,20 +28,11 @@ from typing import Any
 import numpy as np
 
 from distnet import trace
-from distnet.backend import array_module, is_gpu_array
+from distnet.backend import is_gpu_array
 from distnet.parallel.comm import Communicator
+from distnet.parallel.sync import GatheredState, SyncOptimizer
 
-
-class GatheredState:
-    """The full optimiser state gathered from every rank's slice, frozen; ``optimizer`` names
-    the class doing the updates (checkpoints record it)."""
-
-    def __init__(self, optimizer: Any, state: dict[str, Any]) -> None:
-        self.optimizer = optimizer
-        self._state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state
+__all__ = ["GatheredState", "ShardedOptimizer", "shard_bounds", "sharding_pays"]
 
 
 def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:
@@ -74,7 +65,7 @@ def sharding_pays(comm: Communicator, optimizer: Any, compression: str | None = 
     )
 
 
-class ShardedOptimizer:
+class ShardedOptimizer(SyncOptimizer):
     """Data-parallel wrapper that shards the wrapped optimiser's state over ranks.
 
     Args:
@@ -103,7 +94,7 @@ class ShardedOptimizer:
         self.counts = [hi - lo for lo, hi in self.bounds]
         self.displs = [lo for lo, _ in self.bounds]
         self.grad_shard = np.empty(self.hi - self.lo, dtype=self.full_grads.dtype)
-        self._prescaled = False
+        self.init_sync()
         self._synchronized = False  # fit calls synchronize() before step(): reduce once
         self._broadcast_parameters()
         self._shard_optimizer()
@@ -132,34 +123,19 @@ class ShardedOptimizer:
             opt._state_buffer(k)[...] = v
 
     # --- the optimiser interface ----------------------------------------------------------
-    @property
-    def lr(self) -> float:
-        return self.optimizer.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.optimizer.lr = value
-
-    @property
-    def steps(self) -> int:
-        return self.optimizer.steps
-
     def zero_grad(self) -> None:
         """Zeroes the full gradient buffer (deferred, as the wrapped optimiser does)."""
         self._synchronized = False
-        self.optimizer.zero_grad()
-
-    def _weight(self, share: float | None) -> float:
-        share = self.batch_share if share is None else share
-        return 1.0 / self.comm.size if share is None else float(share)
+        super().zero_grad()
 
     def backward(self, loss: Any, batch_share: float | None = None) -> None:
         """``loss.backward()`` seeded with this rank's weight; ``step()`` then skips scaling."""
-        weight = self._weight(batch_share)
-        xp = array_module(loss.data)
-        loss.backward(xp.full(loss.shape, weight, dtype=loss.dtype))
-        self._prescaled = True
+        super().backward(loss, batch_share)
         self._synchronized = False
+
+    def resume_check(self, steps: int) -> bool:
+        """False: this rank holds a slice of the optimiser state, no carry is taken from it."""
+        return False
 
     def _settle_full_grads(self) -> None:
         for p in self.params:  # deferred zeros of parameters backward did not reach
@@ -173,11 +149,9 @@ class ShardedOptimizer:
             return self.grad_shard
         self._synchronized = True
         self._settle_full_grads()
-        if not self._prescaled:
-            weight = self._weight(batch_share)
-            if weight != 1.0:
-                self.full_grads *= weight
-        self._prescaled = False
+        weight = self.step_weight(batch_share)
+        if weight != 1.0:
+            self.full_grads *= weight
         if self.comm.size == 1:
             self.grad_shard[...] = self.full_grads
             return self.grad_shard
@@ -250,11 +224,3 @@ class ShardedOptimizer:
                 v = np.asarray(v)[self.lo : self.hi]
             sliced[k] = v
         self.optimizer.load_state_dict(sliced)
-
-    def close(self) -> None:
-        """Nothing to release (no hooks, no threads); here for DistributedOptimizer's shape."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "optimizer":
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)

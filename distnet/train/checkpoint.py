@@ -70,14 +70,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _optimizer_class(optimizer: Any) -> str:
-    """The update rule doing the updates (``Optimizer.algorithm()``: a DistributedOptimizer
-    over SGD says SGD), so that a run saved on N ranks resumes on M, or in one process."""
-    from distnet.optim import Optimizer  # noqa: PLC0415  (optim is light, but train imports lazily)
+    """The update rule doing the updates (``algorithm()`` of the loop's protocol: a
+    DistributedOptimizer over SGD says SGD, as do ZeRO's gathered state and the Ray engine's
+    wrappers), so that a run saved on N ranks resumes on M, or in one process. Anything else
+    with a ``state_dict()`` is named by its class."""
+    from distnet.optim import LoopProtocol  # noqa: PLC0415  (train imports lazily)
 
-    if isinstance(optimizer, Optimizer):
+    if isinstance(optimizer, LoopProtocol):
         return optimizer.algorithm()
-    inner = getattr(optimizer, "optimizer", None)  # a wrapper (ZeRO, Ray shares, gathered state)
-    return _optimizer_class(inner) if inner is not None else type(optimizer).__name__
+    return type(optimizer).__name__
 
 
 def _split_extras(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

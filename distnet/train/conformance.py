@@ -31,10 +31,10 @@ Config = dict[str, Any]
 
 # dimension -> its values, the first one the plainest (what a row holds when that dimension
 # does not matter to it). Engines and strategies carry their sizes: "mpi-3" is 3 MPI ranks,
-# "ps-2" a parameter server of 2 shards.
+# "ps-2" a parameter server of 2 shards, "local_sgd-2" two local steps between averages.
 DIMENSIONS: dict[str, tuple[Any, ...]] = {
     "engine": ("local", "mpi-2", "mpi-3", "ray-2", "ray-3"),
-    "strategy": ("allreduce", "ps-1", "ps-2", "hybrid"),
+    "strategy": ("allreduce", "ps-1", "ps-2", "hybrid", "local_sgd-2"),
     "mode": ("sync", "async", "ssp"),
     "zero": (False, True),  # shard_optimizer (ZeRO stage 1)
     "optimizer": ("sgd", "adam", "rmsprop", "adagrad"),  # fine-tuning's, with weight decay
@@ -62,7 +62,7 @@ def job_sections(config: Config) -> dict[str, dict[str, Any]]:
     """The job keys (section -> key -> value) of ``config``, without data paths: a tiny job
     (an MLP or autoencoder of 16 units, 3 epochs of the last stage)."""
     engine = config["engine"].split("-")[0]
-    strategy, _, shards = config["strategy"].partition("-")
+    strategy, _, size = config["strategy"].partition("-")
     dist: dict[str, Any] = {"engine": engine, "mode": config["mode"],
                             "shard_optimizer": config["zero"],
                             "compression": config["compression"]}  # fmt: skip
@@ -73,8 +73,8 @@ def job_sections(config: Config) -> dict[str, dict[str, Any]]:
         dist["rebalance_every"] = 0
     if config["overlap"]:
         dist["overlap"] = True
-    if shards:
-        dist["shards"] = int(shards)
+    if size:  # a parameter server's shards, local SGD's steps between averages
+        dist["sync_every" if strategy == "local_sgd" else "shards"] = int(size)
     if config["mode"] == "ssp":
         dist["staleness"] = 1
     if config["shares"] == "rebalance":

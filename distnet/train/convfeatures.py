@@ -158,7 +158,7 @@ def run_conv_pool(
     opt = wrap(Adam(ae, lr=cfg.ae_lr, weight_decay=cfg.weight_decay))
     history = ae.fit(patches, batch_size=cfg.ae_batch // size, epochs=cfg.ae_epochs,
                      optimizer=opt, seed=cfg.seed + rank)  # fmt: skip
-    getattr(opt, "close", lambda: None)()
+    opt.close()
     report["autoencoder_loss"] = history.history["loss"][-1]
     say(f"sparse autoencoder {cfg.patch}x{cfg.patch} -> {cfg.features} on {cfg.patches} patches: "
         f"loss {report['autoencoder_loss']:.4f}")  # fmt: skip
@@ -176,7 +176,7 @@ def run_conv_pool(
     opt = wrap(Adam(classifier, lr=cfg.classifier_lr, weight_decay=cfg.weight_decay))
     classifier.fit((feats - mean) / std, labels, batch_size=cfg.classifier_batch // size,
                    epochs=cfg.classifier_epochs, optimizer=opt, seed=cfg.seed + rank)  # fmt: skip
-    getattr(opt, "close", lambda: None)()
+    opt.close()
     _fold_standardisation(classifier, mean, std)
     model = nn.Sequential(*net, classifier)
     report["test_accuracy_softmax"] = _accuracy(classifier, test_feats, y_test)
@@ -187,7 +187,7 @@ def run_conv_pool(
         opt = wrap(Adam(model, lr=cfg.finetune_lr))
         model.fit(images[:, None], labels, batch_size=cfg.classifier_batch // size,
                   epochs=cfg.finetune_epochs, optimizer=opt, seed=cfg.seed + 7 + rank)  # fmt: skip
-        getattr(opt, "close", lambda: None)()
+        opt.close()
         report["test_accuracy_finetuned"] = model.evaluate(x_test[:, None], y_test)["accuracy"]
         say(f"fine-tuned: test accuracy {report['test_accuracy_finetuned']:.4f}")
     report["test_accuracy"] = report.get("test_accuracy_finetuned", report["test_accuracy_softmax"])

@@ -151,19 +151,18 @@ def fit(
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     objective = Objective(loss, metrics)
     optimizer = make_optimizer(optimizer, model, lr)
-    grads = getattr(optimizer, "flat_grads", None)
-    grads = grads if hasattr(grads, "shape") else model.flat_grads()
-    comm = getattr(optimizer, "comm", None)
+    grads = optimizer.flat_grads
+    comm = optimizer.comm
     # the ranks that must take the same finite decision: every rank of a synchronous job; a
     # wrapper whose ranks step independently (an async parameter server) names a smaller
     # group, or None (each rank decides alone)
-    agree = getattr(optimizer, "finite_comm", comm)
+    agree = optimizer.finite_comm
     # the wrapper reduces the whole gradient in place over that group: the finite decision
     # rides on the reduction (no exchange of its own while every step is finite)
-    grads_agree = bool(getattr(optimizer, "grads_agree", False)) and agree is comm
+    grads_agree = optimizer.grads_agree and agree is comm
     grads_agree = grads_agree and comm is not None and comm.size > 1
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
-    if getattr(optimizer, "backward_passes_per_step", 1) != 1:
+    if optimizer.backward_passes_per_step != 1:
         raise ValueError(
             "fit takes one backward pass per step; the optimiser expects "
             f"backward_passes_per_step={optimizer.backward_passes_per_step} (for a larger "
@@ -183,21 +182,19 @@ def fit(
         cbs.append(ProgressBar())
     # a resumed run goes on counting from the restored optimiser's steps
     loop = Loop(model=model, optimizer=optimizer, epochs=epochs, seed=seed,
-                step=int(getattr(optimizer, "steps", 0)))  # fmt: skip
+                step=int(optimizer.steps))  # fmt: skip
     callback_list = CallbackList([history, *cbs], loop)
 
     model.train()
-    backward = getattr(optimizer, "backward", None) or Tensor.backward
-    # A distributed optimiser reduces (and, with overlap, is still reducing) the gradients:
-    # the finite check reads them once synchronize() has waited for every reduction; what
-    # each rank saw then goes through one tiny allreduce (finite.decide; none when the
-    # whole reduced gradient is the same everywhere), so every rank of the group stops or
-    # skips together whatever its wrapper reduced (a ZeRO-1 slice, or nothing before a
-    # parameter server's push).
-    synchronize = getattr(optimizer, "synchronize", None)
-    # a wrapper whose ranks skip alone (an async parameter server) counts a skipped step
-    # where others count steps (the shards' clocks, an epoch-end collective)
-    skip_step = getattr(optimizer, "skip_step", None)
+    # The optimiser's protocol (``distnet.optim.protocol``): ``backward`` weights the seed
+    # gradient by this rank's share; a distributed optimiser reduces (and, with overlap, is
+    # still reducing) the gradients, and the finite check reads them once synchronize() has
+    # waited for every reduction; what each rank saw then goes through one tiny allreduce
+    # (finite.decide; none when the whole reduced gradient is the same everywhere), so every
+    # rank of the group stops or skips together whatever its wrapper reduced (a ZeRO-1
+    # slice, or nothing before a parameter server's push). ``skip_step``: a wrapper whose
+    # ranks skip alone (an async parameter server) counts a skipped step where others
+    # count steps (the shards' clocks, an epoch-end collective).
     callback_list.on_train_begin({})
     for epoch in range(initial_epoch, epochs):
         if loop.stop_training:
@@ -224,18 +221,13 @@ def fit(
                     if not np.isfinite(loss_value):  # so that the reduced gradient shows it
                         loss_t = poisoned(loss_t)
                 with trace.span("backward"):
-                    if share is None:
-                        backward(loss_t)
-                    else:
-                        backward(loss_t, batch_share=share)
+                    optimizer.backward(loss_t, batch_share=share)
                 if loss_value is None:
                     loss_value = float(loss_t.data)
             else:  # no samples here in a short last global batch: reduce zeros, share 0,
                 loss_value = 0.0  # and take part in the finite decision like every rank
             if check_finite:
-                applied = None
-                if synchronize is not None:
-                    applied = synchronize() if n else synchronize(batch_share=0.0)
+                applied = optimizer.synchronize() if n else optimizer.synchronize(batch_share=0.0)
                 error = decide(loss_value, model, grads, applied, agree, loop.step, epoch, b,
                                rank=rank if size > 1 else None,
                                grads_agree=grads_agree)  # fmt: skip
@@ -245,8 +237,7 @@ def fit(
                     warnings.warn(f"skipped: {error}", RuntimeWarning, stacklevel=2)
                     skipped += 1
                     optimizer.zero_grad()  # every rank of the group took the same decision
-                    if skip_step is not None:  # a wrapper that counts steps taken, skipped too
-                        skip_step()
+                    optimizer.skip_step()  # a wrapper that counts steps taken counts it too
                     loop.step += 1
                     continue
             with trace.span("optimizer_step"):  # and the allreduce, unless synchronize() ran it
@@ -272,7 +263,7 @@ def fit(
             # EarlyStopping / ReduceLROnPlateau on val_* decide the same on every rank
             val = _epoch_means(val_sums, val_seen, comm)
             logs.update({f"val_{k}": v for k, v in val.items()})
-        logs["lr"] = float(getattr(optimizer, "lr", float("nan")))
+        logs["lr"] = float(optimizer.lr)
         callback_list.on_epoch_end(epoch, logs)
     callback_list.on_train_end({})
     return history

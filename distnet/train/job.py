@@ -42,8 +42,15 @@ import numpy as np
 from distnet.parallel.mpi import lifetime
 from distnet.parallel.rayengine.jobs import add_ray_arguments, dist_overrides
 from distnet.train import jobfile, jobspec
-from distnet.train.callbacks import Callback
 from distnet.train.jobspec import JobError
+from distnet.train.stages import (  # noqa: F401  (where tests and tools find them)
+    EpochPrinter,
+    RankNoise,
+    _make_optimizer,
+    build_model,
+    build_stages,
+    per_layer,
+)
 
 __all__ = ["DEFAULTS", "JobError", "add_arguments", "load_job", "run", "run_job"]
 
@@ -113,11 +120,6 @@ def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
     return job
 
 
-def per_layer(value: Any, k: int) -> Any:
-    """Layer k's value of a [pretrain] key given once for all layers or as a list."""
-    return value[k] if isinstance(value, list) else value
-
-
 def read_store(path: str) -> tuple[np.ndarray, np.ndarray]:
     """A whole (small) store as float32 x (N, features) and labels y (N,), for evaluation."""
     from distnet.data import open_dataset  # noqa: PLC0415
@@ -142,37 +144,6 @@ def sample_image_shape(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
 def as_images(x: np.ndarray) -> np.ndarray:
     """(N, H, W) -> (N, 1, H, W); (N, C, H, W) unchanged: what convolutions take."""
     return x[:, None] if x.ndim == 3 else x
-
-
-class EpochPrinter(Callback):
-    """Prints one line every ``every`` epochs (and the last), so logs stay short."""
-
-    def __init__(self, log: Callable[[str], None], every: int = 5):
-        self.log, self.every = log, every
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
-        if (epoch + 1) % self.every and epoch + 1 != self.loop.epochs:
-            return
-        shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k != "lr")
-        self.log(f"    epoch {epoch + 1:3d}/{self.loop.epochs}  {shown}")
-
-
-class RankNoise(Callback):
-    """Keys the noise generator (dropout, masking noise) before every step by (seed, stage,
-    rank, step): ranks draw different masks for their different samples, and a step drawn
-    again (a run resumed mid-epoch, a replaced worker redoing its part of a global batch, a
-    stand-in finishing a dead rank's epoch) draws exactly the masks the uninterrupted run
-    drew. Noise as a function of a key, not of the history (as JAX's keys); ``step`` is fit's
-    global step, which a resumed run takes from the optimiser's restored ``steps``. Cost
-    (``backend.seed_key``): about 1 us a step, 10 us more in a step that draws noise."""
-
-    def __init__(self, seed: int, stage: int, rank: int):
-        self.key = [seed, stage, rank]
-
-    def on_batch_begin(self, batch: int, logs: dict[str, Any]) -> None:
-        from distnet import backend  # noqa: PLC0415
-
-        backend.seed_key(*self.key, logs["step"])
 
 
 def image_shape(n_in: int) -> tuple[int, int] | None:
@@ -209,185 +180,38 @@ def draw_pictures(
     return pictures
 
 
-def _make_optimizer(spec: dict[str, Any], params: Any) -> Any:
-    """The [finetune] optimiser, through the one factory (``distnet.optim.make_optimizer``)."""
-    from distnet.optim import SGD, make_optimizer, optimizer_class  # noqa: PLC0415
-
-    name = spec["optimizer"]
-    try:
-        cls = optimizer_class(name)
-    except ValueError as e:
-        raise JobError(f"[finetune] optimizer: {e}") from None
-    options = {"weight_decay": spec["weight_decay"]}
-    if issubclass(cls, SGD):  # momentum is SGD's alone
-        options["momentum"] = spec["momentum"]
-    return make_optimizer(name, params, lr=spec["lr"], **options)
-
-
-def build_model(
-    job: dict, n_in: int, n_classes: int, input_shape: tuple[int, ...] | None = None
-) -> Any:
-    """The job's model: a StackedAutoEncoder, an MLP (Sequential of Dense [+ Dropout]) or a
-    cnn (``[model] layers``, for images (N, C, H, W) with ``input_shape`` (C, H, W))."""
-    from distnet import nn  # noqa: PLC0415
-
-    m, pre = job["model"], job["pretrain"]
-    if m["type"] == "cnn":
-        from distnet.train.cnnspec import (  # noqa: PLC0415
-            LayerSpecError,
-            build_cnn,
-            flat_samples_error,
-        )
-
-        if input_shape is None or len(input_shape) != 3:
-            raise JobError(flat_samples_error(n_in))
-        try:
-            return build_cnn(m["layers"], input_shape, n_classes)
-        except LayerSpecError as e:
-            raise JobError(f"[model] layers: {e}") from None
-    sizes = [n_in, *m["hidden"]]
-    if m["type"] == "stacked_autoencoder":
-        return nn.StackedAutoEncoder(
-            sizes, n_classes, activation=m["activation"], corruption=pre["corruption"],
-            sparsity_target=pre["sparsity_target"], sparsity_weight=pre["sparsity_weight"],
-            loss=pre["loss"], tied_weights=m["tied_weights"],
-        )  # fmt: skip
-    layers: list[Any] = []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers.append(nn.Dense(a, b, m["activation"]))
-        if m["dropout"]:
-            layers.append(nn.Dropout(m["dropout"]))
-    return nn.Sequential(*layers, nn.Dense(sizes[-1], n_classes))
-
-
-def build_stages(
-    job: dict,
-    model: Any,
-    loader: Any,
-    wrap: Callable[[Any, Any], Any],
-    log: Callable[[str], None],
-    on_pretrained: Callable[[int], None],
-    rank: int = 0,
-    watch: Callable[[Any], list[Callback]] | None = None,
-    layer_loader: Callable[[int], Any] | None = None,
-    validation: tuple[Any, Any] | None = None,
-) -> list:
-    """Pretraining stages (stacked autoencoders) and the supervised stage. ``watch(ctx)``
-    gives the callbacks that report a stage's progress (default: an ``EpochPrinter``).
-    ``wrap(optimizer, loader)`` makes a stage's optimiser data-parallel; ``loader`` is the one
-    the stage iterates (an engine that splits batches unevenly hands it its split).
-
-    ``layer_loader(k)`` (collective) may return a loader of layer k's input codes (then
-    closed after the stage), or None to compute them from ``loader`` batch by batch.
-    ``validation``: (x (n, ...), y (n,)), this rank's part of the held-out samples, evaluated
-    after every supervised epoch (``val_loss``, ``val_accuracy``: means over all ranks)."""
-    from distnet.optim import Adam  # noqa: PLC0415
-    from distnet.train.fit import fit  # noqa: PLC0415
-    from distnet.train.lrcallbacks import finetune_schedule  # noqa: PLC0415
-    from distnet.train.pipeline import Stage  # noqa: PLC0415
-
-    pre, ft, every = job["pretrain"], job["finetune"], job["run"]["log_every"]
-    seed = job["run"]["seed"]
-    watch = watch or (lambda ctx: [EpochPrinter(log, every)])
-
-    def pretrain(k: int) -> Callable[[Any], dict[str, Any]]:
-        def fn(ctx: Any) -> dict[str, Any]:
-            # the codes first: the stage iterates their loader. Encoders 0..k-1 are frozen
-            # here, as the pipeline loaded them (an epoch checkpoint of this stage holds the
-            # same), so the codes need not wait for ctx.restore
-            codes = layer_loader(k) if layer_loader is not None and k > 0 else None
-            try:
-                opt = wrap(Adam(model.autoencoders[k], lr=per_layer(pre["lr"], k)), codes or loader)
-            except BaseException:
-                if codes is not None:
-                    codes.close()
-                raise
-            start = ctx.restore(opt)
-            saver = ctx.epoch_checkpoint(opt)
-            try:
-                model.pretrain_layer(
-                    k, codes or loader, epochs=per_layer(pre["epochs"], k), optimizer=opt,
-                    seed=seed + k, initial_epoch=start, encoded=codes is not None,
-                    on_nonfinite=job["run"]["on_nonfinite"],
-                    callbacks=[RankNoise(seed, ctx.index, rank), saver, *watch(ctx)],
-                )  # fmt: skip
-            finally:  # the next stage's wrapper must be the only one reducing
-                getattr(opt, "close", lambda: None)()
-                if codes is not None:
-                    codes.close()
-            if ctx.writer:
-                on_pretrained(k)
-            return {"kind": "pretrain", "layer": k, "history": saver.history}
-
-        return fn
-
-    def supervised(ctx: Any) -> dict[str, Any]:
-        net = model  # a stacked autoencoder's forward is its classifier, over its one layout
-        opt = wrap(_make_optimizer(ft, net), loader)
-        start = ctx.restore(opt)
-        saver = ctx.epoch_checkpoint(opt)
-        schedule = finetune_schedule(ft)  # [finetune] schedule: plateau, cosine or step
-        try:
-            fit(
-                net,
-                loader,
-                epochs=ft["epochs"],
-                optimizer=opt,
-                seed=seed + 100,
-                initial_epoch=start,
-                on_nonfinite=job["run"]["on_nonfinite"],
-                validation_data=validation,
-                callbacks=[
-                    RankNoise(seed, ctx.index, rank),
-                    saver,
-                    schedule,
-                    *watch(ctx),
-                ],
-            )
-        finally:
-            getattr(opt, "close", lambda: None)()  # fmt: skip
-        return {"kind": "finetune", "history": saver.history}
-
-    stages = []
-    if hasattr(model, "autoencoders"):
-        stages = [Stage(f"pretrain-{k}", pretrain(k)) for k in range(len(model.autoencoders))]
-    return stages + [Stage("finetune" if stages else "train", supervised)]
-
-
 def run_job(
     job: dict,
     log: Callable[[str], None] = print,
     *,
-    comm: Any = None,
-    rank_setup: Any = None,
+    engine: Any = None,
     trace: bool = False,
     progress: str | None = None,
 ) -> dict[str, Any]:
     """Runs a loaded job on this process's rank; returns the report (written by rank 0).
 
-    Engines that start the ranks themselves (Ray actors) pass their ``comm`` and a
-    ``rank_setup`` with ``device`` (None: the job's), ``wrap(optimizer, default_wrap, loader)``
-    (each stage's optimiser; ``loader`` is the one the stage iterates, inputs or cached codes,
-    and the engine gives it this rank's share of the global batch) and ``in_stage(name, fn)``
-    (a stage's function that notes the stage running, for error messages).
+    ``engine``: this rank's ``distnet.parallel.engine.Engine`` (its communicator, device,
+    batch shares, each stage's synchronising optimiser, stage resumption); None: the engine
+    of one process or of MPI ranks (``ProcessEngine``). Engines that start the ranks
+    themselves (Ray actors) pass theirs.
     ``trace``: write ``trace.json`` (see ``distnet.trace``); ``progress``: 'bar', 'lines' or
     'off' for rank 0's progress display (None: a bar on a terminal, lines otherwise).
     """
     from distnet import backend  # noqa: PLC0415
-    from distnet import parallel as distributed  # noqa: PLC0415
     from distnet.data import StreamLoader  # noqa: PLC0415
+    from distnet.parallel import stall  # noqa: PLC0415
+    from distnet.parallel.engine import ProcessEngine  # noqa: PLC0415
     from distnet.train import datacheck, runguard  # noqa: PLC0415
     from distnet.train.observe import RunObserver  # noqa: PLC0415
-    from distnet.train.pipeline import Pipeline  # noqa: PLC0415
+    from distnet.train.pipeline import Pipeline, Stage  # noqa: PLC0415
 
     started = time.perf_counter()
-    comm = comm if comm is not None else distributed.init(job["dist"]["engine"])
-    hierarchical = job["dist"]["hierarchical"]
-    if hierarchical != "auto" and hasattr(comm, "set_hierarchical"):  # "auto": init decides
-        comm.set_hierarchical(hierarchical)
+    engine = engine if engine is not None else ProcessEngine()
+    engine.start(job, log)
+    comm = engine.comm
     rank, size = comm.rank, comm.size
     out = Path(job["run"]["out"])
-    distributed.stall.set_report_dir(out)  # report.html shows where a stalled job's ranks were
+    stall.set_report_dir(out)  # report.html shows where a stalled job's ranks were
     say = log if rank == 0 else (lambda line: None)
     train = datacheck.check_data(job, size)  # the stores and the batch, before the first step
     n_val = len(train)
@@ -399,10 +223,7 @@ def run_job(
     images = job["model"]["type"] == "cnn"  # (N, C, H, W) samples instead of flat vectors
     input_shape = sample_image_shape(train.shape[1:])
     model = build_model(job, n_in, int(train.num_classes), input_shape)
-    device = getattr(rank_setup, "device", None) or job["run"]["device"]
-    if device != "cpu":  # one GPU per rank; gradients then go through NCCL
-        device = backend.use_device(backend.device_for_rank(comm.local_rank, device))
-        model.to(device)
+    device = engine.place(model, job["run"]["device"])  # and the flat buffers, explicitly
     loader = StreamLoader(
         train,
         global_batch_size=global_batch,  # each rank streams global_batch / size
@@ -413,37 +234,9 @@ def run_job(
         transform=as_images if images else flatten if len(train.shape) > 2 else None,
         device=device,
     )
-    compression = None if job["dist"]["compression"] == "none" else job["dist"]["compression"]
-
-    said_sharded: list[bool] = []
 
     def wrap(opt: Any, feed: Any = None) -> Any:
-        if size == 1:
-            return opt
-        from distnet.parallel.zero import ShardedOptimizer, sharding_pays  # noqa: PLC0415
-
-        shard, overlap = job["dist"]["shard_optimizer"], job["dist"]["overlap"]
-        # ZeRO-1 reduce-scatters after backward: asked-for overlap keeps the plain wrapper
-        auto_shard = shard == "auto" and overlap is not True
-        if shard is True or (auto_shard and sharding_pays(comm, opt, compression)):
-            if not said_sharded:
-                said_sharded.append(True)
-                via = "shared memory" if getattr(comm, "shm", None) is not None else "MPI"
-                say(f"optimiser state sharded over {size} ranks (ZeRO 1, collectives via {via})")
-            return ShardedOptimizer(opt, comm)
-        return distributed.DistributedOptimizer(
-            opt,
-            comm,
-            bucket_mb=job["dist"]["bucket_mb"],
-            compression=compression,
-            overlap=None if overlap == "auto" else overlap,
-        )
-
-    if rank_setup is not None:
-        plain_wrap = wrap
-
-        def wrap(opt: Any, feed: Any = None) -> Any:
-            return rank_setup.wrap(opt, plain_wrap, loader if feed is None else feed)
+        return engine.wrap(opt, loader if feed is None else feed)
 
     m = job["model"]
     layout = (
@@ -476,15 +269,12 @@ def run_job(
         job, model, loader, wrap, say, after_pretraining, rank,
         watch=observe.watch, layer_loader=layer_loader, validation=validation,
     )  # fmt: skip
-    if rank_setup is not None:  # a failed rank's error names its stage
-        from distnet.train.pipeline import Stage  # noqa: PLC0415
-
-        stages = [Stage(st.name, rank_setup.in_stage(st.name, st.fn)) for st in stages]
+    stages = [Stage(st.name, engine.in_stage(st.name, st.fn)) for st in stages]  # for errors
     try:
-        # rank 0 reads the run directory and broadcasts: others' may be node-local and empty
-        resume = getattr(rank_setup, "resume_stage", None)  # Ray: mid-epoch after a lost worker
+        # rank 0 reads the run directory and broadcasts: others' may be node-local and empty;
+        # the engine may resume a stage mid-epoch (Ray: after a lost worker)
         table = Pipeline(out, model, runguard.planned(job, stages), writer=rank == 0, log=say,
-                         comm=comm, resume=resume,
+                         comm=comm, resume=engine.resume_stage,
                          record=runguard.segment(job, comm, device)).run()  # fmt: skip
     finally:
         loader.close()

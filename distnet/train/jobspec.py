@@ -157,9 +157,13 @@ class DistSpec(Section):
     # "auto": on with several nodes of several ranks, or as DISTNET_HIERARCHICAL says
     hierarchical: Literal["auto", True, False] = _field("auto", "'auto', true or false")
     # the Ray engine (distnet/parallel/rayengine/jobs.py)
-    strategy: Literal["allreduce", "ps", "hybrid"] = _field(
-        "allreduce", "'allreduce', 'ps' or 'hybrid'"
+    strategy: Literal["allreduce", "ps", "hybrid", "local_sgd"] = _field(
+        "allreduce", "'allreduce', 'ps', 'hybrid' or 'local_sgd'"
     )
+    # strategy "local_sgd" (distnet.parallel.localsgd): H local steps between two averages of
+    # the parameters, and whether the optimiser's state is averaged with them
+    sync_every: int = _field(1, "a positive integer (local steps between averages)", gt=0)
+    average_state: bool = _field(False, "true or false")
     mode: Literal["sync", "async", "ssp"] = _field("sync", "'sync', 'async' or 'ssp'")
     staleness: int = _field(0, "an integer >= 0 (the ssp bound, in steps)", ge=0)
     shards: int = _field(1, "a positive integer (parameter-server shards)", gt=0)
@@ -221,9 +225,9 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
     out: list[str] = []
     engine, strategy, mode = dist.engine, dist.strategy, dist.mode
     if engine in ("local", "mpi"):
-        if strategy != "allreduce":
+        if strategy in ("ps", "hybrid"):
             out.append(f"strategy = {strategy!r} needs engine = 'ray' (engine {engine!r} "
-                       "synchronises by allreduce only)")  # fmt: skip
+                       "synchronises by allreduce or local_sgd only)")  # fmt: skip
         given = [k for k in RAY_ONLY_KEYS if k in dist.model_fields_set]
         given = [k for k in given if k != "mode" or mode != "sync"]
         if given:
@@ -270,6 +274,25 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
             f"compression = {dist.compression!r} does nothing with shard_optimizer = "
             "true (ZeRO's reduce-scatter is float32); set one of them off"
         )
+    return out + _local_sgd_conflicts(dist)
+
+
+def _local_sgd_conflicts(dist: DistSpec) -> list[str]:
+    """Keys that strategy "local_sgd" ignores, or that only it reads (see ``dist_conflicts``);
+    its own parameter-server keys are refused there (they need strategy 'ps' or 'hybrid')."""
+    given = [k for k in ("sync_every", "average_state") if k in dist.model_fields_set]
+    if dist.strategy != "local_sgd":
+        return [f"{k} needs strategy = 'local_sgd' (strategy {dist.strategy!r})" for k in given]
+    out = []
+    if dist.shard_optimizer is True:
+        out.append("shard_optimizer = true does nothing with strategy 'local_sgd' (every rank "
+                   "steps its own replica); set it to 'auto' or false")  # fmt: skip
+    if dist.compression != "none":
+        out.append(f"compression = {dist.compression!r} does nothing with strategy 'local_sgd' "
+                   "(parameters are averaged in float32); set 'none'")  # fmt: skip
+    if dist.overlap is True:
+        out.append("overlap = true needs an allreduce to overlap (strategy 'local_sgd' averages "
+                   "between steps); set 'auto' or false")  # fmt: skip
     return out
 
 

@@ -152,7 +152,7 @@ class MetricsLogger(Callback):
         self._start_interval()
 
     def _lr(self) -> float | None:
-        lr = getattr(self.loop.optimizer, "lr", None)
+        lr = self.loop.optimizer.lr if self.loop.optimizer is not None else None
         return float(lr) if isinstance(lr, int | float) else None
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:

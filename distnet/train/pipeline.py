@@ -149,9 +149,8 @@ class _EpochCheckpoint(Callback):
             self.history.setdefault(k, []).append(float(v))
         if (epoch + 1) % self.every != 0:
             return
-        opt = self.opt or self.optimizer
-        if hasattr(opt, "gathered_state"):  # sharded state: every rank takes part in gathering
-            opt = opt.gathered_state()
+        # collective: sharded state is gathered with every rank taking part
+        opt = (self.opt or self.optimizer).gathered_state()
         if self.ctx.writer:
             states, arrays = self._callback_states()
             save_checkpoint(

@@ -37,7 +37,7 @@ def run_rank(
     try:
         with keep_console(Path(job["run"]["out"]), comm.rank, user_console=False) as note:
             report = run_job(
-                job, lambda line: (note(line), log(line)), comm=comm, rank_setup=setup,
+                job, lambda line: (note(line), log(line)), engine=setup,
                 trace=bool(spec.get("trace")), progress="lines",
             )  # fmt: skip
     except WorkerLostError:  # a peer died: keep what the next run resumes from

@@ -252,7 +252,10 @@ def test_hybrid_ssp_pushes_each_nodes_mean_gradient(ray_cluster, digits):
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("strategy = 'bytes'", "[dist] strategy: expected 'allreduce', 'ps' or 'hybrid'"),
+        (
+            "strategy = 'bytes'",
+            "[dist] strategy: expected 'allreduce', 'ps', 'hybrid' or 'local_sgd'",
+        ),
         ("workers_per_node = -1", "[dist] workers_per_node: expected an integer >= 0"),
         ("workers_per_node = 1.5", "[dist] workers_per_node: expected an integer >= 0"),
     ],

@@ -301,7 +301,10 @@ def test_ray_options_that_cannot_run_fail_cleanly_before_ray_starts(digits, caps
     assert cli.main([*base, "--workers", "0"]) == 2
     assert "need at least one worker" in capsys.readouterr().err
     assert cli.main([*base, "--set", "dist.strategy=gossip"]) == 2
-    assert "[dist] strategy: expected 'allreduce', 'ps' or 'hybrid'" in capsys.readouterr().err
+    assert (
+        "[dist] strategy: expected 'allreduce', 'ps', 'hybrid' or 'local_sgd'"
+        in capsys.readouterr().err
+    )
     assert cli.main([*base, "--address", "127.0.0.1:1"]) == 2
     assert "--address 127.0.0.1:1: nothing answers there" in capsys.readouterr().err
     assert not (digits / "run-bad").exists()  # nothing half-written

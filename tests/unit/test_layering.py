@@ -4,7 +4,7 @@ package. Layers, top first: backend < core < nn < optim < data < parallel < trai
 
 Besides the packages of the table: ``trace`` (the timeline, beside backend: every layer
 marks its phases with it); ``viz`` (pictures from arrays) uses only backend;
-``functional`` is core's public face; ``dist`` is the old name of parallel; ``bench`` is a
+``functional`` is core's public face; ``bench`` is a
 command of the CLI. The package ``distnet/__init__.py`` is the composition root: it wires the
 layers (it gives nn the training loop lazily, see distnet/nn/training.py) and is not checked.
 Imports by name at run time (the CLI's table of subcommands) are not imports of code.
@@ -29,7 +29,6 @@ LAYER = {
     "optim": 3,
     "data": 4,
     "parallel": 5,
-    "dist": 5.5,  # the old name of parallel, an alias of it
     "train": 6,
     "bench": 7,
     "cli": 7,
@@ -115,3 +114,65 @@ def test_model_fit_works_in_a_fresh_process_that_never_imported_train():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "['accuracy', 'loss', 'lr']" in out.stdout
+
+
+# --- inside parallel: engines apart, the parameter server and the loop engine-free ------------
+MPI_ONLY = {"launcher", "launchrun", "rankexec", "rankstatus", "hierarchical", "nccl_hierarchical"}
+"""parallel's modules that only the MPI engine uses (``comm.py`` still holds the engine-neutral
+base beside ``MPICommunicator``: the Ray communicator imports that base, so it is not here)."""
+
+LOOP = ("fit", "checkpoint", "pipeline", "callbacks", "progress", "metrics", "batches", "finite",
+        "lrcallbacks")  # fmt: skip
+"""The training loop's modules in ``distnet/train``: they talk to the optimiser's protocol."""
+
+
+def _imports_of(paths: list[Path]) -> list[tuple[Path, str, int]]:
+    found = []
+    for path in paths:
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        found += [(path, target, line) for target, line in imported_modules(path, module)]
+    return found
+
+
+def _where(path: Path, target: str, line: int) -> str:
+    return f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}"
+
+
+def test_the_mpi_engine_and_the_ray_engine_never_import_each_other():
+    parallel = PACKAGE / "parallel"
+    ray_files = sorted((parallel / "rayengine").rglob("*.py"))
+    mpi_files = [parallel / f"{name}.py" for name in sorted(MPI_ONLY)]
+    bad = [
+        _where(p, t, n)
+        for p, t, n in _imports_of(ray_files)
+        if t.split(".")[2:3] and t.split(".")[2] in MPI_ONLY
+    ]
+    bad += [_where(p, t, n) for p, t, n in _imports_of(mpi_files) if ".rayengine" in t]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_parameter_server_imports_neither_the_ray_engine_nor_nn():
+    ps_files = sorted((PACKAGE / "parallel" / "ps").rglob("*.py"))
+    bad = [
+        _where(p, t, n)
+        for p, t, n in _imports_of(ps_files)
+        if ".rayengine" in t or unit_of(t) == "nn" or t == "distnet.nn"
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_training_loop_imports_no_engine():
+    loop = [PACKAGE / "train" / f"{name}.py" for name in LOOP]
+    bad = [_where(p, t, n) for p, t, n in _imports_of(loop) if unit_of(t) == "parallel"]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_engine_checks_can_fail(tmp_path):
+    """A Ray module importing the MPI launcher is seen by the same reading of imports."""
+    fake = tmp_path / "distnet" / "parallel" / "rayengine" / "bad.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("from distnet.parallel.launcher import main\nfrom distnet.nn import Dense\n")
+    got = imported_modules(fake, "distnet.parallel.rayengine.bad")
+    assert [t for t, _ in got] == ["distnet.parallel.launcher", "distnet.nn"]
+    assert got[0][0].split(".")[2] in MPI_ONLY and unit_of(got[1][0]) == "nn"

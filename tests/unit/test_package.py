@@ -30,15 +30,3 @@ def test_unknown_attribute_is_an_attribute_error():
         "import distnet as dn\ntry:\n    dn.nope\nexcept AttributeError as e:\n    print('AE', e)"
     )
     assert "AE module 'distnet' has no attribute 'nope'" in out
-
-
-def test_old_dist_name_is_the_same_modules_with_a_deprecation_warning():
-    out = _run(
-        "import warnings\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import distnet.dist.comm as old\n"
-        "import distnet.parallel.comm as new, distnet.dist as d, distnet.parallel as p\n"
-        "print(old is new, d is p, any('renamed to distnet.parallel' in str(x.message) for x in w))"
-    )
-    assert "True True True" in out, out

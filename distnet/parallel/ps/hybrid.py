@@ -31,16 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from distnet import backend, trace
+from distnet import trace
 from distnet.parallel.ps.server import ParameterServer
 from distnet.parallel.ps.worker import (
     ParameterServerOptimizer,
     server_optimizer_state,
     worker_optimizer_state,
 )
+from distnet.parallel.sync import SyncOptimizer, check_share
 
 
-class HybridOptimizer:
+class HybridOptimizer(SyncOptimizer):
     """Data-parallel optimiser: reduce in the node, push/pull across nodes, broadcast back.
 
     Args:
@@ -79,12 +80,11 @@ class HybridOptimizer:
             raise ValueError(f"node_index {node_index} is not in [0, {ps.num_workers})")
         self.optimizer, self.node_comm, self.ps = optimizer, node_comm, ps
         self.node_index, self.num_workers = node_index, num_workers
-        self.batch_share = ParameterServerOptimizer._check_share(batch_share)
+        self.batch_share = check_share(batch_share)
+        self.init_sync()
         self.is_leader = node_comm.rank == 0
         self.clock = 0
         self.rounds_skipped = 0  # sync: steps every worker skipped (no round on the shards)
-        self._prescaled = False
-        self._seed_weight = 0.0  # the weight backward seeded this step's gradient with
         # the leader pushes and pulls for its node (and pulls the initial parameters)
         self.pusher = (
             ParameterServerOptimizer(optimizer, ps, node_index) if self.is_leader else None
@@ -92,50 +92,17 @@ class HybridOptimizer:
         optimizer.follow_layout()
         node_comm.broadcast(optimizer.flat_params, root=0)  # every replica starts the same
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.lr
+    def default_share(self) -> float:
+        return 1.0 / self.num_workers
 
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.optimizer.lr = value
-
-    @property
-    def steps(self) -> int:
-        # the wrapped optimiser's count, restored by checkpoints (see ParameterServerOptimizer)
-        return self.optimizer.steps
-
-    def _weight(self, share: float | None) -> float:
-        share = self.batch_share if share is None else share
-        return 1.0 / self.num_workers if share is None else share
-
-    # --- the DistributedOptimizer interface -----------------------------------------------
-    def zero_grad(self) -> None:
-        """Zeroes the gradients (the wrapped optimiser's ``zero_grad``)."""
-        self._prescaled = False  # a step fit skipped (non-finite) never reached step()
-        self.optimizer.zero_grad()
-
-    def backward(self, loss: Any, batch_share: float | None = None) -> None:
-        """``loss.backward()`` seeded with this worker's share of the global batch.
-        ``loss``: a scalar Tensor, the mean over this worker's samples."""
-        weight = self._weight(ParameterServerOptimizer._check_share(batch_share))
-        xp = backend.array_module(loss.data)
-        self._prescaled, self._seed_weight = True, weight
-        try:
-            loss.backward(xp.full(loss.shape, weight, dtype=loss.dtype))
-        except BaseException:
-            self._prescaled = False
-            raise
-
+    # --- the synchronisation protocol (zero_grad, backward: ``SyncOptimizer``) ---------------
     def step(self, batch_share: float | None = None) -> None:
         """Reduces the node's weighted gradients to its leader, which pushes them to the
         shards and pulls the new parameters; then every worker of the node gets them."""
-        if self._prescaled:
-            weight, scale = self._seed_weight, 1.0
-        else:  # a gradient not seeded by backward (a rank without samples: share 0)
-            weight = self._weight(ParameterServerOptimizer._check_share(batch_share))
-            scale = weight
-        self._prescaled = False
+        # a gradient not seeded by backward (a rank without samples: share 0) is scaled here
+        seeded = self._prescaled
+        scale = self.step_weight(batch_share)
+        weight = self._seed_weight if seeded else scale
         opt = self.optimizer
         grads = opt.settle_grads()
         if scale != 1.0:
@@ -147,8 +114,7 @@ class HybridOptimizer:
                 if self.pusher is not None and node_share > 0:
                     grads /= grads.dtype.type(node_share)
         if self.pusher is not None:
-            self.pusher._prescaled = True  # the node's sum is weighted already
-            self.pusher.step()
+            self.pusher.push_gradient()  # the node's sum is weighted already
         else:
             opt.steps += 1  # schedules that read the step count see the leader's count
         with trace.span("node_broadcast", workers=self.node_comm.size):
@@ -160,7 +126,7 @@ class HybridOptimizer:
         every worker in sync: then nobody hears of it): the leader advances the node's clock
         on the shards (``ParameterServerOptimizer.skip_step``) and the node's replicas take
         the parameters it pulled."""
-        self._prescaled = False
+        self.init_sync()
         if self.ps.mode == "sync":
             self.rounds_skipped += 1
             return
@@ -180,6 +146,12 @@ class HybridOptimizer:
         """Loads state into the wrapped optimiser (``load_server`` puts it into the shards)."""
         self.optimizer.load_state_dict(worker_optimizer_state(state))
 
+    @property
+    def async_group(self) -> Any:
+        """Who decides a step's fate together in async/ssp: the node's workers (they reduce
+        to their leader every step)."""
+        return self.node_comm
+
     def load_server(self, state: dict[str, Any]) -> None:
         """Writes this leader's parameters (a restored checkpoint's) and ``state`` into the
         shards: on one leader (job rank 0), before anyone pushes; then ``pull()`` everywhere."""
@@ -197,8 +169,3 @@ class HybridOptimizer:
         """Nothing to hand back: the shards hold the parameters every replica has."""
         if self.pusher is not None:
             self.pusher.close()
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "optimizer":
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)

@@ -12,26 +12,17 @@ import numpy as np
 def build_optimizer(config: dict[str, Any], params: np.ndarray, mask: np.ndarray | None) -> Any:
     """A ``distnet.optim`` optimiser over a copy of ``params`` (1-D float32), from
     ``config = {"name": "adam", "lr": ..., ...}``; ``mask`` is the slice of the penalty mask
-    (1 where weight decay / L1 apply) when the config has any."""
-    from distnet import optim
-    from distnet.nn.module import Parameter
+    (1 where weight decay / L1 apply) when the config has any (``optim.flat_optimizer``)."""
+    from distnet.optim import flat_optimizer
 
     kwargs = {k: v for k, v in config.items() if k != "name"}
-    names = {
-        "sgd": optim.SGD,
-        "adam": optim.Adam,
-        "rmsprop": optim.RMSProp,
-        "adagrad": optim.AdaGrad,
-    }
     name = str(config.get("name", "sgd")).lower()
-    if name not in names:
-        raise ValueError(f"parameter server: unknown optimizer {name!r} (one of {sorted(names)})")
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    opt = names[name]([Parameter(np.array(params, dtype=np.float32, copy=True))], **kwargs)
-    if mask is not None:
-        opt._penalty_mask = np.asarray(mask, dtype=np.float32)
-    return opt
+    try:
+        return flat_optimizer(name, params, mask, **kwargs)
+    except ValueError as e:
+        if "unknown optimizer" in str(e):
+            raise ValueError(f"parameter server: {e}") from None
+        raise
 
 
 def optimizer_settings(opt: Any) -> dict[str, Any]:

@@ -24,9 +24,10 @@ import numpy as np
 from distnet import backend, trace
 from distnet.parallel.ps import link
 from distnet.parallel.ps.server import ParameterServer
+from distnet.parallel.sync import SyncOptimizer, check_share
 
 
-class ParameterServerOptimizer:
+class ParameterServerOptimizer(SyncOptimizer):
     """Data-parallel optimiser that synchronises through parameter-server shards.
 
     Args:
@@ -53,12 +54,12 @@ class ParameterServerOptimizer:
                 f"{ps.size}"
             )
         self.optimizer, self.ps, self.worker_index = optimizer, ps, worker_index
-        self.batch_share = self._check_share(batch_share)
+        self.batch_share = check_share(batch_share)
+        self.init_sync()
         self.clock = 0
         self.rounds_skipped = 0  # sync: steps every worker skipped (no round on the shards)
         self.incarnation = 0  # > 0: a replacement that joined the running server (join())
         self.seen_versions = [0] * len(ps.shards)
-        self._prescaled = False
         self._weighted: np.ndarray | None = None
         # the same-node road (link.py): the weighted gradient goes into this worker's outbox
         # and every shard that can map it reads its slice there; a shard that answers
@@ -69,36 +70,17 @@ class ParameterServerOptimizer:
         self._host_scratch: np.ndarray | None = None
         self._pull_all()
 
+    def default_share(self) -> float:
+        return 1.0 / self.ps.num_workers
+
+    def weight(self, share: float | None) -> float:
+        """sync: this worker's batch share; async/ssp: 1 (each push is a step of its own)."""
+        return super().weight(share) if self.ps.mode == "sync" else 1.0
+
     @property
-    def lr(self) -> float:
-        return self.optimizer.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.optimizer.lr = value
-
-    @property
-    def steps(self) -> int:
-        # the wrapped optimiser's count, which checkpoints and carries restore (``clock``,
-        # the shards' round, starts at 0 in every run): fit numbers a resumed run's steps on
-        # from it, and its steps key the dropout noise (``RankNoise``)
-        return self.optimizer.steps
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self.optimizer.steps = int(value)
-
-    @staticmethod
-    def _check_share(share: float | None) -> float | None:
-        if share is not None and not 0.0 <= share <= 1.0:
-            raise ValueError(f"batch_share must be in [0, 1], got {share}")
-        return share
-
-    def _weight(self, share: float | None) -> float:
-        if self.ps.mode != "sync":
-            return 1.0
-        share = self.batch_share if share is None else share
-        return 1.0 / self.ps.num_workers if share is None else share
+    def async_group(self) -> Any:
+        """Who decides a step's fate together in async/ssp: nobody, each push stands alone."""
+        return None
 
     def _pull_all(self) -> None:
         parts = self.ps.call_all("state_dict", self.ps.token)
@@ -110,29 +92,15 @@ class ParameterServerOptimizer:
 
             self.seen_versions[i] = int(json.loads(str(part["meta"]))["version"])
 
-    # --- the DistributedOptimizer interface -----------------------------------------------
-    def zero_grad(self) -> None:
-        """Zeroes the gradients (the wrapped optimiser's ``zero_grad``)."""
-        self._prescaled = False  # a step fit skipped (non-finite) never reached step()
-        self.optimizer.zero_grad()
-
-    def backward(self, loss: Any, batch_share: float | None = None) -> None:
-        """``loss.backward()`` seeded with this worker's weight, so ``step()`` sends the
-        gradients as they are. ``loss``: a scalar Tensor, the mean over this worker's samples."""
-        weight = self._weight(self._check_share(batch_share))
-        xp = backend.array_module(loss.data)
-        self._prescaled = True
-        try:
-            loss.backward(xp.full(loss.shape, weight, dtype=loss.dtype))
-        except BaseException:
-            self._prescaled = False
-            raise
-
+    # --- the synchronisation protocol (zero_grad, backward: ``SyncOptimizer``) ---------------
     def step(self, batch_share: float | None = None) -> None:
         """Pushes this worker's gradient slices, pulls the new parameter slices (waiting as
         the mode says: every worker in ``sync``, the slowest within s clocks in ``ssp``)."""
-        share = 1.0 if self._prescaled else self._weight(self._check_share(batch_share))
-        self._prescaled = False
+        self.push_gradient(self.step_weight(batch_share))
+
+    def push_gradient(self, share: float = 1.0) -> None:
+        """``step()`` for a gradient ``flat_grads`` that ``share`` still weights (1: weighted
+        already, as a hybrid node's leader pushes its node's sum)."""
         opt, ps = self.optimizer, self.ps
         opt.follow_layout()
         grads = backend.to_device(opt.settle_grads(), "cpu")
@@ -165,7 +133,7 @@ class ParameterServerOptimizer:
         it and no shard hears of it. In async/ssp this worker decided alone: its clock still
         advances on every shard (nothing is applied; ssp waits as after a push) and it pulls
         the parameters, so the others never wait for a clock it would not push."""
-        self._prescaled = False
+        self.init_sync()
         if self.ps.mode == "sync":
             self.rounds_skipped += 1
             return
@@ -301,12 +269,6 @@ class ParameterServerOptimizer:
         self.incarnation = max(inc for _, inc in joined)
         self._pull_all()
         return self.clock
-
-    def __getattr__(self, name: str) -> Any:
-        # momentum, weight_decay, ... of the wrapped optimiser stay readable, as in Horovod
-        if name == "optimizer":
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)
 
     def close(self) -> None:
         """Worker 0 publishes its parameters when the optimiser runs on the workers."""

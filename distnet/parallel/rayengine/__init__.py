@@ -16,12 +16,13 @@ from distnet.parallel.rayengine.options import (
     start_ray,
     worker_specs,
 )
+from distnet.parallel.rayengine.rank import RankSetup, RayRankEngine
 from distnet.parallel.rayengine.shares import ThroughputShares, set_batch_sizes
-from distnet.parallel.rayengine.worker import RankSetup
 
 __all__ = [
     "Mailbox",
     "RankSetup",
+    "RayRankEngine",
     "RayCommunicator",
     "RayEngineError",
     "RayJob",

@@ -389,8 +389,8 @@ class RayCommunicator(Communicator):
     def barrier(self) -> None:
         self._allgather(None, "barrier")
 
-    def bcast(self, value: Any, root: int = 0) -> Any:
-        """Root's small picklable ``value`` on every rank (mpi4py's lowercase ``bcast``)."""
+    def broadcast_object(self, value: Any, root: int = 0) -> Any:
+        """Root's small picklable ``value`` on every rank."""
         values = self._allgather(value if self.rank == root else None, "broadcast_object", root)
         return values[root]
 
@@ -405,7 +405,6 @@ class RayCommunicator(Communicator):
             from distnet.parallel.nccl import nccl_communicator  # noqa: PLC0415
 
             # NcclCommunicator reads rank/size/local_rank and carries the unique id with
-            # ``comm.bcast``: this communicator offers both. None: workers share a GPU
-            # (fractional gpus_per_worker), staged through host memory.
-            self.comm = self
+            # ``broadcast_object``. None: workers share a GPU (fractional gpus_per_worker),
+            # staged through host memory.
             self._nccl = nccl_communicator(self)

@@ -26,6 +26,7 @@ from distnet.parallel.rayengine.options import (
     check_custom_resources,
     worker_specs,
 )
+from distnet.parallel.strategy import STRATEGIES
 
 RAY_DIST_KEYS: dict[str, Any] = {
     "strategy": "allreduce", "mode": "sync", "staleness": 0, "shards": 1, "workers": 2,
@@ -43,9 +44,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--gpus-per-worker", type=float, help="GPUs per GPU worker")
     ray.add_argument("--cpu-workers", type=int, help="CPU workers beside the GPU ones")
     ray.add_argument("--min-workers", type=int, help="fewest workers the job may carry on with")
-    ray.add_argument(
-        "--strategy", choices=["allreduce", "ps", "hybrid"], help="overrides [dist] strategy"
-    )
+    ray.add_argument("--strategy", choices=list(STRATEGIES), help="overrides [dist] strategy")
 
 
 def dist_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,9 +56,10 @@ def dist_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def options_from_job(job: dict[str, Any]) -> RayOptions:
     """``RayOptions`` from a loaded job's ``[dist]`` section (names the bad key)."""
     d = {**RAY_DIST_KEYS, **{k: v for k, v in job["dist"].items() if v is not None}}
-    if d["strategy"] not in ("allreduce", "ps", "hybrid"):
+    if d["strategy"] not in STRATEGIES:  # the strategy factory's registry
         raise RayEngineError(
-            f"[dist] strategy must be 'allreduce', 'ps' or 'hybrid', got {d['strategy']!r}"
+            f"[dist] strategy must be one of {', '.join(map(repr, STRATEGIES))}, got "
+            f"{d['strategy']!r}"
         )
     if d["mode"] not in ("sync", "async", "ssp"):
         raise RayEngineError(f"[dist] mode must be 'sync', 'async' or 'ssp', got {d['mode']!r}")

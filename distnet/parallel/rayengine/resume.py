@@ -74,14 +74,12 @@ def epoch_finished(loader: Any, state: dict[str, Any]) -> bool:
 def capture(stage: int | None, mark: StepMark | None, opt: Any, loader: Any) -> dict | None:
     """This survivor's carry (see the module docstring), or None when none fits.
 
-    ``opt``: the stage's optimiser wrapper (``flat_params`` (n,), ``state_dict()``, and for
-    the parameter server ``resume_check(steps)``)."""
+    ``opt``: the stage's optimiser wrapper (``flat_params`` (n,), ``state_dict()``, and
+    ``resume_check(steps)``: false for sharded state, the shards' word for a parameter
+    server)."""
     if stage is None or mark is None or opt is None:
         return None
-    if hasattr(opt, "gathered_state") or epoch_finished(loader, mark.loader):
-        return None
-    check = getattr(opt, "resume_check", None)
-    if check is not None and not check(mark.steps):
+    if epoch_finished(loader, mark.loader) or not opt.resume_check(mark.steps):
         return None
     return {
         "stage": int(stage),
@@ -120,7 +118,7 @@ def apply_carry(
             scalars = {k: v for k, v in state.items() if not _is_array(v)}
             specs = [(k, a.shape, np.asarray(a).dtype.str) for k, a in arrays.items()]
             header = (carry["epoch"], carry["loader"], scalars, specs)
-    header = comm.bcast(header, root=0)
+    header = comm.broadcast_object(header, root=0)
     if header is None:
         return None
     epoch, loader_state, scalars, specs = header

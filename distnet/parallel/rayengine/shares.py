@@ -26,6 +26,7 @@ import numpy as np
 
 from distnet.backend import array_module, is_gpu_array
 from distnet.data import order
+from distnet.parallel.sync import PassThrough
 
 
 def set_batch_sizes(loader: Any, sizes: list[int]) -> None:
@@ -66,7 +67,7 @@ class BatchSplit:
         self.sizes = [int(s) for s in sizes]
 
 
-class ThroughputShares:
+class ThroughputShares(PassThrough):
     """A step-for-step stand-in for the optimiser it wraps, plus throughput-following shares.
 
     Args:
@@ -88,7 +89,7 @@ class ThroughputShares:
 
     _OWN = frozenset(
         "optimizer loader comm rebalance_every delay_per_sample_s history on_step "
-        "split _share_in_backward _t0 _backward_done _compute_s _samples _since step_count".split()
+        "split _t0 _backward_done _compute_s _samples _since step_count".split()
     )
 
     def __init__(
@@ -109,9 +110,6 @@ class ThroughputShares:
         self.delay_per_sample_s = delay_per_sample_s
         self.history = history if history is not None else []
         self.on_step = on_step
-        # DistributedOptimizer and ParameterServerOptimizer fold the share into backward's
-        # seed gradient (no extra pass over the gradient buffer)
-        self._share_in_backward = hasattr(inner, "backward")
         self._t0: float | None = None
         self._backward_done = False
         self._compute_s = 0.0
@@ -136,10 +134,8 @@ class ThroughputShares:
             raise ValueError(f"batch_share {batch_share} is not this worker's {self.batch_share}")
         if self.delay_per_sample_s:
             time.sleep(self.delay_per_sample_s * self.loader.batch_size)
-        if self._share_in_backward:
-            self.optimizer.backward(loss, batch_share=self.batch_share)
-        else:
-            loss.backward()
+        # the share goes into backward's seed gradient (no extra pass over the gradients)
+        self.optimizer.backward(loss, batch_share=self.batch_share)
         self._backward_done = True
 
     def synchronize(self, batch_share: float | None = None) -> Any:
@@ -149,25 +145,22 @@ class ThroughputShares:
         worker's compute time. ``batch_share=0.0``: fit's step without samples here."""
         if batch_share != 0.0:
             self._stop_clock()
-        synchronize = getattr(self.optimizer, "synchronize", None)
-        if synchronize is None:
-            return None
-        return synchronize() if batch_share is None else synchronize(batch_share=batch_share)
+        return self.optimizer.synchronize(batch_share=batch_share)
 
     @property
     def finite_comm(self) -> Any:
         """The workers that take fit's non-finite decision together: the wrapped optimiser's
-        group when it names one (a parameter server in async mode: none), else all."""
-        return getattr(self.optimizer, "finite_comm", self.comm)
+        group when it has one (a parameter server in async mode: none), else all (one
+        worker left, a plain optimiser)."""
+        inner = self.optimizer
+        return inner.finite_comm if inner.comm is not None else self.comm
 
     def _stop_clock(self) -> None:
         """Ends this step's compute time (zero_grad to the first wait for other workers)."""
         if self._t0 is None:
             return
-        grads = getattr(self.optimizer, "flat_grads", None)
-        if grads is None:  # a ParameterServerOptimizer keeps them in its optimiser
-            grads = getattr(getattr(self.optimizer, "optimizer", None), "flat_grads", None)
-        if grads is not None and is_gpu_array(grads):  # kernels run ahead of the host
+        grads = self.optimizer.flat_grads
+        if is_gpu_array(grads):  # kernels run ahead of the host
             array_module(grads).cuda.get_current_stream().synchronize()
         self._compute_s += time.perf_counter() - self._t0
         self._samples += self.loader.batch_size
@@ -180,8 +173,8 @@ class ThroughputShares:
                 return
             raise ValueError(f"batch_share {batch_share} is not this worker's {self.batch_share}")
         self._stop_clock()
-        if self._backward_done or not self._share_in_backward:
-            self.optimizer.step()  # a plain optimiser (one worker left) takes the whole batch
+        if self._backward_done:
+            self.optimizer.step()
         else:
             self.optimizer.step(batch_share=self.batch_share)
         self._step_taken()
@@ -192,7 +185,7 @@ class ThroughputShares:
         alone (async/ssp) must still reach the epoch's last step, where the rebalance is a
         collective, and the engine's step hooks follow the loader, which moved on."""
         self._stop_clock()
-        getattr(self.optimizer, "skip_step", lambda: None)()
+        self.optimizer.skip_step()
         self._step_taken()
 
     def _step_taken(self) -> None:
@@ -219,15 +212,7 @@ class ThroughputShares:
         )
         return sizes
 
-    # --- everything else is the wrapped optimiser's --------------------------------------
-    def close(self) -> None:
-        getattr(self.optimizer, "close", lambda: None)()
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "optimizer":
-            raise AttributeError(name)
-        return getattr(self.optimizer, name)
-
+    # --- everything else is the wrapped optimiser's (``PassThrough``) --------------------
     def __setattr__(self, name: str, value: Any) -> None:
         # lr from schedules and ReduceLROnPlateau must reach the optimiser that updates
         if name not in self._OWN and hasattr(self.optimizer, name):
