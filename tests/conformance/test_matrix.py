@@ -91,7 +91,7 @@ def stores(tmp_path_factory):
 def _exact(config: dict) -> bool:
     """Whether the row must equal the single-process run: sync, no noise, no NaN, and every
     step averaged (local SGD with H > 1 steps each replica on its own gradient between two
-    averages: tests/test_local_sgd.py checks H = 1 against allreduce)."""
+    averages: tests/distributed_ray/test_local_sgd.py checks H = 1 against allreduce)."""
     return (config["mode"] == "sync" and not config["dropout"]
             and config["stage"] != "denoising" and config["nonfinite"] == "none"
             and not config["strategy"].startswith("local_sgd"))  # fmt: skip

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from mpi_helpers import MPIEXEC, SCRIPTS, launch
+from helpers.mpi import MPIEXEC, SCRIPTS, launch
 
 from distnet import backend, nn, optim
 from distnet.optim import ForeignOptimizer, LoopProtocol, make_optimizer
@@ -20,7 +20,7 @@ from distnet.parallel.strategy import STRATEGIES, make_sync_optimizer
 from distnet.parallel.sync import PassThrough, SyncOptimizer
 from distnet.train.jobspec import defaults
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def model() -> nn.Module:
