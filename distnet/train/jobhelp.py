@@ -106,7 +106,15 @@ HELP: dict[str, str] = {
     "dist.strategy": (
         "How gradients meet: allreduce, a sharded parameter server ('ps'), or allreduce inside "
         "a node and a parameter server across nodes ('hybrid'; ps and hybrid need engine = "
-        "'ray')."
+        "'ray'), or local SGD ('local_sgd': sync_every local steps, then the parameters are "
+        "averaged)."
+    ),
+    "dist.sync_every": (
+        "strategy = 'local_sgd': local steps between two averages of the parameters (1: the "
+        "same as allreduce SGD)."
+    ),
+    "dist.average_state": (
+        "strategy = 'local_sgd': also average the optimiser's state (momentum, Adam's moments)."
     ),
     "dist.mode": (
         "Parameter server: 'sync' (one global-batch step), 'async' (Downpour: each push is a "

@@ -280,7 +280,12 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
 def _local_sgd_conflicts(dist: DistSpec) -> list[str]:
     """Keys that strategy "local_sgd" ignores, or that only it reads (see ``dist_conflicts``);
     its own parameter-server keys are refused there (they need strategy 'ps' or 'hybrid')."""
-    given = [k for k in ("sync_every", "average_state") if k in dist.model_fields_set]
+    # by value, as the other strategies' keys are: a default (as --print-config writes every
+    # key) changes nothing
+    given = [
+        k for k in ("sync_every", "average_state")
+        if getattr(dist, k) != DistSpec.model_fields[k].default
+    ]  # fmt: skip
     if dist.strategy != "local_sgd":
         return [f"{k} needs strategy = 'local_sgd' (strategy {dist.strategy!r})" for k in given]
     out = []

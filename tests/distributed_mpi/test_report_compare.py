@@ -88,11 +88,11 @@ def test_compare_with_a_directory_that_is_not_a_run_writes_nothing(runs, tmp_pat
     _, (a, _) = runs
     (tmp_path / "notes").mkdir()
     out = tmp_path / "c.html"
-    assert cli.main(["report", str(a), str(tmp_path / "notes"), "--out", str(out)]) == 1
+    assert cli.main(["report", str(a), str(tmp_path / "notes"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'notes'}: not a run directory" in err
+    assert f"{tmp_path / 'notes'} is not a run directory" in err
     assert not out.exists()
-    assert cli.main(["report", str(a), str(tmp_path / "gone"), "--out", str(out)]) == 1
+    assert cli.main(["report", str(a), str(tmp_path / "gone"), "--out", str(out)]) == 2
     assert "no such run directory" in capsys.readouterr().err and not out.exists()
 
 

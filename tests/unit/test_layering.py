@@ -117,9 +117,11 @@ def test_model_fit_works_in_a_fresh_process_that_never_imported_train():
 
 
 # --- inside parallel: engines apart, the parameter server and the loop engine-free ------------
-MPI_ONLY = {"launcher", "launchrun", "rankexec", "rankstatus", "hierarchical", "nccl_hierarchical"}
-"""parallel's modules that only the MPI engine uses (``comm.py`` still holds the engine-neutral
-base beside ``MPICommunicator``: the Ray communicator imports that base, so it is not here)."""
+def _is_mpi_only(target: str) -> bool:
+    """``distnet.parallel.mpi`` holds what only the MPI engine uses (``comm.py`` still holds the
+    engine-neutral base beside ``MPICommunicator``: the Ray communicator imports that base, so
+    it is not there)."""
+    return target == "distnet.parallel.mpi" or target.startswith("distnet.parallel.mpi.")
 
 LOOP = ("fit", "checkpoint", "pipeline", "callbacks", "progress", "metrics", "batches", "finite",
         "lrcallbacks")  # fmt: skip
@@ -142,12 +144,9 @@ def _where(path: Path, target: str, line: int) -> str:
 def test_the_mpi_engine_and_the_ray_engine_never_import_each_other():
     parallel = PACKAGE / "parallel"
     ray_files = sorted((parallel / "rayengine").rglob("*.py"))
-    mpi_files = [parallel / f"{name}.py" for name in sorted(MPI_ONLY)]
-    bad = [
-        _where(p, t, n)
-        for p, t, n in _imports_of(ray_files)
-        if t.split(".")[2:3] and t.split(".")[2] in MPI_ONLY
-    ]
+    mpi_files = sorted((parallel / "mpi").rglob("*.py"))
+    assert len(mpi_files) >= 7 and ray_files
+    bad = [_where(p, t, n) for p, t, n in _imports_of(ray_files) if _is_mpi_only(t)]
     bad += [_where(p, t, n) for p, t, n in _imports_of(mpi_files) if ".rayengine" in t]
     assert not bad, "\n".join(bad)
 
@@ -172,7 +171,7 @@ def test_the_engine_checks_can_fail(tmp_path):
     """A Ray module importing the MPI launcher is seen by the same reading of imports."""
     fake = tmp_path / "distnet" / "parallel" / "rayengine" / "bad.py"
     fake.parent.mkdir(parents=True)
-    fake.write_text("from distnet.parallel.launcher import main\nfrom distnet.nn import Dense\n")
+    fake.write_text("from distnet.parallel.mpi.launcher import main\nfrom distnet.nn import Dense\n")
     got = imported_modules(fake, "distnet.parallel.rayengine.bad")
-    assert [t for t, _ in got] == ["distnet.parallel.launcher", "distnet.nn"]
-    assert got[0][0].split(".")[2] in MPI_ONLY and unit_of(got[1][0]) == "nn"
+    assert [t for t, _ in got] == ["distnet.parallel.mpi.launcher", "distnet.nn"]
+    assert _is_mpi_only(got[0][0]) and unit_of(got[1][0]) == "nn"

@@ -98,6 +98,7 @@ def every_setting_changed(cls):
         "lr": 0.03, "momentum": 0.7, "nesterov": True, "eps": 1e-3, "alpha": 0.8,
         "centered": True, "weight_decay": 0.01, "l1": 0.002, "decay_biases": True,
         "lr_decay": 0.05, "initial_accumulator_value": 0.4, "betas": (0.8, 0.95),
+        "update_in_backward": True,
     }  # fmt: skip
     names = list(inspect.signature(cls.__init__).parameters)[2:]
     missing = [n for n in names if n not in values]

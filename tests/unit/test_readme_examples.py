@@ -1,7 +1,8 @@
 """Every Python example in README.md and docs/*.md runs as written (on real digits data).
 
 The blocks run in one namespace, README's first, then the docs in DOC_ORDER (later blocks may
-use the names earlier ones define, as a reader going through the docs in that order would)."""
+use the names earlier ones define, as a reader going through the docs in that order would).
+A block fenced as ```py is a sketch of an interface (a Protocol's shape), shown, not run."""
 
 from __future__ import annotations
 
