@@ -296,6 +296,11 @@ class StreamLoader:
                 yield item
         finally:
             producer.close(self.timeout)
+            ahead = getattr(producer, "read_ahead", None)
+            if ahead is not None:  # how far the reads ran ahead, for bench and stats
+                s = self._stats
+                s["read_ahead_depth"] = max(s.get("read_ahead_depth", 0), ahead.depth_max_seen)
+                s["chunk_read_s"] = ahead.read_s or 0.0
             self._stats["elapsed_s"] += time.perf_counter() - self._iter_start
             self._iter_start = None
 
