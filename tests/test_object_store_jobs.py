@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 from mpi_helpers import MPIEXEC, SCRIPTS, launch
+from ray_jobs import mlp_job
 
 pytest.importorskip("s3fs", reason="s3:// stores need the [s3] extra (s3fs)")
 pytest.importorskip("moto", reason="the tests' S3 server is moto's (the [dev] extra)")
@@ -18,25 +19,6 @@ pytest.importorskip("sklearn")
 from distnet.bench.netproxy import FaultProxy, make_bucket, s3_env, start_s3_server  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-JOB = """
-[data]
-train = "{train}"
-batch_size = 32
-
-[model]
-type = "mlp"
-hidden = [32]
-activation = "relu"
-
-[finetune]
-epochs = 3
-lr = 0.003
-
-[run]
-log_every = 100
-pictures = false
-"""
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +50,7 @@ def test_mpi_job_from_a_bucket_resumes_to_the_local_runs_parameters(bucket, tmp_
 
     def run(train: str, out: str, mode: str) -> str:
         job = tmp_path / f"{out}.toml"
-        job.write_text(JOB.format(train=train))
+        job.write_text(mlp_job(train, epochs=3))
         proc = launch(2, str(SCRIPTS / "resume_local_dirs.py"), str(job), str(tmp_path / out),
                       str(local), mode, timeout=150)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -92,7 +74,6 @@ def test_ray_job_from_a_bucket_resumes_mid_epoch_every_sample_once(bucket, ray_c
     """2 Ray workers stream from the bucket; rank 1 dies 8 steps into epoch 1; a new worker
     takes its place and the epoch goes on from the last finished global step: every sample of
     every epoch counted exactly once (the per-rank sample logs), at most one batch redone."""
-    from ray_jobs import mlp_job  # noqa: PLC0415
     from sample_counts import (  # noqa: PLC0415
         assert_every_sample_once,
         finished_by_generation,
