@@ -70,8 +70,8 @@ class ReadAhead:
         self.consume_s = self._mean(self.consume_s, seconds)
         if self.read_s is None:
             return
-        waves = math.ceil(self.window_chunks * self.depth / self.workers)  # reads in a row
-        window_read_s = waves * self.read_s
+        # one window's chunks are read in parallel (FIFO: the oldest window gets the readers)
+        window_read_s = math.ceil(self.window_chunks / self.workers) * self.read_s
         need = math.ceil(MARGIN * window_read_s / max(self.consume_s, 1e-6))
         self.depth = max(1, min(self.max_depth, need))
         self.depth_max_seen = max(self.depth_max_seen, self.depth)
