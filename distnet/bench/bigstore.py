@@ -6,7 +6,7 @@ Run on request, not in the test suite (it writes gigabytes)::
 
 1. A synthetic uint8 store (N x 784, y = the sample's index) is written once (or reused).
 2. The floor: one process reads every chunk in order (x and y, whole chunks, no shuffling).
-3. ``mpiexec -np 2``: each rank streams its shard of a shuffled epoch through a StreamLoader
+3. ``distnet launch -np 2``: each rank streams its shard of a shuffled epoch through a StreamLoader
    and marks each sample id it got in a bitmap; its resident set size (RSS) is sampled from
    outside every half second. Throughput: all samples / the slowest rank's time.
 4. Resume: the same job, SIGKILLed mid-epoch (ranks save the loader state and their bitmap
@@ -48,15 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _blocks(n: int, block: int) -> Any:
-    """(x uint8 (b, 784), y int64 (b,)) pieces: a digit-like texture that compresses ~3x."""
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 256, (64, FEATURES), dtype=np.uint8)
-    base[:, ::2] = 0  # half the pixels background, as in digits
-    for start in range(0, n, block):
-        b = min(block, n - start)
-        idx = np.arange(start, start + b, dtype=np.int64)
-        x = base[idx % 64] ^ (idx[:, None] % 7).astype(np.uint8)
-        yield x, idx
+    """(x uint8 (b, 784), y int64 (b,) = sample index) pieces of MNIST-like images (those of
+    ``distnet bench loader``), so that chunks compress and decode as real images do."""
+    from distnet.bench.loader import _mnist_like  # noqa: PLC0415
+
+    for start, (x, _) in zip(range(0, n, block), _mnist_like(n, 0, block), strict=True):
+        yield x, np.arange(start, start + len(x), dtype=np.int64)
 
 
 def _write(args: argparse.Namespace, path: str) -> Any:
@@ -94,25 +91,24 @@ def _rss_mib(pid: int) -> float | None:
 
 
 def _rank_pids(launcher: int) -> list[int]:
-    """Python processes below ``launcher`` (mpiexec's ranks)."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,comm="], capture_output=True, text=True)
+    """The ranks below ``launcher`` (processes whose command line has ``--worker``)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True)
     children: dict[int, list[tuple[int, str]]] = {}
     for line in out.stdout.splitlines():
-        pid, ppid, comm = line.split(None, 2)
-        children.setdefault(int(ppid), []).append((int(pid), comm))
+        pid, ppid, cmd = line.split(None, 2)
+        children.setdefault(int(ppid), []).append((int(pid), cmd))
     found, todo = [], [launcher]
     while todo:
-        for pid, comm in children.get(todo.pop(), []):
+        for pid, cmd in children.get(todo.pop(), []):
             todo.append(pid)
-            if comm.startswith("python"):
+            if "--worker" in cmd and "launcher" not in cmd and "mpiexec" not in cmd:
                 found.append(pid)
     return found
 
 
 def _launch(args: argparse.Namespace, store: str, out: Path, mode: str) -> subprocess.Popen:
-    mpiexec = Path(sys.executable).parent / "mpiexec"
     distnet = Path(sys.executable).parent / "distnet"
-    cmd = [str(mpiexec), "-np", str(args.np), str(distnet), "bench",
+    cmd = [str(distnet), "launch", "-np", str(args.np), "--", str(distnet), "bench",
            "bigstore", "--worker", store, str(out), mode, "--batch-size", str(args.batch_size),
            "--save-every", str(args.save_every), "--kill-after", str(args.kill_after)]  # fmt: skip
     return subprocess.Popen(cmd, start_new_session=True)
