@@ -208,3 +208,17 @@ def test_a_sharded_store_is_read_chunk_by_chunk_with_range_requests(s3, tmp_path
         for a, b in zip(want, got, strict=True):
             np.testing.assert_array_equal(a, b)
     assert proxy.ranged - ranged >= 2 * 24
+
+
+def test_requests_per_rank_are_bounded(s3, monkeypatch):
+    """DISTNET_OBJECT_REQUESTS=2: however far the loader reads ahead, at most 2 requests
+    wait for the server at once."""
+    url, proxy = s3
+    ds = labelled_store(f"{url}/bounded", n=640, chunk=16)
+    monkeypatch.setenv("DISTNET_OBJECT_REQUESTS", "2")
+    monkeypatch.setenv("DISTNET_OBJECT_TIMEOUT_S", "29")  # other options: a new client, new pool
+    proxy.latency_s = 0.02
+    proxy.max_in_flight = proxy.in_flight
+    x, y = all_samples(ds.path, shuffle_chunks=8)
+    assert set(y.tolist()) == set(range(640))
+    assert 1 <= proxy.max_in_flight <= 2

@@ -102,7 +102,8 @@ class FaultProxy:
     ``throttle`` (the next this many GET requests get 503 SlowDown), ``hang`` (an Event: while
     set, requests are held unanswered), ``drop`` (the next this many requests have their
     connection closed). ``requests``, ``throttled`` and ``ranged`` (requests for a byte
-    range) count what passed.
+    range) count what passed; ``max_in_flight`` is the peak of requests waiting for their
+    response at once, ``max_connections`` of open connections (reset them to measure anew).
     """
 
     def __init__(self, upstream: str):
@@ -115,6 +116,8 @@ class FaultProxy:
         self.requests = 0
         self.throttled = 0
         self.ranged = 0
+        self.connections = self.max_connections = 0  # open client connections, and the peak
+        self.in_flight = self.max_in_flight = 0  # requests awaiting a response, and the peak
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -152,9 +155,13 @@ class FaultProxy:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader = up_writer = None
+        with self._lock:
+            self.connections += 1
+            self.max_connections = max(self.max_connections, self.connections)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-            back = asyncio.ensure_future(self._pipe(up_reader, writer))
+            waiting = [False]  # a request of this connection awaits its response
+            back = asyncio.ensure_future(self._pipe(up_reader, writer, waiting))
             while True:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
@@ -175,9 +182,13 @@ class FaultProxy:
                     writer.write(SLOWDOWN % (len(SLOWDOWN_BODY), SLOWDOWN_BODY))
                     await writer.drain()
                     continue
+                with self._lock:
+                    waiting[0] = True
+                    self.in_flight += 1
+                    self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 up_writer.write(head)
                 if chunked:  # rare here: pass the rest of the connection through raw
-                    await self._pipe(reader, up_writer)
+                    await self._pipe(reader, up_writer, [False])
                     break
                 if length:
                     up_writer.write(await reader.readexactly(length))
@@ -186,14 +197,21 @@ class FaultProxy:
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
         finally:
+            with self._lock:
+                self.connections -= 1
             for w in (writer, up_writer):
                 if w is not None:
                     w.close()
 
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, waiting: list[bool]
+    ) -> None:
         try:
             while data := await src.read(1 << 16):
+                with self._lock:
+                    if waiting[0]:  # the response starts: one request fewer in flight
+                        waiting[0] = False
+                        self.in_flight -= 1
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
