@@ -157,12 +157,16 @@ def run(args: argparse.Namespace) -> int:
     res["loader_samples_per_s"] = len(ds) / secs
     res["ratio"] = res["loader_samples_per_s"] / plain
     res["full_epoch_each_sample_once"] = _each_once(out, args, len(ds))
-    totals = [sum(s) for _, s in rss if s]
-    first = next((i for i, (t, _) in enumerate(rss) if t >= min(60.0, 0.2 * secs)), 0)
-    res["rss_mib"] = {"after_warmup": totals[first] if totals else None,
-                      "end": totals[-1] if totals else None,
-                      "max": max(totals) if totals else None,
-                      "samples": len(totals)}  # fmt: skip
+    # RSS of both ranks together, while both run (not their start-up or exit)
+    series = [(t, sum(v)) for t, v in rss if len(v) == args.np]
+    mid = [v for t, v in series if t >= min(60.0, 0.25 * secs)]
+    res["rss_mib"] = {
+        "first_minute_or_quarter": mid[0] if mid else None,
+        "end": mid[-1] if mid else None,
+        "max": max(mid) if mid else None,
+        "growth": (mid[-1] - mid[0]) if mid else None,
+        "series": [(round(t, 1), round(v, 1)) for t, v in series],
+    }
     # SIGKILL mid-epoch, then resume from the last saved state
     out = Path(tmp) / "killed"
     out.mkdir()
