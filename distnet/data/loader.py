@@ -292,8 +292,8 @@ class StreamLoader:
                 s["wait_s"] += wait
                 s["wait_max_s"] = max(s["wait_max_s"], wait)
                 self.samples_seen += self.global_batch
-                # the next epoch's first reads start once this epoch's last ones are done, so
-                # that on a slow network they are over before its first batch is wanted
+                # the next epoch's first reads start once this epoch's last ones are asked for,
+                # so that on a slow network they are over before its first batch is wanted
                 if (self.prefetch_next_epoch and not spare_started
                         and (i == steps - 1 or producer.reads_done.is_set())):  # fmt: skip
                     self._start_spare()

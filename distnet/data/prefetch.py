@@ -65,7 +65,7 @@ class Prefetcher:
         self.transform, self.device, self.check_finite = transform, device, check_finite
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
-        self.reads_done = threading.Event()  # every chunk of the plan read (rest in memory)
+        self.reads_done = threading.Event()  # every chunk read of the plan submitted
         self._chunk_now = -1
         self.thread = threading.Thread(
             target=self._run, name=f"StreamLoader-rank{plan.rank}", daemon=True
@@ -197,7 +197,8 @@ class Prefetcher:
             def top_up() -> None:
                 while len(pending) < ahead.depth:
                     ids = next(it, None)
-                    if ids is None:
+                    if ids is None:  # every read of the phase is asked for: the next
+                        self.reads_done.set()  # epoch's may start (they queue behind ours)
                         return
                     pending.append(submit(ids))
 
@@ -210,8 +211,6 @@ class Prefetcher:
                 window = self._window(ids, buf, reads)
                 if window is None:
                     return
-                if not pending:  # the phase's last reads are done: the network is free
-                    self.reads_done.set()
                 ready = time.perf_counter()
                 wx, wy, local = window
                 start = 0
