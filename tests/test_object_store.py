@@ -218,7 +218,7 @@ def test_requests_per_rank_are_bounded(s3, monkeypatch):
     monkeypatch.setenv("DISTNET_OBJECT_REQUESTS", "2")
     monkeypatch.setenv("DISTNET_OBJECT_TIMEOUT_S", "29")  # other options: a new client, new pool
     proxy.latency_s = 0.02
-    proxy.max_in_flight = proxy.in_flight
+    base = proxy.max_in_flight = proxy.in_flight  # 0 unless an earlier test left one hanging
     x, y = all_samples(ds.path, shuffle_chunks=8)
     assert set(y.tolist()) == set(range(640))
-    assert 1 <= proxy.max_in_flight <= 2
+    assert 1 <= proxy.max_in_flight - base <= 2

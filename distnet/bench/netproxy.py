@@ -155,12 +155,12 @@ class FaultProxy:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader = up_writer = None
+        waiting = [False]  # a request of this connection awaits its response
         with self._lock:
             self.connections += 1
             self.max_connections = max(self.max_connections, self.connections)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-            waiting = [False]  # a request of this connection awaits its response
             back = asyncio.ensure_future(self._pipe(up_reader, writer, waiting))
             while True:
                 try:
@@ -199,6 +199,9 @@ class FaultProxy:
         finally:
             with self._lock:
                 self.connections -= 1
+                if waiting[0]:  # closed before its response came
+                    waiting[0] = False
+                    self.in_flight -= 1
             for w in (writer, up_writer):
                 if w is not None:
                     w.close()
