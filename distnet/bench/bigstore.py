@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,13 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         return _worker(args, *args.worker)
     tmp = tempfile.mkdtemp(prefix="distnet-bigstore-")
+    try:
+        return _bench(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # run directories (and a store made there)
+
+
+def _bench(args: argparse.Namespace, tmp: str) -> int:
     store = args.store or f"{tmp}/big.zarr"
     ds = _write(args, store)
     plain = _plain(ds)
