@@ -38,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--chunk-samples", type=int, help="samples per chunk (default ~2 MB)")
         p.add_argument(
+            "--shard-chunks",
+            type=int,
+            default=1,
+            metavar="N",
+            help="N chunks per stored object (zarr's sharding codec; for object storage and "
+            "stores of millions of samples; default 1: one object per chunk)",
+        )
+        p.add_argument(
             "--storage-option",
             action="append",
             metavar="KEY=VALUE",
@@ -89,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``distnet data ...``; returns the exit code."""
+    from distnet.data.remote import scrub_text  # noqa: PLC0415
     from distnet.data.store import DatasetError  # noqa: PLC0415
 
     try:
@@ -97,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             return _info(args, opts)
         return _convert(args, opts)
     except (DatasetError, ValueError, OSError) as exc:
-        print(f"distnet data: error: {exc}", file=sys.stderr)
+        print(f"distnet data: error: {scrub_text(str(exc))}", file=sys.stderr)
         return 2
 
 
@@ -109,19 +118,26 @@ def _convert(args: argparse.Namespace, opts: dict[str, Any] | None) -> int:
     cs = args.chunk_samples
     if cs is not None and cs < 1:
         raise ValueError(f"--chunk-samples must be >= 1, got {cs}")
+    shard = args.shard_chunks
+    if shard < 1:
+        raise ValueError(f"--shard-chunks must be >= 1, got {shard}")
     if args.source == "idx":
         if Path(args.images).is_dir():
-            stores = convert.convert_idx_dir(args.images, args.out, cs, opts)
+            stores = convert.convert_idx_dir(args.images, args.out, cs, opts, shard)
         elif not Path(args.images).is_file():
             raise ValueError(f"{args.images}: no such file or directory")
         else:
-            ds = convert.convert_idx(
-                args.images, args.out, args.labels, args.split, cs, storage_options=opts
-            )
+            ds = convert.convert_idx(args.images, args.out, args.labels, args.split, cs,
+                                     storage_options=opts, shard_chunks=shard)  # fmt: skip
             stores = {ds.split: ds}
     elif args.source == "digits":
         stores = convert.convert_digits(
-            args.out, args.test_fraction, args.seed, cs or convert.DIGITS_CHUNK_SAMPLES, opts
+            args.out,
+            args.test_fraction,
+            args.seed,
+            cs or convert.DIGITS_CHUNK_SAMPLES,
+            opts,
+            shard,
         )
     else:
         attrs: dict[str, Any] = {}
@@ -130,13 +146,23 @@ def _convert(args: argparse.Namespace, opts: dict[str, Any] | None) -> int:
         if args.scale is not None:
             attrs["scale"] = args.scale
         ds = convert.convert_npy(
-            args.x, args.out, args.labels, args.x_key, args.y_key, args.split, cs, attrs, opts
+            args.x,
+            args.out,
+            args.labels,
+            args.x_key,
+            args.y_key,
+            args.split,
+            cs,
+            attrs,
+            opts,
+            shard,
         )
         stores = {ds.split: ds}
     for ds in stores.values():
         print(
             f"wrote {ds.path}: x {ds.shape} {ds.dtype}, {ds.num_chunks} chunks of "
             f"{ds.chunk_samples}, classes {ds.num_classes}, split {ds.split!r}"
+            + (f", {ds.shard_chunks} chunks per object" if ds.sharded else "")
         )
     return 0
 
@@ -175,13 +201,14 @@ def describe(
         "offset": ds.offset,
         "num_classes": ds.num_classes,
         "compressors": [type(c).__name__ for c in ds.x.compressors],
+        "shard_chunks": ds.shard_chunks,
     }
     if ds.y is not None:
         d["y_shape"], d["y_dtype"] = list(ds.y.shape), str(ds.y.dtype)
         if np.dtype(ds.y.dtype).kind == "i":
             counts = np.zeros(max(ds.num_classes or 0, 1), dtype=np.int64)
             for i in range(ds.num_chunks):
-                y = np.asarray(ds.y.get_block_selection(i))
+                y = ds.array_chunk("y", i)
                 ds.check_labels(y, i)
                 c = np.bincount(y, minlength=len(counts)) if y.size else counts * 0
                 if len(c) > len(counts):

@@ -126,6 +126,7 @@ def convert_idx(
     chunk_samples: int | None = None,
     attrs: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    shard_chunks: int = 1,
 ) -> Dataset:
     """IDX images (N, H, W) uint8 [+ IDX labels (N,)] -> store at ``out``, chunk by chunk.
 
@@ -142,7 +143,8 @@ def convert_idx(
         if yshape[0] != shape[0]:
             raise DatasetError(str(labels), f"{yshape[0]} labels for {shape[0]} images in {images}")
     meta = {"split": split, "source": f"idx:{Path(images).name}", **(attrs or {})}
-    return write_dataset_blocks(out, zip(xblocks, yblocks, strict=False), cs, meta, storage_options)
+    blocks = zip(xblocks, yblocks, strict=False)
+    return write_dataset_blocks(out, blocks, cs, meta, storage_options, shard_chunks)
 
 
 _IDX_NAMES = {  # split -> (images pattern, labels pattern), matched against file names
@@ -171,6 +173,7 @@ def convert_idx_dir(
     out_dir: str,
     chunk_samples: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    shard_chunks: int = 1,
 ) -> dict[str, Dataset]:
     """A directory of MNIST-style IDX files -> ``out_dir/train`` and ``out_dir/test`` stores.
 
@@ -189,8 +192,14 @@ def convert_idx_dir(
     out = str(out_dir).rstrip("/")
     return {
         split: convert_idx(
-            imgs, f"{out}/{split}", labs, split, chunk_samples, storage_options=storage_options
-        )
+            imgs,
+            f"{out}/{split}",
+            labs,
+            split,
+            chunk_samples,
+            storage_options=storage_options,
+            shard_chunks=shard_chunks,
+        )  # fmt: skip
         for split, (imgs, labs) in found.items()
     }
 
@@ -227,6 +236,7 @@ def convert_digits(
     seed: int = 0,
     chunk_samples: int = DIGITS_CHUNK_SAMPLES,
     storage_options: dict[str, Any] | None = None,
+    shard_chunks: int = 1,
 ) -> dict[str, Dataset]:
     """Digits -> ``out_dir/train`` and ``out_dir/test`` (stratified; just ``out_dir/all`` when
     ``test_fraction`` is 0). x uint8 (n, 64) with scale 1/16, so the loader yields [0, 1]."""
@@ -253,6 +263,7 @@ def convert_digits(
             chunk_samples,
             {**attrs, "split": name},
             storage_options,
+            shard_chunks,
         )
         for name, idx in parts.items()
     }
@@ -268,6 +279,7 @@ def convert_npy(
     chunk_samples: int | None = None,
     attrs: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    shard_chunks: int = 1,
 ) -> Dataset:
     """``.npy`` (memory-mapped, so bounded memory) or ``.npz`` (keys ``x_key``/``y_key``) ->
     store. ``labels`` is a separate ``.npy`` of y (N,); for an ``.npz`` ``y_key`` is optional."""
@@ -277,7 +289,7 @@ def convert_npy(
     elif str(x_path).endswith(".npz"):
         y = _load_array(x_path, y_key, required=False)
     meta = {"split": split, "source": f"npy:{Path(x_path).name}", **(attrs or {})}
-    return write_dataset(out, x, y, chunk_samples, meta, storage_options)
+    return write_dataset(out, x, y, chunk_samples, meta, storage_options, shard_chunks)
 
 
 def _load_array(path: Any, key: str, required: bool) -> np.ndarray | None:

@@ -279,6 +279,7 @@ class StreamLoader:
                 spare[1].close(self.timeout)
             producer = self._prefetcher(self.epoch, ph, steps, done)
         self._iter_start = time.perf_counter()
+        spare_started = False
         try:
             for i in range(done, steps):
                 t0 = time.perf_counter()
@@ -291,11 +292,20 @@ class StreamLoader:
                 s["wait_s"] += wait
                 s["wait_max_s"] = max(s["wait_max_s"], wait)
                 self.samples_seen += self.global_batch
-                if i == steps - 1 and self.prefetch_next_epoch:
+                # the next epoch's first reads start once this epoch's last ones are asked for,
+                # so that on a slow network they are over before its first batch is wanted
+                if (self.prefetch_next_epoch and not spare_started
+                        and (i == steps - 1 or producer.reads_done.is_set())):  # fmt: skip
                     self._start_spare()
+                    spare_started = True
                 yield item
         finally:
             producer.close(self.timeout)
+            ahead = getattr(producer, "read_ahead", None)
+            if ahead is not None:  # how far the reads ran ahead, for bench and stats
+                s = self._stats
+                s["read_ahead_depth"] = max(s.get("read_ahead_depth", 0), ahead.depth_max_seen)
+                s["chunk_read_s"] = ahead.read_s or 0.0
             self._stats["elapsed_s"] += time.perf_counter() - self._iter_start
             self._iter_start = None
 

@@ -9,6 +9,7 @@ after which the thread ends.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -22,6 +23,7 @@ import numpy as np
 
 from distnet import trace
 from distnet.data import order
+from distnet.data.readahead import ReadAhead
 from distnet.data.store import Dataset, DatasetError
 
 POLL_S = 0.05  # how often blocked puts/gets look at the stop flag and the thread
@@ -63,8 +65,8 @@ class Prefetcher:
         self.transform, self.device, self.check_finite = transform, device, check_finite
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
+        self.reads_done = threading.Event()  # every chunk read of the plan submitted
         self._chunk_now = -1
-        self._buffers: dict[int, np.ndarray] = {}
         self.thread = threading.Thread(
             target=self._run, name=f"StreamLoader-rank{plan.rank}", daemon=True
         )
@@ -154,50 +156,62 @@ class Prefetcher:
             yield p.phase.stream.ids(pos)
 
     def _raw_batches(self) -> Iterator[tuple[np.ndarray, Any]]:
-        """Batches in the stored dtype. A small pool reads the next window's chunks while this
-        window's batches are gathered (zarr decodes outside the GIL), so reads overlap work."""
+        """Batches in the stored dtype. A small pool reads the next windows' chunks while this
+        window's batches are gathered (zarr decodes outside the GIL), so reads overlap work.
+        How many windows are read ahead follows :class:`ReadAhead` (request latency against
+        the time a window lasts)."""
         b, c = self.plan.batch_sizes[self.plan.rank], self.dataset.chunk_samples
+        window_chunks = self.plan.shuffle_chunks + 1  # a window may straddle one more chunk
+        self.read_ahead = ahead = ReadAhead.for_store(self.dataset, window_chunks)
         pool = ThreadPoolExecutor(
-            max_workers=min(4, self.plan.shuffle_chunks + 1),
-            thread_name_prefix=f"StreamLoader-read{self.plan.rank}",
+            max_workers=ahead.workers, thread_name_prefix=f"StreamLoader-read{self.plan.rank}"
         )
-        parity = 0
+        free: list[np.ndarray] = []  # buffers of windows already consumed
 
-        def submit(ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[Any]] | None:
-            # The window's chunks are decoded straight into one of two buffers (this window
-            # and the next, read ahead): laid end to end in chunk order, no concatenation.
-            nonlocal parity
-            if ids is None:
-                return None
+        def timed_read(k: int, view: np.ndarray) -> tuple[np.ndarray, Any]:
+            t = time.perf_counter()
+            out = self.dataset.read_chunk(k, self.check_finite, view)
+            ahead.chunk_read(time.perf_counter() - t)
+            return out
+
+        def submit(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+            # The window's chunks are decoded straight into one buffer (a free one, or a new
+            # one while fewer than read-ahead + 1 exist), laid end to end in chunk order.
             keys = np.unique(ids // c).tolist()
             sizes = [min(c, len(self.dataset) - k * c) for k in keys]
-            buf = self._buffers.get(parity)
+            buf = free.pop() if free else None
             if buf is None or len(buf) < sum(sizes):
-                shape = (
-                    max(sum(sizes), (self.plan.shuffle_chunks + 1) * c),
-                    *self.dataset.shape[1:],
-                )
-                buf = self._buffers[parity] = np.empty(shape, self.dataset.dtype)
-            parity, start, reads = 1 - parity, 0, []
+                shape = (max(sum(sizes), window_chunks * c), *self.dataset.shape[1:])
+                buf = np.empty(shape, self.dataset.dtype)
+            start, reads = 0, []
             for k, n in zip(keys, sizes, strict=True):
                 view = buf[start : start + n]
-                reads.append(
-                    (k, view, pool.submit(self.dataset.read_chunk, k, self.check_finite, view))
-                )
+                reads.append((k, view, pool.submit(timed_read, k, view)))
                 start += n
-            return ids, buf[:start], reads
+            return ids, buf, reads
 
         try:
             it = self._ids()
-            current = submit(next(it, None))
+            pending: collections.deque[Any] = collections.deque()
+
+            def top_up() -> None:
+                while len(pending) < ahead.depth:
+                    ids = next(it, None)
+                    if ids is None:  # every read of the phase is asked for: the next
+                        self.reads_done.set()  # epoch's may start (they queue behind ours)
+                        return
+                    pending.append(submit(ids))
+
+            top_up()
             left_x: np.ndarray | None = None
             left_y: Any = None
-            while current is not None and not self.stop.is_set():
-                ids, wx, reads = current
-                current = submit(next(it, None))  # read ahead: the next window
-                window = self._window(ids, wx, reads)
+            while pending and not self.stop.is_set():
+                ids, buf, reads = pending.popleft()
+                top_up()  # read ahead: the next windows
+                window = self._window(ids, buf, reads)
                 if window is None:
                     return
+                ready = time.perf_counter()
                 wx, wy, local = window
                 start = 0
                 if left_x is not None:  # a batch straddling two windows
@@ -206,6 +220,7 @@ class Prefetcher:
                     yb = None if wy is None else np.concatenate([left_y, wy[local[:take]]])
                     if len(xb) < b:
                         left_x, left_y = xb, yb
+                        free.append(buf)
                         continue
                     yield xb, yb
                     start, left_x, left_y = take, None, None
@@ -216,6 +231,8 @@ class Prefetcher:
                 if start < len(local):
                     sel = local[start:]
                     left_x, left_y = wx[sel], None if wy is None else wy[sel]
+                free.append(buf)  # every batch above is a copy (fancy indexing)
+                ahead.window_consumed(time.perf_counter() - ready)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -225,6 +242,7 @@ class Prefetcher:
         """The window's chunks (decoded end to end into one buffer) and where ``ids`` lie."""
         c = self.dataset.chunk_samples
         ys = []
+        wx = wx[: sum(len(v) for _, v, _ in reads)]
         for k, _, fut in reads:
             self._chunk_now = k
             while True:  # poll, so that a stop request is seen during a slow read

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from distnet.data.remote import check_options, check_url, describe_failure
+
 FORMAT_VERSION = 1
 X_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 Y_DTYPES = (np.dtype(np.int64), np.dtype(np.float32))
@@ -44,19 +46,29 @@ def _all_fill(block: np.ndarray, arr: Any) -> bool:
     return bool(block.flat[0] == fill) and bool((block == fill).all())
 
 
+def _chunk_key(arr: Any, i: int) -> str:
+    """The key of the object holding chunk ``i`` (along axis 0) of ``arr``: its own object,
+    or with the sharding codec the shard's."""
+    shards = getattr(arr, "shards", None)
+    outer = i if shards is None else i * arr.chunks[0] // shards[0]
+    return str(arr.metadata.encode_chunk_key((outer,) + (0,) * (arr.ndim - 1)))
+
+
 def _chunk_exists(arr: Any, i: int) -> bool:
     """Whether chunk ``i`` (along axis 0) of zarr array ``arr`` has a stored file/object."""
     from zarr.core.sync import sync  # noqa: PLC0415
 
-    key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
-    return bool(sync((arr.store_path / key).exists()))
+    return bool(sync((arr.store_path / _chunk_key(arr, i)).exists()))
 
 
 def _open_group(path: str, mode: str, storage_options: dict[str, Any] | None) -> Any:
     import zarr  # noqa: PLC0415  (keeps `import distnet.data` light)
 
-    # storage_options only apply to URLs; zarr refuses them for plain local paths.
-    opts = dict(storage_options or {}) if "://" in str(path) else None
+    from distnet.data import remote  # noqa: PLC0415
+
+    # storage_options only apply to URLs; zarr refuses them for plain local paths. URLs get
+    # bounded requests, retries and timeouts, and are refused when they carry credentials.
+    opts = remote.storage_options(str(path), storage_options)
     if opts is not None and mode == "w" and str(path).startswith("file://"):
         opts.setdefault("auto_mkdir", True)  # fsspec's local files do not make parents
     return zarr.open_group(str(path), mode=mode, storage_options=opts)
@@ -75,6 +87,10 @@ class Dataset:
         self.x, self.y = group["x"], (group["y"] if "y" in group else None)
         self.chunk_samples = int(self.x.chunks[0])
         self.num_chunks = -(-self.x.shape[0] // self.chunk_samples)
+        shards = getattr(self.x, "shards", None)
+        # chunks per object: 1, or with zarr's sharding codec the chunks of one shard
+        self.shard_chunks = 1 if shards is None else int(shards[0]) // self.chunk_samples
+        self.sharded = shards is not None
         self.scale = float(self.attrs.get("scale", 1.0))
         self.offset = float(self.attrs.get("offset", 0.0))
         nc = self.attrs.get("num_classes")
@@ -100,6 +116,14 @@ class Dataset:
         """Stored dtype of ``x`` (uint8 or float32)."""
         return np.dtype(self.x.dtype)
 
+    def array_chunk(self, name: str, i: int) -> np.ndarray:
+        """Chunk ``i`` of array ``name`` ("x" or "y") as stored, without the checks of
+        :meth:`read_chunk` (a sharded array's zarr blocks are shards, so not by block)."""
+        arr = self.x if name == "x" else self.y
+        if self.sharded:
+            return np.asarray(arr.get_basic_selection(slice(*self.chunk_bounds(i))))
+        return np.asarray(arr.get_block_selection(i))
+
     def chunk_bounds(self, i: int) -> tuple[int, int]:
         """Sample range [start, stop) of chunk ``i``."""
         start = i * self.chunk_samples
@@ -121,22 +145,32 @@ class Dataset:
                 blocks.append(None)
                 continue
             try:
+                # a sharded array's blocks are its shards: chunk i is then a slice of one
+                sel = slice(start, stop) if self.sharded else None
                 if name == "x" and out is not None:
-                    arr.get_block_selection(i, out=_nd_buffer(out))
+                    if sel is None:
+                        arr.get_block_selection(i, out=_nd_buffer(out))
+                    else:
+                        arr.get_basic_selection(sel, out=_nd_buffer(out))
                     block = out
-                else:
+                elif sel is None:
                     block = np.asarray(arr.get_block_selection(i))
+                else:
+                    block = np.asarray(arr.get_basic_selection(sel))
             except Exception as exc:  # codec errors, truncated files, I/O errors
                 raise DatasetError(
-                    self.path, f"cannot read: {type(exc).__name__}: {exc}", name, i
-                ) from exc
+                    self.path, f"cannot read {self._object(name, i)}: {describe_failure(exc)}",
+                    name, i,
+                ) from exc  # fmt: skip
             if block.shape[0] != stop - start:
                 raise DatasetError(
                     self.path, f"decoded {block.shape[0]} samples, expected {stop - start}", name, i
                 )
             if block.size and _all_fill(block, arr) and not _chunk_exists(arr, i):
                 # zarr reads a missing chunk file as fill values: silently wrong training data
-                raise DatasetError(self.path, "chunk file is missing", name, i)
+                raise DatasetError(
+                    self.path, f"chunk file is missing ({self._object(name, i)})", name, i
+                )
             if name == "y" and block.dtype.kind in "iu" and self.num_classes is not None:
                 if block.size and (int(block.min()) < 0 or int(block.max()) >= self.num_classes):
                     raise DatasetError(
@@ -151,6 +185,11 @@ class Dataset:
                 )
             blocks.append(block)
         return blocks[0], blocks[1]  # type: ignore[return-value]
+
+    def _object(self, name: str, i: int) -> str:
+        """Path or URL of the file/object that holds chunk ``i`` of array ``name``."""
+        arr = self.x if name == "x" else self.y
+        return f"{self.path.rstrip('/')}/{name}/{_chunk_key(arr, i)}"
 
     def iter_chunks(self, check_finite: bool = False) -> Iterator[tuple[np.ndarray, Any]]:
         """Yields ``read_chunk(i)`` for every chunk in order."""
@@ -206,10 +245,15 @@ def _nd_buffer(a: np.ndarray) -> Any:
 def open_dataset(path: str, storage_options: dict[str, Any] | None = None) -> Dataset:
     """Opens and validates a store (local path or fsspec URL); raises :class:`DatasetError`."""
     path = str(path)
+    check_url(path)  # ValueErrors naming the URL (scrubbed), before any request
+    check_options(path, storage_options)
     try:
         group = _open_group(path, "r", storage_options)
     except Exception as exc:
-        raise DatasetError(path, f"not a Zarr group ({type(exc).__name__}: {exc})") from exc
+        why = describe_failure(exc)
+        if why.startswith(("credentials", "timed out")):
+            raise DatasetError(path, f"cannot open: {why}") from exc
+        raise DatasetError(path, f"not a Zarr group ({why})") from exc
     attrs = dict(group.attrs)
     if "distnet_format" not in attrs:
         raise DatasetError(

@@ -85,6 +85,7 @@ class DatasetWriter:
         attrs: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
         compression_level: int = 3,
+        shard_chunks: int = 1,
     ):
         from zarr.codecs import ZstdCodec  # noqa: PLC0415
 
@@ -95,6 +96,14 @@ class DatasetWriter:
         self.chunk_samples = int(chunk_samples or default_chunk_samples(sample_shape, self.x_dtype))
         if self.chunk_samples < 1:
             raise ValueError(f"chunk_samples must be >= 1, got {chunk_samples}")
+        if int(shard_chunks) < 1:
+            raise ValueError(f"shard_chunks must be >= 1, got {shard_chunks}")
+        # shard_chunks > 1: the zarr v3 sharding codec puts that many chunks in one object
+        # (object stores charge and throttle per request, and list millions of objects slowly);
+        # each chunk stays a separately compressed piece, read with a range request.
+        self.shard_chunks = int(shard_chunks)
+        self.flush_samples = self.chunk_samples * self.shard_chunks
+        shards = {} if self.shard_chunks == 1 else {"shards": (self.flush_samples, *sample_shape)}
         self.attrs = dict(attrs or {})
         self.group = _open_group(self.path, "w", storage_options)
         # checksum=True: a flipped byte in a chunk file is an error, not silently wrong pixels.
@@ -106,6 +115,7 @@ class DatasetWriter:
             dtype=self.x_dtype,
             compressors=codec,
             config={"write_empty_chunks": True},  # so a missing chunk file is an error
+            **shards,
         )
         self.y = None
         if self.y_dtype is not None:
@@ -116,6 +126,7 @@ class DatasetWriter:
                 dtype=self.y_dtype,
                 compressors=codec,
                 config={"write_empty_chunks": True},  # so a missing chunk file is an error
+                **({} if not shards else {"shards": (self.flush_samples, *self.y_shape)}),
             )
         self._xbuf: list[np.ndarray] = []
         self._ybuf: list[np.ndarray] = []
@@ -151,8 +162,9 @@ class DatasetWriter:
             self._ybuf.append(_conform(y, self.y_dtype, self.path, "y"))
         self._xbuf.append(_conform(x, self.x_dtype, self.path, "x"))
         self._buffered += len(x)
-        while self._buffered >= self.chunk_samples:
-            self._flush(self.chunk_samples)
+        # whole shards at a time: a shard written piece by piece is rewritten for each piece
+        while self._buffered >= self.flush_samples:
+            self._flush(self.flush_samples)
 
     def _flush(self, n: int) -> None:
         # Writes exactly n buffered samples as whole chunks (the last one may be short).
@@ -203,12 +215,14 @@ def write_dataset(
     chunk_samples: int | None = None,
     attrs: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    shard_chunks: int = 1,
 ) -> Dataset:
     """Writes arrays ``x`` (N, ...) and ``y`` (N,) or (N, ...) to a store at ``path``.
 
     ``x`` may be an ``np.memmap`` or any sliceable array: it is read one chunk at a time.
     ``attrs`` may set ``num_classes``, ``scale``, ``offset``, ``split`` (defaults: labels'
-    max + 1, 1/255 for uint8 else 1, 0, "all"). Returns the opened :class:`Dataset`.
+    max + 1, 1/255 for uint8 else 1, 0, "all"). ``shard_chunks`` > 1 groups that many
+    chunks into one object (zarr's sharding codec). Returns the opened :class:`Dataset`.
     """
     if y is not None and len(y) != len(x):
         raise DatasetError(str(path), f"x has {len(x)} samples, y has {len(y)}", "y")
@@ -221,8 +235,9 @@ def write_dataset(
         chunk_samples,
         attrs,
         storage_options,
+        shard_chunks=shard_chunks,
     )
-    step = writer.chunk_samples
+    step = writer.flush_samples
     for start in range(0, len(x), step):
         writer.append(x[start : start + step], None if y is None else y[start : start + step])
     writer.close()
@@ -235,6 +250,7 @@ def write_dataset_blocks(
     chunk_samples: int | None = None,
     attrs: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    shard_chunks: int = 1,
 ) -> Dataset:
     """Writes a store from an iterable of ``(x_piece, y_piece_or_None)`` of any sizes.
 
@@ -248,8 +264,9 @@ def write_dataset_blocks(
             ydt = None if yb is None else np.asarray(yb).dtype
             ysh = () if yb is None else tuple(np.shape(yb)[1:])
             writer = DatasetWriter(
-                path, tuple(xb.shape[1:]), xb.dtype, ydt, ysh, chunk_samples, attrs, storage_options
-            )
+                path, tuple(xb.shape[1:]), xb.dtype, ydt, ysh, chunk_samples, attrs,
+                storage_options, shard_chunks=shard_chunks,
+            )  # fmt: skip
         writer.append(xb, yb)
     if writer is None:
         raise DatasetError(str(path), "no data: the block iterator was empty", "x")

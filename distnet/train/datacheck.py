@@ -62,7 +62,7 @@ def label_bound(ds: Any) -> int | None:
         return None
     top = -1
     for i in range(ds.num_chunks):
-        labels = np.asarray(ds.y.get_block_selection(i))
+        labels = ds.array_chunk("y", i)
         if labels.size:
             if int(labels.min()) < 0:
                 raise JobError(f"{ds.path}: array 'y' chunk {i}: negative label {labels.min()}")

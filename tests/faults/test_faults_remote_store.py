@@ -34,8 +34,9 @@ class HangingHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def served_store(tmp_path):
-    x = (np.arange(64 * 6) % 200).astype(np.uint8).reshape(64, 6)
-    write_dataset(str(tmp_path / "s"), x, np.arange(64) % 3, chunk_samples=8)
+    # 64 chunks: far more than the loader reads ahead (up to 16 requests at a time)
+    x = (np.arange(512 * 6) % 200).astype(np.uint8).reshape(512, 6)
+    write_dataset(str(tmp_path / "s"), x, np.arange(512) % 3, chunk_samples=8)
     handler = functools.partial(HangingHandler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
