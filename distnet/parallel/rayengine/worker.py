@@ -13,11 +13,13 @@ import json
 import os
 import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from distnet import backend
+from distnet.parallel import stall
 from distnet.parallel.ps import link
 from distnet.parallel.rayengine.comm import JoinFailed, Mailbox, RayCommunicator
 from distnet.parallel.rayengine.resume import (
@@ -225,6 +227,9 @@ class RankSetup:
             os._exit(17)
         if fault["action"] == "raise":  # a bug in the stage's code, as the user would meet it
             raise RuntimeError(f"injected fault at step {self.steps}")
+        if fault["action"] == "sleep":  # stuck outside the collectives (stall check tests)
+            sleep_instead_of_training(float(fault["seconds"]))
+            return
         import signal  # noqa: PLC0415
         import threading  # noqa: PLC0415
 
@@ -300,6 +305,11 @@ class RankSetup:
                 else:
                     server.shutdown()
         self.servers = []
+
+
+def sleep_instead_of_training(seconds: float) -> None:
+    """A stuck worker (fault "sleep"): a stall report must show this frame."""
+    time.sleep(seconds)
 
 
 def _on_this_node() -> dict[str, Any]:
@@ -404,6 +414,7 @@ class WorkerActor:
         self._log: queue.Queue[str] = queue.Queue()
         self._carry: dict[str, Any] = {}  # what a failed run left for the next (resume.py)
         self._join: dict[str, Any] = {}  # what a replacement needs to join (standin.py)
+        self._training_thread: int | None = None  # the thread in ``run`` (stall reports)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (pid, node address and Ray node id, GPUs Ray gave it)."""
@@ -445,6 +456,7 @@ class WorkerActor:
         if self.comm is None:
             raise RuntimeError("WorkerActor.run before setup")
         log = self._log.put if self.comm.rank == 0 else (lambda line: None)
+        self._training_thread = threading.get_ident()
         spec = {**spec, "carry_box": self._carry, "join_box": self._join}
         if spec.get("strategy") not in ("ps", "hybrid") or not link.enabled():
             return task(self.comm, self.generation, job, spec, log)
@@ -455,6 +467,20 @@ class WorkerActor:
             return task(self.comm, self.generation, job, spec, log)
         finally:
             backend.set_flat_allocator(None)
+
+    def progress(self) -> tuple[int, str]:
+        """(number of the last collective, last parameter-server round) of this worker: what
+        the driver's stall check compares (``stallwatch.py``)."""
+        if self.comm is None:
+            return 0, ""
+        return self.comm.trace.last()[0], stall.last_round()
+
+    def where(self) -> dict[str, Any]:
+        """This worker's place for a stall report: last collective, round, and the Python
+        stack of its training thread."""
+        if self.comm is None:
+            return {"rank": None, "seq": 0, "op": "", "round": "", "stack": "(not set up)"}
+        return stall.where(self.comm, self._training_thread)
 
     def carry_info(self) -> dict[str, Any] | None:
         """Where the carry a failed run left stands (stage, epoch, samples_seen, steps), or
