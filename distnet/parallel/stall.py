@@ -1,9 +1,10 @@
 """Stall check: which ranks have not joined a collective the others are waiting in.
 
 Horovod's model: a coordinator knows which ranks have submitted which tensor, and warns when
-some have and others have not for longer than a limit. Here each rank tells rank 0 "I am
-entering collective number k" with one tiny non-blocking send (nothing waits on it, so the
-check costs no synchronisation); a thread on rank 0 keeps the latest k of every rank and,
+some have and others have not for longer than a limit. Here each rank notes "I am entering
+collective number k", and its watcher thread tells rank 0 the latest k with one tiny
+non-blocking send every ``poll_s`` when it changed (nothing waits on it, and the training
+thread makes no MPI call for it); a thread on rank 0 keeps the latest k of every rank and,
 when some rank stays behind the front for ``warn_after_s``, prints the ranks that have not
 joined. With ``abort_after_s`` it also ends the job, rather than letting it hang.
 
@@ -198,6 +199,9 @@ class StallDetector:
             self._mark(seq, f"collective #{seq} {op}")
 
     def _mark(self, step: int, name: str) -> None:
+        # The training thread only notes the number: the watcher thread sends it (below), so a
+        # collective pays no MPI call for the check (one per collective cost a small
+        # allreduce 2x on a loaded machine)
         self.step = step
         if self.comm.rank == 0:
             self._names[step] = name
@@ -205,15 +209,21 @@ class StallDetector:
             # or a long run grows it by one entry per step
             self._names.pop(step - _NAMES_KEPT, None)
             self._latest[0] = step
-            return
+
+    # --- the other ranks ----------------------------------------------------------------
+    def _send_step(self, step: int) -> None:
         # Completed sends are dropped; the message array must live until its send is done.
         self._sends = [(r, m) for r, m in self._sends if not r.Test()]
         msg = np.array([step], dtype=np.int64)
         self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
 
-    # --- the other ranks ----------------------------------------------------------------
     def _answer(self) -> None:
+        sent = 0
         while not self._stop.wait(self.poll_s):
+            step = self.step  # what rank 0 sees lags by at most poll_s
+            if step != sent:
+                self._send_step(step)
+                sent = step
             if self._comm.Iprobe(source=0, tag=_ASK):
                 self._comm.recv(source=0, tag=_ASK)
                 self._comm.send(where(self.comm, self._thread_id), dest=0, tag=_WHERE)
@@ -305,13 +315,12 @@ class StallDetector:
         if not self._active:
             return
         self._active = False
-        if self.comm.rank != 0:
-            msg = np.array([_CLOSED], dtype=np.int64)
-            self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
         if self._thread is not None:
             self._stop.set()
             if self._thread is not threading.current_thread():
                 self._thread.join(timeout=5)
+        if self.comm.rank != 0:  # after the thread: no step of it may follow this
+            self._send_step(_CLOSED)
 
 
 def _append_report(path: Path, record: dict[str, Any]) -> None:
