@@ -32,6 +32,35 @@ def digits(tmp_path_factory) -> Path:
     return root
 
 
+MAX_LOAD_FACTOR = 4.0
+
+
+def load_factor() -> float:
+    """How many times its idle time a CPU-bound job of several processes may take now: the
+    1-minute load average over 4 runnable processes per core (a job's own workers, shards
+    and driver keep ~4 busy on a 2-core machine), at least 1, at most ``MAX_LOAD_FACTOR``.
+    Measured (tests/faults/test_faults_ray.py, seed 1, 2 cores): 38 s at load 17, 148 s at 25-30."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return 1.0
+    return min(MAX_LOAD_FACTOR, max(1.0, load / (4 * (os.cpu_count() or 1))))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item):
+    """``@pytest.mark.load_scaled``: the test's timeout (its closest ``timeout`` mark) times
+    ``load_factor()`` as it starts, for tests whose work is genuinely long (whole jobs with
+    failures and recoveries), not for waits: a hang still ends, later on a loaded machine."""
+    limit = item.get_closest_marker("timeout")
+    if item.get_closest_marker("load_scaled") is not None and limit is not None and limit.args:
+        factor = load_factor()
+        seconds = float(limit.args[0]) * factor
+        item.add_marker(pytest.mark.timeout(seconds, **limit.kwargs), append=False)
+        item.user_properties.append(("timeout_s", round(seconds)))
+    yield
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray (4 CPUs), started once per module that asks for it and shut down after;

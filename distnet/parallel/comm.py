@@ -33,6 +33,7 @@ from distnet.parallel.mpi.hierarchical import parse_mode as parse_hierarchical_m
 from distnet.parallel.mpi.hierarchical import wanted as hierarchical_wanted
 from distnet.parallel.shm import ARENA, ShmAllreduce
 from distnet.parallel.shm import enabled_by_env as shm_enabled_by_env
+from distnet.parallel.stall import watch_stalls
 
 OPS = ("sum", "mean", "max", "min")
 
@@ -92,6 +93,7 @@ class Communicator:
     hierarchical: bool = False  # allreduce inside nodes, then across node leaders
     # numbers (and with DISTNET_COLLECTIVE_CHECK compares) the collectives; engines make their own
     trace: CollectiveTrace = CollectiveTrace(0, 1)
+    stall: Any = None  # the stall check watching this communicator's collectives (stall.py)
 
     def set_hierarchical(self, mode: bool | str = "auto") -> bool:
         """Chooses the hierarchical allreduce (True/False, or "auto": on when there are several
@@ -206,6 +208,8 @@ class MPICommunicator(Communicator):
         self.shm = ShmAllreduce(self.comm, MPI) if shared else None
         if abort_on_error and self.size > 1:
             install_abort_excepthook(self)
+        # every collective of every strategy counts: the check hooks into the trace
+        watch_stalls(self)
 
     def _gather_ints(self, values: Any) -> Any:
         """The check's fingerprints of every rank: one small buffer allgather, no pickling."""

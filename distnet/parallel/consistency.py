@@ -34,7 +34,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _PLUMBING = {
     os.path.join(_HERE, name)
     for name in ("consistency.py", "comm.py", "shm.py", "buckets.py", "hierarchical.py",
-                 os.path.join("rayengine", "comm.py"))
+                 os.path.join("rayengine", "comm.py"), os.path.join("ps", "worker.py"),
+                 os.path.join("ps", "pushcheck.py"))
 }  # fmt: skip
 
 
@@ -141,6 +142,8 @@ class CollectiveTrace:
         self.op = ""
         self.exchange, self.gather_ints = exchange, gather_ints
         self._print = np.zeros(2, dtype=np.int64)
+        # called with (seq, op) as each collective starts: the stall check's hook (stall.py)
+        self.on_enter: Callable[[int, str], None] | None = None
         wanted = check_enabled_from_env() if check is None else check
         self.check = bool(wanted) and size > 1 and exchange is not None
 
@@ -150,6 +153,8 @@ class CollectiveTrace:
         rank when they differ. ``seq``: the engine's own number for it, when it keeps one."""
         self.seq = self.seq + 1 if seq is None else seq
         self.op = op
+        if self.on_enter is not None:
+            self.on_enter(self.seq, op)
         if self.check:
             self._compare(op, buf, root)
 

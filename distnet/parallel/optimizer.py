@@ -21,7 +21,8 @@ What it adds:
 - ``backward_passes_per_step=k`` (Horovod's name): gradients of k backward passes are
   accumulated locally and reduced once, on the last one; the update is the one of a single
   pass over the k micro-batches together.
-- A stall check names ranks that have not reached a step the others are waiting in.
+- A stall check names ranks that have not reached a step the others are waiting in (the
+  communicator's, ``distnet.parallel.stall.watch_stalls``: every collective counts).
 
 What it is: like Horovod's ``DistributedOptimizer``, the object returned is an instance of a
 subclass of the wrapped optimiser's class (``DistributedOptimizer(SGD(...), comm)`` is an
@@ -40,7 +41,7 @@ from typing import Any
 from distnet.backend import array_module, is_gpu_array
 from distnet.parallel.buckets import Bucket, BucketReducer, plan_buckets
 from distnet.parallel.comm import Communicator
-from distnet.parallel.stall import StallDetector, stall_limit_from_env
+from distnet.parallel.stall import watch_stalls
 from distnet.parallel.sync import check_share
 
 
@@ -81,8 +82,9 @@ class DistributedOptimizer:
         overlap: start buckets from grad-ready hooks during backward (None: ``DISTNET_OVERLAP``).
         backward_passes_per_step: backward passes accumulated before each ``step()``; the
             gradients are averaged over them and reduced once, on the last pass.
-        stall_check_s: report ranks missing from a step after this long (None: off; default
-            60 s or ``DISTNET_STALL_CHECK_S``); ``stall_abort_s`` also ends the job.
+        stall_check_s: report ranks missing from a collective after this long (None: off;
+            default 60 s or ``DISTNET_STALL_CHECK_S``); ``stall_abort_s`` also ends the job
+            (default ``DISTNET_STALL_ABORT_S``). Both set the communicator's check (MPI).
         hierarchical: True/False/"auto" sets the communicator's hierarchical allreduce (inside
             nodes, then across node leaders); None keeps its choice.
     """
@@ -113,7 +115,7 @@ class DistributedOptimizer:
         overlap: bool | None = None,
         backward_passes_per_step: int = 1,
         stall_check_s: float | None = -1.0,
-        stall_abort_s: float | None = None,
+        stall_abort_s: float | None = -1.0,
         hierarchical: bool | str | None = None,
     ) -> None:
         # One state, two faces: lr, steps and state arrays written through either are seen by
@@ -142,12 +144,11 @@ class DistributedOptimizer:
         self._setup_gpu()
         self.compression = compression
         self.reducer = BucketReducer(self.flat_grads, comm, compression)
-        limit = stall_limit_from_env() if stall_check_s == -1.0 else stall_check_s
-        self.stall = (
-            StallDetector(comm, limit, stall_abort_s)
-            if comm.size > 1 and limit is not None and comm.engine == "mpi"
-            else None
-        )
+        # the communicator's check (made with it from the environment): set only if asked
+        custom = stall_check_s != -1.0 or stall_abort_s != -1.0
+        self.stall = getattr(comm, "stall", None)
+        if custom and comm.size > 1 and comm.engine == "mpi":
+            self.stall = watch_stalls(comm, stall_check_s, stall_abort_s)
         self.overlap = _overlap_default() if overlap is None else overlap
         self._hooked = False
         self._prescaled = False  # set by backward(), cleared by step()
@@ -270,8 +271,6 @@ class DistributedOptimizer:
         for b in self._buckets_of[i]:
             self._missing[b] -= 1
         while self._next < len(self.buckets) and self._missing[self._next] == 0:
-            if self._next == 0 and self.stall is not None:
-                self.stall.enter(f"the allreduce of step {self.steps + 1}")
             self.reducer.start(self.buckets[self._next], self._weight(None))
             self._next += 1
         self.reducer.progress()
@@ -314,15 +313,11 @@ class DistributedOptimizer:
                     f"{short}/{self.backward_passes_per_step} of the average"
                 )
             # Buckets the hooks did not start (parameters without gradients) start now.
-            if self._next == 0 and self.stall is not None:
-                self.stall.enter(f"the allreduce of step {self.steps + 1}")
             for bucket in self.buckets[self._next :]:
                 self.reducer.start(bucket, weight)
             self._reset_overlap()
             reduced = self.reducer.finish(raise_overflow=False)
         else:
-            if self.stall is not None:
-                self.stall.enter(f"the allreduce of step {self.steps + 1}")
             reduced = self.reducer.reduce(self.buckets, weight, raise_overflow=False)
         self._synchronized = True
         return reduced
@@ -360,7 +355,7 @@ class DistributedOptimizer:
         return True
 
     def close(self) -> None:
-        """Removes the grad-ready hooks and stops the stall check thread (also done at exit).
+        """Removes the grad-ready hooks (the stall check is the communicator's: it stays).
 
         Call it when a stage is done with its parameters: a later wrapper over the same
         parameters must be the only one that reduces their gradients.
@@ -369,5 +364,3 @@ class DistributedOptimizer:
             remove()
         self._unhook = []
         self._hooked = False
-        if self.stall is not None:
-            self.stall.close()

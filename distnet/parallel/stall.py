@@ -1,18 +1,26 @@
 """Stall check: which ranks have not joined a collective the others are waiting in.
 
 Horovod's model: a coordinator knows which ranks have submitted which tensor, and warns when
-some have and others have not for longer than a limit. Here each rank tells rank 0 "I am
-entering collective number k" with one tiny non-blocking send (nothing waits on it, so the
-check costs no synchronisation); a thread on rank 0 keeps the latest k of every rank and,
+some have and others have not for longer than a limit. Here each rank notes "I am entering
+collective number k", and its watcher thread tells rank 0 the latest k with one tiny
+non-blocking send every ``poll_s`` when it changed (nothing waits on it, and the training
+thread makes no MPI call for it); a thread on rank 0 keeps the latest k of every rank and,
 when some rank stays behind the front for ``warn_after_s``, prints the ranks that have not
 joined. With ``abort_after_s`` it also ends the job, rather than letting it hang.
 
+The check lives in the communicator, not in an optimiser wrapper: ``watch_stalls(comm)``
+(which ``MPICommunicator`` calls when it is made) hooks the detector into the communicator's
+``CollectiveTrace``, so every collective of every strategy counts (DistributedOptimizer,
+ZeRO-1, the shared-memory road, user code). The Ray engine's driver watches its workers the
+same way (``distnet.parallel.rayengine.stallwatch``) and writes the same report.
+
 A stall report also says where every rank is: rank 0 asks each rank, whose own watcher
 thread answers with its communicator's last collective (sequence number, operation; see
-``distnet.parallel.consistency``) and the Python stack of its training thread (the thread that
-made the detector), so a rank sleeping or stuck outside the collectives shows the frame it is
-in. Rank 0 logs it and, when a run directory was named (``set_report_dir``), writes it to
-``stall.json`` there for report.html. A rank that does not answer within ``ASK_S`` is said to.
+``distnet.parallel.consistency``), its last parameter-server round (``note_round``) and the
+Python stack of its training thread (the thread that made the detector), so a rank sleeping
+or stuck outside the collectives shows the frame it is in. Rank 0 logs it and, when a run
+directory was named (``set_report_dir``), writes it to ``stall.json`` there for report.html.
+A rank that does not answer within ``ASK_S`` is said to.
 
 Messages go over a private duplicate of the communicator, so they never match user traffic.
 """
@@ -40,6 +48,7 @@ ASK_S = 5.0
 """The longest rank 0 waits for the answers of a stall report."""
 _STACK_FRAMES = 12
 _REPORT_DIR: list[Path] = []
+_ROUND: list[Any] = [0, ""]  # this process's last parameter-server round (clock, op)
 
 
 def set_report_dir(run_dir: str | os.PathLike | None) -> None:
@@ -47,27 +56,98 @@ def set_report_dir(run_dir: str | os.PathLike | None) -> None:
     _REPORT_DIR[:] = [] if run_dir is None else [Path(run_dir)]
 
 
+def note_round(op: str, clock: int) -> None:
+    """Records this worker's latest parameter-server round (a stall report shows it, and a
+    worker whose rounds go on is not stalled)."""
+    _ROUND[:] = [int(clock), op]
+
+
+def last_round() -> str:
+    """``#clock op`` of this process's last parameter-server round; "" before any."""
+    clock, op = _ROUND
+    return f"#{clock} {op}" if clock else ""
+
+
 def where(comm: Any, thread_id: int | None) -> dict[str, Any]:
-    """This rank's place: {rank, seq, op (its last collective), stack (text of the thread
-    ``thread_id``'s innermost frames; the main thread's when None)}."""
+    """This rank's place: {rank, seq, op (its last collective), round (its last
+    parameter-server round, "" before any), stack (text of the thread ``thread_id``'s
+    innermost frames; the main thread's when None)}."""
     seq, op = comm.trace.last()
     ident = thread_id if thread_id is not None else threading.main_thread().ident
     frame = sys._current_frames().get(ident)  # type: ignore[arg-type]
     stack = "".join(traceback.format_stack(frame, limit=_STACK_FRAMES)) if frame else "(gone)"
-    return {"rank": comm.rank, "seq": seq, "op": op, "stack": stack.rstrip()}
+    return {"rank": comm.rank, "seq": seq, "op": op, "round": last_round(),
+            "stack": stack.rstrip()}  # fmt: skip
+
+
+def _seconds_from_env(name: str, default: float | None) -> float | None:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected seconds (0 turns it off)") from None
+    return value if value > 0 else None
 
 
 def stall_limit_from_env(default: float | None = DEFAULT_WARN_S) -> float | None:
     """``DISTNET_STALL_CHECK_S`` (seconds; 0 turns the check off), else ``default``."""
-    raw = os.environ.get("DISTNET_STALL_CHECK_S")
-    if raw is None:
-        return default
-    value = float(raw)
-    return value if value > 0 else None
+    return _seconds_from_env("DISTNET_STALL_CHECK_S", default)
+
+
+def stall_abort_from_env(default: float | None = None) -> float | None:
+    """``DISTNET_STALL_ABORT_S``: end a job stalled this long (seconds; unset or 0: never)."""
+    return _seconds_from_env("DISTNET_STALL_ABORT_S", default)
+
+
+def describe_places(message: str, ranks: list[dict[str, Any]]) -> str:
+    """The text of a stall report: ``message``, then per rank its last collective, its last
+    parameter-server round (if any) and its stack, indented."""
+    lines = [message]
+    for place in ranks:
+        seq = place["seq"]
+        last = "unknown" if seq is None else f"#{seq} {place['op']}" if seq else "none yet"
+        round_ = f"; last ps round {place['round']}" if place.get("round") else ""
+        lines.append(f"stall: rank {place['rank']}: last collective {last}{round_}; stack:")
+        lines += [f"  {line}" for line in place["stack"].splitlines()]
+    return "\n".join(lines)
+
+
+def save_report(message: str, waited: float, laggards: list[int], ranks: list[dict]) -> None:
+    """Appends a stall report to ``stall.json`` in the run directory, when one was named."""
+    record = {"time": time.time(), "message": message, "waited_s": round(waited, 1),
+              "laggards": laggards, "ranks": ranks}  # fmt: skip
+    for run_dir in _REPORT_DIR:
+        _append_report(run_dir / "stall.json", record)
+
+
+def watch_stalls(
+    comm: Any, warn_after_s: float | None = -1.0, abort_after_s: float | None = -1.0
+) -> StallDetector | None:
+    """The stall check of ``comm`` (an ``MPICommunicator``): made once, hooked into its
+    collective trace, so every collective counts; later calls change its limits. -1: the
+    environment's (``DISTNET_STALL_CHECK_S``, default 60 s; ``DISTNET_STALL_ABORT_S``).
+    Collective when it makes the detector. None when the check is off or ``comm`` has one rank."""
+    warn = stall_limit_from_env() if warn_after_s == -1.0 else warn_after_s
+    abort = stall_abort_from_env() if abort_after_s == -1.0 else abort_after_s
+    detector = getattr(comm, "stall", None)
+    if detector is not None:
+        if warn is None:
+            warn = float("inf")  # off from now on; the thread stays (closing is collective)
+        detector.warn_after_s, detector.abort_after_s = float(warn), abort
+        return detector
+    if comm.size == 1 or warn is None:
+        return None
+    detector = StallDetector(comm, warn, abort, poll_s=0.1)
+    comm.stall = detector
+    comm.trace.on_enter = detector.entered
+    return detector
 
 
 class StallDetector:
-    """Call ``enter(name)`` on every rank right before each synchronising collective.
+    """Call ``enter(name)`` on every rank right before each synchronising collective (or let
+    ``watch_stalls`` hook it into the communicator).
 
     ``comm`` is an ``MPICommunicator``; with size 1 the detector does nothing.
     """
@@ -110,24 +190,40 @@ class StallDetector:
 
     def enter(self, name: str = "allreduce") -> None:
         """Records that this rank is about to enter its next collective (``name`` for messages)."""
-        if not self._active:
-            return
-        self.step += 1
+        if self._active:
+            self._mark(self.step + 1, name)
+
+    def entered(self, seq: int, op: str) -> None:
+        """The communicator's hook: this rank enters its collective number ``seq``, ``op``."""
+        if self._active:
+            self._mark(seq, f"collective #{seq} {op}")
+
+    def _mark(self, step: int, name: str) -> None:
+        # The training thread only notes the number: the watcher thread sends it (below), so a
+        # collective pays no MPI call for the check (one per collective cost a small
+        # allreduce 2x on a loaded machine)
+        self.step = step
         if self.comm.rank == 0:
-            self._names[self.step] = name
+            self._names[step] = name
             # only recent steps can be reported (the front of a stall): keep the map bounded,
             # or a long run grows it by one entry per step
-            self._names.pop(self.step - _NAMES_KEPT, None)
-            self._latest[0] = self.step
-            return
-        # Completed sends are dropped; the message array must live until its send is done.
-        self._sends = [(r, m) for r, m in self._sends if not r.Test()]
-        msg = np.array([self.step], dtype=np.int64)
-        self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
+            self._names.pop(step - _NAMES_KEPT, None)
+            self._latest[0] = step
 
     # --- the other ranks ----------------------------------------------------------------
+    def _send_step(self, step: int) -> None:
+        # Completed sends are dropped; the message array must live until its send is done.
+        self._sends = [(r, m) for r, m in self._sends if not r.Test()]
+        msg = np.array([step], dtype=np.int64)
+        self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
+
     def _answer(self) -> None:
+        sent = 0
         while not self._stop.wait(self.poll_s):
+            step = self.step  # what rank 0 sees lags by at most poll_s
+            if step != sent:
+                self._send_step(step)
+                sent = step
             if self._comm.Iprobe(source=0, tag=_ASK):
                 self._comm.recv(source=0, tag=_ASK)
                 self._comm.send(where(self.comm, self._thread_id), dest=0, tag=_WHERE)
@@ -178,47 +274,53 @@ class StallDetector:
                 since = now
                 continue
             waited = now - since
+            laggards = [r for r in range(self.comm.size) if self._latest[r] < front]
             if waited >= self.warn_after_s and not warned:
                 warned = True
-                self._report(
-                    front, [r for r in range(self.comm.size) if self._latest[r] < front], waited
-                )
+                self._report(front, laggards, waited)
             if self.abort_after_s is not None and waited >= self.abort_after_s:
-                self.comm.log(f"stall: aborting the job after {waited:.0f} s")
-                self.comm.abort(1)
+                self._abort(front, laggards, waited, warned)
 
-    def _report(self, front: int, laggards: list[int], waited: float) -> None:
+    def _message(self, front: int, laggards: list[int], waited: float) -> str:
         waiting = [r for r in range(self.comm.size) if r not in laggards]
-        name = self._names.get(front, "collective")
-        msg = (
+        name = self._names.get(front, f"collective #{front}")
+        return (
             f"stall: ranks {laggards} have not joined {name} for {waited:.0f} s; "
             f"ranks {waiting} are waiting in it"
         )
+
+    def _report(self, front: int, laggards: list[int], waited: float) -> None:
+        msg = self._message(front, laggards, waited)
         ranks = self._ask_everyone()
-        lines = [msg]
-        for place in ranks:
-            seq = place["seq"]
-            last = "unknown" if seq is None else f"#{seq} {place['op']}" if seq else "none yet"
-            lines.append(f"stall: rank {place['rank']}: last collective {last}; stack:")
-            lines += [f"  {line}" for line in place["stack"].splitlines()]
         self.reports.append(msg)
-        self.comm.log("\n".join(lines))
-        record = {"time": time.time(), "message": msg, "waited_s": round(waited, 1),
-                  "laggards": laggards, "ranks": ranks}  # fmt: skip
-        for run_dir in _REPORT_DIR:
-            _append_report(run_dir / "stall.json", record)
+        self.comm.log(describe_places(msg, ranks))
+        save_report(msg, waited, laggards, ranks)
+
+    def _abort(self, front: int, laggards: list[int], waited: float, reported: bool) -> None:
+        if not reported:  # an abort limit below the warning's: say where the ranks were first
+            self._report(front, laggards, waited)
+        name = self._names.get(front, f"collective #{front}")
+        what = (
+            f"stall: ranks {laggards} did not join {name} within {waited:.0f} s "
+            f"(the stall abort limit, DISTNET_STALL_ABORT_S); ending the job"
+        )
+        from distnet.parallel.comm import record_failure  # noqa: PLC0415  (comm imports us)
+
+        record_failure(self.comm.rank, what)
+        self.comm.log(what)
+        self.comm.abort(1)
 
     def close(self) -> None:
         """Stops the check on this rank (rank 0 stops counting it as behind)."""
         if not self._active:
             return
         self._active = False
-        if self.comm.rank != 0:
-            msg = np.array([_CLOSED], dtype=np.int64)
-            self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=5)
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=5)
+        if self.comm.rank != 0:  # after the thread: no step of it may follow this
+            self._send_step(_CLOSED)
 
 
 def _append_report(path: Path, record: dict[str, Any]) -> None:

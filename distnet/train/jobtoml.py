@@ -4,7 +4,8 @@ A job holds only what TOML holds natively: tables of strings, integers, floats, 
 lists of those, and lists of small tables (``[dist] worker_resources``); ``None`` (an
 absent optional key) is left out, which reads back as the same default. That is small
 enough to write here (about 40 lines) instead of adding a dependency for it.
-``tomllib.loads(to_toml(job))`` validates to the same job (tests/distributed_mpi/test_conventions.py).
+``tomllib.loads(to_toml(job))`` validates to the same job
+(tests/distributed_mpi/test_conventions.py).
 """
 
 from __future__ import annotations

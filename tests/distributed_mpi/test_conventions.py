@@ -2,7 +2,8 @@
 directory, ``--log-level``, ``--print-config``, 'did you mean', TOML error positions, relative
 paths, one exit-code table, ``report`` refusing a non-run, ``data info``'s label check.
 
-Distributed behaviour runs under real mpiexec here; the Ray side is tests/distributed_ray/test_conventions_ray.py.
+Distributed behaviour runs under real mpiexec here; the Ray side is
+tests/distributed_ray/test_conventions_ray.py.
 """
 
 from __future__ import annotations

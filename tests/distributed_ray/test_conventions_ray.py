@@ -1,6 +1,6 @@
 """Conventions on the Ray engine, on a real local Ray: torchrun's rank variables in every
-worker actor, and every rank's console kept in the run directory (tests/distributed_mpi/test_conventions.py
-has the rest)."""
+worker actor, and every rank's console kept in the run directory
+(tests/distributed_mpi/test_conventions.py has the rest)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.mpi import MPIEXEC, SCRIPTS, launch
 from helpers.jobs import mlp_job
+from helpers.mpi import MPIEXEC, SCRIPTS, launch
 
 from distnet.train import jobspec
 

@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 import pytest
-from helpers.mpi import MPIEXEC, SCRIPTS, launch
 from helpers.jobs import mlp_job
+from helpers.mpi import MPIEXEC, SCRIPTS, launch
 
 pytest.importorskip("s3fs", reason="s3:// stores need the [s3] extra (s3fs)")
 pytest.importorskip("moto", reason="the tests' S3 server is moto's (the [dev] extra)")

@@ -128,6 +128,7 @@ def test_shares_follow_throughput_and_the_update_stays_the_global_batch_one(ray_
 
 
 @pytest.mark.slow
+@pytest.mark.load_scaled  # 3 jobs of 28 epochs (local, Ray, Ray skipped): 64 s at load 25
 def test_stacked_autoencoder_job_on_ray_matches_one_process(ray_cluster, digits, capsys):
     text = mlp_job("data/train", test="data/test", epochs=20).replace(
         'type = "mlp"', 'type = "stacked_autoencoder"'

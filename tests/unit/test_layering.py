@@ -123,6 +123,7 @@ def _is_mpi_only(target: str) -> bool:
     it is not there)."""
     return target == "distnet.parallel.mpi" or target.startswith("distnet.parallel.mpi.")
 
+
 LOOP = ("fit", "checkpoint", "pipeline", "callbacks", "progress", "metrics", "batches", "finite",
         "lrcallbacks")  # fmt: skip
 """The training loop's modules in ``distnet/train``: they talk to the optimiser's protocol."""
@@ -171,7 +172,9 @@ def test_the_engine_checks_can_fail(tmp_path):
     """A Ray module importing the MPI launcher is seen by the same reading of imports."""
     fake = tmp_path / "distnet" / "parallel" / "rayengine" / "bad.py"
     fake.parent.mkdir(parents=True)
-    fake.write_text("from distnet.parallel.mpi.launcher import main\nfrom distnet.nn import Dense\n")
+    fake.write_text(
+        "from distnet.parallel.mpi.launcher import main\nfrom distnet.nn import Dense\n"
+    )
     got = imported_modules(fake, "distnet.parallel.rayengine.bad")
     assert [t for t, _ in got] == ["distnet.parallel.mpi.launcher", "distnet.nn"]
     assert _is_mpi_only(got[0][0]) and unit_of(got[1][0]) == "nn"

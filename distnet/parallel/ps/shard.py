@@ -49,6 +49,7 @@ import numpy as np
 from distnet.parallel.ps import link
 from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
+from distnet.parallel.ps.pushcheck import PushRecord, push_record, round_mismatch
 from distnet.parallel.ps.shardlink import ShardLink
 from distnet.parallel.ps.snapshot import load_snapshot, save_snapshot
 
@@ -87,7 +88,8 @@ class _Round:
     """One sync round: the gradients pending by worker, and how it ended."""
 
     def __init__(self) -> None:
-        self.pending: dict[int, tuple[np.ndarray, float, int, int]] = {}
+        # worker -> (gradient, share, clock, seen version, linked, PushRecord or None)
+        self.pending: dict[int, tuple] = {}
         self.done = asyncio.Event()
         self.deadline: float | None = None  # set by the round's first push
         self.result: Any = None
@@ -178,13 +180,21 @@ class ParameterServerShard(Membership, ShardLink):
 
     # --- checks ---------------------------------------------------------------------------
     def _check(
-        self, token: str, worker: int, grad: Any, share: float, clock: Any, seen: Any, lr: Any
+        self,
+        token: str,
+        worker: int,
+        grad: Any,
+        share: float,
+        clock: Any,
+        seen: Any,
+        lr: Any,
+        site: Any = None,
     ) -> None:
         problem = self._sender_problem(token, worker) or self._push_problem(
             worker, grad, share, clock, seen, lr
         )
         if problem:
-            self._refuse(problem)
+            self._refuse(problem if site is None else f"{problem} (pushed at {site})")
 
     def _refuse(self, problem: str) -> None:
         self.refused += 1
@@ -236,6 +246,7 @@ class ParameterServerShard(Membership, ShardLink):
         share: float,
         lr: float | None,
         incarnation: int = 0,
+        site: str | None = None,
     ) -> tuple[Any, Any]:
         """Applies (or, in sync, contributes) ``grad`` (shape ``(hi - lo,)``), then returns
         ``(version, slice)``: the parameters, or the summed gradient when the optimiser runs
@@ -249,13 +260,17 @@ class ParameterServerShard(Membership, ShardLink):
 
         ``grad`` may be a ``LinkRef`` to the worker's outbox (``link.py``): the reply is then
         ``(version, the board's LinkRef)``, or ``("unlinked", None)`` with nothing applied
-        when the outbox cannot be mapped here (the worker sends the array instead)."""
+        when the outbox cannot be mapped here (the worker sends the array instead).
+
+        ``site``: where the worker asked for this push, sent with the collective check on
+        (``pushcheck.py``): a refusal names it, and a sync round compares its pushes."""
         linked = isinstance(grad, link.LinkRef)
         if linked:
             grad = self._open_outbox(token, worker, grad)
             if grad is None:
                 return "unlinked", None
-        self._check(token, worker, grad, share, clock, seen_version, lr)
+        self._check(token, worker, grad, share, clock, seen_version, lr, site)
+        record = None if site is None else push_record(worker, clock, grad, str(site))
         skipped = grad is None
         self.pushes_received[worker] += 1
         self.linked_pushes[worker] += linked
@@ -276,7 +291,7 @@ class ParameterServerShard(Membership, ShardLink):
                     await self._ssp_wait(worker, clock)
             return self._answer(linked)
         if self.mode == "sync":
-            return await self._sync_push(worker, clock, seen_version, grad, share, linked)
+            return await self._sync_push(worker, clock, seen_version, grad, share, linked, record)
         if skipped:
             self.steps_skipped[worker] += 1
             self.clocks[worker] = max(self.clocks[worker], clock)
@@ -351,11 +366,24 @@ class ParameterServerShard(Membership, ShardLink):
         return waiting
 
     async def _sync_push(
-        self, worker: int, clock: int, seen: int, grad: np.ndarray, share: float, linked: bool
+        self,
+        worker: int,
+        clock: int,
+        seen: int,
+        grad: np.ndarray,
+        share: float,
+        linked: bool,
+        record: PushRecord | None = None,
     ) -> tuple[int, Any]:
         # A round is complete when every worker has one pending gradient (keyed by worker, so
         # a retried push replaces its own entry instead of counting twice).
         round_done = self._round
+        # the collective check: after a restart from a snapshot rounds of different clocks
+        # meet by design (below); otherwise every push of a round has the same clock and op
+        mismatch = round_mismatch(record, round_done.pending, not self.restored_from_snapshot)
+        if mismatch is not None:
+            self._fail_round(round_done, mismatch)  # the workers waiting in it raise too
+            self._refuse(mismatch)
         clocks = {entry[2] for w, entry in round_done.pending.items() if w != worker}
         if clocks and min(clocks) > clock:
             # the others are past this clock: they finished this round in an incarnation that
@@ -369,7 +397,7 @@ class ParameterServerShard(Membership, ShardLink):
             # the mirror case: this worker got that round's reply before the restart
             self._settle_lost_round(round_done)
             round_done = self._round
-        round_done.pending[worker] = (grad, float(share), clock, seen, linked)
+        round_done.pending[worker] = (grad, float(share), clock, seen, linked, record)
         loop = asyncio.get_running_loop()
         if round_done.deadline is None:
             round_done.deadline = loop.time() + self.round_timeout_s

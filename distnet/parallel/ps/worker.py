@@ -23,7 +23,9 @@ import numpy as np
 
 from distnet import backend, trace
 from distnet.parallel.ps import link
+from distnet.parallel.ps.pushcheck import push_site
 from distnet.parallel.ps.server import ParameterServer
+from distnet.parallel.stall import note_round
 from distnet.parallel.sync import SyncOptimizer, check_share
 
 
@@ -146,13 +148,15 @@ class ParameterServerOptimizer(SyncOptimizer):
         parameters (the summed gradient with the optimiser on the workers)."""
         opt, ps = self.optimizer, self.ps
         self.clock += 1
+        note_round("push_pull", self.clock)  # where this worker is, for a stall report
         on_server = ps.optimizer_on == "server"
         lr = float(opt.lr) if on_server else None
+        site = push_site()  # with the collective check on: the shards compare the pushes
 
         def submit(i: int, shard: Any) -> Any:
             return shard.push_pull.remote(
                 ps.token, self.worker_index, self.clock, self.seen_versions[i],
-                payload(i), float(share), lr, self.incarnation,
+                payload(i), float(share), lr, self.incarnation, site,
             )  # fmt: skip
 
         # every shard's call goes out before the first wait: shards work concurrently

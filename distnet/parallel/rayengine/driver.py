@@ -48,6 +48,7 @@ from distnet.parallel.rayengine.options import (
     start_ray,
 )
 from distnet.parallel.rayengine.resume import choose_carry
+from distnet.parallel.rayengine.stallwatch import RayStallWatch
 from distnet.parallel.rayengine.standin import outage_steps, replace_in_place
 from distnet.parallel.rayengine.worker import WorkerActor
 
@@ -141,7 +142,8 @@ class RayJob:
             .options(
                 num_cpus=spec.num_cpus,
                 num_gpus=spec.num_gpus,
-                max_concurrency=6,  # run + deliver + abort + logs + join_info + replace_peer
+                # run + deliver + abort + logs + join_info + replace_peer + progress/where
+                max_concurrency=7,
                 max_restarts=0,  # the driver replaces it (a restarted actor would lose its rank)
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=bundle
@@ -232,9 +234,16 @@ class RayJob:
             a.run.remote(self.task, job, self._rank_spec(r)) for r, a in enumerate(self.actors)
         ]
         pending = list(futures)
+        # where every worker is, and a report when some stop moving (stallwatch.py)
+        watch = RayStallWatch(self.actors, self.log, job.get("run", {}).get("out"))
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             self._print_logs()
+            stalled = watch.poll() if not done else None
+            if stalled is not None:
+                self._abort_all(stalled)
+                self._drain(pending, consume=True, timeout_s=10.0)
+                raise RayEngineError(stalled)
             lost, errors, restart = [], [], False
             for ref in done:
                 rank = futures.index(ref)

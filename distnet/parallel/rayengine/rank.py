@@ -245,6 +245,9 @@ class RayRankEngine(EngineBase):
             os._exit(17)
         if fault["action"] == "raise":  # a bug in the stage's code, as the user would meet it
             raise RuntimeError(f"injected fault at step {self.steps}")
+        if fault["action"] == "sleep":  # stuck outside the collectives (stall check tests)
+            sleep_instead_of_training(float(fault["seconds"]))
+            return
         import signal  # noqa: PLC0415
         import threading  # noqa: PLC0415
 
@@ -409,3 +412,8 @@ class _ClosingServer(PassThrough):
 
 
 RankSetup = RayRankEngine  # the name it had
+
+
+def sleep_instead_of_training(seconds: float) -> None:
+    """A stuck worker (fault "sleep"): a stall report must show this frame."""
+    time.sleep(seconds)

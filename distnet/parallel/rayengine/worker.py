@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 from typing import Any
 
+from distnet.parallel import stall
 from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator
 from distnet.parallel.rayengine.rank import RankSetup, SampleLog, summary
 from distnet.parallel.rayengine.standin import JoinRecord
@@ -44,6 +46,7 @@ class WorkerActor:
         self._log: queue.Queue[str] = queue.Queue()
         self._carry: dict[str, Any] = {}  # what a failed run left for the next (resume.py)
         self._join: dict[str, Any] = {}  # what a replacement needs to join (standin.py)
+        self._training_thread: int | None = None  # the thread in ``run`` (stall reports)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (pid, node address and Ray node id, GPUs Ray gave it)."""
@@ -88,8 +91,23 @@ class WorkerActor:
         if self.comm is None:
             raise RuntimeError("WorkerActor.run before setup")
         log = self._log.put if self.comm.rank == 0 else (lambda line: None)
+        self._training_thread = threading.get_ident()
         spec = {**spec, "carry_box": self._carry, "join_box": self._join}
         return task(self.comm, self.generation, job, spec, log)
+
+    def progress(self) -> tuple[int, str]:
+        """(number of the last collective, last parameter-server round) of this worker: what
+        the driver's stall check compares (``stallwatch.py``)."""
+        if self.comm is None:
+            return 0, ""
+        return self.comm.trace.last()[0], stall.last_round()
+
+    def where(self) -> dict[str, Any]:
+        """This worker's place for a stall report: last collective, round, and the Python
+        stack of its training thread."""
+        if self.comm is None:
+            return {"rank": None, "seq": 0, "op": "", "round": "", "stack": "(not set up)"}
+        return stall.where(self.comm, self._training_thread)
 
     def carry_info(self) -> dict[str, Any] | None:
         """Where the carry a failed run left stands (stage, epoch, samples_seen, steps), or
