@@ -11,11 +11,11 @@ from distnet.parallel.buckets import Bucket, BucketReducer, bucketed_allreduce, 
 from distnet.parallel.comm import (
     Communicator,
     LocalCommunicator,
-    MPICommunicator,
     PendingAllreduce,
     init,
     launched_by_mpi,
 )
+from distnet.parallel.mpi.communicator import MPICommunicator  # mpi4py is imported when made
 from distnet.parallel.optimizer import DistributedOptimizer
 from distnet.parallel.stall import StallDetector
 

@@ -304,7 +304,7 @@ class StallDetector:
             f"stall: ranks {laggards} did not join {name} within {waited:.0f} s "
             f"(the stall abort limit, DISTNET_STALL_ABORT_S); ending the job"
         )
-        from distnet.parallel.comm import record_failure  # noqa: PLC0415  (comm imports us)
+        from distnet.parallel.mpi.communicator import record_failure  # noqa: PLC0415  (it imports us)
 
         record_failure(self.comm.rank, what)
         self.comm.log(what)

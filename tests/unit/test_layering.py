@@ -118,9 +118,9 @@ def test_model_fit_works_in_a_fresh_process_that_never_imported_train():
 
 # --- inside parallel: engines apart, the parameter server and the loop engine-free ------------
 def _is_mpi_only(target: str) -> bool:
-    """``distnet.parallel.mpi`` holds what only the MPI engine uses (``comm.py`` still holds the
-    engine-neutral base beside ``MPICommunicator``: the Ray communicator imports that base, so
-    it is not there)."""
+    """``distnet.parallel.mpi`` holds what only the MPI engine uses (``MPICommunicator`` in
+    ``mpi/communicator.py``); ``parallel/comm.py`` is the engine-neutral base both engines'
+    communicators derive from."""
     return target == "distnet.parallel.mpi" or target.startswith("distnet.parallel.mpi.")
 
 

@@ -112,7 +112,7 @@ def abort_failed_rank(status: int, what: str) -> None:
     world = mpi.COMM_WORLD
     if world.Get_size() < 2:
         return
-    from distnet.parallel.comm import record_failure  # noqa: PLC0415
+    from distnet.parallel.mpi.communicator import record_failure  # noqa: PLC0415
 
     record_failure(world.Get_rank(), what, status)
     sys.stdout.flush()
