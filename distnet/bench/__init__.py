@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "network": ("distnet.bench.network", "allreduce latency/bandwidth sweep, flat vs hierarchical"),
     "e2e": ("distnet.bench.e2e", "a whole stacked-autoencoder job vs the same recipe in PyTorch"),
     "elastic": ("distnet.bench.elastic", "a Ray worker's death: mid-epoch resume vs epoch redone"),
+    "uneven": ("distnet.bench.uneven", "slowed workers: equal/throughput shares, ssp, async"),
 }
 
 
