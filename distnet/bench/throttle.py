@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-PERIOD_S = 0.05
+PERIOD_S = 0.01
 
 METHOD = f"SIGSTOP/SIGCONT duty cycle ({PERIOD_S * 1000:.0f} ms period)"
 

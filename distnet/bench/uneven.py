@@ -32,11 +32,12 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from distnet.bench.throttle import METHOD, cgroup_cpu_writable
-from distnet.bench.uneven_run import JOB, Change, Contender, run_contender
+from distnet.bench.uneven_run import JOB, Change, Contender, digits_stores, run_contender
 
 CONTENDERS = {
     "equal": Contender("equal"),
@@ -74,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one-pixel shifted copies of each training image",
     )
     parser.add_argument("--devices", help="e.g. cuda,cpu,cpu: a mixed group, no throttling")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of every contender, in alternating order (medians)",
+    )
     parser.add_argument("--json", help="write the results here")
 
 
@@ -105,35 +112,6 @@ def gpu_count() -> int:
         return 0
 
 
-def _stores(root: Path, shifts: int) -> tuple[str, str]:
-    """Digits' training part, each image also shifted by one pixel in up to 4 directions
-    (``shifts``: more samples per epoch, so large batches still give many steps), and its
-    test part; both in [0, 1]."""
-    import numpy as np  # noqa: PLC0415
-
-    from distnet.data import convert_digits, write_dataset  # noqa: PLC0415
-    from distnet.train.job import read_store  # noqa: PLC0415
-
-    convert_digits(str(root / "digits"), test_fraction=0.25, seed=0, chunk_samples=64)
-    x, y = read_store(str(root / "digits" / "train"))
-    images = np.asarray(x, dtype=np.float32).reshape(len(x), 8, 8) / 16.0  # into [0, 1]
-    moved = [images]
-    for axis, step in [(1, 1), (1, -1), (2, 1), (2, -1)][:shifts]:
-        shifted = np.roll(images, step, axis=axis)
-        edge = [slice(None)] * 3
-        edge[axis] = 0 if step > 0 else -1
-        shifted[tuple(edge)] = 0.0  # shifted in, not wrapped round
-        moved.append(shifted)
-    order = np.random.default_rng(0).permutation(len(moved) * len(x))
-    xs = np.concatenate(moved)[order]  # (n, 8, 8): an MLP flattens, a CNN sees one channel
-    ys = np.concatenate([np.asarray(y)] * len(moved))[order]
-    write_dataset(str(root / "train"), xs, ys, chunk_samples=128)
-    x_test, y_test = read_store(str(root / "digits" / "test"))
-    x_test = np.asarray(x_test, np.float32).reshape(-1, 8, 8) / 16.0
-    write_dataset(str(root / "test"), x_test, y_test)
-    return str(root / "train"), str(root / "test")
-
-
 def first_met(curve: list[dict[str, Any]], key: str, target: float, below: bool) -> Any:
     """The first point of ``curve`` whose ``key`` meets ``target`` (None: never)."""
     for p in curve:
@@ -162,10 +140,37 @@ def summarize(run: dict[str, Any], args: argparse.Namespace, n_train: int) -> di
     }
 
 
-def ideal(shares: list[dict[str, Any]], equal: dict[str, Any], n_train: int) -> dict[str, Any]:
-    """The summed compute rates (median per rank over the rebalances after the first, which
-    includes warm-up) doing the equal run's samples to each target."""
-    measured = shares[1:] or shares
+def combine(rows: list[dict[str, Any]], equal: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Medians over rounds (None where a round missed the target), and per round the equal
+    run's time to the target accuracy over this one's (the number that load leaves alone)."""
+    out: dict[str, Any] = {}
+    for key in (
+        "time_to_loss_s",
+        "epochs_to_loss",
+        "time_to_accuracy_s",
+        "epochs_to_accuracy",
+        "samples_per_s",
+        "final_accuracy",
+        "final_loss",
+        "wall_s",
+    ):
+        values = [row[key] for row in rows]
+        out[key] = None if None in values else round(statistics.median(values), 4)
+    if equal is not None:
+        pairs = zip(equal, rows, strict=True)
+        ratios = [
+            e["time_to_accuracy_s"] / r["time_to_accuracy_s"]
+            for e, r in pairs
+            if e["time_to_accuracy_s"] and r["time_to_accuracy_s"]
+        ]
+        out["speedup_vs_equal"] = round(statistics.median(ratios), 3) if ratios else None
+    out["rounds"] = rows
+    return out
+
+
+def ideal(measured: list[dict[str, Any]], equal: dict[str, Any], n_train: int) -> dict[str, Any]:
+    """The summed compute rates (median per rank over the throughput runs' rebalances but the
+    first of each, which includes warm-up) doing the equal run's samples to each target."""
     rates = [statistics.median(h["throughput"][r] for h in measured)
              for r in range(len(measured[0]["throughput"]))]  # fmt: skip
     total = sum(rates)
@@ -213,14 +218,20 @@ def checks(results: dict[str, Any], ideal_: dict[str, Any] | None) -> dict[str, 
 
 
 def print_table(results: dict[str, Any], ideal_: dict[str, Any] | None) -> None:
-    cols = ("time_to_loss_s", "time_to_accuracy_s", "samples_per_s", "final_accuracy")
-    print(f"{'contender':12s}" + "".join(f"{c:>20s}" for c in cols))
+    cols = (
+        "time_to_loss_s",
+        "time_to_accuracy_s",
+        "speedup_vs_equal",
+        "samples_per_s",
+        "final_accuracy",
+    )
+    print(f"{'contender':18s}" + "".join(f"{c:>19s}" for c in cols))
     rows = dict(results)
     if ideal_:
         rows["ideal"] = {**ideal_, "final_accuracy": None}
     for name, r in rows.items():
         cells = ["-" if r.get(c) is None else f"{r[c]:.4g}" for c in cols]
-        print(f"{name:12s}" + "".join(f"{c:>20s}" for c in cells))
+        print(f"{name:18s}" + "".join(f"{c:>19s}" for c in cells))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -247,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"distnet bench uneven: --contenders {unknown}: not in {list(CONTENDERS)}")
     root = Path(tempfile.mkdtemp(prefix="distnet-bench-uneven-"))
-    train, test = _stores(root, args.shifts)
+    train, test = digits_stores(root, args.shifts)
     n = len(open_dataset(train))
     n_train = n - held_out_count(n, 0.2)
     args.batch_size = args.batch_size or 96 * workers
@@ -256,31 +267,37 @@ def run(args: argparse.Namespace) -> int:
     specs = [WorkerSpec(d, 1.0, 1.0 if d == "cuda" else 0.0) for d in devices]
     factors = [slow.get(r, 1.0) for r in range(workers)]
     started = start_ray(None, num_cpus=max(4, workers + 2), num_gpus=devices.count("cuda"))
-    raw: dict[str, Any] = {}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     try:
-        for name in names:
-            raw[name] = run_contender(CONTENDERS[name], text, root, specs, factors)
-            print(f"{name}: {raw[name]['wall_s']:.1f} s", flush=True)
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                contender = replace(CONTENDERS[name], name=f"{name}-{r}")
+                runs[name].append(run_contender(contender, text, root, specs, factors))
+                print(f"round {r} {name}: {runs[name][-1]['wall_s']:.1f} s", flush=True)
+        changed_run = None
         if change is not None:
             changed = Contender("throughput_change", rebalance_every=1)
-            raw["change"] = run_contender(changed, text, root, specs, factors, change)
-            print(f"throughput with change: {raw['change']['wall_s']:.1f} s", flush=True)
+            changed_run = run_contender(changed, text, root, specs, factors, change)
+            print(f"throughput with change: {changed_run['wall_s']:.1f} s", flush=True)
         mixed = mixed_runs(root, text, devices) if "cuda" in devices else None
     finally:
         if started:
             import ray  # noqa: PLC0415
 
             ray.shutdown()
-    results = {name: summarize(raw[name], args, n_train) for name in names}
+    rows = {name: [summarize(one, args, n_train) for one in runs[name]] for name in names}
+    results = {name: combine(rows[name], rows.get("equal")) for name in names}
     ideal_ = None
-    if "throughput" in raw and "equal" in results and raw["throughput"]["shares"]:
-        ideal_ = ideal(raw["throughput"]["shares"], results["equal"], n_train)
+    shares = [h for one in runs.get("throughput", []) for h in one["shares"][1:]]
+    if shares and "equal" in results:
+        ideal_ = ideal(shares, results["equal"], n_train)
     verdict = checks(results, ideal_)
-    if change is not None:
-        verdict["shares_follow_change"] = share_follow(raw["change"], change)
-        results["throughput_change"] = summarize(raw["change"], args, n_train)
+    if changed_run is not None and change is not None:
+        verdict["shares_follow_change"] = share_follow(changed_run, change)
+        results["throughput_change"] = summarize(changed_run, args, n_train)
     if mixed is not None:
-        verdict["mixed_group"] = mixed_verdict(raw.get("throughput"), mixed, devices, n_train)
+        group = runs["throughput"][0] if runs.get("throughput") else None
+        verdict["mixed_group"] = mixed_verdict(group, mixed, devices, n_train)
     out = {
         "setup": {"workers": workers, "devices": devices, "slow": factors, "throttle": METHOD,
                   "cgroup_cpu_writable": cgroup_cpu_writable(), "epochs": args.epochs,
@@ -290,7 +307,10 @@ def run(args: argparse.Namespace) -> int:
                   "load": [round(x, 2) for x in os.getloadavg()],
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         "contenders": results, "ideal": ideal_, "checks": verdict,
-        "share_history": {k: raw[k]["shares"] for k in ("throughput", "change") if k in raw},
+        "share_history": {
+            "throughput": [one["shares"] for one in runs.get("throughput", [])],
+            "change": None if changed_run is None else changed_run["shares"],
+        },
     }  # fmt: skip
     print_table(results, ideal_)
     for name, check in verdict.items():

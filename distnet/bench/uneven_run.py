@@ -44,8 +44,39 @@ log_every = 1
 pictures = false
 """
 
+
 # an epoch's end ("    epoch   3/8  loss=... val_accuracy=..."), not a progress line within
 # one ("    [train] epoch 3/8 step 40  loss=...")
+def digits_stores(root: Path, shifts: int) -> tuple[str, str]:
+    """Digits' training part, each image also shifted by one pixel in up to 4 directions
+    (``shifts``: more samples per epoch, so large batches still give many steps), and its
+    test part; both in [0, 1]."""
+    import numpy as np  # noqa: PLC0415
+
+    from distnet.data import convert_digits, write_dataset  # noqa: PLC0415
+    from distnet.train.job import read_store  # noqa: PLC0415
+
+    convert_digits(str(root / "digits"), test_fraction=0.25, seed=0, chunk_samples=64)
+    x, y = read_store(str(root / "digits" / "train"))
+    images = np.asarray(x, dtype=np.float32).reshape(len(x), 8, 8) / 16.0  # into [0, 1]
+    moved = [images]
+    for axis, step in [(1, 1), (1, -1), (2, 1), (2, -1)][:shifts]:
+        shifted = np.roll(images, step, axis=axis)
+        edge = [slice(None)] * 3
+        edge[axis] = 0 if step > 0 else -1
+        shifted[tuple(edge)] = 0.0  # shifted in, not wrapped round
+        moved.append(shifted)
+    order = np.random.default_rng(0).permutation(len(moved) * len(x))
+    xs = np.concatenate(moved)[order]  # (n, 8, 8): an MLP flattens, a CNN sees one channel
+    ys = np.concatenate([np.asarray(y)] * len(moved))[order]
+    write_dataset(str(root / "train"), xs, ys, chunk_samples=128)
+    x_test, y_test = read_store(str(root / "digits" / "test"))
+    x_test = np.asarray(x_test, np.float32).reshape(-1, 8, 8) / 16.0
+    write_dataset(str(root / "test"), x_test, y_test)
+    return str(root / "train"), str(root / "test")
+
+
+# an epoch's end
 EPOCH_LINE = re.compile(r"^\s*epoch\s+(\d+)/(\d+)\s+(?!step)(.*)$")
 
 
