@@ -1,26 +1,31 @@
 """``distnet bench uneven``: time to accuracy when some workers are slower than the others.
 
-    distnet bench uneven [--workers 3] [--slow 2:3] [--change 1:3] [--epochs 16]
-                         [--contenders equal,throughput,ssp2,ssp8,async]
+    distnet bench uneven [--workers 3] [--slow 2:3] [--change 1:3] [--epochs 8] [--rounds 1]
+                         [--contenders equal,throughput,ssp2,ssp8,async] [--model cnn|mlp]
                          [--devices cuda,cpu,cpu] [--json FILE]
 
-A digits MLP job on local Ray workers, rank r slowed by a factor k (``--slow r:k``) the way
-a slower machine is: stopped and continued on a 50 ms duty cycle (``throttle.py``; a cgroup
-``cpu.max`` is used nowhere, the JSON says whether one was writable). Contenders, one after
-the other in one run, one Ray: ``equal`` (sync allreduce, equal shares), ``throughput``
-(sync allreduce, shares following each worker's measured samples/s, ``rebalance_every``),
-``ssp2``/``ssp8`` (parameter server, bounded staleness 2 and 8), ``async`` (parameter
-server), and the ideal: the workers' summed compute rates (measured in the throughput run)
-doing the equal run's samples. Times count from the end of the first epoch (start-up and
-warm-up left out) to the end of the first epoch whose training loss / validation accuracy
-meets the target. Then ``--change r:k`` runs the throughput contender again with rank r's
-factor changed to k half way through, and records the share history.
+A digits job (a small CNN by default: much more compute per parameter sent than an MLP, so
+steps are not all communication; each training image also shifted by a pixel, ``--shifts``)
+on local Ray workers, rank r slowed by a factor k (``--slow r:k``) the way a slower machine
+is: stopped and continued on a 10 ms duty cycle (``throttle.py``; no cgroup is touched, the
+JSON says whether one was writable). Contenders, one after the other on one Ray, in an order
+that alternates between rounds: ``equal`` (sync allreduce, equal shares), ``throughput``
+(sync allreduce, shares following each worker's measured samples/s, rebalanced at every
+epoch end), ``ssp2``/``ssp8`` (parameter server, bounded staleness 2 and 8), ``async``
+(parameter server), and the ideal: the workers' summed compute rates (measured in the
+throughput runs) doing the equal run's samples. Times count from the end of the first epoch
+(start-up and warm-up left out) to the end of the first epoch whose training loss /
+validation accuracy meets the target; ``speedup_vs_equal`` is the median over rounds of the
+equal run's time to the target accuracy over the contender's in the same round. Then
+``--change r:k`` runs the throughput contender again with rank r's factor changed to k half
+way through, and records the share history.
 
 Checks printed: throughput shares within 10% of the ideal's time to the target accuracy; no
 contender's final test accuracy below the equal run's by more than 0.5 points; after the
 change, the changed rank's share moves the right way at the next rebalance. With
 ``--devices cuda,cpu,cpu`` (no throttling) the group's samples/s is compared with a GPU
-worker alone plus 0.8 times a CPU worker alone for each CPU worker.
+worker alone plus 0.8 times a CPU worker alone for each CPU worker; without a GPU it
+refuses in one line.
 """
 
 from __future__ import annotations
@@ -301,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
     out = {
         "setup": {"workers": workers, "devices": devices, "slow": factors, "throttle": METHOD,
                   "cgroup_cpu_writable": cgroup_cpu_writable(), "epochs": args.epochs,
-                  "batch_size": args.batch_size, "hidden": args.hidden, "train_samples": n_train,
+                  "batch_size": args.batch_size, "model": args.model,
+                  "hidden": args.hidden if args.model == "mlp" else None, "train_samples": n_train,
                   "target_loss": args.target_loss, "target_accuracy": args.target_accuracy,
                   "change": None if change is None else vars(change),
                   "load": [round(x, 2) for x in os.getloadavg()],
