@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("distnet.train.job", "run a training job described by a TOML file"),
     "data": ("distnet.data.commands", "convert data sets into Zarr stores and inspect them"),
     "launch": ("distnet.parallel.launcher", "start N ranks with mpiexec (like horovodrun)"),
-    "bench": ("distnet.bench", "benchmarks: core loader allreduce trace ps network e2e elastic"),
+    "bench": ("distnet.bench", "core loader allreduce trace ps network e2e elastic uneven"),
     "report": ("distnet.train.report", "summarise a run directory, or compare several"),
     "matrix": ("distnet.train.conformance", "list the conformance matrix and what is refused"),
 }
