@@ -253,10 +253,18 @@ def run(args: argparse.Namespace) -> int:
               "(cupy sees no device)", file=sys.stderr)  # fmt: skip
         return 2
     workers = len(devices)
+    if workers < 2 or args.rounds < 1 or args.epochs < 2:
+        raise SystemExit(
+            f"distnet bench uneven: needs >= 2 workers, >= 1 round and >= 2 epochs (got "
+            f"{workers}, {args.rounds}, {args.epochs})"
+        )
     slow = {} if args.devices else parse_factors(args.slow, workers, "--slow")
     change = None
     if args.change != "none" and not args.devices:
-        ((rank, factor),) = parse_factors(args.change, workers, "--change").items()
+        changes = parse_factors(args.change, workers, "--change")
+        if len(changes) != 1:
+            raise SystemExit(f"distnet bench uneven: --change {args.change!r}: one RANK:FACTOR")
+        ((rank, factor),) = changes.items()
         change = Change(rank, factor)
     names = [n for n in args.contenders.split(",") if n]
     unknown = sorted(set(names) - set(CONTENDERS))
