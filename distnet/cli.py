@@ -17,9 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("distnet.train.job", "run a training job described by a TOML file"),
     "data": ("distnet.data.commands", "convert data sets into Zarr stores and inspect them"),
     "launch": ("distnet.parallel.mpi.launcher", "start N ranks with mpiexec (like horovodrun)"),
-    "bench": (
+    "bench": (  # tests/unit/test_docs_commands.py checks that it names every benchmark
         "distnet.bench",
-        "benchmarks: core loader allreduce trace ps network e2e elastic bigstore",
+        "benchmarks: core loader allreduce trace ps network e2e elastic bigstore uneven",
     ),
     "report": ("distnet.train.report", "summarise a run directory, or compare several"),
     "matrix": ("distnet.train.conformance", "list the conformance matrix and what is refused"),
