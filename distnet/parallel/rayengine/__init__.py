@@ -2,7 +2,7 @@
 elastic workers. Nothing here imports ray until a job or a benchmark uses it.
 
     from distnet.parallel.rayengine import RayOptions, worker_specs
-    from distnet.train.rayjob import run_ray_job      # jobs are the train layer's
+    from distnet.train.jobs.rayjob import run_ray_job      # jobs are the train layer's
     report = run_ray_job(job, RayOptions(workers=worker_specs(2)))
 """
 

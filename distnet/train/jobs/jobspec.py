@@ -7,8 +7,8 @@ coerced) and turns every problem into one line naming the key path::
     jobs/x.toml: [pretrain] epochs: expected an integer >= 0, got -1
 
 Adding a key is adding a field with a default and an ``expect`` phrase (what a user reads in
-the error), a line saying what it does in ``distnet.train.jobhelp``, and regenerating the
-reference: ``python -m distnet.train.jobsdoc > docs/jobs.md`` (tests/unit/test_jobs_doc.py).
+the error), a line saying what it does in ``distnet.train.jobs.jobhelp``, and regenerating the
+reference: ``python -m distnet.train.jobs.jobsdoc > docs/jobs.md`` (tests/unit/test_jobs_doc.py).
 ``distnet train JOB --set pretrain.epochs=5`` overrides any key (values in TOML syntax; a bare
 word is a string).
 """
@@ -77,13 +77,13 @@ class ModelSpec(Section):
         ["conv 16 5 pad=2", "relu", "maxpool 2", "conv 32 5", "relu", "maxpool 2",
          "dense 128", "relu"],
         "a list of layer entries such as 'conv 32 5 pad=2', 'relu', 'maxpool 2', 'dense 128' "
-        "(type = 'cnn'; see distnet/train/cnnspec.py)",
+        "(type = 'cnn'; see distnet/train/jobs/cnnspec.py)",
     )  # fmt: skip
 
     @field_validator("layers")
     @classmethod
     def _layers_parse(cls, layers: list[str]) -> list[str]:
-        from distnet.train.cnnspec import parse_layer  # noqa: PLC0415
+        from distnet.train.jobs.cnnspec import parse_layer  # noqa: PLC0415
 
         for text in layers:
             parse_layer(text)  # LayerSpecError is a ValueError: pydantic reports its text
@@ -126,7 +126,7 @@ class FinetuneSpec(Section):
     momentum: float = _field(0.9, "a number in [0, 1)", ge=0.0, lt=1.0)
     plateau_patience: int = _field(3, "an integer >= 0 (epochs)", ge=0)
     plateau_factor: float = _field(0.3, "a number in (0, 1)", gt=0.0, lt=1.0)
-    # the learning rate over the epochs (distnet/train/lrcallbacks.py): cut on a plateau of
+    # the learning rate over the epochs (distnet/train/loop/lrcallbacks.py): cut on a plateau of
     # the training loss, cosine decay to lr_min, or times step_factor every step_epochs
     schedule: Literal["plateau", "cosine", "step"] = _field(
         "plateau", "one of 'plateau', 'cosine', 'step'"
@@ -221,7 +221,7 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
     """Combinations of ``[dist]`` keys that cannot run as written (one line each, naming the
     keys and the way out): a key the chosen engine or strategy ignores, or two features that
     exclude each other. The conformance matrix asks this same function which combinations are
-    refused (``distnet.train.conformance``)."""
+    refused (``distnet.train.jobs.conformance``)."""
     out: list[str] = []
     engine, strategy, mode = dist.engine, dist.strategy, dist.mode
     if engine in ("local", "mpi"):

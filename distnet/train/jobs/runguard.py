@@ -33,9 +33,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distnet.train.checkpoint import is_complete, read_manifest
-from distnet.train.jobspec import JobError
-from distnet.train.lrcallbacks import floor
+from distnet.train.jobs.jobspec import JobError
+from distnet.train.loop.checkpoint import is_complete, read_manifest
+from distnet.train.loop.lrcallbacks import floor
 
 RECORD = "trained.json"
 # what a run writes first in its run directory: --restart empties only a directory holding one
@@ -240,7 +240,7 @@ def planned(job: dict[str, Any], stages: list[Any]) -> list[Any]:
 def segment(job: dict[str, Any], comm: Any, device: str) -> dict[str, Any]:
     """What this run trains with besides the stages' settings, kept per segment of epochs:
     engine, workers, device, non-finite policy and the ``[dist]`` keys not at their defaults."""
-    from distnet.train.jobspec import defaults  # noqa: PLC0415
+    from distnet.train.jobs.jobspec import defaults  # noqa: PLC0415
 
     dist = {k: v for k, v in job["dist"].items() if v != defaults()["dist"][k]}
     return {"engine": type(comm).__name__, "workers": comm.size, "device": str(device),
@@ -254,8 +254,8 @@ def preflight(job: dict[str, Any], job_path: str, restart_dir: bool, log: Any = 
     stops when this one exits), ``--restart`` empties the run directory, else the guard
     compares it with the job; then the data for the planned ranks (``check_data``)."""
     from distnet.parallel.rayengine import options_from_job  # noqa: PLC0415
-    from distnet.train.callbacks import process_rank  # noqa: PLC0415
-    from distnet.train.datacheck import check_data, planned_world_size  # noqa: PLC0415
+    from distnet.train.jobs.datacheck import check_data, planned_world_size  # noqa: PLC0415
+    from distnet.train.loop.callbacks import process_rank  # noqa: PLC0415
 
     options = options_from_job(job) if job["dist"]["engine"] == "ray" else None
     if process_rank() != 0:
