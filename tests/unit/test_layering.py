@@ -168,6 +168,15 @@ def test_the_training_loop_imports_no_engine():
     assert not bad, "\n".join(bad)
 
 
+def test_the_training_loop_imports_neither_jobs_nor_reports():
+    """``train/loop`` sits below ``train/jobs`` and ``train/report``: a job is built on the loop,
+    the loop knows no job file, command or report."""
+    loop = sorted(LOOP.rglob("*.py"))
+    above = ("distnet.train.jobs", "distnet.train.report")
+    bad = [_where(p, t, n) for p, t, n in _imports_of(loop) if t.startswith(above)]
+    assert not bad, "\n".join(bad)
+
+
 def test_the_engine_checks_can_fail(tmp_path):
     """A Ray module importing the MPI launcher is seen by the same reading of imports."""
     fake = tmp_path / "distnet" / "parallel" / "rayengine" / "bad.py"

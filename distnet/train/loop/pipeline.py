@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distnet.train.jobs.runguard import RECORD, epochs_trained, finished, read_record
 from distnet.train.loop.callbacks import Callback
 from distnet.train.loop.checkpoint import (
     apply_checkpoint,
@@ -31,6 +30,7 @@ from distnet.train.loop.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from distnet.train.loop.stagerecord import RECORD, epochs_trained, finished, read_record
 
 
 @dataclass
