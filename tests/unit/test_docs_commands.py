@@ -126,8 +126,8 @@ def check_command(words: list[str], where: str) -> None:
 def check_job_overrides(args: argparse.Namespace, where: str) -> None:
     """The job a ``distnet train`` line names, with its --set, --engine, --out and Ray options
     laid over it, passes the job spec (the example file where it exists, else the defaults)."""
-    from distnet.parallel.rayengine.jobs import dist_overrides
     from distnet.train.jobs import jobspec
+    from distnet.train.jobs.arguments import dist_overrides
     from distnet.train.jobs.job import load_job
 
     overrides: dict = {"run": {"out": args.out}} if args.out else {}

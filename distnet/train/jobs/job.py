@@ -40,8 +40,12 @@ from typing import Any
 import numpy as np
 
 from distnet.parallel.mpi import lifetime
-from distnet.parallel.rayengine.jobs import add_ray_arguments, dist_overrides
 from distnet.train.jobs import jobfile, jobspec
+from distnet.train.jobs.arguments import (  # the CLI calls add_arguments
+    add_arguments,
+    command_overrides,
+    dist_overrides,
+)
 from distnet.train.jobs.jobspec import JobError
 from distnet.train.jobs.stages import (  # noqa: F401  (where tests and tools find them)
     EpochPrinter,
@@ -55,32 +59,6 @@ from distnet.train.jobs.stages import (  # noqa: F401  (where tests and tools fi
 __all__ = ["DEFAULTS", "JobError", "add_arguments", "load_job", "run", "run_job"]
 
 DEFAULTS: dict[str, dict[str, Any]] = jobspec.defaults()  # the schema lives in jobspec.py
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``distnet train``."""
-    parser.add_argument("job", help="job description (TOML)")
-    parser.add_argument("--out", help="run directory (overrides [run] out)")
-    parser.add_argument(
-        "--engine", choices=["auto", "local", "mpi", "ray"], help="overrides [dist]"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one key, value in TOML syntax (repeatable): --set pretrain.epochs=5",
-    )
-    parser.add_argument("--quiet", action="store_true", help="print only the summary")
-    parser.add_argument("--restart", action="store_true", help="empty the run directory first")
-    add_ray_arguments(parser)
-    parser.add_argument(
-        "--trace", action="store_true", help="write RUN_DIR/trace.json, a per-rank timeline"
-    )
-    parser.add_argument(
-        "--print-config", action="store_true",
-        help="print the resolved job (after --set and defaults) as TOML and exit",
-    )  # fmt: skip
 
 
 def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -392,13 +370,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, console: contextlib.ExitStack) -> int:
-    overrides: dict[str, dict[str, Any]] = {}
-    if args.out:
-        overrides["run"] = {"out": args.out}
-    if args.engine:
-        overrides["dist"] = {"engine": args.engine}
-    if dist_overrides(args):
-        overrides.setdefault("dist", {}).update(dist_overrides(args))
+    overrides = command_overrides(args)
     from distnet.data import DatasetError  # noqa: PLC0415
     from distnet.parallel.rayengine import RayEngineError  # noqa: PLC0415
     from distnet.train.jobs.console import configure_logging, keep_console  # noqa: PLC0415

@@ -156,7 +156,7 @@ class DistSpec(Section):
     # allreduce inside each node, then among node leaders (distnet.parallel.mpi.hierarchical);
     # "auto": on with several nodes of several ranks, or as DISTNET_HIERARCHICAL says
     hierarchical: Literal["auto", True, False] = _field("auto", "'auto', true or false")
-    # the Ray engine (distnet/parallel/rayengine/jobs.py)
+    # the Ray engine (distnet/parallel/rayengine/options.py)
     strategy: Literal["allreduce", "ps", "hybrid", "local_sgd"] = _field(
         "allreduce", "'allreduce', 'ps', 'hybrid' or 'local_sgd'"
     )
@@ -182,7 +182,7 @@ class DistSpec(Section):
         [], "a list of 'cpu'/'cuda', one per Ray worker (instead of workers/cpu_workers)"
     )
     # custom Ray resources per worker: [{node_a = 1}, {node_b = 1}] pins worker i to the nodes
-    # that have them (distnet/parallel/rayengine/jobs.py)
+    # that have them (distnet/parallel/rayengine/options.py)
     worker_resources: list[dict[str, PositiveFloat]] = _field(
         [],
         "a list of tables of custom Ray resources, one per Ray worker, e.g. "
@@ -210,7 +210,7 @@ class DistSpec(Section):
         return tables
 
 
-# [dist] keys that only the Ray engine reads (distnet/parallel/rayengine/jobs.py): set under
+# [dist] keys that only the Ray engine reads (distnet/parallel/rayengine/options.py): set under
 # engine "local" or "mpi" they would do nothing, so they are refused (mode only when not sync)
 RAY_ONLY_KEYS = ("workers", "cpu_workers", "gpus_per_worker", "min_workers", "placement",
                  "address", "rebalance_every", "workers_per_node", "devices", "worker_resources",
