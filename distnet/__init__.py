@@ -29,7 +29,7 @@ def _default_trainer():
     the composition root that wires the layers, so nn asks it instead of importing train."""
     import importlib  # noqa: PLC0415
 
-    return importlib.import_module("distnet.train.fit")
+    return importlib.import_module("distnet.train.loop.fit")
 
 
 _SUBPACKAGES = ("backend", "bench", "core", "data", "nn", "optim", "parallel", "train", "viz")

@@ -3,7 +3,7 @@
 A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 
 Every subcommand exits with the same codes (``EXIT_CODES``, docs/conventions.md) and takes
-``--log-level`` (the ``distnet`` loggers, ``distnet.train.console``).
+``--log-level`` (the ``distnet`` loggers, ``distnet.train.jobs.console``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("distnet.train.demo", "pretrain + fine-tune a stacked autoencoder on real digits"),
-    "train": ("distnet.train.job", "run a training job described by a TOML file"),
+    "demo": (
+        "distnet.train.jobs.demo",
+        "pretrain + fine-tune a stacked autoencoder on real digits",
+    ),
+    "train": ("distnet.train.jobs.job", "run a training job described by a TOML file"),
     "data": ("distnet.data.commands", "convert data sets into Zarr stores and inspect them"),
     "launch": ("distnet.parallel.mpi.launcher", "start N ranks with mpiexec (like horovodrun)"),
     "bench": (  # tests/unit/test_docs_commands.py checks that it names every benchmark
@@ -22,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "benchmarks: core loader allreduce trace ps network e2e elastic bigstore uneven",
     ),
     "report": ("distnet.train.report", "summarise a run directory, or compare several"),
-    "matrix": ("distnet.train.conformance", "list the conformance matrix and what is refused"),
+    "matrix": ("distnet.train.jobs.conformance", "list the conformance matrix and what is refused"),
 }
 
 
@@ -47,7 +50,7 @@ def _not_a_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
     report is never written into a directory that holds no run."""
     from pathlib import Path  # noqa: PLC0415
 
-    from distnet.train.runguard import RUN_MARKERS  # noqa: PLC0415
+    from distnet.train.jobs.runguard import RUN_MARKERS  # noqa: PLC0415
 
     for action in parser._positionals._group_actions:
         values = getattr(args, action.dest, None)
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     _add_log_level(parser)
     args = parser.parse_args(rest)
-    from distnet.train.console import configure_logging  # noqa: PLC0415
+    from distnet.train.jobs.console import configure_logging  # noqa: PLC0415
 
     try:
         configure_logging(args.log_level)

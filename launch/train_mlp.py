@@ -16,7 +16,7 @@ import distnet.parallel as dist
 from distnet import backend, nn, optim
 from distnet import functional as F
 from distnet.data import StreamLoader
-from distnet.train.job import read_store
+from distnet.train.jobs.job import read_store
 
 
 def main() -> None:

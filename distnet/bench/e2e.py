@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job(args: argparse.Namespace) -> dict[str, Any]:
-    from distnet.train.job import load_job  # noqa: PLC0415
+    from distnet.train.jobs.job import load_job  # noqa: PLC0415
 
     overrides: dict[str, dict[str, Any]] = {"data": {}, "pretrain": {}, "finetune": {}}
     if args.train:
@@ -212,10 +212,10 @@ def torch_worker(spec_path: str, threads: int) -> int:
 
 
 def _torch_schedule(torch: Any, opt: Any, ft: dict[str, Any]) -> Any:
-    """The job's fine-tuning schedule in PyTorch (``distnet/train/lrcallbacks.py``): plateau
+    """The job's fine-tuning schedule in PyTorch (``distnet/train/loop/lrcallbacks.py``): plateau
     of the training loss, cosine decay over the epochs to ``lr_min``, or step cuts; stepped
     once per epoch, as distnet's callbacks set the rate before each epoch."""
-    from distnet.train.lrcallbacks import floor  # noqa: PLC0415
+    from distnet.train.loop.lrcallbacks import floor  # noqa: PLC0415
 
     kind = ft.get("schedule", "plateau")
     sched = torch.optim.lr_scheduler

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _epoch_seconds(mode: str, model: Any, x: np.ndarray, y: np.ndarray, batch: int) -> float:
     from distnet import trace  # noqa: PLC0415
     from distnet.train import fit  # noqa: PLC0415
-    from distnet.train.metrics import MetricsLogger  # noqa: PLC0415
+    from distnet.train.loop.metrics import MetricsLogger  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
         callbacks = [MetricsLogger(tmp, 0, "bench")] if mode != "off" else []

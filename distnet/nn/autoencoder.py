@@ -318,8 +318,8 @@ class StackedAutoEncoder(Module):
         Args:
             x: inputs (N, n_in) or a loader yielding (x, y) batches (y is ignored).
             encoded: ``x`` already holds the codes of layers 0..k-1 (N, h_k), e.g. from
-                ``distnet.train.codes.CodesCache``: they are not computed again.
-            epochs, **fit_kwargs: as for ``distnet.train.fit`` (batch_size, optimizer,
+                ``distnet.train.jobs.codes.CodesCache``: they are not computed again.
+            epochs, **fit_kwargs: as for ``distnet.train.loop.fit`` (batch_size, optimizer,
                 callbacks, initial_epoch, seed, ...).
         Returns:
             the ``History``; ``history["loss"]`` is the per-epoch mean objective.

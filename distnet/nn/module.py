@@ -412,7 +412,7 @@ class Module:
 
     # -- Keras-style training API (the loop lives in distnet.train; see nn/training.py) ----
     def fit(self, x: Any, y: Any = None, **kwargs: Any) -> Any:
-        """Trains this model; see ``distnet.train.fit`` (returns a ``History``)."""
+        """Trains this model; see ``distnet.train.loop.fit`` (returns a ``History``)."""
         return training.trainer().fit(self, x, y, **kwargs)
 
     def evaluate(self, x: Any, y: Any = None, **kwargs: Any) -> dict[str, float]:

@@ -3,7 +3,7 @@
 ``nn`` sits below ``train`` in the layers (docs/design.md), so it must not import the training
 loop, yet ``model.fit(x, y)`` is what Keras users reach for. ``nn`` therefore declares what it
 needs, a *trainer* (an object with ``fit(model, x, y, **kw)``, ``evaluate(model, x, y, **kw)``
-and ``predict(model, x, batch_size)``, i.e. the module ``distnet.train.fit``), and the
+and ``predict(model, x, batch_size)``, i.e. the module ``distnet.train.loop.fit``), and the
 composition root provides it: the package's ``distnet/__init__.py``, the one module that wires
 the layers together, names the default trainer and imports it on the first call. So the
 methods work without importing ``distnet.train`` first, the loop and its imports (optim, data,
@@ -27,7 +27,7 @@ def provide_trainer(provider: Callable[[], Any] | None) -> None:
 
 
 def trainer() -> Any:
-    """The registered trainer, else the package root's default (``distnet.train.fit``)."""
+    """The registered trainer, else the package root's default (``distnet.train.loop.fit``)."""
     if _provider is not None:
         return _provider()
     import distnet  # noqa: PLC0415  (the package root, which nn's modules sit inside)

@@ -90,7 +90,7 @@ class DistributedOptimizer:
     """
 
     # after synchronize(), flat_grads holds the same reduced gradient on every rank: fit's
-    # finite decision reads it there and needs no exchange of its own (train.finite)
+    # finite decision reads it there and needs no exchange of its own (train.loop.finite)
     grads_agree = True
 
     def __new__(cls, optimizer: Any, *args: Any, **kwargs: Any) -> Any:

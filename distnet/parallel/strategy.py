@@ -1,7 +1,7 @@
 """The strategy factory: the one place a synchronisation strategy is chosen.
 
 ``make_sync_optimizer(optimizer, engine)`` turns a job's ``[dist]`` settings (``engine.dist``,
-the keys of ``distnet.train.jobspec.DistSpec``) into the synchronising optimiser of one rank,
+the keys of ``distnet.train.jobs.jobspec.DistSpec``) into the synchronising optimiser of one rank,
 for any engine (``distnet.parallel.engine``). A strategy is one function
 ``(optimizer, engine) -> optimiser`` in ``STRATEGIES``; what only some engines can give (the
 parameter server's shard actors) it asks the engine for (``engine.parameter_server``).

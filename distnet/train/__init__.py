@@ -1,7 +1,7 @@
 """Training: the ``fit`` loop, callbacks, checkpoints, stage pipelines, demo and reports."""
 
 from distnet.optim.factory import make_optimizer
-from distnet.train.callbacks import (
+from distnet.train.loop.callbacks import (
     Callback,
     CSVLogger,
     EarlyStopping,
@@ -11,7 +11,7 @@ from distnet.train.callbacks import (
     ProgressBar,
     ReduceLROnPlateau,
 )
-from distnet.train.checkpoint import (
+from distnet.train.loop.checkpoint import (
     CheckpointError,
     is_complete,
     latest_checkpoint,
@@ -19,10 +19,10 @@ from distnet.train.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
-from distnet.train.fit import NonFiniteError, evaluate, fit, predict
-from distnet.train.metrics import MetricsLogger
-from distnet.train.pipeline import Pipeline, Stage, StageContext
-from distnet.train.progress import StageProgress
+from distnet.train.loop.fit import NonFiniteError, evaluate, fit, predict
+from distnet.train.loop.metrics import MetricsLogger
+from distnet.train.loop.pipeline import Pipeline, Stage, StageContext
+from distnet.train.loop.progress import StageProgress
 
 __all__ = [
     "fit",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from distnet.bench.e2e import _torch_schedule
-from distnet.train.lrcallbacks import cosine, step
+from distnet.train.loop.lrcallbacks import cosine, step
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (benchmarks only)")
 

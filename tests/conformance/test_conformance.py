@@ -12,8 +12,8 @@ import random
 import pytest
 
 from distnet import cli
-from distnet.train import conformance, jobspec
-from distnet.train.job import JobError, load_job
+from distnet.train.jobs import conformance, jobspec
+from distnet.train.jobs.job import JobError, load_job
 
 
 def test_pairwise_rows_cover_every_coverable_pair_and_are_all_accepted():

@@ -1,4 +1,4 @@
-"""The conformance matrix (distnet/train/conformance.py): every row of the pairwise covering
+"""The conformance matrix (distnet/train/jobs/conformance.py): every row of the pairwise covering
 array is a tiny real job (one local process, real mpiexec through ``distnet launch``, or a real
 local Ray started once for the module, on real Zarr stores), checked by its oracle:
 
@@ -34,7 +34,7 @@ from helpers.jobs import write_job
 from helpers.matrix import SAMPLES, run_rank, write_stores
 from helpers.mpi import MPI_MARKS, SCRIPTS, launch
 
-from distnet.train import conformance
+from distnet.train.jobs import conformance
 
 pytestmark = [pytest.mark.matrix, pytest.mark.timeout(300)]
 
@@ -128,8 +128,8 @@ def _ray_params(job: dict, out: Path) -> np.ndarray:
     """The final flat parameters of a Ray run, from its last stage checkpoint."""
     from distnet import backend  # noqa: PLC0415
     from distnet.data import open_dataset  # noqa: PLC0415
-    from distnet.train.checkpoint import load_checkpoint  # noqa: PLC0415
-    from distnet.train.job import build_model, sample_image_shape  # noqa: PLC0415
+    from distnet.train.jobs.job import build_model, sample_image_shape  # noqa: PLC0415
+    from distnet.train.loop.checkpoint import load_checkpoint  # noqa: PLC0415
 
     train = open_dataset(job["data"]["train"])
     backend.seed(job["run"]["seed"])
@@ -140,8 +140,8 @@ def _ray_params(job: dict, out: Path) -> np.ndarray:
 
 def _run_ray(config: dict, path: Path, out: Path) -> dict:
     from distnet.parallel.rayengine import options_from_job  # noqa: PLC0415
-    from distnet.train.job import load_job  # noqa: PLC0415
-    from distnet.train.rayjob import run_ray_job  # noqa: PLC0415
+    from distnet.train.jobs.job import load_job  # noqa: PLC0415
+    from distnet.train.jobs.rayjob import run_ray_job  # noqa: PLC0415
 
     job = load_job(path)
     options = options_from_job(job)

@@ -10,7 +10,7 @@ import pytest
 from helpers.mpi import MPIEXEC, launch
 
 from distnet import backend, nn
-from distnet.train.convfeatures import (
+from distnet.train.jobs.convfeatures import (
     ConvPoolConfig,
     _fold_standardisation,
     patch_network,
@@ -92,7 +92,7 @@ def test_pipeline_on_two_mpi_ranks(digits, tmp_path):
                "--classifier-batch", "32", "--classifier-lr", "0.003",
                "--out", str(tmp_path / "run")]  # fmt: skip
     data = digits / "data"
-    command = ["-m", "distnet.train.convfeatures", str(data / "train"), str(data / "test")]
+    command = ["-m", "distnet.train.jobs.convfeatures", str(data / "train"), str(data / "test")]
     proc = launch(2, *command, *options, timeout=110)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("report:") == 1  # rank 0 alone prints

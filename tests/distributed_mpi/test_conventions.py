@@ -20,9 +20,9 @@ from helpers.jobs import mlp_job
 
 from distnet import cli
 from distnet.data import convert_digits
-from distnet.train.callbacks import process_rank
-from distnet.train.job import load_job
-from distnet.train.jobtoml import to_toml
+from distnet.train.jobs.job import load_job
+from distnet.train.jobs.jobtoml import to_toml
+from distnet.train.loop.callbacks import process_rank
 
 ROOT = Path(__file__).resolve().parents[2]
 DISTNET = Path(sys.executable).parent / "distnet"
@@ -51,7 +51,7 @@ def _log_level_restored(monkeypatch):
     run after these in the same process must see the default again."""
     monkeypatch.delenv("DISTNET_LOG_LEVEL", raising=False)
     yield
-    from distnet.train.console import configure_logging
+    from distnet.train.jobs.console import configure_logging
 
     configure_logging("info")
 
@@ -286,7 +286,7 @@ def test_tensorboard_extra_installs_tensorboardX():
 
 
 def test_log_level_reaches_processes_started_from_this_one():
-    from distnet.train.console import configure_logging
+    from distnet.train.jobs.console import configure_logging
 
     assert configure_logging("warning") == "warning"
     code = "import os; print(os.environ['DISTNET_LOG_LEVEL'])"
@@ -296,7 +296,7 @@ def test_log_level_reaches_processes_started_from_this_one():
 
 
 def test_the_tee_keeps_a_redrawn_line_once_and_an_unfinished_one(tmp_path, capsys):
-    from distnet.train.console import keep_console
+    from distnet.train.jobs.console import keep_console
 
     with keep_console(tmp_path, 3, user_console=False) as note:
         print("\rbar 10%\rbar 50%\rbar 100%")  # a progress bar's redraws, then its last line
@@ -311,7 +311,7 @@ def test_the_tee_keeps_a_redrawn_line_once_and_an_unfinished_one(tmp_path, capsy
 
 
 def test_the_tee_makes_no_run_directory_of_its_own(tmp_path):
-    from distnet.train.console import keep_console
+    from distnet.train.jobs.console import keep_console
 
     with keep_console(tmp_path / "refused", 0, user_console=True):
         print("distnet train: a refusal before the run directory was made")

@@ -1,5 +1,5 @@
 """A job's stores and batch are checked against each other before the first step: one line
-naming the store, the array and what is wrong, exit 2 (``distnet.train.datacheck``)."""
+naming the store, the array and what is wrong, exit 2 (``distnet.train.jobs.datacheck``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from helpers.mpi import MPI_MARKS, launch
 
 from distnet import cli
 from distnet.data import open_dataset, write_dataset
-from distnet.train import datacheck
-from distnet.train.job import load_job
-from distnet.train.jobspec import JobError
+from distnet.train.jobs import datacheck
+from distnet.train.jobs.job import load_job
+from distnet.train.jobs.jobspec import JobError
 
 pytest.importorskip("sklearn")
 

@@ -18,7 +18,7 @@ from distnet.parallel import LocalCommunicator
 from distnet.parallel.engine import Engine, ProcessEngine
 from distnet.parallel.strategy import STRATEGIES, make_sync_optimizer
 from distnet.parallel.sync import PassThrough, SyncOptimizer
-from distnet.train.jobspec import defaults
+from distnet.train.jobs.jobspec import defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,8 @@ def test_the_training_loop_never_probes_its_optimizer():
     on the optimiser or the engine is left in them."""
     probes = re.compile(r"(getattr|hasattr)\((opt|optimizer|self\.opt|rank_setup|engine)\b")
     found = []
-    for name in ("fit", "checkpoint", "pipeline", "job", "callbacks", "convfeatures"):
+    for name in ("loop/fit", "loop/checkpoint", "loop/pipeline", "jobs/job", "loop/callbacks",
+                 "jobs/convfeatures"):  # fmt: skip
         text = (ROOT / "distnet" / "train" / f"{name}.py").read_text()
         found += [f"{name}.py: {m.group(0)}" for m in probes.finditer(text)]
     assert not found, found
@@ -88,7 +89,7 @@ def test_every_wrapper_derives_from_the_one_base():
 def test_the_factory_knows_every_strategy_of_the_job_schema_and_refuses_others():
     from typing import get_args
 
-    from distnet.train.jobspec import DistSpec
+    from distnet.train.jobs.jobspec import DistSpec
 
     schema = set(get_args(DistSpec.model_fields["strategy"].annotation))
     assert schema == set(STRATEGIES)

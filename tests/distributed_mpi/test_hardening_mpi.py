@@ -48,7 +48,7 @@ def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(
     and broadcast them, or rank 1 starts at stage 0 while rank 0 resumes fine-tuning."""
     import numpy as np  # noqa: PLC0415
 
-    from distnet.train.checkpoint import read_manifest  # noqa: PLC0415
+    from distnet.train.loop.checkpoint import read_manifest  # noqa: PLC0415
 
     job = tmp_path / "job.toml"
     job.write_text(RESUME_JOB.format(data=digits / "data"))
@@ -74,7 +74,7 @@ def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(
         for name in full.files:
             np.testing.assert_array_equal(resumed[name], full[name], err_msg=f"{rank} {name}")
     # rank 1 wrote no checkpoint and no report in its own directory (only its metrics and
-    # timeline, which rank 0 fetches: distnet.train.metrics)
+    # timeline, which rank 0 fetches: distnet.train.loop.metrics)
     rank1 = local / "rank1-resume"
     written = {p.relative_to(rank1).parts[0] for p in rank1.rglob("*")} if rank1.exists() else set()
     assert written <= {"metrics", "trace"}, written

@@ -144,7 +144,7 @@ def test_mlp_job_on_a_gpu(job_dir):
 def test_example_jobs_in_launch_jobs_load(name):
     from pathlib import Path
 
-    from distnet.train.job import load_job
+    from distnet.train.jobs.job import load_job
 
     job = load_job(Path(__file__).parents[2] / "launch" / "jobs" / name)
     assert job["model"]["type"] == "stacked_autoencoder"
@@ -152,7 +152,7 @@ def test_example_jobs_in_launch_jobs_load(name):
 
 
 def test_paths_in_a_job_file_are_relative_to_it_and_overrides_keep_other_keys(tmp_path):
-    from distnet.train.job import load_job
+    from distnet.train.jobs.job import load_job
 
     sub = tmp_path / "jobs"
     sub.mkdir()
@@ -168,7 +168,7 @@ def test_rank_noise_differs_across_ranks_and_repeats_for_the_same_step():
     import numpy as np
 
     from distnet import backend
-    from distnet.train.job import RankNoise
+    from distnet.train.jobs.job import RankNoise
 
     def draws(rank, step):
         RankNoise(seed=0, stage=1, rank=rank).on_batch_begin(0, {"step": step})

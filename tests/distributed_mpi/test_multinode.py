@@ -171,7 +171,7 @@ def test_job_over_two_nodes_trains_the_same_with_and_without_hierarchical(digits
 
 def test_hierarchical_job_key_and_modes_are_checked():
     from distnet.parallel.mpi.hierarchical import parse_mode, wanted
-    from distnet.train.jobspec import JobError, validate
+    from distnet.train.jobs.jobspec import JobError, validate
 
     assert validate({"dist": {"hierarchical": True}}, "j.toml")["dist"]["hierarchical"] is True
     assert validate({}, "j.toml")["dist"]["hierarchical"] == "auto"

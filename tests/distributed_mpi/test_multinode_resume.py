@@ -1,6 +1,6 @@
 """Resume across two "hosts" whose run directories are node-local: a job on 2 hosts x 2 ranks
 is stopped after a checkpoint and resumed; rank 0 alone reads the checkpoints (its run
-directory) and broadcasts them (``distnet.train.checkpoint.read_checkpoint(path, comm)``).
+directory) and broadcasts them (``distnet.train.loop.checkpoint.read_checkpoint(path, comm)``).
 
 Hosts are network namespaces with a private /tmp (the ``two_hosts`` fixture,
 tests/helpers/hosts.py: nodeB's ranks cannot see rank 0's run directory at all), skipped
@@ -82,7 +82,7 @@ def test_resume_across_two_hosts_with_node_local_run_directories(
 
     assert "full done, resumed from [0, 0, 0]" in run("full", "full")
     assert "crashed as planned" in run("stopped", "crash")
-    from distnet.train.checkpoint import read_manifest  # noqa: PLC0415
+    from distnet.train.loop.checkpoint import read_manifest  # noqa: PLC0415
 
     progress = tmp_path / "stopped" / "stages" / "2-finetune" / "progress"
     assert read_manifest(progress)["extra"]["epoch"] == 2

@@ -1,5 +1,5 @@
 """Dropout across a crash and resume under real mpiexec (2 ranks): noise is keyed by (seed,
-stage, rank, step) (``distnet.train.job.RankNoise``), and the resumed run's steps go on from
+stage, rank, step) (``distnet.train.jobs.job.RankNoise``), and the resumed run's steps go on from
 the optimiser's restored step count, so it draws the masks the run that never stopped drew
 and ends with its parameters, bit for bit."""
 

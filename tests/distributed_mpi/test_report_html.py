@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from distnet import cli
-from distnet.train.metrics import read_metrics
+from distnet.train.loop.metrics import read_metrics
 
 pytest.importorskip("sklearn")
 MPIEXEC = Path(sys.executable).parent / "mpiexec"

@@ -12,7 +12,7 @@ from helpers.mpi import launch
 
 from distnet import cli
 from distnet.data import open_dataset
-from distnet.train.job import JobError, load_job
+from distnet.train.jobs.job import JobError, load_job
 
 pytest.importorskip("sklearn")
 
@@ -57,7 +57,7 @@ def _job(job_dir: Path, name: str, cache: str = "false", shard: str = "false") -
 
 
 def _params(out: Path) -> dict[str, np.ndarray]:
-    from distnet.train.checkpoint import read_manifest  # noqa: PLC0415
+    from distnet.train.loop.checkpoint import read_manifest  # noqa: PLC0415
 
     last = out / "stages" / "2-finetune"
     with np.load(last / read_manifest(last)["arrays"]) as npz:
@@ -99,7 +99,7 @@ def test_codes_cache_trains_like_recomputing_and_is_reused(job_dir, capsys):
 
 def test_codes_store_of_other_encoders_is_not_reused(job_dir):
     from distnet import backend, nn, parallel  # noqa: PLC0415
-    from distnet.train.codes import write_codes  # noqa: PLC0415
+    from distnet.train.jobs.codes import write_codes  # noqa: PLC0415
 
     train = open_dataset(str(job_dir / "data" / "train"))
     backend.seed(0)
@@ -147,7 +147,7 @@ def test_two_ranks_write_codes_and_shard_the_optimizer(job_dir):
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
     # the epoch checkpoint of the sharded fine-tuning holds the full Adam state
-    from distnet.train.checkpoint import read_manifest  # noqa: PLC0415
+    from distnet.train.loop.checkpoint import read_manifest  # noqa: PLC0415
 
     progress = outs["true"] / "stages" / "2-finetune" / "progress"
     manifest = read_manifest(progress)

@@ -19,8 +19,8 @@ from helpers.mpi import MPIEXEC, ROOT, SCRIPTS, launch
 
 from distnet import nn, trace
 from distnet.train import fit
-from distnet.train.metrics import MetricsLogger, read_metrics
-from distnet.train.progress import StageProgress, progress_mode
+from distnet.train.loop.metrics import MetricsLogger, read_metrics
+from distnet.train.loop.progress import StageProgress, progress_mode
 
 
 @pytest.fixture(autouse=True)
@@ -177,8 +177,8 @@ def test_progress_on_a_terminal_is_a_bar(monkeypatch):
 def test_a_failed_job_leaves_a_report_and_its_resume_is_marked(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
     from distnet.data import convert_digits
-    from distnet.train import callbacks
-    from distnet.train import job as job_module
+    from distnet.train.jobs import job as job_module
+    from distnet.train.loop import callbacks
     from distnet.train.report.page import gather
 
     convert_digits(tmp_path / "data", test_fraction=0.25, seed=0, chunk_samples=256)
@@ -282,7 +282,7 @@ def test_node_local_run_dirs_still_give_rank_0_every_ranks_records(tmp_path):
 def test_metrics_never_import_torch_to_look_for_tensorboard(tmp_path):
     # torch is installed here for benchmarks only; tensorboard is not: importing torch to
     # find that out cost seconds at every stage's start
-    script = ("import sys\nfrom distnet.train.metrics import _tensorboard_writer\n"
+    script = ("import sys\nfrom distnet.train.loop.metrics import _tensorboard_writer\n"
               f"_tensorboard_writer({str(tmp_path)!r})\n"
               "assert 'torch' not in sys.modules\n")  # fmt: skip
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60,

@@ -26,8 +26,8 @@ from distnet.parallel.rayengine import (  # noqa: E402
     worker_specs,
 )
 from distnet.parallel.rayengine.groups import group_ranks, node_groups  # noqa: E402
-from distnet.train.job import JobError, load_job  # noqa: E402
-from distnet.train.rayjob import run_ray_job  # noqa: E402
+from distnet.train.jobs.job import JobError, load_job  # noqa: E402
+from distnet.train.jobs.rayjob import run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

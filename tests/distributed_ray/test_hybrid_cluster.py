@@ -14,8 +14,8 @@ pytest.importorskip("sklearn")
 import numpy as np  # noqa: E402
 
 from distnet.parallel.rayengine import RayOptions, worker_specs  # noqa: E402
-from distnet.train.job import load_job  # noqa: E402
-from distnet.train.rayjob import run_ray_job  # noqa: E402
+from distnet.train.jobs.job import load_job  # noqa: E402
+from distnet.train.jobs.rayjob import run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 

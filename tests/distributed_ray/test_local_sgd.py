@@ -15,7 +15,7 @@ import pytest
 from helpers.jobs import mlp_job
 from helpers.mpi import MPIEXEC, SCRIPTS, launch
 
-from distnet.train import jobspec
+from distnet.train.jobs import jobspec
 
 pytest.importorskip("sklearn")
 
@@ -113,8 +113,8 @@ def test_local_sgd_job_on_two_mpi_ranks_reaches_the_digits_bar(digits):
 # --- the Ray engine ------------------------------------------------------------------------
 def final_params(job: dict, out) -> np.ndarray:
     from distnet import backend
-    from distnet.train.checkpoint import load_checkpoint
-    from distnet.train.job import build_model
+    from distnet.train.jobs.job import build_model
+    from distnet.train.loop.checkpoint import load_checkpoint
 
     backend.seed(0)
     model = build_model(job, 64, 10)
@@ -128,8 +128,8 @@ def test_local_sgd_on_ray_equals_allreduce_at_h1_and_counts_fewer_collectives(ra
     import ray
 
     from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs
-    from distnet.train.job import load_job
-    from distnet.train.rayjob import run_ray_job
+    from distnet.train.jobs.job import load_job
+    from distnet.train.jobs.rayjob import run_ray_job
 
     runs = {}
     for name, dist in (("allreduce", ""), ("h1", 'strategy = "local_sgd"\naverage_state = true')):

@@ -24,8 +24,8 @@ from helpers.params import final_params, reference_params  # noqa: E402
 
 from distnet.data.writer import write_dataset  # noqa: E402
 from distnet.parallel.rayengine import RayOptions, worker_specs  # noqa: E402
-from distnet.train.job import load_job  # noqa: E402
-from distnet.train.rayjob import run_ray_job  # noqa: E402
+from distnet.train.jobs.job import load_job  # noqa: E402
+from distnet.train.jobs.rayjob import run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

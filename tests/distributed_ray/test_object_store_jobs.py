@@ -81,8 +81,8 @@ def test_ray_job_from_a_bucket_resumes_mid_epoch_every_sample_once(bucket, ray_c
     )
 
     from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs  # noqa: PLC0415
-    from distnet.train.job import load_job  # noqa: PLC0415
-    from distnet.train.rayjob import run_rank  # noqa: PLC0415
+    from distnet.train.jobs.job import load_job  # noqa: PLC0415
+    from distnet.train.jobs.rayjob import run_rank  # noqa: PLC0415
 
     url, proxy = bucket
     assert os.environ["AWS_ENDPOINT_URL"] == proxy.url

@@ -28,9 +28,9 @@ from distnet.data import StreamLoader  # noqa: E402
 from distnet.parallel.ps import ParameterServer, ParameterServerShard  # noqa: E402
 from distnet.parallel.ps.membership import MembershipRefused  # noqa: E402
 from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs  # noqa: E402
-from distnet.train.checkpoint import load_checkpoint  # noqa: E402
-from distnet.train.job import build_model, load_job  # noqa: E402
-from distnet.train.rayjob import run_rank  # noqa: E402
+from distnet.train.jobs.job import build_model, load_job  # noqa: E402
+from distnet.train.jobs.rayjob import run_rank  # noqa: E402
+from distnet.train.loop.checkpoint import load_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
 
@@ -106,8 +106,8 @@ def test_sync_rounds_refuse_leave_and_join():
 
 def test_survivors_go_on_is_a_dist_key():
     from distnet.parallel.rayengine import options_from_job  # noqa: PLC0415
-    from distnet.train import jobspec  # noqa: PLC0415
-    from distnet.train.job import JobError  # noqa: PLC0415
+    from distnet.train.jobs import jobspec  # noqa: PLC0415
+    from distnet.train.jobs.job import JobError  # noqa: PLC0415
 
     dist = jobspec.validate({"dist": {"survivors_go_on": False}}, "j.toml")["dist"]
     assert options_from_job({"dist": dist}).survivors_go_on is False

@@ -29,8 +29,8 @@ from helpers.sample_counts import (  # noqa: E402
 )
 
 from distnet.parallel.rayengine import RayJob, options_from_job  # noqa: E402
-from distnet.train.job import load_job  # noqa: E402
-from distnet.train.rayjob import run_rank  # noqa: E402
+from distnet.train.jobs.job import load_job  # noqa: E402
+from distnet.train.jobs.rayjob import run_rank  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

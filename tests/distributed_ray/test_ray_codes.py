@@ -25,8 +25,8 @@ from helpers.sample_counts import write_id_digits  # noqa: E402
 from distnet import backend  # noqa: E402
 from distnet.data import open_dataset  # noqa: E402
 from distnet.parallel.rayengine import RayEngineError, RayOptions, WorkerSpec  # noqa: E402
-from distnet.train.job import build_model, load_job, run_job  # noqa: E402
-from distnet.train.rayjob import run_ray_job  # noqa: E402
+from distnet.train.jobs.job import build_model, load_job, run_job  # noqa: E402
+from distnet.train.jobs.rayjob import run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 SAMPLES = 256  # one global batch of 256 per epoch

@@ -31,8 +31,8 @@ from distnet.parallel.rayengine import (  # noqa: E402
     start_ray,
     worker_specs,
 )
-from distnet.train.job import load_job, run_job  # noqa: E402
-from distnet.train.rayjob import run_rank, run_ray_job  # noqa: E402
+from distnet.train.jobs.job import load_job, run_job  # noqa: E402
+from distnet.train.jobs.rayjob import run_rank, run_ray_job  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 

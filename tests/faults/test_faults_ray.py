@@ -35,8 +35,8 @@ from helpers.sample_counts import (  # noqa: E402
 
 from distnet.parallel.ps import ParameterServer  # noqa: E402
 from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs  # noqa: E402
-from distnet.train.job import load_job  # noqa: E402
-from distnet.train.rayjob import run_rank  # noqa: E402
+from distnet.train.jobs.job import load_job  # noqa: E402
+from distnet.train.jobs.rayjob import run_rank  # noqa: E402
 
 # func_only: the module's fixtures (a Ray start, the undisturbed job) bound their own waits;
 # counted in the first test's 150 s they failed it on a loaded machine (setup alone > 150 s).

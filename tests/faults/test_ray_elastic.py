@@ -27,8 +27,8 @@ from distnet import backend  # noqa: E402
 from distnet.core.functional import cross_entropy  # noqa: E402
 from distnet.data import StreamLoader  # noqa: E402
 from distnet.parallel.rayengine import RayJob, RayOptions, worker_specs  # noqa: E402
-from distnet.train.job import _make_optimizer, build_model, load_job  # noqa: E402
-from distnet.train.rayjob import run_rank  # noqa: E402
+from distnet.train.jobs.job import _make_optimizer, build_model, load_job  # noqa: E402
+from distnet.train.jobs.rayjob import run_rank  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.fault, pytest.mark.timeout(180)]
 

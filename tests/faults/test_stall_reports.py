@@ -70,8 +70,8 @@ def test_a_stalled_ray_job_reports_every_rank_and_ends(
     from helpers.sample_counts import write_id_digits  # noqa: PLC0415
 
     from distnet.parallel import rayengine  # noqa: PLC0415
-    from distnet.train.job import load_job  # noqa: PLC0415
-    from distnet.train.rayjob import run_rank  # noqa: PLC0415
+    from distnet.train.jobs.job import load_job  # noqa: PLC0415
+    from distnet.train.jobs.rayjob import run_rank  # noqa: PLC0415
 
     # read by the driver, in this process. The abort limit is longer than MPI's: rank 0 alone
     # starts the parameter server's actors while rank 1 waits for it, seconds under load

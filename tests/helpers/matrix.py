@@ -44,8 +44,8 @@ def run_rank(job_path: str, crash: bool = False) -> int:
     in the run directory: this rank's final flat parameters. ``crash``: every rank stops
     after the last stage's first epoch was checkpointed (returns 3)."""
     from distnet import cli, parallel  # noqa: PLC0415
-    from distnet.train import pipeline as pipeline_mod  # noqa: PLC0415
-    from distnet.train.job import load_job  # noqa: PLC0415
+    from distnet.train.jobs.job import load_job  # noqa: PLC0415
+    from distnet.train.loop import pipeline as pipeline_mod  # noqa: PLC0415
 
     models: list[Any] = []
     real_init = pipeline_mod.Pipeline.__init__

@@ -17,7 +17,7 @@ from distnet import backend
 from distnet.core.functional import cross_entropy
 from distnet.data import StreamLoader
 from distnet.train import load_checkpoint, read_manifest
-from distnet.train.job import _make_optimizer, build_model
+from distnet.train.jobs.job import _make_optimizer, build_model
 
 
 def _last_stage(out: Path | str) -> Path:

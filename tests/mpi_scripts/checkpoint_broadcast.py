@@ -11,7 +11,7 @@ import numpy as np
 
 from distnet.nn import Dense
 from distnet.parallel import init
-from distnet.train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from distnet.train.loop.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 
 comm = init("mpi")
 root = Path(sys.argv[1])

@@ -6,8 +6,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from distnet.train import pipeline as pipeline_mod
-from distnet.train.job import run_job
+from distnet.train.jobs.job import run_job
+from distnet.train.loop import pipeline as pipeline_mod
 
 
 class Crash(Exception):

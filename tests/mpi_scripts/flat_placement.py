@@ -14,7 +14,7 @@ def main() -> int:
     from distnet import backend, nn, optim  # noqa: PLC0415
     from distnet.parallel.engine import ProcessEngine  # noqa: PLC0415
     from distnet.parallel.shm import ARENA  # noqa: PLC0415
-    from distnet.train.jobspec import defaults  # noqa: PLC0415
+    from distnet.train.jobs.jobspec import defaults  # noqa: PLC0415
 
     backend.seed(0)
     before = nn.Sequential(nn.Dense(8, 16, "tanh"), nn.Dense(16, 3))  # built before init()

@@ -19,7 +19,7 @@ def contest(comm: Any, epochs: int = 6, h: int = 8) -> dict[str, Any]:
     from distnet.data import digits_arrays  # noqa: PLC0415
     from distnet.parallel import DistributedOptimizer  # noqa: PLC0415
     from distnet.parallel.localsgd import LocalSGD  # noqa: PLC0415
-    from distnet.train.fit import fit  # noqa: PLC0415
+    from distnet.train.loop.fit import fit  # noqa: PLC0415
 
     x, y = digits_arrays()
     x = (x / 16.0).astype(np.float32)

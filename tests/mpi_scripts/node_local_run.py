@@ -10,7 +10,7 @@ rank = next(int(os.environ[v]) for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK") if 
 (base / f"node{rank}").mkdir(parents=True, exist_ok=True)
 os.chdir(base / f"node{rank}")
 
-from distnet.train import job  # noqa: E402
+from distnet.train.jobs import job  # noqa: E402
 
 spec = job.load_job(base / "job.toml", {"run": {"out": "run"}})
 job.run_job(spec, log=lambda line: None, trace=True)

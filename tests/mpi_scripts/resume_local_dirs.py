@@ -15,7 +15,7 @@ import numpy as np
 from crash_resume import run_or_crash
 
 from distnet.parallel import init
-from distnet.train.job import load_job
+from distnet.train.jobs.job import load_job
 
 job_path, rank0_out, local_root, mode = sys.argv[1:5]
 device = sys.argv[5] if len(sys.argv) > 5 else "cpu"

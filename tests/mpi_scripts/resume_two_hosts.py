@@ -21,7 +21,7 @@ import numpy as np
 from crash_resume import run_or_crash
 
 from distnet.parallel import init
-from distnet.train.job import load_job
+from distnet.train.jobs.job import load_job
 
 job_path, rank0_out, local_root, mode = sys.argv[1:5]
 comm = init("mpi")

@@ -12,7 +12,7 @@ from distnet import backend, nn, optim, trace
 from distnet import functional as F
 from distnet import parallel as dist
 from distnet.parallel.zero import ShardedOptimizer
-from distnet.train.checkpoint import load_checkpoint, save_checkpoint
+from distnet.train.loop.checkpoint import load_checkpoint, save_checkpoint
 
 MAKERS = {
     "adam": lambda m: optim.Adam(m, lr=0.01, weight_decay=1e-3),

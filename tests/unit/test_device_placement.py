@@ -13,11 +13,11 @@ import pytest
 
 from distnet import backend, nn
 from distnet.core import Tensor
-from distnet.train.job import draw_pictures
+from distnet.train.jobs.job import draw_pictures
 
-# by module path: ``distnet.train.fit`` as an attribute is the function, not the module
+# by module path: ``distnet.train.loop.fit`` as an attribute is the function, not the module
 module_mod = importlib.import_module("distnet.nn.module")
-fit_mod = importlib.import_module("distnet.train.fit")
+fit_mod = importlib.import_module("distnet.train.loop.fit")
 
 
 @pytest.fixture

@@ -126,9 +126,9 @@ def check_command(words: list[str], where: str) -> None:
 def check_job_overrides(args: argparse.Namespace, where: str) -> None:
     """The job a ``distnet train`` line names, with its --set, --engine, --out and Ray options
     laid over it, passes the job spec (the example file where it exists, else the defaults)."""
-    from distnet.parallel.rayengine.jobs import dist_overrides
-    from distnet.train import jobspec
-    from distnet.train.job import load_job
+    from distnet.train.jobs import jobspec
+    from distnet.train.jobs.arguments import dist_overrides
+    from distnet.train.jobs.job import load_job
 
     overrides: dict = {"run": {"out": args.out}} if args.out else {}
     ray_keys = dist_overrides(args) | ({"engine": args.engine} if args.engine else {})
@@ -196,7 +196,7 @@ def test_a_wrong_option_is_caught(monkeypatch):
         ["distnet", "launch", "-np", "2", "--", "distnet", "train"],  # JOB missing
         ["distnet", "bench", "core", "--workload", "nope"],
         ["./dev", "demo", "--epochs", "many"],
-        ["python", "-m", "distnet.train.jobsdoc", "--chek", "x"],
+        ["python", "-m", "distnet.train.jobs.jobsdoc", "--chek", "x"],
         ["distnet", "nosuchcommand"],
         ["distnet", "train", "job.toml", "--set", "pretrain.epochz=5"],
         ["distnet", "train", "launch/jobs/digits_sae.toml", "--set", "dist.shards=2"],

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from distnet.train import jobsdoc, jobspec
+from distnet.train.jobs import jobsdoc, jobspec
 
 JOBS_MD = Path(__file__).resolve().parents[2] / "docs" / "jobs.md"
 
@@ -21,7 +21,7 @@ def test_the_committed_jobs_reference_is_the_generated_one():
 
 
 def test_every_key_of_the_spec_has_help_and_no_help_names_a_missing_key():
-    assert jobsdoc.missing_help() == [], "add these to distnet/train/jobhelp.py (or remove)"
+    assert jobsdoc.missing_help() == [], "add these to distnet/train/jobs/jobhelp.py (or remove)"
 
 
 def test_every_key_and_its_default_appear_in_its_section():

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distnet import cli
-from distnet.train import jobspec
-from distnet.train.job import DEFAULTS, JobError, load_job
+from distnet.train.jobs import jobspec
+from distnet.train.jobs.job import DEFAULTS, JobError, load_job
 
 
 def job_file(tmp_path, text: str):

@@ -10,8 +10,8 @@ import pytest
 from distnet import nn
 from distnet.optim import SGD
 from distnet.train import ReduceLROnPlateau, fit
-from distnet.train.job import JobError, load_job
-from distnet.train.lrcallbacks import LearningRateScheduler, cosine, finetune_schedule, step
+from distnet.train.jobs.job import JobError, load_job
+from distnet.train.loop.lrcallbacks import LearningRateScheduler, cosine, finetune_schedule, step
 
 
 def tiny_fit(callback, epochs: int):
@@ -109,7 +109,7 @@ def test_optim_reduce_lr_on_plateau_stops_at_min_lr():
 
 
 def test_lr_min_defaults_per_schedule(tmp_path):
-    from distnet.train.lrcallbacks import floor
+    from distnet.train.loop.lrcallbacks import floor
 
     assert floor(job(tmp_path, "[finetune]\nlr = 0.002")["finetune"]) == pytest.approx(2e-6)
     cos = job(tmp_path, "[finetune]\nschedule = 'cosine'\nlr = 0.002")["finetune"]

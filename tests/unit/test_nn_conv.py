@@ -12,7 +12,7 @@ from distnet.core.tensor import Tensor
 from distnet.nn import AvgPool2d, Conv2d, Dense, Flatten, MaxPool2d, Sequential, Tanh
 from distnet.nn.conv import output_shape
 from distnet.optim import SGD, Adam
-from distnet.train.checkpoint import load_checkpoint, save_checkpoint
+from distnet.train.loop.checkpoint import load_checkpoint, save_checkpoint
 
 F64 = np.float64
 pytestmark = pytest.mark.timeout(120)

@@ -17,7 +17,7 @@ from distnet.parallel.rayengine.errors import (
     rank_failure,
     root_cause,
 )
-from distnet.train.finite import NonFiniteError
+from distnet.train.loop.finite import NonFiniteError
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,7 +10,7 @@ import pytest
 from distnet import backend, nn, optim
 from distnet.nn.losses import LOSSES, BCELoss, CrossEntropyLoss, MSELoss, get_loss
 from distnet.train import fit
-from distnet.train.job import JobError, _make_optimizer
+from distnet.train.jobs.job import JobError, _make_optimizer
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from distnet import backend
 from distnet.nn import Dense, Sequential
 from distnet.optim import SGD
 from distnet.train import NonFiniteError, evaluate, fit, predict
-from distnet.train.finite import decide
+from distnet.train.loop.finite import decide
 
 
 def blobs(n=240, seed=0):
@@ -222,8 +222,8 @@ def test_dropout_masks_are_a_function_of_the_step_not_of_the_history():
     uninterrupted run drew at steps 4 and 5, whatever was drawn before. (Keyed by epoch, it
     drew epoch 1's first masks, those of step 3, again.)"""
     from distnet.nn import Dropout
-    from distnet.train.callbacks import Callback
-    from distnet.train.job import RankNoise
+    from distnet.train.jobs.job import RankNoise
+    from distnet.train.loop.callbacks import Callback
 
     x = np.random.default_rng(0).uniform(1.0, 2.0, (24, 5)).astype(np.float32)
     y = np.arange(24) % 3

@@ -2,17 +2,17 @@
 elastic workers. Nothing here imports ray until a job or a benchmark uses it.
 
     from distnet.parallel.rayengine import RayOptions, worker_specs
-    from distnet.train.rayjob import run_ray_job      # jobs are the train layer's
+    from distnet.train.jobs.rayjob import run_ray_job      # jobs are the train layer's
     report = run_ray_job(job, RayOptions(workers=worker_specs(2)))
 """
 
 from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator, WorkerLostError
 from distnet.parallel.rayengine.driver import RayJob, run_on_ray
-from distnet.parallel.rayengine.jobs import options_from_job
 from distnet.parallel.rayengine.options import (
     RayEngineError,
     RayOptions,
     WorkerSpec,
+    options_from_job,
     start_ray,
     worker_specs,
 )

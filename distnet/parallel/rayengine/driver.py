@@ -229,7 +229,7 @@ class RayJob:
         import ray  # noqa: PLC0415
 
         if self.task is None:
-            raise RayEngineError("RayJob.run needs a task (see distnet.train.rayjob.run_rank)")
+            raise RayEngineError("RayJob.run needs a task (see distnet.train.jobs.rayjob.run_rank)")
         futures = [
             a.run.remote(self.task, job, self._rank_spec(r)) for r, a in enumerate(self.actors)
         ]
@@ -404,7 +404,7 @@ def run_on_ray(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Runs ``task(comm, generation, job, spec, log)`` on every Ray worker (placement, group
-    set-up, failures, replacement); returns rank 0's result. ``distnet.train.rayjob`` runs
+    set-up, failures, replacement); returns rank 0's result. ``distnet.train.jobs.rayjob`` runs
     jobs with it."""
     started = time.perf_counter()
     report = RayJob(options, log, task).run(job)

@@ -1,6 +1,19 @@
 """What a Ray job is asked to be (``RayOptions``, one ``WorkerSpec`` per worker) and how Ray is
-started or joined (``start_ray``). The command line and a job's ``[dist]`` table fill the
-options (``jobs.py``); ``driver.py`` runs them.
+started or joined (``start_ray``). ``options_from_job`` makes them from a loaded job's
+``[dist]`` table, where the command line's options (``distnet.train.jobs.arguments``) are
+already laid over the file's keys and the spec's defaults; ``driver.py`` runs them.
+
+Job keys (``[dist]``): ``engine = "ray"``, ``strategy`` ("allreduce", "ps", "hybrid" or
+"local_sgd"; hybrid: allreduce inside a node, parameter server across nodes;
+``workers_per_node`` > 0 makes consecutive ranks "nodes" instead of the Ray nodes the workers
+landed on), ``mode`` ("sync", "async", "ssp"), ``staleness``, ``shards``, ``workers``,
+``cpu_workers``, ``gpus_per_worker``, ``min_workers``, ``placement`` ("PACK"/"SPREAD"),
+``address``, ``rebalance_every`` (steps between throughput measurements), ``devices`` (a list
+such as ``["cuda", "cpu", "cpu"]``, instead of workers/cpu_workers), ``worker_resources``
+(custom Ray resources, one table per worker, e.g. ``[{node_a = 1}, {node_b = 1}]`` to pin
+worker 0 to the node started with ``--resources='{"node_a": 4}'`` and worker 1 to node_b),
+``survivors_go_on`` (async/ssp ps: a lost worker is replaced while the others go on; false:
+the group restarts).
 """
 
 from __future__ import annotations
@@ -8,6 +21,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from distnet.parallel.strategy import STRATEGIES
 
 
 class RayEngineError(RuntimeError):
@@ -133,3 +148,62 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
         raise RayEngineError(f"--address {address}: nothing answers there ({e})") from None
+
+
+RAY_DIST_KEYS = ("strategy", "mode", "staleness", "shards", "workers", "cpu_workers",
+                 "gpus_per_worker", "min_workers", "placement", "address", "rebalance_every",
+                 "devices", "worker_resources", "workers_per_node", "survivors_go_on")  # fmt: skip
+"""The ``[dist]`` keys this engine reads (their defaults: the job spec's ``DistSpec``)."""
+
+
+def options_from_job(job: dict[str, Any]) -> RayOptions:
+    """``RayOptions`` from a loaded job's ``[dist]`` section (names the bad key). The section
+    comes with every key filled in by the job spec, whose defaults are the only ones
+    (``distnet.train.jobs.jobspec.DistSpec``); a section lacking a key is refused."""
+    d = job["dist"]
+    missing = [k for k in RAY_DIST_KEYS if k not in d]
+    if missing:
+        raise RayEngineError(
+            f"[dist] lacks {', '.join(missing)}: the Ray options are made from a job loaded "
+            "through the job spec, which fills in every default"
+        )
+    if d["strategy"] not in STRATEGIES:  # the strategy factory's registry
+        raise RayEngineError(
+            f"[dist] strategy must be one of {', '.join(map(repr, STRATEGIES))}, got "
+            f"{d['strategy']!r}"
+        )
+    if d["mode"] not in ("sync", "async", "ssp"):
+        raise RayEngineError(f"[dist] mode must be 'sync', 'async' or 'ssp', got {d['mode']!r}")
+    if int(d["workers_per_node"]) < 0:
+        raise RayEngineError(f"[dist] workers_per_node must be >= 0, got {d['workers_per_node']}")
+    if d["devices"]:
+        bad = [x for x in d["devices"] if x not in ("cpu", "cuda")]
+        if bad:
+            raise RayEngineError(f"[dist] devices: {bad} are not 'cpu' or 'cuda'")
+        gpus = float(d["gpus_per_worker"] or 1)
+        specs = [WorkerSpec(x, 1.0, gpus if x == "cuda" else 0.0) for x in d["devices"]]
+    else:
+        specs = worker_specs(int(d["workers"]), float(d["gpus_per_worker"]), int(d["cpu_workers"]))
+    pins = list(d["worker_resources"])
+    if pins and len(pins) != len(specs):
+        raise RayEngineError(
+            f"[dist] worker_resources has {len(pins)} table(s), one per worker is needed "
+            f"({len(specs)} workers)"
+        )
+    for i, (spec, pin) in enumerate(zip(specs, pins, strict=False)):
+        spec.resources = check_custom_resources(dict(pin), f"[dist] worker_resources[{i}]")
+    return RayOptions(
+        workers=specs,
+        address=d["address"] or None,
+        min_workers=int(d["min_workers"]) or None,
+        placement=str(d["placement"]),
+        strategy=d["strategy"],
+        ps={
+            "mode": d["mode"],
+            "staleness": int(d["staleness"]),
+            "shards": int(d["shards"]),
+            "workers_per_node": int(d["workers_per_node"]),
+        },  # fmt: skip
+        rebalance_every=int(d["rebalance_every"]),
+        survivors_go_on=bool(d["survivors_go_on"]),
+    )

@@ -361,7 +361,7 @@ class _ClosingServer(PassThrough):
 
     @property
     def finite_comm(self) -> Any:
-        """The workers whose non-finite decision must agree (see ``train.finite``): in sync
+        """The workers whose non-finite decision must agree (see ``train.loop.finite``): in sync
         mode all of them (a round needs every push, and no shard applies a skipped step);
         in async/ssp each push stands alone, so a worker decides alone (``skip`` drops its
         step before the push, ``stop`` fails the job), except that a hybrid node's workers

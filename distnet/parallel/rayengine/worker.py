@@ -1,7 +1,7 @@
 """The Ray worker actor: one model replica, its loader shard, the job's stage code.
 
 A ``WorkerActor`` lives for the whole job (Ray's start-up and the actor's imports are paid
-once, not per stage). ``run(job, spec)`` runs ``distnet.train.job.run_job`` — the very stage
+once, not per stage). ``run(job, spec)`` runs ``distnet.train.jobs.job.run_job`` — the very stage
 code of the MPI engine — with a ``RayCommunicator`` and a ``RayRankEngine`` (``rank.py``), the
 engine interface of this rank. The actor is threaded:
 ``deliver`` (messages of the collectives), ``abort`` and ``logs`` run while ``run`` trains.
@@ -87,7 +87,7 @@ class WorkerActor:
     def run(self, task: Any, job: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
         """``task(comm, generation, job, spec, log)`` on this rank: the whole job (every
         stage); returns its report. The task comes from the layer that runs jobs
-        (``distnet.train.rayjob.run_rank``): this engine only hosts it."""
+        (``distnet.train.jobs.rayjob.run_rank``): this engine only hosts it."""
         if self.comm is None:
             raise RuntimeError("WorkerActor.run before setup")
         log = self._log.put if self.comm.rank == 0 else (lambda line: None)

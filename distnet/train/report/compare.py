@@ -191,7 +191,7 @@ def render_comparison(runs: list[dict[str, Any]], labels: list[str]) -> str:
 def write_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Writes the comparison of ``run_dirs`` to ``out`` (atomically); returns its path.
     Raises ``FileNotFoundError`` or ``ValueError`` naming a directory that is not a run."""
-    from distnet.train.runguard import RUN_MARKERS  # noqa: PLC0415
+    from distnet.train.jobs.runguard import RUN_MARKERS  # noqa: PLC0415
 
     dirs = [Path(d) for d in run_dirs]
     for d in dirs:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distnet.train.metrics import read_metrics
+from distnet.train.loop.metrics import read_metrics
 from distnet.train.report import history
 from distnet.train.report.summary import load_report
 

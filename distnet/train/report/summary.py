@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _stage_rows(run_dir: Path) -> list[dict[str, Any]]:
     """Stages from the stage directories, when no report/pipeline table was written."""
-    from distnet.train.checkpoint import is_complete, read_manifest  # noqa: PLC0415
+    from distnet.train.loop.checkpoint import is_complete, read_manifest  # noqa: PLC0415
 
     rows = []
     stages = run_dir / "stages"

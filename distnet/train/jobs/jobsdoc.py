@@ -1,11 +1,11 @@
 """The jobs reference, docs/jobs.md, written from the job spec so that it cannot drift.
 
-    python -m distnet.train.jobsdoc > docs/jobs.md       # regenerate
-    python -m distnet.train.jobsdoc --check docs/jobs.md # exit 1 when the file is stale
+    python -m distnet.train.jobs.jobsdoc > docs/jobs.md       # regenerate
+    python -m distnet.train.jobs.jobsdoc --check docs/jobs.md # exit 1 when the file is stale
 
 Every key of every section with its type and range (from the pydantic fields of
-``distnet.train.jobspec``: annotations, ``gt``/``ge``/``lt``/``le``, lengths, patterns), its
-default, and what it does (``distnet.train.jobhelp``); the keys only the Ray engine reads are
+``distnet.train.jobs.jobspec``: annotations, ``gt``/``ge``/``lt``/``le``, lengths, patterns), its
+default, and what it does (``distnet.train.jobs.jobhelp``); the keys only the Ray engine reads are
 marked from ``jobspec.RAY_ONLY_KEYS``.
 """
 
@@ -20,11 +20,11 @@ from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from distnet.train import jobspec
-from distnet.train.jobhelp import HELP
+from distnet.train.jobs import jobspec
+from distnet.train.jobs.jobhelp import HELP
 
-COMMAND = "python -m distnet.train.jobsdoc > docs/jobs.md"
-EXAMPLE = Path(__file__).resolve().parents[2] / "launch" / "jobs" / "digits_sae.toml"
+COMMAND = "python -m distnet.train.jobs.jobsdoc > docs/jobs.md"
+EXAMPLE = Path(__file__).resolve().parents[3] / "launch" / "jobs" / "digits_sae.toml"
 
 _BASE_NAMES = {int: "integer", float: "number", str: "string", bool: "true or false"}
 _PLURAL = {"integer": "integers", "number": "numbers", "string": "strings"}
@@ -133,7 +133,7 @@ def render() -> str:
     out = [
         "# Job files: every key",
         "",
-        f"<!-- Generated from distnet/train/jobspec.py and distnet/train/jobhelp.py by "
+        f"<!-- Generated from distnet/train/jobs/jobspec.py and distnet/train/jobs/jobhelp.py by "
         f"`{COMMAND}`; do not edit by hand. -->",
         "",
         "A job file is TOML with the sections below; every section and key is optional except",
@@ -166,7 +166,9 @@ def missing_help() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Prints docs/jobs.md, or with ``--check FILE`` says whether FILE is up to date."""
-    parser = argparse.ArgumentParser(prog="python -m distnet.train.jobsdoc", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m distnet.train.jobs.jobsdoc", description=__doc__
+    )
     parser.add_argument("--check", metavar="FILE", help="exit 1 if FILE differs from the output")
     args = parser.parse_args(argv)
     text = render()

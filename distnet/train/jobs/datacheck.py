@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from distnet.data import open_dataset
-from distnet.train.jobspec import JobError
+from distnet.train.jobs.jobspec import JobError
 
 MAX_LABELS_READ = 1 << 22  # 32 MB of int64 labels: a few reads, well under a second
 

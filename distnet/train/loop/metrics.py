@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from distnet import trace
-from distnet.train.callbacks import Callback
+from distnet.train.loop.callbacks import Callback
 
 COMM_SPANS = ("allreduce", "allreduce_wait", "push", "pull", "broadcast")
 

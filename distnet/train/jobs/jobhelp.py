@@ -1,9 +1,9 @@
 """What each key of a job file does, one sentence or two per key: the help column of the jobs
-reference (docs/jobs.md, written by ``python -m distnet.train.jobsdoc``).
+reference (docs/jobs.md, written by ``python -m distnet.train.jobs.jobsdoc``).
 
 The schema itself (types, defaults, ranges, the ``expected ...`` phrase of each error) is in
-``distnet.train.jobspec``; a key added there needs its line here (``tests/unit/test_jobs_doc.py``
-says which one is missing).
+``distnet.train.jobs.jobspec``; a key added there needs its line here
+(``tests/unit/test_jobs_doc.py`` says which one is missing).
 """
 
 from __future__ import annotations

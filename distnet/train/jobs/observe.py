@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from distnet import trace
-from distnet.train.callbacks import Callback
+from distnet.train.loop.callbacks import Callback
 
 
 class RunObserver:
@@ -39,7 +39,7 @@ class RunObserver:
         tracing: bool = False,
         progress: str | None = None,
     ) -> None:
-        from distnet.train.metrics import write_run_info  # noqa: PLC0415
+        from distnet.train.loop.metrics import write_run_info  # noqa: PLC0415
 
         self.job, self.out, self.comm, self.say = job, Path(out), comm, say
         self.rank, self.size = comm.rank, comm.size
@@ -62,7 +62,7 @@ class RunObserver:
     def _invocations(self, info: dict[str, Any]) -> list[dict[str, Any]]:
         """Every run of this run directory so far, this one last (argv, engine, workers,
         devices, start): a run continued on another engine says so. The job of each stage's
-        training is in its ``trained.json`` (``distnet.train.runguard``)."""
+        training is in its ``trained.json`` (``distnet.train.jobs.runguard``)."""
         import json  # noqa: PLC0415
 
         try:
@@ -78,7 +78,7 @@ class RunObserver:
         """Rank 0: notes in ``run.json`` that this invocation finished, after ``seconds``."""
         import json  # noqa: PLC0415
 
-        from distnet.train.metrics import write_run_info  # noqa: PLC0415
+        from distnet.train.loop.metrics import write_run_info  # noqa: PLC0415
 
         if self.rank != 0:
             return
@@ -96,8 +96,8 @@ class RunObserver:
 
     def watch(self, ctx: Any) -> list[Callback]:
         """The callbacks of one stage: metrics on every rank, progress on rank 0."""
-        from distnet.train.metrics import MetricsLogger  # noqa: PLC0415
-        from distnet.train.progress import StageProgress  # noqa: PLC0415
+        from distnet.train.loop.metrics import MetricsLogger  # noqa: PLC0415
+        from distnet.train.loop.progress import StageProgress  # noqa: PLC0415
 
         self.stage = ctx.name
         callbacks: list[Callback] = [MetricsLogger(self.out, self.rank, ctx.name)]
@@ -132,7 +132,7 @@ class RunObserver:
         if self.tracing:
             trace.stop()
         if failed:
-            from distnet.train.metrics import write_failure  # noqa: PLC0415
+            from distnet.train.loop.metrics import write_failure  # noqa: PLC0415
 
             write_failure(self.out, self.rank, self.stage, sys.exc_info()[1])
             if self.rank == 0:
@@ -144,7 +144,7 @@ class RunObserver:
             trace.merge(self.out / "trace")
 
     def _rank_files(self) -> list[Path]:
-        from distnet.train.metrics import metrics_file  # noqa: PLC0415
+        from distnet.train.loop.metrics import metrics_file  # noqa: PLC0415
 
         files = [metrics_file(self.out, self.rank)]
         return files + [trace.rank_file(self.out / "trace", self.rank)] * self.tracing

@@ -7,8 +7,8 @@ coerced) and turns every problem into one line naming the key path::
     jobs/x.toml: [pretrain] epochs: expected an integer >= 0, got -1
 
 Adding a key is adding a field with a default and an ``expect`` phrase (what a user reads in
-the error), a line saying what it does in ``distnet.train.jobhelp``, and regenerating the
-reference: ``python -m distnet.train.jobsdoc > docs/jobs.md`` (tests/unit/test_jobs_doc.py).
+the error), a line saying what it does in ``distnet.train.jobs.jobhelp``, and regenerating the
+reference: ``python -m distnet.train.jobs.jobsdoc > docs/jobs.md`` (tests/unit/test_jobs_doc.py).
 ``distnet train JOB --set pretrain.epochs=5`` overrides any key (values in TOML syntax; a bare
 word is a string).
 """
@@ -77,13 +77,13 @@ class ModelSpec(Section):
         ["conv 16 5 pad=2", "relu", "maxpool 2", "conv 32 5", "relu", "maxpool 2",
          "dense 128", "relu"],
         "a list of layer entries such as 'conv 32 5 pad=2', 'relu', 'maxpool 2', 'dense 128' "
-        "(type = 'cnn'; see distnet/train/cnnspec.py)",
+        "(type = 'cnn'; see distnet/train/jobs/cnnspec.py)",
     )  # fmt: skip
 
     @field_validator("layers")
     @classmethod
     def _layers_parse(cls, layers: list[str]) -> list[str]:
-        from distnet.train.cnnspec import parse_layer  # noqa: PLC0415
+        from distnet.train.jobs.cnnspec import parse_layer  # noqa: PLC0415
 
         for text in layers:
             parse_layer(text)  # LayerSpecError is a ValueError: pydantic reports its text
@@ -126,7 +126,7 @@ class FinetuneSpec(Section):
     momentum: float = _field(0.9, "a number in [0, 1)", ge=0.0, lt=1.0)
     plateau_patience: int = _field(3, "an integer >= 0 (epochs)", ge=0)
     plateau_factor: float = _field(0.3, "a number in (0, 1)", gt=0.0, lt=1.0)
-    # the learning rate over the epochs (distnet/train/lrcallbacks.py): cut on a plateau of
+    # the learning rate over the epochs (distnet/train/loop/lrcallbacks.py): cut on a plateau of
     # the training loss, cosine decay to lr_min, or times step_factor every step_epochs
     schedule: Literal["plateau", "cosine", "step"] = _field(
         "plateau", "one of 'plateau', 'cosine', 'step'"
@@ -156,7 +156,7 @@ class DistSpec(Section):
     # allreduce inside each node, then among node leaders (distnet.parallel.mpi.hierarchical);
     # "auto": on with several nodes of several ranks, or as DISTNET_HIERARCHICAL says
     hierarchical: Literal["auto", True, False] = _field("auto", "'auto', true or false")
-    # the Ray engine (distnet/parallel/rayengine/jobs.py)
+    # the Ray engine (distnet/parallel/rayengine/options.py)
     strategy: Literal["allreduce", "ps", "hybrid", "local_sgd"] = _field(
         "allreduce", "'allreduce', 'ps', 'hybrid' or 'local_sgd'"
     )
@@ -182,7 +182,7 @@ class DistSpec(Section):
         [], "a list of 'cpu'/'cuda', one per Ray worker (instead of workers/cpu_workers)"
     )
     # custom Ray resources per worker: [{node_a = 1}, {node_b = 1}] pins worker i to the nodes
-    # that have them (distnet/parallel/rayengine/jobs.py)
+    # that have them (distnet/parallel/rayengine/options.py)
     worker_resources: list[dict[str, PositiveFloat]] = _field(
         [],
         "a list of tables of custom Ray resources, one per Ray worker, e.g. "
@@ -210,7 +210,7 @@ class DistSpec(Section):
         return tables
 
 
-# [dist] keys that only the Ray engine reads (distnet/parallel/rayengine/jobs.py): set under
+# [dist] keys that only the Ray engine reads (distnet/parallel/rayengine/options.py): set under
 # engine "local" or "mpi" they would do nothing, so they are refused (mode only when not sync)
 RAY_ONLY_KEYS = ("workers", "cpu_workers", "gpus_per_worker", "min_workers", "placement",
                  "address", "rebalance_every", "workers_per_node", "devices", "worker_resources",
@@ -221,7 +221,7 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
     """Combinations of ``[dist]`` keys that cannot run as written (one line each, naming the
     keys and the way out): a key the chosen engine or strategy ignores, or two features that
     exclude each other. The conformance matrix asks this same function which combinations are
-    refused (``distnet.train.conformance``)."""
+    refused (``distnet.train.jobs.conformance``)."""
     out: list[str] = []
     engine, strategy, mode = dist.engine, dist.strategy, dist.mode
     if engine in ("local", "mpi"):

@@ -40,10 +40,14 @@ from typing import Any
 import numpy as np
 
 from distnet.parallel.mpi import lifetime
-from distnet.parallel.rayengine.jobs import add_ray_arguments, dist_overrides
-from distnet.train import jobfile, jobspec
-from distnet.train.jobspec import JobError
-from distnet.train.stages import (  # noqa: F401  (where tests and tools find them)
+from distnet.train.jobs import jobfile, jobspec
+from distnet.train.jobs.arguments import (  # the CLI calls add_arguments
+    add_arguments,
+    command_overrides,
+    dist_overrides,
+)
+from distnet.train.jobs.jobspec import JobError
+from distnet.train.jobs.stages import (  # noqa: F401  (where tests and tools find them)
     EpochPrinter,
     RankNoise,
     _make_optimizer,
@@ -55,32 +59,6 @@ from distnet.train.stages import (  # noqa: F401  (where tests and tools find th
 __all__ = ["DEFAULTS", "JobError", "add_arguments", "load_job", "run", "run_job"]
 
 DEFAULTS: dict[str, dict[str, Any]] = jobspec.defaults()  # the schema lives in jobspec.py
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``distnet train``."""
-    parser.add_argument("job", help="job description (TOML)")
-    parser.add_argument("--out", help="run directory (overrides [run] out)")
-    parser.add_argument(
-        "--engine", choices=["auto", "local", "mpi", "ray"], help="overrides [dist]"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one key, value in TOML syntax (repeatable): --set pretrain.epochs=5",
-    )
-    parser.add_argument("--quiet", action="store_true", help="print only the summary")
-    parser.add_argument("--restart", action="store_true", help="empty the run directory first")
-    add_ray_arguments(parser)
-    parser.add_argument(
-        "--trace", action="store_true", help="write RUN_DIR/trace.json, a per-rank timeline"
-    )
-    parser.add_argument(
-        "--print-config", action="store_true",
-        help="print the resolved job (after --set and defaults) as TOML and exit",
-    )  # fmt: skip
 
 
 def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -201,9 +179,9 @@ def run_job(
     from distnet.data import StreamLoader  # noqa: PLC0415
     from distnet.parallel import stall  # noqa: PLC0415
     from distnet.parallel.engine import ProcessEngine  # noqa: PLC0415
-    from distnet.train import datacheck, runguard  # noqa: PLC0415
-    from distnet.train.observe import RunObserver  # noqa: PLC0415
-    from distnet.train.pipeline import Pipeline, Stage  # noqa: PLC0415
+    from distnet.train.jobs import datacheck, runguard  # noqa: PLC0415
+    from distnet.train.jobs.observe import RunObserver  # noqa: PLC0415
+    from distnet.train.loop.pipeline import Pipeline, Stage  # noqa: PLC0415
 
     started = time.perf_counter()
     engine = engine if engine is not None else ProcessEngine()
@@ -329,11 +307,11 @@ def _hold_out(job: dict, train: Any, rank: int, size: int) -> tuple[Any, Any, An
 
 def _codes_loaders(job: dict, model: Any, train: Any, loader: Any, comm: Any, out: Path) -> Any:
     """``layer_loader(k)`` for build_stages: a StreamLoader over the codes store of layer k
-    (written once, see ``distnet.train.codes``) when [pretrain] cache_codes says so, with
+    (written once, see ``distnet.train.jobs.codes``) when [pretrain] cache_codes says so, with
     the input loader's global batch, seed and order (an engine that splits batches unevenly
     gives it the split with the stage's optimiser); None to recompute the codes every batch."""
     from distnet.data import StreamLoader  # noqa: PLC0415
-    from distnet.train.codes import CodesCache, shared_by_all_ranks, should_cache  # noqa: PLC0415
+    from distnet.train.jobs.codes import CodesCache, shared_by_all_ranks, should_cache  # noqa: PLC0415
 
     cache = CodesCache(model, train, out / "codes", comm, loader.transform)
     shared: list[bool] = []  # whether every rank sees the run directory (probed once)
@@ -386,26 +364,20 @@ def _load_for_engine(args: argparse.Namespace, overrides: dict[str, dict[str, An
 
 def run(args: argparse.Namespace) -> int:
     """``distnet train``: exit 0; 2 with a one-line reason for a job that cannot run; 130
-    when interrupted. The console is kept in the run directory (``train.console``)."""
+    when interrupted. The console is kept in the run directory (``train.jobs.console``)."""
     with contextlib.ExitStack() as console:
         return _run(args, console)
 
 
 def _run(args: argparse.Namespace, console: contextlib.ExitStack) -> int:
-    overrides: dict[str, dict[str, Any]] = {}
-    if args.out:
-        overrides["run"] = {"out": args.out}
-    if args.engine:
-        overrides["dist"] = {"engine": args.engine}
-    if dist_overrides(args):
-        overrides.setdefault("dist", {}).update(dist_overrides(args))
+    overrides = command_overrides(args)
     from distnet.data import DatasetError  # noqa: PLC0415
     from distnet.parallel.rayengine import RayEngineError  # noqa: PLC0415
-    from distnet.train.callbacks import process_rank  # noqa: PLC0415
-    from distnet.train.checkpoint import CheckpointError  # noqa: PLC0415
-    from distnet.train.console import configure_logging, keep_console  # noqa: PLC0415
-    from distnet.train.rayjob import run_ray_job  # noqa: PLC0415
-    from distnet.train.runguard import preflight  # noqa: PLC0415
+    from distnet.train.jobs.console import configure_logging, keep_console  # noqa: PLC0415
+    from distnet.train.jobs.rayjob import run_ray_job  # noqa: PLC0415
+    from distnet.train.jobs.runguard import preflight  # noqa: PLC0415
+    from distnet.train.loop.callbacks import process_rank  # noqa: PLC0415
+    from distnet.train.loop.checkpoint import CheckpointError  # noqa: PLC0415
 
     configure_logging(getattr(args, "log_level", None))
     log = (lambda line: None) if args.quiet else logging.getLogger("distnet.train").info
@@ -414,7 +386,7 @@ def _run(args: argparse.Namespace, console: contextlib.ExitStack) -> int:
             section, key, value = jobspec.parse_override(text)
             overrides = jobspec.merge(overrides, {section: {key: value}})
         if getattr(args, "print_config", False):
-            from distnet.train.jobtoml import print_job  # noqa: PLC0415
+            from distnet.train.jobs.jobtoml import print_job  # noqa: PLC0415
 
             return print_job(load_job(args.job, overrides), args.job)
         job = _load_for_engine(args, overrides)

@@ -7,7 +7,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from distnet.train.jobspec import JobError
+from distnet.train.jobs.jobspec import JobError
 
 _TOML_WHERE = re.compile(r"^(?P<msg>.*?) \(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of "
                          r"document)\)$")  # fmt: skip

@@ -27,10 +27,10 @@ from distnet.nn import losses
 from distnet.nn.module import on_device_of
 from distnet.optim.factory import make_optimizer
 from distnet.optim.optimizer import Optimizer
-from distnet.train.batches import epoch_batches
-from distnet.train.callbacks import Callback, CallbackList, History, Loop
-from distnet.train.finite import NonFiniteError as NonFiniteError  # where it lived before
-from distnet.train.finite import decide, poisoned
+from distnet.train.loop.batches import epoch_batches
+from distnet.train.loop.callbacks import Callback, CallbackList, History, Loop
+from distnet.train.loop.finite import NonFiniteError as NonFiniteError  # where it lived before
+from distnet.train.loop.finite import decide, poisoned
 
 LOSSES = losses.LOSSES  # the one registry (distnet.nn.losses), Keras names included
 
@@ -121,7 +121,7 @@ def fit(
             (N, ...) floats, or None (see the module docstring).
         batch_size: samples per step for arrays, over all ranks: under a distributed
             optimiser each rank takes its own part of every global batch
-            (``distnet.train.batches``); a loader brings its own batches and shares.
+            (``distnet.train.loop.batches``); a loader brings its own batches and shares.
         validation_data: (x_val, y_val), x_val alone, or a loader; evaluated after every
             epoch into ``val_loss`` and ``val_<metric>``.
         callbacks: ``Callback`` objects (EarlyStopping, ModelCheckpoint, ...).
@@ -145,7 +145,7 @@ def fit(
     Returns:
         ``History``: ``history["loss"]``, ``["val_loss"]``, ... one value per epoch.
     """
-    from distnet.train.callbacks import ProgressBar  # noqa: PLC0415
+    from distnet.train.loop.callbacks import ProgressBar  # noqa: PLC0415
 
     if on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")

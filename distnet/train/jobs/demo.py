@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distnet.train.jobtoml import to_toml
+from distnet.train.jobs.jobtoml import to_toml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     train = [sys.executable, "-m", "distnet.cli", "train", str(job_path), "--out", str(out)]
     train += ["--quiet"] * args.quiet + ["--trace"] * args.trace
     if args.workers == 1:  # `distnet train` in this process (train must not import the CLI)
-        from distnet.train import job as train_command  # noqa: PLC0415
+        from distnet.train.jobs import job as train_command  # noqa: PLC0415
 
         parser = argparse.ArgumentParser(prog="distnet train")
         train_command.add_arguments(parser)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from distnet.train.callbacks import Callback
-from distnet.train.jobspec import JobError
+from distnet.train.jobs.jobspec import JobError
+from distnet.train.loop.callbacks import Callback
 
 __all__ = ["EpochPrinter", "RankNoise", "build_model", "build_stages", "per_layer"]
 
@@ -77,7 +77,7 @@ def build_model(
 
     m, pre = job["model"], job["pretrain"]
     if m["type"] == "cnn":
-        from distnet.train.cnnspec import (  # noqa: PLC0415
+        from distnet.train.jobs.cnnspec import (  # noqa: PLC0415
             LayerSpecError,
             build_cnn,
             flat_samples_error,
@@ -126,9 +126,9 @@ def build_stages(
     ``validation``: (x (n, ...), y (n,)), this rank's part of the held-out samples, evaluated
     after every supervised epoch (``val_loss``, ``val_accuracy``: means over all ranks)."""
     from distnet.optim import Adam  # noqa: PLC0415
-    from distnet.train.fit import fit  # noqa: PLC0415
-    from distnet.train.lrcallbacks import finetune_schedule  # noqa: PLC0415
-    from distnet.train.pipeline import Stage  # noqa: PLC0415
+    from distnet.train.loop.fit import fit  # noqa: PLC0415
+    from distnet.train.loop.lrcallbacks import finetune_schedule  # noqa: PLC0415
+    from distnet.train.loop.pipeline import Stage  # noqa: PLC0415
 
     pre, ft, every = job["pretrain"], job["finetune"], job["run"]["log_every"]
     seed = job["run"]["seed"]

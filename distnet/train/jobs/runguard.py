@@ -33,11 +33,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distnet.train.checkpoint import is_complete, read_manifest
-from distnet.train.jobspec import JobError
-from distnet.train.lrcallbacks import floor
+from distnet.train.jobs.jobspec import JobError
+from distnet.train.loop.checkpoint import is_complete
+from distnet.train.loop.lrcallbacks import floor
+from distnet.train.loop.stagerecord import committed_epochs, epochs_trained, finished, read_record
 
-RECORD = "trained.json"
 # what a run writes first in its run directory: --restart empties only a directory holding one
 RUN_MARKERS = ("stages", "run.json", "pipeline.json", "report.json")
 
@@ -92,45 +92,6 @@ def _where(path: str | None) -> str | None:
     """A store's location as recorded: absolute for local paths (the same store however the
     job file or --set spelled it), URLs as written."""
     return path if path is None or "://" in path else os.path.abspath(path)
-
-
-def read_record(stage_dir: Path) -> dict[str, Any] | None:
-    """The stage's ``trained.json``, or None (a stage never started, or a run directory made
-    before stages recorded their settings)."""
-    try:
-        record = json.loads((stage_dir / RECORD).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) and "settings" in record else None
-
-
-def epochs_trained(stage_dir: Path) -> int:
-    """Epochs behind the stage's last epoch checkpoint (0 without one)."""
-    progress = stage_dir / "progress"
-    if not is_complete(progress):
-        return 0
-    return int(read_manifest(progress)["extra"].get("epoch", 0))
-
-
-def committed_epochs(stage_dir: Path) -> int | None:
-    """The epochs a finished stage aimed at (its ``results.json``); None when it is unfinished
-    or its results do not say (a run directory from before stages recorded it)."""
-    if not is_complete(stage_dir):
-        return None
-    try:
-        value = json.loads((stage_dir / "results.json").read_text()).get("epochs")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return int(value) if isinstance(value, int) else None
-
-
-def finished(stage_dir: Path, epochs: int | None) -> bool:
-    """Whether a stage is done for a job that asks ``epochs`` of it (None: any count): it is
-    committed and did not aim at fewer epochs (more epochs reopen it, to continue)."""
-    if not is_complete(stage_dir):
-        return False
-    committed = committed_epochs(stage_dir)
-    return epochs is None or committed is None or committed >= epochs
 
 
 def _show(value: Any) -> str:
@@ -240,7 +201,7 @@ def planned(job: dict[str, Any], stages: list[Any]) -> list[Any]:
 def segment(job: dict[str, Any], comm: Any, device: str) -> dict[str, Any]:
     """What this run trains with besides the stages' settings, kept per segment of epochs:
     engine, workers, device, non-finite policy and the ``[dist]`` keys not at their defaults."""
-    from distnet.train.jobspec import defaults  # noqa: PLC0415
+    from distnet.train.jobs.jobspec import defaults  # noqa: PLC0415
 
     dist = {k: v for k, v in job["dist"].items() if v != defaults()["dist"][k]}
     return {"engine": type(comm).__name__, "workers": comm.size, "device": str(device),
@@ -254,8 +215,8 @@ def preflight(job: dict[str, Any], job_path: str, restart_dir: bool, log: Any = 
     stops when this one exits), ``--restart`` empties the run directory, else the guard
     compares it with the job; then the data for the planned ranks (``check_data``)."""
     from distnet.parallel.rayengine import options_from_job  # noqa: PLC0415
-    from distnet.train.callbacks import process_rank  # noqa: PLC0415
-    from distnet.train.datacheck import check_data, planned_world_size  # noqa: PLC0415
+    from distnet.train.jobs.datacheck import check_data, planned_world_size  # noqa: PLC0415
+    from distnet.train.loop.callbacks import process_rank  # noqa: PLC0415
 
     options = options_from_job(job) if job["dist"]["engine"] == "ray" else None
     if process_rank() != 0:

@@ -12,7 +12,7 @@
    softmax) end to end, greedy-then-supervised as in the stacked autoencoder.
 
 API: ``run_conv_pool(x_train, y_train, x_test, y_test, ConvPoolConfig(...), comm)``; command
-line: ``distnet launch -np 2 -- python -m distnet.train.convfeatures TRAIN TEST --out DIR``.
+line: ``distnet launch -np 2 -- python -m distnet.train.jobs.convfeatures TRAIN TEST --out DIR``.
 """
 
 from __future__ import annotations
@@ -230,9 +230,9 @@ def draw(ae: Any, net: Any, images: np.ndarray, out: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distnet.train.convfeatures TRAIN TEST [--out DIR] [--key value ...]``:
+    """``python -m distnet.train.jobs.convfeatures TRAIN TEST [--out DIR] [--key value ...]``:
     every ``ConvPoolConfig`` field is an option (``--features 64 --pool-mode mean``)."""
-    parser = argparse.ArgumentParser(prog="python -m distnet.train.convfeatures")
+    parser = argparse.ArgumentParser(prog="python -m distnet.train.jobs.convfeatures")
     parser.add_argument("train", help="distnet store of training images")
     parser.add_argument("test", help="distnet store of test images")
     parser.add_argument("--out", default="runs/conv-pool")
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     from distnet.parallel import init  # noqa: PLC0415
-    from distnet.train.job import read_store  # noqa: PLC0415
+    from distnet.train.jobs.job import read_store  # noqa: PLC0415
 
     comm = init(args.engine)
     config = ConvPoolConfig(**{k: getattr(args, k) for k in asdict(ConvPoolConfig())})

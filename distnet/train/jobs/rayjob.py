@@ -29,8 +29,8 @@ def run_rank(
     this worker's device, batch share and optimiser wrapping (``spec``); returns its report.
     An error of its own ends it as ``RankFailed`` (naming this rank, the stage and the root
     cause, see ``errors.describe``)."""
-    from distnet.train.console import keep_console  # noqa: PLC0415
-    from distnet.train.job import run_job  # noqa: PLC0415
+    from distnet.train.jobs.console import keep_console  # noqa: PLC0415
+    from distnet.train.jobs.job import run_job  # noqa: PLC0415
 
     setup = RankSetup(spec, comm, generation)
     failed = False

@@ -222,7 +222,7 @@ class ModelCheckpoint(_Monitor):
         self.saved: list[str] = []
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> None:
-        from distnet.train.checkpoint import save_checkpoint  # noqa: PLC0415
+        from distnet.train.loop.checkpoint import save_checkpoint  # noqa: PLC0415
 
         if self.save_best_only:
             value = self._current(logs)

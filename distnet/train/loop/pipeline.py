@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distnet.train.callbacks import Callback
-from distnet.train.checkpoint import (
+from distnet.train.loop.callbacks import Callback
+from distnet.train.loop.checkpoint import (
     apply_checkpoint,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
-from distnet.train.runguard import RECORD, epochs_trained, finished, read_record
+from distnet.train.loop.stagerecord import RECORD, epochs_trained, finished, read_record
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Stage:
 
     name: str
     fn: Callable[[StageContext], dict[str, Any]]
-    # what the stage trains (``distnet.train.runguard.stage_plan``): with settings, the
+    # what the stage trains (``distnet.train.jobs.runguard.stage_plan``): with settings, the
     # pipeline records them and each run's segment of epochs in trained.json, and a finished
     # stage that aimed at fewer than ``epochs`` is reopened to continue
     epochs: int | None = None

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distnet import trace
-from distnet.train.callbacks import Callback
+from distnet.train.loop.callbacks import Callback
 
 
 def progress_mode(stream: Any = None) -> str:

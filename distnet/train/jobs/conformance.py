@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from functools import cache, lru_cache
 from typing import Any
 
-from distnet.train import jobspec
+from distnet.train.jobs import jobspec
 
 Config = dict[str, Any]
 

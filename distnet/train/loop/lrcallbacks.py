@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distnet.optim.schedules import CosineAnnealingLR, StepLR
-from distnet.train.callbacks import Callback, ReduceLROnPlateau
+from distnet.train.loop.callbacks import Callback, ReduceLROnPlateau
 
 
 class LearningRateScheduler(Callback):
