@@ -11,10 +11,11 @@ CPU buffers go peer to peer through Ray's object store:
 - broadcast: the root puts the buffer once; every other rank reads that one object.
 
 Messages are small actor calls ``deliver(generation, seq, src, payload)`` into the receiving
-actor's ``Mailbox`` (the worker actor is threaded, so deliveries arrive while its training
-thread waits). ``seq`` numbers the collectives, which every rank calls in the same order, so
-messages of different collectives never mix. Every wait has a timeout, and the driver can
-``abort`` a mailbox (a peer died): the waiting collective then raises ``WorkerLostError``.
+actor's ``Mailbox`` (``mailbox.py``; the worker actor is threaded, so deliveries arrive while
+its training thread waits). ``seq`` numbers the collectives, which every rank calls in the
+same order, so messages of different collectives never mix. Every wait has a timeout, and the
+driver can ``abort`` a mailbox (a peer died): the waiting collective then raises
+``WorkerLostError``.
 
 A replacement can join a running group (the parameter server's async/ssp modes, see
 ``standin.py``): the ranks keep the results of the collectives they ran before training began

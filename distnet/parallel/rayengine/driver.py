@@ -7,10 +7,10 @@ workers that die, and stops every actor when the job ends or is interrupted.
 - Without ``--address`` a local Ray starts on demand with token authentication on (Ray
   2.60's default for local clusters; distnet refuses to run one with ``RAY_AUTH_MODE`` set to
   anything but ``token``) and no dashboard. With it, distnet joins that cluster.
-- Workers are actors of a placement group (one bundle each, PACK or SPREAD), alive for the
-  whole job: every stage runs inside them. A worker's bundle may also ask for custom Ray
-  resources (``WorkerSpec.resources``, ``[dist] worker_resources``): give each node its own
-  resource (``ray start --resources='{"node_a": 4}'``) and ``{"node_a": 1}`` pins a worker
+- Workers are actors of a placement group (one bundle each, PACK or SPREAD; ``placement.py``),
+  alive for the whole job: every stage runs inside them. A worker's bundle may also ask for
+  custom Ray resources (``WorkerSpec.resources``, ``[dist] worker_resources``): give each node
+  its own resource (``ray start --resources='{"node_a": 4}'``) and ``{"node_a": 1}`` pins a worker
   there.
 - Survivors go on (strategy "ps" in async/ssp mode, ``survivors_go_on``): a worker other
   than rank 0 that dies during a stage's epoch is replaced while the others keep training;
