@@ -10,7 +10,7 @@ import argparse
 import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "core": ("distnet.bench.core", "training steps vs hand-written numpy, and PyTorch if present"),
+    "core": ("distnet.bench.step", "training steps vs hand-written numpy, and PyTorch if present"),
     "loader": ("distnet.bench.loader", "StreamLoader vs a plain sequential zarr read"),
     "allreduce": ("distnet.bench.allreduce", "bucketed gradient allreduce vs raw MPI_Allreduce"),
     "trace": ("distnet.bench.trace", "cost of metrics and the timeline per training step"),

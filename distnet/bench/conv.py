@@ -3,7 +3,7 @@
 Net (NCHW, float32, SGD, softmax cross-entropy on 28x28 single-channel images):
 conv 1->16 5x5 pad 2 + relu, max pool 2, conv 16->32 5x5 + relu, max pool 2, flatten (800),
 dense 800->128 + relu, dense 128->10. The same net in PyTorch CPU runs in its own process
-(``distnet.bench.core`` alternates rounds); there is no hand-written numpy contender here.
+(``distnet.bench.step`` alternates rounds); there is no hand-written numpy contender here.
 """
 
 from __future__ import annotations

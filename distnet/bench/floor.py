@@ -4,7 +4,7 @@
   784-1000-1000-1000-10 these are 4 forward GEMMs (x W for each layer) and 7 backward ones
   (the weight gradient a^T g of each layer, and the input gradient g W^T of layers 2-4: the
   first layer's input needs none). ``gemm_floor_step`` runs exactly these, with the same
-  shapes and operand layouts (transposed views, not copies) through ``distnet.kernels.matmul``,
+  shapes and operand layouts (transposed views, not copies) through ``distnet.kernels.gemm.matmul``,
   so the same library (oneMKL with the ``[mkl]`` extra, else numpy's OpenBLAS) and the same
   thread rule as a distnet step; in its own process, with the same thread count as the others.
 - **Bandwidth floor** of the optimiser update alone: the bytes the update must read and write
@@ -44,7 +44,7 @@ def gemm_floor_step(batch: int, sizes: list[int] = MLP_SIZES) -> Callable[[], No
 
     Operands as a distnet step holds them: activations (B, a), weights (a, b), the weight
     gradient from ``act.T`` and the input gradient through ``W.T`` (views)."""
-    from distnet import kernels  # noqa: PLC0415  (the same library a distnet step uses)
+    from distnet.kernels import gemm  # noqa: PLC0415  (the same library a distnet step uses)
 
     rng = np.random.default_rng(0)
     layers = list(zip(sizes[:-1], sizes[1:], strict=True))
@@ -57,11 +57,11 @@ def gemm_floor_step(batch: int, sizes: list[int] = MLP_SIZES) -> Callable[[], No
 
     def step() -> None:
         for a, w, out in zip(acts, ws, outs, strict=True):
-            kernels.matmul(a, w, out)
+            gemm.matmul(a, w, out)
         for i in range(len(layers) - 1, -1, -1):
-            kernels.matmul(acts[i].T, grads[i], gws[i])
+            gemm.matmul(acts[i].T, grads[i], gws[i])
             if i > 0:
-                kernels.matmul(grads[i], ws[i].T, gxs[i])
+                gemm.matmul(grads[i], ws[i].T, gxs[i])
 
     return step
 
@@ -86,9 +86,9 @@ def copy_bandwidth(n_bytes: int = 64 << 20, repeats: int = 5) -> float:
 
 
 def _parallel_copy() -> Callable[[np.ndarray, np.ndarray], None] | None:
-    from distnet import kernels  # noqa: PLC0415
+    from distnet.kernels import selection  # noqa: PLC0415
 
-    if kernels.implementation() != "numba":
+    if selection.implementation() != "numba":
         return None
     from distnet.kernels import numba_elementwise  # noqa: PLC0415  (after the layer is set)
 

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from distnet.bench import core, floor
+from distnet.bench import floor, step
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu")
 OPTIMISERS = ("sgd", "sgdm", "adam")
@@ -30,7 +30,7 @@ def _bandwidth(threads: int) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Runs every cell, prints one line per cell as it finishes and the table at the end."""
-    with_torch = not args.no_torch and core._torch_available()
+    with_torch = not args.no_torch and step._torch_available()
     names = ["distnet", "distnet-ib", "torch", "floor"]
     if not with_torch:
         names = ["distnet", "distnet-ib", "floor"]
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         for batch in batches:
             for opt_name in args.optimisers or OPTIMISERS:
                 for activation in args.activations or ACTIVATIONS:
-                    r = core.measure(f"grid-{activation}-{opt_name}", batch, names,
+                    r = step.measure(f"grid-{activation}-{opt_name}", batch, names,
                                      args.rounds, args.steps, args.threads, pool)  # fmt: skip
                     r.update(activation=activation, optimiser=opt_name)
                     r["floor_ms"] = 1e3 * batch / r["samples_per_s"]["floor"]

@@ -104,7 +104,7 @@ def _sweep(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
 
 
 def _compute(args: argparse.Namespace, comm: Any) -> dict[str, Any]:
-    from distnet.bench.core import distnet_mlp_step  # noqa: PLC0415
+    from distnet.bench.step_contenders import distnet_mlp_step  # noqa: PLC0415
 
     result: dict[str, Any] = {}
     comm.barrier()

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from distnet.bench import core
+from distnet.bench import step_contenders
 
 TORCH_GROUPS = {  # torch.profiler op name -> the row it adds to
     "aten::addmm": "forward GEMMs (+ bias)",
@@ -67,7 +67,7 @@ def _distnet_profile(batch: int, opt_name: str, activation: str, steps: int) -> 
     timed(distnet.functional, "cross_entropy", "loss forward")
     for cls in (optim.SGD, optim.Adam):
         timed(cls, "_update", "optimiser update")
-    step = core.distnet_mlp_step(batch, opt_name, activation)
+    step = step_contenders.distnet_mlp_step(batch, opt_name, activation)
     step()
     totals.clear()
     start = time.perf_counter()
@@ -84,7 +84,7 @@ def _distnet_profile(batch: int, opt_name: str, activation: str, steps: int) -> 
 def _torch_profile(batch: int, opt_name: str, activation: str, steps: int) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    step = core.torch_mlp_step(batch, opt_name, activation)
+    step = step_contenders.torch_mlp_step(batch, opt_name, activation)
     step()
     start = time.perf_counter()
     for _ in range(steps):

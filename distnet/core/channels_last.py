@@ -8,10 +8,10 @@ channel vectors and returns the same kind of array; the next convolution reads i
 without a copy. Anything else (a flatten, a numpy op, the user) reads it like any strided
 numpy array, and an NCHW input is converted once. Why NHWC: see ``distnet.kernels.numba_conv_nhwc``.
 
-The GEMMs (``distnet.kernels.matmul``: oneMKL when installed), per layer and batch:
+The GEMMs (``distnet.kernels.gemm.matmul``: oneMKL when installed), per layer and batch:
 forward ``cols (N OH OW, KH KW C) @ W^T``, weight gradient ``dZ^T @ cols``, input gradient
 ``dZ @ W`` then col2im; W is the weight as (O, KH KW C), a small copy per step.
-Only CPU numpy arrays come here (``distnet.kernels.channels_last_kernels`` decides); cupy
+Only CPU numpy arrays come here (``distnet.kernels.selection.channels_last_kernels`` decides); cupy
 and the pure numpy path keep ``distnet.core.conv``'s NCHW formulas.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from distnet import kernels
 from distnet.core.tensor import WRITTEN, Tensor, make_result
-from distnet.kernels import block_threads
+from distnet.kernels import block_threads, gemm, selection
 
 
 def is_channels_last(a: Any) -> bool:
@@ -59,7 +59,7 @@ def _plan(compiled: ModuleType) -> tuple[bool, int]:
     Also the latter when oneDNN runs the convolutions: its OpenMP threads, the same team as
     numba's ``omp`` layer, are still spinning when the pooling after a convolution starts,
     and kept ``block_threads``' thread off its core (LeNet step 9.5-10.4 ms, 8.0 parallel)."""
-    if kernels.blas() == "mkl" and kernels.conv_library() != "onednn":
+    if selection.blas() == "mkl" and selection.conv_library() != "onednn":
         return False, compiled.parallel_slots()
     return True, 1
 
@@ -115,7 +115,7 @@ def conv2d(
         def forward_block(block: tuple[int, int]) -> None:
             s0, s1 = block
             zb = z[s0 * p : s1 * p]
-            kernels.matmul(columns(cols, s0, s1), wmat.T, out=zb)
+            gemm.matmul(columns(cols, s0, s1), wmat.T, out=zb)
             if fused and (bias is not None or activation is not None):
                 bias_relu(zb, b, kind)
 
@@ -153,10 +153,10 @@ def conv2d(
                     db = dz[rows]
                 gw_block = None
                 if weight.requires_grad:
-                    gw_block = kernels.matmul(db.T, columns(cols, s0, s1))
+                    gw_block = gemm.matmul(db.T, columns(cols, s0, s1))
                 if gcols is not None:
                     gcb = gcols[: (s1 - s0) * p]
-                    kernels.matmul(db, wmat, out=gcb)
+                    gemm.matmul(db, wmat, out=gcb)
                     col2im(gcb.reshape(s1 - s0, oh, ow, kh, kw, c), gpad[s0:s1])
                 return gw_block, gb_block
 

@@ -21,6 +21,7 @@ from distnet import backend, kernels
 from distnet.core import channels_last, conv_onednn, ops
 from distnet.core.functional import FUSED_ACTIVATIONS
 from distnet.core.tensor import WRITTEN, Tensor, make_result
+from distnet.kernels import gemm, selection
 
 Pair = int | tuple[int, int]
 
@@ -88,7 +89,7 @@ def im2col(
     view = windows(xpad, kernel, stride, dilation)  # (N, C, OH, OW, KH, KW)
     n, c, oh, ow, kh, kw = view.shape
     cols = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
-    compiled = kernels.conv_kernels(xpad)
+    compiled = selection.conv_kernels(xpad)
     if compiled is not None:  # one parallel pass, the geometry compiled in
         compiled.im2col(kh, kw, *stride, *dilation)(xpad, cols)
     else:
@@ -172,13 +173,13 @@ def conv2d(
         ops.check_same_kind("conv2d", weight, bias)
         if bias.shape != (o,):
             raise ValueError(f"conv2d: bias {bias.shape} does not fit weight {weight.shape}")
-    dnnl = kernels.onednn_conv(x.data, weight.data)
+    dnnl = selection.onednn_conv(x.data, weight.data)
     if dnnl is not None:  # CPU float32 with the [onednn] extra (see conv_onednn)
         out = conv_onednn.conv2d(dnnl, x, weight, bias, stride_, padding_, dilation_,
                                  activation, (oh, ow))  # fmt: skip
         if out is not None:
             return out
-    nhwc_kernels = kernels.channels_last_kernels(x.data)
+    nhwc_kernels = selection.channels_last_kernels(x.data)
     if nhwc_kernels is not None:  # CPU with numba: NHWC memory inside (see channels_last)
         return channels_last.conv2d(nhwc_kernels, x, weight, bias, stride_, padding_,
                                     dilation_, activation, (oh, ow))  # fmt: skip
@@ -186,14 +187,14 @@ def conv2d(
     xp = backend.array_module(x.data)
     cols = im2col(x.data, (kh, kw), stride_, padding_, dilation_)  # (C*KH*KW, N*OH*OW)
     w2 = weight.data.reshape(o, c * kh * kw)
-    out2 = kernels.matmul(w2, cols)  # (O, N*OH*OW): one GEMM
+    out2 = gemm.matmul(w2, cols)  # (O, N*OH*OW): one GEMM
     # back to NCHW in one pass that also adds the bias; the activation then runs in place
     out = xp.empty((n, o, oh, ow), dtype=out2.dtype)
     # ReLU (or none) fuses into the compiled pass; tanh/sigmoid keep numpy's SIMD tanh
     relu_kind = kernels.ACTIVATIONS.index("relu") if activation == "relu" else -1
     fusable = activation in (None, "relu")
     b = bias.data if bias is not None else xp.zeros(o, dtype=out2.dtype)
-    compiled = kernels.conv_kernels(out2, b) if fusable else None
+    compiled = selection.conv_kernels(out2, b) if fusable else None
     if compiled is not None:
         compiled.gemm_to_nchw(out2, b, out.reshape(n, o, oh * ow), relu_kind)
     else:
@@ -205,7 +206,7 @@ def conv2d(
     del out2
 
     def backward(g: Any) -> tuple[Any, ...]:
-        compiled = kernels.conv_kernels(out, g) if fusable else None
+        compiled = selection.conv_kernels(out, g) if fusable else None
         if compiled is not None:  # d act / dz and the (O, N*OH*OW) layout in one pass
             g2 = xp.empty((o, n * oh * ow), dtype=g.dtype)
             compiled.nchw_to_gemm_grad(out.reshape(n, o, -1), g.reshape(n, o, -1), g2, relu_kind)
@@ -217,7 +218,7 @@ def conv2d(
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
             # cols @ g2^T, transposed after: OpenBLAS runs the long inner dimension (N OH OW)
             # faster this way round (measured 3.1 vs 4.5 ms for conv 16->32 5x5, batch 128)
-            gw_t = kernels.matmul(cols, g2.T)  # (C*KH*KW, O)
+            gw_t = gemm.matmul(cols, g2.T)  # (C*KH*KW, O)
             target = weight.grad_target()
             if target is None:
                 gw = xp.ascontiguousarray(gw_t.T).reshape(weight.shape)
@@ -232,10 +233,10 @@ def conv2d(
                 g2.sum(axis=1, out=target)
                 gb = WRITTEN
         if x.requires_grad:
-            gcols = kernels.matmul(w2.T, g2).reshape(c, kh, kw, n, oh, ow)  # kernel-major columns
+            gcols = gemm.matmul(w2.T, g2).reshape(c, kh, kw, n, oh, ow)  # kernel-major columns
             ph, pw = padding_
             padded = (n, c, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
-            compiled = kernels.conv_kernels(gcols)
+            compiled = selection.conv_kernels(gcols)
             if compiled is not None:  # one pass per sample-channel plane, no zero-fill
                 gpad = xp.empty(padded, dtype=gcols.dtype)
                 compiled.col2im(kh, kw, *stride_, *dilation_)(gcols, gpad)
@@ -258,12 +259,12 @@ def max_pool2d(x: Tensor, kernel: Pair, stride: Pair | None = None, padding: Pai
     kernel_, stride_, padding_ = _pool_arguments("max_pool2d", x, kernel, stride, padding)
     xp = backend.array_module(x.data)
     if padding_ == (0, 0) and not x.data.flags.c_contiguous:  # channels last: keep it so
-        nhwc_kernels = kernels.channels_last_kernels(x.data)
+        nhwc_kernels = selection.channels_last_kernels(x.data)
         if nhwc_kernels is not None and channels_last.is_channels_last(x.data):
             oh = output_size(x.shape[2], kernel_[0], stride_[0], 0, 1)
             ow = output_size(x.shape[3], kernel_[1], stride_[1], 0, 1)
             return channels_last.max_pool2d(nhwc_kernels, x, kernel_, stride_, (oh, ow))
-    compiled = kernels.conv_kernels(x.data) if padding_ == (0, 0) else None
+    compiled = selection.conv_kernels(x.data) if padding_ == (0, 0) else None
     if compiled is not None:
         return _max_pool2d_compiled(compiled, x, kernel_, stride_)
     xpad = _pad(x.data, *padding_, value=-xp.inf)

@@ -15,6 +15,7 @@ import numpy as np
 from distnet import backend, kernels
 from distnet.core import ops
 from distnet.core.tensor import WRITTEN, Tensor, make_result
+from distnet.kernels import gemm
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -50,7 +51,7 @@ def linear(
         if bias.shape != (wd.shape[1],):
             raise ValueError(f"linear: bias {bias.shape} does not fit weight {weight.shape}")
     xd = x.data
-    out = kernels.matmul(xd, wd)
+    out = gemm.matmul(xd, wd)
     kernels.bias_activation_(out, None if bias is None else bias.data, activation)
 
     def backward(g: Any) -> tuple[Any, Any, Any]:
@@ -65,12 +66,12 @@ def linear(
             g.sum(axis=0, out=gb)
         if gb_target is not None:
             gb = WRITTEN
-        gx = kernels.matmul(g, wd.T) if x.requires_grad else None
+        gx = gemm.matmul(g, wd.T) if x.requires_grad else None
         gw = None
         if weight.requires_grad:  # straight into the flat buffer when it holds zeros
             a, b = (g.T, xd) if transpose_weight else (xd.T, g)
             target = weight.grad_target()
-            gw = kernels.matmul(a, b) if target is None else _written(kernels.matmul(a, b, target))
+            gw = gemm.matmul(a, b) if target is None else _written(gemm.matmul(a, b, target))
         return gx, gw, gb
 
     parents = (x, weight) if bias is None else (x, weight, bias)

@@ -12,6 +12,7 @@ import numpy as np
 
 from distnet import backend, kernels
 from distnet.core.tensor import Tensor, make_result
+from distnet.kernels import gemm
 
 # -- argument checks and broadcasting ---------------------------------------------------------
 
@@ -132,16 +133,16 @@ def matmul(a: Any, b: Any) -> Tensor:
     a, b = _binary_operands_matmul(a, b)
     a2 = a.data if a.ndim > 1 else a.data[None, :]
     b2 = b.data if b.ndim > 1 else b.data[:, None]
-    out2 = kernels.matmul(a2, b2)  # oneMKL for large 2-D float products, when installed
+    out2 = gemm.matmul(a2, b2)  # oneMKL for large 2-D float products, when installed
     out_shape = _matmul_out_shape(a.shape, b.shape, out2.shape)
 
     def backward(g: Any) -> tuple[Any, Any]:
         g2 = g.reshape(out2.shape)
         ga = gb = None
         if a.requires_grad:
-            ga = sum_to(kernels.matmul(g2, b2.swapaxes(-1, -2)), a2.shape).reshape(a.shape)
+            ga = sum_to(gemm.matmul(g2, b2.swapaxes(-1, -2)), a2.shape).reshape(a.shape)
         if b.requires_grad:
-            gb = sum_to(kernels.matmul(a2.swapaxes(-1, -2), g2), b2.shape).reshape(b.shape)
+            gb = sum_to(gemm.matmul(a2.swapaxes(-1, -2), g2), b2.shape).reshape(b.shape)
         return ga, gb
 
     return make_result(out2.reshape(out_shape), (a, b), backward, "matmul")

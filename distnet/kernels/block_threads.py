@@ -11,7 +11,7 @@ op, no spinning, no shared writes.
 
 Threads: numba's thread count (``NUMBA_NUM_THREADS``, which ``distnet launch`` and the
 benchmarks set like ``OMP_NUM_THREADS``). Used only when GEMMs go through oneMKL, whose
-thread count can be set per thread (``distnet.kernels.blas_threads_local``); numpy's
+thread count can be set per thread (``distnet.kernels.gemm.blas_threads_local``); numpy's
 OpenBLAS cannot, so without oneMKL ``distnet.core.channels_last`` runs one group on the
 calling thread with the parallel kernels instead.
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from distnet import kernels
+from distnet.kernels import gemm
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ _executor_threads = 0
 
 
 def _single_threaded_blas() -> None:
-    kernels.blas_threads_local(1)
+    gemm.blas_threads_local(1)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -84,12 +84,12 @@ def run(make_worker: Callable[[], Callable[[T], Any]], blocks: Sequence[T],
 
     helpers = min(threads, len(blocks)) - 1
     futures = [_pool(threads - 1).submit(drain) for _ in range(helpers)]
-    previous = kernels.blas_threads_local(1)
+    previous = gemm.blas_threads_local(1)
     try:
         drain()
     finally:
         if previous is not None:
-            kernels.blas_threads_local(previous)
+            gemm.blas_threads_local(previous)
     for future in futures:
         if not future.cancel():  # started: wait for the block it is on
             future.result(timeout=WAIT_S)

@@ -1,5 +1,5 @@
 """numba kernels of the channels-last (NHWC) convolution and pooling path (built only through
-``distnet.kernels.channels_last_kernels``, lazily, after numba's threading layer is set).
+``distnet.kernels.selection.channels_last_kernels``, lazily, after numba's threading layer is set).
 
 Why channels last: with the channels innermost, a window's row of KW pixels is one
 contiguous run of KW * C numbers in the input and in the column matrix, so im2col and col2im

@@ -5,10 +5,10 @@ reassociation, contraction and approximate reciprocals/functions, never the no-N
 assumptions: a NaN gradient still shows up as NaN parameters, as in the numpy path. Scalars
 arrive in the arrays' dtype, so float32 buffers are updated in float32 arithmetic.
 Kernels run on numba's ``workqueue`` threading layer unless ``NUMBA_THREADING_LAYER`` says
-otherwise (see ``distnet.kernels._numba``); it does not allow two threads to launch parallel
-kernels at once, and only the training thread calls them. ``cache=True`` keeps the compiled
-code on disk (``distnet.kernels.cache_dir``): the first run on a machine compiles, later runs
-load in milliseconds.
+otherwise (see ``distnet.kernels.selection._numba``); it does not allow two threads to
+launch parallel kernels at once, and only the training thread calls them. ``cache=True``
+keeps the compiled code on disk (``distnet.kernels.selection.cache_dir``): the first run on a
+machine compiles, later runs load in milliseconds.
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ from distnet.nn.losses import (
     get_loss,
     soft_cross_entropy,
 )
-from distnet.nn.module import Module, Parameter, flat_buffers
+from distnet.nn.module import Module
 from distnet.nn.normalization import BatchNorm1d, batch_norm_train
+from distnet.nn.parameter import Parameter, flat_buffers
 from distnet.nn.regularization import Dropout, l1_penalty, l2_penalty, weights_of
 
 __all__ = [

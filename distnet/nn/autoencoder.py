@@ -30,7 +30,8 @@ from distnet.core import ops
 from distnet.core.functional import binary_cross_entropy, linear, mse_loss
 from distnet.core.tensor import Tensor, make_result, no_grad
 from distnet.nn.layers import Dense, Sequential, as_input, get_activation
-from distnet.nn.module import Module, Parameter, pin_layout
+from distnet.nn.module import Module
+from distnet.nn.parameter import Parameter, pin_layout
 
 _LOSSES = ("mse", "cross_entropy")
 

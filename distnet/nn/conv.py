@@ -12,7 +12,8 @@ from distnet.core.functional import FUSED_ACTIVATIONS
 from distnet.core.tensor import Tensor
 from distnet.nn import init as initialisers
 from distnet.nn.layers import as_input, get_activation
-from distnet.nn.module import Module, Parameter
+from distnet.nn.module import Module
+from distnet.nn.parameter import Parameter
 
 
 class Conv2d(Module):

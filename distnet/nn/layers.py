@@ -12,7 +12,8 @@ from distnet.core import ops
 from distnet.core.functional import FUSED_ACTIVATIONS, linear, softmax
 from distnet.core.tensor import Tensor, make_result
 from distnet.nn import init as initialisers
-from distnet.nn.module import Module, Parameter
+from distnet.nn.module import Module
+from distnet.nn.parameter import Parameter
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": ops.sigmoid,

@@ -10,7 +10,8 @@ from distnet import backend
 from distnet.core import ops
 from distnet.core.tensor import Tensor, make_result
 from distnet.nn.layers import as_batch
-from distnet.nn.module import Module, Parameter
+from distnet.nn.module import Module
+from distnet.nn.parameter import Parameter
 
 
 def batch_norm_train(

@@ -14,7 +14,8 @@ from typing import Any
 from distnet import backend
 from distnet.core.functional import dropout
 from distnet.core.tensor import Tensor, make_result
-from distnet.nn.module import Module, Parameter
+from distnet.nn.module import Module
+from distnet.nn.parameter import Parameter
 
 
 class Dropout(Module):

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from distnet import kernels
-from distnet.nn.module import Module, Parameter
+from distnet.nn.module import Module
+from distnet.nn.parameter import Parameter
 from distnet.optim.optimizer import _WHOLE, Optimizer
 
 Params = Module | Iterable[Parameter]

@@ -73,7 +73,7 @@ def flat_optimizer(name: str, params: Any, penalty_mask: Any = None, **options: 
     """
     import numpy as np  # noqa: PLC0415
 
-    from distnet.nn.module import Parameter  # noqa: PLC0415  (optim sits above nn)
+    from distnet.nn.parameter import Parameter  # noqa: PLC0415  (optim sits above nn)
 
     if "betas" in options:
         options["betas"] = tuple(options["betas"])

@@ -13,7 +13,7 @@ gradient never came (parameters outside this pass's graph: zero gradient, state 
 Exactness: every update distnet has is elementwise (the kernels of ``distnet.kernels``; the
 L2/L1 penalties too, read from the parameter before its own update), so a slice gives the
 same bits as the whole buffer provided the same implementation runs: buckets hold at least
-``kernels.MIN_ELEMENTS`` elements, the size from which the whole buffer also takes the
+``kernels.selection.MIN_ELEMENTS`` elements, the size from which the whole buffer also takes the
 compiled kernels. The step number (Adam's bias correction, AdaGrad's decay) is the step's
 own (``steps`` counts the step when its first bucket is updated). ``lr`` is read when a
 bucket is updated: change it between ``step()`` and the next backward, as schedules do.
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distnet import kernels
+from distnet.kernels import selection
 
 
 def plan(sizes: list[int], min_elements: int) -> list[tuple[int, int, list[int]]]:
@@ -67,7 +67,7 @@ class BackwardUpdates:
     def __init__(self, opt: Any):
         self.opt = opt
         sizes = [p.size for p in opt.params]
-        self.buckets = plan(sizes, kernels.MIN_ELEMENTS)
+        self.buckets = plan(sizes, selection.MIN_ELEMENTS)
         self.bucket_of = [0] * len(sizes)
         for b, (_, _, members) in enumerate(self.buckets):
             for i in members:

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from distnet import backend, kernels
-from distnet.nn.module import Module, Parameter, consecutive_views, flat_buffers, layout_of
+from distnet.nn.module import Module
+from distnet.nn.parameter import Parameter, consecutive_views, flat_buffers, layout_of
 from distnet.optim.in_backward import BackwardUpdates
 from distnet.optim.protocol import LoopProtocol
 

@@ -2,7 +2,7 @@
 
 In the spirit of Ray Train's ``Backend`` (named hooks: ``on_start``, ``on_training_start``,
 ``on_shutdown``) and ChainerMN's communicator classes: the job runner
-(``distnet.train.job.run_job``) talks to one ``Engine`` and knows no engine by name. Per rank an
+(``distnet.train.jobs.job.run_job``) talks to one ``Engine`` and knows no engine by name. Per rank an
 engine gives
 
 - ``start(job, log)``: the communicator (``comm``) and the ``[dist]`` settings (``dist``) the

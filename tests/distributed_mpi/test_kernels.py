@@ -12,18 +12,18 @@ import pytest
 from helpers.mpi import MPIEXEC, launch
 
 from distnet import kernels
-from distnet.kernels import mkl_blas
+from distnet.kernels import mkl_blas, selection
 
-SMALL = kernels.MIN_ELEMENTS  # arrays of at least this size take the compiled path
+SMALL = selection.MIN_ELEMENTS  # arrays of at least this size take the compiled path
 
 needs_numba = pytest.mark.skipif(
-    kernels.implementation() != "numba", reason="numba not importable or DISTNET_KERNELS=numpy"
+    selection.implementation() != "numba", reason="numba not importable or DISTNET_KERNELS=numpy"
 )
 
 
 @pytest.fixture
 def numpy_only(monkeypatch):
-    monkeypatch.setattr(kernels, "_compiled", lambda *a: None)
+    monkeypatch.setattr(selection, "compiled", lambda *a: None)
 
 
 def _both(fn, *arrays, monkeypatch):
@@ -31,7 +31,7 @@ def _both(fn, *arrays, monkeypatch):
     fast = [a.copy() for a in arrays]
     fn(*fast)
     with monkeypatch.context() as m:
-        m.setattr(kernels, "_compiled", lambda *a: None)
+        m.setattr(selection, "compiled", lambda *a: None)
         ref = [a.copy() for a in arrays]
         fn(*ref)
     return fast, ref
@@ -170,7 +170,7 @@ def test_dense_layer_gradients_agree_between_numba_and_numpy(activation, monkeyp
 
     fast = grads()
     with monkeypatch.context() as m:
-        m.setattr(kernels, "_compiled", lambda *a: None)
+        m.setattr(selection, "compiled", lambda *a: None)
         ref = grads()
     for a, b in zip(fast, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -199,8 +199,8 @@ def test_all_finite_finds_every_inf_and_nan(route, dtype, monkeypatch):
     """Every position (the chunks' first and last elements, an odd-sized tail), both infs and
     NaN are found; the largest finite value and subnormals are finite."""
     if route == "numpy":
-        monkeypatch.setattr(kernels, "_compiled", lambda *a: None)
-    elif kernels.implementation() != "numba":
+        monkeypatch.setattr(selection, "compiled", lambda *a: None)
+    elif selection.implementation() != "numba":
         pytest.skip("numba not importable or DISTNET_KERNELS=numpy")
     n = 3 * SMALL + 7
     g = _buffers(n, dtype, 1)[0]
@@ -220,19 +220,19 @@ def _run(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.Com
 
 
 def test_environment_variable_chooses_numpy():
-    out = _run("from distnet import kernels; print(kernels.implementation())",
+    out = _run("from distnet.kernels import selection; print(selection.implementation())",
                {"DISTNET_KERNELS": "numpy"})  # fmt: skip
     assert out.returncode == 0 and out.stdout.strip() == "numpy"
 
 
 def test_environment_variable_refuses_unknown_value():
-    out = _run("from distnet import kernels; kernels.implementation()",
+    out = _run("from distnet.kernels import selection; selection.implementation()",
                {"DISTNET_KERNELS": "fortran"})  # fmt: skip
     assert out.returncode != 0 and "DISTNET_KERNELS='fortran'" in out.stderr
 
 
 def test_cache_dir_is_per_user_and_environment():
-    d = kernels.cache_dir()
+    d = selection.cache_dir()
     assert "distnet" in d.parts and d.name.startswith(f"numba-py{sys.version_info[0]}")
 
 
@@ -247,8 +247,9 @@ def test_two_ranks_compile_into_one_empty_cache_together(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(
         "import numpy as np\n"
-        "from distnet import kernels, nn, optim, functional\n"
-        "assert kernels.implementation() == 'numba'\n"
+        "from distnet import nn, optim, functional\n"
+        "from distnet.kernels import selection\n"
+        "assert selection.implementation() == 'numba'\n"
         "model = nn.Sequential(nn.Dense(8, 300, 'relu'), nn.Dense(300, 300), nn.Dense(300, 3))\n"
         "opt = optim.Adam(model, lr=1e-2)\n"
         "x = np.random.default_rng(0).random((256, 8), dtype=np.float32)\n"
@@ -298,13 +299,14 @@ def test_kernels_share_the_gemms_thread_team(blas):
     # numba's compiler reloads its configuration from the environment: a compile between
     # choosing the layer and the first kernel (a kernel not yet cached) must not undo it
     code = ("import numba, numpy as np  # numba imported before distnet chose its layer\n"
-            "from distnet import functional, kernels, nn, optim\n"
-            "assert kernels.implementation() == 'numba'\n"
+            "from distnet import functional, nn, optim\n"
+            "from distnet.kernels import selection\n"
+            "assert selection.implementation() == 'numba'\n"
             "numba.njit(lambda v: v + 1)(1)\n"
             "m = nn.Sequential(nn.Dense(300, 300, 'tanh'), nn.Dense(300, 3)); o = optim.SGD(m)\n"
             "x = np.ones((256, 300), np.float32)\n"
             "functional.cross_entropy(m(x), np.zeros(256, int)).backward(); o.step()\n"
-            "lib = kernels._mkl()\n"
+            "lib = selection.mkl_library()\n"
             "print(numba.threading_layer(), lib.layer if lib else 'OpenBLAS')")  # fmt: skip
     drop = ("NUMBA_THREADING_LAYER", "MKL_THREADING_LAYER", "NUMBA_CACHE_DIR")  # as a user has it
     env = {k: v for k, v in os.environ.items() if k not in drop}

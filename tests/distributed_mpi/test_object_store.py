@@ -107,10 +107,10 @@ def test_a_url_with_credentials_is_refused_and_never_printed(s3, capsys):
     url, _ = s3
     bucket = url.removeprefix("s3://")
     secret_url = f"s3://AKIDEXAMPLE:wJalrXUtnFEMIsecret@{bucket}/d"
-    assert main(["data", "info", secret_url]) == 1
+    assert main(["data", "info", secret_url]) == 2
     err = capsys.readouterr().err
     assert "credentials in a store URL are refused" in err and "wJalrXUtnFEMIsecret" not in err
-    assert main(["data", "convert", "digits", f"{url}/d", "--storage-option", "secret=abc"]) == 1
+    assert main(["data", "convert", "digits", f"{url}/d", "--storage-option", "secret=abc"]) == 2
     err = capsys.readouterr().err
     assert "secret" in err and "environment" in err and "abc" not in err
     with pytest.raises(ValueError, match="refused") as e:

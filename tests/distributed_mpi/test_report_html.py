@@ -296,7 +296,7 @@ def test_page_loads_in_chromium_with_every_image_shown_and_no_errors(run_dir, tm
     assert result["shown"] == result["images"]
     console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln and "checked.html" in ln]
     assert console == []
-    from screenshots import page_height, screenshot
+    from helpers.screenshots import page_height, screenshot
 
     sizes = page_height(run_dir / "report.html", tmp_path, 1200)
     assert sizes["height"] - sizes["body"] <= 40, sizes  # no blank tail below the content

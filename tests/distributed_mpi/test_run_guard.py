@@ -129,7 +129,7 @@ def test_more_epochs_continue_and_equal_a_run_with_them_from_the_start(root, cap
     assert segments(out, "0-train") == [(0, 2), (2, 4)]
     assert len(json.loads((out / "run.json").read_text())["invocations"]) == 2
     page = (out / "report.html").read_text()
-    assert "0-2: LocalCommunicator × 1; 2-4: LocalCommunicator × 1" in page
+    assert "0-2: local (one process) × 1; 2-4: local (one process) × 1" in page
     assert train(path, "--out", out, "--set", "finetune.epochs=4") == 0  # now done: skipped
 
 

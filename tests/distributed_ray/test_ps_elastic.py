@@ -128,7 +128,7 @@ class Inbox:
 
 def test_replay_answers_recorded_collectives_then_goes_on_at_the_groups_count():
     from distnet.parallel.rayengine import Mailbox, RayCommunicator  # noqa: PLC0415
-    from distnet.parallel.rayengine.comm import JoinFailed  # noqa: PLC0415
+    from distnet.parallel.rayengine.mailbox import JoinFailed  # noqa: PLC0415
 
     peer = Inbox()
     # check=False: the hand-made rank 0 sends data messages only, no check records

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from distnet.parallel.ps import link
-from distnet.parallel.ps.shard import ParameterServerShard, PushRefused
+from distnet.parallel.ps.shard import ParameterServerShard
+from distnet.parallel.ps.shardchecks import PushRefused
 
 pytestmark = [
     pytest.mark.timeout(120),

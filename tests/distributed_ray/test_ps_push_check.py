@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from distnet.parallel.ps.pushcheck import PushRecord, round_mismatch
-from distnet.parallel.ps.shard import ParameterServerShard, PushRefused, RoundFailed
+from distnet.parallel.ps.rounds import RoundFailed
+from distnet.parallel.ps.shard import ParameterServerShard
+from distnet.parallel.ps.shardchecks import PushRefused
 
 TOKEN = "t" * 32
 SITE0, SITE1 = "train.py:10 in worker0_steps", "train.py:20 in worker1_steps"

@@ -22,8 +22,8 @@ from distnet.parallel.ps import (
     ParameterServerOptimizer,
     ShardLostError,
 )
-from distnet.parallel.ps.shard import RoundFailed
-from distnet.parallel.rayengine.comm import Mailbox
+from distnet.parallel.ps.rounds import RoundFailed
+from distnet.parallel.rayengine.mailbox import Mailbox
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]

@@ -13,7 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from distnet.parallel.ps.shard import ParameterServerShard, PushRefused, RoundFailed
+from distnet.parallel.ps.rounds import RoundFailed
+from distnet.parallel.ps.shard import ParameterServerShard
+from distnet.parallel.ps.shardchecks import PushRefused
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(30)]
 TOKEN = "t" * 32

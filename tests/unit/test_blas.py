@@ -1,9 +1,10 @@
 """GEMM through oneMKL (the ``[mkl]`` extra) equals numpy's, and everything else falls back.
 
-``kernels.matmul`` is what ``linear``, ``matmul`` and the convolutions call. With oneMKL
-installed, large float32/float64 CPU products go to ``cblas_?gemm`` with their transposes
-passed as flags; layouts it cannot take (strided columns, aliasing ``out``), small products,
-integers and GPU arrays go through numpy. These tests compare both routes on every layout.
+``distnet.kernels.gemm.matmul`` is what ``linear``, ``matmul`` and the convolutions call.
+With oneMKL installed, large float32/float64 CPU products go to ``cblas_?gemm`` with their
+transposes passed as flags; layouts it cannot take (strided columns, aliasing ``out``), small
+products, integers and GPU arrays go through numpy. These tests compare both routes on
+every layout.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from distnet import kernels
-from distnet.kernels import mkl_blas
+from distnet.kernels import gemm, mkl_blas, selection
 
 MKL_INSTALLED = bool(mkl_blas.library_candidates())
 needs_mkl = pytest.mark.skipif(
@@ -29,12 +29,12 @@ def blas(monkeypatch):
     """Choose DISTNET_BLAS for one test; the choice is cached per process, so clear it."""
 
     def choose(value: str) -> str:
-        monkeypatch.setenv(kernels.BLAS_ENV_VAR, value)
-        kernels._mkl.cache_clear()
-        return kernels.blas()
+        monkeypatch.setenv(selection.BLAS_ENV_VAR, value)
+        selection.mkl_library.cache_clear()
+        return selection.blas()
 
     yield choose
-    kernels._mkl.cache_clear()
+    selection.mkl_library.cache_clear()
 
 
 def _layouts(rng, m, k, n, dtype):
@@ -59,11 +59,11 @@ def test_mkl_gemm_equals_numpy_on_every_layout(blas, dtype, shape):
     tol = {"rtol": 1e-4, "atol": 1e-3} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-10}
     for name, (a, b) in _layouts(rng, *shape, dtype).items():
         want = np.matmul(a.astype(np.float64), b.astype(np.float64))
-        got = kernels.matmul(a, b)
+        got = gemm.matmul(a, b)
         assert got.dtype == dtype and got.shape == want.shape, name
         np.testing.assert_allclose(got, want, **tol, err_msg=name)
         out = np.full(want.shape, np.nan, dtype)
-        assert kernels.matmul(a, b, out) is out
+        assert gemm.matmul(a, b, out) is out
         np.testing.assert_allclose(out, want, **tol, err_msg=f"{name}, out=")
 
 
@@ -71,7 +71,7 @@ def test_mkl_gemm_equals_numpy_on_every_layout(blas, dtype, shape):
 def test_mkl_route_is_taken_for_large_float_products(blas):
     """The route itself: a GEMM the library cannot do must not reach it, a large one must."""
     assert blas("mkl") == "mkl"
-    lib = kernels._mkl()
+    lib = selection.mkl_library()
     a = np.ones((256, 256), np.float32)
     assert lib.operand(a) == (mkl_blas._NO_TRANS, 256)
     assert lib.operand(a.T) == (mkl_blas._TRANS, 256)
@@ -86,24 +86,24 @@ def test_products_mkl_cannot_take_fall_back_to_numpy(blas):
     a = rng.standard_normal((300, 300)).astype(np.float32)
     b = rng.standard_normal((300, 300)).astype(np.float32)
     np.testing.assert_allclose(
-        kernels.matmul(a[:, ::2], b[::2]), a[:, ::2] @ b[::2], rtol=1e-4, atol=1e-3
+        gemm.matmul(a[:, ::2], b[::2]), a[:, ::2] @ b[::2], rtol=1e-4, atol=1e-3
     )
     ints = rng.integers(-5, 5, (100, 100))
-    np.testing.assert_array_equal(kernels.matmul(ints, ints), ints @ ints)
+    np.testing.assert_array_equal(gemm.matmul(ints, ints), ints @ ints)
     small = rng.standard_normal((3, 4)).astype(np.float32)
-    np.testing.assert_allclose(kernels.matmul(small, small.T), small @ small.T, rtol=1e-6)
-    mixed = kernels.matmul(a, b.astype(np.float64))
+    np.testing.assert_allclose(gemm.matmul(small, small.T), small @ small.T, rtol=1e-6)
+    mixed = gemm.matmul(a, b.astype(np.float64))
     assert mixed.dtype == np.float64
     buf = np.concatenate([a, b])  # out overlapping an operand
     want = buf[:300] @ buf[300:]
-    kernels.matmul(buf[:300], buf[300:], out=buf[:300])
+    gemm.matmul(buf[:300], buf[300:], out=buf[:300])
     np.testing.assert_allclose(buf[:300], want, rtol=1e-4, atol=1e-3)
 
 
 def test_blas_choice_is_validated_and_numpy_can_be_forced(blas, monkeypatch):
     assert blas("numpy") == "numpy"
     a = np.ones((512, 512), np.float32)
-    np.testing.assert_array_equal(kernels.matmul(a, a), a @ a)
+    np.testing.assert_array_equal(gemm.matmul(a, a), a @ a)
     with pytest.raises(ValueError, match="DISTNET_BLAS='openblas'"):
         blas("openblas")
     monkeypatch.setattr(mkl_blas, "library_candidates", lambda: [])
@@ -116,8 +116,9 @@ def _mlp_losses(blas_choice: str) -> list[float]:
     """Five SGD steps of a 784-512-512-10 MLP in a fresh process with DISTNET_BLAS set."""
     code = """
 import numpy as np, distnet as dn
-from distnet import backend, kernels, nn, optim
+from distnet import backend, nn, optim
 from distnet import functional as F
+from distnet.kernels import selection
 backend.seed(0)
 model = nn.Sequential(nn.Dense(784, 512, activation="relu"), nn.Dense(512, 512, activation="tanh"),
                       nn.Dense(512, 10))
@@ -130,9 +131,9 @@ for _ in range(5):
     loss = F.cross_entropy(model(dn.Tensor(x)), y)
     loss.backward()
     opt.step()
-    print(kernels.blas(), float(loss.data))
+    print(selection.blas(), float(loss.data))
 """
-    env = {**os.environ, kernels.BLAS_ENV_VAR: blas_choice}
+    env = {**os.environ, selection.BLAS_ENV_VAR: blas_choice}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr

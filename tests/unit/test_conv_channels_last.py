@@ -15,11 +15,11 @@ from helpers.gradcheck import check_grad
 from distnet import kernels
 from distnet.core import channels_last, conv
 from distnet.core.tensor import Tensor
-from distnet.kernels import block_threads
+from distnet.kernels import block_threads, gemm, selection
 
 pytestmark = [
     pytest.mark.timeout(180),
-    pytest.mark.skipif(kernels.implementation() != "numba", reason="numba is not importable"),
+    pytest.mark.skipif(selection.implementation() != "numba", reason="numba is not importable"),
 ]
 
 # (parallel kernels?, threads, block bytes): the pool of 2 threads over one-sample blocks,
@@ -34,7 +34,7 @@ MODES = {
 def off_onednn(monkeypatch):
     """These tests are of the im2col path: float32 convolutions stay off oneDNN here (its own
     tests are in test_conv_onednn.py)."""
-    monkeypatch.setattr(kernels, "onednn_conv", lambda x, weight: None)
+    monkeypatch.setattr(selection, "onednn_conv", lambda x, weight: None)
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +46,7 @@ def im2col_route(monkeypatch):
 def mode(request, monkeypatch):
     """Every array goes through the channels-last kernels, however small, in one mode."""
     parallel, threads, block_bytes = MODES[request.param]
-    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(selection, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(channels_last, "_plan", lambda compiled: (parallel, threads))
     monkeypatch.setattr(channels_last, "BLOCK_BYTES", block_bytes)
     return request.param
@@ -54,7 +54,7 @@ def mode(request, monkeypatch):
 
 @pytest.fixture
 def numpy_only(monkeypatch):
-    monkeypatch.setattr(kernels, "conv_kernels", lambda *arrays: None)
+    monkeypatch.setattr(selection, "conv_kernels", lambda *arrays: None)
 
 
 @pytest.mark.parametrize("xs,ws,stride,padding,dilation", CONV_CASES)
@@ -62,7 +62,7 @@ def test_conv2d_matches_definition_and_gradients(mode, xs, ws, stride, padding, 
     rng = np.random.default_rng(0)
     x, b = leaf(rng, *xs), leaf(rng, ws[0])
     w = leaf(rng, ws[0], xs[1], ws[1], ws[2])
-    assert kernels.channels_last_kernels(x.data) is not None  # the path under test
+    assert selection.channels_last_kernels(x.data) is not None  # the path under test
     out = conv.conv2d(x, w, b, stride, padding, dilation)
     assert channels_last.is_channels_last(out.data)
     expected = reference_conv(x.data, w.data, b.data, stride, padding, dilation)
@@ -164,7 +164,7 @@ def test_a_lenet_pass_equals_the_numpy_path(numpy_only, monkeypatch, request, dt
     off_onednn(monkeypatch)
     for name in MODES:
         parallel, threads, block_bytes = MODES[name]
-        monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+        monkeypatch.setattr(selection, "MIN_ELEMENTS", 0)
         monkeypatch.setattr(channels_last, "_plan", lambda compiled, p=parallel, t=threads: (p, t))
         monkeypatch.setattr(channels_last, "BLOCK_BYTES", block_bytes)
         for got, want in zip(lenet_pass(dtype), reference, strict=True):
@@ -177,13 +177,13 @@ def test_the_plan_follows_the_blas(monkeypatch):
     convolutions; else numba's parallel kernels over the whole batch."""
     from distnet.kernels import numba_conv_nhwc
 
-    monkeypatch.setattr(kernels, "conv_library", lambda: "im2col")
-    monkeypatch.setattr(kernels, "blas", lambda: "numpy")
+    monkeypatch.setattr(selection, "conv_library", lambda: "im2col")
+    monkeypatch.setattr(selection, "blas", lambda: "numpy")
     assert channels_last._plan(numba_conv_nhwc) == (True, 1)
-    monkeypatch.setattr(kernels, "blas", lambda: "mkl")
+    monkeypatch.setattr(selection, "blas", lambda: "mkl")
     assert channels_last._plan(numba_conv_nhwc) == (False, numba_conv_nhwc.parallel_slots())
     # oneDNN's OpenMP team runs the convolutions: pooling joins that team
-    monkeypatch.setattr(kernels, "conv_library", lambda: "onednn")
+    monkeypatch.setattr(selection, "conv_library", lambda: "onednn")
     assert channels_last._plan(numba_conv_nhwc) == (True, 1)
 
 
@@ -226,16 +226,16 @@ def test_block_threads_results_in_block_order_and_errors():
             block_threads.run(failing_worker, list(range(12)), threads)
 
 
-@pytest.mark.skipif(kernels.blas() != "mkl", reason="oneMKL is not installed")
+@pytest.mark.skipif(selection.blas() != "mkl", reason="oneMKL is not installed")
 def test_blas_threads_are_set_per_thread():
-    previous = kernels.blas_threads_local(1)
+    previous = gemm.blas_threads_local(1)
     try:
-        assert kernels.blas_threads_local(1) == 1  # what this thread had just set
-        kernels.blas_threads_local(0)
+        assert gemm.blas_threads_local(1) == 1  # what this thread had just set
+        gemm.blas_threads_local(0)
         a, b = np.ones((64, 64), np.float32), np.ones((64, 128), np.float32)
         # a oneMKL product too small for threads runs on one, then the setting is back
-        assert kernels.MIN_GEMM_FLOPS <= 64 * 64 * 128 < kernels.MIN_THREADED_GEMM_FLOPS
-        np.testing.assert_array_equal(kernels.matmul(a, b), np.full((64, 128), 64.0))
-        assert kernels.blas_threads_local(0) == 0
+        assert gemm.MIN_GEMM_FLOPS <= 64 * 64 * 128 < gemm.MIN_THREADED_GEMM_FLOPS
+        np.testing.assert_array_equal(gemm.matmul(a, b), np.full((64, 128), 64.0))
+        assert gemm.blas_threads_local(0) == 0
     finally:
-        kernels.blas_threads_local(previous)
+        gemm.blas_threads_local(previous)

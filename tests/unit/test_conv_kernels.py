@@ -12,22 +12,23 @@ from helpers.gradcheck import check_grad
 from distnet import kernels
 from distnet.core import conv
 from distnet.core.tensor import Tensor
+from distnet.kernels import selection
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(kernels.implementation() != "numba", reason="numba is not importable"),
+    pytest.mark.skipif(selection.implementation() != "numba", reason="numba is not importable"),
 ]
 
 
 @pytest.fixture
 def compiled(monkeypatch):
     """Every array goes through the compiled kernels, however small."""
-    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(selection, "MIN_ELEMENTS", 0)
 
 
 @pytest.fixture
 def numpy_only(monkeypatch):
-    monkeypatch.setattr(kernels, "conv_kernels", lambda *arrays: None)
+    monkeypatch.setattr(selection, "conv_kernels", lambda *arrays: None)
 
 
 # each geometry compiles its own kernels once per machine (seconds each on a cold cache)
@@ -45,7 +46,7 @@ def test_compiled_conv2d_matches_definition_and_gradients(
     rng = np.random.default_rng(0)
     x, b = leaf(rng, *xs), leaf(rng, ws[0])
     w = leaf(rng, ws[0], xs[1], ws[1], ws[2])
-    assert kernels.conv_kernels(x.data) is not None  # the path under test
+    assert selection.conv_kernels(x.data) is not None  # the path under test
     out = conv.conv2d(x, w, b, stride, padding, dilation)
     expected = reference_conv(x.data, w.data, b.data, stride, padding, dilation)
     np.testing.assert_allclose(out.data, expected, rtol=1e-12, atol=1e-12)
@@ -96,7 +97,7 @@ def lenet_pieces(seed: int = 0):
 def test_compiled_float32_pass_equals_numpy_pass(numpy_only, monkeypatch):
     reference = lenet_pieces()
     monkeypatch.undo()
-    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(selection, "MIN_ELEMENTS", 0)
     result = lenet_pieces()
     for got, want in zip(result, reference, strict=True):
         assert got.dtype == np.float32

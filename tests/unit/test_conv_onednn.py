@@ -7,13 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from distnet import kernels
 from distnet.core import channels_last, conv, conv_onednn
 from distnet.core.tensor import Tensor
-from distnet.kernels import onednn
+from distnet.kernels import onednn, selection
 
 needs_onednn = pytest.mark.skipif(
-    kernels.conv_library() != "onednn",
+    selection.conv_library() != "onednn",
     reason="oneDNN is not installed (pip install 'distnet[onednn]') or DISTNET_CONV=im2col",
 )
 
@@ -79,7 +78,7 @@ def test_a_first_layer_without_an_input_gradient_uses_onednn():
     rng = np.random.default_rng(1)
     x = Tensor(rng.random((4, 1, 28, 28), dtype=np.float32))  # data: no gradient wanted
     weight = Tensor(rng.standard_normal((16, 1, 5, 5)).astype(np.float32), requires_grad=True)
-    dnnl = kernels.onednn_conv(x.data, weight.data)
+    dnnl = selection.onednn_conv(x.data, weight.data)
     y = conv_onednn.conv2d(dnnl, x, weight, None, (1, 1), (2, 2), (1, 1), "relu", (28, 28))
     assert y is not None
     y.sum().backward()
@@ -91,7 +90,7 @@ def test_a_first_layer_without_an_input_gradient_uses_onednn():
 
 @needs_onednn
 def test_plans_are_made_once_per_geometry_and_thread():
-    dnnl = kernels.onednn_conv(np.zeros((1, 1, 1, 1), np.float32), np.zeros(1, np.float32))
+    dnnl = selection.onednn_conv(np.zeros((1, 1, 1, 1), np.float32), np.zeros(1, np.float32))
     key = (2, 8, 6, 6, 4, 3, 3, (1, 1), (1, 1), (0, 0, 0, 0), (4, 4), True, True, True)
     plan = dnnl.conv_plan(key)
     assert dnnl.conv_plan(key) is plan
@@ -117,7 +116,7 @@ def test_plans_are_made_once_per_geometry_and_thread():
 
 @needs_onednn
 def test_a_geometry_onednn_refuses_is_named():
-    dnnl = kernels.onednn_conv(np.zeros((1, 1, 1, 1), np.float32), np.zeros(1, np.float32))
+    dnnl = selection.onednn_conv(np.zeros((1, 1, 1, 1), np.float32), np.zeros(1, np.float32))
     key = (2, 8, 6, 6, 4, 3, 3, (1, 1), (1, 1), (0, 0, 0, 0), (9, 9), True, True, True)
     with pytest.raises(
         onednn.OneDnnError,
@@ -128,31 +127,31 @@ def test_a_geometry_onednn_refuses_is_named():
 
 
 def test_the_switch_names_its_choices(monkeypatch):
-    kernels._onednn.cache_clear()
+    selection._onednn.cache_clear()
     try:
-        monkeypatch.setenv(kernels.CONV_ENV_VAR, "cudnn")
+        monkeypatch.setenv(selection.CONV_ENV_VAR, "cudnn")
         with pytest.raises(ValueError, match="DISTNET_CONV='cudnn': expected one of auto, onednn"):
-            kernels.conv_library()
-        kernels._onednn.cache_clear()
-        monkeypatch.setenv(kernels.CONV_ENV_VAR, "im2col")
-        assert kernels.conv_library() == "im2col"
+            selection.conv_library()
+        selection._onednn.cache_clear()
+        monkeypatch.setenv(selection.CONV_ENV_VAR, "im2col")
+        assert selection.conv_library() == "im2col"
         x = np.zeros((1, 8, 4, 4), np.float32)
-        assert kernels.onednn_conv(x, np.zeros((2, 8, 3, 3), np.float32)) is None
-        kernels._onednn.cache_clear()
-        monkeypatch.setenv(kernels.CONV_ENV_VAR, "onednn")
+        assert selection.onednn_conv(x, np.zeros((2, 8, 3, 3), np.float32)) is None
+        selection._onednn.cache_clear()
+        monkeypatch.setenv(selection.CONV_ENV_VAR, "onednn")
         monkeypatch.setattr(onednn, "library_candidates", lambda: [])  # as if not installed
         with pytest.raises(RuntimeError, match=r"DISTNET_CONV=onednn but no oneDNN 3 library"):
-            kernels.conv_library()
+            selection.conv_library()
     finally:
-        kernels._onednn.cache_clear()
+        selection._onednn.cache_clear()
 
 
 @needs_onednn
 def test_only_cpu_float32_goes_to_onednn():
     w32 = np.zeros((2, 8, 3, 3), np.float32)
-    assert kernels.onednn_conv(np.zeros((1, 8, 4, 4), np.float32), w32) is not None
-    assert kernels.onednn_conv(np.zeros((1, 8, 4, 4), np.float64), w32) is None
-    assert kernels.onednn_conv(np.zeros((8, 4, 4), np.float32), w32) is None
+    assert selection.onednn_conv(np.zeros((1, 8, 4, 4), np.float32), w32) is not None
+    assert selection.onednn_conv(np.zeros((1, 8, 4, 4), np.float64), w32) is None
+    assert selection.onednn_conv(np.zeros((8, 4, 4), np.float32), w32) is None
 
 
 @needs_onednn
@@ -179,7 +178,7 @@ def test_lenet_training_steps_are_the_same_on_both_routes(monkeypatch):
         return losses, model.flat_params().copy()
 
     onednn_losses, onednn_params = train()
-    monkeypatch.setattr(kernels, "onednn_conv", lambda x, weight: None)
+    monkeypatch.setattr(selection, "onednn_conv", lambda x, weight: None)
     im2col_losses, im2col_params = train()
     np.testing.assert_allclose(onednn_losses, im2col_losses, rtol=1e-5)
     np.testing.assert_allclose(onednn_params, im2col_params, rtol=0, atol=1e-5)

@@ -62,5 +62,5 @@ def test_convert_with_shard_chunks_and_info(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["shard_chunks"] == 8 and d["chunk_samples"] == 32
     assert open_dataset(str(out / "train")).sharded
-    assert main(["data", "convert", "digits", str(tmp_path / "e"), "--shard-chunks", "0"]) == 1
+    assert main(["data", "convert", "digits", str(tmp_path / "e"), "--shard-chunks", "0"]) == 2
     assert "--shard-chunks must be >= 1" in capsys.readouterr().err

@@ -254,11 +254,12 @@ def test_distnet_help_names_every_benchmark(capsys):
 
 def test_bench_core_says_what_it_compares_with():
     """`distnet bench core` races a hand-written numpy step and, when importable, PyTorch."""
-    from distnet.bench import BENCHMARKS, core
+    from distnet.bench import BENCHMARKS, step, step_contenders
 
-    described = BENCHMARKS["core"][1] + core.__doc__.split("\n\n")[0]
+    described = BENCHMARKS["core"][1] + step.__doc__.split("\n\n")[0]
     assert "numpy" in described and "PyTorch" in described
-    assert "torch" in core.CONTENDERS["mlp"] and "numpy" in core.CONTENDERS["mlp"]
+    mlp = step_contenders.CONTENDERS["mlp"]
+    assert "torch" in mlp and "numpy" in mlp
 
 
 def test_ci_runs_the_test_command_of_readmes_quick_start():

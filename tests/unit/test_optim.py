@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distnet.nn.module import Parameter
+from distnet.nn.parameter import Parameter
 from distnet.optim import SGD, AdaGrad, Adam, RMSProp
 
 # f(W, b) = 0.5 * sum(A * (W - W0)^2) + 0.5 * sum(c * (b - b0)^2): a diagonal quadratic with

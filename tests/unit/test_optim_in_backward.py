@@ -12,7 +12,7 @@ from distnet.optim.in_backward import plan
 
 pytestmark = pytest.mark.timeout(120)
 
-SIZES = [100, 400, 400, 400, 10]  # 2 buckets of at least 65,536 floats (kernels.MIN_ELEMENTS)
+SIZES = [100, 400, 400, 400, 10]  # 2 buckets of at least 65,536 floats (selection.MIN_ELEMENTS)
 
 
 def _model() -> nn.Sequential:

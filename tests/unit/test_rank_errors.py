@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 
 from distnet.parallel.consistency import CallRecord, CollectiveMismatch
-from distnet.parallel.rayengine.comm import WorkerLostError
 from distnet.parallel.rayengine.errors import (
     RankFailed,
     causal,
@@ -17,6 +16,7 @@ from distnet.parallel.rayengine.errors import (
     rank_failure,
     root_cause,
 )
+from distnet.parallel.rayengine.mailbox import WorkerLostError
 from distnet.train.loop.finite import NonFiniteError
 
 pytestmark = pytest.mark.timeout(30)

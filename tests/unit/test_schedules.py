@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from distnet.nn.module import Parameter
+from distnet.nn.parameter import Parameter
 from distnet.optim import (
     SGD,
     Adam,

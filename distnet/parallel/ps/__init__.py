@@ -16,7 +16,8 @@ from distnet.parallel.ps.server import (
     penalty_mask_of,
     shard_ranges,
 )
-from distnet.parallel.ps.shard import CallRefused, ParameterServerShard, PushRefused
+from distnet.parallel.ps.shard import ParameterServerShard
+from distnet.parallel.ps.shardchecks import CallRefused, PushRefused
 from distnet.parallel.ps.worker import ParameterServerOptimizer
 
 __all__ = [

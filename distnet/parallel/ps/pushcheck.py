@@ -3,7 +3,7 @@ rounds: with ``DISTNET_COLLECTIVE_CHECK=1`` every push carries a ``PushRecord`` 
 clock, the operation, dtype, size and call site), and a shard compares the pushes of a sync
 round before it sums them.
 
-What the shard already refuses without the check (``shard._push_problem``): a payload of the
+What the shard already refuses without the check (``shardchecks._push_problem``): a payload of the
 wrong dtype or size for its range, a bad clock, share or token. Those are checked against the
 shard, not against the other workers, and say nothing of where the push came from. What only a
 comparison of the round's pushes finds: workers at different clocks in one round (a worker
@@ -62,7 +62,7 @@ def round_mismatch(
     disagrees with a push pending in that round (their records are the last item of
     ``pending``'s entries, None without the check); None when they agree.
     ``compare_clocks`` False: after a restart from a snapshot, when rounds of different
-    clocks meet by design (``shard._sync_push``)."""
+    clocks meet by design (``rounds._sync_push``)."""
     if record is None:
         return None
     mine = record

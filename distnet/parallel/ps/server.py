@@ -15,14 +15,13 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distnet.parallel.ps.calls import call_shards, retryable
+from distnet.parallel.ps.calls import ShardCalls
 from distnet.parallel.ps.shard import MODES, ParameterServerShard
 
 OPTIMIZER_ON = ("server", "worker")
@@ -57,7 +56,7 @@ def _ray() -> Any:
     return ray
 
 
-class ParameterServer:
+class ParameterServer(ShardCalls):
     """Handle to the shards (picklable: actor handles, ranges, settings, the job's token)."""
 
     def __init__(
@@ -218,70 +217,6 @@ class ParameterServer:
         ps._init_params_ref = params_ref
         ps.call_all("ping")  # constructors ran (and failed loudly here if they failed)
         return ps
-
-    # --- calls with bounded retries -------------------------------------------------------
-    def call_with_retry(self, index: int, submit: Callable[[Any], Any], ref: Any = None) -> Any:
-        """The result of ``submit(shard)`` (or of ``ref`` already submitted), sent again on a
-        dead, restarting or silent shard up to ``retries`` times, each waiting ``timeout_s``
-        (see ``calls.call_shards``). A shard's own error (a refused push) is raised at once."""
-        return call_shards(self, lambda i, shard: submit(shard), {index: ref})[index]
-
-    def _get(self, refs: Any) -> Any:
-        """``ray.get(refs)`` within ``timeout_s``. A worker's ``interrupt`` (set by ``attach``:
-        a callable that raises when its group was stopped, since a dead worker never completes
-        a sync round) is checked twice a second while the shards have not answered."""
-        ray = _ray()
-        interrupt = self.__dict__.get("interrupt")
-        if interrupt is None:
-            return ray.get(refs, timeout=self.timeout_s)
-        waiting = refs if isinstance(refs, list) else [refs]
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=max(0.0, min(0.5, left)))
-            if len(ready) == len(waiting) or left <= 0:
-                return ray.get(refs, timeout=0 if left <= 0 else self.timeout_s)
-            interrupt()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("interrupt", None)  # a worker's own hook (a closure over its mailbox)
-        return state
-
-    def gather(self, refs: list[Any], submit: Callable[[int, Any], Any]) -> list[Any]:
-        """Results of one call per shard (``refs``, submitted by ``submit(i, shard)``): one
-        ``ray.get`` for all of them, and one for the sync rounds' put-once replies; on any
-        failure, through ``calls.call_shards``."""
-        ray = _ray()
-        try:
-            results = self._get(refs)
-            inner = [r[-1] for r in results if isinstance(r[-1], ray.ObjectRef)]
-            if inner:
-                fetched = iter(self._get(inner))
-                results = [
-                    (*r[:-1], next(fetched)) if isinstance(r[-1], ray.ObjectRef) else r
-                    for r in results
-                ]
-            return results
-        except retryable():
-            # the calls still in flight are kept; only the failed ones are sent again, all
-            # shards at once (see calls.py for the deadlock one shard at a time would risk)
-            results = call_shards(self, submit, dict(enumerate(refs)))
-            return [results[i] for i in range(len(refs))]
-
-    def call_all(self, method: str, *args: Any) -> list[Any]:
-        """``method(*args)`` on every shard (concurrently), with retries; results in order."""
-        results = call_shards(
-            self, lambda i, shard: getattr(shard, method).remote(*args),
-            dict.fromkeys(range(len(self.shards))),
-        )  # fmt: skip
-        return [results[i] for i in range(len(self.shards))]
-
-    def call_all_once(self, method: str, timeout_s: float) -> list[Any]:
-        """``method()`` on every shard, one attempt each, all within ``timeout_s``; raises Ray's
-        error on any failure. For questions a retry cannot answer better (after a peer died:
-        does the server still hold the last step's state?)."""
-        return _ray().get([getattr(s, method).remote() for s in self.shards], timeout=timeout_s)
 
     # --- driver-side API ------------------------------------------------------------------
     def pull(self) -> np.ndarray:

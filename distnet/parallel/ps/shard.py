@@ -36,10 +36,6 @@ for the slowest live worker.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import json
-import math
 import os
 import threading
 from typing import Any
@@ -49,8 +45,11 @@ import numpy as np
 from distnet.parallel.ps import link
 from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
-from distnet.parallel.ps.pushcheck import PushRecord, push_record, round_mismatch
+from distnet.parallel.ps.pushcheck import push_record
+from distnet.parallel.ps.rounds import RoundFailed, RoundRules
+from distnet.parallel.ps.shardchecks import ShardChecks
 from distnet.parallel.ps.shardlink import ShardLink
+from distnet.parallel.ps.shardstate import ShardState
 from distnet.parallel.ps.snapshot import load_snapshot, save_snapshot
 
 MODES = ("sync", "async", "ssp")
@@ -72,32 +71,9 @@ def _was_restarted() -> bool:
         return False
 
 
-class CallRefused(ValueError):
-    """A call that did not carry this job's token (never retried)."""
-
-
-class PushRefused(CallRefused):
-    """A push that was not from this job or did not fit the shard (never retried)."""
-
-
-class RoundFailed(RuntimeError):
-    """A sync round or an ssp wait that timed out or was aborted (names shard and workers)."""
-
-
-class _Round:
-    """One sync round: the gradients pending by worker, and how it ended."""
-
-    def __init__(self) -> None:
-        # worker -> (gradient, share, clock, seen version, linked, PushRecord or None)
-        self.pending: dict[int, tuple] = {}
-        self.done = asyncio.Event()
-        self.deadline: float | None = None  # set by the round's first push
-        self.result: Any = None
-        self.error: str | None = None
-
-
-class ParameterServerShard(Membership, ShardLink):
-    """One shard's state and update rules (wrapped by ``ray.remote`` in ``server.py``).
+class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, ShardLink):
+    """One shard: its counters, the one call per step and the updates (wrapped by
+    ``ray.remote`` in ``server.py``); the checks, rounds, state and board are its mixins.
 
     Args:
         index: this shard's number; ``lo``, ``hi``: its range of the flat buffer.
@@ -159,10 +135,7 @@ class ParameterServerShard(Membership, ShardLink):
         self.rounds_failed = 0
         self.rounds_lost = 0  # sync rounds a restart from a snapshot lost (see _sync_push)
         self._aborted: str | None = None  # fails ssp waits (sync rounds end one by one)
-        self._round = _Round()
-        self._clock_changed = asyncio.Condition()
-        self._last_sum: np.ndarray | None = None
-        self._scratch_buf: np.ndarray | None = None
+        self._init_rounds()  # the sync round and the ssp wait (rounds.py)
         self._init_link()  # the same-node road (shardlink.py)
         self.opt = None
         self._init_membership()  # async/ssp: workers that leave and join (membership.py)
@@ -177,63 +150,6 @@ class ParameterServerShard(Membership, ShardLink):
             self._restore(load_snapshot(snapshot_path))
         elif snapshot_path:
             save_snapshot(snapshot_path, self._state())  # a restart before the first one
-
-    # --- checks ---------------------------------------------------------------------------
-    def _check(
-        self,
-        token: str,
-        worker: int,
-        grad: Any,
-        share: float,
-        clock: Any,
-        seen: Any,
-        lr: Any,
-        site: Any = None,
-    ) -> None:
-        problem = self._sender_problem(token, worker) or self._push_problem(
-            worker, grad, share, clock, seen, lr
-        )
-        if problem:
-            self._refuse(problem if site is None else f"{problem} (pushed at {site})")
-
-    def _refuse(self, problem: str) -> None:
-        self.refused += 1
-        raise PushRefused(f"{self._where()}: refused: {problem}")
-
-    def _push_problem(
-        self, worker: int, grad: Any, share: Any, clock: Any, seen: Any, lr: Any
-    ) -> str | None:
-        if grad is None:  # a skipped step; in sync every worker skips it, and none pushes
-            if self.mode == "sync":
-                return f"worker {worker} pushed a skipped step in sync mode"
-        elif not isinstance(grad, np.ndarray) or grad.dtype != np.float32:
-            kind = getattr(grad, "dtype", type(grad).__name__)
-            return f"worker {worker} pushed {kind}, expected a float32 numpy array"
-        elif grad.shape != (self.hi - self.lo,):
-            return f"worker {worker} pushed shape {grad.shape}, expected {(self.hi - self.lo,)}"
-        if not (isinstance(share, float | int) and math.isfinite(share) and 0 <= share <= 1):
-            return f"worker {worker} pushed batch share {share!r}, expected a number in [0, 1]"
-        if not (isinstance(clock, int) and isinstance(seen, int) and clock > 0 and seen >= 0):
-            return f"worker {worker} pushed clock {clock!r} / version {seen!r}: not counts"
-        if lr is not None and not (isinstance(lr, float | int) and math.isfinite(lr) and lr > 0):
-            return f"worker {worker} pushed learning rate {lr!r}, expected a positive number"
-        return None
-
-    def _sender_problem(self, token: Any, worker: Any) -> str | None:
-        if not self._from_job(token):
-            return "the push does not carry this job's token"
-        if not isinstance(worker, int) or not 0 <= worker < self.num_workers:
-            return f"worker index {worker!r} is not in [0, {self.num_workers})"
-        return None
-
-    def _from_job(self, token: Any) -> bool:
-        return isinstance(token, str) and hmac.compare_digest(token, self._token)
-
-    def _check_caller(self, token: Any, what: str) -> None:
-        """Refuses ``what`` (a call other than a push) without this job's token."""
-        if not self._from_job(token):
-            self.refused += 1
-            raise CallRefused(f"{self._where()}: {what} refused: not this job's token")
 
     # --- the one call per step ------------------------------------------------------------
     async def push_pull(
@@ -313,45 +229,6 @@ class ParameterServerShard(Membership, ShardLink):
     def _where(self) -> str:
         return f"parameter-server shard {self.index} [{self.lo}:{self.hi})"
 
-    async def _ssp_wait(self, worker: int, clock: int) -> None:
-        """Waits (holding ``_clock_changed``) until ``clock`` is within s of the slowest."""
-
-        def ready() -> bool:  # the slowest *live* worker: one that left is not waited for
-            return self._aborted is not None or clock - self.live_slowest() <= self.staleness
-
-        reason = self._aborted
-        try:
-            await asyncio.wait_for(self._clock_changed.wait_for(ready), self.round_timeout_s)
-            reason = self._aborted
-        except TimeoutError:
-            reason = f"no push within {self.round_timeout_s:g} s"
-        if clock - self.live_slowest() > self.staleness:
-            behind = [
-                w
-                for w, c in enumerate(self.clocks)
-                if clock - c > self.staleness and w not in self.left
-            ]
-            self.rounds_failed += 1
-            raise RoundFailed(
-                f"{self._where()}: ssp wait of worker {worker} at clock {clock} failed: "
-                f"{reason}; missing worker(s) {behind} (clocks {self.clocks})"
-            )
-
-    def _fail_round(self, round_: _Round, reason: str) -> None:
-        """Ends ``round_`` with an error for every worker waiting in it (once)."""
-        if round_.error is not None or round_.done.is_set():
-            return
-        missing = sorted(set(range(self.num_workers)) - set(round_.pending))
-        clocks = sorted({entry[2] for entry in round_.pending.values()})
-        round_.error = (
-            f"{self._where()}: sync round of clock {clocks} failed: {reason}; "
-            f"missing worker(s) {missing}"
-        )
-        self.rounds_failed += 1
-        if round_ is self._round:
-            self._round = _Round()  # later pushes start a new round
-        round_.done.set()
-
     async def abort(self, token: str, reason: str) -> int:
         """Fails the waiting sync round and every ssp wait with ``reason`` (the group that
         pushes here is gone; every later push fails at once too); returns how many workers
@@ -364,106 +241,6 @@ class ParameterServerShard(Membership, ShardLink):
         async with self._clock_changed:
             self._clock_changed.notify_all()
         return waiting
-
-    async def _sync_push(
-        self,
-        worker: int,
-        clock: int,
-        seen: int,
-        grad: np.ndarray,
-        share: float,
-        linked: bool,
-        record: PushRecord | None = None,
-    ) -> tuple[int, Any]:
-        # A round is complete when every worker has one pending gradient (keyed by worker, so
-        # a retried push replaces its own entry instead of counting twice).
-        round_done = self._round
-        # the collective check: after a restart from a snapshot rounds of different clocks
-        # meet by design (below); otherwise every push of a round has the same clock and op
-        mismatch = round_mismatch(record, round_done.pending, not self.restored_from_snapshot)
-        if mismatch is not None:
-            self._fail_round(round_done, mismatch)  # the workers waiting in it raise too
-            self._refuse(mismatch)
-        clocks = {entry[2] for w, entry in round_done.pending.items() if w != worker}
-        if clocks and min(clocks) > clock:
-            # the others are past this clock: they finished this round in an incarnation that
-            # died before this worker got its reply, and the snapshot this one restored
-            # predates it. This is the retry; joining their round would pair different steps
-            # from now on, and at the end one round would wait for a push that never comes.
-            self.clocks[worker] = max(self.clocks[worker], clock)
-            self.rounds_lost += 1
-            return self._answer(linked)
-        if clocks and max(clocks) < clock and worker not in round_done.pending:
-            # the mirror case: this worker got that round's reply before the restart
-            self._settle_lost_round(round_done)
-            round_done = self._round
-        round_done.pending[worker] = (grad, float(share), clock, seen, linked, record)
-        loop = asyncio.get_running_loop()
-        if round_done.deadline is None:
-            round_done.deadline = loop.time() + self.round_timeout_s
-        if len(round_done.pending) == self.num_workers:
-            pending = round_done.pending
-            total = self.opt.flat_grads if self.opt is not None else self._sum_buffer()
-            for n, w in enumerate(sorted(pending)):  # fixed order: the same sum on every run
-                g, weight = pending[w][0], np.float32(pending[w][1])
-                if n == 0:
-                    np.multiply(g, weight, out=total) if weight != 1 else np.copyto(total, g)
-                elif weight == 1:
-                    total += g
-                else:
-                    total += np.multiply(g, weight, out=self._scratch())
-            self._step()
-            for w in sorted(pending):
-                self.pushes_applied[w] += 1
-                self._record(w, pending[w][2], pending[w][3])
-            self._maybe_snapshot()
-            round_done.result = self._round_result(pending)
-            self._round = _Round()
-            round_done.done.set()
-        else:
-            # bounded: a worker that died never pushes, and nobody may wait for it forever
-            left = max(0.0, round_done.deadline - loop.time())
-            try:
-                await asyncio.wait_for(round_done.done.wait(), left)
-            except TimeoutError:
-                self._fail_round(
-                    round_done, f"no push within {self.round_timeout_s:g} s of the round's first"
-                )
-        if round_done.error is not None:
-            raise RoundFailed(round_done.error)
-        version, put_ref = round_done.result
-        if linked and self._board is not None:
-            return version, self._board.ref  # the board holds this round's result until the next
-        return version, put_ref
-
-    def _round_result(self, pending: dict[int, tuple]) -> tuple[int, Any]:
-        """A completed round's ``(version, put-once reference or None)``: one copy into the
-        object store for all the round's array-pushing workers (not one per reply), and the
-        board written for the linked ones."""
-        self._publish()
-        unlinked = any(not entry[4] for entry in pending.values())
-        return self.version, _ray().put(self._reply()) if unlinked else None
-
-    def _settle_lost_round(self, round_: _Round) -> None:
-        """Ends ``round_``, whose waiting workers' step a lost incarnation of this shard had
-        completed, with what the shard holds now (nothing applied: that step's update was
-        lost with the incarnation, like every update since the snapshot)."""
-        for w, entry in round_.pending.items():
-            self.clocks[w] = max(self.clocks[w], entry[2])
-        self.rounds_lost += 1
-        round_.result = self._round_result(round_.pending)
-        self._round = _Round()
-        round_.done.set()
-
-    def _sum_buffer(self) -> np.ndarray:
-        if self._last_sum is None:
-            self._last_sum = np.empty(self.hi - self.lo, dtype=np.float32)
-        return self._last_sum
-
-    def _scratch(self) -> np.ndarray:
-        if self._scratch_buf is None:
-            self._scratch_buf = np.empty(self.hi - self.lo, dtype=np.float32)
-        return self._scratch_buf
 
     # --- updates ----------------------------------------------------------------------------
     def _apply(self, grad: np.ndarray, weight: float) -> None:
@@ -493,10 +270,6 @@ class ParameterServerShard(Membership, ShardLink):
             return
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
 
-    def _maybe_snapshot(self) -> None:
-        if self.snapshot_path and self.snapshot_every and self.version % self.snapshot_every == 0:
-            save_snapshot(self.snapshot_path, self._state())
-
     def _record(self, worker: int, clock: int, seen_version: int) -> None:
         self.clocks[worker] = max(self.clocks[worker], clock)
         # the version this gradient was computed on vs the one it was applied to
@@ -509,84 +282,7 @@ class ParameterServerShard(Membership, ShardLink):
             return self._last_sum if self._last_sum is not None else np.zeros_like(self.params)
         return self.params
 
-    # --- state ------------------------------------------------------------------------------
-    def state_dict(self, token: str) -> dict[str, Any]:
-        """Arrays (params and optimiser state, numpy) and the counters; shapes ``(hi - lo,)``."""
-        self._check_caller(token, "state_dict")
-        return self._state()
-
-    def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"params": self.params.copy()}
-        if self.opt is not None:
-            for k, v in self.opt.state_dict().items():
-                state[f"opt/{k}"] = v
-        state["meta"] = json.dumps(
-            {"version": self.version, "clocks": self.clocks, "lo": self.lo, "hi": self.hi,
-             "applied": self.pushes_applied, **self.membership_state()}
-        )  # fmt: skip
-        return state
-
-    def load_state_dict(self, token: str, state: dict[str, Any]) -> None:
-        """Restores what ``state_dict`` gave (the same range); checked before anything moves."""
-        self._check_caller(token, "load_state_dict")
-        self._load_state(state)
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        meta = json.loads(str(state["meta"]))
-        if (meta["lo"], meta["hi"]) != (self.lo, self.hi):
-            raise ValueError(
-                f"shard {self.index}: state is for range [{meta['lo']}:{meta['hi']}), "
-                f"this shard holds [{self.lo}:{self.hi})"
-            )
-        params = np.asarray(state["params"], dtype=np.float32)
-        if params.shape != self.params.shape:
-            raise ValueError(
-                f"shard {self.index}: params shape {params.shape}, expected {self.params.shape}"
-            )
-        if self.opt is not None:
-            self.opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")})
-        self.params[...] = params
-        self.version = int(meta["version"])
-        self._publish()
-        self.clocks = [int(c) for c in meta["clocks"]]
-        self.pushes_applied = [int(c) for c in meta.get("applied", self.clocks)]
-        self.load_membership(meta)
-        if self.snapshot_path:  # a restart now must come back to this state, not the old one
-            save_snapshot(self.snapshot_path, self._state())
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self._load_state(state)
-        self.restored_from_snapshot = True
-
-    def get_reply(self, token: str) -> tuple[int, np.ndarray]:
-        """``(version, reply)`` as an array (a copy, as ``_answer``'s): for a worker that
-        cannot map this shard's board."""
-        self._check_caller(token, "get_reply")
-        return self.version, self._reply().copy()
-
-    def get_params(self, token: str) -> np.ndarray:
-        """A copy of this shard's slice of the parameters, shape ``(hi - lo,)``."""
-        self._check_caller(token, "get_params")
-        return self.params.copy()
-
-    def set_params(self, token: str, params: np.ndarray) -> None:
-        """Overwrites the slice (the optimiser-on-workers mode publishes worker 0's) with
-        ``params``, shape ``(hi - lo,)`` float32."""
-        self._check_caller(token, "set_params")
-        if not (
-            isinstance(params, np.ndarray) and params.dtype == np.float32
-            and params.shape == self.params.shape
-        ):  # fmt: skip
-            self.refused += 1
-            raise CallRefused(
-                f"{self._where()}: set_params refused: "
-                f"{getattr(params, 'dtype', type(params).__name__)} of shape "
-                f"{getattr(params, 'shape', None)}, expected float32 {self.params.shape}"
-            )
-        self.params[...] = params
-        if self.opt is not None:
-            self._publish()
-
+    # --- counters ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Per-worker clocks, staleness histograms and ssp (clock, slowest clock) records."""
         return {

@@ -6,8 +6,9 @@ elastic workers. Nothing here imports ray until a job or a benchmark uses it.
     report = run_ray_job(job, RayOptions(workers=worker_specs(2)))
 """
 
-from distnet.parallel.rayengine.comm import Mailbox, RayCommunicator, WorkerLostError
+from distnet.parallel.rayengine.comm import RayCommunicator
 from distnet.parallel.rayengine.driver import RayJob, run_on_ray
+from distnet.parallel.rayengine.mailbox import Mailbox, WorkerLostError
 from distnet.parallel.rayengine.options import (
     RayEngineError,
     RayOptions,

@@ -53,8 +53,8 @@ def one_line(error: BaseException) -> str:
 
 def _consequences() -> tuple[type[BaseException], ...]:
     from distnet.parallel.consistency import CollectiveMismatch  # noqa: PLC0415
-    from distnet.parallel.ps.shard import RoundFailed  # noqa: PLC0415
-    from distnet.parallel.rayengine.comm import WorkerLostError  # noqa: PLC0415
+    from distnet.parallel.ps.rounds import RoundFailed  # noqa: PLC0415
+    from distnet.parallel.rayengine.mailbox import WorkerLostError  # noqa: PLC0415
 
     return (CollectiveMismatch, RoundFailed, WorkerLostError)
 

@@ -122,7 +122,7 @@ def enter_stage(join: dict[str, Any], ctx: Any, optimizer: Any, loader: Any) -> 
     since are in rank 0's epoch checkpoint (the run directory every worker sees): its
     callbacks' states (the plateau schedule's counters) and learning rate are taken from
     there when it is the one of the epoch before the joined one."""
-    from distnet.parallel.rayengine.comm import JoinFailed  # noqa: PLC0415
+    from distnet.parallel.rayengine.mailbox import JoinFailed  # noqa: PLC0415
 
     if ctx.index != join["stage"]:
         raise JoinFailed(f"the replacement reached stage {ctx.index}, expected {join['stage']}")
