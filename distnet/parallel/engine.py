@@ -134,6 +134,7 @@ class ProcessEngine(EngineBase):
 
     def __init__(self, comm: Any = None) -> None:
         self.comm = comm
+        self.rebalancing: Any = None  # distnet.parallel.rebalance.Rebalancing, when on
 
     def start(self, job: dict[str, Any], log: Callable[[str], None]) -> None:
         from distnet.parallel.comm import init  # noqa: PLC0415
@@ -151,3 +152,17 @@ class ProcessEngine(EngineBase):
             self.flat_zeros = ARENA.zeros
             self.flat_owns = lambda buf: ARENA.locate(buf) is not None  # type: ignore[method-assign]
         self._start_logging(log)
+        from distnet.parallel.rebalance import Rebalancing  # noqa: PLC0415  (imports rayengine)
+
+        if Rebalancing.wanted(self):  # shares that follow each rank's compute rate
+            self.rebalancing = Rebalancing(self)
+
+    def share(self, loader: Any) -> Any:
+        """The split in force (``[dist] rebalance``), else the loader's own equal split."""
+        return loader if self.rebalancing is None else self.rebalancing.share(loader)
+
+    def wrap(self, optimizer: Any, loader: Any) -> Any:
+        """The strategy's optimiser, re-splitting the global batch at epoch ends when the
+        ranks rebalance (``distnet.parallel.rebalance``)."""
+        wrapped = super().wrap(optimizer, loader)
+        return wrapped if self.rebalancing is None else self.rebalancing.wrap(wrapped, loader)

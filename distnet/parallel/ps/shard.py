@@ -42,11 +42,13 @@ import json
 import math
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
 
 from distnet.parallel.ps import link
+from distnet.parallel.ps.autostale import AutoStaleness
 from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
 from distnet.parallel.ps.pushcheck import PushRecord, push_record, round_mismatch
@@ -139,6 +141,9 @@ class ParameterServerShard(Membership, ShardLink):
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, got {mode!r}")
         self.index, self.lo, self.hi = index, lo, hi
+        # staleness "auto": the ssp bound follows the workers' measured speeds (autostale.py)
+        self.auto = AutoStaleness(int(num_workers)) if staleness == "auto" else None
+        staleness = 0 if self.auto is not None else staleness
         self.mode, self.staleness, self.num_workers = mode, int(staleness), int(num_workers)
         self._token = token
         self.optimizer_on = optimizer_on
@@ -290,6 +295,8 @@ class ParameterServerShard(Membership, ShardLink):
                 async with self._clock_changed:
                     await self._ssp_wait(worker, clock)
             return self._answer(linked)
+        if self.auto is not None:
+            self.auto.arrived(worker, time.monotonic())
         if self.mode == "sync":
             return await self._sync_push(worker, clock, seen_version, grad, share, linked, record)
         if skipped:
@@ -305,9 +312,14 @@ class ParameterServerShard(Membership, ShardLink):
             if self.mode == "ssp":
                 # Ho et al. 2013: the worker may start step clock+1 only if it is then at most
                 # s clocks ahead of the slowest worker
+                if self.auto is not None:
+                    live = [w for w in range(self.num_workers) if w not in self.left]
+                    self.staleness = self.auto.update(self.live_slowest(), live)
                 await self._ssp_wait(worker, clock)
             self.ahead_records[worker].append((clock, self.live_slowest()))
             del self.ahead_records[worker][:-KEEP_CLOCK_RECORDS]
+            if self.auto is not None:  # the bound in force beside each ahead record
+                self.auto.answered(worker, time.monotonic(), self.staleness, KEEP_CLOCK_RECORDS)
         return self._answer(linked)
 
     def _where(self) -> str:
@@ -596,6 +608,7 @@ class ParameterServerShard(Membership, ShardLink):
             "clocks": list(self.clocks),
             "staleness": [dict(c) for c in self.staleness_counts],
             "ahead": [list(r) for r in self.ahead_records],
+            "auto_staleness": None if self.auto is None else self.auto.stats(),
             "refused": self.refused,
             "pushes_received": list(self.pushes_received),
             "pushes_applied": list(self.pushes_applied),

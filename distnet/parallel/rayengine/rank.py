@@ -16,6 +16,7 @@ from typing import Any
 
 from distnet.parallel.engine import EngineBase
 from distnet.parallel.ps import link
+from distnet.parallel.ps.autostale import staleness_bound
 from distnet.parallel.rayengine.comm import JoinFailed, RayCommunicator
 from distnet.parallel.rayengine.resume import (
     StepMark,
@@ -286,7 +287,7 @@ class RayRankEngine(EngineBase):
                 opt.flat_params,
                 shards=shards,
                 mode=ps_opts.get("mode", "sync"),
-                staleness=int(ps_opts.get("staleness", 0)),
+                staleness=staleness_bound(ps_opts.get("staleness", 0)),
                 num_workers=pushers,
                 optimizer=settings,
                 snapshot_every=int(ps_opts.get("snapshot_every", 0)),
