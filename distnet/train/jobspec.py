@@ -247,6 +247,9 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
             f"shard_optimizer = true needs engine 'mpi' (ZeRO-1 shards the optimiser "
             f"state over MPI ranks; engine {engine!r}); set it to 'auto' or false"
         )
+    if engine == "local" and "rebalance_every" in dist.model_fields_set:
+        out.append("rebalance_every: engine 'local' is one process, with no batch to split; "
+                   "remove it")  # fmt: skip
     if engine == "local":  # one process: nothing to compress
         if dist.compression != "none":
             out.append(f"compression = {dist.compression!r} needs several ranks (engine "
