@@ -159,10 +159,14 @@ class ProcessEngine(EngineBase):
 
     def share(self, loader: Any) -> Any:
         """The split in force (``[dist] rebalance``), else the loader's own equal split."""
-        return loader if self.rebalancing is None else self.rebalancing.share(loader)
+        if self.rebalancing is None or loader is None:
+            return loader
+        return self.rebalancing.share(loader)
 
     def wrap(self, optimizer: Any, loader: Any) -> Any:
         """The strategy's optimiser, re-splitting the global batch at epoch ends when the
         ranks rebalance (``distnet.parallel.rebalance``)."""
         wrapped = super().wrap(optimizer, loader)
-        return wrapped if self.rebalancing is None else self.rebalancing.wrap(wrapped, loader)
+        if self.rebalancing is None or loader is None:  # no loader: no batch to split
+            return wrapped
+        return self.rebalancing.wrap(wrapped, loader)
