@@ -175,22 +175,22 @@ class Rebalancing:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.mode = engine.dist.get("rebalance", "auto")
-        self.every = int(engine.dist.get("rebalance_every", 200))
+        # rebalance = false with an injected delay: the slow rank, never re-split
+        self.every = 0 if self.mode is False else int(engine.dist.get("rebalance_every", 200))
         self.split = BatchSplit()
         self.history: list[dict[str, Any]] = []
         self.delay = _injected_delay(engine.comm.rank)
 
     @staticmethod
     def wanted(engine: Any) -> bool:
-        """Whether ``engine``'s job rebalances: several ranks, strategy allreduce (local SGD
-        averages parameters unweighted), ``rebalance`` not false, ``rebalance_every`` > 0."""
-        dist = engine.dist
-        return (
-            engine.comm.size > 1
-            and dist.get("strategy", "allreduce") == "allreduce"
-            and dist.get("rebalance", "auto") is not False
-            and int(dist.get("rebalance_every", 200)) > 0
-        )
+        """Whether ``engine``'s job rebalances (or has a rank slowed on purpose): several
+        ranks, strategy allreduce (local SGD averages parameters unweighted), ``rebalance``
+        not false and ``rebalance_every`` > 0, or a ``DISTNET_DELAY_PER_SAMPLE_S``."""
+        dist, comm = engine.dist, engine.comm
+        if comm.size == 1 or dist.get("strategy", "allreduce") != "allreduce":
+            return False
+        on = dist.get("rebalance", "auto") is not False and int(dist.get("rebalance_every", 200))
+        return bool(on) or _injected_delay(comm.rank) > 0
 
     def share(self, loader: Any) -> Any:
         return self.split.hand_to(loader)
