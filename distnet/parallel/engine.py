@@ -2,8 +2,8 @@
 
 In the spirit of Ray Train's ``Backend`` (named hooks: ``on_start``, ``on_training_start``,
 ``on_shutdown``) and ChainerMN's communicator classes: the job runner
-(``distnet.train.jobs.job.run_job``) talks to one ``Engine`` and knows no engine by name. Per rank an
-engine gives
+(``distnet.train.jobs.job.run_job``) talks to one ``Engine`` and knows no engine by name. Per
+rank an engine gives
 
 - ``start(job, log)``: the communicator (``comm``) and the ``[dist]`` settings (``dist``) the
   strategy factory reads;
@@ -134,6 +134,7 @@ class ProcessEngine(EngineBase):
 
     def __init__(self, comm: Any = None) -> None:
         self.comm = comm
+        self.rebalancing: Any = None  # distnet.parallel.rebalance.Rebalancing, when on
 
     def start(self, job: dict[str, Any], log: Callable[[str], None]) -> None:
         from distnet.parallel.comm import init  # noqa: PLC0415
@@ -151,3 +152,21 @@ class ProcessEngine(EngineBase):
             self.flat_zeros = ARENA.zeros
             self.flat_owns = lambda buf: ARENA.locate(buf) is not None  # type: ignore[method-assign]
         self._start_logging(log)
+        from distnet.parallel.rebalance import Rebalancing  # noqa: PLC0415  (imports rayengine)
+
+        if Rebalancing.wanted(self):  # shares that follow each rank's compute rate
+            self.rebalancing = Rebalancing(self)
+
+    def share(self, loader: Any) -> Any:
+        """The split in force (``[dist] rebalance``), else the loader's own equal split."""
+        if self.rebalancing is None or loader is None:
+            return loader
+        return self.rebalancing.share(loader)
+
+    def wrap(self, optimizer: Any, loader: Any) -> Any:
+        """The strategy's optimiser, re-splitting the global batch at epoch ends when the
+        ranks rebalance (``distnet.parallel.rebalance``)."""
+        wrapped = super().wrap(optimizer, loader)
+        if self.rebalancing is None or loader is None:  # no loader: no batch to split
+            return wrapped
+        return self.rebalancing.wrap(wrapped, loader)

@@ -148,7 +148,7 @@ class ParameterServer(ShardCalls):
                 f"parameter server: optimizer_on='worker' (summing shards) needs mode='sync'; "
                 f"in {mode!r} mode every worker would step its own replica apart"
             )
-        if num_workers < 1 or staleness < 0:
+        if num_workers < 1 or (staleness != "auto" and int(staleness) < 0):
             raise ValueError(f"parameter server: num_workers={num_workers}, staleness={staleness}")
         optimizer = dict(optimizer or {"name": "sgd", "lr": 0.01})
         mask = None

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
 
 from distnet.parallel.ps import link
+from distnet.parallel.ps.autostale import AutoStaleness
 from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
 from distnet.parallel.ps.pushcheck import push_record
@@ -115,6 +117,9 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, got {mode!r}")
         self.index, self.lo, self.hi = index, lo, hi
+        # staleness "auto": the ssp bound follows the workers' measured speeds (autostale.py)
+        self.auto = AutoStaleness(int(num_workers)) if staleness == "auto" else None
+        staleness = 0 if self.auto is not None else staleness
         self.mode, self.staleness, self.num_workers = mode, int(staleness), int(num_workers)
         self._token = token
         self.optimizer_on = optimizer_on
@@ -206,6 +211,8 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
                 async with self._clock_changed:
                     await self._ssp_wait(worker, clock)
             return self._answer(linked)
+        if self.auto is not None:
+            self.auto.arrived(worker, time.monotonic())
         if self.mode == "sync":
             return await self._sync_push(worker, clock, seen_version, grad, share, linked, record)
         if skipped:
@@ -221,9 +228,14 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             if self.mode == "ssp":
                 # Ho et al. 2013: the worker may start step clock+1 only if it is then at most
                 # s clocks ahead of the slowest worker
+                if self.auto is not None:
+                    live = [w for w in range(self.num_workers) if w not in self.left]
+                    self.staleness = self.auto.update(self.live_slowest(), live)
                 await self._ssp_wait(worker, clock)
             self.ahead_records[worker].append((clock, self.live_slowest()))
             del self.ahead_records[worker][:-KEEP_CLOCK_RECORDS]
+            if self.auto is not None:  # the bound in force beside each ahead record
+                self.auto.answered(worker, time.monotonic(), self.staleness, KEEP_CLOCK_RECORDS)
         return self._answer(linked)
 
     def _where(self) -> str:
@@ -292,6 +304,7 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             "clocks": list(self.clocks),
             "staleness": [dict(c) for c in self.staleness_counts],
             "ahead": [list(r) for r in self.ahead_records],
+            "auto_staleness": None if self.auto is None else self.auto.stats(),
             "refused": self.refused,
             "pushes_received": list(self.pushes_received),
             "pushes_applied": list(self.pushes_applied),

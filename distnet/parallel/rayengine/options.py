@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from distnet.parallel.ps.autostale import staleness_bound
 from distnet.parallel.strategy import STRATEGIES
 
 
@@ -200,10 +201,11 @@ def options_from_job(job: dict[str, Any]) -> RayOptions:
         strategy=d["strategy"],
         ps={
             "mode": d["mode"],
-            "staleness": int(d["staleness"]),
+            "staleness": staleness_bound(d["staleness"]),
             "shards": int(d["shards"]),
             "workers_per_node": int(d["workers_per_node"]),
         },  # fmt: skip
-        rebalance_every=int(d["rebalance_every"]),
+        # rebalance = false: no re-split (Ray's "auto" re-splits at every measurement)
+        rebalance_every=0 if d.get("rebalance") is False else int(d["rebalance_every"]),
         survivors_go_on=bool(d["survivors_go_on"]),
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 from distnet.parallel.engine import EngineBase
 from distnet.parallel.ps import link
+from distnet.parallel.ps.autostale import staleness_bound
 from distnet.parallel.rayengine.comm import RayCommunicator
 from distnet.parallel.rayengine.mailbox import JoinFailed
 from distnet.parallel.rayengine.resume import (
@@ -243,7 +244,7 @@ class RayRankEngine(EngineBase):
                 opt.flat_params,
                 shards=shards,
                 mode=ps_opts.get("mode", "sync"),
-                staleness=int(ps_opts.get("staleness", 0)),
+                staleness=staleness_bound(ps_opts.get("staleness", 0)),
                 num_workers=pushers,
                 optimizer=settings,
                 snapshot_every=int(ps_opts.get("snapshot_every", 0)),

@@ -120,7 +120,10 @@ HELP: dict[str, str] = {
         "Parameter server: 'sync' (one global-batch step), 'async' (Downpour: each push is a "
         "step), 'ssp' (bounded staleness)."
     ),
-    "dist.staleness": "mode = 'ssp': how many steps a worker may run ahead of the slowest.",
+    "dist.staleness": (
+        "mode = 'ssp': how many steps a worker may run ahead of the slowest; 'auto': a bound "
+        "that follows the workers' measured speeds, 0 to 16 (docs/rebalancing.md)."
+    ),
     "dist.shards": (
         "Parameter-server shards (contiguous ranges of the flat buffer, one Ray actor each)."
     ),
@@ -136,8 +139,12 @@ HELP: dict[str, str] = {
         "The Ray cluster to join ('auto', or HOST:PORT); absent: a local Ray started on demand."
     ),
     "dist.rebalance_every": (
-        "Steps between throughput measurements that split the global batch again over the Ray "
-        "workers (0: never)."
+        "Least steps between two measurements of each worker's speed; the global batch is split "
+        "again at the next epoch end (Ray workers and MPI ranks; 0: never)."
+    ),
+    "dist.rebalance": (
+        "Batch shares that follow measured speed: 'auto' re-splits where a step gets more than "
+        "10% shorter, true at every measurement, false never (docs/rebalancing.md)."
     ),
     "dist.workers_per_node": (
         "strategy = 'hybrid': consecutive ranks taken as one node (tests, benchmarks); 0: the "

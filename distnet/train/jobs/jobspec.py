@@ -165,7 +165,10 @@ class DistSpec(Section):
     sync_every: int = _field(1, "a positive integer (local steps between averages)", gt=0)
     average_state: bool = _field(False, "true or false")
     mode: Literal["sync", "async", "ssp"] = _field("sync", "'sync', 'async' or 'ssp'")
-    staleness: int = _field(0, "an integer >= 0 (the ssp bound, in steps)", ge=0)
+    # "auto": the bound follows the workers' measured speeds (distnet/parallel/ps/autostale.py)
+    staleness: Annotated[int, Field(ge=0)] | Literal["auto"] = _field(
+        0, "an integer >= 0 (the ssp bound, in steps) or 'auto'"
+    )
     shards: int = _field(1, "a positive integer (parameter-server shards)", gt=0)
     workers: int = _field(2, "an integer >= 0 (Ray workers; GPU ones with gpus_per_worker)", ge=0)
     cpu_workers: int = _field(0, "an integer >= 0 (CPU workers beside the GPU ones)", ge=0)
@@ -176,6 +179,9 @@ class DistSpec(Section):
     )
     address: str | None = _field(None, "a Ray cluster address (absent: a local Ray)")
     rebalance_every: int = _field(200, "an integer >= 0 (steps between share updates)", ge=0)
+    # batch shares that follow measured speed (MPI: distnet.parallel.rebalance); "auto": re-split
+    # where it shortens a step by more than 10 %; false: never (Ray: rebalance_every = 0)
+    rebalance: Literal["auto", True, False] = _field("auto", "'auto', true or false")
     # strategy "hybrid": consecutive ranks per "node" (0: the Ray nodes the workers landed on)
     workers_per_node: int = _field(0, "an integer >= 0 (0: the Ray nodes)", ge=0)
     devices: list[Literal["cpu", "cuda"]] = _field(
@@ -213,7 +219,7 @@ class DistSpec(Section):
 # [dist] keys that only the Ray engine reads (distnet/parallel/rayengine/options.py): set under
 # engine "local" or "mpi" they would do nothing, so they are refused (mode only when not sync)
 RAY_ONLY_KEYS = ("workers", "cpu_workers", "gpus_per_worker", "min_workers", "placement",
-                 "address", "rebalance_every", "workers_per_node", "devices", "worker_resources",
+                 "address", "workers_per_node", "devices", "worker_resources",
                  "survivors_go_on", "shards", "staleness", "mode")  # fmt: skip
 
 
@@ -241,6 +247,9 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
             f"shard_optimizer = true needs engine 'mpi' (ZeRO-1 shards the optimiser "
             f"state over MPI ranks; engine {engine!r}); set it to 'auto' or false"
         )
+    if engine == "local" and "rebalance_every" in dist.model_fields_set:
+        out.append("rebalance_every: engine 'local' is one process, with no batch to split; "
+                   "remove it")  # fmt: skip
     if engine == "local":  # one process: nothing to compress
         if dist.compression != "none":
             out.append(f"compression = {dist.compression!r} needs several ranks (engine "
@@ -250,6 +259,9 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
         out.append(f"mode = {mode!r} needs strategy 'ps' or 'hybrid' (allreduce is synchronous)")
     if dist.staleness and mode != "ssp":
         out.append(f"staleness = {dist.staleness} needs mode = 'ssp' (the bound of ssp only)")
+    if dist.rebalance is True and strategy == "local_sgd":
+        out.append("rebalance = true needs strategy 'allreduce' (local SGD averages the "
+                   "parameters unweighted); set it to 'auto' or false")  # fmt: skip
     if dist.shards > 1 and not ps:
         out.append(f"shards = {dist.shards} needs strategy 'ps' or 'hybrid' (parameter-server "
                    "shards)")  # fmt: skip

@@ -1,0 +1,204 @@
+"""Batch shares that follow each MPI rank's measured compute rate (``[dist] rebalance``).
+
+The Ray engine's ``ThroughputShares`` (``distnet.parallel.rayengine.shares``) already times
+each step's compute (``zero_grad`` to the first wait for other ranks: forward and backward,
+not the collectives, not the input wait) and splits the global batch again at an epoch end;
+``EpochRebalancer`` is that wrapper for the ranks of ``ProcessEngine`` (``engine = "mpi"``),
+with three additions:
+
+- a decision rule: the ranks allgather their samples/s (every rank then holds the same
+  numbers) and compute the same proportional split (``order.split_global_batch``: largest
+  remainder, stable ties, so every rank derives the same integers, summing to the global
+  batch). ``rebalance = true`` takes it at every measurement; ``"auto"`` only where it would
+  shorten the step, ``max_r(b_r / rate_r)``, by more than ``threshold`` (10 %): with equal
+  rates and an equal split nothing changes, and measurement noise below that never re-splits;
+- the split in force goes into the stage's checkpoint (the optimiser state's ``batch_split``,
+  written only while it is not the equal split) and a resumed stage takes it back, so a run
+  resumed from an epoch checkpoint iterates the same samples per step as one that never
+  stopped;
+- a log line per decision on rank 0.
+
+Gradients are weighted by each rank's share through the wrapped optimiser's weighted backward
+(``SyncOptimizer.backward`` / ``DistributedOptimizer.backward``, as on Ray), so a step still
+equals a single process's step on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from distnet.data import order
+from distnet.parallel.rayengine.shares import BatchSplit, ThroughputShares
+from distnet.parallel.sync import GatheredState
+
+__all__ = [
+    "DELAY_ENV",
+    "SPLIT_KEY",
+    "THRESHOLD",
+    "EpochRebalancer",
+    "Rebalancing",
+    "choose_split",
+    "step_time",
+]
+
+THRESHOLD = 0.10  # "auto": least relative gain in step time worth a new split
+SPLIT_KEY = "batch_split"  # the optimiser-state key a checkpoint keeps the split under
+# per-rank injected delay (tests, demonstrations): seconds per sample, comma-separated by rank
+DELAY_ENV = "DISTNET_DELAY_PER_SAMPLE_S"
+
+
+def step_time(sizes: Sequence[int], rates: Sequence[float]) -> float:
+    """Seconds of compute of one synchronous step: the slowest rank's ``b_r / rate_r``."""
+    return max(b / r for b, r in zip(sizes, rates, strict=True))
+
+
+def choose_split(
+    sizes: Sequence[int], rates: Sequence[float], mode: bool | str, threshold: float = THRESHOLD
+) -> list[int] | None:
+    """The new per-rank batch sizes for measured ``rates`` (samples/s, one per rank, all > 0),
+    or None to keep ``sizes``: the proportional split, taken when ``mode`` is True, or
+    (``"auto"``) when it shortens the step by more than ``threshold``. Deterministic: the same
+    inputs give the same integers on every rank."""
+    new = order.split_global_batch(int(sum(sizes)), len(sizes), list(rates))
+    if list(new) == list(sizes):
+        return None
+    if mode is True or step_time(sizes, rates) > (1.0 + threshold) * step_time(new, rates):
+        return new
+    return None
+
+
+def _injected_delay(rank: int) -> float:
+    """This rank's entry of ``DISTNET_DELAY_PER_SAMPLE_S`` ("0,0.004": rank 1 sleeps 4 ms per
+    sample in each backward), 0 when absent."""
+    text = os.environ.get(DELAY_ENV, "").strip()
+    if not text:
+        return 0.0
+    values = [v.strip() for v in text.split(",")]
+    try:
+        return float(values[rank]) if rank < len(values) else 0.0
+    except ValueError:
+        raise ValueError(f"{DELAY_ENV}={text!r}: give seconds per sample, one per rank") from None
+
+
+class EpochRebalancer(ThroughputShares):
+    """``ThroughputShares`` with the decision rule, the checkpointed split and a log line.
+
+    Args:
+        inner, loader, comm, rebalance_every, delay_per_sample_s, split: as
+            ``ThroughputShares``.
+        mode: True (re-split at every measurement) or "auto" (only when it pays, see
+            ``choose_split``).
+        threshold: "auto"'s least gain.
+        say: where a decision's line goes (rank 0's log).
+    """
+
+    _OWN = ThroughputShares._OWN | {"mode", "threshold", "say"}
+
+    def __init__(
+        self,
+        inner: Any,
+        loader: Any,
+        comm: Any,
+        *,
+        mode: bool | str = "auto",
+        threshold: float = THRESHOLD,
+        say: Callable[[str], None] = lambda line: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(inner, loader, comm, **kwargs)
+        self.mode, self.threshold, self.say = mode, threshold, say
+
+    def rebalance(self) -> list[int]:
+        """Collective: the rates allgathered, the same decision on every rank; returns the
+        split in force after it."""
+        rate = self._samples / self._compute_s if self._compute_s > 0 else 0.0
+        rates = np.array(self.comm.allgather(rate), dtype=np.float64)
+        self._compute_s, self._samples, self._since = 0.0, 0, 0
+        sizes = list(self.loader.batch_sizes)
+        if not np.all(rates > 0):  # a rank measured nothing: keep the split
+            return sizes
+        new = choose_split(sizes, rates.tolist(), self.mode, self.threshold)
+        shown = rates.round(1).tolist()
+        if new is None:
+            self.say(f"rebalance: samples/s {shown}, batch split {sizes} kept")
+            return sizes
+        self.split.change(self.loader, new)
+        self.history.append({"step": self.step_count, "throughput": shown, "batch_sizes": new})
+        self.say(f"rebalance: samples/s {shown}, batch split {sizes} -> {new}")
+        return new
+
+    # --- the split goes into the checkpoint ---------------------------------------------------
+    def _even(self) -> bool:
+        sizes = self.loader.batch_sizes
+        return len(set(sizes)) == 1
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(self.optimizer.state_dict())
+        if not self._even():
+            state[SPLIT_KEY] = list(self.loader.batch_sizes)
+        return state
+
+    def gathered_state(self) -> Any:
+        """Collective (ZeRO-1 gathers): the wrapped optimiser's full state plus the split."""
+        inner = self.optimizer.gathered_state()
+        if self._even():
+            return inner
+        state = {**inner.state_dict(), SPLIT_KEY: list(self.loader.batch_sizes)}
+        return GatheredState(inner, state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The wrapped optimiser's state; a saved split that fits this group (as many ranks,
+        the same global batch) becomes the split in force (a checkpoint from another world
+        size starts from the job's split)."""
+        state = dict(state)
+        sizes = state.pop(SPLIT_KEY, None)
+        self.optimizer.load_state_dict(state)
+        loader = self.loader
+        if sizes is not None:
+            sizes = [int(s) for s in sizes]
+            if len(sizes) == loader.world_size and sum(sizes) == loader.global_batch:
+                self.split.change(loader, sizes)
+
+
+class Rebalancing:
+    """What ``ProcessEngine`` holds when its ranks rebalance: the job's ``BatchSplit`` (every
+    stage's loader takes the split in force from it) and the wrapper of each stage.
+
+    Args:
+        engine: a started ``ProcessEngine`` (``comm``, ``dist``, ``say``).
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.mode = engine.dist.get("rebalance", "auto")
+        # rebalance = false with an injected delay: the slow rank, never re-split
+        self.every = 0 if self.mode is False else int(engine.dist.get("rebalance_every", 200))
+        self.split = BatchSplit()
+        self.history: list[dict[str, Any]] = []
+        self.delay = _injected_delay(engine.comm.rank)
+
+    @staticmethod
+    def wanted(engine: Any) -> bool:
+        """Whether ``engine``'s job rebalances (or has a rank slowed on purpose): several
+        ranks, strategy allreduce (local SGD averages parameters unweighted), ``rebalance``
+        not false and ``rebalance_every`` > 0, or a ``DISTNET_DELAY_PER_SAMPLE_S``."""
+        dist, comm = engine.dist, engine.comm
+        if comm.size == 1 or dist.get("strategy", "allreduce") != "allreduce":
+            return False
+        on = dist.get("rebalance", "auto") is not False and int(dist.get("rebalance_every", 200))
+        return bool(on) or _injected_delay(comm.rank) > 0
+
+    def share(self, loader: Any) -> Any:
+        return self.split.hand_to(loader)
+
+    def wrap(self, inner: Any, loader: Any) -> EpochRebalancer:
+        """``inner`` (the strategy's optimiser) measured and re-split at epoch ends."""
+        return EpochRebalancer(
+            inner, loader, self.engine.comm, mode=self.mode, say=self.engine.say,
+            rebalance_every=self.every, delay_per_sample_s=self.delay,
+            history=self.history, split=self.split,
+        )  # fmt: skip
