@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         _mpi_rank(args.rounds, args.reps)
         return 0
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    cmd = [sys.executable, "-m", "distnet.parallel.launcher", "-np", str(args.np), "--",
+    cmd = [sys.executable, "-m", "distnet.parallel.mpi.launcher", "-np", str(args.np), "--",
            sys.executable, "-m", "distnet.bench.checkcost", "--rank",
            "--rounds", str(args.rounds), "--reps", str(args.reps)]  # fmt: skip
     env = {**os.environ, "DISTNET_COLLECTIVE_CHECK": "1"}

@@ -1,6 +1,5 @@
 """numba kernels behind the convolution and pooling ops (built only through
-``distnet.core.convkernels``, lazily, after ``distnet.kernels`` has set numba's threading
-layer).
+``distnet.kernels.selection.conv_kernels``, lazily, after numba's threading layer is set).
 
 Each kernel is made for one geometry (kernel, stride, dilation): those numbers are
 compile-time constants of a closure, so LLVM folds the index arithmetic, unrolls the window

@@ -10,12 +10,12 @@ import re
 
 import numpy as np
 import pytest
-from distnet.train.job import load_job
 from helpers.jobs import mlp_job, write_job
 from helpers.mpi import MPI_MARKS, launch
 from helpers.params import final_params, reference_params
 
 from distnet.parallel.rebalance import DELAY_ENV
+from distnet.train.jobs.job import load_job
 
 pytestmark = MPI_MARKS
 pytest.importorskip("sklearn")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distnet.parallel.rebalance import choose_split, step_time
-from distnet.train import jobspec
+from distnet.train.jobs import jobspec
 
 
 def test_split_follows_rates_and_sums_to_the_global_batch():
