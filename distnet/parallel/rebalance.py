@@ -184,12 +184,14 @@ class Rebalancing:
     @staticmethod
     def wanted(engine: Any) -> bool:
         """Whether ``engine``'s job rebalances (or has a rank slowed on purpose): several
-        ranks, strategy allreduce (local SGD averages parameters unweighted), ``rebalance``
-        not false and ``rebalance_every`` > 0, or a ``DISTNET_DELAY_PER_SAMPLE_S``."""
+        ranks, strategy allreduce (local SGD averages parameters unweighted), ``rebalance =
+        true`` and ``rebalance_every`` > 0, or a ``DISTNET_DELAY_PER_SAMPLE_S``."""
         dist, comm = engine.dist, engine.comm
         if comm.size == 1 or dist.get("strategy", "allreduce") != "allreduce":
             return False
-        on = dist.get("rebalance", "auto") is not False and int(dist.get("rebalance_every", 200))
+        # opt-in on MPI: a split that follows measured speed makes the result depend on
+        # timing, so a resumed or repeated run would no longer equal the undisturbed one
+        on = dist.get("rebalance", "auto") is True and int(dist.get("rebalance_every", 200))
         return bool(on) or _injected_delay(comm.rank) > 0
 
     def share(self, loader: Any) -> Any:

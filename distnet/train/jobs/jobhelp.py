@@ -143,8 +143,9 @@ HELP: dict[str, str] = {
         "again at the next epoch end (Ray workers and MPI ranks; 0: never)."
     ),
     "dist.rebalance": (
-        "Batch shares that follow measured speed: 'auto' re-splits where a step gets more than "
-        "10% shorter, true at every measurement, false never (docs/rebalancing.md)."
+        "Batch shares that follow measured speed. Ray: 'auto' re-splits where a step gets more "
+        "than 10% shorter, true at every measurement, false never. MPI: only with true (a "
+        "timing-dependent split would make a rerun or resume differ; docs/rebalancing.md)."
     ),
     "dist.workers_per_node": (
         "strategy = 'hybrid': consecutive ranks taken as one node (tests, benchmarks); 0: the "
