@@ -304,7 +304,11 @@ def test_async_loss_of_rank_0_restarts_the_group(ray_cluster, ids_root):
     """Rank 0's actor owns the shards (they die with it): no survivor can go on with them, so
     the group is restarted from the epoch checkpoint, as before."""
     report, job, log_dir, rj = run_job(ids_root, "rank0", "async", lost=0)
-    assert report["generation"] == 2 and len(report["failures"]) == 1
+    # rank 0's death comes first; rank 1 may also record the shards' loss it caused when its
+    # retries end before the driver stops the group (seen under two pytest workers at load 10)
+    first, *rest = report["failures"]
+    assert report["generation"] == 2 and first.startswith("rank 0:"), report["failures"]
+    assert all(f.startswith("rank 1: ShardLostError") for f in rest), report["failures"]
     (rec,) = report["recoveries"]
     assert rec["kind"] == "group restarted" and rec["lost"] == [0] and not rec["mid_epoch"]
 
