@@ -58,7 +58,8 @@ def last_failure(info: dict[str, Any], failures: list[dict[str, Any]]) -> dict[s
     resume went on from, do not count); None when it recorded none."""
     runs = info.get("invocations") or ([info] if info else [])
     start = _start(runs[-1]) if runs else None
-    mine = [f for f in failures if start is None or float(f.get("time", 0.0)) >= start - 1.0]
+    slack = _slack(runs[-1]) if runs else 0.0
+    mine = [f for f in failures if start is None or float(f.get("time", 0.0)) >= start - slack]
     return first_failure(mine)
 
 
@@ -69,6 +70,13 @@ def _start(invocation: dict[str, Any]) -> float | None:
         return time.mktime(time.strptime(str(invocation["started"]), "%Y-%m-%dT%H:%M:%S"))
     except (KeyError, ValueError):
         return None
+
+
+def _slack(invocation: dict[str, Any]) -> float:
+    """How far a start time may be off: none for ``started_t`` (the exact time), a second for
+    the older ``started`` text. A failure less than a second before the next start is the
+    earlier invocation's (a resume started at once after a crash)."""
+    return 0.0 if invocation.get("started_t") is not None else 1.0
 
 
 def invocations(
@@ -82,12 +90,20 @@ def invocations(
     STAGE", "interrupted", "stopped ..." or "running or stopped")."""
     runs = info.get("invocations") or ([info] if info else [])
     starts = [_start(r) for r in runs]
+    slacks = [_slack(r) for r in runs]
     ends = [*starts[1:], None][: len(starts)]
+    end_slacks = [*slacks[1:], 0.0][: len(slacks)]
     out = []
     for i, (run, start, end) in enumerate(zip(runs, starts, ends, strict=True)):
 
-        def within(t: float, start: float | None = start, end: float | None = end) -> bool:
-            return (start is None or t >= start - 1.0) and (end is None or t < end - 1.0)
+        def within(
+            t: float,
+            start: float | None = start,
+            end: float | None = end,
+            slack: float = slacks[i],
+            end_slack: float = end_slacks[i],
+        ) -> bool:
+            return (start is None or t >= start - slack) and (end is None or t < end - end_slack)
 
         times = [float(r["t"]) for r in records if "t" in r and within(float(r["t"]))]
         seconds = (max(times) - start) if times and start is not None else None
