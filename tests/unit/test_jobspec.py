@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from distnet import cli
 from distnet.train.jobs import jobspec
-from distnet.train.jobs.job import DEFAULTS, JobError, load_job
+from distnet.train.jobs.load import DEFAULTS, JobError, load_job
 
 
 def job_file(tmp_path, text: str):
