@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job(args: argparse.Namespace) -> dict[str, Any]:
-    from distnet.train.jobs.job import load_job  # noqa: PLC0415
+    from distnet.train.jobs.load import load_job  # noqa: PLC0415
 
     overrides: dict[str, dict[str, Any]] = {"data": {}, "pretrain": {}, "finetune": {}}
     if args.train:

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _store(args: argparse.Namespace, root: Path) -> str:
     """A store of the first ``--samples`` samples (written once into ``root``)."""
     from distnet.data import convert_digits, write_dataset  # noqa: PLC0415
-    from distnet.train.jobs.job import read_store  # noqa: PLC0415
+    from distnet.train.jobs.samples import read_store  # noqa: PLC0415
 
     source = args.data
     if source is None and Path("/work/fmnist/zarr/train").exists():
@@ -83,7 +83,7 @@ def _store(args: argparse.Namespace, root: Path) -> str:
 
 def _seconds(job_text: str, root: Path, name: str, options: Any) -> tuple[float, dict]:
     from distnet.parallel.rayengine import RayJob  # noqa: PLC0415
-    from distnet.train.jobs.job import load_job  # noqa: PLC0415
+    from distnet.train.jobs.load import load_job  # noqa: PLC0415
     from distnet.train.jobs.rayjob import run_rank  # noqa: PLC0415
 
     out = root / name

@@ -54,7 +54,7 @@ def digits_stores(root: Path, shifts: int) -> tuple[str, str]:
     import numpy as np  # noqa: PLC0415
 
     from distnet.data import convert_digits, write_dataset  # noqa: PLC0415
-    from distnet.train.jobs.job import read_store  # noqa: PLC0415
+    from distnet.train.jobs.samples import read_store  # noqa: PLC0415
 
     convert_digits(str(root / "digits"), test_fraction=0.25, seed=0, chunk_samples=64)
     x, y = read_store(str(root / "digits" / "train"))
@@ -155,7 +155,7 @@ def run_contender(
     """Runs the job once as ``contender`` with ranks slowed by ``factors`` (one per worker);
     returns {"curve", "shares", "report", "wall_s", "change"}."""
     from distnet.parallel.rayengine import RayJob, RayOptions  # noqa: PLC0415
-    from distnet.train.jobs.job import load_job  # noqa: PLC0415
+    from distnet.train.jobs.load import load_job  # noqa: PLC0415
 
     out = root / contender.name
     path = root / f"{contender.name}.toml"

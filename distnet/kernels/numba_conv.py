@@ -23,20 +23,14 @@ from collections.abc import Callable
 
 from numba import njit, prange
 
-_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}  # never nnan/ninf: NaN must show up
-_opts = {"parallel": True, "fastmath": _FAST, "nogil": True, "cache": True}
-_exact = {
-    "parallel": True,
-    "nogil": True,
-    "cache": True,
-}  # pooling: v - v must stay NaN for a NaN v
+from distnet.kernels.numba_windows import RELU, compiled, tap
 
 
 @functools.cache
 def im2col(kh: int, kw: int, sh: int, sw: int, dh: int, dw: int) -> Callable:
     """``fn(xpad, cols)``: cols (C, KH, KW, N, OH, OW) <- the windows of xpad (N, C, Hp, Wp)."""
 
-    @njit(**_opts)
+    @njit(**compiled(True))
     def fn(xpad, cols):  # pragma: no cover  (compiled)
         c, n, oh, ow = cols.shape[0], cols.shape[3], cols.shape[4], cols.shape[5]
         for r in prange(c * kh * kw):
@@ -46,7 +40,9 @@ def im2col(kh: int, kw: int, sh: int, sw: int, dh: int, dw: int) -> Callable:
             for s in range(n):
                 for oy in range(oh):
                     for ox in range(ow):
-                        cols[ci, i, j, s, oy, ox] = xpad[s, ci, oy * sh + i * dh, ox * sw + j * dw]
+                        cols[ci, i, j, s, oy, ox] = xpad[
+                            s, ci, tap(oy, sh, i, dh), tap(ox, sw, j, dw)
+                        ]
 
     return fn
 
@@ -56,7 +52,7 @@ def col2im(kh: int, kw: int, sh: int, sw: int, dh: int, dw: int) -> Callable:
     """``fn(cols, gpad)``: gpad (N, C, Hp, Wp) <- the column gradients (C, KH, KW, N, OH, OW)
     summed at their windows' places (gpad is overwritten, zeros where no window reaches)."""
 
-    @njit(**_opts)
+    @njit(**compiled(True))
     def fn(cols, gpad):  # pragma: no cover
         n, c, hp, wp = gpad.shape
         oh, ow = cols.shape[4], cols.shape[5]
@@ -71,7 +67,7 @@ def col2im(kh: int, kw: int, sh: int, sw: int, dh: int, dw: int) -> Callable:
                 for j in range(kw):
                     for oy in range(oh):
                         for ox in range(ow):
-                            gpad[s, ci, oy * sh + i * dh, ox * sw + j * dw] += cols[
+                            gpad[s, ci, tap(oy, sh, i, dh), tap(ox, sw, j, dw)] += cols[
                                 ci, i, j, s, oy, ox
                             ]
 
@@ -83,7 +79,7 @@ def max_pool(kh: int, kw: int, sh: int, sw: int) -> Callable:
     """``fn(x, out)``: out (N, C, OH, OW) <- the maximum of each window of x (no padding;
     a NaN in a window gives NaN, as numpy's ``maximum`` does)."""
 
-    @njit(**_exact)
+    @njit(**compiled(True, exact=True))
     def fn(x, out):  # pragma: no cover
         n, c, oh, ow = out.shape
         for plane in prange(n * c):
@@ -116,7 +112,7 @@ def max_pool_grad(kh: int, kw: int, sh: int, sw: int) -> Callable:
     Windows that tile the input (stride = kernel) are written, not zero-filled and added."""
     tiles = kh == sh and kw == sw
 
-    @njit(**_exact)
+    @njit(**compiled(True, exact=True))
     def fn(x, out, g, gx):  # pragma: no cover
         n, c, h, w = x.shape
         oh, ow = out.shape[2], out.shape[3]
@@ -154,10 +150,7 @@ def max_pool_grad(kh: int, kw: int, sh: int, sw: int) -> Callable:
     return fn
 
 
-RELU = 2  # distnet.kernels.ACTIVATIONS.index("relu") (checked in tests); else no activation
-
-
-@njit(**_opts)
+@njit(**compiled(True))
 def gemm_to_nchw(z, bias, out, kind):  # pragma: no cover
     """out (N, O, P) <- act(z (O, N * P) + bias (O,)): the forward GEMM's output back to
     NCHW, the bias and a ReLU (``kind`` == RELU) in the same pass."""
@@ -172,7 +165,7 @@ def gemm_to_nchw(z, bias, out, kind):  # pragma: no cover
             out[s, q, t] = max(v, zero) if kind == RELU else v
 
 
-@njit(**_opts)
+@njit(**compiled(True))
 def nchw_to_gemm_grad(y, g, g2, kind):  # pragma: no cover
     """g2 (O, N * P) <- dL/dz from g = dL/dy (N, O, P), through a ReLU (``kind`` == RELU,
     y its output) or none: the backward GEMMs' operand in one pass."""

@@ -27,15 +27,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}  # never nnan/ninf: NaN must show up
-
-
-def _opts(parallel: bool) -> dict:
-    return {"parallel": parallel, "fastmath": _FAST, "nogil": True, "cache": True}
-
-
-def _exact(parallel: bool) -> dict:  # pooling: NaN comparisons kept
-    return {"parallel": parallel, "nogil": True, "cache": True}
+from distnet.kernels.numba_windows import RELU, compiled, tap
 
 
 def constant_channels(c: int) -> int:
@@ -43,7 +35,6 @@ def constant_channels(c: int) -> int:
     return c if c < 8 else 0
 
 
-RELU = 2  # distnet.kernels.ACTIVATIONS.index("relu") (checked in tests); else no activation
 ROWS_PER_BLOCK = 256  # pixels per parallel block of the elementwise passes (x C numbers)
 
 
@@ -53,7 +44,7 @@ def im2col(kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, channels: int,
     """``channels``: C as a compile-time constant, or 0 to read it from the arrays.
     ``fn(xpad, cols)``: cols (N, OH, OW, KH, KW, C) <- the windows of xpad (N, Hp, Wp, C)."""
 
-    @njit(**_opts(parallel))
+    @njit(**compiled(parallel))
     def fn(xpad, cols):  # pragma: no cover  (compiled)
         n, oh, ow = cols.shape[0], cols.shape[1], cols.shape[2]
         c = cols.shape[5] if channels == 0 else channels
@@ -65,7 +56,7 @@ def im2col(kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, channels: int,
                     for j in range(kw):
                         for ci in range(c):
                             cols[s, oy, ox, i, j, ci] = xpad[
-                                s, oy * sh + i * dh, ox * sw + j * dw, ci
+                                s, tap(oy, sh, i, dh), tap(ox, sw, j, dw), ci
                             ]
 
     return fn
@@ -79,7 +70,7 @@ def col2im(kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, channels: int,
     summed at their windows' places (overwritten; zeros where no window reaches). One sample
     per parallel block: windows of one sample overlap, those of two never do."""
 
-    @njit(**_opts(parallel))
+    @njit(**compiled(parallel))
     def fn(cols, gpad):  # pragma: no cover
         n, hp, wp = gpad.shape[0], gpad.shape[1], gpad.shape[2]
         oh, ow = cols.shape[1], cols.shape[2]
@@ -95,7 +86,7 @@ def col2im(kh: int, kw: int, sh: int, sw: int, dh: int, dw: int, channels: int,
                     for i in range(kh):
                         for j in range(kw):
                             for ci in range(c):
-                                gpad[s, oy * sh + i * dh, ox * sw + j * dw, ci] += cols[
+                                gpad[s, tap(oy, sh, i, dh), tap(ox, sw, j, dw), ci] += cols[
                                     s, oy, ox, i, j, ci
                                 ]
 
@@ -107,7 +98,7 @@ def bias_relu(parallel: bool) -> Callable:
     """``fn(z, bias, kind)``: z (P, O) <- z + bias (O,), then ReLU when ``kind`` == RELU, in
     place; blocks of ``ROWS_PER_BLOCK`` pixels in parallel (rows of O = 16 are too short)."""
 
-    @njit(**_opts(parallel))
+    @njit(**compiled(parallel))
     def fn(z, bias, kind):  # pragma: no cover
         p, o = z.shape
         zero = z.dtype.type(0)
@@ -126,7 +117,7 @@ def relu_grad_bias_sum(parallel: bool) -> Callable:
     output) or none; partial (S, O) <- sums of d over S slices of the pixels (their sum is
     the bias gradient; S = 1 for the serial kernel)."""
 
-    @njit(**_opts(parallel))
+    @njit(**compiled(parallel))
     def fn(y, g, d, partial, kind):  # pragma: no cover
         p, o = y.shape
         slots = partial.shape[0]
@@ -154,7 +145,7 @@ def max_pool(kh: int, kw: int, sh: int, sw: int, parallel: bool) -> Callable:
     """``fn(x, out)``: out (N, OH, OW, C) <- the maximum of each window of x (N, H, W, C), no
     padding; a NaN in a window gives NaN (numpy's ``maximum``). Vectorised along C."""
 
-    @njit(**_exact(parallel))
+    @njit(**compiled(parallel, exact=True))
     def fn(x, out):  # pragma: no cover
         n, oh, ow, c = out.shape
         for r in prange(n * oh):
@@ -183,7 +174,7 @@ def max_pool_grad(kh: int, kw: int, sh: int, sw: int, parallel: bool) -> Callabl
 
     tiles = kh == sh and kw == sw  # windows tile the input: no window overlaps another
 
-    @njit(inline="always", **_exact(False))
+    @njit(inline="always", **compiled(False, exact=True))
     def _tile_grad(x, out, g, gx):  # pragma: no cover  (one sample: (H, W, C) and (OH, OW, C))
         h, w, c = x.shape
         oh, ow = out.shape[0], out.shape[1]
@@ -207,7 +198,7 @@ def max_pool_grad(kh: int, kw: int, sh: int, sw: int, parallel: bool) -> Callabl
                             v = x[oy * sh + i, ox * sw + j, ci]
                             gx[oy * sh + i, ox * sw + j, ci] = share if (v == m or m != m) else zero
 
-    @njit(**_exact(parallel))
+    @njit(**compiled(parallel, exact=True))
     def fn(x, out, g, gx, count):  # pragma: no cover
         n, h, w, c = x.shape
         oh, ow = out.shape[1], out.shape[2]

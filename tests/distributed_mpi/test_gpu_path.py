@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers.jobs import sae_job
 from helpers.mpi import MPIEXEC, SCRIPTS, launch
 
 from distnet import backend
@@ -42,33 +43,10 @@ def needs_mpiexec():
         pytest.skip(f"no mpiexec beside {sys.executable}")
 
 
-SAE_JOB = """
-[data]
-train = "{data}/train"
-test = "{data}/test"
-batch_size = 32
-
-[model]
-type = "stacked_autoencoder"
-hidden = [24, 12]
-
-[pretrain]
-epochs = 2
-
-[finetune]
-epochs = 3
-
-[run]
-log_every = 100
-pictures = true
-device = "cuda"
-"""
-
-
 @pytest.fixture
 def job_file(digits, tmp_path):
     path = tmp_path / "job.toml"
-    path.write_text(SAE_JOB.format(data=digits / "data"))
+    path.write_text(sae_job(digits / "data", pictures=True, run={"device": "cuda"}))
     return path
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from helpers.jobs import sae_job
 from helpers.mpi import MPI_MARKS, SCRIPTS, launch
 
 pytestmark = MPI_MARKS
@@ -19,28 +20,6 @@ def test_fp16_overflow_waits_for_every_bucket_before_raising():
     assert "[0] fp16 overflow ok" in proc.stdout
 
 
-RESUME_JOB = """
-[data]
-train = "{data}/train"
-test = "{data}/test"
-batch_size = 32
-
-[model]
-type = "stacked_autoencoder"
-hidden = [24, 12]
-
-[pretrain]
-epochs = 2
-
-[finetune]
-epochs = 3
-
-[run]
-log_every = 100
-pictures = false
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(280)
 def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(digits, tmp_path):
@@ -51,7 +30,7 @@ def test_resume_with_node_local_run_directories_equals_a_run_that_never_stopped(
     from distnet.train.loop.checkpoint import read_manifest  # noqa: PLC0415
 
     job = tmp_path / "job.toml"
-    job.write_text(RESUME_JOB.format(data=digits / "data"))
+    job.write_text(sae_job(digits / "data"))
     script = str(SCRIPTS / "resume_local_dirs.py")
     local = tmp_path / "local"
     local.mkdir()

@@ -17,28 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.jobs import sae_job
 from helpers.mpi import SCRIPTS, launch, needs_mpiexec
-
-JOB = """
-[data]
-train = "{data}/train"
-test = "{data}/test"
-batch_size = 32
-
-[model]
-type = "stacked_autoencoder"
-hidden = [24, 12]
-
-[pretrain]
-epochs = 1
-
-[finetune]
-epochs = 3
-
-[run]
-log_every = 100
-pictures = false
-"""
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +31,7 @@ def shared_storage():
     root = Path(tempfile.mkdtemp(prefix="distnet-shared-", dir="/var/tmp"))
     try:
         convert_digits(root / "data", test_fraction=0.25, seed=0, chunk_samples=64)
-        (root / "job.toml").write_text(JOB.format(data=root / "data"))
+        (root / "job.toml").write_text(sae_job(root / "data", pretrain_epochs=1))
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -4,7 +4,7 @@ because ``tests/conftest.py`` lives there, so a test imports ``from helpers.mpi 
 - ``helpers.mpi``: the repository's paths, ``MPI_MARKS`` and the one ``launch`` (``distnet
   launch`` of a Python command under real mpiexec, with a timeout); ``start_job`` for a job a
   test acts on while it runs;
-- ``helpers.jobs``: the one job builder (``job_text``, ``write_job``, ``mlp_job``);
+- ``helpers.jobs``: the one job builder (``job_text``, ``write_job``, ``mlp_job``, ``sae_job``);
 - ``helpers.params``: a run's final parameters and the one-process reference they must equal;
 - ``helpers.data``: small stores whose samples say which they are, IDX files, chunk files, the
   in-memory digits split;

@@ -72,3 +72,22 @@ def adam_mlp_job(epochs: int, log_every: int = 100) -> Sections:
         "finetune": {"epochs": epochs, "lr": 0.003},
         "run": {"log_every": log_every, "pictures": False},
     }
+
+
+def sae_job(
+    data: str | Path, *, pretrain_epochs: int = 2, pictures: bool = False, **overrides: Any
+) -> str:
+    """The text of a job file: a stacked autoencoder 64-24-12 on the digits stores under
+    ``data`` (``data/train``, ``data/test``), batch 32, pretrained ``pretrain_epochs`` epochs
+    per layer and fine-tuned 3: the small job that resume and GPU tests run under real
+    ``distnet launch``. ``overrides``: keys of any section (``run={"device": "cuda"}``)."""
+    sections: Sections = {
+        "data": {"train": f"{data}/train", "test": f"{data}/test", "batch_size": 32},
+        "model": {"type": "stacked_autoencoder", "hidden": [24, 12]},
+        "pretrain": {"epochs": pretrain_epochs},
+        "finetune": {"epochs": 3},
+        "run": {"log_every": 100, "pictures": pictures},
+    }
+    for section, keys in overrides.items():
+        sections[section] = {**sections.get(section, {}), **keys}
+    return job_text(sections)

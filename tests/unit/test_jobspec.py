@@ -4,6 +4,7 @@ property (hypothesis): every bad value gives one line naming the key path, never
 from __future__ import annotations
 
 import re
+import tomllib
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from distnet import cli
 from distnet.train.jobs import jobspec
-from distnet.train.jobs.job import DEFAULTS, JobError, load_job
+from distnet.train.jobs.load import DEFAULTS, JobError, load_job
 
 
 def job_file(tmp_path, text: str):
@@ -161,3 +162,65 @@ def test_ray_worker_resources_are_custom_resources_one_table_per_worker():
     three = jobspec.validate({"dist": {"workers": 3, "worker_resources": pins}}, "j.toml")
     with pytest.raises(RayEngineError, match=r"2 table\(s\), one per worker .* \(3 workers\)"):
         options_from_job(three)
+
+
+# a value other than the default for each [dist] key only the Ray engine reads, as TOML
+RAY_ONLY_VALUES = {
+    "workers": "3",
+    "cpu_workers": "1",
+    "gpus_per_worker": "1.0",
+    "min_workers": "1",
+    "placement": "'SPREAD'",
+    "address": "'10.0.0.1:6379'",
+    "workers_per_node": "2",
+    "devices": "['cpu', 'cpu']",
+    "worker_resources": "[{node_a = 1}, {node_b = 1}]",
+    "survivors_go_on": "false",
+    "shards": "2",
+    "staleness": "1",
+    "mode": "'ssp'",
+}
+
+# what the Ray engine needs beside some of them (each refuses to be set for nothing)
+RAY_ONLY_NEEDS = {
+    "mode": "strategy = 'ps'\n",
+    "staleness": "strategy = 'ps'\nmode = 'ssp'\n",
+    "shards": "strategy = 'ps'\n",
+    "workers_per_node": "strategy = 'hybrid'\n",
+}
+
+
+def test_the_table_of_values_covers_every_ray_only_key():
+    from distnet.train.jobs.distconflicts import RAY_ONLY_KEYS
+
+    assert sorted(RAY_ONLY_VALUES) == sorted(RAY_ONLY_KEYS)
+
+
+@pytest.mark.parametrize("engine", ["local", "mpi"])
+@pytest.mark.parametrize("key", sorted(RAY_ONLY_VALUES))
+def test_a_ray_only_key_on_a_local_or_mpi_job_is_refused_by_name(tmp_path, engine, key):
+    path = job_file(tmp_path, f"[dist]\nengine = '{engine}'\n{key} = {RAY_ONLY_VALUES[key]}\n")
+    with pytest.raises(JobError) as e:
+        load_job(path)
+    assert str(e.value) == (
+        f"{path}: [dist] {key}: only the Ray engine reads it; set engine = 'ray' or remove it "
+        f"(engine {engine!r})"
+    )
+    # the same line is the Ray engine's to read (with the strategy some keys are for)
+    needs = RAY_ONLY_NEEDS.get(key, "")
+    ray = job_file(tmp_path, f"[dist]\nengine = 'ray'\n{needs}{key} = {RAY_ONLY_VALUES[key]}\n")
+    assert load_job(ray)["dist"][key] == tomllib.loads(f"v = {RAY_ONLY_VALUES[key]}")["v"]
+
+
+@pytest.mark.parametrize("key", sorted(RAY_ONLY_VALUES))
+def test_the_ray_engine_reads_every_key_the_spec_calls_ray_only(tmp_path, key):
+    """The list lives in the job spec; the Ray engine's options (one layer down) hold none: a
+    key missing from a loaded ``[dist]`` is named by ``options_from_job``, so each one it
+    reads is seen here, and a key the spec calls Ray-only that Ray ignored would fail."""
+    from distnet.parallel.rayengine import RayEngineError, options_from_job
+
+    dist = load_job(job_file(tmp_path, "[dist]\nengine = 'ray'\n"))["dist"]
+    options_from_job({"dist": dist})  # the whole section: accepted
+    del dist[key]
+    with pytest.raises(RayEngineError, match=rf"^\[dist\] lacks {key}: .*job spec"):
+        options_from_job({"dist": dist})

@@ -13,12 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "distnet"
 MAX_LINES = 400
 
 # path under distnet/ -> why it may be longer (keep this list short, and say when it goes)
-ALLOWED: dict[str, str] = {
-    # The jobs room of the training package is being rebuilt (issue 21: train/ into loop/,
-    # jobs/, report/); these two are split or moved there, and their entries go with them.
-    "train/jobs/job.py": "being split into train/jobs/ (issue 21)",
-    "train/jobs/jobspec.py": "being split into train/jobs/ (issue 21)",
-}
+ALLOWED: dict[str, str] = {}
 
 
 def line_counts() -> dict[str, int]:

@@ -79,6 +79,7 @@ def test_ray_options_on_the_command_line_override_their_dist_keys(tmp_path, caps
 
 
 def test_a_dist_section_without_the_specs_defaults_is_refused_by_name():
-    """The engine holds no defaults of its own: a partial ``[dist]`` is named, not completed."""
-    with pytest.raises(RayEngineError, match=r"\[dist\] lacks mode, .*survivors_go_on: .*spec"):
+    """The engine holds no defaults of its own: a partial ``[dist]`` is named (the first key it
+    reads that is missing), not completed."""
+    with pytest.raises(RayEngineError, match=r"\[dist\] lacks mode: .*job spec"):
         options_from_job({"dist": {"strategy": "allreduce", "workers": 2}})

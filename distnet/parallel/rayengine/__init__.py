@@ -17,12 +17,11 @@ from distnet.parallel.rayengine.options import (
     start_ray,
     worker_specs,
 )
-from distnet.parallel.rayengine.rank import RankSetup, RayRankEngine
+from distnet.parallel.rayengine.rank import RayRankEngine
 from distnet.parallel.rayengine.shares import ThroughputShares, set_batch_sizes
 
 __all__ = [
     "Mailbox",
-    "RankSetup",
     "RayRankEngine",
     "RayCommunicator",
     "RayEngineError",

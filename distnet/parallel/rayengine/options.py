@@ -32,7 +32,7 @@ class RayEngineError(RuntimeError):
 
 @dataclass
 class WorkerSpec:
-    """One worker: its resources and what ``RankSetup`` gets."""
+    """One worker: its resources and what its ``RayRankEngine`` gets."""
 
     device: str = "cpu"
     num_cpus: float = 1.0
@@ -151,23 +151,24 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
         raise RayEngineError(f"--address {address}: nothing answers there ({e})") from None
 
 
-RAY_DIST_KEYS = ("strategy", "mode", "staleness", "shards", "workers", "cpu_workers",
-                 "gpus_per_worker", "min_workers", "placement", "address", "rebalance_every",
-                 "devices", "worker_resources", "workers_per_node", "survivors_go_on")  # fmt: skip
-"""The ``[dist]`` keys this engine reads (their defaults: the job spec's ``DistSpec``)."""
-
-
 def options_from_job(job: dict[str, Any]) -> RayOptions:
     """``RayOptions`` from a loaded job's ``[dist]`` section (names the bad key). The section
     comes with every key filled in by the job spec, whose defaults are the only ones
-    (``distnet.train.jobs.jobspec.DistSpec``); a section lacking a key is refused."""
-    d = job["dist"]
-    missing = [k for k in RAY_DIST_KEYS if k not in d]
-    if missing:
+    (``distnet.train.jobs.jobspec.DistSpec``); a section lacking a key this engine reads is
+    refused by that key's name. Which keys only this engine reads is said once, by the job spec
+    (``distnet.train.jobs.distconflicts.RAY_ONLY_KEYS``, one layer up: this module reads the
+    keys and holds no list of them)."""
+    try:
+        return _options(job["dist"])
+    except KeyError as e:
         raise RayEngineError(
-            f"[dist] lacks {', '.join(missing)}: the Ray options are made from a job loaded "
-            "through the job spec, which fills in every default"
-        )
+            f"[dist] lacks {e.args[0]}: the Ray options are made from a job loaded through the "
+            "job spec, which fills in every default"
+        ) from None
+
+
+def _options(d: dict[str, Any]) -> RayOptions:
+    """``options_from_job`` for a ``[dist]`` table ``d`` (KeyError: a key it lacks)."""
     if d["strategy"] not in STRATEGIES:  # the strategy factory's registry
         raise RayEngineError(
             f"[dist] strategy must be one of {', '.join(map(repr, STRATEGIES))}, got "

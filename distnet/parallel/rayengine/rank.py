@@ -30,7 +30,7 @@ from distnet.parallel.rayengine.standin import JoinRecord, enter_stage
 from distnet.parallel.strategy import make_sync_optimizer
 from distnet.parallel.sync import PassThrough
 
-__all__ = ["RankSetup", "RayRankEngine", "summary"]
+__all__ = ["RayRankEngine", "summary"]
 
 
 class RayRankEngine(EngineBase):
@@ -351,8 +351,8 @@ class _ClosingServer(PassThrough):
     def close(self) -> None:
         """Collective (every worker done with the server), except on an exception (called
         from a ``finally``): a worker that failed alone (async/ssp decide alone) leaves at once
-        with its error, its peers elsewhere in the stage; rank 0's ``RankSetup.close`` then
-        stops the shards."""
+        with its error, its peers elsewhere in the stage; rank 0's ``close`` then stops the
+        shards."""
         if self.__dict__["joins"] is not None:  # no replacement joins a stage that ended
             self.__dict__["joins"].stage_ended()
         self.optimizer.close()
@@ -367,9 +367,6 @@ class _ClosingServer(PassThrough):
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.optimizer, name, value)
-
-
-RankSetup = RayRankEngine  # the name it had
 
 
 def sleep_instead_of_training(seconds: float) -> None:

@@ -114,7 +114,7 @@ class JoinRecord:
 
 
 def enter_stage(join: dict[str, Any], ctx: Any, optimizer: Any, loader: Any) -> int:
-    """Replacement side, from ``RankSetup.resume_stage``: the dead rank's place in the stage
+    """Replacement side, from ``RayRankEngine.resume_stage``: the dead rank's place in the stage
     (loader position, steps since the last rebalance), then the shards' current parameters;
     returns the epoch to start at.
 

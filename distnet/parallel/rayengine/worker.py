@@ -17,10 +17,10 @@ from typing import Any
 from distnet.parallel import stall
 from distnet.parallel.rayengine.comm import RayCommunicator
 from distnet.parallel.rayengine.mailbox import Mailbox
-from distnet.parallel.rayengine.rank import RankSetup, summary
+from distnet.parallel.rayengine.rank import summary
 from distnet.parallel.rayengine.standin import JoinRecord
 
-__all__ = ["RankSetup", "WorkerActor"]
+__all__ = ["WorkerActor"]
 
 
 def conventional_env(rank: int, size: int, nodes: list[str] | None) -> dict[str, str]:

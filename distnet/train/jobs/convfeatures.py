@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     from distnet.parallel import init  # noqa: PLC0415
-    from distnet.train.jobs.job import read_store  # noqa: PLC0415
+    from distnet.train.jobs.samples import read_store  # noqa: PLC0415
 
     comm = init(args.engine)
     config = ConvPoolConfig(**{k: getattr(args, k) for k in asdict(ConvPoolConfig())})

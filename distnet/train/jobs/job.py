@@ -22,6 +22,10 @@ epoch. Example (every key: docs/jobs.md)::
 
     [finetune]
     epochs = 60
+
+Reading and checking the file is ``load.py``'s (the schema: ``jobspec.py``), the model and its
+stages ``stages.py``'s, a store's samples as arrays and pictures ``samples.py``'s; this module
+runs a loaded job on one rank (``run_job``) and is the ``distnet train`` command (``run``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import json
 import logging
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,12 +44,16 @@ import numpy as np
 
 from distnet.parallel.mpi import lifetime
 from distnet.train.jobs import jobfile, jobspec
-from distnet.train.jobs.arguments import (  # the CLI calls add_arguments
-    add_arguments,
-    command_overrides,
-    dist_overrides,
-)
+from distnet.train.jobs.arguments import add_arguments, command_overrides  # CLI: add_arguments
 from distnet.train.jobs.jobspec import JobError
+from distnet.train.jobs.load import load_for_engine, load_job
+from distnet.train.jobs.samples import (
+    as_images,
+    draw_pictures,
+    flatten,
+    read_store,
+    sample_image_shape,
+)
 from distnet.train.jobs.stages import (  # noqa: F401  (where tests and tools find them)
     EpochPrinter,
     RankNoise,
@@ -56,106 +63,9 @@ from distnet.train.jobs.stages import (  # noqa: F401  (where tests and tools fi
     per_layer,
 )
 
-__all__ = ["DEFAULTS", "JobError", "add_arguments", "load_job", "run", "run_job"]
-
-DEFAULTS: dict[str, dict[str, Any]] = jobspec.defaults()  # the schema lives in jobspec.py
-
-
-def load_job(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict:
-    """Reads a job file, validates every key against the schema (``jobspec``) and fills in the
-    defaults; paths written in the file are relative to the file, overrides (command line)
-    relative to the shell. JobError names the file and the key path of each problem."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise JobError(f"{path}: no such job file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise JobError(jobfile.toml_error(path, e)) from None
-    except UnicodeDecodeError as e:
-        raise JobError(
-            f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})"
-        ) from None
-    base = path.parent
-    for section, key in (("data", "train"), ("data", "test"), ("run", "out")):
-        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
-        if (
-            isinstance(value, str)
-            and value
-            and "://" not in value
-            and not Path(value).is_absolute()
-        ):
-            raw[section][key] = str(base / value)
-    job = jobspec.validate(jobspec.merge(raw, overrides or {}), str(path))
-    if not job["data"]["train"]:
-        raise JobError(f"{path}: [data] train: expected the path or URL of a distnet store")
-    layers = len(job["model"]["hidden"])
-    for key in ("epochs", "lr", "corruption"):
-        value = job["pretrain"][key]
-        if isinstance(value, list) and len(value) != layers:
-            raise JobError(f"{path}: [pretrain] {key}: expected one value or {layers} (one per "
-                           f"hidden layer of {job['model']['hidden']}), got {value!r}")  # fmt: skip
-    return job
-
-
-def read_store(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A whole (small) store as float32 x (N, features) and labels y (N,), for evaluation."""
-    from distnet.data import open_dataset  # noqa: PLC0415
-
-    ds = open_dataset(path)
-    xs, ys = zip(*(ds.read_chunk(i) for i in range(ds.num_chunks)), strict=True)
-    return flatten(ds.to_float(np.concatenate(xs))), np.concatenate(ys)
-
-
-def flatten(x: np.ndarray) -> np.ndarray:
-    """(N, 28, 28) images -> (N, 784): dense models take one feature vector per sample."""
-    return x.reshape(len(x), -1)
-
-
-def sample_image_shape(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
-    """(C, H, W) of a store's samples: (H, W) images get one channel; None when not images."""
-    if len(shape) == 2:
-        return (1, *shape)
-    return tuple(shape) if len(shape) == 3 else None  # type: ignore[return-value]
-
-
-def as_images(x: np.ndarray) -> np.ndarray:
-    """(N, H, W) -> (N, 1, H, W); (N, C, H, W) unchanged: what convolutions take."""
-    return x[:, None] if x.ndim == 3 else x
-
-
-def image_shape(n_in: int) -> tuple[int, int] | None:
-    """(side, side) when inputs of width ``n_in`` are square images (8x8 digits, 28x28)."""
-    side = int(round(n_in**0.5))
-    return (side, side) if side * side == n_in else None
-
-
-def draw_pictures(
-    model: Any, x: np.ndarray, out: Path, suffix: str = "", reconstructions: bool = True
-) -> dict[str, str]:
-    """filters{suffix}.png of the first layer (each unit's normalised weights) and, for an
-    autoencoder, reconstructions{suffix}.png of the first 16 samples of ``x``."""
-    from distnet.viz import conv_filter_grid, filter_grid, reconstruction_grid  # noqa: PLC0415
-
-    if x.ndim == 4:  # a cnn: its first convolution's kernels
-        path = str(out / f"filters{suffix}.png")
-        conv_filter_grid(model[0].weight.data, path)
-        return {"filters" + suffix: path}
-    shape = image_shape(x.shape[1])
-    if shape is None:
-        return {}
-    first = model.autoencoders[0] if hasattr(model, "autoencoders") else model[0]
-    weight = first.encoder.weight if hasattr(first, "encoder") else first.weight
-    pictures = {"filters" + suffix: str(out / f"filters{suffix}.png")}
-    filter_grid(weight.data, shape, pictures["filters" + suffix])
-    if reconstructions and hasattr(first, "encoder"):
-        from distnet.nn.module import on_device_of  # noqa: PLC0415
-
-        with first.evaluating():  # no masking noise; host samples go to the model's device
-            x_hat = first(on_device_of(first, x[:16])).data
-        pictures["reconstructions" + suffix] = str(out / f"reconstructions{suffix}.png")
-        reconstruction_grid(x[:16], x_hat, shape, pictures["reconstructions" + suffix])
-    return pictures
+# load_job (load.py) and the samples' helpers (samples.py) are imported here for the command,
+# and found here by tools and tests as before the split
+__all__ = ["JobError", "add_arguments", "load_job", "read_store", "run", "run_job"]
 
 
 def run_job(
@@ -341,27 +251,6 @@ def _codes_loaders(job: dict, model: Any, train: Any, loader: Any, comm: Any, ou
     return layer_loader
 
 
-def _load_for_engine(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> dict:
-    """``load_job`` with engine "auto" resolved to the engine it runs on (MPI under an MPI
-    launcher, else local), so that keys this engine ignores are refused as for an explicit
-    one; a Ray option given on the command line without ``--engine ray`` is named by its flag."""
-    from distnet.parallel.comm import launched_by_mpi  # noqa: PLC0415
-
-    engine = overrides.get("dist", {}).get("engine")
-    if engine is None:
-        file_only = {k: v for k, v in overrides.items() if k != "dist"}
-        engine = load_job(args.job, file_only)["dist"]["engine"]
-    if engine == "auto":
-        engine = "mpi" if launched_by_mpi() else "local"
-        overrides = jobspec.merge(overrides, {"dist": {"engine": engine}})
-    flags = [f"--{k.replace('_', '-')}" for k in dist_overrides(args)]
-    if flags and engine != "ray":
-        raise JobError(f"{' and '.join(flags)} need{'s' if len(flags) == 1 else ''} --engine ray "
-                       f"(this job would run on engine {engine!r}, where "
-                       f"{'it does' if len(flags) == 1 else 'they do'} nothing)")  # fmt: skip
-    return load_job(args.job, overrides)
-
-
 def run(args: argparse.Namespace) -> int:
     """``distnet train``: exit 0; 2 with a one-line reason for a job that cannot run; 130
     when interrupted. The console is kept in the run directory (``train.jobs.console``)."""
@@ -389,7 +278,7 @@ def _run(args: argparse.Namespace, console: contextlib.ExitStack) -> int:
             from distnet.train.jobs.jobtoml import print_job  # noqa: PLC0415
 
             return print_job(load_job(args.job, overrides), args.job)
-        job = _load_for_engine(args, overrides)
+        job = load_for_engine(args, overrides)
         jobfile.check_relative_data(args.job, job)
         logging.getLogger("distnet.train").debug(
             f"job {args.job}: engine {job['dist']['engine']}, run directory {job['run']['out']}"

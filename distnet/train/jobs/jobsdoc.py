@@ -6,7 +6,7 @@
 Every key of every section with its type and range (from the pydantic fields of
 ``distnet.train.jobs.jobspec``: annotations, ``gt``/``ge``/``lt``/``le``, lengths, patterns), its
 default, and what it does (``distnet.train.jobs.jobhelp``); the keys only the Ray engine reads are
-marked from ``jobspec.RAY_ONLY_KEYS``.
+marked from ``distconflicts.RAY_ONLY_KEYS``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 from pydantic.fields import FieldInfo
 
 from distnet.train.jobs import jobspec
+from distnet.train.jobs.distconflicts import RAY_ONLY_KEYS
 from distnet.train.jobs.jobhelp import HELP
 
 COMMAND = "python -m distnet.train.jobs.jobsdoc > docs/jobs.md"
@@ -118,7 +119,7 @@ def _section_table(section: str, model: type[jobspec.Section]) -> list[str]:
     lines.append("|---|---|---|---|")
     for key, field in model.model_fields.items():
         help_ = HELP.get(f"{section}.{key}", "")
-        if section == "dist" and key in jobspec.RAY_ONLY_KEYS:
+        if section == "dist" and key in RAY_ONLY_KEYS:
             help_ += " Ray engine only" + (" (other than 'sync')." if key == "mode" else ".")
         default = toml_value(field.default)
         lines.append(

@@ -10,7 +10,9 @@ Adding a key is adding a field with a default and an ``expect`` phrase (what a u
 the error), a line saying what it does in ``distnet.train.jobs.jobhelp``, and regenerating the
 reference: ``python -m distnet.train.jobs.jobsdoc > docs/jobs.md`` (tests/unit/test_jobs_doc.py).
 ``distnet train JOB --set pretrain.epochs=5`` overrides any key (values in TOML syntax; a bare
-word is a string).
+word is a string). Keys that are valid alone but exclude each other (``[dist] strategy = "ps"``
+under engine "mpi", a Ray-only key under engine "local") are refused by
+``distnet.train.jobs.distconflicts``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pydantic import (
 )
 
 from distnet.suggest import did_you_mean
+from distnet.train.jobs.distconflicts import dist_conflicts
 
 
 class JobError(ValueError):
@@ -156,7 +159,8 @@ class DistSpec(Section):
     # allreduce inside each node, then among node leaders (distnet.parallel.mpi.hierarchical);
     # "auto": on with several nodes of several ranks, or as DISTNET_HIERARCHICAL says
     hierarchical: Literal["auto", True, False] = _field("auto", "'auto', true or false")
-    # the Ray engine (distnet/parallel/rayengine/options.py)
+    # the strategy factory's choice (distnet.parallel.strategy); the keys below that only the Ray
+    # engine reads (distnet/parallel/rayengine/options.py) are distconflicts.RAY_ONLY_KEYS
     strategy: Literal["allreduce", "ps", "hybrid", "local_sgd"] = _field(
         "allreduce", "'allreduce', 'ps', 'hybrid' or 'local_sgd'"
     )
@@ -214,103 +218,6 @@ class DistSpec(Section):
                     "(CPUs and GPUs come from workers, cpu_workers and gpus_per_worker)"
                 )
         return tables
-
-
-# [dist] keys that only the Ray engine reads (distnet/parallel/rayengine/options.py): set under
-# engine "local" or "mpi" they would do nothing, so they are refused (mode only when not sync)
-RAY_ONLY_KEYS = ("workers", "cpu_workers", "gpus_per_worker", "min_workers", "placement",
-                 "address", "workers_per_node", "devices", "worker_resources",
-                 "survivors_go_on", "shards", "staleness", "mode")  # fmt: skip
-
-
-def dist_conflicts(dist: DistSpec) -> list[str]:
-    """Combinations of ``[dist]`` keys that cannot run as written (one line each, naming the
-    keys and the way out): a key the chosen engine or strategy ignores, or two features that
-    exclude each other. The conformance matrix asks this same function which combinations are
-    refused (``distnet.train.jobs.conformance``)."""
-    out: list[str] = []
-    engine, strategy, mode = dist.engine, dist.strategy, dist.mode
-    if engine in ("local", "mpi"):
-        if strategy in ("ps", "hybrid"):
-            out.append(f"strategy = {strategy!r} needs engine = 'ray' (engine {engine!r} "
-                       "synchronises by allreduce or local_sgd only)")  # fmt: skip
-        given = [k for k in RAY_ONLY_KEYS if k in dist.model_fields_set]
-        given = [k for k in given if k != "mode" or mode != "sync"]
-        if given:
-            out.append(f"{', '.join(given)}: only the Ray engine reads "
-                       f"{'it' if len(given) == 1 else 'them'}; set engine = 'ray' or remove "
-                       f"{'it' if len(given) == 1 else 'them'} (engine {engine!r})")  # fmt: skip
-    if dist.shard_optimizer is True and engine in ("local", "ray"):
-        # ZeRO-1 (distnet.parallel.zero) shards over MPI ranks; a Ray worker raised
-        # "ShardedOptimizer needs the MPI engine" only once its stage began
-        out.append(
-            f"shard_optimizer = true needs engine 'mpi' (ZeRO-1 shards the optimiser "
-            f"state over MPI ranks; engine {engine!r}); set it to 'auto' or false"
-        )
-    if engine == "local" and "rebalance_every" in dist.model_fields_set:
-        out.append("rebalance_every: engine 'local' is one process, with no batch to split; "
-                   "remove it")  # fmt: skip
-    if engine == "local":  # one process: nothing to compress
-        if dist.compression != "none":
-            out.append(f"compression = {dist.compression!r} needs several ranks (engine "
-                       "'local' is one process); set 'none'")  # fmt: skip
-    ps = strategy in ("ps", "hybrid")
-    if mode != "sync" and not ps:
-        out.append(f"mode = {mode!r} needs strategy 'ps' or 'hybrid' (allreduce is synchronous)")
-    if dist.staleness and mode != "ssp":
-        out.append(f"staleness = {dist.staleness} needs mode = 'ssp' (the bound of ssp only)")
-    if dist.rebalance is True and strategy == "local_sgd":
-        out.append("rebalance = true needs strategy 'allreduce' (local SGD averages the "
-                   "parameters unweighted); set it to 'auto' or false")  # fmt: skip
-    if dist.shards > 1 and not ps:
-        out.append(f"shards = {dist.shards} needs strategy 'ps' or 'hybrid' (parameter-server "
-                   "shards)")  # fmt: skip
-    if dist.workers_per_node and strategy != "hybrid":
-        out.append(f"workers_per_node = {dist.workers_per_node} needs strategy 'hybrid'")
-    if dist.shard_optimizer is True and ps:
-        out.append(f"shard_optimizer = true does nothing with strategy {strategy!r} (the "
-                   "parameter server's shards already hold the optimiser state); set it to "
-                   "'auto' or false")  # fmt: skip
-    if dist.compression != "none" and ps:
-        out.append(
-            f"compression = {dist.compression!r} does nothing with strategy "
-            f"{strategy!r} (pushes to the parameter server are float32); set 'none'"
-        )
-    if dist.overlap is True and (engine == "local" or ps or dist.shard_optimizer is True):
-        what = ("engine 'local' is one process" if engine == "local" else
-                f"strategy {strategy!r} pushes to the parameter server" if ps else
-                "shard_optimizer = true reduce-scatters after backward")  # fmt: skip
-        out.append(f"overlap = true needs an allreduce to overlap ({what}); set 'auto' or false")
-    if dist.compression != "none" and dist.shard_optimizer is True:
-        out.append(
-            f"compression = {dist.compression!r} does nothing with shard_optimizer = "
-            "true (ZeRO's reduce-scatter is float32); set one of them off"
-        )
-    return out + _local_sgd_conflicts(dist)
-
-
-def _local_sgd_conflicts(dist: DistSpec) -> list[str]:
-    """Keys that strategy "local_sgd" ignores, or that only it reads (see ``dist_conflicts``);
-    its own parameter-server keys are refused there (they need strategy 'ps' or 'hybrid')."""
-    # by value, as the other strategies' keys are: a default (as --print-config writes every
-    # key) changes nothing
-    given = [
-        k for k in ("sync_every", "average_state")
-        if getattr(dist, k) != DistSpec.model_fields[k].default
-    ]  # fmt: skip
-    if dist.strategy != "local_sgd":
-        return [f"{k} needs strategy = 'local_sgd' (strategy {dist.strategy!r})" for k in given]
-    out = []
-    if dist.shard_optimizer is True:
-        out.append("shard_optimizer = true does nothing with strategy 'local_sgd' (every rank "
-                   "steps its own replica); set it to 'auto' or false")  # fmt: skip
-    if dist.compression != "none":
-        out.append(f"compression = {dist.compression!r} does nothing with strategy 'local_sgd' "
-                   "(parameters are averaged in float32); set 'none'")  # fmt: skip
-    if dist.overlap is True:
-        out.append("overlap = true needs an allreduce to overlap (strategy 'local_sgd' averages "
-                   "between steps); set 'auto' or false")  # fmt: skip
-    return out
 
 
 class RunSpec(Section):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distnet.parallel.rayengine import RankSetup, RayOptions, WorkerLostError, run_on_ray
+from distnet.parallel.rayengine import RayOptions, RayRankEngine, WorkerLostError, run_on_ray
 from distnet.parallel.rayengine.errors import (
     RankFailed,
     describe,
@@ -32,42 +32,42 @@ def run_rank(
     from distnet.train.jobs.console import keep_console  # noqa: PLC0415
     from distnet.train.jobs.job import run_job  # noqa: PLC0415
 
-    setup = RankSetup(spec, comm, generation)
+    engine = RayRankEngine(spec, comm, generation)
     failed = False
     try:
         with keep_console(Path(job["run"]["out"]), comm.rank, user_console=False) as note:
             report = run_job(
-                job, lambda line: (note(line), log(line)), engine=setup,
+                job, lambda line: (note(line), log(line)), engine=engine,
                 trace=bool(spec.get("trace")), progress="lines",
             )  # fmt: skip
     except WorkerLostError:  # a peer died: keep what the next run resumes from
-        setup.after_failure()
+        engine.after_failure()
         raise
     except Exception as e:
         if may_restart(e):  # the driver runs the job again (a lost shard): it must see why
             raise
         failed = True
-        raise RankFailed(comm.rank, setup.stage, describe(e), is_consequence(root_cause(e))) from e
+        raise RankFailed(comm.rank, engine.stage, describe(e), is_consequence(root_cause(e))) from e
     finally:  # rank 0 stops the shards of a failed run's servers (after the carry was taken)
-        setup.close(failed)
-    report["shares"] = setup.shares
-    report["steps"] = setup.steps
-    report["resumed_mid_epoch"] = setup.resumed
-    if setup.ps_stats:
-        report["ps_stats"] = setup.ps_stats
-    if setup.nodes is not None:  # strategy "hybrid": the ranks of each node
-        report["nodes"] = setup.nodes
+        engine.close(failed)
+    report["shares"] = engine.shares
+    report["steps"] = engine.steps
+    report["resumed_mid_epoch"] = engine.resumed
+    if engine.ps_stats:
+        report["ps_stats"] = engine.ps_stats
+    if engine.nodes is not None:  # strategy "hybrid": the ranks of each node
+        report["nodes"] = engine.nodes
     path = Path(job["run"]["out"]) / "report.json"
     if comm.rank == 0 and path.exists():  # the run's report shows the shares too
         saved = json.loads(path.read_text())
-        saved.update(shares=setup.shares, strategy=spec.get("strategy", "allreduce"))
-        if setup.ps_stats:
-            saved["ps_stats"] = setup.ps_stats
-        if setup.nodes is not None:
-            saved["nodes"] = setup.nodes
+        saved.update(shares=engine.shares, strategy=spec.get("strategy", "allreduce"))
+        if engine.ps_stats:
+            saved["ps_stats"] = engine.ps_stats
+        if engine.nodes is not None:
+            saved["nodes"] = engine.nodes
         path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
         path.with_suffix(".tmp").replace(path)
-        if setup.ps_stats:  # the page shows the servers' staleness histograms too
+        if engine.ps_stats:  # the page shows the servers' staleness histograms too
             from distnet.train.report.page import write_html_report  # noqa: PLC0415
 
             write_html_report(path.parent)

@@ -59,7 +59,7 @@ class StageContext:
     extra: dict[str, Any] = field(default_factory=dict)
     comm: Any = None  # a Communicator: rank 0 reads checkpoints and broadcasts them
     # resume(ctx, optimizer, epoch) -> epoch, collective: called by restore() after the
-    # epoch checkpoint; may load a later state of the same epoch (RankSetup.resume_stage)
+    # epoch checkpoint; may load a later state of the same epoch (RayRankEngine.resume_stage)
     resume: Callable[[StageContext, Any, int], int] | None = None
 
     @property
