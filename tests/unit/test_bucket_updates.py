@@ -89,3 +89,21 @@ def test_a_held_reason_falls_back_and_is_logged_once_at_debug_level(caplog):
     opt.step()
     assert not np.array_equal(before, model.flat_params()) and opt.steps == 1
     opt.close()
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_fit_passes_its_finite_check_through_a_wrapper_to_the_optimiser_inside(check):
+    # local SGD keeps the update inside backward (its step is the local gradient's): fit's
+    # non-finite check must reach the optimiser inside, or a skipped step would have moved it
+    from distnet.parallel.localsgd import LocalSGD
+    from distnet.train import fit
+
+    model = _model()
+    inner = optim.SGD(model, lr=0.05, momentum=0.9, update_in_backward=True)
+    wrapped = LocalSGD(inner, dist.init("local"), sync_every=2)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 100), dtype=np.float32), rng.integers(0, 10, 32)
+    fit(model, x, y, optimizer=wrapped, epochs=1, batch_size=16, check_finite=check)
+    assert inner.update_in_backward == (not check)
+    assert ("check_finite" in inner.whole_gradient_reasons) == check
+    assert inner.steps == 2
