@@ -9,7 +9,8 @@ removed, and the wrapper updates instead, from its ``BucketReducer``'s completio
   each hook the reducer tests the earliest started buckets and, for those whose sum has
   arrived, the update of their slice runs at once, while backward goes on computing the
   earlier layers and the later buckets are still on the wire (through shared memory the sum
-  is done when it is started, so every bucket is updated inside backward);
+  is done when it is started, so every bucket of at least ``DISTNET_SHM_MIN_BYTES`` (64 KiB)
+  is updated inside backward);
 - otherwise (the default on CPU nodes, ``DISTNET_OVERLAP=0``): ``synchronize()`` starts every
   bucket and waits for them in launch order; each bucket is updated as soon as its wait
   returns, while the later buckets are still being reduced, and its gradient still in cache.
