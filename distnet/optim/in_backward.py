@@ -22,18 +22,45 @@ What needs the whole gradient first, and falls back to the update after backward
 - the training loop's non-finite check (``fit(check_finite=True)``, the default: a skipped
   step must leave every parameter untouched) and any clipping by the global norm (none in
   distnet today): the loop calls ``Optimizer.require_whole_gradient(reason)``;
-- a distributed wrapper (allreduce, ZeRO, parameter server): the local gradient is not the
-  one to apply; a wrapper must call ``require_whole_gradient`` or update each bucket after
-  its reduction instead;
+- a distributed wrapper: the local gradient is not the one to apply. ``DistributedOptimizer``
+  (allreduce) removes these hooks and updates each bucket as soon as its reduction completes
+  instead (``distnet.parallel.bucket_updates``); ZeRO-1 and the parameter-server wrappers hold
+  ``require_whole_gradient`` (their reduction is not per bucket); local SGD's local step is
+  the local gradient's, so it keeps the update inside backward;
 - gradient accumulation (two backward passes before one ``step()``): refused with an error
   on the second pass, since the first one already applied a partial gradient.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from distnet.kernels import selection
+
+log = logging.getLogger(__name__)
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def log_fallback(name: str, reason: str) -> None:
+    """Says once per process, at debug level, that optimiser ``name`` asked for the update
+    inside backward and updates after backward instead, and why."""
+    if (name, reason) in _LOGGED:
+        return
+    _LOGGED.add((name, reason))
+    log.debug("%s(update_in_backward=True) updates after backward: %s needs the whole "
+              "gradient first", name, reason)  # fmt: skip
+
+
+def decline(opt: Any, reason: str) -> None:
+    """For a wrapper that applies no update before the whole gradient is reduced (ZeRO-1, a
+    parameter server): removes ``opt``'s hooks, if it has them, for good and logs ``reason``
+    once (the local gradient the hooks would apply is not the one to apply)."""
+    if getattr(opt, "_in_backward", None) is None:
+        return
+    opt._in_backward.close()
+    opt._in_backward = None
+    log_fallback(opt.algorithm(), reason)
 
 
 def plan(sizes: list[int], min_elements: int) -> list[tuple[int, int, list[int]]]:

@@ -17,7 +17,7 @@ import numpy as np
 from distnet import backend, kernels
 from distnet.nn.module import Module
 from distnet.nn.parameter import Parameter, consecutive_views, flat_buffers, layout_of
-from distnet.optim.in_backward import BackwardUpdates
+from distnet.optim.in_backward import BackwardUpdates, log_fallback
 from distnet.optim.protocol import LoopProtocol
 
 _WHOLE = slice(None)
@@ -65,6 +65,7 @@ class Optimizer(LoopProtocol):
         self._penalty_mask = self._make_penalty_mask() if (weight_decay or l1) else None
         self.whole_gradient_reasons: set[str] = set()
         self._in_backward: BackwardUpdates | None = None
+        self._asked_in_backward = bool(update_in_backward)  # the fallback is logged then
         if update_in_backward:
             self._in_backward = BackwardUpdates(self)
 
@@ -79,6 +80,8 @@ class Optimizer(LoopProtocol):
         backward: the caller needs the whole gradient first (a non-finite check, clipping by
         the global norm, a reduction over ranks). Call it between steps."""
         if required:
+            if self._asked_in_backward and reason not in self.whole_gradient_reasons:
+                log_fallback(self.algorithm(), reason)
             self.whole_gradient_reasons.add(reason)
         else:
             self.whole_gradient_reasons.discard(reason)

@@ -25,6 +25,9 @@ Members (besides ``params``, ``lr``, ``steps``, ``flat_params``/``flat_grads`` (
 - ``gathered_state()``: collective; what one rank can checkpoint (``state_dict()``).
 - ``resume_check(steps)``: whether this rank's ``state_dict()`` is the state after ``steps``
   finished steps (a carry for a mid-epoch resume may be taken from it).
+- ``require_whole_gradient(reason, required)``: until released, no update before the whole
+  gradient is there (fit's non-finite check holds it): an optimiser made with
+  ``update_in_backward=True`` updates after backward (wrappers pass it to the optimiser in).
 - ``release()``: a peer died; give up what waits on it. ``close()``: the stage is done.
 """
 
@@ -87,6 +90,9 @@ class LoopProtocol:
     def resume_check(self, steps: int) -> bool:
         """True: this process's state is the state after its last finished step."""
         return True
+
+    def require_whole_gradient(self, reason: str, required: bool = True) -> None:
+        """Nothing here updates before the whole gradient is there."""
 
     def release(self) -> None:
         """Nothing waits on a peer."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +112,9 @@ class BucketReducer:
     ``start(bucket, weight)`` scales the bucket by this rank's ``weight`` (1/size for a plain
     mean, the rank's share of the global batch otherwise) and starts a sum over ranks;
     ``finish()`` waits for every started bucket. Keep one per flat buffer: the fp16 scratch
-    buffer is allocated once.
+    buffer is allocated once. ``on_reduced(bucket)``, when set (float32 only), is called as
+    soon as each bucket's sum is in the buffer, in launch order: from ``progress()`` for the
+    earliest buckets already arrived, from ``finish()`` for the rest.
     """
 
     def __init__(self, flat: Any, comm: Communicator, compression: str | None = None) -> None:
@@ -129,12 +131,16 @@ class BucketReducer:
         self._scratch = xp.empty(flat.shape, dtype=xp.float16) if compression == "fp16" else None
         self._pending: list[tuple[Bucket, PendingAllreduce, Any]] = []
         self.overflow: FloatingPointError | None = None  # see finish(raise_overflow=False)
+        self.on_reduced: Callable[[Bucket], None] | None = None
+        self._started = 0  # buckets started since the last finish(), for the trace
 
     def start(self, bucket: Bucket, weight: float) -> None:
         """Scales ``flat[bucket]`` by ``weight`` and starts summing it over ranks."""
         view = self.flat[bucket.start : bucket.stop]
         scale_(view, weight)
         if self.comm.size == 1:
+            if self.on_reduced is not None:  # the sum over one rank is done
+                self.on_reduced(bucket)
             return
         token = trace.begin("allreduce", bucket=self._bucket_index(bucket), elements=bucket.size)
         if self._scratch is not None:
@@ -146,13 +152,22 @@ class BucketReducer:
 
     def _bucket_index(self, bucket: Bucket) -> int:
         """The bucket's number in this step's launch order (0 = the first started)."""
-        return len(self._pending)
+        self._started += 1
+        return self._started - 1
 
     def progress(self) -> None:
-        """Lets MPI move started buckets along (MPICH progresses only inside MPI calls)."""
+        """Lets MPI move started buckets along (MPICH progresses only inside MPI calls); with
+        ``on_reduced``, hands on the earliest buckets whose sum has arrived."""
         for _, pending, _ in self._pending:
             if not pending.test():
                 break
+        if self.on_reduced is None or self._scratch is not None:
+            return
+        while self._pending and self._pending[0][1].test():
+            bucket, pending, token = self._pending.pop(0)
+            pending.wait()  # arrived: finishes it (a 'mean' divides)
+            trace.end(token)
+            self.on_reduced(bucket)
 
     def finish(self, raise_overflow: bool = True) -> Any:
         """Waits for every started bucket; returns the flat buffer (now reduced).
@@ -168,14 +183,18 @@ class BucketReducer:
         """
         self.overflow = None
         pending_now, self._pending = self._pending, []
+        self._started = 0
+        handed_on = self.on_reduced if self._scratch is None else None
         overflowed: list[Bucket] = []
         for i, (bucket, pending, token) in enumerate(pending_now):
             try:
                 pending.wait()
+                trace.end(token)  # from start to here: overlap with backward shows in the trace
+                if handed_on is not None:  # later buckets are still being reduced meanwhile
+                    handed_on(bucket)
             except BaseException:
                 _wait_quietly(pending_now[i + 1 :])
                 raise
-            trace.end(token)  # from start to here: overlap with backward shows in the trace
             if self._scratch is not None:
                 wire = self._scratch[bucket.start : bucket.stop]
                 # after the sum, so every rank sees the same result and fails the same way,

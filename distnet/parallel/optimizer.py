@@ -21,6 +21,9 @@ What it adds:
 - ``backward_passes_per_step=k`` (Horovod's name): gradients of k backward passes are
   accumulated locally and reduced once, on the last one; the update is the one of a single
   pass over the k micro-batches together.
+- ``update_in_backward=True`` on the wrapped optimiser: each bucket's slice is updated as
+  soon as that bucket's reduction completes, inside backward with overlap, bit-identical to
+  updating after it (``distnet.parallel.bucket_updates``: what falls back, and why).
 - A stall check names ranks that have not reached a step the others are waiting in (the
   communicator's, ``distnet.parallel.stall.watch_stalls``: every collective counts).
 
@@ -39,6 +42,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from distnet.backend import array_module, is_gpu_array
+from distnet.parallel import bucket_updates
 from distnet.parallel.buckets import Bucket, BucketReducer, plan_buckets
 from distnet.parallel.comm import Communicator
 from distnet.parallel.stall import watch_stalls
@@ -143,7 +147,9 @@ class DistributedOptimizer:
         )
         self._setup_gpu()
         self.compression = compression
+        self._reduced_updates = bucket_updates.take_over(self)
         self.reducer = BucketReducer(self.flat_grads, comm, compression)
+        self._hand_on_reductions()
         # the communicator's check (made with it from the environment): set only if asked
         custom = stall_check_s != -1.0 or stall_abort_s != -1.0
         self.stall = getattr(comm, "stall", None)
@@ -157,6 +163,17 @@ class DistributedOptimizer:
         if self.overlap and comm.size > 1:
             self._hooked = self._register_hooks()
         self.broadcast_state()
+
+    def _hand_on_reductions(self) -> None:
+        """With the update inside backward, each reduced bucket goes to its update."""
+        if self._reduced_updates is not None:
+            self.reducer.on_reduced = self._reduced_updates.bucket_reduced
+
+    @property
+    def update_in_backward(self) -> bool:
+        """Whether each bucket is updated as soon as its reduction completes, in the coming
+        steps (asked for, and no reason to wait for the whole gradient)."""
+        return self._reduced_updates is not None and not self.whole_gradient_reasons
 
     @property
     def optimizer(self) -> Any:
@@ -335,6 +352,8 @@ class DistributedOptimizer:
             # an fp16 sum that overflowed reaches step() only when nobody checked it (fit's
             # finite decision skips or stops before): never apply it
             raise self.reducer.overflow
+        if self._reduced_updates is not None and self._reduced_updates.finish_step():
+            return  # every bucket was updated as its reduction completed
         super().step()  # type: ignore[misc]
 
     def zero_grad(self) -> None:
@@ -344,6 +363,8 @@ class DistributedOptimizer:
         # a step that fit skipped (non-finite) left backward's weighting noted: forget it
         self._prescaled = False
         self._backward_share = None
+        if self._reduced_updates is not None:  # a step fit skipped never reached step()
+            self._reduced_updates.reset()
         super().zero_grad()  # type: ignore[misc]
 
     def follow_layout(self) -> bool:
@@ -352,6 +373,7 @@ class DistributedOptimizer:
         if follow is None or not follow():
             return False
         self.reducer = BucketReducer(self.flat_grads, self.comm, self.compression)
+        self._hand_on_reductions()
         return True
 
     def close(self) -> None:

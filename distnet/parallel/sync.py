@@ -107,6 +107,10 @@ class SyncOptimizer(LoopProtocol):
         self._prescaled = False  # a step fit skipped (non-finite) never reached step()
         self.optimizer.zero_grad()
 
+    def require_whole_gradient(self, reason: str, required: bool = True) -> None:
+        """The optimiser inside's: it may update inside backward (local SGD's local step)."""
+        self.optimizer.require_whole_gradient(reason, required)
+
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 

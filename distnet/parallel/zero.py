@@ -29,6 +29,7 @@ import numpy as np
 
 from distnet import trace
 from distnet.backend import is_gpu_array
+from distnet.optim import in_backward
 from distnet.parallel.comm import Communicator
 from distnet.parallel.sync import GatheredState, SyncOptimizer
 
@@ -111,6 +112,7 @@ class ShardedOptimizer(SyncOptimizer):
         """Points the wrapped optimiser at this rank's slice: its update, state arrays and
         penalty mask then cover ``[lo, hi)`` only."""
         opt, lo, hi = self.optimizer, self.lo, self.hi
+        in_backward.decline(opt, "ZeRO-1 (one reduce-scatter of the whole gradient after backward)")
         full_state = {k: v[lo:hi].copy() for k, v in opt._state.items()}
         opt._state.clear()
         opt._scratch_bufs.clear()

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from distnet import trace
+from distnet.optim import in_backward
 from distnet.parallel.ps.server import ParameterServer
 from distnet.parallel.ps.worker import (
     ParameterServerOptimizer,
@@ -79,6 +80,9 @@ class HybridOptimizer(SyncOptimizer):
         if not 0 <= node_index < ps.num_workers:
             raise ValueError(f"node_index {node_index} is not in [0, {ps.num_workers})")
         self.optimizer, self.node_comm, self.ps = optimizer, node_comm, ps
+        in_backward.decline(
+            optimizer, "the hybrid strategy (the update waits for the sum of every push)"
+        )
         self.node_index, self.num_workers = node_index, num_workers
         self.batch_share = check_share(batch_share)
         self.init_sync()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from distnet import backend, trace
+from distnet.optim import in_backward
 from distnet.parallel.ps import link
 from distnet.parallel.ps.pushcheck import push_site
 from distnet.parallel.ps.server import ParameterServer
@@ -56,6 +57,9 @@ class ParameterServerOptimizer(SyncOptimizer):
                 f"{ps.size}"
             )
         self.optimizer, self.ps, self.worker_index = optimizer, ps, worker_index
+        in_backward.decline(
+            optimizer, "the parameter server (the update waits for the sum of every push)"
+        )
         self.batch_share = check_share(batch_share)
         self.init_sync()
         self.clock = 0

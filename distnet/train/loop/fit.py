@@ -26,7 +26,6 @@ from distnet.core.tensor import Tensor, no_grad
 from distnet.nn import losses
 from distnet.nn.module import on_device_of
 from distnet.optim.factory import make_optimizer
-from distnet.optim.optimizer import Optimizer
 from distnet.train.loop.batches import epoch_batches
 from distnet.train.loop.callbacks import Callback, CallbackList, History, Loop
 from distnet.train.loop.finite import NonFiniteError as NonFiniteError  # where it lived before
@@ -168,9 +167,9 @@ def fit(
             f"backward_passes_per_step={optimizer.backward_passes_per_step} (for a larger "
             "batch pass a larger batch_size, or write the loop with several backward passes)"
         )
-    if isinstance(optimizer, Optimizer):  # the non-finite check needs the whole gradient
-        # before any parameter moves: no update inside backward while it is on
-        optimizer.require_whole_gradient("check_finite", check_finite)
+    # the non-finite check needs the whole gradient before any parameter moves: no update
+    # inside backward while it is on (a wrapper passes it to the optimiser inside)
+    optimizer.require_whole_gradient("check_finite", check_finite)
     if seed is None:
         seed = int(backend.default_rng().integers(2**31))
     if size > 1:  # one shuffling order for all ranks, so that their shards are disjoint
