@@ -59,7 +59,7 @@ def choose_split(
     rank), or None to keep ``sizes``: the split with equal predicted step times, taken when
     ``mode`` is True, or (``"auto"``) when it shortens the predicted step by more than
     ``threshold``. Deterministic: the same inputs give the same integers on every rank."""
-    new = equal_time_split(int(sum(sizes)), models)
+    new = equal_time_split(int(sum(sizes)), models, current=sizes)
     if list(new) == list(sizes):
         return None
     if mode is True or step_time(sizes, models) > (1.0 + threshold) * step_time(new, models):

@@ -228,7 +228,7 @@ class ThroughputShares(PassThrough):
         it in ``history``; returns the new sizes. Not collective: every rank calls it with the
         same models and gets the same sizes."""
         old = list(self.loader.batch_sizes)
-        sizes = equal_time_split(self.loader.global_batch, models)
+        sizes = equal_time_split(self.loader.global_batch, models, current=old)
         self.split.change(self.loader, sizes)
         self.history.append(self.record(old, models, sizes))
         return sizes

@@ -18,9 +18,13 @@ old conditions: warm-up, a speed change within it). Over the last ``WINDOW`` poi
 weighted ``DECAY ** age``, a least-squares line gives the fixed fraction of a step at the
 latest batch; the latest point alone gives the level. So a worker that slows down or speeds
 up moves the split at the first rebalance after it, and the history only says how the time
-grows with the batch. With one batch size seen so far the line is unknown and the fixed part
-is taken as 0 (the proportional rule); the fixed fraction is capped at ``MAX_FIXED`` so that
-a noisy fit never makes samples look free.
+grows with the batch. Until the window's batches span ``MIN_SPREAD`` the line is unknown: the
+last fixed fraction fitted stands, 0 at first (the proportional rule). The fixed fraction is
+capped at ``MAX_FIXED`` so that a noisy fit never makes samples look free, and a rebalance
+shrinks a worker's batch by at most a factor ``MAX_SHRINK`` (``move_limits``: a line is
+trusted near the batches it was fitted on; one noisy period never sends a worker to a
+single sample). Growing is not limited (what the others give up bounds it), so a worker that
+recovers gets its share back at once.
 
 A change of speed would bend that line (old points of the old speed beside a new one): where
 the time at one batch size moved by more than ``CHANGE`` (the period's last half against its
@@ -41,12 +45,15 @@ __all__ = [
     "CHANGE",
     "DECAY",
     "MAX_FIXED",
+    "MAX_SHRINK",
+    "MIN_SPREAD",
     "MIN_BATCH",
     "WINDOW",
     "StepTime",
     "StepTimeWindow",
     "equal_time_split",
     "fixed_fraction",
+    "move_limits",
     "step_time",
 ]
 
@@ -55,6 +62,8 @@ DECAY = 0.5  # a period's weight relative to the next more recent one
 MAX_FIXED = 0.9  # most of a step (at the latest batch) the fit may call fixed
 MIN_BATCH = 1  # least samples per step a worker keeps (the loader needs one)
 CHANGE = 0.25  # a time at one batch size that moved by more: a change of speed
+MIN_SPREAD = 1.25  # a line needs batches at least this far apart (largest / smallest)
+MAX_SHRINK = 4.0  # a rebalance divides a worker's batch by at most this factor
 
 
 @dataclass(frozen=True)
@@ -83,12 +92,14 @@ def step_time(sizes: Sequence[int], models: Sequence[StepTime]) -> float:
     return max(m.predict(b) for b, m in zip(sizes, models, strict=True))
 
 
-def fixed_fraction(points: Sequence[tuple[int, float]], decay: float = DECAY) -> float:
+def fixed_fraction(points: Sequence[tuple[int, float]], decay: float = DECAY) -> float | None:
     """The fixed part of a step at the latest point's batch, as a fraction of that step, from
     a weighted least-squares line through ``points`` ((batch, seconds), oldest first, weight
-    ``decay ** age``); 0 with fewer than two batch sizes, clipped to [0, MAX_FIXED]."""
-    if len({b for b, _ in points}) < 2:
-        return 0.0
+    ``decay ** age``), clipped to [0, MAX_FIXED]; None unless the batches span ``MIN_SPREAD``
+    (nearby batch sizes give a slope that is mostly timing noise)."""
+    batches = [b for b, _ in points]
+    if max(batches) < MIN_SPREAD * min(batches):
+        return None
     n = len(points)
     w = [decay ** (n - 1 - i) for i in range(n)]
     sw = sum(w)
@@ -111,6 +122,7 @@ class StepTimeWindow:
         self.decay = decay
         self.points: deque[tuple[int, float]] = deque(maxlen=window)
         self._period: list[tuple[int, float]] = []  # (batch, seconds) of this period's steps
+        self.share = 0.0  # the fixed fraction of the last fit that could be made (0: none yet)
 
     def add_step(self, batch: int, seconds: float) -> None:
         """One step's compute: ``batch`` samples in ``seconds``."""
@@ -128,14 +140,16 @@ class StepTimeWindow:
         seconds = _mean(recent)
         if not seconds > 0:
             return None
-        ratio = seconds / _mean(earlier) if earlier and _mean(earlier) > 0 else 1.0
+        ratio = seconds / _mean(earlier) if len(earlier) >= 2 and _mean(earlier) > 0 else 1.0
         if not _changed(ratio) and self.points and self.points[-1][0] == batch:
             ratio = seconds / self.points[-1][1]  # at the batch of the period before
         if _changed(ratio):  # a change of speed: the old points in the new one's terms
             self.points = deque(((b, t * ratio) for b, t in self.points), self.points.maxlen)
         self.points.append((batch, seconds))
         share = fixed_fraction(list(self.points), self.decay)
-        return StepTime(share * seconds, (1.0 - share) * seconds / batch)
+        if share is not None:
+            self.share = share
+        return StepTime(self.share * seconds, (1.0 - self.share) * seconds / batch)
 
 
 def _mean(steps: Sequence[tuple[int, float]]) -> float:
@@ -146,15 +160,35 @@ def _changed(ratio: float) -> bool:
     return abs(math.log(ratio)) > math.log1p(CHANGE)
 
 
-def equal_time_split(
-    global_batch: int, models: Sequence[StepTime], min_batch: int = MIN_BATCH
-) -> list[int]:
-    """Per-worker batch sizes summing to ``global_batch`` exactly, each >= ``min_batch``, whose
-    predicted step times are as equal as integers allow.
+def move_limits(
+    current: Sequence[int],
+    global_batch: int,
+    min_batch: int = MIN_BATCH,
+    factor: float = MAX_SHRINK,
+) -> tuple[list[int], list[int]]:
+    """Per worker, the least and most samples a rebalance may give it: at least its
+    ``current`` batch over ``factor`` (and ``min_batch``), at most the global batch; the
+    ``current`` limits dropped where they could not hold the global batch."""
+    n = len(current)
+    lo = [max(min_batch, math.ceil(b / factor)) for b in current]
+    if sum(lo) > global_batch:
+        lo = [min_batch] * n
+    return lo, [global_batch] * n
 
-    The real-valued split solves ``fixed_r + per_sample_r * x_r = T`` for all r with
-    ``sum x_r = global_batch`` (workers that would get less than ``min_batch`` get it, the rest
-    share what is left); then each size is rounded down, and each sample left over goes to the
+
+def equal_time_split(
+    global_batch: int,
+    models: Sequence[StepTime],
+    min_batch: int = MIN_BATCH,
+    current: Sequence[int] | None = None,
+) -> list[int]:
+    """Per-worker batch sizes summing to ``global_batch`` exactly, each >= ``min_batch`` (and,
+    given the ``current`` split, within ``move_limits`` of it), whose predicted step times are
+    as equal as integers allow.
+
+    The real-valued split is ``x_r = (T - fixed_r) / per_sample_r`` clipped to each worker's
+    limits, with the level T where ``sum x_r = global_batch`` (found by bisection: the sum
+    grows with T); then each size is rounded down, and each sample left over goes to the
     worker whose step would be the shortest with it (ties: the lowest rank). Deterministic:
     the same models give the same integers on every rank.
     """
@@ -163,27 +197,30 @@ def equal_time_split(
         raise ValueError(
             f"a global batch of {global_batch} cannot give each of {n} workers {min_batch}"
         )
-    clamped = [False] * n
-    while True:
-        free = [r for r in range(n) if not clamped[r]]
-        left = global_batch - min_batch * (n - len(free))
-        inv = sum(1.0 / models[r].per_sample_s for r in free)
-        level = (left + sum(models[r].fixed_s / models[r].per_sample_s for r in free)) / inv
-        x = [
-            float(min_batch) if clamped[r]
-            else (level - models[r].fixed_s) / models[r].per_sample_s
-            for r in range(n)
-        ]  # fmt: skip
-        short = [r for r in free if x[r] < min_batch]
-        if not short:
-            break
-        for r in short:
-            clamped[r] = True
-    sizes = [max(min_batch, math.floor(v + 1e-9)) for v in x]
+    if current is None:
+        lo, hi = [min_batch] * n, [global_batch] * n
+    else:
+        lo, hi = move_limits(current, global_batch, min_batch)
+
+    def split(level: float) -> list[float]:
+        return [min(hi[r], max(lo[r], (level - m.fixed_s) / m.per_sample_s))
+                for r, m in enumerate(models)]  # fmt: skip
+
+    low = min(m.predict(lo[r]) for r, m in enumerate(models))
+    high = max(m.predict(hi[r]) for r, m in enumerate(models))
+    for _ in range(200):  # to the float's resolution; the same steps on every rank
+        mid = 0.5 * (low + high)
+        if sum(split(mid)) < global_batch:
+            low = mid
+        else:
+            high = mid
+    x = split(high)  # sums to global_batch, or a hair above
+    sizes = [min(hi[r], max(lo[r], math.floor(v + 1e-9))) for r, v in enumerate(x)]
     while sum(sizes) > global_batch:  # rounding up of a near-integer overshot
-        r = max((r for r in range(n) if sizes[r] > min_batch), key=lambda r: sizes[r] - x[r])
+        r = max((r for r in range(n) if sizes[r] > lo[r]), key=lambda r: sizes[r] - x[r])
         sizes[r] -= 1
     for _ in range(global_batch - sum(sizes)):
-        r = min(range(n), key=lambda r: (models[r].predict(sizes[r] + 1), r))
+        room = [r for r in range(n) if sizes[r] < hi[r]]
+        r = min(room, key=lambda r: (models[r].predict(sizes[r] + 1), r))
         sizes[r] += 1
     return sizes
