@@ -7,9 +7,10 @@ Model, per worker::
 ``fixed_s`` is what a step costs whatever its batch (Python per-step work, launching kernels,
 the stopped part of a throttled process's duty cycle), ``per_sample_s`` what each sample adds.
 A split in proportion to samples/s assumes ``fixed_s = 0``: a worker with a fixed cost then
-measures fewer samples/s as its share shrinks, its share shrinks further, and it ends with a
-few samples per step. With the model, the split is the one whose predicted step times are
-equal (``equal_time_split``), every worker's fixed cost included.
+measures fewer samples/s the smaller its share, and a worker pushed down to a few samples
+gets back only a few more per rebalance (the proportional rule does converge to equal step
+times, one epoch end at a time). With the model, the split is the one whose predicted step
+times are equal (``equal_time_split``), every worker's fixed cost included.
 
 The fit (``StepTimeWindow``): the compute seconds of every step between two rebalances (a
 *period*; its batch does not change within it) give one point, the period's batch and the mean
