@@ -2,6 +2,7 @@
 
     distnet bench uneven [--workers 3] [--slow 2:3] [--change 1:3] [--epochs 8] [--rounds 1]
                          [--contenders equal,throughput,ssp2,ssp8,async] [--model cnn|mlp]
+                         (also ssp0, ssp1, ssp4, ssp16, sspauto)
                          [--devices cuda,cpu,cpu] [--json FILE]
 
 A digits job (a small CNN by default: much more compute per parameter sent than an MLP, so
@@ -51,6 +52,12 @@ CONTENDERS = {
     "ssp8": Contender("ssp8", "ps", {"mode": "ssp", "staleness": 8, "shards": 1}),
     "async": Contender("async", "ps", {"mode": "async", "shards": 1}),
 }
+DEFAULT = list(CONTENDERS)
+# on request: staleness = "auto" and the fixed bounds to compare it with (0, 1, 2, 4, 8, 16)
+CONTENDERS |= {
+    f"ssp{s}": Contender(f"ssp{s}", "ps", {"mode": "ssp", "staleness": s, "shards": 1})
+    for s in ("auto", 0, 1, 4, 16)
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--change", default="1:3",
                         help="RANK:FACTOR from half way on, in a second throughput run "
                              "('none': no such run)")  # fmt: skip
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--contenders", default=",".join(DEFAULT),
+                        help=f"comma-separated, of {','.join(CONTENDERS)}")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, help="global batch (default: 96 per worker)")
     parser.add_argument(
@@ -141,8 +149,20 @@ def summarize(run: dict[str, Any], args: argparse.Namespace, n_train: int) -> di
         "final_accuracy": run["report"].get("test_accuracy"),
         "final_loss": curve[-1].get("loss"),
         "wall_s": round(run["wall_s"], 2),
+        "auto_bound": auto_bound_changes(run["report"]),
         "curve": [{k: round(v, 4) for k, v in p.items()} for p in curve],
     }
+
+
+def auto_bound_changes(report: dict[str, Any]) -> list[list[int]] | None:
+    """``staleness = "auto"``: shard 0's bound changes ``[slowest clock, bound]`` (None for
+    every other contender)."""
+    for stage in report.get("ps_stats") or []:
+        shards = stage.get("shards") or [{}]
+        auto = shards[0].get("auto_staleness")
+        if auto is not None:
+            return [list(change) for change in auto["history"]]
+    return None
 
 
 def combine(rows: list[dict[str, Any]], equal: list[dict[str, Any]] | None) -> dict[str, Any]:

@@ -29,6 +29,11 @@ Members (besides ``params``, ``lr``, ``steps``, ``flat_params``/``flat_grads`` (
   gradient is there (fit's non-finite check holds it): an optimiser made with
   ``update_in_backward=True`` updates after backward (wrappers pass it to the optimiser in).
 - ``release()``: a peer died; give up what waits on it. ``close()``: the stage is done.
+- ``takes_batch_split``: whether ``load_state_dict`` restores a per-rank batch split saved
+  under ``BATCH_SPLIT_KEY`` (ranks that rebalance, ``distnet.parallel.rebalance``, keep an
+  uneven split there). A checkpoint loaded into an optimiser that does not (one process,
+  ranks that keep their split) goes without it: the split says how ranks divided a batch,
+  nothing about the update rule.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from __future__ import annotations
 from typing import Any
 
 from distnet.backend import array_module
+
+BATCH_SPLIT_KEY = "batch_split"  # see ``takes_batch_split`` in the module docstring
 
 
 def check_share(share: float | None) -> float | None:
@@ -61,6 +68,7 @@ class LoopProtocol:
     comm: Any = None
     grads_agree: bool = False
     backward_passes_per_step: int = 1
+    takes_batch_split: bool = False
 
     @property
     def finite_comm(self) -> Any:

@@ -152,7 +152,7 @@ class ProcessEngine(EngineBase):
             self.flat_zeros = ARENA.zeros
             self.flat_owns = lambda buf: ARENA.locate(buf) is not None  # type: ignore[method-assign]
         self._start_logging(log)
-        from distnet.parallel.rebalance import Rebalancing  # noqa: PLC0415  (imports rayengine)
+        from distnet.parallel.rebalance import Rebalancing  # noqa: PLC0415
 
         if Rebalancing.wanted(self):  # shares that follow each rank's compute rate
             self.rebalancing = Rebalancing(self)

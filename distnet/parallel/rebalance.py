@@ -1,17 +1,19 @@
 """Batch shares that follow each MPI rank's measured compute rate (``[dist] rebalance``).
 
-The Ray engine's ``ThroughputShares`` (``distnet.parallel.rayengine.shares``) already times
-each step's compute (``zero_grad`` to the first wait for other ranks: forward and backward,
-not the collectives, not the input wait) and splits the global batch again at an epoch end;
-``EpochRebalancer`` is that wrapper for the ranks of ``ProcessEngine`` (``engine = "mpi"``),
-with three additions:
+``ThroughputShares`` (``distnet.parallel.shares``, engine-neutral, the Ray engine's wrapper)
+times each step's compute (``zero_grad`` to the first wait for other ranks: forward and
+backward, not the collectives, not the input wait), fits each rank's step time as a fixed
+cost plus a cost per sample (``distnet.parallel.steptime``) and splits the global batch again
+at an epoch end; ``EpochRebalancer`` is that wrapper for the ranks of ``ProcessEngine``
+(``engine = "mpi"``), with three additions:
 
-- a decision rule: the ranks allgather their samples/s (every rank then holds the same
-  numbers) and compute the same proportional split (``order.split_global_batch``: largest
-  remainder, stable ties, so every rank derives the same integers, summing to the global
-  batch). ``rebalance = true`` takes it at every measurement; ``"auto"`` only where it would
-  shorten the step, ``max_r(b_r / rate_r)``, by more than ``threshold`` (10 %): with equal
-  rates and an equal split nothing changes, and measurement noise below that never re-splits;
+- a decision rule: the ranks allgather their fitted step times (every rank then holds the same
+  numbers) and compute the same split with equal predicted step times
+  (``steptime.equal_time_split``: deterministic rounding, ties to the lower rank, so every
+  rank derives the same integers, summing to the global batch). ``rebalance = true`` takes it
+  at every measurement; ``"auto"`` only where it would shorten the predicted step,
+  ``max_r(fixed_r + per_sample_r * b_r)``, by more than ``threshold`` (10 %): with equal
+  speeds and an equal split nothing changes, and measurement noise below that never re-splits;
 - the split in force goes into the stage's checkpoint (the optimiser state's ``batch_split``,
   written only while it is not the equal split) and a resumed stage takes it back, so a run
   resumed from an epoch checkpoint iterates the same samples per step as one that never
@@ -29,10 +31,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
-from distnet.data import order
-from distnet.parallel.rayengine.shares import BatchSplit, ThroughputShares
+from distnet.optim.protocol import BATCH_SPLIT_KEY
+from distnet.parallel.shares import BatchSplit, ThroughputShares
+from distnet.parallel.steptime import StepTime, equal_time_split, step_time
 from distnet.parallel.sync import GatheredState
 
 __all__ = [
@@ -46,27 +47,22 @@ __all__ = [
 ]
 
 THRESHOLD = 0.10  # "auto": least relative gain in step time worth a new split
-SPLIT_KEY = "batch_split"  # the optimiser-state key a checkpoint keeps the split under
+SPLIT_KEY = BATCH_SPLIT_KEY  # the optimiser-state key a checkpoint keeps the split under
 # per-rank injected delay (tests, demonstrations): seconds per sample, comma-separated by rank
 DELAY_ENV = "DISTNET_DELAY_PER_SAMPLE_S"
 
 
-def step_time(sizes: Sequence[int], rates: Sequence[float]) -> float:
-    """Seconds of compute of one synchronous step: the slowest rank's ``b_r / rate_r``."""
-    return max(b / r for b, r in zip(sizes, rates, strict=True))
-
-
 def choose_split(
-    sizes: Sequence[int], rates: Sequence[float], mode: bool | str, threshold: float = THRESHOLD
+    sizes: Sequence[int], models: Sequence[StepTime], mode: bool | str, threshold: float = THRESHOLD
 ) -> list[int] | None:
-    """The new per-rank batch sizes for measured ``rates`` (samples/s, one per rank, all > 0),
-    or None to keep ``sizes``: the proportional split, taken when ``mode`` is True, or
-    (``"auto"``) when it shortens the step by more than ``threshold``. Deterministic: the same
-    inputs give the same integers on every rank."""
-    new = order.split_global_batch(int(sum(sizes)), len(sizes), list(rates))
+    """The new per-rank batch sizes for the ranks' fitted step times (``models``, one per
+    rank), or None to keep ``sizes``: the split with equal predicted step times, taken when
+    ``mode`` is True, or (``"auto"``) when it shortens the predicted step by more than
+    ``threshold``. Deterministic: the same inputs give the same integers on every rank."""
+    new = equal_time_split(int(sum(sizes)), models, current=sizes)
     if list(new) == list(sizes):
         return None
-    if mode is True or step_time(sizes, rates) > (1.0 + threshold) * step_time(new, rates):
+    if mode is True or step_time(sizes, models) > (1.0 + threshold) * step_time(new, models):
         return new
     return None
 
@@ -97,6 +93,7 @@ class EpochRebalancer(ThroughputShares):
     """
 
     _OWN = ThroughputShares._OWN | {"mode", "threshold", "say"}
+    takes_batch_split = True  # a checkpoint's split comes back through load_state_dict
 
     def __init__(
         self,
@@ -115,20 +112,20 @@ class EpochRebalancer(ThroughputShares):
     def rebalance(self) -> list[int]:
         """Collective: the rates allgathered, the same decision on every rank; returns the
         split in force after it."""
-        rate = self._samples / self._compute_s if self._compute_s > 0 else 0.0
-        rates = np.array(self.comm.allgather(rate), dtype=np.float64)
-        self._compute_s, self._samples, self._since = 0.0, 0, 0
+        models = self.gather_models()
         sizes = list(self.loader.batch_sizes)
-        if not np.all(rates > 0):  # a rank measured nothing: keep the split
+        if models is None:  # a rank measured nothing: keep the split
             return sizes
-        new = choose_split(sizes, rates.tolist(), self.mode, self.threshold)
-        shown = rates.round(1).tolist()
+        new = choose_split(sizes, models, self.mode, self.threshold)
+        record = self.record(sizes, models, sizes if new is None else new)
+        fixed = ", ".join(f"{1000 * s:.2f}" for s in record["fixed_s"])
+        shown = f"samples/s {record['throughput']}, batch split {sizes}"
         if new is None:
-            self.say(f"rebalance: samples/s {shown}, batch split {sizes} kept")
+            self.say(f"rebalance: {shown} kept (fixed ms per step [{fixed}])")
             return sizes
         self.split.change(self.loader, new)
-        self.history.append({"step": self.step_count, "throughput": shown, "batch_sizes": new})
-        self.say(f"rebalance: samples/s {shown}, batch split {sizes} -> {new}")
+        self.history.append(record)
+        self.say(f"rebalance: {shown} -> {new} (fixed ms per step [{fixed}])")
         return new
 
     # --- the split goes into the checkpoint ---------------------------------------------------

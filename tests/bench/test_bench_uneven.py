@@ -86,3 +86,17 @@ def test_tiny_run_gives_the_fields_and_shares_follow_the_slow_worker(tmp_path) -
     last = history[-1]["batch_sizes"]
     assert last[1] < last[0], history  # the slowed rank 1 gets the smaller share
     assert "equal" in proc.stdout and "ideal" in proc.stdout  # the printed table
+
+
+def test_staleness_contenders_on_request_and_the_auto_bound_in_the_summary() -> None:
+    from distnet.bench.uneven import CONTENDERS, DEFAULT, auto_bound_changes  # noqa: PLC0415
+
+    assert DEFAULT == ["equal", "throughput", "ssp2", "ssp8", "async"]
+    for bound in ("auto", 0, 1, 2, 4, 8, 16):
+        contender = CONTENDERS[f"ssp{bound}"]
+        assert contender.strategy == "ps" and contender.ps["staleness"] == bound
+        assert contender.ps["mode"] == "ssp"
+    shard = {"auto_staleness": {"bound": 2, "history": [(10, 1), (20, 2)], "in_force": []}}
+    assert auto_bound_changes({"ps_stats": [{"shards": [shard]}]}) == [[10, 1], [20, 2]]
+    assert auto_bound_changes({"ps_stats": [{"shards": [{"auto_staleness": None}]}]}) is None
+    assert auto_bound_changes({}) is None

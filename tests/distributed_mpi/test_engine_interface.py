@@ -76,7 +76,7 @@ def test_every_wrapper_derives_from_the_one_base():
     from distnet.parallel.localsgd import LocalSGD
     from distnet.parallel.optimizer import DistributedOptimizer
     from distnet.parallel.ps import HybridOptimizer, ParameterServerOptimizer
-    from distnet.parallel.rayengine import ThroughputShares
+    from distnet.parallel.shares import ThroughputShares
     from distnet.parallel.zero import ShardedOptimizer
 
     for cls in (ShardedOptimizer, ParameterServerOptimizer, HybridOptimizer, LocalSGD):

@@ -72,7 +72,7 @@ def reference_params(
     global batch holding a non-finite sample is skipped, as every engine skips it.
     ``sizes_per_epoch[e]``: the ranks' batch sizes in epoch e (None: equal shares);
     ``count_skipped``: return (parameters, number of steps skipped)."""
-    from distnet.parallel.rayengine import set_batch_sizes  # noqa: PLC0415
+    from distnet.parallel.shares import set_batch_sizes  # noqa: PLC0415
 
     backend.seed(job["run"]["seed"])
     net = build_model(job, features, classes)

@@ -151,6 +151,25 @@ def test_the_mpi_engine_and_the_ray_engine_never_import_each_other():
     assert not bad, "\n".join(bad)
 
 
+ENGINE_NEUTRAL = ["shares.py", "steptime.py", "rebalance.py"]
+"""Batch shares that follow measured speed, used by both engines (``rebalance.py`` is the MPI
+ranks' rule, kept beside the shares rather than in ``mpi/`` because it runs on any
+``ProcessEngine`` communicator)."""
+
+
+def _is_engine(target: str) -> bool:
+    return any(target == p or target.startswith(p + ".") for p in (
+        "distnet.parallel.mpi", "distnet.parallel.rayengine", "distnet.parallel.ps"))  # fmt: skip
+
+
+def test_the_batch_shares_import_no_engine():
+    files = [PACKAGE / "parallel" / name for name in ENGINE_NEUTRAL]
+    assert all(f.exists() for f in files), "the shares moved: point ENGINE_NEUTRAL at them"
+    bad = [_where(p, t, n) for p, t, n in _imports_of(files) if _is_engine(t)]
+    assert not bad, "\n".join(bad)
+    assert _is_engine("distnet.parallel.rayengine.rank") and not _is_engine("distnet.parallel.sync")
+
+
 def test_the_parameter_server_imports_neither_the_ray_engine_nor_nn():
     ps_files = sorted((PACKAGE / "parallel" / "ps").rglob("*.py"))
     bad = [

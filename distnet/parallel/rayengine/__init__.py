@@ -18,7 +18,6 @@ from distnet.parallel.rayengine.options import (
     worker_specs,
 )
 from distnet.parallel.rayengine.rank import RayRankEngine
-from distnet.parallel.rayengine.shares import ThroughputShares, set_batch_sizes
 
 __all__ = [
     "Mailbox",
@@ -27,12 +26,10 @@ __all__ = [
     "RayEngineError",
     "RayJob",
     "RayOptions",
-    "ThroughputShares",
     "WorkerLostError",
     "WorkerSpec",
     "options_from_job",
     "run_on_ray",
-    "set_batch_sizes",
     "start_ray",
     "worker_specs",
 ]

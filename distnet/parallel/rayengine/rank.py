@@ -25,8 +25,8 @@ from distnet.parallel.rayengine.resume import (
     summary,
 )
 from distnet.parallel.rayengine.samplelog import SampleLog
-from distnet.parallel.rayengine.shares import BatchSplit, ThroughputShares
 from distnet.parallel.rayengine.standin import JoinRecord, enter_stage
+from distnet.parallel.shares import BatchSplit, ThroughputShares
 from distnet.parallel.strategy import make_sync_optimizer
 from distnet.parallel.sync import PassThrough
 

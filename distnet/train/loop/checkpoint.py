@@ -318,6 +318,10 @@ def apply_checkpoint(
                 )
             state = dict(manifest["optimizer"])
             state.update({k[10:]: v for k, v in arrays.items() if k.startswith("optimizer/")})
+            from distnet.optim.protocol import BATCH_SPLIT_KEY  # noqa: PLC0415
+
+            if not getattr(optimizer, "takes_batch_split", False):
+                state.pop(BATCH_SPLIT_KEY, None)  # how ranks split a batch: not the update's
             optimizer.load_state_dict(state)
         if loader is not None and manifest["loader"] is not None:
             loader.load_state_dict(manifest["loader"])

@@ -1,13 +1,14 @@
-"""Batch shares that follow each worker's measured throughput (heterogeneous workers).
+"""Batch shares that follow each worker's measured speed (heterogeneous workers), for any engine.
 
 ``ThroughputShares`` wraps a stage's data-parallel optimiser (a ``DistributedOptimizer`` or a
-parameter-server optimiser). It times each step's compute (from ``zero_grad`` to ``step``:
-forward and backward, not the communication), and at the first epoch end after every
-``rebalance_every`` steps the ranks exchange samples/s and split the global batch again in
-proportion (``distnet.data.order.rank_batch_sizes``): the loader's per-rank batch sizes from
-the next epoch on, and the same fraction as each rank's ``batch_share`` of the gradient. The
-global batch stays the same and the shares sum to 1, so the update is still the one a
-single worker would make on the whole global batch.
+parameter-server optimiser). It times each step's compute (from ``zero_grad`` to the first
+wait for other workers: forward and backward, not the communication), and at the first epoch
+end after every ``rebalance_every`` steps the workers exchange their fitted step-time models
+(``distnet.parallel.steptime``: a fixed cost per step plus a cost per sample) and split the
+global batch again so that the predicted step times are equal: the loader's per-rank batch
+sizes from the next epoch on, and the same fraction as each rank's ``batch_share`` of the
+gradient. The global batch stays exactly the same and the shares sum to 1, so the update is
+still the one a single worker would make on the whole global batch.
 
 Shares change only at epoch ends: every rank's loader yields the same number of batches per
 epoch, so every rank reaches the exchange at the same step.
@@ -15,6 +16,10 @@ epoch, so every rank reaches the exchange at the same step.
 The split in force lives in one place per worker, a ``BatchSplit``: the engine hands it to
 every loader a stage iterates (the inputs, or a later stage's cached codes, made mid-job)
 before the stage starts, and a rebalance changes it there and in the loader being iterated.
+
+The Ray engine (``rayengine/rank.py``) wraps every stage's optimiser in ``ThroughputShares``;
+the MPI engine's ``EpochRebalancer`` (``parallel/rebalance.py``) extends it with a decision
+rule and a checkpointed split. This module imports no engine.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ import numpy as np
 
 from distnet.backend import array_module, is_gpu_array
 from distnet.data import order
+from distnet.parallel.steptime import StepTime, StepTimeWindow, equal_time_split
 from distnet.parallel.sync import PassThrough
+
+__all__ = ["BatchSplit", "ThroughputShares", "set_batch_sizes"]
 
 
 def set_batch_sizes(loader: Any, sizes: list[int]) -> None:
@@ -68,7 +76,7 @@ class BatchSplit:
 
 
 class ThroughputShares(PassThrough):
-    """A step-for-step stand-in for the optimiser it wraps, plus throughput-following shares.
+    """A step-for-step stand-in for the optimiser it wraps, plus shares that follow speed.
 
     Args:
         inner: the data-parallel optimiser (``step(batch_share=...)``; a
@@ -81,7 +89,8 @@ class ThroughputShares(PassThrough):
         delay_per_sample_s: sleep this long per sample in each backward (a deliberately slow
             worker, to test and demonstrate the balancing).
         history: a list the rebalances are appended to (``{"step", "throughput",
-            "batch_sizes"}``), shared across stages.
+            "fixed_s", "batch_sizes"}``: samples/s measured at the old split, the fitted fixed
+            seconds per step, the new split), shared across stages.
         on_step: called with the step number after every finished step (fault injection and
             sample accounting hang on it).
         split: the worker's ``BatchSplit`` that a rebalance changes (None: one of its own).
@@ -89,7 +98,7 @@ class ThroughputShares(PassThrough):
 
     _OWN = frozenset(
         "optimizer loader comm rebalance_every delay_per_sample_s history on_step "
-        "split _t0 _backward_done _compute_s _samples _since step_count".split()
+        "split _t0 _backward_done timing _since step_count".split()
     )
 
     def __init__(
@@ -112,8 +121,7 @@ class ThroughputShares(PassThrough):
         self.on_step = on_step
         self._t0: float | None = None
         self._backward_done = False
-        self._compute_s = 0.0
-        self._samples = 0
+        self.timing = StepTimeWindow()  # this stage's steps: its fixed and per-sample cost
         self._since = 0  # steps since the last rebalance
         self.step_count = 0
 
@@ -162,8 +170,7 @@ class ThroughputShares(PassThrough):
         grads = self.optimizer.flat_grads
         if is_gpu_array(grads):  # kernels run ahead of the host
             array_module(grads).cuda.get_current_stream().synchronize()
-        self._compute_s += time.perf_counter() - self._t0
-        self._samples += self.loader.batch_size
+        self.timing.add_step(self.loader.batch_size, time.perf_counter() - self._t0)
         self._t0 = None
 
     def step(self, batch_share: float | None = None) -> None:
@@ -197,20 +204,42 @@ class ThroughputShares(PassThrough):
             if self.loader.steps_remaining() == 0:  # the epoch's last step, on every rank
                 self.rebalance()
 
+    def gather_models(self) -> list[StepTime] | None:
+        """Collective: ends this period's measurement and allgathers every worker's fitted
+        step time (the same list on every rank); None when a worker measured no step."""
+        mine = self.timing.close_period()
+        self._since = 0
+        sent = None if mine is None else (mine.fixed_s, mine.per_sample_s)
+        gathered = self.comm.allgather(sent)
+        if any(g is None for g in gathered):
+            return None
+        return [StepTime(float(a), float(b)) for a, b in gathered]
+
     def rebalance(self) -> list[int]:
-        """Collective: new batch sizes in proportion to the measured samples/s; returns them."""
-        rate = self._samples / self._compute_s if self._compute_s > 0 else 0.0
-        rates = np.array(self.comm.allgather(rate), dtype=np.float64)
-        self._compute_s, self._samples, self._since = 0.0, 0, 0
-        if not np.all(rates > 0):  # a rank measured nothing: keep the split
+        """Collective: the split with equal predicted step times; returns it."""
+        models = self.gather_models()
+        if models is None:  # a rank measured nothing: keep the split
             return list(self.loader.batch_sizes)
-        per_rank = self.loader.global_batch // self.loader.world_size
-        sizes = order.rank_batch_sizes(per_rank, self.loader.world_size, rates.tolist())
+        return self.resplit(models)
+
+    def resplit(self, models: list[StepTime]) -> list[int]:
+        """Splits the global batch (exactly, each rank at least one sample) so that the
+        ``models`` (one per rank, from ``gather_models``) predict equal step times, and records
+        it in ``history``; returns the new sizes. Not collective: every rank calls it with the
+        same models and gets the same sizes."""
+        old = list(self.loader.batch_sizes)
+        sizes = equal_time_split(self.loader.global_batch, models, current=old)
         self.split.change(self.loader, sizes)
-        self.history.append(
-            {"step": self.step_count, "throughput": rates.round(1).tolist(), "batch_sizes": sizes}
-        )
+        self.history.append(self.record(old, models, sizes))
         return sizes
+
+    def record(self, old: list[int], models: list[StepTime], sizes: list[int]) -> dict[str, Any]:
+        """A rebalance for ``history``: measured samples/s at the ``old`` split (the fitted
+        model passes through the latest measurement), fixed seconds per step, new ``sizes``."""
+        rates = [m.samples_per_s(b) for b, m in zip(old, models, strict=True)]
+        return {"step": self.step_count, "throughput": np.round(rates, 1).tolist(),
+                "fixed_s": [round(m.fixed_s, 5) for m in models],
+                "batch_sizes": list(sizes)}  # fmt: skip
 
     # --- everything else is the wrapped optimiser's (``PassThrough``) --------------------
     def __setattr__(self, name: str, value: Any) -> None:
