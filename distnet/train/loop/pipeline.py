@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distnet.parallel.stall import working
 from distnet.train.loop.callbacks import Callback
 from distnet.train.loop.checkpoint import (
     apply_checkpoint,
@@ -151,13 +152,14 @@ class _EpochCheckpoint(Callback):
             return
         # collective: sharded state is gathered with every rank taking part
         opt = (self.opt or self.optimizer).gathered_state()
-        if self.ctx.writer:
+        if self.ctx.writer:  # the others wait in the next collective: not a stall
             states, arrays = self._callback_states()
-            save_checkpoint(
-                self.ctx.progress_dir, self.ctx.model, opt,
-                epoch=epoch + 1, step=self.loop.step, stage=self.ctx.index,
-                history=self.history, callbacks=states, **arrays,
-            )  # fmt: skip
+            with working("writing a checkpoint"):
+                save_checkpoint(
+                    self.ctx.progress_dir, self.ctx.model, opt,
+                    epoch=epoch + 1, step=self.loop.step, stage=self.ctx.index,
+                    history=self.history, callbacks=states, **arrays,
+                )  # fmt: skip
 
 
 class Pipeline:
