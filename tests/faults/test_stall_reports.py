@@ -135,3 +135,26 @@ def test_declared_work_on_one_rank_is_not_a_stall_and_a_stuck_rank_is(tmp_path, 
     report = json.loads((tmp_path / "stall.json").read_text())[-1]
     assert report["laggards"] == [0] and report["ranks"][0]["work"] == "", report
     assert "done" not in proc.stdout, output
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside the interpreter")
+@pytest.mark.timeout(150)
+def test_a_slow_checkpoint_write_on_rank_0_is_not_a_stall(tmp_path):
+    """A real 2-rank ``distnet train`` whose epoch checkpoint takes rank 0 three stall limits
+    (past the abort limit) to write, while rank 1 waits in the next collective: the pipeline
+    declares the write, so the job ends normally with no stall report."""
+    pytest.importorskip("sklearn")
+    from helpers.jobs import mlp_job  # noqa: PLC0415
+    from helpers.sample_counts import write_id_digits  # noqa: PLC0415
+
+    write_id_digits(tmp_path / "train", 128)
+    job = tmp_path / "job.toml"
+    job.write_text(mlp_job(str(tmp_path / "train"), epochs=1, run={"out": str(tmp_path / "run")}))
+    env = {"DISTNET_STALL_CHECK_S": "2", "DISTNET_STALL_ABORT_S": "4", "STALL_SLEEP": "6"}
+    proc = launch(2, str(SCRIPTS / "stall_checkpoint.py"), str(job), timeout=120, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "stall:" not in output, output
+    assert not (tmp_path / "run" / "stall.json").exists()
+    assert (tmp_path / "run" / "report.json").exists(), output

@@ -12,7 +12,6 @@ import sys
 import time
 from typing import Any
 
-from distnet.parallel import stall
 from distnet.parallel.engine import EngineBase
 from distnet.parallel.ps import link
 from distnet.parallel.ps.autostale import staleness_bound
@@ -241,7 +240,7 @@ class RayRankEngine(EngineBase):
         if self.comm.rank == 0:  # the others wait in the broadcast below: not a stall
             settings = optimizer_settings(opt)
             shards = int(ps_opts.get("shards", 1))
-            with stall.working("starting the parameter server"):
+            with self.comm.working("starting the parameter server"):
                 server = ParameterServer.create(
                     opt.flat_params,
                     shards=shards,
