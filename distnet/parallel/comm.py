@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import AbstractContextManager
 from typing import Any
 
 from distnet import backend
@@ -26,6 +27,7 @@ from distnet.backend import array_module
 from distnet.parallel.consistency import CollectiveTrace
 from distnet.parallel.mpi.hierarchical import parse_mode as parse_hierarchical_mode
 from distnet.parallel.shm import ARENA
+from distnet.parallel.stall import working
 
 OPS = ("sum", "mean", "max", "min")
 
@@ -138,6 +140,12 @@ class Communicator:
     def print0(self, msg: str) -> None:
         """Progress output: rank 0 alone prints it, to stdout."""
         self.log(msg, all_ranks=False, file=sys.stdout)
+
+    def working(self, what: str) -> AbstractContextManager[None]:
+        """``with comm.working("writing a checkpoint"):`` declares long work of this rank
+        outside the collectives, which the other ranks wait for in the next one by design: the
+        stall check does not count that wait (``distnet.parallel.stall.working``)."""
+        return working(what)
 
     def __repr__(self) -> str:
         return (

@@ -22,18 +22,28 @@ or stuck outside the collectives shows the frame it is in. Rank 0 logs it and, w
 directory was named (``set_report_dir``), writes it to ``stall.json`` there for report.html.
 A rank that does not answer within ``ASK_S`` is said to.
 
+Long legitimate work outside the collectives (rank 0 writing a checkpoint or the report,
+starting the parameter server's shards) is declared with ``working(what)``: while the ranks
+the others wait for are all in declared work, the wait is not a stall (the other ranks then
+wait in the next collective by design). A stall is some rank waiting in a collective that
+another rank has not entered, and that other rank not in declared work, for the limit: a rank
+stuck anywhere else (a blocked read, a deadlock, an endless loop) is still reported, and a
+report names the declared work of every rank that is in some.
+
 Messages go over a private duplicate of the communicator, so they never match user traffic.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +59,7 @@ ASK_S = 5.0
 _STACK_FRAMES = 12
 _REPORT_DIR: list[Path] = []
 _ROUND: list[Any] = [0, ""]  # this process's last parameter-server round (clock, op)
+_WORK: list[tuple[str, float]] = []  # this process's declared work: (what, monotonic start)
 
 
 def set_report_dir(run_dir: str | os.PathLike | None) -> None:
@@ -68,16 +79,36 @@ def last_round() -> str:
     return f"#{clock} {op}" if clock else ""
 
 
+@contextlib.contextmanager
+def working(what: str) -> Iterator[None]:
+    """Declares long legitimate work of this rank outside the collectives (``what``: "writing a
+    checkpoint"): while every rank the others wait for is in such work, the stall check does
+    not count the wait (see the module docstring). Nests; any thread of the process."""
+    _WORK.append((what, time.monotonic()))
+    try:
+        yield
+    finally:
+        _WORK.pop()
+
+
+def current_work() -> str:
+    """``what (N s)`` of this process's innermost declared work; "" when there is none."""
+    if not _WORK:
+        return ""
+    what, since = _WORK[-1]
+    return f"{what} ({time.monotonic() - since:.0f} s)"
+
+
 def where(comm: Any, thread_id: int | None) -> dict[str, Any]:
     """This rank's place: {rank, seq, op (its last collective), round (its last
-    parameter-server round, "" before any), stack (text of the thread ``thread_id``'s
-    innermost frames; the main thread's when None)}."""
+    parameter-server round, "" before any), work (its declared work, "" when none), stack
+    (text of the thread ``thread_id``'s innermost frames; the main thread's when None)}."""
     seq, op = comm.trace.last()
     ident = thread_id if thread_id is not None else threading.main_thread().ident
     frame = sys._current_frames().get(ident)  # type: ignore[arg-type]
     stack = "".join(traceback.format_stack(frame, limit=_STACK_FRAMES)) if frame else "(gone)"
     return {"rank": comm.rank, "seq": seq, "op": op, "round": last_round(),
-            "stack": stack.rstrip()}  # fmt: skip
+            "work": current_work(), "stack": stack.rstrip()}  # fmt: skip
 
 
 def _seconds_from_env(name: str, default: float | None) -> float | None:
@@ -109,7 +140,8 @@ def describe_places(message: str, ranks: list[dict[str, Any]]) -> str:
         seq = place["seq"]
         last = "unknown" if seq is None else f"#{seq} {place['op']}" if seq else "none yet"
         round_ = f"; last ps round {place['round']}" if place.get("round") else ""
-        lines.append(f"stall: rank {place['rank']}: last collective {last}{round_}; stack:")
+        work = f"; working: {place['work']}" if place.get("work") else ""
+        lines.append(f"stall: rank {place['rank']}: last collective {last}{round_}{work}; stack:")
         lines += [f"  {line}" for line in place["stack"].splitlines()]
     return "\n".join(lines)
 
@@ -182,6 +214,7 @@ class StallDetector:
         atexit.register(self.close)  # before MPI_Finalize (atexit runs last-registered first)
         if comm.rank == 0:
             self._latest = np.zeros(comm.size, dtype=np.int64)
+            self._busy = np.zeros(comm.size, dtype=bool)  # in declared work (``working``)
             self._names: dict[int, str] = {}
         # every rank watches: rank 0 for stalls, the others for rank 0's questions
         target = self._watch if comm.rank == 0 else self._answer
@@ -211,19 +244,19 @@ class StallDetector:
             self._latest[0] = step
 
     # --- the other ranks ----------------------------------------------------------------
-    def _send_step(self, step: int) -> None:
+    def _send_step(self, step: int, busy: bool = False) -> None:
         # Completed sends are dropped; the message array must live until its send is done.
         self._sends = [(r, m) for r, m in self._sends if not r.Test()]
-        msg = np.array([step], dtype=np.int64)
+        msg = np.array([step, int(busy)], dtype=np.int64)
         self._sends.append((self._comm.Isend(msg, dest=0, tag=_TAG), msg))
 
     def _answer(self) -> None:
-        sent = 0
+        sent: tuple[int, bool] = (0, False)
         while not self._stop.wait(self.poll_s):
-            step = self.step  # what rank 0 sees lags by at most poll_s
-            if step != sent:
-                self._send_step(step)
-                sent = step
+            now = (self.step, bool(_WORK))  # what rank 0 sees lags by at most poll_s
+            if now != sent:
+                self._send_step(*now)
+                sent = now
             if self._comm.Iprobe(source=0, tag=_ASK):
                 self._comm.recv(source=0, tag=_ASK)
                 self._comm.send(where(self.comm, self._thread_id), dest=0, tag=_WHERE)
@@ -250,11 +283,12 @@ class StallDetector:
 
     def _drain(self) -> None:
         status = self._mpi.Status()
-        buf = np.zeros(1, dtype=np.int64)
+        buf = np.zeros(2, dtype=np.int64)
         while self._comm.Iprobe(source=self._mpi.ANY_SOURCE, tag=_TAG, status=status):
             src = status.Get_source()
             self._comm.Recv(buf, source=src, tag=_TAG)
             self._latest[src] = buf[0] if buf[0] != _CLOSED else np.iinfo(np.int64).max
+            self._busy[src] = bool(buf[1])
 
     def _watch(self) -> None:
         # A stall is the slowest rank not moving while others are ahead of it: in a healthy
@@ -273,8 +307,14 @@ class StallDetector:
             if front == slowest:
                 since = now
                 continue
-            waited = now - since
             laggards = [r for r in range(self.comm.size) if self._latest[r] < front]
+            self._busy[0] = bool(_WORK)
+            if all(self._busy[r] for r in laggards):
+                # the ranks waited for are in declared work (a checkpoint, the report): the
+                # others wait by design; the clock starts when that work ends
+                since, warned = now, False
+                continue
+            waited = now - since
             if waited >= self.warn_after_s and not warned:
                 warned = True
                 self._report(front, laggards, waited)

@@ -15,6 +15,16 @@ local Ray started once for the module, on real Zarr stores), checked by its orac
 - resume: the run stopped after the last stage's first epoch (MPI and local: every rank;
   Ray: one worker dies) and run again ends as the undisturbed one (sync rows: the reference).
 
+``FOCUSED`` rows hold job keys the dimensions do not, each with its own oracle:
+
+- MPI ``[dist] rebalance = true`` with rank 1 slowed (``DISTNET_DELAY_PER_SAMPLE_S``), 4 steps
+  an epoch: the split moves at epoch ends, and a step's samples depend on it; the run records
+  the splits (``splits.json``) and the oracle replays them in one process (each step the ranks'
+  batches concatenated): the final parameters equal that run's;
+- Ray ps ssp ``staleness = "auto"``, worker 1 slowed, 8 steps an epoch: every shard's record
+  of clocks shows no push beyond the bound in force at that push (its ``in_force`` beside its
+  ``ahead`` records), and the training accuracy reaches the one-process run's within 0.15.
+
 ``DISTNET_MATRIX=full`` runs every accepted configuration instead (9 072 jobs: on
 request only). Rows that fail today because of a known open issue are in ``KNOWN_BROKEN``.
 """
@@ -31,10 +41,10 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers.jobs import write_job
-from helpers.matrix import SAMPLES, run_rank, write_stores
+from helpers.matrix import SAMPLES, replaying_splits, run_rank, write_stores
 from helpers.mpi import MPI_MARKS, SCRIPTS, launch
 
-from distnet.train.jobs import conformance
+from distnet.train.jobs import conformance, jobspec
 
 pytestmark = [pytest.mark.matrix, pytest.mark.timeout(300)]
 
@@ -62,6 +72,21 @@ CORE = [{**_PLAIN, "engine": e, "strategy": s, "optimizer": "adam"}
 # that KNOWN_BROKEN holds back today)
 CORE += [{**_PLAIN, "engine": "mpi-2", "nonfinite": "stop"},
          {**_PLAIN, "engine": "mpi-3", "nonfinite": "skip"}]  # fmt: skip
+
+
+# rows beyond the covering array: (config, [dist] keys its dimensions do not hold, the ranks'
+# environment, global batch)
+_SLOW_RANK_1 = {"DISTNET_DELAY_PER_SAMPLE_S": "0,0.002"}
+FOCUSED: list[tuple[dict, dict, dict, int]] = [
+    ({**_PLAIN, "engine": "mpi-2", "shares": "rebalance"}, {"rebalance": True},
+     _SLOW_RANK_1, SAMPLES // 4),
+    ({**_PLAIN, "engine": "mpi-3", "shares": "rebalance", "optimizer": "adam", "zero": True},
+     {"rebalance": True}, _SLOW_RANK_1, SAMPLES // 4),
+    ({**_PLAIN, "engine": "ray-2", "strategy": "ps-1", "mode": "ssp"}, {"staleness": "auto"},
+     {}, SAMPLES // 8),
+    ({**_PLAIN, "engine": "ray-3", "strategy": "ps-2", "mode": "ssp", "optimizer": "adam"},
+     {"staleness": "auto"}, {}, SAMPLES // 8),
+]  # fmt: skip
 
 
 def _rows() -> list[dict]:
@@ -97,12 +122,12 @@ def _exact(config: dict) -> bool:
             and not config["strategy"].startswith("local_sgd"))  # fmt: skip
 
 
-def _sections(config: dict, stores: dict, out: Path) -> dict:
+def _sections(config: dict, stores: dict, out: Path, batch: int | None = None) -> dict:
     sections = conformance.job_sections(config)
     store = "images" if config["stage"] == "cnn" else "ids"
     nan = config["nonfinite"] != "none"
     # a NaN row takes 2 steps an epoch, so that one step of each epoch holds the NaN sample
-    batch = SAMPLES // 2 if nan else SAMPLES
+    batch = batch or (SAMPLES // 2 if nan else SAMPLES)
     sections["data"] = {"train": stores[store + ("-nan" if nan else "")], "batch_size": batch}
     sections["run"]["out"] = str(out)
     return sections
@@ -138,7 +163,30 @@ def _ray_params(job: dict, out: Path) -> np.ndarray:
     return np.concatenate([np.asarray(p.data).ravel() for p in model.parameters()])
 
 
-def _run_ray(config: dict, path: Path, out: Path) -> dict:
+def _replayed_reference(
+    config: dict, stores: dict, root: Path, batch: int, out: Path
+) -> np.ndarray:
+    """The final parameters of the job in one local process that iterates, step by step, the
+    samples the ranks iterated under the splits the run recorded (``splits.json``)."""
+    splits = json.loads((out / "splits.json").read_text())
+    local = {**_PLAIN, "stage": config["stage"], "optimizer": config["optimizer"]}
+    ref_out = root / "replayed"
+    path = write_job(root / "replayed.toml", _sections(local, stores, ref_out, batch))
+    with replaying_splits(splits, conformance.ranks(config)):
+        assert run_rank(str(path)) == 0
+    return np.load(ref_out / "params-rank0.npy")
+
+
+def _local_accuracy(config: dict, stores: dict, root: Path, batch: int) -> float:
+    """The final training accuracy of the job in one local process."""
+    local = {**_PLAIN, "stage": config["stage"], "optimizer": config["optimizer"]}
+    out = root / "one-process"
+    path = write_job(root / "one-process.toml", _sections(local, stores, out, batch))
+    assert run_rank(str(path)) == 0
+    return json.loads((out / "pipeline.json").read_text())["stages"][-1]["history"]["accuracy"][-1]
+
+
+def _run_ray(config: dict, path: Path, out: Path, slow: float = 0.0) -> dict:
     from distnet.parallel.rayengine import options_from_job  # noqa: PLC0415
     from distnet.train.jobs.job import load_job  # noqa: PLC0415
     from distnet.train.jobs.rayjob import run_ray_job  # noqa: PLC0415
@@ -148,6 +196,8 @@ def _run_ray(config: dict, path: Path, out: Path) -> dict:
     if config["stage"] != "cnn":  # the sample log reads ids from flat samples' last column
         options.sample_log = str(out.parent / f"{out.name}-samples")
     options.collective_timeout_s = 60.0
+    if slow:  # worker 1 sleeps this long per sample of each step
+        options.workers[1].delay_per_sample_s = slow
     if config["resume"] and config["nonfinite"] != "stop":  # the last worker dies at its
         # second step; the job goes on
         options.fail_at_step = {conformance.ranks(config) - 1: 2}
@@ -161,13 +211,13 @@ def _run_ray(config: dict, path: Path, out: Path) -> dict:
     return result
 
 
-def _run_ranks(config: dict, path: Path, out: Path) -> dict:
+def _run_ranks(config: dict, path: Path, out: Path, env: dict | None = None) -> dict:
     n = conformance.ranks(config)
     script = str(SCRIPTS / "matrix_rank.py")
     if config["engine"] == "local":
         runs = [lambda crash: _local(path, crash)]
     else:
-        runs = [lambda crash: _mpi(n, script, path, crash)]
+        runs = [lambda crash: _mpi(n, script, path, crash, env)]
     rc, text = 0, ""
     if config["resume"] and config["nonfinite"] != "stop":  # a stop ends the run before
         rc, text = runs[0](True)
@@ -184,14 +234,68 @@ def _local(path: Path, crash: bool) -> tuple[int, str]:
         return 1, f"{type(e).__name__}: {e}"
 
 
-def _mpi(n: int, script: str, path: Path, crash: bool) -> tuple[int, str]:
-    proc = launch(n, script, str(path), *(["crash"] if crash else []), timeout=120)
+def _mpi(n: int, script: str, path: Path, crash: bool, env: dict | None) -> tuple[int, str]:
+    proc = launch(n, script, str(path), *(["crash"] if crash else []), timeout=120, env=env)
     return proc.returncode, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("config", [_param(c) for c in _rows()])
 def test_matrix_row(config, stores, tmp_path, request):
     _check_row(config, stores, tmp_path, request, os.environ.get("DISTNET_MATRIX_DEVICE", "cpu"))
+
+
+def _focused_param(row: tuple) -> Any:
+    config, dist, _, _ = row
+    keys = "-".join(f"{k}={v}" for k, v in dist.items())
+    return pytest.param(row, id=f"{conformance.name(config)}-{keys}", marks=_param(config).marks)
+
+
+@pytest.mark.parametrize("row", [_focused_param(r) for r in FOCUSED])
+def test_focused_row(row, stores, tmp_path, request):
+    config, dist, env, batch = row
+    out = tmp_path / "run"
+    sections = _sections(config, stores, out, batch)
+    sections["dist"].update(dist)
+    jobspec.validate(sections, "")  # accepted, as the matrix's rows are
+    path = write_job(tmp_path / "job.toml", sections)
+    started = time.monotonic()
+    if config["engine"].startswith("ray"):
+        request.getfixturevalue("ray_cluster")
+        result = _run_ray(config, path, out, slow=0.002)
+    else:
+        result = _run_ranks(config, path, out, env)
+    print(f"{request.node.callspec.id}: rc {result['rc']} in {time.monotonic() - started:.1f}s")
+    assert result["rc"] == 0, result["text"][-5000:]
+    params = result["params"]
+    assert all(np.isfinite(p).all() for p in params), "non-finite parameters"
+    history = json.loads((out / "pipeline.json").read_text())["stages"][-1]["history"]
+    assert np.isfinite(history["loss"]).all() and history["loss"][-1] < history["loss"][0]
+    if dist.get("rebalance"):
+        splits = json.loads((out / "splits.json").read_text())
+        n = conformance.ranks(config)
+        assert any(s["batch_sizes"] != [batch // n] * n for s in splits), splits  # it moved
+        for r, p in enumerate(params[1:], 1):  # replicas stay equal
+            np.testing.assert_allclose(p, params[0], rtol=1e-5, atol=1e-6, err_msg=f"rank {r}")
+        ref = _replayed_reference(config, stores, tmp_path, batch, out)
+        np.testing.assert_allclose(params[0], ref, rtol=2e-4, atol=2e-4)
+    if dist.get("staleness") == "auto":
+        stats = [s for s in result["report"].get("ps_stats") or [] if s["mode"] == "ssp"]
+        assert stats, "no clock records from the shards"
+        for shard in (shard for s in stats for shard in s["shards"]):
+            auto = shard["auto_staleness"]
+            for w, records in enumerate(shard["ahead"]):
+                bounds = auto["in_force"][w]
+                assert len(bounds) == len(records) > 0, (shard["shard"], w)
+                over = [(c, s, b) for (c, s), b in zip(records, bounds, strict=True) if c - s > b]
+                assert not over, (shard["shard"], w, over[:5])
+        # the slowed worker moved the bound off 0 (then the fast one may run ahead)
+        assert any(shard["auto_staleness"]["history"] for s in stats for shard in s["shards"])
+        bar = _local_accuracy(config, stores, tmp_path, batch) - 0.15
+        print(
+            f"accuracy {history['accuracy'][-1]:.3f}, bar {bar:.3f}, bounds "
+            f"{[sh['auto_staleness']['history'] for s in stats for sh in s['shards']]}"
+        )
+        assert history["accuracy"][-1] >= bar, (history["accuracy"], bar)
 
 
 def _cuda_rows() -> list:

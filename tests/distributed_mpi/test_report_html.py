@@ -258,6 +258,30 @@ def test_a_stalled_run_shows_where_each_rank_was(run_dir, tmp_path):
         assert '<td class="n">0</td><td>#9 allreduce(sum)</td>' in text
         assert "#8 allreduce(sum)" in text and "time.sleep(9)" in text
         assert "in &lt;lambda&gt;" in text  # escaped
+        assert "last ps round" not in text  # an allreduce job's ranks have no rounds
+
+
+def test_a_stalled_parameter_server_run_shows_each_ranks_last_round(run_dir, tmp_path):
+    """The Ray stall watch records each worker's last parameter-server round (its clock and
+    operation) in stall.json; the page shows it beside the last collective."""
+    from distnet.train.report.page import write_html_report
+
+    ranks = [{"rank": 0, "seq": 12, "op": "allreduce(sum)", "round": "#3 push_pull",
+              "stack": "  File \"fit.py\", line 1, in fit"},
+             {"rank": 1, "seq": 11, "op": "allreduce(sum)", "round": "",
+              "stack": "  File \"rank.py\", line 9, in sleep_instead_of_training"}]  # fmt: skip
+    stall = {"time": 1.7e9, "message": "stall: ranks [1] have not joined collective #12",
+             "waited_s": 2.0, "laggards": [1], "ranks": ranks}  # fmt: skip
+    copy = tmp_path / "stalled"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("data"))
+    (copy / "report.json").unlink()
+    (copy / "stall.json").write_text(json.dumps([stall]))
+    text = write_html_report(copy).read_text()
+    section = text.split("<h2 id='stall'>", 1)[1].split("<h2", 1)[0]
+    assert "<th>rank</th><th>last collective</th><th>last ps round</th>" in section, section
+    assert ('<td class="n">0</td><td>#12 allreduce(sum)</td><td>#3 push_pull</td>'
+            in section), section  # fmt: skip
+    assert '<td class="n">1</td><td>#11 allreduce(sum)</td><td>none</td>' in section, section
 
 
 INJECTED = """<script>

@@ -107,3 +107,54 @@ def test_a_stalled_ray_job_reports_every_rank_and_ends(
     seqs = [p["seq"] for p in report["ranks"]]
     assert seqs[0] > seqs[1], report  # rank 0 is in a collective rank 1 has not reached
     assert took < 150, took  # the sleep and the collective timeout are 300 s
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside the interpreter")
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("away", ["declared", "stuck"])
+def test_declared_work_on_one_rank_is_not_a_stall_and_a_stuck_rank_is(tmp_path, away):
+    """Rank 0 is away from the collectives for 6 s (3 stall limits, past the abort limit) while
+    rank 1 waits in the next allreduce. Declared as work (``stall.working``, as rank 0 does
+    around a checkpoint, the report, the parameter server's start): no report, the job ends
+    normally. Undeclared: a real stall, reported naming rank 0's frame, and the job ends."""
+    env = {"DISTNET_STALL_CHECK_S": "2", "DISTNET_STALL_ABORT_S": "4", "STALL_SLEEP": "6"}
+    script = str(SCRIPTS / "stall_work.py")
+    proc = launch(2, script, away, str(tmp_path), timeout=120, env=env)
+    output = proc.stdout + proc.stderr
+    if away == "declared":
+        assert proc.returncode == 0, output
+        assert "done 4" in output and "stall:" not in output, output
+        assert not (tmp_path / "stall.json").exists()
+        return
+    assert proc.returncode != 0, output
+    assert "stall: ranks [0] have not joined collective #" in output, output
+    assert "stall: ranks [0] did not join collective #" in output, output
+    _, stack0 = _rank_block(output.splitlines(), 0)
+    assert "in away_from_the_collectives" in stack0, stack0
+    report = json.loads((tmp_path / "stall.json").read_text())[-1]
+    assert report["laggards"] == [0] and report["ranks"][0]["work"] == "", report
+    assert "done" not in proc.stdout, output
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec beside the interpreter")
+@pytest.mark.timeout(150)
+def test_a_slow_checkpoint_write_on_rank_0_is_not_a_stall(tmp_path):
+    """A real 2-rank ``distnet train`` whose epoch checkpoint takes rank 0 three stall limits
+    (past the abort limit) to write, while rank 1 waits in the next collective: the pipeline
+    declares the write, so the job ends normally with no stall report."""
+    pytest.importorskip("sklearn")
+    from helpers.jobs import mlp_job  # noqa: PLC0415
+    from helpers.sample_counts import write_id_digits  # noqa: PLC0415
+
+    write_id_digits(tmp_path / "train", 128)
+    job = tmp_path / "job.toml"
+    job.write_text(mlp_job(str(tmp_path / "train"), epochs=1, run={"out": str(tmp_path / "run")}))
+    env = {"DISTNET_STALL_CHECK_S": "2", "DISTNET_STALL_ABORT_S": "4", "STALL_SLEEP": "6"}
+    proc = launch(2, str(SCRIPTS / "stall_checkpoint.py"), str(job), timeout=120, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "stall:" not in output, output
+    assert not (tmp_path / "run" / "stall.json").exists()
+    assert (tmp_path / "run" / "report.json").exists(), output

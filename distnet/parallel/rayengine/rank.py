@@ -237,21 +237,22 @@ class RayRankEngine(EngineBase):
                 self.nodes = self._groups.nodes
             pushers = self._groups.num_nodes
         server = None
-        if self.comm.rank == 0:
+        if self.comm.rank == 0:  # the others wait in the broadcast below: not a stall
             settings = optimizer_settings(opt)
             shards = int(ps_opts.get("shards", 1))
-            server = ParameterServer.create(
-                opt.flat_params,
-                shards=shards,
-                mode=ps_opts.get("mode", "sync"),
-                staleness=staleness_bound(ps_opts.get("staleness", 0)),
-                num_workers=pushers,
-                optimizer=settings,
-                snapshot_every=int(ps_opts.get("snapshot_every", 0)),
-                retries=int(ps_opts.get("retries", 5)),
-                param_shapes=[tuple(p.data.shape) for p in opt.params],
-                placement=[_on_this_node()] * shards,
-            )
+            with self.comm.working("starting the parameter server"):
+                server = ParameterServer.create(
+                    opt.flat_params,
+                    shards=shards,
+                    mode=ps_opts.get("mode", "sync"),
+                    staleness=staleness_bound(ps_opts.get("staleness", 0)),
+                    num_workers=pushers,
+                    optimizer=settings,
+                    snapshot_every=int(ps_opts.get("snapshot_every", 0)),
+                    retries=int(ps_opts.get("retries", 5)),
+                    param_shapes=[tuple(p.data.shape) for p in opt.params],
+                    placement=[_on_this_node()] * shards,
+                )
         server = self.comm.broadcast_object(server, root=0)
         # a sync round whose worker died never completes: leave it, and end it on the shards,
         # when the driver aborts (the shards stay up until rank 0's after_failure took its

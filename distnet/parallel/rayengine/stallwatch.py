@@ -5,7 +5,9 @@ driver that waits on every worker anyway, so the driver does it: every ``poll_s`
 worker actor (a threaded actor: it answers while its training thread waits) for its
 communicator's last collective (sequence number, operation; the Ray mailbox numbers them) and
 its last parameter-server round. When the slowest worker has not moved (no collective, no
-round) for ``warn_after_s`` while another is ahead of it, the driver asks every worker for the
+round) for ``warn_after_s`` while another is ahead of it, and is not in declared work
+(``distnet.parallel.stall.working``: rank 0 starting the parameter server's shards, say), the
+driver asks every worker for the
 Python stack of its training thread and logs the report, the same text as MPI's, and writes it
 to the run directory's ``stall.json`` (report.html shows it). With ``abort_after_s`` the job
 then ends with a ``RayEngineError`` instead of waiting for the collective timeout.
@@ -47,7 +49,7 @@ class RayStallWatch:
         self.reports: list[str] = []
         self._asked: list[Any] | None = None  # the refs of the progress questions in flight
         self._next_ask = 0.0
-        self._places: list[tuple[int, str]] = []  # per rank: (seq, round)
+        self._places: list[tuple[int, str, bool]] = []  # per rank: (seq, round, working)
         self._slowest: tuple[int, Any] | None = None  # (rank, its place) being timed
         self._since = time.monotonic()
         self._warned = False
@@ -80,16 +82,18 @@ class RayStallWatch:
             self._next_ask = now + self.poll_s
         return None
 
-    def _judge(self, places: list[tuple[int, str]], now: float) -> str | None:
-        seqs = [seq for seq, _ in places]
+    def _judge(self, places: list[tuple[int, str, bool]], now: float) -> str | None:
+        seqs = [int(place[0]) for place in places]
         front, slowest = max(seqs), seqs.index(min(seqs))
         mark = (slowest, tuple(places[slowest]))
-        if front == seqs[slowest] or mark != self._slowest:
-            # nobody waits for anyone, or the slowest moved (a collective or a round)
+        laggards = [r for r, s in enumerate(seqs) if s < front]
+        if (front == seqs[slowest] or mark != self._slowest
+                or all(len(places[r]) > 2 and places[r][2] for r in laggards)):  # fmt: skip
+            # nobody waits for anyone, the slowest moved (a collective or a round), or the
+            # ranks waited for are in declared work: the clock starts again
             self._slowest, self._since, self._warned = mark, now, False
             return None
         waited = now - self._since
-        laggards = [r for r, s in enumerate(seqs) if s < front]
         waiting = [r for r in range(len(seqs)) if r not in laggards]
         if waited >= self.warn_after_s and not self._warned:  # type: ignore[operator]
             self._warned = True

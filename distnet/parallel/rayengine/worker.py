@@ -96,12 +96,13 @@ class WorkerActor:
         spec = {**spec, "carry_box": self._carry, "join_box": self._join}
         return task(self.comm, self.generation, job, spec, log)
 
-    def progress(self) -> tuple[int, str]:
-        """(number of the last collective, last parameter-server round) of this worker: what
-        the driver's stall check compares (``stallwatch.py``)."""
+    def progress(self) -> tuple[int, str, bool]:
+        """(number of the last collective, last parameter-server round, whether it is in
+        declared work: ``stall.working``) of this worker: what the driver's stall check
+        compares (``stallwatch.py``)."""
         if self.comm is None:
-            return 0, ""
-        return self.comm.trace.last()[0], stall.last_round()
+            return 0, "", False
+        return self.comm.trace.last()[0], stall.last_round(), bool(stall.current_work())
 
     def where(self) -> dict[str, Any]:
         """This worker's place for a stall report: last collective, round, and the Python

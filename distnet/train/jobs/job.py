@@ -185,10 +185,11 @@ def run_job(
     names = ("filters", "reconstructions", "filters-final")
     report["pictures"] = {n: str(out / f"{n}.png") for n in names if (out / f"{n}.png").exists()}
     report["seconds"] = round(time.perf_counter() - started, 3)
-    if rank == 0:
-        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        observe.finished(report["seconds"])
-        report["html"] = observe.html()
+    if rank == 0:  # the others wait in the barrier meanwhile: not a stall
+        with comm.working("writing the report"):
+            (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+            observe.finished(report["seconds"])
+            report["html"] = observe.html()
     comm.barrier()
     report["rank"] = rank
     return report

@@ -241,7 +241,8 @@ def read_checkpoint(
     header: Any = None
     if comm.rank == 0:
         try:
-            found = _read_files(path)
+            with comm.working("reading a checkpoint"):  # the others wait in the broadcast
+                found = _read_files(path)
         except Exception as exc:  # noqa: BLE001  (the other ranks must hear of it, not hang)
             found = exc
         if isinstance(found, Exception):

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,13 +152,20 @@ class _EpochCheckpoint(Callback):
             return
         # collective: sharded state is gathered with every rank taking part
         opt = (self.opt or self.optimizer).gathered_state()
-        if self.ctx.writer:
+        if self.ctx.writer:  # the others wait in the next collective: not a stall
             states, arrays = self._callback_states()
-            save_checkpoint(
-                self.ctx.progress_dir, self.ctx.model, opt,
-                epoch=epoch + 1, step=self.loop.step, stage=self.ctx.index,
-                history=self.history, callbacks=states, **arrays,
-            )  # fmt: skip
+            with _writing(self.ctx.comm, "writing a checkpoint"):
+                save_checkpoint(
+                    self.ctx.progress_dir, self.ctx.model, opt,
+                    epoch=epoch + 1, step=self.loop.step, stage=self.ctx.index,
+                    history=self.history, callbacks=states, **arrays,
+                )  # fmt: skip
+
+
+def _writing(comm: Any, what: str) -> AbstractContextManager[Any]:
+    """The writer's files as declared work (``Communicator.working``: the other ranks wait for
+    it in their next collective, which the stall check must not take for a stall)."""
+    return comm.working(what) if comm is not None else nullcontext()
 
 
 class Pipeline:
@@ -245,8 +253,9 @@ class Pipeline:
             results = dict(stage.fn(ctx) or {})
             results["seconds"] = round(time.perf_counter() - start, 3)
             results["resumed_from_epoch"] = ctx.resumed_epoch
-            if self.writer:
-                self._commit(i, results)
+            if self.writer:  # the others wait in the next stage's first collective
+                with _writing(self.comm, "writing the stage's checkpoint"):
+                    self._commit(i, results)
             self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: done "
                      f"in {results['seconds']:.1f}s")  # fmt: skip
         table = self.status() if self.writer else []

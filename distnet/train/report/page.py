@@ -173,17 +173,22 @@ def _stall_section(data: dict[str, Any]) -> str:
     if not stalls or data["status"] == "finished":
         return ""
     last = stalls[-1]
+    places = last.get("ranks", [])
+    # the parameter-server round (Ray's ps and hybrid strategies: the worker's last push, its
+    # clock), shown where some rank has one
+    rounds = any(place.get("round") for place in places)
     rows, stacks = [], []
-    for place in last.get("ranks", []):
+    for place in places:
         seq = place.get("seq")
         collective = "unknown" if seq is None else f"#{seq} {place.get('op')}" if seq else "none"
-        rows.append([place.get("rank"), collective])
+        rows.append([place.get("rank"), collective, *([place.get("round") or "none"] * rounds)])
         stacks.append(f"<p>rank {html.escape(str(place.get('rank')))}:</p>"
                       f"<pre>{html.escape(str(place.get('stack', '')))}</pre>")  # fmt: skip
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("time", 0)))
     return (f"<h2 id='stall'>Where the ranks were (stall)</h2><p>{html.escape(last['message'])}"
             f" <span class='note'>({when}; {len(stalls)} stall report(s))</span></p>"
-            + _table(["rank", "last collective"], rows) + "".join(stacks))  # fmt: skip
+            + _table(["rank", "last collective", *["last ps round"] * rounds], rows)
+            + "".join(stacks))  # fmt: skip
 
 
 def render(data: dict[str, Any], events: list[dict[str, Any]]) -> str:
