@@ -230,6 +230,10 @@ def check_survivors_went_on(report, rj, log_dir, lost=1):
         # the dead worker's 50 steps and the replacement's 34, each applied once
         assert shard["pushes_applied"] == [STEPS, STEPS], shard
         assert shard["rounds_failed"] == 0 and shard["left"] == []
+    # the ledger: every acknowledged push (the dead worker's implied) held once by every shard
+    ledger = server["ledger"]
+    assert ledger["ok"] and ledger["missing"] == ledger["doubled"] == 0, ledger
+    assert ledger["applied"] == [2 * STEPS, 2 * STEPS], ledger
     # no second generation: the replacement logs rank 1's steps on in generation 1's file
     assert sorted(p.name for p in log_dir.glob("*.jsonl")) == [
         "rank0-gen1.jsonl",
@@ -342,6 +346,8 @@ def test_sync_loss_of_rank_0_resumes_at_the_last_finished_step(ray_cluster, ids_
     (server,) = report["ps_stats"]  # the new group's server: the resumed rest of the stage
     for shard in server["shards"]:
         assert shard["version"] == STEPS - KILL_AT and shard["rounds_lost"] == 0, shard
+    ledger = server["ledger"]  # both workers' acknowledged pushes, each held once
+    assert ledger["ok"] and ledger["acknowledged"] == 2 * (STEPS - KILL_AT), ledger
     accuracy = final_accuracy(job)
     print(f"sync, rank 0 killed: accuracy {accuracy:.3f}, recovery {rec}")
     assert accuracy >= 0.85, accuracy
@@ -414,6 +420,7 @@ def test_async_worker_sigkilled_mid_step_each_step_applied_once_per_shard(ray_cl
     (server,) = report["ps_stats"]
     for shard in server["shards"]:
         assert shard["pushes_applied"] == [STEPS, STEPS], shard
+    assert server["ledger"]["ok"], server["ledger"]  # killed mid-step: nothing lost or doubled
     want = (np.arange(N, dtype=np.float32) + 1) / 10000
     for epoch, seen in logged_ids(log_dir).items():
         seen = np.array(seen, np.float32)

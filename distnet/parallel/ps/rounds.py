@@ -51,6 +51,8 @@ class RoundRules:
     rounds_failed: int
     rounds_lost: int
     restored_from_snapshot: bool
+    ledger: Any
+    incarnations: list[int]
     version: int
     opt: Any
     params: np.ndarray
@@ -164,6 +166,7 @@ class RoundRules:
                     total += np.multiply(g, weight, out=self._scratch())
             self._step()
             for w in sorted(pending):
+                self.ledger.note(w, self.incarnations[w], pending[w][2], 1)
                 self.pushes_applied[w] += 1
                 self._record(w, pending[w][2], pending[w][3])
             self._maybe_snapshot()

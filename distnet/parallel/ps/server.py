@@ -251,6 +251,8 @@ class ParameterServer(ShardCalls):
         parts = self.call_all("state_dict", self.token)
         state: dict[str, Any] = {}
         for key in parts[0]:
+            if key == "ledger":  # per shard, not state to move: ``ledgers()``
+                continue
             if key == "meta":
                 state["shard_meta"] = [p["meta"] for p in parts]
             elif np.ndim(parts[0][key]) == 1:
@@ -282,6 +284,10 @@ class ParameterServer(ShardCalls):
             refs.append((part, self.shards[i].load_state_dict.remote(self.token, part)))
         for i, (part, ref) in enumerate(refs):
             self.call_with_retry(i, lambda s, p=part: s.load_state_dict.remote(self.token, p), ref)
+
+    def ledgers(self) -> list[np.ndarray]:
+        """Every shard's ledger, shape ``(n_i, 4)`` (``ledger.py``; ``check_ledgers``)."""
+        return [np.asarray(r) for r in self.call_all("ledger_rows", self.token)]
 
     def abort(self, reason: str) -> None:
         """The group pushing here is gone: ``abort_rounds(reason)``, and this handle's calls

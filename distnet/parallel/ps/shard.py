@@ -45,6 +45,7 @@ import numpy as np
 
 from distnet.parallel.ps import link
 from distnet.parallel.ps.autostale import AutoStaleness
+from distnet.parallel.ps.ledger import Ledger
 from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
 from distnet.parallel.ps.pushcheck import push_record
@@ -139,6 +140,7 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
         self.linked_pushes = [0] * num_workers  # ... that came through the worker's outbox
         self.rounds_failed = 0
         self.rounds_lost = 0  # sync rounds a restart from a snapshot lost (see _sync_push)
+        self.ledger = Ledger(4)  # (worker, incarnation, clock, kind) per push taken (ledger.py)
         self._aborted: str | None = None  # fails ssp waits (sync rounds end one by one)
         self._init_rounds()  # the sync round and the ssp wait (rounds.py)
         self._init_link()  # the same-node road (shardlink.py)
@@ -215,6 +217,7 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             self.auto.arrived(worker, time.monotonic())
         if self.mode == "sync":
             return await self._sync_push(worker, clock, seen_version, grad, share, linked, record)
+        self.ledger.note(worker, incarnation, clock, 0 if skipped else 1)
         if skipped:
             self.steps_skipped[worker] += 1
             self.clocks[worker] = max(self.clocks[worker], clock)
@@ -319,6 +322,12 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             "placement_group": _ray().get_runtime_context().get_placement_group_id(),
             "node_id": _ray().get_runtime_context().get_node_id(),
         }
+
+    def ledger_rows(self, token: str) -> np.ndarray:
+        """The ledger (``ledger.py``): one row ``(worker, incarnation, clock, kind)`` per push
+        this shard took, in order, shape ``(n, 4)`` int64."""
+        self._check_caller(token, "ledger_rows")
+        return self.ledger.rows()
 
     def ping(self) -> int:
         return os.getpid()

@@ -35,6 +35,7 @@ class ShardState:
     restored_from_snapshot: bool
     snapshot_path: str | None
     snapshot_every: int
+    ledger: Any
     _check_caller: Any
     _publish: Any
     _reply: Any
@@ -47,12 +48,13 @@ class ShardState:
             save_snapshot(self.snapshot_path, self._state())
 
     def state_dict(self, token: str) -> dict[str, Any]:
-        """Arrays (params and optimiser state, numpy) and the counters; shapes ``(hi - lo,)``."""
+        """Arrays (params and optimiser state, numpy) and the counters; shapes ``(hi - lo,)``;
+        ``ledger``: the pushes taken into this state, shape ``(n, 4)`` (``ledger.py``)."""
         self._check_caller(token, "state_dict")
         return self._state()
 
     def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"params": self.params.copy()}
+        state: dict[str, Any] = {"params": self.params.copy(), "ledger": self.ledger.rows()}
         if self.opt is not None:
             for k, v in self.opt.state_dict().items():
                 state[f"opt/{k}"] = v
@@ -87,6 +89,9 @@ class ShardState:
         self.clocks = [int(c) for c in meta["clocks"]]
         self.pushes_applied = [int(c) for c in meta.get("applied", self.clocks)]
         self.load_membership(meta)
+        # the pushes taken into the loaded state: a snapshot's (the later ones are lost with
+        # their updates), none for a state from elsewhere (a checkpoint, a survivor's carry)
+        self.ledger.load(state.get("ledger", np.zeros((0, 4), np.int64)))
         if self.snapshot_path:  # a restart now must come back to this state, not the old one
             save_snapshot(self.snapshot_path, self._state())
 

@@ -15,6 +15,7 @@ from typing import Any
 from distnet.parallel.engine import EngineBase
 from distnet.parallel.ps import link
 from distnet.parallel.ps.autostale import staleness_bound
+from distnet.parallel.ps.ledger import check_ledgers
 from distnet.parallel.rayengine.comm import RayCommunicator
 from distnet.parallel.rayengine.mailbox import JoinFailed
 from distnet.parallel.rayengine.resume import (
@@ -362,12 +363,17 @@ class _ClosingServer(PassThrough):
         self.optimizer.close()
         if sys.exc_info()[0] is not None:
             return
-        self.comm.barrier()
+        # every worker done with the server, and what each was acknowledged (the ledger's
+        # other side: ps/ledger.py)
+        acks = self.comm.allgather(self.optimizer.acknowledged())
         if self.comm.rank == 0:  # per-worker clocks and staleness, for the run's report
+            ps = self.optimizer.ps
             try:
-                self.__dict__["stats"].append(self.optimizer.ps.stats())
+                stats = ps.stats()
+                stats["ledger"] = check_ledgers(ps.ledgers(), dict(a for a in acks if a))
+                self.__dict__["stats"].append(stats)
             finally:
-                self.optimizer.ps.shutdown()
+                ps.shutdown()
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.optimizer, name, value)
