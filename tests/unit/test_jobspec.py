@@ -161,3 +161,16 @@ def test_ray_worker_resources_are_custom_resources_one_table_per_worker():
     three = jobspec.validate({"dist": {"workers": 3, "worker_resources": pins}}, "j.toml")
     with pytest.raises(RayEngineError, match=r"2 table\(s\), one per worker .* \(3 workers\)"):
         options_from_job(three)
+
+
+def test_replicas_is_1_or_2_and_only_for_the_parameter_server():
+    from distnet.parallel.rayengine import options_from_job
+
+    dist = {"engine": "ray", "strategy": "ps", "replicas": 2}
+    job = jobspec.validate({"dist": dist}, "j.toml")
+    assert options_from_job(job).ps["replicas"] == 2
+    assert options_from_job(jobspec.validate({}, "j.toml")).ps["replicas"] == 1  # off
+    with pytest.raises(JobError, match=r"j.toml: \[dist\] replicas: expected 1 or 2"):
+        jobspec.validate({"dist": {**dist, "replicas": 3}}, "j.toml")
+    with pytest.raises(JobError, match="replicas = 2 needs strategy 'ps' or 'hybrid'"):
+        jobspec.validate({"dist": {"engine": "ray", "replicas": 2}}, "j.toml")

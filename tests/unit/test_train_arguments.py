@@ -65,7 +65,7 @@ def test_an_engine_ray_job_runs_with_the_job_specs_dist_defaults(tmp_path, capsy
     assert options.address is None and options.min_workers is None  # 0: every worker
     assert options.rebalance_every == defaults.rebalance_every
     assert options.survivors_go_on is defaults.survivors_go_on
-    ps_keys = ("mode", "staleness", "shards", "workers_per_node")
+    ps_keys = ("mode", "staleness", "shards", "workers_per_node", "replicas")
     assert options.ps == {k: getattr(defaults, k) for k in ps_keys}
 
 
@@ -80,5 +80,5 @@ def test_ray_options_on_the_command_line_override_their_dist_keys(tmp_path, caps
 
 def test_a_dist_section_without_the_specs_defaults_is_refused_by_name():
     """The engine holds no defaults of its own: a partial ``[dist]`` is named, not completed."""
-    with pytest.raises(RayEngineError, match=r"\[dist\] lacks mode, .*survivors_go_on: .*spec"):
+    with pytest.raises(RayEngineError, match=r"\[dist\] lacks mode, .*survivors_go_on, replicas: .*spec"):
         options_from_job({"dist": {"strategy": "allreduce", "workers": 2}})

@@ -53,6 +53,9 @@ class RoundRules:
     restored_from_snapshot: bool
     ledger: Any
     incarnations: list[int]
+    replicated: bool
+    _forward: Any
+    _op_update: Any
     version: int
     opt: Any
     params: np.ndarray
@@ -170,8 +173,13 @@ class RoundRules:
                 self.pushes_applied[w] += 1
                 self._record(w, pending[w][2], pending[w][3])
             self._maybe_snapshot()
+            self._round = SyncRound()  # later pushes (and a retry while it forwards) start anew
+            if self.replicated:  # every worker answered once the backup holds it (replica.py)
+                await self._forward(
+                    self._op_update([(w, self.incarnations[w], pending[w][2], 1)
+                                     for w in sorted(pending)])
+                )  # fmt: skip
             round_done.result = self._round_result(pending)
-            self._round = SyncRound()
             round_done.done.set()
         else:
             # bounded: a worker that died never pushes, and nobody may wait for it forever

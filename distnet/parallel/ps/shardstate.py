@@ -36,6 +36,8 @@ class ShardState:
     snapshot_path: str | None
     snapshot_every: int
     ledger: Any
+    replicated: bool
+    _forward_nowait: Any
     _check_caller: Any
     _publish: Any
     _reply: Any
@@ -68,6 +70,8 @@ class ShardState:
         """Restores what ``state_dict`` gave (the same range); checked before anything moves."""
         self._check_caller(token, "load_state_dict")
         self._load_state(state)
+        if self.replicated:  # ordered before any later push's update (replica.py)
+            self._forward_nowait({"kind": "state", "state": self._state()})
 
     def _load_state(self, state: dict[str, Any]) -> None:
         meta = json.loads(str(state["meta"]))
@@ -127,3 +131,5 @@ class ShardState:
         self.params[...] = params
         if self.opt is not None:
             self._publish()
+        if self.replicated:
+            self._forward_nowait({"kind": "params", "params": params})

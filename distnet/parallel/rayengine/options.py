@@ -153,7 +153,8 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 RAY_DIST_KEYS = ("strategy", "mode", "staleness", "shards", "workers", "cpu_workers",
                  "gpus_per_worker", "min_workers", "placement", "address", "rebalance_every",
-                 "devices", "worker_resources", "workers_per_node", "survivors_go_on")  # fmt: skip
+                 "devices", "worker_resources", "workers_per_node", "survivors_go_on",
+                 "replicas")  # fmt: skip
 """The ``[dist]`` keys this engine reads (their defaults: the job spec's ``DistSpec``)."""
 
 
@@ -204,6 +205,7 @@ def options_from_job(job: dict[str, Any]) -> RayOptions:
             "staleness": staleness_bound(d["staleness"]),
             "shards": int(d["shards"]),
             "workers_per_node": int(d["workers_per_node"]),
+            "replicas": int(d["replicas"]),
         },  # fmt: skip
         # rebalance = false: no re-split (Ray's "auto" re-splits at every measurement)
         rebalance_every=0 if d.get("rebalance") is False else int(d["rebalance_every"]),

@@ -253,6 +253,7 @@ class RayRankEngine(EngineBase):
                 "retries": int(ps_opts.get("retries", 5)),
                 "param_shapes": [tuple(p.data.shape) for p in opt.params],
                 "shard_placement": ps_opts.get("shard_placement", "driver"),
+                "replicas": int(ps_opts.get("replicas", 1)),
             }
             server = self._create_server(opt.flat_params, settings)
         server = self.comm.broadcast_object(server, root=0)

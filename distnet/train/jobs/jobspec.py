@@ -202,6 +202,9 @@ class DistSpec(Section):
     # strategy "ps", async/ssp: a lost worker is replaced while the others go on (false: the
     # group is restarted from the epoch checkpoint; distnet/parallel/rayengine/standin.py)
     survivors_go_on: bool = _field(True, "true or false")
+    # strategy "ps"/"hybrid": copies of each shard (2: primary and backup, an acknowledged
+    # push held by both; distnet/parallel/ps/replica.py)
+    replicas: int = _field(1, "1 or 2 (copies of each parameter-server shard)", ge=1, le=2)
 
     @field_validator("worker_resources")
     @classmethod
@@ -220,7 +223,7 @@ class DistSpec(Section):
 # engine "local" or "mpi" they would do nothing, so they are refused (mode only when not sync)
 RAY_ONLY_KEYS = ("workers", "cpu_workers", "gpus_per_worker", "min_workers", "placement",
                  "address", "workers_per_node", "devices", "worker_resources",
-                 "survivors_go_on", "shards", "staleness", "mode")  # fmt: skip
+                 "survivors_go_on", "shards", "staleness", "mode", "replicas")  # fmt: skip
 
 
 def dist_conflicts(dist: DistSpec) -> list[str]:
@@ -265,6 +268,9 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
     if dist.shards > 1 and not ps:
         out.append(f"shards = {dist.shards} needs strategy 'ps' or 'hybrid' (parameter-server "
                    "shards)")  # fmt: skip
+    if dist.replicas > 1 and not ps:
+        out.append(f"replicas = {dist.replicas} needs strategy 'ps' or 'hybrid' (copies of "
+                   "parameter-server shards)")  # fmt: skip
     if dist.workers_per_node and strategy != "hybrid":
         out.append(f"workers_per_node = {dist.workers_per_node} needs strategy 'hybrid'")
     if dist.shard_optimizer is True and ps:
