@@ -40,6 +40,7 @@ class Engine(Protocol):
 
     comm: Any
     dist: dict[str, Any]
+    stands_in: bool  # a rank taking a lost one's place in a running group
 
     def start(self, job: dict[str, Any], log: Callable[[str], None]) -> None: ...
     def place(self, model: Any, device: str) -> str: ...
@@ -73,6 +74,9 @@ class EngineBase:
     comm: Any = None
     dist: dict[str, Any]
     flat_zeros: Callable[[int, Any], Any] | None = None  # where flat buffers go (None: default)
+    # this rank takes a lost rank's place in a running group (Ray, async/ssp parameter server):
+    # it does not begin the run's records again (run.json, the stage's trained segment)
+    stands_in: bool = False
 
     def flat_owns(self, buf: Any) -> bool:
         """Whether ``buf`` is where ``flat_zeros`` puts flat buffers."""

@@ -19,6 +19,7 @@ from distnet.core.tensor import Tensor, no_grad
 from distnet.nn import CrossEntropyLoss, Dense, Sequential
 from distnet.optim import SGD, Adam
 from distnet.parallel.ps import ParameterServer, ParameterServerOptimizer, PushRefused, shard_ranges
+from distnet.parallel.ps.ledger import check_ledgers
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -55,6 +56,10 @@ class DigitsWorker:
 
     def __init__(self) -> None:
         self.xtr, self.xte, self.ytr, self.yte = digits_split()
+        self.acks = None  # the last run's acknowledged pushes (ParameterServerOptimizer)
+
+    def acknowledged(self):
+        return self.acks
 
     def train_sync(self, ps, index: int, cfg: dict, steps: int, seed: int) -> float:
         model = make_model(seed + 100 + index)  # other init: the server's parameters win
@@ -69,6 +74,7 @@ class DigitsWorker:
             opt.backward(loss, batch_share=len(part) / len(idx))
             opt.step()
         opt.close()
+        self.acks = opt.acknowledged()
         return float(loss.item())
 
     def train_own_shard(
@@ -272,8 +278,17 @@ def test_a_killed_shard_restarts_from_its_snapshot_and_training_finishes(workers
         ray.kill(ps.shards[1], no_restart=False)  # Ray restarts it from its snapshot
         ray.get(refs, timeout=100)
         stats, got = ps.stats(), ps.pull()
+        acks = dict(ray.get([w.acknowledged.remote() for w in workers[:2]], timeout=30))
+        ledger = check_ledgers(ps.ledgers(), acks)
     finally:
         ps.shutdown()
+    # the ledger tells the rounds the restart lost (since shard 1's last snapshot): acknowledged
+    # to both workers, held by shard 0, not by shard 1; nothing applied twice
+    lost = steps - stats["shards"][1]["version"]
+    print(f"killed shard: {lost} round(s) lost, ledger {ledger}")
+    assert ledger["doubled"] == 0 and ledger["missing"] == 2 * lost, ledger
+    assert all(shard == 1 for shard, _, _ in ledger["missing_examples"]), ledger
+    assert ledger["acknowledged"] == 2 * steps and ledger["applied"][0] == 2 * steps
     assert stats["shards"][1]["restored_from_snapshot"]
     assert not stats["shards"][0]["restored_from_snapshot"]
     assert all(w["clock"] == steps for w in stats["workers"])  # every step of both workers done
@@ -313,10 +328,16 @@ def test_a_restored_sync_shard_pairs_the_workers_steps_again(workers, retry_firs
         assert ray.get(retry, timeout=30)[0] == 1  # answered with the restored state
         ray.get([ahead, push(1, 3)], timeout=30)  # step 3 of both, in one round
         stats = ray.get(shard.stats.remote(), timeout=30)
+        rows = ray.get(shard.ledger_rows.remote(ps.token), timeout=30)
     finally:
         ps.shutdown()
     assert stats["version"] == 2 and stats["clocks"] == [3, 3]
     assert stats["rounds_lost"] == 1 and stats["rounds_failed"] == 0
+    # every push was acknowledged; the ledger names round 2 (the one rounds_lost counts) lost
+    acked = np.array([[0, c, 1] for c in (1, 2, 3)], np.int64)
+    ledger = check_ledgers([rows], {0: acked, 1: acked})
+    assert ledger["missing"] == 2 and ledger["doubled"] == 0, ledger
+    assert sorted(ledger["missing_examples"]) == [[0, 0, 2], [0, 1, 2]]
 
 
 @ray.remote

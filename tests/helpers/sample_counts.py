@@ -26,6 +26,34 @@ def write_id_digits(store: Path, samples: int) -> np.ndarray:
     return np.sort(ids)
 
 
+def final_scores(job: dict, samples: int) -> tuple[float, float]:
+    """(cross-entropy, accuracy) of the final stage checkpoint of ``job`` (a loaded MLP job on
+    a store of ``write_id_digits``, 65 features) over its whole training store: the
+    parameters' measure, unlike the last epoch's logged mean, which after a resume inside
+    that epoch covers only the steps run since."""
+    import glob  # noqa: PLC0415
+
+    from distnet import backend  # noqa: PLC0415
+    from distnet.core.functional import cross_entropy  # noqa: PLC0415
+    from distnet.data import StreamLoader  # noqa: PLC0415
+    from distnet.train.jobs.job import build_model  # noqa: PLC0415
+    from distnet.train.loop.checkpoint import load_checkpoint  # noqa: PLC0415
+
+    backend.seed(0)
+    model = build_model(job, 65, 10)
+    load_checkpoint(sorted(glob.glob(job["run"]["out"] + "/stages/*"))[-1], model)
+    with StreamLoader(job["data"]["train"], samples, shuffle=False) as loader:
+        x, y = next(iter(loader))
+    scores = model(x)
+    accuracy = float((np.asarray(scores.data).argmax(axis=1) == np.asarray(y)).mean())
+    return float(cross_entropy(scores, y).data), accuracy
+
+
+def final_loss(job: dict, samples: int) -> float:
+    """The cross-entropy of ``final_scores``."""
+    return final_scores(job, samples)[0]
+
+
 def finished_by_generation(log_dir: Path) -> dict[int, dict[int, list[tuple[int, list]]]]:
     """generation -> epoch -> (step, ids) of every finished step (all ranks); incomplete steps
     left out. Jobs of one stage: ``step`` is then the stage's step count in its generation."""

@@ -179,6 +179,7 @@ RAY_ONLY_VALUES = {
     "shards": "2",
     "staleness": "1",
     "mode": "'ssp'",
+    "replicas": "2",
 }
 
 # what the Ray engine needs beside some of them (each refuses to be set for nothing)
@@ -186,6 +187,7 @@ RAY_ONLY_NEEDS = {
     "mode": "strategy = 'ps'\n",
     "staleness": "strategy = 'ps'\nmode = 'ssp'\n",
     "shards": "strategy = 'ps'\n",
+    "replicas": "strategy = 'ps'\n",
     "workers_per_node": "strategy = 'hybrid'\n",
 }
 
@@ -224,3 +226,16 @@ def test_the_ray_engine_reads_every_key_the_spec_calls_ray_only(tmp_path, key):
     del dist[key]
     with pytest.raises(RayEngineError, match=rf"^\[dist\] lacks {key}: .*job spec"):
         options_from_job({"dist": dist})
+
+
+def test_replicas_is_1_or_2_and_only_for_the_parameter_server():
+    from distnet.parallel.rayengine import options_from_job
+
+    dist = {"engine": "ray", "strategy": "ps", "replicas": 2}
+    job = jobspec.validate({"dist": dist}, "j.toml")
+    assert options_from_job(job).ps["replicas"] == 2
+    assert options_from_job(jobspec.validate({}, "j.toml")).ps["replicas"] == 1  # off
+    with pytest.raises(JobError, match=r"j.toml: \[dist\] replicas: expected 1 or 2"):
+        jobspec.validate({"dist": {**dist, "replicas": 3}}, "j.toml")
+    with pytest.raises(JobError, match="replicas = 2 needs strategy 'ps' or 'hybrid'"):
+        jobspec.validate({"dist": {"engine": "ray", "replicas": 2}}, "j.toml")

@@ -65,7 +65,7 @@ def test_an_engine_ray_job_runs_with_the_job_specs_dist_defaults(tmp_path, capsy
     assert options.address is None and options.min_workers is None  # 0: every worker
     assert options.rebalance_every == defaults.rebalance_every
     assert options.survivors_go_on is defaults.survivors_go_on
-    ps_keys = ("mode", "staleness", "shards", "workers_per_node")
+    ps_keys = ("mode", "staleness", "shards", "workers_per_node", "replicas")
     assert options.ps == {k: getattr(defaults, k) for k in ps_keys}
 
 

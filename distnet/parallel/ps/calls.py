@@ -54,6 +54,23 @@ def _fetch(ray: Any, ref: Any, timeout_s: float) -> Any:
     return result
 
 
+def _fail_over(ps: Any, i: int, err: BaseException) -> bool:
+    """After a call to shard ``i`` found its actor dead: whether the call can go on to a live
+    replica. The dead one is the shard's primary: its backup, which holds every push the
+    primary acknowledged (``replica.py``), takes over in ``ps.shards``. Or another call on this
+    handle switched already (the dead actor is no longer the one in ``ps.shards``)."""
+    backups = ps.__dict__.get("backups") or []
+    dead = getattr(err, "actor_id", None)
+    current = ps.shards[i]._actor_id.hex()
+    if dead is not None and dead != current:
+        return True
+    if i < len(backups) and backups[i]:
+        ps.shards[i] = backups[i].pop(0)
+        ps.failovers = ps.__dict__.get("failovers", 0) + 1
+        return True
+    return False
+
+
 def call_shards(ps: Any, submit: Callable[[int, Any], Any], refs: dict[int, Any]) -> dict[int, Any]:
     """Results, by shard index, of one call to each shard in ``refs`` (index -> the call's
     reference already in flight, or None to send it with ``submit(index, shard)``).
@@ -94,6 +111,9 @@ def call_shards(ps: Any, submit: Callable[[int, Any], Any], refs: dict[int, Any]
                     raise GetTimeoutError(f"no answer within {ps.timeout_s:g} s")
                 results[i] = _fetch(ray, ref, ps.timeout_s)
             except retryable() as err:
+                if _died(err) and _fail_over(ps, i, err):
+                    resend[i] = now  # to the backup, at once (replica.py)
+                    continue
                 attempts[i] += 1
                 if attempts[i] > ps.retries or (not ps.snapshot_every and _died(err)):
                     lost = (

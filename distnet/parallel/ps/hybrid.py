@@ -169,6 +169,11 @@ class HybridOptimizer(SyncOptimizer):
             self.pusher.pull()
         self.node_comm.broadcast(self.optimizer.flat_params, root=0)
 
+    def acknowledged(self) -> tuple[int, Any] | None:
+        """The node leader's acknowledged pushes (``ParameterServerOptimizer.acknowledged``);
+        None on the other workers (they do not push)."""
+        return self.pusher.acknowledged() if self.pusher is not None else None
+
     def close(self) -> None:
         """Nothing to hand back: the shards hold the parameters every replica has."""
         if self.pusher is not None:

@@ -85,6 +85,8 @@ class Membership:
         self._check_member(token, worker, "leave")
         self.left.add(worker)
         self._note("leave", worker)
+        if self.replicated:
+            await self._forward(self._op_members())
         async with self._clock_changed:  # ssp waits re-check their bound without it
             self._clock_changed.notify_all()
         return {"clock": self.clocks[worker], "clocks": list(self.clocks)}
@@ -110,6 +112,8 @@ class Membership:
         self.left.discard(worker)
         self.incarnations[worker] += 1
         self._note("join", worker)
+        if self.replicated:
+            await self._forward(self._op_members())
         async with self._clock_changed:
             self._clock_changed.notify_all()
         return self.clocks[worker], self.incarnations[worker]

@@ -51,6 +51,11 @@ class RoundRules:
     rounds_failed: int
     rounds_lost: int
     restored_from_snapshot: bool
+    ledger: Any
+    incarnations: list[int]
+    replicated: bool
+    _forward: Any
+    _op_update: Any
     version: int
     opt: Any
     params: np.ndarray
@@ -164,11 +169,17 @@ class RoundRules:
                     total += np.multiply(g, weight, out=self._scratch())
             self._step()
             for w in sorted(pending):
+                self.ledger.note(w, self.incarnations[w], pending[w][2], 1)
                 self.pushes_applied[w] += 1
                 self._record(w, pending[w][2], pending[w][3])
             self._maybe_snapshot()
+            self._round = SyncRound()  # later pushes (and a retry while it forwards) start anew
+            if self.replicated:  # every worker answered once the backup holds it (replica.py)
+                await self._forward(
+                    self._op_update([(w, self.incarnations[w], pending[w][2], 1)
+                                     for w in sorted(pending)])
+                )  # fmt: skip
             round_done.result = self._round_result(pending)
-            self._round = SyncRound()
             round_done.done.set()
         else:
             # bounded: a worker that died never pushes, and nobody may wait for it forever

@@ -75,6 +75,7 @@ class ParameterServer(ShardCalls):
         timeout_s: float,
         retries: int,
         owns_snapshot_dir: bool = False,
+        backups: list[list[Any]] | None = None,
     ) -> None:
         self.shards, self.ranges, self.size = shards, ranges, size
         self.mode, self.staleness, self.num_workers = mode, staleness, num_workers
@@ -83,6 +84,9 @@ class ParameterServer(ShardCalls):
         self.timeout_s, self.retries = timeout_s, retries
         self._owns_snapshot_dir = owns_snapshot_dir
         self.aborted: str | None = None  # set by abort(): calls stop retrying
+        # replicas = 2: shard i's backup, which takes over when it dies (replica.py, calls.py)
+        self.backups = backups if backups is not None else [[] for _ in shards]
+        self.failovers = 0
 
     @classmethod
     def create(
@@ -104,6 +108,7 @@ class ParameterServer(ShardCalls):
         timeout_s: float = 120.0,
         retries: int = 5,
         round_timeout_s: float | None = None,
+        replicas: int = 1,
     ) -> ParameterServer:
         """Starts ``shards`` shard actors over ``flat_params`` (1-D float32, shape ``(n,)``).
 
@@ -129,6 +134,9 @@ class ParameterServer(ShardCalls):
                 ``timeout_s``/``retries``: per call.
             round_timeout_s: the longest a shard's sync round or ssp wait waits for the other
                 workers (None: ``timeout_s * (retries + 1)``, the patience of a worker's call).
+            replicas: 1, or 2 (primary and backup, ``replica.py``): a push is acknowledged
+                once both applied it, and the backup takes over when the primary dies (then
+                no shard is restarted by Ray from its snapshot).
         """
         ray = _ray()
         from distnet import backend
@@ -170,14 +178,17 @@ class ParameterServer(ShardCalls):
             snapshot_dir, owns = tempfile.mkdtemp(prefix="distnet-ps-"), True
         if snapshot_dir is not None:
             Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
-        if not snapshot_every:
+        if int(replicas) not in (1, 2):
+            raise ValueError(f"parameter server: replicas must be 1 or 2, got {replicas!r}")
+        if not snapshot_every or int(replicas) > 1:
             max_restarts = 0
         if round_timeout_s is None:
             round_timeout_s = timeout_s * (retries + 1)
         token = secrets.token_hex(16)
         params_ref = ray.put(flat)  # once; each shard slices its own range out of it
         actor = ray.remote(ParameterServerShard)
-        handles = []
+        handles: list[Any] = []
+        backups: list[list[Any]] = []
         for i, (lo, hi) in enumerate(ranges):
             options: dict[str, Any] = {
                 "max_restarts": max_restarts,
@@ -186,36 +197,37 @@ class ParameterServer(ShardCalls):
             }
             options.update(_placement_options(placement, i))
             snap = None if snapshot_dir is None else str(Path(snapshot_dir) / f"shard-{i}.npz")
+            common = {
+                "mode": mode, "staleness": staleness, "num_workers": num_workers,
+                "token": token, "optimizer": optimizer, "optimizer_on": optimizer_on,
+                "snapshot_every": snapshot_every, "round_timeout_s": round_timeout_s,
+                "penalty_mask": None if mask is None else mask[lo:hi],
+                "threads": max(1, int(num_cpus)),
+            }  # fmt: skip
+            backup = None
+            if int(replicas) > 1:  # no snapshots of its own: the primary's file is the shard's
+                backup = actor.options(**options).remote(
+                    i, lo, hi, params_ref, snapshot_path=None, role="backup", **common
+                )
+            backups.append([] if backup is None else [backup])
             handles.append(
                 actor.options(**options).remote(
-                    i,
-                    lo,
-                    hi,
-                    params_ref,
-                    mode=mode,
-                    staleness=staleness,
-                    num_workers=num_workers,
-                    token=token,
-                    optimizer=optimizer,
-                    optimizer_on=optimizer_on,
-                    snapshot_path=snap,
-                    snapshot_every=snapshot_every,
-                    penalty_mask=None if mask is None else mask[lo:hi],
-                    round_timeout_s=round_timeout_s,
-                    threads=max(1, int(num_cpus)),
+                    i, lo, hi, params_ref, snapshot_path=snap, backup=backup,
+                    role="single" if backup is None else "primary", **common,
                 )
-            )
+            )  # fmt: skip
         ps = cls(
             handles, ranges, size=flat.size, mode=mode, staleness=staleness,
             num_workers=num_workers, optimizer_on=optimizer_on, token=token,
             snapshot_every=snapshot_every,
             snapshot_dir=None if snapshot_dir is None else str(snapshot_dir),
-            timeout_s=timeout_s, retries=retries, owns_snapshot_dir=owns,
+            timeout_s=timeout_s, retries=retries, owns_snapshot_dir=owns, backups=backups,
         )  # fmt: skip
         # A restart re-runs the constructor with the same arguments: the initial parameters
         # must outlive create() (else Ray fails the restart with ReferenceCountingAssertionError)
         ps._init_params_ref = params_ref
         ps.call_all("ping")  # constructors ran (and failed loudly here if they failed)
+        ray.get([b.ping.remote() for bs in backups for b in bs], timeout=timeout_s)
         return ps
 
     # --- driver-side API ------------------------------------------------------------------
@@ -251,6 +263,8 @@ class ParameterServer(ShardCalls):
         parts = self.call_all("state_dict", self.token)
         state: dict[str, Any] = {}
         for key in parts[0]:
+            if key == "ledger":  # per shard, not state to move: ``ledgers()``
+                continue
             if key == "meta":
                 state["shard_meta"] = [p["meta"] for p in parts]
             elif np.ndim(parts[0][key]) == 1:
@@ -283,6 +297,10 @@ class ParameterServer(ShardCalls):
         for i, (part, ref) in enumerate(refs):
             self.call_with_retry(i, lambda s, p=part: s.load_state_dict.remote(self.token, p), ref)
 
+    def ledgers(self) -> list[np.ndarray]:
+        """Every shard's ledger, shape ``(n_i, 4)`` (``ledger.py``; ``check_ledgers``)."""
+        return [np.asarray(r) for r in self.call_all("ledger_rows", self.token)]
+
     def abort(self, reason: str) -> None:
         """The group pushing here is gone: ``abort_rounds(reason)``, and this handle's calls
         stop retrying."""
@@ -312,7 +330,7 @@ class ParameterServer(ShardCalls):
     def shutdown(self) -> None:
         """Kills the shards (no restart) and removes a snapshot directory this handle made."""
         ray = _ray()
-        for s in self.shards:
+        for s in [*self.shards, *(b for bs in self.backups for b in bs)]:
             try:
                 ray.kill(s, no_restart=True)
             except Exception:  # noqa: BLE001 (already gone)

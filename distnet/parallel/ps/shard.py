@@ -45,9 +45,11 @@ import numpy as np
 
 from distnet.parallel.ps import link
 from distnet.parallel.ps.autostale import AutoStaleness
+from distnet.parallel.ps.ledger import Ledger
 from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
 from distnet.parallel.ps.pushcheck import push_record
+from distnet.parallel.ps.replica import Replication
 from distnet.parallel.ps.rounds import RoundFailed, RoundRules
 from distnet.parallel.ps.shardchecks import ShardChecks
 from distnet.parallel.ps.shardlink import ShardLink
@@ -73,7 +75,7 @@ def _was_restarted() -> bool:
         return False
 
 
-class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, ShardLink):
+class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, ShardLink, Replication):
     """One shard: its counters, the one call per step and the updates (wrapped by
     ``ray.remote`` in ``server.py``); the checks, rounds, state and board are its mixins.
 
@@ -113,6 +115,8 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
         penalty_mask: np.ndarray | None = None,
         round_timeout_s: float = 600.0,
         threads: int = 1,
+        backup: Any = None,
+        role: str = "single",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"parameter server: mode must be one of {MODES}, got {mode!r}")
@@ -139,11 +143,13 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
         self.linked_pushes = [0] * num_workers  # ... that came through the worker's outbox
         self.rounds_failed = 0
         self.rounds_lost = 0  # sync rounds a restart from a snapshot lost (see _sync_push)
+        self.ledger = Ledger(4)  # (worker, incarnation, clock, kind) per push taken (ledger.py)
         self._aborted: str | None = None  # fails ssp waits (sync rounds end one by one)
         self._init_rounds()  # the sync round and the ssp wait (rounds.py)
         self._init_link()  # the same-node road (shardlink.py)
         self.opt = None
         self._init_membership()  # async/ssp: workers that leave and join (membership.py)
+        self._init_replication(backup, role)  # replicas = 2: the backup (replica.py)
         mine = np.asarray(params, dtype=np.float32)[lo:hi]
         if optimizer_on == "server":
             self.opt = build_optimizer(optimizer, mine, penalty_mask)
@@ -215,6 +221,7 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             self.auto.arrived(worker, time.monotonic())
         if self.mode == "sync":
             return await self._sync_push(worker, clock, seen_version, grad, share, linked, record)
+        self.ledger.note(worker, incarnation, clock, 0 if skipped else 1)
         if skipped:
             self.steps_skipped[worker] += 1
             self.clocks[worker] = max(self.clocks[worker], clock)
@@ -223,6 +230,12 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             self.pushes_applied[worker] += 1
             self._record(worker, clock, seen_version)
             self._maybe_snapshot()
+        if self.replicated:  # answered once the backup holds it too (replica.py)
+            await self._forward(
+                {"kind": "skip", "worker": worker, "incarnation": incarnation, "clock": clock}
+                if skipped
+                else self._op_update([(worker, incarnation, clock, 1)])
+            )
         async with self._clock_changed:
             self._clock_changed.notify_all()
             if self.mode == "ssp":
@@ -263,6 +276,9 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
 
     def _step(self) -> None:
         """The optimiser's step on ``flat_grads`` (a summing shard keeps the sum instead)."""
+        if self._backup is not None:  # the backup steps on the same input (replica.py)
+            stepped_on = self.opt.flat_grads if self.opt is not None else self._last_sum
+            self._step_grad = stepped_on.copy()
         if self.opt is not None:
             self._limit_kernel_threads()
             self.opt.step()
@@ -316,9 +332,17 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             "ignored_pushes": list(self.ignored_pushes),
             "membership": [dict(m) for m in self.membership],
             "restored_from_snapshot": self.restored_from_snapshot,
+            "replica_role": self.replica_role,
+            "backup_lost": self.backup_lost,
             "placement_group": _ray().get_runtime_context().get_placement_group_id(),
             "node_id": _ray().get_runtime_context().get_node_id(),
         }
+
+    def ledger_rows(self, token: str) -> np.ndarray:
+        """The ledger (``ledger.py``): one row ``(worker, incarnation, clock, kind)`` per push
+        this shard took, in order, shape ``(n, 4)`` int64."""
+        self._check_caller(token, "ledger_rows")
+        return self.ledger.rows()
 
     def ping(self) -> int:
         return os.getpid()

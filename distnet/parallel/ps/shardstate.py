@@ -35,6 +35,9 @@ class ShardState:
     restored_from_snapshot: bool
     snapshot_path: str | None
     snapshot_every: int
+    ledger: Any
+    replicated: bool
+    _forward_nowait: Any
     _check_caller: Any
     _publish: Any
     _reply: Any
@@ -47,12 +50,13 @@ class ShardState:
             save_snapshot(self.snapshot_path, self._state())
 
     def state_dict(self, token: str) -> dict[str, Any]:
-        """Arrays (params and optimiser state, numpy) and the counters; shapes ``(hi - lo,)``."""
+        """Arrays (params and optimiser state, numpy) and the counters; shapes ``(hi - lo,)``;
+        ``ledger``: the pushes taken into this state, shape ``(n, 4)`` (``ledger.py``)."""
         self._check_caller(token, "state_dict")
         return self._state()
 
     def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"params": self.params.copy()}
+        state: dict[str, Any] = {"params": self.params.copy(), "ledger": self.ledger.rows()}
         if self.opt is not None:
             for k, v in self.opt.state_dict().items():
                 state[f"opt/{k}"] = v
@@ -66,6 +70,8 @@ class ShardState:
         """Restores what ``state_dict`` gave (the same range); checked before anything moves."""
         self._check_caller(token, "load_state_dict")
         self._load_state(state)
+        if self.replicated:  # ordered before any later push's update (replica.py)
+            self._forward_nowait({"kind": "state", "state": self._state()})
 
     def _load_state(self, state: dict[str, Any]) -> None:
         meta = json.loads(str(state["meta"]))
@@ -87,6 +93,9 @@ class ShardState:
         self.clocks = [int(c) for c in meta["clocks"]]
         self.pushes_applied = [int(c) for c in meta.get("applied", self.clocks)]
         self.load_membership(meta)
+        # the pushes taken into the loaded state: a snapshot's (the later ones are lost with
+        # their updates), none for a state from elsewhere (a checkpoint, a survivor's carry)
+        self.ledger.load(state.get("ledger", np.zeros((0, 4), np.int64)))
         if self.snapshot_path:  # a restart now must come back to this state, not the old one
             save_snapshot(self.snapshot_path, self._state())
 
@@ -122,3 +131,5 @@ class ShardState:
         self.params[...] = params
         if self.opt is not None:
             self._publish()
+        if self.replicated:
+            self._forward_nowait({"kind": "params", "params": params})

@@ -24,6 +24,7 @@ import numpy as np
 from distnet import backend, trace
 from distnet.optim import in_backward
 from distnet.parallel.ps import link
+from distnet.parallel.ps.ledger import Ledger
 from distnet.parallel.ps.pushcheck import push_site
 from distnet.parallel.ps.server import ParameterServer
 from distnet.parallel.stall import note_round
@@ -66,6 +67,7 @@ class ParameterServerOptimizer(SyncOptimizer):
         self.rounds_skipped = 0  # sync: steps every worker skipped (no round on the shards)
         self.incarnation = 0  # > 0: a replacement that joined the running server (join())
         self.seen_versions = [0] * len(ps.shards)
+        self.acks = Ledger(3)  # (incarnation, clock, kind) every shard acknowledged
         self._weighted: np.ndarray | None = None
         # the same-node road (link.py): the weighted gradient goes into this worker's outbox
         # and every shard that can map it reads its slice there; a shard that answers
@@ -126,7 +128,7 @@ class ParameterServerOptimizer(SyncOptimizer):
             lo, hi = ps.ranges[i]
             return np.ascontiguousarray(grads[lo:hi])
 
-        self._push_pull(payload, share)
+        self._push_pull(payload, share, 1)
         if on_server:
             opt.steps += 1  # schedules that read the step count see the same count as locally
         else:
@@ -144,12 +146,13 @@ class ParameterServerOptimizer(SyncOptimizer):
             self.rounds_skipped += 1
             return
         self.optimizer.follow_layout()
-        self._push_pull(lambda i: None, 1.0)
+        self._push_pull(lambda i: None, 1.0, 0)
 
-    def _push_pull(self, payload: Any, share: float) -> None:
+    def _push_pull(self, payload: Any, share: float, kind: int) -> None:
         """One step's call to every shard (``payload(i)``: shard i's gradient slice, its
-        outbox reference, or None for a skipped step); takes the replies into the flat
-        parameters (the summed gradient with the optimiser on the workers)."""
+        outbox reference, or None for a skipped step, ``kind`` 0); takes the replies into the
+        flat parameters (the summed gradient with the optimiser on the workers) and notes
+        the push as acknowledged (``acks``, the ledger's other side)."""
         opt, ps = self.optimizer, self.ps
         self.clock += 1
         note_round("push_pull", self.clock)  # where this worker is, for a stall report
@@ -174,6 +177,7 @@ class ParameterServerOptimizer(SyncOptimizer):
                     self._by_link[i] = False
                     version, part = ps.call_with_retry(i, lambda s, i=i: submit(i, s))
                 self.seen_versions[i] = self._take(i, target, version, part)
+        self.acks.note(self.incarnation, self.clock, kind)
 
     def _outbox_ref(self, grads: np.ndarray, share: float) -> link.LinkRef | None:
         """Where the shards find this step's (weighted) gradient: the flat gradient buffer
@@ -277,6 +281,11 @@ class ParameterServerOptimizer(SyncOptimizer):
         self.incarnation = max(inc for _, inc in joined)
         self._pull_all()
         return self.clock
+
+    def acknowledged(self) -> tuple[int, np.ndarray]:
+        """(this worker's index, its acknowledged pushes, shape ``(m, 3)``: incarnation,
+        clock, kind), for ``ledger.check_ledgers``."""
+        return self.worker_index, self.acks.rows()
 
     def close(self) -> None:
         """Worker 0 publishes its parameters when the optimiser runs on the workers."""

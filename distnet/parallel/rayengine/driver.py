@@ -84,6 +84,7 @@ class RayJob(WorkerPlacement):
         self._t0 = time.perf_counter()
         self.recoveries: list[dict[str, Any]] = []  # per lost worker: seconds, where resumed
         self._started_ray = False
+        self.keeper: Any = None  # owns the parameter-server shards (strategy ps/hybrid)
 
     def _rank_spec(self, rank: int) -> dict[str, Any]:
         spec = self.specs[self.bundles[rank]]
@@ -104,6 +105,8 @@ class RayJob(WorkerPlacement):
             "trace": self.opt.trace,
             "resume": self.resume_from_carry,
             "survivors_go_on": self.opt.survivors_go_on,
+            "shard_keeper": self.keeper,
+            "collective_timeout_s": self.opt.collective_timeout_s,
         }
 
     # --- running --------------------------------------------------------------------------
@@ -117,6 +120,10 @@ class RayJob(WorkerPlacement):
                 init.setdefault("num_cpus", max(os.cpu_count() or 1, int(wanted + 0.999)))
             self._started_ray = start_ray(self.opt.address, **init)
             self._place()
+            if self.opt.strategy in ("ps", "hybrid"):  # the shards belong to the job
+                from distnet.parallel.ps.keeper import start_keeper  # noqa: PLC0415
+
+                self.keeper = start_keeper()
             while True:
                 self._setup_group()
                 outcome = self._attempt(job)
@@ -129,6 +136,10 @@ class RayJob(WorkerPlacement):
                     return outcome
                 self._recover(outcome)
         finally:
+            from distnet.parallel.ps.keeper import stop_keeper  # noqa: PLC0415
+
+            stop_keeper(self.keeper)  # before stop(): it may shut Ray down
+            self.keeper = None
             self.stop()
 
     def _attempt(self, job: dict[str, Any]) -> dict[str, Any] | list[int]:
@@ -231,6 +242,11 @@ class RayJob(WorkerPlacement):
             )
         started = time.perf_counter()
         holder = choose_carry(self.actors, lost, self.opt.mid_epoch_resume)
+        if self.keeper is not None:  # the carry is taken: the next group gets a new server
+            try:
+                ray.get(self.keeper.shutdown_all.remote(), timeout=30)
+            except ray.exceptions.RayError:
+                pass  # a keeper gone took its shards with it
         where = (
             f"epoch {holder[1]['epoch']} after global step {holder[1]['steps']} of the stage"
             if holder is not None

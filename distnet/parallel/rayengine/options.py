@@ -77,10 +77,10 @@ class RayOptions:
     start_timeout_s: float = 120.0
     replace_timeout_s: float = 60.0
     fail_at_step: dict[int, int] = field(default_factory=dict)  # rank -> step (tests)
-    # fault injection (tests): {"generation", "rank", "step", "action": "exit" | "raise" |
-    # "kill_shard", "shard", "delay_s"}: at that step of that generation the rank exits, raises
-    # a RuntimeError, or SIGKILLs the stage's parameter-server shard after delay_s (a timer:
-    # mid-way through the next step)
+    # fault injection (tests): {"generation", "rank", "step", "action": "exit" | "sigkill" |
+    # "raise" | "kill_shard", "shard", "delay_s"}: at that step of that generation the rank
+    # exits, SIGKILLs its own process, raises a RuntimeError, or SIGKILLs the stage's
+    # parameter-server shard after delay_s (a timer: mid-way through the next step)
     faults: list[dict[str, Any]] = field(default_factory=list)
     sample_log: str | None = None  # directory (tests)
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
@@ -205,6 +205,7 @@ def _options(d: dict[str, Any]) -> RayOptions:
             "staleness": staleness_bound(d["staleness"]),
             "shards": int(d["shards"]),
             "workers_per_node": int(d["workers_per_node"]),
+            "replicas": int(d["replicas"]),
         },  # fmt: skip
         # rebalance = false: no re-split (Ray's "auto" re-splits at every measurement)
         rebalance_every=0 if d.get("rebalance") is False else int(d["rebalance_every"]),

@@ -15,6 +15,7 @@ from typing import Any
 from distnet.parallel.engine import EngineBase
 from distnet.parallel.ps import link
 from distnet.parallel.ps.autostale import staleness_bound
+from distnet.parallel.ps.ledger import check_ledgers
 from distnet.parallel.rayengine.comm import RayCommunicator
 from distnet.parallel.rayengine.mailbox import JoinFailed
 from distnet.parallel.rayengine.resume import (
@@ -77,6 +78,7 @@ class RayRankEngine(EngineBase):
         # async/ssp ps: a replacement may join this group (standin.py); ``join``: this rank
         # is such a replacement
         self.join = spec.get("join")
+        self.stands_in = bool(self.join)
         self.joins = JoinRecord(spec.get("join_box"), comm, spec)
         if self.join:
             comm.replay(self.join["log"], self.join["seq"])
@@ -209,6 +211,8 @@ class RayRankEngine(EngineBase):
         import signal  # noqa: PLC0415
         import threading  # noqa: PLC0415
 
+        if fault["action"] == "sigkill":  # this worker's process killed, as `kill -9` does
+            os.kill(os.getpid(), signal.SIGKILL)
         server = self.servers[-1]
         pid = server.call_with_retry(fault["shard"], lambda s: s.ping.remote())
         timer = threading.Timer(fault.get("delay_s", 0.0), os.kill, (pid, signal.SIGKILL))
@@ -217,12 +221,13 @@ class RayRankEngine(EngineBase):
 
     def parameter_server(self, opt: Any, hybrid: bool = False) -> Any:
         """A ``ParameterServerOptimizer`` over a parameter server made for this stage's
-        parameters by rank 0 (its picklable handle is broadcast; its shard actors are owned
-        by rank 0's actor, so they end with the job). ``close()`` shuts it down. ``hybrid``:
-        a ``HybridOptimizer`` instead, the server taking one push per node."""
+        parameters at rank 0's request (its picklable handle is broadcast). The job's
+        ``ShardKeeper`` (``spec["shard_keeper"]``, started by the driver) creates and owns the
+        shards, so they outlive any worker, rank 0 included; a stand-in for rank 0 joins the
+        running server instead. ``close()`` shuts it down. ``hybrid``: a ``HybridOptimizer``
+        instead, the server taking one push per node."""
         from distnet.parallel.ps import (  # noqa: PLC0415
             HybridOptimizer,
-            ParameterServer,
             ParameterServerOptimizer,
         )
         from distnet.parallel.ps.optimizers import optimizer_settings  # noqa: PLC0415
@@ -237,22 +242,22 @@ class RayRankEngine(EngineBase):
                 self.nodes = self._groups.nodes
             pushers = self._groups.num_nodes
         server = None
-        if self.comm.rank == 0:  # the others wait in the broadcast below: not a stall
-            settings = optimizer_settings(opt)
-            shards = int(ps_opts.get("shards", 1))
+        if self.comm.rank == 0 and not self.join:  # a stand-in for rank 0 joins its server
+            settings = {
+                "shards": int(ps_opts.get("shards", 1)),
+                "mode": ps_opts.get("mode", "sync"),
+                "staleness": staleness_bound(ps_opts.get("staleness", 0)),
+                "num_workers": pushers,
+                "optimizer": optimizer_settings(opt),
+                "snapshot_every": int(ps_opts.get("snapshot_every", 0)),
+                "retries": int(ps_opts.get("retries", 5)),
+                "param_shapes": [tuple(p.data.shape) for p in opt.params],
+                "shard_placement": ps_opts.get("shard_placement", "driver"),
+                "replicas": int(ps_opts.get("replicas", 1)),
+            }
+            # the others wait in the broadcast below: not a stall
             with self.comm.working("starting the parameter server"):
-                server = ParameterServer.create(
-                    opt.flat_params,
-                    shards=shards,
-                    mode=ps_opts.get("mode", "sync"),
-                    staleness=staleness_bound(ps_opts.get("staleness", 0)),
-                    num_workers=pushers,
-                    optimizer=settings,
-                    snapshot_every=int(ps_opts.get("snapshot_every", 0)),
-                    retries=int(ps_opts.get("retries", 5)),
-                    param_shapes=[tuple(p.data.shape) for p in opt.params],
-                    placement=[_on_this_node()] * shards,
-                )
+                server = self._create_server(opt.flat_params, settings)
         server = self.comm.broadcast_object(server, root=0)
         # a sync round whose worker died never completes: leave it, and end it on the shards,
         # when the driver aborts (the shards stay up until rank 0's after_failure took its
@@ -269,6 +274,23 @@ class RayRankEngine(EngineBase):
                 wrapped.join(self.join["clock"])
         return _ClosingServer(wrapped, self.comm, self.ps_stats, self.joins)
 
+    def _create_server(self, flat: Any, settings: dict[str, Any]) -> Any:
+        """A new ``ParameterServer`` over ``flat`` (shape ``(n,)``): made by the job's keeper
+        (bounded wait), or here, owned by this actor, when the driver gave none."""
+        import numpy as np  # noqa: PLC0415
+        import ray  # noqa: PLC0415
+
+        from distnet import backend  # noqa: PLC0415
+        from distnet.parallel.ps import ParameterServer  # noqa: PLC0415
+
+        flat = np.array(backend.to_device(flat, "cpu"), dtype=np.float32, copy=True)
+        keeper = self.spec.get("shard_keeper")
+        if keeper is None:
+            settings.pop("shard_placement", None)
+            return ParameterServer.create(flat, **settings)
+        wait_s = float(self.spec.get("collective_timeout_s") or 300.0)
+        return ray.get(keeper.create.remote(flat, settings), timeout=wait_s)
+
     def close(self, failed: bool = False) -> None:
         """Rank 0 stops the shards of every server it started that a stage did not close (a
         failed run): they would live on, waiting, as long as this actor. ``failed``: this
@@ -282,21 +304,6 @@ class RayRankEngine(EngineBase):
                 else:
                     server.shutdown()
         self.servers = []
-
-
-def _on_this_node() -> dict[str, Any]:
-    """Actor options that start an actor on this worker's node.
-
-    The shards are owned by rank 0's actor and die with it whatever node they run on (Ray's
-    owner fate-sharing): anywhere else they would only add a node whose loss ends the job.
-    Left to Ray they spread over the cluster (a 3-node test cluster put them on the head and
-    on the other worker's node). Hard affinity: Ray 2.60's ``soft=True`` still placed one of
-    two 0-CPU shards on the head node."""
-    import ray  # noqa: PLC0415
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
-
-    node = ray.get_runtime_context().get_node_id()
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
 class _ClosingServer(PassThrough):
@@ -335,8 +342,8 @@ class _ClosingServer(PassThrough):
         ps = self.optimizer.ps
         if ps.mode != "sync":
             return False
-        # No retries: a shard that died (with rank 0, its owner) or is restarting from a
-        # snapshot holds no sure state, and the epoch's checkpoint does.
+        # No retries: a shard that died or is restarting from a snapshot holds no sure
+        # state, and the epoch's checkpoint does.
         try:
             stats = ps.call_all_once("stats", timeout_s=min(ps.timeout_s, 10.0))
         except Exception:  # noqa: BLE001
@@ -359,12 +366,17 @@ class _ClosingServer(PassThrough):
         self.optimizer.close()
         if sys.exc_info()[0] is not None:
             return
-        self.comm.barrier()
+        # every worker done with the server, and what each was acknowledged (the ledger's
+        # other side: ps/ledger.py)
+        acks = self.comm.allgather(self.optimizer.acknowledged())
         if self.comm.rank == 0:  # per-worker clocks and staleness, for the run's report
+            ps = self.optimizer.ps
             try:
-                self.__dict__["stats"].append(self.optimizer.ps.stats())
+                stats = ps.stats()
+                stats["ledger"] = check_ledgers(ps.ledgers(), dict(a for a in acks if a))
+                self.__dict__["stats"].append(stats)
             finally:
-                self.optimizer.ps.shutdown()
+                ps.shutdown()
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.optimizer, name, value)

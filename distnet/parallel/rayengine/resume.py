@@ -23,7 +23,8 @@ interrupted epoch from its start), when: the stage had not finished a step yet, 
 had just ended (its checkpoint may not be written), the stage trains on a loader other than
 the one noted (cached codes of a stacked autoencoder's deeper layers), the optimiser state
 is sharded over the ranks (ZeRO), or the parameter-server shards disagree on the last round
-(the dead worker pushed to some shards only) or are gone with rank 0, their owner.
+(the dead worker pushed to some shards only) or one was lost (no snapshot). The shards
+belong to the job (``ps/keeper.py``), so rank 0's death leaves them, and a carry, in place.
 """
 
 from __future__ import annotations

@@ -1,20 +1,21 @@
 """A lost worker replaced while the others go on (strategy "ps", modes async and ssp).
 
 Downpour SGD and the OSDI 2014 parameter server let workers leave and join a running server.
-Here, when a worker (not rank 0, whose actor owns the shards) dies during a parameter-server
-stage in async or ssp mode:
+Here, when a worker (rank 0 too: the shards belong to the job, see ``ps/keeper.py``) dies
+during a parameter-server stage in async or ssp mode:
 
-1. the driver asks rank 0 where its stage stands (``JoinRecord.info``) and tells the shards
+1. the driver asks a survivor (rank 0, or rank 1 when rank 0 died: every rank keeps the
+   record) where its stage stands (``JoinRecord.info``) and tells the shards
    that the worker left (``leave``): ssp's bound is then taken over the live workers, so the
    survivors are never held for the dead one, and its late pushes are ignored;
 2. the dead worker's data position follows from the shards: it finished ``c`` steps of the
    stage, the lowest clock any shard holds for it, so it stands ``c - c0`` steps away from
-   rank 0's last noted step (clock ``c0``) in the same epoch (every rank takes the same
+   the survivor's last noted step (clock ``c0``) in the same epoch (every rank takes the same
    number of steps an epoch, and no rank passes an epoch's end while one is missing: the
    epoch ends with a collective);
 3. a new actor in the dead worker's bundle becomes the same rank of the same group
    (generation unchanged). It runs the same job code: the collectives the group ran before
-   training began are answered from rank 0's record (``RayCommunicator.replay``), then it
+   training began are answered from the survivor's record (``RayCommunicator.replay``), then it
    joins the shards (``ParameterServerOptimizer.join``: a new incarnation, going on with the
    dead worker's clock ``c``, with the current parameters) and trains the dead worker's rest
    of the epoch, and every epoch after that, as that rank (the learning rate and callback
@@ -36,7 +37,12 @@ push, or pushed but did not log, is computed again only in the first case. The s
 updates are never lost or repeated. As in any async run, updates apply to whatever version
 the shards hold: the run is not the one an undisturbed run would be, bit for bit.
 
-When that is not possible (sync mode, rank 0 lost, the worker died before the stage's first
+A stand-in for rank 0 does not create the stage's server (it joins the running one) nor
+start the run's records (``run.json``'s invocation, the stage's trained segment: the lost
+rank 0 started them); from its join on it is the writer, as rank 0 was: epoch checkpoints,
+the stage's results and checkpoint, the report.
+
+When that is not possible (sync mode, the worker died before the stage's first
 step, between stages or at an epoch's end, a stage that is not the first this group ran, a
 loader the stage does not iterate), the engine restarts the group as before (``driver.py``).
 """
@@ -68,9 +74,11 @@ class JoinRecord:
         self.box, self.comm = (box if box is not None else {}), comm
         self.box.clear()
         self.stages = 0
+        if self.enabled and spec.get("join"):  # a stand-in keeps the record it joined with
+            self.box["log"] = spec["join"]["log"]
         if self.enabled:
             comm.keep_sent = True  # a replacement is sent again what its predecessor missed
-            if comm.rank == 0 and not spec.get("join"):  # the driver asks rank 0 only
+            if not spec.get("join"):  # the driver asks a survivor, rank 0 or another
                 comm.start_recording()
 
     def stage_started(self, server: Any) -> None:
@@ -149,8 +157,7 @@ def replace_in_place(rj: Any, rank: int, job: dict[str, Any]) -> Any:
 
     opt = rj.opt
     if (
-        rank == 0
-        or opt.strategy != "ps"
+        opt.strategy != "ps"
         or (opt.ps or {}).get("mode") not in ("async", "ssp")
         or not opt.survivors_go_on
         or not opt.replace_lost
@@ -158,8 +165,11 @@ def replace_in_place(rj: Any, rank: int, job: dict[str, Any]) -> Any:
     ):
         return None
     started = time.perf_counter()
+    source = 1 if rank == 0 else 0  # a survivor: every rank keeps what a replacement needs
+    if source >= len(rj.actors):
+        return None
     try:
-        info = ray.get(rj.actors[0].join_info.remote(), timeout=30)
+        info = ray.get(rj.actors[source].join_info.remote(), timeout=30)
     except ray.exceptions.RayError:
         return None
     if info is None:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # it is not "sync", the default every engine runs)
 RAY_ONLY_KEYS = ("workers", "cpu_workers", "gpus_per_worker", "min_workers", "placement",
                  "address", "workers_per_node", "devices", "worker_resources",
-                 "survivors_go_on", "shards", "staleness", "mode")  # fmt: skip
+                 "survivors_go_on", "shards", "staleness", "mode", "replicas")  # fmt: skip
 
 
 def dist_conflicts(dist: DistSpec) -> list[str]:
@@ -65,6 +65,9 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
     if dist.shards > 1 and not ps:
         out.append(f"shards = {dist.shards} needs strategy 'ps' or 'hybrid' (parameter-server "
                    "shards)")  # fmt: skip
+    if dist.replicas > 1 and not ps:
+        out.append(f"replicas = {dist.replicas} needs strategy 'ps' or 'hybrid' (copies of "
+                   "parameter-server shards)")  # fmt: skip
     if dist.workers_per_node and strategy != "hybrid":
         out.append(f"workers_per_node = {dist.workers_per_node} needs strategy 'hybrid'")
     if dist.shard_optimizer is True and ps:

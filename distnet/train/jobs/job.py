@@ -137,7 +137,7 @@ def run_job(
         f"{global_batch // size} (engine {type(comm).__name__})"
     )
     x_test, y_test = read_store(job["data"]["test"]) if job["data"]["test"] else (None, None)
-    observe = RunObserver(job, out, comm, device, say, trace, progress)
+    observe = RunObserver(job, out, comm, device, say, trace, progress, engine.stands_in)
     if images and x_test is not None:
         x_test = x_test.reshape(len(x_test), *input_shape)
     validation = None
@@ -163,7 +163,8 @@ def run_job(
         # the engine may resume a stage mid-epoch (Ray: after a lost worker)
         table = Pipeline(out, model, runguard.planned(job, stages), writer=rank == 0, log=say,
                          comm=comm, resume=engine.resume_stage,
-                         record=runguard.segment(job, comm, device)).run()  # fmt: skip
+                         record=runguard.segment(job, comm, device),
+                         stands_in=engine.stands_in).run()  # fmt: skip
     finally:
         loader.close()
         observe.close()

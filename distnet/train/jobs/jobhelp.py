@@ -165,6 +165,10 @@ HELP: dict[str, str] = {
         "strategy = 'ps' in async/ssp mode: a lost worker is replaced while the others go on "
         "(false: the group restarts from the epoch checkpoint)."
     ),
+    "dist.replicas": (
+        "strategy = 'ps' or 'hybrid': copies of each shard; 2: a primary and a backup that "
+        "holds every acknowledged push and takes over when the primary dies."
+    ),
     # [run]
     "run.out": (
         "The run directory (checkpoints, report.html, metrics); a relative path is relative to "

@@ -206,6 +206,9 @@ class DistSpec(Section):
     # strategy "ps", async/ssp: a lost worker is replaced while the others go on (false: the
     # group is restarted from the epoch checkpoint; distnet/parallel/rayengine/standin.py)
     survivors_go_on: bool = _field(True, "true or false")
+    # strategy "ps"/"hybrid": copies of each shard (2: primary and backup, an acknowledged
+    # push held by both; distnet/parallel/ps/replica.py)
+    replicas: int = _field(1, "1 or 2 (copies of each parameter-server shard)", ge=1, le=2)
 
     @field_validator("worker_resources")
     @classmethod

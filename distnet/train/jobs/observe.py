@@ -27,6 +27,8 @@ class RunObserver:
         say: rank 0's line printer (a no-op elsewhere).
         tracing: record a timeline (also on when ``DISTNET_TRACE`` started the tracer).
         progress: 'bar', 'lines', 'off' or None (auto) for rank 0's display.
+        stands_in: this rank takes a lost rank 0's place in a running group: the run's
+            ``run.json`` invocation is the lost one's (not begun again).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class RunObserver:
         say: Callable[[str], None],
         tracing: bool = False,
         progress: str | None = None,
+        stands_in: bool = False,
     ) -> None:
         from distnet.train.loop.metrics import write_run_info  # noqa: PLC0415
 
@@ -49,7 +52,7 @@ class RunObserver:
         if self.tracing:  # into the run directory, also when DISTNET_TRACE started it elsewhere
             trace.start(self.out / "trace", self.rank)
         devices = self._devices(device)  # collective: every rank, before the rank-0 branch
-        if self.rank == 0:
+        if self.rank == 0 and not stands_in:
             info = {
                 "job": job, "workers": self.size, "engine": type(comm).__name__,
                 "strategy": job.get("dist", {}).get("strategy", "allreduce"),

@@ -182,6 +182,8 @@ class Pipeline:
         resume: passed to every ``StageContext`` (see its ``resume`` field).
         record: what this run trains with besides the stages' settings (engine, workers,
             devices, ``[dist]``): kept per segment of epochs in each stage's trained.json.
+        stands_in: this process takes a lost writer's place in a running run: the segment
+            that run started is its own (no new one begins), it closes it when it commits.
     """
 
     def __init__(
@@ -194,6 +196,7 @@ class Pipeline:
         comm: Any = None,
         resume: Callable[[StageContext, Any, int], int] | None = None,
         record: dict[str, Any] | None = None,
+        stands_in: bool = False,
     ):
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
@@ -201,6 +204,7 @@ class Pipeline:
         self.run_dir, self.model, self.stages = Path(run_dir), model, stages
         self.writer, self.log = writer, log or (lambda line: None)
         self.comm, self.resume, self.record = comm, resume, record or {}
+        self.stands_in = stands_in
 
     def stage_dir(self, index: int) -> Path:
         return self.run_dir / "stages" / f"{index}-{self.stages[index].name}"
@@ -247,7 +251,7 @@ class Pipeline:
                 resume=self.resume,
             )  # fmt: skip
             self.log(f"[stage {i + 1}/{len(self.stages)}] {stage.name}: running")
-            if self.writer:
+            if self.writer and not self.stands_in:
                 self._record_segment(i)
             start = time.perf_counter()
             results = dict(stage.fn(ctx) or {})
