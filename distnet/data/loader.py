@@ -58,8 +58,9 @@ class StreamLoader:
     and global in job files. All ranks yield ``len(loader)`` batches.
     ``transform(x) -> x`` runs in the prefetch thread on the float32 numpy batch.
     ``timeout`` bounds every wait for a batch, in seconds. With ``prefetch_next_epoch``
-    the thread for epoch e + 1 starts as the last batch of epoch e is handed out, so a
-    training loop does not stall at each epoch start; ``close()`` stops it.
+    the thread for epoch e + 1 starts while epoch e ends (its order is known in advance), at
+    the read-ahead depth epoch e needed, so a training loop does not stall at each epoch
+    start; ``close()`` stops it.
     """
 
     def __init__(
@@ -296,6 +297,7 @@ class StreamLoader:
                 s["wait_max_s"] = max(s["wait_max_s"], wait)
                 self.samples_seen += self.global_batch
                 # the next epoch's first reads start once this epoch's last ones are asked for,
+                # or the windows read ahead and one more before its end (whichever is first),
                 # so that on a slow network they are over before its first batch is wanted
                 if (self.prefetch_next_epoch and not spare_started
                         and (i == steps - 1 or producer.reads_done.is_set()
