@@ -20,8 +20,12 @@ from helpers.mpi import MPI_MARKS, ROOT, SCRIPTS
 
 from distnet.parallel.mpi import launchclean
 
-pytestmark = [*MPI_MARKS, pytest.mark.fault, pytest.mark.timeout(180)]
 SHM = Path("/dev/shm")
+pytestmark = [
+    *MPI_MARKS, pytest.mark.fault, pytest.mark.timeout(180),
+    pytest.mark.skipif(not SHM.is_dir() or not Path("/proc/self/fd").is_dir(),
+                       reason="needs /dev/shm and /proc (Linux)"),
+]  # fmt: skip
 
 
 @pytest.fixture

@@ -5,9 +5,11 @@ MPI_Finalize removes; a rank that never gets there (SIGKILL, the OOM killer, a j
 after a failure) leaves it, and /dev/shm is memory that no one frees. The name says nothing
 of the job, so the launcher looks at what its own processes (everything below it) hold open
 or mapped in the shared-memory directory while they run (``ShmWatch.scan``, a ``/proc``
-walk), and removes those files, and only those, once the job has ended: another job's
-segments are never held by this job's processes, so they are never touched. A file created
-and orphaned between two scans (a rank killed within the first scan interval) is missed.
+walk), and each rank's ``rankexec`` follows its own rank more closely (``follow``: every 50 ms
+in its first 10 s) and reports into the launch directory; once the job has ended the launcher
+removes those files, and only those: another job's segments are never held by this job's
+processes, so they are never touched. A file created and orphaned between two looks (a rank
+that lives less than 50 ms after MPI_Init) is missed.
 
 The launcher removes its private directory (``distnet-launch-*``) itself in every ending
 it lives through. For the one it cannot (the launcher SIGKILLed), it starts a *janitor*
@@ -24,7 +26,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SHM_DIR = "/dev/shm"
@@ -126,18 +130,43 @@ class ShmWatch:
         return remove_files(self.segments | reported)
 
 
-def report_held(pid: int, launch_dir: str | None) -> None:
-    """Writes what ``pid`` holds (``held_files``) into ``launch_dir``, if it is on this host."""
+def report_held(pid: int, launch_dir: str | None, paths: set[str] | None = None) -> None:
+    """Adds what ``pid`` holds (``held_files``, or ``paths``) to its report in ``launch_dir``,
+    if that is on this host."""
     if not launch_dir or not os.path.isdir(launch_dir):
         return
-    held = sorted(held_files(pid))
-    if held:
-        path = Path(launch_dir) / f"{HELD_PREFIX}{pid}.json"
-        try:
-            path.with_suffix(".tmp").write_text(json.dumps(held))
-            os.replace(path.with_suffix(".tmp"), path)
-        except OSError:
-            pass
+    held = held_files(pid) if paths is None else set(paths)
+    if not held:
+        return
+    path = Path(launch_dir) / f"{HELD_PREFIX}{pid}.json"
+    try:
+        held |= set(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        path.with_suffix(".tmp").write_text(json.dumps(sorted(held)))
+        os.replace(path.with_suffix(".tmp"), path)
+    except OSError:
+        pass
+
+
+def follow(pid: int, launch_dir: str | None, running: Callable[[], bool]) -> None:
+    """Reports what ``pid`` (a rank, followed by its rankexec) holds while ``running()``: every
+    50 ms in its first 10 s, when MPI_Init makes the segments and a short job may end before
+    the launcher's next scan, then every second. Returns at once off the launcher's host."""
+    if not launch_dir or not os.path.isdir(launch_dir):
+        return
+
+    def loop() -> None:
+        start, known = time.monotonic(), set()
+        while running():
+            held = held_files(pid)
+            if not held <= known:
+                known |= held
+                report_held(pid, launch_dir, known)
+            time.sleep(0.05 if time.monotonic() - start < 10 else 1.0)
+
+    threading.Thread(target=loop, name=f"follow-{pid}", daemon=True).start()
 
 
 def held_reports(launch_dir: str) -> set[str]:

@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             relay.start()
             relays.append(relay)
 
+    # what the rank holds in /dev/shm (MPICH's segment), for the launcher to remove after it
+    launchclean.follow(child.pid, os.environ.get("DISTNET_LAUNCH_STATUS_DIR"),
+                       lambda: child.poll() is None)  # fmt: skip
     stopper = RankStopper(child, lifetime.interrupt_grace_s())
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, stopper.stop) for sig in sigs}
