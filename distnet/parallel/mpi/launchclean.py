@@ -5,11 +5,11 @@ MPI_Finalize removes; a rank that never gets there (SIGKILL, the OOM killer, a j
 after a failure) leaves it, and /dev/shm is memory that no one frees. The name says nothing
 of the job, so the launcher looks at what its own processes (everything below it) hold open
 or mapped in the shared-memory directory while they run (``ShmWatch.scan``, a ``/proc``
-walk), and each rank's ``rankexec`` follows its own rank more closely (``follow``: every 50 ms
+walk), and each rank's ``rankexec`` follows its own rank more closely (``follow``: every 10 ms
 in its first 10 s) and reports into the launch directory; once the job has ended the launcher
 removes those files, and only those: another job's segments are never held by this job's
 processes, so they are never touched. A file created and orphaned between two looks (a rank
-that lives less than 50 ms after MPI_Init) is missed.
+that lives less than 10 ms after MPI_Init) is missed.
 
 The launcher removes its private directory (``distnet-launch-*``) itself in every ending
 it lives through. For the one it cannot (the launcher SIGKILLed), it starts a *janitor*
@@ -72,9 +72,12 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def held_files(pid: int, shm_dir: str = SHM_DIR, prefixes: tuple[str, ...] = PREFIXES) -> set[str]:
-    """Paths of ``shm_dir`` files with one of ``prefixes`` that ``pid`` has open or mapped
-    (and that still have a name: an unlinked one is freed with its last user)."""
+def held_files(
+    pid: int, shm_dir: str = SHM_DIR, prefixes: tuple[str, ...] = PREFIXES, maps: bool = True
+) -> set[str]:
+    """Paths of ``shm_dir`` files with one of ``prefixes`` that ``pid`` has open or (with
+    ``maps``) mapped, and that still have a name: an unlinked one is freed with its last
+    user."""
     found: set[str] = set()
     lead = shm_dir.rstrip("/") + "/"
 
@@ -89,10 +92,11 @@ def held_files(pid: int, shm_dir: str = SHM_DIR, prefixes: tuple[str, ...] = PRE
                 keep(os.readlink(f"/proc/{pid}/fd/{fd}"))
             except OSError:
                 continue
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                if lead in line:
-                    keep(line.split(None, 5)[-1].rstrip("\n"))
+        if maps:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as lines:
+                for line in lines:
+                    if lead in line:
+                        keep(line.split(None, 5)[-1].rstrip("\n"))
     except OSError:  # gone, or not ours to read
         pass
     return found
@@ -151,20 +155,23 @@ def report_held(pid: int, launch_dir: str | None, paths: set[str] | None = None)
 
 
 def follow(pid: int, launch_dir: str | None, running: Callable[[], bool]) -> None:
-    """Reports what ``pid`` (a rank, followed by its rankexec) holds while ``running()``: every
-    50 ms in its first 10 s, when MPI_Init makes the segments and a short job may end before
-    the launcher's next scan, then every second. Returns at once off the launcher's host."""
+    """Reports what ``pid`` (a rank, followed by its rankexec) holds while ``running()``: its
+    open files every 10 ms (MPICH keeps its segment open) and its mappings every 100 ms in its
+    first 10 s, when MPI_Init makes the segments and a short job may end before the launcher's
+    next scan; then both every second. Returns at once off the launcher's host."""
     if not launch_dir or not os.path.isdir(launch_dir):
         return
 
     def loop() -> None:
-        start, known = time.monotonic(), set()
+        start, known, looks = time.monotonic(), set(), 0
         while running():
-            held = held_files(pid)
+            early = time.monotonic() - start < 10
+            held = held_files(pid, maps=not early or looks % 10 == 0)
+            looks += 1
             if not held <= known:
                 known |= held
                 report_held(pid, launch_dir, known)
-            time.sleep(0.05 if time.monotonic() - start < 10 else 1.0)
+            time.sleep(0.01 if early else 1.0)
 
     threading.Thread(target=loop, name=f"follow-{pid}", daemon=True).start()
 
