@@ -9,7 +9,7 @@ Run on request, not in the test suite (it writes gigabytes)::
 3. ``distnet launch -np 2``: each rank streams its shard of a shuffled epoch through a StreamLoader
    and marks each sample id it got in a bitmap; its resident set size (RSS) is sampled from
    outside every half second. Throughput: all samples / the slowest rank's time.
-4. Resume: the same job, SIGKILLed mid-epoch (ranks save the loader state and their bitmap
+4. Resume: the same job, one rank SIGKILLed mid-epoch (ranks save the loader state and their bitmap
    every ``--save-every`` batches, as a checkpoint would), then restarted from the saved state:
    every sample of the epoch must be marked exactly once over both runs, and nothing the job
    made may be left in /dev/shm or the temporary directory after the SIGKILL.
@@ -92,7 +92,8 @@ def _rss_mib(pid: int) -> float | None:
 
 
 def _rank_pids(launcher: int) -> list[int]:
-    """The ranks below ``launcher`` (processes whose command line has ``--worker``)."""
+    """The ranks below ``launcher`` (processes whose command line has ``--worker``; not their
+    ``rankexec`` wrappers, whose command line has it too)."""
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True)
     children: dict[int, list[tuple[int, str]]] = {}
     for line in out.stdout.splitlines():
@@ -102,7 +103,7 @@ def _rank_pids(launcher: int) -> list[int]:
     while todo:
         for pid, cmd in children.get(todo.pop(), []):
             todo.append(pid)
-            if "--worker" in cmd and "launcher" not in cmd and "mpiexec" not in cmd:
+            if "--worker" in cmd and not any(w in cmd for w in ("launch", "mpiexec", "rankexec")):
                 found.append(pid)
     return found
 
@@ -183,8 +184,16 @@ def _bench(args: argparse.Namespace, tmp: str) -> int:
     deadline = time.monotonic() + 3600
     while not (out / "kill-now").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    ranks = _rank_pids(proc.pid)
+    if ranks:  # a rank dies as the OOM killer ends it; the launcher ends the rest
+        os.kill(ranks[-1], signal.SIGKILL)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     time.sleep(1)
     left = sorted(_leftovers() - before - {tmp})
     res["left_after_sigkill"] = left

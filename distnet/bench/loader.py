@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="consumer: a training step of an MLP 784-H-H-H-10 per batch",
     )
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the consumer run")
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        help="consumer: sleep this long per batch instead of the MLP step (a fixed pace that "
+        "does not compete with the loader for the CPU, as a GPU step would not)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     remote = parser.add_argument_group("object storage (distnet/bench/loader_remote.py)")
     remote.add_argument("--url", help="also stream from this store URL (s3://, http://)")
@@ -135,18 +141,27 @@ def _train_step(x: np.ndarray, ws: list[np.ndarray], lr: float = 1e-3) -> None:
         ws[i] -= lr * gw
 
 
-def _stall(ds: Any, batch_size: int, hidden: int, epochs: int) -> dict[str, float]:
+def _stall(
+    ds: Any, batch_size: int, hidden: int, epochs: int, step_ms: float | None = None
+) -> dict[str, float]:
     from distnet.data import StreamLoader  # noqa: PLC0415
 
     ws = _mlp(hidden, np.random.default_rng(0))
+
+    def step(x: np.ndarray) -> None:
+        if step_ms is None:
+            _train_step(x, ws)
+        else:  # a step at a fixed pace that leaves the CPU to the loader (a GPU's)
+            time.sleep(step_ms / 1000)
+
     with StreamLoader(ds, batch_size, shuffle=True, seed=2) as loader:
         for x, _ in loader:  # warm-up epoch (BLAS threads, page cache)
-            _train_step(x, ws)
+            step(x)
         loader.reset_stats()
         t = time.perf_counter()
         for _ in range(epochs):
             for x, _ in loader:
-                _train_step(x, ws)
+                step(x)
         s = loader.stats()
     s["run_s"] = time.perf_counter() - t
     s["epochs"] = epochs
@@ -177,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 f"round {r + 1}: plain zarr {a:,.0f} samples/s, StreamLoader {b:,.0f} "
                 f"samples/s, ratio {b / a:.2f}"
             )
-        stall = _stall(ds, args.batch_size, args.hidden, args.epochs)
+        stall = _stall(ds, args.batch_size, args.hidden, args.epochs, args.step_ms)
     res = {
         "samples": args.samples,
         "chunk_samples": args.chunk_samples,
@@ -216,7 +231,7 @@ def _run_remote(args: argparse.Namespace) -> int:
                                     shard_chunks=shard_chunks)  # fmt: skip
 
     def stall(ds: Any) -> dict[str, float]:
-        return _stall(ds, args.batch_size, args.hidden, args.epochs)
+        return _stall(ds, args.batch_size, args.hidden, args.epochs, args.step_ms)
 
     with tempfile.TemporaryDirectory(prefix="distnet-bench-") as tmp:
         res = run_remote(args, _store(args, tmp), write_blocks, stall)

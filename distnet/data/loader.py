@@ -19,6 +19,7 @@ import numpy as np
 from distnet import backend
 from distnet.data import order
 from distnet.data.prefetch import Plan, Prefetcher
+from distnet.data.readahead import ReadAhead
 from distnet.data.store import Dataset, open_dataset
 
 
@@ -57,8 +58,9 @@ class StreamLoader:
     and global in job files. All ranks yield ``len(loader)`` batches.
     ``transform(x) -> x`` runs in the prefetch thread on the float32 numpy batch.
     ``timeout`` bounds every wait for a batch, in seconds. With ``prefetch_next_epoch``
-    the thread for epoch e + 1 starts as the last batch of epoch e is handed out, so a
-    training loop does not stall at each epoch start; ``close()`` stops it.
+    the thread for epoch e + 1 starts while epoch e ends (its order is known in advance), at
+    the read-ahead depth epoch e needed, so a training loop does not stall at each epoch
+    start; ``close()`` stops it.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class StreamLoader:
         self.prefetch_next_epoch = prefetch_next_epoch
         self._gen: weakref.ref[Iterator[Any]] | None = None
         self._spare: tuple[tuple[Any, ...], Prefetcher] | None = None
+        self._read_ahead: ReadAhead | None = None  # the last prefetcher's, measured
         self._stats = {
             "batches": 0,
             "wait_s": 0.0,
@@ -261,8 +264,9 @@ class StreamLoader:
             self.shuffle_chunks,
         )
         return Prefetcher(
-            self.dataset, plan, self.prefetch, self.transform, self.device, self.check_finite
-        )
+            self.dataset, plan, self.prefetch, self.transform, self.device, self.check_finite,
+            read_ahead_from=self._read_ahead,
+        )  # fmt: skip
 
     def _iterate(self) -> Iterator[tuple[Any, Any]]:
         ph = self._phase()
@@ -293,9 +297,12 @@ class StreamLoader:
                 s["wait_max_s"] = max(s["wait_max_s"], wait)
                 self.samples_seen += self.global_batch
                 # the next epoch's first reads start once this epoch's last ones are asked for,
+                # or the windows read ahead and one more before its end (whichever is first),
                 # so that on a slow network they are over before its first batch is wanted
                 if (self.prefetch_next_epoch and not spare_started
-                        and (i == steps - 1 or producer.reads_done.is_set())):  # fmt: skip
+                        and (i == steps - 1 or producer.reads_done.is_set()
+                             or steps - 1 - i <= self._spare_lead(producer))):  # fmt: skip
+                    self._read_ahead = getattr(producer, "read_ahead", self._read_ahead)
                     self._start_spare()
                     spare_started = True
                 yield item
@@ -303,11 +310,22 @@ class StreamLoader:
             producer.close(self.timeout)
             ahead = getattr(producer, "read_ahead", None)
             if ahead is not None:  # how far the reads ran ahead, for bench and stats
+                self._read_ahead = ahead  # the next prefetcher starts from its measurements
                 s = self._stats
                 s["read_ahead_depth"] = max(s.get("read_ahead_depth", 0), ahead.depth_max_seen)
                 s["chunk_read_s"] = ahead.read_s or 0.0
             self._stats["elapsed_s"] += time.perf_counter() - self._iter_start
             self._iter_start = None
+
+    def _spare_lead(self, producer: Prefetcher) -> int:
+        """Batches before the end of the epoch at which the next epoch's prefetch starts:
+        those of the windows read ahead and one more, so that its first window is read while
+        the server has time to spare, not only while this epoch's last reads are running."""
+        ahead = getattr(producer, "read_ahead", None)
+        if ahead is None:
+            return 0
+        window = self.shuffle_chunks * self.dataset.chunk_samples
+        return -(-(ahead.depth + 1) * window // self.local_batch_size)
 
     def _start_spare(self) -> None:
         # Guess that the next iteration is the next epoch from its start (what both

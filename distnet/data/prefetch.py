@@ -60,8 +60,10 @@ class Prefetcher:
         transform: Callable[[np.ndarray], np.ndarray] | None,
         device: str,
         check_finite: bool,
+        read_ahead_from: ReadAhead | None = None,
     ):
         self.dataset, self.plan = dataset, plan
+        self.read_ahead_from = read_ahead_from  # the last prefetcher's measurements
         self.transform, self.device, self.check_finite = transform, device, check_finite
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
@@ -163,12 +165,15 @@ class Prefetcher:
         b, c = self.plan.batch_sizes[self.plan.rank], self.dataset.chunk_samples
         window_chunks = self.plan.shuffle_chunks + 1  # a window may straddle one more chunk
         self.read_ahead = ahead = ReadAhead.for_store(self.dataset, window_chunks)
+        carried = self.read_ahead_from is not None and self.read_ahead_from.read_s is not None
+        ahead.carry(self.read_ahead_from)  # at the depth the last epoch needed, from the start
         pool = ThreadPoolExecutor(
             max_workers=ahead.workers, thread_name_prefix=f"StreamLoader-read{self.plan.rank}"
         )
         free: list[np.ndarray] = []  # buffers of windows already consumed
 
         def timed_read(k: int, view: np.ndarray) -> tuple[np.ndarray, Any]:
+            ahead.read_started()
             t = time.perf_counter()
             out = self.dataset.read_chunk(k, self.check_finite, view)
             ahead.chunk_read(time.perf_counter() - t)
@@ -194,23 +199,30 @@ class Prefetcher:
             it = self._ids()
             pending: collections.deque[Any] = collections.deque()
 
-            def top_up() -> None:
-                while len(pending) < ahead.depth:
+            def top_up(limit: int | None = None) -> None:
+                while len(pending) < (ahead.depth if limit is None else limit):
                     ids = next(it, None)
                     if ids is None:  # every read of the phase is asked for: the next
                         self.reads_done.set()  # epoch's may start (they queue behind ours)
                         return
                     pending.append(submit(ids))
 
-            top_up()
+            # Started while the last epoch ends, the first window is read alone: on a server
+            # short of throughput, more reads at once would delay the one wanted first.
+            first_alone = carried
+            top_up(1 if first_alone else None)
             left_x: np.ndarray | None = None
             left_y: Any = None
             while pending and not self.stop.is_set():
                 ids, buf, reads = pending.popleft()
-                top_up()  # read ahead: the next windows
+                if not first_alone:
+                    top_up()  # read ahead: the next windows
                 window = self._window(ids, buf, reads)
                 if window is None:
                     return
+                if first_alone:  # now the rest of the depth the last epoch needed
+                    first_alone = False
+                    top_up()
                 ready = time.perf_counter()
                 wx, wy, local = window
                 start = 0
@@ -232,7 +244,10 @@ class Prefetcher:
                     sel = local[start:]
                     left_x, left_y = wx[sel], None if wy is None else wy[sel]
                 free.append(buf)  # every batch above is a copy (fancy indexing)
-                ahead.window_consumed(time.perf_counter() - ready)
+                if carried:  # a prefetcher started early waited for its epoch to begin:
+                    carried = False  # not a measure of the training steps' pace
+                else:
+                    ahead.window_consumed(time.perf_counter() - ready)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

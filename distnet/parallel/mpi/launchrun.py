@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distnet.parallel.mpi import lifetime
+from distnet.parallel.mpi import launchclean, lifetime
 from distnet.parallel.mpi.rankstatus import parse_line as parse_status_line
 
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
@@ -102,14 +102,15 @@ def wait_or_end_after_failure(
     first_failure: Callable[[], Any],
     poll_s: float = 0.2,
     interrupted_at: Callable[[], float | None] = lambda: None,
+    tick: Callable[[], None] = lambda: None,
 ) -> int:
     """Waits for mpiexec; once a rank has reported a failure, gives the rest
     ``failure_grace_s()`` to end, then terminates the whole process group (SIGTERM, then
     SIGKILL 5 s later). mpiexec does not always do it: a rank killed before MPI_Init left its
     peers waiting in MPI_Init forever (seen with MPICH 4 hydra), and mpiexec.gforker stays
     after a rank's MPI_Abort. An interrupt (``interrupted_at()``: when, or None), or a rank
-    that reports one, gets ``lifetime.interrupt_grace_s()`` + 0.5 s instead. Returns mpiexec's
-    status."""
+    that reports one, gets ``lifetime.interrupt_grace_s()`` + 0.5 s instead. ``tick()`` is
+    called at every poll. Returns mpiexec's status."""
     failed_at: float | None = None
     grace = failure_grace_s()
     while True:
@@ -117,6 +118,7 @@ def wait_or_end_after_failure(
             return proc.wait(timeout=poll_s)
         except subprocess.TimeoutExpired:
             pass
+        tick()
         now = time.monotonic()
         interrupt = interrupted_at()
         if interrupt is not None and now - interrupt > lifetime.interrupt_grace_s() + 0.5:
@@ -172,9 +174,28 @@ def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
     )  # fmt: skip
 
 
+class _Scans:
+    """Calls ``watch.scan()`` often while a job starts (MPI_Init makes the segments), then
+    every ``SCAN_EVERY_S``: a /proc walk costs a few milliseconds."""
+
+    def __init__(self, watch: launchclean.ShmWatch) -> None:
+        self.watch, self.start, self.last = watch, time.monotonic(), 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.start < 10 or now - self.last >= SCAN_EVERY_S:
+            self.watch.scan()
+            self.last = now
+
+
+SCAN_EVERY_S = 2.0
+
+
 def run_once(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
     """Runs the job once. Returns (the first failing rank's status, 128 + the signal when the
-    launcher was interrupted, or 0; whether a rank reported that MPI_Init failed)."""
+    launcher was interrupted, or 0; whether a rank reported that MPI_Init failed). However
+    it ends, the launch directory and the MPI shared-memory files of the job's processes on
+    this host are removed (``distnet.parallel.mpi.launchclean``)."""
     with tempfile.TemporaryDirectory(prefix="distnet-launch-") as status_dir:
         # ranks on other hosts cannot reach status_dir: they report on stderr (rankstatus)
         child_env = {**os.environ, **env, "DISTNET_LAUNCH_STATUS_DIR": status_dir,
@@ -183,22 +204,34 @@ def run_once(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
         previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         remote_records: list[dict] = []
         seen: set[str] = set()
+        janitor = launchclean.start_janitor(status_dir)
+        watch: launchclean.ShmWatch | None = None
         try:
             proc = _start(cmd, child_env)
             interrupt.started(proc)
+            watch = launchclean.ShmWatch(proc.pid, status_dir)
             relay = threading.Thread(
                 target=_relay_stderr, args=(proc.stderr, remote_records, seen), daemon=True
             )
             relay.start()
             rc = wait_or_end_after_failure(
                 proc, lambda: _first_failure(status_dir, remote_records),
-                interrupted_at=lambda: interrupt.at,
+                interrupted_at=lambda: interrupt.at, tick=_Scans(watch),
             )  # fmt: skip
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if watch is not None:
+                watch.remove()  # the job has ended: no process of it holds them any more
         relay.join(timeout=10)
         failure = _first_failure(status_dir, remote_records)
+    if janitor is not None:  # the directory is gone: the janitor has nothing to do
+        os.write(janitor[1], launchclean.CLEANED)
+        os.close(janitor[1])
+        try:
+            janitor[0].wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
     if interrupt.signum is not None:
         name = lifetime.signal_name(interrupt.signum)
         print(f"distnet launch: interrupted ({name}); every rank was stopped", file=sys.stderr)

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from distnet.parallel.mpi import lifetime
+from distnet.parallel.mpi import launchclean, lifetime
 from distnet.parallel.mpi.rankstatus import report
 
 RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -87,6 +87,8 @@ class RankStopper:
         if not first:
             self._kill()
             return
+        # what the rank holds in /dev/shm, noted before it can go (the launcher removes it)
+        launchclean.report_held(self.child.pid, os.environ.get("DISTNET_LAUNCH_STATUS_DIR"))
         try:
             self.child.send_signal(signum)
         except OSError:
@@ -196,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             relay.start()
             relays.append(relay)
 
+    # what the rank holds in /dev/shm (MPICH's segment), for the launcher to remove after it
+    launchclean.follow(child.pid, os.environ.get("DISTNET_LAUNCH_STATUS_DIR"),
+                       lambda: child.poll() is None)  # fmt: skip
     stopper = RankStopper(child, lifetime.interrupt_grace_s())
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, stopper.stop) for sig in sigs}
