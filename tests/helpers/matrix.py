@@ -101,7 +101,7 @@ def replaying_splits(splits: list[dict[str, Any]], world_size: int) -> Iterator[
     concatenated, which is what a synchronous step over the ranks averages (each rank's mean
     gradient weighted by its share of the global batch)."""
     from distnet.data.loader import StreamLoader  # noqa: PLC0415
-    from distnet.parallel.rayengine.shares import set_batch_sizes  # noqa: PLC0415
+    from distnet.parallel.shares import set_batch_sizes  # noqa: PLC0415
 
     real_iter = StreamLoader.__iter__
 
