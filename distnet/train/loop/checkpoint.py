@@ -321,7 +321,7 @@ def apply_checkpoint(
             state.update({k[10:]: v for k, v in arrays.items() if k.startswith("optimizer/")})
             from distnet.optim.protocol import BATCH_SPLIT_KEY  # noqa: PLC0415
 
-            if not getattr(optimizer, "takes_batch_split", False):
+            if not optimizer.takes_batch_split:
                 state.pop(BATCH_SPLIT_KEY, None)  # how ranks split a batch: not the update's
             optimizer.load_state_dict(state)
         if loader is not None and manifest["loader"] is not None:
