@@ -2,7 +2,8 @@
 updated as soon as its reduction completes, bit for bit what the update after backward gives
 (SGD momentum and Adam, with and without overlap, several bucket sizes, accumulation), and
 the cases that must wait for the whole gradient fall back (fit's non-finite check, with a
-step it skips, a held reason, fp16 compression, ZeRO-1). See tests/mpi_scripts/in_backward_allreduce.py."""
+step it skips, a held reason, fp16 compression, ZeRO-1). See
+tests/mpi_scripts/in_backward_allreduce.py."""
 
 import pytest
 from helpers.mpi import MPI_MARKS, SCRIPTS, launch

@@ -73,10 +73,11 @@ def test_a_stalled_ray_job_reports_every_rank_and_ends(
     from distnet.train.jobs.job import load_job  # noqa: PLC0415
     from distnet.train.jobs.rayjob import run_rank  # noqa: PLC0415
 
-    # read by the driver, in this process. The abort limit is longer than MPI's: rank 0 alone
-    # starts the parameter server's actors while rank 1 waits for it, seconds under load
+    # read by the driver, in this process. The abort limit is longer than MPI's: a Ray worker's
+    # first steps (imports, the first collectives) can lag its peer's by seconds under load;
+    # rank 0's start of the parameter server's actors is declared work, not a stall
     monkeypatch.setenv("DISTNET_STALL_CHECK_S", "2")
-    monkeypatch.setenv("DISTNET_STALL_ABORT_S", "30")
+    monkeypatch.setenv("DISTNET_STALL_ABORT_S", "12")
     path = tmp_path / "job.toml"
     write_id_digits(tmp_path / "train", 640)  # 20 global batches of 32 per epoch
     path.write_text(mlp_job(str(tmp_path / "train"), epochs=3, log_every=1000))
