@@ -50,10 +50,10 @@ def _job(args: argparse.Namespace) -> dict[str, Any]:
     from distnet.train.jobs.load import load_job  # noqa: PLC0415
 
     overrides: dict[str, dict[str, Any]] = {"data": {}, "pretrain": {}, "finetune": {}}
-    if args.train:
-        overrides["data"]["train"] = args.train
-    if args.test:
-        overrides["data"]["test"] = args.test
+    for key in ("train", "test"):  # from the command line: relative to the working directory
+        given = getattr(args, key)
+        if given:
+            overrides["data"][key] = given if "://" in given else str(Path(given).resolve())
     if args.pretrain_epochs is not None:
         overrides["pretrain"]["epochs"] = args.pretrain_epochs
     if args.finetune_epochs is not None:
@@ -66,6 +66,9 @@ def _job(args: argparse.Namespace) -> dict[str, Any]:
 
 def _write_job(job: dict[str, Any], path: Path, out: Path) -> None:
     """The resolved job as TOML (absolute paths; no pictures: they are not training)."""
+    from distnet.train.jobs.distconflicts import without_idle_ray_keys  # noqa: PLC0415
+
+    job = {**job, "dist": without_idle_ray_keys(job["dist"])}  # runs under distnet launch too
     lines = []
     for section, values in job.items():
         lines.append(f"[{section}]")

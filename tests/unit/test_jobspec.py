@@ -239,3 +239,31 @@ def test_replicas_is_1_or_2_and_only_for_the_parameter_server():
         jobspec.validate({"dist": {**dist, "replicas": 3}}, "j.toml")
     with pytest.raises(JobError, match="replicas = 2 needs strategy 'ps' or 'hybrid'"):
         jobspec.validate({"dist": {"engine": "ray", "replicas": 2}}, "j.toml")
+
+
+def test_printed_config_runs_on_the_engine_auto_becomes(tmp_path, capsys):
+    """``--print-config`` writes every key; the Ray-only ones at their defaults are left out
+    (unless the engine is "ray"), so the printed file loads under an MPI launch as the job
+    file did, and back to the same job. A Ray-only key the file sets is kept, and refused there
+    as in the file."""
+    from distnet.train.jobs.jobtoml import print_job
+
+    out = {"run": {"out": str(tmp_path / "run")}}
+    path = job_file(tmp_path, "[dist]\nbucket_mb = 8.0\n")
+    print_job(load_job(path, out), path)
+    printed = tmp_path / "printed.toml"
+    printed.write_text(capsys.readouterr().out)
+    assert "workers" not in tomllib.loads(printed.read_text())["dist"]
+    mpi = {"dist": {"engine": "mpi"}, **out}
+    assert load_job(printed, mpi) == load_job(path, mpi)
+    assert load_job(printed) == load_job(path, out)
+
+    path = job_file(tmp_path, "[dist]\nworkers = 4\n")
+    print_job(load_job(path), path)
+    printed.write_text(capsys.readouterr().out)
+    with pytest.raises(JobError, match="workers: only the Ray engine reads it"):
+        load_job(printed, mpi)
+
+    ray = job_file(tmp_path, "[dist]\nengine = 'ray'\n")
+    print_job(load_job(ray), ray)
+    assert tomllib.loads(capsys.readouterr().out)["dist"]["workers"] == 2  # Ray's: every key

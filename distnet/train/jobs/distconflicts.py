@@ -11,7 +11,7 @@ every key named here).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from distnet.train.jobs.jobspec import DistSpec
@@ -21,6 +21,20 @@ if TYPE_CHECKING:
 RAY_ONLY_KEYS = ("workers", "cpu_workers", "gpus_per_worker", "min_workers", "placement",
                  "address", "workers_per_node", "devices", "worker_resources",
                  "survivors_go_on", "shards", "staleness", "mode", "replicas")  # fmt: skip
+
+
+def without_idle_ray_keys(dist: dict[str, Any]) -> dict[str, Any]:
+    """A loaded ``[dist]`` table to write back as a job file (``--print-config``, the
+    benchmarks' job files): the Ray-only keys at their defaults left out unless the engine is
+    "ray", so the file runs on whatever engine "auto" becomes (an MPI launch refuses a Ray-only
+    key that is set), and loads back to the same job (the defaults fill them in again)."""
+    from distnet.train.jobs.jobspec import DistSpec  # noqa: PLC0415
+
+    if dist.get("engine") == "ray":
+        return dict(dist)
+    fields = DistSpec.model_fields
+    return {k: v for k, v in dist.items() if k not in RAY_ONLY_KEYS
+            or v != fields[k].get_default(call_default_factory=True)}  # fmt: skip
 
 
 def dist_conflicts(dist: DistSpec) -> list[str]:

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distnet.train.jobs.distconflicts import without_idle_ray_keys
+
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -67,5 +69,6 @@ def print_job(job: dict[str, dict[str, Any]], source: str | Path) -> int:
         value = job[section][key]
         if isinstance(value, str) and value and "://" not in value:
             job[section][key] = str(Path(value).resolve())
+    job["dist"] = without_idle_ray_keys(job["dist"])  # runs on the engine "auto" becomes
     sys.stdout.write(to_toml(job, f"{source}, resolved by distnet train --print-config"))
     return 0
