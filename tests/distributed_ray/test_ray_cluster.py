@@ -266,11 +266,11 @@ def test_sync_job_redoes_the_epoch_a_lost_node_interrupted(
     _, want = uninterrupted
     job = make_job(root, f"sync-lost-{strategy}", pins=ON_TWO_NODES, strategy=strategy)
     log_dir = root / f"samples-sync-{strategy}"
-    # 4x the delay (~2.8 s an epoch; the same parameters): removing a node takes a second or
+    # 8x the delay (~5.6 s an epoch; the same parameters): removing a node takes a second or
     # more on a loaded machine, and a death that lands on the epoch's end resumes there from
-    # the epoch's checkpoint, not mid-epoch (CI, two test workers, once)
+    # the epoch's checkpoint, not mid-epoch (CI, two test workers: once at 4x, ~2.8 s an epoch)
     result = run_in_thread(
-        lambda: run(job, three_nodes, 4 * DELAY, sample_log=str(log_dir), replace_timeout_s=90.0)
+        lambda: run(job, three_nodes, 8 * DELAY, sample_log=str(log_dir), replace_timeout_s=90.0)
     )
     remove_node_mid_epoch(three_nodes, "node_b", log_dir, then=lambda: three_nodes.add("node_b"))
     report = result()
