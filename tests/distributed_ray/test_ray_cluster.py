@@ -250,7 +250,7 @@ def test_pinning_to_a_resource_no_node_has_fails_naming_it(three_nodes, ids):
 # ps quarantined (2026-12-07): under two pytest workers the ps survivor often holds no
 # mid-epoch carry, so the group restarts from the epoch's checkpoint (2 of 3 clean-clone runs,
 # also at 8x the delay); alone it passes. Open: find why and fix.
-FLAKY_PS = pytest.mark.xfail(strict=False, reason="ps survivor without a mid-epoch carry under load")
+FLAKY_PS = pytest.mark.xfail(strict=False, reason="ps survivor: no mid-epoch carry under load")
 
 
 @pytest.mark.slow
