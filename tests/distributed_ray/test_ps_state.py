@@ -8,6 +8,7 @@ must wait at once); the shards are real Ray actors.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -22,8 +23,8 @@ from distnet.parallel.ps import (
     ParameterServerOptimizer,
     ShardLostError,
 )
-from distnet.parallel.ps.rounds import RoundFailed
-from distnet.parallel.rayengine.mailbox import Mailbox
+from distnet.parallel.ps.rounds import RoundAborted, RoundFailed
+from distnet.parallel.rayengine.mailbox import Mailbox, WorkerLostError
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
@@ -107,6 +108,48 @@ def test_the_groups_abort_ends_the_shards_rounds_at_once_and_rank_0_still_reads_
         # the handle's other calls go on: rank 0 takes its carry from the shards after this
         np.testing.assert_array_equal(ps.state_dict()["params"], 0)
         assert [s["rounds_failed"] for s in ps.stats()["shards"]] == [2, 0]
+    finally:
+        ps.shutdown()
+
+
+@pytest.mark.parametrize("first", ["own", "another"])
+def test_a_round_the_groups_abort_ended_is_the_groups_loss_not_a_failed_round(ray_cluster, first):
+    """A sync worker waits in a round that a dead peer never completes; the driver aborts the
+    survivors' mailboxes, whose abort ends the shards' rounds. The worker must fail with the
+    group's ``WorkerLostError`` (it then keeps its carry and the stage resumes at the last
+    finished step), whether the round ended by its own abort (``own``) or by another
+    survivor's a moment before its own came (``another``).
+
+    Regression (a lost node in CI, two test workers): the round's error came first and the
+    worker failed with it; with no carry the group restarted from the epoch's checkpoint."""
+    ps = ParameterServer.create(np.zeros(10, np.float32), shards=2, mode="sync",
+                                num_workers=3, round_timeout_s=100)  # fmt: skip
+    try:
+        other, mine = Mailbox(), Mailbox()
+        handle = copy.copy(ps)  # this worker's copy of the handle (workers get one each)
+        ps.attach(other)
+        handle.attach(mine)
+        opt = ParameterServerOptimizer(Adam([Dense(2, 5).weight], lr=0.1), handle, 0)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                step(opt, 0.1)  # workers 1 and 2 never push: the round waits
+            except BaseException as err:  # noqa: BLE001
+                errors.append(err)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        time.sleep(0.5)  # the push is in the shards' round
+        if first == "another":
+            other.abort("rank(s) [2] died")  # ends the shared shards' rounds
+            time.sleep(1.0)  # ... a moment before the driver's abort reaches this worker
+            assert worker.is_alive() and not errors, errors
+        mine.abort("rank(s) [2] died")
+        worker.join(20)
+        assert not worker.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], WorkerLostError), errors
+        assert isinstance(errors[0].__context__, RoundAborted)  # what the shards said
     finally:
         ps.shutdown()
 

@@ -247,14 +247,8 @@ def test_pinning_to_a_resource_no_node_has_fails_naming_it(three_nodes, ids):
         run(job, three_nodes, start_timeout_s=3.0)
 
 
-# ps quarantined (2026-12-07): under two pytest workers the ps survivor often holds no
-# mid-epoch carry, so the group restarts from the epoch's checkpoint (2 of 3 clean-clone runs,
-# also at 8x the delay); alone it passes. Open: find why and fix.
-FLAKY_PS = pytest.mark.xfail(strict=False, reason="ps survivor: no mid-epoch carry under load")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["allreduce", pytest.param("ps", marks=FLAKY_PS)])
+@pytest.mark.parametrize("strategy", ["allreduce", "ps"])
 def test_sync_job_redoes_the_epoch_a_lost_node_interrupted(
     three_nodes, ids, uninterrupted, strategy
 ):
@@ -263,9 +257,10 @@ def test_sync_job_redoes_the_epoch_a_lost_node_interrupted(
     sample counts once per epoch, and the final parameters are those of the run that lost
     nothing.
 
-    Regression (ps): the resumed stage made its shards from the parameters the stage started
+    Regressions (ps): the resumed stage made its shards from the parameters the stage started
     with and the workers pulled those, so the checkpoint was thrown away (and the shards'
-    momentum was never in it)."""
+    momentum was never in it); a survivor waiting in a round when the abort came failed with
+    the round's error, kept no carry, and the epoch was redone (test_ps_state.py)."""
     root, all_ids = ids
     if "node_b" not in three_nodes.nodes:
         three_nodes.add("node_b")

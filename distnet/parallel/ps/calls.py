@@ -71,6 +71,27 @@ def _fail_over(ps: Any, i: int, err: BaseException) -> bool:
     return False
 
 
+ABORT_GRACE_S = 5.0  # from one survivor's abort reaching the shards to the driver's at another
+
+
+def await_group_abort(interrupt: Callable[[], None], err: BaseException) -> None:
+    """After a shard's error: raises the group's ``WorkerLostError`` (``interrupt()``) when the
+    group was stopped. A round the shard's abort ended (``RoundAborted``) waits for it up to
+    ``ABORT_GRACE_S``: every survivor's abort ends the shared shards' rounds, and the driver's
+    abort of this worker may come a moment later. Without this the worker failed with the
+    round's error, kept no carry, and the group restarted from the epoch's checkpoint instead
+    of resuming at the last finished step (seen under load)."""
+    from distnet.parallel.ps.rounds import RoundAborted  # noqa: PLC0415
+
+    aborted = isinstance(err, RoundAborted) or isinstance(getattr(err, "cause", None), RoundAborted)
+    deadline = time.monotonic() + (ABORT_GRACE_S if aborted else 0.0)
+    while True:
+        interrupt()
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
+
+
 def call_shards(ps: Any, submit: Callable[[int, Any], Any], refs: dict[int, Any]) -> dict[int, Any]:
     """Results, by shard index, of one call to each shard in ``refs`` (index -> the call's
     reference already in flight, or None to send it with ``submit(index, shard)``).
@@ -127,6 +148,10 @@ def call_shards(ps: Any, submit: Callable[[int, Any], Any], refs: dict[int, Any]
                         f"{err}"
                     ) from err
                 resend[i] = now + min(0.2 * 2 ** (attempts[i] - 1), 5.0)  # a restart takes time
+            except Exception as err:  # the shard's own error: a refused push, a failed round
+                if interrupt is not None:
+                    await_group_abort(interrupt, err)
+                raise
         for i, when in list(resend.items()):
             if now >= when:
                 del resend[i]
@@ -193,6 +218,11 @@ class ShardCalls:
             # shards at once (see calls.py for the deadlock one shard at a time would risk)
             results = call_shards(self, submit, dict(enumerate(refs)))
             return [results[i] for i in range(len(refs))]
+        except Exception as err:  # a shard's own error: a refused push, a failed round
+            interrupt = self.__dict__.get("interrupt")
+            if interrupt is not None:
+                await_group_abort(interrupt, err)
+            raise
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every shard (concurrently), with retries; results in order."""

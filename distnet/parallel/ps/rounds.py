@@ -24,6 +24,12 @@ class RoundFailed(RuntimeError):
     """A sync round or an ssp wait that timed out or was aborted (names shard and workers)."""
 
 
+class RoundAborted(RoundFailed):
+    """A round or wait that the shard's ``abort`` ended: the group pushing here lost a worker.
+    Any survivor's abort ends the shared shards' rounds, so a worker may see this before its
+    own group's abort (``WorkerLostError``) reaches it; ``calls.call_shards`` waits for that."""
+
+
 class SyncRound:
     """One sync round: the gradients pending by worker, and how it ended."""
 
@@ -34,6 +40,7 @@ class SyncRound:
         self.deadline: float | None = None  # set by the round's first push
         self.result: Any = None
         self.error: str | None = None
+        self.aborted = False  # ended by the shard's abort (RoundAborted), not a timeout
 
 
 class RoundRules:
@@ -100,15 +107,17 @@ class RoundRules:
                 if clock - c > self.staleness and w not in self.left
             ]
             self.rounds_failed += 1
-            raise RoundFailed(
+            raise (RoundFailed if self._aborted is None else RoundAborted)(
                 f"{self._where()}: ssp wait of worker {worker} at clock {clock} failed: "
                 f"{reason}; missing worker(s) {behind} (clocks {self.clocks})"
             )
 
-    def _fail_round(self, round_: SyncRound, reason: str) -> None:
-        """Ends ``round_`` with an error for every worker waiting in it (once)."""
+    def _fail_round(self, round_: SyncRound, reason: str, aborted: bool = False) -> None:
+        """Ends ``round_`` with an error for every worker waiting in it (once); ``aborted``:
+        by the shard's ``abort``."""
         if round_.error is not None or round_.done.is_set():
             return
+        round_.aborted = aborted
         missing = sorted(set(range(self.num_workers)) - set(round_.pending))
         clocks = sorted({entry[2] for entry in round_.pending.values()})
         round_.error = (
@@ -191,7 +200,7 @@ class RoundRules:
                     round_done, f"no push within {self.round_timeout_s:g} s of the round's first"
                 )
         if round_done.error is not None:
-            raise RoundFailed(round_done.error)
+            raise (RoundAborted if round_done.aborted else RoundFailed)(round_done.error)
         version, put_ref = round_done.result
         if linked and self._board is not None:
             return version, self._board.ref  # the board holds this round's result until the next

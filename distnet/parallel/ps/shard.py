@@ -50,7 +50,7 @@ from distnet.parallel.ps.membership import Membership
 from distnet.parallel.ps.optimizers import build_optimizer
 from distnet.parallel.ps.pushcheck import push_record
 from distnet.parallel.ps.replica import Replication
-from distnet.parallel.ps.rounds import RoundFailed, RoundRules
+from distnet.parallel.ps.rounds import RoundAborted, RoundRules
 from distnet.parallel.ps.shardchecks import ShardChecks
 from distnet.parallel.ps.shardlink import ShardLink
 from distnet.parallel.ps.shardstate import ShardState
@@ -203,7 +203,7 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
         self.linked_pushes[worker] += linked
         if self._aborted is not None:  # the group that pushes here is gone: nothing completes
             self.rounds_failed += 1
-            raise RoundFailed(
+            raise RoundAborted(
                 f"{self._where()}: push of worker {worker} at clock {clock} failed: {self._aborted}"
             )
         if not self._admits(worker, incarnation):
@@ -261,7 +261,7 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
         self._check_caller(token, "abort")
         waiting = len(self._round.pending)
         if waiting:
-            self._fail_round(self._round, f"aborted: {reason}")
+            self._fail_round(self._round, f"aborted: {reason}", aborted=True)
         self._aborted = f"aborted: {reason}"
         async with self._clock_changed:
             self._clock_changed.notify_all()
