@@ -136,8 +136,9 @@ def storage_options(path: str, given: dict[str, Any] | None = None) -> dict[str,
                 "connect_timeout": t,
                 "read_timeout": t,
                 # standard mode: exponential back-off with jitter, retries throttling
-                # (SlowDown, 503) and transient errors (500, 502, 504, connection resets)
-                "retries": {"max_attempts": retries(), "mode": "standard"},
+                # (SlowDown, 503) and transient errors (500, 502, 504, connection resets);
+                # total_max_attempts counts the first try (max_attempts would not)
+                "retries": {"total_max_attempts": retries(), "mode": "standard"},
             },
         }
         # an S3-compatible server (MinIO, Ceph, a test server): botocore's variable, passed on
@@ -160,6 +161,15 @@ def storage_options(path: str, given: dict[str, Any] | None = None) -> dict[str,
     else:
         defaults = {}
     return _merge(defaults, given)
+
+
+def single_retry_loop(fs: Any) -> None:
+    """Leaves the retrying to botocore's (``storage_options``: ``retries()`` attempts with
+    back-off) on an ``s3fs.S3FileSystem`` ``fs``: s3fs wraps every call in a loop of its own
+    (``retries``, a class attribute, 5), so ``DISTNET_OBJECT_RETRIES`` meant five times as
+    many requests, and a store that stopped answering failed that much later."""
+    if fs is not None and type(fs).__name__ == "S3FileSystem":
+        fs.retries = 1
 
 
 _CREDENTIAL_CODES = re.compile(

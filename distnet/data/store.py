@@ -71,7 +71,10 @@ def _open_group(path: str, mode: str, storage_options: dict[str, Any] | None) ->
     opts = remote.storage_options(str(path), storage_options)
     if opts is not None and mode == "w" and str(path).startswith("file://"):
         opts.setdefault("auto_mkdir", True)  # fsspec's local files do not make parents
-    return zarr.open_group(str(path), mode=mode, storage_options=opts)
+    group = zarr.open_group(str(path), mode=mode, storage_options=opts)
+    if opts is not None:
+        remote.single_retry_loop(getattr(group.store, "fs", None))
+    return group
 
 
 class Dataset:

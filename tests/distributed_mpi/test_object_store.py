@@ -145,6 +145,24 @@ def test_throttling_and_dropped_connections_are_retried(s3):
         np.testing.assert_array_equal(a, b)
 
 
+def test_object_retries_count_every_attempt_once(s3, monkeypatch):
+    """``DISTNET_OBJECT_RETRIES`` is the number of attempts on a throttled chunk, not that times
+    s3fs's own loop around botocore's retries (regression: 2 meant 10 requests and a read
+    that gave up several times later than asked)."""
+    url, proxy = s3
+    ds = labelled_store(f"{url}/always-throttled", n=64, chunk=32)
+    monkeypatch.setenv("DISTNET_OBJECT_RETRIES", "2")
+    opened = open_dataset(ds.path)
+    proxy.throttle, before = 1000, proxy.throttled  # every GET from now on: 503 SlowDown
+    try:
+        with pytest.raises(DatasetError) as e:
+            opened.read_chunk(1)
+    finally:
+        proxy.throttle = 0
+    assert proxy.throttled - before == 2, proxy.throttled - before
+    assert "'x' chunk 1" in str(e.value) or "chunk 1" in str(e.value), str(e.value)
+
+
 def test_a_server_that_stops_answering_times_out_naming_the_chunk(s3, monkeypatch):
     url, proxy = s3
     ds = labelled_store(f"{url}/hang", n=1024, chunk=16)  # far more chunks than read ahead
