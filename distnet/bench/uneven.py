@@ -30,9 +30,11 @@ worker alone plus 0.8 times a CPU worker alone for each CPU worker; without a GP
 refuses in one line (``uneven_mixed.py``).
 
 ``--engine mpi`` runs the same job as a real MPI job on ``--workers`` ranks (``distnet
-launch``), ranks slowed by the same duty cycle aimed at each rank's pid, contenders ``equal``
-and ``throughput`` (``[dist] rebalance = true``, a new split at every epoch end) and the ideal;
-ssp and async are refused in one line (the parameter server is Ray's). ``uneven_mpi.py``.
+launch``), ranks slowed by ``DISTNET_SLOW_FACTOR`` (``--slow-by delay``, the default: k - 1
+times each step's compute slept after backward) or by the duty cycle aimed at each rank's pid
+(``--slow-by throttle``), contenders ``equal`` and ``throughput`` (``[dist] rebalance = true``,
+a new split at every epoch end) and the ideal; ssp and async are refused in one line (the
+parameter server is Ray's). ``uneven_mpi.py``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ MPI job (``distnet launch -np N -- distnet train``), some ranks slowed.
 - **Slowing a rank**, two ways (``--slow-by``):
   ``delay`` (the default): ``DISTNET_SLOW_FACTOR`` ("1,3"), read by each rank: after each
   backward a rank slowed by k sleeps k - 1 times the step's compute so far (forward and
-  backward), so its compute takes k times as long whatever the host's load; the allreduce
-  and the rest of a step run at full speed.
+  backward, in wall time), so its compute takes at least k times as long whatever the host's
+  load did to it (waking from the sleep on a loaded host adds more); the allreduce and the
+  rest of a step run at full speed.
   ``throttle``: the duty cycle (``throttle.py``, SIGSTOP/SIGCONT, as on Ray) aimed at each
   rank's process by pid: the launcher's descendants that run ``distnet.cli train`` (not their
   ``rankexec`` parents), each rank read from its environment (``RANK``, which ``rankexec``

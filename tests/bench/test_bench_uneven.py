@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from helpers.mpi import needs_mpiexec
 
 from distnet.bench.throttle import DutyCycleThrottle
 
@@ -129,6 +130,7 @@ FIELDS = ("time_to_loss_s", "epochs_to_loss", "time_to_accuracy_s", "epochs_to_a
 
 
 @pytest.mark.mpi
+@needs_mpiexec
 @pytest.mark.timeout(600)
 def test_tiny_mpi_run_gives_every_field_and_the_slowed_rank_a_smaller_share(tmp_path) -> None:
     out = tmp_path / "uneven.json"
