@@ -1,7 +1,8 @@
 """``distnet bench uneven``: time to accuracy when some workers are slower than the others.
 
-    distnet bench uneven [--workers 3] [--slow 2:3] [--change 1:3] [--epochs 8] [--rounds 1]
-                         [--contenders equal,throughput,ssp2,ssp8,async] [--model cnn|mlp]
+    distnet bench uneven [--engine ray|mpi] [--workers 3] [--slow 2:3] [--change 1:3]
+                         [--epochs 8] [--rounds 1] [--model cnn|mlp]
+                         [--contenders equal,throughput,ssp2,ssp8,async]
                          (also ssp0, ssp1, ssp4, ssp16, sspauto)
                          [--devices cuda,cpu,cpu] [--json FILE]
 
@@ -26,7 +27,14 @@ contender's final test accuracy below the equal run's by more than 0.5 points; a
 change, the changed rank's share moves the right way at the next rebalance. With
 ``--devices cuda,cpu,cpu`` (no throttling) the group's samples/s is compared with a GPU
 worker alone plus 0.8 times a CPU worker alone for each CPU worker; without a GPU it
-refuses in one line.
+refuses in one line (``uneven_mixed.py``).
+
+``--engine mpi`` runs the same job as a real MPI job on ``--workers`` ranks (``distnet
+launch``), ranks slowed by ``DISTNET_SLOW_FACTOR`` (``--slow-by delay``, the default: k - 1
+times each step's compute slept after backward) or by the duty cycle aimed at each rank's pid
+(``--slow-by throttle``), contenders ``equal`` and ``throughput`` (``[dist] rebalance = true``,
+a new split at every epoch end) and the ideal; ssp and async are refused in one line (the
+parameter server is Ray's). ``uneven_mpi.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +51,18 @@ from pathlib import Path
 from typing import Any
 
 from distnet.bench.throttle import METHOD, cgroup_cpu_writable
-from distnet.bench.uneven_run import JOB, Change, Contender, digits_stores, run_contender
+from distnet.bench.uneven_mixed import (
+    alone_runs,
+    gpu_count,
+    mixed_verdict,
+    no_gpu_line,
+    parse_devices,
+)
+from distnet.bench.uneven_mpi import CONTENDERS as MPI_CONTENDERS
+from distnet.bench.uneven_mpi import refuse_contenders
+from distnet.bench.uneven_run import JOB, Change, Contender, digits_stores, engine_runs
+
+__all__ = ["CONTENDERS", "DEFAULT", "add_arguments", "gpu_count", "run"]
 
 CONTENDERS = {
     "equal": Contender("equal"),
@@ -61,13 +80,21 @@ CONTENDERS |= {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["ray", "mpi"], default="ray",
+                        help="mpi: equal and throughput shares only")  # fmt: skip
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--slow", default="2:3", help="RANK:FACTOR[,RANK:FACTOR] slowed ranks")
-    parser.add_argument("--change", default="1:3",
+    parser.add_argument("--change",
                         help="RANK:FACTOR from half way on, in a second throughput run "
-                             "('none': no such run)")  # fmt: skip
-    parser.add_argument("--contenders", default=",".join(DEFAULT),
-                        help=f"comma-separated, of {','.join(CONTENDERS)}")  # fmt: skip
+                             "('none': no such run; the default with --slow-by delay, "
+                             "else 1:3)")  # fmt: skip
+    parser.add_argument("--slow-by", choices=["throttle", "delay"],
+                        help="throttle: the duty cycle (Ray's only way; MPI: by each rank's "
+                             "pid); delay: MPI ranks sleep k - 1 times each step's compute "
+                             "(DISTNET_SLOW_FACTOR; the default on MPI)")  # fmt: skip
+    parser.add_argument("--contenders",
+                        help=f"comma-separated, of {','.join(CONTENDERS)} (default: "
+                             f"{','.join(DEFAULT)}; --engine mpi: equal,throughput)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, help="global batch (default: 96 per worker)")
     parser.add_argument(
@@ -113,16 +140,6 @@ def parse_factors(text: str, workers: int, what: str) -> dict[int, float]:
             )
         out[r] = k
     return out
-
-
-def gpu_count() -> int:
-    """GPUs cupy sees (0 without cupy or a driver)."""
-    try:
-        import cupy  # noqa: PLC0415
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # no cupy, no driver, no device: all mean none here
-        return 0
 
 
 def first_met(curve: list[dict[str, Any]], key: str, target: float, below: bool) -> Any:
@@ -214,11 +231,13 @@ def share_follow(run: dict[str, Any], change: Change) -> dict[str, Any]:
     history, at = run["shares"], run["change"]
     if not history or at is None:
         return {"met": False, "why": "no rebalance or no change happened"}
-    steps_per_epoch = history[0]["step"]  # rebalance_every 1: one per epoch end
-    change_step = at["after_epoch"] * steps_per_epoch
+    # rebalance_every 1: one per epoch end; Ray's records count steps, MPI's epochs
+    unit = "epoch" if "epoch" in history[0] else "step"
+    per_epoch = 1 if unit == "epoch" else history[0]["step"]
+    change_step = at["after_epoch"] * per_epoch
     share = [h["batch_sizes"][change.rank] / sum(h["batch_sizes"]) for h in history]
-    before = [s for h, s in zip(history, share, strict=True) if h["step"] <= change_step]
-    after = [s for h, s in zip(history, share, strict=True) if h["step"] > change_step]
+    before = [s for h, s in zip(history, share, strict=True) if h[unit] <= change_step]
+    after = [s for h, s in zip(history, share, strict=True) if h[unit] > change_step]
     if not before or not after:
         return {"met": False, "why": "no rebalance before or after the change"}
     slower = change.factor > 1.0
@@ -259,37 +278,66 @@ def print_table(results: dict[str, Any], ideal_: dict[str, Any] | None) -> None:
         print(f"{name:18s}" + "".join(f"{c:>19s}" for c in cells))
 
 
-def run(args: argparse.Namespace) -> int:
-    from distnet.data import open_dataset  # noqa: PLC0415
-    from distnet.data.holdout import held_out_count  # noqa: PLC0415
-    from distnet.parallel.rayengine import WorkerSpec, start_ray  # noqa: PLC0415
+def parse_change(args: argparse.Namespace, workers: int) -> Change | None:
+    """``--change`` and ``--slow-by`` checked (a delay is fixed when the ranks start, so it
+    cannot change half way; the duty cycle is Ray's only way); sets ``args.slow_by``."""
+    default = "throttle" if args.engine == "ray" else "delay"
+    args.slow_by = args.slow_by or default
+    if args.engine == "ray" and args.slow_by != "throttle":
+        raise SystemExit("distnet bench uneven: --slow-by delay is for --engine mpi; Ray "
+                         "workers are slowed by the duty cycle")  # fmt: skip
+    text = args.change or ("none" if args.slow_by == "delay" else "1:3")
+    if text == "none" or args.devices:
+        return None
+    if args.slow_by == "delay":
+        raise SystemExit(f"distnet bench uneven: --change {text}: needs --slow-by throttle "
+                         "(a delay is set when the ranks start)")  # fmt: skip
+    changes = parse_factors(text, workers, "--change")
+    if len(changes) != 1:
+        raise SystemExit(f"distnet bench uneven: --change {text!r}: one RANK:FACTOR")
+    ((rank, factor),) = changes.items()
+    return Change(rank, factor)
 
-    devices = args.devices.split(",") if args.devices else ["cpu"] * args.workers
-    bad = [d for d in devices if d not in ("cpu", "cuda")]
-    if bad:
-        raise SystemExit(f"distnet bench uneven: --devices {args.devices}: {bad} not cpu/cuda")
-    if "cuda" in devices and gpu_count() == 0:
-        print("distnet bench uneven: --devices asks for a cuda worker but no GPU is found "
-              "(cupy sees no device)", file=sys.stderr)  # fmt: skip
-        return 2
-    workers = len(devices)
-    if workers < 2 or args.rounds < 1 or args.epochs < 2:
-        raise SystemExit(
-            f"distnet bench uneven: needs >= 2 workers, >= 1 round and >= 2 epochs (got "
-            f"{workers}, {args.rounds}, {args.epochs})"
-        )
-    slow = {} if args.devices else parse_factors(args.slow, workers, "--slow")
-    change = None
-    if args.change != "none" and not args.devices:
-        changes = parse_factors(args.change, workers, "--change")
-        if len(changes) != 1:
-            raise SystemExit(f"distnet bench uneven: --change {args.change!r}: one RANK:FACTOR")
-        ((rank, factor),) = changes.items()
-        change = Change(rank, factor)
-    names = [n for n in args.contenders.split(",") if n]
+
+def contender_names(args: argparse.Namespace) -> list[str]:
+    """The contenders to run; SystemExit for an unknown one, and on MPI for one that needs
+    the parameter server (one line each)."""
+    default = DEFAULT if args.engine == "ray" else list(MPI_CONTENDERS)
+    names = [n for n in (args.contenders or ",".join(default)).split(",") if n]
     unknown = sorted(set(names) - set(CONTENDERS))
     if unknown:
         raise SystemExit(f"distnet bench uneven: --contenders {unknown}: not in {list(CONTENDERS)}")
+    refusal = refuse_contenders(names) if args.engine == "mpi" else None
+    if refusal:
+        raise SystemExit(refusal)
+    return names
+
+
+def slowed_by(args: argparse.Namespace) -> str:
+    """How the slowed workers were slowed, in words (the JSON's ``setup``)."""
+    if args.slow_by == "delay":
+        return ("injected delay: after each backward a rank slowed by k sleeps k - 1 times the "
+                "step's compute (DISTNET_SLOW_FACTOR)")  # fmt: skip
+    where = "each rank's pid" if args.engine == "mpi" else "each actor's pid"
+    return f"throttle: {METHOD}, by {where}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from distnet.data import open_dataset  # noqa: PLC0415
+    from distnet.data.holdout import held_out_count  # noqa: PLC0415
+
+    devices = parse_devices(args.devices, args.workers)
+    workers = len(devices)
+    if args.rounds < 1 or args.epochs < 2:
+        raise SystemExit(f"distnet bench uneven: needs >= 1 round and >= 2 epochs (got "
+                         f"{args.rounds}, {args.epochs})")  # fmt: skip
+    names = contender_names(args)
+    refusal = no_gpu_line(devices, gpu_count() if "cuda" in devices else 0, args.devices)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    slow = {} if args.devices else parse_factors(args.slow, workers, "--slow")
+    change = parse_change(args, workers)
     root = Path(tempfile.mkdtemp(prefix="distnet-bench-uneven-"))
     train, test = digits_stores(root, args.shifts)
     n = len(open_dataset(train))
@@ -297,27 +345,22 @@ def run(args: argparse.Namespace) -> int:
     args.batch_size = args.batch_size or 96 * workers
     text = JOB.format(train=train, test=test, batch=args.batch_size, hidden=args.hidden,
                       type=args.model, epochs=args.epochs, lr=args.lr, out="{out}")  # fmt: skip
-    specs = [WorkerSpec(d, 1.0, 1.0 if d == "cuda" else 0.0) for d in devices]
     factors = [slow.get(r, 1.0) for r in range(workers)]
-    started = start_ray(None, num_cpus=max(4, workers + 2), num_gpus=devices.count("cuda"))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    try:
+    changed_run = mixed = None
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    with engine_runs(args.engine, text, root, devices, args.slow_by) as run_one:
         for r in range(args.rounds):
             for name in names if r % 2 == 0 else names[::-1]:
                 contender = replace(CONTENDERS[name], name=f"{name}-{r}")
-                runs[name].append(run_contender(contender, text, root, specs, factors))
+                runs[name].append(run_one(contender, devices, factors))
                 print(f"round {r} {name}: {runs[name][-1]['wall_s']:.1f} s", flush=True)
-        changed_run = None
         if change is not None:
             changed = Contender("throughput_change", rebalance_every=1)
-            changed_run = run_contender(changed, text, root, specs, factors, change)
+            changed_run = run_one(changed, devices, factors, change)
             print(f"throughput with change: {changed_run['wall_s']:.1f} s", flush=True)
-        mixed = mixed_runs(root, text, devices) if "cuda" in devices else None
-    finally:
-        if started:
-            import ray  # noqa: PLC0415
-
-            ray.shutdown()
+        if "cuda" in devices and "cpu" in devices:
+            mixed = alone_runs(lambda d: run_one(Contender(f"{d}_alone"), [d], [1.0]))
     rows = {name: [summarize(one, args, n_train) for one in runs[name]] for name in names}
     results = {name: combine(rows[name], rows.get("equal")) for name in names}
     ideal_ = None
@@ -332,13 +375,14 @@ def run(args: argparse.Namespace) -> int:
         group = runs["throughput"][0] if runs.get("throughput") else None
         verdict["mixed_group"] = mixed_verdict(group, mixed, devices, n_train)
     out = {
-        "setup": {"workers": workers, "devices": devices, "slow": factors, "throttle": METHOD,
+        "setup": {"engine": args.engine, "workers": workers, "devices": devices, "slow": factors,
+                  "slowed_by": slowed_by(args), "throttle": METHOD,
                   "cgroup_cpu_writable": cgroup_cpu_writable(), "epochs": args.epochs,
                   "batch_size": args.batch_size, "model": args.model,
                   "hidden": args.hidden if args.model == "mlp" else None, "train_samples": n_train,
                   "target_loss": args.target_loss, "target_accuracy": args.target_accuracy,
                   "change": None if change is None else vars(change),
-                  "load": [round(x, 2) for x in os.getloadavg()],
+                  "load_start": load_start, "load": [round(x, 2) for x in os.getloadavg()],
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         "contenders": results, "ideal": ideal_, "checks": verdict,
         "share_history": {
@@ -353,33 +397,3 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     return 0
-
-
-def mixed_runs(root: Path, text: str, devices: list[str]) -> dict[str, Any]:
-    """A GPU worker alone and a CPU worker alone (equal shares, one worker each)."""
-    from distnet.parallel.rayengine import WorkerSpec  # noqa: PLC0415
-
-    alone = {}
-    for device in ("cuda", "cpu"):
-        spec = [WorkerSpec(device, 1.0, 1.0 if device == "cuda" else 0.0)]
-        alone[device] = run_contender(Contender(f"{device}_alone"), text, root, spec, [1.0])
-    return alone
-
-
-def mixed_verdict(
-    group: dict[str, Any] | None, alone: dict[str, Any], devices: list[str], n_train: int
-) -> dict[str, Any]:
-    """The group's samples/s against the GPU alone plus 0.8 x the CPU workers alone."""
-    if group is None:
-        return {"met": False, "why": "run the throughput contender for the mixed group"}
-
-    def rate(run: dict[str, Any]) -> float:
-        curve = run["curve"]
-        return (len(curve) - 1) * n_train / max(curve[-1]["t"] - curve[0]["t"], 1e-9)
-
-    gpu, cpu, together = rate(alone["cuda"]), rate(alone["cpu"]), rate(group)
-    bar = gpu + 0.8 * cpu * devices.count("cpu")
-    return {"met": together >= bar, "group_samples_per_s": round(together, 1),
-            "gpu_alone": round(gpu, 1), "cpu_alone": round(cpu, 1), "target": round(bar, 1),
-            "group_accuracy": group["report"].get("test_accuracy"),
-            "gpu_alone_accuracy": alone["cuda"]["report"].get("test_accuracy")}  # fmt: skip

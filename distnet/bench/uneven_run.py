@@ -9,9 +9,11 @@ epoch curve (time, epoch, logged metrics), the share history and rank 0's report
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,3 +192,39 @@ def run_contender(
             attach.join(timeout=5.0)
     return {"curve": curve.points, "shares": report.get("shares", []), "report": report,
             "wall_s": time.perf_counter() - t0, "change": changed or None}  # fmt: skip
+
+
+Runner = Callable[..., dict[str, Any]]  # (contender, devices, factors, change=None) -> a run
+
+
+@contextlib.contextmanager
+def engine_runs(
+    engine: str, text: str, root: Path, devices: list[str], slow_by: str = "throttle"
+) -> Iterator[Runner]:
+    """A function that runs the job once on ``engine`` (a local Ray started for the duration,
+    or ``distnet launch`` per run); ``slow_by`` (MPI): "throttle" or "delay"."""
+    if engine == "mpi":
+        from distnet.bench.uneven_mpi import run_mpi_contender  # noqa: PLC0415
+
+        def on_mpi(contender: Contender, devs: list[str], factors: list[float],
+                   change: Change | None = None) -> dict[str, Any]:  # fmt: skip
+            return run_mpi_contender(contender, text, root, devs, factors, change, slow_by)
+
+        yield on_mpi
+        return
+    from distnet.parallel.rayengine import WorkerSpec, start_ray  # noqa: PLC0415
+
+    def on_ray(contender: Contender, devs: list[str], factors: list[float],
+               change: Change | None = None) -> dict[str, Any]:  # fmt: skip
+        specs = [WorkerSpec(d, 1.0, 1.0 if d == "cuda" else 0.0) for d in devs]
+        return run_contender(contender, text, root, specs, factors, change)
+
+    workers = len(devices)
+    started = start_ray(None, num_cpus=max(4, workers + 2), num_gpus=devices.count("cuda"))
+    try:
+        yield on_ray
+    finally:
+        if started:
+            import ray  # noqa: PLC0415
+
+            ray.shutdown()

@@ -38,6 +38,7 @@ from distnet.parallel.sync import GatheredState
 
 __all__ = [
     "DELAY_ENV",
+    "SLOW_ENV",
     "SPLIT_KEY",
     "THRESHOLD",
     "EpochRebalancer",
@@ -50,6 +51,9 @@ THRESHOLD = 0.10  # "auto": least relative gain in step time worth a new split
 SPLIT_KEY = BATCH_SPLIT_KEY  # the optimiser-state key a checkpoint keeps the split under
 # per-rank injected delay (tests, demonstrations): seconds per sample, comma-separated by rank
 DELAY_ENV = "DISTNET_DELAY_PER_SAMPLE_S"
+# per-rank slow-down factor (benchmarks): after each backward a rank with factor k sleeps k - 1
+# times its step's compute so far, comma-separated by rank ("1,3": rank 1 computes 3x slower)
+SLOW_ENV = "DISTNET_SLOW_FACTOR"
 
 
 def choose_split(
@@ -67,17 +71,37 @@ def choose_split(
     return None
 
 
+def _rank_value(name: str, rank: int, default: float) -> float:
+    """This rank's entry of the comma-separated variable ``name`` (``default`` when absent)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    values = [v.strip() for v in text.split(",")]
+    try:
+        return float(values[rank]) if rank < len(values) and values[rank] else default
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: give one number per rank") from None
+
+
 def _injected_delay(rank: int) -> float:
     """This rank's entry of ``DISTNET_DELAY_PER_SAMPLE_S`` ("0,0.004": rank 1 sleeps 4 ms per
     sample in each backward), 0 when absent."""
-    text = os.environ.get(DELAY_ENV, "").strip()
-    if not text:
-        return 0.0
-    values = [v.strip() for v in text.split(",")]
-    try:
-        return float(values[rank]) if rank < len(values) else 0.0
-    except ValueError:
-        raise ValueError(f"{DELAY_ENV}={text!r}: give seconds per sample, one per rank") from None
+    return _rank_value(DELAY_ENV, rank, 0.0)
+
+
+def _slow_factor(rank: int) -> float:
+    """This rank's entry of ``DISTNET_SLOW_FACTOR`` ("1,3": rank 1 computes 3x slower), 1 when
+    absent; a factor below 1 is refused."""
+    factor = _rank_value(SLOW_ENV, rank, 1.0)
+    if not factor >= 1.0:
+        raise ValueError(f"{SLOW_ENV}: rank {rank}'s factor must be >= 1, got {factor}")
+    return factor
+
+
+def _some_rank_slowed(size: int) -> bool:
+    """Whether any of ``size`` ranks has an injected delay or a slow-down factor (the same
+    answer on every rank: each reads every rank's entry)."""
+    return any(_injected_delay(r) > 0 or _slow_factor(r) > 1.0 for r in range(size))
 
 
 class EpochRebalancer(ThroughputShares):
@@ -177,19 +201,22 @@ class Rebalancing:
         self.split = BatchSplit()
         self.history: list[dict[str, Any]] = []
         self.delay = _injected_delay(engine.comm.rank)
+        self.slow_factor = _slow_factor(engine.comm.rank)
 
     @staticmethod
     def wanted(engine: Any) -> bool:
         """Whether ``engine``'s job rebalances (or has a rank slowed on purpose): several
         ranks, strategy allreduce (local SGD averages parameters unweighted), ``rebalance =
-        true`` and ``rebalance_every`` > 0, or a ``DISTNET_DELAY_PER_SAMPLE_S``."""
+        true`` and ``rebalance_every`` > 0, or some rank slowed by ``DISTNET_DELAY_PER_SAMPLE_S``
+        or ``DISTNET_SLOW_FACTOR``: then every rank wraps (the same answer on every rank, so
+        that a measurement's allgather finds every rank there)."""
         dist, comm = engine.dist, engine.comm
         if comm.size == 1 or dist.get("strategy", "allreduce") != "allreduce":
             return False
         # opt-in on MPI: a split that follows measured speed makes the result depend on
         # timing, so a resumed or repeated run would no longer equal the undisturbed one
         on = dist.get("rebalance", "auto") is True and int(dist.get("rebalance_every", 200))
-        return bool(on) or _injected_delay(comm.rank) > 0
+        return bool(on) or _some_rank_slowed(comm.size)
 
     def share(self, loader: Any) -> Any:
         return self.split.hand_to(loader)
@@ -199,5 +226,6 @@ class Rebalancing:
         return EpochRebalancer(
             inner, loader, self.engine.comm, mode=self.mode, say=self.engine.say,
             rebalance_every=self.every, delay_per_sample_s=self.delay,
+            slow_factor=self.slow_factor,
             history=self.history, split=self.split,
         )  # fmt: skip

@@ -88,6 +88,9 @@ class ThroughputShares(PassThrough):
         rebalance_every: least number of steps between two measurements (0: never).
         delay_per_sample_s: sleep this long per sample in each backward (a deliberately slow
             worker, to test and demonstrate the balancing).
+        slow_factor: k >= 1: after each backward but the first, sleep k - 1 times the step's
+            compute so far (forward and backward): a worker k times slower at computing,
+            whatever the load of the host (benchmarks).
         history: a list the rebalances are appended to (``{"step", "throughput",
             "fixed_s", "batch_sizes"}``: samples/s measured at the old split, the fitted fixed
             seconds per step, the new split), shared across stages.
@@ -97,7 +100,7 @@ class ThroughputShares(PassThrough):
     """
 
     _OWN = frozenset(
-        "optimizer loader comm rebalance_every delay_per_sample_s history on_step "
+        "optimizer loader comm rebalance_every delay_per_sample_s slow_factor history on_step "
         "split _t0 _backward_done timing _since step_count".split()
     )
 
@@ -109,6 +112,7 @@ class ThroughputShares(PassThrough):
         *,
         rebalance_every: int = 200,
         delay_per_sample_s: float = 0.0,
+        slow_factor: float = 1.0,
         history: list[dict[str, Any]] | None = None,
         on_step: Any = None,
         split: BatchSplit | None = None,
@@ -117,6 +121,7 @@ class ThroughputShares(PassThrough):
         self.split = split if split is not None else BatchSplit()
         self.rebalance_every = rebalance_every
         self.delay_per_sample_s = delay_per_sample_s
+        self.slow_factor = slow_factor
         self.history = history if history is not None else []
         self.on_step = on_step
         self._t0: float | None = None
@@ -144,6 +149,9 @@ class ThroughputShares(PassThrough):
             time.sleep(self.delay_per_sample_s * self.loader.batch_size)
         # the share goes into backward's seed gradient (no extra pass over the gradients)
         self.optimizer.backward(loss, batch_share=self.batch_share)
+        # not the first step: its compile and cache warm-up is no measure of the worker's speed
+        if self.slow_factor > 1.0 and self._t0 is not None and self.step_count > 0:
+            time.sleep((self.slow_factor - 1.0) * (time.perf_counter() - self._t0))
         self._backward_done = True
 
     def synchronize(self, batch_share: float | None = None) -> Any:

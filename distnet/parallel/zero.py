@@ -54,15 +54,17 @@ def sharding_pays(comm: Communicator, optimizer: Any, compression: str | None = 
     compression, large enough to take that road (``shm.min_bytes``). Measured on the
     headline job, 2 ranks: 115.6 s sharded against 123.5 s unsharded, both through shared
     memory; through MPI's messages sharding did not pay (30.2 s against 30.0 s on the
-    smaller job of docs/performance.md's table). The same on every rank."""
+    smaller job of docs/performance.md's table). The same on every rank: in a mixed group
+    (a GPU rank beside CPU ranks) no rank shards, so every rank runs the same collectives
+    (collective where the other conditions hold, which are alike on every rank)."""
     shm = getattr(comm, "shm", None)
     return (
         comm.size > 1
         and shm is not None
         and shm.enabled
         and compression is None
-        and not is_gpu_array(optimizer.flat_params)
         and optimizer.flat_params.nbytes >= shm.min_bytes
+        and not any(comm.allgather(is_gpu_array(optimizer.flat_params)))
     )
 
 

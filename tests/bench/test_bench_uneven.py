@@ -1,5 +1,6 @@
 """``distnet bench uneven``: the duty-cycle throttle really slows a process, and a tiny run on
-a real local Ray gives the JSON fields and shares that follow the slowed worker."""
+a real local Ray, and one on real MPI ranks (``--engine mpi``), give the JSON fields and shares
+that follow the slowed worker."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+from helpers.mpi import needs_mpiexec
 
 from distnet.bench.throttle import DutyCycleThrottle
 
@@ -65,6 +67,26 @@ def test_devices_with_cuda_and_no_gpu_is_refused_in_one_line(tmp_path) -> None:
     assert proc.stderr.strip().count("\n") == 0 and "no GPU" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "status", "words"),
+    [
+        (["--devices", "cuda,cpu,cpu"], 2, "no GPU found: --devices cuda,cpu,cpu needs cupy"),
+        (["--contenders", "equal,ssp2"], 1, "--engine mpi runs equal,throughput only"),
+    ],
+)
+def test_mpi_engine_refuses_in_one_line(argv, status, words) -> None:
+    from distnet.bench.uneven import gpu_count  # noqa: PLC0415
+
+    if "cuda,cpu,cpu" in argv and gpu_count():
+        pytest.skip("a GPU is present: the refusal is for machines without one")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distnet.cli", "bench", "uneven", "--engine", "mpi", *argv],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == status, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and words in proc.stderr, proc.stderr
+
+
 @pytest.mark.timeout(240)
 def test_tiny_run_gives_the_fields_and_shares_follow_the_slow_worker(tmp_path) -> None:
     out = tmp_path / "uneven.json"
@@ -100,3 +122,40 @@ def test_staleness_contenders_on_request_and_the_auto_bound_in_the_summary() -> 
     assert auto_bound_changes({"ps_stats": [{"shards": [shard]}]}) == [[10, 1], [20, 2]]
     assert auto_bound_changes({"ps_stats": [{"shards": [{"auto_staleness": None}]}]}) is None
     assert auto_bound_changes({}) is None
+
+
+FIELDS = ("time_to_loss_s", "epochs_to_loss", "time_to_accuracy_s", "epochs_to_accuracy",
+          "samples_per_s", "final_accuracy", "final_loss", "wall_s", "speedup_vs_equal",
+          "rounds")  # fmt: skip
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.timeout(600)
+def test_tiny_mpi_run_gives_every_field_and_the_slowed_rank_a_smaller_share(tmp_path) -> None:
+    out = tmp_path / "uneven.json"
+    cmd = [sys.executable, "-m", "distnet.cli", "bench", "uneven", "--engine", "mpi",
+           "--workers", "2", "--slow", "1:3", "--change", "none", "--epochs", "2",
+           "--shifts", "1", "--batch-size", "512", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    setup = result["setup"]
+    assert setup["engine"] == "mpi" and setup["slow"] == [1.0, 3.0]
+    assert setup["slowed_by"].startswith("injected delay")  # the default on MPI
+    assert set(result["contenders"]) == {"equal", "throughput"}  # MPI's default contenders
+    for name, row in result["contenders"].items():
+        assert set(FIELDS) <= set(row), (name, sorted(row))
+        assert row["samples_per_s"] > 0 and 0.0 <= row["final_accuracy"] <= 1.0
+        (first,) = row["rounds"]
+        assert [p["epoch"] for p in first["curve"]] == [1, 2], first["curve"]
+    ideal = result["ideal"]
+    assert ideal["samples_per_s"] > 0 and len(ideal["rates"]) == 2
+    assert "accuracy_within_half_point" in result["checks"]
+    (history,) = result["share_history"]["throughput"]  # one round: a decision per epoch end
+    assert [h["epoch"] for h in history] == [1, 2], history
+    for h in history:
+        assert sum(h["batch_sizes"]) == 512 and len(h["throughput"]) == 2
+    first_split = history[0]["batch_sizes"]
+    assert first_split[1] < first_split[0], history  # the slowed rank 1: the smaller share
+    assert "equal" in proc.stdout and "ideal" in proc.stdout  # the printed table

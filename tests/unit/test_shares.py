@@ -224,3 +224,39 @@ def test_rebalance_measures_the_wrapped_steps(store):
     assert gathered.predict(30) >= 30 * 1e-4  # at least the injected sleep
     assert shares.rebalance() == [30]  # no step since: the split is kept
     loader.close()
+
+
+def test_a_slow_factor_makes_each_step_compute_k_times_as_long(store):
+    """``slow_factor`` 3: after backward the wrapper sleeps twice the step's compute so far,
+    so the measured step is at least 3x the forward and backward alone."""
+    import time  # noqa: PLC0415
+
+    loader = StreamLoader(store, rank=0, world_size=1, global_batch_size=30)
+    model = nn.Sequential(nn.Dense(4, 2))
+    shares = ThroughputShares(optim.SGD(model, lr=0.1), loader, LocalCommunicator(),
+                              rebalance_every=0, slow_factor=3.0)  # fmt: skip
+    x = Tensor(np.ones((30, 4), np.float32))
+    for _ in range(3):
+        shares.zero_grad()
+        time.sleep(0.02)  # stands for 20 ms of forward: the slow-down multiplies it too
+        shares.backward(model(x).sum())
+        shares.step()
+    (gathered,) = shares.gather_models()
+    assert gathered.predict(30) >= 3 * 0.02
+    loader.close()
+
+
+def test_slowed_ranks_are_read_per_rank_and_alike_on_every_rank(monkeypatch):
+    from distnet.parallel import rebalance  # noqa: PLC0415
+
+    monkeypatch.setenv(rebalance.SLOW_ENV, "1,3")
+    monkeypatch.delenv(rebalance.DELAY_ENV, raising=False)
+    assert rebalance._slow_factor(0) == 1.0 and rebalance._slow_factor(1) == 3.0
+    assert rebalance._slow_factor(2) == 1.0  # no entry: full speed
+    assert rebalance._some_rank_slowed(2) and not rebalance._some_rank_slowed(1)
+    monkeypatch.setenv(rebalance.SLOW_ENV, "1,0.5")
+    with pytest.raises(ValueError, match="must be >= 1"):
+        rebalance._slow_factor(1)
+    monkeypatch.setenv(rebalance.SLOW_ENV, "1,fast")
+    with pytest.raises(ValueError, match="one number per rank"):
+        rebalance._slow_factor(1)
