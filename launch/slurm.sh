@@ -17,7 +17,7 @@ TEMPLATE=$REPO/cluster/slurm/$KIND.sbatch
 [ -f "$TEMPLATE" ] || die "no template '$KIND': expected one of mpi-cpu, mpi-gpu, ray-cpu, ray-gpu"
 need_file "$JOB" "job file"
 need_cmd sbatch "this is not a SLURM login node (or load the slurm module)"
-"$PYTHON" -c 'import sys; from distnet.train.jobs.job import load_job; load_job(sys.argv[1])' "$JOB" \
+"$PYTHON" -c 'import sys; from distnet.train.jobs.load import load_job; load_job(sys.argv[1])' "$JOB" \
     || die "job file $JOB does not load (see above)"
 export DISTNET_REPO=$REPO  # the templates find cluster/slurm/ray-start.sh through it
 case $KIND in
