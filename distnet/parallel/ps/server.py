@@ -207,9 +207,10 @@ class ParameterServer(ShardCalls):
                 "penalty_mask": None if mask is None else mask[lo:hi],
                 "threads": max(1, int(num_cpus)),
             }  # fmt: skip
+            own = options.pop("backup", {})  # the backup's node (shardplace.py)
             backup = None
             if int(replicas) > 1:  # no snapshots of its own: the primary's file is the shard's
-                away = {**options, **options.pop("backup", {})}  # its node: shardplace.py
+                away = {**options, **own}
                 backup = actor.options(**away).remote(
                     i, lo, hi, params_ref, snapshot_path=None, role="backup", **common
                 )

@@ -181,7 +181,7 @@ class ReplicaWarden:
 
     async def _away_from(self, live: Any, options: dict[str, Any]) -> dict[str, Any]:
         """Ray options placing a new replica on another node than ``live``'s where the cluster
-        has one alive (soft: the live replica's node when none is left)."""
+        has one alive (``{}``, the recipe's placement, when there is none)."""
         from distnet.parallel.ps.shardplace import away_from_node  # noqa: PLC0415
 
         try:
