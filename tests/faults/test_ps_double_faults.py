@@ -7,11 +7,14 @@ resumes at step 50, the last step every worker finished, not at the epoch's chec
 primary's as a lost replica (its backup holds every acknowledged push: the shards still hold
 exactly 50 rounds, which is what lets the group resume mid-epoch; without a backup the shard
 would be gone and the job would run again from its checkpoint). Every sample counts once per
-epoch (by id), and the resumed server's ledger holds every acknowledged push once.
+epoch (by id), and the resumed server's ledger holds every acknowledged push once. In async,
+rank 0 and a shard's primary at the same step: no restart at all (a stand-in for rank 0, the
+promoted backup, a rebuilt replica).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -81,3 +84,44 @@ def test_sync_a_worker_and_a_shard_primary_lost_together_resume_at_the_last_step
     assert ledger["ok"] and ledger["acknowledged"] == 2 * (STEPS - KILL_AT), ledger
     assert ledger["missing"] == 0 and ledger["doubled"] == 0, ledger
     assert server["replica_check"]["ok"], server["replica_check"]
+
+
+def test_async_rank_0_and_a_shard_primary_lost_together_the_survivor_goes_on(
+    ray_cluster, id_job, tmp_path
+):
+    """async: rank 0 SIGKILLed and, at the same step, shard 1's primary killed by rank 1 (slowed,
+    so it is still inside the epoch). No group restart: rank 1 goes on with the promoted
+    backup while a stand-in takes rank 0's place and the warden rebuilds the replica; every
+    sample once per epoch, every step of both ranks applied once, the replicas equal."""
+    path, ids = id_job
+    out = tmp_path / "run"
+    job = load_job(path, {"run": {"out": str(out)}})
+    workers = worker_specs(2)
+    workers[1].delay_per_sample_s = 0.002
+    faults = [
+        {"generation": 1, "rank": 0, "step": KILL_AT, "action": "sigkill"},
+        {"generation": 1, "rank": 1, "step": KILL_AT, "action": "kill_shard", "shard": 1,
+         "delay_s": 0.0},
+    ]  # fmt: skip
+    opts = RayOptions(
+        workers=workers, strategy="ps", faults=faults, sample_log=str(out / "s"),
+        ps={"mode": "async", "shards": 2, "replicas": 2},
+    )  # fmt: skip
+    report = RayJob(opts, log=lambda line: None, task=run_rank).run(job)
+    (failure,) = report["failures"]
+    assert report["generation"] == 1 and failure.startswith("rank 0:"), report
+    (rec,) = report["recoveries"]
+    assert rec["kind"] == "survivors went on" and rec["lost"] == [0], rec
+    (only,) = finished_by_generation(out / "s").values()  # one generation: no restart
+    assert sorted(only) == list(range(EPOCHS))
+    for epoch, steps in only.items():  # the stand-in logs rank 0's steps on
+        seen = np.sort(np.concatenate([np.asarray(i, np.float32) for _, i in steps]))
+        np.testing.assert_array_equal(seen, ids, f"epoch {epoch}")
+    (server,) = report["ps_stats"]
+    for shard in server["shards"]:
+        assert shard["pushes_applied"] == [STEPS, STEPS], shard  # each step of each rank once
+    ledger = server["ledger"]
+    assert ledger["ok"] and ledger["missing"] == 0 and ledger["doubled"] == 0, ledger
+    check = server["replica_check"]
+    assert check["ok"] and check["shards"][1]["promotions"] == 1, check
+    assert check["shards"][1]["rebuilds"] == 1, check
