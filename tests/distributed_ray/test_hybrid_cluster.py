@@ -4,8 +4,6 @@ with no ``workers_per_node`` override."""
 
 from __future__ import annotations
 
-import secrets
-
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -22,31 +20,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    from ray._private.authentication_test_utils import reset_auth_token_state  # noqa: PLC0415
-    from ray.cluster_utils import Cluster  # noqa: PLC0415
+    from helpers.ray_cluster import token_cluster  # noqa: PLC0415
 
-    # a token of this test's own, in the environment every node of the cluster inherits (as
-    # Ray's own tests of token authentication do); the loader's cache is reset around it
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "token")
-    mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    reset_auth_token_state()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        for _ in range(2):  # two CPUs each: PACK puts two workers on each
-            cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes(timeout=120)
-        ray.init(address=cluster.address, logging_level="warning")
-        from ray._raylet import get_authentication_mode  # noqa: PLC0415
-
-        assert int(get_authentication_mode()) == 1  # AuthenticationMode.TOKEN
+    with token_cluster(2, 2) as cluster:  # two CPUs each: PACK puts two workers on each
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        mp.undo()
-        reset_auth_token_state()
 
 
 def test_hybrid_groups_the_workers_by_the_ray_node_they_landed_on(two_nodes, digits, tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -19,10 +18,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from distnet import backend  # noqa: E402
-from distnet.nn import Dense, Sequential  # noqa: E402
-from distnet.optim import Adam  # noqa: E402
-from distnet.parallel.ps import ParameterServer, ParameterServerOptimizer  # noqa: E402
+from helpers.ps_threads import make_server, push_fixed_gradients  # noqa: E402
+
 from distnet.parallel.ps.ledger import check_ledgers  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
@@ -30,47 +27,16 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
 STEPS = 40
 
 
-def make_model():
-    backend.seed(0)
-    return Sequential(Dense(64, 48, activation="relu"), Dense(48, 10))
-
-
-def make_server(mode, replicas):
-    flat = Adam(make_model(), lr=0.01).flat_params.copy()
-    return ParameterServer.create(
-        flat, shards=2, mode=mode, num_workers=2, optimizer={"name": "adam", "lr": 0.01},
-        replicas=replicas, timeout_s=10, retries=4,
-    )  # fmt: skip
-
-
 def train(ps, kill_at=None):
-    """Both workers push STEPS fixed gradients (worker k, step t: its own seeded draw);
-    ``kill_at``: (shard, step) whose primary is SIGKILLed when worker 0 reaches the step.
-    Returns each worker's acknowledged pushes."""
-    acks, errors = {}, []
+    """Both workers push STEPS fixed gradients; ``kill_at``: (shard, step) whose primary is
+    SIGKILLed when worker 0 reaches the step. Returns each worker's acknowledged pushes."""
     pid = None if kill_at is None else ray.get(ps.shards[kill_at[0]].ping.remote(), timeout=30)
 
-    def run(k):
-        try:
-            opt = ParameterServerOptimizer(Adam(make_model(), lr=0.01), ps, k)
-            rng = np.random.default_rng(k)
-            for t in range(STEPS):
-                opt.zero_grad()
-                opt.optimizer.flat_grads[...] = rng.standard_normal(ps.size).astype(np.float32)
-                if k == 0 and kill_at is not None and t == kill_at[1]:
-                    os.kill(pid, signal.SIGKILL)
-                opt.step()
-            acks[k] = opt.acknowledged()[1]
-        except Exception as e:  # noqa: BLE001 (reported by the test)
-            errors.append(e)
+    def kill(k, t):
+        if k == 0 and kill_at is not None and t == kill_at[1]:
+            os.kill(pid, signal.SIGKILL)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
-    assert not errors and not any(t.is_alive() for t in threads), [str(e) for e in errors]
-    return acks
+    return push_fixed_gradients(ps, STEPS, kill)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -115,8 +81,9 @@ def test_a_killed_primary_hands_over_to_its_backup_and_nothing_is_lost(ray_clust
     finally:
         ps.shutdown()
     print(f"primary killed: {took:.1f} s for {STEPS} steps; ledger {ledger}")
-    assert stats["shards"][1]["replica_role"] == "backup"  # the backup serves shard 1 now
-    assert stats["shards"][0]["replica_role"] == "primary"
+    # the backup serves shard 1 now, promoted by the warden (which rebuilds another backup)
+    assert stats["replicas"][1]["promotions"] == 1 and stats["replicas"][0]["promotions"] == 0
+    assert [s["replica_role"] for s in stats["shards"]] == ["primary", "primary"]
     assert ledger["ok"] and ledger["missing"] == 0 and ledger["doubled"] == 0, ledger
     assert ledger["acknowledged"] == 2 * STEPS, ledger
     np.testing.assert_array_equal(got, want)
@@ -130,7 +97,7 @@ def test_async_primary_killed_every_push_acknowledged_is_held_once(ray_cluster):
         stats = ps.stats()
     finally:
         ps.shutdown()
-    assert stats["shards"][0]["replica_role"] == "backup"
+    assert stats["replicas"][0]["promotions"] == 1, stats["replicas"]
     assert ledger["ok"] and ledger["acknowledged"] == 2 * STEPS, ledger
     assert ledger["applied"] == [2 * STEPS, 2 * STEPS], ledger
 
@@ -147,11 +114,17 @@ def id_job(tmp_path_factory):
     return path, ids
 
 
-def test_a_job_whose_shard_primary_is_killed_goes_on_without_a_restart(ray_cluster, id_job):
-    """``[dist] replicas = 2`` on a Ray job (sync, 2 workers, 2 shards, no snapshots): shard
-    1's primary SIGKILLed mid-epoch. Without a backup the group would restart from the
-    epoch's checkpoint; here the workers go on with the backup: one generation, every sample
-    once, the ledger holding every acknowledged push."""
+@pytest.mark.parametrize(("mode", "which"), [("sync", "primary"), ("async", "backup")])
+def test_a_job_that_loses_a_shard_replica_goes_on_and_rebuilds_it(ray_cluster, id_job, mode, which):
+    """``[dist] replicas = 2`` on a Ray job (2 workers, 2 shards, no snapshots): shard 1's
+    primary (sync) or backup (async) SIGKILLed mid-epoch. Without replicas the group would
+    restart from the epoch's checkpoint; here the workers go on (with the backup, or with the
+    primary alone) while the warden rebuilds the lost replica from the live one: one
+    generation, every sample once, the ledger holding every acknowledged push, both replicas
+    of every shard equal byte for byte at the end. Rank 0 pauses 3 s two steps after the
+    kill, so that the pushes after it are likely to meet the rebuilt backup (a rebuild starts
+    a process; on a loaded machine it may end with the stage: the stage's end waits for it).
+    That a rebuilt backup takes the pushes after its transfer is test_ps_rebuild.py's."""
     from helpers.sample_counts import (  # noqa: PLC0415
         assert_every_sample_once,
         finished_by_generation,
@@ -162,18 +135,23 @@ def test_a_job_whose_shard_primary_is_killed_goes_on_without_a_restart(ray_clust
     from distnet.train.jobs.rayjob import run_rank  # noqa: PLC0415
 
     path, ids = id_job
-    out = path.parent / "run"
+    out = path.parent / f"run-{mode}-{which}"
     job = load_job(path, {"run": {"out": str(out)}})
     kill = {"generation": 1, "rank": 0, "step": 50, "action": "kill_shard", "shard": 1,
-            "delay_s": 0.01}  # fmt: skip
+            "replica": which, "delay_s": 0.01}  # fmt: skip
+    pause = {"generation": 1, "rank": 0, "step": 52, "action": "sleep", "seconds": 3.0}
     opts = RayOptions(
-        workers=worker_specs(2), strategy="ps", faults=[kill], sample_log=str(out / "s"),
-        ps={"mode": "sync", "shards": 2, "replicas": 2},
+        workers=worker_specs(2), strategy="ps", faults=[kill, pause],
+        sample_log=str(out / "s"), ps={"mode": mode, "shards": 2, "replicas": 2},
     )  # fmt: skip
     report = RayJob(opts, log=lambda line: None, task=run_rank).run(job)
     assert report["generation"] == 1 and not report["failures"], report["failures"]
     assert_every_sample_once(finished_by_generation(out / "s"), ids, 2, report["recoveries"])
     (server,) = report["ps_stats"]
-    roles = [s["replica_role"] for s in server["shards"]]
-    assert roles == ["primary", "backup"], roles  # shard 1 served by its backup at the end
+    check = server["replica_check"]
+    assert check["ok"], check  # both replicas of both shards, byte for byte
+    assert check["shards"][1]["rebuilds"] == 1, check
+    assert check["shards"][1]["promotions"] == int(which == "primary"), check
+    assert server["replicas"][1]["rebuilds"] == 1, server["replicas"]
+    assert server["shards"][1]["replica_role"] == "primary"
     assert server["ledger"]["ok"] and server["ledger"]["acknowledged"] == 2 * 84, server

@@ -64,6 +64,9 @@ def _fail_over(ps: Any, i: int, err: BaseException) -> bool:
     current = ps.shards[i]._actor_id.hex()
     if dead is not None and dead != current:
         return True
+    warden = ps.__dict__.get("warden")
+    if warden is not None:  # the one that says which replica is the primary (warden.py)
+        return _route(ps, warden, i, current)
     if i < len(backups) and backups[i]:
         ps.shards[i] = backups[i].pop(0)
         ps.failovers = ps.__dict__.get("failovers", 0) + 1
@@ -90,6 +93,22 @@ def await_group_abort(interrupt: Callable[[], None], err: BaseException) -> None
         if time.monotonic() >= deadline:
             return
         time.sleep(0.02)
+
+
+def _route(ps: Any, warden: Any, i: int, dead: str) -> bool:
+    """Shard ``i``'s replica ``dead`` died: the warden names the live primary (None: the
+    shard has no replica left that holds every acknowledged push)."""
+    import ray  # noqa: PLC0415
+
+    try:
+        route = ray.get(warden.route.remote(ps.token, i, dead), timeout=ps.timeout_s)
+    except Exception:  # noqa: BLE001 (the warden is the job's: gone, the job is ending)
+        return False
+    if route is None:
+        return False
+    ps.shards[i], ps.backups[i] = route
+    ps.failovers = ps.__dict__.get("failovers", 0) + 1
+    return True
 
 
 def call_shards(ps: Any, submit: Callable[[int, Any], Any], refs: dict[int, Any]) -> dict[int, Any]:
@@ -233,9 +252,21 @@ class ShardCalls:
         return [results[i] for i in range(len(self.shards))]
 
     def call_all_once(self, method: str, timeout_s: float) -> list[Any]:
-        """``method()`` on every shard, one attempt each, all within ``timeout_s``; raises Ray's
-        error on any failure. For questions a retry cannot answer better (after a peer died:
-        does the server still hold the last step's state?)."""
+        """``method()`` on every shard, one attempt each (a replicated shard's dead primary:
+        then its backup), all within ``timeout_s``; raises Ray's error on any failure. For
+        questions a retry cannot answer better (after a peer died: does the server still hold
+        the last step's state?)."""
         import ray  # noqa: PLC0415
 
-        return ray.get([getattr(s, method).remote() for s in self.shards], timeout=timeout_s)
+        refs = [getattr(s, method).remote() for s in self.shards]
+        if self.__dict__.get("warden") is None:
+            return ray.get(refs, timeout=timeout_s)
+        results = []  # replicas = 2: a dead primary's backup holds every acknowledged push
+        for i, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref, timeout=timeout_s))
+            except retryable() as err:
+                if not (_died(err) and _fail_over(self, i, err)):
+                    raise
+                results.append(ray.get(getattr(self.shards[i], method).remote(), timeout=timeout_s))
+        return results

@@ -19,7 +19,10 @@ primary applied and forwarded but never answered comes again as a retry, which t
 has applied already (its clock), so it is not applied twice; a sync round the primary was
 gathering forms again on the backup from the workers' retries. Backups write no snapshots
 (the primary's file is the shard's) and are not restarted by Ray (a restarted replica would
-hold a stale state).
+hold a stale state). A lost replica is rebuilt in the background (``warden.py``): the live one
+becomes the primary and hands a new replica its state at a sequence number (``adopt_backup``,
+``install``); the operations after that number follow as they happen, unawaited while the new
+replica catches up, and once it has applied them every push waits for it again.
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ class Replication:
         self._seq_changed = asyncio.Condition()
         self.backup_lost: str | None = None
         self._step_grad: np.ndarray | None = None  # what the last step stepped on
+        # a rebuilt replica ("incoming") applies nothing before the live one's state arrived
+        self._installed = role != "incoming"
+        self._catching_up = False  # a new backup is loading: operations go to it unawaited
+        self._last_unawaited: Any = None  # the last of those (awaited once it has loaded)
+        self.backups_adopted = 0
 
     @property
     def replicated(self) -> bool:
@@ -82,7 +90,11 @@ class Replication:
         if self._backup is None:
             return
         self._seq_out += 1
-        ref = self._backup.replicate.remote(self._token, self._seq_out, op)
+        backup = self._backup
+        ref = backup.replicate.remote(self._token, self._seq_out, op)
+        if self._catching_up:  # acknowledged by this replica alone until the new one caught up
+            self._last_unawaited = ref
+            return
 
         async def applied() -> Any:
             return await ref
@@ -90,7 +102,21 @@ class Replication:
         try:
             await asyncio.wait_for(applied(), self.round_timeout_s)
         except Exception as e:  # noqa: BLE001 (dead, refused or silent: on alone)
-            self._backup, self.backup_lost = None, f"{type(e).__name__}: {e}"
+            self._drop_backup(backup, e)
+
+    def _drop_backup(self, backup: Any, err: BaseException) -> None:
+        """Goes on without ``backup``, and kills it: a silent backup left alive could later
+        be promoted with a state that misses what this replica acknowledged since (the
+        warden sees it die and rebuilds another)."""
+        if self._backup is backup:
+            self._backup, self._catching_up = None, False
+            self.backup_lost = f"{type(err).__name__}: {err}"
+        try:
+            import ray  # noqa: PLC0415
+
+            ray.kill(backup, no_restart=True)
+        except Exception:  # noqa: BLE001 (gone already)
+            pass
 
     def _forward_nowait(self, op: dict[str, Any]) -> None:
         """``op`` to the backup without waiting (from a call that cannot wait: loading a
@@ -107,7 +133,8 @@ class Replication:
         self._check_caller(token, "replicate")
         async with self._seq_changed:
             await asyncio.wait_for(
-                self._seq_changed.wait_for(lambda: self._seq_in >= seq - 1), self.round_timeout_s
+                self._seq_changed.wait_for(lambda: self._installed and self._seq_in >= seq - 1),
+                self.round_timeout_s,
             )
             if seq > self._seq_in:  # not one applied already
                 self._apply_op(op)
@@ -149,6 +176,73 @@ class Replication:
         else:
             raise ValueError(f"replicate: unknown operation {kind!r}")
 
+    # --- rebuilding a lost replica (warden.py) -----------------------------------------------
+    async def hold(self) -> None:
+        """Never answers: the warden's standing call on every replica, which fails the moment
+        this replica's process dies (Ray's notice of the death; no polling)."""
+        await asyncio.Event().wait()
+
+    def promote(self, token: str) -> str:
+        """The warden made this replica its shard's primary (the primary died); returns the
+        role."""
+        self._check_caller(token, "promote")
+        if self.replica_role == "backup":
+            self.replica_role = "primary"
+        return self.replica_role
+
+    async def adopt_backup(self, token: str, backup: Any) -> int:
+        """Makes ``backup`` (a new replica that holds nothing yet) this shard's backup while
+        the pushes go on: it loads this replica's state as of operation number s
+        (``install``); the operations after s go to it as they happen, unawaited while it
+        loads; once it has applied them, every push waits for it again. Returns s. On a
+        failure the backup is dropped (and killed) and this raises; the shard goes on alone."""
+        self._check_caller(token, "adopt_backup")
+        if self._backup is not None:  # dead, by the warden's word, though no push found out yet
+            self._drop_backup(self._backup, RuntimeError("replaced: the warden saw it die"))
+        self.replica_role = "primary"
+        # the state and its number with no await between them: every later change is an
+        # operation numbered after seq
+        state, seq = self._transfer_state(), self._seq_out
+        self._backup, self._catching_up, self._last_unawaited = backup, True, None
+        self.backup_lost = None
+        try:
+            loaded = backup.install.remote(self._token, seq, state)
+            await asyncio.wait_for(_awaited(loaded), self.round_timeout_s)
+            self._catching_up = False  # from here on every push waits for the backup
+            last = self._last_unawaited
+            if last is not None:  # applied in order: the last one implies the others
+                await asyncio.wait_for(_awaited(last), self.round_timeout_s)
+        except Exception as e:  # noqa: BLE001 (dead, refused or silent: on alone)
+            self._drop_backup(backup, e)
+            raise RuntimeError(f"{self._where()}: the new backup did not catch up: {e}") from e
+        if self._backup is not backup:  # dropped by a push's wait meanwhile
+            raise RuntimeError(f"{self._where()}: the new backup was lost: {self.backup_lost}")
+        self.backups_adopted += 1
+        return seq
+
+    def _transfer_state(self) -> dict[str, Any]:
+        """What a new replica loads: ``_state()`` (copies) and what only replicas share (a
+        summing shard's last sum, the skipped steps)."""
+        state = {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v
+                 for k, v in self._state().items()}  # fmt: skip
+        if self._last_sum is not None:
+            state["replica/last_sum"] = self._last_sum.copy()
+        state["replica/skipped"] = np.asarray(self.steps_skipped, np.int64)
+        return state
+
+    async def install(self, token: str, seq: int, state: dict[str, Any]) -> int:
+        """A new replica's side of ``adopt_backup``: loads the live replica's ``state`` as of
+        its operation ``seq``; the operations after it, waiting meanwhile, apply then."""
+        self._check_caller(token, "install")
+        async with self._seq_changed:
+            self._load_state({k: v for k, v in state.items() if not k.startswith("replica/")})
+            if "replica/last_sum" in state:
+                self._last_sum = np.array(state["replica/last_sum"], np.float32, copy=True)
+            self.steps_skipped = [int(c) for c in state["replica/skipped"]]
+            self._seq_in, self._installed, self.replica_role = int(seq), True, "backup"
+            self._seq_changed.notify_all()
+        return int(seq)
+
     def replica_state(self, token: str) -> dict[str, Any]:
         """This replica's whole state for comparing replicas byte for byte: parameters,
         optimiser state, version, clocks, ledger (arrays, numpy)."""
@@ -159,3 +253,8 @@ class Replication:
         return state
 
     _state: Any
+    _where: Any
+
+
+async def _awaited(ref: Any) -> Any:
+    return await ref

@@ -23,6 +23,7 @@ import numpy as np
 
 from distnet.parallel.ps.calls import ShardCalls
 from distnet.parallel.ps.shard import MODES, ParameterServerShard
+from distnet.parallel.ps.warden import stop_warden
 
 OPTIMIZER_ON = ("server", "worker")
 # Measured with `distnet bench ps --compare-optimizer` (docs/parameter-server.md): Adam on the
@@ -87,6 +88,7 @@ class ParameterServer(ShardCalls):
         # replicas = 2: shard i's backup, which takes over when it dies (replica.py, calls.py)
         self.backups = backups if backups is not None else [[] for _ in shards]
         self.failovers = 0
+        self.warden: Any = None  # replicas = 2: says which replica is the primary (warden.py)
 
     @classmethod
     def create(
@@ -189,6 +191,7 @@ class ParameterServer(ShardCalls):
         actor = ray.remote(ParameterServerShard)
         handles: list[Any] = []
         backups: list[list[Any]] = []
+        recipes: list[dict[str, Any]] = []  # how the warden makes another replica of each
         for i, (lo, hi) in enumerate(ranges):
             options: dict[str, Any] = {
                 "max_restarts": max_restarts,
@@ -204,11 +207,15 @@ class ParameterServer(ShardCalls):
                 "penalty_mask": None if mask is None else mask[lo:hi],
                 "threads": max(1, int(num_cpus)),
             }  # fmt: skip
+            own = options.pop("backup", {})  # the backup's node (shardplace.py)
             backup = None
             if int(replicas) > 1:  # no snapshots of its own: the primary's file is the shard's
-                backup = actor.options(**options).remote(
+                away = {**options, **own}
+                backup = actor.options(**away).remote(
                     i, lo, hi, params_ref, snapshot_path=None, role="backup", **common
                 )
+                recipes.append({"args": (i, lo, hi, params_ref), "options": away,
+                                "kwargs": {**common, "snapshot_path": None}})  # fmt: skip
             backups.append([] if backup is None else [backup])
             handles.append(
                 actor.options(**options).remote(
@@ -228,6 +235,12 @@ class ParameterServer(ShardCalls):
         ps._init_params_ref = params_ref
         ps.call_all("ping")  # constructors ran (and failed loudly here if they failed)
         ray.get([b.ping.remote() for bs in backups for b in bs], timeout=timeout_s)
+        if recipes:  # replicas = 2: the warden rebuilds a lost replica (warden.py)
+            from distnet.parallel.ps.warden import start_warden  # noqa: PLC0415
+
+            ps.warden = start_warden(
+                token, handles, [bs[0] for bs in backups], recipes, round_timeout_s
+            )
         return ps
 
     # --- driver-side API ------------------------------------------------------------------
@@ -254,8 +267,20 @@ class ParameterServer(ShardCalls):
                 "staleness_max": max(hist, default=0),
                 "max_ahead": max(ahead, default=0),
             })  # fmt: skip
-        return {"mode": self.mode, "staleness_bound": self.staleness, "shards": shards,
-                "workers": workers}  # fmt: skip
+        out = {"mode": self.mode, "staleness_bound": self.staleness, "shards": shards,
+               "workers": workers}  # fmt: skip
+        if self.warden is not None:  # replicas = 2: promotions and rebuilds (warden.py)
+            out["replicas"] = _ray().get(self.warden.stats.remote(), timeout=self.timeout_s)
+        return out
+
+    def replica_sets(self, settle_s: float = 0.0) -> list[dict[str, Any]]:
+        """replicas = 2: per shard ``primary``, ``backup`` (actor handles or None), ``ready``
+        (the backup caught up), ``view``, ``lost`` (``warden.py``); after waiting up to
+        ``settle_s`` for rebuilds under way to end."""
+        ray = _ray()
+        if settle_s > 0:
+            ray.get(self.warden.settled.remote(self.token, settle_s), timeout=settle_s + 30)
+        return ray.get(self.warden.replica_sets.remote(self.token), timeout=self.timeout_s)
 
     def state_dict(self) -> dict[str, Any]:
         """Shard-count-independent state: ``params`` and ``opt/<name>`` as whole flat arrays
@@ -330,6 +355,9 @@ class ParameterServer(ShardCalls):
     def shutdown(self) -> None:
         """Kills the shards (no restart) and removes a snapshot directory this handle made."""
         ray = _ray()
+        if self.warden is not None:  # first: it would rebuild the replicas killed below
+            sets = stop_warden(self.warden, self.token)
+            self.shards += [r for s in sets for r in (s["primary"], s["backup"]) if r is not None]
         for s in [*self.shards, *(b for bs in self.backups for b in bs)]:
             try:
                 ray.kill(s, no_restart=True)

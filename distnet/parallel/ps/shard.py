@@ -334,6 +334,8 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             "restored_from_snapshot": self.restored_from_snapshot,
             "replica_role": self.replica_role,
             "backup_lost": self.backup_lost,
+            "replica_seq": [self._seq_out, self._seq_in],  # operations sent, applied
+            "backups_adopted": self.backups_adopted,  # new backups it filled (warden.py)
             "placement_group": _ray().get_runtime_context().get_placement_group_id(),
             "node_id": _ray().get_runtime_context().get_node_id(),
         }

@@ -16,6 +16,7 @@ from distnet.parallel.engine import EngineBase
 from distnet.parallel.ps import link
 from distnet.parallel.ps.autostale import staleness_bound
 from distnet.parallel.ps.ledger import check_ledgers
+from distnet.parallel.ps.warden import compare_replicas
 from distnet.parallel.rayengine.comm import RayCommunicator
 from distnet.parallel.rayengine.mailbox import JoinFailed
 from distnet.parallel.rayengine.resume import (
@@ -214,7 +215,13 @@ class RayRankEngine(EngineBase):
         if fault["action"] == "sigkill":  # this worker's process killed, as `kill -9` does
             os.kill(os.getpid(), signal.SIGKILL)
         server = self.servers[-1]
-        pid = server.call_with_retry(fault["shard"], lambda s: s.ping.remote())
+        if fault.get("replica") == "backup":  # replicas = 2: the shard's backup, not its primary
+            import ray  # noqa: PLC0415
+
+            backup = server.replica_sets()[fault["shard"]]["backup"]
+            pid = ray.get(backup.ping.remote(), timeout=30)
+        else:
+            pid = server.call_with_retry(fault["shard"], lambda s: s.ping.remote())
         timer = threading.Timer(fault.get("delay_s", 0.0), os.kill, (pid, signal.SIGKILL))
         timer.daemon = True
         timer.start()
@@ -371,9 +378,12 @@ class _ClosingServer(PassThrough):
         acks = self.comm.allgather(self.optimizer.acknowledged())
         if self.comm.rank == 0:  # per-worker clocks and staleness, for the run's report
             ps = self.optimizer.ps
-            try:
+            try:  # replicas first: it waits for a rebuild under way (stats then show it)
+                check = None if ps.__dict__.get("warden") is None else compare_replicas(ps)
                 stats = ps.stats()
                 stats["ledger"] = check_ledgers(ps.ledgers(), dict(a for a in acks if a))
+                if check is not None:  # every shard's replicas, byte for byte
+                    stats["replica_check"] = check
                 self.__dict__["stats"].append(stats)
             finally:
                 ps.shutdown()

@@ -167,7 +167,8 @@ HELP: dict[str, str] = {
     ),
     "dist.replicas": (
         "strategy = 'ps' or 'hybrid': copies of each shard; 2: a primary and a backup that "
-        "holds every acknowledged push and takes over when the primary dies."
+        "holds every acknowledged push and takes over when the primary dies; a lost replica "
+        "is rebuilt in the background, on another node than the live one where there is one."
     ),
     # [run]
     "run.out": (
