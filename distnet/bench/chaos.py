@@ -174,8 +174,10 @@ def _epoch_seconds(runner: Runner) -> float:
 def _ledgers(report: dict[str, Any]) -> dict[str, Any]:
     stages = [s.get("ledger") for s in report.get("ps_stats") or []]
     checks = [s for s in stages if s]
+    if not checks:  # the last generation trained no stage (a kill after the training ended)
+        return {"ok": None, "note": "no stage's server ended in the last generation"}
     return {
-        "ok": bool(checks) and all(c["ok"] for c in checks),
+        "ok": all(c["ok"] for c in checks),
         "missing": sum(c["missing"] for c in checks),
         "doubled": sum(c["doubled"] for c in checks),
         "acknowledged": sum(c["acknowledged"] for c in checks),
@@ -281,8 +283,11 @@ def _print(r: dict[str, Any]) -> None:
         print(f"  the job failed: {r['job_error'].splitlines()[0]}")
         return
     led = r["ledger"]
-    print(f"  ledger: ok {led['ok']}, {led['acknowledged']} acknowledged pushes, "
-          f"{led['missing']} lost, {led['doubled']} doubled")  # fmt: skip
+    if led["ok"] is None:
+        print(f"  ledger: none to check ({led['note']})")
+    else:
+        print(f"  ledger: ok {led['ok']}, {led['acknowledged']} acknowledged pushes, "
+              f"{led['missing']} lost, {led['doubled']} doubled")  # fmt: skip
     sm = r["samples"]
     print(f"  sample uses against the undisturbed run: {sm['lost']} missing ({sm['unlogged']} of "
           f"them trained by a killed worker that died before logging them), {sm['doubled']} "
