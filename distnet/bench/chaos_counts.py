@@ -51,17 +51,36 @@ def _records(log_dir: Path) -> dict[int, list[tuple[int, dict[str, Any]]]]:
 
 
 def _unlogged(
-    records: list[tuple[int, dict[str, Any]]], lost: list[int], at: int, into: Counter
+    records: list[tuple[int, dict[str, Any]]],
+    lost: list[int],
+    at: int,
+    into: Counter,
+    stand_ins: Counter | None = None,
 ) -> None:
     """Sample uses a killed rank trained on but never logged: it died after finishing a step
     and before writing its line, so its log stops short of ``at``, the step every survivor
     finished (the shards hold it): its share of each step missing there, added to
-    ``into[epoch]``."""
+    ``into[epoch]``. ``stand_ins``: per rank, how many workers took its place in this
+    generation before (each new one writes the rank's log on, its steps counted from 1): the
+    killed one's lines are the segment after that many drops in the step count."""
+    done = [rec for _, rec in records if "ids" in rec and rec["step"] <= at]
     for r in lost:
-        mine = [rec for rank, rec in records if rank == r and "ids" in rec and rec["step"] <= at]
+        segments: list[list[dict[str, Any]]] = [[]]
+        for rank, rec in records:
+            if rank != r or "ids" not in rec:
+                continue
+            if segments[-1] and rec["step"] < segments[-1][-1]["step"]:
+                segments.append([])  # a stand-in's lines begin
+            segments[-1].append(rec)
+        k = (stand_ins or Counter())[r]
+        mine = [rec for rec in (segments[k] if k < len(segments) else []) if rec["step"] <= at]
         if mine:
-            last = max(mine, key=lambda rec: rec["step"])
+            last = mine[-1]
             into[last["epoch"]] += (at - last["step"]) * len(last["ids"])
+        elif done:  # it died before logging its first step here (steps count from 1): a
+            # survivor's share stands for its own
+            last = max(done, key=lambda rec: rec["step"])
+            into[last["epoch"]] += at * len(last["ids"])
 
 
 def epoch_samples(
@@ -101,11 +120,14 @@ def epoch_samples(
                 counted.pop(last)  # that epoch began again from its start
                 unlogged.pop(last, None)
                 epochs_redone += 1
-    g = 1
+    g, stand_ins = 1, Counter()
     for rec in recoveries:  # replaced while the others went on: in the generation it was in
-        g += rec.get("kind") == "group restarted"
-        if rec.get("kind") != "group restarted" and rec.get("resumed_at"):
-            _unlogged(records.get(g, []), rec["lost"], rec["resumed_at"]["steps"], unlogged)
+        if rec.get("kind") == "group restarted":
+            g, stand_ins = g + 1, Counter()
+        elif rec.get("resumed_at"):
+            at = rec["resumed_at"]["steps"]
+            _unlogged(records.get(g, []), rec["lost"], at, unlogged, stand_ins)
+            stand_ins.update(rec["lost"])
     return {"epochs": counted, "redone_worker_steps": redone, "epochs_redone": epochs_redone,
             "unlogged": sum(unlogged.values())}  # fmt: skip
 

@@ -102,6 +102,7 @@ class ChaosMonkey(threading.Thread):
         self.over = threading.Event()  # the job ended
         self.t_first: float | None = None
         self.error: str | None = None
+        self._choices: list[str] | None = None
 
     def _worker_pid(self, rank: int) -> int | None:
         import ray  # noqa: PLC0415
@@ -143,13 +144,17 @@ class ChaosMonkey(threading.Thread):
             pid = self._worker_pid(rank)
             return None if pid is None else (f"rank {rank}", pid)
         live = self._shard_targets()
+        self._choices = [name for name, _ in live]
         return self.rng.choice(live) if live else None
 
     def _kill_one(self) -> None:
         kind = self.rng.choice(self.kinds)
+        self._choices = None
         target = self._choose(kind)
         at = time.time()
         event: dict[str, Any] = {"kind": kind, "at_s": round(at - (self.t_first or at), 2)}
+        if self._choices is not None:  # the live shard replicas it was chosen from
+            event["among"] = self._choices
         if target is None:
             event.update(what=None, skipped=f"no live {kind} target now")
         else:
