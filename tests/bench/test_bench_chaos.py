@@ -37,7 +37,10 @@ def test_chaos_one_worker_killed_loses_and_doubles_nothing(tmp_path) -> None:
     assert r["group_restarts"] >= 1, r["recoveries"]  # sync: the group restarts, resumed
     assert r["ledger"]["ok"] and r["ledger"]["missing"] == r["ledger"]["doubled"] == 0
     assert r["ledger"]["acknowledged"] > 0
-    assert r["samples"]["lost"] == 0 and r["samples"]["doubled"] == 0, r["samples"]
+    # a worker killed between finishing a step and logging it leaves its share unlogged
+    samples = r["samples"]
+    assert samples["lost_beyond_unlogged"] == 0 and samples["doubled"] == 0, samples
+    assert samples["unlogged"] <= 16 * len(kills), samples  # one step's share per kill
     assert sorted(r["samples"]["per_epoch"]) == [str(e) for e in range(8)]
     assert r["params_equal"] and r["as_undisturbed"], r["params_max_abs_diff"]
     assert 0.5 < r["accuracy"]["chaos"] <= 1.0
