@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("distnet.parallel.mpi.launcher", "start N ranks with mpiexec (like horovodrun)"),
     "bench": (  # tests/unit/test_docs_commands.py checks that it names every benchmark
         "distnet.bench",
-        "benchmarks: core loader allreduce trace ps network e2e elastic bigstore uneven",
+        "benchmarks: core loader allreduce trace ps network e2e elastic bigstore uneven chaos",
     ),
     "report": ("distnet.train.report", "summarise a run directory, or compare several"),
     "matrix": ("distnet.train.jobs.conformance", "list the conformance matrix and what is refused"),

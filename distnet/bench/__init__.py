@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "e2e": ("distnet.bench.e2e", "a whole stacked-autoencoder job vs the same recipe in PyTorch"),
     "elastic": ("distnet.bench.elastic", "a Ray worker's death: mid-epoch resume vs epoch redone"),
     "bigstore": ("distnet.bench.bigstore", "a store far larger than memory through a 2-rank job"),
+    "chaos": ("distnet.bench.chaos", "a ps job with a process SIGKILLed every N s vs undisturbed"),
     "uneven": ("distnet.bench.uneven", "slowed workers: equal/throughput shares, ssp, async"),
 }
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from distnet.bench.ps_replicas import replica_contenders, replication_report
+
 MLP = (784, 1000, 1000, 1000, 10)
 
 
@@ -46,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4, help="workers (default 4)")
     parser.add_argument("--shards", default="1,2,4", help="shard counts (default 1,2,4)")
     parser.add_argument("--modes", default="sync,async", help="modes (default sync,async)")
+    parser.add_argument(
+        "--replicas", default="1", help="replicas per shard, e.g. 1,2 (ps_replicas.py)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     parser.add_argument("--steps", type=int, default=8, help="steps per worker and round")
     parser.add_argument(
@@ -272,8 +277,12 @@ def run(args: argparse.Namespace) -> int:
         return run_hybrid(args)
     shard_counts = [int(s) for s in str(args.shards).split(",") if s]
     modes = [m for m in str(args.modes).split(",") if m]
+    replicas = [int(r) for r in str(args.replicas).split(",") if r]
     if args.workers < 1 or not shard_counts or any(s < 1 for s in shard_counts):
         print("distnet bench ps: --workers and --shards must be positive", file=sys.stderr)
+        return 2
+    if 1 not in replicas or any(r not in (1, 2) for r in replicas):
+        print("distnet bench ps: --replicas takes 1 and 2 (1 is the ratio's base)", file=sys.stderr)
         return 2
     shapes = layer_shapes()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -288,14 +297,14 @@ def run(args: argparse.Namespace) -> int:
         contenders: list[tuple[str, str, Any]] = []  # (mode, name, key)
         for mode in modes:
             contenders.append((mode, "baseline", None))
-            for s in shard_counts:
-                key = f"{mode}/ps-{s}"
+            for s, r, name in replica_contenders(shard_counts, replicas):
+                key = f"{mode}/{name}"
                 servers[key] = ParameterServer.create(
                     flat, shards=s, mode=mode, num_workers=args.workers,
-                    optimizer={"name": "sgd", "lr": 1e-3}, timeout_s=600,
+                    optimizer={"name": "sgd", "lr": 1e-3}, timeout_s=600, replicas=r,
                 )  # fmt: skip
                 _attach(ps_workers, key, servers[key], "sgd")
-                contenders.append((mode, f"ps-{s}", key))
+                contenders.append((mode, name, key))
         if args.compare_optimizer:
             s = next((c for c in shard_counts if c >= 2), shard_counts[0])
             for where in ("server", "worker"):
@@ -327,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     result = _report(args, rates, shard_counts, modes)
+    if len(replicas) > 1:
+        result["replication"] = replication_report(rates, shard_counts, modes)
     if step is not None:
         result["train_step_2_workers"] = step
         r = step["ps_over_mpi_step_time"]

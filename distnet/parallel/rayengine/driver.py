@@ -125,8 +125,7 @@ class RayJob(WorkerPlacement):
 
                 self.keeper = start_keeper()
             while True:
-                self._setup_group()
-                outcome = self._attempt(job)
+                outcome = self._set_up_or_lost() or self._attempt(job)
                 if isinstance(outcome, dict):
                     outcome["failures"] = self.failures
                     outcome["recoveries"] = self.recoveries
@@ -141,6 +140,27 @@ class RayJob(WorkerPlacement):
             stop_keeper(self.keeper)  # before stop(): it may shut Ray down
             self.keeper = None
             self.stop()
+
+    def _set_up_or_lost(self) -> list[int]:
+        """Sets the group up; returns the ranks whose actors died meanwhile (a second death
+        while the group recovers from a first), replaced then as any lost rank is."""
+        import ray  # noqa: PLC0415
+
+        try:
+            self._setup_group()
+            return []
+        except ray.exceptions.RayActorError as e:
+            error = e
+        lost = []
+        for rank, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.info.remote(), timeout=self.opt.start_timeout_s)
+            except ray.exceptions.RayActorError:
+                lost.append(rank)
+        if not lost:
+            raise error
+        self.failures += [f"rank {r}: died while the group was set up" for r in lost]
+        return lost
 
     def _attempt(self, job: dict[str, Any]) -> dict[str, Any] | list[int]:
         """One run of the job on the current group: rank 0's report, or the lost ranks."""

@@ -1,0 +1,67 @@
+"""``distnet bench chaos`` and ``distnet bench ps --replicas``: tiny real runs on a local Ray.
+
+The chaos run kills one worker (sync, 2 shards of 2 replicas): the JSON must show the kill,
+a ledger with nothing lost or doubled, every sample of every epoch counted as in the
+undisturbed run, and the parameters of the undisturbed run. The ps run measures 1 and 2
+replicas side by side: both rates positive, a ratio per mode.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("sklearn")
+
+pytestmark = [pytest.mark.ray, pytest.mark.load_scaled]
+
+
+@pytest.mark.timeout(420)
+def test_chaos_one_worker_killed_loses_and_doubles_nothing(tmp_path) -> None:
+    out = tmp_path / "chaos.json"
+    # one kill, 1 s after the first step: the 12 epochs (336 steps; 2-4 s an epoch at load
+    # 20-50) outlast it unless a step takes under 3 ms
+    cmd = [sys.executable, "-m", "distnet.cli", "bench", "chaos", "--mode", "sync",
+           "--replicas", "2", "--kinds", "worker", "--epochs", "12", "--kill-every", "1",
+           "--duration", "1.5", "--seed", "1", "--json", str(out)]  # fmt: skip
+    # the test's (load-scaled) timeout bounds it first
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["job_error"] is None and r["killer_error"] is None, r
+    kills = [k for k in r["kills"] if not k.get("skipped")]
+    assert kills and all(k["kind"] == "worker" for k in kills), r["kills"]
+    assert kills[0]["what"] in ("rank 1", "rank 2") and kills[0]["pid"] > 0
+    assert r["group_restarts"] >= 1, r["recoveries"]  # sync: the group restarts, resumed
+    assert r["ledger"]["ok"] and r["ledger"]["missing"] == r["ledger"]["doubled"] == 0
+    assert r["ledger"]["acknowledged"] > 0
+    # a worker killed between finishing a step and logging it leaves its share unlogged
+    samples = r["samples"]
+    assert samples["lost_beyond_unlogged"] == 0 and samples["doubled"] == 0, samples
+    assert samples["unlogged"] <= 16 * len(kills), samples  # one step's share per kill
+    assert sorted(map(int, r["samples"]["per_epoch"])) == list(range(12))
+    assert r["params_equal"] and r["as_undisturbed"], r["params_max_abs_diff"]
+    assert 0.5 < r["accuracy"]["chaos"] <= 1.0
+    assert "kill rank" in proc.stdout and "ledger: ok True" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_bench_ps_replicas_measures_both_rates(tmp_path) -> None:
+    out = tmp_path / "ps.json"
+    cmd = [sys.executable, "-m", "distnet.cli", "bench", "ps", "--workers", "2", "--shards",
+           "2", "--replicas", "1,2", "--modes", "sync", "--rounds", "1", "--steps", "2",
+           "--json", str(out)]  # fmt: skip
+    # the test's (load-scaled) timeout bounds it first
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    rates = r["updates_per_s"]["sync"]
+    assert set(rates) == {"baseline", "ps-2", "ps-2x2"}, rates
+    assert all(len(v) == 1 and v[0] > 0 for v in rates.values()), rates
+    ratio = r["replication"]["ratio"]["sync"]["ps-2x2"]
+    assert ratio["median"] > 0 and len(r["replication"]["load_average"]) == 3
+    assert "replicated shards" in proc.stdout
