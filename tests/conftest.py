@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -61,21 +63,98 @@ def pytest_runtest_protocol(item):
     yield
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "own_ray: the module starts (and stops) a Ray of its own (ray.init, ray.cluster_utils): "
+        "the shared local Ray of ``ray_cluster`` is shut down before it",
+    )
+    config.addinivalue_line(
+        "markers",
+        "fresh_ray: the module's ``ray_cluster`` is started after its module fixtures (their "
+        "environment reaches Ray's workers) and shut down after the module",
+    )
+
+
+# Whether this process started the local Ray that is up now (``ray_cluster``): one per pytest
+# process, shared by the modules that ask for it (a start and a shutdown cost ~8 s each module)
+_SHARED_RAY = {"up": False}
+_LEAK_WAIT_S = 3.0
+
+
+def stop_shared_ray() -> None:
+    """Shuts down the shared local Ray if this process started it and it is up."""
+    if _SHARED_RAY["up"]:
+        import ray  # noqa: PLC0415
+
+        ray.shutdown()
+        _SHARED_RAY["up"] = False
+
+
+def _ray_holds_leftovers(ray) -> list[str]:
+    """What a module left in the shared Ray that the next one must not see: actors not dead
+    (named or detached ones included), placement groups not removed, CPUs still held. Polled
+    for up to ``_LEAK_WAIT_S`` (a killed actor's death is recorded a moment later)."""
+    deadline = time.monotonic() + _LEAK_WAIT_S
+    while True:
+        actors = ray._private.state.actors().values()
+        groups = ray.util.placement_group_table().values()
+        left = [f"actor {a.get('Name') or a['ActorID']} {a['State']}"
+                for a in actors if a["State"] != "DEAD"]  # fmt: skip
+        left += [f"placement group {g['placement_group_id']} {g['state']}"
+                 for g in groups if g["state"] != "REMOVED"]  # fmt: skip
+        if ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
+            left.append("CPUs held")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_of_the_module(request):
+    """Modules marked ``own_ray`` start their own Ray: the shared one goes first. Modules marked
+    ``fresh_ray`` get a shared Ray started after their module fixtures and shut down after."""
+    marked = {m.name for m in request.node.iter_markers()} & {"own_ray", "fresh_ray"}
+    if marked:
+        stop_shared_ray()
+    yield
+    if marked:
+        stop_shared_ray()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray (4 CPUs), started once per module that asks for it and shut down after;
-    token authentication stays on (Ray 2.60's default, never turned off)."""
+    """A local Ray (4 CPUs) shared by the modules of this pytest process that ask for it:
+    started by the first, checked after each (what a module left behind, actors, placement
+    groups, held CPUs, shuts it down, and the next module starts a clean one) and shut down as
+    the session ends. Token authentication stays on (Ray 2.60's default, never turned off)."""
     ray = pytest.importorskip("ray")
     from ray._raylet import get_authentication_mode  # noqa: PLC0415
 
     from distnet.parallel.rayengine import start_ray  # noqa: PLC0415
 
-    started = start_ray(None, num_cpus=4)
+    if _SHARED_RAY["up"] and not ray.is_initialized():  # a module shut it down itself
+        _SHARED_RAY["up"] = False
+    if not _SHARED_RAY["up"]:
+        if ray.is_initialized():  # a Ray of a module's own that the module left up
+            ray.shutdown()
+        _SHARED_RAY["up"] = start_ray(None, num_cpus=4)
     assert os.environ.get("RAY_AUTH_MODE") == "token"
     assert int(get_authentication_mode()) == 1  # AuthenticationMode.TOKEN
     yield
-    if started:
-        ray.shutdown()
+    if not _SHARED_RAY["up"]:
+        return
+    left = _ray_holds_leftovers(ray) if ray.is_initialized() else []
+    if left:  # not an error of the module's tests: the next module gets a clean Ray
+        warnings.warn(f"the shared Ray restarts: left behind: {', '.join(left[:5])}", stacklevel=1)
+    if left or not ray.is_initialized():
+        stop_shared_ray()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_stops_at_the_end():
+    yield
+    stop_shared_ray()
 
 
 @pytest.fixture

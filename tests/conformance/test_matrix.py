@@ -1,6 +1,6 @@
 """The conformance matrix (distnet/train/jobs/conformance.py): every row of the pairwise covering
-array is a tiny real job (one local process, real mpiexec through ``distnet launch``, or a real
-local Ray started once for the module, on real Zarr stores), checked by its oracle:
+array is a tiny real job (one local process, real mpiexec through ``distnet launch``, or the
+real local Ray ``ray_cluster`` shares, on real Zarr stores), checked by its oracle:
 
 - sync, no noise (no dropout, no masking noise), local SGD aside: the final parameters equal
   the single-process run's on the same global batch (every step takes all 192 samples, so the

@@ -55,11 +55,12 @@ class SlowableWorker:
 
 
 @pytest.fixture(scope="module")
-def pool():
-    # local Ray only (never another cluster)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield [ray.remote(num_cpus=0)(SlowableWorker).remote() for _ in range(2)]
-    ray.shutdown()
+def pool(ray_cluster):
+    # the shared local Ray (tests/conftest.py)
+    workers = [ray.remote(num_cpus=0)(SlowableWorker).remote() for _ in range(2)]
+    yield workers
+    for worker in workers:
+        ray.kill(worker)
 
 
 def test_rule():

@@ -15,7 +15,7 @@ from distnet.parallel.rayengine import RayOptions, worker_specs  # noqa: E402
 from distnet.train.jobs.job import load_job  # noqa: E402
 from distnet.train.jobs.rayjob import run_ray_job  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ pytest.importorskip("sklearn")
 
 from distnet.bench.netproxy import FaultProxy, make_bucket, s3_env, start_s3_server  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.fresh_ray, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

@@ -99,12 +99,12 @@ class DigitsWorker:
 
 
 @pytest.fixture(scope="module")
-def workers():
-    # local Ray only (never another cluster); token authentication stays on (Ray's default)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+def workers(ray_cluster):
+    # the shared local Ray (4 CPUs, token authentication on: tests/conftest.py)
     pool = [ray.remote(num_cpus=0)(DigitsWorker).remote() for _ in range(4)]
     yield pool
-    ray.shutdown()
+    for worker in pool:
+        ray.kill(worker)
 
 
 def sync_on(pool, ps, cfg: dict, steps: int, seed: int) -> list:

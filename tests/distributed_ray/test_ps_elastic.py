@@ -1,7 +1,7 @@
 """Workers that leave and join a running parameter server (async and ssp): the survivors go on.
 
 The shard's ``leave``/``join`` on its own (asyncio, no Ray) and through a ``ParameterServer``;
-then Ray jobs (a real local Ray, started once for the module, token authentication on) in
+then Ray jobs (a real local Ray, shared with the other modules, token authentication on) in
 which rank 1 dies mid-epoch: the survivor keeps training while a new actor takes rank 1's
 place in the same group, joins the same server and trains the dead worker's rest of the
 epoch. The training store carries each sample's id, so the tests count samples exactly.

@@ -257,14 +257,14 @@ class LinkWorker:
 
 
 @pytest.fixture(scope="module")
-def ray_pool():
+def ray_pool(ray_cluster):
     ray = pytest.importorskip("ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    # local Ray only; token authentication stays on (Ray's default)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the shared local Ray (tests/conftest.py); token authentication stays on
     pool = [ray.remote(num_cpus=0)(LinkWorker).remote() for _ in range(2)]
     yield ray, pool
-    ray.shutdown()
+    for worker in pool:
+        ray.kill(worker)
 
 
 def run_roads(ray, pool, roads, mode="sync", steps=6, shards=2):

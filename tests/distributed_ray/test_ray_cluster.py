@@ -32,7 +32,7 @@ from distnet.parallel.rayengine import RayJob, options_from_job  # noqa: E402
 from distnet.train.jobs.job import load_job  # noqa: E402
 from distnet.train.jobs.rayjob import run_rank  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.timeout(180)]
 
 # 1344 training samples = 42 steps of 32 an epoch; the last feature column is each sample's id
 JOB = """

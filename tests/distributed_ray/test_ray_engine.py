@@ -1,4 +1,4 @@
-"""The Ray engine on a real local Ray (started once for the module, token auth on).
+"""The Ray engine on a real local Ray (the shared local Ray of tests/conftest.py, token auth on).
 
 Workers are real actors in their own processes; collectives go through Ray's object store.
 """

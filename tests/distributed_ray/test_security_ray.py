@@ -14,13 +14,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")
-def gcs_address():
-    from distnet.parallel.rayengine import start_ray
-
-    started = start_ray(None, num_cpus=1)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
+def gcs_address(ray_cluster):
+    return ray.get_runtime_context().gcs_address
 
 
 def test_clients_without_the_token_are_refused_and_with_it_connect(gcs_address, tmp_path):

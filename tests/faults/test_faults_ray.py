@@ -6,7 +6,7 @@ shards snapshotted every update) must finish; the per-epoch sample logs must hol
 sample exactly once in the epochs the final parameters are made of; the final server must
 have applied every push exactly once (counted on the shards); the final loss must be within
 tolerance of an undisturbed run. Workers die by ``os._exit`` at a step; shards by SIGKILL from
-a timer started at a step (so it lands part way through the next one). One Ray per module.
+a timer started at a step (so it lands part way through the next one). The shared local Ray.
 
 The jobs run with the engine's default ``collective_timeout_s`` (300 s), longer than these
 tests' timeout: a survivor left waiting for a dead peer's push until the driver gives up on it

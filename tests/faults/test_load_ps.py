@@ -25,7 +25,7 @@ from distnet.parallel.ps import ParameterServer, ParameterServerOptimizer
 
 ray = pytest.importorskip("ray")
 sklearn = pytest.importorskip("sklearn")
-pytestmark = [pytest.mark.load, pytest.mark.ray, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.load, pytest.mark.ray, pytest.mark.own_ray, pytest.mark.timeout(180)]
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 WORKERS, WARMUP_STEPS, STEPS, BATCH = 16, 20, 40, 8

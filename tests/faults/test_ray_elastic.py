@@ -1,6 +1,6 @@
 """Elastic Ray jobs: a worker killed mid-epoch costs one global batch, not the epoch.
 
-A real local Ray (started once for the module, token authentication on). The training store
+A real local Ray (shared by the modules, token authentication on). The training store
 carries each sample's id in its last feature column; every worker logs the ids of each step
 it finished and of the step a dead peer interrupted, so the tests count samples exactly.
 """
