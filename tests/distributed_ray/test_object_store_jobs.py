@@ -98,6 +98,8 @@ def test_ray_job_from_a_bucket_resumes_mid_epoch_every_sample_once(bucket, ray_c
     assert report["generation"] == 2 and len(report["failures"]) == 1
     (recovery,) = report["recoveries"]
     assert recovery["mid_epoch"] and recovery["resumed_at"]["epoch"] == 1
-    assert recovery["resumed_at"]["samples_seen"] == 8 * 32
+    # rank 1 exits right after its step 50 (step 8 of epoch 1); its last message to rank 0 may
+    # die with it (seen at load ~60), so the survivor's last finished step is 7 or 8
+    assert recovery["resumed_at"]["samples_seen"] in (7 * 32, 8 * 32), recovery["resumed_at"]
     assert_every_sample_once(finished_by_generation(log_dir), ids, 2, report["recoveries"])
     assert proxy.requests - before > 40  # the workers did stream from the bucket
