@@ -68,3 +68,24 @@ def test_a_ref_the_backup_cannot_map_applies_nothing_and_the_same_number_by_valu
 
     backup, before = asyncio.run(scenario())
     assert backup.version == 1 and not np.array_equal(backup.params, before)
+
+
+def test_a_summing_backup_keeps_the_sum_it_read_by_link():
+    """Optimiser on the workers: a backup's state is the last sum, read from the segment into
+    its own array (the segment is the primary's, reused for a later forward)."""
+    segment = link.Segment(N, "test-forward")
+    g = np.random.default_rng(7).standard_normal(N).astype(np.float32)
+    segment.publish(g, 1)
+
+    async def scenario():
+        backup = ParameterServerShard(
+            0, 0, N, np.zeros(N, np.float32), mode="sync", staleness=0, num_workers=2,
+            token=TOKEN, optimizer={"name": "adam", "lr": 0.01}, optimizer_on="worker",
+            snapshot_path=None, snapshot_every=0, round_timeout_s=5.0, role="backup",
+        )  # fmt: skip
+        assert await backup.replicate(TOKEN, 1, update(segment.ref, 1)) == 1
+        segment.publish(np.zeros(N, np.float32), 2)  # the primary's next forward
+        return backup
+
+    backup = asyncio.run(scenario())
+    assert backup._reply().tobytes() == g.tobytes() and backup.version == 1
