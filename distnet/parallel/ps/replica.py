@@ -7,7 +7,11 @@ an operation with a sequence number, and the primary answers the push only after
 applied it: an acknowledged push is held by every live replica. The backup applies the
 operations in sequence order, each the same kernel on the same input as on the primary (the
 gradient the optimiser stepped on, its learning rate), so both hold bit-identical parameters,
-optimiser state, clocks and ledger.
+optimiser state, clocks and ledger. An update's gradient travels by the same-node road
+(``link.py``) where it can: the primary writes it into a memfd segment of its own, the
+operation carries the segment's ``LinkRef`` and the backup maps it, instead of 5.6 MB through
+Ray's object store (a backup on another node gets the array); the operation leaves before the
+primary's own step, so the two replicas step at once.
 
 Primary-backup rather than chain replication: with two replicas the chain is the same two
 hops, and the primary already orders every push (its event loop), so the backup needs no
@@ -31,6 +35,8 @@ import asyncio
 from typing import Any
 
 import numpy as np
+
+from distnet.parallel.ps import link
 
 
 class Replication:
@@ -62,21 +68,50 @@ class Replication:
         self._seq_in = 0  # operations applied from the primary (a backup)
         self._seq_changed = asyncio.Condition()
         self.backup_lost: str | None = None
-        self._step_grad: np.ndarray | None = None  # what the last step stepped on
+        self._step_grad: Any = None  # what the last step stepped on (array or link.Segment)
         # a rebuilt replica ("incoming") applies nothing before the live one's state arrived
         self._installed = role != "incoming"
         self._catching_up = False  # a new backup is loading: operations go to it unawaited
         self._last_unawaited: Any = None  # the last of those (awaited once it has loaded)
         self.backups_adopted = 0
+        # the same-node road for the gradient a forward carries (see _keep_step_input)
+        self._forward_by_link = link.enabled()
+        self._forward_segments: list[link.Segment] = []  # free ones (one per forward in flight)
+        self._forward_views = link.PeerViews()  # a backup's maps of its primary's segments
+        self.forwards = {"link": 0, "value": 0}  # updates forwarded by ref, by array
 
     @property
     def replicated(self) -> bool:
         return self._backup is not None
 
+    def _keep_step_input(self, stepped_on: np.ndarray) -> None:
+        """Keeps what the step about to be made steps on (shape ``(hi - lo,)``) for the
+        backup: in a memfd segment of this replica's when the backup may map it (the forward
+        then carries its ``LinkRef``, a few bytes, and the backup reads the gradient from it as
+        a shard reads a worker's outbox: no 5.6 MB through the object store), else a copy
+        sent by value (a backup on another node, ``DISTNET_PS_SHM=0``, a catching-up one).
+        A segment carries one forward at a time: it is reused only once the backup answered."""
+        if self._forward_by_link and not self._catching_up:
+            segment = self._forward_segments.pop() if self._forward_segments else None
+            if segment is None:
+                try:
+                    segment = link.Segment(stepped_on.size, "distnet-ps-forward")
+                except OSError:
+                    self._forward_by_link = False
+            if segment is not None:
+                segment.publish(stepped_on, self.version + 1)
+                self._step_grad = segment
+                return
+        self._step_grad = stepped_on.copy()
+
     def _op_update(self, rows: list[tuple[int, int, int, int]]) -> dict[str, Any]:
-        """The operation of the update just made (``_step`` kept its input)."""
+        """The operation of the update just made (``_step`` kept its input); a segment's
+        under ``"segment"``, which ``_forward`` takes out before sending."""
         lr = None if self.opt is None else float(self.opt.lr)
-        return {"kind": "update", "grad": self._step_grad, "lr": lr, "rows": rows}
+        grad, self._step_grad = self._step_grad, None
+        if isinstance(grad, link.Segment):
+            return {"kind": "update", "grad": grad.ref, "segment": grad, "lr": lr, "rows": rows}
+        return {"kind": "update", "grad": grad, "lr": lr, "rows": rows}
 
     def _op_members(self) -> dict[str, Any]:
         return {"kind": "members", "left": sorted(self.left),
@@ -84,25 +119,51 @@ class Replication:
 
     async def _forward(self, op: dict[str, Any]) -> None:
         """Sends ``op`` to the backup and waits until it applied it (the caller answers its
-        push only then). Numbered here, before any wait: the order of the calls is the order
-        of the changes. A backup that fails or does not answer within the round timeout is
-        dropped: the shard goes on alone (``backup_lost`` says why)."""
+        push only then): ``_send`` then ``_settle``."""
+        await self._settle(self._send(op))
+
+    def _send(self, op: dict[str, Any]) -> tuple | None:
+        """Sends ``op`` to the backup, numbered here, before any wait: the order of the calls
+        is the order of the changes. Returns what ``_settle`` waits on (None: nothing to wait
+        for, no backup or a catching-up one)."""
+        segment = op.pop("segment", None)
+        if segment is not None and (self._backup is None or self._catching_up):
+            op["grad"] = segment.data.copy()  # unawaited: the segment could not be reused
+            self._forward_segments.append(segment)
+            segment = None
         if self._backup is None:
-            return
+            return None
         self._seq_out += 1
-        backup = self._backup
-        ref = backup.replicate.remote(self._token, self._seq_out, op)
+        seq, backup = self._seq_out, self._backup
+        ref = backup.replicate.remote(self._token, seq, op)
         if self._catching_up:  # acknowledged by this replica alone until the new one caught up
             self._last_unawaited = ref
+            self.forwards["value"] += op["kind"] == "update"
+            return None
+        return seq, backup, ref, op, segment
+
+    async def _settle(self, sent: tuple | None) -> None:
+        """Waits until the backup applied what ``_send`` sent. A backup that fails or does not
+        answer within the round timeout is dropped: the shard goes on alone (``backup_lost``
+        says why). A backup that cannot map the segment of a forward by link (another node)
+        gets it again by value, under the same number, and every later one by value too."""
+        if sent is None:
             return
-
-        async def applied() -> Any:
-            return await ref
-
+        seq, backup, ref, op, segment = sent
         try:
-            await asyncio.wait_for(applied(), self.round_timeout_s)
+            answer = await asyncio.wait_for(_awaited(ref), self.round_timeout_s)
+            if answer == "unlinked":
+                self._forward_by_link = False
+                op["grad"] = segment.data.copy()
+                ref = backup.replicate.remote(self._token, seq, op)
+                await asyncio.wait_for(_awaited(ref), self.round_timeout_s)
+            if op["kind"] == "update":
+                self.forwards["link" if isinstance(op["grad"], link.LinkRef) else "value"] += 1
         except Exception as e:  # noqa: BLE001 (dead, refused or silent: on alone)
             self._drop_backup(backup, e)
+        finally:
+            if segment is not None:  # the backup read it, or is gone
+                self._forward_segments.append(segment)
 
     def _drop_backup(self, backup: Any, err: BaseException) -> None:
         """Goes on without ``backup``, and kills it: a silent backup left alive could later
@@ -127,9 +188,10 @@ class Replication:
         self._seq_out += 1
         self._backup.replicate.remote(self._token, self._seq_out, op)
 
-    async def replicate(self, token: str, seq: int, op: dict[str, Any]) -> int:
+    async def replicate(self, token: str, seq: int, op: dict[str, Any]) -> int | str:
         """Backup side: applies the primary's operation number ``seq`` after all the earlier
-        ones (bounded wait for a missing one); returns ``seq``."""
+        ones (bounded wait for a missing one); returns ``seq``, or ``"unlinked"`` with
+        nothing applied when its gradient is a ``LinkRef`` this process cannot map."""
         self._check_caller(token, "replicate")
         async with self._seq_changed:
             await asyncio.wait_for(
@@ -137,21 +199,24 @@ class Replication:
                 self.round_timeout_s,
             )
             if seq > self._seq_in:  # not one applied already
-                self._apply_op(op)
+                try:
+                    self._apply_op(op)
+                except link.LinkError:
+                    return "unlinked"
                 self._seq_in = seq
             self._seq_changed.notify_all()
         return seq
 
     def _apply_op(self, op: dict[str, Any]) -> None:
         kind = op["kind"]
-        if kind == "update":
+        if kind == "update":  # the gradient is read first: a LinkError changes nothing
             if self.opt is not None:
-                np.copyto(self.opt.flat_grads, op["grad"])
+                self._read_grad(op["grad"], self.opt.flat_grads)
                 self.opt.lr = op["lr"]
                 self._limit_kernel_threads()
                 self.opt.step()
             else:  # a summing shard: its state is the last sum
-                self._last_sum = np.array(op["grad"], np.float32, copy=True)
+                self._last_sum = self._read_grad(op["grad"], None)
             self.version += 1
             for w, inc, clock, applied in op["rows"]:
                 self.ledger.note(w, inc, clock, applied)
@@ -176,6 +241,20 @@ class Replication:
         else:
             raise ValueError(f"replicate: unknown operation {kind!r}")
 
+    def _read_grad(self, grad: Any, out: np.ndarray | None) -> np.ndarray:
+        """A forwarded gradient (array, or ``LinkRef`` to the primary's segment) copied into
+        ``out`` (a new float32 array when None); raises ``LinkError`` when unmappable."""
+        if isinstance(grad, link.LinkRef):
+            view = self._forward_views.get(grad.fd, grad)
+            if out is None:
+                out = np.empty(grad.floats, np.float32)
+            view.read(out)
+            return out
+        if out is None:
+            return np.array(grad, np.float32, copy=True)
+        np.copyto(out, grad)
+        return out
+
     # --- rebuilding a lost replica (warden.py) -----------------------------------------------
     async def hold(self) -> None:
         """Never answers: the warden's standing call on every replica, which fails the moment
@@ -188,6 +267,7 @@ class Replication:
         self._check_caller(token, "promote")
         if self.replica_role == "backup":
             self.replica_role = "primary"
+            self._forward_views = link.PeerViews()  # the dead primary's segments, unmapped
         return self.replica_role
 
     async def adopt_backup(self, token: str, backup: Any) -> int:
@@ -204,6 +284,7 @@ class Replication:
         # operation numbered after seq
         state, seq = self._transfer_state(), self._seq_out
         self._backup, self._catching_up, self._last_unawaited = backup, True, None
+        self._forward_by_link = link.enabled()  # the new one may be on another node
         self.backup_lost = None
         try:
             loaded = backup.install.remote(self._token, seq, state)

@@ -60,9 +60,7 @@ class RoundRules:
     restored_from_snapshot: bool
     ledger: Any
     incarnations: list[int]
-    replicated: bool
-    _forward: Any
-    _op_update: Any
+    _settle: Any
     version: int
     opt: Any
     params: np.ndarray
@@ -176,18 +174,16 @@ class RoundRules:
                     total += g
                 else:
                     total += np.multiply(g, weight, out=self._scratch())
-            self._step()
+            # the backup steps on the sum while this replica does (replica.py)
+            rows = [(w, self.incarnations[w], pending[w][2], 1) for w in sorted(pending)]
+            sent = self._step(rows)
             for w in sorted(pending):
                 self.ledger.note(w, self.incarnations[w], pending[w][2], 1)
                 self.pushes_applied[w] += 1
                 self._record(w, pending[w][2], pending[w][3])
             self._maybe_snapshot()
             self._round = SyncRound()  # later pushes (and a retry while it forwards) start anew
-            if self.replicated:  # every worker answered once the backup holds it (replica.py)
-                await self._forward(
-                    self._op_update([(w, self.incarnations[w], pending[w][2], 1)
-                                     for w in sorted(pending)])
-                )  # fmt: skip
+            await self._settle(sent)  # every worker answered once the backup holds it too
             round_done.result = self._round_result(pending)
             round_done.done.set()
         else:

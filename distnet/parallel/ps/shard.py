@@ -206,6 +206,7 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             raise RoundAborted(
                 f"{self._where()}: push of worker {worker} at clock {clock} failed: {self._aborted}"
             )
+        sent = None  # the forward to the backup this push waits for
         if not self._admits(worker, incarnation):
             return self._answer(linked)
         if lr is not None and self.opt is not None:
@@ -226,16 +227,15 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             self.steps_skipped[worker] += 1
             self.clocks[worker] = max(self.clocks[worker], clock)
         else:
-            self._apply(grad, float(share))
+            sent = self._apply(grad, float(share), [(worker, incarnation, clock, 1)])
             self.pushes_applied[worker] += 1
             self._record(worker, clock, seen_version)
             self._maybe_snapshot()
-        if self.replicated:  # answered once the backup holds it too (replica.py)
-            await self._forward(
+        if skipped and self.replicated:
+            sent = self._send(
                 {"kind": "skip", "worker": worker, "incarnation": incarnation, "clock": clock}
-                if skipped
-                else self._op_update([(worker, incarnation, clock, 1)])
             )
+        await self._settle(sent)  # answered once the backup holds it too (replica.py)
         async with self._clock_changed:
             self._clock_changed.notify_all()
             if self.mode == "ssp":
@@ -268,23 +268,29 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
         return waiting
 
     # --- updates ----------------------------------------------------------------------------
-    def _apply(self, grad: np.ndarray, weight: float) -> None:
-        """One update with ``weight * grad`` (async/ssp: optimiser on the shards)."""
+    def _apply(self, grad: np.ndarray, weight: float, rows: list[tuple]) -> tuple | None:
+        """One update with ``weight * grad`` (async/ssp: optimiser on the shards); ``rows``
+        and the return as ``_step``'s."""
         g = self.opt.flat_grads
         np.multiply(grad, np.float32(weight), out=g) if weight != 1.0 else np.copyto(g, grad)
-        self._step()
+        return self._step(rows)
 
-    def _step(self) -> None:
-        """The optimiser's step on ``flat_grads`` (a summing shard keeps the sum instead)."""
-        if self._backup is not None:  # the backup steps on the same input (replica.py)
-            stepped_on = self.opt.flat_grads if self.opt is not None else self._last_sum
-            self._step_grad = stepped_on.copy()
+    def _step(self, rows: list[tuple]) -> tuple | None:
+        """The optimiser's step on ``flat_grads`` (a summing shard keeps the sum instead).
+        With a backup, its input goes to the backup first, as the update of the ledger
+        ``rows`` (worker, incarnation, clock, 1), so that both replicas step at once; returns
+        what the caller must ``_settle`` before it answers (replica.py)."""
+        sent = None
+        if self._backup is not None:  # the backup steps on the same input
+            self._keep_step_input(self.opt.flat_grads if self.opt is not None else self._last_sum)
+            sent = self._send(self._op_update(rows))
         if self.opt is not None:
             self._limit_kernel_threads()
             self.opt.step()
         self.version += 1
         if self.mode != "sync":  # a sync round publishes once it is complete
             self._publish()
+        return sent
 
     def _limit_kernel_threads(self) -> None:
         """numba's thread count is per calling thread: set it in the thread that steps."""
@@ -336,6 +342,7 @@ class ParameterServerShard(ShardChecks, RoundRules, ShardState, Membership, Shar
             "backup_lost": self.backup_lost,
             "replica_seq": [self._seq_out, self._seq_in],  # operations sent, applied
             "backups_adopted": self.backups_adopted,  # new backups it filled (warden.py)
+            "replica_forwards": dict(self.forwards),  # updates forwarded by link, by value
             "placement_group": _ray().get_runtime_context().get_placement_group_id(),
             "node_id": _ray().get_runtime_context().get_node_id(),
         }
