@@ -149,7 +149,8 @@ def test_a_round_the_groups_abort_ended_is_the_groups_loss_not_a_failed_round(ra
         worker.join(20)
         assert not worker.is_alive()
         assert len(errors) == 1 and isinstance(errors[0], WorkerLostError), errors
-        assert isinstance(errors[0].__context__, RoundAborted)  # what the shards said
+        if first == "another":  # the shards' answer came first (own: either may come first)
+            assert isinstance(errors[0].__context__, RoundAborted), errors[0].__context__
     finally:
         ps.shutdown()
 

@@ -84,8 +84,12 @@ def await_group_abort(interrupt: Callable[[], None], err: BaseException) -> None
     abort of this worker may come a moment later. Without this the worker failed with the
     round's error, kept no carry, and the group restarted from the epoch's checkpoint instead
     of resuming at the last finished step (seen under load)."""
+    from ray.exceptions import RayError  # noqa: PLC0415
+
     from distnet.parallel.ps.rounds import RoundAborted  # noqa: PLC0415
 
+    if not isinstance(err, RayError):  # not the shard's answer (the interrupt's own error)
+        return
     aborted = isinstance(err, RoundAborted) or isinstance(getattr(err, "cause", None), RoundAborted)
     deadline = time.monotonic() + (ABORT_GRACE_S if aborted else 0.0)
     while True:
