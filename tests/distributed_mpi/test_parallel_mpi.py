@@ -76,6 +76,19 @@ def test_a_failing_rank_stops_the_job_and_is_named(mode, status, says):
 
 
 @pytest.mark.timeout(90)
+def test_a_crashed_rank_shows_where_it_crashed():
+    """A segmentation fault (in a C extension, MPI, a kernel) prints the Python stack of the
+    crashed rank's threads (the launcher turns Python's fault handler on in every rank), so a
+    crash seen once under load can be followed (regression: CI showed only "[0] killed by
+    signal 11 (SIGSEGV)")."""
+    proc, _, output = _failure("segv")
+    assert proc.returncode == 139, output
+    assert "rank 1 failed first: killed by signal 11 (SIGSEGV)" in output, output
+    assert "Fatal Python error: Segmentation fault" in output, output
+    assert "in crash_in_step_3" in output and "failures.py" in output, output
+
+
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("np_", [2, 4])
 def test_allreduce_through_shared_memory_equals_mpi(np_):
     proc, _ = timed_launch(np_, str(SCRIPTS / "shm_allreduce.py"))

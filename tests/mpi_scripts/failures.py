@@ -1,6 +1,7 @@
 """Run under mpiexec: rank 1 fails in the way argv[1] names, while the others allreduce.
 
-Modes: ok, raise, kill (SIGKILL to itself), exit (sys.exit(3)), stall (sleeps in step 3).
+Modes: ok, raise, kill (SIGKILL to itself), exit (sys.exit(3)), stall (sleeps in step 3),
+segv (a segmentation fault in a function of its own, as a crash in a C extension would be).
 """
 
 import os
@@ -20,6 +21,13 @@ stall = StallDetector(comm, warn_after_s=float(os.environ.get("STALL_S", "1")), 
 buf = np.ones(1000, dtype=np.float32)
 
 
+def crash_in_step_3() -> None:
+    """Where the crashed rank was: the launcher's output must show this frame."""
+    import ctypes  # noqa: PLC0415
+
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
 def sleep_instead_of_step_3() -> None:
     """Where the stalled rank is: the stall report must show this frame."""
     time.sleep(float(os.environ.get("STALL_SLEEP", "3")))
@@ -33,6 +41,8 @@ for step in range(1, 6):
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "exit":
             sys.exit(3)
+        if mode == "segv":
+            crash_in_step_3()
         if mode == "stall":
             sleep_instead_of_step_3()
     stall.enter(f"allreduce {step}")

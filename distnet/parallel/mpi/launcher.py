@@ -278,6 +278,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         if name not in env and name not in os.environ:
             env[name] = str(threads)
     env.setdefault("PYTHONUNBUFFERED", "1")  # rank lines arrive as they are printed
+    if "PYTHONFAULTHANDLER" not in os.environ:  # a crashed rank prints its threads' stacks
+        env.setdefault("PYTHONFAULTHANDLER", "1")
     env["DISTNET_LAUNCHED"] = "1"
     if not args.no_tag_output:
         env["DISTNET_TAGGED_OUTPUT"] = "1"  # rankexec prefixes every line with "[r] "
