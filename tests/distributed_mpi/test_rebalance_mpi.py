@@ -71,8 +71,17 @@ def test_equal_speed_keeps_the_split(digits):
     job, out, decisions, _ = train(
         digits, "even", epochs=3, delay="0.002,0.002", rebalance='"auto"'
     )
-    assert len(decisions) == 3 and all(new is None for _, _, new in decisions), decisions
-    assert np.max(np.abs(final_params(job, out) - reference_params(job, 3, 2))) < 1e-5
+    assert len(decisions) == 3, decisions
+    for rates, old, new in decisions:
+        if max(rates) < 1.05 * min(rates):  # equal speed: no split gains 10%
+            assert new is None, decisions
+        elif new is not None:  # a loaded host slowed one rank (CI, two suites at once): the
+            # new split follows what was measured, nearer the rates' proportions than the old
+            share = np.asarray(rates) / sum(rates) * sum(old)
+            assert sum(new) == sum(old), decisions
+            assert np.abs(np.subtract(new, share)).sum() < np.abs(np.subtract(old, share)).sum()
+    sizes = splits_per_epoch(decisions, 3)
+    assert np.max(np.abs(final_params(job, out) - reference_params(job, 3, 2, sizes))) < 1e-5
 
 
 @pytest.mark.timeout(400)
