@@ -21,6 +21,9 @@ real local Ray ``ray_cluster`` shares, on real Zarr stores), checked by its orac
   an epoch: the split moves at epoch ends, and a step's samples depend on it; the run records
   the splits (``splits.json``) and the oracle replays them in one process (each step the ranks'
   batches concatenated): the final parameters equal that run's;
+- Ray ps sync ``replicas = 2`` (primary and backup of each shard): the final parameters equal
+  the one-process run's, every shard's replicas are byte-identical at the stage's end
+  (``replica_check``), and the ledger shows every acknowledged push applied once;
 - Ray ps ssp ``staleness = "auto"``, worker 1 slowed, 8 steps an epoch: every shard's record
   of clocks shows no push beyond the bound in force at that push (its ``in_force`` beside its
   ``ahead`` records), and the training accuracy reaches the one-process run's within 0.15.
@@ -86,6 +89,8 @@ FOCUSED: list[tuple[dict, dict, dict, int]] = [
      {}, SAMPLES // 8),
     ({**_PLAIN, "engine": "ray-3", "strategy": "ps-2", "mode": "ssp", "optimizer": "adam"},
      {"staleness": "auto"}, {}, SAMPLES // 8),
+    ({**_PLAIN, "engine": "ray-2", "strategy": "ps-2", "optimizer": "adam"}, {"replicas": 2},
+     {}, SAMPLES),
 ]  # fmt: skip
 
 
@@ -261,7 +266,8 @@ def test_focused_row(row, stores, tmp_path, request):
     started = time.monotonic()
     if config["engine"].startswith("ray"):
         request.getfixturevalue("ray_cluster")
-        result = _run_ray(config, path, out, slow=0.002)
+        slow = 0.002 if dist.get("staleness") == "auto" else 0.0  # auto needs a slow worker
+        result = _run_ray(config, path, out, slow=slow)
     else:
         result = _run_ranks(config, path, out, env)
     print(f"{request.node.callspec.id}: rc {result['rc']} in {time.monotonic() - started:.1f}s")
@@ -278,6 +284,12 @@ def test_focused_row(row, stores, tmp_path, request):
             np.testing.assert_allclose(p, params[0], rtol=1e-5, atol=1e-6, err_msg=f"rank {r}")
         ref = _replayed_reference(config, stores, tmp_path, batch, out)
         np.testing.assert_allclose(params[0], ref, rtol=2e-4, atol=2e-4)
+    if dist.get("replicas") == 2:  # sync: the one-process run; both replicas byte-identical
+        ref = _reference(config, stores, tmp_path.parent)  # the matrix's rows' batch
+        np.testing.assert_allclose(params[0], ref, rtol=2e-4, atol=2e-4)
+        stats = result["report"].get("ps_stats") or []
+        assert stats and all(s["replica_check"]["ok"] for s in stats), stats
+        assert all(s["ledger"]["ok"] for s in stats), [s["ledger"] for s in stats]
     if dist.get("staleness") == "auto":
         stats = [s for s in result["report"].get("ps_stats") or [] if s["mode"] == "ssp"]
         assert stats, "no clock records from the shards"
