@@ -4,7 +4,9 @@ driver and the job's keeper run, and two worker nodes), token authentication on.
 
 The keeper creates a server of 3 shards with ``replicas = 2``: every shard's backup must run
 on another node than its primary, and the primaries on 3 different nodes. A backup
-SIGKILLed is rebuilt on another node than its (live) primary.
+SIGKILLed is rebuilt on another node than its (live) primary. A server made with the
+default (``replicas = "auto"``) has 2 replicas here, each backup away from its primary, and
+one made with ``replicas = 1`` has none (the single-node case, 1: ``test_ps_replicas.py``).
 """
 
 from __future__ import annotations
@@ -59,5 +61,22 @@ def test_backups_run_away_from_their_primaries_and_a_lost_one_is_rebuilt_away(th
         assert node_of(now["backup"]) != primary_node  # rebuilt on another node
         assert node_of(now["primary"]) == primary_node
         assert ps.stats()["replicas"][1]["rebuilds"] == 1
+    finally:
+        stop_keeper(keeper)
+
+
+def test_the_default_replicates_on_several_nodes_and_1_is_kept(three_nodes):
+    keeper = start_keeper()
+    try:
+        flat = np.arange(2000, dtype=np.float32) / 2000
+        settings = {"shards": 2, "mode": "sync", "num_workers": 1,
+                    "optimizer": {"name": "sgd", "lr": 0.1}, "timeout_s": 30}  # fmt: skip
+        ps = ray.get(keeper.create.remote(flat, settings), timeout=120)  # no "replicas": auto
+        assert ps.replicas == 2 and ps.stats()["replicas_per_shard"] == 2
+        where = [(node_of(s["primary"]), node_of(s["backup"])) for s in ps.replica_sets()]
+        assert all(p != b for p, b in where), where  # each backup on another node
+        one = ray.get(keeper.create.remote(flat, {**settings, "replicas": 1}), timeout=120)
+        assert one.replicas == 1 and one.warden is None and not any(one.backups)
+        assert one.stats()["replicas_per_shard"] == 1
     finally:
         stop_keeper(keeper)

@@ -39,6 +39,25 @@ def train(ps, kill_at=None):
     return push_fixed_gradients(ps, STEPS, kill)
 
 
+def test_the_default_is_1_replica_on_one_node_and_2_when_asked(ray_cluster):
+    """``replicas = "auto"`` (the job's default) on the single-node local Ray: no backups;
+    ``replicas = 2`` asked there: a primary and a backup (on the same node)."""
+    from distnet.parallel.ps.keeper import start_keeper, stop_keeper  # noqa: PLC0415
+
+    keeper = start_keeper()
+    try:
+        flat = np.zeros(100, dtype=np.float32)
+        settings = {"shards": 2, "num_workers": 1, "timeout_s": 30}
+        one = ray.get(keeper.create.remote(flat, settings), timeout=60)  # no "replicas": auto
+        assert one.replicas == 1 and one.warden is None and not any(one.backups)
+        assert one.stats()["replicas_per_shard"] == 1
+        two = ray.get(keeper.create.remote(flat, {**settings, "replicas": 2}), timeout=60)
+        assert two.replicas == 2 and all(len(b) == 1 for b in two.backups)
+        assert two.stats()["replicas_per_shard"] == 2
+    finally:
+        stop_keeper(keeper)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_backups_hold_byte_for_byte_what_their_primaries_hold(ray_cluster, mode):
     ps = make_server(mode, replicas=2)

@@ -228,17 +228,47 @@ def test_the_ray_engine_reads_every_key_the_spec_calls_ray_only(tmp_path, key):
         options_from_job({"dist": dist})
 
 
-def test_replicas_is_1_or_2_and_only_for_the_parameter_server():
-    from distnet.parallel.rayengine import options_from_job
+def test_replicas_is_auto_1_or_2_and_only_2_needs_the_parameter_server():
+    from distnet.parallel.rayengine import RayEngineError, options_from_job
 
     dist = {"engine": "ray", "strategy": "ps", "replicas": 2}
     job = jobspec.validate({"dist": dist}, "j.toml")
     assert options_from_job(job).ps["replicas"] == 2
-    assert options_from_job(jobspec.validate({}, "j.toml")).ps["replicas"] == 1  # off
-    with pytest.raises(JobError, match=r"j.toml: \[dist\] replicas: expected 1 or 2"):
-        jobspec.validate({"dist": {**dist, "replicas": 3}}, "j.toml")
+    # the default: resolved where the server is made (ps/shardplace.py)
+    assert options_from_job(jobspec.validate({}, "j.toml")).ps["replicas"] == "auto"
+    for value in ("auto", 1, 2):
+        for strategy in ("ps", "hybrid"):
+            d = {"engine": "ray", "strategy": strategy, "replicas": value}
+            assert options_from_job(jobspec.validate({"dist": d}, "j.toml")).ps["replicas"] == value
+    # "auto" and 1 ask for nothing an allreduce job or an MPI/local one lacks
+    for d in (
+        {"engine": "ray", "strategy": "allreduce", "replicas": "auto"},
+        {"engine": "ray", "strategy": "local_sgd", "replicas": 1},
+        {"engine": "mpi", "replicas": "auto"},
+        {"engine": "local", "replicas": "auto"},
+    ):
+        assert jobspec.validate({"dist": d}, "j.toml")["dist"]["replicas"] == d["replicas"]
+    for bad in (0, 3, "x", True, 1.5):
+        with pytest.raises(JobError) as e:
+            jobspec.validate({"dist": {**dist, "replicas": bad}}, "j.toml")
+        assert str(e.value) == (
+            f"j.toml: [dist] replicas: expected 1, 2 or 'auto' (copies of each parameter-server "
+            f"shard), got {bad!r}"
+        ), bad
+        with pytest.raises(RayEngineError, match=r"^\[dist\] replicas must be 'auto', 1 or 2"):
+            options_from_job({"dist": {**job["dist"], "replicas": bad}})
     with pytest.raises(JobError, match="replicas = 2 needs strategy 'ps' or 'hybrid'"):
         jobspec.validate({"dist": {"engine": "ray", "replicas": 2}}, "j.toml")
+
+
+def test_auto_replicas_are_2_on_several_live_nodes_and_1_on_one():
+    from distnet.parallel.ps.shardplace import resolve_replicas
+
+    assert [resolve_replicas("auto", nodes=n) for n in (1, 2, 3)] == [1, 2, 2]
+    assert [resolve_replicas(r, nodes=n) for r in (1, 2) for n in (1, 3)] == [1, 1, 2, 2]
+    for bad in (0, 3, "x", True, None):
+        with pytest.raises(ValueError, match=r"^replicas must be 'auto', 1 or 2, got"):
+            resolve_replicas(bad, nodes=2)
 
 
 def test_printed_config_runs_on_the_engine_auto_becomes(tmp_path, capsys):

@@ -14,8 +14,9 @@ Where the shards run (``shard_placement``): ``"driver"`` (the default) puts them
 driver's node, beside the keeper, whose loss ends the job anyway: no worker node's loss takes
 a shard along. ``"spread"`` spreads them over the cluster's nodes (Ray's ``SPREAD``: their
 load and traffic too), at the price that a lost node takes its shards with it (restored from
-their snapshots, else the group restarts). Replicated shards (``replicas = 2``) on a cluster of
-several nodes ignore both: each shard's backup runs on another node than its primary and the
+their snapshots, else the group restarts). Replicated shards (``replicas = 2``, which
+``"auto"``, the default, becomes on a cluster of several live nodes) on several nodes ignore
+both: each shard's backup runs on another node than its primary and the
 primaries go round the nodes (``shardplace.py``), so a lost node takes at most one replica of
 each shard, and the warden rebuilds it elsewhere (``warden.py``).
 """
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from distnet.parallel.ps.server import ParameterServer
-from distnet.parallel.ps.shardplace import replica_placement
+from distnet.parallel.ps.shardplace import replica_placement, resolve_replicas
 
 SHARD_PLACEMENTS = ("driver", "spread")
 
@@ -53,7 +54,9 @@ class ShardKeeper:
         where = settings.pop("shard_placement", "driver")
         if where not in SHARD_PLACEMENTS:
             raise ValueError(f"shard_placement must be one of {SHARD_PLACEMENTS}, got {where!r}")
-        if settings.get("placement") is None and int(settings.get("replicas", 1)) > 1:
+        # "auto" (the job's default): 2 on several live nodes, else 1 (shardplace.py)
+        settings["replicas"] = resolve_replicas(settings.get("replicas", "auto"))
+        if settings.get("placement") is None and settings["replicas"] > 1:
             # backups away from their primaries, primaries round the nodes (shardplace.py);
             # None on one node: there the replicas go where `where` says
             node = ray.get_runtime_context().get_node_id()

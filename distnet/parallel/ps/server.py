@@ -23,6 +23,7 @@ import numpy as np
 
 from distnet.parallel.ps.calls import ShardCalls
 from distnet.parallel.ps.shard import MODES, ParameterServerShard
+from distnet.parallel.ps.shardplace import resolve_replicas
 from distnet.parallel.ps.warden import stop_warden
 
 OPTIMIZER_ON = ("server", "worker")
@@ -89,6 +90,7 @@ class ParameterServer(ShardCalls):
         self.backups = backups if backups is not None else [[] for _ in shards]
         self.failovers = 0
         self.warden: Any = None  # replicas = 2: says which replica is the primary (warden.py)
+        self.replicas = 2 if any(self.backups) else 1  # per shard, as made ("auto" resolved)
 
     @classmethod
     def create(
@@ -110,7 +112,7 @@ class ParameterServer(ShardCalls):
         timeout_s: float = 120.0,
         retries: int = 5,
         round_timeout_s: float | None = None,
-        replicas: int = 1,
+        replicas: int | str = 1,
     ) -> ParameterServer:
         """Starts ``shards`` shard actors over ``flat_params`` (1-D float32, shape ``(n,)``).
 
@@ -138,7 +140,8 @@ class ParameterServer(ShardCalls):
                 workers (None: ``timeout_s * (retries + 1)``, the patience of a worker's call).
             replicas: 1, or 2 (primary and backup, ``replica.py``): a push is acknowledged
                 once both applied it, and the backup takes over when the primary dies (then
-                no shard is restarted by Ray from its snapshot).
+                no shard is restarted by Ray from its snapshot); "auto": 2 where the cluster
+                has several live nodes, else 1 (``shardplace.resolve_replicas``).
         """
         ray = _ray()
         from distnet import backend
@@ -180,9 +183,11 @@ class ParameterServer(ShardCalls):
             snapshot_dir, owns = tempfile.mkdtemp(prefix="distnet-ps-"), True
         if snapshot_dir is not None:
             Path(snapshot_dir).mkdir(parents=True, exist_ok=True)
-        if int(replicas) not in (1, 2):
-            raise ValueError(f"parameter server: replicas must be 1 or 2, got {replicas!r}")
-        if not snapshot_every or int(replicas) > 1:
+        try:
+            replicas = resolve_replicas(replicas)
+        except ValueError as e:
+            raise ValueError(f"parameter server: {e}") from None
+        if not snapshot_every or replicas > 1:
             max_restarts = 0
         if round_timeout_s is None:
             round_timeout_s = timeout_s * (retries + 1)
@@ -209,7 +214,7 @@ class ParameterServer(ShardCalls):
             }  # fmt: skip
             own = options.pop("backup", {})  # the backup's node (shardplace.py)
             backup = None
-            if int(replicas) > 1:  # no snapshots of its own: the primary's file is the shard's
+            if replicas > 1:  # no snapshots of its own: the primary's file is the shard's
                 away = {**options, **own}
                 backup = actor.options(**away).remote(
                     i, lo, hi, params_ref, snapshot_path=None, role="backup", **common
@@ -250,7 +255,8 @@ class ParameterServer(ShardCalls):
 
     def stats(self) -> dict[str, Any]:
         """Per shard: version, per-worker clocks, staleness histograms, ssp (clock, slowest
-        clock) records; per worker: clock, updates, mean and max staleness over all shards."""
+        clock) records; per worker: clock, updates, mean and max staleness over all shards;
+        ``replicas_per_shard`` (1 or 2, as made) and, with 2, ``replicas`` (the warden's)."""
         shards = self.call_all("stats")
         workers = []
         for w in range(self.num_workers):
@@ -268,7 +274,7 @@ class ParameterServer(ShardCalls):
                 "max_ahead": max(ahead, default=0),
             })  # fmt: skip
         out = {"mode": self.mode, "staleness_bound": self.staleness, "shards": shards,
-               "workers": workers}  # fmt: skip
+               "workers": workers, "replicas_per_shard": self.replicas}  # fmt: skip
         if self.warden is not None:  # replicas = 2: promotions and rebuilds (warden.py)
             out["replicas"] = _ray().get(self.warden.stats.remote(), timeout=self.timeout_s)
         return out

@@ -9,6 +9,13 @@ The affinity is hard: with ``soft=True`` Ray 2.60 put 4 of 6 replicas of a three
 ``Cluster`` elsewhere than asked, backups beside their primaries. The nodes are the live ones
 of the moment; a node lost before its replica started fails that start (the warden tries a
 rebuild again with the nodes alive then).
+
+How many replicas (``[dist] replicas``, ``resolve_replicas``): "auto", the default, is 2 where
+the cluster has several live nodes (a node's loss then takes one replica of a shard at most)
+and 1 on a single node (there a backup still outlives a killed shard process, not the node:
+``replicas = 2`` asks for it); 1 or 2 as asked. Resolved where each stage's server is made
+(``keeper.py``, ``ParameterServer.create``), with the nodes alive then; its handle carries the
+number to the workers (``ps.replicas``, ``ps.stats()["replicas_per_shard"]``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,23 @@ def alive_nodes() -> list[str]:
     import ray  # noqa: PLC0415
 
     return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+
+def check_replicas(value: Any) -> int | str:
+    """``value`` as ``[dist] replicas`` takes it: "auto", 1 or 2 (else ValueError, naming
+    ``replicas``; a bool is not a count)."""
+    if value == "auto" or (type(value) is int and value in (1, 2)):
+        return value
+    raise ValueError(f"replicas must be 'auto', 1 or 2, got {value!r}")
+
+
+def resolve_replicas(value: Any, nodes: int | None = None) -> int:
+    """The replicas per shard ``value`` asks for: 1 or 2 as given; "auto": 2 where the cluster
+    has ``nodes`` >= 2 live nodes (default: ``len(alive_nodes())``, the nodes placement goes
+    round), else 1."""
+    if check_replicas(value) != "auto":
+        return int(value)
+    return 2 if (len(alive_nodes()) if nodes is None else nodes) >= 2 else 1
 
 
 def _on(node: str) -> dict[str, Any]:

@@ -13,7 +13,8 @@ such as ``["cuda", "cpu", "cpu"]``, instead of workers/cpu_workers), ``worker_re
 (custom Ray resources, one table per worker, e.g. ``[{node_a = 1}, {node_b = 1}]`` to pin
 worker 0 to the node started with ``--resources='{"node_a": 4}'`` and worker 1 to node_b),
 ``survivors_go_on`` (async/ssp ps: a lost worker is replaced while the others go on; false:
-the group restarts).
+the group restarts), ``replicas`` (ps/hybrid: copies of each shard, 1 or 2; "auto": 2 where
+the cluster has several live nodes, else 1, resolved where each server is made).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distnet.parallel.ps.autostale import staleness_bound
+from distnet.parallel.ps.shardplace import check_replicas
 from distnet.parallel.strategy import STRATEGIES
 
 
@@ -176,6 +178,10 @@ def _options(d: dict[str, Any]) -> RayOptions:
         )
     if d["mode"] not in ("sync", "async", "ssp"):
         raise RayEngineError(f"[dist] mode must be 'sync', 'async' or 'ssp', got {d['mode']!r}")
+    try:  # "auto" (the default), 1 or 2
+        check_replicas(d["replicas"])
+    except ValueError as e:
+        raise RayEngineError(f"[dist] {e}") from None
     if int(d["workers_per_node"]) < 0:
         raise RayEngineError(f"[dist] workers_per_node must be >= 0, got {d['workers_per_node']}")
     if d["devices"]:
@@ -205,7 +211,7 @@ def _options(d: dict[str, Any]) -> RayOptions:
             "staleness": staleness_bound(d["staleness"]),
             "shards": int(d["shards"]),
             "workers_per_node": int(d["workers_per_node"]),
-            "replicas": int(d["replicas"]),
+            "replicas": d["replicas"],  # "auto": resolved where the server is made
         },  # fmt: skip
         # rebalance = false: no re-split (Ray's "auto" re-splits at every measurement)
         rebalance_every=0 if d.get("rebalance") is False else int(d["rebalance_every"]),

@@ -260,11 +260,13 @@ class RayRankEngine(EngineBase):
                 "retries": int(ps_opts.get("retries", 5)),
                 "param_shapes": [tuple(p.data.shape) for p in opt.params],
                 "shard_placement": ps_opts.get("shard_placement", "driver"),
-                "replicas": int(ps_opts.get("replicas", 1)),
+                "replicas": ps_opts.get("replicas", "auto"),  # the keeper resolves "auto"
             }
             # the others wait in the broadcast below: not a stall
             with self.comm.working("starting the parameter server"):
                 server = self._create_server(opt.flat_params, settings)
+            self.note(f"parameter server: {settings['shards']} shard(s) x {server.replicas} "
+                      f"replica(s) ([dist] replicas = {settings['replicas']!r})")  # fmt: skip
         server = self.comm.broadcast_object(server, root=0)
         # a sync round whose worker died never completes: leave it, and end it on the shards,
         # when the driver aborts (the shards stay up until rank 0's after_failure took its

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from distnet.train.jobs.jobspec import DistSpec
 
 # set under engine "local" or "mpi" they would do nothing, so they are refused (mode only when
-# it is not "sync", the default every engine runs)
+# it is not "sync", the default every engine runs; replicas only when it is not "auto", which
+# asks for nothing where there is no parameter server)
 RAY_ONLY_KEYS = ("workers", "cpu_workers", "gpus_per_worker", "min_workers", "placement",
                  "address", "workers_per_node", "devices", "worker_resources",
                  "survivors_go_on", "shards", "staleness", "mode", "replicas")  # fmt: skip
@@ -50,6 +51,7 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
                        "synchronises by allreduce or local_sgd only)")  # fmt: skip
         given = [k for k in RAY_ONLY_KEYS if k in dist.model_fields_set]
         given = [k for k in given if k != "mode" or mode != "sync"]
+        given = [k for k in given if k != "replicas" or dist.replicas != "auto"]
         if given:
             out.append(f"{', '.join(given)}: only the Ray engine reads "
                        f"{'it' if len(given) == 1 else 'them'}; set engine = 'ray' or remove "
@@ -79,7 +81,7 @@ def dist_conflicts(dist: DistSpec) -> list[str]:
     if dist.shards > 1 and not ps:
         out.append(f"shards = {dist.shards} needs strategy 'ps' or 'hybrid' (parameter-server "
                    "shards)")  # fmt: skip
-    if dist.replicas > 1 and not ps:
+    if dist.replicas == 2 and not ps:  # "auto" asks for nothing the strategy lacks
         out.append(f"replicas = {dist.replicas} needs strategy 'ps' or 'hybrid' (copies of "
                    "parameter-server shards)")  # fmt: skip
     if dist.workers_per_node and strategy != "hybrid":

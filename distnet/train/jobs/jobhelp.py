@@ -168,7 +168,10 @@ HELP: dict[str, str] = {
     "dist.replicas": (
         "strategy = 'ps' or 'hybrid': copies of each shard; 2: a primary and a backup that "
         "holds every acknowledged push and takes over when the primary dies; a lost replica "
-        "is rebuilt in the background, on another node than the live one where there is one."
+        "is rebuilt in the background, on another node than the live one where there is one. "
+        "'auto' (the default): 2 where the Ray cluster has more than one live node (each "
+        "backup on another node than its primary), 1 on a single node unless asked; the "
+        "number chosen is logged and in the run's ps_stats (replicas_per_shard)."
     ),
     # [run]
     "run.out": (

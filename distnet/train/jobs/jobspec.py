@@ -207,8 +207,11 @@ class DistSpec(Section):
     # group is restarted from the epoch checkpoint; distnet/parallel/rayengine/standin.py)
     survivors_go_on: bool = _field(True, "true or false")
     # strategy "ps"/"hybrid": copies of each shard (2: primary and backup, an acknowledged
-    # push held by both; distnet/parallel/ps/replica.py)
-    replicas: int = _field(1, "1 or 2 (copies of each parameter-server shard)", ge=1, le=2)
+    # push held by both; distnet/parallel/ps/replica.py); "auto": 2 where the Ray cluster has
+    # several live nodes, else 1 (resolved where the server is made: ps/shardplace.py)
+    replicas: Annotated[int, Field(ge=1, le=2)] | Literal["auto"] = _field(
+        "auto", "1, 2 or 'auto' (copies of each parameter-server shard)"
+    )
 
     @field_validator("worker_resources")
     @classmethod
