@@ -34,7 +34,9 @@ from distnet.train.jobs.rayjob import run_rank  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.timeout(180)]
 
-# 1344 training samples = 42 steps of 32 an epoch; the last feature column is each sample's id
+# 1344 training samples = 42 steps of 32 an epoch; the last feature column is each sample's id.
+# replicas = 1: these tests lose a node under unreplicated servers ("auto" would replicate here;
+# the default's run on several nodes: test_hybrid_cluster.py, test_ps_replica_placement.py)
 JOB = """
 [data]
 train = "{data}/train"
@@ -59,6 +61,7 @@ mode = "{mode}"
 shards = {shards}
 worker_resources = {pins}
 rebalance_every = 0
+replicas = 1
 
 [run]
 log_every = 100
