@@ -5,7 +5,7 @@ A configuration picks one value per dimension of ``DIMENSIONS``. ``job_sections(
 turns it into job keys; ``refusal(config)`` is what ``jobspec`` says of those keys (the one
 line ``distnet train`` prints and exits 2 with), so the matrix never keeps its own list of
 what is refused. ``pairwise()`` is a covering array of strength 2: every pair of values that
-some accepted configuration holds is in at least one row, in about 30 rows instead of the
+some accepted configuration holds is in at least one row, in about 40 rows instead of the
 tens of thousands of ``full()``. ``distnet matrix [--full] [--json]`` lists them;
 tests/conformance/test_matrix.py runs each accepted row as a tiny real job and checks its oracle.
 
@@ -194,7 +194,7 @@ def _greedy_row(rng: random.Random, first: Pair, missing: set[Pair]) -> Config:
 
 def pairwise(candidates: int = 20, seed: int = 0) -> list[Config]:
     """Accepted configurations covering every coverable pair at least once (deterministic:
-    the same rows on every call; about 35 of them)."""
+    the same rows on every call; about 40 of them, at a low cost to run: ``_cheapened``)."""
     return [dict(c) for c in _pairwise(candidates, seed)]
 
 
@@ -224,7 +224,51 @@ def _pairwise(candidates: int, seed: int) -> tuple[Config, ...]:
                         if refusal(c) is None)  # fmt: skip
         missing -= _sorted_pairs(best)
         rows.append(best)
-    return tuple(rows)
+    return tuple(_cheapened(rows))
+
+
+# what a row costs to run, relative: its engine's processes to start (a Ray worker actor is a
+# process and more), twice with a planned stop and its resume
+_ENGINE_COST = {"local": 1.0, "mpi-2": 2.0, "mpi-3": 2.5, "ray-2": 3.0, "ray-3": 3.5}
+
+
+def _cost(config: Config) -> float:
+    return _ENGINE_COST[config["engine"]] * (2 if config["resume"] else 1)
+
+
+def _cheapened(rows: list[Config]) -> list[Config]:
+    """``rows`` at a lower cost to run, covering the same pairs: each row's engine, then its
+    resume, moved to the cheapest value that keeps the row accepted and loses no pair only it
+    covers; then the rows whose every pair another row covers too are left out, the dearest
+    first (cut the matrix's run by a fifth, 155 to 123 by ``_cost``, at the same coverage)."""
+    rows = list(rows)
+    cover: dict[Pair, int] = {}
+    for row in rows:
+        for p in _sorted_pairs(row):
+            cover[p] = cover.get(p, 0) + 1
+    for i, row in enumerate(rows):
+        for dim in ("engine", "resume"):
+            values = list(DIMENSIONS[dim])
+            for value in sorted(values, key=lambda v: _cost({**row, dim: v})):
+                if value == row[dim] or _cost({**row, dim: value}) >= _cost(row):
+                    continue
+                new = {**row, dim: value}
+                old_pairs, new_pairs = _sorted_pairs(row), _sorted_pairs(new)
+                if refusal(new) is None and all(cover[p] > 1 for p in old_pairs - new_pairs):
+                    for p in old_pairs:
+                        cover[p] -= 1
+                    for p in new_pairs:
+                        cover[p] = cover.get(p, 0) + 1
+                    rows[i] = row = new
+                    break
+    kept = list(range(len(rows)))
+    for i in sorted(kept, key=lambda i: -_cost(rows[i])):
+        pairs = _sorted_pairs(rows[i])
+        if all(cover[p] > 1 for p in pairs):
+            for p in pairs:
+                cover[p] -= 1
+            kept.remove(i)
+    return [rows[i] for i in kept]
 
 
 def _sorted_pairs(config: Config) -> set[Pair]:
