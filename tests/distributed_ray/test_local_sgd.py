@@ -134,7 +134,9 @@ def test_local_sgd_on_ray_equals_allreduce_at_h1_and_counts_fewer_collectives(ra
     runs = {}
     for name, dist in (("allreduce", ""), ("h1", 'strategy = "local_sgd"\naverage_state = true')):
         path = digits / f"ray-{name}.toml"
-        path.write_text(mlp_job("data/train", test="data/test", epochs=2, dist=dist))
+        # one epoch (42 steps): H = 1 equals allreduce at every step, and one process on the
+        # global batch reaches 0.89 on the test set after it (the bar is 0.85)
+        path.write_text(mlp_job("data/train", test="data/test", epochs=1, dist=dist))
         out = digits / f"run-ray-{name}"
         job = load_job(path, {"run": {"out": str(out)}, "dist": {"engine": "ray"}})
         strategy = job["dist"]["strategy"]

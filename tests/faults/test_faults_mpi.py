@@ -1,7 +1,10 @@
-"""Faults on the MPI engine (marker `fault`): a rank killed with SIGKILL at a random moment ends
-the job within 30 s naming the rank, and running the same job again resumes it to the very
-same final parameters as a run that never stopped (bit for bit on CPU). Also: a crash while a
-checkpoint is written leaves the last good one loadable; a full disk is a clear error."""
+"""Faults on the MPI engine (marker `fault`): a rank killed with SIGKILL ends the job within
+30 s naming the rank, and running the same job again resumes it to the very same final
+parameters as a run that never stopped (bit for bit on CPU). The kill comes at two chosen
+moments: during start-up (before the first step) and at a seeded point of the training that
+follows the first epoch checkpoint (an epoch or a checkpoint write; the resume then starts
+from a checkpoint). Also: a crash while a checkpoint is written leaves the last good one
+loadable; a full disk is a clear error."""
 
 from __future__ import annotations
 
@@ -57,26 +60,49 @@ def reference(job: Path) -> dict[str, np.ndarray]:
     return checkpoint_arrays(out)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+def first_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    """Waits until the run has written its first epoch checkpoint (the job still running)."""
+    progress = out / "stages" / "0-train" / "progress" / "manifest.json"
+    deadline = time.monotonic() + timeout
+    while not progress.exists():
+        assert proc.poll() is None, (
+            f"the job ended before its first checkpoint: {proc.stderr.read()}"
+        )
+        assert time.monotonic() < deadline, f"no epoch checkpoint within {timeout} s"
+        time.sleep(0.02)
+
+
+# (victim, moment): rank 1 during start-up (imports, MPI_Init: nothing trained yet, the rerun
+# starts afresh); rank 0, the one that writes checkpoints, 0-0.5 s (seeded) after the first
+# epoch checkpoint, in the epochs that follow (training or a checkpoint write: the rerun resumes
+# from a checkpoint)
+MOMENTS = [(1, "start-up"), (0, "after-first-checkpoint")]
+
+
+@pytest.mark.parametrize("victim, moment", MOMENTS)
 def test_a_killed_rank_ends_the_job_naming_it_and_a_rerun_resumes_exactly(
-    job: Path, reference, seed: int
+    job: Path, reference, victim: int, moment: str
 ):
-    rng = random.Random(seed)
-    victim, delay = rng.choice([0, 1]), rng.uniform(0.5, 3.0)
-    out = job.parent / f"run-kill-{seed}"
+    out = job.parent / f"run-kill-{moment}"
     proc = start_job(job, out)
     pid = rank_pid(victim, str(out))
-    time.sleep(delay)  # a random moment: during start-up, an epoch, or a checkpoint write
+    if moment == "start-up":
+        time.sleep(0.3)
+    else:
+        first_checkpoint(proc, out)
+        time.sleep(random.Random(victim).uniform(0.0, 0.5))
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:  # finished already (a fast machine): nothing was killed
         proc.communicate(timeout=60)
-        pytest.skip(f"the job ended before the kill at {delay:.1f}s")
+        pytest.skip(f"the job ended before the kill ({moment})")
     killed = time.monotonic()
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - killed < 30, "the job outlived a dead rank by 30 s"
     assert proc.returncode != 0
     assert f"rank {victim} failed first: killed by signal 9 (SIGKILL)" in err, err
+    progress = out / "stages" / "0-train" / "progress" / "manifest.json"
+    assert progress.exists() == (moment != "start-up"), "killed at another moment than planned"
     again = start_job(job, out)
     _, err = again.communicate(timeout=180)
     assert again.returncode == 0, err
