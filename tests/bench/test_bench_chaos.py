@@ -50,11 +50,16 @@ def test_chaos_one_worker_killed_loses_and_doubles_nothing(tmp_path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_bench_ps_replicas_measures_both_rates(tmp_path) -> None:
+@pytest.mark.parametrize("road", ["shm", "object-store"])
+def test_bench_ps_replicas_measures_both_rates(tmp_path, road) -> None:
+    """Both roads: the rates and their ratio; the shards' counts show the road that ran (the
+    option reached the workers, primaries and backups, not only the driver)."""
+    from distnet.parallel.ps import link  # noqa: PLC0415
+
     out = tmp_path / "ps.json"
     cmd = [sys.executable, "-m", "distnet.cli", "bench", "ps", "--workers", "2", "--shards",
            "2", "--replicas", "1,2", "--modes", "sync", "--rounds", "1", "--steps", "2",
-           "--json", str(out)]  # fmt: skip
+           "--road", road, "--json", str(out)]  # fmt: skip
     # the test's (load-scaled) timeout bounds it first
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -64,4 +69,21 @@ def test_bench_ps_replicas_measures_both_rates(tmp_path) -> None:
     assert all(len(v) == 1 and v[0] > 0 for v in rates.values()), rates
     ratio = r["replication"]["ratio"]["sync"]["ps-2x2"]
     assert ratio["median"] > 0 and len(r["replication"]["load_average"]) == 3
-    assert "replicated shards" in proc.stdout
+    assert "replicated shards" in proc.stdout and f"road {road}" in proc.stdout
+    seen = r["road"]
+    assert seen["road"] == road and seen["DISTNET_PS_SHM"] == ("0" if road != "shm" else "1")
+    # 2 workers x 2 shards x (warm-up + 1 round) x 2 steps pushes per server; the replicated
+    # server forwards every update (2 rounds x 2 steps per shard) to its backup
+    replicated = seen["servers"]["sync/ps-2x2"]
+    assert replicated["pushes"] == 16 and seen["servers"]["sync/ps-2"]["pushes"] == 16, seen
+    assert sum(replicated["forwards"].values()) == 8, seen
+    if road == "object-store":
+        assert seen["linked_pushes"] == 0 and seen["forwards"] == {"link": 0, "value": 8}, seen
+    elif link.enabled():  # x86-64 Linux with memfd: every push and forward by the road
+        assert seen["linked_pushes"] == 32 and seen["forwards"] == {"link": 8, "value": 0}, seen
+
+
+def test_bench_ps_road_is_checked() -> None:
+    cmd = [sys.executable, "-m", "distnet.cli", "bench", "ps", "--road", "tcp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--road" in proc.stderr, proc.stderr[-2000:]
