@@ -292,3 +292,48 @@ def test_a_death_while_the_group_is_set_up_is_one_more_lost_rank(ray_cluster, id
     for epoch, uses in counted.items():
         got = np.sort(np.array(list(uses.elements()), np.float32))
         np.testing.assert_array_equal(got, ids, f"epoch {epoch}")
+
+
+def test_the_chosen_survivor_dead_before_resuming_another_survivor_resumes(ray_cluster, ids_root):
+    """Rank 2 of 3 exits at step KILL_AT; rank 0, whose state the new group was to resume
+    from, exits as that group starts (before the stage resumed). Rank 1 kept its own state
+    after the same step: the third group resumes from it at the same step, not from the
+    epoch's checkpoint, and ends with the undisturbed run's parameters.
+
+    Regression: the survivors not chosen dropped their state at the first recovery, so the
+    second death sent the job back to the epoch's start (``distnet bench chaos``, sync: rank 2
+    killed, then rank 0 during the recovery: an epoch redone)."""
+    ps = {"mode": "sync", "shards": 2, "replicas": 1}
+    # a global batch of 48 (16 a rank): 28 steps an epoch, KILL_AT is in epoch 1
+    text = mlp_job(f"{ids_root}/ids/train", epochs=EPOCHS, data={"batch_size": 48})
+    (ids_root / "three.toml").write_text(text)
+
+    def run(name, **options):
+        job = load_job(ids_root / "three.toml", {"run": {"out": str(ids_root / name)}})
+        opts = RayOptions(workers=worker_specs(3), strategy="ps", ps=ps, **options)
+        return job, RayJob(opts, log=lambda line: None, task=run_rank).run(job)
+
+    undisturbed, _ = run("reserve-0")
+    log_dir = ids_root / "samples-reserve"
+    faults = [{"generation": 1, "rank": 2, "step": KILL_AT, "action": "exit"},
+              {"generation": 2, "rank": 0, "step": "start", "action": "exit"}]  # fmt: skip
+    killed, report = run("reserve-1", faults=faults, sample_log=str(log_dir))
+    assert report["generation"] == 3 and len(report["failures"]) == 2, report["failures"]
+    first, second = report["recoveries"]
+    assert first["lost"] == [2] and second["lost"] == [0], report["recoveries"]
+    assert first["mid_epoch"] and second["mid_epoch"], report["recoveries"]
+    assert second["resumed_at"] == first["resumed_at"], report["recoveries"]  # the same step
+    assert report["resumed_mid_epoch"] == [
+        {"stage": 0, "epoch": 1, "samples_seen": first["resumed_at"]["samples_seen"]}
+    ]
+    # generation 2 logged no step: counted as the chaos benchmark counts (every generation)
+    from distnet.bench.chaos_counts import epoch_samples  # noqa: PLC0415
+
+    counted = epoch_samples(log_dir, report["recoveries"], N)
+    ids = (np.arange(N, dtype=np.float32) + 1) / 10000
+    assert sorted(counted["epochs"]) == list(range(EPOCHS)) and counted["epochs_redone"] == 0
+    for epoch, uses in counted["epochs"].items():
+        got = np.sort(np.array(list(uses.elements()), np.float32))
+        np.testing.assert_array_equal(got, ids, f"epoch {epoch}")
+    want = flat(final_model(undisturbed, features=65))
+    np.testing.assert_allclose(flat(final_model(killed, features=65)), want, atol=1e-5)

@@ -149,7 +149,10 @@ def choose_carry(
 ) -> tuple[int, dict[str, Any]] | None:
     """Driver side: (rank, ``summary``) of the survivor whose carry the next run resumes from,
     rank 0's when it has one (it stays the writer of the run directory), else the furthest;
-    None when none has one or ``enabled`` is False. The other survivors drop theirs."""
+    None when none has one or ``enabled`` is False (every survivor then drops its carry). The
+    other survivors keep theirs until the next run has resumed (``Rank``): should the chosen
+    one die before that, the run after it resumes from one of them, not from the epoch's
+    checkpoint (a second death during a recovery; seen in ``distnet bench chaos``)."""
     import ray  # noqa: PLC0415
 
     survivors = [r for r in range(len(actors)) if r not in lost]
@@ -165,7 +168,7 @@ def choose_carry(
         far = lambda r: (infos[r]["stage"], infos[r]["epoch"], infos[r]["samples_seen"])  # noqa: E731
         rank = 0 if 0 in held else max(held, key=far)
         chosen = (rank, infos[rank])
-    drops = [actors[r].drop_carry.remote() for r in survivors if chosen is None or r != chosen[0]]
+    drops = [actors[r].drop_carry.remote() for r in survivors if chosen is None]
     try:  # before the next run starts there (actor calls may run concurrently)
         ray.get(drops, timeout=30)
     except ray.exceptions.RayError:

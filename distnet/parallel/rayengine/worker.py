@@ -128,7 +128,7 @@ class WorkerActor:
         return self.comm.replace_peer(rank, handle, after_seq)
 
     def drop_carry(self) -> None:
-        """Forgets the carry (the driver chose another, or none)."""
+        """Forgets the carry (the driver resumes from none: the epoch's checkpoint)."""
         self._carry.clear()
 
     def apply(self, fn: Any, *args: Any) -> Any:
