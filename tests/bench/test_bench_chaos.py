@@ -83,6 +83,41 @@ def test_bench_ps_replicas_measures_both_rates(tmp_path, road) -> None:
         assert seen["linked_pushes"] == 32 and seen["forwards"] == {"link": 8, "value": 0}, seen
 
 
+@pytest.mark.timeout(180)
+def test_chaos_targets_the_replicas_as_they_stand_after_a_promotion(ray_cluster) -> None:
+    """The killer's targets come from the warden: after shard 0's primary died, its promoted
+    backup is named the primary and the rebuilt replica the backup (regression: they came
+    from the server handle's own lists, which keep the replicas it was made with, so a
+    rebuilt replica was never a target and a promoted one was named a backup)."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import ray  # noqa: PLC0415
+    from helpers.ps_threads import make_server  # noqa: PLC0415
+
+    from distnet.bench.chaos_kill import shard_replicas  # noqa: PLC0415
+
+    ps = make_server("sync", 2)
+    try:
+        before = {(i, role): h._actor_id.hex() for i, role, h in shard_replicas(ps)}
+        assert sorted(before) == [(0, "backup"), (0, "primary"), (1, "backup"), (1, "primary")]
+        first = ps.replica_sets()[0]
+        os.kill(ray.get(first["primary"].ping.remote(), timeout=30), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # promoted (view + 1), then rebuilt (view + 2)
+            sets = ps.replica_sets()
+            if sets[0]["view"] >= first["view"] + 2 and sets[0]["ready"]:
+                break
+            time.sleep(0.1)
+        now = {(i, role): h._actor_id.hex() for i, role, h in shard_replicas(ps)}
+    finally:
+        ps.shutdown()
+    assert now[(0, "primary")] == before[(0, "backup")], (before, now)  # promoted
+    assert now[(0, "backup")] not in before.values(), (before, now)  # rebuilt
+    assert now[(1, "primary")] == before[(1, "primary")]
+
+
 def test_bench_ps_road_is_checked() -> None:
     cmd = [sys.executable, "-m", "distnet.cli", "bench", "ps", "--road", "tcp"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
