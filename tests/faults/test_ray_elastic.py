@@ -294,30 +294,48 @@ def test_a_death_while_the_group_is_set_up_is_one_more_lost_rank(ray_cluster, id
         np.testing.assert_array_equal(got, ids, f"epoch {epoch}")
 
 
-def test_the_chosen_survivor_dead_before_resuming_another_survivor_resumes(ray_cluster, ids_root):
-    """Rank 2 of 3 exits at step KILL_AT; rank 0, whose state the new group was to resume
-    from, exits as that group starts (before the stage resumed). Rank 1 kept its own state
-    after the same step: the third group resumes from it at the same step, not from the
-    epoch's checkpoint, and ends with the undisturbed run's parameters.
+class OwnCarryLost(RayJob):
+    """Rank 1 has no state of its own after the first loss (as when rank 0 ended the stage's
+    server before rank 1's shards' check could ask it): only the copy of rank 0's is left."""
 
-    Regression: the survivors not chosen dropped their state at the first recovery, so the
-    second death sent the job back to the epoch's start (``distnet bench chaos``, sync: rank 2
-    killed, then rank 0 during the recovery: an epoch redone)."""
+    def _recover(self, lost: list[int]) -> None:
+        if self.generation == 1:
+            ray.get(self.actors[1].drop_carry.remote(), timeout=30)
+        super()._recover(lost)
+
+
+@pytest.mark.parametrize("when", ["start", "resumed"])
+def test_the_chosen_survivor_dead_before_a_step_another_survivor_resumes(
+    ray_cluster, ids_root, when
+):
+    """Rank 2 of 3 exits at step KILL_AT; rank 0, whose state the new group resumes from,
+    exits as that group starts (``start``: rank 1 kept its own state after the same step), or
+    once the stage resumed from its state but before a step finished (``resumed``: rank 1
+    holds only the copy of rank 0's the driver handed it). The third group resumes from rank
+    1's at the same step, not from the epoch's checkpoint, and ends with the undisturbed
+    run's parameters.
+
+    Regression (``distnet bench chaos``, sync: rank 2 killed, then rank 0 during the recovery
+    or the resumed group's first step: an epoch redone): the survivors not chosen dropped
+    their state at the first recovery (or had none: rank 0 had ended the server their check
+    needed), and the chosen one dropped its own once the stage resumed, so a death before the
+    next finished step found no state to resume from."""
     ps = {"mode": "sync", "shards": 2, "replicas": 1}
     # a global batch of 48 (16 a rank): 28 steps an epoch, KILL_AT is in epoch 1
     text = mlp_job(f"{ids_root}/ids/train", epochs=EPOCHS, data={"batch_size": 48})
     (ids_root / "three.toml").write_text(text)
 
-    def run(name, **options):
+    def run(name, job_class=RayJob, **options):
         job = load_job(ids_root / "three.toml", {"run": {"out": str(ids_root / name)}})
         opts = RayOptions(workers=worker_specs(3), strategy="ps", ps=ps, **options)
-        return job, RayJob(opts, log=lambda line: None, task=run_rank).run(job)
+        return job, job_class(opts, log=lambda line: None, task=run_rank).run(job)
 
-    undisturbed, _ = run("reserve-0")
-    log_dir = ids_root / "samples-reserve"
+    undisturbed, _ = run(f"reserve-calm-{when}")
+    log_dir = ids_root / f"samples-reserve-{when}"
     faults = [{"generation": 1, "rank": 2, "step": KILL_AT, "action": "exit"},
-              {"generation": 2, "rank": 0, "step": "start", "action": "exit"}]  # fmt: skip
-    killed, report = run("reserve-1", faults=faults, sample_log=str(log_dir))
+              {"generation": 2, "rank": 0, "step": when, "action": "exit"}]  # fmt: skip
+    job_class = OwnCarryLost if when == "resumed" else RayJob
+    killed, report = run(f"reserve-{when}", job_class, faults=faults, sample_log=str(log_dir))
     assert report["generation"] == 3 and len(report["failures"]) == 2, report["failures"]
     first, second = report["recoveries"]
     assert first["lost"] == [2] and second["lost"] == [0], report["recoveries"]

@@ -61,8 +61,8 @@ class RayRankEngine(EngineBase):
         # mid-epoch resume (see distnet.parallel.rayengine.resume)
         box = spec.get("carry_box")
         carry = box.pop("carry", None) if box is not None else None
-        # rank 0 resumes from its carry; the other survivors keep theirs until the stage has
-        # resumed, so that the next group resumes from one when rank 0 dies before that
+        # rank 0 resumes from its carry; every survivor keeps its own until a step past it
+        # finished, so that the next group resumes from one when rank 0 dies before that
         self.carry = carry if spec.get("resume") else None
         self._box = box
         self._current: tuple[Any, Any] | None = None  # the stage's optimiser wrapper, loader
@@ -155,7 +155,7 @@ class RayRankEngine(EngineBase):
             return epoch
         if epoch is None:
             return start
-        self.carry = None
+        self._faults_at("resumed")  # the carry applied, no step finished since
         self.resumed.append(
             {"stage": ctx.index, "epoch": epoch, "samples_seen": int(loader.samples_seen)}
         )
@@ -182,6 +182,7 @@ class RayRankEngine(EngineBase):
             self._box["carry"] = carry if carry is not None else self.carry
 
     def _on_step(self, loader: Any) -> None:
+        self.carry = None  # a step past it: a death from now on leaves a fresher state
         self.steps += 1
         self._stage_steps += 1
         if self._mark_ok:  # once the noted loader stood still, it is not the stage's
@@ -197,7 +198,7 @@ class RayRankEngine(EngineBase):
 
     def _faults_at(self, step: int | str) -> None:
         """Injects this rank's faults of ``spec["faults"]`` (tests) noted for ``step``: a step
-        number, or ``"start"`` (the job's start, before its first collective)."""
+        number, ``"start"`` (before the job's first collective), ``"resumed"`` (carry applied)."""
         for fault in self.spec.get("faults") or []:
             if fault["step"] == step:
                 self._inject(fault)
