@@ -4,8 +4,9 @@ again.
 
 Targets, found through the actors' own reports: a worker other than rank 0 and rank 0 (the
 driver's actors, ``WorkerActor.info`` gives the pid), a shard replica (the job's
-``ShardKeeper`` holds the servers; every shard actor's ``ping`` gives its pid: primaries,
-backups, unreplicated shards alike). Progress is read from the workers' sample logs (one
+``ShardKeeper`` holds the servers, a replicated server's warden the replicas as they stand
+now, rebuilt ones included; every shard actor's ``ping`` gives its pid: primaries, backups,
+unreplicated shards alike). Progress is read from the workers' sample logs (one
 line per finished step, with its time): after a kill, ``first_step_s`` is the time until any
 worker finished a step, ``recovery_s`` until every rank of the group had (the killed one's
 replacement too), which is when the job trains at full strength again.
@@ -25,18 +26,24 @@ from typing import Any
 KINDS = ("worker", "shard", "rank0")
 
 
-def keeper_shards(keeper: Any) -> list[tuple[int, str, Any]]:
-    """Runs in the keeper actor (``__ray_call__``): (shard index, role, handle) of every shard
-    actor of its newest server (the running stage's): the serving ones, then their backups."""
-    if not keeper.servers:
-        return []
-    server = keeper.servers[-1]
-    out = []
-    for i, handle in enumerate(server.shards):
-        role = "primary" if server.backups[i] else "single"
-        out.append((i, role, handle))
-        out += [(i, "backup", b) for b in server.backups[i]]
-    return out
+def keeper_server(keeper: Any) -> Any:
+    """Runs in the keeper actor (``__ray_call__``): the handle of its newest server (the
+    running stage's), or None."""
+    return keeper.servers[-1] if keeper.servers else None
+
+
+def shard_replicas(server: Any, timeout_s: float = 10.0) -> list[tuple[int, str, Any]]:
+    """(shard index, role, handle) of every shard actor of ``server`` as it stands now: with
+    replicas, the warden's replica sets (a promoted backup is the primary, a rebuilt replica
+    the backup; the handle's own lists keep the replicas it was made with); else each shard
+    ("single")."""
+    import ray  # noqa: PLC0415
+
+    if server.warden is None:
+        return [(i, "single", handle) for i, handle in enumerate(server.shards)]
+    sets = ray.get(server.warden.replica_sets.remote(server.token), timeout=timeout_s)
+    return [(i, role, s[role]) for i, s in enumerate(sets) for role in ("primary", "backup")
+            if s[role] is not None]  # fmt: skip
 
 
 class ProgressWatch:
@@ -122,7 +129,8 @@ class ChaosMonkey(threading.Thread):
         if keeper is None:
             return []
         try:
-            shards = ray.get(keeper.__ray_call__.remote(keeper_shards), timeout=10)
+            server = ray.get(keeper.__ray_call__.remote(keeper_server), timeout=10)
+            shards = [] if server is None else shard_replicas(server)
         except Exception:  # noqa: BLE001 (the keeper busy or gone: no shard target now)
             return []
         live = []

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from distnet.bench.ps_replicas import replica_contenders, replication_report
+from distnet.bench.ps_replicas import ROADS, replica_contenders, replication_report, road_seen
 
 MLP = (784, 1000, 1000, 1000, 10)
 
@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replicas", default="1", help="replicas per shard, e.g. 1,2 (ps_replicas.py)"
     )
+    parser.add_argument(
+        "--road", choices=list(ROADS), default="shm",
+        help="object-store: every array by value (DISTNET_PS_SHM=0), as between nodes",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     parser.add_argument("--steps", type=int, default=8, help="steps per worker and round")
     parser.add_argument(
@@ -285,7 +289,9 @@ def run(args: argparse.Namespace) -> int:
         print("distnet bench ps: --replicas takes 1 and 2 (1 is the ratio's base)", file=sys.stderr)
         return 2
     shapes = layer_shapes()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    # the road reaches every actor of the job (shards, backups, workers) through its env
+    road = {"env_vars": {"DISTNET_PS_SHM": ROADS[args.road]}}
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env=road)
     try:
         base_server = ray.remote(num_cpus=0)(BaselineServer).remote(shapes, 1e-3)
         base_workers = [
@@ -328,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
                     rates.setdefault(mode, {}).setdefault(name, []).append(rate)
             last = [f"{m}/{n} {v[-1]:.2f}/s" for m, d in rates.items() for n, v in d.items()]
             print(f"round {rnd}: " + ", ".join(last), flush=True)
+        seen = road_seen(args.road, servers)
         for ps in servers.values():
             ps.shutdown()
         for w in [base_server, *base_workers, *ps_workers]:
@@ -336,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     result = _report(args, rates, shard_counts, modes)
+    result["road"] = seen
     if len(replicas) > 1:
         result["replication"] = replication_report(rates, shard_counts, modes)
     if step is not None:

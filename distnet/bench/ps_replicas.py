@@ -7,6 +7,16 @@ per-round rates ``ps-SxR / ps-S`` (and its spread), with the load average of the
 the rounds ended (one node: every replica on it).
 
     distnet bench ps --workers 4 --shards 2 --replicas 1,2 --json ps-replicas.json
+
+On one node a backup reads the gradient its primary stepped on from the primary's memfd file,
+as shards read workers' gradients (the same-node road, ``distnet/parallel/ps/link.py``).
+Between nodes every array goes by value through Ray's object store: ``--road object-store``
+runs the whole job so (``DISTNET_PS_SHM=0`` in every actor's environment), which measures the
+cross-node data path on one host; a real network adds the bytes' transfer time on top. The
+JSON's ``road`` says which road ran, counted on the shards: pushes that came by the road,
+updates forwarded to a backup by the road or by value.
+
+    distnet bench ps --workers 4 --shards 2 --replicas 1,2 --road object-store
 """
 
 from __future__ import annotations
@@ -14,6 +24,31 @@ from __future__ import annotations
 import os
 import statistics
 from typing import Any
+
+ROADS = {"shm": "1", "object-store": "0"}  # --road: the value of DISTNET_PS_SHM
+
+
+def road_seen(road: str, servers: dict[str, Any]) -> dict[str, Any]:
+    """Which road the rounds took, counted on every server's shards (``servers``: contender
+    key -> ``ParameterServer``): pushes that came through the same-node road, updates a primary
+    forwarded to its backup by the road or by value; printed and returned."""
+    linked, forwards = 0, {"link": 0, "value": 0}
+    per_server: dict[str, Any] = {}
+    for key, ps in servers.items():
+        shards = ps.stats()["shards"]
+        mine = {"linked_pushes": sum(sum(s["linked_pushes"]) for s in shards),
+                "pushes": sum(sum(s["pushes_received"]) for s in shards),
+                "forwards": {k: sum(s["replica_forwards"][k] for s in shards)
+                             for k in forwards}}  # fmt: skip
+        linked += mine["linked_pushes"]
+        for k in forwards:
+            forwards[k] += mine["forwards"][k]
+        per_server[key] = mine
+    print(f"  road {road} (DISTNET_PS_SHM={ROADS[road]}): {linked} pushes by the same-node "
+          f"road; updates forwarded to backups: {forwards['link']} by the road, "
+          f"{forwards['value']} by value")  # fmt: skip
+    return {"road": road, "DISTNET_PS_SHM": ROADS[road], "linked_pushes": linked,
+            "forwards": forwards, "servers": per_server}  # fmt: skip
 
 
 def replica_contenders(shard_counts: list[int], replicas: list[int]) -> list[tuple[int, int, str]]:

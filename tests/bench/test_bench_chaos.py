@@ -52,11 +52,16 @@ def test_chaos_one_worker_killed_loses_and_doubles_nothing(tmp_path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_bench_ps_replicas_measures_both_rates(tmp_path) -> None:
+@pytest.mark.parametrize("road", ["shm", "object-store"])
+def test_bench_ps_replicas_measures_both_rates(tmp_path, road) -> None:
+    """Both roads: the rates and their ratio; the shards' counts show the road that ran (the
+    option reached the workers, primaries and backups, not only the driver)."""
+    from distnet.parallel.ps import link  # noqa: PLC0415
+
     out = tmp_path / "ps.json"
     cmd = [sys.executable, "-m", "distnet.cli", "bench", "ps", "--workers", "2", "--shards",
            "2", "--replicas", "1,2", "--modes", "sync", "--rounds", "1", "--steps", "2",
-           "--json", str(out)]  # fmt: skip
+           "--road", road, "--json", str(out)]  # fmt: skip
     # the test's (load-scaled) timeout bounds it first
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -66,4 +71,56 @@ def test_bench_ps_replicas_measures_both_rates(tmp_path) -> None:
     assert all(len(v) == 1 and v[0] > 0 for v in rates.values()), rates
     ratio = r["replication"]["ratio"]["sync"]["ps-2x2"]
     assert ratio["median"] > 0 and len(r["replication"]["load_average"]) == 3
-    assert "replicated shards" in proc.stdout
+    assert "replicated shards" in proc.stdout and f"road {road}" in proc.stdout
+    seen = r["road"]
+    assert seen["road"] == road and seen["DISTNET_PS_SHM"] == ("0" if road != "shm" else "1")
+    # 2 workers x 2 shards x (warm-up + 1 round) x 2 steps pushes per server; the replicated
+    # server forwards every update (2 rounds x 2 steps per shard) to its backup
+    replicated = seen["servers"]["sync/ps-2x2"]
+    assert replicated["pushes"] == 16 and seen["servers"]["sync/ps-2"]["pushes"] == 16, seen
+    assert sum(replicated["forwards"].values()) == 8, seen
+    if road == "object-store":
+        assert seen["linked_pushes"] == 0 and seen["forwards"] == {"link": 0, "value": 8}, seen
+    elif link.enabled():  # x86-64 Linux with memfd: every push and forward by the road
+        assert seen["linked_pushes"] == 32 and seen["forwards"] == {"link": 8, "value": 0}, seen
+
+
+@pytest.mark.timeout(180)
+def test_chaos_targets_the_replicas_as_they_stand_after_a_promotion(ray_cluster) -> None:
+    """The killer's targets come from the warden: after shard 0's primary died, its promoted
+    backup is named the primary and the rebuilt replica the backup (regression: they came
+    from the server handle's own lists, which keep the replicas it was made with, so a
+    rebuilt replica was never a target and a promoted one was named a backup)."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import ray  # noqa: PLC0415
+    from helpers.ps_threads import make_server  # noqa: PLC0415
+
+    from distnet.bench.chaos_kill import shard_replicas  # noqa: PLC0415
+
+    ps = make_server("sync", 2)
+    try:
+        before = {(i, role): h._actor_id.hex() for i, role, h in shard_replicas(ps)}
+        assert sorted(before) == [(0, "backup"), (0, "primary"), (1, "backup"), (1, "primary")]
+        first = ps.replica_sets()[0]
+        os.kill(ray.get(first["primary"].ping.remote(), timeout=30), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # promoted (view + 1), then rebuilt (view + 2)
+            sets = ps.replica_sets()
+            if sets[0]["view"] >= first["view"] + 2 and sets[0]["ready"]:
+                break
+            time.sleep(0.1)
+        now = {(i, role): h._actor_id.hex() for i, role, h in shard_replicas(ps)}
+    finally:
+        ps.shutdown()
+    assert now[(0, "primary")] == before[(0, "backup")], (before, now)  # promoted
+    assert now[(0, "backup")] not in before.values(), (before, now)  # rebuilt
+    assert now[(1, "primary")] == before[(1, "primary")]
+
+
+def test_bench_ps_road_is_checked() -> None:
+    cmd = [sys.executable, "-m", "distnet.cli", "bench", "ps", "--road", "tcp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--road" in proc.stderr, proc.stderr[-2000:]

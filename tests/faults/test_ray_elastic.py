@@ -292,3 +292,66 @@ def test_a_death_while_the_group_is_set_up_is_one_more_lost_rank(ray_cluster, id
     for epoch, uses in counted.items():
         got = np.sort(np.array(list(uses.elements()), np.float32))
         np.testing.assert_array_equal(got, ids, f"epoch {epoch}")
+
+
+class OwnCarryLost(RayJob):
+    """Rank 1 has no state of its own after the first loss (as when rank 0 ended the stage's
+    server before rank 1's shards' check could ask it): only the copy of rank 0's is left."""
+
+    def _recover(self, lost: list[int]) -> None:
+        if self.generation == 1:
+            ray.get(self.actors[1].drop_carry.remote(), timeout=30)
+        super()._recover(lost)
+
+
+@pytest.mark.parametrize("when", ["start", "resumed"])
+def test_the_chosen_survivor_dead_before_a_step_another_survivor_resumes(
+    ray_cluster, ids_root, when
+):
+    """Rank 2 of 3 exits at step KILL_AT; rank 0, whose state the new group resumes from,
+    exits as that group starts (``start``: rank 1 kept its own state after the same step), or
+    once the stage resumed from its state but before a step finished (``resumed``: rank 1
+    holds only the copy of rank 0's the driver handed it). The third group resumes from rank
+    1's at the same step, not from the epoch's checkpoint, and ends with the undisturbed
+    run's parameters.
+
+    Regression (``distnet bench chaos``, sync: rank 2 killed, then rank 0 during the recovery
+    or the resumed group's first step: an epoch redone): the survivors not chosen dropped
+    their state at the first recovery (or had none: rank 0 had ended the server their check
+    needed), and the chosen one dropped its own once the stage resumed, so a death before the
+    next finished step found no state to resume from."""
+    ps = {"mode": "sync", "shards": 2, "replicas": 1}
+    # a global batch of 48 (16 a rank): 28 steps an epoch, KILL_AT is in epoch 1
+    text = mlp_job(f"{ids_root}/ids/train", epochs=EPOCHS, data={"batch_size": 48})
+    (ids_root / "three.toml").write_text(text)
+
+    def run(name, job_class=RayJob, **options):
+        job = load_job(ids_root / "three.toml", {"run": {"out": str(ids_root / name)}})
+        opts = RayOptions(workers=worker_specs(3), strategy="ps", ps=ps, **options)
+        return job, job_class(opts, log=lambda line: None, task=run_rank).run(job)
+
+    undisturbed, _ = run(f"reserve-calm-{when}")
+    log_dir = ids_root / f"samples-reserve-{when}"
+    faults = [{"generation": 1, "rank": 2, "step": KILL_AT, "action": "exit"},
+              {"generation": 2, "rank": 0, "step": when, "action": "exit"}]  # fmt: skip
+    job_class = OwnCarryLost if when == "resumed" else RayJob
+    killed, report = run(f"reserve-{when}", job_class, faults=faults, sample_log=str(log_dir))
+    assert report["generation"] == 3 and len(report["failures"]) == 2, report["failures"]
+    first, second = report["recoveries"]
+    assert first["lost"] == [2] and second["lost"] == [0], report["recoveries"]
+    assert first["mid_epoch"] and second["mid_epoch"], report["recoveries"]
+    assert second["resumed_at"] == first["resumed_at"], report["recoveries"]  # the same step
+    assert report["resumed_mid_epoch"] == [
+        {"stage": 0, "epoch": 1, "samples_seen": first["resumed_at"]["samples_seen"]}
+    ]
+    # generation 2 logged no step: counted as the chaos benchmark counts (every generation)
+    from distnet.bench.chaos_counts import epoch_samples  # noqa: PLC0415
+
+    counted = epoch_samples(log_dir, report["recoveries"], N)
+    ids = (np.arange(N, dtype=np.float32) + 1) / 10000
+    assert sorted(counted["epochs"]) == list(range(EPOCHS)) and counted["epochs_redone"] == 0
+    for epoch, uses in counted["epochs"].items():
+        got = np.sort(np.array(list(uses.elements()), np.float32))
+        np.testing.assert_array_equal(got, ids, f"epoch {epoch}")
+    want = flat(final_model(undisturbed, features=65))
+    np.testing.assert_allclose(flat(final_model(killed, features=65)), want, atol=1e-5)

@@ -20,16 +20,16 @@ def make_model() -> Any:
     return Sequential(Dense(64, 48, activation="relu"), Dense(48, 10))
 
 
-def make_server(mode: str, replicas: int) -> Any:
+def make_server(mode: str, replicas: int, **options: Any) -> Any:
     """A ``ParameterServer`` of 2 shards over ``make_model()``'s parameters, Adam on the
-    shards, 2 workers."""
+    shards, 2 workers; ``options``: more of ``ParameterServer.create``'s (``placement``)."""
     from distnet.optim import Adam  # noqa: PLC0415
     from distnet.parallel.ps import ParameterServer  # noqa: PLC0415
 
     flat = Adam(make_model(), lr=0.01).flat_params.copy()
     return ParameterServer.create(
         flat, shards=2, mode=mode, num_workers=2, optimizer={"name": "adam", "lr": 0.01},
-        replicas=replicas, timeout_s=10, retries=4,
+        replicas=replicas, timeout_s=10, retries=4, **options,
     )  # fmt: skip
 
 
@@ -39,10 +39,12 @@ def push_fixed_gradients(
     before_step: Callable[[int, int], None] | None = None,
     pace_s: float = 0.0,
     timeout_s: float = 90.0,
+    after_step: Callable[[int, int], None] | None = None,
 ) -> dict[int, Any]:
     """Two workers (threads) push ``steps`` fixed gradients each (worker k, step t: its own
     seeded draw, shape ``(ps.size,)``), ``pace_s`` apart; ``before_step(k, t)`` runs before
-    each push. Returns each worker's acknowledged pushes; fails on any error or hang."""
+    each push, ``after_step(k, t)`` once it was acknowledged. Returns each worker's
+    acknowledged pushes; fails on any error or hang."""
     from distnet.optim import Adam  # noqa: PLC0415
     from distnet.parallel.ps import ParameterServerOptimizer  # noqa: PLC0415
 
@@ -58,6 +60,8 @@ def push_fixed_gradients(
                 if before_step is not None:
                     before_step(k, t)
                 opt.step()
+                if after_step is not None:
+                    after_step(k, t)
                 time.sleep(pace_s)
             acks[k] = opt.acknowledged()[1]
         except Exception as e:  # noqa: BLE001 (reported by the test)

@@ -47,7 +47,7 @@ from distnet.parallel.rayengine.options import (
     start_ray,
 )
 from distnet.parallel.rayengine.placement import WorkerPlacement
-from distnet.parallel.rayengine.resume import choose_carry
+from distnet.parallel.rayengine.resume import choose_carry, share_carry
 from distnet.parallel.rayengine.stallwatch import RayStallWatch
 from distnet.parallel.rayengine.standin import outage_steps, replace_in_place
 
@@ -262,6 +262,8 @@ class RayJob(WorkerPlacement):
             )
         started = time.perf_counter()
         holder = choose_carry(self.actors, lost, self.opt.mid_epoch_resume)
+        if holder is not None:  # a copy for the others: the holder may die before a step
+            share_carry(self.actors, lost, holder[0])
         if self.keeper is not None:  # the carry is taken: the next group gets a new server
             try:
                 ray.get(self.keeper.shutdown_all.remote(), timeout=30)

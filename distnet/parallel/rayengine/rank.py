@@ -19,13 +19,7 @@ from distnet.parallel.ps.ledger import check_ledgers
 from distnet.parallel.ps.warden import compare_replicas
 from distnet.parallel.rayengine.comm import RayCommunicator
 from distnet.parallel.rayengine.mailbox import JoinFailed
-from distnet.parallel.rayengine.resume import (
-    StepMark,
-    apply_carry,
-    capture,
-    note_step,
-    summary,
-)
+from distnet.parallel.rayengine.resume import StepMark, apply_carry, capture, note_step, summary
 from distnet.parallel.rayengine.samplelog import SampleLog
 from distnet.parallel.rayengine.standin import JoinRecord, enter_stage
 from distnet.parallel.shares import BatchSplit, ThroughputShares
@@ -67,7 +61,9 @@ class RayRankEngine(EngineBase):
         # mid-epoch resume (see distnet.parallel.rayengine.resume)
         box = spec.get("carry_box")
         carry = box.pop("carry", None) if box is not None else None
-        self.carry = carry if spec.get("resume") and comm.rank == 0 else None
+        # rank 0 resumes from its carry; every survivor keeps its own until a step past it
+        # finished, so that the next group resumes from one when rank 0 dies before that
+        self.carry = carry if spec.get("resume") else None
         self._box = box
         self._current: tuple[Any, Any] | None = None  # the stage's optimiser wrapper, loader
         self._stage_index: int | None = None
@@ -98,6 +94,7 @@ class RayRankEngine(EngineBase):
         self.dist = {**job["dist"], "strategy": self.spec.get("strategy", "allreduce"),
                      **{k: ps[k] for k in ("mode", "staleness", "shards") if k in ps}}  # fmt: skip
         self._start_logging(log)
+        self._faults_at("start")  # before the job's first collective
 
     def place(self, model: Any, device: str) -> str:
         """This worker's device (the driver's spec, else the job's), the model placed there."""
@@ -158,7 +155,7 @@ class RayRankEngine(EngineBase):
             return epoch
         if epoch is None:
             return start
-        self.carry = None
+        self._faults_at("resumed")  # the carry applied, no step finished since
         self.resumed.append(
             {"stage": ctx.index, "epoch": epoch, "samples_seen": int(loader.samples_seen)}
         )
@@ -185,6 +182,7 @@ class RayRankEngine(EngineBase):
             self._box["carry"] = carry if carry is not None else self.carry
 
     def _on_step(self, loader: Any) -> None:
+        self.carry = None  # a step past it: a death from now on leaves a fresher state
         self.steps += 1
         self._stage_steps += 1
         if self._mark_ok:  # once the noted loader stood still, it is not the stage's
@@ -196,8 +194,13 @@ class RayRankEngine(EngineBase):
             self.sample_log.step_done(loader.epoch, self.steps)
         if self.spec.get("fail_at_step") == self.steps:
             os._exit(17)  # a worker dying hard, as a lost node does (fault-injection tests)
+        self._faults_at(self.steps)
+
+    def _faults_at(self, step: int | str) -> None:
+        """Injects this rank's faults of ``spec["faults"]`` (tests) noted for ``step``: a step
+        number, ``"start"`` (before the job's first collective), ``"resumed"`` (carry applied)."""
         for fault in self.spec.get("faults") or []:
-            if fault["step"] == self.steps:
+            if fault["step"] == step:
                 self._inject(fault)
 
     def _inject(self, fault: dict[str, Any]) -> None:

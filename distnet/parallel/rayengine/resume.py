@@ -149,7 +149,10 @@ def choose_carry(
 ) -> tuple[int, dict[str, Any]] | None:
     """Driver side: (rank, ``summary``) of the survivor whose carry the next run resumes from,
     rank 0's when it has one (it stays the writer of the run directory), else the furthest;
-    None when none has one or ``enabled`` is False. The other survivors drop theirs."""
+    None when none has one or ``enabled`` is False (every survivor then drops its carry). The
+    other survivors keep theirs until the next run finished a step past it (``Rank``): should
+    the chosen one die before that, the run after it resumes from one of them, not from the
+    epoch's checkpoint (a second death during a recovery; seen in ``distnet bench chaos``)."""
     import ray  # noqa: PLC0415
 
     survivors = [r for r in range(len(actors)) if r not in lost]
@@ -165,9 +168,26 @@ def choose_carry(
         far = lambda r: (infos[r]["stage"], infos[r]["epoch"], infos[r]["samples_seen"])  # noqa: E731
         rank = 0 if 0 in held else max(held, key=far)
         chosen = (rank, infos[rank])
-    drops = [actors[r].drop_carry.remote() for r in survivors if chosen is None or r != chosen[0]]
+    drops = [actors[r].drop_carry.remote() for r in survivors if chosen is None]
     try:  # before the next run starts there (actor calls may run concurrently)
         ray.get(drops, timeout=30)
     except ray.exceptions.RayError:
         pass  # a survivor that cannot answer will not be rank 0 of the next group
     return chosen
+
+
+def share_carry(actors: list[Any], lost: list[int], chosen: int) -> None:
+    """Driver side: every other survivor without a carry of its own gets a copy of survivor
+    ``chosen``'s (bounded wait). Its own capture may have failed: in sync ps rank 0 ends the
+    stage's server right after taking its carry, and a survivor whose shards' check came later
+    found no server to ask (seen in ``distnet bench chaos``). The loader state in a carry is
+    the whole group's (``apply_carry`` hands rank 0's to every rank), so any survivor can be
+    the next rank 0 with it."""
+    import ray  # noqa: PLC0415
+
+    ref = actors[chosen].carry_copy.remote()
+    others = [a for r, a in enumerate(actors) if r not in lost and r != chosen]
+    try:
+        ray.get([a.keep_carry.remote(ref) for a in others], timeout=60)
+    except ray.exceptions.RayError:
+        pass  # a survivor that cannot take it will not resume from it

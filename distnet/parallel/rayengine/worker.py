@@ -127,8 +127,18 @@ class WorkerActor:
             return 0
         return self.comm.replace_peer(rank, handle, after_seq)
 
+    def carry_copy(self) -> dict[str, Any] | None:
+        """The carry a failed run left here (the driver hands it to the other survivors)."""
+        return self._carry.get("carry")
+
+    def keep_carry(self, carry: dict[str, Any] | None) -> None:
+        """Keeps ``carry`` (the one the next run resumes from, another survivor's) when this
+        worker holds none of its own, in case that survivor dies before a step past it."""
+        if carry is not None:
+            self._carry.setdefault("carry", carry)
+
     def drop_carry(self) -> None:
-        """Forgets the carry (the driver chose another, or none)."""
+        """Forgets the carry (the driver resumes from none: the epoch's checkpoint)."""
         self._carry.clear()
 
     def apply(self, fn: Any, *args: Any) -> Any:
