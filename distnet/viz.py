@@ -52,6 +52,14 @@ def _save(grid: np.ndarray, path: str | os.PathLike, cmap: str, scale: int) -> t
     return grid.shape  # type: ignore[return-value]
 
 
+def grey_tiles(
+    images: np.ndarray, path: str | os.PathLike, ncols: int, pad: int = 1, scale: int = 4
+) -> tuple[int, int]:
+    """Writes (n, h, w) images, values clipped to [0, 1], as one grey PNG grid of ``ncols``
+    tiles a row, each value a ``scale`` x ``scale`` block. Returns (height, width) in px."""
+    return _save(_tile(np.clip(images, 0.0, 1.0), ncols, pad), path, "gray", scale)
+
+
 def normalised_filters(weights: Any) -> np.ndarray:
     """Each hidden unit's input that maximally activates it under ||x||_2 <= 1.
 

@@ -82,7 +82,8 @@ class RayOptions:
     # fault injection (tests): {"generation", "rank", "step", "action": "exit" | "sigkill" |
     # "raise" | "kill_shard", "shard", "delay_s"}: at that step of that generation the rank
     # exits, SIGKILLs its own process, raises a RuntimeError, or SIGKILLs the stage's
-    # parameter-server shard after delay_s (a timer: mid-way through the next step)
+    # parameter-server shard after delay_s (a timer: mid-way through the next step); step may
+    # also be "start" (before the job's first collective) or "resumed" (the carry applied)
     faults: list[dict[str, Any]] = field(default_factory=list)
     sample_log: str | None = None  # directory (tests)
     ray_init: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments

@@ -61,8 +61,7 @@ class RayRankEngine(EngineBase):
         # mid-epoch resume (see distnet.parallel.rayengine.resume)
         box = spec.get("carry_box")
         carry = box.pop("carry", None) if box is not None else None
-        # rank 0 resumes from its carry; every survivor keeps its own until a step past it
-        # finished, so that the next group resumes from one when rank 0 dies before that
+        # rank 0 resumes from it; each survivor keeps its own till a step past it (rank 0 may die)
         self.carry = carry if spec.get("resume") else None
         self._box = box
         self._current: tuple[Any, Any] | None = None  # the stage's optimiser wrapper, loader
@@ -197,8 +196,7 @@ class RayRankEngine(EngineBase):
         self._faults_at(self.steps)
 
     def _faults_at(self, step: int | str) -> None:
-        """Injects this rank's faults of ``spec["faults"]`` (tests) noted for ``step``: a step
-        number, ``"start"`` (before the job's first collective), ``"resumed"`` (carry applied)."""
+        """Injects ``spec["faults"]`` (tests) noted for ``step``: a number, "start", "resumed"."""
         for fault in self.spec.get("faults") or []:
             if fault["step"] == step:
                 self._inject(fault)

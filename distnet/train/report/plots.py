@@ -1,4 +1,4 @@
-"""The report's pictures, drawn with matplotlib's Agg backend into PNG bytes.
+"""The report's pictures, drawn with matplotlib (bare ``Figure``s saved through Agg) as PNG.
 
 Each ``plot_*`` takes plain data (lists and dicts, as gathered by ``page``) and
 returns PNG bytes; nothing here reads files, so each picture can be tested on its own.
@@ -16,20 +16,40 @@ COLORS = {"compute": "#4c72b0", "communication": "#dd8452", "input wait": "#55a8
           "waiting for others": "#c44e52", "checkpoint": "#8172b3"}  # fmt: skip
 
 
-def _pyplot() -> Any:
-    import matplotlib  # noqa: PLC0415
+class _Figures:
+    """The little of pyplot the pictures use, without pyplot: its import and its registry of
+    open figures cost a process ~0.3 s and a figure here is never shown, only saved."""
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot as plt  # noqa: PLC0415
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, *, figsize: Any = None, **kw: Any) -> Any:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+        from matplotlib.figure import Figure  # noqa: PLC0415
 
-    return plt
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)  # its canvas: draws and saves through Agg
+        return fig, fig.subplots(nrows, ncols, **kw)
+
+    @staticmethod
+    def Line2D(*args: Any, **kw: Any) -> Any:  # noqa: N802  (pyplot's name)
+        from matplotlib.lines import Line2D  # noqa: PLC0415
+
+        return Line2D(*args, **kw)
+
+    @staticmethod
+    def Rectangle(*args: Any, **kw: Any) -> Any:  # noqa: N802  (pyplot's name)
+        from matplotlib.patches import Rectangle  # noqa: PLC0415
+
+        return Rectangle(*args, **kw)
+
+
+def _pyplot() -> _Figures:
+    return _Figures()
 
 
 def png_bytes(fig: Any) -> bytes:
-    """The figure as PNG bytes (then closed)."""
+    """The figure as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -247,10 +267,13 @@ def plot_timeline(events: list[dict[str, Any]], seconds: float = 0.25) -> bytes:
 def draw_layer_reconstructions(model: Any, k: int, x: np.ndarray, out: str | Path) -> str | None:
     """``out/reconstructions-layer<k>.png``: 16 of layer k's inputs (codes of layers < k
     of ``x`` (N, n_in)) above their reconstructions by autoencoder k; square inputs as
-    images, others as one row of pixels per sample. None for a model with no autoencoders."""
+    images (inputs in the top row), others as one row of pixels per sample (inputs on the
+    left, reconstructions on the right). Grey, values clipped to [0, 1], written straight to
+    PNG (``viz``: 0.03 s where 32 matplotlib axes took 1 s). None for a model with no
+    autoencoders."""
     if not hasattr(model, "autoencoders"):
         return None
-    from distnet import backend  # noqa: PLC0415
+    from distnet import backend, viz  # noqa: PLC0415
 
     ae = model.autoencoders[k]
     codes = model.encode(x[:16], k) if k else x[:16]
@@ -259,21 +282,9 @@ def draw_layer_reconstructions(model: Any, k: int, x: np.ndarray, out: str | Pat
     codes = np.asarray(backend.to_device(codes, "cpu"), np.float64)
     recon = np.asarray(backend.to_device(recon, "cpu"), np.float64)
     side = int(round(codes.shape[1] ** 0.5))
-    plt = _pyplot()
-    if side * side == codes.shape[1]:
-        fig, axes = plt.subplots(2, len(codes), figsize=(0.6 * len(codes), 1.4))
-        for j in range(len(codes)):
-            for row, data in enumerate((codes, recon)):
-                axes[row, j].imshow(data[j].reshape(side, side), cmap="gray", vmin=0, vmax=1)
-                axes[row, j].set_axis_off()
-    else:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 2.4))
-        for ax, data, title in zip(axes, (codes, recon), ("input", "reconstruction"), strict=True):
-            ax.imshow(data, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("unit")
-            ax.set_ylabel("sample")
-    fig.suptitle(f"layer {k}: inputs (top/left) and reconstructions", fontsize=9, y=1.06)
     path = Path(out) / f"reconstructions-layer{k}.png"
-    path.write_bytes(png_bytes(fig))
+    if side * side == codes.shape[1]:
+        viz.reconstruction_grid(codes, recon, (side, side), path, n=len(codes))
+    else:  # (samples, units) beside (samples, units)
+        viz.grey_tiles(np.stack([codes, recon]), path, ncols=2, pad=2, scale=4)
     return str(path)
