@@ -42,7 +42,9 @@ def test_mlp_job_trains_in_one_process_and_resumes(job_dir, capsys):
     path = write_job(job_dir / "mlp.toml", MLP_JOB.format(batch=32))
     out = job_dir / "run-local"
     assert cli.main(["train", str(path), "--out", str(out)]) == 0
-    assert "[stage 1/1] train: done" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[stage 1/1] train: done" in printed
+    assert f"report: {out / 'report.html'}" in printed and (out / "report.html").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["workers"] == 1 and report["engine"] == "LocalCommunicator"
     assert report["test_accuracy"] >= 0.93
@@ -50,6 +52,22 @@ def test_mlp_job_trains_in_one_process_and_resumes(job_dir, capsys):
     assert (out / "filters-final.png").exists()
     assert cli.main(["train", str(path), "--out", str(out)]) == 0
     assert "train: done, skipped" in capsys.readouterr().out
+
+
+def test_without_the_page_a_run_keeps_its_records_and_distnet_report_draws_it(job_dir, capsys):
+    path = write_job(
+        job_dir / "mlp-quiet.toml",
+        MLP_JOB.format(batch=64)
+        .replace("epochs = 15", "epochs = 2")
+        .replace("log_every = 100", "log_every = 100\nreport = false"),
+    )
+    out = job_dir / "run-no-page"
+    assert cli.main(["train", str(path), "--out", str(out)]) == 0
+    assert f"report: {out / 'report.json'}" in capsys.readouterr().out
+    assert not (out / "report.html").exists()
+    assert json.loads((out / "report.json").read_text())["test_accuracy"] > 0.5
+    assert cli.main(["report", str(out)]) == 0  # drawn from the records when asked
+    assert "loss curves" in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize(

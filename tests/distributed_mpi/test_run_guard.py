@@ -104,7 +104,8 @@ def test_settings_that_do_not_change_training_are_accepted(root, capsys):
     out = root / "run-accept"
     assert train(path, "--out", out) == 0
     changes = ["--set", "run.log_every=1", "--set", "run.pictures=true", "--set",
-               "dist.bucket_mb=1.0", "--set", "run.on_nonfinite=skip"]  # fmt: skip
+               "run.report=true", "--set", "dist.bucket_mb=1.0", "--set",
+               "run.on_nonfinite=skip"]  # fmt: skip
     assert cli.main(["train", str(path), "--out", str(out), *changes]) == 0
     assert "train: done, skipped" in capsys.readouterr().out
     assert segments(out, "0-train") == [(0, 2)]
@@ -115,7 +116,8 @@ def test_more_epochs_continue_and_equal_a_run_with_them_from_the_start(root, cap
     out, direct = root / "run-more", root / "run-direct"
     assert train(path, "--out", out) == 0
     capsys.readouterr()
-    assert cli.main(["train", str(path), "--out", str(out), "--set", "finetune.epochs=4"]) == 0
+    more = ["--set", "finetune.epochs=4", "--set", "run.report=true"]  # the page of both runs
+    assert cli.main(["train", str(path), "--out", str(out), *more]) == 0
     printed = capsys.readouterr().out
     assert "stage train: 2 epochs trained, continuing to 4" in printed
     assert "done, skipped" not in printed

@@ -248,7 +248,7 @@ def test_ps_strategy_sync_equals_one_process_on_the_global_batch(ray_cluster, di
     pytest.importorskip("distnet.parallel.ps", reason="the parameter server (ray-ps) is not here")
     path = write_job(digits / "ps.toml", mlp_job("data/train", test="data/test", epochs=1))
     out = digits / "run-ps"
-    job = load_job(path, {"run": {"out": str(out)}})
+    job = load_job(path, {"run": {"out": str(out), "report": True}})
     options = RayOptions(
         workers=worker_specs(2), strategy="ps", ps={"mode": "sync", "shards": 2}, trace=True
     )

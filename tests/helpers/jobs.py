@@ -54,7 +54,7 @@ def mlp_job(
         "finetune": {
             "epochs": epochs, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0
         },
-        "run": {"log_every": log_every, "pictures": False},
+        "run": {"log_every": log_every, "pictures": False, "report": False},
     }  # fmt: skip
     for section, keys in overrides.items():
         sections[section] = {**sections.get(section, {}), **keys}
@@ -70,7 +70,7 @@ def adam_mlp_job(epochs: int, log_every: int = 100) -> Sections:
         "data": {"train": "data/train", "test": "data/test", "batch_size": 32},
         "model": {"type": "mlp", "hidden": [32], "activation": "relu"},
         "finetune": {"epochs": epochs, "lr": 0.003},
-        "run": {"log_every": log_every, "pictures": False},
+        "run": {"log_every": log_every, "pictures": False, "report": False},
     }
 
 
@@ -86,7 +86,7 @@ def sae_job(
         "model": {"type": "stacked_autoencoder", "hidden": [24, 12]},
         "pretrain": {"epochs": pretrain_epochs},
         "finetune": {"epochs": 3},
-        "run": {"log_every": 100, "pictures": pictures},
+        "run": {"log_every": 100, "pictures": pictures, "report": pictures},
     }
     for section, keys in overrides.items():
         sections[section] = {**sections.get(section, {}), **keys}

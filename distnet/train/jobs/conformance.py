@@ -102,7 +102,7 @@ def job_sections(config: Config) -> dict[str, dict[str, Any]]:
     finetune = {"epochs": 3, "optimizer": config["optimizer"], "lr": lr, "weight_decay": 1e-3,
                 "momentum": 0.9, "plateau_patience": 10}  # fmt: skip
     run = {"on_nonfinite": "skip" if config["nonfinite"] == "skip" else "stop",
-           "pictures": False, "log_every": 100}  # fmt: skip
+           "pictures": False, "report": False, "log_every": 100}  # fmt: skip
     return {"model": model, "pretrain": pretrain, "finetune": finetune, "dist": dist, "run": run}
 
 

@@ -190,7 +190,9 @@ def run_job(
         with comm.working("writing the report"):
             (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
             observe.finished(report["seconds"])
-            report["html"] = observe.html()
+            # a Ray engine with parameter servers draws the page once it added their stats
+            if job["run"]["report"] and not getattr(engine, "draws_report", False):
+                report["html"] = observe.html()
     comm.barrier()
     report["rank"] = rank
     return report

@@ -181,6 +181,10 @@ HELP: dict[str, str] = {
     "run.seed": "Seed of initialisation, shuffling and noise.",
     "run.log_every": "Epochs between progress lines in a log.",
     "run.pictures": "Draw filters and reconstructions into the run directory and the report.",
+    "run.report": (
+        "Draw report.html when the run ends or fails (false: report.json and the metrics "
+        "only, as for sweeps of many small jobs; `distnet report RUN` draws the page later)."
+    ),
     "run.device": "Where each rank computes; 'cuda' takes GPU local_rank % visible GPUs.",
     "run.on_nonfinite": (
         "A NaN or inf loss or gradient: stop, naming step, rank(s) and parameter, or skip the "

@@ -231,6 +231,7 @@ class RunSpec(Section):
     seed: int = _field(0, "an integer >= 0", ge=0)
     log_every: int = _field(5, "a positive integer (epochs)", gt=0)
     pictures: bool = _field(True, "true or false")
+    report: bool = _field(True, "true or false")
     device: str = _field("cpu", "'cpu', 'cuda' or 'cuda:N'", pattern=r"^(cpu|cuda(:[0-9]+)?)$")
     # a NaN/inf loss or gradient: stop naming step, rank(s) and parameter, or skip the step
     on_nonfinite: Literal["stop", "skip"] = _field("stop", "'stop' or 'skip'")

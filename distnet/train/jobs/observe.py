@@ -138,7 +138,7 @@ class RunObserver:
             from distnet.train.loop.metrics import write_failure  # noqa: PLC0415
 
             write_failure(self.out, self.rank, self.stage, sys.exc_info()[1])
-            if self.rank == 0:
+            if self.rank == 0 and self.job["run"].get("report", True):
                 self.html()
             return
         if self.size > 1:

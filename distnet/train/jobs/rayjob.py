@@ -33,6 +33,8 @@ def run_rank(
     from distnet.train.jobs.job import run_job  # noqa: PLC0415
 
     engine = RayRankEngine(spec, comm, generation)
+    # with parameter servers the page is drawn here, once their stats are in report.json
+    engine.draws_report = spec.get("strategy") in ("ps", "hybrid")
     failed = False
     try:
         with keep_console(Path(job["run"]["out"]), comm.rank, user_console=False) as note:
@@ -67,10 +69,13 @@ def run_rank(
             saved["nodes"] = engine.nodes
         path.with_suffix(".tmp").write_text(json.dumps(saved, indent=1, default=str))
         path.with_suffix(".tmp").replace(path)
-        if engine.ps_stats:  # the page shows the servers' staleness histograms too
+        if engine.draws_report and job["run"]["report"]:  # with the servers' histograms
             from distnet.train.report.page import write_html_report  # noqa: PLC0415
 
-            write_html_report(path.parent)
+            try:
+                report["html"] = str(write_html_report(path.parent))
+            except Exception as e:  # noqa: BLE001  (the run itself succeeded; say why, go on)
+                log(f"report.html not written: {type(e).__name__}: {e}")
     return report
 
 

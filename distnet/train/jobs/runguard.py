@@ -18,9 +18,9 @@ stages that have started (an epoch checkpoint or a finished stage):
   Fewer epochs than a stage has already trained are refused; so is any change of epochs of a
   started stage under the ``cosine`` schedule, whose curve depends on the total (continuing
   it would not give the run that had the new total from the start);
-- everything else (``[run] log_every``, ``pictures``, ``device``, ``on_nonfinite``, the test
-  store, ``[dist]``, ``[pretrain] cache_codes``) does not change what a stage computes and is
-  accepted; ``[dist]`` and the device are recorded per segment.
+- everything else (``[run] log_every``, ``pictures``, ``report``, ``device``,
+  ``on_nonfinite``, the test store, ``[dist]``, ``[pretrain] cache_codes``) does not change
+  what a stage computes and is accepted; ``[dist]`` and the device are recorded per segment.
 
 A stage after the first one that (re)runs is discarded by the pipeline, so it is not checked.
 """
