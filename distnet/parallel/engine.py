@@ -41,6 +41,7 @@ class Engine(Protocol):
     comm: Any
     dist: dict[str, Any]
     stands_in: bool  # a rank taking a lost one's place in a running group
+    draws_report: bool  # the engine draws report.html after the job (else ``run_job`` does)
 
     def start(self, job: dict[str, Any], log: Callable[[str], None]) -> None: ...
     def place(self, model: Any, device: str) -> str: ...
@@ -77,6 +78,9 @@ class EngineBase:
     # this rank takes a lost rank's place in a running group (Ray, async/ssp parameter server):
     # it does not begin the run's records again (run.json, the stage's trained segment)
     stands_in: bool = False
+    # the engine draws report.html itself once the job returned, with what it adds to
+    # report.json (Ray with parameter servers: their stats); else ``run_job`` draws it
+    draws_report: bool = False
 
     def flat_owns(self, buf: Any) -> bool:
         """Whether ``buf`` is where ``flat_zeros`` puts flat buffers."""

@@ -155,7 +155,10 @@ def test_a_slow_checkpoint_write_on_rank_0_is_not_a_stall(tmp_path):
     env = {"DISTNET_STALL_CHECK_S": "2", "DISTNET_STALL_ABORT_S": "4", "STALL_SLEEP": "6"}
     proc = launch(2, str(SCRIPTS / "stall_checkpoint.py"), str(job), timeout=120, env=env)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output
-    assert "stall:" not in output, output
-    assert not (tmp_path / "run" / "stall.json").exists()
+    assert proc.returncode == 0, output  # not aborted: the write outlasts the abort limit
+    # no stall report while rank 0 writes (its stack would be in slow_save); one at start-up,
+    # when a loaded host starts the ranks more than the 2 s limit apart, is a true report
+    assert "in slow_save" not in output, output
+    stall = tmp_path / "run" / "stall.json"
+    assert not stall.exists() or "slow_save" not in stall.read_text(), stall.read_text()
     assert (tmp_path / "run" / "report.json").exists(), output

@@ -191,7 +191,7 @@ def run_job(
             (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
             observe.finished(report["seconds"])
             # a Ray engine with parameter servers draws the page once it added their stats
-            if job["run"]["report"] and not getattr(engine, "draws_report", False):
+            if job["run"]["report"] and not engine.draws_report:
                 report["html"] = observe.html()
     comm.barrier()
     report["rank"] = rank
