@@ -125,10 +125,12 @@ def test_replaced_worker_redoes_only_the_interrupted_global_batch(
     (recovery,) = report["recoveries"]
     assert recovery["mid_epoch"] and recovery["workers"] == 2
     assert recovery["resumed_at"]["epoch"] == 1
-    assert recovery["resumed_at"]["samples_seen"] == (KILL_AT - 42) * GLOBAL_BATCH
-    assert report["resumed_mid_epoch"] == [
-        {"stage": 0, "epoch": 1, "samples_seen": (KILL_AT - 42) * GLOBAL_BATCH}
-    ]
+    # rank 1 exits after its step 50; rank 0 has finished step 50 too, or (the driver's abort
+    # reaching it while it still takes in step 50's last message, seen with three suites'
+    # load) step 49: the job resumes after the last step rank 0 finished, either way exact
+    seen = recovery["resumed_at"]["samples_seen"]
+    assert seen in ((KILL_AT - 43) * GLOBAL_BATCH, (KILL_AT - 42) * GLOBAL_BATCH), seen
+    assert report["resumed_mid_epoch"] == [{"stage": 0, "epoch": 1, "samples_seen": seen}]
     assert_each_sample_once_and_one_batch_redone(log_dir, report)
     got = flat(final_model(job, features=65))
     np.testing.assert_allclose(got, flat(reference), atol=1e-5)
