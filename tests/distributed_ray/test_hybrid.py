@@ -85,14 +85,16 @@ def _check_node_collectives(res, n):
 
 # --- training --------------------------------------------------------------------------------
 def test_hybrid_weights_each_node_by_its_workers_shares_of_the_global_batch(ray_cluster, digits):
-    """A slow worker on node 0 gets a smaller batch from the second epoch on: the leaders'
-    pushes must carry their nodes' unequal shares for the update to stay the global-batch
-    one."""
+    """Node 0's two workers are slow (one twice as slow as the other): they get smaller
+    batches from the second epoch on, and node 0 a smaller share than node 1. The leaders'
+    pushes must carry their nodes' unequal shares for the update to stay the global-batch one.
+    (With one slow worker alone, load on the others once gave both nodes 16 of 32.)"""
     path = digits / "hybrid-hetero.toml"
     path.write_text(mlp_job("data/train", test="data/test", epochs=2))
     out = digits / "run-hybrid-hetero"
     job = load_job(path, {"run": {"out": str(out)}})
-    workers = [WorkerSpec(), WorkerSpec(delay_per_sample_s=0.002), WorkerSpec(), WorkerSpec()]
+    slow = [WorkerSpec(delay_per_sample_s=0.001), WorkerSpec(delay_per_sample_s=0.002)]
+    workers = [*slow, WorkerSpec(), WorkerSpec()]
     options = RayOptions(
         workers=workers,
         strategy="hybrid",

@@ -125,6 +125,48 @@ def test_async_primary_killed_every_push_acknowledged_is_held_once(ray_cluster):
     assert ledger["applied"] == [2 * STEPS, 2 * STEPS], ledger
 
 
+@ray.remote(num_cpus=0, max_concurrency=4)
+class BusyWarden:
+    """Answers ``route`` as the replica warden does, its first ``slow`` asks only after 1 s
+    (busy with the same loss elsewhere); ``None``: the shard has no replica left."""
+
+    def __init__(self, answer, slow):
+        self.answer, self.slow, self.asks = answer, slow, 0
+
+    def route(self, token, index, dead):
+        self.asks += 1
+        if self.asks <= self.slow:
+            time.sleep(1.0)
+        return self.answer
+
+    def count(self):
+        return self.asks
+
+
+def test_a_warden_slow_to_answer_is_asked_again_and_a_lost_shard_says_why(ray_cluster):
+    """A worker whose call found a primary dead asks the warden for the live one; a warden
+    that did not answer within the server's timeout was taken for a lost shard (CI: a node's
+    removal, "no snapshots: a killed shard is not restarted")."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from distnet.parallel.ps import calls  # noqa: PLC0415
+
+    def handle():
+        return SimpleNamespace(token="t", timeout_s=0.5, shards=["dead"], backups=[[]])
+
+    warden = BusyWarden.remote(("promoted", ["rebuilt"]), slow=1)
+    ps = handle()
+    assert calls._route(ps, warden, 0, "dead")
+    assert ps.shards == ["promoted"] and ps.backups == [["rebuilt"]] and ps.failovers == 1
+    assert ray.get(warden.count.remote(), timeout=30) == 2  # asked again, not given up
+    ps = handle()
+    assert not calls._route(ps, BusyWarden.remote(None, slow=0), 0, "dead")
+    assert "no backup caught up" in ps.lost_why[0] and ps.shards == ["dead"]
+    ps = handle()
+    assert not calls._route(ps, BusyWarden.remote(None, slow=99), 0, "dead")
+    assert f"did not answer within 0.5 s, {calls.ROUTE_TRIES}x" in ps.lost_why[0]
+
+
 @pytest.fixture(scope="module")
 def id_job(tmp_path_factory):
     from helpers.jobs import mlp_job  # noqa: PLC0415

@@ -58,7 +58,8 @@ def _fail_over(ps: Any, i: int, err: BaseException) -> bool:
     """After a call to shard ``i`` found its actor dead: whether the call can go on to a live
     replica. The dead one is the shard's primary: its backup, which holds every push the
     primary acknowledged (``replica.py``), takes over in ``ps.shards``. Or another call on this
-    handle switched already (the dead actor is no longer the one in ``ps.shards``)."""
+    handle switched already (the dead actor is no longer the one in ``ps.shards``). When it
+    cannot, ``ps.lost_why[i]`` says why (for ``ShardLostError``'s message)."""
     backups = ps.__dict__.get("backups") or []
     dead = getattr(err, "actor_id", None)
     current = ps.shards[i]._actor_id.hex()
@@ -99,16 +100,31 @@ def await_group_abort(interrupt: Callable[[], None], err: BaseException) -> None
         time.sleep(0.02)
 
 
+ROUTE_TRIES = 3  # asks of a warden that did not answer within the server's timeout_s
+
+
 def _route(ps: Any, warden: Any, i: int, dead: str) -> bool:
     """Shard ``i``'s replica ``dead`` died: the warden names the live primary (None: the
-    shard has no replica left that holds every acknowledged push)."""
+    shard has no replica left that holds every acknowledged push). A warden that does not
+    answer in time is asked again (it is busy with the same loss: the node's other replicas,
+    their rebuilds); one that died ends the job (it was the job's)."""
     import ray  # noqa: PLC0415
+    from ray.exceptions import GetTimeoutError  # noqa: PLC0415
 
-    try:
-        route = ray.get(warden.route.remote(ps.token, i, dead), timeout=ps.timeout_s)
-    except Exception:  # noqa: BLE001 (the warden is the job's: gone, the job is ending)
+    why = ps.__dict__.setdefault("lost_why", {})
+    for attempt in range(ROUTE_TRIES):
+        try:
+            route = ray.get(warden.route.remote(ps.token, i, dead), timeout=ps.timeout_s)
+            break
+        except GetTimeoutError:
+            why[i] = f"the replica warden did not answer within {ps.timeout_s:g} s, {attempt + 1}x"
+        except Exception as e:  # noqa: BLE001 (the warden is the job's: gone, the job is ending)
+            why[i] = f"the replica warden is gone ({type(e).__name__})"
+            return False
+    else:
         return False
     if route is None:
+        why[i] = "its primary died with no backup caught up (the replica warden)"
         return False
     ps.shards[i], ps.backups[i] = route
     ps.failovers = ps.__dict__.get("failovers", 0) + 1
@@ -165,6 +181,8 @@ def call_shards(ps: Any, submit: Callable[[int, Any], Any], refs: dict[int, Any]
                         if ps.snapshot_every
                         else " (no snapshots: a killed shard is not restarted)"
                     )
+                    if i in ps.__dict__.get("lost_why", {}):
+                        lost = f" ({ps.lost_why[i]})"
                     raise ShardLostError(
                         f"parameter-server shard {i} {ps.ranges[i]} did not answer "
                         f"({ps.retries} retries, each waiting up to {ps.timeout_s:g} s){lost}: "
