@@ -54,12 +54,12 @@ def sample_blocks(n: int, bytes_per_sample: int) -> list[tuple[int, int]]:
 
 def _plan(compiled: ModuleType) -> tuple[bool, int]:
     """(parallel kernels?, threads): serial kernels on ``block_threads``' threads when
-    GEMMs go through oneMKL (its threads can be set per thread), else numba's parallel
+    GEMMs go through oneMKL or oneDNN (their threads can be set per thread), else numba's parallel
     kernels over the whole batch on this thread (see ``distnet.kernels.block_threads``).
     Also the latter when oneDNN runs the convolutions: its OpenMP threads, the same team as
     numba's ``omp`` layer, are still spinning when the pooling after a convolution starts,
     and kept ``block_threads``' thread off its core (LeNet step 9.5-10.4 ms, 8.0 parallel)."""
-    if selection.blas() == "mkl" and selection.conv_library() != "onednn":
+    if selection.blas() != "numpy" and selection.conv_library() != "onednn":
         return False, compiled.parallel_slots()
     return True, 1
 

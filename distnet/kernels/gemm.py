@@ -1,6 +1,7 @@
-"""GEMM routing: ``matmul`` sends large float32/float64 CPU products to oneMKL when the
-``[mkl]`` extra is installed (``DISTNET_BLAS``, see ``distnet.kernels.selection``), small
-ones to the calling thread alone, and everything else (GPU arrays included) to ``xp.matmul``.
+"""GEMM routing: ``matmul`` sends large float32 CPU products to oneDNN's sgemm when the
+``[onednn]`` extra is installed, else to oneMKL, and float64 ones to oneMKL when the ``[mkl]``
+extra is installed (``DISTNET_BLAS``, see ``distnet.kernels.selection``); small ones to the
+calling thread alone, and everything else (GPU arrays included) to ``xp.matmul``.
 """
 
 from __future__ import annotations
@@ -24,18 +25,23 @@ step's dense layers: 128 x 800 x 128)."""
 
 
 def blas_threads_local(threads: int) -> int | None:
-    """Sets the calling thread's oneMKL GEMM threads (0: the global setting again); returns
-    the previous local setting, or None when GEMMs do not go through oneMKL."""
-    lib = selection.mkl_library()
-    return None if lib is None else lib.set_threads_local(threads)
+    """Sets the calling thread's GEMM threads (0: the global setting again) in every GEMM
+    library loaded (oneDNN, oneMKL); returns the previous local setting, or None when GEMMs
+    go through numpy's OpenBLAS (whose threads cannot be set per thread)."""
+    previous = None
+    for lib in selection.gemm_libraries():
+        previous = lib.set_threads_local(threads)
+    return previous
 
 
 def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
     """a @ b, into ``out`` when given. Shapes: a (M, K), b (K, N), out (M, N).
 
-    Large float32/float64 CPU products go through oneMKL when the ``[mkl]`` extra is installed
-    (see ``distnet.kernels.mkl_blas``: 10-20% faster than numpy's OpenBLAS here); everything else,
-    GPU arrays included, is ``xp.matmul``.
+    Large float32 CPU products go through oneDNN's sgemm when the ``[onednn]`` extra is
+    installed (``distnet.kernels.dnnl_blas``: 20-30% faster than oneMKL on this machine's
+    AMD processor), else oneMKL; float64 ones through oneMKL when the ``[mkl]`` extra is
+    installed (``distnet.kernels.mkl_blas``: 10-20% faster than numpy's OpenBLAS here);
+    everything else, GPU arrays included, is ``xp.matmul``.
     """
     if (
         type(a) is np.ndarray
@@ -48,7 +54,7 @@ def matmul(a: Any, b: Any, out: Any | None = None) -> Any:
         and a.itemsize >= 4
         and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_GEMM_FLOPS
     ):
-        lib = selection.mkl_library()
+        lib = selection.gemm_library(a.dtype)
         if lib is not None:
             target = np.empty((a.shape[0], b.shape[1]), a.dtype) if out is None else out
             small = a.shape[0] * a.shape[1] * b.shape[1] < MIN_THREADED_GEMM_FLOPS

@@ -3,8 +3,10 @@ oneDNN or im2col convolutions) and per call (whether these arrays suit the compi
 
 ``DISTNET_KERNELS`` picks: ``auto`` (the default: numba when it imports, else numpy),
 ``numba`` (fail loudly when numba is missing) or ``numpy``. ``DISTNET_BLAS`` (``auto``,
-``mkl``, ``numpy``) and ``DISTNET_CONV`` (``auto``, ``onednn``, ``im2col``) choose the optional
-native libraries the same way: auto loads them when installed, the library's name insists.
+``mkl``, ``onednn``, ``numpy``) and ``DISTNET_CONV`` (``auto``, ``onednn``, ``im2col``) choose
+the optional native libraries the same way: auto loads them when installed, the library's name
+insists. With ``auto`` float32 GEMMs go through oneDNN's sgemm when it is installed, else
+oneMKL, and float64 GEMMs through oneMKL (``distnet.kernels.dnnl_blas`` says why).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def _numba() -> ModuleType | None:
 def numba_threading_layer() -> str:
     """The numba threading layer that shares the cores best with the GEMMs' threads.
 
-    ``omp`` when oneMKL runs on GNU OpenMP (``distnet.kernels.mkl_blas``): numba's omp layer links
+    ``omp`` when the float32 GEMMs run on GNU OpenMP (oneMKL's GNU layer, ``distnet.kernels.
+    mkl_blas``, or oneDNN's gomp build, ``distnet.kernels.dnnl_blas``): numba's omp layer links
     the same libgomp, so GEMMs and kernels take turns on one thread team instead of waking a
     second pool. Measured alone (2 threads, 128x1000): bias + tanh 21 vs 104 us, derivative +
     bias sum 30 vs 147 us, SGD over 2.8M floats 0.41 vs 0.67 ms against workqueue; the whole
@@ -72,7 +75,7 @@ def numba_threading_layer() -> str:
     784-1000 Adam step: 17-20 ms with the omp layer, 6.9-7.2 ms on workqueue).
     ``NUMBA_THREADING_LAYER`` in the environment overrides both.
     """
-    lib = mkl_library()
+    lib = gemm_library(np.dtype(np.float32))
     return "omp" if lib is not None and lib.layer == "GNU" else "workqueue"
 
 
@@ -108,15 +111,24 @@ def compiled(*arrays: Any) -> ModuleType | None:
 
 
 BLAS_ENV_VAR = "DISTNET_BLAS"
-_BLAS_CHOICES = ("auto", "mkl", "numpy")
+_BLAS_CHOICES = ("auto", "mkl", "onednn", "numpy")
+
+
+def _blas_choice() -> str:
+    choice = os.environ.get(BLAS_ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _BLAS_CHOICES:
+        raise ValueError(f"{BLAS_ENV_VAR}={choice!r}: expected one of {', '.join(_BLAS_CHOICES)}")
+    return choice
 
 
 def _optional_library(env_var: str, choices: tuple[str, str, str], module: str,
-                      library: str) -> Any | None:  # fmt: skip
-    """The optional library behind ``distnet.<module>`` as ``env_var`` chooses: choices are
-    (auto, insist, off); auto loads it when installed, insist fails naming what is missing."""
+                      library: str, choice: str | None = None) -> Any | None:  # fmt: skip
+    """The optional library behind ``distnet.<module>`` as ``env_var`` chooses (or ``choice``
+    when given): choices are (auto, insist, off); auto loads it when installed, insist fails
+    naming what is missing."""
     auto, insist, off = choices
-    choice = os.environ.get(env_var, auto).strip().lower() or auto
+    if choice is None:
+        choice = os.environ.get(env_var, auto).strip().lower() or auto
     if choice not in choices:
         raise ValueError(f"{env_var}={choice!r}: expected one of {', '.join(choices)}")
     if choice == off:
@@ -130,13 +142,45 @@ def _optional_library(env_var: str, choices: tuple[str, str, str], module: str,
 
 @functools.cache
 def mkl_library() -> Any | None:
-    """oneMKL's GEMM (``distnet.kernels.mkl_blas``) when installed and allowed, else None."""
-    return _optional_library(BLAS_ENV_VAR, _BLAS_CHOICES, "mkl_blas", "libmkl_rt")
+    """oneMKL's GEMM (``distnet.kernels.mkl_blas``) when installed and allowed, else None
+    (``DISTNET_BLAS=onednn`` still allows it, for float64)."""
+    choice = _blas_choice()
+    choice = {"onednn": "auto"}.get(choice, choice)
+    return _optional_library(BLAS_ENV_VAR, ("auto", "mkl", "numpy"), "mkl_blas", "libmkl_rt",
+                             choice)  # fmt: skip
+
+
+@functools.cache
+def dnnl_library() -> Any | None:
+    """oneDNN's sgemm (``distnet.kernels.dnnl_blas``) when installed and allowed, else None."""
+    choice = _blas_choice()
+    choice = {"mkl": "numpy"}.get(choice, choice)
+    return _optional_library(BLAS_ENV_VAR, ("auto", "onednn", "numpy"), "dnnl_blas",
+                             "oneDNN 3 library (libdnnl.so.3)", choice)  # fmt: skip
+
+
+def gemm_library(dtype: Any) -> Any | None:
+    """The library large CPU GEMMs of ``dtype`` go through (``gemm(a, b, out)``,
+    ``set_threads_local``, ``layer``): oneDNN for float32 when loaded, else oneMKL; None:
+    numpy's own."""
+    if dtype == np.float32:
+        lib = dnnl_library()
+        if lib is not None:
+            return lib
+    return mkl_library()
+
+
+def gemm_libraries() -> list[Any]:
+    """Every GEMM library this process loaded (for per-thread thread counts)."""
+    return [lib for lib in (dnnl_library(), mkl_library()) if lib is not None]
 
 
 def blas() -> str:
-    """'mkl' or 'numpy': what large CPU GEMMs go through in this process."""
-    return "mkl" if mkl_library() is not None else "numpy"
+    """'onednn', 'mkl' or 'numpy': what large float32 CPU GEMMs go through in this process."""
+    lib = gemm_library(np.dtype(np.float32))
+    if lib is None:
+        return "numpy"
+    return "onednn" if lib is dnnl_library() else "mkl"
 
 
 CONV_ENV_VAR = "DISTNET_CONV"

@@ -51,3 +51,22 @@ def test_the_grid_prints_every_cell_and_writes_json(tmp_path):
 def test_the_torch_floor_runs_the_same_products():
     pytest.importorskip("torch", reason="PyTorch is not a dependency: only where installed")
     floor.torch_gemm_floor_step(8, [30, 20, 5])()
+
+
+def test_the_per_op_profile_of_a_distnet_step_times_every_gemm_role():
+    """``distnet bench core --profile``'s distnet half (no PyTorch needed), in its own process
+    as the command runs it: every GEMM role, the activations and the update are timed, and
+    the rows sum to the step (it failed once a refactor moved the GEMM it wraps)."""
+    spec = "distnet:64:sgdm:relu:2"
+    out = subprocess.run([sys.executable, "-m", "distnet.bench.opprofile", spec],
+                         capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    gemms = (
+        "forward GEMMs",
+        "backward GEMMs (weight gradients)",
+        "backward GEMMs (input gradients)",
+    )
+    for row in (*gemms, "bias + activation", "optimiser update"):
+        assert rows.get(row, 0) > 0, (row, rows)
+    parts = sum(v for k, v in rows.items() if k != "step")
+    assert parts == pytest.approx(rows["step"], rel=1e-6), rows

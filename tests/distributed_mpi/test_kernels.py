@@ -12,7 +12,7 @@ import pytest
 from helpers.mpi import MPIEXEC, launch
 
 from distnet import kernels
-from distnet.kernels import mkl_blas, selection
+from distnet.kernels import dnnl_blas, mkl_blas, selection
 
 SMALL = selection.MIN_ELEMENTS  # arrays of at least this size take the compiled path
 
@@ -288,7 +288,7 @@ def test_small_arrays_take_the_numpy_path_without_importing_numba():
 
 
 @needs_numba
-@pytest.mark.parametrize("blas", ["numpy", "mkl"])
+@pytest.mark.parametrize("blas", ["numpy", "mkl", "onednn"])
 def test_kernels_share_the_gemms_thread_team(blas):
     """With oneMKL on GNU OpenMP the kernels run on numba's omp layer (one libgomp team for
     GEMMs and kernels: the SGD update took twice as long when a second pool woke up); with
@@ -296,6 +296,8 @@ def test_kernels_share_the_gemms_thread_team(blas):
     twice numpy's time)."""
     if blas == "mkl" and not mkl_blas.library_candidates():
         pytest.skip("oneMKL is not installed (pip install 'distnet[mkl]')")
+    if blas == "onednn" and not dnnl_blas.library_candidates():
+        pytest.skip("oneDNN is not installed (pip install 'distnet[onednn]')")
     # numba's compiler reloads its configuration from the environment: a compile between
     # choosing the layer and the first kernel (a kernel not yet cached) must not undo it
     code = ("import numba, numpy as np  # numba imported before distnet chose its layer\n"
@@ -306,7 +308,7 @@ def test_kernels_share_the_gemms_thread_team(blas):
             "m = nn.Sequential(nn.Dense(300, 300, 'tanh'), nn.Dense(300, 3)); o = optim.SGD(m)\n"
             "x = np.ones((256, 300), np.float32)\n"
             "functional.cross_entropy(m(x), np.zeros(256, int)).backward(); o.step()\n"
-            "lib = selection.mkl_library()\n"
+            "lib = selection.gemm_library(np.dtype(np.float32))\n"
             "print(numba.threading_layer(), lib.layer if lib else 'OpenBLAS')")  # fmt: skip
     drop = ("NUMBA_THREADING_LAYER", "MKL_THREADING_LAYER", "NUMBA_CACHE_DIR")  # as a user has it
     env = {k: v for k, v in os.environ.items() if k not in drop}

@@ -1,10 +1,11 @@
-"""GEMM through oneMKL (the ``[mkl]`` extra) equals numpy's, and everything else falls back.
+"""GEMM through oneDNN (the ``[onednn]`` extra) and oneMKL (the ``[mkl]`` extra) equals
+numpy's, and everything else falls back.
 
 ``distnet.kernels.gemm.matmul`` is what ``linear``, ``matmul`` and the convolutions call.
-With oneMKL installed, large float32/float64 CPU products go to ``cblas_?gemm`` with their
-transposes passed as flags; layouts it cannot take (strided columns, aliasing ``out``), small
-products, integers and GPU arrays go through numpy. These tests compare both routes on
-every layout.
+Large float32 CPU products go to oneDNN's ``dnnl_sgemm`` when installed, else to oneMKL's
+``cblas_sgemm``, float64 ones to ``cblas_dgemm``, with their transposes passed as flags;
+layouts a library cannot take (strided columns, aliasing ``out``), small products, integers
+and GPU arrays go through numpy. These tests compare every route on every layout.
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ import sys
 import numpy as np
 import pytest
 
-from distnet.kernels import gemm, mkl_blas, selection
+from distnet.kernels import dnnl_blas, gemm, mkl_blas, selection
 
 MKL_INSTALLED = bool(mkl_blas.library_candidates())
 needs_mkl = pytest.mark.skipif(
     not MKL_INSTALLED, reason="oneMKL is not installed (pip install 'distnet[mkl]')"
 )
+DNNL_INSTALLED = bool(dnnl_blas.library_candidates())
+INSTALLED = {"mkl": MKL_INSTALLED, "onednn": DNNL_INSTALLED}
+
+
+def _needs(library: str) -> None:
+    if not INSTALLED[library]:
+        pytest.skip(f"{library} is not installed (pip install 'distnet[{library}]')")
 
 
 @pytest.fixture
@@ -31,10 +39,12 @@ def blas(monkeypatch):
     def choose(value: str) -> str:
         monkeypatch.setenv(selection.BLAS_ENV_VAR, value)
         selection.mkl_library.cache_clear()
+        selection.dnnl_library.cache_clear()
         return selection.blas()
 
     yield choose
     selection.mkl_library.cache_clear()
+    selection.dnnl_library.cache_clear()
 
 
 def _layouts(rng, m, k, n, dtype):
@@ -47,14 +57,19 @@ def _layouts(rng, m, k, n, dtype):
     return {"C": (a, b), "a.T": (a_t, b), "b.T": (a, b_t), "both.T": (a_t, b_t), "slice": (wide, b)}
 
 
-@needs_mkl
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "shape",
     [(128, 784, 1000), (1000, 128, 1000), (128, 1000, 10), (7, 300, 200), (1000, 512, 10)],
 )
-def test_mkl_gemm_equals_numpy_on_every_layout(blas, dtype, shape):
-    assert blas("mkl") == "mkl"
+def test_gemm_libraries_equal_numpy_on_every_layout(blas, library, dtype, shape):
+    """float64 under ``onednn``: oneMKL's (oneDNN has no dgemm), when installed."""
+    _needs(library)
+    assert blas(library) == library
+    route = selection.gemm_library(np.dtype(dtype))
+    want_route = dnnl_blas.DnnlBlas if (library, dtype) == ("onednn", np.float32) else None
+    assert want_route is None or type(route) is want_route
     rng = np.random.default_rng(0)
     tol = {"rtol": 1e-4, "atol": 1e-3} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-10}
     for name, (a, b) in _layouts(rng, *shape, dtype).items():
@@ -109,7 +124,12 @@ def test_blas_choice_is_validated_and_numpy_can_be_forced(blas, monkeypatch):
     monkeypatch.setattr(mkl_blas, "library_candidates", lambda: [])
     with pytest.raises(RuntimeError, match=r"DISTNET_BLAS=mkl but no libmkl_rt was found"):
         blas("mkl")
-    assert blas("auto") == "numpy"  # auto without the library: numpy, silently
+    if DNNL_INSTALLED:
+        assert blas("auto") == "onednn"  # oneDNN still there: float32 through it, silently
+    monkeypatch.setattr(dnnl_blas, "library_candidates", lambda: [])
+    with pytest.raises(RuntimeError, match=r"DISTNET_BLAS=onednn but no oneDNN 3 library"):
+        blas("onednn")
+    assert blas("auto") == "numpy"  # auto without either library: numpy, silently
 
 
 def _mlp_losses(blas_choice: str) -> list[float]:
@@ -142,9 +162,11 @@ for _ in range(5):
     return [float(loss) for _, loss in lines]
 
 
-@needs_mkl
-def test_training_through_mkl_matches_numpy():
-    """The same five steps through oneMKL and through numpy: the same losses (float32)."""
-    with_mkl, with_numpy = _mlp_losses("mkl"), _mlp_losses("numpy")
-    assert with_mkl[-1] < with_mkl[0]
-    np.testing.assert_allclose(with_mkl, with_numpy, rtol=2e-4)
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
+def test_training_through_each_library_matches_numpy(library):
+    """The same five steps through oneMKL or oneDNN and through numpy: the same losses
+    (float32)."""
+    _needs(library)
+    with_library, with_numpy = _mlp_losses(library), _mlp_losses("numpy")
+    assert with_library[-1] < with_library[0]
+    np.testing.assert_allclose(with_library, with_numpy, rtol=2e-4)
