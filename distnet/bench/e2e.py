@@ -65,10 +65,15 @@ def _job(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write_job(job: dict[str, Any], path: Path, out: Path) -> None:
-    """The resolved job as TOML (absolute paths; no pictures: they are not training)."""
-    from distnet.train.jobs.distconflicts import without_idle_ray_keys  # noqa: PLC0415
+    """The resolved job as TOML (absolute paths; no pictures: they are not training). ``[dist]``
+    keeps only the keys off their defaults: a default written out counts as set, and the one
+    rank run (``--engine local``) refuses a set ``rebalance_every`` (it failed so)."""
+    from distnet.train.jobs.jobspec import DistSpec  # noqa: PLC0415
 
-    job = {**job, "dist": without_idle_ray_keys(job["dist"])}  # runs under distnet launch too
+    fields = DistSpec.model_fields
+    dist = {k: v for k, v in job["dist"].items()
+            if k not in fields or v != fields[k].get_default(call_default_factory=True)}  # fmt: skip
+    job = {**job, "dist": dist}  # runs under distnet launch and as one local process
     lines = []
     for section, values in job.items():
         lines.append(f"[{section}]")
