@@ -70,9 +70,9 @@ def _write_job(job: dict[str, Any], path: Path, out: Path) -> None:
     rank run (``--engine local``) refuses a set ``rebalance_every`` (it failed so)."""
     from distnet.train.jobs.jobspec import DistSpec  # noqa: PLC0415
 
-    fields = DistSpec.model_fields
-    dist = {k: v for k, v in job["dist"].items()
-            if k not in fields or v != fields[k].get_default(call_default_factory=True)}  # fmt: skip
+    fields = DistSpec.model_fields.items()
+    defaults = {k: f.get_default(call_default_factory=True) for k, f in fields}
+    dist = {k: v for k, v in job["dist"].items() if k not in defaults or v != defaults[k]}
     job = {**job, "dist": dist}  # runs under distnet launch and as one local process
     lines = []
     for section, values in job.items():

@@ -34,4 +34,3 @@ def test_an_unknown_schedule_is_named():
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     with pytest.raises(ValueError, match="'warmup'"):
         _torch_schedule(torch, opt, {"schedule": "warmup"})
-
