@@ -70,6 +70,9 @@ def test_a_removed_nodes_primary_is_taken_over_by_its_backup_on_the_other_node(t
         sets = ps.replica_sets()
         where = [(node_of(s["primary"]), node_of(s["backup"])) for s in sets]
         assert where == [(a, b), (b, a)], where
+        here = lambda _: __import__("ray").get_runtime_context().get_node_id()  # noqa: E731
+        warden_on = ray.get(ps.warden.__ray_call__.remote(here), timeout=60)
+        assert warden_on == ray.get_runtime_context().get_node_id()  # its creator's: the head
         promoted = sets[0]["backup"]._actor_id.hex()
 
         def before_step(k, t):

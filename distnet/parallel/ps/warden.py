@@ -269,7 +269,13 @@ def start_warden(
     recipes: list[dict[str, Any]],
     timeout_s: float,
 ) -> Any:
-    """The warden actor of a replicated server (owned by the caller, on its node), watching."""
+    """The warden actor of a replicated server (owned by the caller, on its node), watching.
+
+    On the caller's node by hard affinity: it shares its creator's fate and no other's. A soft
+    affinity to a node with no CPUs (a head, where the job's driver or keeper runs) let Ray
+    place it on a worker node about 1 time in 3 (that node's raylet takes new workers, the
+    head's soft worker limit is its 0 CPUs), and removing that node then took the warden, and
+    with it every shard's failover (CI: "the replica warden is gone")."""
     import ray  # noqa: PLC0415
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
 
@@ -279,7 +285,7 @@ def start_warden(
         .options(
             num_cpus=0,
             max_restarts=0,  # a new warden would not own the replicas it made
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         )
         .remote(token, primaries, backups, recipes, timeout_s)
     )
