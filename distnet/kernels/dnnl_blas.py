@@ -46,7 +46,7 @@ class DnnlBlas(MklBlas):
 
     layer = "GNU"  # oneDNN's OpenMP runtime: numba's omp layer shares its thread team
 
-    def __init__(self, path: str) -> None:  # noqa: D107 (no MklBlas.__init__: another library)
+    def __init__(self, path: str) -> None:  # not MklBlas.__init__: another library
         self.path = path
         lib = ctypes.CDLL(path)
         sgemm = lib.dnnl_sgemm

@@ -159,6 +159,7 @@ def test_a_warden_slow_to_answer_is_asked_again_and_a_lost_shard_says_why(ray_cl
     assert calls._route(ps, warden, 0, "dead")
     assert ps.shards == ["promoted"] and ps.backups == [["rebuilt"]] and ps.failovers == 1
     assert ray.get(warden.count.remote(), timeout=30) == 2  # asked again, not given up
+    assert 0 not in ps.lost_why  # the slow first answer's reason is not kept
     ps = handle()
     assert not calls._route(ps, BusyWarden.remote(None, slow=0), 0, "dead")
     assert "no backup caught up" in ps.lost_why[0] and ps.shards == ["dead"]

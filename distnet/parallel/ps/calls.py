@@ -128,6 +128,7 @@ def _route(ps: Any, warden: Any, i: int, dead: str) -> bool:
         return False
     ps.shards[i], ps.backups[i] = route
     ps.failovers = ps.__dict__.get("failovers", 0) + 1
+    why.pop(i, None)  # a later loss of this shard has its own reason
     return True
 
 
