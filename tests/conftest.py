@@ -12,6 +12,10 @@ import pytest
 # Every collective of every test (and of the ranks and actors they start, which inherit the
 # environment) is compared across ranks: a mismatch raises instead of hanging or mixing data.
 os.environ.setdefault("DISTNET_COLLECTIVE_CHECK", "1")
+# Two pytest workers run two jobs at once on the suite's 2 cores, which each job's ranks do
+# not know (``distnet launch`` binds 2 ranks to the 2 cores): a rank spinning in MPI while
+# it waits takes a core from the other job. Polled arrival (distnet/parallel/mpi/waiting.py).
+os.environ.setdefault("DISTNET_MPI_WAIT", "poll")
 
 # tests/ (the ``helpers`` package) on the path of every process a test starts: Ray's workers
 # import a test module's actor classes by the module's name, and that module imports helpers

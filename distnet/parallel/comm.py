@@ -47,12 +47,14 @@ def _check_contiguous(buf: Any) -> None:
 
 
 class PendingAllreduce:
-    """A started non-blocking allreduce; ``wait()`` finishes it (and divides for 'mean')."""
+    """A started non-blocking allreduce; ``wait()`` finishes it (and divides for 'mean').
+    ``finish``: how to wait for the request (default its own ``Wait``)."""
 
-    def __init__(self, request: Any, buf: Any, divide_by: int = 1) -> None:
+    def __init__(self, request: Any, buf: Any, divide_by: int = 1, finish: Any = None) -> None:
         self._request = request
         self.buf = buf
         self._divide_by = divide_by
+        self._finish = finish
         self.done = request is None
 
     def test(self) -> bool:
@@ -64,7 +66,10 @@ class PendingAllreduce:
     def wait(self) -> Any:
         """Blocks until the reduced values are in ``buf``; returns ``buf``."""
         if not self.done:
-            self._request.Wait()
+            if self._finish is not None:
+                self._finish(self._request)
+            else:
+                self._request.Wait()
             self.done = True
             if self._divide_by != 1:
                 self.buf /= self._divide_by

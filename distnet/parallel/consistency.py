@@ -144,6 +144,9 @@ class CollectiveTrace:
         self._print = np.zeros(2, dtype=np.int64)
         # called with (seq, op) as each collective starts: the stall check's hook (stall.py)
         self.on_enter: Callable[[int, str], None] | None = None
+        # called as each collective starts, after ``on_enter``: returns once every rank has
+        # started it (the MPI engine's polled arrival, ``distnet.parallel.mpi.waiting``)
+        self.arrive: Callable[[], None] | None = None
         wanted = check_enabled_from_env() if check is None else check
         self.check = bool(wanted) and size > 1 and exchange is not None
 
@@ -155,6 +158,8 @@ class CollectiveTrace:
         self.op = op
         if self.on_enter is not None:
             self.on_enter(self.seq, op)
+        if self.arrive is not None:
+            self.arrive()
         if self.check:
             self._compare(op, buf, root)
 

@@ -123,13 +123,21 @@ ARENA = SharedArena()
 class ShmAllreduce:
     """The shared-memory allreduce of one communicator whose ranks share a node.
 
-    ``comm``: the mpi4py communicator; ``MPI``: the mpi4py module. Nothing collective happens
-    at construction; ``allreduce`` is collective and returns False (having done nothing) when
-    the buffer must go through MPI instead, on every rank alike.
+    ``comm``: the mpi4py communicator; ``MPI``: the mpi4py module; ``finish``: how to wait for
+    a started request (None: MPI's blocking calls; ``distnet.parallel.mpi.waiting.poll``: the
+    ranks' barriers are tested between sleeps). Nothing collective happens at construction;
+    ``allreduce`` is collective and returns False (having done nothing) when the buffer must
+    go through MPI instead, on every rank alike.
     """
 
-    def __init__(self, comm: Any, MPI: Any, arena: SharedArena = ARENA) -> None:  # noqa: N803
-        self.comm, self.MPI, self.arena = comm, MPI, arena
+    def __init__(
+        self,
+        comm: Any,
+        MPI: Any,
+        arena: SharedArena = ARENA,
+        finish: Any = None,  # noqa: N803
+    ) -> None:
+        self.comm, self.MPI, self.arena, self._finish = comm, MPI, arena, finish
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.enabled = self.size > 1
         self.min_bytes = int(os.environ.get("DISTNET_SHM_MIN_BYTES", MIN_BYTES))
@@ -150,9 +158,9 @@ class ShmAllreduce:
         lo, hi = bounds[self.rank]
         mine = flat[lo:hi]
         self._reduce_slice(views, lo, hi, mine, op)
-        self.comm.Barrier()  # every slice is reduced
+        self._barrier()  # every slice is reduced
         self._copy_others(flat, views, bounds)
-        self.comm.Barrier()  # no rank writes its buffer while a peer still copies from it
+        self._barrier()  # no rank writes its buffer while a peer still copies from it
         self.calls += 1
         return True
 
@@ -168,7 +176,7 @@ class ShmAllreduce:
         np.copyto(out, views[0][lo:hi])
         for view in views[1:]:
             np.add(out, view[lo:hi], out=out)
-        self.comm.Barrier()  # no rank writes its buffer while a peer still reads from it
+        self._barrier()  # no rank writes its buffer while a peer still reads from it
         self.calls += 1
         return True
 
@@ -179,9 +187,15 @@ class ShmAllreduce:
         if views is None:
             return False
         self._copy_others(buf.reshape(-1), views, bounds)
-        self.comm.Barrier()
+        self._barrier()
         self.calls += 1
         return True
+
+    def _barrier(self) -> None:
+        if self._finish is None:
+            self.comm.Barrier()
+        else:
+            self._finish(self.comm.Ibarrier())
 
     def _views(self, buf: np.ndarray) -> list[np.ndarray] | None:
         """Collective: every rank's copy of ``buf`` as 1-D views of its elements (this rank's

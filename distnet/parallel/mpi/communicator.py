@@ -26,6 +26,7 @@ from distnet.parallel.mpi.hierarchical import HierarchicalGroups
 from distnet.parallel.mpi.hierarchical import mode_from_env as hierarchical_mode_from_env
 from distnet.parallel.mpi.hierarchical import parse_mode as parse_hierarchical_mode
 from distnet.parallel.mpi.hierarchical import wanted as hierarchical_wanted
+from distnet.parallel.mpi.waiting import policy_from_env, poll, wants_poll
 from distnet.parallel.shm import ShmAllreduce
 from distnet.parallel.shm import enabled_by_env as shm_enabled_by_env
 from distnet.parallel.stall import watch_stalls
@@ -41,7 +42,9 @@ class MPICommunicator(Communicator):
         from mpi4py import MPI  # noqa: PLC0415  (MPI is loaded only for the MPI engine)
 
         self.MPI = MPI
-        self.comm = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Dup()
+        # the job's first wait (ranks come as their imports end), polled whatever the policy
+        self.comm, started = (mpi_comm if mpi_comm is not None else MPI.COMM_WORLD).Idup()
+        poll(started)
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self._groups = HierarchicalGroups(self.comm, MPI)
@@ -50,18 +53,27 @@ class MPICommunicator(Communicator):
         self.num_nodes = self._groups.num_nodes
         self.set_hierarchical(hierarchical_mode_from_env())
         check = check_enabled_from_env()
+        polled = wants_poll(policy_from_env(), self.local_size)
         if self.size > 1:  # decided together: a rank alone in a Dup would wait forever
-            check = any(self.comm.allgather(check))
+            mine = np.array([check, polled], dtype=np.int64)
+            table = np.empty((self.size, 2), dtype=np.int64)
+            poll(self.comm.Iallgather(mine, table))
+            check, polled = (bool(x) for x in table.any(axis=0))
+        self.waits = "poll" if polled else "spin"  # how it waits for its peers (waiting.py)
         # the records travel on their own communicator, so they never match a collective's data
         self._check_comm = self.comm.Dup() if check else None
         exchange = self._check_comm.allgather if self._check_comm is not None else None
         self.trace = CollectiveTrace(self.rank, self.size, exchange, check, self._gather_ints)
+        self._arrival = self.comm.Dup() if polled and self.size > 1 else None
+        if self._arrival is not None:
+            self.trace.arrive = lambda: poll(self._arrival.Ibarrier())
         self._nccl: Any = None
         self._nccl_hierarchical: Any = None
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         one_node = self.num_nodes == 1 and self.size > 1
         shared = one_node and shm_enabled_by_env() and hasattr(os, "memfd_create")
-        self.shm = ShmAllreduce(self.comm, MPI) if shared else None
+        finish = poll if self._arrival is not None else None
+        self.shm = ShmAllreduce(self.comm, MPI, finish=finish) if shared else None
         if abort_on_error and self.size > 1:
             install_abort_excepthook(self)
         # every collective of every strategy counts: the check hooks into the trace
@@ -133,7 +145,8 @@ class MPICommunicator(Communicator):
         if self.hierarchical:
             return self._groups.iallreduce(buf, self._ops[op], self.size if op == "mean" else 1)
         req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
-        return PendingAllreduce(req, buf, self.size if op == "mean" else 1)
+        finish = poll if self._arrival is not None else None
+        return PendingAllreduce(req, buf, self.size if op == "mean" else 1, finish)
 
     def _allreduce_gpu(self, buf: Any, op: str) -> Any:
         if self.hierarchical and self._nccl_hierarchical is not None:
@@ -166,7 +179,8 @@ class MPICommunicator(Communicator):
 
     def barrier(self) -> None:
         self.trace.enter("barrier")
-        self.comm.Barrier()
+        if self._arrival is None:  # polled: every rank has arrived, which is the barrier
+            self.comm.Barrier()
 
     def allgather(self, value: Any) -> list[Any]:
         self.trace.enter("allgather")
