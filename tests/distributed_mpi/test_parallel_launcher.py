@@ -170,3 +170,20 @@ def test_the_first_failure_is_the_earliest_and_a_later_interrupt_is_its_conseque
     exit0 = {"rank": 0, "status": 1, "what": "exit status 1", "time": 1.5}
     killed_after = {**killed, "time": 1.2}
     assert _first_failure(str(tmp_path), [exit0, killed_after, raised]) == raised
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_ended_before_mpi_init_has_its_peers_stopped_at_once(monkeypatch):
+    """Its peers wait for it in MPI_Init and never end by themselves: the launcher does not
+    give them the failure grace (here 50 s) before it ends the group."""
+    import time  # noqa: PLC0415
+
+    from distnet.parallel.mpi.launchrun import wait_or_end_after_failure  # noqa: PLC0415
+
+    monkeypatch.setenv("DISTNET_FAILURE_GRACE_S", "50")
+    record = {"rank": 0, "status": 2, "what": "JobError: x", "time": 1.0, "cause": True,
+              "peers_wait": True}  # fmt: skip
+    peer = subprocess.Popen(["sleep", "55"], start_new_session=True)
+    t0 = time.monotonic()
+    status = wait_or_end_after_failure(peer, lambda: record, poll_s=0.05)
+    assert status == -15 and time.monotonic() - t0 < 25  # SIGTERM'd, well before the grace

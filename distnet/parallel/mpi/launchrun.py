@@ -109,7 +109,8 @@ def wait_or_end_after_failure(
     SIGKILL 5 s later). mpiexec does not always do it: a rank killed before MPI_Init left its
     peers waiting in MPI_Init forever (seen with MPICH 4 hydra), and mpiexec.gforker stays
     after a rank's MPI_Abort. An interrupt (``interrupted_at()``: when, or None), or a rank
-    that reports one, gets ``lifetime.interrupt_grace_s()`` + 0.5 s instead. ``tick()`` is
+    that reports one, gets ``lifetime.interrupt_grace_s()`` + 0.5 s instead; a rank that ended
+    before MPI_Init (``peers_wait``) 0.5 s: its peers wait for it there. ``tick()`` is
     called at every poll. Returns mpiexec's status."""
     failed_at: float | None = None
     grace = failure_grace_s()
@@ -129,6 +130,8 @@ def wait_or_end_after_failure(
                 failed_at = now
                 if failure.get("status") in INTERRUPTED:
                     grace = lifetime.interrupt_grace_s() + 0.5
+                if failure.get("peers_wait"):  # it ended before MPI_Init: they never will
+                    grace = 0.5
         elif now - failed_at > grace:
             return end_group(proc)
 

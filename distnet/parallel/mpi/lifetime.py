@@ -105,9 +105,14 @@ def abort_failed_rank(status: int, what: str) -> None:
     """Ends the whole MPI job from a rank that handled its own error (said ``what``), with
     ``status``; returns at once outside an MPI job of two or more ranks. As for an
     interrupted rank: a rank whose error was caught mid-run must not enter MPI_Finalize while
-    its peers wait for it in a collective (a missing chunk met by one rank hung the job)."""
+    its peers wait for it in a collective (a missing chunk met by one rank hung the job).
+    A launched rank that ends before MPI_Init (``distnet train``'s checks refused the job on
+    rank 0) tells the launcher that its peers wait for it and will not end by themselves."""
     mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+    if mpi is None or not mpi.Is_initialized():
+        _tell_peers_wait(status, what)
+        return
+    if mpi.Is_finalized():
         return
     world = mpi.COMM_WORLD
     if world.Get_size() < 2:
@@ -118,3 +123,20 @@ def abort_failed_rank(status: int, what: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     world.Abort(status)
+
+
+def _tell_peers_wait(status: int, what: str) -> None:
+    """Records this rank's end for ``distnet launch`` with ``peers_wait``: its peers wait for
+    it in MPI_Init or their first collective, so the launcher stops them at once instead of
+    giving them ``failure_grace_s`` to end by themselves. Nothing outside a launched job."""
+    size, rank = os.environ.get("PMI_SIZE", ""), os.environ.get("PMI_RANK", "")
+    if os.environ.get("DISTNET_LAUNCHED") != "1" or not size.isdigit() or int(size) < 2:
+        return
+    import time  # noqa: PLC0415
+
+    from distnet.parallel.mpi.rankstatus import report  # noqa: PLC0415
+
+    rank_n = int(rank) if rank.isdigit() else 0
+    record = {"rank": rank_n, "status": status, "what": what, "time": time.time(),
+              "cause": True, "peers_wait": True}  # fmt: skip
+    report(record, f"cause-rank{rank_n}")
