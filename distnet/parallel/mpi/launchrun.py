@@ -78,8 +78,11 @@ def _relay_stderr(src: Any, records: list[dict], seen: set[str]) -> None:
 
 def failure_grace_s() -> float:
     """Seconds the other ranks get to end by themselves after one failed
-    (``DISTNET_FAILURE_GRACE_S``, default 10)."""
-    return float(os.environ.get("DISTNET_FAILURE_GRACE_S", "10"))
+    (``DISTNET_FAILURE_GRACE_S``, default 3). A rank that fails in Python ends the job with
+    MPI_Abort, which mpiexec passes on at once; what the grace covers is a rank gone without
+    it (SIGKILL, the OOM killer), whose peers wait for it in a collective and never end by
+    themselves: torchrun, too, stops every worker as soon as one has failed. Was 10 s."""
+    return float(os.environ.get("DISTNET_FAILURE_GRACE_S", "3"))
 
 
 def end_group(proc: subprocess.Popen, waits: tuple[float, float] = (5.0, 10.0)) -> int:
