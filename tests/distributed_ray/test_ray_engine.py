@@ -294,6 +294,12 @@ def test_a_gpu_worker_and_a_cpu_worker_train_together(ray_cluster, digits):
     assert np.max(np.abs(got - want)) < 1e-4
 
 
+def test_the_local_rays_workers_run_at_normal_priority(ray_cluster):
+    """Ray's default, nice 15, left a worker ~3% of a core beside one busy process."""
+    niceness = ray.remote(lambda: os.nice(0))
+    assert ray.get(niceness.remote(), timeout=60) == os.nice(0)
+
+
 def test_ray_options_that_cannot_run_fail_cleanly_before_ray_starts(digits, capsys):
     path = write_job(digits / "bad.toml", mlp_job("data/train", test="data/test", epochs=1))
     base = ["train", str(path), "--engine", "ray", "--out", str(digits / "run-bad")]

@@ -35,6 +35,7 @@ def token_cluster(
     mp.setenv("RAY_AUTH_MODE", "token")
     mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    mp.setenv("RAY_worker_niceness", "0")  # the workers at nice 0, as distnet's local Ray runs them
     reset_auth_token_state()
     if ray.is_initialized():
         ray.shutdown()

@@ -111,7 +111,8 @@ def start_ray(address: str | None, **init_args: Any) -> bool:
 
     A local instance keeps token authentication on: distnet refuses to run one with
     ``RAY_AUTH_MODE`` set to anything but ``token`` (Ray 2.60 turns it on by default for
-    ``ray.init()`` and writes the token to ``~/.ray/auth_token``). Its dashboard is off.
+    ``ray.init()`` and writes the token to ``~/.ray/auth_token``). Its dashboard is off, and
+    its workers run at nice 0 (``RAY_worker_niceness``, unless set; Ray's default is 15).
     Ray 2.60 itself listens on every interface (it replaces 127.0.0.1 by the node's address
     on purpose, ``services.resolve_ip_for_localhost``): the token is what guards it.
     """
@@ -130,6 +131,11 @@ def start_ray(address: str | None, **init_args: Any) -> bool:
     where = "a local Ray" if address is None else f"the Ray cluster at {address}"
     if address is None:
         init_args.setdefault("include_dashboard", False)
+        # Ray starts its workers at nice 15 (``worker_niceness``, to keep its raylet and GCS
+        # responsive): beside one busy process at nice 0 a worker got ~3% of a core, and a job
+        # on a shared machine crawled. distnet's workers are the job, and run at nice 0 as
+        # mpiexec's and torchrun's ranks do (Ray's job supervisor does the same for itself).
+        os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         ray.init(address=address or "local", logging_level="warning", **init_args)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
