@@ -114,5 +114,7 @@ def test_checks_run_before_the_ranks_train_and_say_it_once(root):
     proc = launch(2, "-m", "distnet.cli", "train", str(path), "--out",
                       str(root / "run-narrow-mpi"), timeout=150)  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stderr.count("array 'x' samples are (49,)") == 1, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "array 'x' samples are (49,)" in line]
+    assert len(said) == 2, proc.stderr  # rank 0 alone, and the launcher naming rank 0's cause
+    assert said[0].startswith("[0] distnet train: ") and "rank 0 failed first" in said[1]
     assert "running" not in proc.stdout
