@@ -133,9 +133,9 @@ class ShmAllreduce:
     def __init__(
         self,
         comm: Any,
-        MPI: Any,
+        MPI: Any,  # noqa: N803
         arena: SharedArena = ARENA,
-        finish: Any = None,  # noqa: N803
+        finish: Any = None,
     ) -> None:
         self.comm, self.MPI, self.arena, self._finish = comm, MPI, arena, finish
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
