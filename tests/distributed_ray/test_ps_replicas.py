@@ -155,10 +155,13 @@ def test_a_warden_slow_to_answer_is_asked_again_and_a_lost_shard_says_why(ray_cl
         return SimpleNamespace(token="t", timeout_s=0.5, shards=["dead"], backups=[[]])
 
     warden = BusyWarden.remote(("promoted", ["rebuilt"]), slow=1)
+    assert ray.get(warden.count.remote(), timeout=60) == 0  # started: its start is no ask's wait
     ps = handle()
     assert calls._route(ps, warden, 0, "dead")
     assert ps.shards == ["promoted"] and ps.backups == [["rebuilt"]] and ps.failovers == 1
-    assert ray.get(warden.count.remote(), timeout=30) == 2  # asked again, not given up
+    # asked again, not given up; the second ask waits behind the first's second, so on a
+    # busy machine it may time out too (a third ask: CI17 on 2026-12-08)
+    assert 2 <= ray.get(warden.count.remote(), timeout=30) <= calls.ROUTE_TRIES
     assert 0 not in ps.lost_why  # the slow first answer's reason is not kept
     ps = handle()
     assert not calls._route(ps, BusyWarden.remote(None, slow=0), 0, "dead")
